@@ -1,0 +1,68 @@
+"""The one error hierarchy of the ledger package: every failure it reports is a LedgerError.
+
+Callers (the CLI, the node, the auditor) catch :class:`LedgerError` and print its message; the
+subclasses let them tell a bad payload from a bad proof from a broken store, and
+:class:`VerificationError` carries the exact place of a fault in a ledger.
+"""
+
+from __future__ import annotations
+
+
+class LedgerError(Exception):
+    """Base of every error the ledger package raises."""
+
+
+class CanonicalError(LedgerError):
+    """A value cannot go on the ledger: not JSON-canonicalisable, a float, a non-ASCII key..."""
+
+
+class EntryError(LedgerError):
+    """An entry, block header or block is malformed."""
+
+
+class ProofError(LedgerError):
+    """A Merkle inclusion or consistency proof is malformed or does not verify."""
+
+
+class KeyFileError(LedgerError):
+    """A key file is missing, unreadable, of the wrong kind or has unsafe permissions."""
+
+
+class SignatureError(LedgerError):
+    """A signature is malformed or does not verify."""
+
+
+class RosterError(LedgerError):
+    """A roster is malformed, wrongly signed, or does not list what is asked of it."""
+
+
+class StoreError(LedgerError):
+    """The chain store cannot do what was asked (no such chain, not initialised, busy...)."""
+
+
+class VerificationError(LedgerError):
+    """A ledger failed verification. ``chain``, ``height`` and ``seq`` name where, when known."""
+
+    def __init__(
+        self,
+        what: str,
+        *,
+        chain: str | None = None,
+        height: int | None = None,
+        seq: int | None = None,
+    ) -> None:
+        self.what = what
+        self.chain = chain
+        self.height = height
+        self.seq = seq
+        super().__init__(self.describe())
+
+    def describe(self) -> str:
+        place = []
+        if self.chain is not None:
+            place.append(f"chain {self.chain}")
+        if self.height is not None:
+            place.append(f"block height {self.height}")
+        if self.seq is not None:
+            place.append(f"seq {self.seq}")
+        return f"{', '.join(place)}: {self.what}" if place else self.what

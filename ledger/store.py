@@ -1,0 +1,724 @@
+"""The chain store: the ledger's tables on SQLAlchemy 2 (SQLite by default, PostgreSQL by URL),
+the group-committing writer of a node's own chain, and reads, proofs and exports.
+
+Tables (``ledger_roster``, ``ledger_blocks``, ``ledger_entries``) are append-only: triggers in
+the database refuse UPDATE, DELETE (and, on PostgreSQL, TRUNCATE). Each entry row keeps the
+entry's canonical bytes and the hashes of the Merkle subtrees that entry completes (see
+:class:`ledger.merkle.Frontier`), so any inclusion or consistency proof takes O(log n) row
+look-ups and no tree is ever rebuilt. ``ledger_settings`` is ordinary configuration (which
+chain this database writes, where its key is), not part of the ledger.
+
+Writing: :class:`ChainWriter` batches concurrent appenders (threads) into blocks — one
+signature and one transaction per block — and returns from :meth:`ChainWriter.append` only
+once that transaction has committed. Writers in other processes are serialised by the database
+(SQLite ``BEGIN IMMEDIATE``; PostgreSQL ``pg_advisory_xact_lock`` on the chain), and every
+transaction re-reads the chain head under that lock, so the chain never forks itself.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import queue
+import threading
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from sqlalchemy.engine import Connection, Engine
+
+from ledger import keys, merkle
+from ledger.canonical import canonical_bytes, parse_canonical
+from ledger.errors import LedgerError, StoreError
+from ledger.model import (
+    ZERO_HASH,
+    block_hash,
+    check_body,
+    check_chain_id,
+    check_entry_type,
+    format_time,
+    make_header,
+)
+from ledger.roster import Roster, check_roster, open_roster
+
+metadata = sa.MetaData()
+
+roster_table = sa.Table(
+    "ledger_roster",
+    metadata,
+    sa.Column("version", sa.BigInteger, primary_key=True, autoincrement=False),
+    sa.Column("roster", sa.LargeBinary, nullable=False),
+    sa.Column("signature", sa.String(86), nullable=False),
+)
+
+blocks_table = sa.Table(
+    "ledger_blocks",
+    metadata,
+    sa.Column("chain", sa.String(64), primary_key=True),
+    sa.Column("height", sa.BigInteger, primary_key=True, autoincrement=False),
+    sa.Column("tree_size", sa.BigInteger, nullable=False),
+    sa.Column("header", sa.LargeBinary, nullable=False),
+    sa.Column("signature", sa.String(86), nullable=False),
+    sa.Index("ledger_blocks_tree_size", "chain", "tree_size", unique=True),
+    sqlite_with_rowid=False,
+)
+
+entries_table = sa.Table(
+    "ledger_entries",
+    metadata,
+    sa.Column("chain", sa.String(64), primary_key=True),
+    sa.Column("seq", sa.BigInteger, primary_key=True, autoincrement=False),
+    sa.Column("data", sa.LargeBinary, nullable=False),
+    sa.Column("nodes", sa.LargeBinary, nullable=False),
+    sqlite_with_rowid=False,
+)
+
+settings_table = sa.Table(
+    "ledger_settings",
+    metadata,
+    sa.Column("name", sa.String(64), primary_key=True),
+    sa.Column("value", sa.Text, nullable=False),
+)
+
+LEDGER_TABLES = ("ledger_roster", "ledger_blocks", "ledger_entries")
+DEFAULT_MAX_BLOCK_ENTRIES = 1000
+_WRITER_OPTION = "hrx_ledger_writer"
+
+
+def database_url(target: str) -> str:
+    """A SQLAlchemy URL from what a user typed: a URL, or a path to a SQLite file."""
+    if "://" not in target:
+        return f"sqlite:///{Path(target).expanduser().resolve()}"
+    if target.startswith("postgresql://") or target.startswith("postgres://"):
+        return "postgresql+psycopg://" + target.split("://", 1)[1]
+    return target
+
+
+def open_engine(target: str) -> Engine:
+    """An engine set up for the ledger: SQLite in WAL mode with durable commits and writers
+    that take the lock up front (``BEGIN IMMEDIATE``), or PostgreSQL through psycopg."""
+    url = database_url(target)
+    if url.startswith("sqlite"):
+        engine = sa.create_engine(url, connect_args={"timeout": 60})
+
+        @sa.event.listens_for(engine, "connect")
+        def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+            dbapi_connection.isolation_level = None  # SQLAlchemy emits BEGIN itself
+            cursor = dbapi_connection.cursor()
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA synchronous=FULL")
+            cursor.execute("PRAGMA busy_timeout=60000")
+            cursor.close()
+
+        @sa.event.listens_for(engine, "begin")
+        def _on_begin(connection: Connection) -> None:
+            writer = connection.get_execution_options().get(_WRITER_OPTION)
+            connection.exec_driver_sql("BEGIN IMMEDIATE" if writer else "BEGIN")
+
+        return engine
+    return sa.create_engine(url, pool_pre_ping=True)
+
+
+_SQLITE_TRIGGERS = [
+    "CREATE TRIGGER IF NOT EXISTS {table}_no_update BEFORE UPDATE ON {table} "
+    "BEGIN SELECT RAISE(ABORT, '{table} is append-only: UPDATE refused'); END",
+    "CREATE TRIGGER IF NOT EXISTS {table}_no_delete BEFORE DELETE ON {table} "
+    "BEGIN SELECT RAISE(ABORT, '{table} is append-only: DELETE refused'); END",
+]
+
+_POSTGRES_FUNCTION = """
+CREATE OR REPLACE FUNCTION hrx_ledger_append_only() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+  RAISE EXCEPTION '% is append-only: % refused', TG_TABLE_NAME, TG_OP
+    USING ERRCODE = 'insufficient_privilege';
+END $$
+"""
+
+_POSTGRES_TRIGGERS = [
+    "CREATE OR REPLACE TRIGGER {table}_append_only BEFORE UPDATE OR DELETE ON {table} "
+    "FOR EACH ROW EXECUTE FUNCTION hrx_ledger_append_only()",
+    "CREATE OR REPLACE TRIGGER {table}_no_truncate BEFORE TRUNCATE ON {table} "
+    "FOR EACH STATEMENT EXECUTE FUNCTION hrx_ledger_append_only()",
+]
+
+
+def create_schema(engine: Engine) -> None:
+    """Create the ledger tables and their append-only triggers (idempotent)."""
+    metadata.create_all(engine)
+    postgres = engine.dialect.name == "postgresql"
+    with engine.begin() as conn:
+        if postgres:
+            conn.exec_driver_sql(_POSTGRES_FUNCTION)
+        for table in LEDGER_TABLES:
+            for statement in _POSTGRES_TRIGGERS if postgres else _SQLITE_TRIGGERS:
+                conn.exec_driver_sql(statement.format(table=table))
+
+
+def node_seq(node: merkle.NodeId) -> int:
+    """The seq of the entry whose append completed Merkle node ``(level, index)``."""
+    level, index = node
+    return ((index + 1) << level) - 1
+
+
+def _writer_lock_key(chain: str) -> int:
+    digest = hashlib.sha256(b"hrx/ledger-writer\x00" + chain.encode()).digest()
+    return int.from_bytes(digest[:8], "big", signed=True)
+
+
+@dataclass(frozen=True)
+class Head:
+    """The newest block of a chain as stored: its header, signature and hash."""
+
+    header: dict[str, Any]
+    signature: str
+
+    @property
+    def hash(self) -> str:
+        return block_hash(self.header).hex()
+
+    @property
+    def tree_size(self) -> int:
+        return int(self.header["tree_size"])
+
+    def to_json(self) -> dict[str, Any]:
+        return {"header": self.header, "signature": self.signature}
+
+
+class ChainStore:
+    """The ledger tables of one database: reads, proofs, export, settings."""
+
+    def __init__(self, target: str | Engine) -> None:
+        self.engine = target if isinstance(target, Engine) else open_engine(target)
+
+    @property
+    def is_postgres(self) -> bool:
+        return self.engine.dialect.name == "postgresql"
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # -- setup and settings -------------------------------------------------------------
+
+    def create_schema(self) -> None:
+        create_schema(self.engine)
+
+    def is_initialised(self) -> bool:
+        return sa.inspect(self.engine).has_table("ledger_roster")
+
+    def _require_schema(self) -> None:
+        if not self.is_initialised():
+            raise StoreError(
+                f"{self.engine.url.render_as_string(hide_password=True)} holds no ledger; "
+                "create one with: hrx ledger init"
+            )
+
+    def setting(self, name: str) -> str | None:
+        self._require_schema()
+        with self.engine.connect() as conn:
+            return conn.execute(
+                sa.select(settings_table.c.value).where(settings_table.c.name == name)
+            ).scalar_one_or_none()
+
+    def set_setting(self, name: str, value: str) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(settings_table.delete().where(settings_table.c.name == name))
+            conn.execute(settings_table.insert().values(name=name, value=value))
+
+    # -- roster ------------------------------------------------------------------------
+
+    def add_roster(self, roster: dict[str, Any], signature: str) -> None:
+        """Store a roster version (higher than every stored one; signature checked by caller)."""
+        check_roster(roster)
+        with self.engine.begin() as conn:
+            newest = conn.execute(sa.select(sa.func.max(roster_table.c.version))).scalar()
+            if newest is not None and roster["version"] <= newest:
+                raise StoreError(
+                    f"roster version {roster['version']} is not newer than the stored {newest}"
+                )
+            conn.execute(
+                roster_table.insert().values(
+                    version=roster["version"], roster=canonical_bytes(roster), signature=signature
+                )
+            )
+
+    def rosters(self) -> list[tuple[dict[str, Any], str]]:
+        """Every stored roster version, oldest first, as ``(roster, signature)``."""
+        self._require_schema()
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                sa.select(roster_table.c.roster, roster_table.c.signature).order_by(
+                    roster_table.c.version
+                )
+            ).all()
+        return [(parse_canonical(row.roster), row.signature) for row in rows]
+
+    def roster(self) -> Roster:
+        """The newest roster, trusted as stored (the local node's own configuration)."""
+        rosters = self.rosters()
+        if not rosters:
+            raise StoreError("no roster stored; initialise with: hrx ledger init")
+        body, signature = rosters[-1]
+        return open_roster(body, signature, None, check_possession=False)
+
+    # -- reads -------------------------------------------------------------------------
+
+    def chains(self) -> list[str]:
+        self._require_schema()
+        with self.engine.connect() as conn:
+            return list(
+                conn.execute(
+                    sa.select(blocks_table.c.chain).distinct().order_by(blocks_table.c.chain)
+                )
+                .scalars()
+                .all()
+            )
+
+    def head(self, chain: str, conn: Connection | None = None) -> Head | None:
+        query = (
+            sa.select(blocks_table.c.header, blocks_table.c.signature)
+            .where(blocks_table.c.chain == chain)
+            .order_by(blocks_table.c.height.desc())
+            .limit(1)
+        )
+        if conn is None:
+            self._require_schema()
+            with self.engine.connect() as own:
+                row = own.execute(query).first()
+        else:
+            row = conn.execute(query).first()
+        return None if row is None else Head(parse_canonical(row.header), row.signature)
+
+    def heads(self) -> dict[str, Head]:
+        self._require_schema()
+        newest = (
+            sa.select(blocks_table.c.chain, sa.func.max(blocks_table.c.height).label("height"))
+            .group_by(blocks_table.c.chain)
+            .subquery()
+        )
+        query = sa.select(
+            blocks_table.c.chain, blocks_table.c.header, blocks_table.c.signature
+        ).join(
+            newest,
+            sa.and_(
+                blocks_table.c.chain == newest.c.chain, blocks_table.c.height == newest.c.height
+            ),
+        )
+        with self.engine.connect() as conn:
+            return {
+                row.chain: Head(parse_canonical(row.header), row.signature)
+                for row in conn.execute(query.order_by(blocks_table.c.chain))
+            }
+
+    def entry(self, chain: str, seq: int) -> dict[str, Any]:
+        self._require_schema()
+        with self.engine.connect() as conn:
+            data = conn.execute(
+                sa.select(entries_table.c.data).where(
+                    entries_table.c.chain == chain, entries_table.c.seq == seq
+                )
+            ).scalar_one_or_none()
+        if data is None:
+            raise StoreError(f"chain {chain} has no entry {seq}")
+        entry: dict[str, Any] = parse_canonical(data)
+        return entry
+
+    def block_rows(
+        self, chain: str, from_height: int = 0, limit: int | None = None, *, page: int = 500
+    ) -> Iterator[StoredBlock]:
+        """Blocks of a chain in height order, streamed a page at a time, as stored."""
+        self._require_schema()
+        height, remaining = from_height, limit
+        while remaining is None or remaining > 0:
+            size = page if remaining is None else min(page, remaining)
+            with self.engine.connect() as conn:
+                rows = conn.execute(
+                    sa.select(
+                        blocks_table.c.height,
+                        blocks_table.c.tree_size,
+                        blocks_table.c.header,
+                        blocks_table.c.signature,
+                    )
+                    .where(blocks_table.c.chain == chain, blocks_table.c.height >= height)
+                    .order_by(blocks_table.c.height)
+                    .limit(size)
+                ).all()
+                if not rows:
+                    return
+                headers = [_parse_header(row.header, chain, row.height) for row in rows]
+                first = min(int(h["first_seq"]) for h in headers)
+                last = max(int(h["tree_size"]) for h in headers)
+                entry_rows = conn.execute(
+                    sa.select(entries_table.c.seq, entries_table.c.data, entries_table.c.nodes)
+                    .where(
+                        entries_table.c.chain == chain,
+                        entries_table.c.seq >= first,
+                        entries_table.c.seq < last,
+                    )
+                    .order_by(entries_table.c.seq)
+                ).all()
+            by_seq = {row.seq: row for row in entry_rows}
+            for row, header in zip(rows, headers, strict=True):
+                span = range(int(header["first_seq"]), int(header["tree_size"]))
+                stored = [by_seq[s] for s in span if s in by_seq]
+                yield StoredBlock(
+                    row_height=row.height,
+                    row_tree_size=row.tree_size,
+                    header=header,
+                    header_bytes=row.header,
+                    signature=row.signature,
+                    entry_seqs=[r.seq for r in stored],
+                    entry_data=[r.data for r in stored],
+                    entry_nodes=[r.nodes for r in stored],
+                )
+            height = rows[-1].height + 1
+            if remaining is not None:
+                remaining -= len(rows)
+
+    def entry_stats(self) -> dict[str, tuple[int, int]]:
+        """``{chain: (number of entry rows, highest seq)}`` for every chain with entries."""
+        self._require_schema()
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                sa.select(
+                    entries_table.c.chain, sa.func.count(), sa.func.max(entries_table.c.seq)
+                ).group_by(entries_table.c.chain)
+            ).all()
+        return {row[0]: (int(row[1]), int(row[2])) for row in rows}
+
+    def block_count(self) -> int:
+        with self.engine.connect() as conn:
+            return int(
+                conn.execute(sa.select(sa.func.count()).select_from(blocks_table)).scalar_one()
+            )
+
+    # -- proofs ------------------------------------------------------------------------
+
+    def _signed_size(self, conn: Connection, chain: str, tree_size: int | None) -> int:
+        """``tree_size``, checked to be a size some block of the chain signed (default: newest)."""
+        if tree_size is None:
+            head = self.head(chain, conn)
+            if head is None:
+                raise StoreError(f"chain {chain} has no blocks")
+            return head.tree_size
+        found = conn.execute(
+            sa.select(blocks_table.c.height).where(
+                blocks_table.c.chain == chain, blocks_table.c.tree_size == tree_size
+            )
+        ).first()
+        if found is None:
+            sizes = conn.execute(
+                sa.select(sa.func.max(blocks_table.c.tree_size)).where(
+                    blocks_table.c.chain == chain, blocks_table.c.tree_size < tree_size
+                )
+            ).scalar()
+            raise StoreError(
+                f"no block of chain {chain} signs tree size {tree_size}"
+                + (f" (the nearest signed size below is {sizes})" if sizes else "")
+                + "; a proof is only useful against a signed head"
+            )
+        return tree_size
+
+    def _nodes(
+        self, conn: Connection, chain: str, wanted: Iterable[merkle.NodeId]
+    ) -> dict[merkle.NodeId, bytes]:
+        wanted = list(wanted)
+        seqs = {node_seq(node) for node in wanted}
+        if not seqs:
+            return {}
+        rows = conn.execute(
+            sa.select(entries_table.c.seq, entries_table.c.nodes).where(
+                entries_table.c.chain == chain, entries_table.c.seq.in_(seqs)
+            )
+        ).all()
+        blobs = {row.seq: row.nodes for row in rows}
+        found: dict[merkle.NodeId, bytes] = {}
+        for node in wanted:
+            blob = blobs.get(node_seq(node))
+            level = node[0]
+            if blob is not None and len(blob) >= 32 * (level + 1):
+                found[node] = blob[32 * level : 32 * (level + 1)]
+        return found
+
+    def inclusion_proof(self, chain: str, seq: int, tree_size: int | None = None) -> dict[str, Any]:
+        """``{"leaf_index", "tree_size", "audit_path"}`` for entry ``seq`` in a signed tree."""
+        self._require_schema()
+        with self.engine.connect() as conn:
+            size = self._signed_size(conn, chain, tree_size)
+            plan = merkle.inclusion_plan(seq, size)
+            nodes = self._nodes(conn, chain, merkle.plan_nodes(plan))
+        path = merkle.assemble(plan, merkle.node_for_lookup(nodes))
+        return {"leaf_index": seq, "tree_size": size, "audit_path": [h.hex() for h in path]}
+
+    def consistency_proof(
+        self, chain: str, first: int, second: int | None = None
+    ) -> dict[str, Any]:
+        """``{"first", "second", "path"}`` between two signed tree sizes of a chain."""
+        self._require_schema()
+        with self.engine.connect() as conn:
+            size2 = self._signed_size(conn, chain, second)
+            size1 = self._signed_size(conn, chain, first)
+            plan = merkle.consistency_plan(size1, size2)
+            nodes = self._nodes(conn, chain, merkle.plan_nodes(plan))
+        path = merkle.assemble(plan, merkle.node_for_lookup(nodes))
+        return {"first": size1, "second": size2, "path": [h.hex() for h in path]}
+
+    def frontier(self, conn: Connection, chain: str, head: Head | None) -> merkle.Frontier:
+        """The right edge of the chain's tree at ``head``, from O(log n) stored nodes."""
+        if head is None:
+            return merkle.Frontier()
+        size = head.tree_size
+        plan = merkle.Frontier.plan(size)
+        nodes = self._nodes(conn, chain, plan)
+        try:
+            frontier = merkle.Frontier(size, [merkle.node_for_lookup(nodes)(node) for node in plan])
+        except LedgerError as exc:
+            raise StoreError(f"chain {chain}: stored Merkle nodes are incomplete: {exc}") from exc
+        if frontier.root().hex() != head.header["tree_root"]:
+            raise StoreError(
+                f"chain {chain}: stored Merkle nodes do not give the root of block "
+                f"{head.header['height']}; run hrx audit verify on this database"
+            )
+        return frontier
+
+    # -- export ------------------------------------------------------------------------
+
+    def export_lines(self) -> Iterator[bytes]:
+        """The export: each roster version ``{"roster", "signature"}``, then every chain's blocks
+        ``{"entries", "header", "signature"}`` in chain order — canonical JSON, one per line."""
+        for roster, signature in self.rosters():
+            yield canonical_bytes({"roster": roster, "signature": signature})
+        for chain in self.chains():
+            for block in self.block_rows(chain):
+                yield block.wire_bytes()
+
+
+def _parse_header(data: bytes, chain: str, height: int) -> dict[str, Any]:
+    """A stored header, parsed just enough to find its entries (the verifier checks the rest)."""
+    try:
+        header = parse_canonical(data)
+        if not isinstance(header, dict):
+            raise StoreError("not a JSON object")
+        for name in ("first_seq", "tree_size"):
+            if type(header.get(name)) is not int:
+                raise StoreError(f"{name} is not an integer")
+    except LedgerError as exc:
+        raise StoreError(f"chain {chain}, block height {height}: stored header: {exc}") from exc
+    return header
+
+
+@dataclass
+class StoredBlock:
+    """A block as its rows hold it, before any check (the verifier checks it)."""
+
+    row_height: int
+    row_tree_size: int
+    header: dict[str, Any]
+    header_bytes: bytes
+    signature: str
+    entry_seqs: list[int]
+    entry_data: list[bytes]
+    entry_nodes: list[bytes]
+
+    def wire_bytes(self) -> bytes:
+        """``JCS({"entries", "header", "signature"})`` assembled from the stored canonical bytes."""
+        return (
+            b'{"entries":['
+            + b",".join(self.entry_data)
+            + b'],"header":'
+            + self.header_bytes
+            + b',"signature":'
+            + canonical_bytes(self.signature)
+            + b"}"
+        )
+
+
+@dataclass
+class _Pending:
+    items: list[tuple[str, dict[str, Any], str]]
+    done: threading.Event = field(default_factory=threading.Event)
+    seqs: list[int] = field(default_factory=list)
+    error: BaseException | None = None
+
+
+class ChainWriter:
+    """Appends to one chain, batching concurrent appenders into blocks (group commit).
+
+    Thread-safe. One background thread per writer commits: it takes everything queued, writes
+    it as one or more blocks (at most ``max_block_entries`` entries each) in one transaction
+    under the chain's writer lock, and wakes the appenders once that transaction is durable.
+    """
+
+    def __init__(
+        self,
+        store: ChainStore,
+        chain: str,
+        key: Ed25519PrivateKey,
+        *,
+        max_block_entries: int = DEFAULT_MAX_BLOCK_ENTRIES,
+    ) -> None:
+        self.store = store
+        self.chain = check_chain_id(chain)
+        self.key = key
+        self.max_block_entries = max_block_entries
+        roster = store.roster()
+        if roster.member(chain)["ed25519"] != keys.public_key_text(key):
+            raise StoreError(
+                f"the signing key is not the key roster version {roster.version} lists for {chain}"
+            )
+        self._queue: queue.SimpleQueue[_Pending | None] = queue.SimpleQueue()
+        self._cached: tuple[str, merkle.Frontier] | None = None  # (head hash, frontier)
+        self._closed = False
+        self._thread = threading.Thread(
+            target=self._run, name=f"ledger-writer-{chain}", daemon=True
+        )
+        self._thread.start()
+
+    def append(self, entry_type: str, body: dict[str, Any]) -> int:
+        """Append one entry; returns its seq once its block is durable."""
+        return self.append_many([(entry_type, body)])[0]
+
+    def append_many(self, items: Sequence[tuple[str, dict[str, Any]]]) -> list[int]:
+        """Append entries together (one transaction: all or none); returns their seqs."""
+        if self._closed:
+            raise StoreError(f"the writer of chain {self.chain} is closed")
+        now = format_time()
+        checked = []
+        for entry_type, body in items:
+            check_entry_type(entry_type)
+            check_body(body)
+            checked.append((entry_type, body, now))
+        if not checked:
+            return []
+        pending = _Pending(checked)
+        self._queue.put(pending)
+        pending.done.wait()
+        if pending.error is not None:
+            raise pending.error
+        return pending.seqs
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._queue.put(None)
+            self._thread.join()
+
+    def __enter__(self) -> ChainWriter:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    def _run(self) -> None:
+        while True:
+            first = self._queue.get()
+            if first is None:
+                return
+            batch = [first]
+            stop = False
+            while True:
+                try:
+                    more = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    stop = True
+                    break
+                batch.append(more)
+            try:
+                self._commit(batch)
+            except BaseException as exc:  # hand every failure to the appenders
+                self._cached = None
+                error = (
+                    exc
+                    if isinstance(exc, LedgerError)
+                    else StoreError(
+                        f"appending to chain {self.chain} failed, nothing of it was stored: {exc}"
+                    )
+                )
+                if error is not exc:
+                    error.__cause__ = exc
+                for pending in batch:
+                    pending.error = error
+            for pending in batch:
+                pending.done.set()
+            if stop:
+                return
+
+    def _commit(self, batch: list[_Pending]) -> None:
+        engine = self.store.engine
+        with engine.connect() as raw_conn:
+            conn = raw_conn.execution_options(**{_WRITER_OPTION: True})
+            with conn.begin():
+                if self.store.is_postgres:
+                    conn.execute(
+                        sa.select(sa.func.pg_advisory_xact_lock(_writer_lock_key(self.chain)))
+                    )
+                head = self.store.head(self.chain, conn)
+                roster_version = conn.execute(
+                    sa.select(sa.func.max(roster_table.c.version))
+                ).scalar_one()
+                if self._cached is not None and head is not None and self._cached[0] == head.hash:
+                    frontier = self._cached[1]
+                else:
+                    frontier = self.store.frontier(conn, self.chain, head)
+                frontier = frontier.copy()
+                height = 0 if head is None else head.header["height"] + 1
+                prev = ZERO_HASH if head is None else head.hash
+                prev_time = "" if head is None else head.header["time"]
+                items = [(item, pending) for pending in batch for item in pending.items]
+                entry_rows: list[dict[str, Any]] = []
+                block_rows: list[dict[str, Any]] = []
+                for start in range(0, len(items), self.max_block_entries):
+                    chunk = items[start : start + self.max_block_entries]
+                    first_seq = frontier.size
+                    times = [prev_time, format_time(datetime.now(UTC))]
+                    for (entry_type, body, time), pending in chunk:
+                        seq = frontier.size
+                        entry = {
+                            "v": 1,
+                            "chain": self.chain,
+                            "seq": seq,
+                            "time": time,
+                            "type": entry_type,
+                            "body": body,
+                        }
+                        data = canonical_bytes(entry)
+                        completed = frontier.append(merkle.leaf_hash(data))
+                        entry_rows.append(
+                            {
+                                "chain": self.chain,
+                                "seq": seq,
+                                "data": data,
+                                "nodes": b"".join(completed),
+                            }
+                        )
+                        pending.seqs.append(seq)
+                        times.append(time)
+                    header = make_header(
+                        chain=self.chain,
+                        height=height,
+                        prev=prev,
+                        time=max(times),
+                        first_seq=first_seq,
+                        count=len(chunk),
+                        tree_size=frontier.size,
+                        tree_root=frontier.root(),
+                        roster=int(roster_version),
+                    )
+                    digest = block_hash(header)
+                    block_rows.append(
+                        {
+                            "chain": self.chain,
+                            "height": height,
+                            "tree_size": frontier.size,
+                            "header": canonical_bytes(header),
+                            "signature": keys.sign(self.key, keys.BLOCK_DOMAIN, digest),
+                        }
+                    )
+                    height, prev, prev_time = height + 1, digest.hex(), header["time"]
+                conn.execute(entries_table.insert(), entry_rows)
+                conn.execute(blocks_table.insert(), block_rows)
+        self._cached = (prev, frontier)

@@ -1,0 +1,371 @@
+"""The offline auditor's ledger verification: everything DESIGN §3 lets a third party check,
+from an export file or straight from a node's database, streamed in bounded memory.
+
+Checked, in order of reading: each roster's form, its authority signature (when the auditor
+gives the authority key, the trust anchor) and every member's BLS proof of possession; then
+for every block of every chain: the header's form, that its chain is a member of the roster
+version it names, its Ed25519 signature by that member's key, height and ``prev`` links,
+``seq`` continuity, every entry's form, that entry and block times never go backwards, and the
+block's ``tree_root`` against the RFC 9162 tree recomputed from all the chain's entries so far.
+Because each root is recomputed over the same growing sequence of leaves, every pair of
+consecutive heads is consistent by construction; a signed head whose root differs fails here.
+
+Read from a database, the rows themselves are checked too: stored bytes are canonical, row
+keys agree with the JSON they hold, the stored Merkle subtree hashes are the recomputed ones,
+and no entry row lies outside a block. The first fault stops verification and is reported as a
+:class:`~ledger.errors.VerificationError` naming chain, height and seq.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from ledger import keys, merkle
+from ledger.canonical import checked_canonical_bytes, parse_canonical, parse_json
+from ledger.errors import LedgerError, VerificationError
+from ledger.model import (
+    ENTRY_KEYS,
+    ENTRY_TYPE,
+    VERSION,
+    ZERO_HASH,
+    block_hash,
+    check_block_shape,
+    check_header,
+    parse_time,
+)
+from ledger.roster import Roster, open_roster
+from ledger.store import ChainStore, StoredBlock
+
+Progress = Callable[[int], None]
+"""Called with the number of entries just verified."""
+
+
+@dataclass
+class ChainSummary:
+    blocks: int = 0
+    entries: int = 0
+    height: int = -1
+    head_hash: str = ZERO_HASH
+    tree_root: str = merkle.EMPTY_ROOT.hex()
+    time: str = ""
+    roster: int = 0
+
+
+@dataclass
+class Summary:
+    """What a successful verification covered."""
+
+    rosters: list[int] = field(default_factory=list)
+    anchored: bool = False
+    chains: dict[str, ChainSummary] = field(default_factory=dict)
+
+    @property
+    def blocks(self) -> int:
+        return sum(c.blocks for c in self.chains.values())
+
+    @property
+    def entries(self) -> int:
+        return sum(c.entries for c in self.chains.values())
+
+
+@dataclass
+class _ChainState:
+    summary: ChainSummary
+    frontier: merkle.Frontier = field(default_factory=merkle.Frontier)
+
+
+class Verifier:
+    """Feed rosters, then blocks (chains in any interleaving, each in height order)."""
+
+    def __init__(
+        self, authority: Ed25519PublicKey | None, *, check_possession: bool = True
+    ) -> None:
+        self.authority = authority
+        self.check_possession = check_possession
+        self.rosters: dict[int, Roster] = {}
+        self.summary = Summary(anchored=authority is not None)
+        self._chains: dict[str, _ChainState] = {}
+        self._keys: dict[tuple[int, str], Ed25519PublicKey] = {}
+
+    def add_roster(self, roster: Any, signature: Any) -> None:
+        version = roster.get("version") if isinstance(roster, dict) else None
+        try:
+            opened = open_roster(
+                roster, signature, self.authority, check_possession=self.check_possession
+            )
+        except LedgerError as exc:
+            raise VerificationError(f"roster version {version}: {exc}") from exc
+        if self.rosters and opened.version <= max(self.rosters):
+            raise VerificationError(
+                f"roster version {opened.version} does not follow version {max(self.rosters)}"
+            )
+        if self._chains:
+            raise VerificationError(f"roster version {opened.version} comes after blocks")
+        self.rosters[opened.version] = opened
+        self.summary.rosters.append(opened.version)
+
+    def _member_key(self, version: int, chain: str, height: int) -> Ed25519PublicKey:
+        cached = self._keys.get((version, chain))
+        if cached is not None:
+            return cached
+        roster = self.rosters.get(version)
+        if roster is None:
+            raise VerificationError(
+                f"names roster version {version}, which is not given", chain=chain, height=height
+            )
+        try:
+            key = roster.ed25519_key(chain)
+        except LedgerError as exc:
+            raise VerificationError(str(exc), chain=chain, height=height) from exc
+        self._keys[(version, chain)] = key
+        return key
+
+    def add_block(
+        self,
+        header: Any,
+        signature: Any,
+        leaves: Iterable[tuple[Any, bytes]],
+        stored_nodes: list[bytes] | None = None,
+    ) -> int:
+        """Verify one block given as header, signature and ``(entry, leaf data)`` pairs.
+
+        ``stored_nodes`` (database only) are the subtree hashes stored with each entry.
+        Returns the number of entries verified.
+        """
+        if not self.rosters:
+            raise VerificationError("a block comes before any roster")
+        chain = header.get("chain") if isinstance(header, dict) else None
+        height = header.get("height") if isinstance(header, dict) else None
+        where: dict[str, Any] = {
+            "chain": chain if isinstance(chain, str) else None,
+            "height": height if type(height) is int else None,
+        }
+        try:
+            check_header(header)
+        except LedgerError as exc:
+            raise VerificationError(f"malformed header: {exc}", **where) from exc
+        chain = header["chain"]
+        state = self._chains.get(chain)
+        if state is None:
+            state = self._chains[chain] = _ChainState(ChainSummary())
+            self.summary.chains[chain] = state.summary
+        summary = state.summary
+        if height != summary.height + 1:
+            raise VerificationError(f"expected height {summary.height + 1}", **where)
+        if header["prev"] != summary.head_hash:
+            raise VerificationError(
+                f"prev {header['prev']} is not the hash {summary.head_hash} of the block before",
+                **where,
+            )
+        if header["roster"] < summary.roster:
+            raise VerificationError(
+                f"roster version {header['roster']} goes back from {summary.roster}", **where
+            )
+        digest = block_hash(header)
+        key = self._member_key(header["roster"], chain, height)
+        try:
+            keys.verify(key, keys.BLOCK_DOMAIN, digest, signature)
+        except LedgerError as exc:
+            raise VerificationError(f"block signature: {exc}", **where) from exc
+        if header["time"] < summary.time:
+            raise VerificationError(
+                f"block time {header['time']} is before the previous block's {summary.time}",
+                **where,
+            )
+        if header["first_seq"] != state.frontier.size:
+            raise VerificationError(
+                f"first_seq {header['first_seq']} should be {state.frontier.size}", **where
+            )
+
+        frontier, block_time, count = state.frontier, header["time"], 0
+        for entry, data in leaves:
+            seq = frontier.size
+            if count == header["count"]:
+                raise VerificationError(
+                    f"the block holds more than its count {header['count']} entries",
+                    seq=seq,
+                    **where,
+                )
+            self._check_entry(entry, chain, seq, block_time, where)
+            completed = frontier.append(merkle.leaf_hash(data))
+            if stored_nodes is not None and b"".join(completed) != stored_nodes[count]:
+                raise VerificationError(
+                    "stored Merkle subtree hashes differ from the recomputed ones", seq=seq, **where
+                )
+            count += 1
+        if count != header["count"]:
+            raise VerificationError(
+                f"the block holds {count} entries, its header says {header['count']}", **where
+            )
+        if frontier.root().hex() != header["tree_root"]:
+            raise VerificationError(
+                f"tree_root {header['tree_root']} is not the root {frontier.root().hex()} "
+                f"of entries 0..{frontier.size - 1}",
+                **where,
+            )
+        summary.blocks += 1
+        summary.entries += count
+        summary.height = height
+        summary.head_hash = digest.hex()
+        summary.tree_root = header["tree_root"]
+        summary.time = block_time
+        summary.roster = header["roster"]
+        return count
+
+    @staticmethod
+    def _check_entry(
+        entry: Any, chain: str, seq: int, block_time: str, where: dict[str, Any]
+    ) -> None:
+        if type(entry) is not dict or entry.keys() != ENTRY_KEYS:
+            fields = sorted(entry) if isinstance(entry, dict) else type(entry).__name__
+            raise VerificationError(f"malformed entry: fields {fields}", seq=seq, **where)
+        if entry["seq"] != seq or type(entry["seq"]) is not int:
+            raise VerificationError(
+                f"entry says seq {entry['seq']!r} where seq {seq} belongs", seq=seq, **where
+            )
+        if entry["chain"] != chain:
+            raise VerificationError(f"entry says chain {entry['chain']!r}", seq=seq, **where)
+        if entry["v"] != VERSION or type(entry["v"]) is not int:
+            raise VerificationError(f"entry version {entry['v']!r}", seq=seq, **where)
+        entry_type = entry["type"]
+        if type(entry_type) is not str or not ENTRY_TYPE.fullmatch(entry_type):
+            raise VerificationError(
+                f"entry type {entry_type!r} is not dotted lowercase words", seq=seq, **where
+            )
+        if type(entry["body"]) is not dict:
+            raise VerificationError("entry body is not a JSON object", seq=seq, **where)
+        time = entry["time"]
+        try:
+            parse_time(time, "entry time")
+        except LedgerError as exc:
+            raise VerificationError(str(exc), seq=seq, **where) from exc
+        if time > block_time:
+            raise VerificationError(
+                f"entry time {time} is after its block's time {block_time}", seq=seq, **where
+            )
+
+
+def _export_leaves(
+    entries: list[Any], where: dict[str, Any], first_seq: int
+) -> Iterator[tuple[Any, bytes]]:
+    for offset, entry in enumerate(entries):
+        try:
+            yield entry, checked_canonical_bytes(entry)
+        except LedgerError as exc:
+            raise VerificationError(
+                f"entry cannot go on the ledger: {exc}", seq=first_seq + offset, **where
+            ) from exc
+
+
+def verify_export(
+    path: Path, authority: Ed25519PublicKey | None, progress: Progress | None = None
+) -> Summary:
+    """Verify an export file (JSON Lines: rosters, then blocks), line by line."""
+    verifier = Verifier(authority)
+    try:
+        handle = path.open("rb")
+    except OSError as exc:
+        raise VerificationError(f"cannot read {path}: {exc.strerror}") from exc
+    with handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = parse_json(line)
+            except LedgerError as exc:
+                raise VerificationError(f"{path}:{number}: {exc}") from exc
+            if isinstance(record, dict) and "roster" in record:
+                if record.keys() != {"roster", "signature"}:
+                    raise VerificationError(
+                        f'{path}:{number}: a roster line is {{"roster", "signature"}}'
+                    )
+                verifier.add_roster(record["roster"], record["signature"])
+                continue
+            try:
+                check_block_shape(record)
+            except LedgerError as exc:
+                raise VerificationError(f"{path}:{number}: {exc}") from exc
+            header = record["header"]
+            where: dict[str, Any] = (
+                {"chain": header.get("chain"), "height": header.get("height")}
+                if isinstance(header, dict)
+                else {}
+            )
+            first_seq = header.get("first_seq", 0) if isinstance(header, dict) else 0
+            count = verifier.add_block(
+                header, record["signature"], _export_leaves(record["entries"], where, first_seq)
+            )
+            if progress:
+                progress(count)
+    if not verifier.rosters:
+        raise VerificationError(f"{path} holds no roster")
+    return verifier.summary
+
+
+def _database_leaves(block: StoredBlock, where: dict[str, Any]) -> Iterator[tuple[Any, bytes]]:
+    header = block.header
+    expected = header["first_seq"]
+    for seq, data in zip(block.entry_seqs, block.entry_data, strict=True):
+        if seq != expected:
+            raise VerificationError("entry row is missing", seq=expected, **where)
+        try:
+            yield parse_canonical(data), data
+        except LedgerError as exc:
+            raise VerificationError(f"stored entry: {exc}", seq=seq, **where) from exc
+        expected += 1
+    if expected < header["tree_size"]:
+        raise VerificationError("entry row is missing", seq=expected, **where)
+
+
+def verify_database(
+    store: ChainStore, authority: Ed25519PublicKey | None, progress: Progress | None = None
+) -> Summary:
+    """Verify a node's database: the ledger it holds, and the rows that hold it."""
+    verifier = Verifier(authority)
+    try:
+        rosters = store.rosters()
+    except LedgerError as exc:
+        raise VerificationError(f"stored roster: {exc}") from exc
+    if not rosters:
+        raise VerificationError("the database holds no roster")
+    for roster, signature in rosters:
+        verifier.add_roster(roster, signature)
+    for chain in store.chains():
+        try:
+            for block in store.block_rows(chain):
+                where: dict[str, Any] = {"chain": chain, "height": block.row_height}
+                header = block.header
+                if header.get("chain") != chain or header.get("height") != block.row_height:
+                    raise VerificationError(
+                        f"the row's key (chain {chain}, height {block.row_height}) is not the "
+                        f"header's (chain {header.get('chain')}, height {header.get('height')})",
+                        **where,
+                    )
+                if header.get("tree_size") != block.row_tree_size:
+                    raise VerificationError(
+                        f"the row's tree_size {block.row_tree_size} is not the header's", **where
+                    )
+                count = verifier.add_block(
+                    header, block.signature, _database_leaves(block, where), block.entry_nodes
+                )
+                if progress:
+                    progress(count)
+        except VerificationError:
+            raise
+        except LedgerError as exc:
+            raise VerificationError(str(exc)) from exc
+    chains = verifier.summary.chains
+    for chain, (rows, highest) in store.entry_stats().items():
+        size = chains[chain].entries if chain in chains else 0
+        if rows != size or highest != size - 1:
+            raise VerificationError(
+                f"{rows} entry rows (highest seq {highest}) but the signed blocks hold {size}",
+                chain=chain,
+                seq=size if highest >= size else None,
+            )
+    return verifier.summary

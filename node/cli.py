@@ -1,0 +1,326 @@
+"""The ``hrx`` command line: ledger administration, the offline auditor, and the demo.
+
+Every command reports a problem as one line naming it and what to do next, and exits non-zero;
+``hrx audit verify`` exits 0 with a summary when the ledger is valid and 1 with the first fault.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, NoReturn
+
+import click
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from ledger import bls, keys
+from ledger.canonical import canonical_bytes, parse_json
+from ledger.errors import LedgerError, VerificationError
+from ledger.roster import make_member, sign_roster
+from ledger.store import ChainStore, ChainWriter
+from ledger.verify import Summary, verify_database, verify_export
+
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+out = Console(highlight=False, soft_wrap=True)
+
+
+def fail(message: str, code: int = 1) -> NoReturn:
+    err.print(f"[bold red]error:[/] {message}", soft_wrap=True)
+    sys.exit(code)
+
+
+@contextmanager
+def reported() -> Iterator[None]:
+    """Turn ledger errors into one clear line and exit status 1."""
+    try:
+        yield
+    except LedgerError as exc:
+        fail(str(exc))
+
+
+@contextmanager
+def entry_progress(total: int | None, label: str) -> Iterator[Callable[[int], None]]:
+    """A progress bar on stderr (only on a terminal) advanced by a number of entries."""
+    with Progress(
+        TextColumn(label),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=err,
+        transient=True,
+        disable=not err.is_terminal,
+    ) as progress:
+        task = progress.add_task(label, total=total)
+        yield lambda n: progress.advance(task, n)
+
+
+def open_store(db: str) -> ChainStore:
+    store = ChainStore(db)
+    if not store.is_initialised():
+        fail(f"{db} holds no ledger; create one with: hrx ledger init --db {db} ...")
+    return store
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="hrx")
+def main() -> None:
+    """hrx: a cross-institution health-record exchange with a verifiable ledger."""
+
+
+# -- hrx ledger ----------------------------------------------------------------------------
+
+
+@main.group()
+def ledger() -> None:
+    """Create, append to, export and prove a ledger."""
+
+
+@ledger.command("init")
+@click.option(
+    "--db", required=True, help="Database URL (sqlite:///FILE, postgresql://...) or SQLite file."
+)
+@click.option("--chain", required=True, help="This ledger's chain (member) id, e.g. hosp-a.")
+@click.option(
+    "--key",
+    "key_path",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Ed25519 key (PEM); created when absent.",
+)
+@click.option(
+    "--authority-key",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Roster authority key (PEM); created when absent.",
+)
+@click.option(
+    "--bls-key",
+    type=click.Path(path_type=Path),
+    help="BLS key file; default: the key path with suffix .bls.",
+)
+@click.option(
+    "--consortium", default=None, help="Consortium name in the roster (default: standalone-CHAIN)."
+)
+@click.option("--name", default=None, help="Member name in the roster (default: the chain id).")
+def ledger_init(
+    db: str,
+    chain: str,
+    key_path: Path,
+    authority_key: Path,
+    bls_key: Path | None,
+    consortium: str | None,
+    name: str | None,
+) -> None:
+    """Create a standalone ledger with a one-member roster signed by the authority key."""
+    with reported():
+        store = ChainStore(db)
+        if store.is_initialised() and store.rosters():
+            fail(
+                f"{db} already holds a ledger (roster version {store.roster().version}); "
+                "use another --db"
+            )
+        signing_key = keys.load_or_create_private_key(key_path)
+        authority = keys.load_or_create_private_key(authority_key)
+        bls_path = bls_key or key_path.with_suffix(".bls")
+        bls_secret = bls.load_or_create_secret_key(bls_path)
+        member = make_member(chain, name or chain, "", signing_key, bls_secret)
+        roster = {
+            "v": 1,
+            "consortium": consortium or f"standalone-{chain}",
+            "version": 1,
+            "quorum": 1,
+            "members": [member],
+        }
+        signature = sign_roster(roster, authority)
+        store.create_schema()
+        store.add_roster(roster, signature)
+        store.set_setting("chain", chain)
+        store.set_setting("key", str(key_path.resolve()))
+    out.print(f"initialised chain [bold]{chain}[/] in {db}")
+    out.print(f"authority public key: {keys.public_key_text(authority)}")
+
+
+@ledger.command("append")
+@click.option("--db", required=True, help="Database URL or SQLite file.")
+@click.option("--type", "entry_type", required=True, help="Entry type, e.g. consent.granted.")
+@click.option("--chain", default=None, help="Chain to append to (default: the one init set).")
+@click.option(
+    "--key",
+    "key_path",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Signing key (default: the one init set).",
+)
+def ledger_append(db: str, entry_type: str, chain: str | None, key_path: Path | None) -> None:
+    """Append JSON object bodies read from stdin, one per line; print each entry's seq.
+
+    Every line is checked before anything is appended: one bad line appends nothing.
+    """
+    with reported():
+        store = open_store(db)
+        chain = chain or store.setting("chain")
+        key_setting = key_path or store.setting("key")
+        if not chain or not key_setting:
+            fail("this database has no default chain or key; pass --chain and --key")
+        bodies: list[tuple[str, dict[str, Any]]] = []
+        from ledger.model import check_body, check_entry_type
+
+        check_entry_type(entry_type)
+        for number, line in enumerate(sys.stdin.buffer, start=1):
+            if not line.strip():
+                continue
+            try:
+                bodies.append((entry_type, check_body(parse_json(line))))
+            except LedgerError as exc:
+                fail(f"stdin line {number}: {exc}; nothing was appended")
+        key = keys.load_private_key(Path(key_setting))
+        with ChainWriter(store, chain, key) as writer:
+            seqs = writer.append_many(bodies)
+    for seq in seqs:
+        click.echo(seq)
+
+
+@ledger.command("export")
+@click.option("--db", required=True, help="Database URL or SQLite file.")
+@click.option(
+    "--out",
+    "out_path",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Output file (default: stdout).",
+)
+def ledger_export(db: str, out_path: Path | None) -> None:
+    """Export rosters and every chain as JSON Lines (canonical JSON)."""
+    with reported():
+        store = open_store(db)
+        target = out_path.open("wb") if out_path else sys.stdout.buffer
+        try:
+            for line in store.export_lines():
+                target.write(line + b"\n")
+        finally:
+            if out_path:
+                target.close()
+
+
+@ledger.command("proof")
+@click.option("--db", required=True, help="Database URL or SQLite file.")
+@click.option("--chain", required=True, help="Chain id.")
+@click.option("--seq", type=int, default=None, help="Entry to prove included.")
+@click.option(
+    "--tree-size", type=int, default=None, help="Signed tree size (default: the newest head)."
+)
+@click.option(
+    "--consistency",
+    nargs=2,
+    type=int,
+    default=None,
+    metavar="M N",
+    help="Prove tree M is a prefix of tree N.",
+)
+def ledger_proof(
+    db: str, chain: str, seq: int | None, tree_size: int | None, consistency: tuple[int, int] | None
+) -> None:
+    """Print an inclusion proof (--seq) or a consistency proof (--consistency M N) as JSON."""
+    if (seq is None) == (consistency is None):
+        fail("give either --seq I or --consistency M N", 2)
+    with reported():
+        store = open_store(db)
+        if consistency is not None:
+            proof = store.consistency_proof(chain, consistency[0], consistency[1])
+            result: dict[str, Any] = {"path": proof["path"]}
+        else:
+            assert seq is not None
+            result = store.inclusion_proof(chain, seq, tree_size)
+    click.echo(canonical_bytes(result).decode())
+
+
+@ledger.command("heads")
+@click.option("--db", required=True, help="Database URL or SQLite file.")
+def ledger_heads(db: str) -> None:
+    """Print the newest signed block header of every chain as JSON."""
+    with reported():
+        heads = {chain: head.to_json() for chain, head in open_store(db).heads().items()}
+    click.echo(canonical_bytes(heads).decode())
+
+
+# -- hrx audit -----------------------------------------------------------------------------
+
+
+@main.group()
+def audit() -> None:
+    """Verify ledgers as an independent auditor."""
+
+
+def _looks_like_database(target: str) -> bool:
+    if "://" in target:
+        return True
+    path = Path(target)
+    if not path.is_file():
+        return False
+    with path.open("rb") as handle:
+        return handle.read(16) == b"SQLite format 3\x00"
+
+
+@audit.command("verify")
+@click.argument("target")
+@click.option(
+    "--authority",
+    default=None,
+    help="The consortium authority's public key (base64url) or key file: the trust anchor.",
+)
+def audit_verify(target: str, authority: str | None) -> None:
+    """Verify a ledger export file or database: exit 0 when valid, 1 with the first fault."""
+    try:
+        anchor = keys.load_public_key(authority) if authority else None
+    except LedgerError as exc:
+        fail(f"--authority: {exc}", 2)
+    try:
+        if _looks_like_database(target):
+            store = ChainStore(target)
+            if not store.is_initialised():
+                fail(f"{target} holds no ledger")
+            total = sum(rows for rows, _ in store.entry_stats().values())
+            with entry_progress(total, "verifying") as advance:
+                summary = verify_database(store, anchor, advance)
+        else:
+            if not Path(target).is_file():
+                fail(f"{target} is neither an export file nor a database URL")
+            with entry_progress(None, "verifying") as advance:
+                summary = verify_export(Path(target), anchor, advance)
+    except VerificationError as exc:
+        fail(f"INVALID: {exc}")
+    except LedgerError as exc:
+        fail(f"INVALID: {exc}")
+    print_summary(summary)
+
+
+def print_summary(summary: Summary) -> None:
+    out.print(
+        f"[bold green]VALID[/]: {len(summary.chains)} chain(s), {summary.blocks} block(s), "
+        f"{summary.entries} entries; roster version(s) {', '.join(map(str, summary.rosters))}"
+    )
+    if not summary.anchored:
+        out.print(
+            "[yellow]warning:[/] no --authority key given: the roster's signature was NOT checked "
+            "against the consortium authority, so these members' keys are trusted as found"
+        )
+    for chain, head in sorted(summary.chains.items()):
+        out.print(
+            f"  {chain}: height {head.height}, tree size {head.entries}, "
+            f"root {head.tree_root}, head {head.head_hash}, at {head.time}"
+        )
+
+
+def _register_demo() -> None:
+    from node.demo import demo
+
+    main.add_command(demo)
+
+
+_register_demo()
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

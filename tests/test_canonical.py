@@ -1,0 +1,77 @@
+"""Canonical JSON: byte-identical to the rfc8785 reference, and the ledger's JSON subset."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import rfc8785
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ledger.canonical import (
+    canonical_bytes,
+    check_payload,
+    checked_canonical_bytes,
+    parse_canonical,
+)
+from ledger.errors import CanonicalError
+
+ascii_keys = st.text(st.characters(min_codepoint=0, max_codepoint=127), max_size=8)
+texts = st.text(st.characters(exclude_categories=("Cs",)), max_size=20)
+scalars = st.none() | st.booleans() | st.integers(-(2**53) + 1, 2**53 - 1) | texts
+payloads = st.recursive(
+    scalars,
+    lambda inner: st.lists(inner, max_size=5) | st.dictionaries(ascii_keys, inner, max_size=5),
+    max_leaves=30,
+)
+
+
+@settings(max_examples=500, deadline=None)
+@given(payloads)
+def test_identical_to_rfc8785(value: Any) -> None:
+    assert canonical_bytes(value) == rfc8785.dumps(value)
+    assert checked_canonical_bytes(value) == rfc8785.dumps(value)
+    assert parse_canonical(rfc8785.dumps(value)) == value
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        {"a": 1.5},
+        {"a": 2.0},
+        {"a": [1, {"b": 1e300}]},
+        {"名字": 1},
+        {"a": 2**53},
+        {"a": -(2**53)},
+        {1: 2},
+        {"a": {1, 2}},
+        {"a": "\ud800"},
+    ],
+)
+def test_refused(value: Any) -> None:
+    with pytest.raises(CanonicalError):
+        canonical_bytes(value)
+    with pytest.raises(CanonicalError):
+        checked_canonical_bytes(value)
+
+
+def test_float_hidden_among_lookalike_strings_is_found() -> None:
+    value = {"note": ":1.5,", "time": "2026-11-22T08:00:00.000Z", "x": [0.5]}
+    with pytest.raises(CanonicalError, match="floating-point"):
+        checked_canonical_bytes(value)
+    assert checked_canonical_bytes({"note": ":1.5,"}) == rfc8785.dumps({"note": ":1.5,"})
+
+
+def test_error_names_the_place() -> None:
+    with pytest.raises(CanonicalError, match=r"body\.fee\[1\]"):
+        check_payload({"fee": [1, 2.5]}, "body")
+
+
+@pytest.mark.parametrize(
+    "text",
+    [b'{"b":1,"a":2}', b'{"a": 1}', b'{"a":1,"a":1}', b'{"a":1.0}', b'{"a":"\\u0041"}', b"nope"],
+)
+def test_parse_canonical_refuses_other_forms(text: bytes) -> None:
+    with pytest.raises(CanonicalError):
+        parse_canonical(text)
