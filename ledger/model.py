@@ -23,7 +23,7 @@ import re
 from datetime import UTC, datetime
 from typing import Any
 
-from ledger.canonical import canonical_bytes, check_payload
+from ledger.canonical import canonical_bytes, check_payload, checked_canonical_bytes
 from ledger.errors import CanonicalError, EntryError
 
 VERSION = 1
@@ -93,7 +93,11 @@ def check_body(body: Any) -> dict[str, Any]:
     """A body must be a JSON object within the ledger's JSON subset (no floats, ASCII keys)."""
     if not isinstance(body, dict):
         raise EntryError(f"entry body must be a JSON object, not {_json_kind(body)}")
-    check_payload(body, "body")
+    try:
+        checked_canonical_bytes(body)
+    except CanonicalError:
+        check_payload(body, "body")  # the same verdict, with the place named
+        raise
     return body
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import queue
 import threading
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -31,7 +32,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from sqlalchemy.engine import Connection, Engine
 
 from ledger import keys, merkle
-from ledger.canonical import canonical_bytes, parse_canonical
+from ledger.canonical import canonical_bytes, checked_canonical_bytes, parse_canonical
 from ledger.errors import LedgerError, StoreError
 from ledger.model import (
     ZERO_HASH,
@@ -85,6 +86,7 @@ settings_table = sa.Table(
 
 LEDGER_TABLES = ("ledger_roster", "ledger_blocks", "ledger_entries")
 DEFAULT_MAX_BLOCK_ENTRIES = 1000
+GATHER_SECONDS = 0.0005  # the longest a block waits for appenders still on their way
 _WRITER_OPTION = "hrx_ledger_writer"
 
 
@@ -155,6 +157,18 @@ def create_schema(engine: Engine) -> None:
         for table in LEDGER_TABLES:
             for statement in _POSTGRES_TRIGGERS if postgres else _SQLITE_TRIGGERS:
                 conn.exec_driver_sql(statement.format(table=table))
+
+
+# The writer's statements, run for every block straight on the DBAPI cursor: SQLAlchemy's
+# per-statement work would be most of a small block's cost. "?" becomes "%s" for psycopg.
+_WRITER_SQL = {
+    "lock": "SELECT pg_advisory_xact_lock(?)",
+    "head": "SELECT header FROM ledger_blocks WHERE chain = ? ORDER BY height DESC LIMIT 1",
+    "roster": "SELECT max(version) FROM ledger_roster",
+    "entries": "INSERT INTO ledger_entries (chain, seq, data, nodes) VALUES (?, ?, ?, ?)",
+    "blocks": "INSERT INTO ledger_blocks (chain, height, tree_size, header, signature) "
+    "VALUES (?, ?, ?, ?, ?)",
+}
 
 
 def node_seq(node: merkle.NodeId) -> int:
@@ -569,8 +583,10 @@ class ChainWriter:
                 f"the signing key is not the key roster version {roster.version} lists for {chain}"
             )
         self._queue: queue.SimpleQueue[_Pending | None] = queue.SimpleQueue()
-        self._cached: tuple[str, merkle.Frontier] | None = None  # (head hash, frontier)
+        # The head this writer last wrote: (stored header bytes, header, frontier after it).
+        self._cached: tuple[bytes, dict[str, Any], merkle.Frontier] | None = None
         self._closed = False
+        self._last_batch = 1
         self._thread = threading.Thread(
             target=self._run, name=f"ledger-writer-{chain}", daemon=True
         )
@@ -618,15 +634,23 @@ class ChainWriter:
                 return
             batch = [first]
             stop = False
+            # Group commit: take what is queued, and while fewer appenders have come than the
+            # last block served, wait a moment for them (they are typically just waking up
+            # from that block's commit). One appender alone never waits.
+            deadline = time.monotonic() + GATHER_SECONDS
             while True:
                 try:
-                    more = self._queue.get_nowait()
+                    if len(batch) < self._last_batch:
+                        more = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+                    else:
+                        more = self._queue.get_nowait()
                 except queue.Empty:
                     break
                 if more is None:
                     stop = True
                     break
                 batch.append(more)
+            self._last_batch = len(batch)
             try:
                 self._commit(batch)
             except BaseException as exc:  # hand every failure to the appenders
@@ -648,77 +672,81 @@ class ChainWriter:
                 return
 
     def _commit(self, batch: list[_Pending]) -> None:
-        engine = self.store.engine
-        with engine.connect() as raw_conn:
+        postgres = self.store.is_postgres
+        sql = {k: v.replace("?", "%s") for k, v in _WRITER_SQL.items()} if postgres else _WRITER_SQL
+        with self.store.engine.connect() as raw_conn:
             conn = raw_conn.execution_options(**{_WRITER_OPTION: True})
             with conn.begin():
-                if self.store.is_postgres:
-                    conn.execute(
-                        sa.select(sa.func.pg_advisory_xact_lock(_writer_lock_key(self.chain)))
-                    )
-                head = self.store.head(self.chain, conn)
-                roster_version = conn.execute(
-                    sa.select(sa.func.max(roster_table.c.version))
-                ).scalar_one()
-                if self._cached is not None and head is not None and self._cached[0] == head.hash:
-                    frontier = self._cached[1]
-                else:
-                    frontier = self.store.frontier(conn, self.chain, head)
-                frontier = frontier.copy()
-                height = 0 if head is None else head.header["height"] + 1
-                prev = ZERO_HASH if head is None else head.hash
-                prev_time = "" if head is None else head.header["time"]
-                items = [(item, pending) for pending in batch for item in pending.items]
-                entry_rows: list[dict[str, Any]] = []
-                block_rows: list[dict[str, Any]] = []
-                for start in range(0, len(items), self.max_block_entries):
-                    chunk = items[start : start + self.max_block_entries]
-                    first_seq = frontier.size
-                    times = [prev_time, format_time(datetime.now(UTC))]
-                    for (entry_type, body, time), pending in chunk:
-                        seq = frontier.size
-                        entry = {
-                            "v": 1,
-                            "chain": self.chain,
-                            "seq": seq,
-                            "time": time,
-                            "type": entry_type,
-                            "body": body,
-                        }
-                        data = canonical_bytes(entry)
-                        completed = frontier.append(merkle.leaf_hash(data))
-                        entry_rows.append(
-                            {
-                                "chain": self.chain,
-                                "seq": seq,
-                                "data": data,
-                                "nodes": b"".join(completed),
-                            }
-                        )
-                        pending.seqs.append(seq)
-                        times.append(time)
-                    header = make_header(
-                        chain=self.chain,
-                        height=height,
-                        prev=prev,
-                        time=max(times),
-                        first_seq=first_seq,
-                        count=len(chunk),
-                        tree_size=frontier.size,
-                        tree_root=frontier.root(),
-                        roster=int(roster_version),
-                    )
-                    digest = block_hash(header)
-                    block_rows.append(
-                        {
-                            "chain": self.chain,
-                            "height": height,
-                            "tree_size": frontier.size,
-                            "header": canonical_bytes(header),
-                            "signature": keys.sign(self.key, keys.BLOCK_DOMAIN, digest),
-                        }
-                    )
-                    height, prev, prev_time = height + 1, digest.hex(), header["time"]
-                conn.execute(entries_table.insert(), entry_rows)
-                conn.execute(blocks_table.insert(), block_rows)
-        self._cached = (prev, frontier)
+                cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+                if postgres:
+                    cursor.execute(sql["lock"], (_writer_lock_key(self.chain),))
+                cursor.execute(sql["head"], (self.chain,))
+                row = cursor.fetchone()
+                cursor.execute(sql["roster"])
+                (roster_version,) = cursor.fetchone() or (None,)
+                if roster_version is None:
+                    raise StoreError("no roster stored; initialise with: hrx ledger init")
+                entry_rows, block_rows, cached = self._build_blocks(
+                    conn, batch, row, roster_version
+                )
+                cursor.executemany(sql["entries"], entry_rows)
+                cursor.executemany(sql["blocks"], block_rows)
+                cursor.close()
+        self._cached = cached
+
+    def _build_blocks(
+        self, conn: Connection, batch: list[_Pending], head_row: Any, roster_version: int
+    ) -> tuple[
+        list[tuple[Any, ...]], list[tuple[Any, ...]], tuple[bytes, dict[str, Any], merkle.Frontier]
+    ]:
+        """The entry and block rows for a batch on top of the stored head, and the new head."""
+        if head_row is None:
+            frontier = merkle.Frontier()
+            height, prev, prev_time = 0, ZERO_HASH, ""
+        else:
+            stored = bytes(head_row[0])
+            if self._cached is not None and self._cached[0] == stored:
+                header, frontier = self._cached[1], self._cached[2].copy()
+            else:  # first block of this writer, or another process wrote since
+                header = parse_canonical(stored)
+                frontier = self.store.frontier(conn, self.chain, Head(header, ""))
+            height, prev, prev_time = header["height"] + 1, block_hash(header).hex(), header["time"]
+        items = [(item, pending) for pending in batch for item in pending.items]
+        entry_rows: list[tuple[Any, ...]] = []
+        block_rows: list[tuple[Any, ...]] = []
+        for start in range(0, len(items), self.max_block_entries):
+            chunk = items[start : start + self.max_block_entries]
+            first_seq = frontier.size
+            block_time = max(prev_time, format_time(datetime.now(UTC)))
+            for (entry_type, body, time_), pending in chunk:
+                seq = frontier.size
+                entry = {
+                    "v": 1,
+                    "chain": self.chain,
+                    "seq": seq,
+                    "time": time_,
+                    "type": entry_type,
+                    "body": body,
+                }
+                data = checked_canonical_bytes(entry)
+                completed = frontier.append(merkle.leaf_hash(data))
+                entry_rows.append((self.chain, seq, data, b"".join(completed)))
+                pending.seqs.append(seq)
+                block_time = max(block_time, time_)
+            header = make_header(
+                chain=self.chain,
+                height=height,
+                prev=prev,
+                time=block_time,
+                first_seq=first_seq,
+                count=len(chunk),
+                tree_size=frontier.size,
+                tree_root=frontier.root(),
+                roster=roster_version,
+            )
+            header_bytes = canonical_bytes(header)
+            digest = hashlib.sha256(header_bytes).digest()
+            signature = keys.sign(self.key, keys.BLOCK_DOMAIN, digest)
+            block_rows.append((self.chain, height, frontier.size, header_bytes, signature))
+            height, prev, prev_time = height + 1, digest.hex(), block_time
+        return entry_rows, block_rows, (block_rows[-1][3], header, frontier)
