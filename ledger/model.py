@@ -95,9 +95,12 @@ def check_body(body: Any) -> dict[str, Any]:
         raise EntryError(f"entry body must be a JSON object, not {_json_kind(body)}")
     try:
         checked_canonical_bytes(body)
-    except CanonicalError:
-        check_payload(body, "body")  # the same verdict, with the place named
-        raise
+    except CanonicalError as exc:
+        try:
+            check_payload(body, "body")  # the same verdict, with the place named
+        except CanonicalError as named:
+            raise EntryError(str(named)) from named
+        raise EntryError(f"body: {exc}") from exc
     return body
 
 
@@ -132,10 +135,7 @@ def check_entry(entry: Any) -> Entry:
         raise EntryError(f"entry seq {entry['seq']!r} is not a non-negative integer")
     parse_time(entry["time"], "entry time")
     check_entry_type(entry["type"])
-    try:
-        check_body(entry["body"])
-    except CanonicalError as exc:
-        raise EntryError(str(exc)) from exc
+    check_body(entry["body"])
     return entry
 
 

@@ -131,10 +131,11 @@ _SQLITE_TRIGGERS = [
     "BEGIN SELECT RAISE(ABORT, '{table} is append-only: DELETE refused'); END",
 ]
 
+# "%%" is "%" once psycopg has read the statement.
 _POSTGRES_FUNCTION = """
 CREATE OR REPLACE FUNCTION hrx_ledger_append_only() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
-  RAISE EXCEPTION '% is append-only: % refused', TG_TABLE_NAME, TG_OP
+  RAISE EXCEPTION '%% is append-only: %% refused', TG_TABLE_NAME, TG_OP
     USING ERRCODE = 'insufficient_privilege';
 END $$
 """
@@ -263,11 +264,20 @@ class ChainStore:
         self._require_schema()
         with self.engine.connect() as conn:
             rows = conn.execute(
-                sa.select(roster_table.c.roster, roster_table.c.signature).order_by(
-                    roster_table.c.version
-                )
+                sa.select(
+                    roster_table.c.version, roster_table.c.roster, roster_table.c.signature
+                ).order_by(roster_table.c.version)
             ).all()
-        return [(parse_canonical(row.roster), row.signature) for row in rows]
+        rosters = []
+        for row in rows:
+            try:
+                roster = parse_canonical(row.roster)
+            except LedgerError as exc:
+                raise StoreError(f"stored roster version {row.version}: {exc}") from exc
+            if not isinstance(roster, dict) or roster.get("version") != row.version:
+                raise StoreError(f"the roster row of version {row.version} holds another version")
+            rosters.append((roster, row.signature))
+        return rosters
 
     def roster(self) -> Roster:
         """The newest roster, trusted as stored (the local node's own configuration)."""

@@ -1,0 +1,95 @@
+"""Shared fixtures: a ledger database on each engine (SQLite file; a fresh PostgreSQL database
+per test on the server at 127.0.0.1:5432), keys, and a helper to build a small ledger."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from ledger import bls, keys
+from ledger.roster import make_member, sign_roster
+from ledger.store import ChainStore
+
+POSTGRES_ADMIN = os.environ.get(
+    "HRX_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres"
+)
+# One BLS key for every test member: making a proof of possession takes py_ecc ~0.15 s.
+_BLS_KEY = bls.generate_secret_key(b"hrx-tests-bls-seed".ljust(32, b"\0"))
+
+
+def _postgres_admin() -> Any:
+    import psycopg
+
+    try:
+        return psycopg.connect(
+            POSTGRES_ADMIN,
+            autocommit=True,
+            connect_timeout=3,
+        )
+    except psycopg.OperationalError as exc:
+        message = f"no PostgreSQL server at {POSTGRES_ADMIN}: {exc}".strip()
+        if os.environ.get("CI"):
+            pytest.fail(f"{message} (CI is set: PostgreSQL tests must run)")
+        pytest.skip(f"{message}; start one or set HRX_TEST_POSTGRES to run these tests")
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """A fresh, empty PostgreSQL database, dropped after the test."""
+    admin = _postgres_admin()
+    name = f"hrx_test_{uuid.uuid4().hex[:12]}"
+    admin.execute(f'CREATE DATABASE "{name}"')
+    base = POSTGRES_ADMIN.rsplit("/", 1)[0]
+    try:
+        yield f"{base}/{name}"
+    finally:
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.close()
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'ledger.db'}"
+    url: str = request.getfixturevalue("postgres_url")
+    return url
+
+
+@dataclass
+class Ledger:
+    """A ledger database with a one-member roster, and the keys behind it."""
+
+    url: str
+    store: ChainStore
+    chain: str
+    key: Ed25519PrivateKey
+    key_path: Path
+    authority: Ed25519PrivateKey
+
+
+def make_ledger(url: str, directory: Path, chain: str = "hosp-a") -> Ledger:
+    key_path = directory / f"{chain}.pem"
+    key = keys.load_or_create_private_key(key_path)
+    authority = keys.load_or_create_private_key(directory / "authority.pem")
+    member = make_member(chain, f"Hospital {chain}", f"https://{chain}.example", key, _BLS_KEY)
+    roster = {"v": 1, "consortium": "test", "version": 1, "quorum": 1, "members": [member]}
+    store = ChainStore(url)
+    store.create_schema()
+    store.add_roster(roster, sign_roster(roster, authority))
+    store.set_setting("chain", chain)
+    store.set_setting("key", str(key_path))
+    return Ledger(url, store, chain, key, key_path, authority)
+
+
+@pytest.fixture
+def ledger_db(db_url: str, tmp_path: Path) -> Iterator[Ledger]:
+    ledger = make_ledger(db_url, tmp_path)
+    yield ledger
+    ledger.store.close()
