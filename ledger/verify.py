@@ -194,9 +194,12 @@ class Verifier:
             self._check_entry(entry, chain, seq, block_time, where)
             completed = frontier.append(merkle.leaf_hash(data))
             if stored_nodes is not None and b"".join(completed) != stored_nodes[count]:
-                raise VerificationError(
-                    "stored Merkle subtree hashes differ from the recomputed ones", seq=seq, **where
+                what = (
+                    "stored Merkle subtree hashes differ from the recomputed ones"
+                    if stored_nodes[count][:32] == completed[0]
+                    else "the entry's bytes do not hash to the leaf hash stored with it"
                 )
+                raise VerificationError(what, seq=seq, **where)
             count += 1
         if count != header["count"]:
             raise VerificationError(

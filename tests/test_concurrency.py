@@ -40,7 +40,7 @@ def _start(
 
 
 def _acknowledged(acks: Path) -> dict[int, int]:
-    """``{n: seq}`` for every complete acknowledgement line (a killed worker may leave half a line)."""
+    """``{n: seq}`` of every whole acknowledgement line (a killed worker may leave half a line)."""
     found = {}
     if acks.exists():
         for line in acks.read_text().splitlines():

@@ -70,7 +70,7 @@ def test_large_append_is_split_into_blocks_in_one_call(ledger_db: Ledger) -> Non
         assert writer.append_many([("access.requested", {"n": i}) for i in range(35)]) == list(
             range(35)
         )
-    assert [h for h in ledger_db.store.heads().values()][0].header["height"] == 3
+    assert next(iter(ledger_db.store.heads().values())).header["height"] == 3
     verify_database(ledger_db.store, ledger_db.authority.public_key())
 
 
