@@ -172,6 +172,22 @@ _WRITER_SQL = {
 }
 
 
+# Proof queries, built once.
+_NEWEST_SIZE = sa.select(sa.func.max(blocks_table.c.tree_size)).where(
+    blocks_table.c.chain == sa.bindparam("chain")
+)
+_SIGNED_SIZE = sa.select(blocks_table.c.height).where(
+    blocks_table.c.chain == sa.bindparam("chain"), blocks_table.c.tree_size == sa.bindparam("size")
+)
+_SIZE_BELOW = sa.select(sa.func.max(blocks_table.c.tree_size)).where(
+    blocks_table.c.chain == sa.bindparam("chain"), blocks_table.c.tree_size < sa.bindparam("size")
+)
+_NODES = sa.select(entries_table.c.seq, entries_table.c.nodes).where(
+    entries_table.c.chain == sa.bindparam("chain"),
+    entries_table.c.seq.in_(sa.bindparam("seqs", expanding=True)),
+)
+
+
 def node_seq(node: merkle.NodeId) -> int:
     """The seq of the entry whose append completed Merkle node ``(level, index)``."""
     level, index = node
@@ -423,24 +439,15 @@ class ChainStore:
     def _signed_size(self, conn: Connection, chain: str, tree_size: int | None) -> int:
         """``tree_size``, checked to be a size some block of the chain signed (default: newest)."""
         if tree_size is None:
-            head = self.head(chain, conn)
-            if head is None:
+            newest = conn.execute(_NEWEST_SIZE, {"chain": chain}).scalar()
+            if newest is None:
                 raise StoreError(f"chain {chain} has no blocks")
-            return head.tree_size
-        found = conn.execute(
-            sa.select(blocks_table.c.height).where(
-                blocks_table.c.chain == chain, blocks_table.c.tree_size == tree_size
-            )
-        ).first()
-        if found is None:
-            sizes = conn.execute(
-                sa.select(sa.func.max(blocks_table.c.tree_size)).where(
-                    blocks_table.c.chain == chain, blocks_table.c.tree_size < tree_size
-                )
-            ).scalar()
+            return int(newest)
+        if conn.execute(_SIGNED_SIZE, {"chain": chain, "size": tree_size}).first() is None:
+            below = conn.execute(_SIZE_BELOW, {"chain": chain, "size": tree_size}).scalar()
             raise StoreError(
                 f"no block of chain {chain} signs tree size {tree_size}"
-                + (f" (the nearest signed size below is {sizes})" if sizes else "")
+                + (f" (the nearest signed size below is {below})" if below else "")
                 + "; a proof is only useful against a signed head"
             )
         return tree_size
@@ -449,21 +456,16 @@ class ChainStore:
         self, conn: Connection, chain: str, wanted: Iterable[merkle.NodeId]
     ) -> dict[merkle.NodeId, bytes]:
         wanted = list(wanted)
-        seqs = {node_seq(node) for node in wanted}
+        seqs = sorted({node_seq(node) for node in wanted})
         if not seqs:
             return {}
-        rows = conn.execute(
-            sa.select(entries_table.c.seq, entries_table.c.nodes).where(
-                entries_table.c.chain == chain, entries_table.c.seq.in_(seqs)
-            )
-        ).all()
-        blobs = {row.seq: row.nodes for row in rows}
+        blobs = dict(conn.execute(_NODES, {"chain": chain, "seqs": seqs}).tuples().all())
         found: dict[merkle.NodeId, bytes] = {}
         for node in wanted:
             blob = blobs.get(node_seq(node))
             level = node[0]
             if blob is not None and len(blob) >= 32 * (level + 1):
-                found[node] = blob[32 * level : 32 * (level + 1)]
+                found[node] = bytes(blob[32 * level : 32 * (level + 1)])
         return found
 
     def inclusion_proof(self, chain: str, seq: int, tree_size: int | None = None) -> dict[str, Any]:

@@ -18,7 +18,9 @@ and no entry row lies outside a block. The first fault stops verification and is
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,7 +28,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from ledger import keys, merkle
-from ledger.canonical import checked_canonical_bytes, parse_canonical, parse_json
+from ledger.canonical import canonical_of_parsed, parse_canonical, parse_json
 from ledger.errors import LedgerError, VerificationError
 from ledger.model import (
     ENTRY_KEYS,
@@ -39,7 +41,21 @@ from ledger.model import (
     parse_time,
 )
 from ledger.roster import Roster, open_roster
-from ledger.store import ChainStore, StoredBlock
+from ledger.store import ChainStore
+
+
+@contextmanager
+def _collector_paused() -> Iterator[None]:
+    """Pause the cyclic garbage collector: parsed JSON holds no cycles, and collections
+    triggered by its many small objects would take most of the verification time."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
 
 Progress = Callable[[int], None]
 """Called with the number of entries just verified."""
@@ -91,6 +107,8 @@ class Verifier:
         self.summary = Summary(anchored=authority is not None)
         self._chains: dict[str, _ChainState] = {}
         self._keys: dict[tuple[int, str], Ed25519PublicKey] = {}
+        self._last_entry_time = ""
+        self._entry_types: set[str] = set()
 
     def add_roster(self, roster: Any, signature: Any) -> None:
         version = roster.get("version") if isinstance(roster, dict) else None
@@ -129,12 +147,15 @@ class Verifier:
         self,
         header: Any,
         signature: Any,
-        leaves: Iterable[tuple[Any, bytes]],
+        entries: list[Any] | None = None,
+        *,
+        stored: list[bytes] | None = None,
         stored_nodes: list[bytes] | None = None,
     ) -> int:
-        """Verify one block given as header, signature and ``(entry, leaf data)`` pairs.
+        """Verify one block: its header, signature, and its entries given either parsed
+        (``entries``, from an export) or as stored canonical bytes (``stored``, from a
+        database, with the Merkle subtree hashes stored beside them in ``stored_nodes``).
 
-        ``stored_nodes`` (database only) are the subtree hashes stored with each entry.
         Returns the number of entries verified.
         """
         if not self.rosters:
@@ -177,34 +198,36 @@ class Verifier:
                 f"block time {header['time']} is before the previous block's {summary.time}",
                 **where,
             )
-        if header["first_seq"] != state.frontier.size:
-            raise VerificationError(
-                f"first_seq {header['first_seq']} should be {state.frontier.size}", **where
-            )
-
-        frontier, block_time, count = state.frontier, header["time"], 0
-        for entry, data in leaves:
-            seq = frontier.size
-            if count == header["count"]:
-                raise VerificationError(
-                    f"the block holds more than its count {header['count']} entries",
-                    seq=seq,
-                    **where,
-                )
-            self._check_entry(entry, chain, seq, block_time, where)
-            completed = frontier.append(merkle.leaf_hash(data))
-            if stored_nodes is not None and b"".join(completed) != stored_nodes[count]:
-                what = (
-                    "stored Merkle subtree hashes differ from the recomputed ones"
-                    if stored_nodes[count][:32] == completed[0]
-                    else "the entry's bytes do not hash to the leaf hash stored with it"
-                )
-                raise VerificationError(what, seq=seq, **where)
-            count += 1
+        frontier, block_time, first_seq = state.frontier, header["time"], header["first_seq"]
+        if first_seq != frontier.size:
+            raise VerificationError(f"first_seq {first_seq} should be {frontier.size}", **where)
+        count = len(entries if entries is not None else stored or ())
         if count != header["count"]:
             raise VerificationError(
                 f"the block holds {count} entries, its header says {header['count']}", **where
             )
+
+        append, check = frontier.append, self._check_entry
+        for offset in range(count):
+            seq = first_seq + offset
+            try:
+                if stored is not None:
+                    data = stored[offset]
+                    entry = parse_canonical(data)
+                else:
+                    entry = entries[offset]  # type: ignore[index]
+                    data = canonical_of_parsed(entry)
+            except LedgerError as exc:
+                raise VerificationError(f"entry: {exc}", seq=seq, **where) from exc
+            check(entry, chain, seq, block_time, where)
+            completed = append(merkle.leaf_hash(data))
+            if stored_nodes is not None and b"".join(completed) != stored_nodes[offset]:
+                what = (
+                    "stored Merkle subtree hashes differ from the recomputed ones"
+                    if stored_nodes[offset][:32] == completed[0]
+                    else "the entry's bytes do not hash to the leaf hash stored with it"
+                )
+                raise VerificationError(what, seq=seq, **where)
         if frontier.root().hex() != header["tree_root"]:
             raise VerificationError(
                 f"tree_root {header['tree_root']} is not the root {frontier.root().hex()} "
@@ -220,9 +243,8 @@ class Verifier:
         summary.roster = header["roster"]
         return count
 
-    @staticmethod
     def _check_entry(
-        entry: Any, chain: str, seq: int, block_time: str, where: dict[str, Any]
+        self, entry: Any, chain: str, seq: int, block_time: str, where: dict[str, Any]
     ) -> None:
         if type(entry) is not dict or entry.keys() != ENTRY_KEYS:
             fields = sorted(entry) if isinstance(entry, dict) else type(entry).__name__
@@ -236,33 +258,25 @@ class Verifier:
         if entry["v"] != VERSION or type(entry["v"]) is not int:
             raise VerificationError(f"entry version {entry['v']!r}", seq=seq, **where)
         entry_type = entry["type"]
-        if type(entry_type) is not str or not ENTRY_TYPE.fullmatch(entry_type):
-            raise VerificationError(
-                f"entry type {entry_type!r} is not dotted lowercase words", seq=seq, **where
-            )
+        if type(entry_type) is not str or entry_type not in self._entry_types:
+            if type(entry_type) is not str or not ENTRY_TYPE.fullmatch(entry_type):
+                raise VerificationError(
+                    f"entry type {entry_type!r} is not dotted lowercase words", seq=seq, **where
+                )
+            self._entry_types.add(entry_type)
         if type(entry["body"]) is not dict:
             raise VerificationError("entry body is not a JSON object", seq=seq, **where)
         time = entry["time"]
-        try:
-            parse_time(time, "entry time")
-        except LedgerError as exc:
-            raise VerificationError(str(exc), seq=seq, **where) from exc
+        if time != self._last_entry_time:  # entries appended together share their time
+            try:
+                parse_time(time, "entry time")
+            except LedgerError as exc:
+                raise VerificationError(str(exc), seq=seq, **where) from exc
+            self._last_entry_time = time
         if time > block_time:
             raise VerificationError(
                 f"entry time {time} is after its block's time {block_time}", seq=seq, **where
             )
-
-
-def _export_leaves(
-    entries: list[Any], where: dict[str, Any], first_seq: int
-) -> Iterator[tuple[Any, bytes]]:
-    for offset, entry in enumerate(entries):
-        try:
-            yield entry, checked_canonical_bytes(entry)
-        except LedgerError as exc:
-            raise VerificationError(
-                f"entry cannot go on the ledger: {exc}", seq=first_seq + offset, **where
-            ) from exc
 
 
 def verify_export(
@@ -274,55 +288,38 @@ def verify_export(
         handle = path.open("rb")
     except OSError as exc:
         raise VerificationError(f"cannot read {path}: {exc.strerror}") from exc
-    with handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = parse_json(line)
-            except LedgerError as exc:
-                raise VerificationError(f"{path}:{number}: {exc}") from exc
-            if isinstance(record, dict) and "roster" in record:
-                if record.keys() != {"roster", "signature"}:
-                    raise VerificationError(
-                        f'{path}:{number}: a roster line is {{"roster", "signature"}}'
-                    )
-                verifier.add_roster(record["roster"], record["signature"])
-                continue
-            try:
-                check_block_shape(record)
-            except LedgerError as exc:
-                raise VerificationError(f"{path}:{number}: {exc}") from exc
-            header = record["header"]
-            where: dict[str, Any] = (
-                {"chain": header.get("chain"), "height": header.get("height")}
-                if isinstance(header, dict)
-                else {}
-            )
-            first_seq = header.get("first_seq", 0) if isinstance(header, dict) else 0
-            count = verifier.add_block(
-                header, record["signature"], _export_leaves(record["entries"], where, first_seq)
-            )
-            if progress:
-                progress(count)
+    with handle, _collector_paused():
+        _verify_lines(verifier, path, handle, progress)
     if not verifier.rosters:
         raise VerificationError(f"{path} holds no roster")
     return verifier.summary
 
 
-def _database_leaves(block: StoredBlock, where: dict[str, Any]) -> Iterator[tuple[Any, bytes]]:
-    header = block.header
-    expected = header["first_seq"]
-    for seq, data in zip(block.entry_seqs, block.entry_data, strict=True):
-        if seq != expected:
-            raise VerificationError("entry row is missing", seq=expected, **where)
+def _verify_lines(
+    verifier: Verifier, path: Path, handle: Iterable[bytes], progress: Progress | None
+) -> None:
+    for number, line in enumerate(handle, start=1):
+        if not line.strip():
+            continue
         try:
-            yield parse_canonical(data), data
+            record = parse_json(line)
         except LedgerError as exc:
-            raise VerificationError(f"stored entry: {exc}", seq=seq, **where) from exc
-        expected += 1
-    if expected < header["tree_size"]:
-        raise VerificationError("entry row is missing", seq=expected, **where)
+            raise VerificationError(f"{path}:{number}: {exc}") from exc
+        if isinstance(record, dict) and "roster" in record:
+            if record.keys() != {"roster", "signature"}:
+                raise VerificationError(
+                    f'{path}:{number}: a roster line is {{"roster", "signature"}}'
+                )
+            verifier.add_roster(record["roster"], record["signature"])
+            continue
+        try:
+            check_block_shape(record)
+        except LedgerError as exc:
+            raise VerificationError(f"{path}:{number}: {exc}") from exc
+        header = record["header"]
+        count = verifier.add_block(header, record["signature"], record["entries"])
+        if progress:
+            progress(count)
 
 
 def verify_database(
@@ -338,6 +335,21 @@ def verify_database(
         raise VerificationError("the database holds no roster")
     for roster, signature in rosters:
         verifier.add_roster(roster, signature)
+    with _collector_paused():
+        _verify_rows(verifier, store, progress)
+    chains = verifier.summary.chains
+    for chain, (rows, highest) in store.entry_stats().items():
+        size = chains[chain].entries if chain in chains else 0
+        if rows != size or highest != size - 1:
+            raise VerificationError(
+                f"{rows} entry rows (highest seq {highest}) but the signed blocks hold {size}",
+                chain=chain,
+                seq=size if highest >= size else None,
+            )
+    return verifier.summary
+
+
+def _verify_rows(verifier: Verifier, store: ChainStore, progress: Progress | None) -> None:
     for chain in store.chains():
         try:
             for block in store.block_rows(chain):
@@ -353,8 +365,18 @@ def verify_database(
                     raise VerificationError(
                         f"the row's tree_size {block.row_tree_size} is not the header's", **where
                     )
+                expected = header.get("first_seq")
+                for seq in block.entry_seqs:
+                    if seq != expected:
+                        break
+                    expected += 1
+                if expected != header.get("tree_size"):
+                    raise VerificationError("entry row is missing", seq=expected, **where)
                 count = verifier.add_block(
-                    header, block.signature, _database_leaves(block, where), block.entry_nodes
+                    header,
+                    block.signature,
+                    stored=block.entry_data,
+                    stored_nodes=block.entry_nodes,
                 )
                 if progress:
                     progress(count)
@@ -362,13 +384,3 @@ def verify_database(
             raise
         except LedgerError as exc:
             raise VerificationError(str(exc)) from exc
-    chains = verifier.summary.chains
-    for chain, (rows, highest) in store.entry_stats().items():
-        size = chains[chain].entries if chain in chains else 0
-        if rows != size or highest != size - 1:
-            raise VerificationError(
-                f"{rows} entry rows (highest seq {highest}) but the signed blocks hold {size}",
-                chain=chain,
-                seq=size if highest >= size else None,
-            )
-    return verifier.summary

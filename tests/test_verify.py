@@ -220,3 +220,31 @@ def test_reordered_dropped_or_repeated_blocks_are_found(ledger_db: Ledger, tmp_p
         path.write_bytes(b"".join(variant))
         with pytest.raises(VerificationError):
             verify_export(path, authority)
+
+
+@pytest.mark.parametrize(
+    ("change", "problem"),
+    [
+        (lambda e: e.update(type=["x"]), "entry type"),
+        (lambda e: e["body"].update(fee=1.5), "floating-point"),
+        (lambda e: e["body"].update({"名": 1}), "not ASCII"),
+        (lambda e: e["body"].update(big=2**60), "53-bit"),
+        (lambda e: e.update(seq=99), "seq 99"),
+        (lambda e: e.update(chain="hosp-b"), "says chain"),
+        (lambda e: e.update(time="2099-01-01T00:00:00.000Z"), "after its block's time"),
+        (lambda e: e.update(time="2026-02-30T00:00:00.000Z"), "not a valid date"),
+        (lambda e: e.pop("v"), "malformed entry"),
+    ],
+)
+def test_malformed_export_entries_are_named(
+    ledger_db: Ledger, tmp_path: Path, change: Any, problem: str
+) -> None:
+    """Each malformed entry in an otherwise well-formed export is reported at its seq."""
+    _fill(ledger_db)
+    lines = [json.loads(line) for line in ledger_db.store.export_lines()]
+    change(lines[2]["entries"][1])
+    path = tmp_path / "bad.jsonl"
+    path.write_text("\n".join(json.dumps(line, ensure_ascii=False) for line in lines))
+    with pytest.raises(VerificationError, match=problem) as caught:
+        verify_export(path, ledger_db.authority.public_key())
+    assert (caught.value.chain, caught.value.height, caught.value.seq) == ("hosp-a", 1, 2)

@@ -1,0 +1,304 @@
+"""Ledger benchmark: durable appends, verification and proofs, each printed beside its ceiling
+measured in the same run (a ratio holds on a noisy machine; an absolute time drifts).
+
+    python scripts/bench_ledger.py [--entries 1000000] [--appends 20000] [--postgres URL]
+
+- appends/s through ChainWriter with 1 and 8 concurrent writer threads (each waits until its
+  entry is durable), on SQLite and PostgreSQL; ceiling: the same rows inserted raw (no
+  canonicalising, hashing or signing) in the same number of transactions;
+- verification entries/s on one core over a ledger of ``--entries`` entries, from its export
+  file and from its database; ceiling: SHA-256 leaf hashes over the same canonical bytes;
+- inclusion and consistency proofs at that size: made from the store, checked by the verifier.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from rich.console import Console
+from rich.progress import Progress
+from rich.table import Table
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from ledger import bls, keys, merkle
+from ledger.roster import make_member, sign_roster
+from ledger.store import ChainStore, ChainWriter, open_engine
+from ledger.verify import verify_database, verify_export
+
+console = Console(highlight=False)
+BODY = {
+    "request_id": "0f8e2a6c-1b1f-4a59-b7a2-6a6b4a7e5d11",
+    "requester_org": "hosp-b",
+    "decision": "permit",
+    "reason": "consent",
+    "consent": {"chain": "hosp-a", "seq": 12},
+    "view": {"hosp-a": 40, "hosp-b": 17},
+    "released": ["9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"],
+}
+BLS_KEY = bls.generate_secret_key(b"bench".ljust(32, b"\0"))
+
+
+def new_ledger(url: str, workdir: Path) -> tuple[ChainStore, Any, Any]:
+    key = keys.load_or_create_private_key(workdir / "hosp-a.pem")
+    authority = keys.load_or_create_private_key(workdir / "authority.pem")
+    member = make_member("hosp-a", "Hospital A", "", key, BLS_KEY)
+    roster = {"v": 1, "consortium": "bench", "version": 1, "quorum": 1, "members": [member]}
+    store = ChainStore(url)
+    store.create_schema()
+    store.add_roster(roster, sign_roster(roster, authority))
+    return store, key, authority
+
+
+def run_appenders(writer: ChainWriter, threads: int, total: int) -> float:
+    """Seconds for ``threads`` threads to append ``total`` entries, one durable append at a time."""
+
+    def work() -> None:
+        for _ in range(total // threads):
+            writer.append("access.decided", BODY)
+
+    pool = [threading.Thread(target=work) for _ in range(threads)]
+    started = time.perf_counter()
+    for thread in pool:
+        thread.start()
+    for thread in pool:
+        thread.join()
+    return time.perf_counter() - started
+
+
+def raw_ceiling(store: ChainStore, from_height: int) -> float:
+    """Seconds to insert the rows of blocks ``from_height``.. again, raw, one transaction per
+    block, into trigger-less copies of the tables (same engine, same durability settings)."""
+    batches = [
+        (
+            [
+                ("raw", s, d, n)
+                for s, d, n in zip(b.entry_seqs, b.entry_data, b.entry_nodes, strict=True)
+            ],
+            ("raw", b.row_height, b.row_tree_size, b.header_bytes, b.signature),
+        )
+        for b in store.block_rows("hosp-a", from_height)
+    ]
+    postgres = store.is_postgres
+    mark = "%s" if postgres else "?"
+    engine = open_engine(str(store.engine.url.render_as_string(hide_password=False)))
+    with engine.begin() as conn:
+        for table in ("entries", "blocks"):
+            conn.exec_driver_sql(f"DROP TABLE IF EXISTS raw_{table}")
+        conn.exec_driver_sql("CREATE TABLE raw_entries AS SELECT * FROM ledger_entries WHERE 1 = 0")
+        conn.exec_driver_sql("CREATE TABLE raw_blocks AS SELECT * FROM ledger_blocks WHERE 1 = 0")
+    with engine.connect() as conn:
+        dbapi = conn.connection.dbapi_connection
+        assert dbapi is not None
+        cursor = dbapi.cursor()
+        started = time.perf_counter()
+        for entry_rows, block_row in batches:
+            if not postgres:
+                cursor.execute("BEGIN IMMEDIATE")
+            cursor.executemany(
+                f"INSERT INTO raw_entries VALUES ({mark}, {mark}, {mark}, {mark})", entry_rows
+            )
+            cursor.execute(
+                f"INSERT INTO raw_blocks VALUES ({', '.join([mark] * 5)})",
+                block_row,
+            )
+            dbapi.commit()
+        elapsed = time.perf_counter() - started
+    engine.dispose()
+    return elapsed
+
+
+def bench_appends(label: str, url: str, workdir: Path, appends: int, rows: list[list[str]]) -> None:
+    store, key, _ = new_ledger(url, workdir)
+    with ChainWriter(store, "hosp-a", key) as writer:
+        writer.append("access.decided", BODY)  # warm up: first block, statement caches
+        for threads in (1, 8):
+            total = appends // (4 if threads == 1 else 1)
+            first_height = store.heads()["hosp-a"].header["height"] + 1
+            seconds = run_appenders(writer, threads, total)
+            blocks = store.heads()["hosp-a"].header["height"] + 1 - first_height
+            ceiling = raw_ceiling(store, first_height)
+            rows.append(
+                [
+                    f"{label}: durable appends/s, {threads} writer{'s' if threads > 1 else ''}",
+                    f"{total / seconds:,.0f}",
+                    f"{total / ceiling:,.0f}",
+                    f"{ceiling / seconds:.0%}",
+                    f"{total} entries in {blocks} blocks ({total / blocks:.1f}/block)",
+                ]
+            )
+            console.print(rows[-1])
+    store.close()
+
+
+def timed(fn: Callable[[], Any], repeat: int) -> float:
+    started = time.perf_counter()
+    for _ in range(repeat):
+        fn()
+    return (time.perf_counter() - started) / repeat
+
+
+def bench_large(entries: int, workdir: Path, rows: list[list[str]]) -> None:
+    url = f"sqlite:///{workdir / 'large.db'}"
+    store, key, authority = new_ledger(url, workdir / "large")
+    started = time.perf_counter()
+    with (
+        ChainWriter(store, "hosp-a", key) as writer,
+        Progress(console=console, transient=True) as progress,
+    ):
+        task = progress.add_task("building the ledger", total=entries)
+        for start in range(0, entries, 1000):
+            count = min(1000, entries - start)
+            writer.append_many([("access.decided", BODY)] * count)
+            progress.advance(task, count)
+    built = time.perf_counter() - started
+    rows.append(
+        [
+            f"bulk append of {entries:,} entries (blocks of 1000), entries/s",
+            f"{entries / built:,.0f}",
+            "",
+            "",
+            "",
+        ]
+    )
+    console.print(rows[-1])
+
+    export = workdir / "large.jsonl"
+    with export.open("wb") as handle:
+        for line in store.export_lines():
+            handle.write(line + b"\n")
+    canonical = [data for block in store.block_rows("hosp-a") for data in block.entry_data]
+
+    started = time.perf_counter()
+    for data in canonical:
+        merkle.leaf_hash(data)
+    ceiling = time.perf_counter() - started
+
+    started = time.perf_counter()
+    summary = verify_export(export, authority.public_key())
+    from_file = time.perf_counter() - started
+    assert summary.entries == entries
+    started = time.perf_counter()
+    verify_database(store, authority.public_key())
+    from_db = time.perf_counter() - started
+    for label, seconds in (("export file", from_file), ("database", from_db)):
+        rows.append(
+            [
+                f"verify {entries:,} entries from the {label}, entries/s (one core)",
+                f"{entries / seconds:,.0f}",
+                f"{entries / ceiling:,.0f}",
+                f"{ceiling / seconds:.0%}",
+                f"{seconds:.1f} s",
+            ]
+        )
+        console.print(rows[-1])
+
+    head = store.heads()["hosp-a"]
+    size, root = head.tree_size, bytes.fromhex(head.header["tree_root"])
+    rng = random.Random(1)
+    seqs = [rng.randrange(size) for _ in range(2000)]
+    proofs = [store.inclusion_proof("hosp-a", seq) for seq in seqs[:50]]
+    make = timed(lambda: store.inclusion_proof("hosp-a", rng.randrange(size)), 2000)
+    leaves = [merkle.leaf_hash(canonical[p["leaf_index"]]) for p in proofs]
+    paths = [[bytes.fromhex(h) for h in p["audit_path"]] for p in proofs]
+    counter = iter(range(10**9))
+
+    def check() -> None:
+        i = next(counter) % len(proofs)
+        merkle.verify_inclusion(leaves[i], proofs[i]["leaf_index"], size, paths[i], root)
+
+    verify = timed(check, 20000)
+    hash_ceiling = timed(lambda: merkle.node_hash(root, root), 200000) * len(paths[0])
+    rows.append(
+        [
+            f"inclusion proof made at {size:,} entries (store, with DB reads)",
+            f"{make * 1e3:.3f} ms",
+            "",
+            "",
+            f"{len(paths[0])} hashes",
+        ]
+    )
+    rows.append(
+        [
+            f"inclusion proof checked at {size:,} entries",
+            f"{verify * 1e6:.1f} µs",
+            f"{hash_ceiling * 1e6:.1f} µs",
+            f"{hash_ceiling / verify:.0%}",
+            "ceiling: the same number of node hashes",
+        ]
+    )
+    sizes = [b.row_tree_size for b in store.block_rows("hosp-a")]
+    pairs = [(rng.choice(sizes[:-1]), size) for _ in range(200)]
+    consistency = timed(lambda: store.consistency_proof("hosp-a", *rng.choice(pairs)), 500)
+    rows.append(
+        [f"consistency proof made at {size:,} entries", f"{consistency * 1e3:.3f} ms", "", "", ""]
+    )
+    for row in rows[-3:]:
+        console.print(row)
+    store.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--entries", type=int, default=1_000_000, help="size of the ledger to verify and prove"
+    )
+    parser.add_argument(
+        "--appends", type=int, default=24_000, help="appends per 8-writer measurement"
+    )
+    parser.add_argument(
+        "--postgres",
+        default="postgresql://postgres@127.0.0.1:5432/postgres",
+        help="admin URL; 'none' to skip",
+    )
+    args = parser.parse_args()
+    rows: list[list[str]] = []
+    with tempfile.TemporaryDirectory(prefix="hrx-bench-") as tmp:
+        workdir = Path(tmp)
+        bench_appends(
+            "SQLite", f"sqlite:///{workdir / 'appends.db'}", workdir / "sqlite", args.appends, rows
+        )
+        if args.postgres != "none":
+            admin = psycopg.connect(args.postgres, autocommit=True)
+            name = f"hrx_bench_{uuid.uuid4().hex[:8]}"
+            admin.execute(f'CREATE DATABASE "{name}"')
+            try:
+                bench_appends(
+                    "PostgreSQL",
+                    args.postgres.rsplit("/", 1)[0] + "/" + name,
+                    workdir / "pg",
+                    args.appends,
+                    rows,
+                )
+            finally:
+                admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+        if hasattr(os, "sched_setaffinity"):
+            os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})  # verification: one core
+        bench_large(args.entries, workdir, rows)
+    table = Table(
+        "figure", "measured", "ceiling", "of ceiling", "notes", title="hrx ledger benchmark"
+    )
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)
+    console.print(
+        f"BLS backend: {bls.BACKEND}; Python {sys.version.split()[0]}; {os.cpu_count()} cores; "
+        "verification pinned to one"
+    )
+
+
+if __name__ == "__main__":
+    main()
