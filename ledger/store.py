@@ -459,7 +459,7 @@ class ChainStore:
         seqs = sorted({node_seq(node) for node in wanted})
         if not seqs:
             return {}
-        blobs = dict(conn.execute(_NODES, {"chain": chain, "seqs": seqs}).tuples().all())
+        blobs = {row[0]: row[1] for row in conn.execute(_NODES, {"chain": chain, "seqs": seqs})}
         found: dict[merkle.NodeId, bytes] = {}
         for node in wanted:
             blob = blobs.get(node_seq(node))
