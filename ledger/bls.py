@@ -1,8 +1,11 @@
 """BLS12-381 signatures for the hrx ledger, behind one small bytes-in/bytes-out API.
 
-Every BLS operation the ledger does goes through this module: block and roster signatures,
-their aggregation, proofs of possession for newly registered keys, and the node's secret-key
-file. The ciphersuite is the IETF proof-of-possession one, exactly as
+Every BLS operation the ledger does goes through this module: members' co-signatures of
+checkpoints, their aggregation into one quorum certificate, the proofs of possession rosters
+carry against rogue-key aggregation, and the node's secret-key file. (Blocks and rosters are
+signed with Ed25519, see :mod:`ledger.keys`.)
+
+The ciphersuite is the IETF proof-of-possession one, exactly as
 ``py_ecc.bls.G2ProofOfPossession``: public keys are compressed G1 points (48 bytes),
 signatures compressed G2 points (96 bytes), secret keys 32-byte big-endian integers.
 
@@ -43,7 +46,7 @@ from eth_utils.exceptions import ValidationError as _PyEccValidationError
 from py_ecc.bls.ciphersuites import G2ProofOfPossession
 from py_ecc.optimized_bls12_381.optimized_curve import curve_order as _curve_order
 
-from ledger.errors import KeyFileError, LedgerError
+from ledger.errors import BLSError, SecretKeyFileError
 
 __all__ = [
     "BACKEND",
@@ -101,14 +104,6 @@ _KAT_SIGNATURE: Final = bytes.fromhex(
 # py_ecc annotates its API with eth_typing's NewTypes (BLSPubkey, BLSSignature); this module
 # checks its input itself, so it calls the ciphersuite untyped, as it does milagro.
 _PopSuite: Any = G2ProofOfPossession
-
-
-class BLSError(LedgerError):
-    """A BLS operation was given bad input, or no usable backend could be set up."""
-
-
-class SecretKeyFileError(BLSError, KeyFileError):
-    """A BLS secret-key file cannot be read, written or parsed."""
 
 
 # py_ecc signals bad input with eth_utils' ValidationError (not a ValueError), ValueError or

@@ -28,6 +28,14 @@ class KeyFileError(LedgerError):
     """A key file is missing, unreadable, of the wrong kind or has unsafe permissions."""
 
 
+class BLSError(LedgerError):
+    """A BLS operation was given bad input, or no usable backend could be set up."""
+
+
+class SecretKeyFileError(BLSError, KeyFileError):
+    """A BLS secret-key file cannot be read, written or parsed."""
+
+
 class SignatureError(LedgerError):
     """A signature is malformed or does not verify."""
 

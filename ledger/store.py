@@ -17,6 +17,7 @@ transaction re-reads the chain head under that lock, so the chain never forks it
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import queue
 import threading
@@ -87,7 +88,6 @@ settings_table = sa.Table(
 LEDGER_TABLES = ("ledger_roster", "ledger_blocks", "ledger_entries")
 DEFAULT_MAX_BLOCK_ENTRIES = 1000
 GATHER_SECONDS = 0.0005  # the longest a block waits for appenders still on their way
-_WRITER_OPTION = "hrx_ledger_writer"
 
 
 def database_url(target: str) -> str:
@@ -100,8 +100,8 @@ def database_url(target: str) -> str:
 
 
 def open_engine(target: str) -> Engine:
-    """An engine set up for the ledger: SQLite in WAL mode with durable commits and writers
-    that take the lock up front (``BEGIN IMMEDIATE``), or PostgreSQL through psycopg."""
+    """An engine set up for the ledger: SQLite in WAL mode with durable commits (the chain
+    writer takes the write lock up front with ``BEGIN IMMEDIATE``), or PostgreSQL via psycopg."""
     url = database_url(target)
     if url.startswith("sqlite"):
         engine = sa.create_engine(url, connect_args={"timeout": 60})
@@ -117,8 +117,7 @@ def open_engine(target: str) -> Engine:
 
         @sa.event.listens_for(engine, "begin")
         def _on_begin(connection: Connection) -> None:
-            writer = connection.get_execution_options().get(_WRITER_OPTION)
-            connection.exec_driver_sql("BEGIN IMMEDIATE" if writer else "BEGIN")
+            connection.exec_driver_sql("BEGIN")
 
         return engine
     return sa.create_engine(url, pool_pre_ping=True)
@@ -164,8 +163,8 @@ def create_schema(engine: Engine) -> None:
 # per-statement work would be most of a small block's cost. "?" becomes "%s" for psycopg.
 _WRITER_SQL = {
     "lock": "SELECT pg_advisory_xact_lock(?)",
-    "head": "SELECT header FROM ledger_blocks WHERE chain = ? ORDER BY height DESC LIMIT 1",
-    "roster": "SELECT max(version) FROM ledger_roster",
+    "head": "SELECT (SELECT header FROM ledger_blocks WHERE chain = ? ORDER BY height DESC "
+    "LIMIT 1), (SELECT max(version) FROM ledger_roster)",
     "entries": "INSERT INTO ledger_entries (chain, seq, data, nodes) VALUES (?, ?, ?, ?)",
     "blocks": "INSERT INTO ledger_blocks (chain, height, tree_size, header, signature) "
     "VALUES (?, ?, ?, ?, ?)",
@@ -491,13 +490,12 @@ class ChainStore:
         path = merkle.assemble(plan, merkle.node_for_lookup(nodes))
         return {"first": size1, "second": size2, "path": [h.hex() for h in path]}
 
-    def frontier(self, conn: Connection, chain: str, head: Head | None) -> merkle.Frontier:
+    def frontier(self, chain: str, head: Head) -> merkle.Frontier:
         """The right edge of the chain's tree at ``head``, from O(log n) stored nodes."""
-        if head is None:
-            return merkle.Frontier()
         size = head.tree_size
         plan = merkle.Frontier.plan(size)
-        nodes = self._nodes(conn, chain, plan)
+        with self.engine.connect() as conn:
+            nodes = self._nodes(conn, chain, plan)
         try:
             frontier = merkle.Frontier(size, [merkle.node_for_lookup(nodes)(node) for node in plan])
         except LedgerError as exc:
@@ -561,10 +559,18 @@ class StoredBlock:
         )
 
 
+def _held_lock() -> threading.Lock:
+    lock = threading.Lock()
+    lock.acquire()
+    return lock
+
+
 @dataclass
 class _Pending:
     items: list[tuple[str, dict[str, Any], str]]
-    done: threading.Event = field(default_factory=threading.Event)
+    # Held until the batch is committed: a bare lock wakes its waiter with far less work than
+    # an Event, and the appenders' wake-ups are much of a small block's round trip.
+    done: threading.Lock = field(default_factory=_held_lock)
     seqs: list[int] = field(default_factory=list)
     error: BaseException | None = None
 
@@ -598,6 +604,7 @@ class ChainWriter:
         # The head this writer last wrote: (stored header bytes, header, frontier after it).
         self._cached: tuple[bytes, dict[str, Any], merkle.Frontier] | None = None
         self._closed = False
+        self._connection: Any = None  # the committer thread's own DBAPI connection
         self._last_batch = 1
         self._thread = threading.Thread(
             target=self._run, name=f"ledger-writer-{chain}", daemon=True
@@ -622,7 +629,7 @@ class ChainWriter:
             return []
         pending = _Pending(checked)
         self._queue.put(pending)
-        pending.done.wait()
+        pending.done.acquire()
         if pending.error is not None:
             raise pending.error
         return pending.seqs
@@ -632,6 +639,9 @@ class ChainWriter:
             self._closed = True
             self._queue.put(None)
             self._thread.join()
+            if self._connection is not None:
+                self._connection.close()
+                self._connection = None
 
     def __enter__(self) -> ChainWriter:
         return self
@@ -679,49 +689,60 @@ class ChainWriter:
                 for pending in batch:
                     pending.error = error
             for pending in batch:
-                pending.done.set()
+                pending.done.release()
             if stop:
                 return
 
     def _commit(self, batch: list[_Pending]) -> None:
+        """Write the batch in one transaction on the writer's own DBAPI connection (the pool's
+        and SQLAlchemy's per-transaction work would be most of a small block's cost)."""
         postgres = self.store.is_postgres
         sql = {k: v.replace("?", "%s") for k, v in _WRITER_SQL.items()} if postgres else _WRITER_SQL
-        with self.store.engine.connect() as raw_conn:
-            conn = raw_conn.execution_options(**{_WRITER_OPTION: True})
-            with conn.begin():
-                cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
-                if postgres:
-                    cursor.execute(sql["lock"], (_writer_lock_key(self.chain),))
-                cursor.execute(sql["head"], (self.chain,))
-                row = cursor.fetchone()
-                cursor.execute(sql["roster"])
-                (roster_version,) = cursor.fetchone() or (None,)
-                if roster_version is None:
-                    raise StoreError("no roster stored; initialise with: hrx ledger init")
-                entry_rows, block_rows, cached = self._build_blocks(
-                    conn, batch, row, roster_version
-                )
-                cursor.executemany(sql["entries"], entry_rows)
-                cursor.executemany(sql["blocks"], block_rows)
+        if self._connection is None:
+            self._connection = self.store.engine.raw_connection()
+        connection = self._connection
+        cursor = connection.cursor()
+        try:
+            if postgres:
+                cursor.execute(sql["lock"], (_writer_lock_key(self.chain),))
+            else:
+                cursor.execute("BEGIN IMMEDIATE")
+            cursor.execute(sql["head"], (self.chain,))
+            head, roster_version = cursor.fetchone()
+            if roster_version is None:
+                raise StoreError("no roster stored; initialise with: hrx ledger init")
+            entry_rows, block_rows, cached = self._build_blocks(batch, head, int(roster_version))
+            cursor.executemany(sql["entries"], entry_rows)
+            cursor.executemany(sql["blocks"], block_rows)
+            connection.commit()
+        except BaseException:
+            self._connection = None
+            with contextlib.suppress(Exception):
+                connection.rollback()
+            with contextlib.suppress(Exception):
+                connection.close()
+            raise
+        finally:
+            with contextlib.suppress(Exception):
                 cursor.close()
         self._cached = cached
 
     def _build_blocks(
-        self, conn: Connection, batch: list[_Pending], head_row: Any, roster_version: int
+        self, batch: list[_Pending], head: bytes | None, roster_version: int
     ) -> tuple[
         list[tuple[Any, ...]], list[tuple[Any, ...]], tuple[bytes, dict[str, Any], merkle.Frontier]
     ]:
         """The entry and block rows for a batch on top of the stored head, and the new head."""
-        if head_row is None:
+        if head is None:
             frontier = merkle.Frontier()
             height, prev, prev_time = 0, ZERO_HASH, ""
         else:
-            stored = bytes(head_row[0])
+            stored = bytes(head)
             if self._cached is not None and self._cached[0] == stored:
                 header, frontier = self._cached[1], self._cached[2].copy()
             else:  # first block of this writer, or another process wrote since
                 header = parse_canonical(stored)
-                frontier = self.store.frontier(conn, self.chain, Head(header, ""))
+                frontier = self.store.frontier(self.chain, Head(header, ""))
             height, prev, prev_time = header["height"] + 1, block_hash(header).hex(), header["time"]
         items = [(item, pending) for pending in batch for item in pending.items]
         entry_rows: list[tuple[Any, ...]] = []
