@@ -107,7 +107,7 @@ def _holds_float(value: JSONValue) -> bool:
     return False
 
 
-def canonical_of_parsed(value: JSONValue) -> bytes:
+def canonical_of_parsed(value: JSONValue, where: str = "value") -> bytes:
     """Canonical bytes of a value from :func:`parse_json` (the verifier's hot path).
 
     Parsed JSON holds only dicts, lists, strings, ints, floats, booleans and None: a type walk
@@ -116,11 +116,11 @@ def canonical_of_parsed(value: JSONValue) -> bytes:
     """
     data = _dump(value)
     if not data.isascii() or _holds_float(value):
-        check_payload(value, "value")
+        check_payload(value, where)
     return data
 
 
-def parse_canonical(data: bytes | str) -> JSONValue:
+def parse_canonical(data: bytes | str, where: str = "value") -> JSONValue:
     """Parse JSON text that must already be in canonical form; raise if it is not.
 
     Used when reading stored or received ledger data: a byte that differs from the canonical
@@ -128,6 +128,6 @@ def parse_canonical(data: bytes | str) -> JSONValue:
     """
     raw = data.encode("utf-8") if isinstance(data, str) else data
     value = parse_json(raw)
-    if canonical_of_parsed(value) != raw:
+    if canonical_of_parsed(value, where) != raw:
         raise CanonicalError("JSON is not in RFC 8785 canonical form")
     return value

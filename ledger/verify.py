@@ -207,20 +207,35 @@ class Verifier:
                 f"the block holds {count} entries, its header says {header['count']}", **where
             )
 
-        append, check = frontier.append, self._check_entry
+        append, leaf_hash, known_types = frontier.append, merkle.leaf_hash, self._entry_types
         for offset in range(count):
             seq = first_seq + offset
             try:
                 if stored is not None:
                     data = stored[offset]
-                    entry = parse_canonical(data)
+                    entry = parse_canonical(data, "entry")
                 else:
                     entry = entries[offset]  # type: ignore[index]
-                    data = canonical_of_parsed(entry)
+                    data = canonical_of_parsed(entry, "entry")
             except LedgerError as exc:
-                raise VerificationError(f"entry: {exc}", seq=seq, **where) from exc
-            check(entry, chain, seq, block_time, where)
-            completed = append(merkle.leaf_hash(data))
+                raise VerificationError(str(exc), seq=seq, **where) from exc
+            # The common case in one expression; anything else gets the checks that name it.
+            if not (
+                type(entry) is dict
+                and entry.keys() == ENTRY_KEYS
+                and entry["seq"] == seq
+                and type(entry["seq"]) is int
+                and entry["chain"] == chain
+                and type(entry["type"]) is str
+                and entry["type"] in known_types
+                and entry["time"] == self._last_entry_time
+                and entry["time"] <= block_time
+                and type(entry["body"]) is dict
+                and entry["v"] == VERSION
+                and type(entry["v"]) is int
+            ):
+                self._check_entry(entry, chain, seq, block_time, where)
+            completed = append(leaf_hash(data))
             if stored_nodes is not None and b"".join(completed) != stored_nodes[offset]:
                 what = (
                     "stored Merkle subtree hashes differ from the recomputed ones"
