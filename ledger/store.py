@@ -222,6 +222,7 @@ class ChainStore:
 
     def __init__(self, target: str | Engine) -> None:
         self.engine = target if isinstance(target, Engine) else open_engine(target)
+        self._initialised = False
 
     @property
     def is_postgres(self) -> bool:
@@ -236,7 +237,9 @@ class ChainStore:
         create_schema(self.engine)
 
     def is_initialised(self) -> bool:
-        return sa.inspect(self.engine).has_table("ledger_roster")
+        if not self._initialised:  # once there, the (append-only) tables stay
+            self._initialised = sa.inspect(self.engine).has_table("ledger_roster")
+        return self._initialised
 
     def _require_schema(self) -> None:
         if not self.is_initialised():
@@ -314,21 +317,6 @@ class ChainStore:
                 .scalars()
                 .all()
             )
-
-    def head(self, chain: str, conn: Connection | None = None) -> Head | None:
-        query = (
-            sa.select(blocks_table.c.header, blocks_table.c.signature)
-            .where(blocks_table.c.chain == chain)
-            .order_by(blocks_table.c.height.desc())
-            .limit(1)
-        )
-        if conn is None:
-            self._require_schema()
-            with self.engine.connect() as own:
-                row = own.execute(query).first()
-        else:
-            row = conn.execute(query).first()
-        return None if row is None else Head(parse_canonical(row.header), row.signature)
 
     def heads(self) -> dict[str, Head]:
         self._require_schema()

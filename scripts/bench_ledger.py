@@ -3,7 +3,7 @@ measured in the same run (a ratio holds on a noisy machine; an absolute time dri
 
     python scripts/bench_ledger.py [--entries 1000000] [--appends 20000] [--postgres URL]
 
-- appends/s through ChainWriter with 1 and 8 concurrent writer threads (each waits until its
+- appends/s through ChainWriter with 1, 8 and 32 concurrent writer threads (each waits until its
   entry is durable), on SQLite and PostgreSQL; ceiling: the same rows inserted raw (no
   canonicalising, hashing or signing) in the same number of transactions;
 - verification entries/s on one core over a ledger of ``--entries`` entries, from its export
@@ -123,7 +123,7 @@ def bench_appends(label: str, url: str, workdir: Path, appends: int, rows: list[
     store, key, _ = new_ledger(url, workdir)
     with ChainWriter(store, "hosp-a", key) as writer:
         writer.append("access.decided", BODY)  # warm up: first block, statement caches
-        for threads in (1, 8):
+        for threads in (1, 8, 32):
             total = appends // (4 if threads == 1 else 1)
             first_height = store.heads()["hosp-a"].header["height"] + 1
             seconds = run_appenders(writer, threads, total)
