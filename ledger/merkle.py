@@ -17,6 +17,7 @@ refused.
 from __future__ import annotations
 
 import hashlib
+import operator
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
 from ledger.errors import ProofError
@@ -39,6 +40,14 @@ def leaf_hash(data: bytes) -> bytes:
 def node_hash(left: bytes, right: bytes) -> bytes:
     """``SHA-256(0x01 || left || right)``."""
     return hashlib.sha256(b"\x01" + left + right).digest()
+
+
+_DIGEST = operator.methodcaller("digest")
+
+
+def leaf_hashes(datas: Iterable[bytes]) -> list[bytes]:
+    """:func:`leaf_hash` of each, with no Python code run per leaf."""
+    return list(map(_DIGEST, map(hashlib.sha256, map(b"\x00".__add__, datas))))
 
 
 def _split(n: int) -> int:
@@ -261,6 +270,19 @@ class Frontier:
         self._hashes.append(digest)
         self.size += 1
         return completed
+
+    def extend(self, leaves: Iterable[bytes]) -> None:
+        """:meth:`append` each leaf, without returning what they complete (a tight loop)."""
+        hashes, size, sha256 = self._hashes, self.size, hashlib.sha256
+        pop, push = hashes.pop, hashes.append
+        for leaf in leaves:
+            index = size
+            while index & 1:
+                leaf = sha256(b"\x01" + pop() + leaf).digest()
+                index >>= 1
+            push(leaf)
+            size += 1
+        self.size = size
 
     def root(self) -> bytes:
         if not self._hashes:

@@ -75,3 +75,17 @@ def test_error_names_the_place() -> None:
 def test_parse_canonical_refuses_other_forms(text: bytes) -> None:
     with pytest.raises(CanonicalError):
         parse_canonical(text)
+
+
+def test_many_at_once_agrees_with_one_by_one() -> None:
+    from ledger.canonical import canonical_many, parse_canonical_many
+
+    good = [{"a": [1, {"b": "x"}]}, {"c": None, "d": True}]
+    datas = canonical_many(good)
+    assert datas == [rfc8785.dumps(v) for v in good]
+    assert parse_canonical_many(datas) == good
+    # Anything that needs a closer look is handed back (None), never accepted.
+    for bad in ([{"a": [1, {"b": 0.5}]}], [{"a": 2**60}], [{"名": 1}], [{"a": "\ud800"}]):
+        assert canonical_many(bad) is None
+    for raw in ([b'{"a":0.5}'], [b'{"b":1,"a":2}'], [b'{"a":1} '], [b"{"], ['{"名":1}'.encode()]):
+        assert parse_canonical_many(raw) is None
