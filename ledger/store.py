@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import queue
 import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -588,7 +587,8 @@ class ChainWriter:
             raise StoreError(
                 f"the signing key is not the key roster version {roster.version} lists for {chain}"
             )
-        self._queue: queue.SimpleQueue[_Pending | None] = queue.SimpleQueue()
+        self._waiting: list[_Pending] = []  # appends not yet taken into a block
+        self._arrived = threading.Condition(threading.Lock())
         # The head this writer last wrote: (stored header bytes, header, frontier after it).
         self._cached: tuple[bytes, dict[str, Any], merkle.Frontier] | None = None
         self._closed = False
@@ -616,7 +616,14 @@ class ChainWriter:
         if not checked:
             return []
         pending = _Pending(checked)
-        self._queue.put(pending)
+        with self._arrived:
+            if self._closed:
+                raise StoreError(f"the writer of chain {self.chain} is closed")
+            self._waiting.append(pending)
+            # Wake the committer for the first append, and when as many have come as the last
+            # block held; not for each one in between (every wake-up costs a thread switch).
+            if len(self._waiting) in (1, self._last_batch):
+                self._arrived.notify()
         pending.done.acquire()
         if pending.error is not None:
             raise pending.error
@@ -624,8 +631,9 @@ class ChainWriter:
 
     def close(self) -> None:
         if not self._closed:
-            self._closed = True
-            self._queue.put(None)
+            with self._arrived:
+                self._closed = True
+                self._arrived.notify()
             self._thread.join()
             if self._connection is not None:
                 self._connection.close()
@@ -639,27 +647,21 @@ class ChainWriter:
 
     def _run(self) -> None:
         while True:
-            first = self._queue.get()
-            if first is None:
-                return
-            batch = [first]
-            stop = False
-            # Group commit: take what is queued, and while fewer appenders have come than the
-            # last block served, wait a moment for them (they are typically just waking up
-            # from that block's commit). One appender alone never waits.
-            deadline = time.monotonic() + GATHER_SECONDS
-            while True:
-                try:
-                    if len(batch) < self._last_batch:
-                        more = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
-                    else:
-                        more = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if more is None:
-                    stop = True
-                    break
-                batch.append(more)
+            with self._arrived:
+                while not self._waiting and not self._closed:
+                    self._arrived.wait()
+                if not self._waiting:
+                    return  # closed, and nothing left to write
+                # Group commit: while fewer appenders have come than the last block served,
+                # wait a moment for them (they are typically just waking up from that block's
+                # commit). One appender alone never waits.
+                deadline = time.monotonic() + GATHER_SECONDS
+                while len(self._waiting) < self._last_batch and not self._closed:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        break
+                    self._arrived.wait(remaining)
+                batch, self._waiting = self._waiting, []
             self._last_batch = len(batch)
             try:
                 self._commit(batch)
@@ -678,8 +680,6 @@ class ChainWriter:
                     pending.error = error
             for pending in batch:
                 pending.done.release()
-            if stop:
-                return
 
     def _commit(self, batch: list[_Pending]) -> None:
         """Write the batch in one transaction on the writer's own DBAPI connection (the pool's
