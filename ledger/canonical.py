@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import functools
 import gc
-import re
+import json
 from typing import Any
 
 import orjson
@@ -58,11 +58,6 @@ def check_payload(value: JSONValue, where: str = "body") -> None:
 
 _OPTIONS = orjson.OPT_SORT_KEYS | orjson.OPT_STRICT_INTEGER
 
-# A number token with a fraction or an exponent, between JSON punctuation, in compact output.
-# It can also match inside a string; then the exact check decides.
-_FLOAT_TOKEN = re.compile(rb"[:,\[]-?\d+(?:\.\d+(?:[eE][-+]?\d+)?|[eE][-+]?\d+)[,\]}]")
-
-
 _DUMP = functools.partial(orjson.dumps, option=_OPTIONS)
 
 
@@ -79,21 +74,42 @@ def canonical_bytes(value: JSONValue) -> bytes:
     return _dump(value)
 
 
-def checked_canonical_bytes(value: JSONValue) -> bytes:
-    """:func:`canonical_bytes`, with the walk over ``value`` skipped when the output shows that
-    it cannot be needed (pure ASCII, no number token with a fraction): the verifier's hot path."""
-    data = _dump(value)
-    if not data.isascii() or _FLOAT_TOKEN.search(data):
-        check_payload(value, "value")
-    return data
-
-
 def parse_json(data: bytes | str) -> JSONValue:
     """Parse JSON text (not necessarily canonical), with a clear error."""
     try:
         return orjson.loads(data)
     except orjson.JSONDecodeError as exc:
         raise CanonicalError(f"not valid JSON: {exc}") from exc
+
+
+def parse_json_record(data: bytes) -> JSONValue:
+    """Parse one JSON text from outside (an export line), refusing duplicate object keys.
+
+    I-JSON (RFC 7493) forbids them, and parsers disagree on which value wins, so a line with
+    one could show an auditor's tool other content than the one verified. A canonical line
+    (what hrx exports) cannot hold one, which one comparison shows; any other spelling is
+    parsed again to look.
+    """
+    value = parse_json(data)
+    try:
+        if _DUMP(value) == data.strip():
+            return value
+    except orjson.JSONEncodeError:
+        pass
+    try:
+        json.loads(data, object_pairs_hook=_unique_keys)
+    except (ValueError, RecursionError) as exc:  # orjson took it, so this is unexpected
+        raise CanonicalError(f"not valid JSON: {exc}") from exc
+    return value
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    seen: set[str] = set()
+    for key, _ in pairs:
+        if key in seen:
+            raise CanonicalError(f"object key {key!r} appears twice")
+        seen.add(key)
+    return dict(pairs)
 
 
 def _holds_float(value: JSONValue) -> bool:

@@ -23,7 +23,7 @@ import re
 from datetime import UTC, datetime
 from typing import Any
 
-from ledger.canonical import canonical_bytes, check_payload, checked_canonical_bytes
+from ledger.canonical import canonical_bytes, check_payload
 from ledger.errors import CanonicalError, EntryError
 
 VERSION = 1
@@ -94,13 +94,9 @@ def check_body(body: Any) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise EntryError(f"entry body must be a JSON object, not {_json_kind(body)}")
     try:
-        checked_canonical_bytes(body)
+        check_payload(body, "body")
     except CanonicalError as exc:
-        try:
-            check_payload(body, "body")  # the same verdict, with the place named
-        except CanonicalError as named:
-            raise EntryError(str(named)) from named
-        raise EntryError(f"body: {exc}") from exc
+        raise EntryError(str(exc)) from exc
     return body
 
 

@@ -32,7 +32,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from sqlalchemy.engine import Connection, Engine
 
 from ledger import keys, merkle
-from ledger.canonical import canonical_bytes, checked_canonical_bytes, parse_canonical
+from ledger.canonical import canonical_bytes, parse_canonical
 from ledger.errors import LedgerError, StoreError
 from ledger.model import (
     ZERO_HASH,
@@ -98,19 +98,29 @@ def database_url(target: str) -> str:
     return target
 
 
-def open_engine(target: str) -> Engine:
+def open_engine(target: str, *, read_only: bool = False) -> Engine:
     """An engine set up for the ledger: SQLite in WAL mode with durable commits (the chain
-    writer takes the write lock up front with ``BEGIN IMMEDIATE``), or PostgreSQL via psycopg."""
+    writer takes the write lock up front with ``BEGIN IMMEDIATE``), or PostgreSQL via psycopg.
+
+    ``read_only`` (the auditor's way in) opens an existing SQLite file without changing it, not
+    even its journal mode, and never creates one.
+    """
     url = database_url(target)
     if url.startswith("sqlite"):
+        if read_only:
+            path = Path(sa.engine.make_url(url).database or "")
+            if not path.is_file():
+                raise StoreError(f"{path} does not exist")
+            url = f"sqlite:///file:{path}?mode=ro&uri=true"
         engine = sa.create_engine(url, connect_args={"timeout": 60})
 
         @sa.event.listens_for(engine, "connect")
         def _on_connect(dbapi_connection: Any, _record: Any) -> None:
             dbapi_connection.isolation_level = None  # SQLAlchemy emits BEGIN itself
             cursor = dbapi_connection.cursor()
-            cursor.execute("PRAGMA journal_mode=WAL")
-            cursor.execute("PRAGMA synchronous=FULL")
+            if not read_only:
+                cursor.execute("PRAGMA journal_mode=WAL")
+                cursor.execute("PRAGMA synchronous=FULL")
             cursor.execute("PRAGMA busy_timeout=60000")
             cursor.close()
 
@@ -219,8 +229,10 @@ class Head:
 class ChainStore:
     """The ledger tables of one database: reads, proofs, export, settings."""
 
-    def __init__(self, target: str | Engine) -> None:
-        self.engine = target if isinstance(target, Engine) else open_engine(target)
+    def __init__(self, target: str | Engine, *, read_only: bool = False) -> None:
+        self.engine = (
+            target if isinstance(target, Engine) else open_engine(target, read_only=read_only)
+        )
         self._initialised = False
 
     @property
@@ -403,16 +415,23 @@ class ChainStore:
             if remaining is not None:
                 remaining -= len(rows)
 
-    def entry_stats(self) -> dict[str, tuple[int, int]]:
-        """``{chain: (number of entry rows, highest seq)}`` for every chain with entries."""
+    def entry_stats(self) -> dict[str, tuple[int, int, int]]:
+        """``{chain: (entry rows, lowest seq, highest seq)}`` for every chain with entries."""
+        return self._row_stats(entries_table, entries_table.c.seq)
+
+    def block_stats(self) -> dict[str, tuple[int, int, int]]:
+        """``{chain: (block rows, lowest height, highest height)}`` for every chain."""
+        return self._row_stats(blocks_table, blocks_table.c.height)
+
+    def _row_stats(self, table: sa.Table, key: sa.Column[Any]) -> dict[str, tuple[int, int, int]]:
         self._require_schema()
         with self.engine.connect() as conn:
             rows = conn.execute(
                 sa.select(
-                    entries_table.c.chain, sa.func.count(), sa.func.max(entries_table.c.seq)
-                ).group_by(entries_table.c.chain)
+                    table.c.chain, sa.func.count(), sa.func.min(key), sa.func.max(key)
+                ).group_by(table.c.chain)
             ).all()
-        return {row[0]: (int(row[1]), int(row[2])) for row in rows}
+        return {row[0]: (int(row[1]), int(row[2]), int(row[3])) for row in rows}
 
     def block_count(self) -> int:
         with self.engine.connect() as conn:
@@ -582,11 +601,7 @@ class ChainWriter:
         self.chain = check_chain_id(chain)
         self.key = key
         self.max_block_entries = max_block_entries
-        roster = store.roster()
-        if roster.member(chain)["ed25519"] != keys.public_key_text(key):
-            raise StoreError(
-                f"the signing key is not the key roster version {roster.version} lists for {chain}"
-            )
+        self._keyed_version = self._check_key()
         self._waiting: list[_Pending] = []  # appends not yet taken into a block
         self._arrived = threading.Condition(threading.Lock())
         # The head this writer last wrote: (stored header bytes, header, frontier after it).
@@ -598,6 +613,17 @@ class ChainWriter:
             target=self._run, name=f"ledger-writer-{chain}", daemon=True
         )
         self._thread.start()
+
+    def _check_key(self) -> int:
+        """The newest roster version, once it is checked to list this writer's key for its
+        chain: a block signed with any other key could never verify."""
+        roster = self.store.roster()
+        if roster.member(self.chain)["ed25519"] != keys.public_key_text(self.key):
+            raise StoreError(
+                f"the signing key is not the key roster version {roster.version} lists for "
+                f"{self.chain}; nothing was appended"
+            )
+        return roster.version
 
     def append(self, entry_type: str, body: dict[str, Any]) -> int:
         """Append one entry; returns its seq once its block is durable."""
@@ -699,21 +725,33 @@ class ChainWriter:
             head, roster_version = cursor.fetchone()
             if roster_version is None:
                 raise StoreError("no roster stored; initialise with: hrx ledger init")
+            if roster_version != self._keyed_version:  # a new roster: is this still our key?
+                self._keyed_version = self._check_key()
             entry_rows, block_rows, cached = self._build_blocks(batch, head, int(roster_version))
             cursor.executemany(sql["entries"], entry_rows)
             cursor.executemany(sql["blocks"], block_rows)
-            connection.commit()
         except BaseException:
-            self._connection = None
-            with contextlib.suppress(Exception):
-                connection.rollback()
-            with contextlib.suppress(Exception):
-                connection.close()
+            self._discard_connection(connection)
             raise
+        try:
+            connection.commit()
+        except BaseException as exc:
+            self._discard_connection(connection)
+            raise StoreError(
+                f"the database failed while committing a block of chain {self.chain}, so whether "
+                f"it was stored is unknown: look at the chain's head before appending again ({exc})"
+            ) from exc
         finally:
             with contextlib.suppress(Exception):
                 cursor.close()
         self._cached = cached
+
+    def _discard_connection(self, connection: Any) -> None:
+        self._connection = None
+        with contextlib.suppress(Exception):
+            connection.rollback()
+        with contextlib.suppress(Exception):
+            connection.close()
 
     def _build_blocks(
         self, batch: list[_Pending], head: bytes | None, roster_version: int
@@ -749,7 +787,7 @@ class ChainWriter:
                     "type": entry_type,
                     "body": body,
                 }
-                data = checked_canonical_bytes(entry)
+                data = canonical_bytes(entry)
                 completed = frontier.append(merkle.leaf_hash(data))
                 entry_rows.append((self.chain, seq, data, b"".join(completed)))
                 pending.seqs.append(seq)

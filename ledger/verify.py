@@ -34,7 +34,7 @@ from ledger.canonical import (
     canonical_of_parsed,
     parse_canonical,
     parse_canonical_many,
-    parse_json,
+    parse_json_record,
 )
 from ledger.errors import LedgerError, VerificationError
 from ledger.model import (
@@ -86,6 +86,7 @@ class Summary:
     rosters: list[int] = field(default_factory=list)
     anchored: bool = False
     chains: dict[str, ChainSummary] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def blocks(self) -> int:
@@ -114,8 +115,7 @@ class Verifier:
         self.summary = Summary(anchored=authority is not None)
         self._chains: dict[str, _ChainState] = {}
         self._keys: dict[tuple[int, str], Ed25519PublicKey] = {}
-        self._last_entry_time = ""
-        self._valid_times: set[str] = set()  # the times of the previous block, all valid
+        self._valid_times: set[str] = set()  # entry times already found valid
         self._entry_types: set[str] = set()
 
     def add_roster(self, roster: Any, signature: Any) -> None:
@@ -134,6 +134,24 @@ class Verifier:
             raise VerificationError(f"roster version {opened.version} comes after blocks")
         self.rosters[opened.version] = opened
         self.summary.rosters.append(opened.version)
+
+    def finish(self) -> Summary:
+        """The summary, with a warning for every chain whose newest block is signed with a key
+        that a later roster version replaced or removed: until checkpoints certify heads,
+        blocks signed with a revoked key cannot be told from the chain's real ones."""
+        newest = self.rosters[max(self.rosters)]
+        for chain, summary in self.summary.chains.items():
+            if summary.roster == newest.version:
+                continue
+            old_key = self.rosters[summary.roster].member(chain)["ed25519"]
+            listed = {m["id"]: m["ed25519"] for m in newest.body["members"]}
+            if listed.get(chain) != old_key:
+                self.summary.warnings.append(
+                    f"chain {chain}: its newest block is signed under roster version "
+                    f"{summary.roster}, and roster version {newest.version} "
+                    + ("no longer lists it" if chain not in listed else "gives it another key")
+                )
+        return self.summary
 
     def _member_key(self, version: int, chain: str, height: int) -> Ed25519PublicKey:
         cached = self._keys.get((version, chain))
@@ -337,12 +355,12 @@ class Verifier:
         if type(entry["body"]) is not dict:
             raise VerificationError("entry body is not a JSON object", seq=seq, **where)
         time = entry["time"]
-        if time != self._last_entry_time:  # entries appended together share their time
+        if type(time) is not str or time not in self._valid_times:  # batches share a time
             try:
                 parse_time(time, "entry time")
             except LedgerError as exc:
                 raise VerificationError(str(exc), seq=seq, **where) from exc
-            self._last_entry_time = time
+            self._valid_times.add(time)
         if time > block_time:
             raise VerificationError(
                 f"entry time {time} is after its block's time {block_time}", seq=seq, **where
@@ -362,7 +380,7 @@ def verify_export(
         _verify_lines(verifier, path, handle, progress)
     if not verifier.rosters:
         raise VerificationError(f"{path} holds no roster")
-    return verifier.summary
+    return verifier.finish()
 
 
 def _verify_lines(
@@ -372,7 +390,7 @@ def _verify_lines(
         if not line.strip():
             continue
         try:
-            record = parse_json(line)
+            record = parse_json_record(line)
         except LedgerError as exc:
             raise VerificationError(f"{path}:{number}: {exc}") from exc
         if isinstance(record, dict) and "roster" in record:
@@ -408,15 +426,19 @@ def verify_database(
     with _collector_paused():
         _verify_rows(verifier, store, progress)
     chains = verifier.summary.chains
-    for chain, (rows, highest) in store.entry_stats().items():
-        size = chains[chain].entries if chain in chains else 0
-        if rows != size or highest != size - 1:
-            raise VerificationError(
-                f"{rows} entry rows (highest seq {highest}) but the signed blocks hold {size}",
-                chain=chain,
-                seq=size if highest >= size else None,
-            )
-    return verifier.summary
+    for what, stats, counted in (
+        ("entry", store.entry_stats(), "entries"),
+        ("block", store.block_stats(), "blocks"),
+    ):
+        for chain, (rows, lowest, highest) in stats.items():
+            size = getattr(chains[chain], counted) if chain in chains else 0
+            if (rows, lowest, highest) != (size, 0, size - 1):
+                raise VerificationError(
+                    f"{rows} {what} rows numbered {lowest}..{highest}, "
+                    f"but the verified chain has {size} {counted}",
+                    chain=chain,
+                )
+    return verifier.finish()
 
 
 def _verify_rows(verifier: Verifier, store: ChainStore, progress: Progress | None) -> None:

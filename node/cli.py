@@ -15,6 +15,7 @@ from typing import Any, NoReturn
 import click
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from sqlalchemy import exc as sa_exc
 
 from ledger import bls, keys
 from ledger.canonical import canonical_bytes, parse_json
@@ -39,6 +40,10 @@ def reported() -> Iterator[None]:
         yield
     except LedgerError as exc:
         fail(str(exc))
+    except sa_exc.SQLAlchemyError as exc:
+        fail(f"database: {exc.__class__.__name__}: {str(exc).splitlines()[0]}")
+    except OSError as exc:
+        fail(f"{exc.filename or ''}: {exc.strerror or exc}".lstrip(": "))
 
 
 @contextmanager
@@ -226,6 +231,8 @@ def ledger_proof(
     """Print an inclusion proof (--seq) or a consistency proof (--consistency M N) as JSON."""
     if (seq is None) == (consistency is None):
         fail("give either --seq I or --consistency M N", 2)
+    if consistency is not None and tree_size is not None:
+        fail("--tree-size goes with --seq; a consistency proof names both sizes itself", 2)
     with reported():
         store = open_store(db)
         if consistency is not None:
@@ -277,23 +284,22 @@ def audit_verify(target: str, authority: str | None) -> None:
         anchor = keys.load_public_key(authority) if authority else None
     except LedgerError as exc:
         fail(f"--authority: {exc}", 2)
-    try:
-        if _looks_like_database(target):
-            store = ChainStore(target)
-            if not store.is_initialised():
-                fail(f"{target} holds no ledger")
-            total = sum(rows for rows, _ in store.entry_stats().values())
-            with entry_progress(total, "verifying") as advance:
-                summary = verify_database(store, anchor, advance)
-        else:
-            if not Path(target).is_file():
-                fail(f"{target} is neither an export file nor a database URL")
-            with entry_progress(None, "verifying") as advance:
-                summary = verify_export(Path(target), anchor, advance)
-    except VerificationError as exc:
-        fail(f"INVALID: {exc}")
-    except LedgerError as exc:
-        fail(f"INVALID: {exc}")
+    with reported():
+        try:
+            if _looks_like_database(target):
+                store = ChainStore(target, read_only=True)
+                if not store.is_initialised():
+                    fail(f"{target} holds no ledger")
+                total = sum(rows for rows, _, _ in store.entry_stats().values())
+                with entry_progress(total, "verifying") as advance:
+                    summary = verify_database(store, anchor, advance)
+            else:
+                if not Path(target).is_file():
+                    fail(f"{target} is neither an export file nor a database URL")
+                with entry_progress(None, "verifying") as advance:
+                    summary = verify_export(Path(target), anchor, advance)
+        except VerificationError as exc:
+            fail(f"INVALID: {exc}")
     print_summary(summary)
 
 
@@ -307,6 +313,8 @@ def print_summary(summary: Summary) -> None:
             "[yellow]warning:[/] no --authority key given: the roster's signature was NOT checked "
             "against the consortium authority, so these members' keys are trusted as found"
         )
+    for warning in summary.warnings:
+        out.print(f"[yellow]warning:[/] {warning}")
     for chain, head in sorted(summary.chains.items()):
         out.print(
             f"  {chain}: height {head.height}, tree size {head.entries}, "

@@ -170,6 +170,22 @@ def test_errors_name_the_problem(tmp_path: Path) -> None:
     assert result.exit_code == 1 and f"chmod 600 {loose}" in result.output
     both = hrx("ledger", "proof", "--db", str(tmp_path / "l.db"), "--chain", "x")
     assert both.exit_code == 2 and "either --seq" in both.output
+    mixed = hrx(
+        "ledger",
+        "proof",
+        "--db",
+        "x.db",
+        "--chain",
+        "x",
+        "--consistency",
+        "1",
+        "2",
+        "--tree-size",
+        "2",
+    )
+    assert mixed.exit_code == 2 and "--tree-size goes with --seq" in mixed.output
+    unreachable = hrx("audit", "verify", "postgresql://nobody@127.0.0.1:1/none")
+    assert unreachable.exit_code == 1 and "error: database: OperationalError" in unreachable.output
 
 
 def test_installed_command_and_demo_run(tmp_path: Path) -> None:

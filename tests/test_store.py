@@ -203,3 +203,32 @@ def test_second_chain_in_one_database(db_url: str, tmp_path: Path) -> None:
         writer.append("consent.granted", {"a": 1})
     assert ledger.store.chains() == ["hosp-a"]
     ledger.store.close()
+
+
+def test_writer_refuses_to_sign_once_the_roster_rotates_its_key(
+    ledger_db: Ledger, tmp_path: Path
+) -> None:
+    """A block signed with a key the newest roster no longer lists could never verify."""
+    from ledger.roster import make_member, sign_roster
+    from tests.conftest import _BLS_KEY
+
+    with ChainWriter(ledger_db.store, "hosp-a", ledger_db.key) as writer:
+        writer.append("consent.granted", {"n": 0})
+        rotated = keys.load_or_create_private_key(tmp_path / "rotated.pem")
+        member = make_member(
+            "hosp-a", "Hospital hosp-a", "https://hosp-a.example", rotated, _BLS_KEY
+        )
+        roster = {"v": 1, "consortium": "test", "version": 2, "quorum": 1, "members": [member]}
+        ledger_db.store.add_roster(roster, sign_roster(roster, ledger_db.authority))
+        with pytest.raises(StoreError, match="not the key roster version 2 lists"):
+            writer.append("consent.granted", {"n": 1})
+    assert ledger_db.store.heads()["hosp-a"].tree_size == 1
+    stale = verify_database(ledger_db.store, ledger_db.authority.public_key())
+    assert stale.warnings == [
+        "chain hosp-a: its newest block is signed under roster version 1, "
+        "and roster version 2 gives it another key"
+    ]
+    with ChainWriter(ledger_db.store, "hosp-a", rotated) as writer:
+        assert writer.append("consent.granted", {"n": 1}) == 1
+    summary = verify_database(ledger_db.store, ledger_db.authority.public_key())
+    assert summary.chains["hosp-a"].roster == 2 and summary.warnings == []

@@ -4,6 +4,7 @@ row or export line is found and placed."""
 from __future__ import annotations
 
 import json
+import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -13,10 +14,10 @@ import pytest
 import sqlalchemy as sa
 
 from ledger import keys
-from ledger.errors import VerificationError
+from ledger.errors import StoreError, VerificationError
 from ledger.store import LEDGER_TABLES, ChainStore, ChainWriter, create_schema
 from ledger.verify import verify_database, verify_export
-from tests.conftest import Ledger
+from tests.conftest import Ledger, make_ledger
 
 
 def _fill(ledger: Ledger) -> None:
@@ -248,3 +249,42 @@ def test_malformed_export_entries_are_named(
     with pytest.raises(VerificationError, match=problem) as caught:
         verify_export(path, ledger_db.authority.public_key())
     assert (caught.value.chain, caught.value.height, caught.value.seq) == ("hosp-a", 1, 2)
+
+
+def test_duplicate_keys_in_an_export_are_refused(ledger_db: Ledger, tmp_path: Path) -> None:
+    _fill(ledger_db)
+    lines = list(ledger_db.store.export_lines())
+    lines[1] = lines[1].replace(b'{"body":{', b'{"body":{"grantees":["*"]},"body":{', 1)
+    path = tmp_path / "dup.jsonl"
+    path.write_bytes(b"\n".join(lines))
+    with pytest.raises(VerificationError, match="'body' appears twice"):
+        verify_export(path, ledger_db.authority.public_key())
+
+
+def test_block_rows_outside_the_chain_are_found(ledger_db: Ledger) -> None:
+    _fill(ledger_db)
+    with _without_triggers(ledger_db.store) as conn:
+        conn.execute(
+            sa.text(
+                "INSERT INTO ledger_blocks (chain, height, tree_size, header, signature) "
+                "SELECT chain, -1, 99, header, signature FROM ledger_blocks WHERE height = 0"
+            )
+        )
+    with pytest.raises(VerificationError, match=r"4 block rows numbered -1\.\.2"):
+        verify_database(ledger_db.store, ledger_db.authority.public_key())
+
+
+def test_auditor_opens_a_sqlite_file_read_only(tmp_path: Path) -> None:
+    ledger = make_ledger(str(tmp_path / "l.db"), tmp_path)
+    _fill(ledger)
+    ledger.store.close()
+    with sqlite3.connect(tmp_path / "l.db") as conn:
+        conn.execute("PRAGMA journal_mode=DELETE")
+    before = (tmp_path / "l.db").read_bytes()
+    store = ChainStore(str(tmp_path / "l.db"), read_only=True)
+    verify_database(store, ledger.authority.public_key())
+    store.close()
+    assert (tmp_path / "l.db").read_bytes() == before
+    with pytest.raises(StoreError, match="does not exist"):
+        ChainStore(str(tmp_path / "typo.db"), read_only=True)
+    assert not (tmp_path / "typo.db").exists()
