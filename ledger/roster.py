@@ -100,6 +100,21 @@ def _check_member(member: Any) -> None:
             )
 
 
+def make_roster(
+    consortium: str, members: list[dict[str, Any]], *, quorum: int, version: int = 1
+) -> dict[str, Any]:
+    """A roster body (checked; sign it with :func:`sign_roster`)."""
+    return check_roster(
+        {
+            "v": VERSION,
+            "consortium": consortium,
+            "version": version,
+            "quorum": quorum,
+            "members": members,
+        }
+    )
+
+
 def sign_roster(roster: dict[str, Any], authority: Ed25519PrivateKey) -> str:
     check_roster(roster)
     return keys.sign(authority, keys.ROSTER_DOMAIN, roster_digest(roster))

@@ -247,6 +247,16 @@ class ChainStore:
     def create_schema(self) -> None:
         create_schema(self.engine)
 
+    def initialise(
+        self, roster: dict[str, Any], signature: str, *, chain: str, key_path: Path
+    ) -> None:
+        """Create the tables, store the first roster, and record which chain this database
+        writes with which key (the defaults of ``hrx ledger append``)."""
+        self.create_schema()
+        self.add_roster(roster, signature)
+        self.set_setting("chain", chain)
+        self.set_setting("key", str(key_path.resolve()))
+
     def is_initialised(self) -> bool:
         if not self._initialised:  # once there, the (append-only) tables stay
             self._initialised = sa.inspect(self.engine).has_table("ledger_roster")

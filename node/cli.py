@@ -20,7 +20,8 @@ from sqlalchemy import exc as sa_exc
 from ledger import bls, keys
 from ledger.canonical import canonical_bytes, parse_json
 from ledger.errors import LedgerError, VerificationError
-from ledger.roster import make_member, sign_roster
+from ledger.model import check_body, check_entry_type
+from ledger.roster import make_member, make_roster, sign_roster
 from ledger.store import ChainStore, ChainWriter
 from ledger.verify import Summary, verify_database, verify_export
 
@@ -132,18 +133,8 @@ def ledger_init(
         bls_path = bls_key or key_path.with_suffix(".bls")
         bls_secret = bls.load_or_create_secret_key(bls_path)
         member = make_member(chain, name or chain, "", signing_key, bls_secret)
-        roster = {
-            "v": 1,
-            "consortium": consortium or f"standalone-{chain}",
-            "version": 1,
-            "quorum": 1,
-            "members": [member],
-        }
-        signature = sign_roster(roster, authority)
-        store.create_schema()
-        store.add_roster(roster, signature)
-        store.set_setting("chain", chain)
-        store.set_setting("key", str(key_path.resolve()))
+        roster = make_roster(consortium or f"standalone-{chain}", [member], quorum=1)
+        store.initialise(roster, sign_roster(roster, authority), chain=chain, key_path=key_path)
     out.print(f"initialised chain [bold]{chain}[/] in {db}")
     out.print(f"authority public key: {keys.public_key_text(authority)}")
 
@@ -171,8 +162,6 @@ def ledger_append(db: str, entry_type: str, chain: str | None, key_path: Path | 
         if not chain or not key_setting:
             fail("this database has no default chain or key; pass --chain and --key")
         bodies: list[tuple[str, dict[str, Any]]] = []
-        from ledger.model import check_body, check_entry_type
-
         check_entry_type(entry_type)
         for number, line in enumerate(sys.stdin.buffer, start=1):
             if not line.strip():

@@ -19,7 +19,7 @@ from rich.console import Console
 
 from ledger import bls, keys, merkle
 from ledger.canonical import canonical_bytes
-from ledger.roster import make_member, sign_roster
+from ledger.roster import make_member, make_roster, sign_roster
 from ledger.store import ChainStore, ChainWriter
 from ledger.verify import verify_export
 
@@ -79,10 +79,11 @@ def run_demo(workdir: Path, console: Console) -> bool:
     key = keys.load_or_create_private_key(workdir / "hosp-a.pem")
     authority = keys.load_or_create_private_key(workdir / "authority.pem")
     member = make_member("hosp-a", "Hospital A", "", key, bls.generate_secret_key())
-    roster = {"v": 1, "consortium": "demo", "version": 1, "quorum": 1, "members": [member]}
+    roster = make_roster("demo", [member], quorum=1)
     store = ChainStore(str(db))
-    store.create_schema()
-    store.add_roster(roster, sign_roster(roster, authority))
+    store.initialise(
+        roster, sign_roster(roster, authority), chain="hosp-a", key_path=workdir / "hosp-a.pem"
+    )
 
     secret = secrets.token_bytes(32)
     with ChainWriter(store, "hosp-a", key) as writer:

@@ -33,7 +33,7 @@ from rich.table import Table
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ledger import bls, keys, merkle
-from ledger.roster import make_member, sign_roster
+from ledger.roster import make_member, make_roster, sign_roster
 from ledger.store import ChainStore, ChainWriter, open_engine
 from ledger.verify import verify_database, verify_export
 
@@ -54,10 +54,11 @@ def new_ledger(url: str, workdir: Path) -> tuple[ChainStore, Any, Any]:
     key = keys.load_or_create_private_key(workdir / "hosp-a.pem")
     authority = keys.load_or_create_private_key(workdir / "authority.pem")
     member = make_member("hosp-a", "Hospital A", "", key, BLS_KEY)
-    roster = {"v": 1, "consortium": "bench", "version": 1, "quorum": 1, "members": [member]}
+    roster = make_roster("bench", [member], quorum=1)
     store = ChainStore(url)
-    store.create_schema()
-    store.add_roster(roster, sign_roster(roster, authority))
+    store.initialise(
+        roster, sign_roster(roster, authority), chain="hosp-a", key_path=workdir / "hosp-a.pem"
+    )
     return store, key, authority
 
 

@@ -14,7 +14,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from ledger import bls, keys
-from ledger.roster import make_member, sign_roster
+from ledger.roster import make_member, make_roster, sign_roster
 from ledger.store import ChainStore
 
 POSTGRES_ADMIN = os.environ.get(
@@ -79,12 +79,9 @@ def make_ledger(url: str, directory: Path, chain: str = "hosp-a") -> Ledger:
     key = keys.load_or_create_private_key(key_path)
     authority = keys.load_or_create_private_key(directory / "authority.pem")
     member = make_member(chain, f"Hospital {chain}", f"https://{chain}.example", key, _BLS_KEY)
-    roster = {"v": 1, "consortium": "test", "version": 1, "quorum": 1, "members": [member]}
+    roster = make_roster("test", [member], quorum=1)
     store = ChainStore(url)
-    store.create_schema()
-    store.add_roster(roster, sign_roster(roster, authority))
-    store.set_setting("chain", chain)
-    store.set_setting("key", str(key_path))
+    store.initialise(roster, sign_roster(roster, authority), chain=chain, key_path=key_path)
     return Ledger(url, store, chain, key, key_path, authority)
 
 

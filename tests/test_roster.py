@@ -10,7 +10,7 @@ import pytest
 
 from ledger import bls, keys
 from ledger.errors import RosterError
-from ledger.roster import make_member, open_roster, sign_roster
+from ledger.roster import make_member, make_roster, open_roster, sign_roster
 
 BLS_A = bls.generate_secret_key(b"a" * 32)
 BLS_B = bls.generate_secret_key(b"b" * 32)
@@ -34,7 +34,7 @@ def signed(tmp_path: Path) -> tuple[dict[str, Any], str, Any]:
         ),
         make_member("hosp-b", "乙医院", "https://b.example", key_b, BLS_B),
     ]
-    roster = {"v": 1, "consortium": "杭州医联体", "version": 1, "quorum": 2, "members": members}
+    roster = make_roster("杭州医联体", members, quorum=2)
     return roster, sign_roster(roster, authority), authority.public_key()
 
 

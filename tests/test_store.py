@@ -209,7 +209,7 @@ def test_writer_refuses_to_sign_once_the_roster_rotates_its_key(
     ledger_db: Ledger, tmp_path: Path
 ) -> None:
     """A block signed with a key the newest roster no longer lists could never verify."""
-    from ledger.roster import make_member, sign_roster
+    from ledger.roster import make_member, make_roster, sign_roster
     from tests.conftest import _BLS_KEY
 
     with ChainWriter(ledger_db.store, "hosp-a", ledger_db.key) as writer:
@@ -218,7 +218,7 @@ def test_writer_refuses_to_sign_once_the_roster_rotates_its_key(
         member = make_member(
             "hosp-a", "Hospital hosp-a", "https://hosp-a.example", rotated, _BLS_KEY
         )
-        roster = {"v": 1, "consortium": "test", "version": 2, "quorum": 1, "members": [member]}
+        roster = make_roster("test", [member], quorum=1, version=2)
         ledger_db.store.add_roster(roster, sign_roster(roster, ledger_db.authority))
         with pytest.raises(StoreError, match="not the key roster version 2 lists"):
             writer.append("consent.granted", {"n": 1})
