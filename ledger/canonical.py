@@ -82,25 +82,17 @@ def parse_json(data: bytes | str) -> JSONValue:
         raise CanonicalError(f"not valid JSON: {exc}") from exc
 
 
-def parse_json_record(data: bytes) -> JSONValue:
-    """Parse one JSON text from outside (an export line), refusing duplicate object keys.
+def check_unique_keys(data: bytes) -> None:
+    """Refuse JSON text with a duplicate object key anywhere.
 
-    I-JSON (RFC 7493) forbids them, and parsers disagree on which value wins, so a line with
-    one could show an auditor's tool other content than the one verified. A canonical line
-    (what hrx exports) cannot hold one, which one comparison shows; any other spelling is
-    parsed again to look.
+    I-JSON (RFC 7493) forbids them, and parsers disagree on which value wins, so a text with
+    one could show an auditor's tool other content than the one verified. Canonical text
+    cannot hold one (so callers need this only for text that is not canonical).
     """
-    value = parse_json(data)
-    try:
-        if _DUMP(value) == data.strip():
-            return value
-    except orjson.JSONEncodeError:
-        pass
     try:
         json.loads(data, object_pairs_hook=_unique_keys)
-    except (ValueError, RecursionError) as exc:  # orjson took it, so this is unexpected
+    except (ValueError, RecursionError) as exc:
         raise CanonicalError(f"not valid JSON: {exc}") from exc
-    return value
 
 
 def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:

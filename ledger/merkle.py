@@ -43,6 +43,8 @@ def node_hash(left: bytes, right: bytes) -> bytes:
 
 
 _DIGEST = operator.methodcaller("digest")
+_SHA256 = hashlib.sha256
+_NODE = b"\x01"
 
 
 def leaf_hashes(datas: Iterable[bytes]) -> list[bytes]:
@@ -271,18 +273,29 @@ class Frontier:
         self.size += 1
         return completed
 
-    def extend(self, leaves: Iterable[bytes]) -> None:
-        """:meth:`append` each leaf, without returning what they complete (a tight loop)."""
-        hashes, size, sha256 = self._hashes, self.size, hashlib.sha256
-        pop, push = hashes.pop, hashes.append
-        for leaf in leaves:
-            index = size
-            while index & 1:
-                leaf = sha256(b"\x01" + pop() + leaf).digest()
-                index >>= 1
-            push(leaf)
-            size += 1
-        self.size = size
+    def extend(self, leaves: list[bytes]) -> None:
+        """:meth:`append` every leaf, a level of the tree at a time: each level's pairs are
+        hashed in one ``map`` over ``hashlib``, with no Python code run per node."""
+        size = self.size
+        # level -> the complete subtree on the right edge at that level
+        edge = {lvl: h for (lvl, _), h in zip(range_nodes(0, size), self._hashes, strict=True)}
+        nodes, first, level = list(leaves), size, 0
+        while nodes:
+            if first & 1:  # the first node's left sibling is on the edge
+                nodes.insert(0, edge.pop(level))
+                first -= 1
+            if len(nodes) & 1:  # the last node has no right sibling yet
+                edge[level] = nodes.pop()
+            nodes = list(
+                map(
+                    _DIGEST,
+                    map(_SHA256, map(bytes.__add__, map(_NODE.__add__, nodes[0::2]), nodes[1::2])),
+                )
+            )
+            first >>= 1
+            level += 1
+        self.size = size + len(leaves)
+        self._hashes = [edge[level] for level in sorted(edge, reverse=True)]
 
     def root(self) -> bytes:
         if not self._hashes:

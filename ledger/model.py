@@ -199,6 +199,20 @@ def block_hash(header: Header) -> bytes:
     return hashlib.sha256(canonical_bytes(header)).digest()
 
 
+def block_bytes(entry_data: list[bytes], header_bytes: bytes, signature: str) -> bytes:
+    """``JCS({"entries", "header", "signature"})`` of a block, from the canonical bytes of its
+    entries and header (canonical JSON nests: a container's form holds its members' forms)."""
+    return (
+        b'{"entries":['
+        + b",".join(entry_data)
+        + b'],"header":'
+        + header_bytes
+        + b',"signature":'
+        + canonical_bytes(signature)
+        + b"}"
+    )
+
+
 def check_block_shape(block: Any) -> Block:
     """The outer shape of a block on the wire: ``{"header", "signature", "entries"}``."""
     if not isinstance(block, dict) or block.keys() != BLOCK_KEYS:

@@ -36,6 +36,7 @@ from ledger.canonical import canonical_bytes, parse_canonical
 from ledger.errors import LedgerError, StoreError
 from ledger.model import (
     ZERO_HASH,
+    block_bytes,
     block_hash,
     check_body,
     check_chain_id,
@@ -563,16 +564,8 @@ class StoredBlock:
     entry_nodes: list[bytes]
 
     def wire_bytes(self) -> bytes:
-        """``JCS({"entries", "header", "signature"})`` assembled from the stored canonical bytes."""
-        return (
-            b'{"entries":['
-            + b",".join(self.entry_data)
-            + b'],"header":'
-            + self.header_bytes
-            + b',"signature":'
-            + canonical_bytes(self.signature)
-            + b"}"
-        )
+        """The block as one export line, from the stored canonical bytes."""
+        return block_bytes(self.entry_data, self.header_bytes, self.signature)
 
 
 def _held_lock() -> threading.Lock:

@@ -30,11 +30,13 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from ledger import keys, merkle
 from ledger.canonical import (
+    canonical_bytes,
     canonical_many,
     canonical_of_parsed,
+    check_unique_keys,
     parse_canonical,
     parse_canonical_many,
-    parse_json_record,
+    parse_json,
 )
 from ledger.errors import LedgerError, VerificationError
 from ledger.model import (
@@ -42,6 +44,7 @@ from ledger.model import (
     ENTRY_TYPE,
     VERSION,
     ZERO_HASH,
+    block_bytes,
     block_hash,
     check_block_shape,
     check_header,
@@ -177,12 +180,12 @@ class Verifier:
         *,
         stored: list[bytes] | None = None,
         stored_nodes: list[bytes] | None = None,
-    ) -> int:
+    ) -> list[bytes]:
         """Verify one block: its header, signature, and its entries given either parsed
         (``entries``, from an export) or as stored canonical bytes (``stored``, from a
         database, with the Merkle subtree hashes stored beside them in ``stored_nodes``).
 
-        Returns the number of entries verified.
+        Returns the entries' leaf data (their canonical bytes).
         """
         if not self.rosters:
             raise VerificationError("a block comes before any roster")
@@ -263,7 +266,7 @@ class Verifier:
         summary.tree_root = header["tree_root"]
         summary.time = block_time
         summary.roster = header["roster"]
-        return count
+        return datas
 
     @staticmethod
     def _canonical_entries(
@@ -390,7 +393,9 @@ def _verify_lines(
         if not line.strip():
             continue
         try:
-            record = parse_json_record(line)
+            record = parse_json(line)
+            if isinstance(record, dict) and "roster" in record:
+                check_unique_keys(line)
         except LedgerError as exc:
             raise VerificationError(f"{path}:{number}: {exc}") from exc
         if isinstance(record, dict) and "roster" in record:
@@ -405,9 +410,14 @@ def _verify_lines(
         except LedgerError as exc:
             raise VerificationError(f"{path}:{number}: {exc}") from exc
         header = record["header"]
-        count = verifier.add_block(header, record["signature"], record["entries"])
+        datas = verifier.add_block(header, record["signature"], record["entries"])
+        if block_bytes(datas, canonical_bytes(header), record["signature"]) != line.strip():
+            try:  # not as hrx writes it: look for what canonical text cannot hold
+                check_unique_keys(line)
+            except LedgerError as exc:
+                raise VerificationError(f"{path}:{number}: {exc}") from exc
         if progress:
-            progress(count)
+            progress(len(datas))
 
 
 def verify_database(
@@ -464,14 +474,14 @@ def _verify_rows(verifier: Verifier, store: ChainStore, progress: Progress | Non
                     expected += 1
                 if expected != header.get("tree_size"):
                     raise VerificationError("entry row is missing", seq=expected, **where)
-                count = verifier.add_block(
+                datas = verifier.add_block(
                     header,
                     block.signature,
                     stored=block.entry_data,
                     stored_nodes=block.entry_nodes,
                 )
                 if progress:
-                    progress(count)
+                    progress(len(datas))
         except VerificationError:
             raise
         except LedgerError as exc:

@@ -211,3 +211,22 @@ def test_frontier_restores_from_stored_nodes() -> None:
         assert restored.root() == ROOTS[size]
         restored.append(LEAVES[size])
         assert restored.root() == ROOTS[size + 1]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(1, 40), max_size=7))
+def test_frontier_extend_equals_appends(chunks: list[int]) -> None:
+    one_by_one, by_chunks, position = merkle.Frontier(), merkle.Frontier(), 0
+    for size in chunks:
+        chunk = LEAVES[position : position + size]
+        position += size
+        for leaf in chunk:
+            one_by_one.append(leaf)
+        by_chunks.extend(chunk)
+        assert (by_chunks.size, by_chunks.hashes) == (one_by_one.size, one_by_one.hashes)
+    assert by_chunks.root() == ROOTS[position]
+
+
+def test_leaf_hashes_match_leaf_hash() -> None:
+    data = [b"", b"\x00", "中".encode(), bytes(range(256))]
+    assert merkle.leaf_hashes(data) == [merkle.leaf_hash(d) for d in data]
