@@ -18,8 +18,10 @@ Rules that §3 leaves open and hrx fixes (checked by :mod:`ledger.verify`):
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
+import time
 from datetime import UTC, datetime
 from typing import Any
 
@@ -57,9 +59,17 @@ Block = dict[str, Any]
 
 
 def format_time(moment: datetime | None = None) -> str:
-    """RFC 3339 UTC with milliseconds and ``Z``: ``2026-11-22T08:00:00.000Z``."""
-    moment = (moment or datetime.now(UTC)).astimezone(UTC)
+    """RFC 3339 UTC with milliseconds and ``Z``: ``2026-11-22T08:00:00.000Z`` (default: now)."""
+    if moment is None:  # every append asks: keep it cheap
+        seconds, milliseconds = divmod(time.time_ns() // 1_000_000, 1000)
+        return f"{_utc_second(seconds)}.{milliseconds:03d}Z"
+    moment = moment.astimezone(UTC)
     return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+
+
+@functools.lru_cache(maxsize=8)
+def _utc_second(seconds: int) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
 
 
 def parse_time(text: Any, what: str = "time") -> datetime:

@@ -32,7 +32,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from sqlalchemy.engine import Connection, Engine
 
 from ledger import keys, merkle
-from ledger.canonical import canonical_bytes, parse_canonical
+from ledger.canonical import canonical_bytes, canonical_bytes_of_checked, parse_canonical
 from ledger.errors import LedgerError, StoreError
 from ledger.model import (
     ZERO_HASH,
@@ -172,7 +172,6 @@ def create_schema(engine: Engine) -> None:
 # The writer's statements, run for every block straight on the DBAPI cursor: SQLAlchemy's
 # per-statement work would be most of a small block's cost. "?" becomes "%s" for psycopg.
 _WRITER_SQL = {
-    "lock": "SELECT pg_advisory_xact_lock(?)",
     "head": "SELECT (SELECT header FROM ledger_blocks WHERE chain = ? ORDER BY height DESC "
     "LIMIT 1), (SELECT max(version) FROM ledger_roster)",
     "entries": "INSERT INTO ledger_entries (chain, seq, data, nodes) VALUES (?, ?, ?, ?)",
@@ -195,6 +194,11 @@ _NODES = sa.select(entries_table.c.seq, entries_table.c.nodes).where(
     entries_table.c.chain == sa.bindparam("chain"),
     entries_table.c.seq.in_(sa.bindparam("seqs", expanding=True)),
 )
+
+
+_POSTGRES_WRITER_SQL = {
+    name: statement.replace("?", "%s") for name, statement in _WRITER_SQL.items()
+}
 
 
 def node_seq(node: merkle.NodeId) -> int:
@@ -633,7 +637,10 @@ class ChainWriter:
         return self.append_many([(entry_type, body)])[0]
 
     def append_many(self, items: Sequence[tuple[str, dict[str, Any]]]) -> list[int]:
-        """Append entries together (one transaction: all or none); returns their seqs."""
+        """Append entries together (one transaction: all or none); returns their seqs.
+
+        Bodies are checked here, before anything is queued; they must not change until this
+        returns."""
         if self._closed:
             raise StoreError(f"the writer of chain {self.chain} is closed")
         now = format_time()
@@ -711,17 +718,17 @@ class ChainWriter:
                 pending.done.release()
 
     def _commit(self, batch: list[_Pending]) -> None:
-        """Write the batch in one transaction on the writer's own DBAPI connection (the pool's
-        and SQLAlchemy's per-transaction work would be most of a small block's cost)."""
+        """Write the batch in one transaction on the writer's own DBAPI connection, in as few
+        round trips as the database allows: the pool's and SQLAlchemy's per-transaction work,
+        and on PostgreSQL every round trip, would be most of a small block's cost."""
         postgres = self.store.is_postgres
-        sql = {k: v.replace("?", "%s") for k, v in _WRITER_SQL.items()} if postgres else _WRITER_SQL
-        if self._connection is None:
-            self._connection = self.store.engine.raw_connection()
-        connection = self._connection
+        sql = _POSTGRES_WRITER_SQL if postgres else _WRITER_SQL
+        connection = self._writer_connection()
         cursor = connection.cursor()
         try:
-            if postgres:
-                cursor.execute(sql["lock"], (_writer_lock_key(self.chain),))
+            if postgres:  # autocommit connection: BEGIN and the lock in one round trip
+                key = _writer_lock_key(self.chain)  # an int of ours: safe to write inline
+                cursor.execute(f"BEGIN; SELECT pg_advisory_xact_lock({key})")
             else:
                 cursor.execute("BEGIN IMMEDIATE")
             cursor.execute(sql["head"], (self.chain,))
@@ -731,23 +738,40 @@ class ChainWriter:
             if roster_version != self._keyed_version:  # a new roster: is this still our key?
                 self._keyed_version = self._check_key()
             entry_rows, block_rows, cached = self._build_blocks(batch, head, int(roster_version))
-            cursor.executemany(sql["entries"], entry_rows)
-            cursor.executemany(sql["blocks"], block_rows)
-        except BaseException:
-            self._discard_connection(connection)
-            raise
-        try:
-            connection.commit()
+            if postgres:  # inserts and COMMIT in one round trip
+                with connection.pipeline():
+                    cursor.executemany(sql["entries"], entry_rows)
+                    cursor.executemany(sql["blocks"], block_rows)
+                    cursor.execute("COMMIT")
+            else:
+                cursor.executemany(sql["entries"], entry_rows)
+                cursor.executemany(sql["blocks"], block_rows)
+                connection.commit()
         except BaseException as exc:
             self._discard_connection(connection)
-            raise StoreError(
-                f"the database failed while committing a block of chain {self.chain}, so whether "
-                f"it was stored is unknown: look at the chain's head before appending again ({exc})"
-            ) from exc
+            dbapi = self.store.engine.dialect.dbapi
+            if dbapi is not None and isinstance(exc, dbapi.OperationalError | dbapi.InterfaceError):
+                raise StoreError(
+                    f"the database failed while writing a block of chain {self.chain}, so whether "
+                    f"it was stored is unknown: look at the chain's head before appending again "
+                    f"({exc})"
+                ) from exc
+            raise
         finally:
             with contextlib.suppress(Exception):
                 cursor.close()
         self._cached = cached
+
+    def _writer_connection(self) -> Any:
+        """The committer thread's own DBAPI connection, outside the pool (on PostgreSQL in
+        autocommit mode, so that the writer sends BEGIN and COMMIT itself)."""
+        if self._connection is None:
+            pooled = self.store.engine.raw_connection()
+            pooled.detach()
+            self._connection = pooled.dbapi_connection
+            if self.store.is_postgres:
+                self._connection.autocommit = True
+        return self._connection
 
     def _discard_connection(self, connection: Any) -> None:
         self._connection = None
@@ -790,7 +814,7 @@ class ChainWriter:
                     "type": entry_type,
                     "body": body,
                 }
-                data = canonical_bytes(entry)
+                data = canonical_bytes_of_checked(entry)
                 completed = frontier.append(merkle.leaf_hash(data))
                 entry_rows.append((self.chain, seq, data, b"".join(completed)))
                 pending.seqs.append(seq)
