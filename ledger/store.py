@@ -87,7 +87,7 @@ settings_table = sa.Table(
 
 LEDGER_TABLES = ("ledger_roster", "ledger_blocks", "ledger_entries")
 DEFAULT_MAX_BLOCK_ENTRIES = 1000
-GATHER_SECONDS = 0.0005  # the longest a block waits for appenders still on their way
+GATHER_SECONDS = 0.001  # the longest a block waits for appenders still on their way
 
 
 def database_url(target: str) -> str:
@@ -615,7 +615,7 @@ class ChainWriter:
         self._cached: tuple[bytes, dict[str, Any], merkle.Frontier] | None = None
         self._closed = False
         self._connection: Any = None  # the committer thread's own DBAPI connection
-        self._last_batch = 1
+        self._expected = 1  # appenders the next block waits for (see _run)
         self._thread = threading.Thread(
             target=self._run, name=f"ledger-writer-{chain}", daemon=True
         )
@@ -656,9 +656,9 @@ class ChainWriter:
             if self._closed:
                 raise StoreError(f"the writer of chain {self.chain} is closed")
             self._waiting.append(pending)
-            # Wake the committer for the first append, and when as many have come as the last
-            # block held; not for each one in between (every wake-up costs a thread switch).
-            if len(self._waiting) in (1, self._last_batch):
+            # Wake the committer for the first append, and when all it waits for have come;
+            # not for each one in between (every wake-up costs a thread switch).
+            if len(self._waiting) in (1, self._expected):
                 self._arrived.notify()
         pending.done.acquire()
         if pending.error is not None:
@@ -688,17 +688,16 @@ class ChainWriter:
                     self._arrived.wait()
                 if not self._waiting:
                     return  # closed, and nothing left to write
-                # Group commit: while fewer appenders have come than the last block served,
-                # wait a moment for them (they are typically just waking up from that block's
-                # commit). One appender alone never waits.
+                # Group commit: while fewer appenders have come than are expected, wait a
+                # moment for them (they are typically just waking up from the last commit).
+                # One appender alone never waits.
                 deadline = time.monotonic() + GATHER_SECONDS
-                while len(self._waiting) < self._last_batch and not self._closed:
+                while len(self._waiting) < self._expected and not self._closed:
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:
                         break
                     self._arrived.wait(remaining)
                 batch, self._waiting = self._waiting, []
-            self._last_batch = len(batch)
             try:
                 self._commit(batch)
             except BaseException as exc:  # hand every failure to the appenders
@@ -714,6 +713,11 @@ class ChainWriter:
                     error.__cause__ = exc
                 for pending in batch:
                     pending.error = error
+            with self._arrived:
+                # Expect back the appenders of this block, and those that came meanwhile:
+                # waiting for the former only would split a steady group into two
+                # half-full blocks for good.
+                self._expected = len(batch) + len(self._waiting)
             for pending in batch:
                 pending.done.release()
 
