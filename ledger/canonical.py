@@ -75,10 +75,32 @@ def canonical_bytes_of_checked(value: JSONValue) -> bytes:
     return _dump(value)
 
 
-def canonical_bytes(value: JSONValue) -> bytes:
-    """RFC 8785 canonical form of ``value`` (checked with :func:`check_payload` first)."""
-    check_payload(value, "value")
-    return _dump(value)
+_PLAIN_JSON_TYPES = frozenset({dict, list, str, int, bool, type(None)})
+
+
+def _only_plain_json(value: JSONValue) -> bool:
+    """Whether ``value`` is made of the exact built-in JSON types only, level by level at C
+    speed (see :func:`_holds_float`); a level holding anything else is never descended into."""
+    level = [value]
+    while level:
+        if not set(map(type, level)) <= _PLAIN_JSON_TYPES:
+            return False
+        level = gc.get_referents(*level)
+    return True
+
+
+def canonical_bytes(value: JSONValue, where: str = "value") -> bytes:
+    """RFC 8785 canonical form of ``value``, refused (naming the place) unless
+    :func:`check_payload` allows it. Plain ASCII JSON, the common case, is checked without a
+    Python-level walk."""
+    try:
+        data: bytes | None = _DUMP(value)
+    except orjson.JSONEncodeError:
+        data = None
+    if data is None or not data.isascii() or not _only_plain_json(value):
+        check_payload(value, where)
+        data = _dump(value)
+    return data
 
 
 def parse_json(data: bytes | str) -> JSONValue:

@@ -25,7 +25,7 @@ import time
 from datetime import UTC, datetime
 from typing import Any
 
-from ledger.canonical import canonical_bytes, check_payload
+from ledger.canonical import canonical_bytes
 from ledger.errors import CanonicalError, EntryError
 
 VERSION = 1
@@ -104,7 +104,7 @@ def check_body(body: Any) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise EntryError(f"entry body must be a JSON object, not {_json_kind(body)}")
     try:
-        check_payload(body, "body")
+        canonical_bytes(body, "body")
     except CanonicalError as exc:
         raise EntryError(str(exc)) from exc
     return body
