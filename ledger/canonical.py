@@ -159,14 +159,19 @@ def canonical_of_parsed(value: JSONValue, where: str = "value") -> bytes:
     return data
 
 
-def canonical_many(values: list[JSONValue]) -> list[bytes] | None:
+def canonical_many(
+    values: list[JSONValue], *, floats_in: list[Any] | None = None
+) -> list[bytes] | None:
     """Canonical bytes of many parsed values at once, or None when any of them needs a closer
-    look (then :func:`canonical_of_parsed` on each names the fault, or accepts it)."""
+    look (then :func:`canonical_of_parsed` on each names the fault, or accepts it).
+    ``floats_in``: the parts of the values where floats could be, when the caller knows."""
     try:
         datas = list(map(_DUMP, values))
     except orjson.JSONEncodeError:
         return None
-    if not all(map(bytes.isascii, datas)) or _holds_float(values):
+    if not all(map(bytes.isascii, datas)) or _holds_float(
+        values if floats_in is None else floats_in
+    ):
         return None
     return datas
 

@@ -236,10 +236,20 @@ class Verifier:
                 f"the block holds {count} entries, its header says {header['count']}", **where
             )
 
-        parsed, datas = self._canonical_entries(entries, stored, first_seq, where)
-        if not self._entries_plainly_valid(parsed, chain, first_seq, block_time):
-            for offset, entry in enumerate(parsed):  # find the fault, and name it
-                self._check_entry(entry, chain, first_seq + offset, block_time, where)
+        # The whole block at once when nothing is amiss, else entry by entry to name the fault.
+        datas: list[bytes] | None
+        if stored is None:
+            parsed: list[Any] | None = entries
+            bodies = self._plain_bodies(entries or [], chain, first_seq, block_time)
+            datas = None if bodies is None else canonical_many(entries or [], floats_in=bodies)
+        else:
+            datas = stored
+            parsed = parse_canonical_many(stored)
+            bodies = (
+                None if parsed is None else self._plain_bodies(parsed, chain, first_seq, block_time)
+            )
+        if parsed is None or bodies is None or datas is None:
+            datas = self._entry_by_entry(entries, stored, chain, first_seq, block_time, where)
         leaves = merkle.leaf_hashes(datas)
         if stored_nodes is None:
             frontier.extend(leaves)
@@ -268,23 +278,20 @@ class Verifier:
         summary.roster = header["roster"]
         return datas
 
-    @staticmethod
-    def _canonical_entries(
-        entries: list[Any] | None, stored: list[bytes] | None, first_seq: int, where: dict[str, Any]
-    ) -> tuple[list[Any], list[bytes]]:
-        """The block's entries parsed, and their leaf data (RFC 8785 bytes): the whole block at
-        once when nothing is amiss, else entry by entry to name the first fault."""
-        if stored is not None:
-            parsed = parse_canonical_many(stored)
-            if parsed is not None:
-                return parsed, stored
-        else:
-            assert entries is not None
-            datas = canonical_many(entries)
-            if datas is not None:
-                return entries, datas
-        parsed, datas = [], []
+    def _entry_by_entry(
+        self,
+        entries: list[Any] | None,
+        stored: list[bytes] | None,
+        chain: str,
+        first_seq: int,
+        block_time: str,
+        where: dict[str, Any],
+    ) -> list[bytes]:
+        """Every check of :meth:`add_block` on one entry after another, so that the first
+        fault in seq order is the one named; returns the leaf data."""
+        datas = []
         for offset in range(len(stored if stored is not None else entries or ())):
+            seq = first_seq + offset
             try:
                 if stored is not None:
                     data = stored[offset]
@@ -293,19 +300,19 @@ class Verifier:
                     entry = entries[offset]  # type: ignore[index]
                     data = canonical_of_parsed(entry, "entry")
             except LedgerError as exc:
-                raise VerificationError(str(exc), seq=first_seq + offset, **where) from exc
-            parsed.append(entry)
+                raise VerificationError(str(exc), seq=seq, **where) from exc
+            self._check_entry(entry, chain, seq, block_time, where)
             datas.append(data)
-        return parsed, datas
+        return datas
 
-    def _entries_plainly_valid(
+    def _plain_bodies(
         self, entries: list[Any], chain: str, first_seq: int, block_time: str
-    ) -> bool:
-        """Whether every entry passes :meth:`_check_entry`, decided column by column with no
-        Python code per entry; False means "check each", not "invalid"."""
+    ) -> list[dict[str, Any]] | None:
+        """The entries' bodies when every entry passes :meth:`_check_entry`, decided column by
+        column with no Python code per entry; None means "check each", not "invalid"."""
         try:
             if set(map(type, entries)) != {dict} or set(map(len, entries)) != {len(ENTRY_KEYS)}:
-                return False
+                return None
             # Six keys, each present: exactly ENTRY_KEYS (a missing one is a KeyError).
             seqs, chains, versions, types, times, bodies = (
                 list(map(operator.itemgetter(key), entries))
@@ -322,17 +329,17 @@ class Verifier:
                 or set(map(type, bodies)) != {dict}
                 or max(times) > block_time
             ):
-                return False
+                return None
             for entry_type in set(types) - self._entry_types:
                 if not ENTRY_TYPE.fullmatch(entry_type):
-                    return False
+                    return None
                 self._entry_types.add(entry_type)
             for time in set(times) - self._valid_times:
                 parse_time(time)
             self._valid_times = set(times)
         except (KeyError, TypeError, LedgerError):
-            return False
-        return True
+            return None
+        return bodies
 
     def _check_entry(
         self, entry: Any, chain: str, seq: int, block_time: str, where: dict[str, Any]

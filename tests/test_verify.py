@@ -288,3 +288,15 @@ def test_auditor_opens_a_sqlite_file_read_only(tmp_path: Path) -> None:
     with pytest.raises(StoreError, match="does not exist"):
         ChainStore(str(tmp_path / "typo.db"), read_only=True)
     assert not (tmp_path / "typo.db").exists()
+
+
+def test_the_first_fault_in_seq_order_is_named(ledger_db: Ledger, tmp_path: Path) -> None:
+    _fill(ledger_db)
+    lines = [json.loads(line) for line in ledger_db.store.export_lines()]
+    lines[2]["entries"][0]["chain"] = "hosp-b"  # seq 1
+    lines[2]["entries"][2]["body"]["fee"] = 1.5  # seq 3
+    path = tmp_path / "bad.jsonl"
+    path.write_text("\n".join(json.dumps(line, ensure_ascii=False) for line in lines))
+    with pytest.raises(VerificationError, match="says chain") as caught:
+        verify_export(path, ledger_db.authority.public_key())
+    assert caught.value.seq == 1
