@@ -67,6 +67,8 @@ def _collector_paused() -> Iterator[None]:
             gc.enable()
 
 
+_ENTRY_COLUMNS = operator.itemgetter("seq", "chain", "v", "type", "time", "body")
+
 Progress = Callable[[int], None]
 """Called with the number of entries just verified."""
 
@@ -314,12 +316,11 @@ class Verifier:
             if set(map(type, entries)) != {dict} or set(map(len, entries)) != {len(ENTRY_KEYS)}:
                 return None
             # Six keys, each present: exactly ENTRY_KEYS (a missing one is a KeyError).
-            seqs, chains, versions, types, times, bodies = (
-                list(map(operator.itemgetter(key), entries))
-                for key in ("seq", "chain", "v", "type", "time", "body")
+            seqs, chains, versions, types, times, bodies = zip(
+                *map(_ENTRY_COLUMNS, entries), strict=True
             )
             if (
-                seqs != list(range(first_seq, first_seq + len(entries)))
+                seqs != tuple(range(first_seq, first_seq + len(entries)))
                 or set(map(type, seqs)) != {int}
                 or set(chains) != {chain}
                 or set(map(type, versions)) != {int}
@@ -337,9 +338,9 @@ class Verifier:
             for time in set(times) - self._valid_times:
                 parse_time(time)
             self._valid_times = set(times)
-        except (KeyError, TypeError, LedgerError):
+        except (KeyError, TypeError, ValueError, LedgerError):
             return None
-        return bodies
+        return list(bodies)
 
     def _check_entry(
         self, entry: Any, chain: str, seq: int, block_time: str, where: dict[str, Any]
