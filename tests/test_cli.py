@@ -23,20 +23,16 @@ def hrx(*args: str, input: str | None = None) -> Result:
     return CliRunner().invoke(main, list(args), input=input, catch_exceptions=False)
 
 
+def init(db: str, directory: Path) -> Result:
+    return hrx(
+        "ledger", "init", "--db", db, "--chain", "hosp-a",
+        "--key", str(directory / "hosp-a.pem"), "--authority-key", str(directory / "authority.pem"),
+    )  # fmt: skip
+
+
 @pytest.fixture
 def initialised(db_url: str, tmp_path: Path) -> tuple[str, Path]:
-    result = hrx(
-        "ledger",
-        "init",
-        "--db",
-        db_url,
-        "--chain",
-        "hosp-a",
-        "--key",
-        str(tmp_path / "hosp-a.pem"),
-        "--authority-key",
-        str(tmp_path / "authority.pem"),
-    )
+    result = init(db_url, tmp_path)
     assert result.exit_code == 0, result.output
     return db_url, tmp_path
 
@@ -47,18 +43,7 @@ def test_init_creates_private_key_files(initialised: tuple[str, Path]) -> None:
         mode = stat.S_IMODE((tmp_path / name).stat().st_mode)
         assert mode == 0o600, (name, oct(mode))
     assert (tmp_path / "hosp-a.pem").read_text().startswith("-----BEGIN PRIVATE KEY-----")
-    again = hrx(
-        "ledger",
-        "init",
-        "--db",
-        initialised[0],
-        "--chain",
-        "hosp-a",
-        "--key",
-        str(tmp_path / "hosp-a.pem"),
-        "--authority-key",
-        str(tmp_path / "authority.pem"),
-    )
+    again = init(initialised[0], tmp_path)
     assert again.exit_code == 1 and "already holds a ledger" in again.output
 
 
