@@ -273,19 +273,26 @@ class Frontier:
         self.size += 1
         return completed
 
-    def extend(self, leaves: list[bytes]) -> None:
+    def extend(self, leaves: list[bytes]) -> dict[int, tuple[int, list[bytes]]]:
         """:meth:`append` every leaf, a level of the tree at a time: each level's pairs are
-        hashed in one ``map`` over ``hashlib``, with no Python code run per node."""
+        hashed in one ``map`` over ``hashlib``, with no Python code run per node.
+
+        Returns the complete subtrees above the leaves that these leaves completed:
+        ``{level: (index of the first, their hashes)}``, levels from 1.
+        """
+        completed: dict[int, tuple[int, list[bytes]]] = {}
         size = self.size
         # level -> the complete subtree on the right edge at that level
         edge = {lvl: h for (lvl, _), h in zip(range_nodes(0, size), self._hashes, strict=True)}
         nodes, first, level = list(leaves), size, 0
         while nodes:
+            # (new lists, not changes in place: ``completed`` holds the previous level's)
             if first & 1:  # the first node's left sibling is on the edge
-                nodes.insert(0, edge.pop(level))
+                nodes = [edge.pop(level), *nodes]
                 first -= 1
             if len(nodes) & 1:  # the last node has no right sibling yet
-                edge[level] = nodes.pop()
+                edge[level] = nodes[-1]
+                nodes = nodes[:-1]
             nodes = list(
                 map(
                     _DIGEST,
@@ -294,8 +301,11 @@ class Frontier:
             )
             first >>= 1
             level += 1
+            if nodes:
+                completed[level] = (first, nodes)
         self.size = size + len(leaves)
         self._hashes = [edge[level] for level in sorted(edge, reverse=True)]
+        return completed
 
     def root(self) -> bytes:
         if not self._hashes:

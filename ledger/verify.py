@@ -67,6 +67,7 @@ def _collector_paused() -> Iterator[None]:
             gc.enable()
 
 
+_LEAF_PART = operator.itemgetter(slice(0, 32))
 _ENTRY_COLUMNS = operator.itemgetter("seq", "chain", "v", "type", "time", "body")
 
 Progress = Callable[[int], None]
@@ -253,18 +254,12 @@ class Verifier:
         if parsed is None or bodies is None or datas is None:
             datas = self._entry_by_entry(entries, stored, chain, first_seq, block_time, where)
         leaves = merkle.leaf_hashes(datas)
-        if stored_nodes is None:
-            frontier.extend(leaves)
-        else:
-            for offset, leaf in enumerate(leaves):
-                completed = frontier.append(leaf)
-                if b"".join(completed) != stored_nodes[offset]:
-                    what = (
-                        "stored Merkle subtree hashes differ from the recomputed ones"
-                        if stored_nodes[offset][:32] == leaf
-                        else "the entry's bytes do not hash to the leaf hash stored with it"
-                    )
-                    raise VerificationError(what, seq=first_seq + offset, **where)
+        before = frontier.copy() if stored_nodes is not None else None
+        completed = frontier.extend(leaves)
+        if before is not None and not _stored_nodes_match(
+            stored_nodes or [], first_seq, leaves, completed
+        ):
+            _name_stored_node_fault(before, leaves, stored_nodes or [], first_seq, where)
         if frontier.root().hex() != header["tree_root"]:
             raise VerificationError(
                 f"tree_root {header['tree_root']} is not the root {frontier.root().hex()} "
@@ -376,6 +371,49 @@ class Verifier:
             raise VerificationError(
                 f"entry time {time} is after its block's time {block_time}", seq=seq, **where
             )
+
+
+def _stored_nodes_match(
+    stored: list[bytes],
+    first_seq: int,
+    leaves: list[bytes],
+    completed: dict[int, tuple[int, list[bytes]]],
+) -> bool:
+    """Whether each entry row of a block stores exactly the subtree hashes its append
+    completed (leaf ``s`` completes levels 0..t, t the trailing 1-bits of ``s``), compared a
+    level at a time."""
+    seqs = range(first_seq, first_seq + len(stored))
+    if list(map(len, stored)) != [32 * (s ^ (s + 1)).bit_length() for s in seqs]:
+        return False
+    if list(map(_LEAF_PART, stored)) != leaves:
+        return False
+    for level, (first, hashes) in completed.items():
+        step = 1 << level
+        start = ((first + 1) << level) - 1 - first_seq  # the row of the leaf completing it
+        part = slice(32 * level, 32 * (level + 1))
+        if [row[part] for row in stored[start::step]] != hashes:
+            return False
+    return True
+
+
+def _name_stored_node_fault(
+    frontier: merkle.Frontier,
+    leaves: list[bytes],
+    stored: list[bytes],
+    first_seq: int,
+    where: dict[str, Any],
+) -> None:
+    """Replay a block whose stored subtree hashes are wrong one leaf at a time, and name the
+    first entry row that is."""
+    for offset, leaf in enumerate(leaves):
+        if b"".join(frontier.append(leaf)) != stored[offset]:
+            what = (
+                "stored Merkle subtree hashes differ from the recomputed ones"
+                if stored[offset][:32] == leaf
+                else "the entry's bytes do not hash to the leaf hash stored with it"
+            )
+            raise VerificationError(what, seq=first_seq + offset, **where)
+    raise VerificationError("stored Merkle subtree hashes differ from the recomputed ones", **where)
 
 
 def verify_export(
