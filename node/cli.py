@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from sqlalchemy import exc as sa_exc
 
-from ledger import bls, keys
+from ledger import keys
 from ledger.canonical import canonical_bytes, parse_json
 from ledger.errors import LedgerError, VerificationError
 from ledger.model import check_body, check_entry_type
@@ -130,8 +130,9 @@ def ledger_init(
             )
         signing_key = keys.load_or_create_private_key(key_path)
         authority = keys.load_or_create_private_key(authority_key)
-        bls_path = bls_key or key_path.with_suffix(".bls")
-        bls_secret = bls.load_or_create_secret_key(bls_path)
+        from ledger import bls  # py_ecc takes ~0.4 s to import: only when a key is made
+
+        bls_secret = bls.load_or_create_secret_key(bls_key or key_path.with_suffix(".bls"))
         member = make_member(chain, name or chain, "", signing_key, bls_secret)
         roster = make_roster(consortium or f"standalone-{chain}", [member], quorum=1)
         store.initialise(roster, sign_roster(roster, authority), chain=chain, key_path=key_path)

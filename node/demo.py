@@ -17,7 +17,7 @@ from typing import Any
 import click
 from rich.console import Console
 
-from ledger import bls, keys, merkle
+from ledger import keys, merkle
 from ledger.canonical import canonical_bytes
 from ledger.roster import make_member, make_roster, sign_roster
 from ledger.store import ChainStore, ChainWriter
@@ -78,6 +78,8 @@ def run_demo(workdir: Path, console: Console) -> bool:
     console.print(f"[bold]1.[/] hospital A creates its chain in {db}")
     key = keys.load_or_create_private_key(workdir / "hosp-a.pem")
     authority = keys.load_or_create_private_key(workdir / "authority.pem")
+    from ledger import bls  # slow to import (py_ecc): only when the demo runs
+
     member = make_member("hosp-a", "Hospital A", "", key, bls.generate_secret_key())
     roster = make_roster("demo", [member], quorum=1)
     store = ChainStore(str(db))
