@@ -381,7 +381,8 @@ class ChainStore:
     def block_rows(
         self, chain: str, from_height: int = 0, limit: int | None = None, *, page: int = 500
     ) -> Iterator[StoredBlock]:
-        """Blocks of a chain in height order, streamed a page at a time, as stored."""
+        """Blocks of a chain in height order, as stored, streamed a page at a time (at most
+        ``page`` blocks, and no more blocks than hold :data:`PAGE_ENTRIES` entries)."""
         self._require_schema()
         height, remaining = from_height, limit
         while remaining is None or remaining > 0:
@@ -401,6 +402,7 @@ class ChainStore:
                 if not rows:
                     return
                 headers = [_parse_header(row.header, chain, row.height) for row in rows]
+                rows, headers = _within_budget(rows, headers)
                 first = min(int(h["first_seq"]) for h in headers)
                 last = max(int(h["tree_size"]) for h in headers)
                 entry_rows = conn.execute(
@@ -538,6 +540,22 @@ class ChainStore:
         for chain in self.chains():
             for block in self.block_rows(chain):
                 yield block.wire_bytes()
+
+
+PAGE_ENTRIES = 20_000  # entry rows one page of block_rows holds in memory, about 10 MB
+
+
+def _within_budget(
+    rows: Sequence[Any], headers: list[dict[str, Any]]
+) -> tuple[Sequence[Any], list[dict[str, Any]]]:
+    """The leading blocks of a page whose entries fit :data:`PAGE_ENTRIES` (at least one)."""
+    claimed, kept = 0, 0
+    for header in headers:
+        claimed += int(header["tree_size"]) - int(header["first_seq"])
+        if kept and claimed > PAGE_ENTRIES:
+            break
+        kept += 1
+    return rows[:kept], headers[:kept]
 
 
 def _parse_header(data: bytes, chain: str, height: int) -> dict[str, Any]:
