@@ -23,7 +23,6 @@ import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -818,14 +817,16 @@ class ChainWriter:
             else:  # first block of this writer, or another process wrote since
                 header = parse_canonical(stored)
                 frontier = self.store.frontier(self.chain, Head(header, ""))
-            height, prev, prev_time = header["height"] + 1, block_hash(header).hex(), header["time"]
+            # The stored bytes are canonical (ours, or parsed as such), so they hash as the block.
+            prev = hashlib.sha256(stored).hexdigest()
+            height, prev_time = header["height"] + 1, header["time"]
         items = [(item, pending) for pending in batch for item in pending.items]
         entry_rows: list[tuple[Any, ...]] = []
         block_rows: list[tuple[Any, ...]] = []
         for start in range(0, len(items), self.max_block_entries):
             chunk = items[start : start + self.max_block_entries]
             first_seq = frontier.size
-            block_time = max(prev_time, format_time(datetime.now(UTC)))
+            block_time = max(prev_time, format_time())
             for (entry_type, body, time_), pending in chunk:
                 seq = frontier.size
                 entry = {

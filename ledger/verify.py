@@ -112,11 +112,8 @@ class _ChainState:
 class Verifier:
     """Feed rosters, then blocks (chains in any interleaving, each in height order)."""
 
-    def __init__(
-        self, authority: Ed25519PublicKey | None, *, check_possession: bool = True
-    ) -> None:
+    def __init__(self, authority: Ed25519PublicKey | None) -> None:
         self.authority = authority
-        self.check_possession = check_possession
         self.rosters: dict[int, Roster] = {}
         self.summary = Summary(anchored=authority is not None)
         self._chains: dict[str, _ChainState] = {}
@@ -127,9 +124,7 @@ class Verifier:
     def add_roster(self, roster: Any, signature: Any) -> None:
         version = roster.get("version") if isinstance(roster, dict) else None
         try:
-            opened = open_roster(
-                roster, signature, self.authority, check_possession=self.check_possession
-            )
+            opened = open_roster(roster, signature, self.authority)
         except LedgerError as exc:
             raise VerificationError(f"roster version {version}: {exc}") from exc
         if self.rosters and opened.version <= max(self.rosters):
