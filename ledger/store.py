@@ -98,12 +98,14 @@ def database_url(target: str) -> str:
     return target
 
 
-def open_engine(target: str, *, read_only: bool = False) -> Engine:
+def open_engine(target: str, *, read_only: bool = False, immediate: bool = False) -> Engine:
     """An engine set up for the ledger: SQLite in WAL mode with durable commits (the chain
     writer takes the write lock up front with ``BEGIN IMMEDIATE``), or PostgreSQL via psycopg.
 
     ``read_only`` (the auditor's way in) opens an existing SQLite file without changing it, not
-    even its journal mode, and never creates one.
+    even its journal mode, and never creates one. ``immediate`` makes every SQLite transaction
+    take the write lock when it begins: for engines that write, so that two transactions never
+    both read and then find they cannot write.
     """
     url = database_url(target)
     if url.startswith("sqlite"):
@@ -126,10 +128,10 @@ def open_engine(target: str, *, read_only: bool = False) -> Engine:
 
         @sa.event.listens_for(engine, "begin")
         def _on_begin(connection: Connection) -> None:
-            connection.exec_driver_sql("BEGIN")
+            connection.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
 
         return engine
-    return sa.create_engine(url, pool_pre_ping=True)
+    return sa.create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
 
 
 _SQLITE_TRIGGERS = [
@@ -156,16 +158,27 @@ _POSTGRES_TRIGGERS = [
 ]
 
 
-def create_schema(engine: Engine) -> None:
-    """Create the ledger tables and their append-only triggers (idempotent)."""
-    metadata.create_all(engine)
-    postgres = engine.dialect.name == "postgresql"
-    with engine.begin() as conn:
-        if postgres:
-            conn.exec_driver_sql(_POSTGRES_FUNCTION)
-        for table in LEDGER_TABLES:
-            for statement in _POSTGRES_TRIGGERS if postgres else _SQLITE_TRIGGERS:
-                conn.exec_driver_sql(statement.format(table=table))
+def create_schema(bind: Engine | Connection) -> None:
+    """Create the ledger tables and their append-only triggers (idempotent). Given a
+    connection (a migration's), it works inside that connection's transaction."""
+    if isinstance(bind, Engine):
+        with bind.begin() as conn:
+            create_schema(conn)
+        return
+    metadata.create_all(bind)
+    install_append_only_triggers(bind)
+
+
+def install_append_only_triggers(conn: Connection) -> None:
+    """The triggers by which the database itself refuses UPDATE and DELETE (and on
+    PostgreSQL TRUNCATE) on the ledger tables (idempotent)."""
+    bind = conn
+    postgres = bind.dialect.name == "postgresql"
+    if postgres:
+        bind.exec_driver_sql(_POSTGRES_FUNCTION)
+    for table in LEDGER_TABLES:
+        for statement in _POSTGRES_TRIGGERS if postgres else _SQLITE_TRIGGERS:
+            bind.exec_driver_sql(statement.format(table=table))
 
 
 # The writer's statements, run for every block straight on the DBAPI cursor: SQLAlchemy's

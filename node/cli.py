@@ -7,15 +7,10 @@ Every command reports a problem as one line naming it and what to do next, and e
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import click
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from sqlalchemy import exc as sa_exc
 
 from ledger import keys
 from ledger.canonical import canonical_bytes, parse_json
@@ -24,43 +19,7 @@ from ledger.model import check_body, check_entry_type
 from ledger.roster import make_member, make_roster, sign_roster
 from ledger.store import ChainStore, ChainWriter
 from ledger.verify import Summary, verify_database, verify_export
-
-err = Console(stderr=True, highlight=False, soft_wrap=True)
-out = Console(highlight=False, soft_wrap=True)
-
-
-def fail(message: str, code: int = 1) -> NoReturn:
-    err.print(f"[bold red]error:[/] {message}", soft_wrap=True)
-    sys.exit(code)
-
-
-@contextmanager
-def reported() -> Iterator[None]:
-    """Turn ledger errors into one clear line and exit status 1."""
-    try:
-        yield
-    except LedgerError as exc:
-        fail(str(exc))
-    except sa_exc.SQLAlchemyError as exc:
-        fail(f"database: {exc.__class__.__name__}: {str(exc).splitlines()[0]}")
-    except OSError as exc:
-        fail(f"{exc.filename or ''}: {exc.strerror or exc}".lstrip(": "))
-
-
-@contextmanager
-def entry_progress(total: int | None, label: str) -> Iterator[Callable[[int], None]]:
-    """A progress bar on stderr (only on a terminal) advanced by a number of entries."""
-    with Progress(
-        TextColumn(label),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=err,
-        transient=True,
-        disable=not err.is_terminal,
-    ) as progress:
-        task = progress.add_task(label, total=total)
-        yield lambda n: progress.advance(task, n)
+from node.console import entry_progress, fail, out, reported
 
 
 def open_store(db: str) -> ChainStore:
@@ -312,13 +271,15 @@ def print_summary(summary: Summary) -> None:
         )
 
 
-def _register_demo() -> None:
+def _register_commands() -> None:
+    from node import node_commands
     from node.demo import demo
 
     main.add_command(demo)
+    node_commands.register(main)
 
 
-_register_demo()
+_register_commands()
 
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -1,0 +1,733 @@
+"""The FHIR resource store: versioned writes with their index rows, reads, and history.
+
+Every write runs in one database transaction that also updates the search indexes, so a
+search never sees half a write. Writers of one database never race: on SQLite every write
+transaction takes the write lock up front (``BEGIN IMMEDIATE``), on PostgreSQL the resource
+row is locked (``SELECT ... FOR UPDATE``) and a conditional create takes an advisory lock on
+its condition. Version ids count from 1; a delete is a version with no body.
+
+References are kept whole: a local reference must point to a hosted resource that exists
+(422 otherwise), and a resource that others reference cannot be deleted (409). AuditEvents
+record history, so their references neither need to resolve nor hold anything in place.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+
+from fhir_adapters import jsonio, tables
+from fhir_adapters.errors import (
+    Conflict,
+    Gone,
+    InvalidRequest,
+    NotFound,
+    PreconditionFailed,
+    Unprocessable,
+)
+from fhir_adapters.resources import RESOURCE_TYPES, check_id, check_type, references, validate
+from fhir_adapters.search import (
+    DEFAULT_COUNT,
+    Access,
+    Matches,
+    SearchRequest,
+    match_query,
+    page,
+    paginate,
+)
+from fhir_adapters.search_params import IndexRows, index_values, parse_reference
+
+R = tables.resources
+
+SERVER_META = ("versionId", "lastUpdated")
+
+
+def now_micros() -> int:
+    """Now, in whole milliseconds (FHIR instants here carry milliseconds), as µs."""
+    moment = datetime.now(UTC)
+    return int(moment.timestamp() * 1000) * 1000
+
+
+def format_instant(micros: int) -> str:
+    moment = datetime.fromtimestamp(micros / 1_000_000, UTC)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+
+
+def http_date(micros: int) -> str:
+    moment = datetime.fromtimestamp(micros // 1_000_000, UTC)
+    return moment.strftime("%a, %d %b %Y %H:%M:%S GMT")
+
+
+@dataclass(frozen=True)
+class Stored:
+    """One stored version of a resource."""
+
+    type: str
+    id: str
+    version: int
+    last_updated: int  # µs since the epoch
+    body: bytes | None  # None for the version that deleted the resource
+    method: str = "PUT"
+
+    @property
+    def etag(self) -> str:
+        return f'W/"{self.version}"'
+
+    @property
+    def location(self) -> str:
+        return f"{self.type}/{self.id}/_history/{self.version}"
+
+    @property
+    def deleted(self) -> bool:
+        return self.body is None
+
+    def sha256(self) -> str:
+        """The hash that stands for this version on the ledger."""
+        return hashlib.sha256(self.body or b"").hexdigest()
+
+    def resource(self) -> dict[str, Any]:
+        if self.body is None:
+            raise Gone(f"{self.type}/{self.id} was deleted")
+        parsed: dict[str, Any] = jsonio.parse(self.body)
+        return parsed
+
+
+def parse_etag(value: str) -> int:
+    """The version an ``If-Match`` value names: ``W/"3"`` or ``"3"`` or ``3``."""
+    text = value.strip()
+    if text.startswith("W/"):
+        text = text[2:]
+    text = text.strip('"')
+    if not text.isdigit():
+        raise InvalidRequest(f'If-Match {value!r} is not a version ETag such as W/"3"')
+    return int(text)
+
+
+class ResourceStore:
+    """The resources of one database. ``base_url`` is this server's FHIR base (references
+    written with it are local references)."""
+
+    def __init__(self, engine: Engine, write_engine: Engine, base_url: str = "") -> None:
+        self.engine = engine
+        self.write_engine = write_engine
+        self.base_url = base_url.rstrip("/")
+
+    @property
+    def is_postgres(self) -> bool:
+        return self.engine.dialect.name == "postgresql"
+
+    # -- reads --------------------------------------------------------------------------
+
+    def read(self, resource_type: str, resource_id: str, conn: Connection | None = None) -> Stored:
+        """The current version; NotFound, or Gone when its current version is a delete."""
+        stored = self._current(resource_type, resource_id, conn)
+        if stored.deleted:
+            raise Gone(f"{resource_type}/{resource_id} was deleted")
+        return stored
+
+    def _current(
+        self, resource_type: str, resource_id: str, conn: Connection | None = None
+    ) -> Stored:
+        check_type(resource_type)
+        check_id(resource_id)
+        query = (
+            sa.select(
+                tables.versions.c.version,
+                tables.versions.c.last_updated,
+                tables.versions.c.body,
+                tables.versions.c.method,
+            )
+            .select_from(
+                tables.resources.join(
+                    tables.versions,
+                    sa.and_(
+                        tables.versions.c.res_pk == tables.resources.c.res_pk,
+                        tables.versions.c.version == tables.resources.c.version,
+                    ),
+                )
+            )
+            .where(tables.resources.c.type == resource_type, tables.resources.c.id == resource_id)
+        )
+        with _connection(self.engine, conn) as c:
+            row = c.execute(query).first()
+        if row is None:
+            raise NotFound(f"{resource_type}/{resource_id} is not known")
+        return Stored(resource_type, resource_id, row[0], row[1], row[2], row[3])
+
+    def vread(self, resource_type: str, resource_id: str, version: int) -> Stored:
+        check_type(resource_type)
+        check_id(resource_id)
+        query = (
+            sa.select(
+                tables.versions.c.last_updated, tables.versions.c.body, tables.versions.c.method
+            )
+            .select_from(
+                tables.resources.join(
+                    tables.versions, tables.versions.c.res_pk == tables.resources.c.res_pk
+                )
+            )
+            .where(
+                tables.resources.c.type == resource_type,
+                tables.resources.c.id == resource_id,
+                tables.versions.c.version == version,
+            )
+        )
+        with self.engine.connect() as conn:
+            row = conn.execute(query).first()
+        if row is None:
+            raise NotFound(f"{resource_type}/{resource_id} has no version {version}")
+        stored = Stored(resource_type, resource_id, version, row[0], row[1], row[2])
+        if stored.deleted:
+            raise Gone(f"version {version} of {resource_type}/{resource_id} is its deletion")
+        return stored
+
+    def versions_of(self, res_pks_versions: list[tuple[int, int]]) -> list[Stored]:
+        """The stored versions named by (res_pk, version) pairs, in the order given."""
+        if not res_pks_versions:
+            return []
+        found: dict[tuple[int, int], Stored] = {}
+        for start in range(0, len(res_pks_versions), 500):
+            chunk = res_pks_versions[start : start + 500]
+            query = (
+                sa.select(
+                    tables.versions.c.res_pk,
+                    tables.versions.c.version,
+                    tables.resources.c.type,
+                    tables.resources.c.id,
+                    tables.versions.c.last_updated,
+                    tables.versions.c.body,
+                    tables.versions.c.method,
+                )
+                .select_from(
+                    tables.versions.join(
+                        tables.resources, tables.resources.c.res_pk == tables.versions.c.res_pk
+                    )
+                )
+                .where(sa.tuple_(tables.versions.c.res_pk, tables.versions.c.version).in_(chunk))
+            )
+            with self.engine.connect() as conn:
+                for row in conn.execute(query):
+                    found[(row[0], row[1])] = Stored(row[2], row[3], row[1], row[4], row[5], row[6])
+        return [found[key] for key in res_pks_versions if key in found]
+
+    def patients_of(self, items: list[Stored]) -> set[str]:
+        """The patients in whose compartments these resources are (for audit records)."""
+        keys = sorted({(item.type, item.id) for item in items})
+        found: set[str] = set()
+        C = tables.compartment
+        with self.engine.connect() as conn:
+            for start in range(0, len(keys), 500):
+                found.update(
+                    row[0]
+                    for row in conn.execute(
+                        sa.select(C.c.patient_id)
+                        .select_from(C.join(R, R.c.res_pk == C.c.res_pk))
+                        .where(sa.tuple_(R.c.type, R.c.id).in_(keys[start : start + 500]))
+                    )
+                )
+        return found
+
+    # -- search, history, $everything -----------------------------------------------------
+
+    def search(self, request: SearchRequest, access: Access, owner: str) -> Matches:
+        """The first page of a search (see :mod:`fhir_adapters.search`)."""
+        with self.write_engine.begin() as conn:  # it may store a search set
+            pairs = [
+                (row[0], row[1])
+                for row in conn.execute(match_query(request, access, self.base_url))
+            ]
+            return paginate(
+                conn,
+                pairs,
+                request.count,
+                owner,
+                "search",
+                {
+                    "type": request.resource_type,
+                    "query": request.query_string(),
+                    "includes": [str(i) for i in request.includes],
+                    "revincludes": [str(i) for i in request.revincludes],
+                    "total": request.total,
+                },
+            )
+
+    def page(self, set_id: str, offset: int, count: int, owner: str) -> Matches:
+        with self.engine.connect() as conn:
+            return page(conn, set_id, offset, count, owner)
+
+    def count_matches(
+        self, request: SearchRequest, access: Access, limit: int, conn: Connection | None = None
+    ) -> list[int]:
+        """Up to ``limit`` matching res_pks (conditional create)."""
+        with _connection(self.engine, conn) as c:
+            return [
+                row[0]
+                for row in c.execute(match_query(request, access, self.base_url, limit=limit))
+            ]
+
+    def by_pk(self, res_pk: int, conn: Connection | None = None) -> Stored:
+        """The current version of the resource with this row key."""
+        with _connection(self.engine, conn) as c:
+            row = c.execute(sa.select(R.c.type, R.c.id).where(R.c.res_pk == res_pk)).one()
+        return self.read(row[0], row[1], conn)
+
+    def included(
+        self, page_items: list[Stored], request: dict[str, Any], access: Access
+    ) -> list[Stored]:
+        """What ``_include`` and ``_revinclude`` add to a page (current versions, filtered by
+        access, none twice and none already on the page)."""
+        if not page_items or not (request.get("includes") or request.get("revincludes")):
+            return []
+        page_keys = {(item.type, item.id) for item in page_items}
+        wanted: list[Any] = []
+        ref = tables.references
+        with self.engine.connect() as conn:
+            pks = {
+                row[0]
+                for row in conn.execute(
+                    sa.select(R.c.res_pk).where(sa.tuple_(R.c.type, R.c.id).in_(sorted(page_keys)))
+                )
+            }
+            for text in request.get("includes", []):
+                source, param, *target = text.split(":")
+                query = sa.select(ref.c.target_type, ref.c.target_id).where(
+                    ref.c.res_pk.in_(sorted(pks)), ref.c.type == source, ref.c.param == param
+                )
+                if target:
+                    query = query.where(ref.c.target_type == target[0])
+                targets = sorted({(row[0], row[1]) for row in conn.execute(query)} - page_keys)
+                if targets:
+                    wanted.append(sa.tuple_(R.c.type, R.c.id).in_(targets))
+            for text in request.get("revincludes", []):
+                source, param, *target = text.split(":")
+                keys = sorted(key for key in page_keys if not target or key[0] == target[0])
+                if keys:
+                    wanted.append(
+                        R.c.res_pk.in_(
+                            sa.select(ref.c.res_pk).where(
+                                ref.c.type == source,
+                                ref.c.param == param,
+                                sa.tuple_(ref.c.target_type, ref.c.target_id).in_(keys),
+                            )
+                        )
+                    )
+            if not wanted:
+                return []
+            conditions = [sa.or_(*wanted), R.c.deleted.is_(False), R.c.res_pk.not_in(sorted(pks))]
+            restriction = access.clause(R.c.res_pk)
+            if restriction is not None:
+                conditions.append(restriction)
+            pairs = [
+                (row[0], row[1])
+                for row in conn.execute(
+                    sa.select(R.c.res_pk, R.c.version).where(*conditions).order_by(R.c.res_pk)
+                )
+            ]
+        return self.versions_of(pairs)
+
+    def history(
+        self,
+        resource_type: str | None,
+        resource_id: str | None,
+        access: Access,
+        owner: str,
+        *,
+        since: int | None = None,
+        count: int = DEFAULT_COUNT,
+    ) -> Matches:
+        """Versions newest first: of one resource, or of every resource of a type."""
+        V = tables.versions
+        conditions: list[Any] = []
+        if resource_type is not None:
+            check_type(resource_type)
+            conditions.append(V.c.type == resource_type)
+        if resource_id is not None:
+            assert resource_type is not None
+            current = self._current(resource_type, resource_id)  # NotFound when unknown
+            del current
+            conditions.append(
+                V.c.res_pk
+                == sa.select(R.c.res_pk)
+                .where(R.c.type == resource_type, R.c.id == resource_id)
+                .scalar_subquery()
+            )
+        if since is not None:
+            conditions.append(V.c.last_updated >= since)
+        restriction = access.clause(V.c.res_pk)
+        if restriction is not None:
+            conditions.append(restriction)
+        with self.write_engine.begin() as conn:
+            pairs = [
+                (row[0], row[1])
+                for row in conn.execute(
+                    sa.select(V.c.res_pk, V.c.version)
+                    .where(*conditions)
+                    .order_by(V.c.last_updated.desc(), V.c.res_pk.desc(), V.c.version.desc())
+                )
+            ]
+            if not access.unrestricted:
+                pairs = self._versions_in_compartment(pairs, access)
+            return paginate(
+                conn,
+                pairs,
+                count,
+                owner,
+                "history",
+                {"type": resource_type, "id": resource_id, "since": since},
+            )
+
+    def _versions_in_compartment(
+        self, pairs: list[tuple[int, int]], access: Access
+    ) -> list[tuple[int, int]]:
+        """Only the versions that were themselves in an allowed compartment (a resource that
+        moved between patients shows neither its old versions to the new patient nor the
+        reverse)."""
+        assert access.patients is not None
+        kept = []
+        for stored, pair in zip(self.versions_of(pairs), pairs, strict=True):
+            if stored.body is None:
+                kept.append(pair)
+                continue
+            resource = stored.resource()
+            if index_values(resource, self.base_url).compartment & access.patients:
+                kept.append(pair)
+        return kept
+
+    def everything(self, patient_id: str, access: Access, owner: str, count: int) -> Matches:
+        """``Patient/{id}/$everything``: the patient, every resource in the patient's
+        compartment, and the practitioners and organizations they reference."""
+        self.read("Patient", patient_id)
+        C = tables.compartment
+        in_compartment = sa.select(C.c.res_pk).where(C.c.patient_id == patient_id)
+        referenced = sa.select(R.c.res_pk).where(
+            R.c.type.in_(("Practitioner", "Organization")),
+            sa.tuple_(R.c.type, R.c.id).in_(
+                sa.select(tables.links.c.target_type, tables.links.c.target_id).where(
+                    tables.links.c.res_pk.in_(in_compartment)
+                )
+            ),
+        )
+        conditions = [
+            R.c.deleted.is_(False),
+            sa.or_(R.c.res_pk.in_(in_compartment), R.c.res_pk.in_(referenced)),
+            R.c.type != "AuditEvent",
+        ]
+        restriction = access.clause(R.c.res_pk)
+        if restriction is not None:
+            conditions.append(sa.or_(restriction, R.c.res_pk.in_(referenced)))
+        order = [sa.case((R.c.type == "Patient", 0), else_=1), R.c.type, R.c.res_pk]
+        with self.write_engine.begin() as conn:
+            pairs = [
+                (row[0], row[1])
+                for row in conn.execute(
+                    sa.select(R.c.res_pk, R.c.version).where(*conditions).order_by(*order)
+                )
+            ]
+            return paginate(conn, pairs, count, owner, "everything", {"patient": patient_id})
+
+    # -- writes -------------------------------------------------------------------------
+
+    @contextmanager
+    def writing(self) -> Iterator[Writer]:
+        """One write transaction: everything done through the Writer commits or none of it."""
+        with self.write_engine.begin() as conn:
+            yield Writer(self, conn)
+
+    def create(self, resource: Any, resource_type: str | None = None) -> Stored:
+        with self.writing() as writer:
+            return writer.create(resource, resource_type)
+
+    def update(
+        self, resource_type: str, resource_id: str, resource: Any, if_match: str | None = None
+    ) -> tuple[Stored, bool]:
+        with self.writing() as writer:
+            return writer.update(resource_type, resource_id, resource, if_match)
+
+    def delete(self, resource_type: str, resource_id: str) -> Stored | None:
+        with self.writing() as writer:
+            return writer.delete(resource_type, resource_id)
+
+
+@contextmanager
+def _connection(engine: Engine, conn: Connection | None) -> Iterator[Connection]:
+    if conn is not None:
+        yield conn
+    else:
+        with engine.connect() as fresh:
+            yield fresh
+
+
+class Writer:
+    """Writes inside one open transaction (see :meth:`ResourceStore.writing`)."""
+
+    def __init__(self, store: ResourceStore, conn: Connection) -> None:
+        self.store = store
+        self.conn = conn
+
+    def lock(self, key: str) -> None:
+        """Serialise writers on ``key`` until this transaction ends (PostgreSQL; SQLite
+        transactions already hold the database's one write lock)."""
+        if self.store.is_postgres:
+            number = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big", signed=True)
+            self.conn.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": number})
+
+    def create(
+        self,
+        resource: Any,
+        resource_type: str | None = None,
+        *,
+        resource_id: str | None = None,
+        checked: bool = False,
+    ) -> Stored:
+        """Store a new resource under a new id (a client's ``id`` is ignored, as FHIR says).
+
+        ``checked`` skips validation and reference checks: for resources this node makes
+        itself (AuditEvents)."""
+        if not checked:
+            resource, _ = validate(resource, resource_type)
+        resource_type = resource["resourceType"]
+        resource_id = resource_id or str(uuid.uuid4())
+        now = now_micros()
+        body, rows = self._prepare(resource, resource_id, 1, now, checked)
+        res_pk = self.conn.execute(
+            tables.resources.insert()
+            .values(type=resource_type, id=resource_id, version=1, last_updated=now, deleted=False)
+            .returning(tables.resources.c.res_pk)
+        ).scalar_one()
+        self._insert_version(res_pk, resource_type, 1, now, "POST", body)
+        self._insert_index(res_pk, resource_type, rows)
+        return Stored(resource_type, resource_id, 1, now, body, "POST")
+
+    def update(
+        self, resource_type: str, resource_id: str, resource: Any, if_match: str | None = None
+    ) -> tuple[Stored, bool]:
+        """Store a new version (or the first, under the client's id); True when created."""
+        check_type(resource_type)
+        check_id(resource_id)
+        resource, _ = validate(resource, resource_type)
+        if "id" not in resource:
+            raise InvalidRequest("an update must carry the resource's id", expression="id")
+        if resource["id"] != resource_id:
+            raise InvalidRequest(
+                f"the body's id {resource['id']!r} is not the URL's {resource_id!r}",
+                expression=f"{resource_type}.id",
+            )
+        row = self._lock_row(resource_type, resource_id)
+        if row is None:
+            if if_match is not None:
+                raise PreconditionFailed(
+                    f"If-Match given, but {resource_type}/{resource_id} does not exist"
+                )
+            self.lock(f"create {resource_type}/{resource_id}")
+            return self.create(resource, resource_type, resource_id=resource_id, checked=True), True
+        res_pk, version, deleted = row
+        if if_match is not None and parse_etag(if_match) != version:
+            raise PreconditionFailed(
+                f"{resource_type}/{resource_id} is at version {version}, not "
+                f"{parse_etag(if_match)}: read it again and re-apply the change"
+            )
+        now = now_micros()
+        body, rows = self._prepare(resource, resource_id, version + 1, now, False)
+        self._advance(res_pk, version, version + 1, now, deleted=False)
+        self._insert_version(res_pk, resource_type, version + 1, now, "PUT", body)
+        self._delete_index(res_pk)
+        self._insert_index(res_pk, resource_type, rows)
+        return Stored(resource_type, resource_id, version + 1, now, body, "PUT"), deleted
+
+    def delete(
+        self, resource_type: str, resource_id: str, if_match: str | None = None
+    ) -> Stored | None:
+        """Delete (a new, empty version); None when it was already deleted."""
+        check_type(resource_type)
+        check_id(resource_id)
+        row = self._lock_row(resource_type, resource_id)
+        if row is None:
+            raise NotFound(f"{resource_type}/{resource_id} is not known")
+        res_pk, version, deleted = row
+        if if_match is not None and parse_etag(if_match) != version:
+            raise PreconditionFailed(
+                f"{resource_type}/{resource_id} is at version {version}, not {parse_etag(if_match)}"
+            )
+        if deleted:
+            return None
+        referrers = self.conn.execute(
+            sa.select(tables.resources.c.type, tables.resources.c.id)
+            .select_from(
+                tables.links.join(
+                    tables.resources, tables.resources.c.res_pk == tables.links.c.res_pk
+                )
+            )
+            .where(
+                tables.links.c.target_type == resource_type,
+                tables.links.c.target_id == resource_id,
+                tables.links.c.res_pk != res_pk,
+            )
+            .limit(6)
+        ).all()
+        if referrers:
+            names = ", ".join(f"{t}/{i}" for t, i in referrers[:5])
+            more = " and more" if len(referrers) > 5 else ""
+            raise Conflict(
+                f"{resource_type}/{resource_id} is referenced by {names}{more}; delete or "
+                "change those first"
+            )
+        now = now_micros()
+        self._advance(res_pk, version, version + 1, now, deleted=True)
+        self._insert_version(res_pk, resource_type, version + 1, now, "DELETE", None)
+        self._delete_index(res_pk)
+        return Stored(resource_type, resource_id, version + 1, now, None, "DELETE")
+
+    # -- helpers ------------------------------------------------------------------------
+
+    def _lock_row(self, resource_type: str, resource_id: str) -> tuple[int, int, bool] | None:
+        query = sa.select(
+            tables.resources.c.res_pk, tables.resources.c.version, tables.resources.c.deleted
+        ).where(tables.resources.c.type == resource_type, tables.resources.c.id == resource_id)
+        if self.store.is_postgres:
+            query = query.with_for_update()
+        row = self.conn.execute(query).first()
+        return None if row is None else (row[0], row[1], bool(row[2]))
+
+    def _advance(self, res_pk: int, old: int, new: int, now: int, *, deleted: bool) -> None:
+        result = self.conn.execute(
+            tables.resources.update()
+            .where(tables.resources.c.res_pk == res_pk, tables.resources.c.version == old)
+            .values(version=new, last_updated=now, deleted=deleted)
+        )
+        if result.rowcount != 1:
+            raise Conflict("the resource changed while this write was made; try again")
+
+    def _prepare(
+        self, resource: dict[str, Any], resource_id: str, version: int, now: int, checked: bool
+    ) -> tuple[bytes, IndexRows]:
+        """The stored form (server meta set, ``resourceType``, ``id``, ``meta`` first) and its
+        index rows; references checked unless ``checked``."""
+        meta = {key: value for key, value in resource.get("meta", {}).items()}
+        for key in SERVER_META:
+            meta.pop(key, None)
+        stored: dict[str, Any] = {
+            "resourceType": resource["resourceType"],
+            "id": resource_id,
+            "meta": {"versionId": str(version), "lastUpdated": format_instant(now), **meta},
+        }
+        for key, value in resource.items():
+            if key not in ("resourceType", "id", "meta"):
+                stored[key] = value
+        rows = index_values(stored, self.store.base_url)
+        if not checked:
+            self._check_references(stored)
+        return jsonio.dump(stored), rows
+
+    def _check_references(self, resource: dict[str, Any]) -> None:
+        wanted: dict[tuple[str, str], str] = {}
+        for path, reference in references(resource, resource["resourceType"]):
+            if reference.startswith("#") or reference.startswith("urn:"):
+                continue
+            target = parse_reference(reference, self.store.base_url)
+            if target is None:
+                if "://" in reference:
+                    continue  # absolute: another server's resource
+                raise Unprocessable(
+                    f"{path}: {reference!r} is not a reference this server can resolve",
+                    expression=path,
+                )
+            if target[0] not in RESOURCE_TYPES:
+                raise Unprocessable(
+                    f"{path}: this server does not host {target[0]} resources; use an absolute "
+                    "URL or a contained resource",
+                    expression=path,
+                )
+            wanted.setdefault(target, path)
+        wanted.pop((resource["resourceType"], resource["id"]), None)
+        if not wanted:
+            return
+        keys = list(wanted)
+        found: set[tuple[str, str]] = set()
+        for start in range(0, len(keys), 500):
+            chunk = keys[start : start + 500]
+            found.update(
+                (row[0], row[1])
+                for row in self.conn.execute(
+                    sa.select(tables.resources.c.type, tables.resources.c.id).where(
+                        sa.tuple_(tables.resources.c.type, tables.resources.c.id).in_(chunk),
+                        tables.resources.c.deleted.is_(False),
+                    )
+                )
+            )
+        for target, path in wanted.items():
+            if target not in found:
+                raise Unprocessable(
+                    f"{path}: {target[0]}/{target[1]} does not exist on this server",
+                    expression=path,
+                )
+
+    def _insert_version(
+        self,
+        res_pk: int,
+        resource_type: str,
+        version: int,
+        now: int,
+        method: str,
+        body: bytes | None,
+    ) -> None:
+        self.conn.execute(
+            tables.versions.insert().values(
+                res_pk=res_pk,
+                version=version,
+                type=resource_type,
+                last_updated=now,
+                method=method,
+                body=body,
+            )
+        )
+
+    def _insert_index(self, res_pk: int, resource_type: str, rows: IndexRows) -> None:
+        base = {"res_pk": res_pk, "type": resource_type}
+        if rows.tokens:
+            self.conn.execute(
+                tables.tokens.insert(),
+                [
+                    {**base, "param": p, "system": s[:255], "code": c[:255]}
+                    for p, s, c in rows.tokens
+                ],
+            )
+        if rows.strings:
+            self.conn.execute(
+                tables.strings.insert(),
+                [{**base, "param": p, "value": v[:255]} for p, v in rows.strings],
+            )
+        if rows.references:
+            self.conn.execute(
+                tables.references.insert(),
+                [
+                    {**base, "param": p, "target_type": t, "target_id": i}
+                    for p, t, i in rows.references
+                ],
+            )
+        if rows.dates:
+            self.conn.execute(
+                tables.dates.insert(),
+                [{**base, "param": p, "low": lo, "high": hi} for p, lo, hi in rows.dates],
+            )
+        if rows.links:
+            self.conn.execute(
+                tables.links.insert(),
+                [{"res_pk": res_pk, "target_type": t, "target_id": i} for t, i in rows.links],
+            )
+        if rows.compartment:
+            self.conn.execute(
+                tables.compartment.insert(),
+                [{"res_pk": res_pk, "patient_id": p} for p in sorted(rows.compartment)],
+            )
+
+    def _delete_index(self, res_pk: int) -> None:
+        for table in tables.INDEX_TABLES:
+            self.conn.execute(table.delete().where(table.c.res_pk == res_pk))

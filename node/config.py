@@ -1,0 +1,147 @@
+"""A node's configuration: ``node.toml`` in the node's directory, with environment overrides.
+
+Every setting can be overridden by ``HRX_<SECTION>_<KEY>`` (``HRX_DATABASE_URL``,
+``HRX_SERVER_PORT``...), which is how containers and gunicorn deployments set them. Unknown
+sections or keys, and values of the wrong type, are refused with the setting named. Relative
+paths are relative to the node's directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from node.errors import ConfigError
+
+CONFIG_FILE = "node.toml"
+
+# section -> key -> (type, default); None: required
+SCHEMA: dict[str, dict[str, tuple[type, Any]]] = {
+    "node": {"id": (str, None), "name": (str, None), "url": (str, None)},
+    "server": {"host": (str, "127.0.0.1"), "port": (int, 8080)},
+    "database": {"url": (str, None)},
+    "keys": {
+        "ed25519": (str, "keys/node.pem"),
+        "bls": (str, "keys/node.bls"),
+        "token": (str, "keys/token.pem"),
+    },
+    "tokens": {"ttl": (int, 3600), "max_ttl": (int, 86400)},
+    "audit": {"flush_ms": (int, 2)},
+}
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    directory: Path
+    node_id: str
+    name: str
+    url: str  # the node's public base URL (its FHIR base is url + "/fhir")
+    host: str
+    port: int
+    database_url: str
+    ed25519_key: Path
+    bls_key: Path
+    token_key: Path
+    token_ttl: int
+    token_max_ttl: int
+    audit_flush_ms: int
+
+    @property
+    def fhir_base(self) -> str:
+        return self.url.rstrip("/") + "/fhir"
+
+
+def _coerce(name: str, kind: type, value: Any) -> Any:
+    if kind is int:
+        if isinstance(value, bool) or not isinstance(value, int | str):
+            raise ConfigError(f"{name} must be a whole number, not {value!r}")
+        try:
+            return int(value)
+        except ValueError:
+            raise ConfigError(f"{name} must be a whole number, not {value!r}") from None
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{name} must be a non-empty string, not {value!r}")
+    return value
+
+
+def load_config(directory: Path, environ: Mapping[str, str] | None = None) -> NodeConfig:
+    """Read ``DIR/node.toml`` and apply ``HRX_*`` overrides from ``environ``."""
+    environ = os.environ if environ is None else environ
+    directory = directory.expanduser().resolve()
+    path = directory / CONFIG_FILE
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(
+            f"{path} does not exist; create a node with: hrx node init --dir {directory} ..."
+        ) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    values: dict[str, Any] = {}
+    for section, content in raw.items():
+        if section not in SCHEMA or not isinstance(content, dict):
+            raise ConfigError(f"{path}: unknown section [{section}]")
+        for key in content:
+            if key not in SCHEMA[section]:
+                raise ConfigError(f"{path}: unknown setting {section}.{key}")
+    for section, keys in SCHEMA.items():
+        for key, (kind, default) in keys.items():
+            name = f"{section}.{key}"
+            env_name = f"HRX_{section}_{key}".upper()
+            if env_name in environ:
+                value = _coerce(f"{env_name} (environment)", kind, environ[env_name])
+            elif key in raw.get(section, {}):
+                value = _coerce(f"{path}: {name}", kind, raw[section][key])
+            elif default is not None:
+                value = default
+            else:
+                raise ConfigError(f"{path}: {name} is required")
+            values[f"{section}_{key}"] = value
+    if not 0 < values["server_port"] < 65536:
+        raise ConfigError(f"server.port {values['server_port']} is not a TCP port")
+
+    def resolve(value: str) -> Path:
+        return (directory / value).resolve()
+
+    return NodeConfig(
+        directory=directory,
+        node_id=values["node_id"],
+        name=values["node_name"],
+        url=values["node_url"].rstrip("/"),
+        host=values["server_host"],
+        port=values["server_port"],
+        database_url=_database_url(values["database_url"], directory),
+        ed25519_key=resolve(values["keys_ed25519"]),
+        bls_key=resolve(values["keys_bls"]),
+        token_key=resolve(values["keys_token"]),
+        token_ttl=values["tokens_ttl"],
+        token_max_ttl=values["tokens_max_ttl"],
+        audit_flush_ms=values["audit_flush_ms"],
+    )
+
+
+def _database_url(value: str, directory: Path) -> str:
+    """``sqlite:///relative.db`` is relative to the node directory; URLs pass through."""
+    prefix = "sqlite:///"
+    if value.startswith(prefix) and not value[len(prefix) :].startswith("/"):
+        return prefix + str((directory / value[len(prefix) :]).resolve())
+    if value.startswith("postgresql://") or value.startswith("postgres://"):
+        return "postgresql+psycopg://" + value.split("://", 1)[1]
+    return value
+
+
+def write_config(directory: Path, settings: dict[str, dict[str, Any]]) -> Path:
+    """Write ``node.toml`` (TOML basic strings are JSON strings, so json.dumps quotes them)."""
+    lines = ["# hrx node configuration; every setting can be overridden by HRX_<SECTION>_<KEY>."]
+    for section, content in settings.items():
+        lines.append(f"\n[{section}]")
+        for key, value in content.items():
+            lines.append(f"{key} = {json.dumps(value, ensure_ascii=False)}")
+    path = directory / CONFIG_FILE
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path

@@ -1,0 +1,77 @@
+"""A node's database: its engines and its schema, kept current by Alembic migrations.
+
+One database holds the ledger, the FHIR store and the node's users. ``engine`` reads;
+``write_engine`` writes (on SQLite its transactions take the write lock when they begin, so
+concurrent writers queue instead of failing). ``upgrade`` applies every migration not yet
+applied (``hrx node upgrade``); a node refuses to serve a database that is behind.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import sqlalchemy as sa
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy.engine import Engine
+
+from ledger.store import open_engine
+from node.errors import ConfigError
+
+MIGRATIONS = Path(__file__).with_name("migrations")
+
+
+@dataclass
+class Database:
+    url: str
+    engine: Engine
+    write_engine: Engine
+
+    def close(self) -> None:
+        self.engine.dispose()
+        self.write_engine.dispose()
+
+
+def open_database(url: str) -> Database:
+    engine = open_engine(url)
+    write_engine = engine if engine.dialect.name != "sqlite" else open_engine(url, immediate=True)
+    return Database(url, engine, write_engine)
+
+
+def _alembic_config(engine: Engine) -> Config:
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    config.attributes["engine"] = engine
+    return config
+
+
+def head_revision() -> str:
+    head = ScriptDirectory.from_config(
+        _alembic_config(sa.create_engine("sqlite://"))
+    ).get_current_head()
+    assert head is not None
+    return head
+
+
+def current_revision(engine: Engine) -> str | None:
+    with engine.connect() as conn:
+        return MigrationContext.configure(conn).get_current_revision()
+
+
+def upgrade(database: Database) -> tuple[str | None, str]:
+    """Apply every pending migration; returns (revision before, revision after)."""
+    before = current_revision(database.write_engine)
+    command.upgrade(_alembic_config(database.write_engine), "head")
+    return before, head_revision()
+
+
+def require_current(engine: Engine, directory: Path) -> None:
+    current, head = current_revision(engine), head_revision()
+    if current != head:
+        raise ConfigError(
+            f"the database is at schema revision {current or 'none'}, this hrx needs {head}; "
+            f"apply the migrations with: hrx node upgrade --dir {directory}"
+        )

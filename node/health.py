@@ -1,0 +1,29 @@
+"""``GET /healthz``: whether this process can serve — its database answers and its schema is
+current. For load balancers and container health checks; it reveals no data."""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from flask import Blueprint, current_app, jsonify
+from flask.typing import ResponseReturnValue
+
+from node.db import current_revision, head_revision
+
+bp = Blueprint("health", __name__)
+
+
+@bp.get("/healthz")
+def healthz() -> ResponseReturnValue:
+    services = current_app.extensions["hrx"]
+    try:
+        with services.database.engine.connect() as conn:
+            conn.execute(sa.text("SELECT 1"))
+        revision = current_revision(services.database.engine)
+    except sa.exc.SQLAlchemyError as exc:
+        return jsonify(status="fail", database=type(exc).__name__), 503
+    head = head_revision()
+    status = "pass" if revision == head else "fail"
+    body = {"status": status, "node": services.config.node_id, "schema": revision}
+    if revision != head:
+        body["needs"] = head
+    return jsonify(body), 200 if status == "pass" else 503

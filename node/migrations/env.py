@@ -1,0 +1,28 @@
+"""Alembic environment for a node's database: run with the engine the caller hands over
+(``config.attributes["engine"]``), never a URL from an ini file."""
+
+from __future__ import annotations
+
+from alembic import context
+
+from fhir_adapters.tables import metadata as fhir_metadata
+from ledger.store import metadata as ledger_metadata
+from node.users import metadata as users_metadata
+
+target_metadata = [ledger_metadata, fhir_metadata, users_metadata]
+
+
+def run_migrations_online() -> None:
+    engine = context.config.attributes["engine"]
+    with engine.connect() as connection:
+        context.configure(
+            connection=connection,
+            target_metadata=target_metadata,
+            render_as_batch=engine.dialect.name == "sqlite",
+        )
+        with context.begin_transaction():
+            context.run_migrations()
+        connection.commit()
+
+
+run_migrations_online()

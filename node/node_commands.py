@@ -1,0 +1,199 @@
+"""``hrx node``, ``hrx user`` and ``hrx token``: set up, upgrade and serve a hospital node,
+and manage who may use it."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from ledger import keys
+from ledger.canonical import canonical_bytes
+from ledger.model import check_chain_id
+from ledger.roster import make_member
+from ledger.store import ChainStore
+from node.config import CONFIG_FILE, load_config, write_config
+from node.console import fail, out, reported
+from node.db import open_database, upgrade
+from node.users import ROLES, add_user, get_user
+
+ENROLLMENT_FILE = "enrollment.json"
+DIR_OPTION = click.option(
+    "--dir",
+    "directory",
+    required=True,
+    type=click.Path(path_type=Path, file_okay=False),
+    help="The node's directory (made by hrx node init).",
+)
+
+
+@click.group("node")
+def node_group() -> None:
+    """Create, upgrade and run a hospital node."""
+
+
+@node_group.command("init")
+@click.option(
+    "--dir",
+    "directory",
+    required=True,
+    type=click.Path(path_type=Path, file_okay=False),
+    help="Directory to create the node in (empty or absent).",
+)
+@click.option("--id", "node_id", required=True, help="Member id, e.g. hosp-a (also its chain id).")
+@click.option("--name", required=True, help="The hospital's name, e.g. 杭州市第一人民医院.")
+@click.option(
+    "--db", default=None, help="Database URL (default: hrx.db, SQLite, in the directory)."
+)
+@click.option("--port", default=8080, type=click.IntRange(1, 65535), show_default=True)
+@click.option("--url", default=None, help="Public base URL (default: http://127.0.0.1:PORT).")
+def node_init(
+    directory: Path, node_id: str, name: str, db: str | None, port: int, url: str | None
+) -> None:
+    """Create a node: configuration, keys, database and enrollment file."""
+    with reported():
+        check_chain_id(node_id)
+        if (directory / CONFIG_FILE).exists():
+            fail(f"{directory} already holds a node ({CONFIG_FILE}); choose another --dir")
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / "keys").mkdir(mode=0o700, exist_ok=True)
+        url = (url or f"http://127.0.0.1:{port}").rstrip("/")
+        write_config(
+            directory,
+            {
+                "node": {"id": node_id, "name": name, "url": url},
+                "server": {"host": "127.0.0.1", "port": port},
+                "database": {"url": db or "sqlite:///hrx.db"},
+                "keys": {
+                    "ed25519": "keys/node.pem",
+                    "bls": "keys/node.bls",
+                    "token": "keys/token.pem",
+                },
+            },
+        )
+        config = load_config(directory, environ={})
+        signing_key = keys.load_or_create_private_key(config.ed25519_key)
+        keys.load_or_create_private_key(config.token_key)
+        from ledger import bls
+
+        bls_secret = bls.load_or_create_secret_key(config.bls_key)
+        database = open_database(config.database_url)
+        try:
+            upgrade(database)
+            store = ChainStore(database.write_engine)
+            store.set_setting("chain", node_id)
+            store.set_setting("key", str(config.ed25519_key))
+        finally:
+            database.close()
+        enrollment = make_member(node_id, name, url, signing_key, bls_secret)
+        (directory / ENROLLMENT_FILE).write_bytes(canonical_bytes(enrollment) + b"\n")
+    out.print(f"node [bold]{node_id}[/] created in {config.directory}")
+    out.print(f"  database: {config.database_url}")
+    out.print(f"  enrollment file for the consortium authority: {directory / ENROLLMENT_FILE}")
+    out.print(f"  next: hrx user add --dir {directory} ...; hrx node serve --dir {directory}")
+
+
+@node_group.command("upgrade")
+@DIR_OPTION
+def node_upgrade(directory: Path) -> None:
+    """Apply the database migrations this version of hrx needs."""
+    with reported():
+        config = load_config(directory)
+        database = open_database(config.database_url)
+        try:
+            before, after = upgrade(database)
+        finally:
+            database.close()
+    if before == after:
+        out.print(f"the database is current (revision {after})")
+    else:
+        out.print(f"upgraded the database from revision {before or 'none'} to {after}")
+
+
+@node_group.command("serve")
+@DIR_OPTION
+@click.option("--host", default=None, help="Address to listen on (default: server.host).")
+@click.option("--port", default=None, type=click.IntRange(1, 65535), help="Default: server.port.")
+def node_serve(directory: Path, host: str | None, port: int | None) -> None:
+    """Serve the node with the development server (production: gunicorn, see the README)."""
+    with reported():
+        from node.app import create_app
+
+        config = load_config(directory)
+        app = create_app(directory)
+    host = host or config.host
+    port = port or config.port
+    out.print(f"node {config.node_id} serving FHIR at http://{host}:{port}/fhir", highlight=False)
+    app.run(host=host, port=port, threaded=True, use_reloader=False)
+
+
+@click.group("user")
+def user_group() -> None:
+    """Manage the people and systems who may use a node."""
+
+
+@user_group.command("add")
+@DIR_OPTION
+@click.option("--username", required=True)
+@click.option("--role", required=True, type=click.Choice(ROLES))
+@click.option("--patient", "patient_id", default=None, help="For a patient: their Patient id.")
+@click.option("--password-stdin", is_flag=True, help="Read a password from stdin (one line).")
+def user_add(
+    directory: Path, username: str, role: str, patient_id: str | None, password_stdin: bool
+) -> None:
+    """Add a user (a password only with --password-stdin; tokens need none)."""
+    password = None
+    if password_stdin:
+        password = sys.stdin.readline().rstrip("\r\n")
+    with reported():
+        config = load_config(directory)
+        database = open_database(config.database_url)
+        try:
+            if patient_id is not None:
+                from fhir_adapters.store import ResourceStore
+
+                ResourceStore(database.engine, database.write_engine).read("Patient", patient_id)
+            add_user(
+                database.write_engine, username, role, patient_id=patient_id, password=password
+            )
+        finally:
+            database.close()
+    out.print(f"added {role} [bold]{username}[/]")
+
+
+@click.group("token")
+def token_group() -> None:
+    """Issue bearer tokens for a node's users."""
+
+
+@token_group.command("issue")
+@DIR_OPTION
+@click.option("--username", required=True)
+@click.option("--scope", default=None, help="SMART scopes, space-separated (default: the role's).")
+@click.option("--ttl", default=None, type=click.IntRange(1), help="Lifetime in seconds.")
+def token_issue(directory: Path, username: str, scope: str | None, ttl: int | None) -> None:
+    """Print a bearer token for a user."""
+    with reported():
+        config = load_config(directory)
+        if ttl is not None and ttl > config.token_max_ttl:
+            fail(f"--ttl {ttl} is above tokens.max_ttl ({config.token_max_ttl} s)")
+        database = open_database(config.database_url)
+        try:
+            user = get_user(database.engine, username)
+            if user is None:
+                fail(f"no user {username!r}; add one with: hrx user add --dir {directory} ...")
+            from node.auth import TokenAuthority
+
+            authority = TokenAuthority(
+                keys.load_private_key(config.token_key), config.fhir_base, lambda _: user
+            )
+            token = authority.issue(user, scope, ttl or config.token_ttl)
+        finally:
+            database.close()
+    click.echo(token)
+
+
+def register(main: click.Group) -> None:
+    for group in (node_group, user_group, token_group):
+        main.add_command(group)

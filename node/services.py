@@ -1,0 +1,43 @@
+"""What one running node holds: its configuration, database, resource store, token authority
+and audit trail. The app factory makes one :class:`Services` per process and hangs it on the
+Flask app; the CLI makes one to act on a node's directory without serving it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+
+from fhir_adapters.store import ResourceStore
+from ledger import keys
+from node.audit import AuditTrail
+from node.auth import TokenAuthority
+from node.config import NodeConfig
+from node.db import Database, open_database, require_current
+from node.users import get_user
+
+
+@dataclass
+class Services:
+    config: NodeConfig
+    database: Database
+    store: ResourceStore
+    tokens: TokenAuthority
+    audit: AuditTrail
+
+    def close(self) -> None:
+        self.audit.close()
+        self.database.close()
+
+
+def open_services(config: NodeConfig, *, check_schema: bool = True) -> Services:
+    database = open_database(config.database_url)
+    if check_schema:
+        require_current(database.engine, config.directory)
+    store = ResourceStore(database.engine, database.write_engine, config.fhir_base)
+    tokens = TokenAuthority(
+        keys.load_private_key(config.token_key),
+        config.fhir_base,
+        partial(get_user, database.engine),
+    )
+    audit = AuditTrail(store, config.node_id, config.name, config.audit_flush_ms)
+    return Services(config, database, store, tokens, audit)
