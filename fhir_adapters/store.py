@@ -471,6 +471,17 @@ class Writer:
     def __init__(self, store: ResourceStore, conn: Connection) -> None:
         self.store = store
         self.conn = conn
+        # Set to a list to check references only at the end (a transaction may refer to what
+        # it creates later); ``tag`` names the write each deferred check came from.
+        self.deferred: list[tuple[Any, dict[str, Any]]] | None = None
+        self.tag: Any = None
+
+    def check_deferred(self) -> None:
+        """Check the references of every deferred write; the error carries its ``tag``."""
+        for tag, resource in self.deferred or []:
+            self.tag = tag
+            self._check_references(resource)
+        self.deferred = None
 
     def lock(self, key: str) -> None:
         """Serialise writers on ``key`` until this transaction ends (PostgreSQL; SQLite
@@ -622,15 +633,25 @@ class Writer:
             if key not in ("resourceType", "id", "meta"):
                 stored[key] = value
         rows = index_values(stored, self.store.base_url)
-        if not checked:
+        if checked:
+            pass
+        elif self.deferred is not None:
+            self.deferred.append((self.tag, stored))
+        else:
             self._check_references(stored)
         return jsonio.dump(stored), rows
 
     def _check_references(self, resource: dict[str, Any]) -> None:
         wanted: dict[tuple[str, str], str] = {}
         for path, reference in references(resource, resource["resourceType"]):
-            if reference.startswith("#") or reference.startswith("urn:"):
-                continue
+            if reference.startswith("#"):
+                continue  # a contained resource
+            if reference.startswith("urn:"):
+                raise Unprocessable(
+                    f"{path}: {reference!r} names no resource here (urn: references resolve "
+                    "only to entries of the same transaction Bundle)",
+                    expression=path,
+                )
             target = parse_reference(reference, self.store.base_url)
             if target is None:
                 if "://" in reference:

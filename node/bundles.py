@@ -193,12 +193,14 @@ def _transaction(entries: list[dict[str, Any]]) -> dict[str, Any]:
     results: dict[int, dict[str, Any]] = {}
     written: list[Stored] = []
     with svc.store.writing() as writer:
+        writer.deferred = []  # entries may refer to resources created by later entries
         for index, method, resource_type, resource_id, _query in sorted(
             plan, key=lambda step: (ORDER[step[1]], step[0])
         ):
             if method == "GET":
                 continue
             entry = entries[index]
+            writer.tag = index
             try:
                 action = {"POST": "c", "PUT": "u", "DELETE": "d"}[method]
                 fhir_api.permit(resource_type, action, "transaction")
@@ -236,6 +238,10 @@ def _transaction(entries: list[dict[str, Any]]) -> dict[str, Any]:
                 written.append(stored)
             except FhirError as exc:
                 raise _fail(index, exc) from None
+        try:
+            writer.check_deferred()
+        except FhirError as exc:
+            raise _fail(writer.tag, exc) from None
         if written:
             fhir_api._audit_write(writer, "transaction", written)
     for index, method, *_rest in plan:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -90,3 +91,33 @@ def ledger_db(db_url: str, tmp_path: Path) -> Iterator[Ledger]:
     ledger = make_ledger(db_url, tmp_path)
     yield ledger
     ledger.store.close()
+
+
+@contextmanager
+def postgres_database() -> Iterator[str]:
+    """A fresh PostgreSQL database for as long as the block runs."""
+    admin = _postgres_admin()
+    name = f"hrx_test_{uuid.uuid4().hex[:12]}"
+    admin.execute(f'CREATE DATABASE "{name}"')
+    base = POSTGRES_ADMIN.rsplit("/", 1)[0]
+    try:
+        yield f"{base}/{name}"
+    finally:
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.close()
+
+
+@pytest.fixture(
+    scope="module", params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
+)
+def node(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """A real node process on each engine, shared by one test module."""
+    from tests.nodes import running_node
+
+    directory = tmp_path_factory.mktemp("node") / "hosp-a"
+    if request.param == "sqlite":
+        with running_node(directory) as server:
+            yield server
+    else:
+        with postgres_database() as url, running_node(directory, url) as server:
+            yield server

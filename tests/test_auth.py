@@ -1,0 +1,192 @@
+"""Who may do what on a node: tokens (missing, expired, forged, wrong audience), SMART scopes,
+roles, the patient compartment through every way in, the password token endpoint."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import jwt
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from node.users import set_active
+from tests.nodes import FHIR_JSON, Node, post
+from tests.test_fhir_api import ids, new_patient, observation, outcome
+
+
+@pytest.fixture(scope="module")
+def world(node: Node) -> dict[str, Any]:
+    """Two patients with results, a report and its provenance, each patient with a user."""
+    s = node.session()
+    made: dict[str, Any] = {}
+    for name in ("alice", "bob"):
+        pid = new_patient(node, identifier=f"auth-{name}")
+        obs = post(s, f"{node.fhir}/Observation", observation(pid)).json()["id"]
+        report = post(
+            s,
+            f"{node.fhir}/DiagnosticReport",
+            {
+                "resourceType": "DiagnosticReport",
+                "status": "final",
+                "code": {"text": "CBC"},
+                "subject": {"reference": f"Patient/{pid}"},
+                "result": [{"reference": f"Observation/{obs}"}],
+            },
+        ).json()["id"]
+        made[name] = {
+            "patient": pid,
+            "observation": obs,
+            "report": report,
+            "token": node.token(f"patient-{name}", "patient", patient=pid),
+        }
+    # bob's report also cites alice's observation (a mistake a patient must not see through)
+    bob_report = s.get(f"{node.fhir}/DiagnosticReport/{made['bob']['report']}").json()
+    bob_report["result"].append({"reference": f"Observation/{made['alice']['observation']}"})
+    assert (
+        s.put(
+            f"{node.fhir}/DiagnosticReport/{made['bob']['report']}",
+            json=bob_report,
+            headers={"Content-Type": FHIR_JSON},
+        ).status_code
+        == 200
+    )
+    return made
+
+
+def test_no_or_bad_token_is_401(node: Node) -> None:
+    import requests
+
+    bare = requests.get(f"{node.fhir}/Patient")
+    outcome(bare, 401, "bearer token")
+    for header in ("Basic abc", "Bearer", "Bearer not.a.token"):
+        outcome(requests.get(f"{node.fhir}/Patient", headers={"Authorization": header}), 401)
+    forged = jwt.encode(
+        {
+            "sub": "doctor",
+            "scope": "user/*.cruds",
+            "role": "doctor",
+            "iat": int(time.time()),
+            "exp": int(time.time()) + 60,
+            "jti": "x",
+            "iss": node.fhir,
+            "aud": node.fhir,
+        },
+        Ed25519PrivateKey.generate(),
+        algorithm="EdDSA",
+    )
+    outcome(node.session(forged).get(f"{node.fhir}/Patient"), 401, "not valid")
+    expired = node.token("doctor-expiring", "doctor", ttl=1)
+    time.sleep(2.1)
+    outcome(node.session(expired).get(f"{node.fhir}/Patient"), 401, "expired")
+    # the metadata and health endpoints are public
+    assert requests.get(f"{node.fhir}/metadata").status_code == 200
+
+
+def test_disabled_user_loses_access(node: Node) -> None:
+    token = node.token("doctor-leaving", "doctor")
+    assert node.session(token).get(f"{node.fhir}/Patient").status_code == 200
+    set_active(node.database.write_engine, "doctor-leaving", False)
+    time.sleep(5.2)  # the node caches users for 5 s
+    outcome(node.session(token).get(f"{node.fhir}/Patient"), 401, "disabled")
+
+
+def test_scopes_bound_what_a_token_does(node: Node, world: dict[str, Any]) -> None:
+    pid = world["alice"]["patient"]
+    reader = node.session(node.token("doctor-ro", "doctor", scope="user/Patient.rs"))
+    assert reader.get(f"{node.fhir}/Patient/{pid}").status_code == 200
+    outcome(reader.get(f"{node.fhir}/Observation?patient={pid}"), 403, "may not search Observation")
+    outcome(
+        post(reader, f"{node.fhir}/Patient", {"resourceType": "Patient"}), 403, "may not create"
+    )
+    no_search = node.session(node.token("doctor-r", "doctor", scope="user/*.r"))
+    assert no_search.get(f"{node.fhir}/Patient/{pid}").status_code == 200
+    outcome(no_search.get(f"{node.fhir}/Patient"), 403)
+
+
+def test_roles(node: Node, world: dict[str, Any]) -> None:
+    pid = world["alice"]["patient"]
+    doctor = node.session()
+    auditor = node.session(node.token("auditor", "auditor"))
+    assert auditor.get(f"{node.fhir}/Patient/{pid}").status_code == 200
+    outcome(post(auditor, f"{node.fhir}/Patient", {"resourceType": "Patient"}), 403)
+    assert auditor.get(f"{node.fhir}/AuditEvent?_count=1").status_code == 200
+    outcome(doctor.get(f"{node.fhir}/AuditEvent"), 403, "AuditEvent")
+    outcome(post(doctor, f"{node.fhir}/AuditEvent", {"resourceType": "AuditEvent"}), 403)
+    admin = node.session(node.token("admin", "admin"))
+    outcome(admin.get(f"{node.fhir}/AuditEvent"), 403)
+
+
+def test_patient_sees_only_their_compartment(node: Node, world: dict[str, Any]) -> None:
+    alice, bob = world["alice"], world["bob"]
+    s = node.session(alice["token"])
+    assert s.get(f"{node.fhir}/Patient/{alice['patient']}").status_code == 200
+    assert s.get(f"{node.fhir}/Observation/{alice['observation']}").status_code == 200
+    # read: another patient's resources do not exist for her
+    for path in (
+        f"Patient/{bob['patient']}",
+        f"Observation/{bob['observation']}",
+        f"DiagnosticReport/{bob['report']}",
+        f"Observation/{bob['observation']}/_history/1",
+        f"Observation/{bob['observation']}/_history",
+    ):
+        outcome(s.get(f"{node.fhir}/{path}"), 404)
+    # search: only hers, totals included
+    everything = s.get(f"{node.fhir}/Observation").json()
+    assert set(ids(everything)) == {alice["observation"]} and everything["total"] == 1
+    assert s.get(f"{node.fhir}/Observation?patient={bob['patient']}").json()["total"] == 0
+    assert s.get(f"{node.fhir}/Patient").json()["total"] == 1
+    # includes do not reach outside: bob's report cites her observation, not the reverse
+    bundle = s.get(f"{node.fhir}/DiagnosticReport?_include=DiagnosticReport:result").json()
+    assert ids(bundle) == [alice["report"]]
+    assert set(ids(bundle, "include")) == {alice["observation"]}
+    bob_session = node.session(bob["token"])
+    bob_bundle = bob_session.get(
+        f"{node.fhir}/DiagnosticReport?_include=DiagnosticReport:result"
+    ).json()
+    assert alice["observation"] not in ids(bob_bundle, "include")
+    assert ids(bob_bundle, "include") == [bob["observation"]]
+    # history and $everything
+    history = s.get(f"{node.fhir}/Observation/_history").json()
+    assert {e["resource"]["id"] for e in history["entry"]} == {alice["observation"]}
+    outcome(s.get(f"{node.fhir}/Patient/{bob['patient']}/$everything"), 404)
+    mine = s.get(f"{node.fhir}/Patient/{alice['patient']}/$everything").json()
+    assert bob["observation"] not in ids(mine) and alice["observation"] in ids(mine)
+    # and she writes nothing
+    outcome(post(s, f"{node.fhir}/Observation", observation(alice["patient"])), 403)
+
+
+def test_patient_cannot_hold_user_scopes(node: Node, world: dict[str, Any]) -> None:
+    from node.errors import UserError
+
+    with pytest.raises(UserError, match="cannot hold user"):
+        node.token(
+            "patient-greedy", "patient", scope="user/*.rs", patient=world["alice"]["patient"]
+        )
+
+
+def test_token_endpoint_and_lockout(node: Node) -> None:
+    import requests
+
+    from node.users import add_user
+
+    add_user(node.database.write_engine, "dr-pw", "doctor", password="correct horse 1")
+    ok = requests.post(
+        f"{node.base}/auth/token",
+        data={"grant_type": "password", "username": "dr-pw", "password": "correct horse 1"},
+    )
+    assert ok.status_code == 200, ok.text
+    token = ok.json()["access_token"]
+    assert ok.json()["scope"] == "user/*.cruds"
+    assert node.session(token).get(f"{node.fhir}/Patient?_count=1").status_code == 200
+    for _ in range(5):
+        bad = requests.post(
+            f"{node.base}/auth/token",
+            data={"grant_type": "password", "username": "dr-pw", "password": "wrong"},
+        )
+        assert bad.status_code == 401
+    locked = requests.post(
+        f"{node.base}/auth/token",
+        data={"grant_type": "password", "username": "dr-pw", "password": "correct horse 1"},
+    )
+    assert locked.status_code == 401 and "locked" in locked.json()["error_description"]
