@@ -18,10 +18,14 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy.engine import Engine
 
+from fhir_adapters.tables import metadata as fhir_metadata
+from ledger.store import metadata as ledger_metadata
 from ledger.store import open_engine
 from node.errors import ConfigError
+from node.users import metadata as users_metadata
 
 MIGRATIONS = Path(__file__).with_name("migrations")
+MODEL_METADATA = [ledger_metadata, fhir_metadata, users_metadata]  # what the migrations build
 
 
 @dataclass

@@ -5,11 +5,7 @@ from __future__ import annotations
 
 from alembic import context
 
-from fhir_adapters.tables import metadata as fhir_metadata
-from ledger.store import metadata as ledger_metadata
-from node.users import metadata as users_metadata
-
-target_metadata = [ledger_metadata, fhir_metadata, users_metadata]
+from node.db import MODEL_METADATA
 
 
 def run_migrations_online() -> None:
@@ -17,7 +13,7 @@ def run_migrations_online() -> None:
     with engine.connect() as connection:
         context.configure(
             connection=connection,
-            target_metadata=target_metadata,
+            target_metadata=MODEL_METADATA,
             render_as_batch=engine.dialect.name == "sqlite",
         )
         with context.begin_transaction():

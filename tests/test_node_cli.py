@@ -1,0 +1,193 @@
+"""Setting up a node from the command line: ``hrx node init|upgrade``, ``hrx user add``,
+``hrx token issue``, configuration overrides, and migrations that match the models."""
+
+from __future__ import annotations
+
+import json
+import stat
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+from click.testing import CliRunner, Result
+
+from ledger.store import ChainStore
+from node.cli import main
+from node.config import load_config
+from node.db import MODEL_METADATA, current_revision, head_revision, open_database
+from node.errors import ConfigError
+
+
+def hrx(*args: str, stdin: str | None = None) -> Result:
+    return CliRunner().invoke(main, list(args), input=stdin)
+
+
+@pytest.fixture
+def node_dir(tmp_path: Path, db_url: str) -> Path:
+    directory = tmp_path / "hosp-b"
+    result = hrx(
+        "node",
+        "init",
+        "--dir",
+        str(directory),
+        "--id",
+        "hosp-b",
+        "--name",
+        "浙江大学医学院附属第二医院",
+        "--db",
+        db_url,
+        "--port",
+        "18181",
+    )
+    assert result.exit_code == 0, result.output
+    return directory
+
+
+def test_init_makes_keys_config_database_and_enrollment(node_dir: Path) -> None:
+    for key in ("node.pem", "node.bls", "token.pem"):
+        mode = stat.S_IMODE((node_dir / "keys" / key).stat().st_mode)
+        assert mode == 0o600, (key, oct(mode))
+    config = load_config(node_dir, environ={})
+    assert config.node_id == "hosp-b" and config.port == 18181
+    assert config.fhir_base == "http://127.0.0.1:18181/fhir"
+    enrollment = json.loads((node_dir / "enrollment.json").read_text())
+    assert enrollment["id"] == "hosp-b" and enrollment["name"] == "浙江大学医学院附属第二医院"
+    assert set(enrollment) == {"id", "name", "url", "ed25519", "bls", "bls_pop"}
+    from ledger import bls
+
+    assert bls.verify_possession(
+        bytes.fromhex(enrollment["bls"]), bytes.fromhex(enrollment["bls_pop"])
+    )
+    database = open_database(config.database_url)
+    try:
+        assert current_revision(database.engine) == head_revision()
+        store = ChainStore(database.engine)
+        assert store.setting("chain") == "hosp-b"
+        # the migrations made exactly what the models describe
+        with database.engine.connect() as conn:
+            differences = compare_metadata(MigrationContext.configure(conn), MODEL_METADATA)
+        assert differences == []
+        # and the ledger tables refuse changes
+        with database.engine.begin() as c:
+            c.execute(sa.text("INSERT INTO ledger_entries VALUES ('x', 0, :d, :d)"), {"d": b"x"})
+        with pytest.raises(sa.exc.DBAPIError, match="append-only"), database.engine.begin() as c:
+            c.execute(sa.text("DELETE FROM ledger_entries"))
+    finally:
+        database.close()
+
+
+def test_init_refuses_an_existing_node_and_bad_ids(node_dir: Path, tmp_path: Path) -> None:
+    again = hrx("node", "init", "--dir", str(node_dir), "--id", "hosp-b", "--name", "x")
+    assert again.exit_code == 1 and "already holds a node" in again.output
+    bad = hrx("node", "init", "--dir", str(tmp_path / "bad"), "--id", "Hosp B!", "--name", "x")
+    assert bad.exit_code == 1 and "chain id" in bad.output
+
+
+def test_upgrade_is_idempotent(node_dir: Path) -> None:
+    result = hrx("node", "upgrade", "--dir", str(node_dir))
+    assert result.exit_code == 0 and "is current" in result.output
+
+
+def test_environment_overrides_and_config_errors(node_dir: Path) -> None:
+    config = load_config(node_dir, environ={"HRX_SERVER_PORT": "9999", "HRX_NODE_NAME": "改名"})
+    assert config.port == 9999 and config.name == "改名"
+    with pytest.raises(ConfigError, match="HRX_SERVER_PORT"):
+        load_config(node_dir, environ={"HRX_SERVER_PORT": "eighty"})
+    text = (node_dir / "node.toml").read_text()
+    (node_dir / "node.toml").write_text(text + "\n[server]\ncolour = 1\n")
+    with pytest.raises(ConfigError):
+        load_config(node_dir, environ={})
+    (node_dir / "node.toml").write_text(text.replace("[server]", "[server]\ncolour = 1"))
+    with pytest.raises(ConfigError, match=r"unknown setting server\.colour"):
+        load_config(node_dir, environ={})
+    missing = hrx("node", "upgrade", "--dir", str(node_dir.parent / "nowhere"))
+    assert missing.exit_code == 1 and "hrx node init" in missing.output
+
+
+def test_users_and_tokens(node_dir: Path) -> None:
+    assert (
+        hrx(
+            "user",
+            "add",
+            "--dir",
+            str(node_dir),
+            "--username",
+            "wang",
+            "--role",
+            "doctor",
+            "--password-stdin",
+            stdin="a long password\n",
+        ).exit_code
+        == 0
+    )
+    twice = hrx("user", "add", "--dir", str(node_dir), "--username", "wang", "--role", "doctor")
+    assert twice.exit_code == 1 and "already exists" in twice.output
+    no_patient = hrx("user", "add", "--dir", str(node_dir), "--username", "p", "--role", "patient")
+    assert no_patient.exit_code == 1 and "--patient" in no_patient.output
+    unknown = hrx(
+        "user",
+        "add",
+        "--dir",
+        str(node_dir),
+        "--username",
+        "p",
+        "--role",
+        "patient",
+        "--patient",
+        "nobody",
+    )
+    assert unknown.exit_code == 1 and "Patient/nobody is not known" in unknown.output
+    short = hrx(
+        "user",
+        "add",
+        "--dir",
+        str(node_dir),
+        "--username",
+        "li",
+        "--role",
+        "doctor",
+        "--password-stdin",
+        stdin="short\n",
+    )
+    assert short.exit_code == 1 and "8 characters" in short.output
+    token = hrx(
+        "token",
+        "issue",
+        "--dir",
+        str(node_dir),
+        "--username",
+        "wang",
+        "--scope",
+        "user/Observation.rs",
+    )
+    assert token.exit_code == 0 and token.output.count(".") == 2
+    import jwt
+
+    claims = jwt.decode(token.output.strip(), options={"verify_signature": False})
+    assert claims["scope"] == "user/Observation.rs" and claims["sub"] == "wang"
+    too_long = hrx(
+        "token", "issue", "--dir", str(node_dir), "--username", "wang", "--ttl", "999999"
+    )
+    assert too_long.exit_code == 1 and "max_ttl" in too_long.output
+    bad_scope = hrx(
+        "token", "issue", "--dir", str(node_dir), "--username", "wang", "--scope", "user/*.xyz"
+    )
+    assert bad_scope.exit_code == 1 and "cruds" in bad_scope.output
+    nobody = hrx("token", "issue", "--dir", str(node_dir), "--username", "ghost")
+    assert nobody.exit_code == 1 and "no user" in nobody.output
+
+
+def test_app_refuses_a_database_behind(node_dir: Path) -> None:
+    from node.app import create_app
+
+    config = load_config(node_dir, environ={})
+    database = open_database(config.database_url)
+    try:
+        with database.write_engine.begin() as conn:
+            conn.execute(sa.text("UPDATE alembic_version SET version_num = 'old'"))
+    finally:
+        database.close()
+    with pytest.raises(ConfigError, match="hrx node upgrade"):
+        create_app(node_dir)
