@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.engine import Connection
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.sql.elements import ColumnElement
 
 from fhir_adapters import tables
@@ -272,19 +272,24 @@ def _check_criterion(
 
 
 def _date_condition(low: Any, high: Any, value: str) -> ColumnElement[bool]:
+    """A date criterion against index ranges [low, high), by the FHIR prefix semantics."""
     prefix = value[:2] if value[:2].isalpha() else "eq"
     pl, ph = date_range(value[2:] if value[:2].isalpha() else value)
-    conditions: dict[str, ColumnElement[bool]] = {
-        "eq": sa.and_(low >= pl, high <= ph),
-        "ne": sa.not_(sa.and_(low >= pl, high <= ph)),
-        "gt": high > ph,
-        "lt": low < pl,
-        "ge": high > pl,
-        "le": low < ph,
-        "sa": low >= ph,
-        "eb": high <= pl,
-    }
-    return conditions[prefix]
+    if prefix == "eq":
+        return sa.and_(low >= pl, high <= ph)
+    if prefix == "ne":
+        return sa.not_(sa.and_(low >= pl, high <= ph))
+    if prefix == "gt":
+        return high > ph
+    if prefix == "lt":
+        return low < pl
+    if prefix == "ge":
+        return high > pl
+    if prefix == "le":
+        return low < ph
+    if prefix == "sa":
+        return low >= ph
+    return high <= pl  # eb
 
 
 def _token_condition(table: sa.Table, value: str) -> ColumnElement[bool]:
@@ -308,10 +313,28 @@ def _reference_target(
     return target_type, value
 
 
+def selectivity_rank(resource_type: str, criterion: Criterion) -> int:
+    """How narrow a criterion usually is (lower: fewer matches). The narrowest one drives the
+    search from its index; the others are checked per candidate."""
+    if criterion.modifier in ("not", "missing"):
+        return 9
+    if criterion.name == "_id":
+        return 0
+    if criterion.name == "_lastUpdated":
+        return 6
+    param = SEARCH_PARAMS[resource_type][criterion.name]
+    if param.type == "reference":
+        return 1
+    if param.type == "token":
+        return 2 if criterion.name == "identifier" else 4
+    return 3 if param.type == "string" else 5
+
+
 def criterion_clause(
-    resource_type: str, criterion: Criterion, base_url: str = ""
+    resource_type: str, criterion: Criterion, base_url: str = "", *, driver: bool = True
 ) -> ColumnElement[bool]:
-    """The SQL condition on ``fhir_resources`` (aliased as ``R``) for one criterion."""
+    """The SQL condition on ``fhir_resources`` (aliased as ``R``) for one criterion: as the
+    set of matching rows (``driver``), or as a check of one candidate row."""
     name, modifier, values = criterion.name, criterion.modifier, criterion.values
     if name == "_id":
         clause = R.c.id.in_(values)
@@ -351,8 +374,12 @@ def criterion_clause(
             if target_type:
                 condition = sa.and_(condition, table.c.target_type == target_type)
             conditions.append(condition)
-    matching = R.c.res_pk.in_(rows.where(sa.or_(*conditions)))
-    return sa.not_(matching) if modifier == "not" else matching
+    if driver or modifier == "not":
+        matching = R.c.res_pk.in_(rows.where(sa.or_(*conditions)))
+        return sa.not_(matching) if modifier == "not" else matching
+    return sa.exists().where(
+        table.c.res_pk == R.c.res_pk, table.c.param == name, sa.or_(*conditions)
+    )
 
 
 def _sort_key(resource_type: str, key: str, descending: bool) -> ColumnElement[Any]:
@@ -388,13 +415,18 @@ def match_query(
 ) -> sa.Select[Any]:
     """SELECT res_pk, version of every current match, in the request's order."""
     assert request.resource_type is not None
-    conditions: list[ColumnElement[bool]] = [
-        R.c.type == request.resource_type,
-        R.c.deleted.is_(False),
-    ]
-    conditions.extend(
-        criterion_clause(request.resource_type, c, base_url) for c in request.criteria
-    )
+    resource_type = request.resource_type
+    criteria = sorted(request.criteria, key=lambda c: selectivity_rank(resource_type, c))
+    conditions: list[ColumnElement[bool]] = [R.c.deleted.is_(False)]
+    if criteria and selectivity_rank(resource_type, criteria[0]) < 9:
+        # the narrowest criterion's index rows (of this type only) find the candidates
+        driver, criteria = criteria[0], criteria[1:]
+        conditions.append(criterion_clause(resource_type, driver, base_url))
+        if driver.name in ("_id", "_lastUpdated"):  # columns of R itself, not index rows
+            conditions.append(R.c.type == resource_type)
+    else:
+        conditions.append(R.c.type == resource_type)
+    conditions.extend(criterion_clause(resource_type, c, base_url, driver=False) for c in criteria)
     restriction = access.clause(R.c.res_pk)
     if restriction is not None:
         conditions.append(restriction)
@@ -432,34 +464,36 @@ def unpack(data: bytes) -> list[tuple[int, int]]:
 
 
 def paginate(
-    conn: Connection,
+    write_engine: Engine,
     pairs: list[tuple[int, int]],
     count: int,
     owner: str,
     kind: str,
     request: dict[str, Any],
 ) -> Matches:
-    """The first page of ``pairs``; the whole list kept as a search set when it has more."""
+    """The first page of ``pairs``; the whole list kept as a search set when it has more
+    (the only time a search writes)."""
     set_id = None
-    if len(pairs) > count:
+    if len(pairs) > count > 0:
         set_id = str(uuid.uuid4())
         now = int(time.time())
-        conn.execute(
-            tables.search_sets.delete().where(
-                tables.search_sets.c.created < now - SEARCH_SET_SECONDS
+        with write_engine.begin() as conn:
+            conn.execute(
+                tables.search_sets.delete().where(
+                    tables.search_sets.c.created < now - SEARCH_SET_SECONDS
+                )
             )
-        )
-        conn.execute(
-            tables.search_sets.insert().values(
-                id=set_id,
-                created=now,
-                owner=owner,
-                kind=kind,
-                total=len(pairs),
-                request=json.dumps(request, sort_keys=True),
-                matches=pack(pairs),
+            conn.execute(
+                tables.search_sets.insert().values(
+                    id=set_id,
+                    created=now,
+                    owner=owner,
+                    kind=kind,
+                    total=len(pairs),
+                    request=json.dumps(request, sort_keys=True),
+                    matches=pack(pairs),
+                )
             )
-        )
     return Matches(len(pairs), pairs[:count], 0, count, set_id, request)
 
 

@@ -17,7 +17,7 @@ import hashlib
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -76,6 +76,9 @@ class Stored:
     last_updated: int  # µs since the epoch
     body: bytes | None  # None for the version that deleted the resource
     method: str = "PUT"
+    # the patients whose compartments it is in, when the read that found it knew them
+    patients: frozenset[str] | None = field(default=None, compare=False)
+    res_pk: int | None = field(default=None, compare=False)  # its row, when known
 
     @property
     def etag(self) -> str:
@@ -138,29 +141,22 @@ class ResourceStore:
     ) -> Stored:
         check_type(resource_type)
         check_id(resource_id)
-        query = (
-            sa.select(
-                tables.versions.c.version,
-                tables.versions.c.last_updated,
-                tables.versions.c.body,
-                tables.versions.c.method,
-            )
-            .select_from(
-                tables.resources.join(
-                    tables.versions,
-                    sa.and_(
-                        tables.versions.c.res_pk == tables.resources.c.res_pk,
-                        tables.versions.c.version == tables.resources.c.version,
-                    ),
-                )
-            )
-            .where(tables.resources.c.type == resource_type, tables.resources.c.id == resource_id)
-        )
         with _connection(self.engine, conn) as c:
-            row = c.execute(query).first()
-        if row is None:
-            raise NotFound(f"{resource_type}/{resource_id} is not known")
-        return Stored(resource_type, resource_id, row[0], row[1], row[2], row[3])
+            row = c.execute(_CURRENT, {"type": resource_type, "id": resource_id}).first()
+            if row is None:
+                raise NotFound(f"{resource_type}/{resource_id} is not known")
+            if row[5] > 1:
+                patients = frozenset(
+                    r[0]
+                    for r in c.execute(
+                        sa.select(tables.compartment.c.patient_id).where(
+                            tables.compartment.c.res_pk == row[6]
+                        )
+                    )
+                )
+            else:
+                patients = frozenset(filter(None, [row[4]]))
+        return Stored(resource_type, resource_id, row[0], row[1], row[2], row[3], patients, row[6])
 
     def vread(self, resource_type: str, resource_id: str, version: int) -> Stored:
         check_type(resource_type)
@@ -211,26 +207,45 @@ class ResourceStore:
                         tables.resources, tables.resources.c.res_pk == tables.versions.c.res_pk
                     )
                 )
-                .where(sa.tuple_(tables.versions.c.res_pk, tables.versions.c.version).in_(chunk))
+                .where(
+                    tables.versions.c.res_pk.in_(sorted({pk for pk, _ in chunk})),
+                    tables.versions.c.version.in_(sorted({v for _, v in chunk})),
+                )
             )
+            wanted = set(chunk)
             with self.engine.connect() as conn:
                 for row in conn.execute(query):
-                    found[(row[0], row[1])] = Stored(row[2], row[3], row[1], row[4], row[5], row[6])
+                    if (row[0], row[1]) in wanted:
+                        found[(row[0], row[1])] = Stored(
+                            row[2], row[3], row[1], row[4], row[5], row[6], res_pk=row[0]
+                        )
         return [found[key] for key in res_pks_versions if key in found]
 
     def patients_of(self, items: list[Stored]) -> set[str]:
         """The patients in whose compartments these resources are (for audit records)."""
-        keys = sorted({(item.type, item.id) for item in items})
         found: set[str] = set()
+        for item in items:
+            if item.patients is not None:
+                found |= item.patients
+        unknown = [item for item in items if item.patients is None]
+        pks = sorted({item.res_pk for item in unknown if item.res_pk is not None})
+        keys = sorted({(item.type, item.id) for item in unknown if item.res_pk is None})
         C = tables.compartment
         with self.engine.connect() as conn:
+            for start in range(0, len(pks), 500):
+                found.update(
+                    row[0]
+                    for row in conn.execute(
+                        sa.select(C.c.patient_id).where(C.c.res_pk.in_(pks[start : start + 500]))
+                    )
+                )
             for start in range(0, len(keys), 500):
                 found.update(
                     row[0]
                     for row in conn.execute(
                         sa.select(C.c.patient_id)
                         .select_from(C.join(R, R.c.res_pk == C.c.res_pk))
-                        .where(sa.tuple_(R.c.type, R.c.id).in_(keys[start : start + 500]))
+                        .where(keys_clause(R.c.type, R.c.id, keys[start : start + 500]))
                     )
                 )
         return found
@@ -239,13 +254,13 @@ class ResourceStore:
 
     def search(self, request: SearchRequest, access: Access, owner: str) -> Matches:
         """The first page of a search (see :mod:`fhir_adapters.search`)."""
-        with self.write_engine.begin() as conn:  # it may store a search set
+        with self.engine.connect() as conn:
             pairs = [
                 (row[0], row[1])
                 for row in conn.execute(match_query(request, access, self.base_url))
             ]
             return paginate(
-                conn,
+                self.write_engine,
                 pairs,
                 request.count,
                 owner,
@@ -293,7 +308,7 @@ class ResourceStore:
             pks = {
                 row[0]
                 for row in conn.execute(
-                    sa.select(R.c.res_pk).where(sa.tuple_(R.c.type, R.c.id).in_(sorted(page_keys)))
+                    sa.select(R.c.res_pk).where(keys_clause(R.c.type, R.c.id, page_keys))
                 )
             }
             for text in request.get("includes", []):
@@ -305,7 +320,7 @@ class ResourceStore:
                     query = query.where(ref.c.target_type == target[0])
                 targets = sorted({(row[0], row[1]) for row in conn.execute(query)} - page_keys)
                 if targets:
-                    wanted.append(sa.tuple_(R.c.type, R.c.id).in_(targets))
+                    wanted.append(keys_clause(R.c.type, R.c.id, targets))
             for text in request.get("revincludes", []):
                 source, param, *target = text.split(":")
                 keys = sorted(key for key in page_keys if not target or key[0] == target[0])
@@ -315,7 +330,7 @@ class ResourceStore:
                             sa.select(ref.c.res_pk).where(
                                 ref.c.type == source,
                                 ref.c.param == param,
-                                sa.tuple_(ref.c.target_type, ref.c.target_id).in_(keys),
+                                keys_clause(ref.c.target_type, ref.c.target_id, keys),
                             )
                         )
                     )
@@ -364,7 +379,7 @@ class ResourceStore:
         restriction = access.clause(V.c.res_pk)
         if restriction is not None:
             conditions.append(restriction)
-        with self.write_engine.begin() as conn:
+        with self.engine.connect() as conn:
             pairs = [
                 (row[0], row[1])
                 for row in conn.execute(
@@ -376,7 +391,7 @@ class ResourceStore:
             if not access.unrestricted:
                 pairs = self._versions_in_compartment(pairs, access)
             return paginate(
-                conn,
+                self.write_engine,
                 pairs,
                 count,
                 owner,
@@ -407,13 +422,14 @@ class ResourceStore:
         self.read("Patient", patient_id)
         C = tables.compartment
         in_compartment = sa.select(C.c.res_pk).where(C.c.patient_id == patient_id)
-        referenced = sa.select(R.c.res_pk).where(
-            R.c.type.in_(("Practitioner", "Organization")),
-            sa.tuple_(R.c.type, R.c.id).in_(
-                sa.select(tables.links.c.target_type, tables.links.c.target_id).where(
-                    tables.links.c.res_pk.in_(in_compartment)
-                )
-            ),
+        L = tables.links
+        referenced = (
+            sa.select(R.c.res_pk)
+            .select_from(L.join(R, sa.and_(R.c.type == L.c.target_type, R.c.id == L.c.target_id)))
+            .where(
+                L.c.res_pk.in_(in_compartment),
+                L.c.target_type.in_(("Practitioner", "Organization")),
+            )
         )
         conditions = [
             R.c.deleted.is_(False),
@@ -424,14 +440,16 @@ class ResourceStore:
         if restriction is not None:
             conditions.append(sa.or_(restriction, R.c.res_pk.in_(referenced)))
         order = [sa.case((R.c.type == "Patient", 0), else_=1), R.c.type, R.c.res_pk]
-        with self.write_engine.begin() as conn:
+        with self.engine.connect() as conn:
             pairs = [
                 (row[0], row[1])
                 for row in conn.execute(
                     sa.select(R.c.res_pk, R.c.version).where(*conditions).order_by(*order)
                 )
             ]
-            return paginate(conn, pairs, count, owner, "everything", {"patient": patient_id})
+            return paginate(
+                self.write_engine, pairs, count, owner, "everything", {"patient": patient_id}
+            )
 
     # -- writes -------------------------------------------------------------------------
 
@@ -454,6 +472,64 @@ class ResourceStore:
     def delete(self, resource_type: str, resource_id: str) -> Stored | None:
         with self.writing() as writer:
             return writer.delete(resource_type, resource_id)
+
+
+def keys_clause(type_column: Any, id_column: Any, keys: Any) -> Any:
+    """``(type, id) IN keys`` written so every database uses its (type, id) index: one
+    ``type = T AND id IN (...)`` per type. (SQLite scans a table for a row-value IN list.)"""
+    by_type: dict[str, list[str]] = {}
+    for resource_type, resource_id in keys:
+        by_type.setdefault(resource_type, []).append(resource_id)
+    if not by_type:
+        return sa.false()
+    return sa.or_(
+        *(
+            sa.and_(type_column == resource_type, id_column.in_(sorted(ids)))
+            for resource_type, ids in sorted(by_type.items())
+        )
+    )
+
+
+_COMPARTMENT_OF = tables.compartment.c.res_pk == tables.resources.c.res_pk
+# The current version of a resource, with the first of its patients and how many there are.
+_CURRENT = (
+    sa.select(
+        tables.versions.c.version,
+        tables.versions.c.last_updated,
+        tables.versions.c.body,
+        tables.versions.c.method,
+        sa.select(sa.func.min(tables.compartment.c.patient_id))
+        .where(_COMPARTMENT_OF)
+        .scalar_subquery(),
+        sa.select(sa.func.count()).where(_COMPARTMENT_OF).scalar_subquery(),
+        tables.resources.c.res_pk,
+    )
+    .select_from(
+        tables.resources.join(
+            tables.versions,
+            sa.and_(
+                tables.versions.c.res_pk == tables.resources.c.res_pk,
+                tables.versions.c.version == tables.resources.c.version,
+            ),
+        )
+    )
+    .where(
+        tables.resources.c.type == sa.bindparam("type"),
+        tables.resources.c.id == sa.bindparam("id"),
+    )
+)
+
+
+@dataclass
+class _IndexBatch:
+    """Index rows waiting to be inserted, one list per table."""
+
+    tokens: list[dict[str, Any]] = field(default_factory=list)
+    strings: list[dict[str, Any]] = field(default_factory=list)
+    references: list[dict[str, Any]] = field(default_factory=list)
+    dates: list[dict[str, Any]] = field(default_factory=list)
+    links: list[dict[str, Any]] = field(default_factory=list)
+    compartment: list[dict[str, Any]] = field(default_factory=list)
 
 
 @contextmanager
@@ -516,6 +592,49 @@ class Writer:
         self._insert_version(res_pk, resource_type, 1, now, "POST", body)
         self._insert_index(res_pk, resource_type, rows)
         return Stored(resource_type, resource_id, 1, now, body, "POST")
+
+    def create_many_checked(self, resources: list[dict[str, Any]]) -> list[Stored]:
+        """Store resources this node made itself (AuditEvents), unvalidated, with a handful of
+        statements for the whole list instead of a handful per resource."""
+        if not resources:
+            return []
+        now = now_micros()
+        prepared = []
+        for resource in resources:
+            resource_id = str(uuid.uuid4())
+            body, rows = self._prepare(resource, resource_id, 1, now, True)
+            prepared.append((resource["resourceType"], resource_id, body, rows))
+        res_pks = [
+            row[0]
+            for row in self.conn.execute(
+                tables.resources.insert().returning(
+                    tables.resources.c.res_pk, sort_by_parameter_order=True
+                ),
+                [
+                    {"type": t, "id": i, "version": 1, "last_updated": now, "deleted": False}
+                    for t, i, _, _ in prepared
+                ],
+            )
+        ]
+        self.conn.execute(
+            tables.versions.insert(),
+            [
+                {
+                    "res_pk": pk,
+                    "version": 1,
+                    "type": t,
+                    "last_updated": now,
+                    "method": "POST",
+                    "body": body,
+                }
+                for pk, (t, _, body, _) in zip(res_pks, prepared, strict=True)
+            ],
+        )
+        batched = _IndexBatch()
+        for pk, (t, _, _, rows) in zip(res_pks, prepared, strict=True):
+            self._insert_index(pk, t, rows, into=batched)
+        self._flush_index(batched)
+        return [Stored(t, i, 1, now, body, "POST") for (t, i, body, _) in prepared]
 
     def update(
         self, resource_type: str, resource_id: str, resource: Any, if_match: str | None = None
@@ -678,7 +797,7 @@ class Writer:
                 (row[0], row[1])
                 for row in self.conn.execute(
                     sa.select(tables.resources.c.type, tables.resources.c.id).where(
-                        sa.tuple_(tables.resources.c.type, tables.resources.c.id).in_(chunk),
+                        keys_clause(tables.resources.c.type, tables.resources.c.id, chunk),
                         tables.resources.c.deleted.is_(False),
                     )
                 )
@@ -710,44 +829,40 @@ class Writer:
             )
         )
 
-    def _insert_index(self, res_pk: int, resource_type: str, rows: IndexRows) -> None:
+    def _insert_index(
+        self, res_pk: int, resource_type: str, rows: IndexRows, into: _IndexBatch | None = None
+    ) -> None:
+        """Insert a resource's index rows, or add them to ``into`` to insert later at once."""
+        batch = into if into is not None else _IndexBatch()
         base = {"res_pk": res_pk, "type": resource_type}
-        if rows.tokens:
-            self.conn.execute(
-                tables.tokens.insert(),
-                [
-                    {**base, "param": p, "system": s[:255], "code": c[:255]}
-                    for p, s, c in rows.tokens
-                ],
-            )
-        if rows.strings:
-            self.conn.execute(
-                tables.strings.insert(),
-                [{**base, "param": p, "value": v[:255]} for p, v in rows.strings],
-            )
-        if rows.references:
-            self.conn.execute(
-                tables.references.insert(),
-                [
-                    {**base, "param": p, "target_type": t, "target_id": i}
-                    for p, t, i in rows.references
-                ],
-            )
-        if rows.dates:
-            self.conn.execute(
-                tables.dates.insert(),
-                [{**base, "param": p, "low": lo, "high": hi} for p, lo, hi in rows.dates],
-            )
-        if rows.links:
-            self.conn.execute(
-                tables.links.insert(),
-                [{"res_pk": res_pk, "target_type": t, "target_id": i} for t, i in rows.links],
-            )
-        if rows.compartment:
-            self.conn.execute(
-                tables.compartment.insert(),
-                [{"res_pk": res_pk, "patient_id": p} for p in sorted(rows.compartment)],
-            )
+        batch.tokens.extend(
+            {**base, "param": p, "system": sy[:255], "code": c[:255]} for p, sy, c in rows.tokens
+        )
+        batch.strings.extend({**base, "param": p, "value": v[:255]} for p, v in rows.strings)
+        batch.references.extend(
+            {**base, "param": p, "target_type": t, "target_id": i} for p, t, i in rows.references
+        )
+        batch.dates.extend({**base, "param": p, "low": lo, "high": hi} for p, lo, hi in rows.dates)
+        batch.links.extend(
+            {"res_pk": res_pk, "target_type": t, "target_id": i} for t, i in rows.links
+        )
+        batch.compartment.extend(
+            {"res_pk": res_pk, "patient_id": p} for p in sorted(rows.compartment)
+        )
+        if into is None:
+            self._flush_index(batch)
+
+    def _flush_index(self, batch: _IndexBatch) -> None:
+        for table, rows in (
+            (tables.tokens, batch.tokens),
+            (tables.strings, batch.strings),
+            (tables.references, batch.references),
+            (tables.dates, batch.dates),
+            (tables.links, batch.links),
+            (tables.compartment, batch.compartment),
+        ):
+            if rows:
+                self.conn.execute(table.insert(), rows)
 
     def _delete_index(self, res_pk: int) -> None:
         for table in tables.INDEX_TABLES:

@@ -6,21 +6,23 @@ what (the interaction: read, search-type, create...; the action C/R/U/D/E), the 
 returned or written — a search lists exactly what its Bundle held, includes too — plus one
 entity per patient concerned and, for a search, the query itself.
 
-A write's event commits in the write's own transaction. Reads are fail-closed: the response
-leaves only once its event is durable. :class:`AuditWriter` makes that cheap by committing
-the events of concurrent requests together (group commit) from one thread per process.
+A write's event commits in the write's own transaction. A read's event is queued and stored
+within milliseconds by :class:`AuditWriter`, many per transaction; when the audit trail
+cannot keep up or cannot be written, the node refuses requests (503) rather than serve
+unrecorded ones.
 """
 
 from __future__ import annotations
 
 import base64
 import logging
+import os
 import threading
-import uuid
-from collections.abc import Iterable
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from fhir_adapters.errors import FhirError
 from fhir_adapters.store import ResourceStore, Stored, Writer, format_instant, now_micros
 
 log = logging.getLogger(__name__)
@@ -73,6 +75,9 @@ class AuditTrail:
         self.node_id = node_id
         self.node_name = node_name
         self.writer = AuditWriter(store, flush_ms / 1000)
+
+    def flush(self) -> None:
+        self.writer.flush()
 
     def event(self, record: AuditRecord) -> dict[str, Any]:
         agent: dict[str, Any] = {
@@ -175,84 +180,105 @@ class AuditTrail:
         writer.create(self.event(record), checked=True)
 
     def record(self, record: AuditRecord) -> None:
-        """Store the event; returns once it is durable."""
+        """Queue the event for storage (see :class:`AuditWriter`)."""
         self.writer.write(self.event(record))
 
     def close(self) -> None:
         self.writer.close()
 
 
-class _Waiter:
-    __slots__ = ("done", "error", "event")
+class AuditBacklog(FhirError):
+    """503: audit records cannot be stored, so nothing more is served until they can."""
 
-    def __init__(self, event: dict[str, Any]) -> None:
-        self.event = event
-        self.done = threading.Event()
-        self.error: BaseException | None = None
+    status = 503
+    code = "transient"
 
 
 class AuditWriter:
-    """Group commit for AuditEvents: one thread commits what every request thread queued."""
+    """Stores AuditEvents in batches from one thread per process.
 
-    def __init__(self, store: ResourceStore, gather_seconds: float) -> None:
+    A read returns as soon as its event is queued; the thread commits what is queued at
+    least every ``flush_seconds``, many events per transaction. Fail-closed: when the queue
+    holds ``max_queue`` events, or the last commit failed, requests are refused (503) until
+    the store takes events again. Stopping the process flushes the queue first; only a hard
+    crash can lose what was queued in the last ``flush_seconds``.
+    """
+
+    def __init__(self, store: ResourceStore, flush_seconds: float, max_queue: int = 10_000) -> None:
         self.store = store
-        self.gather_seconds = gather_seconds
-        self._queue: list[_Waiter] = []
-        self._arrived = threading.Condition()
+        self.flush_seconds = flush_seconds
+        self.max_queue = max_queue
+        self._queue: list[dict[str, Any]] = []
+        self._in_flight = 0
+        self._failure: str | None = None
+        self._changed = threading.Condition()
         self._closed = False
         self._thread: threading.Thread | None = None
-        self._pid_lock = threading.Lock()
+        self._pid = 0
 
     def _ensure_thread(self) -> None:
-        # started lazily: gunicorn forks workers after the app is made
-        if self._thread is None or not self._thread.is_alive():
-            with self._pid_lock:
-                if self._thread is None or not self._thread.is_alive():
-                    self._thread = threading.Thread(
-                        target=self._run, name="audit-writer", daemon=True
-                    )
-                    self._thread.start()
+        # started lazily, and again in a forked child (gunicorn forks after the app is made)
+        if self._thread is None or self._pid != os.getpid():
+            self._pid = os.getpid()
+            self._thread = threading.Thread(target=self._run, name="audit-writer", daemon=True)
+            self._thread.start()
 
     def write(self, event: dict[str, Any]) -> None:
-        waiter = _Waiter(event)
-        self._ensure_thread()
-        with self._arrived:
+        with self._changed:
+            self._ensure_thread()
             if self._closed:
-                raise RuntimeError("the audit writer is closed")
-            self._queue.append(waiter)
-            self._arrived.notify()
-        waiter.done.wait()
-        if waiter.error is not None:
-            raise waiter.error
+                raise AuditBacklog("the audit trail is closed; this node is stopping")
+            if self._failure is not None:
+                raise AuditBacklog(f"audit records cannot be stored ({self._failure}); refused")
+            if len(self._queue) >= self.max_queue:
+                raise AuditBacklog("the audit trail is behind; try again shortly")
+            self._queue.append(event)
+            if len(self._queue) == 1:
+                self._changed.notify_all()
+
+    def flush(self) -> None:
+        """Wait until everything queued so far is stored (or has failed)."""
+        with self._changed:
+            while (self._queue or self._in_flight) and self._failure is None:
+                self._ensure_thread()
+                self._changed.notify_all()
+                self._changed.wait(1.0)
 
     def _run(self) -> None:
+        backoff = 0.1
         while True:
-            with self._arrived:
+            with self._changed:
                 while not self._queue and not self._closed:
-                    self._arrived.wait()
+                    self._changed.wait()
                 if not self._queue and self._closed:
                     return
-                if self.gather_seconds > 0:
-                    self._arrived.wait(self.gather_seconds)
-                batch, self._queue = self._queue, []
-            self._commit(batch)
-
-    def _commit(self, batch: Iterable[_Waiter]) -> None:
-        batch = list(batch)
-        try:
-            with self.store.writing() as writer:
-                for waiter in batch:
-                    writer.create(waiter.event, checked=True, resource_id=str(uuid.uuid4()))
-        except BaseException as exc:  # every waiter must learn of it
-            log.exception("could not store %d audit events", len(batch))
-            for waiter in batch:
-                waiter.error = exc
-        for waiter in batch:
-            waiter.done.set()
+                batch, self._queue = self._queue[:1000], self._queue[1000:]
+                self._in_flight = len(batch)
+            try:
+                with self.store.writing() as writer:
+                    writer.create_many_checked(batch)
+            except Exception as exc:
+                log.exception("could not store %d audit events; retrying", len(batch))
+                with self._changed:
+                    self._queue[:0] = batch
+                    self._in_flight = 0
+                    self._failure = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+                    self._changed.notify_all()
+                time.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+                continue
+            backoff = 0.1
+            with self._changed:
+                self._in_flight = 0
+                self._failure = None
+                self._changed.notify_all()
+            if not self._closed:
+                time.sleep(self.flush_seconds)  # let the next batch gather
 
     def close(self) -> None:
-        with self._arrived:
+        self.flush()
+        with self._changed:
             self._closed = True
-            self._arrived.notify_all()
-        if self._thread is not None:
-            self._thread.join()
+            self._changed.notify_all()
+        if self._thread is not None and self._pid == os.getpid():
+            self._thread.join(timeout=10)

@@ -57,6 +57,9 @@ def _resource(resource_type: str) -> dict[str, Any]:
             for name, p in sorted(params.items())
         ],
     }
+    for key in ("searchInclude", "searchRevInclude"):
+        if not entry[key]:
+            del entry[key]  # FHIR JSON has no empty arrays
     if resource_type == "Patient":
         entry["operation"] = [
             {

@@ -31,7 +31,7 @@ SCHEMA: dict[str, dict[str, tuple[type, Any]]] = {
         "token": (str, "keys/token.pem"),
     },
     "tokens": {"ttl": (int, 3600), "max_ttl": (int, 86400)},
-    "audit": {"flush_ms": (int, 2)},
+    "audit": {"flush_ms": (int, 20)},
 }
 
 

@@ -109,6 +109,8 @@ def _record(interaction: str, principal: Principal | None) -> AuditRecord:
 
 def permit(resource_type: str, action: str, interaction: str) -> Access:
     principal = authenticate()
+    if resource_type == "AuditEvent" and action in "rs":
+        services().audit.flush()  # reading the trail: this process's queued records first
     try:
         return principal.require(resource_type, action)
     except FhirError as exc:
@@ -348,6 +350,12 @@ def _audit_write(writer: Any, interaction: str, items: list[Stored]) -> None:
 def create(resource_type: str) -> Response:
     check_type(resource_type)
     permit(resource_type, "c", "create")
+    unexpected = [name for name in request.args if name not in ("_format", "_pretty")]
+    if unexpected:
+        raise InvalidRequest(
+            f"create takes no parameters ({', '.join(unexpected)}); for a conditional create "
+            "send the search as the If-None-Exist header"
+        )
     resource = body_json()
     condition = request.headers.get("If-None-Exist")
     svc = services()
@@ -490,7 +498,7 @@ def _entry(base: str, stored: Stored, mode: str | None) -> bytes:
 
 
 def _page_links(matches: Matches) -> list[dict[str, str]]:
-    if matches.set_id is None:
+    if matches.set_id is None or matches.count == 0:
         return []
     base = services().config.fhir_base
     count = matches.count

@@ -226,6 +226,8 @@ def test_validation_errors_are_operation_outcomes(node: Node) -> None:
     outcome(s.get(f"{node.fhir}/Encounter/1"), 404, "does not host")
     outcome(s.patch(f"{node.fhir}/Patient/{pid}", json={}), 405)
     outcome(s.get(f"{node.fhir}/nothing-here"), 404)
+    # search parameters on a create would be silently ignored: refused instead
+    outcome(post(s, f"{node.fhir}/Patient?identifier=x", patient()), 400, "If-None-Exist")
     assert s.get(f"{node.fhir}/Patient?_format=json").status_code == 200
 
 

@@ -1,0 +1,230 @@
+"""Benchmark a node's FHIR API under gunicorn with a load generator in another process.
+
+Loads N Observations (default 100,000, over N/50 patients) into a fresh node, serves it with
+gunicorn (2 workers, gthread), and drives it with wrk from a separate process:
+
+- read: GET Observation/{id} over random ids;
+- search: GET Observation?patient=P&code=C&date=geD (random patients) with _count=20;
+- create: POST Observation;
+- ceiling: GET /livez under the same gunicorn (a request that does no work).
+
+Every FHIR request carries a bearer token and leaves a durable AuditEvent, as in production.
+Prints each figure beside the ceiling measured in the same run.
+
+    python3 scripts/bench_fhir.py [--observations 100000] [--db URL] [--workers 2]
+        [--threads 4] [--seconds 10] [--connections 16]
+
+Needs wrk (Debian: apt-get install wrk).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from rich.console import Console  # noqa: E402
+from rich.progress import Progress  # noqa: E402
+
+from fhir_adapters.store import ResourceStore  # noqa: E402
+from node.config import load_config  # noqa: E402
+from node.db import open_database  # noqa: E402
+from tests.nodes import free_port, init_node, wait_healthy  # noqa: E402
+
+console = Console()
+LOINC = ["718-7", "789-8", "2345-7", "2160-0", "1742-6", "6690-2", "777-3", "2951-2", "2823-3",
+         "1920-8"]
+
+
+def load(directory: Path, observations: int) -> tuple[list[str], list[str]]:
+    config = load_config(directory)
+    database = open_database(config.database_url)
+    store = ResourceStore(database.engine, database.write_engine, config.fhir_base)
+    patients = max(1, observations // 50)
+    patient_ids: list[str] = []
+    observation_ids: list[str] = []
+    rng = random.Random(7)
+    started = time.perf_counter()
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task("loading", total=patients + observations)
+        batch = 500
+        for start in range(0, patients, batch):
+            with store.writing() as writer:
+                for number in range(start, min(patients, start + batch)):
+                    stored = writer.create({
+                        "resourceType": "Patient",
+                        "identifier": [{"system": "urn:oid:2.16.156.10011.1.1",
+                                        "value": f"3301021980{number:08d}"}],
+                        "name": [{"family": "张", "given": [f"三{number}"]}],
+                        "gender": "male" if number % 2 else "female",
+                        "birthDate": f"19{50 + number % 50}-01-02",
+                    })
+                    patient_ids.append(stored.id)
+            progress.advance(task, min(batch, patients - start))
+        for start in range(0, observations, batch):
+            with store.writing() as writer:
+                for number in range(start, min(observations, start + batch)):
+                    day = rng.randrange(0, 1000)
+                    stored = writer.create({
+                        "resourceType": "Observation",
+                        "status": "final",
+                        "category": [{"coding": [{
+                            "system": "http://terminology.hl7.org/CodeSystem/observation-category",
+                            "code": "laboratory"}]}],
+                        "code": {"coding": [{"system": "http://loinc.org",
+                                             "code": rng.choice(LOINC)}]},
+                        "subject": {"reference": f"Patient/{patient_ids[number % patients]}"},
+                        "effectiveDateTime": time.strftime(
+                            "%Y-%m-%dT%H:%M:%S+08:00", time.gmtime(1.6e9 + day * 86400)),
+                        "valueQuantity": {"value": 13.5, "unit": "g/dL",
+                                          "system": "http://unitsofmeasure.org", "code": "g/dL"},
+                    })
+                    observation_ids.append(stored.id)
+            progress.advance(task, min(batch, observations - start))
+    elapsed = time.perf_counter() - started
+    console.print(f"loaded {patients:,} patients and {observations:,} observations in "
+                  f"{elapsed:.0f} s ({(patients + observations) / elapsed:,.0f} resources/s, "
+                  "validated, one transaction per 500)")
+    database.close()
+    return patient_ids, observation_ids
+
+
+def lua_paths(paths: list[str], method: str = "GET", body: str | None = None) -> str:
+    listed = ",\n".join(json.dumps(p) for p in paths)
+    body_line = f"wrk.body = {json.dumps(body)}\n" if body else ""
+    return (
+        f"wrk.method = {json.dumps(method)}\n{body_line}"
+        f"local paths = {{\n{listed}\n}}\n"
+        "local n = 0\n"
+        "request = function()\n"
+        "  n = n + 1\n"
+        "  return wrk.format(nil, paths[(n % #paths) + 1])\n"
+        "end\n"
+    )
+
+
+def wrk(url: str, script: str, token: str | None, seconds: int, connections: int,
+        content_type: str | None = None) -> dict[str, float]:
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as handle:
+        handle.write(script)
+    command = ["wrk", "-t", str(min(2, connections)), "-c", str(connections), "-d", f"{seconds}s", "--latency",
+               "-s", handle.name]
+    if token:
+        command += ["-H", f"Authorization: Bearer {token}"]
+    if content_type:
+        command += ["-H", f"Content-Type: {content_type}"]
+    output = subprocess.run(command + [url], capture_output=True, text=True, check=True).stdout
+    os.unlink(handle.name)
+
+    def latency(label: str) -> float:
+        match = re.search(rf"^\s+{label}%\s+([\d.]+)(us|ms|s)", output, re.M)
+        if not match:
+            return float("nan")
+        scale = {"us": 0.001, "ms": 1.0, "s": 1000.0}[match.group(2)]
+        return float(match.group(1)) * scale
+
+    rate = float(re.search(r"Requests/sec:\s+([\d.]+)", output).group(1))  # type: ignore[union-attr]
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", output)
+    if errors:
+        raise SystemExit(f"{errors.group(1)} requests failed:\n{output}")
+    return {"rate": rate, "p50": latency("50"), "p95": latency("90") if False else latency("99"),
+            "p90": latency("90")}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--observations", type=int, default=100_000)
+    parser.add_argument("--db", default=None, help="PostgreSQL URL (default: SQLite)")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=4)
+    parser.add_argument("--seconds", type=int, default=10)
+    parser.add_argument("--connections", type=int, default=16)
+    args = parser.parse_args()
+    if shutil.which("wrk") is None:
+        raise SystemExit("wrk is not installed: apt-get install wrk")
+    work = Path(tempfile.mkdtemp(prefix="hrx-bench-"))
+    directory = work / "node"
+    port = free_port()
+    init_node(directory, "hosp-a", args.db, port)
+    patient_ids, observation_ids = load(directory, args.observations)
+    from tests.nodes import Node
+
+    node = Node(directory, port)
+    token = node.token("bench", "doctor")
+    env = {**os.environ, "HRX_NODE_DIR": str(directory)}
+    server = subprocess.Popen(
+        [sys.executable, "-m", "gunicorn", "-w", str(args.workers), "-k", "gthread",
+         "--threads", str(args.threads), "-b", f"127.0.0.1:{port}", "--log-level", "warning",
+         "node.wsgi:app"],
+        cwd=ROOT, env=env,
+    )
+    try:
+        wait_healthy(node.base, server)
+        base = node.base
+        rng = random.Random(11)
+        reads = [f"/fhir/Observation/{i}" for i in rng.sample(observation_ids, 2000)]
+        searches = [
+            f"/fhir/Observation?patient={rng.choice(patient_ids)}&code=http://loinc.org|"
+            f"{rng.choice(LOINC)}&date=ge2021-01-01&_count=20"
+            for _ in range(2000)
+        ]
+        broad = [
+            f"/fhir/Observation?code=http://loinc.org|{rng.choice(LOINC)}&_count=20&_total=none"
+            for _ in range(200)
+        ]
+        body = json.dumps({
+            "resourceType": "Observation", "status": "final",
+            "code": {"coding": [{"system": "http://loinc.org", "code": "718-7"}]},
+            "subject": {"reference": f"Patient/{patient_ids[0]}"},
+            "effectiveDateTime": "2024-01-02T10:00:00+08:00",
+            "valueQuantity": {"value": 13.5, "unit": "g/dL"},
+        })
+        console.print(f"gunicorn: {args.workers} workers x {args.threads} threads; wrk: 2 "
+                      f"threads, {args.connections} connections, {args.seconds} s per figure")
+        wrk(base, lua_paths(reads), token, 2, args.connections)  # warm up
+        results = {
+            "ceiling (GET /livez)": wrk(base, lua_paths(["/livez"]), None, args.seconds,
+                                        args.connections),
+            "read": wrk(base, lua_paths(reads), token, args.seconds, args.connections),
+            "search patient+code+date": wrk(base, lua_paths(searches), token, args.seconds,
+                                            args.connections),
+            "search code only (5k+ matches)": wrk(base, lua_paths(broad), token, args.seconds,
+                                                  args.connections),
+            "create": wrk(base, lua_paths(["/fhir/Observation"], "POST", body), token,
+                          args.seconds, args.connections, "application/fhir+json"),
+        }
+        # latency at one request at a time (no queueing): what a single user sees
+        single = {
+            "read": wrk(base, lua_paths(reads), token, args.seconds, 1),
+            "search patient+code+date": wrk(base, lua_paths(searches), token, args.seconds, 1),
+        }
+        ceiling = results["ceiling (GET /livez)"]["rate"]
+        console.print(f"\n{'':34} {'req/s':>9} {'of ceiling':>10} {'p50 ms':>8} {'p90 ms':>8} "
+                      f"{'p99 ms':>8}")
+        for name, figures in results.items():
+            console.print(f"{name:34} {figures['rate']:9,.0f} {figures['rate'] / ceiling:10.1%} "
+                          f"{figures['p50']:8.2f} {figures['p90']:8.2f} {figures['p95']:8.2f}")
+        console.print("\none connection (no queueing):")
+        for name, figures in single.items():
+            console.print(f"{name:34} {figures['rate']:9,.0f} {'':10} {figures['p50']:8.2f} "
+                          f"{figures['p90']:8.2f} {figures['p95']:8.2f}")
+    finally:
+        server.terminate()
+        server.wait()
+        node.close()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
