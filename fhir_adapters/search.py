@@ -271,7 +271,7 @@ def _check_criterion(
 # -- compiling criteria to SQL -----------------------------------------------------------------
 
 
-def _date_condition(low: Any, high: Any, value: str) -> ColumnElement[bool]:
+def _date_condition(low: ColumnElement[int], high: ColumnElement[int], value: str) -> Any:
     """A date criterion against index ranges [low, high), by the FHIR prefix semantics."""
     prefix = value[:2] if value[:2].isalpha() else "eq"
     pl, ph = date_range(value[2:] if value[:2].isalpha() else value)
