@@ -39,6 +39,7 @@ from fhir_adapters.search_params import (
 DEFAULT_COUNT = 20
 MAX_COUNT = 1000
 SEARCH_SET_SECONDS = 3600  # how long a next link stays valid
+SEARCH_SETS_PER_OWNER = 50  # the newest kept per caller; older ones' links expire early
 RESULT_PARAMS = {"_count", "_sort", "_total", "_include", "_revinclude", "_summary"}
 FORMAT_PARAMS = {"_format", "_pretty"}
 DATE_PREFIXES = ("eq", "ne", "gt", "lt", "ge", "le", "sa", "eb")
@@ -476,13 +477,25 @@ def paginate(
     set_id = None
     if len(pairs) > count > 0:
         set_id = str(uuid.uuid4())
-        now = int(time.time())
+        now = time.time_ns() // 1000
         with write_engine.begin() as conn:
             conn.execute(
                 tables.search_sets.delete().where(
-                    tables.search_sets.c.created < now - SEARCH_SET_SECONDS
+                    tables.search_sets.c.created < now - SEARCH_SET_SECONDS * 1_000_000
                 )
             )
+            stale = (
+                conn.execute(
+                    sa.select(tables.search_sets.c.id)
+                    .where(tables.search_sets.c.owner == owner)
+                    .order_by(tables.search_sets.c.created.desc(), tables.search_sets.c.id)
+                    .offset(SEARCH_SETS_PER_OWNER - 1)
+                )
+                .scalars()
+                .all()
+            )
+            if stale:  # a caller's oldest sets make room: searching cannot fill the disk
+                conn.execute(tables.search_sets.delete().where(tables.search_sets.c.id.in_(stale)))
             conn.execute(
                 tables.search_sets.insert().values(
                     id=set_id,
@@ -510,7 +523,8 @@ def page(conn: Connection, set_id: str, offset: int, count: int, owner: str) -> 
             ),
         ).where(tables.search_sets.c.id == set_id)
     ).first()
-    if row is None or row[0] != owner or row[3] < time.time() - SEARCH_SET_SECONDS:
+    expired = row is not None and row[3] < time.time_ns() // 1000 - SEARCH_SET_SECONDS * 1_000_000
+    if row is None or row[0] != owner or expired:
         raise NotFound(
             f"the search {set_id[:36]!r} has expired or is not yours; run the search again"
         )

@@ -257,7 +257,7 @@ class ResourceStore:
         with self.engine.connect() as conn:
             pairs = [
                 (row[0], row[1])
-                for row in conn.execute(match_query(request, access, self.base_url))
+                for row in conn.execute(match_query(request, access, self.base_url)).all()
             ]
             return paginate(
                 self.write_engine,

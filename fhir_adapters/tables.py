@@ -111,13 +111,14 @@ search_sets = sa.Table(
     "fhir_search_sets",
     metadata,
     sa.Column("id", sa.String(36), primary_key=True),
-    sa.Column("created", sa.BigInteger, nullable=False),
+    sa.Column("created", sa.BigInteger, nullable=False),  # µs since the epoch
     sa.Column("owner", sa.String(255), nullable=False),
     sa.Column("kind", sa.String(16), nullable=False),  # "search" or "history"
     sa.Column("total", sa.Integer, nullable=False),
     sa.Column("request", sa.Text, nullable=False),  # what the set answers (JSON)
     sa.Column("matches", sa.LargeBinary, nullable=False),  # packed (res_pk, version) pairs
     sa.Index("fhir_search_sets_created", "created"),
+    sa.Index("fhir_search_sets_owner", "owner", "created"),
 )
 
 INDEX_TABLES = (tokens, strings, references, dates, links, compartment)

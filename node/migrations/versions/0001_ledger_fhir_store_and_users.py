@@ -157,6 +157,7 @@ def upgrade() -> None:
     )
     with op.batch_alter_table("fhir_search_sets", schema=None) as batch_op:
         batch_op.create_index("fhir_search_sets_created", ["created"], unique=False)
+        batch_op.create_index("fhir_search_sets_owner", ["owner", "created"], unique=False)
 
     op.create_table(
         "fhir_versions",
