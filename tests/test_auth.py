@@ -190,3 +190,13 @@ def test_token_endpoint_and_lockout(node: Node) -> None:
         data={"grant_type": "password", "username": "dr-pw", "password": "correct horse 1"},
     )
     assert locked.status_code == 401 and "locked" in locked.json()["error_description"]
+
+
+def test_system_scopes_for_service_accounts(node: Node, world: dict[str, Any]) -> None:
+    from node.errors import UserError
+
+    service = node.session(node.token("lis-export", "auditor", scope="system/Observation.rs"))
+    assert service.get(f"{node.fhir}/Observation?_count=1").status_code == 200
+    outcome(service.get(f"{node.fhir}/Patient?_count=1"), 403)
+    with pytest.raises(UserError, match="cannot hold system"):
+        node.token("doctor-system", "doctor", scope="system/*.rs")
