@@ -28,9 +28,10 @@ def create_app(directory: str | Path) -> Flask:
     app.extensions["hrx"] = services
     atexit.register(services.close)
 
-    from node import auth_api, fhir_api, health
+    from node import auth_api, fhir_api, health, ledger_api
 
     app.register_blueprint(health.bp)
     app.register_blueprint(auth_api.bp)
     app.register_blueprint(fhir_api.bp)
+    app.register_blueprint(ledger_api.bp)
     return app

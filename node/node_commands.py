@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -14,7 +15,7 @@ from ledger.model import check_chain_id
 from ledger.roster import make_member
 from ledger.store import ChainStore
 from node.config import CONFIG_FILE, load_config, write_config
-from node.console import fail, out, reported
+from node.console import err, fail, out, reported
 from node.db import open_database, upgrade
 from node.users import ROLES, add_user, get_user
 
@@ -194,6 +195,171 @@ def token_issue(directory: Path, username: str, scope: str | None, ttl: int | No
     click.echo(token)
 
 
+@click.group("consortium")
+def consortium_group() -> None:
+    """What the consortium authority does: sign rosters, make the pseudonym secret."""
+
+
+@consortium_group.command("roster")
+@click.option(
+    "--authority-key",
+    required=True,
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="The authority's Ed25519 key (PEM); created when absent.",
+)
+@click.option("--quorum", required=True, type=click.IntRange(1), help="Signers a checkpoint needs.")
+@click.option("--out", "out_path", required=True, type=click.Path(path_type=Path, dir_okay=False))
+@click.option(
+    "--consortium",
+    "name",
+    default=None,
+    help="The consortium's name (default: that of --previous, else required).",
+)
+@click.option(
+    "--previous",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="The roster this one replaces: the new one gets the next version.",
+)
+@click.option(
+    "--members-info",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help='JSON {"member id": {"level": ..., "accreditation": [...]}}.',
+)
+@click.argument(
+    "enrollments",
+    nargs=-1,
+    required=True,
+    type=click.Path(path_type=Path, dir_okay=False, exists=True),
+)
+def consortium_roster(
+    authority_key: Path,
+    quorum: int,
+    out_path: Path,
+    name: str | None,
+    previous: Path | None,
+    members_info: Path | None,
+    enrollments: tuple[Path, ...],
+) -> None:
+    """Sign a roster of the members whose enrollment files are given."""
+    from ledger.canonical import parse_json
+    from ledger.roster import make_roster, open_roster, sign_roster
+    from node.consortium import quorum_warning, read_roster_file
+
+    with reported():
+        version = 1
+        if previous is not None:
+            old, _signature = read_roster_file(previous)
+            version = int(old["version"]) + 1
+            name = name or old["consortium"]
+        if not name:
+            fail("give the consortium's name with --consortium")
+        info: dict[str, Any] = {}
+        if members_info is not None:
+            info = parse_json(members_info.read_bytes())
+            if not isinstance(info, dict):
+                fail(f"{members_info} must hold a JSON object keyed by member id")
+        members = []
+        for path in enrollments:
+            member = parse_json(path.read_bytes())
+            if not isinstance(member, dict) or "id" not in member:
+                fail(f"{path} is not an enrollment file (made by hrx node init)")
+            extra = info.get(member["id"], {})
+            for field in ("level", "accreditation"):
+                if field in extra:
+                    member[field] = extra[field]
+            members.append(member)
+        unknown = set(info) - {m["id"] for m in members}
+        if unknown:
+            fail(f"--members-info names members with no enrollment file: {sorted(unknown)}")
+        if quorum > len(members):
+            fail(f"--quorum {quorum} is more than the {len(members)} members")
+        authority = keys.load_or_create_private_key(authority_key)
+        roster = make_roster(name, members, quorum=quorum, version=version)
+        signature = sign_roster(roster, authority)
+        open_roster(roster, signature, authority.public_key())  # every proof of possession
+        out_path.write_bytes(canonical_bytes({"roster": roster, "signature": signature}) + b"\n")
+    out.print(f"roster version {version} of {name}: {len(members)} members, quorum {quorum}")
+    out.print(f"authority public key: {keys.public_key_text(authority)}")
+    warning = quorum_warning(roster)
+    if warning:
+        err.print(f"[yellow]warning:[/] {warning}")
+
+
+@consortium_group.command("secret")
+@click.option("--out", "out_path", required=True, type=click.Path(path_type=Path, dir_okay=False))
+def consortium_secret(out_path: Path) -> None:
+    """Make the consortium's pseudonym secret (once; give it to every member)."""
+    from node.consortium import write_secret
+
+    with reported():
+        write_secret(out_path)
+    out.print(f"wrote {out_path} (mode 0600): give it to each member over a secure channel")
+
+
+@node_group.command("join")
+@DIR_OPTION
+@click.option(
+    "--roster",
+    "roster_path",
+    required=True,
+    type=click.Path(path_type=Path, dir_okay=False, exists=True),
+)
+@click.option(
+    "--secret",
+    "secret_path",
+    default=None,
+    type=click.Path(path_type=Path, dir_okay=False, exists=True),
+    help="The consortium's pseudonym secret (needed on the first join).",
+)
+@click.option(
+    "--authority",
+    default=None,
+    help="The authority's public key (base64url or PEM file); needed on the first join.",
+)
+def node_join(
+    directory: Path, roster_path: Path, secret_path: Path | None, authority: str | None
+) -> None:
+    """Join a consortium, or install a newer roster version of it."""
+    import shutil
+
+    from ledger import bls
+    from node.consortium import install_roster, read_roster_file, read_secret
+
+    with reported():
+        config = load_config(directory)
+        roster, signature = read_roster_file(roster_path)
+        secret_file = directory / "keys" / "consortium.key"
+        if secret_path is not None:
+            read_secret(secret_path)
+        elif not secret_file.exists():
+            fail("first join: give the consortium's pseudonym secret (--secret)")
+        database = open_database(config.database_url)
+        try:
+            store = ChainStore(database.write_engine)
+            checked = install_roster(
+                store,
+                config.node_id,
+                keys.load_private_key(config.ed25519_key),
+                bls.public_key(bls.read_secret_key(config.bls_key)),
+                roster,
+                signature,
+                authority,
+            )
+        finally:
+            database.close()
+        if secret_path is not None and secret_path.resolve() != secret_file.resolve():
+            if secret_file.exists() and read_secret(secret_file) != read_secret(secret_path):
+                fail(f"{secret_file} holds another consortium secret; it is never replaced")
+            shutil.copyfile(secret_path, secret_file)
+            secret_file.chmod(0o600)
+    out.print(
+        f"{config.node_id} is a member of {checked.body['consortium']} (roster version "
+        f"{checked.version}, {len(checked.member_ids())} members, quorum {checked.quorum})"
+    )
+
+
 def register(main: click.Group) -> None:
-    for group in (node_group, user_group, token_group):
+    for group in (node_group, user_group, token_group, consortium_group):
         main.add_command(group)

@@ -9,6 +9,7 @@ from functools import partial
 
 from fhir_adapters.store import ResourceStore
 from ledger import keys
+from ledger.store import ChainStore
 from node.audit import AuditTrail
 from node.auth import TokenAuthority
 from node.config import NodeConfig
@@ -23,6 +24,7 @@ class Services:
     store: ResourceStore
     tokens: TokenAuthority
     audit: AuditTrail
+    chain_store: ChainStore
 
     def close(self) -> None:
         self.audit.close()
@@ -40,4 +42,5 @@ def open_services(config: NodeConfig, *, check_schema: bool = True) -> Services:
         partial(get_user, database.engine),
     )
     audit = AuditTrail(store, config.node_id, config.name, config.audit_flush_ms)
-    return Services(config, database, store, tokens, audit)
+    chain_store = ChainStore(database.engine)
+    return Services(config, database, store, tokens, audit, chain_store)

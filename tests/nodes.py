@@ -133,10 +133,24 @@ def running_node(
     """A node, initialised and served; stopped (and its process reaped) afterwards."""
     port = free_port()
     init_node(directory, node_id, db_url, port)
-    node = Node(directory, port)
+    with serving(directory, port, gunicorn_workers=gunicorn_workers, env=env) as node:
+        yield node
+
+
+@contextmanager
+def serving(
+    directory: Path,
+    port: int | None = None,
+    *,
+    gunicorn_workers: int = 0,
+    env: dict[str, str] | None = None,
+) -> Iterator[Node]:
+    """An existing node directory served by its own process on ``port`` (default: free)."""
+    node = Node(directory, port or free_port())
     environment = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
     if gunicorn_workers:
         environment["HRX_NODE_DIR"] = str(directory)
+        environment["HRX_SERVER_PORT"] = str(node.port)
         command = [
             sys.executable,
             "-m",
@@ -148,12 +162,22 @@ def running_node(
             "--threads",
             "4",
             "-b",
-            f"127.0.0.1:{port}",
+            f"127.0.0.1:{node.port}",
             "node.wsgi:app",
         ]
     else:
-        command = [sys.executable, "-m", "node.cli", "node", "serve", "--dir", str(directory)]
-    log = (directory / "server.log").open("wb")
+        command = [
+            sys.executable,
+            "-m",
+            "node.cli",
+            "node",
+            "serve",
+            "--dir",
+            str(directory),
+            "--port",
+            str(node.port),
+        ]
+    log = (directory / "server.log").open("ab")
     node.process = subprocess.Popen(command, cwd=ROOT, env=environment, stdout=log, stderr=log)
     try:
         wait_healthy(node.base, node.process)
