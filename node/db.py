@@ -22,10 +22,16 @@ from fhir_adapters.tables import metadata as fhir_metadata
 from ledger.store import metadata as ledger_metadata
 from ledger.store import open_engine
 from node.errors import ConfigError
+from node.peer_auth import metadata as peer_metadata
 from node.users import metadata as users_metadata
 
 MIGRATIONS = Path(__file__).with_name("migrations")
-MODEL_METADATA = [ledger_metadata, fhir_metadata, users_metadata]  # what the migrations build
+MODEL_METADATA = [
+    ledger_metadata,
+    fhir_metadata,
+    users_metadata,
+    peer_metadata,
+]  # what the migrations build
 
 
 @dataclass

@@ -4,22 +4,23 @@
 ``/ledger/chains/<id>/entries/<seq>``, ``/ledger/chains/<id>/proof/inclusion`` and
 ``/proof/consistency``, ``/ledger/checkpoints/latest`` and ``/ledger/evidence``. Blocks and
 entries go out as the canonical bytes stored, so what a reader hashes is what was signed.
-Readers authenticate with a bearer token of an auditor or admin; member nodes (signed
-requests) are added with replication.
+Readers are member nodes, with requests signed as DESIGN §7 says (:mod:`node.peer_auth`),
+and people with a bearer token of an auditor or admin.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from flask import Blueprint, Response, current_app, request
+from flask import Blueprint, Response, current_app, g, request
 from werkzeug.exceptions import HTTPException
 
-from fhir_adapters.errors import FhirError, Forbidden, InvalidRequest, NotFound
+from fhir_adapters.errors import FhirError, Forbidden, InvalidRequest, NotFound, Unauthorized
 from ledger.canonical import canonical_bytes
 from ledger.errors import LedgerError, ProofError, StoreError
 from ledger.model import check_chain_id
 from ledger.store import ChainStore
+from node.peer_auth import verify_request
 
 bp = Blueprint("ledger", __name__, url_prefix="/ledger")
 
@@ -43,11 +44,32 @@ def _error(status: int, message: str) -> Response:
 
 @bp.before_request
 def authenticate() -> None:
-    principal = current_app.extensions["hrx"].tokens.authenticate(
-        request.headers.get("Authorization")
-    )
+    """A member node's signed request, or an auditor's or admin's bearer token."""
+    services = current_app.extensions["hrx"]
+    if "Signature" in request.headers:
+        g.peer = verified_peer()
+        return
+    principal = services.tokens.authenticate(request.headers.get("Authorization"))
     if principal.role not in READER_ROLES:
         raise Forbidden(f"{principal.username} ({principal.role}) may not read the ledger")
+
+
+def verified_peer() -> str:
+    """The member that signed this request (401 when none did, validly)."""
+    services = current_app.extensions["hrx"]
+    try:
+        roster = services.chain_store.roster()
+    except StoreError:
+        raise Unauthorized("this node has joined no consortium: it knows no member keys") from None
+    target = services.config.url + request.full_path.rstrip("?")
+    return verify_request(
+        roster,
+        services.database.write_engine,
+        request.method,
+        target,
+        request.headers.items(),
+        request.get_data(cache=True),
+    )
 
 
 @bp.errorhandler(FhirError)

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 import requests
 from click.testing import CliRunner, Result
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from ledger import keys, merkle
 from ledger.store import ChainStore, ChainWriter
@@ -230,3 +231,89 @@ def test_ledger_read_api(consortium: Path, tmp_path: Path) -> None:
         assert requests.get(f"{node.base}/ledger/heads").status_code == 401
         doctor = {"Authorization": f"Bearer {node.token()}"}
         assert requests.get(f"{node.base}/ledger/heads", headers=doctor).status_code == 403
+
+
+def _signed(
+    member: str,
+    key: Any,
+    method: str,
+    url: str,
+    body: bytes = b"",
+    created: Any = None,
+    nonce: str | None = None,
+) -> dict[str, str]:
+    """Sign like a member node does, with a chosen ``created`` and nonce."""
+    import secrets
+    from datetime import UTC, datetime
+
+    from http_message_signatures import HTTPMessageSigner, algorithms
+
+    from node import peer_auth
+
+    message = peer_auth.Message(method, url, {})
+    HTTPMessageSigner(
+        signature_algorithm=algorithms.ED25519, key_resolver=peer_auth._OwnKey(member, key)
+    ).sign(
+        message,
+        key_id=member,
+        created=created or datetime.now(UTC),
+        nonce=nonce or secrets.token_urlsafe(24),
+        label="hrx",
+        tag="hrx",
+        covered_component_ids=peer_auth.COVERED,
+        body=body,
+    )
+    return message.headers
+
+
+def test_signed_member_requests(consortium: Path, tmp_path: Path) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from node.peer_auth import sign_request
+
+    node_c = consortium / "hosp-c"
+    joined = hrx(
+        "node",
+        "join",
+        "--dir",
+        str(node_c),
+        "--roster",
+        str(consortium / "roster.json"),
+        "--secret",
+        str(consortium / "consortium.key"),
+        "--authority",
+        authority_text(consortium / "authority.pem"),
+    )
+    assert joined.exit_code == 0, joined.output
+    key_a = keys.load_private_key(consortium / "hosp-a" / "keys" / "node.pem")
+    with serving(node_c) as node:
+        config = load_config(node_c)
+        url = f"{config.url}/ledger/heads"  # what the member signs: the node's public URL
+        local = f"{node.base}/ledger/heads"
+
+        def send(headers: dict[str, str], body: bytes = b"", method: str = "GET") -> Any:
+            return requests.request(method, local, headers=headers, data=body)
+
+        headers = sign_request("hosp-a", key_a, "GET", url)
+        assert send(headers).status_code == 200
+        replay = send(headers)
+        assert replay.status_code == 401 and "replayed" in replay.json()["error"]
+        stale = _signed(
+            "hosp-a", key_a, "GET", url, created=datetime.now(UTC) - timedelta(seconds=301)
+        )
+        assert "age exceeds" in send(stale).json()["error"]
+        future = _signed(
+            "hosp-a", key_a, "GET", url, created=datetime.now(UTC) + timedelta(seconds=60)
+        )
+        assert "future" in send(future).json()["error"]
+        stranger = Ed25519PrivateKey.generate()
+        outsider = send(sign_request("hosp-x", stranger, "GET", url))
+        assert outsider.status_code == 401 and "not a member" in outsider.json()["error"]
+        forged = send(sign_request("hosp-a", stranger, "GET", url))
+        assert forged.status_code == 401 and "signature" in forged.json()["error"].lower()
+        other_target = send(sign_request("hosp-a", key_a, "GET", f"{config.url}/ledger/roster"))
+        assert other_target.status_code == 401
+        tampered = sign_request("hosp-a", key_a, "GET", url, b"{}")
+        assert send(tampered, b"{ }").status_code == 401
+        no_nonce = _signed("hosp-a", key_a, "GET", url, nonce="short")
+        assert "nonce" in send(no_nonce).json()["error"]

@@ -191,3 +191,23 @@ def test_app_refuses_a_database_behind(node_dir: Path) -> None:
         database.close()
     with pytest.raises(ConfigError, match="hrx node upgrade"):
         create_app(node_dir)
+
+
+def test_upgrade_applies_pending_migrations(node_dir: Path) -> None:
+    config = load_config(node_dir, environ={})
+    # turn the database back into one an earlier hrx made: only the first migration applied
+    database = open_database(config.database_url)
+    try:
+        with database.write_engine.begin() as conn:
+            conn.execute(sa.text("DROP TABLE peer_nonces"))
+            conn.execute(sa.text("UPDATE alembic_version SET version_num = '0001'"))
+    finally:
+        database.close()
+    result = hrx("node", "upgrade", "--dir", str(node_dir))
+    assert result.exit_code == 0 and "from revision 0001 to 0002" in result.output, result.output
+    database = open_database(config.database_url)
+    try:
+        assert current_revision(database.engine) == head_revision() == "0002"
+        assert sa.inspect(database.engine).has_table("peer_nonces")
+    finally:
+        database.close()
