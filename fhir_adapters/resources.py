@@ -9,8 +9,12 @@ arrays, malformed ids) and every code value its required binding refuses
 
 from __future__ import annotations
 
+import datetime
 import importlib
 import re
+import types
+import typing
+from decimal import Decimal
 from functools import cache
 from typing import Any
 
@@ -33,6 +37,8 @@ RESOURCE_TYPES = (
 )
 ID_PATTERN = re.compile(r"[A-Za-z0-9\-.]{1,64}")
 MAX_ISSUES = 50  # a resource wrong in a thousand places gets the first fifty
+MAX_DEPTH = 64  # JSON nesting a resource may have (the models recurse once per level)
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f]")  # FHIR strings: no control characters
 
 
 @cache
@@ -72,9 +78,13 @@ def _expression(resource_type: str, location: tuple[Any, ...]) -> str:
     return path
 
 
-def _json_shape_issues(value: Any, path: str, issues: list[Issue]) -> None:
-    """What FHIR JSON forbids that the models accept: nulls and empty values."""
+def _json_shape_issues(value: Any, path: str, issues: list[Issue], depth: int = 0) -> None:
+    """What FHIR JSON forbids that the models accept: nulls, empty values, control
+    characters; and nesting deeper than :data:`MAX_DEPTH`."""
     if len(issues) >= MAX_ISSUES:
+        return
+    if depth > MAX_DEPTH:
+        issues.append(Issue(f"nested more than {MAX_DEPTH} levels deep", expression=path))
         return
     if isinstance(value, dict):
         if not value:
@@ -86,9 +96,9 @@ def _json_shape_issues(value: Any, path: str, issues: list[Issue]) -> None:
                 # primitive extensions of a repeating element: nulls keep the alignment
                 for index, element in enumerate(item):
                     if element is not None:
-                        _json_shape_issues(element, f"{path}.{key}[{index}]", issues)
+                        _json_shape_issues(element, f"{path}.{key}[{index}]", issues, depth + 1)
             else:
-                _json_shape_issues(item, f"{path}.{key}", issues)
+                _json_shape_issues(item, f"{path}.{key}", issues, depth + 1)
     elif isinstance(value, list):
         if not value:
             issues.append(Issue("an array must not be empty", expression=path))
@@ -97,9 +107,12 @@ def _json_shape_issues(value: Any, path: str, issues: list[Issue]) -> None:
                 # a null in a primitive array is allowed only beside a "_name" array
                 issues.append(Issue("null is not a FHIR value", expression=f"{path}[{index}]"))
             elif item is not None:
-                _json_shape_issues(item, f"{path}[{index}]", issues)
-    elif isinstance(value, str) and not value.strip():
-        issues.append(Issue("a string must not be empty or only white space", expression=path))
+                _json_shape_issues(item, f"{path}[{index}]", issues, depth + 1)
+    elif isinstance(value, str):
+        if not value.strip():
+            issues.append(Issue("a string must not be empty or only white space", expression=path))
+        elif _CONTROL.search(value):
+            issues.append(Issue("a string must not hold control characters", expression=path))
 
 
 def validate(resource: Any, resource_type: str | None = None) -> tuple[dict[str, Any], Any]:
@@ -136,8 +149,17 @@ def validate(resource: Any, resource_type: str | None = None) -> tuple[dict[str,
                 message = "required element missing"
             issues.append(Issue(f"{location}: {message}", "structure", location))
         raise InvalidRequest(issues[0].diagnostics, issues=issues) from None
-    except (ValueError, TypeError) as exc:
-        raise InvalidRequest(f"{declared}: {str(exc).splitlines()[0]}") from None
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        # e.g. a contained resource of a type the models do not know
+        raise InvalidRequest(
+            f"{declared}: not a valid resource ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0][:200] if str(exc) else ''})"
+        ) from None
+    except RecursionError:
+        raise InvalidRequest(f"{declared} is nested too deeply") from None
+    _json_type_issues(resource, model, declared, issues)
+    if issues:
+        raise InvalidRequest(issues[0].diagnostics, issues=issues[:MAX_ISSUES])
     bad_codes = code_issues(model)
     if bad_codes:
         for bad in bad_codes[:MAX_ISSUES]:
@@ -150,6 +172,100 @@ def validate(resource: Any, resource_type: str | None = None) -> tuple[dict[str,
             )
         raise InvalidCode(issues[0].diagnostics, issues=issues)
     return resource, model
+
+
+# -- JSON types: the models coerce ("true" for a boolean, 7 for a dateTime); FHIR JSON does not --
+
+_PRIMITIVE_KINDS: dict[Any, str] = {
+    bool: "boolean",
+    int: "integer",
+    Decimal: "number",
+    str: "string",
+    datetime.date: "string",
+    datetime.datetime: "string",
+    datetime.time: "string",
+    bytes: "string",
+}
+
+
+def _kind_of(annotation: Any) -> tuple[str, bool]:
+    """(JSON kind, is a list) of a model field's annotation."""
+    is_list = False
+    while True:
+        origin = typing.get_origin(annotation)
+        if origin is typing.Union or origin is types.UnionType:
+            annotation = next(a for a in typing.get_args(annotation) if a is not type(None))
+        elif origin is typing.Annotated:
+            annotation = typing.get_args(annotation)[0]
+        elif origin is list:
+            is_list = True
+            annotation = typing.get_args(annotation)[0]
+        else:
+            break
+    return _PRIMITIVE_KINDS.get(annotation, "object"), is_list
+
+
+@cache
+def _field_kinds(model_type: Any) -> dict[str, tuple[str, str, bool]]:
+    """JSON name -> (python attribute, JSON kind, is a list) for a model class."""
+    kinds = {}
+    for name, info in model_type.model_fields.items():
+        kind, is_list = _kind_of(info.annotation)
+        kinds[info.alias or name] = (name, kind, is_list)
+    return kinds
+
+
+def _json_kind(value: Any) -> str:
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int):
+        return "integer"
+    if isinstance(value, Decimal | float):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list):
+        return "array"
+    return "object" if isinstance(value, dict) else "null"
+
+
+def _json_type_issues(raw: Any, model: Any, path: str, issues: list[Issue]) -> None:
+    """Every element whose JSON type is not the one FHIR JSON gives it."""
+    if not isinstance(raw, dict) or model is None or len(issues) >= MAX_ISSUES:
+        return
+    model_type: Any = type(model)
+    kinds = _field_kinds(model_type)
+    for key, value in raw.items():
+        if key == "resourceType" or key not in kinds:
+            continue
+        attribute, kind, is_list = kinds[key]
+        where = f"{path}.{key}"
+        items = value if isinstance(value, list) else [value]
+        if isinstance(value, list) != is_list:
+            issues.append(
+                Issue(
+                    f"{where}: must be " + ("an array" if is_list else f"a single {kind}"),
+                    "structure",
+                    where,
+                )
+            )
+            continue
+        held = getattr(model, attribute, None)
+        held_items = held if isinstance(held, list) else [held]
+        for index, item in enumerate(items):
+            place = f"{where}[{index}]" if is_list else where
+            found = _json_kind(item)
+            if item is None:
+                continue  # nulls keep primitive extension arrays aligned
+            if kind == "object":
+                if found != "object":
+                    issues.append(Issue(f"{place}: must be an object", "structure", place))
+                elif index < len(held_items):
+                    _json_type_issues(item, held_items[index], place, issues)
+            elif found != kind and not (kind == "number" and found == "integer"):
+                issues.append(
+                    Issue(f"{place}: must be a JSON {kind}, not {found}", "structure", place)
+                )
 
 
 def references(value: Any, path: str = "") -> list[tuple[str, str]]:

@@ -14,6 +14,7 @@ Unknown parameters, modifiers and prefixes are refused (400) unless the caller a
 from __future__ import annotations
 
 import json
+import re
 import struct
 import time
 import uuid
@@ -142,9 +143,14 @@ def split_values(text: str) -> list[str]:
     return values
 
 
-def _positive_int(name: str, value: str, maximum: int) -> int:
-    if not value.isdigit():
-        raise InvalidRequest(f"{name}={value!r} is not a whole number")
+_WHOLE = re.compile(r"[0-9]{1,9}")
+
+
+def whole_number(name: str, value: str, maximum: int = 999_999_999) -> int:
+    """A non-negative decimal number a client wrote (ASCII digits only), capped at
+    ``maximum``; 400 otherwise."""
+    if not _WHOLE.fullmatch(value):
+        raise InvalidRequest(f"{name}={value[:40]!r} is not a whole number (0 to 999999999)")
     return min(int(value), maximum)
 
 
@@ -170,7 +176,7 @@ def parse_search(
         if name in FORMAT_PARAMS:
             continue
         if name == "_count":
-            request.count = _positive_int("_count", raw_value, MAX_COUNT)
+            request.count = whole_number("_count", raw_value, MAX_COUNT)
         elif name == "_total":
             if raw_value not in ("none", "estimate", "accurate"):
                 raise InvalidRequest("_total must be none, estimate or accurate")
@@ -258,6 +264,8 @@ def _check_criterion(
     for value in split_values(raw_value):
         if value == "":
             return f"{name} has an empty value"
+        if any(ord(char) < 32 for char in value):
+            return f"{name} holds a control character"
         if kind == "date":
             prefix = value[:2] if value[:2].isalpha() else "eq"
             if prefix not in DATE_PREFIXES:
@@ -512,20 +520,35 @@ def paginate(
 
 def page(conn: Connection, set_id: str, offset: int, count: int, owner: str) -> Matches:
     """A page of a stored search set; only its owner may read it."""
+    gone = NotFound(f"the search {set_id[:36]!r} has expired or is not yours; run it again")
+    try:
+        uuid.UUID(set_id)
+    except ValueError:
+        raise gone from None
     row = conn.execute(
         sa.select(
             tables.search_sets.c.owner,
             tables.search_sets.c.total,
             tables.search_sets.c.request,
             tables.search_sets.c.created,
-            sa.func.substr(
-                tables.search_sets.c.matches, offset * _PAIR.size + 1, count * _PAIR.size
-            ),
         ).where(tables.search_sets.c.id == set_id)
     ).first()
-    expired = row is not None and row[3] < time.time_ns() // 1000 - SEARCH_SET_SECONDS * 1_000_000
-    if row is None or row[0] != owner or expired:
-        raise NotFound(
-            f"the search {set_id[:36]!r} has expired or is not yours; run the search again"
-        )
-    return Matches(row[1], unpack(bytes(row[4] or b"")), offset, count, set_id, json.loads(row[2]))
+    limit = time.time_ns() // 1000 - SEARCH_SET_SECONDS * 1_000_000
+    if row is None or row[0] != owner or row[3] < limit:
+        raise gone
+    total = int(row[1])
+    offset = min(offset, total)
+    count = min(count, total - offset)
+    pairs: list[tuple[int, int]] = []
+    if count > 0:
+        data = conn.execute(
+            sa.select(
+                sa.func.substr(
+                    tables.search_sets.c.matches,
+                    sa.cast(offset * _PAIR.size + 1, sa.Integer),
+                    sa.cast(count * _PAIR.size, sa.Integer),
+                )
+            ).where(tables.search_sets.c.id == set_id)
+        ).scalar_one()
+        pairs = unpack(bytes(data or b""))
+    return Matches(total, pairs, offset, count, set_id, json.loads(row[2]))

@@ -314,7 +314,23 @@ def date_range(text: str) -> tuple[int, int]:
             sign = 1 if parts["zone"][0] == "+" else -1
             hours, minutes = int(parts["zone"][1:3]), int(parts["zone"][4:6])
             zone = timezone(sign * timedelta(hours=hours, minutes=minutes))
+    try:
+        return _range_of(parts, zone)
+    except OverflowError:  # the range ends after 9999-12-31: it runs to the end of time
+        return _range_of(parts, zone, open_end=True)
+
+
+def _range_of(parts: dict[str, Any], zone: Any, *, open_end: bool = False) -> tuple[int, int]:
     year = int(parts["year"])
+    if open_end:
+        start = datetime(year, int(parts["month"] or 1), int(parts["day"] or 1), tzinfo=zone)
+        if parts["hour"] is not None:
+            start = start.replace(
+                hour=int(parts["hour"]),
+                minute=int(parts["minute"]),
+                second=int(parts["second"] or 0),
+            )
+        return _micros(start), MAX_TIME
     if parts["month"] is None:
         start = datetime(year, 1, 1, tzinfo=zone)
         end = datetime(year + 1, 1, 1, tzinfo=zone)
@@ -348,7 +364,7 @@ def _date_values(value: Any) -> Iterator[tuple[int, int]]:
             low = date_range(value["start"])[0] if "start" in value else MIN_TIME
             high = date_range(value["end"])[1] if "end" in value else MAX_TIME
             yield low, high
-    except ValueError:  # validated resources hold valid dates; anything else is not indexed
+    except (ValueError, OverflowError):  # a validated resource's dates are valid; else unindexed
         return
 
 

@@ -14,6 +14,7 @@ record history, so their references neither need to resolve nor hold anything in
 from __future__ import annotations
 
 import hashlib
+import re
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -109,8 +110,8 @@ def parse_etag(value: str) -> int:
     if text.startswith("W/"):
         text = text[2:]
     text = text.strip('"')
-    if not text.isdigit():
-        raise InvalidRequest(f'If-Match {value!r} is not a version ETag such as W/"3"')
+    if not re.fullmatch(r"[0-9]{1,9}", text):
+        raise InvalidRequest(f'If-Match {value[:40]!r} is not a version ETag such as W/"3"')
     return int(text)
 
 
@@ -573,12 +574,14 @@ class Writer:
         *,
         resource_id: str | None = None,
         checked: bool = False,
+        validated: bool = False,
     ) -> Stored:
         """Store a new resource under a new id (a client's ``id`` is ignored, as FHIR says).
 
+        ``validated``: the caller has validated it (its references are still checked).
         ``checked`` skips validation and reference checks: for resources this node makes
         itself (AuditEvents)."""
-        if not checked:
+        if not (checked or validated):
             resource, _ = validate(resource, resource_type)
         resource_type = resource["resourceType"]
         resource_id = resource_id or str(uuid.uuid4())
@@ -657,7 +660,8 @@ class Writer:
                     f"If-Match given, but {resource_type}/{resource_id} does not exist"
                 )
             self.lock(f"create {resource_type}/{resource_id}")
-            return self.create(resource, resource_type, resource_id=resource_id, checked=True), True
+            created = self.create(resource, resource_type, resource_id=resource_id, validated=True)
+            return created, True
         res_pk, version, deleted = row
         if if_match is not None and parse_etag(if_match) != version:
             raise PreconditionFailed(

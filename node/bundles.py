@@ -85,10 +85,20 @@ def process_bundle(bundle: Any) -> dict[str, Any]:
     return _transaction(entries)
 
 
+def _split(url: str) -> Any:
+    try:
+        return urlsplit(url)
+    except ValueError:
+        raise InvalidRequest(f"request.url {url[:100]!r} is not a URL") from None
+
+
 def _dispatch(entry: dict[str, Any]) -> dict[str, Any]:
     """Run one entry as its own request through the whole app (auth, checks, audit)."""
     req = entry["request"]
-    url = urlsplit(req["url"])
+    try:
+        url = _split(req["url"])
+    except FhirError as exc:
+        return {"response": {"status": f"{exc.status} Bad Request", "outcome": exc.outcome()}}
     path = url.path
     base_path = urlsplit(fhir_api.services().config.fhir_base).path
     if path.startswith(base_path + "/"):
@@ -148,7 +158,7 @@ def _rewrite(value: Any, ids: dict[str, str]) -> Any:
 
 def _target(url: str) -> tuple[str, str | None, str]:
     """(type, id or None, query) of an entry's request URL, relative to the base."""
-    parts = urlsplit(url)
+    parts = _split(url)
     base_path = urlsplit(fhir_api.services().config.fhir_base).path
     path = parts.path
     if path.startswith(base_path + "/"):

@@ -10,6 +10,7 @@ error, including a wrong URL or method, is an OperationOutcome with the status F
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -32,7 +33,14 @@ from fhir_adapters.errors import (
     operation_outcome,
 )
 from fhir_adapters.resources import RESOURCE_TYPES, check_id, check_type
-from fhir_adapters.search import DEFAULT_COUNT, MAX_COUNT, Access, Matches, parse_search
+from fhir_adapters.search import (
+    DEFAULT_COUNT,
+    MAX_COUNT,
+    Access,
+    Matches,
+    parse_search,
+    whole_number,
+)
 from fhir_adapters.search_params import date_range
 from fhir_adapters.store import Stored, format_instant, http_date, now_micros
 from node.audit import AuditRecord
@@ -215,8 +223,12 @@ def fhir_error(exc: FhirError) -> Response:
     return respond(exc.status, exc.outcome())
 
 
-@bp.errorhandler(HTTPException)
-def http_error(exc: HTTPException) -> Response:
+@bp.app_errorhandler(HTTPException)
+def http_error(exc: HTTPException) -> Response | HTTPException:
+    """Under /fhir every error is an OperationOutcome, also those raised before a route is
+    found (a method no route takes, a body too large)."""
+    if not request.path.startswith(bp.url_prefix or "/fhir"):
+        return exc
     status = exc.code or 500
     codes = {404: "not-found", 405: "not-supported", 413: "too-costly"}
     message = exc.description or exc.name
@@ -280,8 +292,8 @@ def read(resource_type: str, resource_id: str) -> Response:
 def vread(resource_type: str, resource_id: str, version: str) -> Response:
     check_type(resource_type)
     access = permit(resource_type, "r", "vread")
-    if not version.isdigit():
-        raise NotFound(f"{version!r} is not a version id")
+    if not re.fullmatch(r"[0-9]{1,9}", version):
+        raise NotFound(f"{resource_type}/{resource_id} has no version {version[:40]!r}")
     stored = services().store.vread(resource_type, resource_id, int(version))
     current = services().store._current(resource_type, resource_id)
     _visible(current, access)
@@ -528,10 +540,9 @@ def system_get() -> Response:
     principal = authenticate()
     offset_text = request.args.get("_getpagesoffset", "0")
     count_text = request.args.get("_count", str(DEFAULT_COUNT))
-    if not offset_text.isdigit() or not count_text.isdigit():
-        raise InvalidRequest("_getpagesoffset and _count must be whole numbers")
-    count = min(int(count_text), MAX_COUNT)
-    matches = services().store.page(set_id, int(offset_text), count, principal.owner)
+    count = whole_number("_count", count_text, MAX_COUNT)
+    offset = whole_number("_getpagesoffset", offset_text)
+    matches = services().store.page(set_id, offset, count, principal.owner)
     kind = matches.request.get("kind", "search")
     resource_type = matches.request.get("type")
     access = principal.access
@@ -571,9 +582,7 @@ def _history(resource_type: str, resource_id: str | None, access: Access) -> Res
             except ValueError as exc:
                 raise InvalidRequest(f"_since: {exc}") from None
         elif name == "_count":
-            if not value.isdigit():
-                raise InvalidRequest(f"_count={value!r} is not a whole number")
-            count = min(int(value), MAX_COUNT)
+            count = whole_number("_count", value, MAX_COUNT)
         elif name not in ("_format", "_pretty"):
             raise InvalidRequest(f"history takes _since and _count, not {name!r}")
     principal = authenticate()
@@ -597,9 +606,7 @@ def everything(patient_id: str) -> Response:
     count = DEFAULT_COUNT
     for name, value in request.args.items(multi=True):
         if name == "_count":
-            if not value.isdigit():
-                raise InvalidRequest(f"_count={value!r} is not a whole number")
-            count = min(int(value), MAX_COUNT)
+            count = whole_number("_count", value, MAX_COUNT)
         elif name not in ("_format", "_pretty"):
             raise InvalidRequest(f"$everything takes _count, not {name!r}")
     if access.patients is not None and patient_id not in access.patients:

@@ -16,6 +16,7 @@ from flask import Blueprint, Response, current_app, g, request
 from werkzeug.exceptions import HTTPException
 
 from fhir_adapters.errors import FhirError, Forbidden, InvalidRequest, NotFound, Unauthorized
+from fhir_adapters.search import whole_number
 from ledger.canonical import canonical_bytes
 from ledger.errors import LedgerError, ProofError, StoreError
 from ledger.model import check_chain_id
@@ -94,9 +95,7 @@ def _int_arg(name: str, default: int | None = None) -> int:
         if default is None:
             raise InvalidRequest(f"{name} is required")
         return default
-    if not value.isdigit():
-        raise InvalidRequest(f"{name}={value!r} is not a whole number")
-    return int(value)
+    return whole_number(name, value)
 
 
 def _chain(chain: str) -> str:

@@ -3,6 +3,7 @@ interaction, its headers and its errors."""
 
 from __future__ import annotations
 
+from decimal import Decimal
 from typing import Any
 
 from tests.nodes import FHIR_JSON, Node, post
@@ -40,7 +41,7 @@ def observation(
     patient_id: str,
     code: str = "718-7",
     when: str = "2024-01-02T10:00:00+08:00",
-    value: str = "13.50",
+    value: str = "13.50",  # a decimal, written digit for digit
     **extra: Any,
 ) -> dict[str, Any]:
     return {
@@ -60,7 +61,7 @@ def observation(
         "subject": {"reference": f"Patient/{patient_id}"},
         "effectiveDateTime": when,
         "valueQuantity": {
-            "value": value,
+            "value": Decimal(value),
             "unit": "g/dL",
             "system": "http://unitsofmeasure.org",
             "code": "g/dL",
