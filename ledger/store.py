@@ -77,6 +77,16 @@ entries_table = sa.Table(
     sqlite_with_rowid=False,
 )
 
+evidence_table = sa.Table(
+    "ledger_evidence",
+    metadata,
+    sa.Column("chain", sa.String(64), primary_key=True),
+    sa.Column("height", sa.BigInteger, primary_key=True, autoincrement=False),
+    sa.Column("first_hash", sa.String(64), primary_key=True),  # the lower of the two hashes
+    sa.Column("evidence", sa.LargeBinary, nullable=False),  # canonical JSON, see add_evidence
+    sa.Column("found", sa.String(24), nullable=False),
+)
+
 settings_table = sa.Table(
     "ledger_settings",
     metadata,
@@ -84,7 +94,7 @@ settings_table = sa.Table(
     sa.Column("value", sa.Text, nullable=False),
 )
 
-LEDGER_TABLES = ("ledger_roster", "ledger_blocks", "ledger_entries")
+LEDGER_TABLES = ("ledger_roster", "ledger_blocks", "ledger_entries", "ledger_evidence")
 DEFAULT_MAX_BLOCK_ENTRIES = 1000
 GATHER_SECONDS = 0.001  # the longest a block waits for appenders still on their way
 
@@ -169,14 +179,14 @@ def create_schema(bind: Engine | Connection) -> None:
     install_append_only_triggers(bind)
 
 
-def install_append_only_triggers(conn: Connection) -> None:
+def install_append_only_triggers(conn: Connection, tables: Sequence[str] = LEDGER_TABLES) -> None:
     """The triggers by which the database itself refuses UPDATE and DELETE (and on
     PostgreSQL TRUNCATE) on the ledger tables (idempotent)."""
     bind = conn
     postgres = bind.dialect.name == "postgresql"
     if postgres:
         bind.exec_driver_sql(_POSTGRES_FUNCTION)
-    for table in LEDGER_TABLES:
+    for table in tables:
         for statement in _POSTGRES_TRIGGERS if postgres else _SQLITE_TRIGGERS:
             bind.exec_driver_sql(statement.format(table=table))
 
@@ -376,6 +386,108 @@ class ChainStore:
                 row.chain: Head(parse_canonical(row.header), row.signature)
                 for row in conn.execute(query.order_by(blocks_table.c.chain))
             }
+
+    def block_at(self, chain: str, height: int) -> Head | None:
+        """The stored header and signature of one block, or None."""
+        self._require_schema()
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                sa.select(blocks_table.c.header, blocks_table.c.signature).where(
+                    blocks_table.c.chain == chain, blocks_table.c.height == height
+                )
+            ).first()
+        return None if row is None else Head(parse_canonical(row.header), row.signature)
+
+    def import_blocks(
+        self,
+        chain: str,
+        after: str,
+        blocks: Sequence[tuple[bytes, str, list[bytes], list[bytes]]],
+    ) -> None:
+        """Store verified blocks of another member's chain: ``(header bytes, signature, entry
+        data, entry nodes)`` each, on top of the stored head whose hash is ``after`` (64 zeros:
+        none). Checked again under the chain's writer lock: if the head moved meanwhile
+        (another replicator stored it), nothing is stored and StoreError says so."""
+        if not blocks:
+            return
+        entry_rows: list[tuple[Any, ...]] = []
+        block_rows: list[tuple[Any, ...]] = []
+        for header_bytes, signature, datas, nodes in blocks:
+            header = parse_canonical(header_bytes)
+            first = int(header["first_seq"])
+            entry_rows.extend(
+                (chain, first + offset, data, node)
+                for offset, (data, node) in enumerate(zip(datas, nodes, strict=True))
+            )
+            block_rows.append(
+                (chain, header["height"], header["tree_size"], header_bytes, signature)
+            )
+        with self.engine.begin() as conn:
+            if self.is_postgres:
+                conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_writer_lock_key(chain)})")
+            head = conn.execute(
+                sa.select(blocks_table.c.header)
+                .where(blocks_table.c.chain == chain)
+                .order_by(blocks_table.c.height.desc())
+                .limit(1)
+            ).scalar()
+            current = ZERO_HASH if head is None else hashlib.sha256(bytes(head)).hexdigest()
+            if current != after:
+                raise StoreError(f"chain {chain} moved on while blocks were verified; try again")
+            conn.execute(
+                entries_table.insert(),
+                [{"chain": c, "seq": q, "data": d, "nodes": n} for c, q, d, n in entry_rows],
+            )
+            conn.execute(
+                blocks_table.insert(),
+                [
+                    {"chain": c, "height": h, "tree_size": t, "header": b, "signature": g}
+                    for c, h, t, b, g in block_rows
+                ],
+            )
+
+    def add_evidence(self, evidence: dict[str, Any]) -> bool:
+        """Store fork evidence (two validly signed headers of one chain and height); False
+        when this evidence was stored before."""
+        headers = evidence["headers"]
+        hashes = sorted(block_hash(h["header"]).hex() for h in headers)
+        chain, height = headers[0]["header"]["chain"], headers[0]["header"]["height"]
+        with self.engine.begin() as conn:
+            known = conn.execute(
+                sa.select(evidence_table.c.chain).where(
+                    evidence_table.c.chain == chain,
+                    evidence_table.c.height == height,
+                    evidence_table.c.first_hash == hashes[0],
+                )
+            ).first()
+            if known is not None:
+                return False
+            conn.execute(
+                evidence_table.insert().values(
+                    chain=chain,
+                    height=height,
+                    first_hash=hashes[0],
+                    evidence=canonical_bytes(evidence),
+                    found=format_time(),
+                )
+            )
+        return True
+
+    def evidence(self) -> list[dict[str, Any]]:
+        """Every stored fork evidence, oldest first."""
+        self._require_schema()
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                sa.select(evidence_table.c.evidence).order_by(
+                    evidence_table.c.found, evidence_table.c.chain, evidence_table.c.height
+                )
+            ).all()
+        return [parse_canonical(row.evidence) for row in rows]
+
+    def frozen_chains(self) -> set[str]:
+        """Chains with fork evidence: this node accepts no more of their blocks."""
+        with self.engine.connect() as conn:
+            return set(conn.execute(sa.select(evidence_table.c.chain).distinct()).scalars())
 
     def entry(self, chain: str, seq: int) -> dict[str, Any]:
         self._require_schema()

@@ -154,6 +154,20 @@ class Verifier:
                 )
         return self.summary
 
+    def resume(self, header: dict[str, Any], frontier: merkle.Frontier) -> None:
+        """Continue a chain from a block already verified and stored (replication checks only
+        what comes after the local head): its header, and the tree's right edge after it."""
+        chain = header["chain"]
+        summary = ChainSummary(
+            height=header["height"],
+            head_hash=block_hash(header).hex(),
+            tree_root=header["tree_root"],
+            time=header["time"],
+            roster=header["roster"],
+        )
+        self._chains[chain] = _ChainState(summary, frontier)
+        self.summary.chains[chain] = summary
+
     def _member_key(self, version: int, chain: str, height: int) -> Ed25519PublicKey:
         cached = self._keys.get((version, chain))
         if cached is not None:

@@ -164,4 +164,5 @@ def latest_checkpoint() -> Response:
 
 @bp.get("/evidence")
 def evidence() -> Response:
-    return _json([])
+    """Every fork this node has found: two validly signed headers of one chain and height."""
+    return _json(store().evidence())

@@ -360,6 +360,29 @@ def node_join(
     )
 
 
+@node_group.command("replicate")
+@DIR_OPTION
+@click.option(
+    "--interval",
+    default=1.0,
+    show_default=True,
+    type=click.FloatRange(0.05),
+    help="Seconds between rounds.",
+)
+@click.option("--once", is_flag=True, help="One round, then exit (prints what it did).")
+def node_replicate(directory: Path, interval: float, once: bool) -> None:
+    """Pull and verify every member's chain (run beside the web server, as its own process)."""
+    import logging
+
+    from node.replication import describe, run
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    with reported():
+        report = run(directory, interval, once)
+    if once:
+        out.print(describe(report))
+
+
 def register(main: click.Group) -> None:
     for group in (node_group, user_group, token_group, consortium_group):
         main.add_command(group)

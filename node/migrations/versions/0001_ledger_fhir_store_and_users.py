@@ -185,7 +185,9 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("username"),
     )
     # ### end Alembic commands ###
-    install_append_only_triggers(op.get_bind())
+    install_append_only_triggers(
+        op.get_bind(), ("ledger_roster", "ledger_blocks", "ledger_entries")
+    )
 
 
 def downgrade() -> None:

@@ -1,0 +1,283 @@
+"""Replication: pull every other member's chain, verify every block, store it, catch forks.
+
+Each round, a node asks every reachable member for its heads (``GET /ledger/heads``), and for
+each chain compares what the chain's author *and every other member* say against its own
+copy. A head beyond the local one is pulled from whoever showed it, block by block, each
+verified exactly as the auditor verifies (signature by the roster's key, hash link, entries,
+Merkle root) before anything is stored. Two validly signed headers of one chain at one
+height with different hashes are fork evidence (DESIGN §3): stored, and the chain is frozen
+— no more of its blocks are accepted — until people sort it out. A member that is unreachable
+or that serves something that does not verify is backed off from, more each time.
+
+The transport is not this module's business: a :class:`Peers` object fetches JSON from a
+member (the node signs those requests, DESIGN §7).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from ledger import keys, merkle
+from ledger.canonical import canonical_bytes
+from ledger.errors import LedgerError, StoreError, VerificationError
+from ledger.model import ZERO_HASH, block_hash, check_header
+from ledger.store import ChainStore, Head
+from ledger.verify import Verifier
+
+log = logging.getLogger(__name__)
+
+PAGE_BLOCKS = 200  # blocks asked for at once (a block holds at most 1000 entries)
+
+
+class PeerUnavailable(LedgerError):
+    """A member could not be reached, or answered with an error."""
+
+
+class Peers(Protocol):
+    """How replication talks to other members."""
+
+    def heads(self, member: str) -> dict[str, Any]:
+        """``GET /ledger/heads`` of a member."""
+
+    def blocks(self, member: str, chain: str, start: int, limit: int) -> list[dict[str, Any]]:
+        """``GET /ledger/chains/<chain>/blocks?from=<start>&limit=<limit>`` of a member."""
+
+
+@dataclass
+class RoundReport:
+    """What one round did."""
+
+    pulled: dict[str, int] = field(default_factory=dict)  # chain -> entries stored
+    evidence: list[dict[str, Any]] = field(default_factory=list)
+    unreachable: dict[str, str] = field(default_factory=dict)  # member -> why
+    refused: dict[str, str] = field(default_factory=dict)  # member -> what did not verify
+
+
+@dataclass
+class _Backoff:
+    failures: int = 0
+    until: float = 0.0
+
+
+class Replicator:
+    """Replicates into ``store`` for the member ``own``; ``authority`` anchors the rosters."""
+
+    def __init__(
+        self,
+        store: ChainStore,
+        own: str,
+        peers: Peers,
+        authority: Ed25519PublicKey | None,
+        *,
+        on_evidence: Callable[[dict[str, Any]], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.store = store
+        self.own = own
+        self.peers = peers
+        self.authority = authority
+        self.on_evidence = on_evidence
+        self.clock = clock
+        self._backoff: dict[str, _Backoff] = {}
+
+    # -- one round ------------------------------------------------------------------------
+
+    def run_round(self) -> RoundReport:
+        report = RoundReport()
+        roster = self.store.roster()
+        members = [m for m in roster.member_ids() if m != self.own]
+        heads: dict[str, dict[str, Any]] = {}
+        for member in members:
+            if self._backed_off(member):
+                report.unreachable[member] = "backed off"
+                continue
+            try:
+                heads[member] = self.peers.heads(member)
+            except PeerUnavailable as exc:
+                self._fail(member)
+                report.unreachable[member] = str(exc)
+        frozen = self.store.frozen_chains()
+        for chain in [*members, self.own]:
+            if chain in frozen:
+                continue
+            # the author first, then everyone else who reports on the chain
+            for source in sorted(heads, key=lambda m: (m != chain, m)):
+                claimed = heads[source].get(chain)
+                if claimed is None:
+                    continue
+                try:
+                    self._follow(chain, source, claimed, report)
+                except _Forked:
+                    break
+                except PeerUnavailable as exc:
+                    self._fail(source)
+                    report.unreachable[source] = str(exc)
+                except (VerificationError, _Refused) as exc:
+                    self._fail(source)
+                    report.refused[source] = f"chain {chain}: {exc}"
+                    log.warning("refused what %s served of chain %s: %s", source, chain, exc)
+                else:
+                    self._backoff.pop(source, None)
+        return report
+
+    # -- one chain from one source --------------------------------------------------------
+
+    def _follow(self, chain: str, source: str, claimed: Any, report: RoundReport) -> None:
+        header, signature = self._checked_head(chain, claimed)
+        local = self.store.heads().get(chain)
+        local_height = local.header["height"] if local is not None else -1
+        if header["height"] <= local_height:
+            ours = self.store.block_at(chain, header["height"])
+            assert ours is not None
+            if block_hash(ours.header) != block_hash(header):
+                self._evidence(ours, Head(header, signature), source, report)
+            return
+        if chain == self.own:
+            raise _Refused(f"{source} shows this node's own chain beyond its head")
+        pulled = self._pull(chain, source, local, header, report)
+        report.pulled[chain] = report.pulled.get(chain, 0) + pulled
+
+    def _checked_head(self, chain: str, claimed: Any) -> tuple[dict[str, Any], str]:
+        if not isinstance(claimed, dict) or not isinstance(claimed.get("signature"), str):
+            raise _Refused("a head is not {header, signature}")
+        header = claimed.get("header")
+        if not isinstance(header, dict):
+            raise _Refused("a head has no header")
+        try:
+            check_header(header)
+        except LedgerError as exc:
+            raise _Refused(f"malformed head: {exc}") from None
+        if header["chain"] != chain:
+            raise _Refused(f"the head listed for {chain} is of chain {header['chain']}")
+        self._verify_signature(header, claimed["signature"])
+        return header, claimed["signature"]
+
+    def _verify_signature(self, header: dict[str, Any], signature: str) -> None:
+        rosters = {body["version"]: body for body, _ in self.store.rosters()}
+        body = rosters.get(header["roster"])
+        if body is None:
+            raise _Refused(f"the head names roster version {header['roster']}, unknown here")
+        members = {m["id"]: m["ed25519"] for m in body["members"]}
+        if header["chain"] not in members:
+            raise _Refused(f"roster version {header['roster']} does not list {header['chain']}")
+        try:
+            keys.verify(members[header["chain"]], keys.BLOCK_DOMAIN, block_hash(header), signature)
+        except LedgerError as exc:
+            raise _Refused(f"head signature: {exc}") from None
+
+    def _pull(
+        self,
+        chain: str,
+        source: str,
+        local: Head | None,
+        target: dict[str, Any],
+        report: RoundReport,
+    ) -> int:
+        """Pull, verify and store blocks after the local head up to ``target``; the number of
+        entries stored."""
+        verifier = Verifier(self.authority)
+        for body, roster_signature in self.store.rosters():
+            verifier.add_roster(body, roster_signature)
+        if local is not None:
+            frontier = self.store.frontier(chain, local)
+            verifier.resume(local.header, frontier.copy())
+            after, next_height = local.hash, local.header["height"] + 1
+        else:
+            frontier = merkle.Frontier()
+            after, next_height = ZERO_HASH, 0
+        stored = 0
+        while next_height <= target["height"]:
+            limit = min(PAGE_BLOCKS, target["height"] - next_height + 1)
+            wire = self.peers.blocks(source, chain, next_height, limit)
+            if not wire:
+                raise _Refused(f"served no block at height {next_height} below its head")
+            batch: list[tuple[bytes, str, list[bytes], list[bytes]]] = []
+            builds_on = after
+            for block in wire:
+                if not isinstance(block, dict) or not isinstance(block.get("header"), dict):
+                    raise _Refused("a block is not {header, signature, entries}")
+                header = block["header"]
+                if header.get("height") != next_height:
+                    raise _Refused(f"sent height {header.get('height')} for {next_height}")
+                if (
+                    local is not None
+                    and header.get("prev") != after
+                    and not batch
+                    and (builds_on == local.hash)
+                ):
+                    self._check_divergence(chain, source, local, report)
+                datas = verifier.add_block(header, block.get("signature"), block.get("entries"))
+                nodes = [b"".join(frontier.append(merkle.leaf_hash(d))) for d in datas]
+                batch.append((canonical_bytes(header), block["signature"], datas, nodes))
+                after = block_hash(header).hex()
+                next_height += 1
+            try:
+                self.store.import_blocks(chain, builds_on, batch)
+            except StoreError:
+                return stored  # another replicator stored these meanwhile
+            stored += sum(len(datas) for _, _, datas, _ in batch)
+        if block_hash(target).hex() != after:
+            ours = self.store.block_at(chain, target["height"])
+            assert ours is not None
+            self._evidence(ours, Head(target, ""), source, report)
+        return stored
+
+    def _check_divergence(self, chain: str, source: str, local: Head, report: RoundReport) -> None:
+        """The source's next block does not link to our head: fetch its block at our head's
+        height; validly signed and different, it is fork evidence."""
+        theirs = self.peers.blocks(source, chain, local.header["height"], 1)
+        if theirs:
+            header, signature = self._checked_head(chain, theirs[0])
+            if block_hash(header) != block_hash(local.header):
+                self._evidence(local, Head(header, signature), source, report)
+        raise _Refused("its next block does not follow this node's head")
+
+    def _evidence(self, ours: Head, theirs: Head, source: str, report: RoundReport) -> None:
+        if not theirs.signature:
+            raise _Refused("its advertised head is not the block it served at that height")
+        evidence = {
+            "chain": ours.header["chain"],
+            "height": ours.header["height"],
+            "headers": [
+                {"header": ours.header, "signature": ours.signature},
+                {"header": theirs.header, "signature": theirs.signature},
+            ],
+            "source": source,
+        }
+        if self.store.add_evidence(evidence):
+            log.error(
+                "FORK: chain %s has two signed blocks at height %s (one from %s); the chain "
+                "is frozen",
+                evidence["chain"],
+                evidence["height"],
+                source,
+            )
+            report.evidence.append(evidence)
+            if self.on_evidence is not None:
+                self.on_evidence(evidence)
+        raise _Forked()
+
+    # -- backoff --------------------------------------------------------------------------
+
+    def _backed_off(self, member: str) -> bool:
+        state = self._backoff.get(member)
+        return state is not None and self.clock() < state.until
+
+    def _fail(self, member: str) -> None:
+        state = self._backoff.setdefault(member, _Backoff())
+        state.failures += 1
+        state.until = self.clock() + min(60.0, 0.5 * 2 ** (state.failures - 1))
+
+
+class _Refused(Exception):
+    """What a member served does not verify."""
+
+
+class _Forked(Exception):
+    """Fork evidence was found for the chain: stop following it."""

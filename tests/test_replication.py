@@ -1,0 +1,193 @@
+"""Replication between real node processes: members converge on the same heads, a tampered
+block is refused, a member that signs two blocks at one height is caught with evidence."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from contextlib import ExitStack
+from pathlib import Path
+
+import pytest
+import requests
+import sqlalchemy as sa
+from click.testing import CliRunner
+
+from ledger import keys
+from ledger.store import ChainStore, ChainWriter
+from node.cli import main
+from node.config import load_config
+from node.replication import run
+from tests.nodes import Node, free_port, init_node, serving
+
+MEMBERS = ("hosp-a", "hosp-b", "hosp-c")
+
+
+def hrx(*args: str) -> None:
+    result = CliRunner().invoke(main, list(args))
+    assert result.exit_code == 0, result.output
+
+
+def append(directory: Path, count: int, label: str = "c") -> None:
+    config = load_config(directory)
+    store = ChainStore(config.database_url)
+    try:
+        with ChainWriter(store, config.node_id, keys.load_private_key(config.ed25519_key)) as w:
+            for number in range(count):
+                w.append(
+                    "consent.granted", {"consent_id": f"{label}-{number}", "patient": "ab" * 32}
+                )
+    finally:
+        store.close()
+
+
+def heads(directory: Path) -> dict[str, str]:
+    store = ChainStore(load_config(directory).database_url)
+    try:
+        return {chain: head.hash for chain, head in store.heads().items()}
+    finally:
+        store.close()
+
+
+def make_consortium(root: Path, members: tuple[str, ...] = MEMBERS) -> dict[str, Path]:
+    directories = {}
+    for name in members:
+        directories[name] = root / name
+        init_node(directories[name], name, None, free_port())
+    hrx("consortium", "secret", "--out", str(root / "consortium.key"))
+    hrx(
+        "consortium",
+        "roster",
+        "--authority-key",
+        str(root / "authority.pem"),
+        "--quorum",
+        "2",
+        "--consortium",
+        "test",
+        "--out",
+        str(root / "roster.json"),
+        *(str(d / "enrollment.json") for d in directories.values()),
+    )
+    authority = keys.public_key_text(keys.load_private_key(root / "authority.pem"))
+    for directory in directories.values():
+        hrx(
+            "node",
+            "join",
+            "--dir",
+            str(directory),
+            "--roster",
+            str(root / "roster.json"),
+            "--secret",
+            str(root / "consortium.key"),
+            "--authority",
+            authority,
+        )
+    return directories
+
+
+@pytest.fixture
+def consortium(tmp_path: Path) -> Iterator[dict[str, Path]]:
+    yield make_consortium(tmp_path)
+
+
+def serve_all(stack: ExitStack, directories: dict[str, Path]) -> dict[str, Node]:
+    return {
+        name: stack.enter_context(serving(directory, load_config(directory).port))
+        for name, directory in directories.items()
+    }
+
+
+def test_members_converge(consortium: dict[str, Path]) -> None:
+    for number, directory in enumerate(consortium.values()):
+        append(directory, 30 + 500 * number)
+    with ExitStack() as stack:
+        serve_all(stack, consortium)
+        for directory in consortium.values():
+            report = run(directory, 0.1, once=True)
+            assert not report.refused and not report.evidence, report
+        views = [heads(directory) for directory in consortium.values()]
+        assert views[0] == views[1] == views[2] and set(views[0]) == set(MEMBERS)
+        # new blocks flow on the next round; nothing twice
+        append(consortium["hosp-a"], 5, "late")
+        report = run(consortium["hosp-c"], 0.1, once=True)
+        assert report.pulled == {"hosp-a": 5}
+        assert run(consortium["hosp-c"], 0.1, once=True).pulled == {}
+    # what a member stores verifies like the author's own copy
+    result = CliRunner().invoke(
+        main,
+        [
+            "audit",
+            "verify",
+            load_config(consortium["hosp-c"]).database_url,
+            "--authority",
+            str(consortium["hosp-a"].parent / "authority.pem"),
+        ],
+    )
+    assert result.exit_code == 0 and "3 chain(s)" in result.output, result.output
+
+
+def test_unreachable_member_is_backed_off_and_others_still_replicate(
+    consortium: dict[str, Path],
+) -> None:
+    for directory in consortium.values():
+        append(directory, 10)
+    with ExitStack() as stack:
+        stack.enter_context(serving(consortium["hosp-a"], load_config(consortium["hosp-a"]).port))
+        report = run(consortium["hosp-b"], 0.1, once=True)
+        assert "hosp-c" in report.unreachable and report.pulled == {"hosp-a": 10}
+
+
+def test_tampered_block_is_refused(consortium: dict[str, Path]) -> None:
+    append(consortium["hosp-a"], 20)
+    with ExitStack() as stack:
+        nodes = serve_all(stack, consortium)
+        run(consortium["hosp-b"], 0.1, once=True)  # b holds a's chain now
+        nodes["hosp-a"].process.terminate()  # type: ignore[union-attr]
+        nodes["hosp-a"].process.wait()  # type: ignore[union-attr]
+        # b turns malicious: it rewrites an entry of a's chain in its copy
+        engine = sa.create_engine(load_config(consortium["hosp-b"]).database_url)
+        with engine.begin() as conn:
+            conn.execute(sa.text("DROP TRIGGER ledger_entries_no_update"))
+            data = conn.execute(
+                sa.text("SELECT data FROM ledger_entries WHERE chain = 'hosp-a' AND seq = 3")
+            ).scalar_one()
+            conn.execute(
+                sa.text("UPDATE ledger_entries SET data = :d WHERE chain = 'hosp-a' AND seq = 3"),
+                {"d": data.replace(b"c-3", b"c-9")},
+            )
+        engine.dispose()
+        report = run(consortium["hosp-c"], 0.1, once=True)
+        assert "hosp-b" in report.refused and "hosp-a" not in heads(consortium["hosp-c"])
+
+
+def test_equivocation_is_caught(consortium: dict[str, Path], tmp_path: Path) -> None:
+    # hosp-a keeps a second copy of its database and signs different blocks in each
+    config_a = load_config(consortium["hosp-a"])
+    append(consortium["hosp-a"], 3)
+    twin = tmp_path / "twin"
+    shutil.copytree(consortium["hosp-a"], twin)
+    append(consortium["hosp-a"], 4, "honest")
+    append(twin, 4, "forked")
+    with serving(consortium["hosp-a"], config_a.port):
+        run(consortium["hosp-b"], 0.1, once=True)
+    with serving(twin, config_a.port):  # the same member, showing c another history
+        run(consortium["hosp-c"], 0.1, once=True)
+    assert heads(consortium["hosp-b"])["hosp-a"] != heads(consortium["hosp-c"])["hosp-a"]
+    with ExitStack() as stack:
+        b = stack.enter_context(
+            serving(consortium["hosp-b"], load_config(consortium["hosp-b"]).port)
+        )
+        stack.enter_context(serving(consortium["hosp-c"], load_config(consortium["hosp-c"]).port))
+        report = run(consortium["hosp-c"], 0.1, once=True)  # hears b's view of hosp-a
+        assert report.evidence and report.evidence[0]["chain"] == "hosp-a"
+        assert report.evidence[0]["height"] == 6  # both heads: signed by hosp-a, different
+        run(consortium["hosp-b"], 0.1, once=True)
+        auditor = {"Authorization": f"Bearer {b.token('auditor', 'auditor')}"}
+        served = requests.get(f"{b.base}/ledger/evidence", headers=auditor).json()
+        assert len(served) == 1 and served[0]["chain"] == "hosp-a"
+        hashes = {h["header"]["tree_root"] for h in served[0]["headers"]}
+        assert len(hashes) == 2
+        # the chain is frozen: nothing more of it is accepted
+        append(consortium["hosp-a"], 2, "after")
+        with serving(consortium["hosp-a"], config_a.port):
+            assert "hosp-a" not in run(consortium["hosp-b"], 0.1, once=True).pulled
