@@ -44,6 +44,10 @@ class RosterError(LedgerError):
     """A roster is malformed, wrongly signed, or does not list what is asked of it."""
 
 
+class CheckpointError(LedgerError):
+    """A checkpoint or certificate is malformed or does not verify."""
+
+
 class StoreError(LedgerError):
     """The chain store cannot do what was asked (no such chain, not initialised, busy...)."""
 

@@ -87,6 +87,20 @@ evidence_table = sa.Table(
     sa.Column("found", sa.String(24), nullable=False),
 )
 
+checkpoints_table = sa.Table(
+    "ledger_checkpoints",
+    metadata,
+    sa.Column("epoch", sa.BigInteger, primary_key=True, autoincrement=False),
+    sa.Column("certificate", sa.LargeBinary, nullable=False),  # canonical JSON
+)
+
+votes_table = sa.Table(
+    "ledger_checkpoint_votes",
+    metadata,
+    sa.Column("epoch", sa.BigInteger, primary_key=True, autoincrement=False),
+    sa.Column("checkpoint", sa.LargeBinary, nullable=False),  # what this node signed
+)
+
 settings_table = sa.Table(
     "ledger_settings",
     metadata,
@@ -94,7 +108,14 @@ settings_table = sa.Table(
     sa.Column("value", sa.Text, nullable=False),
 )
 
-LEDGER_TABLES = ("ledger_roster", "ledger_blocks", "ledger_entries", "ledger_evidence")
+LEDGER_TABLES = (
+    "ledger_roster",
+    "ledger_blocks",
+    "ledger_entries",
+    "ledger_evidence",
+    "ledger_checkpoints",
+    "ledger_checkpoint_votes",
+)
 DEFAULT_MAX_BLOCK_ENTRIES = 1000
 GATHER_SECONDS = 0.001  # the longest a block waits for appenders still on their way
 
@@ -488,6 +509,57 @@ class ChainStore:
         """Chains with fork evidence: this node accepts no more of their blocks."""
         with self.engine.connect() as conn:
             return set(conn.execute(sa.select(evidence_table.c.chain).distinct()).scalars())
+
+    def add_certificate(self, certificate: dict[str, Any]) -> bool:
+        """Store a (verified) checkpoint certificate; False when its epoch has one already."""
+        epoch = certificate["checkpoint"]["epoch"]
+        with self.engine.begin() as conn:
+            if conn.execute(
+                sa.select(checkpoints_table.c.epoch).where(checkpoints_table.c.epoch == epoch)
+            ).first():
+                return False
+            conn.execute(
+                checkpoints_table.insert().values(
+                    epoch=epoch, certificate=canonical_bytes(certificate)
+                )
+            )
+        return True
+
+    def certificate(self, epoch: int | None = None) -> dict[str, Any] | None:
+        """The certificate of an epoch, or the newest (None when there is none)."""
+        self._require_schema()
+        query = sa.select(checkpoints_table.c.certificate)
+        if epoch is None:
+            query = query.order_by(checkpoints_table.c.epoch.desc()).limit(1)
+        else:
+            query = query.where(checkpoints_table.c.epoch == epoch)
+        with self.engine.connect() as conn:
+            data = conn.execute(query).scalar()
+        return None if data is None else dict(parse_canonical(data))
+
+    def certificates(self) -> Iterator[dict[str, Any]]:
+        """Every stored certificate, by epoch."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                sa.select(checkpoints_table.c.certificate).order_by(checkpoints_table.c.epoch)
+            ).all()
+        for row in rows:
+            yield dict(parse_canonical(row.certificate))
+
+    def vote(self, checkpoint: dict[str, Any]) -> bool:
+        """Record that this node signs ``checkpoint``; False when it already signed another
+        checkpoint of the same epoch (an honest member signs one per epoch)."""
+        data = canonical_bytes(checkpoint)
+        with self.engine.begin() as conn:
+            signed = conn.execute(
+                sa.select(votes_table.c.checkpoint).where(
+                    votes_table.c.epoch == checkpoint["epoch"]
+                )
+            ).scalar()
+            if signed is not None:
+                return bytes(signed) == data
+            conn.execute(votes_table.insert().values(epoch=checkpoint["epoch"], checkpoint=data))
+        return True
 
     def entry(self, chain: str, seq: int) -> dict[str, Any]:
         self._require_schema()

@@ -28,10 +28,11 @@ def create_app(directory: str | Path) -> Flask:
     app.extensions["hrx"] = services
     atexit.register(services.close)
 
-    from node import auth_api, fhir_api, health, ledger_api
+    from node import auth_api, fhir_api, health, ledger_api, peer_api
 
     app.register_blueprint(health.bp)
     app.register_blueprint(auth_api.bp)
     app.register_blueprint(fhir_api.bp)
     app.register_blueprint(ledger_api.bp)
+    app.register_blueprint(peer_api.bp)
     return app

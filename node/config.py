@@ -32,6 +32,7 @@ SCHEMA: dict[str, dict[str, tuple[type, Any]]] = {
     },
     "tokens": {"ttl": (int, 3600), "max_ttl": (int, 86400)},
     "audit": {"flush_ms": (int, 20)},
+    "checkpoints": {"epoch_seconds": (int, 30)},
 }
 
 
@@ -50,6 +51,7 @@ class NodeConfig:
     token_ttl: int
     token_max_ttl: int
     audit_flush_ms: int
+    epoch_seconds: int
 
     @property
     def fhir_base(self) -> str:
@@ -122,6 +124,7 @@ def load_config(directory: Path, environ: Mapping[str, str] | None = None) -> No
         token_ttl=values["tokens_ttl"],
         token_max_ttl=values["tokens_max_ttl"],
         audit_flush_ms=values["audit_flush_ms"],
+        epoch_seconds=values["checkpoints_epoch_seconds"],
     )
 
 

@@ -159,7 +159,18 @@ def consistency(chain: str) -> Response:
 
 @bp.get("/checkpoints/latest")
 def latest_checkpoint() -> Response:
-    raise NotFound("no checkpoint has been certified yet")
+    certificate = store().certificate()
+    if certificate is None:
+        raise NotFound("no checkpoint has been certified yet")
+    return _json(certificate)
+
+
+@bp.get("/checkpoints/<int:epoch>")
+def checkpoint_of(epoch: int) -> Response:
+    certificate = store().certificate(epoch)
+    if certificate is None:
+        raise NotFound(f"no certificate of epoch {epoch}")
+    return _json(certificate)
 
 
 @bp.get("/evidence")

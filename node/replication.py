@@ -8,16 +8,25 @@ the URLs the roster gives; an unreachable or misbehaving member is backed off fr
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
 import requests
 
 from ledger import keys
-from ledger.canonical import parse_json
+from ledger.canonical import canonical_bytes, parse_json
+from ledger.checkpoint import (
+    make_certificate,
+    make_checkpoint,
+    verify_certificate,
+    verify_signature,
+)
+from ledger.checkpoint import sign as sign_checkpoint
 from ledger.errors import LedgerError
 from ledger.replication import PeerUnavailable, Replicator, RoundReport
 from ledger.store import ChainStore
@@ -64,6 +73,33 @@ class SignedPeers:
         except LedgerError as exc:
             raise PeerUnavailable(f"{member} sent what is not JSON: {exc}") from None
 
+    def post(self, member: str, path: str, value: Any) -> Any:
+        """POST canonical JSON to a member; its JSON answer (PeerUnavailable on an error,
+        with the member's own message)."""
+        try:
+            base = self.store.roster().member(member)["url"].rstrip("/")
+        except LedgerError as exc:
+            raise PeerUnavailable(str(exc)) from None
+        url = base + path
+        body = canonical_bytes(value)
+        headers = sign_request(
+            self.own, self.key, "POST", url, body, {"Content-Type": "application/json"}
+        )
+        try:
+            response = self.session.post(
+                url, data=body, headers=headers, timeout=(CONNECT_SECONDS, READ_SECONDS)
+            )
+        except requests.RequestException as exc:
+            raise PeerUnavailable(f"{member} at {base}: {type(exc).__name__}") from None
+        if response.status_code != 200:
+            raise PeerUnavailable(
+                f"{member} answered {response.status_code}: {response.text[:300]}"
+            )
+        try:
+            return parse_json(response.content)
+        except LedgerError as exc:
+            raise PeerUnavailable(f"{member} sent what is not JSON: {exc}") from None
+
     def heads(self, member: str) -> dict[str, Any]:
         heads = self._get(member, "/ledger/heads")
         if not isinstance(heads, dict):
@@ -101,22 +137,145 @@ def describe(report: RoundReport) -> str:
     return ", ".join(parts) or "up to date"
 
 
+class CheckpointProposer:
+    """Proposes the checkpoint of an epoch when this node's turn comes (epochs are
+    ``checkpoints.epoch_seconds`` of wall time; the proposer of epoch e is member e mod n of
+    the roster, sorted), gathers the members' signatures and, at the quorum, stores and
+    sends the certificate to every member."""
+
+    RETRIES = 6  # rounds of asking members that have not yet verified the heads
+    RETRY_SECONDS = 0.5
+
+    def __init__(self, config: NodeConfig, store: ChainStore, peers: SignedPeers) -> None:
+        self.config = config
+        self.store = store
+        self.peers = peers
+        self._tried = -1
+
+    def maybe_propose(self, now: float) -> dict[str, Any] | None:
+        epoch = int(now // self.config.epoch_seconds)
+        if epoch <= self._tried:
+            return None
+        roster = self.store.roster()
+        members = sorted(roster.member_ids())
+        if members[epoch % len(members)] != self.config.node_id:
+            return None
+        self._tried = epoch
+        if self.store.certificate(epoch) is not None:
+            return None
+        frozen = self.store.frozen_chains()
+        heads = {c: h for c, h in self.store.heads().items() if c not in frozen}
+        if not heads:
+            return None
+        return self.propose(epoch, make_checkpoint(epoch, roster.version, heads))
+
+    def propose(self, epoch: int, checkpoint: dict[str, Any]) -> dict[str, Any] | None:
+        from ledger import bls
+
+        roster = self.store.roster()
+        signatures: dict[str, str] = {}
+        if self.store.vote(checkpoint):
+            secret = bls.read_secret_key(self.config.bls_key)
+            signatures[self.config.node_id] = sign_checkpoint(checkpoint, secret)
+        waiting = [m for m in sorted(roster.member_ids()) if m != self.config.node_id]
+        for attempt in range(self.RETRIES):
+            still = []
+            for member in waiting:
+                try:
+                    answer = self.peers.post(member, "/peer/checkpoints/sign", checkpoint)
+                    verify_signature(checkpoint, roster, member, str(answer.get("signature")))
+                    signatures[member] = answer["signature"]
+                except PeerUnavailable as exc:
+                    if "not yet verified" in str(exc):
+                        still.append(member)  # it is catching up: ask again shortly
+                    else:
+                        log.info("epoch %s: %s does not sign: %s", epoch, member, exc)
+                except LedgerError as exc:
+                    log.warning("epoch %s: %s's signature refused: %s", epoch, member, exc)
+            waiting = still
+            if not waiting or (len(signatures) >= roster.quorum and attempt):
+                break
+            time.sleep(self.RETRY_SECONDS)
+        if len(signatures) < roster.quorum:
+            log.warning(
+                "epoch %s: %d of %d signatures needed; no certificate",
+                epoch,
+                len(signatures),
+                roster.quorum,
+            )
+            return None
+        certificate = make_certificate(checkpoint, signatures)
+        verify_certificate(certificate, {roster.version: roster})
+        self.store.add_certificate(certificate)
+        for member in sorted(roster.member_ids()):
+            if member != self.config.node_id:
+                try:
+                    self.peers.post(member, "/peer/checkpoints", certificate)
+                except PeerUnavailable as exc:
+                    log.info("epoch %s: certificate not delivered to %s: %s", epoch, member, exc)
+        log.info("epoch %s certified by %s", epoch, ", ".join(certificate["signers"]))
+        return certificate
+
+
+def push_hints(store: ChainStore, peers: SignedPeers, own: str) -> None:
+    """Tell every member this node's chain has new blocks (best effort)."""
+    for member in store.roster().member_ids():
+        if member != own:
+            with contextlib.suppress(PeerUnavailable):  # it pulls on its next round anyway
+                peers.post(member, "/peer/heads", {"chain": own})
+
+
 def run(directory: Path, interval: float, once: bool = False) -> RoundReport:
-    """Replicate until SIGTERM/SIGINT (or one round with ``once``); the last round's report."""
+    """Replicate until SIGTERM/SIGINT (or one round with ``once``); the last round's report.
+
+    Between rounds it wakes early for a push hint from a peer (``POST /peer/heads`` touches
+    ``DIR/replicate.hint``) and when this node's own chain grows (then it hints its peers)."""
     config = load_config(directory)
     database = open_database(config.database_url)
     stop = threading.Event()
     if not once and threading.current_thread() is threading.main_thread():
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, lambda *_: stop.set())
+    hint = directory / "replicate.hint"
     try:
         store = ChainStore(database.write_engine)
+        reader = ChainStore(database.engine)  # polled often: no write lock
         replicator = replicator_for(config, store)
+        peers = replicator.peers
+        assert isinstance(peers, SignedPeers)
+        proposer = CheckpointProposer(config, store, peers)
+        own_head = _own_head(reader, config.node_id)
         while True:
             report = replicator.run_round()
             if report.pulled or report.evidence or report.refused:
                 log.info("replication round: %s", describe(report))
-            if once or stop.wait(interval):
+            proposer.maybe_propose(time.time())
+            if once:
+                return report
+            deadline = time.monotonic() + interval
+            seen = _mtime(hint)
+            while time.monotonic() < deadline and not stop.is_set():
+                head = _own_head(reader, config.node_id)
+                if head != own_head:
+                    own_head = head
+                    push_hints(store, peers, config.node_id)
+                    break
+                if _mtime(hint) != seen:
+                    break
+                stop.wait(0.05)
+            if stop.is_set():
                 return report
     finally:
         database.close()
+
+
+def _own_head(store: ChainStore, own: str) -> str | None:
+    head = store.heads().get(own)
+    return None if head is None else head.hash
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except FileNotFoundError:
+        return 0.0

@@ -200,15 +200,16 @@ def test_upgrade_applies_pending_migrations(node_dir: Path) -> None:
     try:
         with database.write_engine.begin() as conn:
             conn.execute(sa.text("DROP TABLE peer_nonces"))
-            conn.execute(sa.text("DROP TABLE ledger_evidence"))
+            for table in ("ledger_evidence", "ledger_checkpoints", "ledger_checkpoint_votes"):
+                conn.execute(sa.text(f"DROP TABLE {table}"))
             conn.execute(sa.text("UPDATE alembic_version SET version_num = '0001'"))
     finally:
         database.close()
     result = hrx("node", "upgrade", "--dir", str(node_dir))
-    assert result.exit_code == 0 and "from revision 0001 to 0003" in result.output, result.output
+    assert result.exit_code == 0 and "from revision 0001 to 0004" in result.output, result.output
     database = open_database(config.database_url)
     try:
-        assert current_revision(database.engine) == head_revision() == "0003"
+        assert current_revision(database.engine) == head_revision() == "0004"
         assert sa.inspect(database.engine).has_table("peer_nonces")
         assert sa.inspect(database.engine).has_table("ledger_evidence")
     finally:

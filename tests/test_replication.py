@@ -191,3 +191,68 @@ def test_equivocation_is_caught(consortium: dict[str, Path], tmp_path: Path) -> 
         append(consortium["hosp-a"], 2, "after")
         with serving(consortium["hosp-a"], config_a.port):
             assert "hosp-a" not in run(consortium["hosp-b"], 0.1, once=True).pulled
+
+
+def test_checkpoints_are_cosigned(consortium: dict[str, Path]) -> None:
+    from ledger import bls
+    from ledger.checkpoint import make_checkpoint, verify_certificate
+    from ledger.roster import open_roster
+    from node.replication import CheckpointProposer, replicator_for
+
+    for directory in consortium.values():
+        append(directory, 12)
+    with ExitStack() as stack:
+        nodes = serve_all(stack, consortium)
+        for directory in consortium.values():
+            run(directory, 0.1, once=True)
+        config = load_config(consortium["hosp-b"])
+        store = ChainStore(config.database_url)
+        try:
+            peers = replicator_for(config, store).peers
+            proposer = CheckpointProposer(config, store, peers)  # type: ignore[arg-type]
+            epoch = 3 * 1000 + 1  # hosp-b is member 1 of 3: its turn
+            certificate = proposer.maybe_propose(epoch * config.epoch_seconds + 0.5)
+            assert certificate is not None
+            assert certificate["signers"] == ["hosp-a", "hosp-b", "hosp-c"]
+            assert set(certificate["checkpoint"]["heads"]) == set(MEMBERS)
+            assert proposer.maybe_propose(epoch * config.epoch_seconds + 1) is None  # once
+            # not its turn
+            assert proposer.maybe_propose((epoch + 1) * config.epoch_seconds) is None
+            rosters = {
+                body["version"]: open_roster(body, signature, None)
+                for body, signature in store.rosters()
+            }
+            # every member stored it, and serves it
+            auditor = {"Authorization": f"Bearer {nodes['hosp-c'].token('auditor', 'auditor')}"}
+            served = requests.get(
+                f"{nodes['hosp-c'].base}/ledger/checkpoints/{epoch}", headers=auditor
+            ).json()
+            assert served == certificate
+            assert verify_certificate(served, rosters)["epoch"] == epoch
+            # the rounds above certified the current epoch too: "latest" is the newest
+            latest = requests.get(
+                f"{nodes['hosp-c'].base}/ledger/checkpoints/latest", headers=auditor
+            ).json()
+            assert latest["checkpoint"]["epoch"] >= epoch
+            verify_certificate(latest, rosters)
+            # a member signs one checkpoint per epoch, and only heads it has verified
+            other = make_checkpoint(epoch, 1, {})
+            from ledger.replication import PeerUnavailable
+
+            with pytest.raises(PeerUnavailable, match="already signed another"):
+                peers.post("hosp-a", "/peer/checkpoints/sign", other)  # type: ignore[attr-defined]
+            append(consortium["hosp-b"], 1, "unseen")
+            ahead = make_checkpoint(epoch + 3, 1, store.heads())
+            with pytest.raises(PeerUnavailable, match="not yet verified"):
+                peers.post("hosp-a", "/peer/checkpoints/sign", ahead)  # type: ignore[attr-defined]
+            # a certificate with too few or wrong signers is refused
+            forged = dict(certificate, signers=["hosp-a"])
+            with pytest.raises(PeerUnavailable, match="quorum"):
+                peers.post("hosp-c", "/peer/checkpoints", forged)  # type: ignore[attr-defined]
+            wrong = dict(
+                certificate, signature=bls.sign(bls.generate_secret_key(b"x" * 32), b"other").hex()
+            )
+            with pytest.raises(PeerUnavailable, match="does not verify"):
+                peers.post("hosp-c", "/peer/checkpoints", wrong)  # type: ignore[attr-defined]
+        finally:
+            store.close()
