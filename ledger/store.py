@@ -730,12 +730,18 @@ class ChainStore:
 
     def export_lines(self) -> Iterator[bytes]:
         """The export: each roster version ``{"roster", "signature"}``, then every chain's blocks
-        ``{"entries", "header", "signature"}`` in chain order — canonical JSON, one per line."""
+        ``{"entries", "header", "signature"}`` in chain order, then every checkpoint
+        ``{"certificate"}`` by epoch and every fork ``{"evidence"}`` — canonical JSON, one per
+        line."""
         for roster, signature in self.rosters():
             yield canonical_bytes({"roster": roster, "signature": signature})
         for chain in self.chains():
             for block in self.block_rows(chain):
                 yield block.wire_bytes()
+        for certificate in self.certificates():
+            yield canonical_bytes({"certificate": certificate})
+        for evidence in self.evidence():
+            yield canonical_bytes({"evidence": evidence})
 
 
 PAGE_ENTRIES = 20_000  # entry rows one page of block_rows holds in memory, about 10 MB

@@ -93,6 +93,10 @@ class Summary:
     anchored: bool = False
     chains: dict[str, ChainSummary] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    certificates: list[int] = field(default_factory=list)  # epochs verified
+    # chain -> (epoch, height) of the newest certificate covering it
+    covered: dict[str, tuple[int, int]] = field(default_factory=dict)
+    forks: list[str] = field(default_factory=list)  # proven by valid evidence
 
     @property
     def blocks(self) -> int:
@@ -107,6 +111,7 @@ class Summary:
 class _ChainState:
     summary: ChainSummary
     frontier: merkle.Frontier = field(default_factory=merkle.Frontier)
+    hashes: list[bytes] = field(default_factory=list)  # block hash at each height
 
 
 class Verifier:
@@ -153,6 +158,61 @@ class Verifier:
                     + ("no longer lists it" if chain not in listed else "gives it another key")
                 )
         return self.summary
+
+    def add_certificate(self, certificate: Any) -> None:
+        """A checkpoint certificate: its quorum signature under the (anchored) roster it
+        names, and every head it certifies against the chains verified so far."""
+        from ledger.checkpoint import verify_certificate
+
+        try:
+            checkpoint = verify_certificate(certificate, self.rosters)
+        except LedgerError as exc:
+            raise VerificationError(f"certificate: {exc}") from exc
+        epoch = checkpoint["epoch"]
+        for chain, head in checkpoint["heads"].items():
+            state = self._chains.get(chain)
+            height = head["height"]
+            if state is None or height >= len(state.hashes):
+                raise VerificationError(
+                    f"certificate of epoch {epoch} certifies height {height}, which this ledger "
+                    "does not hold",
+                    chain=chain,
+                )
+            if state.hashes[height].hex() != head["hash"]:
+                raise VerificationError(
+                    f"certificate of epoch {epoch} certifies another block at height {height}: "
+                    "a fork the quorum signed",
+                    chain=chain,
+                    height=height,
+                )
+            if chain not in self.summary.covered or self.summary.covered[chain][0] < epoch:
+                self.summary.covered[chain] = (epoch, height)
+        self.summary.certificates.append(epoch)
+
+    def add_evidence(self, evidence: Any) -> None:
+        """Fork evidence: valid only as two headers of one chain and height, with different
+        hashes, each signed by the key the roster gives that chain."""
+        try:
+            headers = evidence["headers"]
+            if not isinstance(headers, list) or len(headers) != 2:
+                raise VerificationError("fork evidence holds two signed headers")
+            hashes = set()
+            for signed in headers:
+                header = signed["header"]
+                check_header(header)
+                key = self._member_key(header["roster"], header["chain"], header["height"])
+                keys.verify(key, keys.BLOCK_DOMAIN, block_hash(header), signed["signature"])
+                hashes.add(block_hash(header))
+            first, second = (h["header"] for h in headers)
+        except (LedgerError, KeyError, TypeError) as exc:
+            raise VerificationError(f"fork evidence does not hold: {exc}") from None
+        if (first["chain"], first["height"]) != (second["chain"], second["height"]) or len(
+            hashes
+        ) != 2:
+            raise VerificationError("fork evidence: not two different blocks of one height")
+        self.summary.forks.append(
+            f"chain {first['chain']} signed two different blocks at height {first['height']}"
+        )
 
     def resume(self, header: dict[str, Any], frontier: merkle.Frontier) -> None:
         """Continue a chain from a block already verified and stored (replication checks only
@@ -275,6 +335,8 @@ class Verifier:
                 f"of entries 0..{frontier.size - 1}",
                 **where,
             )
+        if len(state.hashes) == height:
+            state.hashes.append(digest)
         summary.blocks += 1
         summary.entries += count
         summary.height = height
@@ -460,6 +522,15 @@ def _verify_lines(
                 )
             verifier.add_roster(record["roster"], record["signature"])
             continue
+        if isinstance(record, dict) and record.keys() in ({"certificate"}, {"evidence"}):
+            try:
+                if "certificate" in record:
+                    verifier.add_certificate(record["certificate"])
+                else:
+                    verifier.add_evidence(record["evidence"])
+            except VerificationError as exc:
+                raise VerificationError(f"{path}:{number}: {exc}") from exc
+            continue
         try:
             check_block_shape(record)
         except LedgerError as exc:
@@ -490,6 +561,10 @@ def verify_database(
         verifier.add_roster(roster, signature)
     with _collector_paused():
         _verify_rows(verifier, store, progress)
+    for certificate in store.certificates():
+        verifier.add_certificate(certificate)
+    for evidence in store.evidence():
+        verifier.add_evidence(evidence)
     chains = verifier.summary.chains
     for what, stats, counted in (
         ("entry", store.entry_stats(), "entries"),

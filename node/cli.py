@@ -21,8 +21,25 @@ from ledger.store import ChainStore, ChainWriter
 from ledger.verify import Summary, verify_database, verify_export
 from node.console import entry_progress, fail, out, reported
 
+DB_OPTION = click.option("--db", default=None, help="Database URL or SQLite file.")
+DIR_OPTION = click.option(
+    "--dir",
+    "directory",
+    default=None,
+    type=click.Path(path_type=Path, file_okay=False),
+    help="A node's directory (instead of --db).",
+)
 
-def open_store(db: str) -> ChainStore:
+
+def open_store(db: str | None, directory: Path | None = None) -> ChainStore:
+    """The ledger of ``--db`` or of the node in ``--dir`` (exactly one of them)."""
+    if (db is None) == (directory is None):
+        fail("give either --db or --dir", 2)
+    if directory is not None:
+        from node.config import load_config
+
+        db = load_config(directory).database_url
+    assert db is not None
     store = ChainStore(db)
     if not store.is_initialised():
         fail(f"{db} holds no ledger; create one with: hrx ledger init --db {db} ...")
@@ -100,7 +117,8 @@ def ledger_init(
 
 
 @ledger.command("append")
-@click.option("--db", required=True, help="Database URL or SQLite file.")
+@DB_OPTION
+@DIR_OPTION
 @click.option("--type", "entry_type", required=True, help="Entry type, e.g. consent.granted.")
 @click.option("--chain", default=None, help="Chain to append to (default: the one init set).")
 @click.option(
@@ -110,13 +128,19 @@ def ledger_init(
     default=None,
     help="Signing key (default: the one init set).",
 )
-def ledger_append(db: str, entry_type: str, chain: str | None, key_path: Path | None) -> None:
+def ledger_append(
+    db: str | None,
+    directory: Path | None,
+    entry_type: str,
+    chain: str | None,
+    key_path: Path | None,
+) -> None:
     """Append JSON object bodies read from stdin, one per line; print each entry's seq.
 
     Every line is checked before anything is appended: one bad line appends nothing.
     """
     with reported():
-        store = open_store(db)
+        store = open_store(db, directory)
         chain = chain or store.setting("chain")
         key_setting = key_path or store.setting("key")
         if not chain or not key_setting:
@@ -138,7 +162,8 @@ def ledger_append(db: str, entry_type: str, chain: str | None, key_path: Path | 
 
 
 @ledger.command("export")
-@click.option("--db", required=True, help="Database URL or SQLite file.")
+@DB_OPTION
+@DIR_OPTION
 @click.option(
     "--out",
     "out_path",
@@ -146,10 +171,10 @@ def ledger_append(db: str, entry_type: str, chain: str | None, key_path: Path | 
     default=None,
     help="Output file (default: stdout).",
 )
-def ledger_export(db: str, out_path: Path | None) -> None:
+def ledger_export(db: str | None, directory: Path | None, out_path: Path | None) -> None:
     """Export rosters and every chain as JSON Lines (canonical JSON)."""
     with reported():
-        store = open_store(db)
+        store = open_store(db, directory)
         target = out_path.open("wb") if out_path else sys.stdout.buffer
         try:
             for line in store.export_lines():
@@ -160,7 +185,8 @@ def ledger_export(db: str, out_path: Path | None) -> None:
 
 
 @ledger.command("proof")
-@click.option("--db", required=True, help="Database URL or SQLite file.")
+@DB_OPTION
+@DIR_OPTION
 @click.option("--chain", required=True, help="Chain id.")
 @click.option("--seq", type=int, default=None, help="Entry to prove included.")
 @click.option(
@@ -175,7 +201,12 @@ def ledger_export(db: str, out_path: Path | None) -> None:
     help="Prove tree M is a prefix of tree N.",
 )
 def ledger_proof(
-    db: str, chain: str, seq: int | None, tree_size: int | None, consistency: tuple[int, int] | None
+    db: str | None,
+    directory: Path | None,
+    chain: str,
+    seq: int | None,
+    tree_size: int | None,
+    consistency: tuple[int, int] | None,
 ) -> None:
     """Print an inclusion proof (--seq) or a consistency proof (--consistency M N) as JSON."""
     if (seq is None) == (consistency is None):
@@ -183,7 +214,7 @@ def ledger_proof(
     if consistency is not None and tree_size is not None:
         fail("--tree-size goes with --seq; a consistency proof names both sizes itself", 2)
     with reported():
-        store = open_store(db)
+        store = open_store(db, directory)
         if consistency is not None:
             proof = store.consistency_proof(chain, consistency[0], consistency[1])
             result: dict[str, Any] = {"path": proof["path"]}
@@ -194,11 +225,12 @@ def ledger_proof(
 
 
 @ledger.command("heads")
-@click.option("--db", required=True, help="Database URL or SQLite file.")
-def ledger_heads(db: str) -> None:
+@DB_OPTION
+@DIR_OPTION
+def ledger_heads(db: str | None, directory: Path | None) -> None:
     """Print the newest signed block header of every chain as JSON."""
     with reported():
-        heads = {chain: head.to_json() for chain, head in open_store(db).heads().items()}
+        heads = {chain: head.to_json() for chain, head in open_store(db, directory).heads().items()}
     click.echo(canonical_bytes(heads).decode())
 
 
@@ -227,15 +259,31 @@ def _looks_like_database(target: str) -> bool:
     default=None,
     help="The consortium authority's public key (base64url) or key file: the trust anchor.",
 )
-def audit_verify(target: str, authority: str | None) -> None:
-    """Verify a ledger export file or database: exit 0 when valid, 1 with the first fault."""
+@click.option("--token", default=None, help="With a node's URL: an auditor's bearer token.")
+def audit_verify(target: str, authority: str | None, token: str | None) -> None:
+    """Verify a ledger: an export file, a database, or a node's URL (http(s)://...).
+
+    Exit 0 when valid, 1 with the first fault or when fork evidence proves a member lied."""
     try:
         anchor = keys.load_public_key(authority) if authority else None
     except LedgerError as exc:
         fail(f"--authority: {exc}", 2)
     with reported():
         try:
-            if _looks_like_database(target):
+            if target.startswith(("http://", "https://")):
+                if not token:
+                    fail("verifying a node's URL needs an auditor's --token", 2)
+                import tempfile
+
+                from node.remote_audit import download_export
+
+                with tempfile.TemporaryDirectory() as scratch:
+                    export = Path(scratch) / "ledger.jsonl"
+                    with entry_progress(None, "downloading") as advance:
+                        download_export(target, token or "", export, advance)
+                    with entry_progress(None, "verifying") as advance:
+                        summary = verify_export(export, anchor, advance)
+            elif _looks_like_database(target):
                 store = ChainStore(target, read_only=True)
                 if not store.is_initialised():
                     fail(f"{target} holds no ledger")
@@ -265,10 +313,25 @@ def print_summary(summary: Summary) -> None:
     for warning in summary.warnings:
         out.print(f"[yellow]warning:[/] {warning}")
     for chain, head in sorted(summary.chains.items()):
+        covered = summary.covered.get(chain)
         out.print(
             f"  {chain}: height {head.height}, tree size {head.entries}, "
             f"root {head.tree_root}, head {head.head_hash}, at {head.time}"
         )
+        out.print(
+            f"    certified up to height {covered[1]} by checkpoint epoch {covered[0]}"
+            if covered
+            else "    [yellow]not covered by any checkpoint certificate[/]"
+        )
+    if summary.certificates:
+        out.print(
+            f"{len(summary.certificates)} checkpoint certificate(s) verified (quorum, "
+            f"aggregate BLS signature, heads), newest epoch {max(summary.certificates)}"
+        )
+    for fork in summary.forks:
+        out.print(f"[bold red]FORK PROVEN:[/] {fork}")
+    if summary.forks:
+        sys.exit(1)
 
 
 def _register_commands() -> None:

@@ -114,6 +114,13 @@ def roster() -> Response:
     return _json({"roster": body, "signature": signature})
 
 
+@bp.get("/rosters")
+def all_rosters() -> Response:
+    """Every roster version, oldest first (beyond §3: an auditor verifying from a URL needs
+    the versions older blocks were signed under)."""
+    return _json([{"roster": body, "signature": sig} for body, sig in store().rosters()])
+
+
 @bp.get("/heads")
 def heads() -> Response:
     return _json(

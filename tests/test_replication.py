@@ -187,6 +187,13 @@ def test_equivocation_is_caught(consortium: dict[str, Path], tmp_path: Path) -> 
         assert len(served) == 1 and served[0]["chain"] == "hosp-a"
         hashes = {h["header"]["tree_root"] for h in served[0]["headers"]}
         assert len(hashes) == 2
+        # the auditor finds the fork proven
+        export = tmp_path / "b.jsonl"
+        CliRunner().invoke(
+            main, ["ledger", "export", "--dir", str(consortium["hosp-b"]), "--out", str(export)]
+        )
+        verdict = CliRunner().invoke(main, ["audit", "verify", str(export)])
+        assert verdict.exit_code == 1 and "FORK PROVEN: chain hosp-a" in verdict.output
         # the chain is frozen: nothing more of it is accepted
         append(consortium["hosp-a"], 2, "after")
         with serving(consortium["hosp-a"], config_a.port):
@@ -254,5 +261,30 @@ def test_checkpoints_are_cosigned(consortium: dict[str, Path]) -> None:
             )
             with pytest.raises(PeerUnavailable, match="does not verify"):
                 peers.post("hosp-c", "/peer/checkpoints", wrong)  # type: ignore[attr-defined]
+            # the auditor: from an export of a member's directory, and from its URL
+            authority = str(consortium["hosp-a"].parent / "authority.pem")
+            export = consortium["hosp-a"].parent / "c.jsonl"
+            exported = CliRunner().invoke(
+                main, ["ledger", "export", "--dir", str(consortium["hosp-c"]), "--out", str(export)]
+            )
+            assert exported.exit_code == 0, exported.output
+            for target in (str(export), nodes["hosp-c"].base):
+                verdict = CliRunner().invoke(
+                    main,
+                    [
+                        "audit",
+                        "verify",
+                        target,
+                        "--authority",
+                        authority,
+                        "--token",
+                        nodes["hosp-c"].token("auditor", "auditor"),
+                    ],
+                )
+                assert verdict.exit_code == 0, verdict.output
+                assert "certified up to height" in verdict.output
+                assert "checkpoint certificate(s) verified" in verdict.output
+            no_token = CliRunner().invoke(main, ["audit", "verify", nodes["hosp-c"].base])
+            assert no_token.exit_code == 2 and "--token" in no_token.output
         finally:
             store.close()
