@@ -33,6 +33,7 @@ from ledger.verify import Verifier
 log = logging.getLogger(__name__)
 
 PAGE_BLOCKS = 200  # blocks asked for at once (a block holds at most 1000 entries)
+MAX_BACKOFF_SECONDS = 4.0  # the longest a silent member is left alone
 
 
 class PeerUnavailable(LedgerError):
@@ -272,7 +273,11 @@ class Replicator:
     def _fail(self, member: str) -> None:
         state = self._backoff.setdefault(member, _Backoff())
         state.failures += 1
-        state.until = self.clock() + min(60.0, 0.5 * 2 ** (state.failures - 1))
+        state.until = self.clock() + min(MAX_BACKOFF_SECONDS, 0.25 * 2 ** (state.failures - 1))
+
+    def reset_backoff(self, member: str) -> None:
+        """The member spoke up (a push hint): try it again at once."""
+        self._backoff.pop(member, None)
 
 
 class _Refused(Exception):

@@ -59,7 +59,8 @@ def hint_path(directory: Path) -> Path:
 @bp.post("/heads")
 def heads_hint() -> Response:
     services = current_app.extensions["hrx"]
-    hint_path(services.config.directory).touch()
+    with hint_path(services.config.directory).open("a") as hint:
+        hint.write(g.peer + "\n")  # who spoke up: the worker stops backing off from it
     return _json({"ok": True})
 
 

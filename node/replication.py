@@ -261,6 +261,8 @@ def run(directory: Path, interval: float, once: bool = False) -> RoundReport:
                     push_hints(store, peers, config.node_id)
                     break
                 if _mtime(hint) != seen:
+                    for member in _take_hints(hint):
+                        replicator.reset_backoff(member)
                     break
                 stop.wait(0.05)
             if stop.is_set():
@@ -272,6 +274,18 @@ def run(directory: Path, interval: float, once: bool = False) -> RoundReport:
 def _own_head(store: ChainStore, own: str) -> str | None:
     head = store.heads().get(own)
     return None if head is None else head.hash
+
+
+def _take_hints(path: Path) -> set[str]:
+    """The members that sent push hints since the last look (the file is emptied)."""
+    try:
+        with path.open("r+") as hint:
+            members = {line.strip() for line in hint if line.strip()}
+            hint.seek(0)
+            hint.truncate()
+        return members
+    except FileNotFoundError:
+        return set()
 
 
 def _mtime(path: Path) -> float:
