@@ -289,7 +289,7 @@ class Consortium:
 
     def converged(self) -> bool:
         views = [self.heads(name) for name in self.members]
-        return all(view == views[0] for view in views) and len(views[0]) == len(self.members)
+        return bool(views[0]) and all(view == views[0] for view in views)
 
     def wait_converged(self, seconds: float) -> float:
         """Seconds until every member holds the same heads of every chain."""

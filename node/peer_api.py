@@ -84,7 +84,7 @@ def sign_checkpoint() -> Response:
             raise Conflict(f"this node has not yet verified chain {chain} up to {head['height']}")
         if ours.hash != head["hash"] or ours.header["tree_root"] != head["tree_root"]:
             raise Conflict(f"chain {chain} at height {head['height']} is another block here")
-    if not store.vote(checkpoint):
+    if not services.chain_writes.vote(checkpoint):
         raise Conflict(
             f"this node already signed another checkpoint of epoch {checkpoint['epoch']}"
         )
@@ -100,7 +100,7 @@ def receive_certificate() -> Response:
     store = services.chain_store
     certificate = _body()
     checkpoints.verify_certificate(certificate, trusted_rosters(store))
-    stored = store.add_certificate(certificate)
+    stored = services.chain_writes.add_certificate(certificate)
     return _json({"stored": stored})
 
 

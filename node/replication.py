@@ -243,15 +243,21 @@ def run(directory: Path, interval: float, once: bool = False) -> RoundReport:
         replicator = replicator_for(config, store)
         peers = replicator.peers
         assert isinstance(peers, SignedPeers)
-        proposer = CheckpointProposer(config, store, peers)
+        proposer = CheckpointProposer(config, ChainStore(database.write_engine), peers)
+        if once:
+            report = replicator.run_round()
+            proposer.maybe_propose(time.time())
+            return report
+        # checkpoints in their own thread: gathering signatures must not hold up replication
+        proposing = threading.Thread(
+            target=_propose_every_epoch, args=(proposer, stop), name="checkpoints", daemon=True
+        )
+        proposing.start()
         own_head = _own_head(reader, config.node_id)
         while True:
             report = replicator.run_round()
             if report.pulled or report.evidence or report.refused:
                 log.info("replication round: %s", describe(report))
-            proposer.maybe_propose(time.time())
-            if once:
-                return report
             deadline = time.monotonic() + interval
             seen = _mtime(hint)
             while time.monotonic() < deadline and not stop.is_set():
@@ -269,6 +275,16 @@ def run(directory: Path, interval: float, once: bool = False) -> RoundReport:
                 return report
     finally:
         database.close()
+
+
+def _propose_every_epoch(proposer: CheckpointProposer, stop: threading.Event) -> None:
+    seconds = proposer.config.epoch_seconds
+    while not stop.is_set():
+        try:
+            proposer.maybe_propose(time.time())
+        except Exception:  # a failed epoch is logged; the next one is tried
+            log.exception("checkpoint proposal failed")
+        stop.wait(seconds - time.time() % seconds + 0.05)  # just after the next epoch begins
 
 
 def _own_head(store: ChainStore, own: str) -> str | None:

@@ -24,7 +24,8 @@ class Services:
     store: ResourceStore
     tokens: TokenAuthority
     audit: AuditTrail
-    chain_store: ChainStore
+    chain_store: ChainStore  # reads
+    chain_writes: ChainStore  # what the node records itself: votes, certificates, evidence
 
     def close(self) -> None:
         self.audit.close()
@@ -43,4 +44,5 @@ def open_services(config: NodeConfig, *, check_schema: bool = True) -> Services:
     )
     audit = AuditTrail(store, config.node_id, config.name, config.audit_flush_ms)
     chain_store = ChainStore(database.engine)
-    return Services(config, database, store, tokens, audit, chain_store)
+    chain_writes = ChainStore(database.write_engine)  # on SQLite: the write lock up front
+    return Services(config, database, store, tokens, audit, chain_store, chain_writes)
