@@ -141,7 +141,7 @@ class Replicator:
             return
         if chain == self.own:
             raise _Refused(f"{source} shows this node's own chain beyond its head")
-        pulled = self._pull(chain, source, local, header, report)
+        pulled = self._pull(chain, source, local, Head(header, signature), report)
         report.pulled[chain] = report.pulled.get(chain, 0) + pulled
 
     def _checked_head(self, chain: str, claimed: Any) -> tuple[dict[str, Any], str]:
@@ -177,11 +177,12 @@ class Replicator:
         chain: str,
         source: str,
         local: Head | None,
-        target: dict[str, Any],
+        advertised: Head,
         report: RoundReport,
     ) -> int:
-        """Pull, verify and store blocks after the local head up to ``target``; the number of
-        entries stored."""
+        """Pull, verify and store blocks after the local head up to the ``advertised`` head;
+        the number of entries stored."""
+        target = advertised.header
         verifier = Verifier(self.authority)
         for body, roster_signature in self.store.rosters():
             verifier.add_roster(body, roster_signature)
@@ -226,7 +227,7 @@ class Replicator:
         if block_hash(target).hex() != after:
             ours = self.store.block_at(chain, target["height"])
             assert ours is not None
-            self._evidence(ours, Head(target, ""), source, report)
+            self._evidence(ours, advertised, source, report)
         return stored
 
     def _check_divergence(self, chain: str, source: str, local: Head, report: RoundReport) -> None:
@@ -240,8 +241,6 @@ class Replicator:
         raise _Refused("its next block does not follow this node's head")
 
     def _evidence(self, ours: Head, theirs: Head, source: str, report: RoundReport) -> None:
-        if not theirs.signature:
-            raise _Refused("its advertised head is not the block it served at that height")
         evidence = {
             "chain": ours.header["chain"],
             "height": ours.header["height"],
