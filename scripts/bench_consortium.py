@@ -193,7 +193,7 @@ def lag_and_healing(rate: int, seconds: int) -> None:
             console.print(
                 f"  p50 {statistics.median(lags) * 1000:.0f} ms, "
                 f"p95 {lags[int(len(lags) * 0.95)] * 1000:.0f} ms, max {lags[-1] * 1000:.0f} ms; "
-                f"{len(lags)} of {len(appended_at)} seen"
+                f"{len(lags)} of {len(appended_at) - 1} seen (the warm-up entry left out)"
             )
             store.close()
             observer.close()
