@@ -358,6 +358,11 @@ def node_join(
         f"{config.node_id} is a member of {checked.body['consortium']} (roster version "
         f"{checked.version}, {len(checked.member_ids())} members, quorum {checked.quorum})"
     )
+    from node.consortium import quorum_warning
+
+    warning = quorum_warning(checked.body)
+    if warning:
+        err.print(f"[yellow]warning:[/] {warning}")
 
 
 @node_group.command("replicate")

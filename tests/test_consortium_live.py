@@ -7,6 +7,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -153,3 +154,17 @@ def test_member_cut_off_converges_after_healing(group: Consortium) -> None:
         time.sleep(0.2)
     else:
         pytest.fail("checkpoints did not resume after healing")
+
+
+def test_five_members_converge(tmp_path: Path) -> None:
+    five = Consortium(tmp_path, 5, epoch_seconds=2, replicate_interval=0.5)
+    try:
+        five.start_all()
+        load = Load(five, list(five.members), pause=0.02)
+        time.sleep(3)
+        load.stop()
+        five.wait_converged(20)
+        for name in five.members:
+            assert tree_sizes(five, name) == load.appended
+    finally:
+        five.close()

@@ -288,3 +288,23 @@ def test_checkpoints_are_cosigned(consortium: dict[str, Path]) -> None:
             assert no_token.exit_code == 2 and "--token" in no_token.output
         finally:
             store.close()
+
+
+def test_a_new_member_catches_up_100k_entries(consortium: dict[str, Path]) -> None:
+    config = load_config(consortium["hosp-a"])
+    store = ChainStore(config.database_url)
+    try:
+        with ChainWriter(store, "hosp-a", keys.load_private_key(config.ed25519_key)) as writer:
+            for start in range(0, 100_000, 1000):
+                writer.append_many(
+                    [
+                        ("access.requested", {"request_id": f"r-{n}", "patient": "ab" * 32})
+                        for n in range(start, start + 1000)
+                    ]
+                )
+    finally:
+        store.close()
+    with serving(consortium["hosp-a"], config.port):
+        report = run(consortium["hosp-b"], 0.1, once=True)
+    assert report.pulled == {"hosp-a": 100_000}
+    assert heads(consortium["hosp-b"])["hosp-a"] == heads(consortium["hosp-a"])["hosp-a"]
