@@ -235,6 +235,7 @@ def _transaction(entries: list[dict[str, Any]]) -> dict[str, Any]:
                         if isinstance(entry.get("fullUrl"), str) and entry["fullUrl"] in ids:
                             ids[entry["fullUrl"]] = f"{existing.type}/{existing.id}"
                         results[index] = _written(existing, 200)
+                        written.append(existing)  # shown to the caller: in the audit record
                         continue
                     stored = writer.create(resource, resource_type, resource_id=resource_id)
                     results[index] = _written(stored, 201)

@@ -238,7 +238,9 @@ def http_error(exc: HTTPException) -> Response | HTTPException:
 
 
 @bp.errorhandler(Exception)
-def server_error(exc: Exception) -> Response:
+def server_error(exc: Exception) -> Response | HTTPException:
+    if isinstance(exc, HTTPException):  # e.g. a body over the size limit: 413, not 500
+        return http_error(exc)
     log.exception("FHIR request failed: %s %s", request.method, request.path)
     return respond(
         500,
@@ -374,7 +376,8 @@ def create(resource_type: str) -> Response:
     with svc.store.writing() as writer:
         if condition:
             existing = _conditional_match(writer, resource_type, condition)
-            if existing is not None:
+            if existing is not None:  # the caller is shown an existing resource: audited
+                _audit_write(writer, "create", [existing])
                 return respond(200, existing.body, version_headers(existing))
         stored = writer.create(resource, resource_type)
         _audit_write(writer, "create", [stored])
