@@ -287,6 +287,10 @@ def main() -> None:
             "read": wrk(base, lua_paths(reads), token, args.seconds, 1),
             "search patient+code+date": wrk(base, lua_paths(searches), token, args.seconds, 1),
         }
+        # the ceiling again at the end: the better of the two (the machine is shared)
+        again = wrk(base, lua_paths(["/livez"]), None, args.seconds, args.connections)
+        if again["rate"] > results["ceiling (GET /livez)"]["rate"]:
+            results["ceiling (GET /livez)"] = again
         ceiling = results["ceiling (GET /livez)"]["rate"]
         console.print(
             f"\n{'':34} {'req/s':>9} {'of ceiling':>10} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8}"
