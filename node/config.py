@@ -32,7 +32,11 @@ SCHEMA: dict[str, dict[str, tuple[type, Any]]] = {
     },
     "tokens": {"ttl": (int, 3600), "max_ttl": (int, 86400)},
     "audit": {"flush_ms": (int, 20)},
-    "checkpoints": {"epoch_seconds": (int, 30)},
+    "checkpoints": {
+        "epoch_seconds": (int, 30),
+        "epoch_blocks": (int, 1000),
+        "slot_seconds": (int, 1),
+    },
 }
 
 
@@ -51,7 +55,9 @@ class NodeConfig:
     token_ttl: int
     token_max_ttl: int
     audit_flush_ms: int
-    epoch_seconds: int
+    epoch_seconds: int  # certify at least this often while chains grow
+    epoch_blocks: int  # or as soon as this many new blocks wait
+    slot_seconds: int  # proposers take turns, a slot each
 
     @property
     def fhir_base(self) -> str:
@@ -125,6 +131,8 @@ def load_config(directory: Path, environ: Mapping[str, str] | None = None) -> No
         token_max_ttl=values["tokens_max_ttl"],
         audit_flush_ms=values["audit_flush_ms"],
         epoch_seconds=values["checkpoints_epoch_seconds"],
+        epoch_blocks=values["checkpoints_epoch_blocks"],
+        slot_seconds=values["checkpoints_slot_seconds"],
     )
 
 

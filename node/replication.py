@@ -28,8 +28,9 @@ from ledger.checkpoint import (
 )
 from ledger.checkpoint import sign as sign_checkpoint
 from ledger.errors import LedgerError
+from ledger.model import parse_time
 from ledger.replication import PeerUnavailable, Replicator, RoundReport
-from ledger.store import ChainStore
+from ledger.store import ChainStore, Head
 from node.config import NodeConfig, load_config
 from node.consortium import AUTHORITY_SETTING
 from node.db import open_database
@@ -138,10 +139,15 @@ def describe(report: RoundReport) -> str:
 
 
 class CheckpointProposer:
-    """Proposes the checkpoint of an epoch when this node's turn comes (epochs are
-    ``checkpoints.epoch_seconds`` of wall time; the proposer of epoch e is member e mod n of
-    the roster, sorted), gathers the members' signatures and, at the quorum, stores and
-    sends the certificate to every member."""
+    """Proposes checkpoints in this node's turn, gathers the members' signatures and, at the
+    quorum, stores and sends the certificate to every member.
+
+    Time is cut into slots of ``checkpoints.slot_seconds``; the proposer of slot e is member
+    e mod n of the roster, sorted, and a certificate's epoch is its slot. In its slot a member
+    proposes when the chains have grown since the newest certificate and either
+    ``checkpoints.epoch_seconds`` have passed since it or the chains have ``epoch_blocks``
+    new blocks: checkpoints come by time and by blocks, and a member that is down only costs
+    its own slots."""
 
     RETRIES = 6  # rounds of asking members that have not yet verified the heads
     RETRY_SECONDS = 0.5
@@ -152,22 +158,35 @@ class CheckpointProposer:
         self.peers = peers
         self._tried = -1
 
+    def due(self, heads: dict[str, Head], now: float) -> bool:
+        """Whether the chains moved enough since the newest certificate to certify them."""
+        latest = self.store.certificate()
+        if latest is None:
+            return True
+        certified = latest["checkpoint"]["heads"]
+        grown = sum(
+            head.header["height"] - certified.get(chain, {"height": -1})["height"]
+            for chain, head in heads.items()
+        )
+        if grown <= 0:
+            return False
+        age = now - parse_time(latest["checkpoint"]["time"]).timestamp()
+        return age >= self.config.epoch_seconds or grown >= self.config.epoch_blocks
+
     def maybe_propose(self, now: float) -> dict[str, Any] | None:
-        epoch = int(now // self.config.epoch_seconds)
-        if epoch <= self._tried:
+        slot = int(now // self.config.slot_seconds)
+        if slot <= self._tried:
             return None
         roster = self.store.roster()
         members = sorted(roster.member_ids())
-        if members[epoch % len(members)] != self.config.node_id:
+        if members[slot % len(members)] != self.config.node_id:
             return None
-        self._tried = epoch
-        if self.store.certificate(epoch) is not None:
-            return None
+        self._tried = slot
         frozen = self.store.frozen_chains()
         heads = {c: h for c, h in self.store.heads().items() if c not in frozen}
-        if not heads:
+        if not heads or not self.due(heads, now):
             return None
-        return self.propose(epoch, make_checkpoint(epoch, roster.version, heads))
+        return self.propose(slot, make_checkpoint(slot, roster.version, heads))
 
     def propose(self, epoch: int, checkpoint: dict[str, Any]) -> dict[str, Any] | None:
         from ledger import bls
@@ -278,13 +297,13 @@ def run(directory: Path, interval: float, once: bool = False) -> RoundReport:
 
 
 def _propose_every_epoch(proposer: CheckpointProposer, stop: threading.Event) -> None:
-    seconds = proposer.config.epoch_seconds
+    seconds = proposer.config.slot_seconds
     while not stop.is_set():
         try:
             proposer.maybe_propose(time.time())
-        except Exception:  # a failed epoch is logged; the next one is tried
+        except Exception:  # a failed slot is logged; the next one is tried
             log.exception("checkpoint proposal failed")
-        stop.wait(seconds - time.time() % seconds + 0.05)  # just after the next epoch begins
+        stop.wait(seconds - time.time() % seconds + 0.01)  # just after the next slot begins
 
 
 def _own_head(store: ChainStore, own: str) -> str | None:

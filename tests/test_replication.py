@@ -3,7 +3,9 @@ block is refused, a member that signs two blocks at one height is caught with ev
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
+import time
 from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
@@ -14,6 +16,7 @@ import sqlalchemy as sa
 from click.testing import CliRunner
 
 from ledger import keys
+from ledger.model import parse_time
 from ledger.store import ChainStore, ChainWriter
 from node.cli import main
 from node.config import load_config
@@ -216,15 +219,33 @@ def test_checkpoints_are_cosigned(consortium: dict[str, Path]) -> None:
         store = ChainStore(config.database_url)
         try:
             peers = replicator_for(config, store).peers
-            proposer = CheckpointProposer(config, store, peers)  # type: ignore[arg-type]
-            epoch = 3 * 1000 + 1  # hosp-b is member 1 of 3: its turn
-            certificate = proposer.maybe_propose(epoch * config.epoch_seconds + 0.5)
+            # certify as soon as one block is new (the rounds above may have certified already)
+            eager = dataclasses.replace(config, epoch_blocks=1)
+            proposer = CheckpointProposer(eager, store, peers)  # type: ignore[arg-type]
+            append(consortium["hosp-b"], 1, "new")
+            for directory in consortium.values():
+                run(directory, 0.1, once=True)
+            epoch = int(time.time()) + 1  # a slot just ahead in which hosp-b (1 of 3) proposes
+            epoch += (1 - epoch % 3) % 3
+            certificate = proposer.maybe_propose(epoch * config.slot_seconds + 0.5)
             assert certificate is not None
             assert certificate["signers"] == ["hosp-a", "hosp-b", "hosp-c"]
             assert set(certificate["checkpoint"]["heads"]) == set(MEMBERS)
-            assert proposer.maybe_propose(epoch * config.epoch_seconds + 1) is None  # once
+            assert proposer.maybe_propose(epoch * config.slot_seconds + 0.9) is None  # once
             # not its turn
-            assert proposer.maybe_propose((epoch + 1) * config.epoch_seconds) is None
+            assert proposer.maybe_propose((epoch + 1) * config.slot_seconds) is None
+            # when a checkpoint is due: by blocks, or by time once the chains have grown
+            patient = CheckpointProposer(
+                dataclasses.replace(config, epoch_blocks=10**6),
+                store,
+                peers,  # type: ignore[arg-type]
+            )
+            assert not patient.due(store.heads(), time.time())  # nothing new: never due
+            append(consortium["hosp-b"], 1, "newer")
+            certified_at = parse_time(certificate["checkpoint"]["time"]).timestamp()
+            assert not patient.due(store.heads(), certified_at + 1)
+            assert patient.due(store.heads(), certified_at + config.epoch_seconds + 1)
+            assert proposer.due(store.heads(), certified_at + 1)  # epoch_blocks=1
             rosters = {
                 body["version"]: open_roster(body, signature, None)
                 for body, signature in store.rosters()
