@@ -86,11 +86,13 @@ class Replicator:
         self.on_evidence = on_evidence
         self.clock = clock
         self._backoff: dict[str, _Backoff] = {}
+        self._rosters: dict[int, dict[str, Any]] = {}  # every stored version, read each round
 
     # -- one round ------------------------------------------------------------------------
 
     def run_round(self) -> RoundReport:
         report = RoundReport()
+        self._rosters = {body["version"]: body for body, _ in self.store.rosters()}
         roster = self.store.roster()
         members = [m for m in roster.member_ids() if m != self.own]
         heads: dict[str, dict[str, Any]] = {}
@@ -160,8 +162,7 @@ class Replicator:
         return header, claimed["signature"]
 
     def _verify_signature(self, header: dict[str, Any], signature: str) -> None:
-        rosters = {body["version"]: body for body, _ in self.store.rosters()}
-        body = rosters.get(header["roster"])
+        body = self._rosters.get(header["roster"])
         if body is None:
             raise _Refused(f"the head names roster version {header['roster']}, unknown here")
         members = {m["id"]: m["ed25519"] for m in body["members"]}
@@ -171,6 +172,32 @@ class Replicator:
             keys.verify(members[header["chain"]], keys.BLOCK_DOMAIN, block_hash(header), signature)
         except LedgerError as exc:
             raise _Refused(f"head signature: {exc}") from None
+
+    def _signer_is_current(self, header: dict[str, Any]) -> bool:
+        """Whether the key that signed this header is the one the newest roster gives its
+        chain."""
+        newest = self._rosters[max(self._rosters)]
+        named = self._rosters.get(header["roster"], {"members": []})
+        current = {m["id"]: m["ed25519"] for m in newest["members"]}.get(header["chain"])
+        signer = {m["id"]: m["ed25519"] for m in named["members"]}.get(header["chain"])
+        return signer is not None and signer == current
+
+    def _check_key_current(self, header: dict[str, Any], anchored: bool) -> None:
+        """§3: a node refuses blocks from keys the current roster does not list. A block
+        signed before a key rotation is still taken when what follows it is anchored: a
+        head signed with the current key (its hash chain runs through the block), or a
+        checkpoint certificate at or beyond its height."""
+        if anchored or self._signer_is_current(header):
+            return
+        certified = self.store.certificate()
+        heads = certified["checkpoint"]["heads"] if certified else {}
+        if header["height"] <= heads.get(header["chain"], {"height": -1})["height"]:
+            return
+        raise _Refused(
+            f"block {header['height']} is signed with a key that roster version "
+            f"{max(self._rosters)} no longer lists for {header['chain']}, and nothing signed "
+            "with the current key or certified follows it"
+        )
 
     def _pull(
         self,
@@ -183,6 +210,7 @@ class Replicator:
         """Pull, verify and store blocks after the local head up to the ``advertised`` head;
         the number of entries stored."""
         target = advertised.header
+        anchored = self._signer_is_current(target)  # all it serves leads up to that head
         verifier = Verifier(self.authority)
         for body, roster_signature in self.store.rosters():
             verifier.add_roster(body, roster_signature)
@@ -214,6 +242,7 @@ class Replicator:
                     and (builds_on == local.hash)
                 ):
                     self._check_divergence(chain, source, local, report)
+                self._check_key_current(header, anchored)
                 datas = verifier.add_block(header, block.get("signature"), block.get("entries"))
                 nodes = [b"".join(frontier.append(merkle.leaf_hash(d))) for d in datas]
                 batch.append((canonical_bytes(header), block["signature"], datas, nodes))

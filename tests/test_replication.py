@@ -16,6 +16,7 @@ import sqlalchemy as sa
 from click.testing import CliRunner
 
 from ledger import keys
+from ledger.canonical import canonical_bytes
 from ledger.model import parse_time
 from ledger.store import ChainStore, ChainWriter
 from node.cli import main
@@ -329,3 +330,47 @@ def test_a_new_member_catches_up_100k_entries(consortium: dict[str, Path]) -> No
         report = run(consortium["hosp-b"], 0.1, once=True)
     assert report.pulled == {"hosp-a": 100_000}
     assert heads(consortium["hosp-b"])["hosp-a"] == heads(consortium["hosp-a"])["hosp-a"]
+
+
+def test_blocks_signed_with_a_rotated_key_are_refused(
+    consortium: dict[str, Path], tmp_path: Path
+) -> None:
+    from ledger import bls
+    from ledger.roster import make_member
+
+    root = consortium["hosp-a"].parent
+    config_a = load_config(consortium["hosp-a"])
+    append(consortium["hosp-a"], 3)
+    twin = tmp_path / "twin"  # hosp-a's old key and database, kept by whoever stole them
+    shutil.copytree(consortium["hosp-a"], twin)
+    # hosp-a rotates its key: roster version 2 gives it a new one
+    config_a.ed25519_key.unlink()
+    new_key = keys.load_or_create_private_key(config_a.ed25519_key)
+    member = make_member(
+        "hosp-a", "医院 hosp-a", config_a.url, new_key, bls.read_secret_key(config_a.bls_key)
+    )
+    (consortium["hosp-a"] / "enrollment.json").write_bytes(canonical_bytes(member))
+    hrx(
+        "consortium",
+        "roster",
+        "--authority-key",
+        str(root / "authority.pem"),
+        "--quorum",
+        "2",
+        "--previous",
+        str(root / "roster.json"),
+        "--out",
+        str(root / "roster-2.json"),
+        *(str(d / "enrollment.json") for d in consortium.values()),
+    )
+    for directory in consortium.values():
+        hrx("node", "join", "--dir", str(directory), "--roster", str(root / "roster-2.json"))
+    append(consortium["hosp-a"], 2, "rotated")  # signed with the new key under version 2
+    append(twin, 4, "stolen")  # signed with the old key under version 1
+    with serving(twin, config_a.port):
+        report = run(consortium["hosp-c"], 0.1, once=True)
+    assert "hosp-a" in report.refused and "no longer lists" in report.refused["hosp-a"]
+    assert "hosp-a" not in heads(consortium["hosp-c"])
+    with serving(consortium["hosp-a"], config_a.port):
+        report = run(consortium["hosp-c"], 0.1, once=True)
+    assert report.pulled == {"hosp-a": 5}, report  # the old blocks, and the new key's
