@@ -41,6 +41,19 @@ log = logging.getLogger(__name__)
 
 CONNECT_SECONDS = 2.0
 READ_SECONDS = 30.0
+MAX_RESPONSE_BYTES = 256 * 1024 * 1024  # a page of 200 full blocks is about 60 MB
+
+
+def _read_capped(response: requests.Response) -> bytes:
+    """The body, refused beyond MAX_RESPONSE_BYTES (a peer cannot exhaust our memory)."""
+    chunks, size = [], 0
+    for chunk in response.iter_content(1 << 20):
+        size += len(chunk)
+        if size > MAX_RESPONSE_BYTES:
+            response.close()
+            raise requests.RequestException(f"answer over {MAX_RESPONSE_BYTES} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 class SignedPeers:
@@ -52,54 +65,46 @@ class SignedPeers:
         self.key = key
         self.session = requests.Session()
 
-    def _get(self, member: str, path: str) -> Any:
+    def _request(self, member: str, method: str, path: str, value: Any = None) -> Any:
+        """A signed request to a member; its JSON answer, or PeerUnavailable saying why
+        (the member's own message included)."""
         try:
             base = self.store.roster().member(member)["url"].rstrip("/")
         except LedgerError as exc:
             raise PeerUnavailable(str(exc)) from None
         url = base + path
-        headers = sign_request(self.own, self.key, "GET", url)
+        body = b"" if value is None else canonical_bytes(value)
+        headers = sign_request(
+            self.own, self.key, method, url, body, {"Content-Type": "application/json"}
+        )
         try:
-            response = self.session.get(
-                url, headers=headers, timeout=(CONNECT_SECONDS, READ_SECONDS)
+            response = self.session.request(
+                method,
+                url,
+                data=body or None,
+                headers=headers,
+                timeout=(CONNECT_SECONDS, READ_SECONDS),
+                stream=True,
             )
+            content = _read_capped(response)
         except requests.RequestException as exc:
             raise PeerUnavailable(f"{member} at {base}: {type(exc).__name__}") from None
         if response.status_code != 200:
             raise PeerUnavailable(
-                f"{member} answered {response.status_code}: {response.text[:200]}"
+                f"{member} answered {response.status_code}: "
+                + content[:300].decode("utf-8", "replace")
             )
         try:
-            return parse_json(response.content)
+            return parse_json(content)
         except LedgerError as exc:
             raise PeerUnavailable(f"{member} sent what is not JSON: {exc}") from None
 
+    def _get(self, member: str, path: str) -> Any:
+        return self._request(member, "GET", path)
+
     def post(self, member: str, path: str, value: Any) -> Any:
-        """POST canonical JSON to a member; its JSON answer (PeerUnavailable on an error,
-        with the member's own message)."""
-        try:
-            base = self.store.roster().member(member)["url"].rstrip("/")
-        except LedgerError as exc:
-            raise PeerUnavailable(str(exc)) from None
-        url = base + path
-        body = canonical_bytes(value)
-        headers = sign_request(
-            self.own, self.key, "POST", url, body, {"Content-Type": "application/json"}
-        )
-        try:
-            response = self.session.post(
-                url, data=body, headers=headers, timeout=(CONNECT_SECONDS, READ_SECONDS)
-            )
-        except requests.RequestException as exc:
-            raise PeerUnavailable(f"{member} at {base}: {type(exc).__name__}") from None
-        if response.status_code != 200:
-            raise PeerUnavailable(
-                f"{member} answered {response.status_code}: {response.text[:300]}"
-            )
-        try:
-            return parse_json(response.content)
-        except LedgerError as exc:
-            raise PeerUnavailable(f"{member} sent what is not JSON: {exc}") from None
+        """POST canonical JSON to a member; its JSON answer."""
+        return self._request(member, "POST", path, value)
 
     def heads(self, member: str) -> dict[str, Any]:
         heads = self._get(member, "/ledger/heads")
@@ -262,7 +267,12 @@ def run(directory: Path, interval: float, once: bool = False) -> RoundReport:
         replicator = replicator_for(config, store)
         peers = replicator.peers
         assert isinstance(peers, SignedPeers)
-        proposer = CheckpointProposer(config, ChainStore(database.write_engine), peers)
+        # its own store and HTTP session: it runs in a thread of its own
+        proposer = CheckpointProposer(
+            config,
+            ChainStore(database.write_engine),
+            SignedPeers(store, config.node_id, keys.load_private_key(config.ed25519_key)),
+        )
         if once:
             report = replicator.run_round()
             proposer.maybe_propose(time.time())

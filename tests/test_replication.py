@@ -21,8 +21,9 @@ from ledger.model import parse_time
 from ledger.store import ChainStore, ChainWriter
 from node.cli import main
 from node.config import load_config
+from node.harness import Consortium
 from node.replication import run
-from tests.nodes import Node, free_port, init_node, serving
+from tests.nodes import Node, serving
 
 MEMBERS = ("hosp-a", "hosp-b", "hosp-c")
 
@@ -53,45 +54,14 @@ def heads(directory: Path) -> dict[str, str]:
         store.close()
 
 
-def make_consortium(root: Path, members: tuple[str, ...] = MEMBERS) -> dict[str, Path]:
-    directories = {}
-    for name in members:
-        directories[name] = root / name
-        init_node(directories[name], name, None, free_port())
-    hrx("consortium", "secret", "--out", str(root / "consortium.key"))
-    hrx(
-        "consortium",
-        "roster",
-        "--authority-key",
-        str(root / "authority.pem"),
-        "--quorum",
-        "2",
-        "--consortium",
-        "test",
-        "--out",
-        str(root / "roster.json"),
-        *(str(d / "enrollment.json") for d in directories.values()),
-    )
-    authority = keys.public_key_text(keys.load_private_key(root / "authority.pem"))
-    for directory in directories.values():
-        hrx(
-            "node",
-            "join",
-            "--dir",
-            str(directory),
-            "--roster",
-            str(root / "roster.json"),
-            "--secret",
-            str(root / "consortium.key"),
-            "--authority",
-            authority,
-        )
-    return directories
-
-
 @pytest.fixture
 def consortium(tmp_path: Path) -> Iterator[dict[str, Path]]:
-    yield make_consortium(tmp_path)
+    """Three members joined (no process running): their directories by id."""
+    group = Consortium(tmp_path, 3, quorum=2)
+    try:
+        yield {name: member.directory for name, member in group.members.items()}
+    finally:
+        group.close()
 
 
 def serve_all(stack: ExitStack, directories: dict[str, Path]) -> dict[str, Node]:
