@@ -1,6 +1,7 @@
 """``GET /healthz``: whether this process can serve — its database answers and its schema is
-current. ``GET /livez``: only that the process answers (a liveness probe that does no work,
-and the ceiling the benchmarks measure the FHIR API against). Neither reveals any data."""
+current — and the chains it froze on fork evidence. ``GET /livez``: only that the process
+answers (a liveness probe that does no work, and the ceiling the benchmarks measure the FHIR
+API against). Neither reveals any patient data."""
 
 from __future__ import annotations
 
@@ -29,7 +30,14 @@ def healthz() -> ResponseReturnValue:
         return jsonify(status="fail", database=type(exc).__name__), 503
     head = head_revision()
     status = "pass" if revision == head else "fail"
-    body = {"status": status, "node": services.config.node_id, "schema": revision}
+    body: dict[str, object] = {
+        "status": status,
+        "node": services.config.node_id,
+        "schema": revision,
+    }
+    if revision == head:
+        # chains this node froze on fork evidence: operators must see them at a glance
+        body["frozen_chains"] = sorted(services.chain_store.frozen_chains())
     if revision != head:
         body["needs"] = head
     return jsonify(body), 200 if status == "pass" else 503

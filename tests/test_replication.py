@@ -157,6 +157,7 @@ def test_equivocation_is_caught(consortium: dict[str, Path], tmp_path: Path) -> 
         assert report.evidence[0]["height"] == 6  # both heads: signed by hosp-a, different
         run(consortium["hosp-b"], 0.1, once=True)
         auditor = {"Authorization": f"Bearer {b.token('auditor', 'auditor')}"}
+        assert requests.get(f"{b.base}/healthz").json()["frozen_chains"] == ["hosp-a"]
         served = requests.get(f"{b.base}/ledger/evidence", headers=auditor).json()
         assert len(served) == 1 and served[0]["chain"] == "hosp-a"
         hashes = {h["header"]["tree_root"] for h in served[0]["headers"]}
