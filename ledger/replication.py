@@ -24,7 +24,7 @@ from typing import Any, Protocol
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from ledger import keys, merkle
-from ledger.canonical import canonical_bytes
+from ledger.canonical import canonical_bytes, parse_canonical
 from ledger.errors import LedgerError, StoreError, VerificationError
 from ledger.model import ZERO_HASH, block_hash, check_header
 from ledger.store import ChainStore, Head
@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 
 PAGE_BLOCKS = 200  # blocks asked for at once (a block holds at most 1000 entries)
 MAX_BACKOFF_SECONDS = 4.0  # the longest a silent member is left alone
+MAX_UNANCHORED_ENTRIES = 200_000  # held in memory while waiting for an anchor
 
 
 class PeerUnavailable(LedgerError):
@@ -125,6 +126,11 @@ class Replicator:
                     self._fail(source)
                     report.refused[source] = f"chain {chain}: {exc}"
                     log.warning("refused what %s served of chain %s: %s", source, chain, exc)
+                except (LedgerError, KeyError, TypeError, ValueError, AttributeError) as exc:
+                    # whatever a member sends, it must not stop this node's replication
+                    self._fail(source)
+                    report.refused[source] = f"chain {chain}: {type(exc).__name__}: {exc}"
+                    log.warning("refused what %s served of chain %s", source, chain, exc_info=True)
                 else:
                     self._backoff.pop(source, None)
         return report
@@ -182,23 +188,6 @@ class Replicator:
         signer = {m["id"]: m["ed25519"] for m in named["members"]}.get(header["chain"])
         return signer is not None and signer == current
 
-    def _check_key_current(self, header: dict[str, Any], anchored: bool) -> None:
-        """§3: a node refuses blocks from keys the current roster does not list. A block
-        signed before a key rotation is still taken when what follows it is anchored: a
-        head signed with the current key (its hash chain runs through the block), or a
-        checkpoint certificate at or beyond its height."""
-        if anchored or self._signer_is_current(header):
-            return
-        certified = self.store.certificate()
-        heads = certified["checkpoint"]["heads"] if certified else {}
-        if header["height"] <= heads.get(header["chain"], {"height": -1})["height"]:
-            return
-        raise _Refused(
-            f"block {header['height']} is signed with a key that roster version "
-            f"{max(self._rosters)} no longer lists for {header['chain']}, and nothing signed "
-            "with the current key or certified follows it"
-        )
-
     def _pull(
         self,
         chain: str,
@@ -208,9 +197,14 @@ class Replicator:
         report: RoundReport,
     ) -> int:
         """Pull, verify and store blocks after the local head up to the ``advertised`` head;
-        the number of entries stored."""
+        the number of entries stored.
+
+        Blocks signed with a key the newest roster no longer gives the chain are held back
+        until an anchor follows them: a block signed with the current key, or the block a
+        checkpoint certificate certifies (same height and hash). Unanchored, they are never
+        stored."""
         target = advertised.header
-        anchored = self._signer_is_current(target)  # all it serves leads up to that head
+        certified = self._certified_head(chain)
         verifier = Verifier(self.authority)
         for body, roster_signature in self.store.rosters():
             verifier.add_roster(body, roster_signature)
@@ -221,51 +215,95 @@ class Replicator:
         else:
             frontier = merkle.Frontier()
             after, next_height = ZERO_HASH, 0
+        stored_after = after  # the hash of the newest block stored
+        waiting: list[tuple[bytes, str, list[bytes], list[bytes]]] = []  # unanchored yet
         stored = 0
         while next_height <= target["height"]:
             limit = min(PAGE_BLOCKS, target["height"] - next_height + 1)
             wire = self.peers.blocks(source, chain, next_height, limit)
-            if not wire:
+            if not isinstance(wire, list) or not wire:
                 raise _Refused(f"served no block at height {next_height} below its head")
-            batch: list[tuple[bytes, str, list[bytes], list[bytes]]] = []
-            builds_on = after
+            ready: list[tuple[bytes, str, list[bytes], list[bytes]]] = []
             for block in wire:
-                if not isinstance(block, dict) or not isinstance(block.get("header"), dict):
-                    raise _Refused("a block is not {header, signature, entries}")
-                header = block["header"]
-                if header.get("height") != next_height:
-                    raise _Refused(f"sent height {header.get('height')} for {next_height}")
-                if (
-                    local is not None
-                    and header.get("prev") != after
-                    and not batch
-                    and (builds_on == local.hash)
-                ):
-                    self._check_divergence(chain, source, local, report)
-                self._check_key_current(header, anchored)
-                datas = verifier.add_block(header, block.get("signature"), block.get("entries"))
+                header = self._block_header(block, chain, next_height)
+                if local is not None and not ready and not waiting and stored_after == local.hash:
+                    if header["prev"] != local.hash:
+                        self._check_divergence(chain, source, local, report)
+                datas = verifier.add_block(header, block["signature"], block["entries"])
                 nodes = [b"".join(frontier.append(merkle.leaf_hash(d))) for d in datas]
-                batch.append((canonical_bytes(header), block["signature"], datas, nodes))
-                after = block_hash(header).hex()
+                digest = block_hash(header).hex()
+                row = (canonical_bytes(header), block["signature"], datas, nodes)
+                current = self._signer_is_current(header)
+                anchor = current or (
+                    certified is not None and certified == (header["height"], digest)
+                )
+                if waiting or not current:
+                    waiting.append(row)
+                    if anchor:
+                        ready.extend(waiting)
+                        waiting.clear()
+                    elif sum(len(w[2]) for w in waiting) > MAX_UNANCHORED_ENTRIES:
+                        raise _Refused("too many blocks signed with a rotated-out key")
+                else:
+                    ready.append(row)
+                after = digest
                 next_height += 1
-            try:
-                self.store.import_blocks(chain, builds_on, batch)
-            except StoreError:
-                return stored  # another replicator stored these meanwhile
-            stored += sum(len(datas) for _, _, datas, _ in batch)
+            if ready:
+                try:
+                    self.store.import_blocks(chain, stored_after, ready)
+                except StoreError:
+                    return stored  # another replicator stored these meanwhile
+                stored += sum(len(datas) for _, _, datas, _ in ready)
+                stored_after = block_hash(parse_canonical(ready[-1][0])).hex()
+        if waiting:
+            raise _Refused(
+                f"blocks from height {next_height - len(waiting)} are signed with a key that "
+                f"roster version {max(self._rosters)} no longer lists for {chain}, and neither a "
+                "block signed with the current key nor a certified one follows them"
+            )
         if block_hash(target).hex() != after:
             ours = self.store.block_at(chain, target["height"])
             assert ours is not None
             self._evidence(ours, advertised, source, report)
         return stored
 
+    def _block_header(self, block: Any, chain: str, height: int) -> dict[str, Any]:
+        """A served block's header, once the block has the right form, chain and height."""
+        if (
+            not isinstance(block, dict)
+            or not isinstance(block.get("header"), dict)
+            or not isinstance(block.get("signature"), str)
+            or not isinstance(block.get("entries"), list)
+        ):
+            raise _Refused("a block is not {header, signature, entries}")
+        header: dict[str, Any] = block["header"]
+        try:
+            check_header(header)
+        except LedgerError as exc:
+            raise _Refused(f"malformed block header: {exc}") from None
+        if header["chain"] != chain or header["height"] != height:
+            raise _Refused(
+                f"sent {header['chain']}@{header['height']} when asked for {chain}@{height}"
+            )
+        if header["roster"] not in self._rosters:
+            raise _Refused(f"a block names roster version {header['roster']}, unknown here")
+        return header
+
+    def _certified_head(self, chain: str) -> tuple[int, str] | None:
+        certificate = self.store.certificate()
+        if certificate is None:
+            return None
+        head = certificate["checkpoint"]["heads"].get(chain)
+        return None if head is None else (head["height"], head["hash"])
+
     def _check_divergence(self, chain: str, source: str, local: Head, report: RoundReport) -> None:
         """The source's next block does not link to our head: fetch its block at our head's
         height; validly signed and different, it is fork evidence."""
-        theirs = self.peers.blocks(source, chain, local.header["height"], 1)
-        if theirs:
+        height = local.header["height"]
+        theirs = self.peers.blocks(source, chain, height, 1)
+        if isinstance(theirs, list) and theirs:
             header, signature = self._checked_head(chain, theirs[0])
-            if block_hash(header) != block_hash(local.header):
+            if header["height"] == height and block_hash(header) != block_hash(local.header):
                 self._evidence(local, Head(header, signature), source, report)
         raise _Refused("its next block does not follow this node's head")
 

@@ -471,8 +471,11 @@ class ChainStore:
         """Store fork evidence (two validly signed headers of one chain and height); False
         when this evidence was stored before."""
         headers = evidence["headers"]
+        first, second = (h["header"] for h in headers)
         hashes = sorted(block_hash(h["header"]).hex() for h in headers)
-        chain, height = headers[0]["header"]["chain"], headers[0]["header"]["height"]
+        chain, height = first["chain"], first["height"]
+        if (second["chain"], second["height"]) != (chain, height) or hashes[0] == hashes[1]:
+            raise StoreError("fork evidence is two different blocks of one chain and height")
         with self.engine.begin() as conn:
             known = conn.execute(
                 sa.select(evidence_table.c.chain).where(

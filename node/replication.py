@@ -273,10 +273,8 @@ def run(directory: Path, interval: float, once: bool = False) -> RoundReport:
             ChainStore(database.write_engine),
             SignedPeers(store, config.node_id, keys.load_private_key(config.ed25519_key)),
         )
-        if once:
-            report = replicator.run_round()
-            proposer.maybe_propose(time.time())
-            return report
+        if once:  # one replication round; checkpoints belong to the running worker
+            return replicator.run_round()
         # checkpoints in their own thread: gathering signatures must not hold up replication
         proposing = threading.Thread(
             target=_propose_every_epoch, args=(proposer, stop), name="checkpoints", daemon=True
@@ -284,7 +282,11 @@ def run(directory: Path, interval: float, once: bool = False) -> RoundReport:
         proposing.start()
         own_head = _own_head(reader, config.node_id)
         while True:
-            report = replicator.run_round()
+            try:
+                report = replicator.run_round()
+            except Exception:  # the worker keeps going: the next round may well succeed
+                log.exception("replication round failed")
+                report = RoundReport()
             if report.pulled or report.evidence or report.refused:
                 log.info("replication round: %s", describe(report))
             deadline = time.monotonic() + interval
