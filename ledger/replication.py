@@ -226,9 +226,9 @@ class Replicator:
             ready: list[tuple[bytes, str, list[bytes], list[bytes]]] = []
             for block in wire:
                 header = self._block_header(block, chain, next_height)
-                if local is not None and not ready and not waiting and stored_after == local.hash:
-                    if header["prev"] != local.hash:
-                        self._check_divergence(chain, source, local, report)
+                first = local is not None and not ready and not waiting
+                if first and local is not None and stored_after == local.hash != header["prev"]:
+                    self._check_divergence(chain, source, local, report)
                 datas = verifier.add_block(header, block["signature"], block["entries"])
                 nodes = [b"".join(frontier.append(merkle.leaf_hash(d))) for d in datas]
                 digest = block_hash(header).hex()
