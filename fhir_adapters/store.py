@@ -222,6 +222,30 @@ class ResourceStore:
                         )
         return [found[key] for key in res_pks_versions if key in found]
 
+    def patients_by_item(self, items: list[Stored]) -> dict[tuple[str, str], frozenset[str]]:
+        """The patients in whose compartments each of these resources is (its current
+        version's index), by (type, id)."""
+        found: dict[tuple[str, str], set[str]] = {}
+        unknown = []
+        for item in items:
+            if item.patients is not None:
+                found[(item.type, item.id)] = set(item.patients)
+            else:
+                found[(item.type, item.id)] = set()
+                unknown.append(item)
+        keys = sorted({(item.type, item.id) for item in unknown})
+        C = tables.compartment
+        with self.engine.connect() as conn:
+            for start in range(0, len(keys), 500):
+                rows = conn.execute(
+                    sa.select(R.c.type, R.c.id, C.c.patient_id)
+                    .select_from(C.join(R, R.c.res_pk == C.c.res_pk))
+                    .where(keys_clause(R.c.type, R.c.id, keys[start : start + 500]))
+                )
+                for resource_type, resource_id, patient in rows:
+                    found[(resource_type, resource_id)].add(patient)
+        return {key: frozenset(value) for key, value in found.items()}
+
     def patients_of(self, items: list[Stored]) -> set[str]:
         """The patients in whose compartments these resources are (for audit records)."""
         found: set[str] = set()

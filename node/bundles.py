@@ -202,6 +202,7 @@ def _transaction(entries: list[dict[str, Any]]) -> dict[str, Any]:
         plan.append((index, method, resource_type, resource_id, query))
     results: dict[int, dict[str, Any]] = {}
     written: list[Stored] = []
+    before: dict[tuple[str, str], frozenset[str]] = {}  # patients of what is changed
     with svc.store.writing() as writer:
         writer.deferred = []  # entries may refer to resources created by later entries
         for index, method, resource_type, resource_id, _query in sorted(
@@ -214,6 +215,9 @@ def _transaction(entries: list[dict[str, Any]]) -> dict[str, Any]:
             try:
                 action = {"POST": "c", "PUT": "u", "DELETE": "d"}[method]
                 fhir_api.permit(resource_type, action, "transaction")
+                if method in ("DELETE", "PUT"):
+                    assert resource_id is not None
+                    before.update(fhir_api.patients_before(writer, resource_type, resource_id))
                 if method == "DELETE":
                     assert resource_id is not None
                     stored = writer.delete(
@@ -254,7 +258,7 @@ def _transaction(entries: list[dict[str, Any]]) -> dict[str, Any]:
         except FhirError as exc:
             raise _fail(writer.tag, exc) from None
         if written:
-            fhir_api._audit_write(writer, "transaction", written)
+            fhir_api._audit_write(writer, "transaction", written, before)
     for index, method, *_rest in plan:
         if method == "GET":
             results[index] = _dispatch(entries[index])

@@ -126,14 +126,35 @@ def permit(resource_type: str, action: str, interaction: str) -> Access:
         raise
 
 
+def per_patient(
+    items: list[Stored], patients: dict[tuple[str, str], frozenset[str]]
+) -> list[tuple[set[str], list[Stored]]]:
+    """The items grouped by patient: each patient's AuditEvent lists only that patient's
+    resources, so a patient reading their audit trail learns nothing of anyone else.
+    Resources in no patient's compartment (practitioners, organizations) form a group of
+    their own."""
+    groups: dict[str | None, list[Stored]] = {}
+    for item in items:
+        for patient in patients.get((item.type, item.id)) or {None}:
+            groups.setdefault(patient, []).append(item)
+    if not groups:
+        return [(set(), [])]
+    return [
+        ({patient} if patient else set(), group)
+        for patient, group in sorted(groups.items(), key=lambda g: g[0] or "")
+    ]
+
+
 def audited(interaction: str, items: list[Stored], query: str | None = None) -> None:
-    """Record a read-type interaction; returns once the record is durable."""
+    """Record a read-type interaction (one AuditEvent per patient concerned)."""
     principal = authenticate()
-    record = _record(interaction, principal)
-    record.entities = items
-    record.patients = services().store.patients_of(items) if items else set()
-    record.query = query
-    services().audit.record(record)
+    patients = services().store.patients_by_item(items) if items else {}
+    for group_patients, group in per_patient(items, patients):
+        record = _record(interaction, principal)
+        record.entities = group
+        record.patients = group_patients
+        record.query = query
+        services().audit.record(record)
 
 
 # -- formats and headers -------------------------------------------------------------------
@@ -323,10 +344,11 @@ def update(resource_type: str, resource_id: str) -> Response:
     resource = body_json()
     svc = services()
     with svc.store.writing() as writer:
+        before = patients_before(writer, resource_type, resource_id)
         stored, created = writer.update(
             resource_type, resource_id, resource, request.headers.get("If-Match")
         )
-        _audit_write(writer, "update" if not created else "create", [stored])
+        _audit_write(writer, "update" if not created else "create", [stored], before)
     return written(stored, 201 if created else 200)
 
 
@@ -336,25 +358,51 @@ def delete(resource_type: str, resource_id: str) -> Response:
     permit(resource_type, "d", "delete")
     svc = services()
     with svc.store.writing() as writer:
+        before = patients_before(writer, resource_type, resource_id)
         stored = writer.delete(resource_type, resource_id, request.headers.get("If-Match"))
         if stored is not None:
-            _audit_write(writer, "delete", [stored])
+            _audit_write(writer, "delete", [stored], before)
     return respond(204, None, {"ETag": stored.etag} if stored else {})
 
 
-def _audit_write(writer: Any, interaction: str, items: list[Stored]) -> None:
-    principal = authenticate()
-    record = _record(interaction, principal)
-    record.entities = items
-    record.patients = set()
-    for item in items:
-        if item.body is not None:
-            from fhir_adapters.search_params import index_values
+def _audit_write(
+    writer: Any,
+    interaction: str,
+    items: list[Stored],
+    before: dict[tuple[str, str], frozenset[str]] | None = None,
+) -> None:
+    """Record a write in its own transaction: one AuditEvent per patient concerned, by the
+    version written and, for updates and deletes, the patients of the version before
+    (``before``), so a resource moved away from a patient or deleted still shows up in that
+    patient's trail."""
+    from fhir_adapters.search_params import index_values
 
-            record.patients |= index_values(
-                item.resource(), services().config.fhir_base
-            ).compartment
-    services().audit.record_in(writer, record)
+    principal = authenticate()
+    patients: dict[tuple[str, str], frozenset[str]] = {}
+    for item in items:
+        key = (item.type, item.id)
+        now = (
+            index_values(item.resource(), services().config.fhir_base).compartment
+            if item.body is not None
+            else set()
+        )
+        patients[key] = frozenset(now) | (before or {}).get(key, frozenset())
+    for group_patients, group in per_patient(items, patients):
+        record = _record(interaction, principal)
+        record.entities = group
+        record.patients = group_patients
+        services().audit.record_in(writer, record)
+
+
+def patients_before(
+    writer: Any, resource_type: str, resource_id: str
+) -> dict[tuple[str, str], frozenset[str]]:
+    """The patients of a resource's current version, read inside a write transaction."""
+    try:
+        current = services().store.read(resource_type, resource_id, writer.conn)
+    except FhirError:
+        return {}
+    return {(resource_type, resource_id): current.patients or frozenset()}
 
 
 # -- type level ----------------------------------------------------------------------------

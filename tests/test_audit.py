@@ -82,3 +82,34 @@ def test_a_patient_sees_who_read_their_records(node: Node) -> None:
     other = new_patient(node, identifier="audit-4")
     s.get(f"{node.fhir}/Patient/{other}")
     assert patient.get(f"{node.fhir}/AuditEvent?patient={other}").json()["total"] == 0
+
+
+def test_each_patient_sees_only_their_own_part_of_a_search(node: Node) -> None:
+    doctor = node.session(node.token("dr-audit-5", "doctor"))
+    alice = new_patient(node, identifier="audit-5a")
+    bob = new_patient(node, identifier="audit-5b")
+    for pid in (alice, bob):
+        post(doctor, f"{node.fhir}/Observation", observation(pid, code="94500-6"))
+    found = doctor.get(f"{node.fhir}/Observation?code=94500-6").json()
+    assert found["total"] >= 2
+    as_alice = node.session(node.token("patient-audit-5a", "patient", patient=alice))
+    for entry in as_alice.get(f"{node.fhir}/AuditEvent?patient={alice}&_count=100").json()["entry"]:
+        text = str(entry["resource"])
+        assert bob not in text, "alice's audit trail shows bob"
+    mine = [
+        e["resource"]
+        for e in as_alice.get(f"{node.fhir}/AuditEvent?patient={alice}&subtype=search-type").json()[
+            "entry"
+        ]
+        if e["resource"]["agent"][0]["who"]["identifier"]["value"] == "dr-audit-5"
+    ]
+    assert mine and entity_refs(mine[0], "1") == [f"Patient/{alice}"]
+
+
+def test_a_deletion_shows_in_the_patients_trail(node: Node) -> None:
+    doctor = node.session(node.token("dr-audit-6", "doctor"))
+    pid = new_patient(node, identifier="audit-6")
+    obs = post(doctor, f"{node.fhir}/Observation", observation(pid)).json()
+    assert doctor.delete(f"{node.fhir}/Observation/{obs['id']}").status_code == 204
+    deletions = [e for e in events(node, f"patient={pid}&action=D")]
+    assert deletions and entity_refs(deletions[0], "4") == [f"Observation/{obs['id']}/_history/2"]
