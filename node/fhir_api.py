@@ -499,6 +499,9 @@ def _searchset(
     svc = services()
     items = svc.store.versions_of(matches.pairs)
     included = svc.store.included(items, matches.request, access) if kind == "search" else []
+    # an include may reach any type its parameter points to: only what the caller may read
+    principal = authenticate()
+    included = [item for item in included if principal.allows(item.type, "r")]
     links = [{"relation": "self", "url": self_link}]
     links.extend(_page_links(matches))
     bundle_head: dict[str, Any] = {

@@ -200,3 +200,27 @@ def test_system_scopes_for_service_accounts(node: Node, world: dict[str, Any]) -
     outcome(service.get(f"{node.fhir}/Patient?_count=1"), 403)
     with pytest.raises(UserError, match="cannot hold system"):
         node.token("doctor-system", "doctor", scope="system/*.rs")
+
+
+def test_includes_reach_only_readable_types(node: Node, world: dict[str, Any]) -> None:
+    s = node.session()
+    pid = world["alice"]["patient"]
+    post(
+        s,
+        f"{node.fhir}/Provenance",
+        {
+            "resourceType": "Provenance",
+            "recorded": "2024-01-02T10:00:00+08:00",
+            "target": [{"reference": f"Patient/{pid}"}],
+            "agent": [{"who": {"reference": f"Patient/{pid}"}}],
+        },
+    )
+    only_provenance = node.session(node.token("dr-prov", "doctor", scope="user/Provenance.rs"))
+    bundle = only_provenance.get(
+        f"{node.fhir}/Provenance?target=Patient/{pid}&_include=Provenance:target"
+    ).json()
+    assert ids(bundle) and ids(bundle, "include") == []  # the Patient is not theirs to read
+    assert ids(
+        s.get(f"{node.fhir}/Provenance?target=Patient/{pid}&_include=Provenance:target").json(),
+        "include",
+    ) == [pid]
