@@ -51,7 +51,7 @@ def _hex64(value: Any) -> bool:
 
 
 def _count(value: Any) -> bool:
-    return type(value) is int and value >= 0
+    return type(value) is int and 0 <= value < 2**62
 
 
 def check_checkpoint(checkpoint: Any) -> dict[str, Any]:

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ from node.ledger_api import verified_peer
 bp = Blueprint("peer", __name__, url_prefix="/peer")
 
 HINT_FILE = "replicate.hint"
+EPOCH_TOLERANCE_SLOTS = 120  # how far (in slots) an epoch may be from this node's clock
 
 
 def _json(value: Any, status: int = 200) -> Response:
@@ -70,6 +72,11 @@ def sign_checkpoint() -> Response:
     store = services.chain_store
     checkpoint = checkpoints.check_checkpoint(_body())
     roster = store.roster()
+    _check_epoch(checkpoint["epoch"], services.config.slot_seconds)
+    members = sorted(roster.member_ids())
+    proposer = members[checkpoint["epoch"] % len(members)]
+    if g.peer != proposer:
+        raise Conflict(f"epoch {checkpoint['epoch']} is {proposer}'s to propose, not {g.peer}'s")
     if checkpoint["roster"] != roster.version:
         raise Conflict(
             f"the checkpoint names roster version {checkpoint['roster']}; this node is at "
@@ -82,7 +89,11 @@ def sign_checkpoint() -> Response:
         ours = store.block_at(chain, head["height"])
         if ours is None:
             raise Conflict(f"this node has not yet verified chain {chain} up to {head['height']}")
-        if ours.hash != head["hash"] or ours.header["tree_root"] != head["tree_root"]:
+        if (ours.hash, ours.header["tree_root"], ours.header["tree_size"]) != (
+            head["hash"],
+            head["tree_root"],
+            head["tree_size"],
+        ):
             raise Conflict(f"chain {chain} at height {head['height']} is another block here")
     if not services.chain_writes.vote(checkpoint):
         raise Conflict(
@@ -99,16 +110,21 @@ def receive_certificate() -> Response:
     services = current_app.extensions["hrx"]
     store = services.chain_store
     certificate = _body()
-    checkpoints.verify_certificate(certificate, trusted_rosters(store))
+    roster = store.roster()
+    # only under the newest roster: keys a later version removed count for nothing now
+    checkpoint = checkpoints.verify_certificate(certificate, {roster.version: roster})
+    _check_epoch(checkpoint["epoch"], services.config.slot_seconds)
+    for chain, head in checkpoint["heads"].items():
+        ours = store.block_at(chain, head["height"])
+        if ours is not None and ours.hash != head["hash"]:
+            raise Conflict(f"the certificate's {chain} at {head['height']} is another block here")
     stored = services.chain_writes.add_certificate(certificate)
     return _json({"stored": stored})
 
 
-def trusted_rosters(store: Any) -> dict[int, Any]:
-    """Every roster version this node holds (each checked against the authority on join)."""
-    from ledger.roster import open_roster
-
-    return {
-        body["version"]: open_roster(body, signature, None, check_possession=False)
-        for body, signature in store.rosters()
-    }
+def _check_epoch(epoch: int, slot_seconds: int) -> None:
+    """An epoch is a slot of wall time: none far from now is signed or stored (a member must
+    not reserve votes for the future, nor pin "latest" with an epoch from far ahead)."""
+    now = int(time.time() // slot_seconds)
+    if abs(epoch - now) > EPOCH_TOLERANCE_SLOTS:
+        raise Conflict(f"epoch {epoch} is not near the current slot {now}; check the clocks")

@@ -207,8 +207,11 @@ class CheckpointProposer:
             for member in waiting:
                 try:
                     answer = self.peers.post(member, "/peer/checkpoints/sign", checkpoint)
-                    verify_signature(checkpoint, roster, member, str(answer.get("signature")))
-                    signatures[member] = answer["signature"]
+                    signature = answer.get("signature") if isinstance(answer, dict) else None
+                    if not isinstance(signature, str):
+                        raise LedgerError("its answer holds no signature")
+                    verify_signature(checkpoint, roster, member, signature)
+                    signatures[member] = signature
                 except PeerUnavailable as exc:
                     if "not yet verified" in str(exc):
                         still.append(member)  # it is catching up: ask again shortly

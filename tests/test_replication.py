@@ -241,6 +241,15 @@ def test_checkpoints_are_cosigned(consortium: dict[str, Path]) -> None:
 
             with pytest.raises(PeerUnavailable, match="already signed another"):
                 peers.post("hosp-a", "/peer/checkpoints/sign", other)  # type: ignore[attr-defined]
+            # only the slot's proposer may ask, and only for a slot near now
+            with pytest.raises(PeerUnavailable, match="is hosp-c's to propose"):
+                peers.post(  # type: ignore[attr-defined]
+                    "hosp-a", "/peer/checkpoints/sign", make_checkpoint(epoch + 1, 1, {})
+                )
+            with pytest.raises(PeerUnavailable, match="not near the current slot"):
+                peers.post(  # type: ignore[attr-defined]
+                    "hosp-a", "/peer/checkpoints/sign", make_checkpoint(epoch + 3000, 1, {})
+                )
             append(consortium["hosp-b"], 1, "unseen")
             ahead = make_checkpoint(epoch + 3, 1, store.heads())
             with pytest.raises(PeerUnavailable, match="not yet verified"):
