@@ -481,7 +481,8 @@ def paginate(
     request: dict[str, Any],
 ) -> Matches:
     """The first page of ``pairs``; the whole list kept as a search set when it has more
-    (the only time a search writes)."""
+    (the only time a search writes). ``request`` is kept with it, ``kind`` included."""
+    request = {**request, "kind": kind}
     set_id = None
     if len(pairs) > count > 0:
         set_id = str(uuid.uuid4())

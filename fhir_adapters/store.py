@@ -678,12 +678,14 @@ class Writer:
                 expression=f"{resource_type}.id",
             )
         row = self._lock_row(resource_type, resource_id)
+        if row is None:  # serialise creators of this id, then look again
+            self.lock(f"create {resource_type}/{resource_id}")
+            row = self._lock_row(resource_type, resource_id)
         if row is None:
             if if_match is not None:
                 raise PreconditionFailed(
                     f"If-Match given, but {resource_type}/{resource_id} does not exist"
                 )
-            self.lock(f"create {resource_type}/{resource_id}")
             created = self.create(resource, resource_type, resource_id=resource_id, validated=True)
             return created, True
         res_pk, version, deleted = row

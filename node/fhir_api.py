@@ -23,6 +23,7 @@ from werkzeug.exceptions import HTTPException
 from fhir_adapters import jsonio
 from fhir_adapters.errors import (
     FhirError,
+    Gone,
     InvalidRequest,
     Issue,
     MethodNotAllowed,
@@ -304,8 +305,10 @@ def _visible(stored: Stored, access: Access) -> None:
 def read(resource_type: str, resource_id: str) -> Response:
     check_type(resource_type)
     access = permit(resource_type, "r", "read")
-    stored = services().store.read(resource_type, resource_id)
-    _visible(stored, access)
+    stored = services().store._current(resource_type, resource_id)
+    _visible(stored, access)  # before telling deleted from unknown: that too is private
+    if stored.deleted:
+        raise Gone(f"{resource_type}/{resource_id} was deleted")
     unchanged = _not_modified(stored)
     audited("read", [stored])
     return unchanged or respond(200, stored.body, version_headers(stored))
@@ -315,13 +318,19 @@ def read(resource_type: str, resource_id: str) -> Response:
 def vread(resource_type: str, resource_id: str, version: str) -> Response:
     check_type(resource_type)
     access = permit(resource_type, "r", "vread")
-    if not re.fullmatch(r"[0-9]{1,9}", version):
-        raise NotFound(f"{resource_type}/{resource_id} has no version {version[:40]!r}")
-    stored = services().store.vread(resource_type, resource_id, int(version))
-    current = services().store._current(resource_type, resource_id)
-    _visible(current, access)
-    if access.patients is not None:
-        _visible_version(stored, access)
+    try:
+        if not re.fullmatch(r"[0-9]{1,9}", version):
+            raise NotFound(f"{resource_type}/{resource_id} has no version {version[:40]!r}")
+        current = services().store._current(resource_type, resource_id)
+        _visible(current, access)
+        stored = services().store.vread(resource_type, resource_id, int(version))
+        if access.patients is not None:
+            _visible_version(stored, access)
+    except (NotFound, Gone):
+        if access.patients is None:
+            raise
+        # to a patient, every way of not seeing it looks the same
+        raise NotFound(f"{resource_type}/{resource_id} is not known") from None
     audited("vread", [stored])
     return respond(200, stored.body, version_headers(stored))
 
@@ -339,7 +348,6 @@ def _visible_version(stored: Stored, access: Access) -> None:
 def update(resource_type: str, resource_id: str) -> Response:
     check_type(resource_type)
     permit(resource_type, "u", "update")
-    permit(resource_type, "c", "update")  # an update may create
     check_id(resource_id)
     resource = body_json()
     svc = services()
@@ -348,6 +356,8 @@ def update(resource_type: str, resource_id: str) -> Response:
         stored, created = writer.update(
             resource_type, resource_id, resource, request.headers.get("If-Match")
         )
+        if created:  # an update that creates needs the right to create (else rolled back)
+            permit(resource_type, "c", "update")
         _audit_write(writer, "update" if not created else "create", [stored], before)
     return written(stored, 201 if created else 200)
 
@@ -645,7 +655,6 @@ def _history(resource_type: str, resource_id: str | None, access: Access) -> Res
     )
     if resource_id is not None and not matches.total and access.patients is not None:
         raise NotFound(f"{resource_type}/{resource_id} is not known")
-    matches.request["kind"] = "history"
     path = f"{resource_type}/{resource_id}/_history" if resource_id else f"{resource_type}/_history"
     self_link = f"{services().config.fhir_base}/{path}"
     if request.query_string:
@@ -670,7 +679,6 @@ def everything(patient_id: str) -> Response:
         if resource_type != "AuditEvent":
             permit(resource_type, "r", "operation")
     matches = services().store.everything(patient_id, access, principal.owner, count)
-    matches.request["kind"] = "everything"
     self_link = f"{services().config.fhir_base}/Patient/{quote(patient_id)}/$everything"
     return _searchset(
         matches, access, self_link, query=f"Patient/{patient_id}/$everything", kind="everything"

@@ -119,6 +119,9 @@ def test_update_versions_if_match_and_history(node: Node) -> None:
     assert history["type"] == "history" and history["total"] == 2
     assert [e["resource"]["meta"]["versionId"] for e in history["entry"]] == ["2", "1"]
     assert [e["request"]["method"] for e in history["entry"]] == ["PUT", "POST"]
+    paged = s.get(f"{node.fhir}/Patient/{pid}/_history?_count=1").json()
+    second = s.get(next(x["url"] for x in paged["link"] if x["relation"] == "next")).json()
+    assert second["type"] == "history" and second["entry"][0]["request"]["method"] == "POST"
     # the id in the body must be the URL's
     body["id"] = "other"
     outcome(
