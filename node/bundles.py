@@ -205,6 +205,21 @@ def _transaction(entries: list[dict[str, Any]]) -> dict[str, Any]:
     before: dict[tuple[str, str], frozenset[str]] = {}  # patients of what is changed
     with svc.store.writing() as writer:
         writer.deferred = []  # entries may refer to resources created by later entries
+        # conditional creates first: a reference to one that matches must name what matched
+        existing_of: dict[int, Stored] = {}
+        for index, method, resource_type, _id, _query in plan:
+            condition = entries[index]["request"].get("ifNoneExist")
+            if method != "POST" or not condition:
+                continue
+            try:
+                match = fhir_api._conditional_match(writer, resource_type, condition)
+            except FhirError as exc:
+                raise _fail(index, exc) from None
+            if match is not None:
+                existing_of[index] = match
+                full_url = entries[index].get("fullUrl")
+                if isinstance(full_url, str) and full_url in ids:
+                    ids[full_url] = f"{match.type}/{match.id}"
         for index, method, resource_type, resource_id, _query in sorted(
             plan, key=lambda step: (ORDER[step[1]], step[0])
         ):
@@ -229,15 +244,8 @@ def _transaction(entries: list[dict[str, Any]]) -> dict[str, Any]:
                     continue
                 resource = _rewrite(entry["resource"], ids)
                 if method == "POST":
-                    condition = entry["request"].get("ifNoneExist")
-                    existing = (
-                        fhir_api._conditional_match(writer, resource_type, condition)
-                        if condition
-                        else None
-                    )
+                    existing = existing_of.get(index)
                     if existing is not None:
-                        if isinstance(entry.get("fullUrl"), str) and entry["fullUrl"] in ids:
-                            ids[entry["fullUrl"]] = f"{existing.type}/{existing.id}"
                         results[index] = _written(existing, 200)
                         written.append(existing)  # shown to the caller: in the audit record
                         continue
@@ -245,10 +253,11 @@ def _transaction(entries: list[dict[str, Any]]) -> dict[str, Any]:
                     results[index] = _written(stored, 201)
                 else:
                     assert resource_id is not None
-                    fhir_api.permit(resource_type, "c", "transaction")
                     stored, created = writer.update(
                         resource_type, resource_id, resource, entry["request"].get("ifMatch")
                     )
+                    if created:
+                        fhir_api.permit(resource_type, "c", "transaction")
                     results[index] = _written(stored, 201 if created else 200)
                 written.append(stored)
             except FhirError as exc:

@@ -534,3 +534,33 @@ def test_batch_entries_stand_alone(node: Node) -> None:
     assert statuses == ["201", "400", "200", "200"]
     assert result["entry"][1]["response"]["outcome"]["resourceType"] == "OperationOutcome"
     assert result["entry"][3]["resource"]["total"] == 1
+
+
+def test_transaction_reference_to_a_conditional_create_that_matches(node: Node) -> None:
+    s = node.session()
+    pid = new_patient(node, identifier="tx-cond-1")
+    full_url = "urn:uuid:0d4a3c1e-1111-4a5b-9c1e-2f1f7f0a0a09"
+    bundle = {
+        "resourceType": "Bundle",
+        "type": "transaction",
+        "entry": [
+            {  # refers to the entry below, which matches an existing patient
+                "request": {"method": "POST", "url": "Observation"},
+                "resource": observation("placeholder") | {"subject": {"reference": full_url}},
+            },
+            {
+                "fullUrl": full_url,
+                "request": {
+                    "method": "POST",
+                    "url": "Patient",
+                    "ifNoneExist": "identifier=urn:oid:2.16.156.10011.1.1|tx-cond-1",
+                },
+                "resource": patient(identifier="tx-cond-1"),
+            },
+        ],
+    }
+    result = post(s, node.fhir, bundle)
+    assert result.status_code == 200, result.text
+    entries = result.json()["entry"]
+    assert entries[1]["response"]["status"] == "200 OK" and entries[1]["resource"]["id"] == pid
+    assert entries[0]["resource"]["subject"]["reference"] == f"Patient/{pid}"
