@@ -209,7 +209,8 @@ class AuditWriter:
         self.flush_seconds = flush_seconds
         self.max_queue = max_queue
         self._queue: list[dict[str, Any]] = []
-        self._in_flight = 0
+        self._queued_total = 0  # events ever queued, and of those, stored (for flush)
+        self._stored_total = 0
         self._failure: str | None = None
         self._changed = threading.Condition()
         self._closed = False
@@ -233,13 +234,16 @@ class AuditWriter:
             if len(self._queue) >= self.max_queue:
                 raise AuditBacklog("the audit trail is behind; try again shortly")
             self._queue.append(event)
+            self._queued_total += 1
             if len(self._queue) == 1:
                 self._changed.notify_all()
 
     def flush(self) -> None:
-        """Wait until everything queued so far is stored (or has failed)."""
+        """Wait until everything queued before this call is stored (or storing failed);
+        what others queue meanwhile is not waited for, so this returns under any load."""
         with self._changed:
-            while (self._queue or self._in_flight) and self._failure is None:
+            target = self._queued_total
+            while self._stored_total < target and self._failure is None:
                 self._ensure_thread()
                 self._changed.notify_all()
                 self._changed.wait(1.0)
@@ -253,7 +257,6 @@ class AuditWriter:
                 if not self._queue and self._closed:
                     return
                 batch, self._queue = self._queue[:1000], self._queue[1000:]
-                self._in_flight = len(batch)
             try:
                 with self.store.writing() as writer:
                     writer.create_many_checked(batch)
@@ -261,7 +264,6 @@ class AuditWriter:
                 log.exception("could not store %d audit events; retrying", len(batch))
                 with self._changed:
                     self._queue[:0] = batch
-                    self._in_flight = 0
                     self._failure = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
                     self._changed.notify_all()
                 time.sleep(backoff)
@@ -269,7 +271,7 @@ class AuditWriter:
                 continue
             backoff = 0.1
             with self._changed:
-                self._in_flight = 0
+                self._stored_total += len(batch)
                 self._failure = None
                 self._changed.notify_all()
             if not self._closed:

@@ -112,6 +112,17 @@ def load_config(directory: Path, environ: Mapping[str, str] | None = None) -> No
             values[f"{section}_{key}"] = value
     if not 0 < values["server_port"] < 65536:
         raise ConfigError(f"server.port {values['server_port']} is not a TCP port")
+    for name in (
+        "tokens_ttl",
+        "tokens_max_ttl",
+        "audit_flush_ms",
+        "checkpoints_epoch_seconds",
+        "checkpoints_epoch_blocks",
+        "checkpoints_slot_seconds",
+    ):
+        least = 0 if name == "audit_flush_ms" else 1
+        if values[name] < least:
+            raise ConfigError(f"{name.replace('_', '.', 1)} must be at least {least}")
 
     def resolve(value: str) -> Path:
         return (directory / value).resolve()

@@ -3,6 +3,7 @@ and manage who may use it."""
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -322,8 +323,6 @@ def node_join(
     directory: Path, roster_path: Path, secret_path: Path | None, authority: str | None
 ) -> None:
     """Join a consortium, or install a newer roster version of it."""
-    import shutil
-
     from ledger import bls
     from node.consortium import install_roster, read_roster_file, read_secret
 
@@ -352,8 +351,9 @@ def node_join(
         if secret_path is not None and secret_path.resolve() != secret_file.resolve():
             if secret_file.exists() and read_secret(secret_file) != read_secret(secret_path):
                 fail(f"{secret_file} holds another consortium secret; it is never replaced")
-            shutil.copyfile(secret_path, secret_file)
-            secret_file.chmod(0o600)
+            descriptor = os.open(secret_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(descriptor, "wb") as handle:  # never readable by others, not once
+                handle.write(secret_path.read_bytes())
     out.print(
         f"{config.node_id} is a member of {checked.body['consortium']} (roster version "
         f"{checked.version}, {len(checked.member_ids())} members, quorum {checked.quorum})"

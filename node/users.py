@@ -115,39 +115,43 @@ def set_active(engine: Engine, username: str, active: bool) -> None:
 def check_password(engine: Engine, username: str, password: str) -> User | None:
     """The user, when the password is right and the account is neither disabled nor locked.
 
-    Every failure looks the same to the caller; wrong passwords count towards a lock."""
+    Every failure looks the same to the caller; wrong passwords count towards a lock. The
+    (slow) argon2 check runs outside any transaction; the counters change atomically."""
     now = int(time.time())
-    with engine.begin() as conn:
+    with engine.connect() as conn:
         row = conn.execute(
             sa.select(
                 users_table.c.role,
                 users_table.c.patient_id,
                 users_table.c.active,
                 users_table.c.password_hash,
-                users_table.c.failed_logins,
                 users_table.c.locked_until,
             ).where(users_table.c.username == username)
         ).first()
-        if row is None or not row[2] or row[3] is None or row[5] > now:
-            _hasher.hash(password)  # the same work as a real check: no timing oracle
-            return None
-        try:
-            _hasher.verify(row[3], password)
-        except (VerificationError, InvalidHashError):
-            failed = row[4] + 1
-            conn.execute(
+    if row is None or not row[2] or row[3] is None or row[4] > now:
+        _hasher.hash(password)  # the same work as a real check: no timing oracle
+        return None
+    try:
+        _hasher.verify(row[3], password)
+    except (VerificationError, InvalidHashError):
+        with engine.begin() as conn:
+            failed = conn.execute(
                 users_table.update()
                 .where(users_table.c.username == username)
-                .values(
-                    failed_logins=0 if failed >= MAX_FAILED_LOGINS else failed,
-                    locked_until=now + LOCK_SECONDS if failed >= MAX_FAILED_LOGINS else 0,
+                .values(failed_logins=users_table.c.failed_logins + 1)
+                .returning(users_table.c.failed_logins)
+            ).scalar_one()
+            if failed >= MAX_FAILED_LOGINS:
+                conn.execute(
+                    users_table.update()
+                    .where(users_table.c.username == username)
+                    .values(failed_logins=0, locked_until=now + LOCK_SECONDS)
                 )
-            )
-            return None
-        if row[4]:
-            conn.execute(
-                users_table.update()
-                .where(users_table.c.username == username)
-                .values(failed_logins=0)
-            )
+        return None
+    with engine.begin() as conn:
+        conn.execute(
+            users_table.update()
+            .where(users_table.c.username == username, users_table.c.failed_logins != 0)
+            .values(failed_logins=0)
+        )
     return User(username, row[0], row[1], True)
