@@ -4,12 +4,13 @@
   member's chain over signed HTTP, beside the ceiling of only downloading the same blocks;
 - replication lag: under steady appends to one member (default 200/s), how long until each
   entry is stored by another member (p50, p95), beside the replication interval;
-- convergence after healing: a member cut off for 10 s under load, time until every member
-  holds the same heads again;
+- convergence after healing: a member cut off (default 60 s) while appending, time until
+  every member holds the same heads again;
 - checkpoints: sign one checkpoint, aggregate 5 signatures, verify a certificate, with each
   BLS backend (py_ecc, the reference; milagro, the fast one).
 
     python3 scripts/bench_consortium.py [--entries 100000] [--rate 200] [--seconds 10]
+        [--cut-seconds 60]
 """
 
 from __future__ import annotations
@@ -91,7 +92,9 @@ def checkpoint_times() -> None:
         )
 
 
-def append_entries(group: Consortium, name: str, count: int, batch: int = 1000) -> None:
+def append_entries(
+    group: Consortium, name: str, count: int, batch: int = 1000, pause: float = 0.0
+) -> None:
     config = load_config(group.members[name].directory)
     store = ChainStore(config.database_url)
     with ChainWriter(store, name, keys.load_private_key(config.ed25519_key)) as writer:
@@ -102,6 +105,7 @@ def append_entries(group: Consortium, name: str, count: int, batch: int = 1000) 
                     for n in range(start, min(count, start + batch))
                 ]
             )
+            time.sleep(pause)
     store.close()
 
 
@@ -147,7 +151,7 @@ def catch_up(entries: int) -> None:
             group.close()
 
 
-def lag_and_healing(rate: int, seconds: int) -> None:
+def lag_and_healing(rate: int, seconds: int, cut_seconds: int) -> None:
     with tempfile.TemporaryDirectory(prefix="hrx-bench-") as scratch:
         group = Consortium(Path(scratch), 3, epoch_seconds=2, replicate_interval=0.5)
         try:
@@ -197,17 +201,19 @@ def lag_and_healing(rate: int, seconds: int) -> None:
             )
             store.close()
             observer.close()
-            # a member cut off for 10 s under load, then healed
+            # a member cut off under load (appending to its own chain), then healed
             group.cut("hosp-c")
-            loader = threading.Thread(target=append_entries, args=(group, "hosp-c", 2000, 10))
+            loader = threading.Thread(
+                target=append_entries, args=(group, "hosp-c", 200 * cut_seconds, 10, 0.05)
+            )
             loader.start()
-            time.sleep(10)
+            time.sleep(cut_seconds)
             group.heal("hosp-c")
             healed = time.perf_counter()
             loader.join()
             waited = group.wait_converged(60)
             console.print(
-                f"\n[bold]healing[/]: hosp-c cut off 10 s while appending; every member "
+                f"\n[bold]healing[/]: hosp-c cut off {cut_seconds} s while appending; every member "
                 f"holds the same heads {waited:.2f} s after healing (appends ended "
                 f"{time.perf_counter() - healed - waited:+.2f} s from then)"
             )
@@ -220,9 +226,10 @@ def main() -> None:
     parser.add_argument("--entries", type=int, default=100_000)
     parser.add_argument("--rate", type=int, default=200)
     parser.add_argument("--seconds", type=int, default=10)
+    parser.add_argument("--cut-seconds", type=int, default=60)
     args = parser.parse_args()
     catch_up(args.entries)
-    lag_and_healing(args.rate, args.seconds)
+    lag_and_healing(args.rate, args.seconds, args.cut_seconds)
     checkpoint_times()
 
 
