@@ -7,7 +7,6 @@ written once, compactly and in UTF-8, and served as those same bytes on every re
 
 from __future__ import annotations
 
-from decimal import Decimal
 from typing import Any
 
 import simplejson
@@ -62,14 +61,3 @@ def dump(value: Any, *, pretty: bool = False) -> bytes:
         text = simplejson.dumps(value, use_decimal=True, ensure_ascii=False, separators=(",", ":"))
     encoded: bytes = text.encode("utf-8")
     return encoded
-
-
-def plain(value: Any) -> Any:
-    """``value`` with every Decimal made an int or float (for code that needs plain JSON)."""
-    if isinstance(value, Decimal):
-        return int(value) if value == value.to_integral_value() else float(value)
-    if isinstance(value, dict):
-        return {key: plain(item) for key, item in value.items()}
-    if isinstance(value, list):
-        return [plain(item) for item in value]
-    return value

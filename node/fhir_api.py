@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import logging
 import re
-import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl, quote
 
@@ -67,12 +65,10 @@ def services() -> Services:
 
 @dataclass
 class Call:
-    """One FHIR request: its caller, and what its audit record will say."""
+    """One FHIR request: its caller, and whether the answer is indented."""
 
     principal: Principal | None = None
-    audit: AuditRecord | None = None
     pretty: bool = False
-    extra_headers: dict[str, str] = field(default_factory=dict)
 
 
 def call() -> Call:
@@ -628,11 +624,7 @@ def history_instance(resource_type: str, resource_id: str) -> Response:
     check_type(resource_type)
     access = permit(resource_type, "r", "history-instance")
     check_id(resource_id)
-    current = services().store._current(resource_type, resource_id)
-    if access.patients is not None:
-        # visible if any version was in the caller's compartment (checked per version below)
-        pass
-    del current
+    # a patient sees only the versions that were in their compartment (store.history)
     return _history(resource_type, resource_id, access)
 
 
@@ -707,8 +699,3 @@ def unknown(rest: str) -> Response:
     if first and first[0].isupper():
         check_type(first)
     raise NotFound(f"/fhir/{rest} is not a FHIR endpoint of this server")
-
-
-def timer() -> Callable[[], float]:
-    start = time.perf_counter()
-    return lambda: time.perf_counter() - start
