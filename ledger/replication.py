@@ -79,8 +79,12 @@ class Replicator:
         *,
         on_evidence: Callable[[dict[str, Any]], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        writes: ChainStore | None = None,
     ) -> None:
         self.store = store
+        # where blocks and evidence are written (on SQLite: an engine that takes the write
+        # lock up front; ``store`` then reads without it)
+        self.writes = writes or store
         self.own = own
         self.peers = peers
         self.authority = authority
@@ -250,7 +254,7 @@ class Replicator:
                 next_height += 1
             if ready:
                 try:
-                    self.store.import_blocks(chain, stored_after, ready)
+                    self.writes.import_blocks(chain, stored_after, ready)
                 except StoreError:
                     return stored  # another replicator stored these meanwhile
                 stored += sum(len(datas) for _, _, datas, _ in ready)
@@ -317,7 +321,7 @@ class Replicator:
             ],
             "source": source,
         }
-        if self.store.add_evidence(evidence):
+        if self.writes.add_evidence(evidence):
             log.error(
                 "FORK: chain %s has two signed blocks at height %s (one from %s); the chain "
                 "is frozen",

@@ -119,7 +119,9 @@ class SignedPeers:
         return blocks
 
 
-def replicator_for(config: NodeConfig, store: ChainStore) -> Replicator:
+def replicator_for(
+    config: NodeConfig, store: ChainStore, writes: ChainStore | None = None
+) -> Replicator:
     anchor = store.setting(AUTHORITY_SETTING)
     if anchor is None:
         raise ConfigError(
@@ -132,6 +134,7 @@ def replicator_for(config: NodeConfig, store: ChainStore) -> Replicator:
         config.node_id,
         SignedPeers(store, config.node_id, key),
         keys.parse_public_key(anchor),
+        writes=writes,
     )
 
 
@@ -266,15 +269,15 @@ def run(directory: Path, interval: float, once: bool = False) -> RoundReport:
     hint = directory / "replicate.hint"
     try:
         store = ChainStore(database.write_engine)
-        reader = ChainStore(database.engine)  # polled often: no write lock
-        replicator = replicator_for(config, store)
+        reader = ChainStore(database.engine)  # reads take no write lock
+        replicator = replicator_for(config, reader, writes=store)
         peers = replicator.peers
         assert isinstance(peers, SignedPeers)
         # its own store and HTTP session: it runs in a thread of its own
         proposer = CheckpointProposer(
             config,
             ChainStore(database.write_engine),
-            SignedPeers(store, config.node_id, keys.load_private_key(config.ed25519_key)),
+            SignedPeers(reader, config.node_id, keys.load_private_key(config.ed25519_key)),
         )
         if once:  # one replication round; checkpoints belong to the running worker
             return replicator.run_round()
