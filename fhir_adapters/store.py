@@ -246,35 +246,6 @@ class ResourceStore:
                     found[(resource_type, resource_id)].add(patient)
         return {key: frozenset(value) for key, value in found.items()}
 
-    def patients_of(self, items: list[Stored]) -> set[str]:
-        """The patients in whose compartments these resources are (for audit records)."""
-        found: set[str] = set()
-        for item in items:
-            if item.patients is not None:
-                found |= item.patients
-        unknown = [item for item in items if item.patients is None]
-        pks = sorted({item.res_pk for item in unknown if item.res_pk is not None})
-        keys = sorted({(item.type, item.id) for item in unknown if item.res_pk is None})
-        C = tables.compartment
-        with self.engine.connect() as conn:
-            for start in range(0, len(pks), 500):
-                found.update(
-                    row[0]
-                    for row in conn.execute(
-                        sa.select(C.c.patient_id).where(C.c.res_pk.in_(pks[start : start + 500]))
-                    )
-                )
-            for start in range(0, len(keys), 500):
-                found.update(
-                    row[0]
-                    for row in conn.execute(
-                        sa.select(C.c.patient_id)
-                        .select_from(C.join(R, R.c.res_pk == C.c.res_pk))
-                        .where(keys_clause(R.c.type, R.c.id, keys[start : start + 500]))
-                    )
-                )
-        return found
-
     # -- search, history, $everything -----------------------------------------------------
 
     def search(self, request: SearchRequest, access: Access, owner: str) -> Matches:
@@ -330,12 +301,14 @@ class ResourceStore:
         wanted: list[Any] = []
         ref = tables.references
         with self.engine.connect() as conn:
-            pks = {
-                row[0]
-                for row in conn.execute(
-                    sa.select(R.c.res_pk).where(keys_clause(R.c.type, R.c.id, page_keys))
-                )
-            }
+            pks = {item.res_pk for item in page_items if item.res_pk is not None}
+            if len(pks) < len(page_keys):  # a page's versions know their rows; else look up
+                pks = {
+                    row[0]
+                    for row in conn.execute(
+                        sa.select(R.c.res_pk).where(keys_clause(R.c.type, R.c.id, page_keys))
+                    )
+                }
             for text in request.get("includes", []):
                 source, param, *target = text.split(":")
                 query = sa.select(ref.c.target_type, ref.c.target_id).where(

@@ -292,7 +292,7 @@ def _not_modified(stored: Stored) -> Response | None:
 def _visible(stored: Stored, access: Access) -> None:
     """404 (not 403: existence is itself private) when the caller may not see it."""
     if access.patients is not None and not (
-        services().store.patients_of([stored]) & access.patients
+        services().store.patients_by_item([stored])[(stored.type, stored.id)] & access.patients
     ):
         raise NotFound(f"{stored.type}/{stored.id} is not known")
 
