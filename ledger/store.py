@@ -21,8 +21,9 @@ import contextlib
 import hashlib
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -250,6 +251,17 @@ def node_seq(node: merkle.NodeId) -> int:
     return ((index + 1) << level) - 1
 
 
+def _pick_nodes(wanted: list[merkle.NodeId], blobs: dict[int, bytes]) -> dict[merkle.NodeId, bytes]:
+    """The wanted Merkle nodes out of the ``nodes`` column of the entries that completed them."""
+    found: dict[merkle.NodeId, bytes] = {}
+    for node in wanted:
+        blob = blobs.get(node_seq(node))
+        level = node[0]
+        if blob is not None and len(blob) >= 32 * (level + 1):
+            found[node] = bytes(blob[32 * level : 32 * (level + 1)])
+    return found
+
+
 def _writer_lock_key(chain: str) -> int:
     digest = hashlib.sha256(b"hrx/ledger-writer\x00" + chain.encode()).digest()
     return int.from_bytes(digest[:8], "big", signed=True)
@@ -346,15 +358,17 @@ class ChainStore:
                 )
             )
 
-    def rosters(self) -> list[tuple[dict[str, Any], str]]:
+    def rosters(self, conn: Connection | None = None) -> list[tuple[dict[str, Any], str]]:
         """Every stored roster version, oldest first, as ``(roster, signature)``."""
-        self._require_schema()
-        with self.engine.connect() as conn:
-            rows = conn.execute(
-                sa.select(
-                    roster_table.c.version, roster_table.c.roster, roster_table.c.signature
-                ).order_by(roster_table.c.version)
-            ).all()
+        query = sa.select(
+            roster_table.c.version, roster_table.c.roster, roster_table.c.signature
+        ).order_by(roster_table.c.version)
+        if conn is not None:
+            rows = conn.execute(query).all()
+        else:
+            self._require_schema()
+            with self.engine.connect() as own:
+                rows = own.execute(query).all()
         rosters = []
         for row in rows:
             try:
@@ -366,9 +380,9 @@ class ChainStore:
             rosters.append((roster, row.signature))
         return rosters
 
-    def roster(self) -> Roster:
+    def roster(self, conn: Connection | None = None) -> Roster:
         """The newest roster, trusted as stored (the local node's own configuration)."""
-        rosters = self.rosters()
+        rosters = self.rosters(conn)
         if not rosters:
             raise StoreError("no roster stored; initialise with: hrx ledger init")
         body, signature = rosters[-1]
@@ -681,13 +695,7 @@ class ChainStore:
         if not seqs:
             return {}
         blobs = {row[0]: row[1] for row in conn.execute(_NODES, {"chain": chain, "seqs": seqs})}
-        found: dict[merkle.NodeId, bytes] = {}
-        for node in wanted:
-            blob = blobs.get(node_seq(node))
-            level = node[0]
-            if blob is not None and len(blob) >= 32 * (level + 1):
-                found[node] = bytes(blob[32 * level : 32 * (level + 1)])
-        return found
+        return _pick_nodes(wanted, blobs)
 
     def inclusion_proof(self, chain: str, seq: int, tree_size: int | None = None) -> dict[str, Any]:
         """``{"leaf_index", "tree_size", "audit_path"}`` for entry ``seq`` in a signed tree."""
@@ -714,10 +722,19 @@ class ChainStore:
 
     def frontier(self, chain: str, head: Head) -> merkle.Frontier:
         """The right edge of the chain's tree at ``head``, from O(log n) stored nodes."""
-        size = head.tree_size
-        plan = merkle.Frontier.plan(size)
+        plan = merkle.Frontier.plan(head.tree_size)
         with self.engine.connect() as conn:
             nodes = self._nodes(conn, chain, plan)
+        return self._frontier_of(chain, head, plan, nodes)
+
+    def _frontier_of(
+        self,
+        chain: str,
+        head: Head,
+        plan: list[merkle.NodeId],
+        nodes: dict[merkle.NodeId, bytes],
+    ) -> merkle.Frontier:
+        size = head.tree_size
         try:
             frontier = merkle.Frontier(size, [merkle.node_for_lookup(nodes)(node) for node in plan])
         except LedgerError as exc:
@@ -844,10 +861,10 @@ class ChainWriter:
         )
         self._thread.start()
 
-    def _check_key(self) -> int:
+    def _check_key(self, conn: Connection | None = None) -> int:
         """The newest roster version, once it is checked to list this writer's key for its
         chain: a block signed with any other key could never verify."""
-        roster = self.store.roster()
+        roster = self.store.roster(conn)
         if roster.member(self.chain)["ed25519"] != keys.public_key_text(self.key):
             raise StoreError(
                 f"the signing key is not the key roster version {roster.version} lists for "
@@ -886,6 +903,51 @@ class ChainWriter:
         pending.done.acquire()
         if pending.error is not None:
             raise pending.error
+        return pending.seqs
+
+    def append_in(self, conn: Connection, items: Sequence[tuple[str, dict[str, Any]]]) -> list[int]:
+        """Append entries as one block inside the caller's transaction on ``conn`` (a
+        connection of this store's database): they are stored if and only if that transaction
+        commits. This is for data that must change together with its ledger entry, such as a
+        consent; it bypasses group commit, so it suits rare writes.
+
+        The chain's writer lock is taken in the caller's transaction (PostgreSQL: the advisory
+        lock; SQLite: the caller's ``BEGIN IMMEDIATE`` already holds the database's write
+        lock) and held until it ends, so the chain never forks against the group committer.
+        """
+        now = format_time()
+        checked = []
+        for entry_type, body in items:
+            check_entry_type(entry_type)
+            check_body(body)
+            checked.append((entry_type, body, now))
+        if not checked:
+            return []
+        if self.store.is_postgres:
+            conn.execute(
+                sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": _writer_lock_key(self.chain)}
+            )
+        sql = _POSTGRES_WRITER_SQL if self.store.is_postgres else _WRITER_SQL
+        head, roster_version = conn.exec_driver_sql(sql["head"], (self.chain,)).one()
+        if roster_version is None:
+            raise StoreError("no roster stored; initialise with: hrx ledger init")
+        if roster_version != self._keyed_version:
+            self._keyed_version = self._check_key(conn)
+        pending = _Pending(checked)
+        entry_rows, block_rows, _cached = self._build_blocks(
+            [pending], head, int(roster_version), partial(self.store._nodes, conn, self.chain)
+        )
+        conn.execute(
+            entries_table.insert(),
+            [dict(zip(("chain", "seq", "data", "nodes"), row, strict=True)) for row in entry_rows],
+        )
+        conn.execute(
+            blocks_table.insert(),
+            [
+                dict(zip(("chain", "height", "tree_size", "header", "signature"), row, strict=True))
+                for row in block_rows
+            ],
+        )
         return pending.seqs
 
     def close(self) -> None:
@@ -964,7 +1026,9 @@ class ChainWriter:
                 raise StoreError("no roster stored; initialise with: hrx ledger init")
             if roster_version != self._keyed_version:  # a new roster: is this still our key?
                 self._keyed_version = self._check_key()
-            entry_rows, block_rows, cached = self._build_blocks(batch, head, int(roster_version))
+            entry_rows, block_rows, cached = self._build_blocks(
+                batch, head, int(roster_version), partial(self._read_nodes, cursor)
+            )
             if postgres:  # inserts and COMMIT in one round trip
                 with connection.pipeline():
                     cursor.executemany(sql["entries"], entry_rows)
@@ -989,6 +1053,20 @@ class ChainWriter:
                 cursor.close()
         self._cached = cached
 
+    def _read_nodes(self, cursor: Any, wanted: list[merkle.NodeId]) -> dict[merkle.NodeId, bytes]:
+        """Merkle nodes read on the committer's own connection (inside its transaction: on
+        SQLite a second connection could not begin while this one holds the write lock)."""
+        seqs = sorted({node_seq(node) for node in wanted})
+        if not seqs:
+            return {}
+        mark = "%s" if self.store.is_postgres else "?"
+        cursor.execute(
+            f"SELECT seq, nodes FROM ledger_entries WHERE chain = {mark} "
+            f"AND seq IN ({', '.join([mark] * len(seqs))})",
+            (self.chain, *seqs),
+        )
+        return _pick_nodes(wanted, {row[0]: row[1] for row in cursor.fetchall()})
+
     def _writer_connection(self) -> Any:
         """The committer thread's own DBAPI connection, outside the pool (on PostgreSQL in
         autocommit mode, so that the writer sends BEGIN and COMMIT itself)."""
@@ -1008,7 +1086,11 @@ class ChainWriter:
             connection.close()
 
     def _build_blocks(
-        self, batch: list[_Pending], head: bytes | None, roster_version: int
+        self,
+        batch: list[_Pending],
+        head: bytes | None,
+        roster_version: int,
+        read_nodes: Callable[[list[merkle.NodeId]], dict[merkle.NodeId, bytes]],
     ) -> tuple[
         list[tuple[Any, ...]], list[tuple[Any, ...]], tuple[bytes, dict[str, Any], merkle.Frontier]
     ]:
@@ -1022,7 +1104,9 @@ class ChainWriter:
                 header, frontier = self._cached[1], self._cached[2].copy()
             else:  # first block of this writer, or another process wrote since
                 header = parse_canonical(stored)
-                frontier = self.store.frontier(self.chain, Head(header, ""))
+                stored_head = Head(header, "")
+                plan = merkle.Frontier.plan(stored_head.tree_size)
+                frontier = self.store._frontier_of(self.chain, stored_head, plan, read_nodes(plan))
             # The stored bytes are canonical (ours, or parsed as such), so they hash as the block.
             prev = hashlib.sha256(stored).hexdigest()
             height, prev_time = header["height"] + 1, header["time"]

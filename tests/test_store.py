@@ -11,7 +11,7 @@ import sqlalchemy as sa
 from ledger import keys, merkle
 from ledger.canonical import canonical_bytes
 from ledger.errors import EntryError, ProofError, StoreError
-from ledger.store import ChainStore, ChainWriter
+from ledger.store import ChainStore, ChainWriter, open_engine
 from ledger.verify import verify_database
 from tests.conftest import Ledger, make_ledger
 
@@ -105,6 +105,33 @@ def test_two_writers_on_one_chain_never_fork(ledger_db: Ledger) -> None:
         first.close()
         second.close()
     verify_database(ledger_db.store, ledger_db.authority.public_key())
+
+
+def test_append_in_a_transaction_commits_or_rolls_back_with_it(ledger_db: Ledger) -> None:
+    """A transactional append is stored only when the caller's transaction commits, and
+    interleaves with group-committed appends without forking the chain."""
+    engine = open_engine(ledger_db.url, immediate=True)
+    store = ChainStore(engine)
+    with ChainWriter(store, "hosp-a", ledger_db.key) as writer:
+        assert writer.append("access.requested", {"n": 0}) == 0
+        with engine.begin() as conn:
+            assert writer.append_in(conn, [("consent.granted", {"consent_id": "c-1"})]) == [1]
+        assert store.entry("hosp-a", 1)["body"] == {"consent_id": "c-1"}
+        with pytest.raises(RuntimeError), engine.begin() as conn:
+            writer.append_in(conn, [("consent.revoked", {"consent_id": "c-1"})])
+            raise RuntimeError("the rest of the transaction failed")
+        assert store.heads()["hosp-a"].tree_size == 2
+        assert writer.append("access.requested", {"n": 2}) == 2
+        with engine.begin() as conn:
+            assert writer.append_in(conn, [("consent.revoked", {"consent_id": "c-1"})] * 2) == [
+                3,
+                4,
+            ]
+        assert writer.append("access.requested", {"n": 5}) == 5
+        with pytest.raises(EntryError), engine.begin() as conn:
+            writer.append_in(conn, [("consent.granted", {"fee": 1.5})])
+    verify_database(ledger_db.store, ledger_db.authority.public_key())
+    engine.dispose()
 
 
 def test_proofs_verify_against_signed_heads(ledger_db: Ledger) -> None:
