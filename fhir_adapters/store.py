@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import re
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -104,6 +104,9 @@ class Stored:
         return parsed
 
 
+WriteObserver = Callable[["Writer", Stored | None, Stored], None]
+
+
 def parse_etag(value: str) -> int:
     """The version an ``If-Match`` value names: ``W/"3"`` or ``"3"`` or ``3``."""
     text = value.strip()
@@ -123,6 +126,14 @@ class ResourceStore:
         self.engine = engine
         self.write_engine = write_engine
         self.base_url = base_url.rstrip("/")
+        self.observers: dict[str, list[WriteObserver]] = {}
+
+    def observe(self, resource_type: str, observer: WriteObserver) -> None:
+        """Call ``observer(writer, before, after)`` inside every write transaction that
+        creates, updates or deletes a ``resource_type``, once the new version is written:
+        ``before`` is the version it replaces (None on create), ``after`` the new one (its
+        body None for a delete). Raising undoes the whole transaction."""
+        self.observers.setdefault(resource_type, []).append(observer)
 
     @property
     def is_postgres(self) -> bool:
@@ -591,7 +602,9 @@ class Writer:
         ).scalar_one()
         self._insert_version(res_pk, resource_type, 1, now, "POST", body)
         self._insert_index(res_pk, resource_type, rows)
-        return Stored(resource_type, resource_id, 1, now, body, "POST")
+        stored = Stored(resource_type, resource_id, 1, now, body, "POST", res_pk=res_pk)
+        self._notify(None, stored)
+        return stored
 
     def create_many_checked(self, resources: list[dict[str, Any]]) -> list[Stored]:
         """Store resources this node made itself (AuditEvents), unvalidated, with a handful of
@@ -669,11 +682,14 @@ class Writer:
             )
         now = now_micros()
         body, rows = self._prepare(resource, resource_id, version + 1, now, False)
+        before = self._observed_version(resource_type, resource_id, res_pk, version)
         self._advance(res_pk, version, version + 1, now, deleted=False)
         self._insert_version(res_pk, resource_type, version + 1, now, "PUT", body)
         self._delete_index(res_pk)
         self._insert_index(res_pk, resource_type, rows)
-        return Stored(resource_type, resource_id, version + 1, now, body, "PUT"), deleted
+        stored = Stored(resource_type, resource_id, version + 1, now, body, "PUT", res_pk=res_pk)
+        self._notify(before, stored)
+        return stored, deleted
 
     def delete(
         self, resource_type: str, resource_id: str, if_match: str | None = None
@@ -713,12 +729,32 @@ class Writer:
                 "change those first"
             )
         now = now_micros()
+        before = self._observed_version(resource_type, resource_id, res_pk, version)
         self._advance(res_pk, version, version + 1, now, deleted=True)
         self._insert_version(res_pk, resource_type, version + 1, now, "DELETE", None)
         self._delete_index(res_pk)
-        return Stored(resource_type, resource_id, version + 1, now, None, "DELETE")
+        stored = Stored(resource_type, resource_id, version + 1, now, None, "DELETE", res_pk=res_pk)
+        self._notify(before, stored)
+        return stored
 
     # -- helpers ------------------------------------------------------------------------
+
+    def _observed_version(
+        self, resource_type: str, resource_id: str, res_pk: int, version: int
+    ) -> Stored | None:
+        """The version a write replaces, when someone observes writes of its type."""
+        if resource_type not in self.store.observers:
+            return None
+        row = self.conn.execute(
+            sa.select(
+                tables.versions.c.last_updated, tables.versions.c.body, tables.versions.c.method
+            ).where(tables.versions.c.res_pk == res_pk, tables.versions.c.version == version)
+        ).one()
+        return Stored(resource_type, resource_id, version, row[0], row[1], row[2], res_pk=res_pk)
+
+    def _notify(self, before: Stored | None, after: Stored) -> None:
+        for observer in self.store.observers.get(after.type, ()):
+            observer(self, before, after)
 
     def _lock_row(self, resource_type: str, resource_id: str) -> tuple[int, int, bool] | None:
         query = sa.select(

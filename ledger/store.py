@@ -102,6 +102,20 @@ votes_table = sa.Table(
     sa.Column("checkpoint", sa.LargeBinary, nullable=False),  # what this node signed
 )
 
+# Which entries name which patient: every entry whose body has a string ``patient`` (a
+# pseudonym, DESIGN §4), indexed as it is stored, so that a patient's consents and accesses
+# are found without reading whole chains. Derived from the entries, not part of the wire
+# format; append-only like them.
+subjects_table = sa.Table(
+    "ledger_subjects",
+    metadata,
+    sa.Column("patient", sa.String(64), primary_key=True),
+    sa.Column("chain", sa.String(64), primary_key=True),
+    sa.Column("seq", sa.BigInteger, primary_key=True, autoincrement=False),
+    sa.Column("type", sa.String(64), nullable=False),
+    sqlite_with_rowid=False,
+)
+
 settings_table = sa.Table(
     "ledger_settings",
     metadata,
@@ -116,6 +130,7 @@ LEDGER_TABLES = (
     "ledger_evidence",
     "ledger_checkpoints",
     "ledger_checkpoint_votes",
+    "ledger_subjects",
 )
 DEFAULT_MAX_BLOCK_ENTRIES = 1000
 GATHER_SECONDS = 0.001  # the longest a block waits for appenders still on their way
@@ -221,6 +236,7 @@ _WRITER_SQL = {
     "entries": "INSERT INTO ledger_entries (chain, seq, data, nodes) VALUES (?, ?, ?, ?)",
     "blocks": "INSERT INTO ledger_blocks (chain, height, tree_size, header, signature) "
     "VALUES (?, ?, ?, ?, ?)",
+    "subjects": "INSERT INTO ledger_subjects (patient, chain, seq, type) VALUES (?, ?, ?, ?)",
 }
 
 
@@ -260,6 +276,26 @@ def _pick_nodes(wanted: list[merkle.NodeId], blobs: dict[int, bytes]) -> dict[me
         if blob is not None and len(blob) >= 32 * (level + 1):
             found[node] = bytes(blob[32 * level : 32 * (level + 1)])
     return found
+
+
+def subject_of(body: Any) -> str | None:
+    """The patient an entry body names (its ``patient`` field), if it names one."""
+    patient = body.get("patient") if isinstance(body, dict) else None
+    return patient if isinstance(patient, str) and 0 < len(patient) <= 64 else None
+
+
+def subject_rows(chain: str, entries: Iterable[tuple[int, bytes]]) -> list[dict[str, Any]]:
+    """Index rows for stored entry data ``(seq, canonical bytes)``; only entries that may name
+    a patient are parsed."""
+    rows = []
+    for seq, data in entries:
+        if b'"patient":' not in data:
+            continue
+        entry = parse_canonical(data)
+        patient = subject_of(entry.get("body"))
+        if patient is not None:
+            rows.append({"patient": patient, "chain": chain, "seq": seq, "type": entry["type"]})
+    return rows
 
 
 def _writer_lock_key(chain: str) -> int:
@@ -480,6 +516,9 @@ class ChainStore:
                     for c, h, t, b, g in block_rows
                 ],
             )
+            subjects = subject_rows(chain, ((q, bytes(d)) for _c, q, d, _n in entry_rows))
+            if subjects:
+                conn.execute(subjects_table.insert(), subjects)
 
     def add_evidence(self, evidence: dict[str, Any]) -> bool:
         """Store fork evidence (two validly signed headers of one chain and height); False
@@ -577,6 +616,31 @@ class ChainStore:
                 return bytes(signed) == data
             conn.execute(votes_table.insert().values(epoch=checkpoint["epoch"], checkpoint=data))
         return True
+
+    def entries_about(
+        self, patient: str, types: Sequence[str] | None = None
+    ) -> list[dict[str, Any]]:
+        """Every stored entry whose body names ``patient``, of ``types`` when given, by chain
+        and seq."""
+        self._require_schema()
+        query = (
+            sa.select(entries_table.c.data)
+            .select_from(
+                subjects_table.join(
+                    entries_table,
+                    sa.and_(
+                        entries_table.c.chain == subjects_table.c.chain,
+                        entries_table.c.seq == subjects_table.c.seq,
+                    ),
+                )
+            )
+            .where(subjects_table.c.patient == patient)
+            .order_by(subjects_table.c.chain, subjects_table.c.seq)
+        )
+        if types is not None:
+            query = query.where(subjects_table.c.type.in_(list(types)))
+        with self.engine.connect() as conn:
+            return [parse_canonical(bytes(row[0])) for row in conn.execute(query)]
 
     def entry(self, chain: str, seq: int) -> dict[str, Any]:
         self._require_schema()
@@ -934,7 +998,7 @@ class ChainWriter:
         if roster_version != self._keyed_version:
             self._keyed_version = self._check_key(conn)
         pending = _Pending(checked)
-        entry_rows, block_rows, _cached = self._build_blocks(
+        entry_rows, block_rows, subjects, _cached = self._build_blocks(
             [pending], head, int(roster_version), partial(self.store._nodes, conn, self.chain)
         )
         conn.execute(
@@ -948,6 +1012,14 @@ class ChainWriter:
                 for row in block_rows
             ],
         )
+        if subjects:
+            conn.execute(
+                subjects_table.insert(),
+                [
+                    dict(zip(("patient", "chain", "seq", "type"), row, strict=True))
+                    for row in subjects
+                ],
+            )
         return pending.seqs
 
     def close(self) -> None:
@@ -1026,17 +1098,21 @@ class ChainWriter:
                 raise StoreError("no roster stored; initialise with: hrx ledger init")
             if roster_version != self._keyed_version:  # a new roster: is this still our key?
                 self._keyed_version = self._check_key()
-            entry_rows, block_rows, cached = self._build_blocks(
+            entry_rows, block_rows, subjects, cached = self._build_blocks(
                 batch, head, int(roster_version), partial(self._read_nodes, cursor)
             )
             if postgres:  # inserts and COMMIT in one round trip
                 with connection.pipeline():
                     cursor.executemany(sql["entries"], entry_rows)
                     cursor.executemany(sql["blocks"], block_rows)
+                    if subjects:
+                        cursor.executemany(sql["subjects"], subjects)
                     cursor.execute("COMMIT")
             else:
                 cursor.executemany(sql["entries"], entry_rows)
                 cursor.executemany(sql["blocks"], block_rows)
+                if subjects:
+                    cursor.executemany(sql["subjects"], subjects)
                 connection.commit()
         except BaseException as exc:
             self._discard_connection(connection)
@@ -1092,9 +1168,13 @@ class ChainWriter:
         roster_version: int,
         read_nodes: Callable[[list[merkle.NodeId]], dict[merkle.NodeId, bytes]],
     ) -> tuple[
-        list[tuple[Any, ...]], list[tuple[Any, ...]], tuple[bytes, dict[str, Any], merkle.Frontier]
+        list[tuple[Any, ...]],
+        list[tuple[Any, ...]],
+        list[tuple[Any, ...]],
+        tuple[bytes, dict[str, Any], merkle.Frontier],
     ]:
-        """The entry and block rows for a batch on top of the stored head, and the new head."""
+        """The entry, block and subject rows for a batch on top of the stored head, and the
+        new head."""
         if head is None:
             frontier = merkle.Frontier()
             height, prev, prev_time = 0, ZERO_HASH, ""
@@ -1113,6 +1193,7 @@ class ChainWriter:
         items = [(item, pending) for pending in batch for item in pending.items]
         entry_rows: list[tuple[Any, ...]] = []
         block_rows: list[tuple[Any, ...]] = []
+        subjects: list[tuple[Any, ...]] = []
         for start in range(0, len(items), self.max_block_entries):
             chunk = items[start : start + self.max_block_entries]
             first_seq = frontier.size
@@ -1130,6 +1211,9 @@ class ChainWriter:
                 data = canonical_bytes_of_checked(entry)
                 completed = frontier.append(merkle.leaf_hash(data))
                 entry_rows.append((self.chain, seq, data, b"".join(completed)))
+                patient = subject_of(body)
+                if patient is not None:
+                    subjects.append((patient, self.chain, seq, entry_type))
                 pending.seqs.append(seq)
                 block_time = max(block_time, time_)
             header = make_header(
@@ -1148,4 +1232,4 @@ class ChainWriter:
             signature = keys.sign(self.key, keys.BLOCK_DOMAIN, digest)
             block_rows.append((self.chain, height, frontier.size, header_bytes, signature))
             height, prev, prev_time = height + 1, digest.hex(), block_time
-        return entry_rows, block_rows, (block_rows[-1][3], header, frontier)
+        return entry_rows, block_rows, subjects, (block_rows[-1][3], header, frontier)

@@ -8,7 +8,8 @@ role allows:
 
 - doctor and admin: create, read, update, delete and search every type but AuditEvent;
 - auditor: read and search every type, AuditEvent included; never writes;
-- patient: read and search, only inside the compartment of the patient the user stands for.
+- patient: read and search, only inside the compartment of the patient the user stands for;
+  create and update their own privacy consents (:mod:`node.consents`).
 
 AuditEvents are written by the node alone. A token stops working when it expires, when its
 user is disabled, or when its signature or claims do not check; the reason goes back as a
@@ -48,7 +49,7 @@ DEFAULT_SCOPES = {
     "doctor": "user/*.cruds",
     "admin": "user/*.cruds",
     "auditor": "user/*.rs",
-    "patient": "patient/*.rs",
+    "patient": "patient/*.rs patient/Consent.cu",
 }
 
 
@@ -57,6 +58,8 @@ def role_allows(role: str, resource_type: str, action: str) -> bool:
         return action in "rs" and role in ("auditor", "patient")
     if role in ("doctor", "admin"):
         return True
+    if role == "patient" and resource_type == "Consent":
+        return action in "crus"  # their own privacy consents (node.consents)
     return action in "rs"
 
 

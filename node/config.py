@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from consent.pseudonym import RESIDENT_ID_SYSTEM
 from node.errors import ConfigError
 
 CONFIG_FILE = "node.toml"
@@ -29,9 +30,12 @@ SCHEMA: dict[str, dict[str, tuple[type, Any]]] = {
         "ed25519": (str, "keys/node.pem"),
         "bls": (str, "keys/node.bls"),
         "token": (str, "keys/token.pem"),
+        "consortium": (str, "keys/consortium.key"),
     },
     "tokens": {"ttl": (int, 3600), "max_ttl": (int, 86400)},
     "audit": {"flush_ms": (int, 20)},
+    # every member must match patients by the same identifier system (DESIGN §4)
+    "consent": {"identifier_system": (str, RESIDENT_ID_SYSTEM)},
     "checkpoints": {
         "epoch_seconds": (int, 30),
         "epoch_blocks": (int, 1000),
@@ -52,9 +56,11 @@ class NodeConfig:
     ed25519_key: Path
     bls_key: Path
     token_key: Path
+    consortium_key: Path  # the pseudonym secret, written by hrx node join
     token_ttl: int
     token_max_ttl: int
     audit_flush_ms: int
+    identifier_system: str  # the patient identifier pseudonyms are made of
     epoch_seconds: int  # certify at least this often while chains grow
     epoch_blocks: int  # or as soon as this many new blocks wait
     slot_seconds: int  # proposers take turns, a slot each
@@ -138,9 +144,11 @@ def load_config(directory: Path, environ: Mapping[str, str] | None = None) -> No
         ed25519_key=resolve(values["keys_ed25519"]),
         bls_key=resolve(values["keys_bls"]),
         token_key=resolve(values["keys_token"]),
+        consortium_key=resolve(values["keys_consortium"]),
         token_ttl=values["tokens_ttl"],
         token_max_ttl=values["tokens_max_ttl"],
         audit_flush_ms=values["audit_flush_ms"],
+        identifier_system=values["consent_identifier_system"],
         epoch_seconds=values["checkpoints_epoch_seconds"],
         epoch_blocks=values["checkpoints_epoch_blocks"],
         slot_seconds=values["checkpoints_slot_seconds"],

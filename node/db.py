@@ -23,6 +23,7 @@ from ledger.store import metadata as ledger_metadata
 from ledger.store import open_engine
 from node.errors import ConfigError
 from node.peer_auth import metadata as peer_metadata
+from node.sessions import metadata as sessions_metadata
 from node.users import metadata as users_metadata
 
 MIGRATIONS = Path(__file__).with_name("migrations")
@@ -31,6 +32,7 @@ MODEL_METADATA = [
     fhir_metadata,
     users_metadata,
     peer_metadata,
+    sessions_metadata,
 ]  # what the migrations build
 
 

@@ -88,6 +88,7 @@ def authenticate() -> Principal:
             if header:  # a token was presented and refused: worth an audit record
                 _audit_refusal(None, "login", str(exc))
             raise
+        g.actor = current.principal  # who writes, for what the store's observers record
     return current.principal
 
 

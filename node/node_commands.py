@@ -329,7 +329,7 @@ def node_join(
     with reported():
         config = load_config(directory)
         roster, signature = read_roster_file(roster_path)
-        secret_file = directory / "keys" / "consortium.key"
+        secret_file = config.consortium_key
         if secret_path is not None:
             read_secret(secret_path)
         elif not secret_file.exists():

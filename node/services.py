@@ -13,6 +13,7 @@ from ledger.store import ChainStore
 from node.audit import AuditTrail
 from node.auth import TokenAuthority
 from node.config import NodeConfig
+from node.consents import ConsentRecorder
 from node.db import Database, open_database, require_current
 from node.users import get_user
 
@@ -26,9 +27,11 @@ class Services:
     audit: AuditTrail
     chain_store: ChainStore  # reads
     chain_writes: ChainStore  # what the node records itself: votes, certificates, evidence
+    consents: ConsentRecorder
 
     def close(self) -> None:
         self.audit.close()
+        self.consents.close()
         self.database.close()
 
 
@@ -45,4 +48,6 @@ def open_services(config: NodeConfig, *, check_schema: bool = True) -> Services:
     audit = AuditTrail(store, config.node_id, config.name, config.audit_flush_ms)
     chain_store = ChainStore(database.engine)
     chain_writes = ChainStore(database.write_engine)  # on SQLite: the write lock up front
-    return Services(config, database, store, tokens, audit, chain_store, chain_writes)
+    consents = ConsentRecorder(config, chain_store)
+    store.observe("Consent", consents.on_write)
+    return Services(config, database, store, tokens, audit, chain_store, chain_writes, consents)

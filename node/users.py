@@ -112,6 +112,20 @@ def set_active(engine: Engine, username: str, active: bool) -> None:
         raise UserError(f"no user {username!r}")
 
 
+def set_password(engine: Engine, username: str, password: str) -> None:
+    """A new password (which also lifts a lock)."""
+    if len(password) < 8:
+        raise UserError("a password must have at least 8 characters")
+    with engine.begin() as conn:
+        result = conn.execute(
+            users_table.update()
+            .where(users_table.c.username == username)
+            .values(password_hash=_hasher.hash(password), failed_logins=0, locked_until=0)
+        )
+    if result.rowcount != 1:
+        raise UserError(f"no user {username!r}")
+
+
 def check_password(engine: Engine, username: str, password: str) -> User | None:
     """The user, when the password is right and the account is neither disabled nor locked.
 

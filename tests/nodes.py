@@ -41,8 +41,49 @@ def init_node(directory: Path, node_id: str, db_url: str | None, port: int) -> N
     args += ["--port", str(port)]
     if db_url:
         args += ["--db", db_url]
-    result = CliRunner().invoke(main, args)
+    hrx(*args)
+
+
+def hrx(*args: str) -> str:
+    result = CliRunner().invoke(main, list(args))
     assert result.exit_code == 0, result.output
+    return result.output
+
+
+def join_alone(directory: Path) -> None:
+    """Make an initialised node the one member of a consortium of its own (its authority
+    key and pseudonym secret beside its directory), as ``hrx node join`` does for real."""
+    root = directory.parent
+    authority_key = root / f"{directory.name}-authority.pem"
+    secret = root / f"{directory.name}-consortium.key"
+    roster = root / f"{directory.name}-roster.json"
+    hrx("consortium", "secret", "--out", str(secret))
+    hrx(
+        "consortium",
+        "roster",
+        "--authority-key",
+        str(authority_key),
+        "--quorum",
+        "1",
+        "--consortium",
+        "hrx-test",
+        "--out",
+        str(roster),
+        str(directory / "enrollment.json"),
+    )
+    authority = keys.public_key_text(keys.load_private_key(authority_key))
+    hrx(
+        "node",
+        "join",
+        "--dir",
+        str(directory),
+        "--roster",
+        str(roster),
+        "--secret",
+        str(secret),
+        "--authority",
+        authority,
+    )
 
 
 @dataclass
@@ -129,10 +170,14 @@ def running_node(
     node_id: str = "hosp-a",
     gunicorn_workers: int = 0,
     env: dict[str, str] | None = None,
+    joined: bool = True,
 ) -> Iterator[Node]:
-    """A node, initialised and served; stopped (and its process reaped) afterwards."""
+    """A node, initialised (and, unless ``joined`` is False, the one member of a consortium of
+    its own) and served; stopped (and its process reaped) afterwards."""
     port = free_port()
     init_node(directory, node_id, db_url, port)
+    if joined:
+        join_alone(directory)
     with serving(directory, port, gunicorn_workers=gunicorn_workers, env=env) as node:
         yield node
 

@@ -13,7 +13,8 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from click.testing import CliRunner, Result
 
-from ledger.store import ChainStore
+from ledger.canonical import canonical_bytes
+from ledger.store import ChainStore, entries_table, subjects_table
 from node.cli import main
 from node.config import load_config
 from node.db import MODEL_METADATA, current_revision, head_revision, open_database
@@ -200,17 +201,42 @@ def test_upgrade_applies_pending_migrations(node_dir: Path) -> None:
     try:
         with database.write_engine.begin() as conn:
             conn.execute(sa.text("DROP TABLE peer_nonces"))
-            for table in ("ledger_evidence", "ledger_checkpoints", "ledger_checkpoint_votes"):
+            for table in (
+                "ledger_evidence",
+                "ledger_checkpoints",
+                "ledger_checkpoint_votes",
+                "ledger_subjects",
+                "portal_sessions",
+                "portal_enrollments",
+            ):
                 conn.execute(sa.text(f"DROP TABLE {table}"))
             conn.execute(sa.text("UPDATE alembic_version SET version_num = '0001'"))
+            # an entry stored before the patient index existed: the upgrade indexes it
+            entry = {
+                "v": 1,
+                "chain": "hosp-a",
+                "seq": 0,
+                "time": "2026-11-25T00:00:00.000Z",
+                "type": "consent.revoked",
+                "body": {"consent_id": "c1", "patient": "f" * 64},
+            }
+            conn.execute(
+                entries_table.insert().values(
+                    chain="hosp-a", seq=0, data=canonical_bytes(entry), nodes=b""
+                )
+            )
     finally:
         database.close()
     result = hrx("node", "upgrade", "--dir", str(node_dir))
-    assert result.exit_code == 0 and "from revision 0001 to 0004" in result.output, result.output
+    assert result.exit_code == 0 and "from revision 0001 to 0005" in result.output, result.output
     database = open_database(config.database_url)
     try:
-        assert current_revision(database.engine) == head_revision() == "0004"
+        assert current_revision(database.engine) == head_revision() == "0005"
         assert sa.inspect(database.engine).has_table("peer_nonces")
         assert sa.inspect(database.engine).has_table("ledger_evidence")
+        with database.engine.connect() as conn:
+            assert conn.execute(sa.select(subjects_table)).all() == [
+                ("f" * 64, "hosp-a", 0, "consent.revoked")
+            ]
     finally:
         database.close()

@@ -134,6 +134,44 @@ def test_append_in_a_transaction_commits_or_rolls_back_with_it(ledger_db: Ledger
     engine.dispose()
 
 
+def test_entries_are_indexed_by_the_patient_they_name(ledger_db: Ledger, tmp_path: Path) -> None:
+    """Group-committed, transactional and replicated entries all land in the patient index."""
+    alice, bob = "a" * 64, "b" * 64
+    engine = open_engine(ledger_db.url, immediate=True)
+    with ChainWriter(ChainStore(engine), "hosp-a", ledger_db.key) as writer:
+        writer.append_many(
+            [
+                ("consent.granted", {"consent_id": "c1", "patient": alice}),
+                ("access.requested", {"request_id": "r1", "patient": bob}),
+                ("access.decided", {"request_id": "r1", "patient": 7}),  # not a pseudonym
+                ("checkpoint.note", {"n": 1}),
+            ]
+        )
+        with engine.begin() as conn:
+            writer.append_in(conn, [("consent.revoked", {"consent_id": "c1", "patient": alice})])
+    engine.dispose()
+    about_alice = ledger_db.store.entries_about(alice)
+    assert [(e["seq"], e["type"]) for e in about_alice] == [
+        (0, "consent.granted"),
+        (4, "consent.revoked"),
+    ]
+    assert [e["seq"] for e in ledger_db.store.entries_about(alice, ["consent.revoked"])] == [4]
+    assert [e["seq"] for e in ledger_db.store.entries_about(bob)] == [1]
+    # a replica imports the blocks and indexes them the same way
+    replica = make_ledger(f"sqlite:///{tmp_path / 'replica.db'}", tmp_path / "replica")
+    replica.store.import_blocks(
+        "hosp-a",
+        "0" * 64,
+        [
+            (bytes(b.header_bytes), b.signature, b.entry_data, b.entry_nodes)
+            for b in ledger_db.store.block_rows("hosp-a")
+        ],
+    )
+    assert replica.store.entries_about(alice) == about_alice
+    with pytest.raises(sa.exc.DBAPIError), ledger_db.store.engine.begin() as conn:
+        conn.execute(sa.text("DELETE FROM ledger_subjects"))
+
+
 def test_proofs_verify_against_signed_heads(ledger_db: Ledger) -> None:
     store = ledger_db.store
     with ChainWriter(store, "hosp-a", ledger_db.key) as writer:
