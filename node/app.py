@@ -2,8 +2,9 @@
 
 ``create_app(directory)`` reads the node's configuration (``node.toml`` plus ``HRX_*``
 environment overrides), opens its database (refusing one whose schema is behind: run
-``hrx node upgrade``), and registers the blueprints: health, token issuing, FHIR.
-For gunicorn, :mod:`node.wsgi` builds the app from ``HRX_NODE_DIR``.
+``hrx node upgrade``), and registers the blueprints: health, token issuing, FHIR, the
+ledger's read API, node-to-node calls, and the patient portal. For gunicorn,
+:mod:`node.wsgi` builds the app from ``HRX_NODE_DIR``.
 """
 
 from __future__ import annotations
@@ -28,11 +29,20 @@ def create_app(directory: str | Path) -> Flask:
     app.extensions["hrx"] = services
     atexit.register(services.close)
 
-    from node import auth_api, fhir_api, health, ledger_api, peer_api
+    if config.trusted_proxies:  # TLS ends at a proxy: believe its X-Forwarded-* headers
+        from werkzeug.middleware.proxy_fix import ProxyFix
+
+        hops = config.trusted_proxies
+        app.wsgi_app = ProxyFix(  # type: ignore[method-assign]
+            app.wsgi_app, x_for=hops, x_proto=hops, x_host=hops, x_port=hops
+        )
+
+    from node import auth_api, fhir_api, health, ledger_api, peer_api, portal
 
     app.register_blueprint(health.bp)
     app.register_blueprint(auth_api.bp)
     app.register_blueprint(fhir_api.bp)
     app.register_blueprint(ledger_api.bp)
     app.register_blueprint(peer_api.bp)
+    app.register_blueprint(portal.bp)
     return app

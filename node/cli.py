@@ -1,7 +1,8 @@
 """The ``hrx`` command line: ledger administration, the offline auditor, and the demo.
 
 Every command reports a problem as one line naming it and what to do next, and exits non-zero;
-``hrx audit verify`` exits 0 with a summary when the ledger is valid and 1 with the first fault.
+``hrx audit verify`` exits 0 with a summary when the ledger is valid and 1 with the first fault;
+``hrx audit receipt`` does the same for one entry's receipt from the patient portal.
 """
 
 from __future__ import annotations
@@ -298,6 +299,38 @@ def audit_verify(target: str, authority: str | None, token: str | None) -> None:
         except VerificationError as exc:
             fail(f"INVALID: {exc}")
     print_summary(summary)
+
+
+@audit.command("receipt")
+@click.argument("receipt_file", type=click.Path(dir_okay=False, path_type=Path))
+@click.option(
+    "--authority",
+    default=None,
+    help="The consortium authority's public key (base64url) or key file: the trust anchor.",
+)
+def audit_receipt(receipt_file: Path, authority: str | None) -> None:
+    """Verify a receipt (from the patient portal) offline and say what it proves.
+
+    Exit 0 when it holds, 1 naming what does not."""
+    from ledger.receipt import verify_receipt
+
+    try:
+        anchor = keys.load_public_key(authority) if authority else None
+    except LedgerError as exc:
+        fail(f"--authority: {exc}", 2)
+    with reported():
+        try:
+            receipt = parse_json(receipt_file.read_bytes())
+        except OSError as exc:
+            fail(f"{receipt_file}: {exc.strerror}")
+        except LedgerError as exc:
+            fail(f"{receipt_file} is not a receipt: {exc}")
+        try:
+            summary = verify_receipt(receipt, anchor)
+        except VerificationError as exc:
+            fail(f"INVALID: {exc}")
+    out.print("VALID receipt")
+    out.print(summary.describe(), highlight=False)
 
 
 def print_summary(summary: Summary) -> None:

@@ -24,7 +24,8 @@ CONFIG_FILE = "node.toml"
 # section -> key -> (type, default); None: required
 SCHEMA: dict[str, dict[str, tuple[type, Any]]] = {
     "node": {"id": (str, None), "name": (str, None), "url": (str, None)},
-    "server": {"host": (str, "127.0.0.1"), "port": (int, 8080)},
+    # trusted_proxies: how many proxies in front (TLS ends there) set X-Forwarded-* headers
+    "server": {"host": (str, "127.0.0.1"), "port": (int, 8080), "trusted_proxies": (int, 0)},
     "database": {"url": (str, None)},
     "keys": {
         "ed25519": (str, "keys/node.pem"),
@@ -52,6 +53,7 @@ class NodeConfig:
     url: str  # the node's public base URL (its FHIR base is url + "/fhir")
     host: str
     port: int
+    trusted_proxies: int
     database_url: str
     ed25519_key: Path
     bls_key: Path
@@ -118,6 +120,8 @@ def load_config(directory: Path, environ: Mapping[str, str] | None = None) -> No
             values[f"{section}_{key}"] = value
     if not 0 < values["server_port"] < 65536:
         raise ConfigError(f"server.port {values['server_port']} is not a TCP port")
+    if values["server_trusted_proxies"] < 0:
+        raise ConfigError("server.trusted_proxies cannot be negative")
     for name in (
         "tokens_ttl",
         "tokens_max_ttl",
@@ -140,6 +144,7 @@ def load_config(directory: Path, environ: Mapping[str, str] | None = None) -> No
         url=values["node_url"].rstrip("/"),
         host=values["server_host"],
         port=values["server_port"],
+        trusted_proxies=values["server_trusted_proxies"],
         database_url=_database_url(values["database_url"], directory),
         ed25519_key=resolve(values["keys_ed25519"]),
         bls_key=resolve(values["keys_bls"]),

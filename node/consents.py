@@ -123,15 +123,23 @@ class ConsentRecorder:
             raise Unprocessable(
                 f"Patient/{patient_id} is not known here", expression="Consent.patient"
             ) from None
+        found = self.pseudonym_of(patient)
+        if found is not None:
+            return found
         system = self.config.identifier_system
-        for identifier in patient.get("identifier", []):
-            if identifier.get("system") == system and str(identifier.get("value", "")).strip():
-                return pseudonym(self.secret(), system, identifier["value"])
         raise Unprocessable(
             f"Patient/{patient_id} has no identifier of system {system}, which the consortium "
             "matches patients by; add it to the Patient before recording a privacy consent",
             expression="Consent.patient",
         )
+
+    def pseudonym_of(self, patient: dict[str, Any]) -> str | None:
+        """The pseudonym of a Patient resource, None when it lacks the consortium's identifier."""
+        system = self.config.identifier_system
+        for identifier in patient.get("identifier", []):
+            if identifier.get("system") == system and str(identifier.get("value", "")).strip():
+                return pseudonym(self.secret(), system, identifier["value"])
+        return None
 
     # -- the observer -----------------------------------------------------------------------
 

@@ -196,6 +196,48 @@ def token_issue(directory: Path, username: str, scope: str | None, ttl: int | No
     click.echo(token)
 
 
+@click.group("patient")
+def patient_group() -> None:
+    """What hospital staff do for patients: let them into the portal."""
+
+
+@patient_group.command("enroll")
+@DIR_OPTION
+@click.option("--patient", "patient_id", required=True, help="The Patient resource's id.")
+@click.option(
+    "--days", default=7, show_default=True, type=click.IntRange(1, 30), help="Days the code works."
+)
+def patient_enroll(directory: Path, patient_id: str, days: int) -> None:
+    """Print an enrollment code for the patient portal (once; it works once).
+
+    The patient sets a username and password with it at /portal/enroll; a patient who already
+    has an account gets a new password with it instead."""
+    from fhir_adapters.store import ResourceStore
+    from node.sessions import issue_enrollment
+
+    with reported():
+        config = load_config(directory)
+        database = open_database(config.database_url)
+        try:
+            patient = (
+                ResourceStore(database.engine, database.write_engine)
+                .read("Patient", patient_id)
+                .resource()
+            )
+            code = issue_enrollment(database.write_engine, patient_id, seconds=days * 86400)
+        finally:
+            database.close()
+    system = config.identifier_system
+    if not any(i.get("system") == system for i in patient.get("identifier", [])):
+        err.print(
+            f"[yellow]warning:[/] Patient/{patient_id} has no identifier of {system}: the "
+            "patient can sign in, but cannot grant consent until it is added"
+        )
+    out.print(f"enrollment code for Patient/{patient_id} (valid {days} days, once):")
+    click.echo(code)
+    out.print(f"the patient enrolls at {config.url}/portal/enroll")
+
+
 @click.group("consortium")
 def consortium_group() -> None:
     """What the consortium authority does: sign rosters, make the pseudonym secret."""
@@ -389,5 +431,5 @@ def node_replicate(directory: Path, interval: float, once: bool) -> None:
 
 
 def register(main: click.Group) -> None:
-    for group in (node_group, user_group, token_group, consortium_group):
+    for group in (node_group, user_group, token_group, patient_group, consortium_group):
         main.add_command(group)

@@ -375,6 +375,8 @@ def imaging_study_json(patient_id: str, request_id: str, practitioner_id: str) -
 
 
 def consent_json(patient_id: str, organization_id: str, report_id: str) -> dict[str, Any]:
+    """A treatment consent with every kind of provision (a privacy consent for the exchange
+    could not carry action and data: tests/test_consent_api.py)."""
     return {
         "resourceType": "Consent",
         "status": "active",
@@ -382,8 +384,8 @@ def consent_json(patient_id: str, organization_id: str, report_id: str) -> dict[
             "coding": [
                 {
                     "system": "http://terminology.hl7.org/CodeSystem/consentscope",
-                    "code": "patient-privacy",
-                    "display": "Privacy Consent",
+                    "code": "treatment",
+                    "display": "Treatment",
                 }
             ]
         },
@@ -1132,7 +1134,7 @@ def test_fhirclient_models_parse_every_resource_strictly(node: Node, world: Worl
         assert MODELS[resource_type](read, strict=True).as_json() == read
 
     agreement = consent.Consent(auditor.get(f"{node.fhir}/Consent/{world.consent}").json())
-    assert agreement.scope.coding[0].code == "patient-privacy"
+    assert agreement.scope.coding[0].code == "treatment"
     assert agreement.category[0].coding[0].code == "59284-0"
     assert agreement.provision.type == "permit"
     assert agreement.provision.data[0].reference.reference == f"DiagnosticReport/{world.report}"

@@ -1,0 +1,135 @@
+"""The patient portal's words, in Simplified Chinese (the default) and English.
+
+Templates call ``t("key")``; a key missing from a language falls back to Chinese, and a key
+missing altogether is an error the tests catch (``test_portal`` renders every page in both).
+"""
+
+from __future__ import annotations
+
+LANGUAGES = ("zh", "en")
+HTML_LANG = {"zh": "zh-CN", "en": "en"}
+
+TEXT: dict[str, dict[str, str]] = {
+    "portal": {"zh": "患者门户", "en": "Patient portal"},
+    "switch_language": {"zh": "English", "en": "中文"},
+    "sign_in": {"zh": "登录", "en": "Sign in"},
+    "sign_out": {"zh": "退出登录", "en": "Sign out"},
+    "username": {"zh": "用户名", "en": "Username"},
+    "password": {"zh": "密码", "en": "Password"},
+    "password_again": {"zh": "再次输入密码", "en": "Password again"},
+    "enroll": {"zh": "开通账户", "en": "Set up your account"},
+    "enroll_intro": {
+        "zh": "请输入医院工作人员交给您的开通码，并设置用户名和密码（至少 8 位）。",
+        "en": "Enter the enrollment code hospital staff gave you, and choose a username and a "
+        "password (at least 8 characters).",
+    },
+    "enroll_link": {"zh": "第一次使用？用开通码开通账户", "en": "First time? Set up your account"},
+    "enrollment_code": {"zh": "开通码", "en": "Enrollment code"},
+    "enrolled": {"zh": "账户已开通，请登录。", "en": "Your account is ready. Please sign in."},
+    "passwords_differ": {"zh": "两次输入的密码不一致。", "en": "The two passwords differ."},
+    "sign_in_failed": {
+        "zh": "用户名或密码错误，或账户已被暂时锁定（连续输错 5 次后锁定 15 分钟）。",
+        "en": "Wrong username or password, or the account is locked for a while (15 minutes "
+        "after 5 wrong passwords).",
+    },
+    "form_expired": {
+        "zh": "表单已失效或并非来自本站，请刷新页面后重试。",
+        "en": "The form has expired or did not come from this site; reload the page and try again.",
+    },
+    "signed_out": {"zh": "您已退出登录。", "en": "You have signed out."},
+    "my_consents": {"zh": "我的授权", "en": "My consents"},
+    "who_accessed": {"zh": "谁查看了我的记录", "en": "Who accessed my records"},
+    "consents_intro": {
+        "zh": "您决定哪些医院可以在转诊时查看您在本院的哪些记录。未经授权，其他医院看不到您的记录"
+        "（急诊抢救除外，且会被记录并告知您）。",
+        "en": "You decide which hospitals may see which of your records here when you are "
+        "referred. Without your consent no other hospital sees them (except in an emergency, "
+        "which is recorded and shown to you).",
+    },
+    "no_consents": {"zh": "您还没有授权。", "en": "You have not granted any consent."},
+    "grant_new": {"zh": "新增授权", "en": "Grant a new consent"},
+    "edit_consent": {"zh": "修改授权", "en": "Change this consent"},
+    "hospitals": {"zh": "医院", "en": "Hospitals"},
+    "all_members": {"zh": "医联体内所有医院", "en": "Every hospital of the consortium"},
+    "categories": {"zh": "记录类别", "en": "Kinds of records"},
+    "purposes": {"zh": "用途", "en": "Purposes"},
+    "valid_from": {"zh": "生效日期", "en": "From"},
+    "valid_to": {"zh": "截止日期（可不填）", "en": "Until (optional)"},
+    "open_ended": {"zh": "长期有效", "en": "no end date"},
+    "save": {"zh": "保存", "en": "Save"},
+    "grant": {"zh": "授权", "en": "Grant"},
+    "revoke": {"zh": "撤销授权", "en": "Revoke"},
+    "revoked_on": {"zh": "已撤销", "en": "revoked"},
+    "status_active": {"zh": "有效", "en": "active"},
+    "status_inactive": {"zh": "已撤销", "en": "revoked"},
+    "status_draft": {"zh": "草稿", "en": "draft"},
+    "status_proposed": {"zh": "待确认", "en": "proposed"},
+    "status_rejected": {"zh": "已拒绝", "en": "rejected"},
+    "status_entered-in-error": {"zh": "录入错误", "en": "entered in error"},
+    "recorded_at": {"zh": "登记于", "en": "recorded at"},
+    "recorded_elsewhere": {
+        "zh": "在其他医院登记的授权（来自医联体账本）",
+        "en": "Consents recorded at other hospitals (from the consortium ledger)",
+    },
+    "receipt": {"zh": "凭证", "en": "Receipt"},
+    "receipt_help": {
+        "zh": "凭证可离线验证：hrx audit receipt 凭证文件",
+        "en": "Receipts can be verified offline: hrx audit receipt FILE",
+    },
+    "choose_one": {
+        "zh": "请至少选择一家医院、一个记录类别和一种用途。",
+        "en": "Choose at least one hospital, one kind of record and one purpose.",
+    },
+    "bad_date": {"zh": "日期格式应为 年-月-日。", "en": "Dates are written year-month-day."},
+    "saved": {
+        "zh": "已保存，并已记入医联体账本。",
+        "en": "Saved and recorded on the consortium ledger.",
+    },
+    "revoked": {
+        "zh": "授权已撤销，并已记入医联体账本。",
+        "en": "Consent revoked and recorded on the consortium ledger.",
+    },
+    "changed_meanwhile": {
+        "zh": "该授权已在别处被修改，请查看最新内容后再操作。",
+        "en": "This consent was changed meanwhile; look at it again before changing it.",
+    },
+    "cross_institution": {
+        "zh": "其他医院的调阅（来自医联体账本）",
+        "en": "Other hospitals (from the consortium ledger)",
+    },
+    "local_reads": {"zh": "本院的查看记录", "en": "Within this hospital"},
+    "no_accesses": {"zh": "暂无记录。", "en": "None so far."},
+    "when": {"zh": "时间", "en": "When"},
+    "who": {"zh": "谁", "en": "Who"},
+    "what": {"zh": "内容", "en": "What"},
+    "decision": {"zh": "结果", "en": "Decision"},
+    "permit": {"zh": "允许", "en": "permitted"},
+    "deny": {"zh": "拒绝", "en": "denied"},
+    "break_glass": {"zh": "急诊紧急调阅", "en": "Emergency (break-glass) access"},
+    "requested": {"zh": "已申请", "en": "requested"},
+    "action_R": {"zh": "查看", "en": "read"},
+    "action_C": {"zh": "新建", "en": "created"},
+    "action_U": {"zh": "修改", "en": "changed"},
+    "action_D": {"zh": "删除", "en": "deleted"},
+    "action_E": {"zh": "操作", "en": "used"},
+    "outcome_refused": {"zh": "被拒绝", "en": "refused"},
+    "not_found": {"zh": "找不到该页面。", "en": "This page does not exist."},
+    "error": {"zh": "出错了", "en": "Something went wrong"},
+    "back": {"zh": "返回", "en": "Back"},
+    "cat_laboratory": {"zh": "检验结果", "en": "Laboratory results"},
+    "cat_imaging": {"zh": "影像检查", "en": "Imaging"},
+    "cat_vital-signs": {"zh": "生命体征", "en": "Vital signs"},
+    "cat_procedure": {"zh": "手术与操作", "en": "Procedures"},
+    "cat_exam": {"zh": "体格检查", "en": "Physical examination"},
+    "cat_therapy": {"zh": "治疗", "en": "Therapy"},
+    "cat_social-history": {"zh": "个人史", "en": "Social history"},
+    "cat_survey": {"zh": "量表评估", "en": "Assessments"},
+    "cat_activity": {"zh": "日常活动", "en": "Activity"},
+    "purpose_TREAT": {"zh": "诊疗", "en": "Treatment"},
+    "purpose_ETREAT": {"zh": "急诊抢救", "en": "Emergency treatment"},
+}
+
+
+def translate(language: str, key: str) -> str:
+    entry = TEXT[key]
+    return entry.get(language) or entry["zh"]

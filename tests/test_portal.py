@@ -1,0 +1,298 @@
+"""The patient portal over real HTTP, on both engines: enrollment, sign-in, consents, accesses,
+receipts, and its defences (CSRF, lockout, isolation between patients, cookie flags)."""
+
+from __future__ import annotations
+
+import re
+import uuid
+from http.cookies import SimpleCookie
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+
+from consent.pseudonym import RESIDENT_ID_SYSTEM
+from ledger import keys
+from ledger.receipt import verify_receipt
+from tests.nodes import Node, hrx, post, running_node
+
+pytestmark = pytest.mark.usefixtures("node")
+PASSWORD = "correct horse 42"
+
+
+def csrf_of(page: requests.Response) -> str:
+    match = re.search(r'name="csrf_token" value="([^"]+)"', page.text)
+    assert match, page.text[:500]
+    return match.group(1)
+
+
+def new_patient(node: Node, *, resident_id: bool = True) -> str:
+    patient: dict[str, Any] = {
+        "resourceType": "Patient",
+        "name": [{"family": "李", "given": ["四"]}],
+    }
+    if resident_id:
+        value = "3301" + str(uuid.uuid4().int)[:14]
+        patient["identifier"] = [{"system": RESIDENT_ID_SYSTEM, "value": value}]
+    created = post(node.session(), f"{node.fhir}/Patient", patient)
+    assert created.status_code == 201, created.text
+    return str(created.json()["id"])
+
+
+def enroll(node: Node, patient_id: str, username: str | None = None) -> requests.Session:
+    """A browser-like session of a patient who enrolled with a code and signed in."""
+    output = hrx("patient", "enroll", "--dir", str(node.directory), "--patient", patient_id)
+    code = re.search(r"[A-Z2-9]{4}-[A-Z2-9]{4}-[A-Z2-9]{4}-[A-Z2-9]{4}", output)
+    assert code, output
+    browser = requests.Session()
+    form = browser.get(f"{node.base}/portal/enroll")
+    username = username or f"p{uuid.uuid4().hex[:10]}"
+    answer = browser.post(
+        f"{node.base}/portal/enroll",
+        data={
+            "csrf_token": csrf_of(form),
+            "code": code.group(0).lower(),  # codes are read out loud: case and dashes do not matter
+            "username": username,
+            "password": PASSWORD,
+            "password_again": PASSWORD,
+        },
+    )
+    assert answer.status_code == 200 and "/portal/signin" in answer.url, answer.text[:500]
+    sign_in(node, browser, username, PASSWORD)
+    browser.username = username  # type: ignore[attr-defined]
+    return browser
+
+
+def sign_in(
+    node: Node, browser: requests.Session, username: str, password: str
+) -> requests.Response:
+    form = browser.get(f"{node.base}/portal/signin")
+    return browser.post(
+        f"{node.base}/portal/signin",
+        data={"csrf_token": csrf_of(form), "username": username, "password": password},
+    )
+
+
+def grant(node: Node, browser: requests.Session, **fields: Any) -> requests.Response:
+    page = browser.get(f"{node.base}/portal/consents")
+    data = {
+        "csrf_token": csrf_of(page),
+        "grantee": ["*"],
+        "category": ["laboratory", "imaging"],
+        "purpose": ["TREAT"],
+        "start": "2026-01-01",
+        "end": "",
+        **fields,
+    }
+    return browser.post(f"{node.base}/portal/consents", data=data)
+
+
+def consent_ids(page: requests.Response) -> list[str]:
+    return re.findall(r'id="consent-([A-Za-z0-9.\-]+)"', page.text)
+
+
+def test_enroll_sign_in_grant_narrow_and_revoke(node: Node) -> None:
+    patient_id = new_patient(node)
+    browser = enroll(node, patient_id)
+    page = browser.get(f"{node.base}/portal/consents")
+    assert page.status_code == 200
+    assert '<html lang="zh-CN">' in page.text and "我的授权" in page.text
+    answer = grant(node, browser)
+    assert answer.status_code == 200 and "已记入医联体账本" in answer.text
+    (consent_id,) = consent_ids(answer)
+    consent = node.session().get(f"{node.fhir}/Consent/{consent_id}").json()
+    assert consent["patient"]["reference"] == f"Patient/{patient_id}"
+    assert consent["status"] == "active"
+    receipts = re.findall(r'href="(/portal/receipts/[^"]+)"', answer.text)
+    assert len(receipts) == 1
+    # narrow it to laboratory results only
+    edit = browser.get(f"{node.base}/portal/consents/{consent_id}")
+    answer = browser.post(
+        f"{node.base}/portal/consents/{consent_id}",
+        data={
+            "csrf_token": csrf_of(edit),
+            "version": re.search(r'name="version" value="(\d+)"', edit.text).group(1),  # type: ignore[union-attr]
+            "grantee": ["hosp-a"],
+            "category": ["laboratory"],
+            "purpose": ["TREAT"],
+            "start": "2026-01-01",
+            "end": "2026-12-31",
+        },
+    )
+    assert answer.status_code == 200, answer.text[:500]
+    narrowed = node.session().get(f"{node.fhir}/Consent/{consent_id}").json()
+    assert [c["code"] for c in narrowed["provision"]["class"]] == ["laboratory"]
+    assert narrowed["provision"]["period"] == {"start": "2026-01-01", "end": "2026-12-31"}
+    # revoke
+    page = browser.get(f"{node.base}/portal/consents")
+    answer = browser.post(
+        f"{node.base}/portal/consents/{consent_id}/revoke",
+        data={"csrf_token": csrf_of(page), "version": str(narrowed["meta"]["versionId"])},
+    )
+    assert answer.status_code == 200 and "授权已撤销" in answer.text
+    assert node.session().get(f"{node.fhir}/Consent/{consent_id}").json()["status"] == "inactive"
+    receipts = re.findall(r'href="(/portal/receipts/[^"]+)"', answer.text)
+    assert len(receipts) == 3  # granted, granted again (narrowed), revoked
+    # a stale form (the version it showed is gone) does not overwrite
+    stale = browser.post(
+        f"{node.base}/portal/consents/{consent_id}/revoke",
+        data={"csrf_token": csrf_of(page), "version": "1"},
+    )
+    assert stale.status_code == 409
+
+
+def test_a_receipt_downloads_and_verifies(node: Node, tmp_path: Path) -> None:
+    browser = enroll(node, new_patient(node))
+    answer = grant(node, browser)
+    (link,) = re.findall(r'href="(/portal/receipts/[^"]+)"', answer.text)
+    download = browser.get(f"{node.base}{link}")
+    assert download.status_code == 200
+    assert "attachment" in download.headers["Content-Disposition"]
+    authority = keys.load_private_key(node.directory.parent / "hosp-a-authority.pem")
+    summary = verify_receipt(download.json(), authority.public_key())
+    assert summary.chain == "hosp-a" and summary.entry_type == "consent.granted"
+    path = tmp_path / "receipt.json"
+    path.write_bytes(download.content)
+    output = hrx("audit", "receipt", str(path), "--authority", keys.public_key_text(authority))
+    assert "VALID" in output
+
+
+def test_forms_without_their_csrf_token_are_refused(node: Node) -> None:
+    browser = requests.Session()
+    browser.get(f"{node.base}/portal/signin")  # the double-submit cookie is set
+    refused = browser.post(
+        f"{node.base}/portal/signin", data={"username": "x", "password": "y" * 8}
+    )
+    assert refused.status_code == 400 and "表单已失效" in refused.text
+    patient = enroll(node, new_patient(node))
+    other = enroll(node, new_patient(node))
+    data = {"grantee": ["*"], "category": ["laboratory"], "purpose": ["TREAT"]}
+    assert patient.post(f"{node.base}/portal/consents", data=data).status_code == 400
+    stolen = csrf_of(other.get(f"{node.base}/portal/consents"))
+    assert (
+        patient.post(
+            f"{node.base}/portal/consents", data={**data, "csrf_token": stolen}
+        ).status_code
+        == 400
+    )
+    assert consent_ids(patient.get(f"{node.base}/portal/consents")) == []
+
+
+def test_one_patient_cannot_reach_anothers_consents_or_receipts(node: Node) -> None:
+    alice = enroll(node, new_patient(node))
+    bob = enroll(node, new_patient(node))
+    answer = grant(node, alice)
+    (consent_id,) = consent_ids(answer)
+    (receipt,) = re.findall(r'href="(/portal/receipts/[^"]+)"', answer.text)
+    assert bob.get(f"{node.base}/portal/consents/{consent_id}").status_code == 404
+    page = bob.get(f"{node.base}/portal/consents")
+    assert consent_id not in page.text
+    revoke = bob.post(
+        f"{node.base}/portal/consents/{consent_id}/revoke",
+        data={"csrf_token": csrf_of(page), "version": "1"},
+    )
+    assert revoke.status_code == 404
+    assert bob.get(f"{node.base}{receipt}").status_code == 404
+    assert bob.get(f"{node.base}/portal/receipts/hosp-a/0").status_code == 404
+    assert node.session().get(f"{node.fhir}/Consent/{consent_id}").json()["status"] == "active"
+    signed_out = requests.Session()
+    assert signed_out.get(f"{node.base}{receipt}").url.endswith("/portal/signin")
+
+
+def test_repeated_wrong_passwords_lock_the_account(node: Node) -> None:
+    browser = enroll(node, new_patient(node))
+    username = browser.username  # type: ignore[attr-defined]
+    stranger = requests.Session()
+    for _ in range(5):
+        answer = sign_in(node, stranger, username, "wrong password")
+        assert answer.status_code == 401 and "锁定" in answer.text
+    locked = sign_in(node, stranger, username, PASSWORD)
+    assert locked.status_code == 401
+    assert "hrx_portal" not in stranger.cookies
+
+
+def test_signing_out_ends_the_session_on_the_server(node: Node) -> None:
+    browser = enroll(node, new_patient(node))
+    cookie = browser.cookies["hrx_portal"]
+    page = browser.get(f"{node.base}/portal/consents")
+    answer = browser.post(f"{node.base}/portal/signout", data={"csrf_token": csrf_of(page)})
+    assert answer.url.endswith("/portal/signin?done=out")
+    replay = requests.Session()
+    replay.cookies.set("hrx_portal", cookie, path="/portal")
+    assert replay.get(f"{node.base}/portal/consents").url.endswith("/portal/signin")
+
+
+def test_session_cookie_flags(node: Node) -> None:
+    browser = requests.Session()
+    form = browser.get(f"{node.base}/portal/signin")
+    assert "default-src 'none'" in form.headers["Content-Security-Policy"]
+    patient = enroll(node, new_patient(node))
+    form = patient.get(f"{node.base}/portal/signin")
+    answer = patient.post(
+        f"{node.base}/portal/signin",
+        data={"csrf_token": csrf_of(form), "username": patient.username, "password": PASSWORD},  # type: ignore[attr-defined]
+        allow_redirects=False,
+    )
+    cookie = SimpleCookie(answer.headers["Set-Cookie"])["hrx_portal"]
+    assert cookie["httponly"] and cookie["samesite"] == "Lax" and cookie["path"] == "/portal"
+    assert not cookie["secure"]  # plain HTTP here; behind TLS it is Secure (next test)
+
+
+def test_cookies_are_secure_behind_tls(tmp_path: Path) -> None:
+    env = {"HRX_SERVER_TRUSTED_PROXIES": "1"}
+    with running_node(tmp_path / "hosp-a", env=env) as proxied:
+        username = enroll(proxied, new_patient(proxied)).username  # type: ignore[attr-defined]
+        browser = requests.Session()
+        tls = {"X-Forwarded-Proto": "https"}
+        form = browser.get(f"{proxied.base}/portal/signin", headers=tls)
+        csrf_cookie = SimpleCookie(form.headers["Set-Cookie"])["hrx_csrf"]
+        assert csrf_cookie["secure"] and csrf_cookie["httponly"]
+        browser.cookies.set("hrx_csrf", csrf_cookie.value, path="/portal")  # requests keeps
+        # Secure cookies to itself over http; a browser would send it over https
+        answer = browser.post(
+            f"{proxied.base}/portal/signin",
+            data={
+                "csrf_token": csrf_of(form),
+                "username": username,
+                "password": PASSWORD,
+            },
+            headers=tls,
+            allow_redirects=False,
+        )
+        assert answer.status_code == 303
+        cookie = SimpleCookie(answer.headers["Set-Cookie"])["hrx_portal"]
+        assert cookie["secure"] and cookie["httponly"]
+
+
+def test_english_on_request_and_every_page_in_both_languages(node: Node) -> None:
+    browser = enroll(node, new_patient(node))
+    consent_id = consent_ids(grant(node, browser))[0]
+    pages = ["/portal/consents", f"/portal/consents/{consent_id}", "/portal/access"]
+    for page in pages:
+        answer = browser.get(f"{node.base}{page}")
+        assert answer.status_code == 200 and 'lang="zh-CN"' in answer.text
+    english = browser.get(f"{node.base}/portal/consents?lang=en")
+    assert english.url.endswith("/portal/consents") and "My consents" in english.text
+    for page in pages:
+        answer = browser.get(f"{node.base}{page}")
+        assert answer.status_code == 200 and '<html lang="en">' in answer.text, page
+    assert "Sign in" in requests.get(f"{node.base}/portal/signin?lang=en").text
+    assert browser.get(f"{node.base}/portal/nowhere").status_code == 404
+
+
+def test_local_reads_show_who_looked(node: Node) -> None:
+    patient_id = new_patient(node)
+    browser = enroll(node, patient_id)
+    doctor = node.session(node.token("dr-wang", "doctor"))
+    assert doctor.get(f"{node.fhir}/Patient/{patient_id}").status_code == 200
+    page = browser.get(f"{node.base}/portal/access")
+    assert page.status_code == 200
+    assert "dr-wang" in page.text and "doctor" in page.text
+    assert browser.username not in page.text.split("<main>")[1]  # type: ignore[attr-defined]
+
+
+def test_a_patient_without_the_consortium_identifier_is_told(node: Node) -> None:
+    browser = enroll(node, new_patient(node, resident_id=False))
+    page = browser.get(f"{node.base}/portal/consents")
+    assert page.status_code == 200 and 'id="grant-form"' not in page.text
