@@ -85,6 +85,16 @@ class ChainSummary:
     roster: int = 0
 
 
+@dataclass(frozen=True)
+class Emergency:
+    """One ``emergency.access`` entry: who broke the glass, on which chain, when."""
+
+    chain: str
+    seq: int
+    time: str
+    requester: str
+
+
 @dataclass
 class Summary:
     """What a successful verification covered."""
@@ -97,6 +107,8 @@ class Summary:
     # chain -> (epoch, height) of the newest certificate covering it
     covered: dict[str, tuple[int, int]] = field(default_factory=dict)
     forks: list[str] = field(default_factory=list)  # proven by valid evidence
+    # break-glass accesses (DESIGN §4 emergency.access), always shown to the auditor
+    emergencies: list[Emergency] = field(default_factory=list)
 
     @property
     def blocks(self) -> int:
@@ -244,6 +256,15 @@ class Verifier:
         self._keys[(version, chain)] = key
         return key
 
+    def _note_emergency(self, chain: str, seq: int, data: bytes) -> None:
+        entry = parse_canonical(data)
+        if entry.get("type") != "emergency.access":
+            return
+        requester = entry["body"].get("requester_org")
+        self.summary.emergencies.append(
+            Emergency(chain, seq, entry["time"], requester if isinstance(requester, str) else "?")
+        )
+
     def add_block(
         self,
         header: Any,
@@ -323,6 +344,9 @@ class Verifier:
         if parsed is None or bodies is None or datas is None:
             datas = self._entry_by_entry(entries, stored, chain, first_seq, block_time, where)
         leaves = merkle.leaf_hashes(datas)
+        for offset, data in enumerate(datas):
+            if b'"type":"emergency.access"' in data:
+                self._note_emergency(chain, first_seq + offset, data)
         before = frontier.copy() if stored_nodes is not None else None
         completed = frontier.extend(leaves)
         if before is not None and not _stored_nodes_match(

@@ -361,6 +361,18 @@ def print_summary(summary: Summary) -> None:
             f"{len(summary.certificates)} checkpoint certificate(s) verified (quorum, "
             f"aggregate BLS signature, heads), newest epoch {max(summary.certificates)}"
         )
+    if summary.emergencies:
+        out.print(
+            f"[bold yellow]{len(summary.emergencies)} emergency (break-glass) access(es)[/], "
+            "each to be justified:"
+        )
+        for emergency in summary.emergencies[:50]:
+            out.print(
+                f"  {emergency.time} {emergency.requester} (recorded on {emergency.chain} seq "
+                f"{emergency.seq})"
+            )
+        if len(summary.emergencies) > 50:
+            out.print(f"  ... and {len(summary.emergencies) - 50} more")
     for fork in summary.forks:
         out.print(f"[bold red]FORK PROVEN:[/] {fork}")
     if summary.forks:

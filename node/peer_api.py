@@ -6,20 +6,28 @@
   a checkpoint. This node signs only heads it holds and has verified, under its newest
   roster, and never two different checkpoints of one epoch.
 - ``POST /peer/checkpoints``: a certificate, stored once it verifies.
+- ``POST /peer/access``: a member asks for a patient's records; this node decides with the
+  consent policy and records ``access.decided`` (and ``emergency.access`` for break-glass).
 """
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 from typing import Any
 
 from flask import Blueprint, Response, current_app, g, request
 
+from consent.policy import AccessRequest
+from consent.pseudonym import is_pseudonym
+from exchange.decisions import decide_access, decided_body, emergency_body
 from fhir_adapters.errors import Conflict, FhirError, InvalidRequest
 from ledger import checkpoint as checkpoints
 from ledger.canonical import canonical_bytes, parse_json
 from ledger.errors import LedgerError
+from ledger.model import format_time
+from node.audit import AuditRecord
 from node.ledger_api import verified_peer
 
 bp = Blueprint("peer", __name__, url_prefix="/peer")
@@ -120,6 +128,83 @@ def receive_certificate() -> Response:
             raise Conflict(f"the certificate's {chain} at {head['height']} is another block here")
     stored = services.chain_writes.add_certificate(certificate)
     return _json({"stored": stored})
+
+
+@bp.post("/access")
+def decide_access_request() -> Response:
+    """A member asks for a patient's records: decide with the consent policy over this node's
+    ledger and record the decision (and a break-glass access) on this node's chain before
+    answering. The requester is the member whose signature the request carries, never a field
+    of the body."""
+    services = current_app.extensions["hrx"]
+    body = _body()
+    request_id, patient, purpose, categories, reason = _access_request(body)
+    access = AccessRequest(
+        patient=patient,
+        requester=g.peer,
+        purpose=purpose,
+        categories=tuple(categories),
+        time=format_time(),
+        reason=reason,
+    )
+    decided = decide_access(services.chain_store, access)
+    entries = [("access.decided", decided_body(request_id, access, decided, []))]
+    if decided.decision.emergency:
+        entries.append(("emergency.access", emergency_body(request_id, access)))
+    seqs = services.consents.chain_writer().append_many(entries)
+    record = AuditRecord(
+        interaction="operation",
+        username=g.peer,
+        role="member",
+        address=request.remote_addr,
+        client=request.headers.get("User-Agent"),
+        outcome="0" if decided.decision.permitted else "4",
+        description=(
+            f"{g.peer} asked for {', '.join(categories)} ({purpose}); "
+            f"{decided.decision.decision}: {decided.decision.reason}"
+            + (f"; emergency reason stated: {reason}" if decided.decision.emergency else "")
+        ),
+    )
+    services.audit.record(record)
+    return _json(
+        {
+            "request_id": request_id,
+            "decision": decided.decision.decision,
+            "reasons": list(decided.decision.reasons),
+            "consent": decided.decision.consent,
+            "emergency": decided.decision.emergency,
+            "decided": {"chain": services.config.node_id, "seq": seqs[0]},
+            "view": decided.view,
+        }
+    )
+
+
+def _access_request(body: Any) -> tuple[str, str, str, list[str], str | None]:
+    if not isinstance(body, dict):
+        raise InvalidRequest("an access request is a JSON object")
+    unknown = set(body) - {"request_id", "patient", "purpose", "categories", "reason"}
+    if unknown:
+        raise InvalidRequest(f"an access request has no field(s) {sorted(unknown)}")
+    request_id = body.get("request_id")
+    if not isinstance(request_id, str) or not re.fullmatch(r"[A-Za-z0-9\-]{8,64}", request_id):
+        raise InvalidRequest("request_id must be 8-64 letters, digits or -")
+    patient = body.get("patient")
+    if not is_pseudonym(patient):
+        raise InvalidRequest("patient must be a pseudonym (64 lowercase hex digits)")
+    purpose = body.get("purpose")
+    if not isinstance(purpose, str) or len(purpose) > 16:
+        raise InvalidRequest("purpose must be a purpose of use code such as TREAT")
+    categories = body.get("categories")
+    if (
+        not isinstance(categories, list)
+        or not 0 < len(categories) <= 16
+        or not all(isinstance(c, str) and 0 < len(c) <= 32 for c in categories)
+    ):
+        raise InvalidRequest("categories must be 1-16 data category codes")
+    reason = body.get("reason")
+    if reason is not None and (not isinstance(reason, str) or len(reason) > 2000):
+        raise InvalidRequest("reason must be text of at most 2000 characters")
+    return request_id, str(patient), purpose, list(categories), reason
 
 
 def _check_epoch(epoch: int, slot_seconds: int) -> None:

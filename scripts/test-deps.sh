@@ -1,0 +1,19 @@
+#!/usr/bin/env sh
+# The system packages the tests need beyond Python's: Debian's chromium (the portal's browser
+# tests drive it with Playwright). Installs only what is missing; needs root (or sudo).
+set -eu
+missing=""
+command -v chromium >/dev/null 2>&1 || missing="$missing chromium"
+[ -z "$missing" ] && exit 0
+if [ "$(id -u)" -ne 0 ]; then
+    SUDO=sudo
+else
+    SUDO=
+fi
+echo "installing Debian packages:$missing"
+# shellcheck disable=SC2086
+$SUDO apt-get install -y -q $missing >/dev/null || {
+    $SUDO apt-get update -q >/dev/null
+    # shellcheck disable=SC2086
+    $SUDO apt-get install -y -q $missing >/dev/null
+}
