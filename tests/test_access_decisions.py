@@ -4,6 +4,7 @@ same decision; the patient sees it in the portal and the auditor in hrx audit ve
 
 from __future__ import annotations
 
+import json
 import re
 import uuid
 from collections.abc import Iterator
@@ -214,3 +215,124 @@ def test_requests_must_be_signed_and_well_formed(source: Node, group: Consortium
     ]:
         with pytest.raises(PeerUnavailable, match=words):
             peers.post("hosp-a", "/peer/access", bad)
+
+
+def test_nothing_identifying_reaches_the_ledger(
+    source: Node, group: Consortium, tmp_path: Path
+) -> None:
+    """After the whole consent and portal flow, every member's ledger export holds none of the
+    patients' names, identifiers, phone numbers or birth dates (nor the witness's name or a
+    break-glass reason)."""
+    people = [
+        ("欧阳", "娜娜", "330106198503120027", "13812345678", "1985-03-12"),
+        ("Smith", "Alice", "110105197701015432", "+86 139 0000 1111", "1977-01-01"),
+    ]
+    secrets_: list[str] = []
+    doctor = source.session(source.token("dr-li", "doctor"))
+    for family, given, resident_id, phone, birth in people:
+        created = post(
+            doctor,
+            f"{source.fhir}/Patient",
+            {
+                "resourceType": "Patient",
+                "identifier": [
+                    {"system": RESIDENT_ID_SYSTEM, "value": resident_id},
+                    {"system": "urn:oid:2.16.156.10011.1.11", "value": f"MRN-{resident_id[-6:]}"},
+                ],
+                "name": [{"family": family, "given": [given], "text": f"{family}{given}"}],
+                "telecom": [{"system": "phone", "value": phone}],
+                "birthDate": birth,
+            },
+        )
+        assert created.status_code == 201, created.text
+        patient_id = created.json()["id"]
+        secrets_ += [
+            family,
+            given,
+            f"{family}{given}",
+            resident_id,
+            f"MRN-{resident_id[-6:]}",
+            phone,
+            phone.replace(" ", ""),
+            birth,
+            birth.replace("-", ""),
+            patient_id,
+        ]
+        # the patient grants, narrows and revokes in the portal
+        browser = enroll(source, patient_id, username=f"u{uuid.uuid4().hex[:8]}")
+        page = browser.get(f"{source.base}/portal/consents")
+        answer = browser.post(
+            f"{source.base}/portal/consents",
+            data={
+                "csrf_token": csrf_of(page),
+                "grantee": ["hosp-b"],
+                "category": ["laboratory", "imaging"],
+                "purpose": ["TREAT"],
+                "start": "2026-01-01",
+            },
+        )
+        (consent_id,) = re.findall(r'id="consent-([A-Za-z0-9.\-]+)"', answer.text)
+        edit = browser.get(f"{source.base}/portal/consents/{consent_id}")
+        browser.post(
+            f"{source.base}/portal/consents/{consent_id}",
+            data={
+                "csrf_token": csrf_of(edit),
+                "version": "1",
+                "grantee": ["hosp-b"],
+                "category": ["laboratory"],
+                "purpose": ["TREAT"],
+                "start": "2026-01-01",
+                "end": "2026-12-31",
+            },
+        )
+        # staff record a paper consent, with a named witness
+        witness = f"见证人{given}"
+        secrets_.append(witness)
+        paper = consent_resource(patient_id, ["*"], ["imaging"], ["TREAT", "ETREAT"], None, None)
+        paper["extension"] = [
+            {
+                "url": "http://hl7.org/fhir/StructureDefinition/consent-Witness",
+                "valueReference": {"display": witness},
+            }
+        ]
+        assert post(doctor, f"{source.fhir}/Consent", paper).status_code == 201
+        # accesses, one of them break-glass with a reason naming the patient
+        secrets_.append(f"{family}{given}昏迷")
+        pseudonym_ = pseudonym(
+            read_secret(load_config(source.directory).consortium_key),
+            RESIDENT_ID_SYSTEM,
+            resident_id,
+        )
+        assert ask(group, pseudonym_, ["laboratory"])["decision"] == "permit"
+        ask(group, pseudonym_, ["laboratory"], "ETREAT", f"{family}{given}昏迷")
+        page = browser.get(f"{source.base}/portal/consents")
+        browser.post(
+            f"{source.base}/portal/consents/{consent_id}/revoke",
+            data={"csrf_token": csrf_of(page), "version": "2"},
+        )
+    group.wait_converged(30)
+    for name in group.members:
+        export = tmp_path / f"{name}.jsonl"
+        result = CliRunner().invoke(
+            main, ["ledger", "export", "--db", group.database_url(name), "--out", str(export)]
+        )
+        assert result.exit_code == 0, result.output
+        text = export.read_text(encoding="utf-8")
+        assert '"consent.granted"' in text and '"emergency.access"' in text
+        strings = "\n".join(
+            value for line in text.splitlines() for value in _strings(json.loads(line))
+        )  # every string, unescaped, keys included
+        for secret in secrets_:
+            assert secret not in text and secret not in strings, f"{secret!r} on {name}'s ledger"
+
+
+def _strings(value: Any) -> Iterator[str]:
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield key
+            yield from _strings(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _strings(item)
