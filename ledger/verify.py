@@ -85,6 +85,9 @@ class ChainSummary:
     roster: int = 0
 
 
+EMERGENCY = "emergency.access"
+
+
 @dataclass(frozen=True)
 class Emergency:
     """One ``emergency.access`` entry: who broke the glass, on which chain, when."""
@@ -137,6 +140,7 @@ class Verifier:
         self._keys: dict[tuple[int, str], Ed25519PublicKey] = {}
         self._valid_times: set[str] = set()  # entry times already found valid
         self._entry_types: set[str] = set()
+        self._block_types: set[str] = set()  # the entry types of the block being verified
 
     def add_roster(self, roster: Any, signature: Any) -> None:
         version = roster.get("version") if isinstance(roster, dict) else None
@@ -256,10 +260,7 @@ class Verifier:
         self._keys[(version, chain)] = key
         return key
 
-    def _note_emergency(self, chain: str, seq: int, data: bytes) -> None:
-        entry = parse_canonical(data)
-        if entry.get("type") != "emergency.access":
-            return
+    def _note_emergency(self, chain: str, seq: int, entry: dict[str, Any]) -> None:
         requester = entry["body"].get("requester_org")
         self.summary.emergencies.append(
             Emergency(chain, seq, entry["time"], requester if isinstance(requester, str) else "?")
@@ -343,10 +344,14 @@ class Verifier:
             )
         if parsed is None or bodies is None or datas is None:
             datas = self._entry_by_entry(entries, stored, chain, first_seq, block_time, where)
+            self._block_types = {parse_canonical(data)["type"] for data in datas}
+            parsed = None
+        if EMERGENCY in self._block_types:
+            for offset, data in enumerate(datas):
+                entry = parsed[offset] if parsed is not None else parse_canonical(data)
+                if entry["type"] == EMERGENCY:
+                    self._note_emergency(chain, first_seq + offset, entry)
         leaves = merkle.leaf_hashes(datas)
-        for offset, data in enumerate(datas):
-            if b'"type":"emergency.access"' in data:
-                self._note_emergency(chain, first_seq + offset, data)
         before = frontier.copy() if stored_nodes is not None else None
         completed = frontier.extend(leaves)
         if before is not None and not _stored_nodes_match(
@@ -421,7 +426,8 @@ class Verifier:
                 or max(times) > block_time
             ):
                 return None
-            for entry_type in set(types) - self._entry_types:
+            self._block_types = set(types)
+            for entry_type in self._block_types - self._entry_types:
                 if not ENTRY_TYPE.fullmatch(entry_type):
                     return None
                 self._entry_types.add(entry_type)

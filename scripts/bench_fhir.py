@@ -156,6 +156,7 @@ def wrk(
     seconds: int,
     connections: int,
     content_type: str | None = None,
+    headers: tuple[str, ...] = (),
 ) -> dict[str, float]:
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as handle:
         handle.write(script)
@@ -175,6 +176,8 @@ def wrk(
         command += ["-H", f"Authorization: Bearer {token}"]
     if content_type:
         command += ["-H", f"Content-Type: {content_type}"]
+    for header in headers:
+        command += ["-H", header]
     output = subprocess.run([*command, url], capture_output=True, text=True, check=True).stdout
     os.unlink(handle.name)
 

@@ -80,6 +80,27 @@ def test_valid_ledger_verifies_from_database_and_export(ledger_db: Ledger, tmp_p
         assert summary.chains["hosp-a"].height == 2
 
 
+def test_break_glass_accesses_are_listed_for_the_auditor(ledger_db: Ledger, tmp_path: Path) -> None:
+    _fill(ledger_db)
+    with ChainWriter(ledger_db.store, "hosp-a", ledger_db.key) as writer:
+        writer.append_many(
+            [
+                ("access.decided", {"request_id": "r1", "decision": "permit"}),
+                ("emergency.access", {"request_id": "r1", "requester_org": "hosp-b"}),
+            ]
+        )
+        writer.append("emergency.access", {"request_id": "r2", "requester_org": "hosp-c"})
+    anchor = ledger_db.authority.public_key()
+    for summary in (
+        verify_database(ledger_db.store, anchor),
+        verify_export(_export(ledger_db, tmp_path / "ledger.jsonl"), anchor),
+    ):
+        assert [(e.chain, e.seq, e.requester) for e in summary.emergencies] == [
+            ("hosp-a", 9, "hosp-b"),
+            ("hosp-a", 10, "hosp-c"),
+        ]
+
+
 def test_wrong_authority_is_refused(ledger_db: Ledger, tmp_path: Path) -> None:
     _fill(ledger_db)
     stranger = keys.load_or_create_private_key(tmp_path / "stranger.pem").public_key()
