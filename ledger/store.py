@@ -882,6 +882,19 @@ def _held_lock() -> threading.Lock:
     return lock
 
 
+def _checked(
+    items: Sequence[tuple[str, dict[str, Any]]],
+) -> list[tuple[str, dict[str, Any], str]]:
+    """The items, each checked, stamped with one time (EntryError on the first bad one)."""
+    now = format_time()
+    checked = []
+    for entry_type, body in items:
+        check_entry_type(entry_type)
+        check_body(body)
+        checked.append((entry_type, body, now))
+    return checked
+
+
 @dataclass
 class _Pending:
     items: list[tuple[str, dict[str, Any], str]]
@@ -947,12 +960,7 @@ class ChainWriter:
         returns."""
         if self._closed:
             raise StoreError(f"the writer of chain {self.chain} is closed")
-        now = format_time()
-        checked = []
-        for entry_type, body in items:
-            check_entry_type(entry_type)
-            check_body(body)
-            checked.append((entry_type, body, now))
+        checked = _checked(items)
         if not checked:
             return []
         pending = _Pending(checked)
@@ -979,12 +987,7 @@ class ChainWriter:
         lock; SQLite: the caller's ``BEGIN IMMEDIATE`` already holds the database's write
         lock) and held until it ends, so the chain never forks against the group committer.
         """
-        now = format_time()
-        checked = []
-        for entry_type, body in items:
-            check_entry_type(entry_type)
-            check_body(body)
-            checked.append((entry_type, body, now))
+        checked = _checked(items)
         if not checked:
             return []
         if self.store.is_postgres:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from ledger import keys
 from ledger.canonical import canonical_bytes, parse_json
@@ -253,22 +254,30 @@ def _looks_like_database(target: str) -> bool:
         return handle.read(16) == b"SQLite format 3\x00"
 
 
-@audit.command("verify")
-@click.argument("target")
-@click.option(
+AUTHORITY_OPTION = click.option(
     "--authority",
     default=None,
     help="The consortium authority's public key (base64url) or key file: the trust anchor.",
 )
+
+
+def _anchor(authority: str | None) -> Ed25519PublicKey | None:
+    """The authority's public key from --authority, or None; exit 2 naming what is wrong."""
+    try:
+        return keys.load_public_key(authority) if authority else None
+    except LedgerError as exc:
+        fail(f"--authority: {exc}", 2)
+
+
+@audit.command("verify")
+@click.argument("target")
+@AUTHORITY_OPTION
 @click.option("--token", default=None, help="With a node's URL: an auditor's bearer token.")
 def audit_verify(target: str, authority: str | None, token: str | None) -> None:
     """Verify a ledger: an export file, a database, or a node's URL (http(s)://...).
 
     Exit 0 when valid, 1 with the first fault or when fork evidence proves a member lied."""
-    try:
-        anchor = keys.load_public_key(authority) if authority else None
-    except LedgerError as exc:
-        fail(f"--authority: {exc}", 2)
+    anchor = _anchor(authority)
     with reported():
         try:
             if target.startswith(("http://", "https://")):
@@ -303,21 +312,14 @@ def audit_verify(target: str, authority: str | None, token: str | None) -> None:
 
 @audit.command("receipt")
 @click.argument("receipt_file", type=click.Path(dir_okay=False, path_type=Path))
-@click.option(
-    "--authority",
-    default=None,
-    help="The consortium authority's public key (base64url) or key file: the trust anchor.",
-)
+@AUTHORITY_OPTION
 def audit_receipt(receipt_file: Path, authority: str | None) -> None:
     """Verify a receipt (from the patient portal) offline and say what it proves.
 
     Exit 0 when it holds, 1 naming what does not."""
     from ledger.receipt import verify_receipt
 
-    try:
-        anchor = keys.load_public_key(authority) if authority else None
-    except LedgerError as exc:
-        fail(f"--authority: {exc}", 2)
+    anchor = _anchor(authority)
     with reported():
         try:
             receipt = parse_json(receipt_file.read_bytes())

@@ -23,9 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -46,7 +44,7 @@ from ledger.model import format_time  # noqa: E402
 from node.config import load_config  # noqa: E402
 from node.services import open_services  # noqa: E402
 from node.sessions import issue_enrollment, redeem_enrollment  # noqa: E402
-from scripts.bench_fhir import lua_paths, wrk  # noqa: E402
+from scripts.bench_fhir import gunicorn, lua_paths, wrk  # noqa: E402
 from tests.nodes import Node, free_port, init_node, join_alone, wait_healthy  # noqa: E402
 
 console = Console()
@@ -145,26 +143,7 @@ def main() -> None:
     redeem_enrollment(database.write_engine, code, "bench.patient", "bench password 1")
     doctor = node.token("bench", "doctor")
     patient_token = node.token("bench-p", "patient", patient=patient_ids[1])
-    server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "gunicorn",
-            "-w",
-            "2",
-            "-k",
-            "gthread",
-            "--threads",
-            "4",
-            "-b",
-            f"127.0.0.1:{port}",
-            "--log-level",
-            "warning",
-            "node.wsgi:app",
-        ],
-        cwd=ROOT,
-        env={**os.environ, "HRX_NODE_DIR": str(directory)},
-    )
+    server = gunicorn(directory, port, 2, 4)
     try:
         wait_healthy(node.base, server)
         base = node.base

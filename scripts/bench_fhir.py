@@ -195,6 +195,30 @@ def wrk(
     return {"rate": rate, "p50": latency("50"), "p90": latency("90"), "p99": latency("99")}
 
 
+def gunicorn(directory: Path, port: int, workers: int, threads: int) -> subprocess.Popen[bytes]:
+    """The node in ``directory`` served by gunicorn (gthread) on 127.0.0.1:``port``."""
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "gunicorn",
+            "-w",
+            str(workers),
+            "-k",
+            "gthread",
+            "--threads",
+            str(threads),
+            "-b",
+            f"127.0.0.1:{port}",
+            "--log-level",
+            "warning",
+            "node.wsgi:app",
+        ],
+        cwd=ROOT,
+        env={**os.environ, "HRX_NODE_DIR": str(directory)},
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--observations", type=int, default=100_000)
@@ -215,27 +239,7 @@ def main() -> None:
 
     node = Node(directory, port)
     token = node.token("bench", "doctor")
-    env = {**os.environ, "HRX_NODE_DIR": str(directory)}
-    server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "gunicorn",
-            "-w",
-            str(args.workers),
-            "-k",
-            "gthread",
-            "--threads",
-            str(args.threads),
-            "-b",
-            f"127.0.0.1:{port}",
-            "--log-level",
-            "warning",
-            "node.wsgi:app",
-        ],
-        cwd=ROOT,
-        env=env,
-    )
+    server = gunicorn(directory, port, args.workers, args.threads)
     try:
         wait_healthy(node.base, server)
         base = node.base

@@ -299,7 +299,9 @@ def claimed_writes(reply: Reply, parsed: Any) -> set[tuple[str, str, int]]:
 
 
 def token_presented(reply: Reply) -> bool:
-    return bool((reply.sent("Authorization") or "").strip())
+    """Whether the request carried credentials: anything but HTTP white space (SP, HTAB) in
+    Authorization. A no-break space (U+00A0) is something, if not a token."""
+    return bool((reply.sent("Authorization") or "").strip(" \t"))
 
 
 def check_effects(before: Snapshot, after: Snapshot, reply: Reply, parsed: Any) -> None:
