@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import re
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -424,6 +424,29 @@ class ResourceStore:
             if index_values(resource, self.base_url).compartment & access.patients:
                 kept.append(pair)
         return kept
+
+    def in_compartments(
+        self, patient_ids: Collection[str], resource_types: Collection[str]
+    ) -> list[Stored]:
+        """The current versions of every resource of ``resource_types`` in the compartment of
+        any of ``patient_ids`` (what a member releases about them), by type and age."""
+        if not patient_ids:
+            return []
+        C = tables.compartment
+        query = (
+            sa.select(R.c.res_pk, R.c.version)
+            .where(
+                R.c.deleted.is_(False),
+                R.c.type.in_(list(resource_types)),
+                R.c.res_pk.in_(
+                    sa.select(C.c.res_pk).where(C.c.patient_id.in_(list(patient_ids)))
+                ),
+            )
+            .order_by(R.c.type, R.c.res_pk)
+        )
+        with self.engine.connect() as conn:
+            pairs = [(row[0], row[1]) for row in conn.execute(query)]
+        return self.versions_of(pairs)
 
     def everything(self, patient_id: str, access: Access, owner: str, count: int) -> Matches:
         """``Patient/{id}/$everything``: the patient, every resource in the patient's

@@ -53,6 +53,7 @@ from node.auth import Principal
 from node.config import NodeConfig
 from node.consortium import read_secret
 from node.errors import ConfigError
+from node.pseudonyms import set_pseudonym
 
 USER_SYSTEM = "urn:hrx:user"  # Identifier.system of a node user's username (+ ":" node id)
 NOT_JOINED = (
@@ -141,7 +142,14 @@ class ConsentRecorder:
                 return pseudonym(self.secret(), system, identifier["value"])
         return None
 
-    # -- the observer -----------------------------------------------------------------------
+    # -- the observers ----------------------------------------------------------------------
+
+    def on_patient_write(self, writer: Writer, before: Stored | None, after: Stored) -> None:
+        """Keep the pseudonym index (:mod:`node.pseudonyms`) in step with the Patient."""
+        if not self.config.consortium_key.exists():
+            return  # not joined yet: hrx node join indexes every Patient
+        patient = after.resource() if after.body is not None else None
+        set_pseudonym(writer.conn, after.id, self.pseudonym_of(patient) if patient else None)
 
     def on_write(self, writer: Writer, before: Stored | None, after: Stored) -> None:
         try:

@@ -23,6 +23,7 @@ from ledger.store import metadata as ledger_metadata
 from ledger.store import open_engine
 from node.errors import ConfigError
 from node.peer_auth import metadata as peer_metadata
+from node.pseudonyms import metadata as pseudonyms_metadata
 from node.sessions import metadata as sessions_metadata
 from node.users import metadata as users_metadata
 
@@ -33,6 +34,7 @@ MODEL_METADATA = [
     users_metadata,
     peer_metadata,
     sessions_metadata,
+    pseudonyms_metadata,
 ]  # what the migrations build
 
 

@@ -15,9 +15,9 @@ from ledger.canonical import canonical_bytes
 from ledger.model import check_chain_id
 from ledger.roster import make_member
 from ledger.store import ChainStore
-from node.config import CONFIG_FILE, load_config, write_config
+from node.config import CONFIG_FILE, NodeConfig, load_config, write_config
 from node.console import err, fail, out, reported
-from node.db import open_database, upgrade
+from node.db import Database, open_database, upgrade
 from node.users import ROLES, add_user, get_user
 
 ENROLLMENT_FILE = "enrollment.json"
@@ -105,12 +105,23 @@ def node_upgrade(directory: Path) -> None:
         database = open_database(config.database_url)
         try:
             before, after = upgrade(database)
+            if before != after and config.consortium_key.exists():
+                _index_patients(config, database)
         finally:
             database.close()
     if before == after:
         out.print(f"the database is current (revision {after})")
     else:
         out.print(f"upgraded the database from revision {before or 'none'} to {after}")
+
+
+def _index_patients(config: NodeConfig, database: Database) -> int:
+    """Index every Patient by its pseudonym (once the node holds the consortium's key)."""
+    from node.consents import ConsentRecorder
+    from node.pseudonyms import rebuild
+
+    recorder = ConsentRecorder(config, ChainStore(database.engine))
+    return rebuild(database.write_engine, recorder.pseudonym_of)
 
 
 @node_group.command("serve")
@@ -396,9 +407,15 @@ def node_join(
             descriptor = os.open(secret_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             with os.fdopen(descriptor, "wb") as handle:  # never readable by others, not once
                 handle.write(secret_path.read_bytes())
+        database = open_database(config.database_url)
+        try:
+            indexed = _index_patients(config, database)
+        finally:
+            database.close()
     out.print(
         f"{config.node_id} is a member of {checked.body['consortium']} (roster version "
-        f"{checked.version}, {len(checked.member_ids())} members, quorum {checked.quorum})"
+        f"{checked.version}, {len(checked.member_ids())} members, quorum {checked.quorum}); "
+        f"{indexed} patient(s) indexed by pseudonym"
     )
     from node.consortium import quorum_warning
 

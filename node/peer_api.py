@@ -6,14 +6,17 @@
   a checkpoint. This node signs only heads it holds and has verified, under its newest
   roster, and never two different checkpoints of one epoch.
 - ``POST /peer/checkpoints``: a certificate, stored once it verifies.
+- ``POST /peer/patients``: does this node hold records for a pseudonym? (yes or no)
 - ``POST /peer/access``: a member asks for a patient's records; this node decides with the
-  consent policy and records ``access.decided`` (and ``emergency.access`` for break-glass).
+  consent policy, records ``access.decided`` (and ``emergency.access`` for break-glass) with
+  the hashes of what it releases, and answers with the released resources.
 """
 
 from __future__ import annotations
 
 import re
 import time
+from datetime import timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -22,18 +25,23 @@ from flask import Blueprint, Response, current_app, g, request
 from consent.policy import AccessRequest
 from consent.pseudonym import is_pseudonym
 from exchange.decisions import decide_access, decided_body, emergency_body
+from exchange.recognition import result_of
 from fhir_adapters.errors import Conflict, FhirError, InvalidRequest
+from fhir_adapters.store import Stored
 from ledger import checkpoint as checkpoints
 from ledger.canonical import canonical_bytes, parse_json
 from ledger.errors import LedgerError
 from ledger.model import format_time
 from node.audit import AuditRecord
 from node.ledger_api import verified_peer
+from node.pseudonyms import patients_with
 
 bp = Blueprint("peer", __name__, url_prefix="/peer")
 
 HINT_FILE = "replicate.hint"
 EPOCH_TOLERANCE_SLOTS = 120  # how far (in slots) an epoch may be from this node's clock
+RESULT_TYPES = ("Observation", "DiagnosticReport", "ImagingStudy")  # what a member releases
+ZONE = timezone(timedelta(hours=8))  # only categories are read here: the zone does not matter
 
 
 def _json(value: Any, status: int = 200) -> Response:
@@ -148,7 +156,20 @@ def decide_access_request() -> Response:
         reason=reason,
     )
     decided = decide_access(services.chain_store, access)
-    entries = [("access.decided", decided_body(request_id, access, decided, []))]
+    patients = patients_with(services.database.engine, patient)
+    released: list[Stored] = []
+    if decided.decision.permitted:
+        released = [
+            stored
+            for stored in services.store.in_compartments(patients, RESULT_TYPES)
+            if result_of(stored.resource(), ZONE).category in categories
+        ]
+    entries = [
+        (
+            "access.decided",
+            decided_body(request_id, access, decided, [s.sha256() for s in released]),
+        )
+    ]
     if decided.decision.emergency:
         entries.append(("emergency.access", emergency_body(request_id, access)))
     seqs = services.consents.chain_writer().append_many(entries)
@@ -164,9 +185,11 @@ def decide_access_request() -> Response:
             f"{decided.decision.decision}: {decided.decision.reason}"
             + (f"; emergency reason stated: {reason}" if decided.decision.emergency else "")
         ),
+        entities=released,
+        patients=set(patients),
     )
     services.audit.record(record)
-    return _json(
+    head = canonical_bytes(
         {
             "request_id": request_id,
             "decision": decided.decision.decision,
@@ -177,6 +200,20 @@ def decide_access_request() -> Response:
             "view": decided.view,
         }
     )
+    # the resources go out as the bytes they are stored as (their hashes are on the ledger)
+    body = head[:-1] + b',"resources":[' + b",".join(s.body or b"" for s in released) + b"]}"
+    return Response(body, mimetype="application/json")
+
+
+@bp.post("/patients")
+def holds_records() -> Response:
+    """Whether this node holds records for a pseudonym: a yes or a no, nothing else."""
+    services = current_app.extensions["hrx"]
+    body = _body()
+    patient = body.get("patient") if isinstance(body, dict) else None
+    if not isinstance(body, dict) or set(body) != {"patient"} or not is_pseudonym(patient):
+        raise InvalidRequest('the body is {"patient": <pseudonym: 64 lowercase hex digits>}')
+    return _json({"holds": bool(patients_with(services.database.engine, str(patient)))})
 
 
 def _access_request(body: Any) -> tuple[str, str, str, list[str], str | None]:

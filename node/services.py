@@ -50,4 +50,5 @@ def open_services(config: NodeConfig, *, check_schema: bool = True) -> Services:
     chain_writes = ChainStore(database.write_engine)  # on SQLite: the write lock up front
     consents = ConsentRecorder(config, chain_store)
     store.observe("Consent", consents.on_write)
+    store.observe("Patient", consents.on_patient_write)
     return Services(config, database, store, tokens, audit, chain_store, chain_writes, consents)

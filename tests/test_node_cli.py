@@ -208,6 +208,7 @@ def test_upgrade_applies_pending_migrations(node_dir: Path) -> None:
                 "ledger_subjects",
                 "portal_sessions",
                 "portal_enrollments",
+                "patient_pseudonyms",
             ):
                 conn.execute(sa.text(f"DROP TABLE {table}"))
             conn.execute(sa.text("UPDATE alembic_version SET version_num = '0001'"))
@@ -228,10 +229,10 @@ def test_upgrade_applies_pending_migrations(node_dir: Path) -> None:
     finally:
         database.close()
     result = hrx("node", "upgrade", "--dir", str(node_dir))
-    assert result.exit_code == 0 and "from revision 0001 to 0005" in result.output, result.output
+    assert result.exit_code == 0 and "from revision 0001 to 0006" in result.output, result.output
     database = open_database(config.database_url)
     try:
-        assert current_revision(database.engine) == head_revision() == "0005"
+        assert current_revision(database.engine) == head_revision() == "0006"
         assert sa.inspect(database.engine).has_table("peer_nonces")
         assert sa.inspect(database.engine).has_table("ledger_evidence")
         with database.engine.connect() as conn:
