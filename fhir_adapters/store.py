@@ -438,9 +438,7 @@ class ResourceStore:
             .where(
                 R.c.deleted.is_(False),
                 R.c.type.in_(list(resource_types)),
-                R.c.res_pk.in_(
-                    sa.select(C.c.res_pk).where(C.c.patient_id.in_(list(patient_ids)))
-                ),
+                R.c.res_pk.in_(sa.select(C.c.res_pk).where(C.c.patient_id.in_(list(patient_ids)))),
             )
             .order_by(R.c.type, R.c.res_pk)
         )

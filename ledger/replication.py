@@ -41,6 +41,10 @@ class PeerUnavailable(LedgerError):
     """A member could not be reached, or answered with an error."""
 
 
+class PeerTimeout(PeerUnavailable):
+    """A member did not answer in time."""
+
+
 class Peers(Protocol):
     """How replication talks to other members."""
 

@@ -37,6 +37,8 @@ SCHEMA: dict[str, dict[str, tuple[type, Any]]] = {
     "audit": {"flush_ms": (int, 20)},
     # every member must match patients by the same identifier system (DESIGN §4)
     "consent": {"identifier_system": (str, RESIDENT_ID_SYSTEM)},
+    # rules: a mutual-recognition rules file ("" = the shipped default, exchange/rules)
+    "exchange": {"timeout_ms": (int, 5000), "rules": (str, "")},
     "checkpoints": {
         "epoch_seconds": (int, 30),
         "epoch_blocks": (int, 1000),
@@ -63,6 +65,8 @@ class NodeConfig:
     token_max_ttl: int
     audit_flush_ms: int
     identifier_system: str  # the patient identifier pseudonyms are made of
+    exchange_timeout_ms: int  # how long a referral waits for each member
+    recognition_rules: Path | None  # None: the shipped default
     epoch_seconds: int  # certify at least this often while chains grow
     epoch_blocks: int  # or as soon as this many new blocks wait
     slot_seconds: int  # proposers take turns, a slot each
@@ -129,6 +133,7 @@ def load_config(directory: Path, environ: Mapping[str, str] | None = None) -> No
         "checkpoints_epoch_seconds",
         "checkpoints_epoch_blocks",
         "checkpoints_slot_seconds",
+        "exchange_timeout_ms",
     ):
         least = 0 if name == "audit_flush_ms" else 1
         if values[name] < least:
@@ -154,6 +159,8 @@ def load_config(directory: Path, environ: Mapping[str, str] | None = None) -> No
         token_max_ttl=values["tokens_max_ttl"],
         audit_flush_ms=values["audit_flush_ms"],
         identifier_system=values["consent_identifier_system"],
+        exchange_timeout_ms=values["exchange_timeout_ms"],
+        recognition_rules=resolve(values["exchange_rules"]) if values["exchange_rules"] else None,
         epoch_seconds=values["checkpoints_epoch_seconds"],
         epoch_blocks=values["checkpoints_epoch_blocks"],
         slot_seconds=values["checkpoints_slot_seconds"],

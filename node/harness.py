@@ -10,6 +10,7 @@ is paused, so it neither hears nor is heard) and heal it again.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -144,8 +145,11 @@ class Consortium:
         quorum: int | None = None,
         epoch_seconds: int = 5,
         replicate_interval: float = 0.5,
+        members_info: dict[str, dict[str, object]] | None = None,
+        environment: dict[str, str] | None = None,
     ) -> None:
         self.root = root
+        self.environment = environment or {}  # HRX_* settings for every member's processes
         self.epoch_seconds = epoch_seconds
         self.replicate_interval = replicate_interval
         self.members: dict[str, Member] = {}
@@ -170,6 +174,10 @@ class Consortium:
             self.members[name] = Member(name, directory, web_port, Relay(relay_port, web_port))
         self.authority_key = root / "authority.pem"
         _hrx("consortium", "secret", "--out", str(root / "consortium.key"))
+        info: list[str] = []
+        if members_info:  # levels and accreditations (DESIGN §3 roster, §6)
+            (root / "members-info.json").write_text(json.dumps(members_info), encoding="utf-8")
+            info = ["--members-info", str(root / "members-info.json")]
         _hrx(
             "consortium",
             "roster",
@@ -181,6 +189,7 @@ class Consortium:
             "hrx-harness",
             "--out",
             str(root / "roster.json"),
+            *info,
             *(str(m.directory / "enrollment.json") for m in self.members.values()),
         )
         authority = keys.public_key_text(keys.load_private_key(self.authority_key))
@@ -203,6 +212,7 @@ class Consortium:
             **os.environ,
             "PYTHONUNBUFFERED": "1",
             "HRX_CHECKPOINTS_EPOCH_SECONDS": str(self.epoch_seconds),
+            **self.environment,
         }
 
     def start(self, name: str) -> None:

@@ -29,7 +29,7 @@ from ledger.checkpoint import (
 from ledger.checkpoint import sign as sign_checkpoint
 from ledger.errors import LedgerError
 from ledger.model import parse_time
-from ledger.replication import PeerUnavailable, Replicator, RoundReport
+from ledger.replication import PeerTimeout, PeerUnavailable, Replicator, RoundReport
 from ledger.store import ChainStore, Head
 from node.config import NodeConfig, load_config
 from node.consortium import AUTHORITY_SETTING
@@ -68,6 +68,23 @@ class SignedPeers:
     def _request(self, member: str, method: str, path: str, value: Any = None) -> Any:
         """A signed request to a member; its JSON answer, or PeerUnavailable saying why
         (the member's own message included)."""
+        content = self.fetch(member, method, path, value)
+        try:
+            return parse_json(content)
+        except LedgerError as exc:
+            raise PeerUnavailable(f"{member} sent what is not JSON: {exc}") from None
+
+    def fetch(
+        self,
+        member: str,
+        method: str,
+        path: str,
+        value: Any = None,
+        timeout: float = READ_SECONDS,
+        session: requests.Session | None = None,
+    ) -> bytes:
+        """A signed request to a member; the bytes of its 200 answer, or PeerUnavailable
+        saying why. ``session``: another than this object's (one per thread)."""
         try:
             base = self.store.roster().member(member)["url"].rstrip("/")
         except LedgerError as exc:
@@ -78,15 +95,17 @@ class SignedPeers:
             self.own, self.key, method, url, body, {"Content-Type": "application/json"}
         )
         try:
-            response = self.session.request(
+            response = (session or self.session).request(
                 method,
                 url,
                 data=body or None,
                 headers=headers,
-                timeout=(CONNECT_SECONDS, READ_SECONDS),
+                timeout=(min(CONNECT_SECONDS, timeout), timeout),
                 stream=True,
             )
             content = _read_capped(response)
+        except requests.Timeout:
+            raise PeerTimeout(f"{member} at {base} did not answer within {timeout:g} s") from None
         except requests.RequestException as exc:
             raise PeerUnavailable(f"{member} at {base}: {type(exc).__name__}") from None
         if response.status_code != 200:
@@ -94,10 +113,7 @@ class SignedPeers:
                 f"{member} answered {response.status_code}: "
                 + content[:300].decode("utf-8", "replace")
             )
-        try:
-            return parse_json(content)
-        except LedgerError as exc:
-            raise PeerUnavailable(f"{member} sent what is not JSON: {exc}") from None
+        return content
 
     def _get(self, member: str, path: str) -> Any:
         return self._request(member, "GET", path)

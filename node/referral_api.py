@@ -1,0 +1,185 @@
+"""``GET /fhir/Patient/{id}/$prior-results``: a doctor at referral sees the patient's prior
+results from every member, each with its mutual-recognition verdict (DESIGN §2.3, §6).
+
+The node appends ``access.requested`` to its chain (the patient's pseudonym, this member, the
+doctor as a pseudonym, purpose, categories, the referral's hash), asks every other member in
+parallel with signed requests (:mod:`exchange.referral`), and answers with one searchset:
+results with their source and verdict, a Provenance each, and an OperationOutcome for every
+member that timed out, could not be reached or denied. Parameters: ``category``
+(``laboratory``, ``imaging``; default both), ``code`` (``system|code``, a code, or an imaging
+modality), ``purpose`` (``TREAT``, default, or ``ETREAT`` with a ``reason``), ``referral``
+(``ServiceRequest/{id}``).
+"""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from datetime import datetime
+from typing import Any
+from urllib.parse import quote
+
+import requests
+from flask import Blueprint, Response, current_app, request
+
+from consent.model import EMERGENCY, PURPOSES
+from consent.pseudonym import pseudonym as pseudonym_of_identifier
+from exchange.recognition import Rules, load_rules
+from exchange.referral import fan_out, prior_results_bundle
+from fhir_adapters.errors import FhirError, Forbidden, InvalidRequest, NotFound, Unprocessable
+from fhir_adapters.resources import check_id
+from fhir_adapters.store import format_instant, now_micros
+from ledger import keys
+from ledger.errors import LedgerError
+from node import fhir_api
+from node.audit import AuditRecord
+from node.replication import SignedPeers
+from node.services import Services
+
+bp = Blueprint("referral", __name__, url_prefix="/fhir")
+bp.register_error_handler(FhirError, fhir_api.fhir_error)
+bp.before_request(fhir_api.negotiate)
+
+CATEGORIES = ("laboratory", "imaging")
+RESULT_TYPES = ("Observation", "DiagnosticReport", "ImagingStudy")
+_local = threading.local()  # one HTTP session per fan-out thread
+_cache: dict[str, Any] = {}
+
+
+def services() -> Services:
+    found: Services = current_app.extensions["hrx"]
+    return found
+
+
+def _peers(svc: Services) -> SignedPeers:
+    peers = _cache.get("peers")
+    if peers is None:
+        key = keys.load_private_key(svc.config.ed25519_key)
+        peers = _cache["peers"] = SignedPeers(svc.chain_store, svc.config.node_id, key)
+    assert isinstance(peers, SignedPeers)
+    return peers
+
+
+def rules(svc: Services) -> Rules:
+    found = _cache.get("rules")
+    if found is None:
+        found = _cache["rules"] = load_rules(svc.config.recognition_rules)
+    assert isinstance(found, Rules)
+    return found
+
+
+def _post(peers: SignedPeers) -> Any:
+    def post(member: str, path: str, body: dict[str, Any], timeout: float) -> bytes:
+        session = getattr(_local, "session", None)
+        if session is None:
+            session = _local.session = requests.Session()
+        return peers.fetch(member, "POST", path, body, timeout, session)
+
+    return post
+
+
+def _listed(name: str) -> list[str]:
+    return [part for value in request.args.getlist(name) for part in value.split(",") if part]
+
+
+@bp.get("/Patient/<patient_id>/$prior-results")
+def prior_results(patient_id: str) -> Response:
+    principal = fhir_api.authenticate()
+    if principal.role not in ("doctor", "admin"):
+        refusal = Forbidden(f"{principal.username} ({principal.role}) may not fetch prior results")
+        fhir_api._audit_refusal(principal, "operation", str(refusal))
+        raise refusal
+    for resource_type in ("Patient", *RESULT_TYPES):
+        fhir_api.permit(resource_type, "r", "operation")
+    check_id(patient_id)
+    unknown = set(request.args) - {"category", "code", "purpose", "reason", "referral", "_format"}
+    if unknown:
+        raise InvalidRequest(f"$prior-results takes no parameter(s) {sorted(unknown)}")
+    categories = _listed("category") or list(CATEGORIES)
+    wrong = [c for c in categories if c not in CATEGORIES]
+    if wrong:
+        raise InvalidRequest(f"category {wrong[0]!r} is not one of {', '.join(CATEGORIES)}")
+    purpose = request.args.get("purpose", "TREAT")
+    if purpose not in PURPOSES:
+        raise InvalidRequest(f"purpose {purpose!r} is not one of {', '.join(PURPOSES)}")
+    reason = (request.args.get("reason") or "").strip() or None
+    if purpose == EMERGENCY and reason is None:
+        raise InvalidRequest("emergency access (purpose=ETREAT) needs a stated reason (reason=)")
+    svc = services()
+    patient = svc.store.read("Patient", patient_id).resource()
+    pseudonym = svc.consents.pseudonym_of(patient)
+    if pseudonym is None:
+        raise Unprocessable(
+            f"Patient/{patient_id} has no identifier of {svc.config.identifier_system}, which "
+            "members match patients by: add it to the Patient first"
+        )
+    referral_hash = None
+    referral = request.args.get("referral")
+    if referral:
+        kind, _, referral_id = referral.partition("/")
+        if kind != "ServiceRequest" or not referral_id:
+            raise InvalidRequest("referral must be ServiceRequest/{id}")
+        try:
+            referral_hash = svc.store.read("ServiceRequest", referral_id).sha256()
+        except NotFound:
+            raise InvalidRequest(f"{referral} is not known here") from None
+    request_id = str(uuid.uuid4())
+    requester = {  # the doctor, as a pseudonym like a patient's
+        "org": svc.config.node_id,
+        "practitioner": pseudonym_of_identifier(
+            svc.consents.secret(), f"urn:hrx:user:{svc.config.node_id}", principal.username
+        ),
+    }
+    try:
+        svc.consents.chain_writer().append(
+            "access.requested",
+            {
+                "request_id": request_id,
+                "patient": pseudonym,
+                "requester": requester,
+                "purpose": purpose,
+                "categories": categories,
+                "referral": referral_hash,
+            },
+        )
+        roster = svc.chain_store.roster()
+    except LedgerError as exc:
+        raise Unprocessable(f"the request could not be recorded on the ledger: {exc}") from None
+    body: dict[str, Any] = {
+        "request_id": request_id,
+        "patient": pseudonym,
+        "purpose": purpose,
+        "categories": categories,
+    }
+    if reason is not None:
+        body["reason"] = reason
+    others = [m for m in roster.member_ids() if m != svc.config.node_id]
+    answers = fan_out(_post(_peers(svc)), others, body, svc.config.exchange_timeout_ms / 1000)
+    members = {m["id"]: m for m in roster.body["members"]}
+    self_link = f"{svc.config.fhir_base}/Patient/{quote(patient_id)}/$prior-results" + (
+        f"?{request.query_string.decode()}" if request.query_string else ""
+    )
+    bundle = prior_results_bundle(
+        answers,
+        rules=rules(svc),
+        members=members,
+        here=svc.config.node_id,
+        today=datetime.now(rules(svc).zone).date(),
+        codes=_listed("code"),
+        recorded=format_instant(now_micros()),
+        self_link=self_link,
+    )
+    record = AuditRecord(
+        interaction="operation",
+        username=principal.username,
+        role=principal.role,
+        address=request.remote_addr,
+        client=request.headers.get("User-Agent"),
+        token_id=principal.token_id,
+        description=f"$prior-results {request_id} ({purpose}, {', '.join(categories)}): "
+        + "; ".join(f"{a.member} {a.outcome} {len(a.resources)}" for a in answers),
+        patients={patient_id},
+        query=request.query_string.decode() or None,
+    )
+    svc.audit.record(record)
+    return fhir_api.respond(200, bundle)

@@ -1,0 +1,283 @@
+"""Referral across three real members: B fetches a patient's prior results from A and C, each
+with its source, a Provenance and a recognition verdict; unreachable and denying members give
+OperationOutcome entries; what was released is on the sources' ledgers."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+import pytest
+
+from consent.model import consent_resource
+from consent.pseudonym import RESIDENT_ID_SYSTEM
+from exchange.referral import RECOGNITION_URL, resource_hash
+from ledger.store import ChainStore
+from node.harness import Consortium
+from tests.nodes import Node, post
+
+pytestmark = pytest.mark.slow
+
+ZONE = timezone(timedelta(hours=8))
+LOINC = "http://loinc.org"
+LAB = {
+    "coding": [
+        {
+            "system": "http://terminology.hl7.org/CodeSystem/observation-category",
+            "code": "laboratory",
+        }
+    ]
+}
+ACCREDITED = [
+    {"category": "laboratory", "scope": "省HR", "until": "2099-12-31"},
+    {"category": "imaging", "scope": "省HR", "until": "2099-12-31"},
+]
+MEMBERS_INFO = {
+    "hosp-a": {"level": "三级甲等", "accreditation": ACCREDITED},
+    "hosp-b": {"level": "三级乙等", "accreditation": ACCREDITED},
+    "hosp-c": {
+        "level": "二级甲等",
+        "accreditation": [
+            {"category": "laboratory", "scope": "市HR", "until": "2099-12-31"},
+            {"category": "imaging", "scope": "市HR", "until": "2020-01-01"},
+        ],
+    },
+}
+
+
+@pytest.fixture(scope="module")
+def group(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Consortium]:
+    consortium = Consortium(
+        tmp_path_factory.mktemp("referral"),
+        3,
+        epoch_seconds=2,
+        replicate_interval=0.2,
+        members_info=MEMBERS_INFO,
+        environment={"HRX_EXCHANGE_TIMEOUT_MS": "3000"},
+    )
+    try:
+        consortium.start_all()
+        yield consortium
+    finally:
+        consortium.close()
+
+
+def node(group: Consortium, name: str) -> Node:
+    member = group.members[name]
+    return Node(member.directory, member.web_port)
+
+
+def days_ago(days: int) -> str:
+    return (datetime.now(ZONE) - timedelta(days=days)).isoformat(timespec="seconds")
+
+
+def register(at: Node, resident_id: str) -> str:
+    created = post(
+        at.session(),
+        f"{at.fhir}/Patient",
+        {
+            "resourceType": "Patient",
+            "identifier": [{"system": RESIDENT_ID_SYSTEM, "value": resident_id}],
+            "name": [{"family": "赵", "given": ["六"]}],
+        },
+    )
+    assert created.status_code == 201, created.text
+    return str(created.json()["id"])
+
+
+def lab(patient_id: str, code: str, days: int, value: str = "13.5") -> dict[str, Any]:
+    return {
+        "resourceType": "Observation",
+        "status": "final",
+        "category": [LAB],
+        "code": {"coding": [{"system": LOINC, "code": code}]},
+        "subject": {"reference": f"Patient/{patient_id}"},
+        "effectiveDateTime": days_ago(days),
+        "valueQuantity": {"value": float(value), "unit": "g/dL"},
+    }
+
+
+def ct(patient_id: str, site: str, days: int) -> dict[str, Any]:
+    return {
+        "resourceType": "ImagingStudy",
+        "status": "available",
+        "subject": {"reference": f"Patient/{patient_id}"},
+        "started": days_ago(days),
+        "series": [
+            {
+                "uid": f"1.2.826.0.1.{uuid.uuid4().int % 10**12}",
+                "modality": {
+                    "system": "http://dicom.nema.org/resources/ontology/DCM",
+                    "code": "CT",
+                },
+                "bodySite": {"system": "http://snomed.info/sct", "code": site},
+            }
+        ],
+    }
+
+
+def store_all(at: Node, resources: list[dict[str, Any]]) -> list[str]:
+    ids = []
+    for resource in resources:
+        created = post(at.session(), f"{at.fhir}/{resource['resourceType']}", resource)
+        assert created.status_code == 201, created.text
+        ids.append(str(created.json()["id"]))
+    return ids
+
+
+def verdict_of(resource: dict[str, Any]) -> dict[str, Any]:
+    (extension,) = [e for e in resource["extension"] if e["url"] == RECOGNITION_URL]
+    parts = extension["extension"]
+    return {
+        "recognised": next(p["valueBoolean"] for p in parts if p["url"] == "recognised"),
+        "mark": next((p["valueCode"] for p in parts if p["url"] == "mark"), None),
+        "failed": {
+            next(x["valueCode"] for x in p["extension"] if x["url"] == "code")
+            for p in parts
+            if p["url"] == "reason"
+            and not next(x["valueBoolean"] for x in p["extension"] if x["url"] == "met")
+        },
+    }
+
+
+@pytest.fixture(scope="module")
+def patient(group: Consortium) -> dict[str, Any]:
+    """One patient known at A, B and C, with results at A and C and consent recorded at A."""
+    resident_id = "3301" + str(uuid.uuid4().int)[:14]
+    a, b, c = (node(group, n) for n in ("hosp-a", "hosp-b", "hosp-c"))
+    at_a, at_b, at_c = (register(n, resident_id) for n in (a, b, c))
+    results_a = store_all(
+        a,
+        [
+            lab(at_a, "718-7", 2),  # haemoglobin, 7-day window: recognised
+            lab(at_a, "2823-3", 5),  # potassium, 3-day window: expired
+            lab(at_a, "12345-6", 1),  # not on the list
+            ct(at_a, "51185008", 5),  # CT chest, 30 days: recognised
+        ],
+    )
+    results_c = store_all(
+        c,
+        [
+            lab(at_c, "718-7", 1),  # from a lower level: lab refused
+            ct(at_c, "69536005", 3),  # CT head, imaging accreditation lapsed
+        ],
+    )
+    token = a.token(f"pt-{at_a[:8]}", "patient", patient=at_a)
+    granted = post(
+        a.session(token),
+        f"{a.fhir}/Consent",
+        consent_resource(at_a, ["hosp-b"], ["laboratory", "imaging"], ["TREAT"], None, None),
+    )
+    assert granted.status_code == 201, granted.text
+    group.wait_converged(20)  # C holds A's chain, and with it the consent
+    return {"b": at_b, "results_a": results_a, "results_c": results_c}
+
+
+def test_b_fetches_prior_results_from_a_and_c(group: Consortium, patient: dict[str, Any]) -> None:
+    b = node(group, "hosp-b")
+    doctor = b.session(b.token("dr-qian", "doctor"))
+    answer = doctor.get(f"{b.fhir}/Patient/{patient['b']}/$prior-results")
+    assert answer.status_code == 200, answer.text
+    bundle = answer.json()
+    assert bundle["type"] == "searchset"
+    matches = [e for e in bundle["entry"] if e["search"]["mode"] == "match"]
+    outcomes = [e for e in bundle["entry"] if e["search"]["mode"] == "outcome"]
+    provenances = [e["resource"] for e in bundle["entry"] if e["search"]["mode"] == "include"]
+    assert outcomes == [], outcomes
+    assert bundle["total"] == len(matches) == 6
+    by_source: dict[str, dict[str, Any]] = {}
+    for entry in matches:
+        resource = entry["resource"]
+        source = resource["meta"]["source"]
+        assert entry["fullUrl"] == source
+        member = next(m for m in ("hosp-a", "hosp-c") if group.members[m].url in source)
+        by_source[f"{member}/{resource['id']}"] = verdict_of(resource)
+    ra, rc = patient["results_a"], patient["results_c"]
+    assert by_source[f"hosp-a/{ra[0]}"] == {"recognised": True, "mark": "HR", "failed": set()}
+    assert by_source[f"hosp-a/{ra[1]}"]["failed"] == {"expired"}
+    assert by_source[f"hosp-a/{ra[2]}"]["failed"] == {"not-on-list"}
+    assert by_source[f"hosp-a/{ra[3]}"] == {"recognised": True, "mark": "HR", "failed": set()}
+    assert by_source[f"hosp-c/{rc[0]}"]["failed"] == {"level-refused"}
+    assert by_source[f"hosp-c/{rc[1]}"]["failed"] == {"not-accredited"}
+    # every result has a Provenance naming its source and the ledger entry that released it
+    assert len(provenances) == 6
+    for provenance in provenances:
+        chain, seq = provenance["policy"][0].rsplit(":", 2)[1:]
+        member = provenance["agent"][0]["who"]["identifier"]["value"]
+        assert chain == member
+        entry = ChainStore(group.database_url(member)).entry(chain, int(seq))
+        assert entry["type"] == "access.decided" and entry["body"]["requester_org"] == "hosp-b"
+        digest = provenance["entity"][0]["what"]["identifier"]["value"].removeprefix("urn:sha256:")
+        assert digest in entry["body"]["released"]
+    # the decimals and every element came through as stored at the source
+    a = node(group, "hosp-a")
+    stored = a.session().get(f"{a.fhir}/Observation/{ra[0]}").json()
+    shown = next(e["resource"] for e in matches if e["resource"]["id"] == ra[0])
+    assert shown["valueQuantity"] == stored["valueQuantity"]
+    (released_by,) = [p for p in provenances if ra[0] in p["target"][0]["reference"]]
+    seq = int(released_by["policy"][0].rsplit(":", 1)[1])
+    decided = ChainStore(group.database_url("hosp-a")).entry("hosp-a", seq)
+    assert resource_hash(stored) in decided["body"]["released"]  # the hash of the stored bytes
+    # the request is on B's chain, under the same pseudonym the sources decided for
+    chain_b = ChainStore(group.database_url("hosp-b"))
+    requests_ = chain_b.entries_about(decided["body"]["patient"], ["access.requested"])
+    assert requests_ and requests_[0]["chain"] == "hosp-b"
+    assert requests_[0]["body"]["requester"]["org"] == "hosp-b"
+    assert requests_[0]["body"]["categories"] == ["laboratory", "imaging"]
+    assert "dr-qian" not in str(requests_[0])  # the doctor appears as a pseudonym
+    filtered = doctor.get(
+        f"{b.fhir}/Patient/{patient['b']}/$prior-results", params={"category": "imaging"}
+    ).json()
+    assert {
+        e["resource"]["resourceType"] for e in filtered["entry"] if e["search"]["mode"] == "match"
+    } == {"ImagingStudy"}
+    coded = doctor.get(
+        f"{b.fhir}/Patient/{patient['b']}/$prior-results", params={"code": f"{LOINC}|718-7"}
+    ).json()
+    assert len([e for e in coded["entry"] if e["search"]["mode"] == "match"]) == 2
+
+
+def test_unreachable_and_denying_members_are_outcomes(
+    group: Consortium, patient: dict[str, Any]
+) -> None:
+    b = node(group, "hosp-b")
+    doctor = b.session(b.token("dr-qian", "doctor"))
+    group.cut("hosp-c")
+    try:
+        bundle = doctor.get(f"{b.fhir}/Patient/{patient['b']}/$prior-results").json()
+    finally:
+        group.heal("hosp-c")
+    outcomes = [e["resource"] for e in bundle["entry"] if e["search"]["mode"] == "outcome"]
+    assert len(outcomes) == 1 and outcomes[0]["issue"][0]["diagnostics"].startswith("hosp-c")
+    assert outcomes[0]["issue"][0]["code"] in ("transient", "timeout")
+    assert bundle["total"] == 4  # A's results only
+    # a patient who consented to nothing: A denies, with its reasons
+    resident_id = "3301" + str(uuid.uuid4().int)[:14]
+    a = node(group, "hosp-a")
+    at_a = register(a, resident_id)
+    store_all(a, [lab(at_a, "718-7", 1)])
+    at_b = register(b, resident_id)
+    bundle = doctor.get(f"{b.fhir}/Patient/{at_b}/$prior-results").json()
+    outcomes = [e["resource"] for e in bundle["entry"] if e["search"]["mode"] == "outcome"]
+    assert [o["issue"][0]["code"] for o in outcomes] == ["forbidden"]
+    assert "no consent" in outcomes[0]["issue"][0]["diagnostics"]
+    assert bundle["total"] == 0
+
+
+def test_requests_are_checked(group: Consortium, patient: dict[str, Any]) -> None:
+    b = node(group, "hosp-b")
+    doctor = b.session(b.token("dr-qian", "doctor"))
+    url = f"{b.fhir}/Patient/{patient['b']}/$prior-results"
+    for params, status in [
+        ({"purpose": "ETREAT"}, 400),
+        ({"category": "genetics"}, 400),
+        ({"purpose": "HMARKT"}, 400),
+        ({"sort": "x"}, 400),
+    ]:
+        answer = doctor.get(url, params=params)
+        assert answer.status_code == status, (params, answer.text)
+        assert answer.json()["resourceType"] == "OperationOutcome"
+    auditor = b.session(b.token("aud", "auditor"))
+    assert auditor.get(url).status_code == 403
