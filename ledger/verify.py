@@ -132,8 +132,18 @@ class _ChainState:
 class Verifier:
     """Feed rosters, then blocks (chains in any interleaving, each in height order)."""
 
-    def __init__(self, authority: Ed25519PublicKey | None) -> None:
+    def __init__(
+        self,
+        authority: Ed25519PublicKey | None,
+        *,
+        watch: frozenset[str] = frozenset(),
+        observe: Callable[[dict[str, Any]], None] | None = None,
+    ) -> None:
+        """``observe`` is given every entry whose type is in ``watch``, once its block's
+        entries are checked (for audits built on top: the replay of access decisions)."""
         self.authority = authority
+        self._watch = watch if observe is not None else frozenset()
+        self._observe = observe
         self.rosters: dict[int, Roster] = {}
         self.summary = Summary(anchored=authority is not None)
         self._chains: dict[str, _ChainState] = {}
@@ -346,11 +356,13 @@ class Verifier:
             datas = self._entry_by_entry(entries, stored, chain, first_seq, block_time, where)
             self._block_types = {parse_canonical(data)["type"] for data in datas}
             parsed = None
-        if EMERGENCY in self._block_types:
+        if EMERGENCY in self._block_types or self._watch & self._block_types:
             for offset, data in enumerate(datas):
                 entry = parsed[offset] if parsed is not None else parse_canonical(data)
                 if entry["type"] == EMERGENCY:
                     self._note_emergency(chain, first_seq + offset, entry)
+                if entry["type"] in self._watch and self._observe is not None:
+                    self._observe(entry)
         leaves = merkle.leaf_hashes(datas)
         before = frontier.copy() if stored_nodes is not None else None
         completed = frontier.extend(leaves)
@@ -518,10 +530,14 @@ def _name_stored_node_fault(
 
 
 def verify_export(
-    path: Path, authority: Ed25519PublicKey | None, progress: Progress | None = None
+    path: Path,
+    authority: Ed25519PublicKey | None,
+    progress: Progress | None = None,
+    **watching: Any,
 ) -> Summary:
-    """Verify an export file (JSON Lines: rosters, then blocks), line by line."""
-    verifier = Verifier(authority)
+    """Verify an export file (JSON Lines: rosters, then blocks), line by line; ``watching``:
+    the ``watch`` and ``observe`` of :class:`Verifier`."""
+    verifier = Verifier(authority, **watching)
     try:
         handle = path.open("rb")
     except OSError as exc:
@@ -577,10 +593,14 @@ def _verify_lines(
 
 
 def verify_database(
-    store: ChainStore, authority: Ed25519PublicKey | None, progress: Progress | None = None
+    store: ChainStore,
+    authority: Ed25519PublicKey | None,
+    progress: Progress | None = None,
+    **watching: Any,
 ) -> Summary:
-    """Verify a node's database: the ledger it holds, and the rows that hold it."""
-    verifier = Verifier(authority)
+    """Verify a node's database: the ledger it holds, and the rows that hold it; ``watching``:
+    the ``watch`` and ``observe`` of :class:`Verifier`."""
+    verifier = Verifier(authority, **watching)
     try:
         rosters = store.rosters()
     except LedgerError as exc:

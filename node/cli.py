@@ -276,8 +276,13 @@ def _anchor(authority: str | None) -> Ed25519PublicKey | None:
 def audit_verify(target: str, authority: str | None, token: str | None) -> None:
     """Verify a ledger: an export file, a database, or a node's URL (http(s)://...).
 
-    Exit 0 when valid, 1 with the first fault or when fork evidence proves a member lied."""
+    Exit 0 when valid, 1 with the first fault, when fork evidence proves a member lied, or
+    when an access decision is not the one the consent policy makes over the view it records."""
+    from exchange.audit import WATCHED, DecisionAudit
+
     anchor = _anchor(authority)
+    decisions = DecisionAudit()
+    watching = {"watch": WATCHED, "observe": decisions.observe}
     with reported():
         try:
             if target.startswith(("http://", "https://")):
@@ -292,22 +297,31 @@ def audit_verify(target: str, authority: str | None, token: str | None) -> None:
                     with entry_progress(None, "downloading") as advance:
                         download_export(target, token or "", export, advance)
                     with entry_progress(None, "verifying") as advance:
-                        summary = verify_export(export, anchor, advance)
+                        summary = verify_export(export, anchor, advance, **watching)
             elif _looks_like_database(target):
                 store = ChainStore(target, read_only=True)
                 if not store.is_initialised():
                     fail(f"{target} holds no ledger")
                 total = sum(rows for rows, _, _ in store.entry_stats().values())
                 with entry_progress(total, "verifying") as advance:
-                    summary = verify_database(store, anchor, advance)
+                    summary = verify_database(store, anchor, advance, **watching)
             else:
                 if not Path(target).is_file():
                     fail(f"{target} is neither an export file nor a database URL")
                 with entry_progress(None, "verifying") as advance:
-                    summary = verify_export(Path(target), anchor, advance)
+                    summary = verify_export(Path(target), anchor, advance, **watching)
         except VerificationError as exc:
             fail(f"INVALID: {exc}")
     print_summary(summary)
+    findings = decisions.findings()
+    out.print(f"{len(decisions.decisions)} access decision(s) replayed against the consent policy")
+    if findings:
+        out.print(
+            f"[bold red]{len(findings)} access decision(s) the policy would not have made:[/]"
+        )
+        for finding in findings:
+            out.print(f"  {finding}", highlight=False)
+        sys.exit(1)
 
 
 @audit.command("receipt")

@@ -6,7 +6,6 @@ offline auditor against the authority key, and one entry's inclusion proof is ch
 from __future__ import annotations
 
 import hashlib
-import hmac
 import secrets
 import tempfile
 import time
@@ -17,48 +16,36 @@ from typing import Any
 import click
 from rich.console import Console
 
+from consent.model import Terms, granted_body, revoked_body
+from consent.policy import AccessRequest, decide
+from consent.pseudonym import RESIDENT_ID_SYSTEM, pseudonym
+from exchange.decisions import Decided, decided_body
 from ledger import keys, merkle
 from ledger.canonical import canonical_bytes
+from ledger.model import format_time
 from ledger.roster import make_member, make_roster, sign_roster
 from ledger.store import ChainStore, ChainWriter
 from ledger.verify import verify_export
 
 
-def _pseudonym(secret: bytes, system: str, value: str) -> str:
-    return hmac.new(secret, f"{system}|{value}".encode(), hashlib.sha256).hexdigest()
-
-
 def _story(secret: bytes) -> list[tuple[str, dict[str, Any]]]:
-    patient = _pseudonym(secret, "urn:oid:2.16.156.10011.1.1", "330106199001011234")
-    doctor = _pseudonym(secret, "urn:hrx:practitioner", "hosp-b/D042")
+    patient = pseudonym(secret, RESIDENT_ID_SYSTEM, "330106199001011234")
     consent_hash = hashlib.sha256(b"Consent/c-1 v1").hexdigest()
     released = [hashlib.sha256(f"Observation/o-{i}".encode()).hexdigest() for i in range(3)]
+    terms = Terms(
+        grantees=("*",),
+        categories=("imaging", "laboratory"),
+        purposes=("TREAT",),
+        start="2026-01-01T00:00:00.000Z",
+        end=None,
+    )
+    grant = granted_body("c-1", patient, terms, consent_hash)
+    request = AccessRequest(patient, "hosp-b", "TREAT", ("imaging",), format_time())
+    in_view = [{"chain": "hosp-a", "seq": 0, "type": "consent.granted", "body": grant}]
+    decided = Decided(decide(in_view, request), {"hosp-a": 1})
     return [
-        (
-            "consent.granted",
-            {
-                "consent_id": "c-1",
-                "patient": patient,
-                "grantees": ["*"],
-                "categories": ["laboratory", "imaging"],
-                "purposes": ["TREAT"],
-                "period": {"start": "2026-11-01", "end": "2027-11-01"},
-                "resource_hash": consent_hash,
-            },
-        ),
-        (
-            "access.decided",
-            {
-                "request_id": "r-1",
-                "requester_org": "hosp-b",
-                "decision": "permit",
-                "reason": "consent",
-                "consent": {"chain": "hosp-a", "seq": 0},
-                "view": {"hosp-a": 1},
-                "released": released,
-                "requester_practitioner": doctor,
-            },
-        ),
+        ("consent.granted", grant),
+        ("access.decided", decided_body("r-1", request, decided, released)),
         (
             "result.recognized",
             {
@@ -68,7 +55,7 @@ def _story(secret: bytes) -> list[tuple[str, dict[str, Any]]]:
                 "avoided_cost_fen": 28000,
             },
         ),
-        ("consent.revoked", {"consent_id": "c-1", "patient": patient}),
+        ("consent.revoked", revoked_body("c-1", patient)),
     ]
 
 
@@ -96,7 +83,7 @@ def run_demo(workdir: Path, console: Console) -> None:
         burst = 2000
         console.print(f"[bold]3.[/] {burst} concurrent appends from 8 threads, group-committed")
         started = time.perf_counter()
-        body = {"request_id": "burst", "patient": _pseudonym(secret, "demo", "p")}
+        body = {"request_id": "burst", "patient": pseudonym(secret, "urn:hrx:demo", "p")}
         with ThreadPoolExecutor(8) as pool:
             list(pool.map(lambda _: writer.append("access.requested", body), range(burst)))
         elapsed = time.perf_counter() - started
