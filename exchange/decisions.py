@@ -7,16 +7,18 @@ those entries (:func:`replay`) must reach the same result.
 
 ``access.decided`` carries, beyond DESIGN §4's fields, what the replay needs and the request
 held: ``patient`` (pseudonym), ``purpose``, ``categories``, ``decided_at`` (the time the
-policy was evaluated at) and ``reason_stated`` (whether an emergency reason was given; the
-text itself stays off the ledger, as it may describe the patient's condition, and is kept in
-the source's local AuditEvent, its SHA-256 on the ledger in ``emergency.access``).
+policy was evaluated at), ``reason_stated`` (whether an emergency reason was given; the text
+itself stays off the ledger, as it may describe the patient's condition, and is kept in the
+source's local AuditEvent, its SHA-256 on the ledger in ``emergency.access``) and ``stale``
+(the chains holding the patient's consents that could not be synced and were older here than
+the staleness bound: such a request is denied).
 """
 
 from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from consent.policy import CONSENT_TYPES, AccessRequest, Decision, decide
@@ -27,13 +29,34 @@ from ledger.store import ChainStore
 class Decided:
     decision: Decision
     view: dict[str, int]  # chain -> tree size read
+    stale: list[str] = field(default_factory=list)  # consent chains too old to decide on
 
 
-def decide_access(store: ChainStore, request: AccessRequest) -> Decided:
-    """Decide ``request`` over the consent entries this node holds now."""
+def decide_access(
+    store: ChainStore, request: AccessRequest, stale: Mapping[str, str] | None = None
+) -> Decided:
+    """Decide ``request`` over the consent entries this node holds now. ``stale``: chains
+    holding the patient's consents that could not be brought up to date and whose copy here
+    is older than the staleness bound, with why: the request is then denied."""
     view = {chain: head.tree_size for chain, head in sorted(store.heads().items())}
+    if stale:
+        return Decided(stale_decision(stale), view, sorted(stale))
     entries = in_view(store.entries_about(request.patient, CONSENT_TYPES), view)
     return Decided(decide(entries, request), view)
+
+
+def stale_decision(stale: Mapping[str, str] | Iterable[str]) -> Decision:
+    if isinstance(stale, Mapping):
+        why = "; ".join(f"{chain}: {reason}" for chain, reason in sorted(stale.items()))
+    else:
+        why = ", ".join(sorted(stale))
+    return Decision(
+        "deny",
+        (
+            f"the chain(s) holding this patient's consents could not be synced and the copy here "
+            f"is older than the staleness bound ({why})",
+        ),
+    )
 
 
 def in_view(
@@ -59,6 +82,7 @@ def decided_body(
         "reason": decision.reason,
         "consent": decision.consent,
         "view": decided.view,
+        "stale": decided.stale,
         "released": sorted(released),
     }
 
@@ -76,7 +100,10 @@ def emergency_body(request_id: str, request: AccessRequest) -> dict[str, Any]:
 
 def replay(body: Mapping[str, Any], entries: Iterable[Mapping[str, Any]]) -> Decision:
     """The decision the policy makes for a recorded ``access.decided`` over ``entries`` (the
-    consent entries of its patient, which are cut to its view here)."""
+    consent entries of its patient, which are cut to its view here). A decision that records
+    stale consent chains is a deny, whatever the entries say."""
+    if body.get("stale"):
+        return stale_decision(body["stale"])
     request = AccessRequest(
         patient=str(body["patient"]),
         requester=str(body["requester_org"]),

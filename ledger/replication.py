@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -84,6 +84,7 @@ class Replicator:
         on_evidence: Callable[[dict[str, Any]], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
         writes: ChainStore | None = None,
+        on_synced: Callable[[str], None] | None = None,
     ) -> None:
         self.store = store
         # where blocks and evidence are written (on SQLite: an engine that takes the write
@@ -93,6 +94,8 @@ class Replicator:
         self.peers = peers
         self.authority = authority
         self.on_evidence = on_evidence
+        # told of each chain found current with its author's own head (for freshness)
+        self.on_synced = on_synced
         self.clock = clock
         self._backoff: dict[str, _Backoff] = {}
         self._rosters: dict[int, dict[str, Any]] = {}  # every stored version, read each round
@@ -141,7 +144,31 @@ class Replicator:
                     log.warning("refused what %s served of chain %s", source, chain, exc_info=True)
                 else:
                     self._backoff.pop(source, None)
+                    if source == chain and self.on_synced is not None:
+                        self.on_synced(chain)
         return report
+
+    def sync_from_authors(self, chains: Iterable[str]) -> dict[str, str]:
+        """Bring ``chains`` up to their authors' heads now; for each chain that could not be,
+        why (the others are current with their authors, and ``on_synced`` was told)."""
+        failed: dict[str, str] = {}
+        self._rosters = {body["version"]: body for body, _ in self.store.rosters()}
+        frozen = self.store.frozen_chains()
+        for chain in sorted(set(chains) - {self.own}):
+            if chain in frozen:
+                failed[chain] = "frozen by fork evidence"
+                continue
+            try:
+                claimed = self.peers.heads(chain).get(chain)
+                if claimed is None:
+                    raise _Refused("its author reports no head of it")
+                self._follow(chain, chain, claimed, RoundReport())
+            except (LedgerError, _Refused, _Forked, KeyError, TypeError, ValueError) as exc:
+                failed[chain] = str(exc) or type(exc).__name__
+            else:
+                if self.on_synced is not None:
+                    self.on_synced(chain)
+        return failed
 
     # -- one chain from one source --------------------------------------------------------
 

@@ -36,7 +36,13 @@ SCHEMA: dict[str, dict[str, tuple[type, Any]]] = {
     "tokens": {"ttl": (int, 3600), "max_ttl": (int, 86400)},
     "audit": {"flush_ms": (int, 20)},
     # every member must match patients by the same identifier system (DESIGN §4)
-    "consent": {"identifier_system": (str, RESIDENT_ID_SYSTEM)},
+    # staleness_seconds: how old a copy of a patient's consent chain a source may decide on
+    # when the chain's author cannot be reached; sync_timeout_ms: how long it tries to reach it
+    "consent": {
+        "identifier_system": (str, RESIDENT_ID_SYSTEM),
+        "staleness_seconds": (int, 60),
+        "sync_timeout_ms": (int, 1000),
+    },
     # rules: a mutual-recognition rules file ("" = the shipped default, exchange/rules)
     "exchange": {"timeout_ms": (int, 5000), "rules": (str, "")},
     "checkpoints": {
@@ -65,6 +71,8 @@ class NodeConfig:
     token_max_ttl: int
     audit_flush_ms: int
     identifier_system: str  # the patient identifier pseudonyms are made of
+    staleness_seconds: int
+    sync_timeout_ms: int
     exchange_timeout_ms: int  # how long a referral waits for each member
     recognition_rules: Path | None  # None: the shipped default
     epoch_seconds: int  # certify at least this often while chains grow
@@ -134,6 +142,8 @@ def load_config(directory: Path, environ: Mapping[str, str] | None = None) -> No
         "checkpoints_epoch_blocks",
         "checkpoints_slot_seconds",
         "exchange_timeout_ms",
+        "consent_staleness_seconds",
+        "consent_sync_timeout_ms",
     ):
         least = 0 if name == "audit_flush_ms" else 1
         if values[name] < least:
@@ -159,6 +169,8 @@ def load_config(directory: Path, environ: Mapping[str, str] | None = None) -> No
         token_max_ttl=values["tokens_max_ttl"],
         audit_flush_ms=values["audit_flush_ms"],
         identifier_system=values["consent_identifier_system"],
+        staleness_seconds=values["consent_staleness_seconds"],
+        sync_timeout_ms=values["consent_sync_timeout_ms"],
         exchange_timeout_ms=values["exchange_timeout_ms"],
         recognition_rules=resolve(values["exchange_rules"]) if values["exchange_rules"] else None,
         epoch_seconds=values["checkpoints_epoch_seconds"],

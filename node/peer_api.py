@@ -22,7 +22,7 @@ from typing import Any
 
 from flask import Blueprint, Response, current_app, g, request
 
-from consent.policy import AccessRequest
+from consent.policy import CONSENT_TYPES, AccessRequest
 from consent.pseudonym import is_pseudonym
 from exchange.decisions import decide_access, decided_body, emergency_body
 from exchange.recognition import result_of
@@ -35,12 +35,14 @@ from ledger.model import format_time
 from node.audit import AuditRecord
 from node.ledger_api import verified_peer
 from node.pseudonyms import patients_with
+from node.replication import replicator_for, synced_age
 
 bp = Blueprint("peer", __name__, url_prefix="/peer")
 
 HINT_FILE = "replicate.hint"
 EPOCH_TOLERANCE_SLOTS = 120  # how far (in slots) an epoch may be from this node's clock
 RESULT_TYPES = ("Observation", "DiagnosticReport", "ImagingStudy")  # what a member releases
+_cache: dict[str, Any] = {}
 ZONE = timezone(timedelta(hours=8))  # only categories are read here: the zone does not matter
 
 
@@ -155,7 +157,7 @@ def decide_access_request() -> Response:
         time=format_time(),
         reason=reason,
     )
-    decided = decide_access(services.chain_store, access)
+    decided = decide_access(services.chain_store, access, _sync_consent_chains(services, patient))
     patients = patients_with(services.database.engine, patient)
     released: list[Stored] = []
     if decided.decision.permitted:
@@ -214,6 +216,35 @@ def holds_records() -> Response:
     if not isinstance(body, dict) or set(body) != {"patient"} or not is_pseudonym(patient):
         raise InvalidRequest('the body is {"patient": <pseudonym: 64 lowercase hex digits>}')
     return _json({"holds": bool(patients_with(services.database.engine, str(patient)))})
+
+
+def _sync_consent_chains(services: Any, patient: str) -> dict[str, str]:
+    """Bring the chains that hold the patient's consents up to their authors' heads (DESIGN
+    §5); the chains that could not be and whose copy here is older than the staleness bound,
+    with why. The worker is kept per process (its rosters are read again at each sync)."""
+    config = services.config
+    chains = {
+        entry["chain"]
+        for entry in services.chain_store.entries_about(patient, CONSENT_TYPES)
+        if entry["chain"] != config.node_id
+    }
+    if not chains:
+        return {}
+    replicator = _cache.get("consent-sync")
+    if replicator is None:
+        replicator = _cache["consent-sync"] = replicator_for(
+            config,
+            services.chain_store,
+            services.chain_writes,
+            timeout=config.sync_timeout_ms / 1000,
+        )
+    stale = {}
+    for chain, why in replicator.sync_from_authors(chains).items():
+        age = synced_age(services.chain_store, chain)
+        if age is None or age > config.staleness_seconds:
+            copy = "never confirmed" if age is None else f"last confirmed {age:.0f} s ago"
+            stale[chain] = f"{why}; the copy here was {copy} (bound {config.staleness_seconds} s)"
+    return stale
 
 
 def _access_request(body: Any) -> tuple[str, str, str, list[str], str | None]:

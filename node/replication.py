@@ -59,16 +59,19 @@ def _read_capped(response: requests.Response) -> bytes:
 class SignedPeers:
     """Fetches ledger JSON from members, each request signed with this node's key."""
 
-    def __init__(self, store: ChainStore, own: str, key: Any) -> None:
+    def __init__(
+        self, store: ChainStore, own: str, key: Any, *, timeout: float = READ_SECONDS
+    ) -> None:
         self.store = store
         self.own = own
         self.key = key
+        self.timeout = timeout  # for each request
         self.session = requests.Session()
 
     def _request(self, member: str, method: str, path: str, value: Any = None) -> Any:
         """A signed request to a member; its JSON answer, or PeerUnavailable saying why
         (the member's own message included)."""
-        content = self.fetch(member, method, path, value)
+        content = self.fetch(member, method, path, value, self.timeout)
         try:
             return parse_json(content)
         except LedgerError as exc:
@@ -135,8 +138,36 @@ class SignedPeers:
         return blocks
 
 
+SYNCED_SETTING = "synced:"  # + chain id: when its author's head was last matched (unix s)
+
+
+class SyncTimes:
+    """Records when each chain was last found current with its author (at most once a second
+    per chain), for the staleness bound of access decisions (DESIGN §5)."""
+
+    def __init__(self, writes: ChainStore) -> None:
+        self.writes = writes
+        self._written: dict[str, float] = {}
+
+    def record(self, chain: str) -> None:
+        now = time.time()
+        if now - self._written.get(chain, 0.0) >= 1.0:
+            self.writes.set_setting(SYNCED_SETTING + chain, f"{now:.3f}")
+            self._written[chain] = now
+
+
+def synced_age(store: ChainStore, chain: str) -> float | None:
+    """Seconds since ``chain`` was last found current with its author; None: never."""
+    value = store.setting(SYNCED_SETTING + chain)
+    return None if value is None else max(0.0, time.time() - float(value))
+
+
 def replicator_for(
-    config: NodeConfig, store: ChainStore, writes: ChainStore | None = None
+    config: NodeConfig,
+    store: ChainStore,
+    writes: ChainStore | None = None,
+    *,
+    timeout: float = READ_SECONDS,
 ) -> Replicator:
     anchor = store.setting(AUTHORITY_SETTING)
     if anchor is None:
@@ -148,9 +179,10 @@ def replicator_for(
     return Replicator(
         store,
         config.node_id,
-        SignedPeers(store, config.node_id, key),
+        SignedPeers(store, config.node_id, key, timeout=timeout),
         keys.parse_public_key(anchor),
         writes=writes,
+        on_synced=SyncTimes(writes or store).record,
     )
 
 

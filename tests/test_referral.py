@@ -4,6 +4,8 @@ OperationOutcome entries; what was released is on the sources' ledgers."""
 
 from __future__ import annotations
 
+import signal
+import time
 import uuid
 from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
@@ -55,7 +57,11 @@ def group(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Consortium]:
         epoch_seconds=2,
         replicate_interval=0.2,
         members_info=MEMBERS_INFO,
-        environment={"HRX_EXCHANGE_TIMEOUT_MS": "3000"},
+        environment={
+            "HRX_EXCHANGE_TIMEOUT_MS": "3000",
+            "HRX_CONSENT_STALENESS_SECONDS": "3",
+            "HRX_CONSENT_SYNC_TIMEOUT_MS": "500",
+        },
     )
     try:
         consortium.start_all()
@@ -281,3 +287,61 @@ def test_requests_are_checked(group: Consortium, patient: dict[str, Any]) -> Non
         assert answer.json()["resourceType"] == "OperationOutcome"
     auditor = b.session(b.token("aud", "auditor"))
     assert auditor.get(url).status_code == 403
+
+
+def outcome_of(bundle: dict[str, Any], member: str) -> str | None:
+    for entry in bundle["entry"]:
+        if entry["search"]["mode"] == "outcome":
+            diagnostics = entry["resource"]["issue"][0]["diagnostics"]
+            if diagnostics.startswith(member):
+                return str(diagnostics)
+    return None
+
+
+def test_a_source_syncs_the_consent_chain_and_respects_the_staleness_bound(
+    group: Consortium,
+) -> None:
+    """The consent lives at C; A holds the results. A's replication worker is paused, so A
+    learns of C's revocation only by syncing C's chain when it decides; once C is cut off
+    and A's copy is older than the bound (3 s here), A denies."""
+    resident_id = "3301" + str(uuid.uuid4().int)[:14]
+    a, b, c = (node(group, n) for n in ("hosp-a", "hosp-b", "hosp-c"))
+    at_a, at_b, at_c = (register(n, resident_id) for n in (a, b, c))
+    store_all(a, [lab(at_a, "718-7", 1)])
+    token = c.token(f"pt-{at_c[:8]}", "patient", patient=at_c)
+    granted = post(
+        c.session(token),
+        f"{c.fhir}/Consent",
+        consent_resource(at_c, ["hosp-b"], ["laboratory"], ["TREAT"], None, None),
+    )
+    assert granted.status_code == 201, granted.text
+    group.wait_converged(20)
+    doctor = b.session(b.token("dr-sun", "doctor"))
+    url = f"{b.fhir}/Patient/{at_b}/$prior-results"
+    params = {"category": "laboratory"}
+    worker = group.members["hosp-a"].replicator
+    assert worker is not None
+    worker.send_signal(signal.SIGSTOP)
+    try:
+        assert doctor.get(url, params=params).json()["total"] == 1  # permitted by C's consent
+        revoked = {**granted.json(), "status": "inactive"}
+        answer = c.session(token).put(
+            f"{c.fhir}/Consent/{revoked['id']}",
+            json=revoked,
+            headers={"Content-Type": "application/fhir+json"},
+        )
+        assert answer.status_code == 200
+        bundle = doctor.get(url, params=params).json()  # A syncs C's chain before deciding
+        assert bundle["total"] == 0
+        assert "revoked" in (outcome_of(bundle, "hosp-a") or ""), bundle
+        group.cut("hosp-c")
+        try:
+            bundle = doctor.get(url, params=params).json()  # A's copy is fresh: it decides
+            assert "revoked" in (outcome_of(bundle, "hosp-a") or ""), bundle
+            time.sleep(3.5)
+            bundle = doctor.get(url, params=params).json()  # now too old: A denies
+            assert "staleness bound" in (outcome_of(bundle, "hosp-a") or ""), bundle
+        finally:
+            group.heal("hosp-c")
+    finally:
+        worker.send_signal(signal.SIGCONT)
