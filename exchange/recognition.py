@@ -84,6 +84,32 @@ class Rules:
                     return item
         return None
 
+    def item_for_order(self, order: Mapping[str, Any]) -> Item | None:
+        """The item a ServiceRequest orders: a lab item by one of its codes, an imaging item
+        by a DICOM modality among its codes and its body site."""
+        codings = _codings(order.get("code"))
+        for coding in codings:
+            item = self._by_code.get(f"{coding.get('system')}|{coding.get('code')}")
+            if item is not None:
+                return item
+        modalities = {c.get("code") for c in codings if c.get("system") in (DICOM_MODALITY, None)}
+        sites: set[str] = set()
+        for site in order.get("bodySite", []):
+            for coding in _codings(site):
+                sites |= {
+                    str(coding.get(k, "")).lower() for k in ("code", "display") if coding.get(k)
+                }
+            if isinstance(site, dict) and site.get("text"):
+                sites.add(str(site["text"]).lower())
+        for item in self.items:
+            if (
+                item.category == "imaging"
+                and item.modality in modalities
+                and item.body_sites & sites
+            ):
+                return item
+        return None
+
     def item(self, item_id: str) -> Item | None:
         return next((item for item in self.items if item.id == item_id), None)
 

@@ -618,10 +618,10 @@ class ChainStore:
         return True
 
     def entries_about(
-        self, patient: str, types: Sequence[str] | None = None
+        self, patient: str | None, types: Sequence[str] | None = None
     ) -> list[dict[str, Any]]:
-        """Every stored entry whose body names ``patient``, of ``types`` when given, by chain
-        and seq."""
+        """Every stored entry whose body names ``patient`` (None: any patient), of ``types``
+        when given, by chain and seq."""
         self._require_schema()
         query = (
             sa.select(entries_table.c.data)
@@ -634,9 +634,10 @@ class ChainStore:
                     ),
                 )
             )
-            .where(subjects_table.c.patient == patient)
             .order_by(subjects_table.c.chain, subjects_table.c.seq)
         )
+        if patient is not None:
+            query = query.where(subjects_table.c.patient == patient)
         if types is not None:
             query = query.where(subjects_table.c.type.in_(list(types)))
         with self.engine.connect() as conn:

@@ -37,12 +37,22 @@ def create_app(directory: str | Path) -> Flask:
             app.wsgi_app, x_for=hops, x_proto=hops, x_host=hops, x_port=hops
         )
 
-    from node import auth_api, fhir_api, health, ledger_api, peer_api, portal, referral_api
+    from node import (
+        auth_api,
+        fhir_api,
+        health,
+        ledger_api,
+        orders,
+        peer_api,
+        portal,
+        referral_api,
+    )
 
     app.register_blueprint(health.bp)
     app.register_blueprint(auth_api.bp)
     app.register_blueprint(fhir_api.bp)
     app.register_blueprint(referral_api.bp)
+    app.register_blueprint(orders.bp)
     app.register_blueprint(ledger_api.bp)
     app.register_blueprint(peer_api.bp)
     app.register_blueprint(portal.bp)

@@ -85,34 +85,11 @@ def _listed(name: str) -> list[str]:
 @bp.get("/Patient/<patient_id>/$prior-results")
 def prior_results(patient_id: str) -> Response:
     principal = fhir_api.authenticate()
-    if principal.role not in ("doctor", "admin"):
-        refusal = Forbidden(f"{principal.username} ({principal.role}) may not fetch prior results")
-        fhir_api._audit_refusal(principal, "operation", str(refusal))
-        raise refusal
-    for resource_type in ("Patient", *RESULT_TYPES):
-        fhir_api.permit(resource_type, "r", "operation")
     check_id(patient_id)
     unknown = set(request.args) - {"category", "code", "purpose", "reason", "referral", "_format"}
     if unknown:
         raise InvalidRequest(f"$prior-results takes no parameter(s) {sorted(unknown)}")
-    categories = _listed("category") or list(CATEGORIES)
-    wrong = [c for c in categories if c not in CATEGORIES]
-    if wrong:
-        raise InvalidRequest(f"category {wrong[0]!r} is not one of {', '.join(CATEGORIES)}")
-    purpose = request.args.get("purpose", "TREAT")
-    if purpose not in PURPOSES:
-        raise InvalidRequest(f"purpose {purpose!r} is not one of {', '.join(PURPOSES)}")
-    reason = (request.args.get("reason") or "").strip() or None
-    if purpose == EMERGENCY and reason is None:
-        raise InvalidRequest("emergency access (purpose=ETREAT) needs a stated reason (reason=)")
     svc = services()
-    patient = svc.store.read("Patient", patient_id).resource()
-    pseudonym = svc.consents.pseudonym_of(patient)
-    if pseudonym is None:
-        raise Unprocessable(
-            f"Patient/{patient_id} has no identifier of {svc.config.identifier_system}, which "
-            "members match patients by: add it to the Patient first"
-        )
     referral_hash = None
     referral = request.args.get("referral")
     if referral:
@@ -123,6 +100,52 @@ def prior_results(patient_id: str) -> Response:
             referral_hash = svc.store.read("ServiceRequest", referral_id).sha256()
         except NotFound:
             raise InvalidRequest(f"{referral} is not known here") from None
+    bundle = fetch_prior_results(
+        svc,
+        principal,
+        patient_id,
+        _listed("category") or list(CATEGORIES),
+        codes=_listed("code"),
+        purpose=request.args.get("purpose", "TREAT"),
+        reason=(request.args.get("reason") or "").strip() or None,
+        referral_hash=referral_hash,
+    )
+    return fhir_api.respond(200, bundle)
+
+
+def fetch_prior_results(
+    svc: Services,
+    principal: Any,
+    patient_id: str,
+    categories: list[str],
+    *,
+    codes: list[str] | None = None,
+    purpose: str = "TREAT",
+    reason: str | None = None,
+    referral_hash: str | None = None,
+) -> dict[str, Any]:
+    """The searchset of a patient's prior results from every member (see the module
+    docstring); ``access.requested`` is on this node's chain before any member is asked."""
+    if principal.role not in ("doctor", "admin"):
+        refusal = Forbidden(f"{principal.username} ({principal.role}) may not fetch prior results")
+        fhir_api._audit_refusal(principal, "operation", str(refusal))
+        raise refusal
+    for resource_type in ("Patient", *RESULT_TYPES):
+        fhir_api.permit(resource_type, "r", "operation")
+    wrong = [c for c in categories if c not in CATEGORIES]
+    if wrong:
+        raise InvalidRequest(f"category {wrong[0]!r} is not one of {', '.join(CATEGORIES)}")
+    if purpose not in PURPOSES:
+        raise InvalidRequest(f"purpose {purpose!r} is not one of {', '.join(PURPOSES)}")
+    if purpose == EMERGENCY and reason is None:
+        raise InvalidRequest("emergency access (purpose=ETREAT) needs a stated reason (reason=)")
+    patient = svc.store.read("Patient", patient_id).resource()
+    pseudonym = svc.consents.pseudonym_of(patient)
+    if pseudonym is None:
+        raise Unprocessable(
+            f"Patient/{patient_id} has no identifier of {svc.config.identifier_system}, which "
+            "members match patients by: add it to the Patient first"
+        )
     request_id = str(uuid.uuid4())
     requester = {  # the doctor, as a pseudonym like a patient's
         "org": svc.config.node_id,
@@ -165,7 +188,7 @@ def prior_results(patient_id: str) -> Response:
         members=members,
         here=svc.config.node_id,
         today=datetime.now(rules(svc).zone).date(),
-        codes=_listed("code"),
+        codes=codes or [],
         recorded=format_instant(now_micros()),
         self_link=self_link,
     )
@@ -182,4 +205,4 @@ def prior_results(patient_id: str) -> Response:
         query=request.query_string.decode() or None,
     )
     svc.audit.record(record)
-    return fhir_api.respond(200, bundle)
+    return bundle

@@ -4,6 +4,7 @@ OperationOutcome entries; what was released is on the sources' ledgers."""
 
 from __future__ import annotations
 
+import json
 import signal
 import time
 import uuid
@@ -345,3 +346,126 @@ def test_a_source_syncs_the_consent_chain_and_respects_the_staleness_bound(
             group.heal("hosp-c")
     finally:
         worker.send_signal(signal.SIGCONT)
+
+
+def order(patient_id: str, code: dict[str, Any], site: str | None = None) -> dict[str, Any]:
+    resource: dict[str, Any] = {
+        "resourceType": "ServiceRequest",
+        "status": "active",
+        "intent": "order",
+        "code": {"coding": [code]},
+        "subject": {"reference": f"Patient/{patient_id}"},
+    }
+    if site:
+        resource["bodySite"] = [{"coding": [{"system": "http://snomed.info/sct", "code": site}]}]
+    return resource
+
+
+def parameter(parameters: dict[str, Any], name: str) -> list[dict[str, Any]]:
+    return [p for p in parameters["parameter"] if p["name"] == name]
+
+
+def test_recognised_exams_are_accepted_one_is_reordered_and_savings_counted(
+    group: Consortium, tmp_path: Any
+) -> None:
+    """End to end: consent at A; referral to B; B finds a recognised CT and blood count panel
+    at A and accepts them instead of ordering; a potassium from C is not recognised (lower
+    level) and B orders it again with a reason; the savings report counts it all."""
+    from click.testing import CliRunner
+
+    from node.cli import main
+
+    resident_id = "3301" + str(uuid.uuid4().int)[:14]
+    a, b, c = (node(group, n) for n in ("hosp-a", "hosp-b", "hosp-c"))
+    at_a, at_b, at_c = (register(n, resident_id) for n in (a, b, c))
+    cbc = {
+        "resourceType": "DiagnosticReport",
+        "status": "final",
+        "category": [
+            {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0074", "code": "LAB"}]}
+        ],
+        "code": {"coding": [{"system": LOINC, "code": "58410-2"}]},
+        "subject": {"reference": f"Patient/{at_a}"},
+        "effectiveDateTime": days_ago(2),
+    }
+    store_all(a, [cbc, ct(at_a, "51185008", 4)])
+    store_all(c, [lab(at_c, "2823-3", 0)])
+    token = a.token(f"pt-{at_a[:8]}", "patient", patient=at_a)
+    granted = post(
+        a.session(token),
+        f"{a.fhir}/Consent",
+        consent_resource(at_a, ["*"], ["laboratory", "imaging"], ["TREAT"], None, None),
+    )
+    assert granted.status_code == 201
+    group.wait_converged(20)
+    doctor = b.session(b.token("dr-zhou", "doctor"))
+    dicom = {"system": "http://dicom.nema.org/resources/ontology/DCM", "code": "CT"}
+    orders = {
+        "ct": order(at_b, dicom, "51185008"),
+        "cbc": order(at_b, {"system": LOINC, "code": "58410-2"}),
+        "k": order(at_b, {"system": LOINC, "code": "2823-3"}),
+    }
+    accepted = {}
+    for name in ("ct", "cbc"):
+        check = post(doctor, f"{b.fhir}/ServiceRequest/$check-recognition", orders[name])
+        assert check.status_code == 200, check.text
+        checked = check.json()
+        assert parameter(checked, "recognised")[0]["valueBoolean"] is True, checked
+        (result,) = parameter(checked, "result")
+        reference = next(p["valueUri"] for p in result["part"] if p["name"] == "reference")
+        assert reference.startswith(group.members["hosp-a"].url)
+        created = post(doctor, f"{b.fhir}/ServiceRequest", orders[name])
+        assert created.status_code == 201
+        order_id = created.json()["id"]
+        accept = post(
+            doctor,
+            f"{b.fhir}/ServiceRequest/{order_id}/$accept-recognised",
+            {
+                "resourceType": "Parameters",
+                "parameter": [{"name": "result", "valueUri": reference}],
+            },
+        )
+        assert accept.status_code == 200, accept.text
+        accepted[name] = parameter(accept.json(), "avoidedCostFen")[0]["valueInteger"]
+        closed = doctor.get(f"{b.fhir}/ServiceRequest/{order_id}").json()
+        assert closed["status"] == "revoked" and "HR" in closed["note"][-1]["text"]
+    assert accepted == {"ct": 30000, "cbc": 2000}
+    # potassium from the lower-level C: not recognised; ordered again, fast-changing
+    check = post(doctor, f"{b.fhir}/ServiceRequest/$check-recognition", orders["k"]).json()
+    assert parameter(check, "recognised")[0]["valueBoolean"] is False
+    created = post(doctor, f"{b.fhir}/ServiceRequest", orders["k"]).json()
+    refused = post(
+        doctor,
+        f"{b.fhir}/ServiceRequest/{created['id']}/$reorder",
+        {"resourceType": "Parameters", "parameter": [{"name": "reason", "valueCode": "whim"}]},
+    )
+    assert refused.status_code == 400
+    reorder = post(
+        doctor,
+        f"{b.fhir}/ServiceRequest/{created['id']}/$reorder",
+        {
+            "resourceType": "Parameters",
+            "parameter": [{"name": "reason", "valueCode": "fast-changing"}],
+        },
+    )
+    assert reorder.status_code == 200, reorder.text
+    assert doctor.get(f"{b.fhir}/ServiceRequest/{created['id']}").json()["status"] == "active"
+    # the savings, from B's ledger
+    report = CliRunner().invoke(
+        main, ["report", "savings", "--dir", str(group.members["hosp-b"].directory), "--json"]
+    )
+    assert report.exit_code == 0, report.output
+    figures = json.loads(report.output)
+    mine = [r for r in figures["rows"] if r["member"] == "hosp-b"]
+    assert sum(r["exams_avoided"] for r in mine) == 2
+    assert sum(r["fen_saved"] for r in mine) == 32000
+    assert {r["item"] for r in mine} == {"ct-chest", "cbc"}
+    assert {"member": "hosp-b", "reason": "fast-changing", "exams": 1} in figures["reordered"]
+    text = CliRunner().invoke(
+        main, ["report", "savings", "--dir", str(group.members["hosp-b"].directory)]
+    )
+    assert "exam(s) avoided" in text.output and "胸部CT" in text.output
+    # and the auditor finds every decision of the consortium as the policy makes it
+    verdict = CliRunner().invoke(main, ["audit", "verify", group.database_url("hosp-a")])
+    assert verdict.exit_code == 0, verdict.output
+    assert "access decision(s) replayed" in verdict.output
