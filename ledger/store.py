@@ -718,15 +718,42 @@ class ChainStore:
         """``{chain: (block rows, lowest height, highest height)}`` for every chain."""
         return self._row_stats(blocks_table, blocks_table.c.height)
 
-    def _row_stats(self, table: sa.Table, key: sa.Column[Any]) -> dict[str, tuple[int, int, int]]:
+    def _row_stats(
+        self, table: sa.Table, key: sa.Column[Any], conn: Connection | None = None
+    ) -> dict[str, tuple[int, int, int]]:
+        query = sa.select(
+            table.c.chain, sa.func.count(), sa.func.min(key), sa.func.max(key)
+        ).group_by(table.c.chain)
+        if conn is None:
+            self._require_schema()
+            with self.engine.connect() as own:
+                rows = own.execute(query).all()
+        else:
+            rows = conn.execute(query).all()
+        return {row[0]: (int(row[1]), int(row[2]), int(row[3])) for row in rows}
+
+    def row_stats_snapshot(
+        self,
+    ) -> tuple[dict[str, tuple[int, int, int]], dict[str, tuple[int, int, int]], dict[str, int]]:
+        """Entry and block row stats and each chain's newest tree size, all read in one
+        snapshot of the database (a live node keeps appending while an auditor reads)."""
         self._require_schema()
         with self.engine.connect() as conn:
-            rows = conn.execute(
-                sa.select(
-                    table.c.chain, sa.func.count(), sa.func.min(key), sa.func.max(key)
-                ).group_by(table.c.chain)
-            ).all()
-        return {row[0]: (int(row[1]), int(row[2]), int(row[3])) for row in rows}
+            if self.is_postgres:
+                conn = conn.execution_options(isolation_level="REPEATABLE READ")
+            with conn.begin():
+                entries = self._row_stats(entries_table, entries_table.c.seq, conn)
+                blocks = self._row_stats(blocks_table, blocks_table.c.height, conn)
+                sizes = {}  # the tree size of each chain's highest block
+                for chain, (_rows, _lowest, highest) in blocks.items():
+                    sizes[chain] = int(
+                        conn.execute(
+                            sa.select(blocks_table.c.tree_size).where(
+                                blocks_table.c.chain == chain, blocks_table.c.height == highest
+                            )
+                        ).scalar_one()
+                    )
+        return entries, blocks, sizes
 
     def block_count(self) -> int:
         with self.engine.connect() as conn:
