@@ -67,6 +67,8 @@ class Relay:
             except OSError:
                 client.close()
                 continue
+            for sock in (client, upstream):  # no Nagle delay: the relay must not add latency
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             with self._lock:
                 self._open.update((client, upstream))
             for source, sink in ((client, upstream), (upstream, client)):
