@@ -145,14 +145,18 @@ def database_url(target: str) -> str:
     return target
 
 
-def open_engine(target: str, *, read_only: bool = False, immediate: bool = False) -> Engine:
+def open_engine(
+    target: str, *, read_only: bool = False, immediate: bool = False, durable: bool = True
+) -> Engine:
     """An engine set up for the ledger: SQLite in WAL mode with durable commits (the chain
     writer takes the write lock up front with ``BEGIN IMMEDIATE``), or PostgreSQL via psycopg.
 
     ``read_only`` (the auditor's way in) opens an existing SQLite file without changing it, not
     even its journal mode, and never creates one. ``immediate`` makes every SQLite transaction
     take the write lock when it begins: for engines that write, so that two transactions never
-    both read and then find they cannot write.
+    both read and then find they cannot write. ``durable=False`` (SQLite: ``synchronous=NORMAL``)
+    is for writes that must survive a crash of the process but may be lost with the machine's
+    power: a commit then writes the WAL without waiting for the disk.
     """
     url = database_url(target)
     if url.startswith("sqlite"):
@@ -169,7 +173,7 @@ def open_engine(target: str, *, read_only: bool = False, immediate: bool = False
             cursor = dbapi_connection.cursor()
             if not read_only:
                 cursor.execute("PRAGMA journal_mode=WAL")
-                cursor.execute("PRAGMA synchronous=FULL")
+                cursor.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
             cursor.execute("PRAGMA busy_timeout=60000")
             cursor.close()
 

@@ -43,16 +43,23 @@ class Database:
     url: str
     engine: Engine
     write_engine: Engine
+    # writes that must survive the process crashing, not the machine losing power: the nonces
+    # of signed requests (a replay needs the nonce's request within minutes, and the machine
+    # to have lost power in between); they then cost no wait for the disk
+    nonce_engine: Engine
 
     def close(self) -> None:
-        self.engine.dispose()
-        self.write_engine.dispose()
+        for engine in {self.engine, self.write_engine, self.nonce_engine}:
+            engine.dispose()
 
 
 def open_database(url: str) -> Database:
     engine = open_engine(url)
-    write_engine = engine if engine.dialect.name != "sqlite" else open_engine(url, immediate=True)
-    return Database(url, engine, write_engine)
+    if engine.dialect.name != "sqlite":
+        return Database(url, engine, engine, engine)
+    write_engine = open_engine(url, immediate=True)
+    nonce_engine = open_engine(url, immediate=True, durable=False)
+    return Database(url, engine, write_engine, nonce_engine)
 
 
 def _alembic_config(engine: Engine) -> Config:

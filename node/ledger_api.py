@@ -65,7 +65,7 @@ def verified_peer() -> str:
     target = services.config.url + request.full_path.rstrip("?")
     return verify_request(
         roster,
-        services.database.write_engine,
+        services.database.nonce_engine,
         request.method,
         target,
         request.headers.items(),

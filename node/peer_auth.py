@@ -7,7 +7,10 @@ a random ``nonce``. The receiving node accepts it only when the key id is a memb
 newest roster, the signature verifies with that member's key, ``created`` lies within the
 last 300 s (and no more than 5 s ahead), the digest matches the body, and the nonce has not
 been seen (nonces are remembered in the database for as long as they could be accepted, so a
-replay is caught whichever worker process it reaches).
+replay is caught whichever worker process it reaches). Remembering a nonce commits without
+waiting for the disk (SQLite ``synchronous=NORMAL`` in WAL mode, PostgreSQL
+``synchronous_commit=off``): it survives the process crashing, and only a power loss in the
+same moment could forget it, which a replay would also have to hit within 300 s.
 
 The target URI a node checks is its own public URL (``node.url``) plus the request's path and
 query: what the peer signed, whatever proxies sit between them.
@@ -155,6 +158,8 @@ def verify_request(
 def _remember_nonce(engine: Engine, member: str, nonce: str) -> None:
     now = int(time.time())
     with engine.begin() as conn:
+        if engine.dialect.name == "postgresql":  # as SQLite's nonce engine: no wait for the disk
+            conn.exec_driver_sql("SET LOCAL synchronous_commit TO OFF")
         conn.execute(
             nonces_table.delete().where(
                 nonces_table.c.seen < now - MAX_AGE_SECONDS - FUTURE_SKEW_SECONDS
