@@ -39,6 +39,7 @@ def create_app(directory: str | Path) -> Flask:
 
     from node import (
         auth_api,
+        clinic,
         fhir_api,
         health,
         ledger_api,
@@ -56,4 +57,5 @@ def create_app(directory: str | Path) -> Flask:
     app.register_blueprint(ledger_api.bp)
     app.register_blueprint(peer_api.bp)
     app.register_blueprint(portal.bp)
+    app.register_blueprint(clinic.bp)
     return app

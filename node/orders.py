@@ -20,7 +20,7 @@ from typing import Any
 
 from flask import Blueprint, Response, current_app, request
 
-from exchange.recognition import REORDER_REASONS, Item
+from exchange.recognition import DICOM_MODALITY, REORDER_REASONS, Item
 from exchange.referral import RECOGNITION_URL
 from fhir_adapters.errors import Conflict, FhirError, InvalidRequest, Unprocessable
 from fhir_adapters.resources import check_id, validate
@@ -190,28 +190,7 @@ def accept_recognised(order_id: str) -> Response:
     wanted = _parameter(body, "result")
     if not wanted:
         raise InvalidRequest("give the prior result to accept: parameter result (its fullUrl)")
-    stored = _order(order_id)
-    order = stored.resource()
-    item, found, _ = _recognised(order, principal)
-    chosen = next((r for r in found if r["fullUrl"] == wanted), None)
-    if chosen is None:
-        raise Conflict(
-            f"{wanted} is not (or no longer) a recognised result for {item.label('en')}: "
-            "check again with $check-recognition"
-        )
-    source = chosen["fullUrl"]
-    recorded = _append(
-        "result.recognized",
-        {
-            "patient": _pseudonym(_patient_of(order)),
-            "source": {"org": _member_of(source), "resource_hash": chosen["hash"]},
-            "code": item.id,
-            "avoided_cost_fen": item.price_fen,
-            "order": stored.sha256(),
-        },
-    )
-    _close(stored, "revoked", f"replaced by the recognised result {source} (HR)", principal)
-    _audit(principal, order, f"accepted {source} for {item.id}: {recorded}")
+    item, recorded = accept(principal, _order(order_id), wanted)
     return fhir_api.respond(
         200,
         {
@@ -224,20 +203,63 @@ def accept_recognised(order_id: str) -> Response:
     )
 
 
+def accept(principal: Any, stored: Stored, wanted: str) -> tuple[Item, dict[str, Any]]:
+    """Accept the recognised prior result ``wanted`` (its fullUrl) instead of the order."""
+    order = stored.resource()
+    item, found, _ = _recognised(order, principal)
+    chosen = next((r for r in found if r["fullUrl"] == wanted), None)
+    if chosen is None:
+        raise Conflict(
+            f"{wanted} is not (or no longer) a recognised result for {item.label('en')}: "
+            "check again with $check-recognition"
+        )
+    recorded = _append(
+        "result.recognized",
+        {
+            "patient": _pseudonym(_patient_of(order)),
+            "source": {"org": _member_of(wanted), "resource_hash": chosen["hash"]},
+            "code": item.id,
+            "avoided_cost_fen": item.price_fen,
+            "order": stored.sha256(),
+        },
+    )
+    _close(stored, "revoked", f"replaced by the recognised result {wanted} (HR)", principal)
+    _audit(principal, order, f"accepted {wanted} for {item.id}: {recorded}")
+    return item, recorded
+
+
 @bp.post("/ServiceRequest/<order_id>/$reorder")
 def reorder(order_id: str) -> Response:
     principal = _ordering()
     body = fhir_api.body_json("the Parameters")
-    reason = _parameter(body, "reason")
+    recorded = reorder_exam(
+        principal,
+        _order(order_id),
+        _parameter(body, "reason"),
+        (_parameter(body, "text") or "").strip(),
+        _parameter(body, "result"),
+    )
+    return fhir_api.respond(
+        200,
+        {
+            "resourceType": "Parameters",
+            "parameter": [
+                {"name": "recorded", "valueString": f"{recorded['chain']}:{recorded['seq']}"}
+            ],
+        },
+    )
+
+
+def reorder_exam(
+    principal: Any, stored: Stored, reason: str | None, text: str, overridden: str | None
+) -> dict[str, Any]:
+    """Order the exam anyway, for ``reason`` (``text`` for other): ``result.reordered``."""
     if reason not in REORDER_REASONS:
         raise InvalidRequest(f"reason must be one of {', '.join(REORDER_REASONS)}")
-    text = (_parameter(body, "text") or "").strip()
     if reason == "other" and not text:
         raise InvalidRequest("reason other needs the text that explains it (parameter text)")
-    stored = _order(order_id)
     order = stored.resource()
     item = _item(order)
-    overridden = _parameter(body, "result")
     entry: dict[str, Any] = {
         "patient": _pseudonym(_patient_of(order)),
         "source": {"org": _member_of(overridden)} if overridden else None,
@@ -250,15 +272,28 @@ def reorder(order_id: str) -> Response:
     recorded = _append("result.reordered", entry)
     _close(stored, None, f"ordered again: {reason}" + (f" ({text})" if text else ""), principal)
     _audit(principal, order, f"re-ordered {item.id}: {reason}: {recorded}")
-    return fhir_api.respond(
-        200,
-        {
-            "resourceType": "Parameters",
-            "parameter": [
-                {"name": "recorded", "valueString": f"{recorded['chain']}:{recorded['seq']}"}
-            ],
-        },
-    )
+    return recorded
+
+
+def order_for(rules_item: Item, patient_id: str) -> dict[str, Any]:
+    """A ServiceRequest ordering a recognised-list item for a patient."""
+    order: dict[str, Any] = {
+        "resourceType": "ServiceRequest",
+        "status": "active",
+        "intent": "order",
+        "subject": {"reference": f"Patient/{patient_id}"},
+    }
+    if rules_item.category == "laboratory":
+        system, _, code = sorted(rules_item.codes)[0].partition("|")
+        order["code"] = {"coding": [{"system": system, "code": code}], "text": rules_item.label()}
+    else:
+        order["code"] = {
+            "coding": [{"system": DICOM_MODALITY, "code": rules_item.modality}],
+            "text": rules_item.label(),
+        }
+        site = sorted(rules_item.body_sites)[0]
+        order["bodySite"] = [{"text": site}]
+    return order
 
 
 def _member_of(url: str) -> str:

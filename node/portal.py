@@ -16,9 +16,7 @@ parameter. Consents are written through the same store and observer as the FHIR 
 
 from __future__ import annotations
 
-import hmac
 import re
-import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +35,6 @@ from flask import (
 )
 from flask.typing import ResponseReturnValue
 from werkzeug.exceptions import HTTPException
-from werkzeug.wrappers import Response as BaseResponse
 
 from consent.model import (
     ALL_MEMBERS,
@@ -59,14 +56,9 @@ from node.auth import Principal
 from node.errors import UserError
 from node.portal_text import HTML_LANG, LANGUAGES, translate
 from node.services import Services
-from node.sessions import (
-    Session,
-    end_session,
-    find_session,
-    redeem_enrollment,
-    start_session,
-)
+from node.sessions import Session, redeem_enrollment
 from node.users import check_password
+from node.web_session import BrowserSessions
 
 bp = Blueprint(
     "portal",
@@ -75,8 +67,7 @@ bp = Blueprint(
     template_folder="templates",
 )
 
-SESSION_COOKIE = "hrx_portal"
-CSRF_COOKIE = "hrx_csrf"
+WEB = BrowserSessions("portal", "/portal", ("patient",))
 LANGUAGE_COOKIE = "hrx_lang"
 ACCESS_TYPES = ("access.requested", "access.decided", "emergency.access")
 STYLE = Path(__file__).with_name("static") / "portal.css"
@@ -101,18 +92,6 @@ def t(key: str) -> str:
     return translate(language(), key)
 
 
-def _cookie(response: BaseResponse, name: str, value: str, max_age: int | None = None) -> None:
-    response.set_cookie(
-        name,
-        value,
-        max_age=max_age,
-        path=bp.url_prefix or "/portal",
-        secure=request.is_secure,
-        httponly=True,
-        samesite="Lax",
-    )
-
-
 @bp.before_request
 def switch_language() -> ResponseReturnValue | None:
     wanted = request.args.get("lang")
@@ -120,7 +99,7 @@ def switch_language() -> ResponseReturnValue | None:
         return None
     response = redirect(request.path, 303)
     if wanted in LANGUAGES:
-        _cookie(response, LANGUAGE_COOKIE, wanted, max_age=365 * 24 * 3600)
+        WEB.set_cookie(response, LANGUAGE_COOKIE, wanted, max_age=365 * 24 * 3600)
     return response
 
 
@@ -133,9 +112,7 @@ def security_headers(response: Response) -> Response:
     response.headers["X-Content-Type-Options"] = "nosniff"
     response.headers["Referrer-Policy"] = "no-referrer"
     response.headers["Cache-Control"] = "no-store"
-    token = g.get("new_csrf_cookie")
-    if token:
-        _cookie(response, CSRF_COOKIE, token)
+    WEB.after_request(response)
     return response
 
 
@@ -152,8 +129,8 @@ def page_context() -> dict[str, Any]:
     return {
         "html_lang": HTML_LANG[language()],
         "other_language": "en" if language() == "zh" else "zh",
-        "session": g.get("portal_session"),
-        "csrf_token": csrf_token(),
+        "session": WEB.current(),
+        "csrf_token": WEB.csrf_token(),
         "hospital": services().config.name,
     }
 
@@ -162,37 +139,11 @@ def page_context() -> dict[str, Any]:
 
 
 def current_session() -> Session | None:
-    if "portal_session" not in g:
-        database = services().database
-        g.portal_session = find_session(
-            database.engine, database.write_engine, request.cookies.get(SESSION_COOKIE)
-        )
-    found: Session | None = g.portal_session
-    return found
-
-
-def csrf_token() -> str:
-    session = current_session()
-    if session is not None:
-        return session.csrf
-    token = request.cookies.get(CSRF_COOKIE) or g.get("new_csrf_cookie")
-    if not token:
-        token = secrets.token_urlsafe(32)
-        g.new_csrf_cookie = token
-    return str(token)
+    return WEB.current()
 
 
 def check_csrf() -> None:
-    """Refuse a form without the right CSRF token (400)."""
-    sent = request.form.get("csrf_token")
-    session = current_session()
-    if session is not None:
-        valid = session.csrf_matches(sent)
-    else:
-        cookie = request.cookies.get(CSRF_COOKIE)
-        valid = bool(cookie) and sent is not None and hmac.compare_digest(cookie or "", sent)
-    if not valid:
-        abort(400, t("form_expired"))
+    WEB.check_csrf(t("form_expired"))
 
 
 def signed_in(view: Callable[..., ResponseReturnValue]) -> Callable[..., ResponseReturnValue]:
@@ -235,19 +186,17 @@ def signin() -> ResponseReturnValue:
         return render_template(
             "portal/signin.html", error=t("sign_in_failed"), username=username
         ), 401
-    token = start_session(database.write_engine, user)
     response = redirect(url_for("portal.consents"), 303)
-    _cookie(response, SESSION_COOKIE, token)
+    WEB.start(response, user)
     return response
 
 
 @bp.post("/signout")
 def signout() -> ResponseReturnValue:
+    response = redirect(url_for("portal.signin", done="out"), 303)
     if current_session() is not None:
         check_csrf()
-        end_session(services().database.write_engine, request.cookies.get(SESSION_COOKIE))
-    response = redirect(url_for("portal.signin", done="out"), 303)
-    response.delete_cookie(SESSION_COOKIE, path=bp.url_prefix or "/portal")
+        WEB.end(response)
     return response
 
 

@@ -246,9 +246,9 @@ def test_cookies_are_secure_behind_tls(tmp_path: Path) -> None:
         browser = requests.Session()
         tls = {"X-Forwarded-Proto": "https"}
         form = browser.get(f"{proxied.base}/portal/signin", headers=tls)
-        csrf_cookie = SimpleCookie(form.headers["Set-Cookie"])["hrx_csrf"]
+        csrf_cookie = SimpleCookie(form.headers["Set-Cookie"])["hrx_portal_csrf"]
         assert csrf_cookie["secure"] and csrf_cookie["httponly"]
-        browser.cookies.set("hrx_csrf", csrf_cookie.value, path="/portal")  # requests keeps
+        browser.cookies.set("hrx_portal_csrf", csrf_cookie.value, path="/portal")  # requests keeps
         # Secure cookies to itself over http; a browser would send it over https
         answer = browser.post(
             f"{proxied.base}/portal/signin",

@@ -469,3 +469,73 @@ def test_recognised_exams_are_accepted_one_is_reordered_and_savings_counted(
     verdict = CliRunner().invoke(main, ["audit", "verify", group.database_url("hosp-a")])
     assert verdict.exit_code == 0, verdict.output
     assert "access decision(s) replayed" in verdict.output
+
+
+def test_the_clinic_pages(group: Consortium, patient: dict[str, Any]) -> None:
+    """A doctor signs in at /clinic, finds the referred patient, sees the prior results with
+    their HR verdicts, accepts a recognised one, orders another again with a reason, and sees
+    the savings with a chart."""
+    import re
+
+    import requests
+
+    from node.users import set_password
+
+    b = node(group, "hosp-b")
+    b.user("dr-wu", "doctor")
+    set_password(b.database.write_engine, "dr-wu", "clinic password 1")
+    referral = {
+        "resourceType": "ServiceRequest",
+        "status": "active",
+        "intent": "order",
+        "category": [{"coding": [{"system": "http://snomed.info/sct", "code": "3457005"}]}],
+        "code": {"text": "转诊"},
+        "subject": {"reference": f"Patient/{patient['b']}"},
+    }
+    assert post(b.session(), f"{b.fhir}/ServiceRequest", referral).status_code == 201
+    browser = requests.Session()
+
+    def csrf(page: Any) -> str:
+        return str(re.search(r'name="csrf_token" value="([^"]+)"', page.text).group(1))  # type: ignore[union-attr]
+
+    form = browser.get(f"{b.base}/clinic/signin")
+    assert (
+        browser.post(
+            f"{b.base}/clinic/signin",
+            data={"username": "dr-wu", "password": "x" * 9, "csrf_token": csrf(form)},
+        ).status_code
+        == 401
+    )
+    listing = browser.post(
+        f"{b.base}/clinic/signin",
+        data={"username": "dr-wu", "password": "clinic password 1", "csrf_token": csrf(form)},
+    )
+    assert listing.status_code == 200 and f'id="patient-{patient["b"]}"' in listing.text
+    page = browser.get(f"{b.base}/clinic/patients/{patient['b']}")
+    assert page.status_code == 200
+    assert page.text.count('class="badge hr"') == 2  # the haemoglobin and the CT from A
+    assert "expired on" in page.text and "is not on the recognised list" in page.text
+    result = re.search(
+        r'name="item" value="hgb">\s*<input type="hidden" name="result" value="([^"]+)"', page.text
+    )
+    assert result, page.text[:3000]
+    accepted = browser.post(
+        f"{b.base}/clinic/patients/{patient['b']}/accept",
+        data={"csrf_token": csrf(page), "item": "hgb", "result": result.group(1)},
+    )
+    assert accepted.status_code == 200 and "已采用互认结果" in accepted.text
+    reordered = browser.post(
+        f"{b.base}/clinic/patients/{patient['b']}/reorder",
+        data={"csrf_token": csrf(page), "item": "k", "reason": "condition-changed", "text": ""},
+    )
+    assert reordered.status_code == 200 and "已重新开具检查" in reordered.text
+    no_csrf = browser.post(f"{b.base}/clinic/patients/{patient['b']}/accept", data={"item": "hgb"})
+    assert no_csrf.status_code == 400
+    savings_page = browser.get(f"{b.base}/clinic/savings")
+    assert savings_page.status_code == 200
+    assert "<svg" in savings_page.text and "血红蛋白" in savings_page.text
+    assert "病情变化" in savings_page.text
+    # a patient's portal session is no doctor's
+    assert requests.get(f"{b.base}/clinic/", cookies={"hrx_portal": "x"}).url.endswith(
+        "/clinic/signin"
+    )

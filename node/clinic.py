@@ -1,0 +1,315 @@
+"""The doctors' pages at ``/clinic``: referred patients, their prior results from every member
+with the mutual-recognition verdict (HR), accepting a recognised result instead of ordering the
+exam or ordering it again with a reason, and the savings of the consortium with a chart.
+
+Server-rendered like the portal (no JavaScript), for doctors and admins who sign in with their
+node password (:mod:`node.web_session`: server-side sessions, CSRF on every form, the account
+lock of :mod:`node.users`). Everything goes through the same code as the FHIR operations
+(:mod:`node.referral_api`, :mod:`node.orders`), so it is recorded and audited the same way.
+"""
+
+from __future__ import annotations
+
+from datetime import date, datetime
+from typing import Any
+
+from flask import Blueprint, current_app, redirect, render_template, request, url_for
+from flask.typing import ResponseReturnValue
+from werkzeug.exceptions import HTTPException
+
+from exchange.recognition import REORDER_REASONS
+from exchange.referral import RECOGNITION_URL
+from exchange.savings import RESULT_TYPES, savings, yuan
+from fhir_adapters.errors import FhirError
+from fhir_adapters.search import Access, parse_search
+from node import fhir_api
+from node.auth import DEFAULT_SCOPES, Principal, parse_scopes
+from node.orders import accept, order_for, reorder_exam
+from node.portal import language, t
+from node.referral_api import CATEGORIES, fetch_prior_results, rules
+from node.services import Services
+from node.sessions import Session
+from node.users import check_password
+from node.web_session import BrowserSessions
+
+bp = Blueprint("clinic", __name__, url_prefix="/clinic", template_folder="templates")
+WEB = BrowserSessions("clinic", "/clinic", ("doctor", "admin"))
+REFERRAL = "http://snomed.info/sct|3457005"  # SNOMED CT: patient referral
+
+
+def services() -> Services:
+    found: Services = current_app.extensions["hrx"]
+    return found
+
+
+@bp.after_request
+def headers(response: Any) -> Any:
+    response.headers["Content-Security-Policy"] = (
+        "default-src 'none'; style-src 'self'; img-src 'self'; form-action 'self'; "
+        "frame-ancestors 'none'; base-uri 'none'"
+    )
+    response.headers["X-Content-Type-Options"] = "nosniff"
+    response.headers["Referrer-Policy"] = "no-referrer"
+    response.headers["Cache-Control"] = "no-store"
+    WEB.after_request(response)
+    return response
+
+
+@bp.errorhandler(HTTPException)
+def clinic_error(exc: HTTPException) -> ResponseReturnValue:
+    page = render_template("clinic/error.html", message=exc.description or exc.name)
+    return page, exc.code or 500
+
+
+@bp.app_context_processor
+def page_context() -> dict[str, Any]:
+    if not request.path.startswith("/clinic"):
+        return {}
+    return {
+        "html_lang": "zh-CN" if language() == "zh" else "en",
+        "doctor": WEB.current(),
+        "csrf_token": WEB.csrf_token(),
+        "hospital": services().config.name,
+    }
+
+
+def _principal(session: Session) -> Principal:
+    """The signed-in doctor as the FHIR layer's caller (a doctor's default rights)."""
+    principal = Principal(
+        session.username,
+        session.role,
+        tuple(parse_scopes(DEFAULT_SCOPES[session.role])),
+        None,
+        "clinic",
+    )
+    fhir_api.call().principal = principal
+    return principal
+
+
+def signed_in(view: Any) -> Any:
+    def wrapped(*args: Any, **kwargs: Any) -> ResponseReturnValue:
+        session = WEB.current()
+        if session is None:
+            return redirect(url_for("clinic.signin"), 303)
+        if request.method == "POST":
+            WEB.check_csrf(t("form_expired"))
+        answer: ResponseReturnValue = view(_principal(session), *args, **kwargs)
+        return answer
+
+    wrapped.__name__ = view.__name__
+    return wrapped
+
+
+@bp.route("/signin", methods=["GET", "POST"])
+def signin() -> ResponseReturnValue:
+    if request.method == "GET":
+        return render_template("clinic/signin.html")
+    WEB.check_csrf(t("form_expired"))
+    user = check_password(
+        services().database.write_engine,
+        request.form.get("username", "").strip(),
+        request.form.get("password", ""),
+    )
+    if user is None or user.role not in WEB.roles:
+        return render_template("clinic/signin.html", error=t("sign_in_failed")), 401
+    response = redirect(url_for("clinic.patients"), 303)
+    WEB.start(response, user)
+    return response
+
+
+@bp.post("/signout")
+def signout() -> ResponseReturnValue:
+    response = redirect(url_for("clinic.signin"), 303)
+    if WEB.current() is not None:
+        WEB.check_csrf(t("form_expired"))
+        WEB.end(response)
+    return response
+
+
+@bp.get("/")
+@signed_in
+def patients(principal: Principal) -> ResponseReturnValue:
+    """Referred patients (an active referral ServiceRequest), or those a search finds."""
+    store = services().store
+    query = request.args.get("q", "").strip()
+    if query:
+        search = parse_search("Patient", [("identifier", query), ("_count", "50")])
+    else:
+        search = parse_search(
+            "ServiceRequest",
+            [("category", REFERRAL), ("status", "active"), ("_count", "100")],
+        )
+    matches = store.search(search, Access(), f"clinic|{principal.username}")
+    found: dict[str, dict[str, Any]] = {}
+    for stored in store.versions_of(matches.pairs):
+        resource = stored.resource()
+        if resource["resourceType"] == "ServiceRequest":
+            patient_id = resource["subject"]["reference"].split("/", 1)[1]
+            patient = store.read("Patient", patient_id).resource()
+        else:
+            patient_id, patient = stored.id, resource
+        names = patient.get("name") or [{}]
+        found[patient_id] = {
+            "id": patient_id,
+            "name": names[0].get("text")
+            or "".join([names[0].get("family", ""), *names[0].get("given", [])]),
+            "birth": patient.get("birthDate", ""),
+        }
+    return render_template("clinic/patients.html", patients=list(found.values()), query=query)
+
+
+def _prior(principal: Principal, patient_id: str) -> tuple[list[dict[str, Any]], list[str]]:
+    bundle = fetch_prior_results(services(), principal, patient_id, list(CATEGORIES))
+    members = {
+        m["id"]: m.get("name") or m["id"] for m in services().chain_store.roster().body["members"]
+    }
+    results = []
+    for entry in bundle["entry"]:
+        if entry["search"]["mode"] != "match":
+            continue
+        resource = entry["resource"]
+        (verdict,) = [e for e in resource["extension"] if e["url"] == RECOGNITION_URL]
+        parts = verdict["extension"]
+        simple = {p["url"]: p for p in parts if p["url"] != "reason"}
+        reasons = [
+            {
+                x["url"]: next(v for k, v in x.items() if k.startswith("value"))
+                for x in p["extension"]
+            }
+            for p in parts
+            if p["url"] == "reason"
+        ]
+        source = entry["fullUrl"]
+        member = next((mid for mid, m in _member_urls().items() if source.startswith(m)), "?")
+        quantity = resource.get("valueQuantity") or {}
+        results.append(
+            {
+                "url": source,
+                "member": members.get(member, member),
+                "type": resource["resourceType"],
+                "what": (resource.get("code") or {}).get("text")
+                or ", ".join(
+                    str(c.get("display") or c.get("code"))
+                    for c in (resource.get("code") or {}).get("coding", [])
+                )
+                or ", ".join(
+                    str((s.get("modality") or {}).get("code")) for s in resource.get("series", [])
+                ),
+                "when": str(resource.get("effectiveDateTime") or resource.get("started") or "")[
+                    :10
+                ],
+                "value": f"{quantity.get('value', '')} {quantity.get('unit', '')}".strip(),
+                "recognised": simple["recognised"]["valueBoolean"],
+                "item": simple.get("item", {}).get("valueCode"),
+                "price": yuan(simple["priceFen"]["valueInteger"]) if "priceFen" in simple else "",
+                "until": simple.get("validUntil", {}).get("valueDate", ""),
+                "reasons": reasons,
+            }
+        )
+    problems = [
+        e["resource"]["issue"][0]["diagnostics"]
+        for e in bundle["entry"]
+        if e["search"]["mode"] == "outcome"
+    ]
+    return results, problems
+
+
+def _value(extension: dict[str, Any]) -> Any:
+    return next(v for k, v in extension.items() if k.startswith("value"))
+
+
+def _member_urls() -> dict[str, str]:
+    return {
+        m["id"]: str(m.get("url", "")).rstrip("/") + "/fhir/"
+        for m in services().chain_store.roster().body["members"]
+    }
+
+
+@bp.get("/patients/<patient_id>")
+@signed_in
+def prior_results(principal: Principal, patient_id: str) -> ResponseReturnValue:
+    try:
+        results, problems = _prior(principal, patient_id)
+    except FhirError as exc:
+        return render_template("clinic/error.html", message=str(exc)), exc.status
+    return render_template(
+        "clinic/prior.html",
+        patient_id=patient_id,
+        results=results,
+        problems=problems,
+        reasons=REORDER_REASONS,
+        notice={"accepted": t("clinic_accepted"), "reordered": t("clinic_reordered")}.get(
+            request.args.get("done", "")
+        ),
+    )
+
+
+def _new_order(principal: Principal, patient_id: str, item_id: str) -> Any:
+    item = rules(services()).item(item_id)
+    if item is None:
+        raise FhirError(f"{item_id!r} is not an item of the recognised list")
+    with services().store.writing() as writer:
+        stored = writer.create(order_for(item, patient_id), "ServiceRequest")
+        fhir_api._audit_write(writer, "create", [stored])
+    return stored
+
+
+@bp.post("/patients/<patient_id>/accept")
+@signed_in
+def accept_result(principal: Principal, patient_id: str) -> ResponseReturnValue:
+    try:
+        order = _new_order(principal, patient_id, request.form.get("item", ""))
+        accept(principal, order, request.form.get("result", ""))
+    except FhirError as exc:
+        return render_template("clinic/error.html", message=str(exc)), exc.status
+    return redirect(url_for("clinic.prior_results", patient_id=patient_id, done="accepted"), 303)
+
+
+@bp.post("/patients/<patient_id>/reorder")
+@signed_in
+def reorder_result(principal: Principal, patient_id: str) -> ResponseReturnValue:
+    try:
+        order = _new_order(principal, patient_id, request.form.get("item", ""))
+        reorder_exam(
+            principal,
+            order,
+            request.form.get("reason"),
+            request.form.get("text", "").strip(),
+            request.form.get("result") or None,
+        )
+    except FhirError as exc:
+        return render_template("clinic/error.html", message=str(exc)), exc.status
+    return redirect(url_for("clinic.prior_results", patient_id=patient_id, done="reordered"), 303)
+
+
+@bp.get("/savings")
+@signed_in
+def savings_page(principal: Principal) -> ResponseReturnValue:
+    def day(name: str) -> date | None:
+        try:
+            return datetime.strptime(request.args.get(name, ""), "%Y-%m-%d").date()
+        except ValueError:
+            return None
+
+    start, end = day("from"), day("to")
+    recognition = rules(services())
+    entries = services().chain_store.entries_about(None, RESULT_TYPES)
+    report = savings(entries, recognition.zone, start, end)
+    by_month = report.by(2)
+    peak = max((fen for _, _, fen in by_month), default=0) or 1
+    bars = [
+        {"month": month, "count": count, "fen": fen, "yuan": yuan(fen), "height": 120 * fen // peak}
+        for month, count, fen in by_month
+    ]
+    names = {item.id: item.label(language()) for item in recognition.items}
+    return render_template(
+        "clinic/savings.html",
+        report=report,
+        total=yuan(report.fen_saved),
+        bars=bars,
+        by_member=[(k, n, yuan(f)) for k, n, f in report.by(0)],
+        by_item=[(names.get(k, k), n, yuan(f)) for k, n, f in report.by(1)],
+        reordered=sorted(report.reordered.items()),
+        start=start,
+        end=end,
+    )
