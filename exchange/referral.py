@@ -1,9 +1,9 @@
 """The requester's side of a referral (DESIGN §2.3): ask every member for a patient's prior
 results in parallel, and make one FHIR searchset of what came back.
 
-Each member is asked first whether it holds records for the patient's pseudonym
-(``POST /peer/patients``), and if it does, for the records (``POST /peer/access``); both
-within one deadline per member. The answers become a Bundle in which:
+Each member is asked for the records (``POST /peer/access``), within one deadline; a member
+that holds none for the patient's pseudonym says only that, as its answer to ``POST
+/peer/patients`` would, and records nothing. The answers become a Bundle in which:
 
 - every released resource keeps its source: ``fullUrl`` and ``meta.source`` at the member,
   and a Provenance (``search.mode`` include) naming the member and the ``access.decided``
@@ -53,18 +53,13 @@ class MemberAnswer:
 
 
 def ask_member(post: Post, member: str, request: Mapping[str, Any], timeout: float) -> MemberAnswer:
-    """One member: does it hold records, and if so, what does it release?"""
+    """One member: what does it release (or does it hold no records)?"""
     started = time.monotonic()
 
     def left() -> float:
         return max(0.05, timeout - (time.monotonic() - started))
 
     try:
-        holds = jsonio.parse(
-            post(member, "/peer/patients", {"patient": request["patient"]}, left())
-        )
-        if not isinstance(holds, dict) or holds.get("holds") is not True:
-            return MemberAnswer(member, "no-records", seconds=time.monotonic() - started)
         answer = jsonio.parse(post(member, "/peer/access", dict(request), left()))
     except PeerTimeout as exc:
         return MemberAnswer(member, "timeout", str(exc), seconds=time.monotonic() - started)
@@ -72,6 +67,8 @@ def ask_member(post: Post, member: str, request: Mapping[str, Any], timeout: flo
         return MemberAnswer(member, "unreachable", str(exc), seconds=time.monotonic() - started)
     except FhirError as exc:
         return MemberAnswer(member, "invalid", f"{member} sent what is not JSON: {exc}")
+    if isinstance(answer, dict) and answer.get("holds") is False:
+        return MemberAnswer(member, "no-records", seconds=time.monotonic() - started)
     if not isinstance(answer, dict) or answer.get("decision") not in ("permit", "deny"):
         return MemberAnswer(member, "invalid", f"{member} answered without a decision")
     resources = answer.pop("resources", [])

@@ -7,9 +7,10 @@
   roster, and never two different checkpoints of one epoch.
 - ``POST /peer/checkpoints``: a certificate, stored once it verifies.
 - ``POST /peer/patients``: does this node hold records for a pseudonym? (yes or no)
-- ``POST /peer/access``: a member asks for a patient's records; this node decides with the
-  consent policy, records ``access.decided`` (and ``emergency.access`` for break-glass) with
-  the hashes of what it releases, and answers with the released resources.
+- ``POST /peer/access``: a member asks for a patient's records; when this node holds some, it
+  decides with the consent policy, records ``access.decided`` (and ``emergency.access`` for
+  break-glass) with the hashes of what it releases, and answers with the released resources;
+  when it holds none it says only that (``{"holds": false}``), as ``/peer/patients`` would.
 """
 
 from __future__ import annotations
@@ -157,8 +158,10 @@ def decide_access_request() -> Response:
         time=format_time(),
         reason=reason,
     )
-    decided = decide_access(services.chain_store, access, _sync_consent_chains(services, patient))
     patients = patients_with(services.database.engine, patient)
+    if not patients:  # nothing to decide about: the same answer as POST /peer/patients
+        return _json({"request_id": request_id, "holds": False})
+    decided = decide_access(services.chain_store, access, _sync_consent_chains(services, patient))
     released: list[Stored] = []
     if decided.decision.permitted:
         released = [
