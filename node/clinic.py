@@ -44,13 +44,6 @@ def services() -> Services:
 
 @bp.after_request
 def headers(response: Any) -> Any:
-    response.headers["Content-Security-Policy"] = (
-        "default-src 'none'; style-src 'self'; img-src 'self'; form-action 'self'; "
-        "frame-ancestors 'none'; base-uri 'none'"
-    )
-    response.headers["X-Content-Type-Options"] = "nosniff"
-    response.headers["Referrer-Policy"] = "no-referrer"
-    response.headers["Cache-Control"] = "no-store"
     WEB.after_request(response)
     return response
 

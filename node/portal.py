@@ -105,13 +105,6 @@ def switch_language() -> ResponseReturnValue | None:
 
 @bp.after_request
 def security_headers(response: Response) -> Response:
-    response.headers["Content-Security-Policy"] = (
-        "default-src 'none'; style-src 'self'; img-src 'self'; form-action 'self'; "
-        "frame-ancestors 'none'; base-uri 'none'"
-    )
-    response.headers["X-Content-Type-Options"] = "nosniff"
-    response.headers["Referrer-Policy"] = "no-referrer"
-    response.headers["Cache-Control"] = "no-store"
     WEB.after_request(response)
     return response
 
