@@ -3,6 +3,9 @@
 - ``POST /fhir/ServiceRequest/$check-recognition`` (body: the ServiceRequest about to be
   ordered, stored or not): which item of the recognised list it orders, and the patient's
   prior results from every member that are recognised for it, as a Parameters resource.
+- Creating a ServiceRequest of a listed item for a referred patient (one with an active
+  referral) answers the same question in headers (``X-HRX-Recognised-Results``), and with
+  ``Prefer: return=OperationOutcome`` in the outcome's issues.
 - ``POST /fhir/ServiceRequest/{id}/$accept-recognised`` (Parameters ``result``: the
   ``fullUrl`` of the prior result): the doctor accepts a recognised result instead of the exam.
   It is checked again (still recognised, the same item), ``result.recognized`` goes on this
@@ -22,8 +25,10 @@ from flask import Blueprint, Response, current_app, request
 
 from exchange.recognition import DICOM_MODALITY, REORDER_REASONS, Item
 from exchange.referral import RECOGNITION_URL
+from fhir_adapters import jsonio
 from fhir_adapters.errors import Conflict, FhirError, InvalidRequest, Unprocessable
 from fhir_adapters.resources import check_id, validate
+from fhir_adapters.search import Access, parse_search
 from fhir_adapters.store import Stored
 from ledger.errors import LedgerError
 from node import fhir_api
@@ -133,6 +138,62 @@ def check_recognition() -> Response:
     order, _ = validate(fhir_api.body_json("the ServiceRequest"), "ServiceRequest")
     item, found, bundle = _recognised(order, principal)
     return fhir_api.respond(200, _parameters(item, found, bundle))
+
+
+@bp.after_app_request
+def recognition_on_order(response: Response) -> Response:
+    """A new order of a recognised-list item for a referred patient is answered with whether
+    recognised prior results exist: ``X-HRX-Recognised-Results`` (how many) and
+    ``X-HRX-Recognised-Item``, and with ``Prefer: return=OperationOutcome`` an information
+    issue naming each (the doctor then accepts one with ``$accept-recognised``)."""
+    if (
+        request.endpoint != "fhir.create"
+        or (request.view_args or {}).get("resource_type") != "ServiceRequest"
+        or response.status_code != 201
+    ):
+        return response
+    principal = fhir_api.call().principal
+    location = response.headers.get("Location", "")
+    if principal is None or principal.role not in ("doctor", "admin") or not location:
+        return response
+    order_id = location.split("/ServiceRequest/", 1)[1].split("/", 1)[0]
+    try:
+        order = services().store.read("ServiceRequest", order_id).resource()
+        if rules(services()).item_for_order(order) is None or not _referred(order):
+            return response
+        item, found, _ = _recognised(order, principal)
+    except FhirError:  # the order stands; the hint is only a convenience
+        return response
+    response.headers["X-HRX-Recognised-Item"] = item.id
+    response.headers["X-HRX-Recognised-Results"] = str(len(found))
+    if found and fhir_api.prefer("return", "representation") == "OperationOutcome":
+        outcome = jsonio.parse(response.get_data())
+        outcome["issue"] += [
+            {
+                "severity": "information",
+                "code": "informational",
+                "diagnostics": f"recognised prior result (HR) for {item.label()}: "
+                f"{result['fullUrl']}, valid until {result['validUntil']}",
+            }
+            for result in found
+        ]
+        response.set_data(jsonio.dump(outcome))
+    return response
+
+
+def _referred(order: dict[str, Any]) -> bool:
+    """Whether the order's patient has an active referral (SNOMED CT 3457005)."""
+    search = parse_search(
+        "ServiceRequest",
+        [
+            ("patient", _patient_of(order)),
+            ("category", "http://snomed.info/sct|3457005"),
+            ("status", "active"),
+            ("_count", "1"),
+            ("_total", "none"),
+        ],
+    )
+    return bool(services().store.search(search, Access(), "orders").pairs)
 
 
 def _parameter(body: Any, name: str) -> str | None:

@@ -405,6 +405,20 @@ def test_recognised_exams_are_accepted_one_is_reordered_and_savings_counted(
         "cbc": order(at_b, {"system": LOINC, "code": "58410-2"}),
         "k": order(at_b, {"system": LOINC, "code": "2823-3"}),
     }
+    referral = {
+        "resourceType": "ServiceRequest",
+        "status": "active",
+        "intent": "order",
+        "category": [{"coding": [{"system": "http://snomed.info/sct", "code": "3457005"}]}],
+        "code": {"text": "转诊"},
+        "subject": {"reference": f"Patient/{at_b}"},
+    }
+    assert post(doctor, f"{b.fhir}/ServiceRequest", referral).status_code == 201
+    told = post(doctor, f"{b.fhir}/ServiceRequest", orders["ct"], Prefer="return=OperationOutcome")
+    assert told.status_code == 201
+    assert told.headers["X-HRX-Recognised-Item"] == "ct-chest"
+    assert told.headers["X-HRX-Recognised-Results"] == "1"
+    assert "recognised prior result (HR)" in told.json()["issue"][-1]["diagnostics"]
     accepted = {}
     for name in ("ct", "cbc"):
         check = post(doctor, f"{b.fhir}/ServiceRequest/$check-recognition", orders[name])
@@ -433,7 +447,9 @@ def test_recognised_exams_are_accepted_one_is_reordered_and_savings_counted(
     # potassium from the lower-level C: not recognised; ordered again, fast-changing
     check = post(doctor, f"{b.fhir}/ServiceRequest/$check-recognition", orders["k"]).json()
     assert parameter(check, "recognised")[0]["valueBoolean"] is False
-    created = post(doctor, f"{b.fhir}/ServiceRequest", orders["k"]).json()
+    ordered = post(doctor, f"{b.fhir}/ServiceRequest", orders["k"])
+    assert ordered.headers["X-HRX-Recognised-Results"] == "0"
+    created = ordered.json()
     refused = post(
         doctor,
         f"{b.fhir}/ServiceRequest/{created['id']}/$reorder",
