@@ -200,7 +200,10 @@ def fetch_prior_results(
         client=request.headers.get("User-Agent"),
         token_id=principal.token_id,
         description=f"$prior-results {request_id} ({purpose}, {', '.join(categories)}): "
-        + "; ".join(f"{a.member} {a.outcome} {len(a.resources)}" for a in answers),
+        + "; ".join(
+            f"{a.member} {a.outcome} {len(a.resources)} in {a.seconds * 1000:.0f} ms"
+            for a in answers
+        ),
         patients={patient_id},
         query=request.query_string.decode() or None,
     )
