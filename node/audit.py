@@ -65,6 +65,7 @@ class AuditRecord:
     patients: set[str] = field(default_factory=set)
     query: str | None = None
     token_id: str | None = None
+    received: list[tuple[str, str]] = field(default_factory=list)  # from members: (url, sha256)
 
 
 class AuditTrail:
@@ -137,6 +138,20 @@ class AuditTrail:
                     "what": {"reference": stored.location},
                     "type": {"system": ENTITY_TYPE, "code": "2", "display": "System Object"},
                     "role": {"system": OBJECT_ROLE, "code": "4", "display": "Domain Resource"},
+                }
+            )
+        for url, digest in record.received:  # not stored here: named by source and hash
+            entities.append(
+                {
+                    "what": {
+                        "identifier": {
+                            "system": "urn:ietf:rfc:3986",
+                            "value": f"urn:sha256:{digest}",
+                        },
+                        "display": url[:1000],
+                    },
+                    "type": {"system": ENTITY_TYPE, "code": "2", "display": "System Object"},
+                    "role": {"system": OBJECT_ROLE, "code": "3", "display": "Report"},
                 }
             )
         if record.query:

@@ -3,7 +3,8 @@ results from every member, each with its mutual-recognition verdict (DESIGN §2.
 
 The node appends ``access.requested`` to its chain (the patient's pseudonym, this member, the
 doctor as a pseudonym, purpose, categories, the referral's hash), asks every other member in
-parallel with signed requests (:mod:`exchange.referral`), and answers with one searchset:
+parallel with signed requests (:mod:`exchange.referral`), records what it received (each
+result's source URL and hash) in its AuditEvent, and answers with one searchset:
 results with their source and verdict, a Provenance each, and an OperationOutcome for every
 member that timed out, could not be reached or denied. Parameters: ``category``
 (``laboratory``, ``imaging``; default both), ``code`` (``system|code``, a code, or an imaging
@@ -206,6 +207,16 @@ def fetch_prior_results(
         ),
         patients={patient_id},
         query=request.query_string.decode() or None,
+        received=[
+            (
+                entry["resource"]["target"][0]["reference"],
+                entry["resource"]["entity"][0]["what"]["identifier"]["value"].removeprefix(
+                    "urn:sha256:"
+                ),
+            )
+            for entry in bundle["entry"]
+            if entry["search"]["mode"] == "include"
+        ],
     )
     svc.audit.record(record)
     return bundle

@@ -234,6 +234,18 @@ def test_b_fetches_prior_results_from_a_and_c(group: Consortium, patient: dict[s
     assert requests_[0]["body"]["requester"]["org"] == "hosp-b"
     assert requests_[0]["body"]["categories"] == ["laboratory", "imaging"]
     assert "dr-qian" not in str(requests_[0])  # the doctor appears as a pseudonym
+    # B's AuditEvent of the request names each received result by its source and hash
+    auditor = b.session(b.token("aud-b", "auditor"))
+    events = auditor.get(
+        f"{b.fhir}/AuditEvent", params={"patient": patient["b"], "_count": "50"}
+    ).json()
+    received = {
+        e["what"]["identifier"]["value"]
+        for event in events.get("entry", [])
+        for e in event["resource"].get("entity", [])
+        if e.get("what", {}).get("identifier", {}).get("value", "").startswith("urn:sha256:")
+    }
+    assert {p["entity"][0]["what"]["identifier"]["value"] for p in provenances} <= received
     filtered = doctor.get(
         f"{b.fhir}/Patient/{patient['b']}/$prior-results", params={"category": "imaging"}
     ).json()
