@@ -215,7 +215,8 @@ def _order(order_id: str) -> Stored:
     return stored
 
 
-def _close(stored: Stored, status: str | None, note: str, principal: Any) -> None:
+def _close(stored: Stored, status: str | None, note: str) -> None:
+    """A new version of the order: its status (unless None) and a note saying why."""
     resource = stored.resource()
     resource.pop("meta", None)
     if status is not None:
@@ -284,7 +285,7 @@ def accept(principal: Any, stored: Stored, wanted: str) -> tuple[Item, dict[str,
             "order": stored.sha256(),
         },
     )
-    _close(stored, "revoked", f"replaced by the recognised result {wanted} (HR)", principal)
+    _close(stored, "revoked", f"replaced by the recognised result {wanted} (HR)")
     _audit(principal, order, f"accepted {wanted} for {item.id}: {recorded}")
     return item, recorded
 
@@ -331,7 +332,7 @@ def reorder_exam(
     if text:
         entry["reason_text_hash"] = hashlib.sha256(text.encode()).hexdigest()
     recorded = _append("result.reordered", entry)
-    _close(stored, None, f"ordered again: {reason}" + (f" ({text})" if text else ""), principal)
+    _close(stored, None, f"ordered again: {reason}" + (f" ({text})" if text else ""))
     _audit(principal, order, f"re-ordered {item.id}: {reason}: {recorded}")
     return recorded
 
