@@ -70,7 +70,7 @@ bp = Blueprint(
 WEB = BrowserSessions("portal", "/portal", ("patient",))
 LANGUAGE_COOKIE = "hrx_lang"
 ACCESS_TYPES = ("access.requested", "access.decided", "emergency.access")
-STYLE = Path(__file__).with_name("static") / "portal.css"
+STYLE = (Path(__file__).with_name("static") / "portal.css").read_bytes()  # read once
 DATE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
 
 
@@ -573,5 +573,4 @@ def receipt(session: Session, chain: str, seq: int) -> ResponseReturnValue:
 
 @bp.get("/static/portal.css")
 def style() -> ResponseReturnValue:
-    response = Response(STYLE.read_bytes(), mimetype="text/css")
-    return response
+    return Response(STYLE, mimetype="text/css")
