@@ -397,9 +397,11 @@ def print_summary(summary: Summary) -> None:
 
 def _register_commands() -> None:
     from node import node_commands
+    from node.adapter_commands import adapters_group
     from node.demo import demo
 
     main.add_command(demo)
+    main.add_command(adapters_group)
     node_commands.register(main)
 
 

@@ -21,6 +21,7 @@ from sqlalchemy.engine import Engine
 from fhir_adapters.tables import metadata as fhir_metadata
 from ledger.store import metadata as ledger_metadata
 from ledger.store import open_engine
+from node.adapter_tables import metadata as adapters_metadata
 from node.errors import ConfigError
 from node.peer_auth import metadata as peer_metadata
 from node.pseudonyms import metadata as pseudonyms_metadata
@@ -35,6 +36,7 @@ MODEL_METADATA = [
     peer_metadata,
     sessions_metadata,
     pseudonyms_metadata,
+    adapters_metadata,
 ]  # what the migrations build
 
 

@@ -209,6 +209,9 @@ def test_upgrade_applies_pending_migrations(node_dir: Path) -> None:
                 "portal_sessions",
                 "portal_enrollments",
                 "patient_pseudonyms",
+                "adapter_quarantine",
+                "adapter_messages",
+                "adapter_sync_state",
             ):
                 conn.execute(sa.text(f"DROP TABLE {table}"))
             conn.execute(sa.text("UPDATE alembic_version SET version_num = '0001'"))
@@ -229,12 +232,13 @@ def test_upgrade_applies_pending_migrations(node_dir: Path) -> None:
     finally:
         database.close()
     result = hrx("node", "upgrade", "--dir", str(node_dir))
-    assert result.exit_code == 0 and "from revision 0001 to 0006" in result.output, result.output
+    assert result.exit_code == 0 and "from revision 0001 to 0007" in result.output, result.output
     database = open_database(config.database_url)
     try:
-        assert current_revision(database.engine) == head_revision() == "0006"
+        assert current_revision(database.engine) == head_revision() == "0007"
         assert sa.inspect(database.engine).has_table("peer_nonces")
         assert sa.inspect(database.engine).has_table("ledger_evidence")
+        assert sa.inspect(database.engine).has_table("adapter_quarantine")
         with database.engine.connect() as conn:
             assert conn.execute(sa.select(subjects_table)).all() == [
                 ("f" * 64, "hosp-a", 0, "consent.revoked")
