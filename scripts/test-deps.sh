@@ -1,9 +1,12 @@
 #!/usr/bin/env sh
 # The system packages the tests need beyond Python's: Debian's chromium (the portal's browser
-# tests drive it with Playwright). Installs only what is missing; needs root (or sudo).
+# tests drive it with Playwright) and Orthanc with its DICOMweb plugin (the PACS the DICOMweb
+# adapter's tests sync from). Installs only what is missing; needs root (or sudo).
 set -eu
 missing=""
 command -v chromium >/dev/null 2>&1 || missing="$missing chromium"
+[ -x /usr/sbin/Orthanc ] || missing="$missing orthanc"
+[ -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || missing="$missing orthanc-dicomweb"
 [ -z "$missing" ] && exit 0
 if [ "$(id -u)" -ne 0 ]; then
     SUDO=sudo
