@@ -21,6 +21,8 @@ nothing of HTTP signing; the node passes its signed client.
 from __future__ import annotations
 
 import hashlib
+import os
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -40,6 +42,7 @@ RECOGNITION_URL = "urn:hrx:fhir:StructureDefinition:mutual-recognition"
 LEDGER_POLICY = "urn:hrx:ledger"  # urn:hrx:ledger:<chain>:<seq> names an entry
 
 Post = Callable[[str, str, dict[str, Any], float], bytes]
+FAN_OUT_THREADS = 32  # members asked at once, over all of a process's requests
 
 
 @dataclass
@@ -79,13 +82,31 @@ def ask_member(post: Post, member: str, request: Mapping[str, Any], timeout: flo
     return MemberAnswer(member, "released", "", answer, list(resources), seconds)
 
 
+_pools: dict[int, ThreadPoolExecutor] = {}  # by process: threads do not survive a fork
+_pools_lock = threading.Lock()
+
+
+def _pool() -> ThreadPoolExecutor:
+    """This process's fan-out threads. They outlive a request, so each keeps its connections
+    to the members open (a new TCP connection per member per request cost more than the
+    members' answers on loopback)."""
+    with _pools_lock:
+        pool = _pools.get(os.getpid())
+        if pool is None:
+            pool = _pools[os.getpid()] = ThreadPoolExecutor(
+                max_workers=FAN_OUT_THREADS, thread_name_prefix="referral"
+            )
+        return pool
+
+
 def fan_out(
     post: Post, members: Sequence[str], request: Mapping[str, Any], timeout: float
 ) -> list[MemberAnswer]:
-    """Ask every member at once; a member still silent at the deadline is a timeout."""
+    """Ask every member at once; a member still silent at the deadline is a timeout (its
+    request goes on until its own timeout, on a thread of the pool, and is then dropped)."""
     if not members:
         return []
-    pool = ThreadPoolExecutor(max_workers=len(members), thread_name_prefix="referral")
+    pool = _pool()
     futures = {
         member: pool.submit(ask_member, post, member, request, timeout) for member in members
     }
@@ -98,7 +119,7 @@ def fan_out(
             answers.append(
                 MemberAnswer(member, "timeout", f"{member} did not answer within {timeout:g} s")
             )
-    pool.shutdown(wait=False, cancel_futures=True)
+            future.cancel()  # if it never started: the pool was busy with others' requests
     return answers
 
 

@@ -102,11 +102,15 @@ class Replicator:
 
     # -- one round ------------------------------------------------------------------------
 
-    def run_round(self) -> RoundReport:
+    def run_round(self, only: Iterable[str] | None = None) -> RoundReport:
+        """Ask every member (or ``only`` these: the members that just said their chains grew)
+        for its heads, and pull, verify and store every chain that is behind."""
         report = RoundReport()
         self._rosters = {body["version"]: body for body, _ in self.store.rosters()}
         roster = self.store.roster()
         members = [m for m in roster.member_ids() if m != self.own]
+        if only is not None:
+            members = [m for m in members if m in set(only)]
         heads: dict[str, dict[str, Any]] = {}
         for member in members:
             if self._backed_off(member):

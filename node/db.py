@@ -4,6 +4,13 @@ One database holds the ledger, the FHIR store and the node's users. ``engine`` r
 ``write_engine`` writes (on SQLite its transactions take the write lock when they begin, so
 concurrent writers queue instead of failing). ``upgrade`` applies every migration not yet
 applied (``hrx node upgrade``); a node refuses to serve a database that is behind.
+
+On SQLite, the nonces of signed peer requests are kept in a file of their own beside the
+database (``<database>-nonces``): checking a request then never queues behind a ledger commit
+or a FHIR write for SQLite's one write lock (on a busy member that wait was most of a peer
+request's time). The file is only a replay cache: it can be deleted while the node is stopped,
+needs no backup and no migration (its one table is created when missing). PostgreSQL keeps
+the nonces in its ``peer_nonces`` table, where inserts do not queue behind other writes.
 """
 
 from __future__ import annotations
@@ -19,8 +26,8 @@ from alembic.script import ScriptDirectory
 from sqlalchemy.engine import Engine
 
 from fhir_adapters.tables import metadata as fhir_metadata
+from ledger.store import database_url, open_engine
 from ledger.store import metadata as ledger_metadata
-from ledger.store import open_engine
 from node.adapter_tables import metadata as adapters_metadata
 from node.errors import ConfigError
 from node.peer_auth import metadata as peer_metadata
@@ -60,8 +67,17 @@ def open_database(url: str) -> Database:
     if engine.dialect.name != "sqlite":
         return Database(url, engine, engine, engine)
     write_engine = open_engine(url, immediate=True)
-    nonce_engine = open_engine(url, immediate=True, durable=False)
+    nonce_engine = open_engine(nonce_file_url(url), immediate=True, durable=False)
+    peer_metadata.create_all(nonce_engine)
     return Database(url, engine, write_engine, nonce_engine)
+
+
+def nonce_file_url(url: str) -> str:
+    """Where a SQLite database's replay nonces are kept (see the module docstring)."""
+    parsed = sa.engine.make_url(database_url(url))
+    if parsed.database in (None, "", ":memory:"):
+        return url
+    return parsed.set(database=f"{parsed.database}-nonces").render_as_string(hide_password=False)
 
 
 def _alembic_config(engine: Engine) -> Config:

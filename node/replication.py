@@ -335,24 +335,29 @@ def run(directory: Path, interval: float, once: bool = False) -> RoundReport:
         )
         proposing.start()
         own_head = _own_head(reader, config.node_id)
+        hinted: set[str] | None = None  # None: a full round (every member)
+        deadline = 0.0
         while True:
             try:
-                report = replicator.run_round()
+                report = replicator.run_round(hinted)
             except Exception:  # the worker keeps going: the next round may well succeed
                 log.exception("replication round failed")
                 report = RoundReport()
             if report.pulled or report.evidence or report.refused:
                 log.info("replication round: %s", describe(report))
-            deadline = time.monotonic() + interval
+            if hinted is None:
+                deadline = time.monotonic() + interval
+            hinted = None
             seen = _mtime(hint)
             while time.monotonic() < deadline and not stop.is_set():
                 head = _own_head(reader, config.node_id)
                 if head != own_head:
                     own_head = head
                     push_hints(store, peers, config.node_id)
-                    break
                 if _mtime(hint) != seen:
-                    for member in _take_hints(hint):
+                    # only the members that spoke up: the interval's full round still comes
+                    hinted = _take_hints(hint)
+                    for member in hinted:
                         replicator.reset_backoff(member)
                     break
                 stop.wait(0.05)

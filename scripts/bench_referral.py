@@ -15,6 +15,7 @@ worker each, SQLite, development server, loopback):
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import statistics
 import sys
@@ -76,6 +77,17 @@ def load(at: Node, patient_id: str, count: int) -> None:
         assert post(session, f"{at.fhir}/Observation", resource).status_code == 201
 
 
+def cpu_seconds(group: Consortium) -> float:
+    """User and system CPU time so far of every member's web server and replication worker."""
+    total = 0
+    for member in group.members.values():
+        for process in (member.web, member.replicator):
+            if process is not None:
+                fields = Path(f"/proc/{process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+                total += int(fields[11]) + int(fields[12])  # utime, stime in clock ticks
+    return total / os.sysconf("SC_CLK_TCK")
+
+
 def percentile(values: list[float], share: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(share * len(ordered)))]
@@ -126,6 +138,7 @@ def main() -> None:
         first = doctor.get(url).json()
         assert first["total"] == 3 * args.results, first.get("total")
         latencies, ceiling = [], []
+        cpu_before, wall_before = cpu_seconds(group), time.perf_counter()
         for _ in range(args.requests):
             started = time.perf_counter()
             answer = doctor.get(url)
@@ -134,6 +147,8 @@ def main() -> None:
             started = time.perf_counter()
             assert doctor.get(f"{d.fhir}/Patient/{ids['hosp-d']}").status_code == 200
             ceiling.append((time.perf_counter() - started) * 1000)
+        cpu_used = cpu_seconds(group) - cpu_before
+        wall_used = time.perf_counter() - wall_before
         # revocation: until every source denies, and until every replica holds it
         revoked = {**consent, "status": "inactive"}
         answer = a.session(token).put(
@@ -170,6 +185,11 @@ def main() -> None:
         console.print(
             f"ceiling (GET Patient at the requester): p50 {statistics.median(ceiling):.1f} ms, "
             f"p95 {percentile(ceiling, 0.95):.1f} ms"
+        )
+        console.print(
+            f"CPU time of the 4 members' processes: {cpu_used / args.requests * 1000:.1f} ms per "
+            f"request and its ceiling read ({cpu_used / wall_used:.2f} of the "
+            f"{os.cpu_count()} cores busy)"
         )
         console.print(
             "revocation at hosp-a: every source denies after "
