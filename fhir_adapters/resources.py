@@ -194,7 +194,9 @@ def _kind_of(annotation: Any) -> tuple[str, bool]:
     while True:
         origin = typing.get_origin(annotation)
         if origin is typing.Union or origin is types.UnionType:
-            annotation = next(a for a in typing.get_args(annotation) if a is not type(None))
+            choices = [a for a in typing.get_args(annotation) if a is not type(None)]
+            # a FHIR url (Attachment.url, Endpoint.address) is Union[AnyUrl, str]: a JSON string
+            annotation = str if str in choices else choices[0]
         elif origin is typing.Annotated:
             annotation = typing.get_args(annotation)[0]
         elif origin is list:

@@ -50,7 +50,21 @@ SCHEMA: dict[str, dict[str, tuple[type, Any]]] = {
         "epoch_blocks": (int, 1000),
         "slot_seconds": (int, 1),
     },
+    # the PACS's DICOMweb root ("" = none) that hrx adapters dicomweb-sync pulls studies from;
+    # interval_seconds: how often --watch syncs (0 = no schedule); overlap_days: how many days
+    # before the last round each round's StudyDate range starts (docs/adapters-dicom.md)
+    "dicomweb": {
+        "url": (str, ""),
+        "interval_seconds": (int, 0),
+        "timeout_ms": (int, 10000),
+        "overlap_days": (int, 1),
+        "page_size": (int, 100),
+    },
 }
+
+
+# settings for which 0 means "none" or "off" (every other whole number must be at least 1)
+_MAY_BE_ZERO = {"audit_flush_ms", "dicomweb_interval_seconds", "dicomweb_overlap_days"}
 
 
 @dataclass(frozen=True)
@@ -78,6 +92,11 @@ class NodeConfig:
     epoch_seconds: int  # certify at least this often while chains grow
     epoch_blocks: int  # or as soon as this many new blocks wait
     slot_seconds: int  # proposers take turns, a slot each
+    dicomweb_url: str  # the PACS's DICOMweb root; "" when none is configured
+    dicomweb_interval_seconds: int  # how often hrx adapters dicomweb-sync --watch syncs; 0: never
+    dicomweb_timeout_ms: int  # per request to the PACS
+    dicomweb_overlap_days: int  # each round re-reads this many days before the last one
+    dicomweb_page_size: int  # QIDO-RS results asked for per request
 
     @property
     def fhir_base(self) -> str:
@@ -144,10 +163,20 @@ def load_config(directory: Path, environ: Mapping[str, str] | None = None) -> No
         "exchange_timeout_ms",
         "consent_staleness_seconds",
         "consent_sync_timeout_ms",
+        "dicomweb_interval_seconds",
+        "dicomweb_timeout_ms",
+        "dicomweb_overlap_days",
+        "dicomweb_page_size",
     ):
-        least = 0 if name == "audit_flush_ms" else 1
+        least = 0 if name in _MAY_BE_ZERO else 1
         if values[name] < least:
             raise ConfigError(f"{name.replace('_', '.', 1)} must be at least {least}")
+
+    if values["dicomweb_url"] and not values["dicomweb_url"].startswith(("http://", "https://")):
+        raise ConfigError(
+            f"dicomweb.url {values['dicomweb_url']!r} is not an http:// or https:// URL "
+            "(the PACS's DICOMweb root, e.g. http://pacs.example:8042/dicom-web)"
+        )
 
     def resolve(value: str) -> Path:
         return (directory / value).resolve()
@@ -176,6 +205,11 @@ def load_config(directory: Path, environ: Mapping[str, str] | None = None) -> No
         epoch_seconds=values["checkpoints_epoch_seconds"],
         epoch_blocks=values["checkpoints_epoch_blocks"],
         slot_seconds=values["checkpoints_slot_seconds"],
+        dicomweb_url=values["dicomweb_url"].rstrip("/"),
+        dicomweb_interval_seconds=values["dicomweb_interval_seconds"],
+        dicomweb_timeout_ms=values["dicomweb_timeout_ms"],
+        dicomweb_overlap_days=values["dicomweb_overlap_days"],
+        dicomweb_page_size=values["dicomweb_page_size"],
     )
 
 

@@ -1,7 +1,198 @@
-"""``hrx adapters dicomweb-sync`` and ``dicom-import``: the PACS over DICOMweb and files."""
+"""``hrx adapters dicomweb-sync`` and ``dicom-import``: the PACS over DICOMweb and files.
+
+``dicomweb-sync`` pulls studies from the PACS's DICOMweb service (once, or every
+``[dicomweb] interval_seconds`` with ``--watch``, as a process beside the web server);
+``dicom-import`` takes DICOM files and directories. Both store Patients and ImagingStudies
+through :mod:`node.dicom_intake`; what they could not take in is named with the reason, and
+the command exits non-zero.
+"""
 
 from __future__ import annotations
 
-import click
+import signal
+import threading
+from datetime import datetime
+from pathlib import Path
+from typing import TYPE_CHECKING
 
-COMMANDS: list[click.Command] = []
+import click
+from rich.markup import escape
+
+from node.config import load_config
+from node.console import entry_progress, err, fail, out, reported
+from node.node_commands import DIR_OPTION
+from node.services import Services, open_services
+
+if TYPE_CHECKING:  # pydicom is imported only by the commands that need it
+    from node.dicom_intake import DicomwebClient
+
+DATE_FORMATS = ["%Y-%m-%d", "%Y%m%d"]
+
+
+@click.command("dicomweb-sync")
+@DIR_OPTION
+@click.option(
+    "--url",
+    default=None,
+    help="The PACS's DICOMweb root, e.g. http://pacs.example:8042/dicom-web "
+    "(default: [dicomweb] url of node.toml).",
+)
+@click.option(
+    "--since",
+    type=click.DateTime(DATE_FORMATS),
+    default=None,
+    metavar="DATE",
+    help="Studies from this StudyDate on (YYYY-MM-DD), instead of from where the last sync "
+    "came to.",
+)
+@click.option("--full", is_flag=True, help="Every study the PACS holds, whatever its date.")
+@click.option(
+    "--watch",
+    is_flag=True,
+    help="Sync every [dicomweb] interval_seconds until SIGTERM or SIGINT.",
+)
+@click.option(
+    "--interval",
+    type=click.IntRange(1),
+    default=None,
+    help="Seconds between rounds with --watch (default: [dicomweb] interval_seconds).",
+)
+def dicomweb_sync(
+    directory: Path,
+    url: str | None,
+    since: datetime | None,
+    full: bool,
+    watch: bool,
+    interval: int | None,
+) -> None:
+    """Take the PACS's studies in over DICOMweb (QIDO-RS) as ImagingStudies."""
+    from node.dicom_intake import DicomwebClient, DicomwebError, SyncReport, sync_round
+
+    with reported():
+        config = load_config(directory)
+        url = (url or config.dicomweb_url).rstrip("/")
+        if not url:
+            fail(
+                "no DICOMweb service to sync from: pass --url, or set \\[dicomweb] url in "
+                + escape(f"{config.directory / 'node.toml'} (or HRX_DICOMWEB_URL)")
+            )
+        if not url.startswith(("http://", "https://")):
+            fail(escape(f"--url {url!r} is not an http:// or https:// URL (the DICOMweb root)"))
+        seconds = interval or config.dicomweb_interval_seconds
+        if watch and seconds < 1:
+            fail(
+                "--watch needs an interval: set \\[dicomweb] interval_seconds in node.toml (or "
+                "HRX_DICOMWEB_INTERVAL_SECONDS), or pass --interval"
+            )
+        if since is not None and full:
+            fail("--since and --full exclude each other: --full asks for every study")
+        if watch and (since is not None or full):
+            fail("--watch continues from the saved cursor; run --since or --full once without it")
+        services = open_services(config)
+        client = DicomwebClient(url, config.dicomweb_timeout_ms, config.dicomweb_page_size)
+        try:
+            if watch:
+                _watch(services, client, seconds)
+                return
+            with entry_progress(None, "studies") as advance:
+                try:
+                    report: SyncReport = sync_round(
+                        services,
+                        client,
+                        since=since.date() if since is not None else None,
+                        full=full,
+                        advance=advance,
+                    )
+                except DicomwebError as exc:  # the PACS unreachable, or answering nonsense
+                    fail(escape(str(exc)))
+        finally:
+            client.close()
+            services.close()
+    out.print(escape(report.describe()))
+    for uid, reason in report.failed:
+        err.print(f"[red]study {uid}:[/] {escape(reason)}")
+    for uid in report.gone:
+        out.print(f"study {uid} failed before and is no longer on the PACS: no longer retried")
+    if report.failed:
+        err.print(
+            f"{len(report.failed)} studies were not taken in; correct them in the PACS as the "
+            "reasons say: the next sync asks for them again"
+        )
+        raise SystemExit(1)
+
+
+def _watch(services: Services, client: DicomwebClient, seconds: int) -> None:
+    from node.dicom_intake import SyncReport, watch
+
+    stop = threading.Event()
+    if threading.current_thread() is threading.main_thread():
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, lambda *_: stop.set())
+
+    def on_report(report: SyncReport) -> None:
+        out.print(f"{_now()} {escape(report.describe())}")
+        for uid, reason in report.failed:
+            err.print(f"{_now()} study {uid}: {escape(reason)}")
+
+    def on_error(exc: BaseException) -> None:
+        message = str(exc) if str(exc) else type(exc).__name__
+        err.print(f"{_now()} sync round failed, trying again in {seconds} s: {escape(message)}")
+
+    out.print(
+        escape(f"{_now()} syncing from {client.public_url} every {seconds} s (stop: SIGTERM)")
+    )
+    watch(services, client, seconds, stop, on_report, on_error)
+    out.print(f"{_now()} stopped")
+
+
+def _now() -> str:
+    return datetime.now().astimezone().strftime("%Y-%m-%d %H:%M:%S")
+
+
+@click.command("dicom-import")
+@DIR_OPTION
+@click.option(
+    "--charset",
+    default=None,
+    help="The character set of files that name none in (0008,0005), as DICOM names it: e.g. "
+    "GB18030 for modalities that write Chinese without saying so.",
+)
+@click.argument(
+    "paths", nargs=-1, required=True, type=click.Path(path_type=Path), metavar="FILES_OR_DIRS..."
+)
+def dicom_import(directory: Path, charset: str | None, paths: tuple[Path, ...]) -> None:
+    """Take DICOM files (and every file under directories) in as ImagingStudies."""
+    from pydicom.charset import python_encoding
+
+    from node.dicom_intake import dicom_files, import_files
+
+    if charset is not None and charset not in python_encoding:
+        fail(
+            escape(
+                f"--charset {charset!r} is not a DICOM character set; e.g. GB18030, GBK, "
+                "ISO_IR 192 (UTF-8), ISO_IR 100 (Latin-1)"
+            )
+        )
+    with reported():
+        config = load_config(directory)
+        services = open_services(config)
+        files = dicom_files(paths)
+        try:
+            with entry_progress(len(files), "files") as advance:
+                report = import_files(services, files, default_charset=charset, advance=advance)
+        finally:
+            services.close()
+    out.print(escape(report.describe()))
+    for name, why in report.skipped:
+        out.print(escape(f"skipped {name}: {why}"))
+    for name, reason in report.bad:
+        err.print(f"[red]{escape(name)}:[/] {escape(reason)}")
+    if report.bad:
+        err.print(
+            f"{len(report.bad)} files were not taken in (kept in the quarantine with the "
+            "reason); the others were. Correct those files and import them again."
+        )
+        raise SystemExit(1)
+
+
+COMMANDS: list[click.Command] = [dicomweb_sync, dicom_import]

@@ -85,3 +85,39 @@ def test_index_values_of_an_observation() -> None:
     assert rows.compartment == {"p1"}
     assert set(rows.links) == {("Patient", "p1"), ("Practitioner", "d1")}
     assert rows.dates == [("date", date_range("2024-01-01")[0], 2**62)]
+
+
+def test_url_elements_are_json_strings() -> None:
+    """A FHIR url (a Union of AnyUrl and str in the models) is a JSON string, not an object:
+    an attachment's url and a contained Endpoint's address validate (they were refused as
+    "must be an object"), and an object there is refused."""
+    from fhir_adapters.errors import FhirError
+    from fhir_adapters.resources import validate
+
+    report = {
+        "resourceType": "DiagnosticReport",
+        "status": "final",
+        "code": {"text": "CT chest"},
+        "presentedForm": [{"contentType": "application/pdf", "url": "https://pacs/r/1.pdf"}],
+    }
+    assert validate(report)[0]["presentedForm"][0]["url"] == "https://pacs/r/1.pdf"
+    study = {
+        "resourceType": "ImagingStudy",
+        "status": "available",
+        "subject": {"reference": "Patient/p1"},
+        "contained": [
+            {
+                "resourceType": "Endpoint",
+                "id": "wado",
+                "status": "active",
+                "connectionType": {"code": "dicom-wado-rs"},
+                "payloadType": [{"text": "DICOM"}],
+                "address": "http://pacs/dicom-web/studies/1.2.3",
+            }
+        ],
+        "endpoint": [{"reference": "#wado"}],
+    }
+    assert validate(study)[0]["contained"][0]["address"].endswith("/studies/1.2.3")
+    report["presentedForm"][0]["url"] = {"value": "https://pacs/r/1.pdf"}
+    with pytest.raises(FhirError):
+        validate(report)
