@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import click
 
+from node.csv_commands import COMMANDS as CSV_COMMANDS
 from node.dicom_commands import COMMANDS as DICOM_COMMANDS
 from node.hl7_commands import COMMANDS as HL7_COMMANDS
 
@@ -15,5 +16,5 @@ def adapters_group() -> None:
     """Take in results from the hospital's LIS and PACS."""
 
 
-for command in [*HL7_COMMANDS, *DICOM_COMMANDS]:
+for command in [*HL7_COMMANDS, *DICOM_COMMANDS, *CSV_COMMANDS]:
     adapters_group.add_command(command)
