@@ -78,6 +78,8 @@ CASES = [
     ("preliminary", lab(status="preliminary"), TERTIARY, False, {"not-final"}),
     ("lab from a lower level", lab(), SECONDARY, False, {"level-refused"}),
     ("CT chest within a month", study(), TERTIARY, True, set()),
+    # the code the PACS adapter gives DICOM's CHEST (PS3.16 Annex L, CID 4031)
+    ("CT chest as DICOM codes it", study(site="43799004"), TERTIARY, True, set()),
     (
         "imaging from a lower level: any member",
         study(),
