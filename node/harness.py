@@ -149,6 +149,8 @@ class Consortium:
         replicate_interval: float = 0.5,
         members_info: dict[str, dict[str, object]] | None = None,
         environment: dict[str, str] | None = None,
+        display_names: dict[str, str] | None = None,
+        consortium_name: str = "hrx-harness",
     ) -> None:
         self.root = root
         self.environment = environment or {}  # HRX_* settings for every member's processes
@@ -167,7 +169,7 @@ class Consortium:
                 "--id",
                 name,
                 "--name",
-                f"医院 {name}",
+                (display_names or {}).get(name, f"医院 {name}"),
                 "--port",
                 str(web_port),
                 "--url",
@@ -188,7 +190,7 @@ class Consortium:
             "--quorum",
             str(quorum or (size * 2 // 3 + 1)),
             "--consortium",
-            "hrx-harness",
+            consortium_name,
             "--out",
             str(root / "roster.json"),
             *info,

@@ -174,15 +174,50 @@ def test_errors_name_the_problem(tmp_path: Path) -> None:
 
 
 def test_installed_command_and_demo_run(tmp_path: Path) -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "node.cli", "demo", "--dir", str(tmp_path / "demo")],
+    """``hrx demo --keep``: the whole story on real member processes, then the nodes keep
+    running and say where to sign in until Ctrl-C; afterwards the auditor verifies a member's
+    database offline."""
+    import re
+    import signal
+
+    import requests
+
+    workdir = tmp_path / "demo"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "node.cli", "demo", "--keep", "--dir", str(workdir)],
         cwd=ROOT,
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
         text=True,
-        timeout=300,
+        env={**os.environ, "COLUMNS": "200"},
     )
-    assert result.returncode == 0, result.stderr
-    assert "verdict: the ledger is valid" in result.stdout
+    assert process.stdout is not None
+    lines = []
+    try:
+        for line in process.stdout:
+            lines.append(line)
+            if "node directories:" in line:
+                break
+        story = "".join(lines)
+        assert "HL7 v2 ORU^R01 over MLLP" in story and "ACK AA" in story, story
+        assert "1 studies: 1 created" in story and "1 stored" in story, story
+        assert "A denied" in story and "co-signed by 3 members" in story, story
+        assert "VALID: 3 chain(s)" in story and "2 exam(s) avoided, ¥320.00 saved" in story
+        portal = re.search(r"http://127\.0\.0\.1:\d+/portal", story)
+        clinic = re.search(r"http://127\.0\.0\.1:\d+/clinic", story)
+        assert portal and clinic, story
+        assert requests.get(portal.group(0) + "/signin", timeout=10).status_code == 200
+        assert requests.get(clinic.group(0) + "/signin", timeout=10).status_code == 200
+        process.send_signal(signal.SIGINT)
+        rest, _ = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == 0, rest
+    assert "verdict: the ledger is valid" in rest
+    with pytest.raises(requests.ConnectionError):  # the nodes stopped with the demo
+        requests.get(portal.group(0), timeout=5)
     verdict = subprocess.run(
         [
             sys.executable,
@@ -190,13 +225,14 @@ def test_installed_command_and_demo_run(tmp_path: Path) -> None:
             "node.cli",
             "audit",
             "verify",
-            str(tmp_path / "demo" / "ledger.jsonl"),
+            str(workdir / "hosp-b" / "hrx.db"),
             "--authority",
-            str(tmp_path / "demo" / "authority.pem"),
+            str(workdir / "authority.pem"),
         ],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=300,
     )
-    assert verdict.returncode == 0 and "VALID: 1 chain(s)" in verdict.stdout
+    assert verdict.returncode == 0, verdict.stdout + verdict.stderr
+    assert "VALID: 3 chain(s)" in verdict.stdout
