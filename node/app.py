@@ -3,27 +3,43 @@
 ``create_app(directory)`` reads the node's configuration (``node.toml`` plus ``HRX_*``
 environment overrides), opens its database (refusing one whose schema is behind: run
 ``hrx node upgrade``), and registers the blueprints: health, token issuing, FHIR, the
-ledger's read API, node-to-node calls, and the patient portal. For gunicorn,
-:mod:`node.wsgi` builds the app from ``HRX_NODE_DIR``.
+ledger's read API, node-to-node calls, the patient portal, and ``/metrics``. Every request
+gets an ID, an access log line and a measurement (:mod:`node.logs`, :mod:`node.metrics`);
+setting up the process's logging is for the entry points (``hrx node serve``,
+:mod:`node.wsgi`, which builds the app from ``HRX_NODE_DIR`` for gunicorn).
 """
 
 from __future__ import annotations
 
 import atexit
 from pathlib import Path
+from types import TracebackType
 
-from flask import Flask
+from flask import Flask, request
 
 from node.config import load_config
+from node.logs import install_request_hooks, route_of_request
 from node.services import open_services
 
 MAX_BODY_BYTES = 32 * 1024 * 1024
+
+ExcInfo = tuple[type[BaseException], BaseException, TracebackType] | tuple[None, None, None]
+
+
+class NodeApp(Flask):
+    """Flask, but an unhandled error's log line names the route, never the path."""
+
+    def log_exception(self, exc_info: ExcInfo) -> None:
+        """An unhandled error, logged with the route, not the path (paths hold ids)."""
+        self.logger.error(
+            "unhandled exception in %s %s", request.method, route_of_request(), exc_info=exc_info
+        )
 
 
 def create_app(directory: str | Path) -> Flask:
     config = load_config(Path(directory))
     services = open_services(config)
-    app = Flask("hrx")
+    app = NodeApp("hrx")
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
     app.json.ensure_ascii = False  # type: ignore[attr-defined]
     app.extensions["hrx"] = services
@@ -43,11 +59,14 @@ def create_app(directory: str | Path) -> Flask:
         fhir_api,
         health,
         ledger_api,
+        metrics,
         orders,
         peer_api,
         portal,
         referral_api,
     )
+
+    install_request_hooks(app, metrics.observe_request)  # before any blueprint's hooks
 
     app.register_blueprint(health.bp)
     app.register_blueprint(auth_api.bp)
@@ -58,4 +77,6 @@ def create_app(directory: str | Path) -> Flask:
     app.register_blueprint(peer_api.bp)
     app.register_blueprint(portal.bp)
     app.register_blueprint(clinic.bp)
+    if config.metrics_enabled:
+        app.register_blueprint(metrics.bp)
     return app

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -60,11 +61,22 @@ SCHEMA: dict[str, dict[str, tuple[type, Any]]] = {
         "overlap_days": (int, 1),
         "page_size": (int, 100),
     },
+    # GET /metrics for Prometheus (docs/operations.md); token: when set, scrapers must send
+    # "Authorization: Bearer <token>"; when "", only direct loopback clients are answered
+    "metrics": {"enabled": (bool, True), "token": (str, "")},
+    # format: "json" (one object per line on stderr) or "text"; level: DEBUG ... CRITICAL
+    "logging": {"format": (str, "json"), "level": (str, "INFO")},
 }
 
 
 # settings for which 0 means "none" or "off" (every other whole number must be at least 1)
 _MAY_BE_ZERO = {"audit_flush_ms", "dicomweb_interval_seconds", "dicomweb_overlap_days"}
+# text settings that may be given as "" (meaning none)
+_MAY_BE_EMPTY = {"metrics_token"}
+_BOOLEANS = {"true": True, "false": False, "1": True, "0": False, "yes": True, "no": False}
+LOG_FORMATS = ("json", "text")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+METRICS_TOKEN_MIN_LENGTH = 16
 
 
 @dataclass(frozen=True)
@@ -97,6 +109,10 @@ class NodeConfig:
     dicomweb_timeout_ms: int  # per request to the PACS
     dicomweb_overlap_days: int  # each round re-reads this many days before the last one
     dicomweb_page_size: int  # QIDO-RS results asked for per request
+    metrics_enabled: bool  # serve GET /metrics
+    metrics_token: str  # the bearer token scrapers must send; "": loopback clients only
+    log_format: str  # "json" or "text"
+    log_level: str  # DEBUG, INFO, WARNING, ERROR or CRITICAL
 
     @property
     def fhir_base(self) -> str:
@@ -104,6 +120,12 @@ class NodeConfig:
 
 
 def _coerce(name: str, kind: type, value: Any) -> Any:
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in _BOOLEANS:
+            return _BOOLEANS[value.lower()]
+        raise ConfigError(f"{name} must be true or false, not {value!r}")
     if kind is int:
         if isinstance(value, bool) or not isinstance(value, int | str):
             raise ConfigError(f"{name} must be a whole number, not {value!r}")
@@ -140,6 +162,10 @@ def load_config(directory: Path, environ: Mapping[str, str] | None = None) -> No
         for key, (kind, default) in keys.items():
             name = f"{section}.{key}"
             env_name = f"HRX_{section}_{key}".upper()
+            given = environ[env_name] if env_name in environ else raw.get(section, {}).get(key)
+            if given == "" and f"{section}_{key}" in _MAY_BE_EMPTY:
+                values[f"{section}_{key}"] = ""
+                continue
             if env_name in environ:
                 value = _coerce(f"{env_name} (environment)", kind, environ[env_name])
             elif key in raw.get(section, {}):
@@ -178,6 +204,22 @@ def load_config(directory: Path, environ: Mapping[str, str] | None = None) -> No
             "(the PACS's DICOMweb root, e.g. http://pacs.example:8042/dicom-web)"
         )
 
+    if values["logging_format"] not in LOG_FORMATS:
+        raise ConfigError(
+            f"logging.format is one of {', '.join(LOG_FORMATS)}, not {values['logging_format']!r}"
+        )
+    if values["logging_level"].upper() not in LOG_LEVELS:
+        raise ConfigError(
+            f"logging.level is one of {', '.join(LOG_LEVELS)}, not {values['logging_level']!r}"
+        )
+    token = values["metrics_token"]
+    if token and (len(token) < METRICS_TOKEN_MIN_LENGTH or not re.fullmatch(r"[!-~]+", token)):
+        raise ConfigError(
+            f"metrics.token must be at least {METRICS_TOKEN_MIN_LENGTH} printable ASCII "
+            "characters without spaces (make one with: python3 -c 'import secrets; "
+            "print(secrets.token_urlsafe(32))'), or empty for none"
+        )
+
     def resolve(value: str) -> Path:
         return (directory / value).resolve()
 
@@ -210,6 +252,10 @@ def load_config(directory: Path, environ: Mapping[str, str] | None = None) -> No
         dicomweb_timeout_ms=values["dicomweb_timeout_ms"],
         dicomweb_overlap_days=values["dicomweb_overlap_days"],
         dicomweb_page_size=values["dicomweb_page_size"],
+        metrics_enabled=values["metrics_enabled"],
+        metrics_token=values["metrics_token"],
+        log_format=values["logging_format"],
+        log_level=values["logging_level"].upper(),
     )
 
 

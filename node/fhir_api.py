@@ -260,7 +260,8 @@ def http_error(exc: HTTPException) -> Response | HTTPException:
 def server_error(exc: Exception) -> Response | HTTPException:
     if isinstance(exc, HTTPException):  # e.g. a body over the size limit: 413, not 500
         return http_error(exc)
-    log.exception("FHIR request failed: %s %s", request.method, request.path)
+    route = request.url_rule.rule if request.url_rule is not None else "<unmatched>"
+    log.exception("FHIR request failed: %s %s", request.method, route)  # no ids in the log
     return respond(
         500,
         operation_outcome(

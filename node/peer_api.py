@@ -33,6 +33,7 @@ from ledger import checkpoint as checkpoints
 from ledger.canonical import canonical_bytes, parse_json
 from ledger.errors import LedgerError
 from ledger.model import format_time
+from node import metrics
 from node.audit import AuditRecord
 from node.ledger_api import verified_peer
 from node.pseudonyms import patients_with
@@ -178,6 +179,9 @@ def decide_access_request() -> Response:
     if decided.decision.emergency:
         entries.append(("emergency.access", emergency_body(request_id, access)))
     seqs = services.consents.chain_writer().append_many(entries)
+    metrics.count_access_decision(
+        decided.decision.decision, decided.decision.emergency, requester=g.peer
+    )
     record = AuditRecord(
         interaction="operation",
         username=g.peer,

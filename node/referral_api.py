@@ -34,6 +34,7 @@ from ledger import keys
 from ledger.errors import LedgerError
 from node import fhir_api
 from node.audit import AuditRecord
+from node.logs import current_request_id
 from node.replication import SignedPeers
 from node.services import Services
 
@@ -70,11 +71,13 @@ def rules(svc: Services) -> Rules:
 
 
 def _post(peers: SignedPeers) -> Any:
+    request_id = current_request_id()  # the fan-out's threads ask under the doctor's request
+
     def post(member: str, path: str, body: dict[str, Any], timeout: float) -> bytes:
         session = getattr(_local, "session", None)
         if session is None:
             session = _local.session = requests.Session()
-        return peers.fetch(member, "POST", path, body, timeout, session)
+        return peers.fetch(member, "POST", path, body, timeout, session, request_id=request_id)
 
     return post
 

@@ -4,6 +4,10 @@
 inside them): a round every ``--interval`` seconds, each pulling from every member what it
 shows beyond this node's copy. Requests to peers are signed (:mod:`node.peer_auth`) and go to
 the URLs the roster gives; an unreachable or misbehaving member is backed off from.
+
+Each round (and each checkpoint proposal) has a request ID of its own, on its log lines and on
+every request it sends (``X-Request-ID``), as a web request's ID is on the requests it makes
+(:mod:`node.logs`).
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from node.config import NodeConfig, load_config
 from node.consortium import AUTHORITY_SETTING
 from node.db import open_database
 from node.errors import ConfigError
+from node.logs import REQUEST_ID_HEADER, current_request_id, new_request_id, request_scope
 from node.peer_auth import sign_request
 
 log = logging.getLogger(__name__)
@@ -85,9 +90,12 @@ class SignedPeers:
         value: Any = None,
         timeout: float = READ_SECONDS,
         session: requests.Session | None = None,
+        request_id: str | None = None,
     ) -> bytes:
         """A signed request to a member; the bytes of its 200 answer, or PeerUnavailable
-        saying why. ``session``: another than this object's (one per thread)."""
+        saying why. ``session``: another than this object's (one per thread). ``request_id``:
+        sent as ``X-Request-ID`` (default: the ID of the request or round this thread is
+        handling; a thread of a pool handles none, so work handed to one must pass it)."""
         try:
             base = self.store.roster().member(member)["url"].rstrip("/")
         except LedgerError as exc:
@@ -97,6 +105,9 @@ class SignedPeers:
         headers = sign_request(
             self.own, self.key, method, url, body, {"Content-Type": "application/json"}
         )
+        request_id = request_id or current_request_id()
+        if request_id is not None:  # not signed (nor need it be): it only links the logs
+            headers[REQUEST_ID_HEADER] = request_id
         try:
             response = (session or self.session).request(
                 method,
@@ -328,7 +339,8 @@ def run(directory: Path, interval: float, once: bool = False) -> RoundReport:
             SignedPeers(reader, config.node_id, keys.load_private_key(config.ed25519_key)),
         )
         if once:  # one replication round; checkpoints belong to the running worker
-            return replicator.run_round()
+            with request_scope(new_request_id()):
+                return replicator.run_round()
         # checkpoints in their own thread: gathering signatures must not hold up replication
         proposing = threading.Thread(
             target=_propose_every_epoch, args=(proposer, stop), name="checkpoints", daemon=True
@@ -338,13 +350,14 @@ def run(directory: Path, interval: float, once: bool = False) -> RoundReport:
         hinted: set[str] | None = None  # None: a full round (every member)
         deadline = 0.0
         while True:
-            try:
-                report = replicator.run_round(hinted)
-            except Exception:  # the worker keeps going: the next round may well succeed
-                log.exception("replication round failed")
-                report = RoundReport()
-            if report.pulled or report.evidence or report.refused:
-                log.info("replication round: %s", describe(report))
+            with request_scope(new_request_id()):
+                try:
+                    report = replicator.run_round(hinted)
+                except Exception:  # the worker keeps going: the next round may well succeed
+                    log.exception("replication round failed")
+                    report = RoundReport()
+                if report.pulled or report.evidence or report.refused:
+                    log.info("replication round: %s", describe(report))
             if hinted is None:
                 deadline = time.monotonic() + interval
             hinted = None
@@ -353,7 +366,8 @@ def run(directory: Path, interval: float, once: bool = False) -> RoundReport:
                 head = _own_head(reader, config.node_id)
                 if head != own_head:
                     own_head = head
-                    push_hints(store, peers, config.node_id)
+                    with request_scope(new_request_id()):
+                        push_hints(store, peers, config.node_id)
                 if _mtime(hint) != seen:
                     # only the members that spoke up: the interval's full round still comes
                     hinted = _take_hints(hint)
@@ -371,7 +385,8 @@ def _propose_every_epoch(proposer: CheckpointProposer, stop: threading.Event) ->
     seconds = proposer.config.slot_seconds
     while not stop.is_set():
         try:
-            proposer.maybe_propose(time.time())
+            with request_scope(new_request_id()):
+                proposer.maybe_propose(time.time())
         except Exception:  # a failed slot is logged; the next one is tried
             log.exception("checkpoint proposal failed")
         stop.wait(seconds - time.time() % seconds + 0.01)  # just after the next slot begins

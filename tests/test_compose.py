@@ -95,6 +95,7 @@ def test_every_service_runs_a_real_command(compose: dict[str, Any]) -> None:
             hrx_command(command[1:])
         elif command[0] == "gunicorn":
             assert command[-1] == "node.wsgi:app", name
+            assert command[1:3] == ["-c", "python:node.gunicorn_conf"], name  # metrics, logs
             assert "HRX_NODE_DIR" in service["environment"], name
         else:
             assert command == ["/app/deploy/bootstrap.sh"], name

@@ -567,3 +567,25 @@ def test_the_clinic_pages(group: Consortium, patient: dict[str, Any]) -> None:
     assert requests.get(f"{b.base}/clinic/", cookies={"hrx_portal": "x"}).url.endswith(
         "/clinic/signin"
     )
+
+
+def test_one_request_id_follows_a_referral_across_members(
+    group: Consortium, patient: dict[str, Any]
+) -> None:
+    """The doctor's request ID reaches every member asked, so one search finds a referral in
+    every member's log."""
+    b = node(group, "hosp-b")
+    doctor = b.session(b.token("dr-qian", "doctor"))
+    request_id = f"referral-{uuid.uuid4().hex[:12]}"
+    answer = doctor.get(
+        f"{b.fhir}/Patient/{patient['b']}/$prior-results", headers={"X-Request-ID": request_id}
+    )
+    assert answer.status_code == 200 and answer.headers["X-Request-ID"] == request_id
+    for name in ("hosp-a", "hosp-c"):
+        lines = (group.members[name].directory / "processes.log").read_text(errors="replace")
+        asked = [
+            json.loads(line)
+            for line in lines.splitlines()
+            if line.startswith("{") and request_id in line
+        ]
+        assert any(line.get("route") == "/peer/access" for line in asked), (name, asked)
