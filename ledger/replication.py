@@ -99,6 +99,9 @@ class Replicator:
         self.clock = clock
         self._backoff: dict[str, _Backoff] = {}
         self._rosters: dict[int, dict[str, Any]] = {}  # every stored version, read each round
+        # after a restore from a backup: take this node's own newer blocks back from the
+        # members that hold them (verified like any other chain's), never while it appends
+        self.recovering = False
 
     # -- one round ------------------------------------------------------------------------
 
@@ -186,8 +189,11 @@ class Replicator:
             if block_hash(ours.header) != block_hash(header):
                 self._evidence(ours, Head(header, signature), source, report)
             return
-        if chain == self.own:
-            raise _Refused(f"{source} shows this node's own chain beyond its head")
+        if chain == self.own and not self.recovering:
+            raise _Refused(
+                f"{source} shows this node's own chain beyond its head (restored from a backup? "
+                "stop the node and run hrx node recover)"
+            )
         pulled = self._pull(chain, source, local, Head(header, signature), report)
         report.pulled[chain] = report.pulled.get(chain, 0) + pulled
 

@@ -399,10 +399,14 @@ def _register_commands() -> None:
     from node import node_commands
     from node.adapter_commands import adapters_group
     from node.demo import demo
+    from node.key_commands import rotate_keys
+    from node.recovery_commands import recover
 
     main.add_command(demo)
     main.add_command(adapters_group)
     node_commands.register(main)
+    node_commands.node_group.add_command(rotate_keys)
+    node_commands.node_group.add_command(recover)
 
 
 _register_commands()

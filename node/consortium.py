@@ -126,3 +126,52 @@ def quorum_warning(roster: dict[str, Any]) -> str | None:
             f"{faulty} dishonest member(s) two conflicting views could both be certified"
         )
     return None
+
+
+def next_key_paths(config: Any) -> tuple[Path, Path]:
+    """Where ``hrx node rotate-keys`` keeps a node's next Ed25519 and BLS keys until a roster
+    lists them: beside the current ones, ``<name>-next<suffix>``."""
+    return (
+        config.ed25519_key.with_name(config.ed25519_key.stem + "-next" + config.ed25519_key.suffix),
+        config.bls_key.with_name(config.bls_key.stem + "-next" + config.bls_key.suffix),
+    )
+
+
+def listed_next_keys(config: Any, roster: dict[str, Any]) -> tuple[Any, bytes] | None:
+    """This node's next keys (made by ``hrx node rotate-keys``) when ``roster`` lists them:
+    the Ed25519 private key and the BLS public key; None when there are none or the roster
+    lists the current ones."""
+    from ledger import bls
+
+    next_ed25519, next_bls = next_key_paths(config)
+    if not next_ed25519.exists() or not next_bls.exists():
+        return None
+    member = next((m for m in roster.get("members", []) if m.get("id") == config.node_id), None)
+    if member is None:
+        return None
+    signing_key = keys.load_private_key(next_ed25519)
+    bls_public = bls.public_key(bls.read_secret_key(next_bls))
+    listed = (member.get("ed25519") == keys.public_key_text(signing_key), member.get("bls"))
+    if listed == (True, bls_public.hex()):
+        return signing_key, bls_public
+    if listed[0] or listed[1] == bls_public.hex():
+        raise ConfigError(
+            "the roster lists only one of this node's next keys; the authority must list both "
+            "(enrollment-next.json)"
+        )
+    return None
+
+
+def put_next_keys_in_place(config: Any, version: int) -> str:
+    """Once a roster listing them is installed: the next keys replace the current ones, which
+    are kept as ``<name>-retired-v<version>``; a note saying so."""
+    next_ed25519, next_bls = next_key_paths(config)
+    for current, upcoming in ((config.ed25519_key, next_ed25519), (config.bls_key, next_bls)):
+        retired = current.with_name(f"{current.stem}-retired-v{version}{current.suffix}")
+        os.replace(current, retired)
+        os.replace(upcoming, current)
+    return (
+        f"keys rotated: roster version {version} lists this node's next keys, now in "
+        f"{config.ed25519_key.name} and {config.bls_key.name} (the old ones kept as "
+        f"*-retired-v{version}); restart the node's processes so they sign with them"
+    )

@@ -129,16 +129,24 @@ def _index_patients(config: NodeConfig, database: Database) -> int:
 @click.option("--host", default=None, help="Address to listen on (default: server.host).")
 @click.option("--port", default=None, type=click.IntRange(1, 65535), help="Default: server.port.")
 def node_serve(directory: Path, host: str | None, port: int | None) -> None:
-    """Serve the node with the development server (production: gunicorn, see the README)."""
+    """Serve the node with the development server (production: gunicorn, see the README).
+
+    Logs go to stderr as the node's [logging] says: JSON lines by default, one access line
+    per request (HRX_LOGGING_FORMAT=text for a terminal)."""
     with reported():
         from node.app import create_app
+        from node.logs import configure_logging
 
         config = load_config(directory)
+        configure_logging(config.log_format, config.log_level)
         app = create_app(directory)
     host = host or config.host
     port = port or config.port
     out.print(f"node {config.node_id} serving FHIR at http://{host}:{port}/fhir", highlight=False)
-    app.run(host=host, port=port, threaded=True, use_reloader=False)
+    from werkzeug.serving import run_simple
+
+    # not app.run: its banner would be the one line on the console that is not a log line
+    run_simple(host, port, app, threaded=True, use_reloader=False)
 
 
 @click.group("user")
@@ -427,11 +435,18 @@ def node_join(
 ) -> None:
     """Join a consortium, or install a newer roster version of it."""
     from ledger import bls
-    from node.consortium import install_roster, read_roster_file, read_secret
+    from node.consortium import (
+        install_roster,
+        listed_next_keys,
+        put_next_keys_in_place,
+        read_roster_file,
+        read_secret,
+    )
 
     with reported():
         config = load_config(directory)
         roster, signature = read_roster_file(roster_path)
+        upcoming = listed_next_keys(config, roster)  # hrx node rotate-keys made them
         secret_file = config.consortium_key
         if secret_path is not None:
             read_secret(secret_path)
@@ -440,17 +455,19 @@ def node_join(
         database = open_database(config.database_url)
         try:
             store = ChainStore(database.write_engine)
+            if upcoming is not None:
+                signing_key, bls_public = upcoming
+            else:
+                signing_key = keys.load_private_key(config.ed25519_key)
+                bls_public = bls.public_key(bls.read_secret_key(config.bls_key))
             checked = install_roster(
-                store,
-                config.node_id,
-                keys.load_private_key(config.ed25519_key),
-                bls.public_key(bls.read_secret_key(config.bls_key)),
-                roster,
-                signature,
-                authority,
+                store, config.node_id, signing_key, bls_public, roster, signature, authority
             )
         finally:
             database.close()
+        rotated = None
+        if upcoming is not None:  # only once the roster listing them is installed
+            rotated = put_next_keys_in_place(config, checked.version)
         if secret_path is not None and secret_path.resolve() != secret_file.resolve():
             if secret_file.exists() and read_secret(secret_file) != read_secret(secret_path):
                 fail(f"{secret_file} holds another consortium secret; it is never replaced")
@@ -467,6 +484,8 @@ def node_join(
         f"{checked.version}, {len(checked.member_ids())} members, quorum {checked.quorum}); "
         f"{indexed} patient(s) indexed by pseudonym"
     )
+    if rotated:
+        out.print(rotated)
     from node.consortium import quorum_warning
 
     warning = quorum_warning(checked.body)
@@ -486,12 +505,12 @@ def node_join(
 @click.option("--once", is_flag=True, help="One round, then exit (prints what it did).")
 def node_replicate(directory: Path, interval: float, once: bool) -> None:
     """Pull and verify every member's chain (run beside the web server, as its own process)."""
-    import logging
-
+    from node.logs import configure_logging
     from node.replication import describe, run
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     with reported():
+        config = load_config(directory)
+        configure_logging(config.log_format, config.log_level)  # as the web server's
         report = run(directory, interval, once)
     if once:
         out.print(describe(report))

@@ -1,0 +1,72 @@
+"""``hrx node recover``: after a node's database was restored from a backup, take back the
+blocks of its own chain that it signed after the backup was made, from the members that hold
+them, before the node appends again.
+
+A node's chain is replicated by every member, so a backup that is older than the chain loses
+nothing — but a node that appended again from the backup's head would sign a second block at a
+height it has already signed: fork evidence against itself, and its chain frozen everywhere.
+Its replication worker therefore refuses to take its own chain from others and says so in its
+log; this command is the one way to take it, with the node stopped. Every block is verified as
+any replica verifies it (signatures under the roster version it names, Merkle roots, hash
+links) before it is stored.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from node.console import err, fail, out, reported
+
+
+@click.command("recover")
+@click.option(
+    "--dir",
+    "directory",
+    required=True,
+    type=click.Path(path_type=Path, file_okay=False, exists=True),
+    help="The node's directory (the node stopped: web server and replication worker).",
+)
+def recover(directory: Path) -> None:
+    """Take back this node's own newer blocks from the members (after a restore)."""
+    from ledger.store import ChainStore
+    from node.config import load_config
+    from node.db import open_database, require_current
+    from node.replication import replicator_for
+
+    with reported():
+        config = load_config(directory)
+        database = open_database(config.database_url)
+        try:
+            require_current(database.engine, config.directory)
+            reader = ChainStore(database.engine)
+            before = reader.heads().get(config.node_id)
+            replicator = replicator_for(config, reader, writes=ChainStore(database.write_engine))
+            replicator.recovering = True
+            report = replicator.run_round()
+            after = reader.heads().get(config.node_id)
+            height_before = -1 if before is None else before.header["height"]
+            height_after = -1 if after is None else after.header["height"]
+        finally:
+            database.close()
+    members = len(report.unreachable) + len(report.refused)
+    for member, why in sorted({**report.unreachable, **report.refused}.items()):
+        err.print(f"[yellow]{member}:[/] {why}")
+    if report.evidence:
+        fail(f"fork evidence found while recovering: {report.evidence[0]}; see hrx audit verify")
+    out.print(
+        f"{config.node_id}: own chain at height {height_before} before, {height_after} now "
+        f"({report.pulled.get(config.node_id, 0)} entries taken back); other chains: "
+        + (
+            ", ".join(f"{c} +{n}" for c, n in sorted(report.pulled.items()) if c != config.node_id)
+            or "up to date"
+        )
+    )
+    if members:
+        err.print(
+            f"[yellow]{members} member(s) could not be asked[/]: run hrx node recover again "
+            "when they can, before starting the node, unless you are sure they hold nothing newer"
+        )
+        sys.exit(1)

@@ -1,0 +1,121 @@
+"""Rotating a member's keys on a running consortium (docs/operations.md): ``hrx node
+rotate-keys``, the authority's next roster version, ``hrx node join`` putting the keys in
+place; the member's later blocks, signed with the new key, replicate to the other member, and
+the auditor verifies the chain across the rotation."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner, Result
+
+from ledger import keys
+from ledger.errors import SignatureError
+from ledger.model import block_hash
+from ledger.store import ChainStore
+from node.cli import main
+from node.harness import Consortium
+
+
+def hrx(*args: str, stdin: str | None = None) -> Result:
+    return CliRunner().invoke(main, list(args), input=stdin)
+
+
+@pytest.fixture(scope="module")
+def group(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Consortium]:
+    consortium = Consortium(tmp_path_factory.mktemp("rotation"), 2, quorum=2, epoch_seconds=2)
+    try:
+        consortium.start_all()
+        yield consortium
+    finally:
+        consortium.close()
+
+
+def append(group: Consortium, name: str, request_id: str) -> None:
+    body = f'{{"request_id": "{request_id}", "patient": "{"ab" * 32}"}}\n'
+    answer = hrx(
+        "ledger", "append", "--dir", str(group.members[name].directory),
+        "--type", "access.requested", stdin=body,
+    )  # fmt: skip
+    assert answer.exit_code == 0, answer.output
+
+
+def test_a_member_rotates_its_keys(group: Consortium) -> None:
+    a, b = group.members["hosp-a"], group.members["hosp-b"]
+    append(group, "hosp-a", "before-rotation")
+    group.wait_converged(20)
+    old_key = keys.public_key_text(keys.load_private_key(a.directory / "keys" / "node.pem"))
+
+    made = hrx("node", "rotate-keys", "--dir", str(a.directory))
+    assert made.exit_code == 0, made.output
+    assert (a.directory / "keys" / "node-next.pem").stat().st_mode & 0o077 == 0
+    first = (a.directory / "keys" / "node-next.pem").read_bytes()
+    again = hrx("node", "rotate-keys", "--dir", str(a.directory))  # the same next keys
+    assert again.exit_code == 0
+    assert (a.directory / "keys" / "node-next.pem").read_bytes() == first
+    root = group.root
+    roster_v2 = root / "roster-v2.json"
+    signed = hrx(
+        "consortium", "roster", "--authority-key", str(group.authority_key),
+        "--previous", str(root / "roster.json"), "--quorum", "2", "--out", str(roster_v2),
+        str(a.directory / "enrollment-next.json"), str(b.directory / "enrollment.json"),
+    )  # fmt: skip
+    assert signed.exit_code == 0, signed.output
+    assert "roster version 2" in signed.output
+
+    group.stop("hosp-a")
+    joined = hrx("node", "join", "--dir", str(a.directory), "--roster", str(roster_v2))
+    assert joined.exit_code == 0, joined.output
+    assert "keys rotated" in joined.output
+    new_key = keys.public_key_text(keys.load_private_key(a.directory / "keys" / "node.pem"))
+    assert new_key != old_key
+    assert (a.directory / "keys" / "node-retired-v2.pem").exists()
+    assert not (a.directory / "keys" / "node-next.pem").exists()
+    # the same roster again is refused, and the keys stay as they are
+    rejoined = hrx("node", "join", "--dir", str(a.directory), "--roster", str(roster_v2))
+    assert rejoined.exit_code == 1 and "not newer" in rejoined.output, rejoined.output
+    assert keys.public_key_text(keys.load_private_key(a.directory / "keys" / "node.pem")) == (
+        new_key
+    )
+    assert hrx("node", "join", "--dir", str(b.directory), "--roster", str(roster_v2)).exit_code == 0
+    group.start("hosp-a")
+
+    append(group, "hosp-a", "after-rotation")
+    group.wait_converged(30)  # hosp-b took the block signed with the new key
+    store = ChainStore(group.database_url("hosp-b"))
+    try:
+        head = store.heads()["hosp-a"]
+        assert head.header["roster"] == 2
+        # signed with the new key, not the old one
+        keys.verify(new_key, keys.BLOCK_DOMAIN, block_hash(head.header), head.signature)
+        with pytest.raises(SignatureError):
+            keys.verify(old_key, keys.BLOCK_DOMAIN, block_hash(head.header), head.signature)
+    finally:
+        store.close()
+    verdict = hrx(
+        "audit", "verify", group.database_url("hosp-b"), "--authority", str(group.authority_key)
+    )
+    assert verdict.exit_code == 0, verdict.output
+    assert "VALID" in verdict.output and "roster version(s) 1, 2" in verdict.output
+
+
+def test_a_roster_listing_half_of_the_next_keys_is_refused(tmp_path: Path) -> None:
+    from node.consortium import listed_next_keys
+    from node.errors import ConfigError
+
+    class Config:
+        node_id = "hosp-x"
+        ed25519_key = tmp_path / "node.pem"
+        bls_key = tmp_path / "node.bls"
+
+    from ledger import bls
+
+    keys.load_or_create_private_key(tmp_path / "node-next.pem")
+    bls.load_or_create_secret_key(tmp_path / "node-next.bls")
+    next_ed25519 = keys.public_key_text(keys.load_private_key(tmp_path / "node-next.pem"))
+    roster = {"version": 3, "members": [{"id": "hosp-x", "ed25519": next_ed25519, "bls": "00"}]}
+    with pytest.raises(ConfigError, match="only one of this node's next keys"):
+        listed_next_keys(Config(), roster)
+    assert listed_next_keys(Config(), {"version": 3, "members": []}) is None
