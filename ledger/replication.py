@@ -166,16 +166,31 @@ class Replicator:
                 failed[chain] = "frozen by fork evidence"
                 continue
             try:
-                claimed = self.peers.heads(chain).get(chain)
-                if claimed is None:
-                    raise _Refused("its author reports no head of it")
-                self._follow(chain, chain, claimed, RoundReport())
+                self._catch_up(chain)
             except (LedgerError, _Refused, _Forked, KeyError, TypeError, ValueError) as exc:
                 failed[chain] = str(exc) or type(exc).__name__
             else:
                 if self.on_synced is not None:
                     self.on_synced(chain)
         return failed
+
+    def _catch_up(self, chain: str) -> None:
+        """Ask the chain's author for its blocks after the local head — one round trip when
+        there are none or few — and pull, verify and store them. Only the author's answer
+        counts here: whether it showed another member another history at a height this node
+        already holds is for the replication rounds, which compare every member's heads."""
+        while True:
+            local = self.store.heads().get(chain)
+            start = local.header["height"] + 1 if local is not None else 0
+            page = self.peers.blocks(chain, chain, start, PAGE_BLOCKS)
+            if not isinstance(page, list):
+                raise _Refused("its author served blocks that are not a JSON array")
+            if not page:
+                return  # nothing after the local head: current with its author
+            header, signature = self._checked_head(chain, page[-1])
+            self._pull(chain, chain, local, Head(header, signature), RoundReport(), page)
+            if len(page) < PAGE_BLOCKS:
+                return
 
     # -- one chain from one source --------------------------------------------------------
 
@@ -240,9 +255,11 @@ class Replicator:
         local: Head | None,
         advertised: Head,
         report: RoundReport,
+        first_page: list[Any] | None = None,
     ) -> int:
         """Pull, verify and store blocks after the local head up to the ``advertised`` head;
-        the number of entries stored.
+        the number of entries stored. ``first_page``: the blocks after the local head, when
+        the caller has them already.
 
         Blocks signed with a key the newest roster no longer gives the chain are held back
         until an anchor follows them: a block signed with the current key, or the block a
@@ -265,7 +282,10 @@ class Replicator:
         stored = 0
         while next_height <= target["height"]:
             limit = min(PAGE_BLOCKS, target["height"] - next_height + 1)
-            wire = self.peers.blocks(source, chain, next_height, limit)
+            if first_page is not None:
+                wire, first_page = first_page, None
+            else:
+                wire = self.peers.blocks(source, chain, next_height, limit)
             if not isinstance(wire, list) or not wire:
                 raise _Refused(f"served no block at height {next_height} below its head")
             ready: list[tuple[bytes, str, list[bytes], list[bytes]]] = []

@@ -9,7 +9,7 @@ worker each, SQLite, development server, loopback):
   next request (sources sync the consent's chain before deciding), and until every member's
   replica holds the revocation (push-driven replication).
 
-    python3 scripts/bench_referral.py [--results 50] [--requests 100]
+    python3 scripts/bench_referral.py [--results 50] [--requests 300] [--replicate-interval 1]
 """
 
 from __future__ import annotations
@@ -96,12 +96,25 @@ def percentile(values: list[float], share: float) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--results", type=int, default=50)
-    parser.add_argument("--requests", type=int, default=100)
+    parser.add_argument("--requests", type=int, default=300)
+    parser.add_argument(
+        "--replicate-interval",
+        type=float,
+        default=1.0,
+        help="Seconds between the replication workers' full rounds (hrx node replicate's "
+        "default: 1).",
+    )
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="hrx-bench-referral-"))
     names = ["hosp-a", "hosp-b", "hosp-c", "hosp-d"]
     info = {name: {"level": "三级甲等", "accreditation": ACCREDITED} for name in names}
-    group = Consortium(root, 4, members_info=info, epoch_seconds=5, replicate_interval=0.5)
+    group = Consortium(
+        root,
+        4,
+        members_info=info,
+        epoch_seconds=5,
+        replicate_interval=args.replicate_interval,
+    )
     try:
         group.start_all()
         nodes = {name: node(group, name) for name in names}
@@ -180,7 +193,8 @@ def main() -> None:
         )
         console.print(
             f"$prior-results: p50 {statistics.median(latencies):.1f} ms, p95 "
-            f"{percentile(latencies, 0.95):.1f} ms, max {max(latencies):.1f} ms"
+            f"{percentile(latencies, 0.95):.1f} ms, max {max(latencies):.1f} ms (request "
+            f"{latencies.index(max(latencies)) + 1} of {len(latencies)})"
         )
         console.print(
             f"ceiling (GET Patient at the requester): p50 {statistics.median(ceiling):.1f} ms, "
