@@ -27,18 +27,13 @@ from ledger.roster import make_member
 from node.config import load_config
 from node.console import out, reported
 from node.consortium import next_key_paths
+from node.node_commands import DIR_OPTION
 
 NEXT_ENROLLMENT_FILE = "enrollment-next.json"
 
 
 @click.command("rotate-keys")
-@click.option(
-    "--dir",
-    "directory",
-    required=True,
-    type=click.Path(path_type=Path, file_okay=False, exists=True),
-    help="The node's directory.",
-)
+@DIR_OPTION
 def rotate_keys(directory: Path) -> None:
     """Make the node's next Ed25519 and BLS keys and enrollment-next.json for the authority."""
     from ledger import bls

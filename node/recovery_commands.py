@@ -19,18 +19,14 @@ from pathlib import Path
 import click
 
 from node.console import err, fail, out, reported
+from node.node_commands import DIR_OPTION
 
 
 @click.command("recover")
-@click.option(
-    "--dir",
-    "directory",
-    required=True,
-    type=click.Path(path_type=Path, file_okay=False, exists=True),
-    help="The node's directory (the node stopped: web server and replication worker).",
-)
+@DIR_OPTION
 def recover(directory: Path) -> None:
-    """Take back this node's own newer blocks from the members (after a restore)."""
+    """Take back this node's own newer blocks from the members (after a restore from a
+    backup; stop the node's web server and replication worker first)."""
     from ledger.store import ChainStore
     from node.config import load_config
     from node.db import open_database, require_current
