@@ -36,17 +36,26 @@ import os
 import re
 import secrets
 import stat
+import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Final
 
-from eth_utils.exceptions import ValidationError as _PyEccValidationError
-from py_ecc.bls.ciphersuites import G2ProofOfPossession
-from py_ecc.optimized_bls12_381.optimized_curve import curve_order as _curve_order
+_RECURSION_LIMIT = sys.getrecursionlimit()
 
-from ledger.errors import BLSError, SecretKeyFileError
+from eth_utils.exceptions import ValidationError as _PyEccValidationError  # noqa: E402
+from py_ecc.bls.ciphersuites import G2ProofOfPossession  # noqa: E402
+from py_ecc.optimized_bls12_381.optimized_curve import curve_order as _curve_order  # noqa: E402
+
+from ledger.errors import BLSError, SecretKeyFileError  # noqa: E402
+
+# Importing py_ecc raises the interpreter's recursion limit to 100000, for the whole process.
+# A node parses untrusted JSON: at that limit a deeply nested body ("[[[[…") overflows a
+# thread's C stack in the parser and kills the process (found by the FHIR fuzz tests once a
+# web process imported this module at start-up). py_ecc's BLS code needs no such depth.
+sys.setrecursionlimit(_RECURSION_LIMIT)
 
 __all__ = [
     "BACKEND",

@@ -60,6 +60,11 @@ def create_app(directory: str | Path) -> Flask:
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
     app.json.ensure_ascii = False  # type: ignore[attr-defined]
     app.extensions["hrx"] = services
+    # BLS (py_ecc) is imported here, before any request is served: importing it raises the
+    # recursion limit until ledger.bls restores it, and a deeply nested JSON body parsed in
+    # that moment would overflow a thread's C stack
+    from ledger import bls  # noqa: F401
+
     threading.Thread(
         target=_check_rosters_once, args=(services,), name="roster-check", daemon=True
     ).start()

@@ -482,3 +482,16 @@ def test_load_or_create_secret_key(tmp_path: Path) -> None:
     write_private(path, b"not a key\n")
     with pytest.raises(bls.BLSError, match="not a BLS secret key file"):
         bls.load_or_create_secret_key(path)
+
+
+def test_importing_bls_leaves_the_recursion_limit_alone() -> None:
+    """py_ecc raises the process's recursion limit to 100000 when imported; a node parsing a
+    deeply nested JSON body at that limit overflows a thread's C stack and dies."""
+    import subprocess
+    import sys
+
+    code = "import sys; before = sys.getrecursionlimit(); import ledger.bls; "
+    code += "print(before, sys.getrecursionlimit())"
+    answer = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    before, after = answer.stdout.split()
+    assert before == after, answer.stderr

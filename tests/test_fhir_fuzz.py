@@ -33,6 +33,7 @@ import http.client
 import json
 import os
 import re
+import sys
 import time
 import uuid
 from collections.abc import Callable, Iterable
@@ -52,6 +53,10 @@ from hypothesis import strategies as st
 from ledger import keys
 from node.config import load_config
 from tests.nodes import FHIR_JSON, Node
+
+# This test process builds bodies nested thousands deep with json.dumps, which recurses: it
+# needs a higher recursion limit than the node it sends them to (which keeps Python's 1000).
+sys.setrecursionlimit(max(100_000, sys.getrecursionlimit()))
 
 HOSTED = (
     "Patient",
