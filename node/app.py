@@ -12,11 +12,8 @@ setting up the process's logging is for the entry points (``hrx node serve``,
 from __future__ import annotations
 
 import atexit
-import logging
-import threading
 from pathlib import Path
 from types import TracebackType
-from typing import Any
 
 from flask import Flask, request
 
@@ -39,20 +36,6 @@ class NodeApp(Flask):
         )
 
 
-def _check_rosters_once(services: Any) -> None:
-    """Check every stored roster's BLS proofs of possession once, in the background, when the
-    process starts: the results are cached per process, and the first check costs about a
-    quarter of a second per member — time a doctor's first referral would otherwise wait
-    while a source syncs a consent chain."""
-    from ledger.roster import open_roster
-
-    try:
-        for body, signature in services.chain_store.rosters():
-            open_roster(body, signature, None)
-    except Exception:  # the checks that matter are made again where they are needed
-        logging.getLogger(__name__).debug("roster warm-up failed", exc_info=True)
-
-
 def create_app(directory: str | Path) -> Flask:
     config = load_config(Path(directory))
     services = open_services(config)
@@ -65,9 +48,6 @@ def create_app(directory: str | Path) -> Flask:
     # that moment would overflow a thread's C stack
     from ledger import bls  # noqa: F401
 
-    threading.Thread(
-        target=_check_rosters_once, args=(services,), name="roster-check", daemon=True
-    ).start()
     atexit.register(services.close)
 
     if config.trusted_proxies:  # TLS ends at a proxy: believe its X-Forwarded-* headers

@@ -156,7 +156,7 @@ def wait_healthy(base: str, process: subprocess.Popen[bytes], seconds: float = 3
         try:
             if requests.get(f"{base}/healthz", timeout=1).status_code == 200:
                 return
-        except requests.ConnectionError:
+        except (requests.ConnectionError, requests.Timeout):  # not up yet, or busy starting
             pass
         time.sleep(0.05)
     raise RuntimeError(f"{base} did not become healthy")
