@@ -86,6 +86,11 @@ class Mapping:
     date_formats: tuple[str, ...] = ("%Y-%m-%d", "%Y%m%d", "%Y/%m/%d")
     text: str = ""  # the mapping file as read (kept with quarantined rows)
 
+    @property
+    def codec(self) -> str:
+        """The Python codec of the CSV files (a UTF-8 BOM is skipped)."""
+        return "utf-8-sig" if self.encoding.lower().replace("-", "") == "utf8" else "gb18030"
+
 
 def parse_mapping(text: str, where: str = "the mapping file") -> Mapping:
     """A mapping file's TOML; CsvError naming the key that is wrong."""
@@ -304,9 +309,8 @@ def read_reports(data: bytes, mapping: Mapping, where: str = "the file") -> list
     CsvError for a file that cannot be read at all (encoding, header). A row without a report
     number or whose patient differs from its report's first row is an error of that report
     (its lines are named), raised by :func:`check_report`."""
-    codec = "utf-8-sig" if mapping.encoding.lower().replace("-", "") == "utf8" else "gb18030"
     try:
-        text = data.decode(codec)
+        text = data.decode(mapping.codec)
     except UnicodeDecodeError as exc:
         raise CsvError(
             f"{where} is not {mapping.encoding}: byte {exc.start} (set encoding in the mapping "

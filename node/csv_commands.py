@@ -117,8 +117,8 @@ def csv_import(directory: Path, mapping_path: Path, files: tuple[Path, ...]) -> 
 
 def _rows_text(data: bytes, lines: list[int], mapping: Mapping) -> bytes:
     """The header and the given CSV lines of a file, as read (for the quarantine), in UTF-8."""
-    codec = "utf-8-sig" if mapping.encoding.lower().replace("-", "") == "utf8" else "gb18030"
-    reader = csv.reader(io.StringIO(data.decode(codec), newline=""), delimiter=mapping.delimiter)
+    text = data.decode(mapping.codec)
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=mapping.delimiter)
     kept = io.StringIO(newline="")
     writer = csv.writer(kept, delimiter=mapping.delimiter, lineterminator="\n")
     wanted = {1, *lines}

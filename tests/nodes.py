@@ -50,6 +50,20 @@ def hrx(*args: str) -> str:
     return result.output
 
 
+def invoke(*args: str, stdin: str | None = None) -> Any:
+    """``hrx ARGS`` in this process, its Result whatever the exit status (cf. :func:`hrx`)."""
+    return CliRunner().invoke(main, list(args), input=stdin)
+
+
+def append_requests(directory: Path, *request_ids: str) -> None:
+    """Append ``access.requested`` entries to a node's own chain (``hrx ledger append``)."""
+    bodies = "".join(f'{{"request_id": "{r}", "patient": "{"ab" * 32}"}}\n' for r in request_ids)
+    answer = invoke(
+        "ledger", "append", "--dir", str(directory), "--type", "access.requested", stdin=bodies
+    )
+    assert answer.exit_code == 0, answer.output
+
+
 def join_alone(directory: Path) -> None:
     """Make an initialised node the one member of a consortium of its own (its authority
     key and pseudonym secret beside its directory), as ``hrx node join`` does for real."""

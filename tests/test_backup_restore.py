@@ -10,15 +10,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner, Result
 
 from ledger.store import ChainStore
-from node.cli import main
 from node.harness import Consortium
-
-
-def hrx(*args: str, stdin: str | None = None) -> Result:
-    return CliRunner().invoke(main, list(args), input=stdin)
+from tests.nodes import append_requests, invoke
 
 
 @pytest.fixture(scope="module")
@@ -29,15 +24,6 @@ def group(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Consortium]:
         yield consortium
     finally:
         consortium.close()
-
-
-def append(group: Consortium, name: str, *request_ids: str) -> None:
-    bodies = "".join(f'{{"request_id": "{r}", "patient": "{"cd" * 32}"}}\n' for r in request_ids)
-    answer = hrx(
-        "ledger", "append", "--dir", str(group.members[name].directory),
-        "--type", "access.requested", stdin=bodies,
-    )  # fmt: skip
-    assert answer.exit_code == 0, answer.output
 
 
 def height(group: Consortium, member: str, chain: str) -> int:
@@ -51,14 +37,14 @@ def height(group: Consortium, member: str, chain: str) -> int:
 def test_a_restored_member_recovers_its_own_chain(group: Consortium, tmp_path: Path) -> None:
     a = group.members["hosp-a"]
     database = a.directory / "hrx.db"
-    append(group, "hosp-a", "r-1", "r-2")
+    append_requests(a.directory, "r-1", "r-2")
     group.wait_converged(20)
     backup = tmp_path / "hosp-a-backup.db"
     with sqlite3.connect(database) as source, sqlite3.connect(backup) as target:
         source.backup(target)  # what `sqlite3 hrx.db ".backup FILE"` does, the node running
     backed_up = height(group, "hosp-a", "hosp-a")
     for number in range(3):
-        append(group, "hosp-a", f"after-backup-{number}")
+        append_requests(a.directory, f"after-backup-{number}")
     group.wait_converged(20)
     newest = height(group, "hosp-b", "hosp-a")
     assert newest >= backed_up + 3
@@ -69,18 +55,18 @@ def test_a_restored_member_recovers_its_own_chain(group: Consortium, tmp_path: P
     database.write_bytes(backup.read_bytes())
     assert height(group, "hosp-a", "hosp-a") == backed_up
     # the restored database is a valid ledger by itself
-    verdict = hrx("audit", "verify", str(database), "--authority", str(group.authority_key))
+    verdict = invoke("audit", "verify", str(database), "--authority", str(group.authority_key))
     assert verdict.exit_code == 0, verdict.output
 
-    recovered = hrx("node", "recover", "--dir", str(a.directory))
+    recovered = invoke("node", "recover", "--dir", str(a.directory))
     assert recovered.exit_code == 0, recovered.output
     assert f"own chain at height {backed_up} before, {newest} now" in recovered.output
     assert height(group, "hosp-a", "hosp-a") == newest
-    again = hrx("node", "recover", "--dir", str(a.directory))
+    again = invoke("node", "recover", "--dir", str(a.directory))
     assert again.exit_code == 0 and "0 entries taken back" in again.output
 
     group.start("hosp-a")
-    append(group, "hosp-a", "after-restore")
+    append_requests(a.directory, "after-restore")
     group.wait_converged(20)
     assert height(group, "hosp-b", "hosp-a") == newest + 1
     store = ChainStore(group.database_url("hosp-b"))
@@ -88,14 +74,14 @@ def test_a_restored_member_recovers_its_own_chain(group: Consortium, tmp_path: P
         assert store.frozen_chains() == set()  # no fork: nothing signed twice
     finally:
         store.close()
-    verdict = hrx("audit", "verify", group.database_url("hosp-b"))
+    verdict = invoke("audit", "verify", group.database_url("hosp-b"))
     assert verdict.exit_code == 0 and "FORK" not in verdict.output, verdict.output
 
 
 def test_recovering_with_no_member_reachable_says_so(tmp_path: Path) -> None:
     consortium = Consortium(tmp_path, 2, quorum=2)
     try:
-        answer = hrx("node", "recover", "--dir", str(consortium.members["hosp-a"].directory))
+        answer = invoke("node", "recover", "--dir", str(consortium.members["hosp-a"].directory))
         assert answer.exit_code == 1
         assert "hosp-b" in answer.output and "could not be asked" in answer.output
     finally:

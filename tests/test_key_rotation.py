@@ -9,18 +9,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner, Result
 
 from ledger import keys
 from ledger.errors import SignatureError
 from ledger.model import block_hash
 from ledger.store import ChainStore
-from node.cli import main
 from node.harness import Consortium
-
-
-def hrx(*args: str, stdin: str | None = None) -> Result:
-    return CliRunner().invoke(main, list(args), input=stdin)
+from tests.nodes import append_requests, invoke
 
 
 @pytest.fixture(scope="module")
@@ -33,31 +28,22 @@ def group(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Consortium]:
         consortium.close()
 
 
-def append(group: Consortium, name: str, request_id: str) -> None:
-    body = f'{{"request_id": "{request_id}", "patient": "{"ab" * 32}"}}\n'
-    answer = hrx(
-        "ledger", "append", "--dir", str(group.members[name].directory),
-        "--type", "access.requested", stdin=body,
-    )  # fmt: skip
-    assert answer.exit_code == 0, answer.output
-
-
 def test_a_member_rotates_its_keys(group: Consortium) -> None:
     a, b = group.members["hosp-a"], group.members["hosp-b"]
-    append(group, "hosp-a", "before-rotation")
+    append_requests(a.directory, "before-rotation")
     group.wait_converged(20)
     old_key = keys.public_key_text(keys.load_private_key(a.directory / "keys" / "node.pem"))
 
-    made = hrx("node", "rotate-keys", "--dir", str(a.directory))
+    made = invoke("node", "rotate-keys", "--dir", str(a.directory))
     assert made.exit_code == 0, made.output
     assert (a.directory / "keys" / "node-next.pem").stat().st_mode & 0o077 == 0
     first = (a.directory / "keys" / "node-next.pem").read_bytes()
-    again = hrx("node", "rotate-keys", "--dir", str(a.directory))  # the same next keys
+    again = invoke("node", "rotate-keys", "--dir", str(a.directory))  # the same next keys
     assert again.exit_code == 0
     assert (a.directory / "keys" / "node-next.pem").read_bytes() == first
     root = group.root
     roster_v2 = root / "roster-v2.json"
-    signed = hrx(
+    signed = invoke(
         "consortium", "roster", "--authority-key", str(group.authority_key),
         "--previous", str(root / "roster.json"), "--quorum", "2", "--out", str(roster_v2),
         str(a.directory / "enrollment-next.json"), str(b.directory / "enrollment.json"),
@@ -66,7 +52,7 @@ def test_a_member_rotates_its_keys(group: Consortium) -> None:
     assert "roster version 2" in signed.output
 
     group.stop("hosp-a")
-    joined = hrx("node", "join", "--dir", str(a.directory), "--roster", str(roster_v2))
+    joined = invoke("node", "join", "--dir", str(a.directory), "--roster", str(roster_v2))
     assert joined.exit_code == 0, joined.output
     assert "keys rotated" in joined.output
     new_key = keys.public_key_text(keys.load_private_key(a.directory / "keys" / "node.pem"))
@@ -74,15 +60,17 @@ def test_a_member_rotates_its_keys(group: Consortium) -> None:
     assert (a.directory / "keys" / "node-retired-v2.pem").exists()
     assert not (a.directory / "keys" / "node-next.pem").exists()
     # the same roster again is refused, and the keys stay as they are
-    rejoined = hrx("node", "join", "--dir", str(a.directory), "--roster", str(roster_v2))
+    rejoined = invoke("node", "join", "--dir", str(a.directory), "--roster", str(roster_v2))
     assert rejoined.exit_code == 1 and "not newer" in rejoined.output, rejoined.output
     assert keys.public_key_text(keys.load_private_key(a.directory / "keys" / "node.pem")) == (
         new_key
     )
-    assert hrx("node", "join", "--dir", str(b.directory), "--roster", str(roster_v2)).exit_code == 0
+    assert (
+        invoke("node", "join", "--dir", str(b.directory), "--roster", str(roster_v2)).exit_code == 0
+    )
     group.start("hosp-a")
 
-    append(group, "hosp-a", "after-rotation")
+    append_requests(a.directory, "after-rotation")
     group.wait_converged(30)  # hosp-b took the block signed with the new key
     store = ChainStore(group.database_url("hosp-b"))
     try:
@@ -94,7 +82,7 @@ def test_a_member_rotates_its_keys(group: Consortium) -> None:
             keys.verify(old_key, keys.BLOCK_DOMAIN, block_hash(head.header), head.signature)
     finally:
         store.close()
-    verdict = hrx(
+    verdict = invoke(
         "audit", "verify", group.database_url("hosp-b"), "--authority", str(group.authority_key)
     )
     assert verdict.exit_code == 0, verdict.output

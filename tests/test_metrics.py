@@ -19,18 +19,17 @@ import sqlalchemy as sa
 from click.testing import CliRunner
 from prometheus_client.parser import text_string_to_metric_families
 
-from consent.pseudonym import RESIDENT_ID_SYSTEM, pseudonym
 from ledger import keys
 from ledger.store import ChainStore
 from node.adapter_tables import quarantine_table
 from node.cli import main
 from node.config import load_config
-from node.consortium import read_secret
 from node.errors import ConfigError
 from node.harness import Consortium
 from node.logs import request_scope
 from node.replication import SignedPeers
 from tests.nodes import Node, init_node, post, running_node
+from tests.test_access_decisions import a_patient
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 TOKEN = "scrape-" + "x" * 24
@@ -371,27 +370,11 @@ def group(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Consortium]:
         consortium.close()
 
 
-def a_patient(source: Node) -> str:
-    """A Patient at the source; its pseudonym."""
-    resident_id = "3301" + str(uuid.uuid4().int)[:14]
-    created = post(
-        source.session(),
-        f"{source.fhir}/Patient",
-        {
-            "resourceType": "Patient",
-            "identifier": [{"system": RESIDENT_ID_SYSTEM, "value": resident_id}],
-        },
-    )
-    assert created.status_code == 201, created.text
-    secret = read_secret(load_config(source.directory).consortium_key)
-    return pseudonym(secret, RESIDENT_ID_SYSTEM, resident_id)
-
-
 @pytest.mark.slow
 def test_decisions_replication_and_checkpoints(group: Consortium) -> None:
     member = group.members["hosp-a"]
     source = Node(member.directory, member.web_port)
-    patient = a_patient(source)
+    _, patient = a_patient(source)  # its pseudonym
     config = load_config(group.members["hosp-b"].directory)
     peers = SignedPeers(
         ChainStore(config.database_url), "hosp-b", keys.load_private_key(config.ed25519_key)
