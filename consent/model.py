@@ -36,6 +36,19 @@ PRIVACY_SCOPE = "patient-privacy"
 ACT_REASON_SYSTEM = "http://terminology.hl7.org/CodeSystem/v3-ActReason"
 PURPOSES = ("TREAT", "ETREAT")
 EMERGENCY = "ETREAT"
+# Why a doctor breaks the glass (ETREAT without consent): one of these codes, with a text of
+# EMERGENCY_REASON_CHARS characters that says it for this patient (kept off the ledger)
+EMERGENCY_REASONS = {
+    "unconscious": ("患者昏迷或无法表达意愿", "the patient is unconscious or cannot consent"),
+    "life-threatening": ("危及生命的急危重症", "a life-threatening condition"),
+    "no-representative": (
+        "无法及时联系到监护人或代理人",
+        "no guardian or representative can be reached in time",
+    ),
+    "public-health": ("突发公共卫生事件", "a public health emergency"),
+    "other": ("其他（须详细说明）", "other (say which in the text)"),
+}
+EMERGENCY_REASON_CHARS = (10, 500)
 CATEGORY_SYSTEM = "http://terminology.hl7.org/CodeSystem/observation-category"
 CATEGORIES = (
     "laboratory",
@@ -315,3 +328,23 @@ def consent_resource(
         "policyRule": {"coding": [{"system": ACT_CODE_SYSTEM, "code": "OPTIN"}]},
         "provision": provision,
     }
+
+
+def emergency_reason(code: Any, text: Any) -> tuple[str, str]:
+    """A break-glass reason as ``(code, text)``: a code of :data:`EMERGENCY_REASONS` and a text
+    of 10-500 characters that is more than one character repeated; ConsentError otherwise."""
+    if not isinstance(code, str) or code not in EMERGENCY_REASONS:
+        raise ConsentError(
+            f"an emergency access needs a reason code, one of {', '.join(EMERGENCY_REASONS)}"
+            + (f" (not {str(code)[:40]!r})" if code else ""),
+            "reason-code",
+        )
+    stated = " ".join(text.split()) if isinstance(text, str) else ""
+    shortest, longest = EMERGENCY_REASON_CHARS
+    if not shortest <= len(stated) <= longest or len(set(stated.replace(" ", ""))) < 3:
+        raise ConsentError(
+            f"an emergency access needs a reason in words: {shortest}-{longest} characters "
+            "saying why this patient's records are needed now",
+            "reason",
+        )
+    return code, stated

@@ -39,6 +39,7 @@ class AccessRequest:
     categories: tuple[str, ...]
     time: str  # ledger time of the request
     reason: str | None = None  # the stated reason, required for ETREAT
+    reason_code: str | None = None  # its code (consent.model.EMERGENCY_REASONS)
 
 
 @dataclass(frozen=True)

@@ -9,9 +9,9 @@ those entries (:func:`replay`) must reach the same result.
 held: ``patient`` (pseudonym), ``purpose``, ``categories``, ``decided_at`` (the time the
 policy was evaluated at), ``reason_stated`` (whether an emergency reason was given; the text
 itself stays off the ledger, as it may describe the patient's condition, and is kept in the
-source's local AuditEvent, its SHA-256 on the ledger in ``emergency.access``) and ``stale``
-(the chains holding the patient's consents that could not be synced and were older here than
-the staleness bound: such a request is denied).
+source's local AuditEvent, its SHA-256 and its code on the ledger in ``emergency.access``) and
+``stale`` (the chains holding the patient's consents that could not be synced and were older
+here than the staleness bound: such a request is denied).
 """
 
 from __future__ import annotations
@@ -94,6 +94,7 @@ def emergency_body(request_id: str, request: AccessRequest) -> dict[str, Any]:
         "patient": request.patient,
         "requester_org": request.requester,
         "purpose": request.purpose,
+        "reason_code": request.reason_code,
         "reason_hash": hashlib.sha256((request.reason or "").strip().encode()).hexdigest(),
     }
 

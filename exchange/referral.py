@@ -1,9 +1,9 @@
 """The requester's side of a referral (DESIGN §2.3): ask every member for a patient's prior
 results in parallel, and make one FHIR searchset of what came back.
 
-Each member is asked for the records (``POST /peer/access``), within one deadline; a member
-that holds none for the patient's pseudonym says only that, as its answer to ``POST
-/peer/patients`` would, and records nothing. The answers become a Bundle in which:
+Each member is asked for the records (``POST /peer/access``, with the proof that the question
+is on the requester's chain: :mod:`exchange.question`), within one deadline; a member that
+holds none for the patient's pseudonym says only that. The answers become a Bundle in which:
 
 - every released resource keeps its source: ``fullUrl`` and ``meta.source`` at the member,
   and a Provenance (``search.mode`` include) naming the member and the ``access.decided``

@@ -18,6 +18,7 @@ verifier is given the authority's public key, the trust anchor handed out of ban
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +33,72 @@ from ledger.roster import Roster, open_roster
 from ledger.store import ChainStore
 
 VERSION = 1
+
+
+def entry_proof(store: ChainStore, chain: str, seq: int) -> dict[str, Any]:
+    """Entry ``seq`` of ``chain`` with its inclusion proof in the newest signed block of the
+    chain and that block: ``{"entry", "inclusion", "block"}``, a receipt without rosters or
+    certificate, for a reader who holds the rosters already (:func:`check_entry_proof`)."""
+    entry = store.entry(chain, seq)
+    block = store.heads().get(chain)
+    if block is None or block.header["tree_size"] <= seq:
+        raise VerificationError(f"chain {chain} has no signed block holding seq {seq}")
+    return {
+        "entry": entry,
+        "inclusion": store.inclusion_proof(chain, seq, block.header["tree_size"]),
+        "block": {"header": block.header, "signature": block.signature},
+    }
+
+
+def check_entry_proof(proof: Any, roster_of: Callable[[int], Roster]) -> dict[str, Any]:
+    """The entry of an :func:`entry_proof`, once its block's signature (by the key that
+    ``roster_of(version)`` gives the chain) and its inclusion in the block's tree hold;
+    VerificationError naming what does not."""
+    try:
+        if not isinstance(proof, dict) or set(proof) != {"entry", "inclusion", "block"}:
+            raise VerificationError('an entry proof is {"entry", "inclusion", "block"}')
+        entry = check_entry(proof["entry"])
+        header = check_header(proof["block"]["header"])
+        _check_signed_inclusion(
+            entry, proof["inclusion"], proof["block"], roster_of(header["roster"])
+        )
+        return entry
+    except VerificationError:
+        raise
+    except (LedgerError, KeyError, TypeError, ValueError) as exc:
+        raise VerificationError(f"entry proof: {exc}") from None
+
+
+def _check_signed_inclusion(
+    entry: dict[str, Any], inclusion: Any, block: Any, roster: Roster
+) -> tuple[dict[str, Any], bytes]:
+    """The block's header and hash, once the block is signed by ``entry``'s chain under
+    ``roster`` and the inclusion proof puts ``entry`` in the tree the block signs."""
+    chain, seq = entry["chain"], entry["seq"]
+    header = check_header(block["header"])
+    if header["chain"] != chain:
+        raise VerificationError(f"the block is of chain {header['chain']}, the entry of {chain}")
+    if header["roster"] != roster.version:
+        raise VerificationError(
+            f"the block names roster version {header['roster']}, not {roster.version}"
+        )
+    digest = block_hash(header)
+    try:
+        keys.verify(roster.ed25519_key(chain), keys.BLOCK_DOMAIN, digest, block["signature"])
+    except LedgerError as exc:
+        raise VerificationError(f"block {header['height']} of {chain}: {exc}") from None
+    if inclusion["leaf_index"] != seq or inclusion["tree_size"] != header["tree_size"]:
+        raise VerificationError(
+            "the inclusion proof is not for this entry in the tree the block signs"
+        )
+    merkle.verify_inclusion(
+        merkle.leaf_hash(canonical_bytes(entry)),
+        seq,
+        header["tree_size"],
+        [bytes.fromhex(h) for h in inclusion["audit_path"]],
+        bytes.fromhex(header["tree_root"]),
+    )
+    return header, digest
 
 
 def make_receipt(store: ChainStore, chain: str, seq: int) -> dict[str, Any]:
@@ -127,30 +194,11 @@ def _verify(receipt: Any, authority: Ed25519PublicKey | None) -> ReceiptSummary:
     for item in receipt["rosters"]:
         roster = open_roster(item["roster"], item["signature"], authority)
         rosters[roster.version] = roster
-    header = check_header(receipt["block"]["header"])
-    if header["chain"] != chain:
-        raise VerificationError(f"the block is of chain {header['chain']}, the entry of {chain}")
-    if header["roster"] not in rosters:
-        raise VerificationError(f"the receipt lacks roster version {header['roster']}")
-    roster = rosters[header["roster"]]
-    digest = block_hash(header)
-    try:
-        keys.verify(
-            roster.ed25519_key(chain), keys.BLOCK_DOMAIN, digest, receipt["block"]["signature"]
-        )
-    except LedgerError as exc:
-        raise VerificationError(f"block {header['height']} of {chain}: {exc}") from None
-    inclusion = receipt["inclusion"]
-    if inclusion["leaf_index"] != seq or inclusion["tree_size"] != header["tree_size"]:
-        raise VerificationError(
-            "the inclusion proof is not for this entry in the tree the block signs"
-        )
-    merkle.verify_inclusion(
-        merkle.leaf_hash(canonical_bytes(entry)),
-        seq,
-        header["tree_size"],
-        [bytes.fromhex(h) for h in inclusion["audit_path"]],
-        bytes.fromhex(header["tree_root"]),
+    version = check_header(receipt["block"]["header"])["roster"]
+    if version not in rosters:
+        raise VerificationError(f"the receipt lacks roster version {version}")
+    header, digest = _check_signed_inclusion(
+        entry, receipt["inclusion"], receipt["block"], rosters[version]
     )
     certificate = receipt.get("certificate")
     epoch, signers, quorum = None, (), None

@@ -218,16 +218,23 @@ def _member_urls() -> dict[str, str]:
     }
 
 
-@bp.get("/patients/<patient_id>")
+@bp.route("/patients/<patient_id>", methods=["GET", "POST"])
 @signed_in
 def prior_results(principal: Principal, patient_id: str) -> ResponseReturnValue:
-    try:
-        results, problems = _prior(principal, patient_id)
-    except FhirError as exc:
-        return render_template("clinic/error.html", message=str(exc)), exc.status
+    """GET shows the patient's page with the form that asks the members; only that form's POST
+    (with its CSRF token) asks them: asking is recorded on the ledger, which a link followed
+    from another site must never do in a doctor's name."""
+    results: list[dict[str, Any]] = []
+    problems: list[str] = []
+    if request.method == "POST":
+        try:
+            results, problems = _prior(principal, patient_id)
+        except FhirError as exc:
+            return render_template("clinic/error.html", message=str(exc)), exc.status
     return render_template(
         "clinic/prior.html",
         patient_id=patient_id,
+        fetched=request.method == "POST",
         results=results,
         problems=problems,
         reasons=REORDER_REASONS,

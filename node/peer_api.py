@@ -6,11 +6,13 @@
   a checkpoint. This node signs only heads it holds and has verified, under its newest
   roster, and never two different checkpoints of one epoch.
 - ``POST /peer/checkpoints``: a certificate, stored once it verifies.
-- ``POST /peer/patients``: does this node hold records for a pseudonym? (yes or no)
-- ``POST /peer/access``: a member asks for a patient's records; when this node holds some, it
-  decides with the consent policy, records ``access.decided`` (and ``emergency.access`` for
-  break-glass) with the hashes of what it releases, and answers with the released resources;
-  when it holds none it says only that (``{"holds": false}``), as ``/peer/patients`` would.
+- ``POST /peer/access``: a member asks for a patient's records. Nothing is looked up before
+  the question is proven to be on the asker's chain (:mod:`exchange.question`): no member
+  learns whether this one treats a person without a record the patient and the auditor see.
+  When this node holds records, it decides with the consent policy, records
+  ``access.decided`` (and ``emergency.access`` for break-glass) with the hashes of what it
+  releases, and answers with the released resources; when it holds none it says only that
+  (``{"holds": false}``).
 """
 
 from __future__ import annotations
@@ -23,16 +25,20 @@ from typing import Any
 
 from flask import Blueprint, Response, current_app, g, request
 
+from consent.errors import ConsentError
+from consent.model import EMERGENCY, emergency_reason
 from consent.policy import CONSENT_TYPES, AccessRequest
 from consent.pseudonym import is_pseudonym
 from exchange.decisions import decide_access, decided_body, emergency_body
+from exchange.question import check_question
 from exchange.recognition import result_of
 from fhir_adapters.errors import Conflict, FhirError, InvalidRequest
 from fhir_adapters.store import Stored
 from ledger import checkpoint as checkpoints
 from ledger.canonical import canonical_bytes, parse_json
 from ledger.errors import LedgerError
-from ledger.model import format_time
+from ledger.model import format_time, parse_time
+from ledger.roster import Roster, open_roster
 from node import metrics
 from node.audit import AuditRecord
 from node.ledger_api import verified_peer
@@ -150,17 +156,29 @@ def decide_access_request() -> Response:
     of the body."""
     services = current_app.extensions["hrx"]
     body = _body()
-    request_id, patient, purpose, categories, reason = _access_request(body)
+    request_id, patient, purpose, categories, reason, reason_code = _access_request(body)
+    now = format_time()
+    check_question(
+        body["asked"],
+        asker=g.peer,
+        request_id=request_id,
+        patient=patient,
+        purpose=purpose,
+        categories=categories,
+        roster_of=_roster_of(services),
+        now=parse_time(now),
+    )
     access = AccessRequest(
         patient=patient,
         requester=g.peer,
         purpose=purpose,
         categories=tuple(categories),
-        time=format_time(),
+        time=now,
         reason=reason,
+        reason_code=reason_code,
     )
     patients = patients_with(services.database.engine, patient)
-    if not patients:  # nothing to decide about: the same answer as POST /peer/patients
+    if not patients:  # nothing to decide about; the question is on the asker's chain
         return _json({"request_id": request_id, "holds": False})
     decided = decide_access(services.chain_store, access, _sync_consent_chains(services, patient))
     released: list[Stored] = []
@@ -214,15 +232,16 @@ def decide_access_request() -> Response:
     return Response(body, mimetype="application/json")
 
 
-@bp.post("/patients")
-def holds_records() -> Response:
-    """Whether this node holds records for a pseudonym: a yes or a no, nothing else."""
-    services = current_app.extensions["hrx"]
-    body = _body()
-    patient = body.get("patient") if isinstance(body, dict) else None
-    if not isinstance(body, dict) or set(body) != {"patient"} or not is_pseudonym(patient):
-        raise InvalidRequest('the body is {"patient": <pseudonym: 64 lowercase hex digits>}')
-    return _json({"holds": bool(patients_with(services.database.engine, str(patient)))})
+def _roster_of(services: Any) -> Any:
+    """The roster of each version this node has installed (trusted as stored)."""
+
+    def roster_of(version: int) -> Roster:
+        for body, signature in reversed(services.chain_store.rosters()):
+            if body["version"] == version:
+                return open_roster(body, signature, None, check_possession=False)
+        raise Conflict(f"roster version {version} is not installed here")
+
+    return roster_of
 
 
 def _sync_consent_chains(services: Any, patient: str) -> dict[str, str]:
@@ -254,12 +273,18 @@ def _sync_consent_chains(services: Any, patient: str) -> dict[str, str]:
     return stale
 
 
-def _access_request(body: Any) -> tuple[str, str, str, list[str], str | None]:
+def _access_request(body: Any) -> tuple[str, str, str, list[str], str | None, str | None]:
     if not isinstance(body, dict):
         raise InvalidRequest("an access request is a JSON object")
-    unknown = set(body) - {"request_id", "patient", "purpose", "categories", "reason"}
+    fields = {"request_id", "patient", "purpose", "categories", "reason", "reason_code", "asked"}
+    unknown = set(body) - fields
     if unknown:
         raise InvalidRequest(f"an access request has no field(s) {sorted(unknown)}")
+    if "asked" not in body:
+        raise InvalidRequest(
+            "an access request carries the proof that the question is on the asker's chain "
+            "(asked: its access.requested entry, inclusion proof and signed block)"
+        )
     request_id = body.get("request_id")
     if not isinstance(request_id, str) or not re.fullmatch(r"[A-Za-z0-9\-]{8,64}", request_id):
         raise InvalidRequest("request_id must be 8-64 letters, digits or -")
@@ -276,10 +301,15 @@ def _access_request(body: Any) -> tuple[str, str, str, list[str], str | None]:
         or not all(isinstance(c, str) and 0 < len(c) <= 32 for c in categories)
     ):
         raise InvalidRequest("categories must be 1-16 data category codes")
-    reason = body.get("reason")
-    if reason is not None and (not isinstance(reason, str) or len(reason) > 2000):
-        raise InvalidRequest("reason must be text of at most 2000 characters")
-    return request_id, str(patient), purpose, list(categories), reason
+    reason, reason_code = body.get("reason"), body.get("reason_code")
+    if reason is not None or reason_code is not None:
+        if purpose != EMERGENCY:
+            raise InvalidRequest(f"a reason is stated for emergency access ({EMERGENCY}) only")
+        try:
+            reason_code, reason = emergency_reason(reason_code, reason)
+        except ConsentError as exc:
+            raise InvalidRequest(str(exc)) from None
+    return request_id, str(patient), purpose, list(categories), reason, reason_code
 
 
 def _check_epoch(epoch: int, slot_seconds: int) -> None:

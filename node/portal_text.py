@@ -133,6 +133,11 @@ TEXT: dict[str, dict[str, str]] = {
     "find": {"zh": "查找", "en": "Find"},
     "no_patients": {"zh": "没有找到患者。", "en": "No patient found."},
     "prior_results": {"zh": "既往检查检验结果", "en": "Prior results"},
+    "fetch_prior": {
+        "zh": "向医联体成员查询既往结果（查询将记入医联体账本，患者可见）",
+        "en": "Ask the consortium's members for prior results (recorded on the ledger; the "
+        "patient sees it)",
+    },
     "recognised_until": {"zh": "互认有效期至", "en": "Recognised until"},
     "accept_instead": {"zh": "采用此结果（不再重复检查）", "en": "Accept instead of a new exam"},
     "reorder": {"zh": "仍要重新检查", "en": "Order again"},

@@ -6,9 +6,11 @@ doctor as a pseudonym, purpose, categories, the referral's hash), asks every oth
 parallel with signed requests (:mod:`exchange.referral`), records what it received (each
 result's source URL and hash) in its AuditEvent, and answers with one searchset:
 results with their source and verdict, a Provenance each, and an OperationOutcome for every
-member that timed out, could not be reached or denied. Parameters: ``category``
-(``laboratory``, ``imaging``; default both), ``code`` (``system|code``, a code, or an imaging
-modality), ``purpose`` (``TREAT``, default, or ``ETREAT`` with a ``reason``), ``referral``
+member that timed out, could not be reached or denied. Each member is sent, with the request,
+the proof that the question is on this node's chain (:mod:`exchange.question`). Parameters:
+``category`` (``laboratory``, ``imaging``; default both), ``code`` (``system|code``, a code, or
+an imaging modality), ``purpose`` (``TREAT``, default, or ``ETREAT`` with a ``reason-code`` of
+:data:`consent.model.EMERGENCY_REASONS` and a ``reason`` in words), ``referral``
 (``ServiceRequest/{id}``).
 """
 
@@ -23,7 +25,8 @@ from urllib.parse import quote
 import requests
 from flask import Blueprint, Response, current_app, request
 
-from consent.model import EMERGENCY, PURPOSES
+from consent.errors import ConsentError
+from consent.model import EMERGENCY, PURPOSES, emergency_reason
 from consent.pseudonym import pseudonym as pseudonym_of_identifier
 from exchange.recognition import Rules, load_rules
 from exchange.referral import fan_out, prior_results_bundle
@@ -32,6 +35,7 @@ from fhir_adapters.resources import check_id
 from fhir_adapters.store import format_instant, now_micros
 from ledger import keys
 from ledger.errors import LedgerError
+from ledger.receipt import entry_proof
 from node import fhir_api
 from node.audit import AuditRecord
 from node.logs import current_request_id
@@ -90,7 +94,15 @@ def _listed(name: str) -> list[str]:
 def prior_results(patient_id: str) -> Response:
     principal = fhir_api.authenticate()
     check_id(patient_id)
-    unknown = set(request.args) - {"category", "code", "purpose", "reason", "referral", "_format"}
+    unknown = set(request.args) - {
+        "category",
+        "code",
+        "purpose",
+        "reason",
+        "reason-code",
+        "referral",
+        "_format",
+    }
     if unknown:
         raise InvalidRequest(f"$prior-results takes no parameter(s) {sorted(unknown)}")
     svc = services()
@@ -111,10 +123,46 @@ def prior_results(patient_id: str) -> Response:
         _listed("category") or list(CATEGORIES),
         codes=_listed("code"),
         purpose=request.args.get("purpose", "TREAT"),
-        reason=(request.args.get("reason") or "").strip() or None,
+        reason=request.args.get("reason"),
+        reason_code=request.args.get("reason-code"),
         referral_hash=referral_hash,
     )
     return fhir_api.respond(200, bundle)
+
+
+def record_question(
+    svc: Services,
+    request_id: str,
+    patient: str,
+    username: str,
+    purpose: str,
+    categories: list[str],
+    referral_hash: str | None = None,
+) -> dict[str, Any]:
+    """Append ``access.requested`` to this node's chain (the patient's pseudonym, this member,
+    the doctor as a pseudonym like a patient's, purpose, categories, the referral's hash) and
+    return the proof of it that every member asked checks before it answers."""
+    requester = {
+        "org": svc.config.node_id,
+        "practitioner": pseudonym_of_identifier(
+            svc.consents.secret(), f"urn:hrx:user:{svc.config.node_id}", username
+        ),
+    }
+    try:
+        seq = svc.consents.chain_writer().append(
+            "access.requested",
+            {
+                "request_id": request_id,
+                "patient": patient,
+                "requester": requester,
+                "purpose": purpose,
+                "categories": categories,
+                "referral": referral_hash,
+            },
+        )
+        return entry_proof(svc.chain_store, svc.config.node_id, seq)
+    except LedgerError as exc:
+        raise Unprocessable(f"the request could not be recorded on the ledger: {exc}") from None
 
 
 def fetch_prior_results(
@@ -126,6 +174,7 @@ def fetch_prior_results(
     codes: list[str] | None = None,
     purpose: str = "TREAT",
     reason: str | None = None,
+    reason_code: str | None = None,
     referral_hash: str | None = None,
 ) -> dict[str, Any]:
     """The searchset of a patient's prior results from every member (see the module
@@ -141,8 +190,13 @@ def fetch_prior_results(
         raise InvalidRequest(f"category {wrong[0]!r} is not one of {', '.join(CATEGORIES)}")
     if purpose not in PURPOSES:
         raise InvalidRequest(f"purpose {purpose!r} is not one of {', '.join(PURPOSES)}")
-    if purpose == EMERGENCY and reason is None:
-        raise InvalidRequest("emergency access (purpose=ETREAT) needs a stated reason (reason=)")
+    if purpose == EMERGENCY:
+        try:
+            reason_code, reason = emergency_reason(reason_code, reason)
+        except ConsentError as exc:
+            raise InvalidRequest(f"{exc} (parameter {exc.expression})") from None
+    elif reason is not None or reason_code is not None:
+        raise InvalidRequest(f"reason and reason-code are for purpose={EMERGENCY} only")
     patient = svc.store.read("Patient", patient_id).resource()
     pseudonym = svc.consents.pseudonym_of(patient)
     if pseudonym is None:
@@ -151,35 +205,18 @@ def fetch_prior_results(
             "members match patients by: add it to the Patient first"
         )
     request_id = str(uuid.uuid4())
-    requester = {  # the doctor, as a pseudonym like a patient's
-        "org": svc.config.node_id,
-        "practitioner": pseudonym_of_identifier(
-            svc.consents.secret(), f"urn:hrx:user:{svc.config.node_id}", principal.username
-        ),
-    }
-    try:
-        svc.consents.chain_writer().append(
-            "access.requested",
-            {
-                "request_id": request_id,
-                "patient": pseudonym,
-                "requester": requester,
-                "purpose": purpose,
-                "categories": categories,
-                "referral": referral_hash,
-            },
-        )
-        roster = svc.chain_store.roster()
-    except LedgerError as exc:
-        raise Unprocessable(f"the request could not be recorded on the ledger: {exc}") from None
     body: dict[str, Any] = {
         "request_id": request_id,
         "patient": pseudonym,
         "purpose": purpose,
         "categories": categories,
+        "asked": record_question(
+            svc, request_id, pseudonym, principal.username, purpose, categories, referral_hash
+        ),
     }
     if reason is not None:
-        body["reason"] = reason
+        body["reason"], body["reason_code"] = reason, reason_code
+    roster = svc.chain_store.roster()
     others = [m for m in roster.member_ids() if m != svc.config.node_id]
     answers = fan_out(_post(_peers(svc)), others, body, svc.config.exchange_timeout_ms / 1000)
     members = {m["id"]: m for m in roster.body["members"]}

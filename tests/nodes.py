@@ -4,6 +4,7 @@ and users and tokens made straight in its database."""
 
 from __future__ import annotations
 
+import atexit
 import os
 import socket
 import subprocess
@@ -254,3 +255,37 @@ def serving(
 
 def post(session: requests.Session, url: str, resource: dict[str, Any], **headers: str) -> Any:
     return session.post(url, json=resource, headers={"Content-Type": FHIR_JSON, **headers})
+
+
+_askers: dict[Path, Any] = {}
+
+
+def ask_access(
+    asker: Path, source: str, body: dict[str, Any], *, username: str = "dr-test"
+) -> dict[str, Any]:
+    """``POST /peer/access`` to member ``source``, signed by the member whose directory is
+    ``asker``, after recording the question on the asker's chain as a referral does (the
+    body's ``request_id``, ``patient``, ``purpose`` and ``categories``; ``asked`` is added)."""
+    from node.referral_api import record_question
+    from node.replication import SignedPeers
+    from node.services import open_services
+
+    services = _askers.get(asker)
+    if services is None:
+        services = _askers[asker] = open_services(load_config(asker))
+        atexit.register(services.close)
+    asked = record_question(
+        services,
+        body["request_id"],
+        body["patient"],
+        username,
+        body["purpose"],
+        list(body["categories"]),
+    )
+    peers = SignedPeers(
+        services.chain_store,
+        services.config.node_id,
+        keys.load_private_key(services.config.ed25519_key),
+    )
+    answer: dict[str, Any] = peers.post(source, "/peer/access", {**body, "asked": asked})
+    return answer

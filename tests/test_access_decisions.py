@@ -26,7 +26,7 @@ from node.config import load_config
 from node.consortium import read_secret
 from node.harness import Consortium
 from node.replication import PeerUnavailable, SignedPeers
-from tests.nodes import Node, post
+from tests.nodes import Node, ask_access, post
 from tests.test_portal import csrf_of, enroll
 
 pytestmark = pytest.mark.slow
@@ -76,7 +76,9 @@ def ask(
     categories: list[str],
     purpose: str = "TREAT",
     reason: str | None = None,
+    reason_code: str = "unconscious",
 ) -> dict[str, Any]:
+    """hosp-b asks hosp-a, as a referral does: the question on hosp-b's chain first."""
     body: dict[str, Any] = {
         "request_id": str(uuid.uuid4()),
         "patient": patient,
@@ -84,9 +86,8 @@ def ask(
         "categories": categories,
     }
     if reason is not None:
-        body["reason"] = reason
-    answer: dict[str, Any] = peers_of(group, "hosp-b").post("hosp-a", "/peer/access", body)
-    return answer
+        body["reason"], body["reason_code"] = reason, reason_code
+    return ask_access(group.members["hosp-b"].directory, "hosp-a", body)
 
 
 def recorded(source: Node, answer: dict[str, Any]) -> dict[str, Any]:
@@ -147,13 +148,14 @@ def test_break_glass_needs_a_reason_and_is_flagged(
     patient_id, patient = a_patient(source)
     silent = ask(group, patient, ["laboratory"], "ETREAT")
     assert silent["decision"] == "deny" and "needs a stated reason" in silent["reasons"][0]
-    emergency = ask(group, patient, ["laboratory"], "ETREAT", "车祸昏迷，无家属")
+    emergency = ask(group, patient, ["laboratory"], "ETREAT", "车祸昏迷，无家属陪同，需查既往检查")
     assert emergency["decision"] == "permit" and emergency["emergency"]
     store = ChainStore(source.database.engine)
     flagged = store.entry("hosp-a", emergency["decided"]["seq"] + 1)
     assert flagged["type"] == "emergency.access"
     assert flagged["body"]["requester_org"] == "hosp-b"
     assert "车祸" not in str(flagged) and len(flagged["body"]["reason_hash"]) == 64
+    assert flagged["body"]["reason_code"] == "unconscious"
     assert replayed(source, recorded(source, emergency)) == "permit"
     # the auditor is shown every break-glass access
     verdict = CliRunner().invoke(
@@ -213,8 +215,90 @@ def test_requests_must_be_signed_and_well_formed(source: Node, group: Consortium
             "no field",
         ),
     ]:
+        with pytest.raises(PeerUnavailable, match=words):  # checked before the proof
+            peers.post("hosp-a", "/peer/access", {**bad, "asked": {}})
+
+
+def test_no_member_learns_who_is_treated_without_a_recorded_question(
+    source: Node, group: Consortium
+) -> None:
+    """A question without the proof that it is on the asker's chain gets the same refusal
+    whether or not the source holds the patient; a proof of another question is refused; an
+    answer ("holds" or not) comes only to a recorded question; nothing is recorded at the
+    source for a refused one."""
+    _, held = a_patient(source)
+    unknown = "9" + held[1:]
+    peers = peers_of(group, "hosp-b")
+    store = ChainStore(source.database.engine)
+    before = store.heads()["hosp-a"].tree_size
+    refusals = []
+    for patient in (held, unknown):
+        body = {
+            "request_id": str(uuid.uuid4()),
+            "patient": patient,
+            "purpose": "TREAT",
+            "categories": ["laboratory"],
+        }
+        with pytest.raises(PeerUnavailable) as refused:
+            peers.post("hosp-a", "/peer/access", body)
+        refusals.append(str(refused.value).replace(patient, "?"))
+    assert refusals[0] == refusals[1] and "proof that the question is on" in refusals[0]
+
+    # a real question about one patient does not open another: 403, identical either way
+    b = group.members["hosp-b"].directory
+    from node.referral_api import record_question
+    from node.services import open_services
+
+    services = open_services(load_config(b))
+    try:
+        proof = record_question(services, "q-" + "1" * 10, held, "dr-x", "TREAT", ["laboratory"])
+    finally:
+        services.close()
+    for patient in (held, unknown):
+        with pytest.raises(PeerUnavailable, match="another request or another patient"):
+            peers.post(
+                "hosp-a",
+                "/peer/access",
+                {
+                    "request_id": "q-" + "2" * 10,
+                    "patient": patient,
+                    "purpose": "TREAT",
+                    "categories": ["laboratory"],
+                    "asked": proof,
+                },
+            )
+    assert store.heads()["hosp-a"].tree_size == before  # nothing decided, nothing recorded
+
+    # the recorded questions are answered: a decision for the one held, a "no" for the other
+    assert ask(group, held, ["laboratory"])["decision"] == "deny"
+    answer = ask(group, unknown, ["laboratory"])
+    assert answer["holds"] is False and set(answer) == {"request_id", "holds"}
+    # and each is on the asker's chain, where the auditor and the patient's portal read it
+    asker = ChainStore(load_config(b).database_url)
+    questions = [e["body"] for e in asker.entries_about(unknown, ("access.requested",))]
+    assert [q["request_id"] for q in questions] == [answer["request_id"]]
+    assert questions[0]["purpose"] == "TREAT" and questions[0]["requester"]["org"] == "hosp-b"
+
+
+def test_break_glass_needs_a_coded_reason_in_words(source: Node, group: Consortium) -> None:
+    _, patient = a_patient(source)
+    for reason, code, words in [
+        ("x", "unconscious", "10-500 characters"),
+        ("..........", "unconscious", "10-500 characters"),
+        ("车祸昏迷，无家属陪同，需查既往检查", "because", "needs a reason code"),
+        ("车祸昏迷，无家属陪同，需查既往检查", None, "needs a reason code"),
+    ]:
+        body: dict[str, Any] = {
+            "request_id": str(uuid.uuid4()),
+            "patient": patient,
+            "purpose": "ETREAT",
+            "categories": ["laboratory"],
+            "reason": reason,
+        }
+        if code is not None:
+            body["reason_code"] = code
         with pytest.raises(PeerUnavailable, match=words):
-            peers.post("hosp-a", "/peer/access", bad)
+            ask_access(group.members["hosp-b"].directory, "hosp-a", body)
 
 
 def test_nothing_identifying_reaches_the_ledger(
@@ -297,14 +381,14 @@ def test_nothing_identifying_reaches_the_ledger(
         ]
         assert post(doctor, f"{source.fhir}/Consent", paper).status_code == 201
         # accesses, one of them break-glass with a reason naming the patient
-        secrets_.append(f"{family}{given}昏迷")
+        secrets_.append(f"{family}{given}昏迷，送急诊抢救中")
         pseudonym_ = pseudonym(
             read_secret(load_config(source.directory).consortium_key),
             RESIDENT_ID_SYSTEM,
             resident_id,
         )
         assert ask(group, pseudonym_, ["laboratory"])["decision"] == "permit"
-        ask(group, pseudonym_, ["laboratory"], "ETREAT", f"{family}{given}昏迷")
+        ask(group, pseudonym_, ["laboratory"], "ETREAT", f"{family}{given}昏迷，送急诊抢救中")
         page = browser.get(f"{source.base}/portal/consents")
         browser.post(
             f"{source.base}/portal/consents/{consent_id}/revoke",

@@ -19,7 +19,6 @@ import sqlalchemy as sa
 from click.testing import CliRunner
 from prometheus_client.parser import text_string_to_metric_families
 
-from ledger import keys
 from ledger.store import ChainStore
 from node.adapter_tables import quarantine_table
 from node.cli import main
@@ -27,8 +26,7 @@ from node.config import load_config
 from node.errors import ConfigError
 from node.harness import Consortium
 from node.logs import request_scope
-from node.replication import SignedPeers
-from tests.nodes import Node, init_node, post, running_node
+from tests.nodes import Node, ask_access, init_node, post, running_node
 from tests.test_access_decisions import a_patient
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
@@ -375,10 +373,6 @@ def test_decisions_replication_and_checkpoints(group: Consortium) -> None:
     member = group.members["hosp-a"]
     source = Node(member.directory, member.web_port)
     _, patient = a_patient(source)  # its pseudonym
-    config = load_config(group.members["hosp-b"].directory)
-    peers = SignedPeers(
-        ChainStore(config.database_url), "hosp-b", keys.load_private_key(config.ed25519_key)
-    )
     before = scrape(source.base)
 
     def ask(purpose: str, reason: str | None, request_id: str) -> dict[str, Any]:
@@ -389,14 +383,13 @@ def test_decisions_replication_and_checkpoints(group: Consortium) -> None:
             "categories": ["laboratory"],
         }
         if reason is not None:
-            body["reason"] = reason
+            body["reason"], body["reason_code"] = reason, "unconscious"
         with request_scope(request_id):  # as a referral's request would carry its own ID
-            answer: dict[str, Any] = peers.post("hosp-a", "/peer/access", body)
-        return answer
+            return ask_access(group.members["hosp-b"].directory, "hosp-a", body)
 
     trace = f"referral-{uuid.uuid4().hex[:8]}"
     assert ask("TREAT", None, trace)["decision"] == "deny"
-    assert ask("ETREAT", "车祸昏迷，无家属", trace + "-2")["emergency"]
+    assert ask("ETREAT", "车祸昏迷，无家属陪同，需查既往检查", trace + "-2")["emergency"]
     after = scrape(source.base)
     for labels, count in (
         ({"decision": "deny", "emergency": "false", "requester": "hosp-b"}, 1),

@@ -291,13 +291,24 @@ def test_requests_are_checked(group: Consortium, patient: dict[str, Any]) -> Non
     url = f"{b.fhir}/Patient/{patient['b']}/$prior-results"
     for params, status in [
         ({"purpose": "ETREAT"}, 400),
+        ({"purpose": "ETREAT", "reason": "急诊", "reason-code": "unconscious"}, 400),
+        ({"purpose": "ETREAT", "reason": "车祸昏迷，无家属陪同，需查既往检查"}, 400),
+        ({"purpose": "TREAT", "reason": "车祸昏迷，无家属陪同，需查既往检查"}, 400),
+        (
+            {
+                "purpose": "ETREAT",
+                "reason": "车祸昏迷，无家属陪同，需查既往检查",
+                "reason-code": "unconscious",
+            },
+            200,
+        ),
         ({"category": "genetics"}, 400),
         ({"purpose": "HMARKT"}, 400),
         ({"sort": "x"}, 400),
     ]:
         answer = doctor.get(url, params=params)
         assert answer.status_code == status, (params, answer.text)
-        assert answer.json()["resourceType"] == "OperationOutcome"
+        assert answer.json()["resourceType"] == ("Bundle" if status == 200 else "OperationOutcome")
     auditor = b.session(b.token("aud", "auditor"))
     assert auditor.get(url).status_code == 403
 
@@ -539,8 +550,21 @@ def test_the_clinic_pages(group: Consortium, patient: dict[str, Any]) -> None:
         data={"username": "dr-wu", "password": "clinic password 1", "csrf_token": csrf(form)},
     )
     assert listing.status_code == 200 and f'id="patient-{patient["b"]}"' in listing.text
+    # following a link (GET) asks nobody: asking is a POST with the page's CSRF token
+    chain = ChainStore(b.database.engine)
+
+    def entries() -> int:
+        head = chain.heads().get("hosp-b")
+        return head.tree_size if head else 0
+
+    before = entries()
     page = browser.get(f"{b.base}/clinic/patients/{patient['b']}")
-    assert page.status_code == 200
+    assert page.status_code == 200 and 'class="badge hr"' not in page.text
+    assert entries() == before
+    forged = browser.post(f"{b.base}/clinic/patients/{patient['b']}", data={})
+    assert forged.status_code == 400 and entries() == before
+    page = browser.post(f"{b.base}/clinic/patients/{patient['b']}", data={"csrf_token": csrf(page)})
+    assert page.status_code == 200 and entries() == before + 1
     assert page.text.count('class="badge hr"') == 2  # the haemoglobin and the CT from A
     assert "expired on" in page.text and "is not on the recognised list" in page.text
     result = re.search(
