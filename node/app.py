@@ -12,6 +12,7 @@ setting up the process's logging is for the entry points (``hrx node serve``,
 from __future__ import annotations
 
 import atexit
+import os
 from pathlib import Path
 from types import TracebackType
 
@@ -37,6 +38,7 @@ class NodeApp(Flask):
 
 
 def create_app(directory: str | Path) -> Flask:
+    os.umask(0o077)  # the database files SQLite makes as it runs: this user's alone
     config = load_config(Path(directory))
     services = open_services(config)
     app = NodeApp("hrx")

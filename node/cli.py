@@ -7,6 +7,7 @@ Every command reports a problem as one line naming it and what to do next, and e
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from ledger.store import ChainStore, ChainWriter
 from ledger.verify import Summary, verify_database, verify_export
 from node.console import entry_progress, fail, out, reported
 
+PRIVATE_UMASK = 0o077  # what hrx writes (databases, keys, logs, exports): its user's alone
 DB_OPTION = click.option("--db", default=None, help="Database URL or SQLite file.")
 DIR_OPTION = click.option(
     "--dir",
@@ -52,6 +54,7 @@ def open_store(db: str | None, directory: Path | None = None) -> ChainStore:
 @click.version_option(package_name="hrx")
 def main() -> None:
     """hrx: a cross-institution health-record exchange with a verifiable ledger."""
+    os.umask(PRIVATE_UMASK)
 
 
 # -- hrx ledger ----------------------------------------------------------------------------

@@ -53,47 +53,86 @@ def node_group() -> None:
 def node_init(
     directory: Path, node_id: str, name: str, db: str | None, port: int, url: str | None
 ) -> None:
-    """Create a node: configuration, keys, database and enrollment file."""
+    """Create a node: configuration, keys, database and enrollment file.
+
+    The directory is made (or tightened to) 0700 and everything in it 0600: it holds the
+    keys, and a SQLite database holds patients' records. When any step fails, what this
+    command made is removed again, so that it can simply be run again."""
     with reported():
         check_chain_id(node_id)
         if (directory / CONFIG_FILE).exists():
             fail(f"{directory} already holds a node ({CONFIG_FILE}); choose another --dir")
-        directory.mkdir(parents=True, exist_ok=True)
-        (directory / "keys").mkdir(mode=0o700, exist_ok=True)
-        url = (url or f"http://127.0.0.1:{port}").rstrip("/")
-        write_config(
-            directory,
-            {
-                "node": {"id": node_id, "name": name, "url": url},
-                "server": {"host": "127.0.0.1", "port": port},
-                "database": {"url": db or "sqlite:///hrx.db"},
-                "keys": {
-                    "ed25519": "keys/node.pem",
-                    "bls": "keys/node.bls",
-                    "token": "keys/token.pem",
-                },
-            },
-        )
-        config = load_config(directory, environ={})
-        signing_key = keys.load_or_create_private_key(config.ed25519_key)
-        keys.load_or_create_private_key(config.token_key)
-        from ledger import bls
-
-        bls_secret = bls.load_or_create_secret_key(config.bls_key)
-        database = open_database(config.database_url)
+        made = _Made(directory)
         try:
-            upgrade(database)
-            store = ChainStore(database.write_engine)
-            store.set_setting("chain", node_id)
-            store.set_setting("key", str(config.ed25519_key))
-        finally:
-            database.close()
-        enrollment = make_member(node_id, name, url, signing_key, bls_secret)
-        (directory / ENROLLMENT_FILE).write_bytes(canonical_bytes(enrollment) + b"\n")
+            config = _init_node(directory, node_id, name, db, port, url)
+        except BaseException:
+            made.undo()
+            raise
     out.print(f"node [bold]{node_id}[/] created in {config.directory}")
     out.print(f"  database: {config.database_url}")
     out.print(f"  enrollment file for the consortium authority: {directory / ENROLLMENT_FILE}")
     out.print(f"  next: hrx user add --dir {directory} ...; hrx node serve --dir {directory}")
+
+
+class _Made:
+    """What ``hrx node init`` creates in a directory, so that a failed init can take it back:
+    the directory itself when it was absent, else every entry that was not there before."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.existed = directory.exists()
+        self.before = set(directory.iterdir()) if self.existed else set()
+
+    def undo(self) -> None:
+        import shutil
+
+        if not self.existed:
+            shutil.rmtree(self.directory, ignore_errors=True)
+            return
+        for path in set(self.directory.iterdir()) - self.before:
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+
+
+def _init_node(
+    directory: Path, node_id: str, name: str, db: str | None, port: int, url: str | None
+) -> NodeConfig:
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    directory.chmod(0o700)
+    (directory / "keys").mkdir(mode=0o700, exist_ok=True)
+    url = (url or f"http://127.0.0.1:{port}").rstrip("/")
+    write_config(
+        directory,
+        {
+            "node": {"id": node_id, "name": name, "url": url},
+            "server": {"host": "127.0.0.1", "port": port},
+            "database": {"url": db or "sqlite:///hrx.db"},
+            "keys": {
+                "ed25519": "keys/node.pem",
+                "bls": "keys/node.bls",
+                "token": "keys/token.pem",
+            },
+        },
+    )
+    config = load_config(directory, environ={})
+    signing_key = keys.load_or_create_private_key(config.ed25519_key)
+    keys.load_or_create_private_key(config.token_key)
+    from ledger import bls
+
+    bls_secret = bls.load_or_create_secret_key(config.bls_key)
+    database = open_database(config.database_url)
+    try:
+        upgrade(database)
+        store = ChainStore(database.write_engine)
+        store.set_setting("chain", node_id)
+        store.set_setting("key", str(config.ed25519_key))
+    finally:
+        database.close()
+    enrollment = make_member(node_id, name, url, signing_key, bls_secret)
+    (directory / ENROLLMENT_FILE).write_bytes(canonical_bytes(enrollment) + b"\n")
+    return config
 
 
 @node_group.command("upgrade")
