@@ -157,6 +157,9 @@ def open_engine(
     both read and then find they cannot write. ``durable=False`` (SQLite: ``synchronous=NORMAL``)
     is for writes that must survive a crash of the process but may be lost with the machine's
     power: a commit then writes the WAL without waiting for the disk.
+
+    Statement parameters never appear in an error's text (``hide_parameters``): they hold
+    patients' names and identifiers, and errors get logged.
     """
     url = database_url(target)
     if url.startswith("sqlite"):
@@ -165,7 +168,7 @@ def open_engine(
             if not path.is_file():
                 raise StoreError(f"{path} does not exist")
             url = f"sqlite:///file:{path}?mode=ro&uri=true"
-        engine = sa.create_engine(url, connect_args={"timeout": 60})
+        engine = sa.create_engine(url, connect_args={"timeout": 60}, hide_parameters=True)
 
         @sa.event.listens_for(engine, "connect")
         def _on_connect(dbapi_connection: Any, _record: Any) -> None:
@@ -182,7 +185,9 @@ def open_engine(
             connection.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
 
         return engine
-    return sa.create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+    return sa.create_engine(
+        url, pool_pre_ping=True, pool_size=10, max_overflow=20, hide_parameters=True
+    )
 
 
 _SQLITE_TRIGGERS = [

@@ -14,6 +14,12 @@ patient's resource id, and never the query string), status, duration_ms and remo
 Werkzeug's own per-request line is silenced (its logger is set to WARNING), so there is one
 access line per request. Bodies are never logged.
 
+What a library puts in a message or an error is not ours to choose, so every line passes
+:func:`scrub` on its way out: query strings of URLs and request lines (a search by name), resident
+ID numbers, mobile numbers, SQL statement parameters and PostgreSQL's ``DETAIL`` lines (which
+quote the values of a violated key) are replaced by a note that something was removed. The
+database engines also keep statement parameters out of their errors (``hide_parameters``).
+
 :func:`configure_logging` sets a process up (``hrx node serve``, gunicorn workers through
 :mod:`node.wsgi`, ``hrx node replicate``); :func:`install_request_hooks` gives a Flask app its
 request IDs and access lines.
@@ -87,6 +93,36 @@ def request_scope(request_id: str) -> Iterator[str]:
         _request_id.reset(token)
 
 
+# -- what never reaches a log ---------------------------------------------------------------
+
+_PRIVATE = [
+    (re.compile(r"(?<=[\w/])\?[^\s\"'<>]+"), "?<query removed>"),  # a URL's query string
+    (re.compile(r"\[parameters: .*?\](?=\n|$)", re.S), "[parameters removed]"),  # SQLAlchemy
+    (re.compile(r"DETAIL:[^\n]*"), "DETAIL: <removed>"),  # PostgreSQL quoting key values
+    (re.compile(r"(?<![0-9A-Za-z])[1-9][0-9]{16}[0-9Xx](?![0-9A-Za-z])"), "<id removed>"),
+    (re.compile(r"(?<![0-9A-Za-z])1[3-9][0-9]{9}(?![0-9A-Za-z])"), "<phone removed>"),
+]
+
+
+def scrub(text: str) -> str:
+    """``text`` without what may identify a patient though nobody meant to log it (see the
+    module docstring)."""
+    for pattern, note in _PRIVATE:
+        text = pattern.sub(note, text)
+    return text
+
+
+class PrivacyFilter(logging.Filter):
+    """Scrubs every record's message (:func:`scrub`) before any handler formats it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        scrubbed = scrub(message)
+        if scrubbed != message:
+            record.msg, record.args = scrubbed, None
+        return True
+
+
 # -- formatting ----------------------------------------------------------------------------
 
 
@@ -124,9 +160,9 @@ class JsonFormatter(logging.Formatter):
         }
         line.update(_extras(record))
         if record.exc_info:
-            line["exception"] = self.formatException(record.exc_info)
+            line["exception"] = scrub(self.formatException(record.exc_info))
         elif record.exc_text:
-            line["exception"] = record.exc_text
+            line["exception"] = scrub(record.exc_text)
         if record.stack_info:
             line["stack"] = self.formatStack(record.stack_info)
         return json.dumps(line, ensure_ascii=False, default=str)
@@ -143,9 +179,9 @@ class TextFormatter(logging.Formatter):
         if extras and record.name != ACCESS_LOGGER:  # the access message already says it all
             text += " " + " ".join(f"{k}={v}" for k, v in extras.items())
         if record.exc_info:
-            text += "\n" + self.formatException(record.exc_info)
+            text += "\n" + scrub(self.formatException(record.exc_info))
         elif record.exc_text:
-            text += "\n" + record.exc_text
+            text += "\n" + scrub(record.exc_text)
         return text
 
 
@@ -171,9 +207,16 @@ class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
 def stream_handler(log_format: str = "json", stream: IO[str] | None = None) -> logging.Handler:
     """A handler writing ``log_format`` lines to ``stream`` (default: stderr), with request IDs."""
     handler: logging.Handler = _StderrHandler() if stream is None else logging.StreamHandler(stream)
+    prepare_handler(handler, log_format)
+    handler._hrx = True  # type: ignore[attr-defined]  # ours: replaced, not stacked, next time
+    return handler
+
+
+def prepare_handler(handler: logging.Handler, log_format: str = "json") -> logging.Handler:
+    """Give ``handler`` the node's line format, request IDs and privacy filter."""
     handler.setFormatter(formatter(log_format))
     handler.addFilter(RequestIdFilter())
-    handler._hrx = True  # type: ignore[attr-defined]  # ours: replaced, not stacked, next time
+    handler.addFilter(PrivacyFilter())
     return handler
 
 

@@ -121,3 +121,38 @@ def node(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
     else:
         with postgres_database() as url, running_node(directory, url) as server:
             yield server
+
+
+# -- every log line of the run, for tests/test_log_privacy.py ----------------------------------
+
+IN_PROCESS_LOG = "in-process.log"  # under the run's base temporary directory
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _log_in_process_lines(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Everything this process logs at INFO and above, formatted and filtered as a node's
+    lines are, into a file beside the node processes' logs of the run."""
+    import logging
+
+    from node.logs import prepare_handler
+
+    handler = prepare_handler(
+        logging.FileHandler(tmp_path_factory.getbasetemp() / IN_PROCESS_LOG, encoding="utf-8")
+    )
+    handler.setLevel(logging.INFO)
+    root = logging.getLogger()
+    level = root.level
+    root.addHandler(handler)
+    root.setLevel(min(level, logging.INFO) or logging.INFO)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
+        handler.close()
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The log privacy check reads every log the run wrote: it runs last."""
+    last = [item for item in items if item.module.__name__.endswith("test_log_privacy")]
+    items[:] = [item for item in items if item not in last] + last
