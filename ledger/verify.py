@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import gc
 import operator
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -107,6 +107,8 @@ class Summary:
     chains: dict[str, ChainSummary] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     certificates: list[int] = field(default_factory=list)  # epochs verified
+    # epochs of the certificates given from elsewhere, which the copy was held to
+    given: list[int] = field(default_factory=list)
     # chain -> (epoch, height) of the newest certificate covering it
     covered: dict[str, tuple[int, int]] = field(default_factory=dict)
     forks: list[str] = field(default_factory=list)  # proven by valid evidence
@@ -190,9 +192,11 @@ class Verifier:
                 )
         return self.summary
 
-    def add_certificate(self, certificate: Any) -> None:
+    def add_certificate(self, certificate: Any, *, given: bool = False) -> None:
         """A checkpoint certificate: its quorum signature under the (anchored) roster it
-        names, and every head it certifies against the chains verified so far."""
+        names, and every head it certifies against the chains verified so far. ``given``: a
+        certificate obtained elsewhere than from the ledger being verified, which holds the
+        copy to everything it certifies (a copy cannot prove its own tail)."""
         from ledger.checkpoint import verify_certificate
 
         try:
@@ -204,9 +208,11 @@ class Verifier:
             state = self._chains.get(chain)
             height = head["height"]
             if state is None or height >= len(state.hashes):
+                ends = f"ends at height {len(state.hashes) - 1}" if state else "does not hold it"
                 raise VerificationError(
-                    f"certificate of epoch {epoch} certifies height {height}, which this ledger "
-                    "does not hold",
+                    f"certificate of epoch {epoch} certifies height {height}, but this copy "
+                    f"{ends}: blocks the consortium certified are missing from it (cut off, or "
+                    "the copy is older than the certificate)",
                     chain=chain,
                 )
             if state.hashes[height].hex() != head["hash"]:
@@ -218,7 +224,7 @@ class Verifier:
                 )
             if chain not in self.summary.covered or self.summary.covered[chain][0] < epoch:
                 self.summary.covered[chain] = (epoch, height)
-        self.summary.certificates.append(epoch)
+        (self.summary.given if given else self.summary.certificates).append(epoch)
 
     def add_evidence(self, evidence: Any) -> None:
         """Fork evidence: valid only as two headers of one chain and height, with different
@@ -538,9 +544,12 @@ def verify_export(
     path: Path,
     authority: Ed25519PublicKey | None,
     progress: Progress | None = None,
+    *,
+    given: Sequence[Any] = (),
     **watching: Any,
 ) -> Summary:
-    """Verify an export file (JSON Lines: rosters, then blocks), line by line; ``watching``:
+    """Verify an export file (JSON Lines: rosters, then blocks), line by line; ``given``:
+    certificates obtained elsewhere, which the export must hold everything of; ``watching``:
     the ``watch`` and ``observe`` of :class:`Verifier`."""
     verifier = Verifier(authority, **watching)
     try:
@@ -551,7 +560,16 @@ def verify_export(
         _verify_lines(verifier, path, handle, progress)
     if not verifier.rosters:
         raise VerificationError(f"{path} holds no roster")
+    _hold_to(verifier, given)
     return verifier.finish()
+
+
+def _hold_to(verifier: Verifier, given: Sequence[Any]) -> None:
+    for number, certificate in enumerate(given, start=1):
+        try:
+            verifier.add_certificate(certificate, given=True)
+        except VerificationError as exc:
+            raise VerificationError(f"given checkpoint {number}: {exc}") from exc
 
 
 def _verify_lines(
@@ -601,10 +619,12 @@ def verify_database(
     store: ChainStore,
     authority: Ed25519PublicKey | None,
     progress: Progress | None = None,
+    *,
+    given: Sequence[Any] = (),
     **watching: Any,
 ) -> Summary:
-    """Verify a node's database: the ledger it holds, and the rows that hold it; ``watching``:
-    the ``watch`` and ``observe`` of :class:`Verifier`."""
+    """Verify a node's database: the ledger it holds, and the rows that hold it; ``given``
+    and ``watching`` as :func:`verify_export` takes them."""
     verifier = Verifier(authority, **watching)
     try:
         rosters = store.rosters()
@@ -620,6 +640,7 @@ def verify_database(
         verifier.add_certificate(certificate)
     for evidence in store.evidence():
         verifier.add_evidence(evidence)
+    _hold_to(verifier, given)
     # Every row must belong to the chain: in one snapshot, the rows are exactly the entries and
     # blocks of each chain's newest block, and hold at least what was verified. What a live
     # node stored after the verification read its chains is not covered, and is said so.

@@ -10,10 +10,11 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import click
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from rich.markup import escape
 
 from ledger import keys
 from ledger.canonical import canonical_bytes, parse_json
@@ -276,16 +277,28 @@ def _anchor(authority: str | None) -> Ed25519PublicKey | None:
 @click.argument("target")
 @AUTHORITY_OPTION
 @click.option("--token", default=None, help="With a node's URL: an auditor's bearer token.")
-def audit_verify(target: str, authority: str | None, token: str | None) -> None:
+@click.option(
+    "--checkpoint",
+    "checkpoints",
+    multiple=True,
+    help="A checkpoint certificate obtained elsewhere (a file, or a member's URL): the ledger "
+    "must hold every block it certifies. Repeatable.",
+)
+def audit_verify(
+    target: str, authority: str | None, token: str | None, checkpoints: tuple[str, ...]
+) -> None:
     """Verify a ledger: an export file, a database, or a node's URL (http(s)://...).
 
-    Exit 0 when valid, 1 with the first fault, when fork evidence proves a member lied, or
-    when an access decision is not the one the consent policy makes over the view it records."""
+    Exit 0 when valid, 1 with the first fault, when fork evidence proves a member lied, when
+    an access decision is not the one the consent policy makes over the view it records, or
+    when the ledger lacks blocks that a --checkpoint certifies. The first line is the verdict.
+    """
     from exchange.audit import WATCHED, DecisionAudit
 
     anchor = _anchor(authority)
     decisions = DecisionAudit()
-    watching = {"watch": WATCHED, "observe": decisions.observe}
+    given = [_certificate_from(source, token) for source in checkpoints]
+    watching = {"watch": WATCHED, "observe": decisions.observe, "given": given}
     with reported():
         try:
             if target.startswith(("http://", "https://")):
@@ -314,9 +327,9 @@ def audit_verify(target: str, authority: str | None, token: str | None) -> None:
                 with entry_progress(None, "verifying") as advance:
                     summary = verify_export(Path(target), anchor, advance, **watching)
         except VerificationError as exc:
-            fail(f"INVALID: {exc}")
-    print_summary(summary)
+            invalid(str(exc))
     findings = decisions.findings()
+    print_summary(summary, findings)
     out.print(f"{len(decisions.decisions)} access decision(s) replayed against the consent policy")
     if findings:
         out.print(
@@ -324,7 +337,43 @@ def audit_verify(target: str, authority: str | None, token: str | None) -> None:
         )
         for finding in findings:
             out.print(f"  {finding}", highlight=False)
+    if findings or summary.forks:
         sys.exit(1)
+
+
+def invalid(message: str) -> NoReturn:
+    """The verdict that a ledger or receipt does not hold, as the first line, and exit 1."""
+    out.print(f"[bold red]INVALID[/]: {escape(message)}", highlight=False)
+    sys.exit(1)
+
+
+def _certificate_from(source: str, token: str | None) -> Any:
+    """A checkpoint certificate from a file or a URL (a member's base URL means its latest);
+    exit 2 naming what is wrong."""
+    try:
+        if source.startswith(("http://", "https://")):
+            import requests
+
+            url = (
+                source
+                if "/ledger/" in source
+                else source.rstrip("/") + ("/ledger/checkpoints/latest")
+            )
+            headers = {"Authorization": f"Bearer {token}"} if token else {}
+            answer = requests.get(url, headers=headers, timeout=30)
+            if answer.status_code != 200:
+                fail(f"--checkpoint {url}: answered {answer.status_code}", 2)
+            data = answer.content
+        else:
+            data = Path(source).read_bytes()
+        certificate = parse_json(data)
+    except OSError as exc:
+        fail(f"--checkpoint {source}: {exc.strerror or exc}", 2)
+    except LedgerError as exc:
+        fail(f"--checkpoint {source} is not a certificate: {exc}", 2)
+    if not isinstance(certificate, dict) or "checkpoint" not in certificate:
+        fail(f'--checkpoint {source} is not a certificate ({{"checkpoint", "signers", ...}})', 2)
+    return certificate
 
 
 @audit.command("receipt")
@@ -347,16 +396,41 @@ def audit_receipt(receipt_file: Path, authority: str | None) -> None:
         try:
             summary = verify_receipt(receipt, anchor)
         except VerificationError as exc:
-            fail(f"INVALID: {exc}")
+            invalid(str(exc))
     out.print("VALID receipt")
     out.print(summary.describe(), highlight=False)
 
 
-def print_summary(summary: Summary) -> None:
-    out.print(
-        f"[bold green]VALID[/]: {len(summary.chains)} chain(s), {summary.blocks} block(s), "
-        f"{summary.entries} entries; roster version(s) {', '.join(map(str, summary.rosters))}"
+def print_summary(summary: Summary, findings: list[str] | None = None) -> None:
+    """The verdict on its first line, then what it covered (and every fork proven)."""
+    counts = (
+        f"{len(summary.chains)} chain(s), {summary.blocks} block(s), {summary.entries} "
+        f"entries; roster version(s) {', '.join(map(str, summary.rosters))}"
     )
+    if summary.forks:
+        out.print(f"[bold red]INVALID[/]: fork proven: {escape(summary.forks[0])}", highlight=False)
+    elif findings:
+        out.print(
+            f"[bold red]INVALID[/]: {len(findings)} access decision(s) the consent policy "
+            "would not have made"
+        )
+    else:
+        out.print(f"[bold green]VALID[/]: {counts}")
+    if summary.forks or findings:
+        out.print(f"checked: {counts}")
+    if summary.given:
+        out.print(
+            "every block that checkpoint epoch(s) "
+            f"{', '.join(map(str, sorted(summary.given)))} (given with --checkpoint) certifies "
+            "is in this ledger, as the quorum signed it"
+        )
+    else:
+        out.print(
+            "[yellow]note:[/] a copy of a ledger cannot prove that nothing was cut off its end: "
+            "blocks after each chain's last one below could be missing without trace. To "
+            "check, give --checkpoint with a certificate obtained from another member (a file, "
+            "or its URL)"
+        )
     if not summary.anchored:
         out.print(
             "[yellow]warning:[/] no --authority key given: the roster's signature was NOT checked "
@@ -394,8 +468,6 @@ def print_summary(summary: Summary) -> None:
             out.print(f"  ... and {len(summary.emergencies) - 50} more")
     for fork in summary.forks:
         out.print(f"[bold red]FORK PROVEN:[/] {fork}")
-    if summary.forks:
-        sys.exit(1)
 
 
 def _register_commands() -> None:

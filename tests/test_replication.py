@@ -4,6 +4,7 @@ block is refused, a member that signs two blocks at one height is caught with ev
 from __future__ import annotations
 
 import dataclasses
+import json
 import shutil
 import time
 from collections.abc import Iterator
@@ -169,6 +170,7 @@ def test_equivocation_is_caught(consortium: dict[str, Path], tmp_path: Path) -> 
         )
         verdict = CliRunner().invoke(main, ["audit", "verify", str(export)])
         assert verdict.exit_code == 1 and "FORK PROVEN: chain hosp-a" in verdict.output
+        assert verdict.output.startswith("INVALID: fork proven: chain hosp-a"), verdict.output
         # the chain is frozen: nothing more of it is accepted
         append(consortium["hosp-a"], 2, "after")
         with serving(consortium["hosp-a"], config_a.port):
@@ -288,6 +290,59 @@ def test_checkpoints_are_cosigned(consortium: dict[str, Path]) -> None:
                 assert "checkpoint certificate(s) verified" in verdict.output
             no_token = CliRunner().invoke(main, ["audit", "verify", nodes["hosp-c"].base])
             assert no_token.exit_code == 2 and "--token" in no_token.output
+            # a copy cut short (a chain's certified tail block gone, and every certificate)
+            # verifies as far as it goes, says it cannot prove its tail, and is caught with a
+            # certificate obtained elsewhere
+            newest = requests.get(
+                f"{nodes['hosp-c'].base}/ledger/checkpoints/latest", headers=auditor
+            ).json()
+            height = newest["checkpoint"]["heads"]["hosp-b"]["height"]
+            cut = consortium["hosp-a"].parent / "cut.jsonl"
+            kept = [
+                line
+                for line in export.read_text().splitlines()
+                if '"certificate"' not in line
+                and not ('"chain":"hosp-b"' in line and f'"height":{height},' in line)
+                and not ('"chain":"hosp-b"' in line and f'"height":{height + 1},' in line)
+            ]
+            cut.write_text("\n".join(kept) + "\n")
+            copy = CliRunner().invoke(main, ["audit", "verify", str(cut), "--authority", authority])
+            assert copy.exit_code == 0 and copy.output.startswith("VALID"), copy.output
+            assert "cannot prove that nothing was cut off its end" in copy.output
+            saved = consortium["hosp-a"].parent / "latest.json"
+            saved.write_text(json.dumps(newest))
+            for given in (str(saved), nodes["hosp-a"].base):
+                caught = CliRunner().invoke(
+                    main,
+                    [
+                        "audit",
+                        "verify",
+                        str(cut),
+                        "--authority",
+                        authority,
+                        "--checkpoint",
+                        given,
+                        "--token",
+                        nodes["hosp-a"].token("auditor", "auditor"),
+                    ],
+                )
+                assert caught.exit_code == 1, caught.output
+                assert caught.output.startswith("INVALID: given checkpoint 1"), caught.output
+                assert f"certifies height {height}, but this copy ends at height" in caught.output
+            whole = CliRunner().invoke(
+                main,
+                [
+                    "audit",
+                    "verify",
+                    str(export),
+                    "--authority",
+                    authority,
+                    "--checkpoint",
+                    str(saved),
+                ],
+            )
+            assert whole.exit_code == 0, whole.output
+            assert f"checkpoint epoch(s) {newest['checkpoint']['epoch']}" in whole.output
         finally:
             store.close()
 
