@@ -52,6 +52,15 @@ class StoreError(LedgerError):
     """The chain store cannot do what was asked (no such chain, not initialised, busy...)."""
 
 
+class SigningHeld(StoreError):
+    """This node signs no block now: its own chain was found longer elsewhere (the reason says
+    where, and what to do); nothing was appended."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        super().__init__(f"this node signs nothing on its chain now: {reason}")
+
+
 class VerificationError(LedgerError):
     """A ledger failed verification. ``chain``, ``height`` and ``seq`` name where, when known."""
 

@@ -205,10 +205,14 @@ class Replicator:
                 self._evidence(ours, Head(header, signature), source, report)
             return
         if chain == self.own and not self.recovering:
-            raise _Refused(
-                f"{source} shows this node's own chain beyond its head (restored from a backup? "
-                "stop the node and run hrx node recover)"
+            reason = (
+                f"{source} holds this node's own chain up to height {header['height']}, beyond "
+                f"its head here at {local_height} (restored from a backup?): stop the node and "
+                "run hrx node recover"
             )
+            if self.writes.signing_hold() is None:
+                self.writes.hold_signing(reason)  # a block signed now would fork the chain
+            raise _Refused(reason)
         pulled = self._pull(chain, source, local, Head(header, signature), report)
         report.pulled[chain] = report.pulled.get(chain, 0) + pulled
 

@@ -33,7 +33,7 @@ from sqlalchemy.engine import Connection, Engine
 
 from ledger import keys, merkle
 from ledger.canonical import canonical_bytes, canonical_bytes_of_checked, parse_canonical
-from ledger.errors import LedgerError, StoreError
+from ledger.errors import LedgerError, SigningHeld, StoreError
 from ledger.model import (
     ZERO_HASH,
     block_bytes,
@@ -239,9 +239,11 @@ def install_append_only_triggers(conn: Connection, tables: Sequence[str] = LEDGE
 
 # The writer's statements, run for every block straight on the DBAPI cursor: SQLAlchemy's
 # per-statement work would be most of a small block's cost. "?" becomes "%s" for psycopg.
+HOLD_SETTING = "signing_hold"  # its value says why no block may be signed (ChainStore.hold)
 _WRITER_SQL = {
     "head": "SELECT (SELECT header FROM ledger_blocks WHERE chain = ? ORDER BY height DESC "
-    "LIMIT 1), (SELECT max(version) FROM ledger_roster)",
+    "LIMIT 1), (SELECT max(version) FROM ledger_roster), "
+    "(SELECT value FROM ledger_settings WHERE name = 'signing_hold')",
     "entries": "INSERT INTO ledger_entries (chain, seq, data, nodes) VALUES (?, ?, ?, ?)",
     "blocks": "INSERT INTO ledger_blocks (chain, height, tree_size, header, signature) "
     "VALUES (?, ?, ?, ?, ?)",
@@ -385,6 +387,22 @@ class ChainStore:
         with self.engine.begin() as conn:
             conn.execute(settings_table.delete().where(settings_table.c.name == name))
             conn.execute(settings_table.insert().values(name=name, value=value))
+
+    # -- the hold on signing -------------------------------------------------------------
+
+    def hold_signing(self, reason: str) -> None:
+        """Stop every writer of this database from signing a block, in every process, until
+        :meth:`release_signing`: the node's own chain is found longer elsewhere than here
+        (its database restored from a backup), and a block signed now would fork it."""
+        self.set_setting(HOLD_SETTING, reason)
+
+    def release_signing(self) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(settings_table.delete().where(settings_table.c.name == HOLD_SETTING))
+
+    def signing_hold(self) -> str | None:
+        """Why this node signs nothing now, or None."""
+        return self.setting(HOLD_SETTING)
 
     # -- roster ------------------------------------------------------------------------
 
@@ -1032,9 +1050,11 @@ class ChainWriter:
                 sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": _writer_lock_key(self.chain)}
             )
         sql = _POSTGRES_WRITER_SQL if self.store.is_postgres else _WRITER_SQL
-        head, roster_version = conn.exec_driver_sql(sql["head"], (self.chain,)).one()
+        head, roster_version, hold = conn.exec_driver_sql(sql["head"], (self.chain,)).one()
         if roster_version is None:
             raise StoreError("no roster stored; initialise with: hrx ledger init")
+        if hold is not None:
+            raise SigningHeld(hold)
         if roster_version != self._keyed_version:
             self._keyed_version = self._check_key(conn)
         pending = _Pending(checked)
@@ -1133,9 +1153,11 @@ class ChainWriter:
             else:
                 cursor.execute("BEGIN IMMEDIATE")
             cursor.execute(sql["head"], (self.chain,))
-            head, roster_version = cursor.fetchone()
+            head, roster_version, hold = cursor.fetchone()
             if roster_version is None:
                 raise StoreError("no roster stored; initialise with: hrx ledger init")
+            if hold is not None:
+                raise SigningHeld(hold)
             if roster_version != self._keyed_version:  # a new roster: is this still our key?
                 self._keyed_version = self._check_key()
             entry_rows, block_rows, subjects, cached = self._build_blocks(

@@ -476,12 +476,14 @@ def _register_commands() -> None:
     from node.demo import demo
     from node.key_commands import rotate_keys
     from node.recovery_commands import recover
+    from node.status_commands import status
 
     main.add_command(demo)
     main.add_command(adapters_group)
     node_commands.register(main)
     node_commands.node_group.add_command(rotate_keys)
     node_commands.node_group.add_command(recover)
+    node_commands.node_group.add_command(status)
 
 
 _register_commands()

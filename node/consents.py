@@ -54,6 +54,7 @@ from node.config import NodeConfig
 from node.consortium import read_secret
 from node.errors import ConfigError
 from node.pseudonyms import set_pseudonym
+from node.replication import confirm_own_head
 
 USER_SYSTEM = "urn:hrx:user"  # Identifier.system of a node user's username (+ ":" node id)
 NOT_JOINED = (
@@ -98,16 +99,24 @@ class ConsentRecorder:
         return self._secret
 
     def chain_writer(self) -> ChainWriter:
+        """This process's writer of the node's chain; made once the members have confirmed
+        that none holds the chain beyond its head here (:func:`confirm_own_head`)."""
         with self._lock:
             if self._writer is None:
                 try:
-                    self._writer = ChainWriter(
+                    writer = ChainWriter(
                         self.chain_store,
                         self.config.node_id,
                         keys.load_private_key(self.config.ed25519_key),
                     )
                 except LedgerError as exc:
                     raise Conflict(f"{NOT_JOINED}: {exc}") from None
+                try:
+                    confirm_own_head(self.config, self.chain_store, self.chain_store)
+                except LedgerError as exc:
+                    writer.close()
+                    raise Conflict(f"nothing can be recorded on the ledger now: {exc}") from None
+                self._writer = writer
             return self._writer
 
     def members(self) -> list[str]:

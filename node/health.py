@@ -1,5 +1,6 @@
-"""``GET /healthz``: whether this process can serve — its database answers and its schema is
-current — and the chains it froze on fork evidence. ``GET /livez``: only that the process
+"""``GET /healthz``: whether this process can serve — its database answers, its schema is
+current, and it may sign its chain (not held after a restore: ``hrx node recover``) — and the
+chains it froze on fork evidence. ``GET /livez``: only that the process
 answers (a liveness probe that does no work, and the ceiling the benchmarks measure the FHIR
 API against). Neither reveals any patient data."""
 
@@ -38,6 +39,9 @@ def healthz() -> ResponseReturnValue:
     if revision == head:
         # chains this node froze on fork evidence: operators must see them at a glance
         body["frozen_chains"] = sorted(services.chain_store.frozen_chains())
-    if revision != head:
+        hold = services.chain_store.signing_hold()
+        if hold is not None:  # it records nothing (consents, accesses) until recovered
+            body["status"], body["signing"] = "fail", f"held: {hold}"
+    else:
         body["needs"] = head
-    return jsonify(body), 200 if status == "pass" else 503
+    return jsonify(body), 200 if body["status"] == "pass" else 503

@@ -194,6 +194,13 @@ class NodeCollector(Collector):
         for chain in chains:
             frozen_family.add_metric([chain], 1 if chain in frozen else 0)
         yield frozen_family
+        held = GaugeMetricFamily(
+            "hrx_signing_held",
+            "1 while this node signs no block of its own chain: a member holds the chain beyond "
+            "its head here (restored from a backup); run hrx node recover.",
+        )
+        held.add_metric([], 0 if store.signing_hold() is None else 1)
+        yield held
 
         if rosters:
             yield from self._replication(own, members)

@@ -5,10 +5,13 @@ them, before the node appends again.
 A node's chain is replicated by every member, so a backup that is older than the chain loses
 nothing — but a node that appended again from the backup's head would sign a second block at a
 height it has already signed: fork evidence against itself, and its chain frozen everywhere.
-Its replication worker therefore refuses to take its own chain from others and says so in its
-log; this command is the one way to take it, with the node stopped. Every block is verified as
-any replica verifies it (signatures under the roster version it names, Merkle roots, hash
-links) before it is stored.
+Its replication worker therefore refuses to take its own chain from others, and the node holds
+its signing (no block is signed by any of its processes: ``/healthz`` answers 503 and says why)
+from the moment a member shows it its own chain beyond its head — the first block a process
+would sign waits for the members' answer. This command is the one way out, with the node
+stopped: every block is verified as any replica verifies it (signatures under the roster
+version it names, Merkle roots, hash links) before it is stored, and once every member has
+been asked, the hold is lifted.
 """
 
 from __future__ import annotations
@@ -42,6 +45,8 @@ def recover(directory: Path) -> None:
             replicator = replicator_for(config, reader, writes=ChainStore(database.write_engine))
             replicator.recovering = True
             report = replicator.run_round()
+            if not (report.unreachable or report.refused or report.evidence):
+                replicator.writes.release_signing()
             after = reader.heads().get(config.node_id)
             height_before = -1 if before is None else before.header["height"]
             height_after = -1 if after is None else after.header["height"]

@@ -17,6 +17,7 @@ import logging
 import signal
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,7 @@ from ledger.checkpoint import (
     verify_signature,
 )
 from ledger.checkpoint import sign as sign_checkpoint
-from ledger.errors import LedgerError
+from ledger.errors import LedgerError, SigningHeld, StoreError
 from ledger.model import parse_time
 from ledger.replication import PeerTimeout, PeerUnavailable, Replicator, RoundReport
 from ledger.store import ChainStore, Head
@@ -195,6 +196,51 @@ def replicator_for(
         writes=writes,
         on_synced=SyncTimes(writes or store).record,
     )
+
+
+CONFIRM_SECONDS = 2.0  # how long a process waits for the members before its first block
+
+
+def confirm_own_head(config: NodeConfig, store: ChainStore, writes: ChainStore) -> None:
+    """Before a process signs its first block: ask the other members whether any holds this
+    node's chain beyond its head here. One that does means the database was restored from a
+    backup, and a block signed now would be a second block at a height already signed (a
+    fork of the node's own making, which freezes its chain everywhere): signing is then held
+    (:meth:`ledger.store.ChainStore.hold_signing`) until ``hrx node recover``. StoreError when
+    no member could be asked: nothing is signed until one answers. A member holding no copy
+    of the chain answers 404, which is as good as "nothing newer"."""
+    others = [m for m in store.roster().member_ids() if m != config.node_id]
+    if not others:
+        return
+    head = store.heads().get(config.node_id)
+    start = head.header["height"] + 1 if head is not None else 0
+    peers = SignedPeers(
+        store, config.node_id, keys.load_private_key(config.ed25519_key), timeout=CONFIRM_SECONDS
+    )
+
+    def newer(member: str) -> list[dict[str, Any]] | None:
+        try:
+            return peers.blocks(member, config.node_id, start, 1)
+        except PeerUnavailable as exc:
+            return [] if " answered 404:" in str(exc) else None
+
+    with ThreadPoolExecutor(max_workers=min(16, len(others))) as pool:
+        answers = dict(zip(others, pool.map(newer, others), strict=True))
+    for member, blocks in sorted(answers.items()):
+        if blocks:
+            height = blocks[0].get("header", {}).get("height")
+            reason = (
+                f"{member} holds this node's own chain up to height {height} or beyond, beyond "
+                f"its head here at {start - 1} (restored from a backup?): stop the node and run "
+                "hrx node recover"
+            )
+            writes.hold_signing(reason)
+            raise SigningHeld(reason)
+    if all(blocks is None for blocks in answers.values()):
+        raise StoreError(
+            f"no member answered whether it holds this node's chain beyond height {start - 1}, "
+            "so a block signed now could fork it: nothing is signed until one answers"
+        )
 
 
 def describe(report: RoundReport) -> str:

@@ -6,14 +6,20 @@ again without forking its own chain."""
 from __future__ import annotations
 
 import sqlite3
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import requests
 
+from consent.pseudonym import RESIDENT_ID_SYSTEM
+from ledger.errors import SigningHeld
 from ledger.store import ChainStore
+from node.config import load_config
 from node.harness import Consortium
-from tests.nodes import append_requests, invoke
+from node.replication import confirm_own_head
+from tests.nodes import Node, append_requests, invoke, post
 
 
 @pytest.fixture(scope="module")
@@ -86,3 +92,69 @@ def test_recovering_with_no_member_reachable_says_so(tmp_path: Path) -> None:
         assert "hosp-b" in answer.output and "could not be asked" in answer.output
     finally:
         consortium.close()
+
+
+def test_a_restored_member_that_skips_recover_signs_nothing(
+    group: Consortium, tmp_path: Path
+) -> None:
+    """Restored, and started without ``hrx node recover``: the node holds its signing — no
+    block at a height it already signed, no fork anywhere — and ``/healthz`` says what to do,
+    until it recovers."""
+    a = group.members["hosp-a"]
+    database = a.directory / "hrx.db"
+    backup = tmp_path / "hosp-a-backup.db"
+    with sqlite3.connect(database) as source, sqlite3.connect(backup) as target:
+        source.backup(target)
+    backed_up = height(group, "hosp-a", "hosp-a")
+    append_requests(a.directory, "after-backup")
+    group.wait_converged(20)
+    group.stop("hosp-a")
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{database}{suffix}").unlink(missing_ok=True)
+    database.write_bytes(backup.read_bytes())
+
+    # the first block a process would sign waits for the members, who show the chain longer
+    config = load_config(a.directory)
+    store = ChainStore(config.database_url)
+    try:
+        with pytest.raises(SigningHeld, match="hrx node recover"):
+            confirm_own_head(config, store, store)
+        assert store.signing_hold() is not None
+        store.release_signing()  # and the replication worker finds it too, on its own
+    finally:
+        store.close()
+    group.start("hosp-a")
+    node = Node(a.directory, a.web_port)
+    deadline = time.monotonic() + 30
+    while (health := requests.get(f"{node.base}/healthz")).status_code == 200:
+        assert time.monotonic() < deadline, health.text
+        time.sleep(0.2)
+    assert health.status_code == 503 and "hrx node recover" in health.json()["signing"]
+    doctor = node.session(node.token("dr-restore", "doctor"))
+    patient = post(
+        doctor,
+        f"{node.fhir}/Patient",
+        {
+            "resourceType": "Patient",
+            "identifier": [{"system": RESIDENT_ID_SYSTEM, "value": "330106198001010011"}],
+        },
+    ).json()["id"]
+    refused = doctor.get(f"{node.fhir}/Patient/{patient}/$prior-results")
+    assert refused.status_code == 409 and "hrx node recover" in refused.text, refused.text
+    assert height(group, "hosp-a", "hosp-a") == backed_up  # nothing signed
+    status = invoke("node", "status", "--dir", str(a.directory))
+    assert "held" in status.output and "hrx node recover" in status.output, status.output
+
+    group.stop("hosp-a")
+    assert invoke("node", "recover", "--dir", str(a.directory)).exit_code == 0
+    group.start("hosp-a")
+    assert requests.get(f"{node.base}/healthz").status_code == 200
+    answer = doctor.get(f"{node.fhir}/Patient/{patient}/$prior-results")
+    assert answer.status_code == 200, answer.text
+    group.wait_converged(20)
+    for member in ("hosp-a", "hosp-b"):
+        other = ChainStore(group.database_url(member))
+        try:
+            assert other.frozen_chains() == set()  # no fork: nothing signed twice
+        finally:
+            other.close()
