@@ -12,17 +12,20 @@ from __future__ import annotations
 
 import os
 import secrets
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ledger import keys
 from ledger.canonical import parse_json
 from ledger.errors import LedgerError
-from ledger.roster import Roster, open_roster
+from ledger.roster import Roster, make_roster, open_roster
 from ledger.store import ChainStore
 from node.errors import ConfigError
 
 AUTHORITY_SETTING = "authority"
+ENROLLMENT_FILE = "enrollment.json"  # a node's member entry, for the authority (hrx node init)
+NEXT_ENROLLMENT_FILE = "enrollment-next.json"  # its next keys' (hrx node rotate-keys)
 SECRET_BYTES = 32
 
 
@@ -41,6 +44,152 @@ def read_roster_file(path: Path) -> tuple[dict[str, Any], str]:
     ):
         raise ConfigError(f'{path} is not a signed roster ({{"roster": ..., "signature": ...}})')
     return document["roster"], document["signature"]
+
+
+def read_roster_history(path: Path) -> list[dict[str, Any]]:
+    """Every roster version a file holds, oldest first: one signed roster (as ``hrx consortium
+    roster`` writes it), or a JSON array of them (as a member's ``GET /ledger/rosters`` serves
+    every version). Signatures are the authority's own and not checked here."""
+    try:
+        document = parse_json(path.read_bytes())
+    except OSError as exc:
+        raise ConfigError(f"{path}: {exc.strerror}") from None
+    except LedgerError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    items = document if isinstance(document, list) else [document]
+    rosters = []
+    for item in items:
+        if (
+            not isinstance(item, dict)
+            or set(item) != {"roster", "signature"}
+            or not isinstance(item["roster"], dict)
+        ):
+            raise ConfigError(
+                f'{path} is not a signed roster ({{"roster": ..., "signature": ...}}) nor an '
+                "array of them"
+            )
+        rosters.append(item["roster"])
+    if not rosters:
+        raise ConfigError(f"{path} holds no roster")
+    return sorted(rosters, key=lambda roster: int(roster.get("version", 0)))
+
+
+REPLACES = "replaces"  # in enrollment-next.json: the keys a rotation takes over from
+MEMBER_INFO_FIELDS = ("level", "accreditation")
+
+
+@dataclass
+class NextRoster:
+    """A roster body for the authority to sign, and what it should be told about it."""
+
+    roster: dict[str, Any]
+    warnings: list[str]
+
+
+def next_roster(
+    history: list[dict[str, Any]],
+    enrollments: list[dict[str, Any]],
+    info: dict[str, Any],
+    *,
+    name: str | None,
+    quorum: int | None,
+    remove: tuple[str, ...] = (),
+) -> NextRoster:
+    """The next roster version: the newest of ``history`` (empty for a consortium's first
+    roster) with, for each member, only what the authority says changes — enrollments add
+    members or give them new keys, names and URLs; ``info`` sets levels and accreditation;
+    ``remove`` takes members out. Everything else (levels, accreditation, URLs, keys) stays as
+    it was. A member's keys change only by a rotation (an enrollment made by ``hrx node
+    rotate-keys``, which names the keys it replaces) and never back to a key that any
+    version of ``history`` listed for it: a stale enrollment file cannot put a retired key
+    back. ConfigError naming what is wrong."""
+    previous = history[-1] if history else None
+    members: dict[str, dict[str, Any]] = {
+        m["id"]: dict(m) for m in (previous["members"] if previous else [])
+    }
+    listed: dict[str, set[str]] = {}  # every key each member has had, in any version
+    for roster in history:
+        for member in roster["members"]:
+            listed.setdefault(member["id"], set()).update((member["ed25519"], member["bls"]))
+    for removed in remove:
+        if members.pop(removed, None) is None:
+            raise ConfigError(f"--remove {removed}: no such member in the previous roster")
+    for enrollment in enrollments:
+        enrollment = dict(enrollment)
+        member_id = enrollment.get("id")
+        replaces = enrollment.pop(REPLACES, None)
+        if not isinstance(member_id, str):
+            raise ConfigError("an enrollment file (made by hrx node init) names its member's id")
+        before = members.get(member_id)
+        if before is None:
+            if replaces is not None:
+                raise ConfigError(
+                    f"{member_id}'s enrollment is a key rotation, but {member_id} is not a member "
+                    "of the previous roster"
+                )
+            if set(_keys(enrollment)) & listed.get(member_id, set()):
+                raise ConfigError(
+                    f"{member_id}'s enrollment carries keys an earlier roster version listed for "
+                    "it: a retired key is never put back; refused"
+                )
+            members[member_id] = enrollment
+            continue
+        if _keys(enrollment) != _keys(before):
+            if replaces is None or _keys(replaces) != _keys(before):
+                raise ConfigError(
+                    f"{member_id}'s enrollment carries other keys than roster version "
+                    f"{previous['version'] if previous else 0} lists for it, and is not a "
+                    "rotation from those (hrx node rotate-keys writes enrollment-next.json): an "
+                    "old enrollment file would put retired keys back; refused"
+                )
+            retired = listed.get(member_id, set()) - set(_keys(before))
+            if set(_keys(enrollment)) & retired:
+                raise ConfigError(
+                    f"{member_id}'s new keys were listed for it by an earlier roster version: a "
+                    "retired key is never put back; refused"
+                )
+        kept = {k: v for k, v in before.items() if k in (*MEMBER_INFO_FIELDS, "roles")}
+        members[member_id] = {**enrollment, **kept}
+    unknown = set(info) - set(members)
+    if unknown:
+        raise ConfigError(f"--members-info names members not in the roster: {sorted(unknown)}")
+    for member_id, fields in info.items():
+        if not isinstance(fields, dict) or set(fields) - set(MEMBER_INFO_FIELDS):
+            raise ConfigError(
+                f"--members-info: {member_id} must map to an object with {MEMBER_INFO_FIELDS}"
+            )
+        members[member_id].update(fields)
+    if not members:
+        raise ConfigError("a roster lists at least one member")
+    consortium = name or (previous["consortium"] if previous else None)
+    if not consortium:
+        raise ConfigError("give the consortium's name with --consortium")
+    quorum = quorum or (int(previous["quorum"]) if previous else None)
+    if quorum is None:
+        raise ConfigError("give the checkpoint quorum with --quorum")
+    if quorum > len(members):
+        raise ConfigError(f"--quorum {quorum} is more than the {len(members)} members")
+    roster = make_roster(
+        consortium,
+        sorted(members.values(), key=lambda m: str(m["id"])),
+        quorum=quorum,
+        version=int(previous["version"]) + 1 if previous else 1,
+    )
+    warnings = []
+    unlevelled = sorted(m for m, body in members.items() if not body.get("level"))
+    if unlevelled:
+        warnings.append(
+            f"no level for {', '.join(unlevelled)}: no result of theirs is ever recognised, and "
+            "they recognise nothing (give their level and accreditation with --members-info)"
+        )
+    quorum_note = quorum_warning(roster)
+    if quorum_note:
+        warnings.append(quorum_note)
+    return NextRoster(roster, warnings)
+
+
+def _keys(member: dict[str, Any]) -> tuple[str, str]:
+    return (str(member.get("ed25519")), str(member.get("bls")))
 
 
 def write_secret(path: Path) -> None:

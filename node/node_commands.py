@@ -17,10 +17,10 @@ from ledger.roster import make_member
 from ledger.store import ChainStore
 from node.config import CONFIG_FILE, NodeConfig, load_config, write_config
 from node.console import err, fail, out, reported
+from node.consortium import ENROLLMENT_FILE, NEXT_ENROLLMENT_FILE
 from node.db import Database, open_database, upgrade
 from node.users import ROLES, add_user, get_user
 
-ENROLLMENT_FILE = "enrollment.json"
 DIR_OPTION = click.option(
     "--dir",
     "directory",
@@ -358,7 +358,12 @@ def consortium_group() -> None:
     type=click.Path(path_type=Path, dir_okay=False),
     help="The authority's Ed25519 key (PEM); created when absent.",
 )
-@click.option("--quorum", required=True, type=click.IntRange(1), help="Signers a checkpoint needs.")
+@click.option(
+    "--quorum",
+    default=None,
+    type=click.IntRange(1),
+    help="Signers a checkpoint needs (default: that of --previous; else required).",
+)
 @click.option("--out", "out_path", required=True, type=click.Path(path_type=Path, dir_okay=False))
 @click.option(
     "--consortium",
@@ -368,74 +373,69 @@ def consortium_group() -> None:
 )
 @click.option(
     "--previous",
-    type=click.Path(path_type=Path, dir_okay=False),
+    type=click.Path(path_type=Path, dir_okay=False, exists=True),
     default=None,
-    help="The roster this one replaces: the new one gets the next version.",
+    help="The roster this one replaces (or every version so far, as a member's /ledger/rosters "
+    "serves them): the new one starts from it and gets the next version.",
 )
 @click.option(
     "--members-info",
-    type=click.Path(path_type=Path, dir_okay=False),
+    type=click.Path(path_type=Path, dir_okay=False, exists=True),
     default=None,
-    help='JSON {"member id": {"level": ..., "accreditation": [...]}}.',
+    help='JSON {"member id": {"level": ..., "accreditation": [...]}}: what changes.',
 )
+@click.option("--remove", multiple=True, help="A member to take out of the roster (repeatable).")
 @click.argument(
     "enrollments",
     nargs=-1,
-    required=True,
     type=click.Path(path_type=Path, dir_okay=False, exists=True),
 )
 def consortium_roster(
     authority_key: Path,
-    quorum: int,
+    quorum: int | None,
     out_path: Path,
     name: str | None,
     previous: Path | None,
     members_info: Path | None,
+    remove: tuple[str, ...],
     enrollments: tuple[Path, ...],
 ) -> None:
-    """Sign a roster of the members whose enrollment files are given."""
+    """Sign the next roster: the previous one with what changes — the members whose
+    enrollment files are given (new members, new keys from hrx node rotate-keys, new names
+    or URLs), levels and accreditation from --members-info, members taken out with --remove.
+    A consortium's first roster lists exactly the enrollments given."""
     from ledger.canonical import parse_json
-    from ledger.roster import make_roster, open_roster, sign_roster
-    from node.consortium import quorum_warning, read_roster_file
+    from ledger.roster import open_roster, sign_roster
+    from node.consortium import next_roster, read_roster_history
 
     with reported():
-        version = 1
-        if previous is not None:
-            old, _signature = read_roster_file(previous)
-            version = int(old["version"]) + 1
-            name = name or old["consortium"]
-        if not name:
-            fail("give the consortium's name with --consortium")
+        history = read_roster_history(previous) if previous is not None else []
+        if not history and not enrollments:
+            fail("a consortium's first roster needs the members' enrollment files")
         info: dict[str, Any] = {}
         if members_info is not None:
             info = parse_json(members_info.read_bytes())
             if not isinstance(info, dict):
                 fail(f"{members_info} must hold a JSON object keyed by member id")
-        members = []
+        read = []
         for path in enrollments:
             member = parse_json(path.read_bytes())
             if not isinstance(member, dict) or "id" not in member:
                 fail(f"{path} is not an enrollment file (made by hrx node init)")
-            extra = info.get(member["id"], {})
-            for field in ("level", "accreditation"):
-                if field in extra:
-                    member[field] = extra[field]
-            members.append(member)
-        unknown = set(info) - {m["id"] for m in members}
-        if unknown:
-            fail(f"--members-info names members with no enrollment file: {sorted(unknown)}")
-        if quorum > len(members):
-            fail(f"--quorum {quorum} is more than the {len(members)} members")
+            read.append(member)
+        made = next_roster(history, read, info, name=name, quorum=quorum, remove=remove)
+        roster = made.roster
         authority = keys.load_or_create_private_key(authority_key)
-        roster = make_roster(name, members, quorum=quorum, version=version)
         signature = sign_roster(roster, authority)
         open_roster(roster, signature, authority.public_key())  # every proof of possession
         out_path.write_bytes(canonical_bytes({"roster": roster, "signature": signature}) + b"\n")
-    out.print(f"roster version {version} of {name}: {len(members)} members, quorum {quorum}")
+    out.print(
+        f"roster version {roster['version']} of {roster['consortium']}: "
+        f"{len(roster['members'])} members, quorum {roster['quorum']}"
+    )
     out.print(f"authority public key: {keys.public_key_text(authority)}")
-    warning = quorum_warning(roster)
-    if warning:
-        err.print(f"[yellow]warning:[/] {warning}")
+    for warning in made.warnings:
+        err.print(f"[bold yellow]warning:[/] {warning}")
 
 
 @consortium_group.command("secret")
@@ -507,6 +507,11 @@ def node_join(
         rotated = None
         if upcoming is not None:  # only once the roster listing them is installed
             rotated = put_next_keys_in_place(config, checked.version)
+            (directory / NEXT_ENROLLMENT_FILE).unlink(missing_ok=True)
+        # one enrollment file, with the keys the roster lists now: never a stale one to send
+        listed = checked.member(config.node_id)
+        enrollment = {k: listed[k] for k in ("id", "name", "url", "ed25519", "bls", "bls_pop")}
+        (directory / ENROLLMENT_FILE).write_bytes(canonical_bytes(enrollment) + b"\n")
         if secret_path is not None and secret_path.resolve() != secret_file.resolve():
             if secret_file.exists() and read_secret(secret_file) != read_secret(secret_path):
                 fail(f"{secret_file} holds another consortium secret; it is never replaced")

@@ -22,11 +22,11 @@ from ledger.model import parse_time
 from ledger.store import ChainStore
 from node.adapter_tables import quarantine_table
 from node.config import NodeConfig
+from node.consortium import NEXT_ENROLLMENT_FILE
 from node.db import Database, current_revision, head_revision
 from node.replication import synced_age
 
 LEVELS = ("ok", "note", "warning", "problem")
-NEXT_ENROLLMENT_FILE = "enrollment-next.json"
 
 
 @dataclass(frozen=True)
@@ -119,8 +119,7 @@ def _membership(status: Status, config: NodeConfig, roster: dict[str, object]) -
         status.add(
             "keys",
             "note",
-            "next keys are waiting (enrollment-next.json): they take over when a roster lists "
-            "them",
+            "next keys are waiting (enrollment-next.json): they take over when a roster lists them",
             f"send {NEXT_ENROLLMENT_FILE} to the authority; then hrx node join with its roster",
         )
     unlevelled = sorted(m for m, body in members.items() if not body.get("level"))

@@ -156,8 +156,8 @@ def test_join_checks_everything(consortium: Path, tmp_path: Path) -> None:
             roster,
             "--out",
             str(tmp_path / "v2.json"),
-            str(consortium / "hosp-a/enrollment.json"),
-            str(consortium / "hosp-b/enrollment.json"),
+            "--remove",
+            "hosp-c",
         ).exit_code
         == 0
     )

@@ -5,6 +5,7 @@ the auditor verifies the chain across the rotation."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,10 +18,20 @@ from ledger.store import ChainStore
 from node.harness import Consortium
 from tests.nodes import append_requests, invoke
 
+LEVELS: dict[str, dict[str, object]] = {
+    "hosp-a": {
+        "level": "三级甲等",
+        "accreditation": [{"category": "imaging", "scope": "省HR", "until": "2030-12-31"}],
+    },
+    "hosp-b": {"level": "二级甲等", "accreditation": []},
+}
+
 
 @pytest.fixture(scope="module")
 def group(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Consortium]:
-    consortium = Consortium(tmp_path_factory.mktemp("rotation"), 2, quorum=2, epoch_seconds=2)
+    consortium = Consortium(
+        tmp_path_factory.mktemp("rotation"), 2, quorum=2, epoch_seconds=2, members_info=LEVELS
+    )
     try:
         consortium.start_all()
         yield consortium
@@ -42,14 +53,23 @@ def test_a_member_rotates_its_keys(group: Consortium) -> None:
     assert again.exit_code == 0
     assert (a.directory / "keys" / "node-next.pem").read_bytes() == first
     root = group.root
+    stale = (a.directory / "enrollment.json").read_bytes()  # the old keys' enrollment
     roster_v2 = root / "roster-v2.json"
     signed = invoke(
         "consortium", "roster", "--authority-key", str(group.authority_key),
         "--previous", str(root / "roster.json"), "--quorum", "2", "--out", str(roster_v2),
-        str(a.directory / "enrollment-next.json"), str(b.directory / "enrollment.json"),
+        str(a.directory / "enrollment-next.json"),
     )  # fmt: skip
     assert signed.exit_code == 0, signed.output
     assert "roster version 2" in signed.output
+    # the next version starts from the previous one: levels and accreditation kept
+    version_2 = json.loads(roster_v2.read_text())["roster"]
+    for member in version_2["members"]:
+        expected = LEVELS[member["id"]]
+        assert (member["level"], member["accreditation"]) == (
+            expected["level"],
+            expected["accreditation"],
+        )
 
     group.stop("hosp-a")
     joined = invoke("node", "join", "--dir", str(a.directory), "--roster", str(roster_v2))
@@ -68,6 +88,34 @@ def test_a_member_rotates_its_keys(group: Consortium) -> None:
     assert (
         invoke("node", "join", "--dir", str(b.directory), "--roster", str(roster_v2)).exit_code == 0
     )
+    # join leaves one enrollment file, with the keys the roster lists now
+    assert not (a.directory / "enrollment-next.json").exists()
+    current = json.loads((a.directory / "enrollment.json").read_text())
+    assert current["ed25519"] == new_key
+    # an old enrollment file cannot put the retired key back, whatever else it says
+    old_file = root / "hosp-a-old-enrollment.json"
+    old_file.write_bytes(stale)
+    every = root / "all-rosters.json"  # every version, as a member's /ledger/rosters serves them
+    every.write_text(
+        json.dumps([json.loads(f.read_text()) for f in (group.root / "roster.json", roster_v2)])
+    )
+    for previous in (roster_v2, every):
+        refused = invoke(
+            "consortium", "roster", "--authority-key", str(group.authority_key),
+            "--previous", str(previous), "--out", str(root / "roster-v3.json"), str(old_file),
+        )  # fmt: skip
+        assert refused.exit_code == 1, refused.output
+        assert "would put retired keys back" in refused.output, refused.output
+        assert not (root / "roster-v3.json").exists()
+    # nor can a rotation back to them
+    back = {**json.loads(stale), "replaces": {"ed25519": new_key, "bls": current["bls"]}}
+    old_file.write_text(json.dumps(back))
+    refused = invoke(
+        "consortium", "roster", "--authority-key", str(group.authority_key),
+        "--previous", str(every), "--out", str(root / "v3.json"),
+        str(old_file),
+    )  # fmt: skip
+    assert refused.exit_code == 1 and "a retired key is never put back" in refused.output
     group.start("hosp-a")
 
     append_requests(a.directory, "after-rotation")

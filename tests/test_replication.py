@@ -384,6 +384,8 @@ def test_blocks_signed_with_a_rotated_key_are_refused(
     member = make_member(
         "hosp-a", "医院 hosp-a", config_a.url, new_key, bls.read_secret_key(config_a.bls_key)
     )
+    old = json.loads((consortium["hosp-a"] / "enrollment.json").read_text())
+    member["replaces"] = {"ed25519": old["ed25519"], "bls": old["bls"]}  # a rotation
     (consortium["hosp-a"] / "enrollment.json").write_bytes(canonical_bytes(member))
     hrx(
         "consortium",
@@ -396,7 +398,7 @@ def test_blocks_signed_with_a_rotated_key_are_refused(
         str(root / "roster.json"),
         "--out",
         str(root / "roster-2.json"),
-        *(str(d / "enrollment.json") for d in consortium.values()),
+        str(consortium["hosp-a"] / "enrollment.json"),
     )
     for directory in consortium.values():
         hrx("node", "join", "--dir", str(directory), "--roster", str(root / "roster-2.json"))
