@@ -38,7 +38,7 @@ from ledger.replication import PeerTimeout, PeerUnavailable, Replicator, RoundRe
 from ledger.store import ChainStore, Head
 from node.config import NodeConfig, load_config
 from node.consortium import AUTHORITY_SETTING
-from node.db import open_database
+from node.db import open_database, require_current
 from node.errors import ConfigError
 from node.logs import REQUEST_ID_HEADER, current_request_id, new_request_id, request_scope
 from node.peer_auth import sign_request
@@ -379,6 +379,7 @@ def run(directory: Path, interval: float, once: bool = False) -> RoundReport:
             signal.signal(signum, lambda *_: stop.set())
     hint = directory / "replicate.hint"
     try:
+        require_current(database.engine, config.directory)  # as every process of the node
         store = ChainStore(database.write_engine)
         reader = ChainStore(database.engine)  # reads take no write lock
         replicator = replicator_for(config, reader, writes=store)
@@ -398,6 +399,11 @@ def run(directory: Path, interval: float, once: bool = False) -> RoundReport:
             target=_propose_every_epoch, args=(proposer, stop), name="checkpoints", daemon=True
         )
         proposing.start()
+        log.info(
+            "replication worker of %s started: every %.2f s, and at once on a member's hint",
+            config.node_id,
+            interval,
+        )
         pushed_head = _own_head(reader, config.node_id)
         pushed_at = round_at = 0.0
         hinted: set[str] | None = None  # None: a full round (every member)
@@ -433,6 +439,7 @@ def run(directory: Path, interval: float, once: bool = False) -> RoundReport:
                     break
                 stop.wait(0.05)
             if stop.is_set():
+                log.info("replication worker of %s stopped", config.node_id)
                 return report
     finally:
         database.close()
