@@ -28,6 +28,7 @@ from ledger.errors import KeyFileError, SignatureError
 BLOCK_DOMAIN = b"hrx/block/v1\x00"
 ROSTER_DOMAIN = b"hrx/roster/v1\x00"
 CHECKPOINT_DOMAIN = b"hrx/checkpoint/v1\x00"
+RESOLUTION_DOMAIN = b"hrx/resolution/v1\x00"
 
 
 def b64url_encode(data: bytes) -> str:

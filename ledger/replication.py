@@ -398,6 +398,11 @@ class Replicator:
             report.evidence.append(evidence)
             if self.on_evidence is not None:
                 self.on_evidence(evidence)
+        if evidence["chain"] not in self.writes.frozen_chains():  # the authority kept ours
+            raise _Refused(
+                f"it serves a block of chain {evidence['chain']} at height {evidence['height']} "
+                "that the authority's resolution of the fork there did not keep"
+            )
         raise _Forked()
 
     # -- backoff --------------------------------------------------------------------------

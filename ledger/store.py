@@ -44,6 +44,7 @@ from ledger.model import (
     format_time,
     make_header,
 )
+from ledger.resolution import resolves
 from ledger.roster import Roster, check_roster, open_roster
 
 metadata = sa.MetaData()
@@ -239,6 +240,7 @@ def install_append_only_triggers(conn: Connection, tables: Sequence[str] = LEDGE
 
 # The writer's statements, run for every block straight on the DBAPI cursor: SQLAlchemy's
 # per-statement work would be most of a small block's cost. "?" becomes "%s" for psycopg.
+RESOLUTION_SETTING = "resolution:"  # + chain:height; the authority's signed resolution
 HOLD_SETTING = "signing_hold"  # its value says why no block may be signed (ChainStore.hold)
 _WRITER_SQL = {
     "head": "SELECT (SELECT header FROM ledger_blocks WHERE chain = ? ORDER BY height DESC "
@@ -589,9 +591,49 @@ class ChainStore:
         return [parse_canonical(row.evidence) for row in rows]
 
     def frozen_chains(self) -> set[str]:
-        """Chains with fork evidence: this node accepts no more of their blocks."""
+        """Chains with fork evidence that no resolution of the authority settles for this node
+        (:mod:`ledger.resolution`: it keeps the block this node holds at that height): this
+        node accepts no more of their blocks."""
         with self.engine.connect() as conn:
-            return set(conn.execute(sa.select(evidence_table.c.chain).distinct()).scalars())
+            frozen = set(conn.execute(sa.select(evidence_table.c.chain).distinct()).scalars())
+        resolutions = self.resolutions() if frozen else []
+        if not resolutions:
+            return frozen
+        unsettled = set()
+        for evidence in self.evidence():
+            held = self.block_at(evidence["chain"], evidence["height"])
+            keeps = [
+                r
+                for r in resolutions
+                if resolves(r, evidence) and (held is None or held.hash == r["keep"])
+            ]
+            if not keeps:
+                unsettled.add(evidence["chain"])
+        return unsettled
+
+    def add_resolution(self, document: dict[str, Any]) -> None:
+        """Store the authority's signed resolution of a fork (signature checked by the caller:
+        :func:`ledger.resolution.open_resolution`)."""
+        body = document["resolution"]
+        self.set_setting(
+            f"{RESOLUTION_SETTING}{body['chain']}:{body['height']}",
+            canonical_bytes(document).decode(),
+        )
+
+    def resolutions(self) -> list[dict[str, Any]]:
+        """The bodies of every stored resolution."""
+        return [document["resolution"] for document in self.resolution_documents()]
+
+    def resolution_documents(self) -> list[dict[str, Any]]:
+        """Every stored resolution as the authority signed it."""
+        self._require_schema()
+        with self.engine.connect() as conn:
+            values = conn.execute(
+                sa.select(settings_table.c.value).where(
+                    settings_table.c.name.startswith(RESOLUTION_SETTING)
+                )
+            ).scalars()
+            return [parse_canonical(value.encode()) for value in values]
 
     def add_certificate(self, certificate: dict[str, Any]) -> bool:
         """Store a (verified) checkpoint certificate; False when its epoch has one already."""

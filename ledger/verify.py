@@ -50,6 +50,7 @@ from ledger.model import (
     check_header,
     parse_time,
 )
+from ledger.resolution import open_resolution, resolves
 from ledger.roster import Roster, open_roster
 from ledger.store import ChainStore
 
@@ -112,6 +113,7 @@ class Summary:
     # chain -> (epoch, height) of the newest certificate covering it
     covered: dict[str, tuple[int, int]] = field(default_factory=dict)
     forks: list[str] = field(default_factory=list)  # proven by valid evidence
+    resolved: list[str] = field(default_factory=list)  # forks the authority's resolution settles
     # break-glass accesses (DESIGN §4 emergency.access), always shown to the auditor
     emergencies: list[Emergency] = field(default_factory=list)
 
@@ -140,9 +142,12 @@ class Verifier:
         *,
         watch: frozenset[str] = frozenset(),
         observe: Callable[[dict[str, Any]], None] | None = None,
+        resolutions: Sequence[Any] = (),
     ) -> None:
         """``observe`` is given every entry whose type is in ``watch``, once its block's
-        entries are checked (for audits built on top: the replay of access decisions)."""
+        entries are checked (for audits built on top: the replay of access decisions).
+        ``resolutions``: the authority's signed resolutions of forks (:mod:`ledger.resolution`),
+        checked against ``authority``; a fork one of them settles is reported as resolved."""
         self.authority = authority
         self._watch = watch if observe is not None else frozenset()
         self._observe = observe
@@ -153,6 +158,11 @@ class Verifier:
         self._valid_times: set[str] = set()  # entry times already found valid
         self._entry_types: set[str] = set()
         self._block_types: set[str] = set()  # the entry types of the block being verified
+        if resolutions and authority is None:
+            raise VerificationError("a resolution is checked against the authority's key: give it")
+        self._resolutions = [
+            open_resolution(document, authority) for document in resolutions if authority
+        ]
 
     def add_roster(self, roster: Any, signature: Any, *, check_possession: bool = True) -> None:
         """Take the next roster version. ``check_possession=False`` skips its members' BLS
@@ -247,9 +257,12 @@ class Verifier:
             hashes
         ) != 2:
             raise VerificationError("fork evidence: not two different blocks of one height")
-        self.summary.forks.append(
-            f"chain {first['chain']} signed two different blocks at height {first['height']}"
-        )
+        fork = f"chain {first['chain']} signed two different blocks at height {first['height']}"
+        kept = [r["keep"] for r in self._resolutions if resolves(r, evidence)]
+        if kept:
+            self.summary.resolved.append(f"{fork}; the authority's resolution keeps {kept[0]}")
+        else:
+            self.summary.forks.append(fork)
 
     def resume(self, header: dict[str, Any], frontier: merkle.Frontier) -> None:
         """Continue a chain from a block already verified and stored (replication checks only

@@ -278,6 +278,13 @@ def _anchor(authority: str | None) -> Ed25519PublicKey | None:
 @AUTHORITY_OPTION
 @click.option("--token", default=None, help="With a node's URL: an auditor's bearer token.")
 @click.option(
+    "--resolution",
+    "resolutions",
+    multiple=True,
+    type=click.Path(path_type=Path, dir_okay=False, exists=True),
+    help="The authority's signed resolution of a fork (needs --authority). Repeatable.",
+)
+@click.option(
     "--checkpoint",
     "checkpoints",
     multiple=True,
@@ -285,7 +292,11 @@ def _anchor(authority: str | None) -> Ed25519PublicKey | None:
     "must hold every block it certifies. Repeatable.",
 )
 def audit_verify(
-    target: str, authority: str | None, token: str | None, checkpoints: tuple[str, ...]
+    target: str,
+    authority: str | None,
+    token: str | None,
+    resolutions: tuple[Path, ...],
+    checkpoints: tuple[str, ...],
 ) -> None:
     """Verify a ledger: an export file, a database, or a node's URL (http(s)://...).
 
@@ -298,7 +309,16 @@ def audit_verify(
     anchor = _anchor(authority)
     decisions = DecisionAudit()
     given = [_certificate_from(source, token) for source in checkpoints]
-    watching = {"watch": WATCHED, "observe": decisions.observe, "given": given}
+    if resolutions and anchor is None:
+        fail("--resolution is checked against the authority's key: give --authority", 2)
+    with reported():
+        settled = [parse_json(path.read_bytes()) for path in resolutions]
+    watching = {
+        "watch": WATCHED,
+        "observe": decisions.observe,
+        "given": given,
+        "resolutions": settled,
+    }
     with reported():
         try:
             if target.startswith(("http://", "https://")):
@@ -415,7 +435,8 @@ def print_summary(summary: Summary, findings: list[str] | None = None) -> None:
             "would not have made"
         )
     else:
-        out.print(f"[bold green]VALID[/]: {counts}")
+        settled = f"; {len(summary.resolved)} fork(s) resolved by the authority"
+        out.print(f"[bold green]VALID[/]: {counts}{settled if summary.resolved else ''}")
     if summary.forks or findings:
         out.print(f"checked: {counts}")
     if summary.given:
@@ -468,6 +489,8 @@ def print_summary(summary: Summary, findings: list[str] | None = None) -> None:
             out.print(f"  ... and {len(summary.emergencies) - 50} more")
     for fork in summary.forks:
         out.print(f"[bold red]FORK PROVEN:[/] {fork}")
+    for fork in summary.resolved:
+        out.print(f"[yellow]fork proven, resolved by the authority:[/] {fork}")
 
 
 def _register_commands() -> None:

@@ -438,6 +438,35 @@ def consortium_roster(
         err.print(f"[bold yellow]warning:[/] {warning}")
 
 
+@consortium_group.command("resolve-fork")
+@click.option(
+    "--authority-key",
+    required=True,
+    type=click.Path(path_type=Path, dir_okay=False, exists=True),
+    help="The authority's Ed25519 key (PEM).",
+)
+@click.option("--chain", required=True, help="The member whose chain forked.")
+@click.option("--height", required=True, type=click.IntRange(0), help="The height of the fork.")
+@click.option(
+    "--keep", required=True, help="The hash of the block kept at that height (hex, 64 digits)."
+)
+@click.option("--out", "out_path", required=True, type=click.Path(path_type=Path, dir_okay=False))
+def consortium_resolve_fork(
+    authority_key: Path, chain: str, height: int, keep: str, out_path: Path
+) -> None:
+    """Sign the resolution of a fork: which block is the chain's at the height it forked
+    (members install it with hrx node resolve-fork; docs/operations.md)."""
+    from ledger.resolution import make_resolution, sign_resolution
+
+    with reported():
+        document = sign_resolution(
+            make_resolution(chain, height, keep.lower()), keys.load_private_key(authority_key)
+        )
+        out_path.write_bytes(canonical_bytes(document) + b"\n")
+    out.print(f"resolution of {chain}'s fork at height {height}: block {keep.lower()} is kept")
+    out.print(f"give {out_path} to every member: hrx node resolve-fork --dir DIR {out_path}")
+
+
 @consortium_group.command("secret")
 @click.option("--out", "out_path", required=True, type=click.Path(path_type=Path, dir_okay=False))
 def consortium_secret(out_path: Path) -> None:
@@ -535,6 +564,48 @@ def node_join(
     warning = quorum_warning(checked.body)
     if warning:
         err.print(f"[yellow]warning:[/] {warning}")
+
+
+@node_group.command("resolve-fork")
+@DIR_OPTION
+@click.argument("resolution_path", type=click.Path(path_type=Path, dir_okay=False, exists=True))
+def node_resolve_fork(directory: Path, resolution_path: Path) -> None:
+    """Install the authority's resolution of a fork (hrx consortium resolve-fork): the chain
+    is followed again here when this node holds the block it keeps."""
+    from ledger.canonical import parse_json
+    from ledger.resolution import open_resolution
+    from node.consortium import AUTHORITY_SETTING
+
+    with reported():
+        config = load_config(directory)
+        database = open_database(config.database_url)
+        try:
+            store = ChainStore(database.write_engine)
+            anchor = store.setting(AUTHORITY_SETTING)
+            if anchor is None:
+                fail("this node has joined no consortium: it knows no authority key")
+            document = parse_json(resolution_path.read_bytes())
+            body = open_resolution(document, keys.parse_public_key(anchor))
+            store.add_resolution(document)
+            held = store.block_at(body["chain"], body["height"])
+            frozen = body["chain"] in store.frozen_chains()
+        finally:
+            database.close()
+    where = f"chain {body['chain']} at height {body['height']}"
+    if frozen:
+        err.print(
+            f"[bold yellow]{where}: this node holds the block the authority did not keep "
+            f"({held.hash if held else '?'}); the chain stays frozen here[/]"
+        )
+        sys.exit(1)
+    out.print(
+        f"{where}: the authority keeps block {body['keep']}; "
+        + (
+            "this node holds it and follows the chain again"
+            if held is not None
+            else "this node will take it from the members that hold it"
+        )
+    )
 
 
 @node_group.command("replicate")
