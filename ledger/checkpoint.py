@@ -3,9 +3,10 @@
 A checkpoint is ``{"v": 1, "epoch", "time", "roster", "heads": {chain: {"height", "hash",
 "tree_size", "tree_root"}}}``. Each member signs ``b"hrx/checkpoint/v1\\x00" +
 SHA-256(JCS(checkpoint))`` with its BLS key; a certificate ``{"checkpoint", "signers"
-(sorted ids), "signature" (the aggregate)}`` is valid when the signers are members of the
-roster version it names, reach that roster's quorum, and FastAggregateVerify holds over
-their keys (whose proofs of possession the roster carries, ruling out rogue-key sums).
+(sorted ids), "signature" (the aggregate)}`` is valid when the signers are witnesses of the
+roster version it names (members with the ``witness`` role, or with no roles listed), reach
+that roster's quorum, and FastAggregateVerify holds over their keys (whose proofs of
+possession the roster carries, ruling out rogue-key sums).
 """
 
 from __future__ import annotations
@@ -151,6 +152,12 @@ def verify_certificate(certificate: Any, rosters: Mapping[int, Roster]) -> dict[
     if strangers:
         raise CheckpointError(
             f"certificate signers {strangers} are not in roster version {roster.version}"
+        )
+    witnesses = set(roster.witnesses())
+    others = [s for s in signers if s not in witnesses]
+    if others:
+        raise CheckpointError(
+            f"certificate signers {others} are not witnesses in roster version {roster.version}"
         )
     if len(signers) < roster.quorum:
         raise CheckpointError(

@@ -26,7 +26,9 @@ from ledger.model import VERSION, check_chain_id
 
 ROSTER_KEYS = frozenset({"v", "consortium", "version", "quorum", "members"})
 MEMBER_REQUIRED = frozenset({"id", "name", "url", "ed25519", "bls", "bls_pop"})
-MEMBER_OPTIONAL = frozenset({"level", "accreditation"})
+MEMBER_OPTIONAL = frozenset({"level", "accreditation", "roles"})
+WITNESS, REGISTRY = "witness", "registry"
+ROLES = (WITNESS, REGISTRY)  # what a member does beyond keeping its own chain
 ACCREDITATION_KEYS = frozenset({"category", "scope", "until"})
 
 
@@ -54,9 +56,19 @@ def check_roster(roster: Any) -> dict[str, Any]:
             raise RosterError(f"member {member['id']} is listed twice")
         seen.add(member["id"])
     quorum = roster["quorum"]
-    if type(quorum) is not int or not 1 <= quorum <= len(members):
-        raise RosterError(f"quorum {quorum!r} must be from 1 to the {len(members)} members")
+    witnesses = [m["id"] for m in members if is_witness(m)]
+    if type(quorum) is not int or not 1 <= quorum <= len(witnesses):
+        raise RosterError(
+            f"quorum {quorum!r} must be from 1 to the {len(witnesses)} witnesses "
+            f"(members with the {WITNESS} role, or with no roles listed)"
+        )
     return roster
+
+
+def is_witness(member: dict[str, Any]) -> bool:
+    """A member without ``roles`` is a witness (rosters from before roles keep their meaning);
+    ``"roles": []`` is an ordinary member."""
+    return WITNESS in member.get("roles", [WITNESS])
 
 
 def _check_member(member: Any) -> None:
@@ -89,6 +101,15 @@ def _check_member(member: Any) -> None:
             raise RosterError(f"roster member {member['id']}: {field} is not hex") from None
     if "level" in member and not isinstance(member["level"], str):
         raise RosterError(f"roster member {member['id']}: level must be a string")
+    roles = member.get("roles", [])
+    if (
+        not isinstance(roles, list)
+        or not all(isinstance(r, str) and r in ROLES for r in roles)
+        or len(set(roles)) != len(roles)
+    ):
+        raise RosterError(
+            f"roster member {member['id']}: roles is a list of distinct roles from {list(ROLES)}"
+        )
     accreditation = member.get("accreditation", [])
     if not isinstance(accreditation, list):
         raise RosterError(f"roster member {member['id']}: accreditation must be a list")
@@ -148,6 +169,14 @@ class Roster:
     def member_ids(self) -> list[str]:
         return [member["id"] for member in self.body["members"]]
 
+    def witnesses(self) -> list[str]:
+        """The members that replicate and verify every chain and co-sign checkpoints."""
+        return [member["id"] for member in self.body["members"] if is_witness(member)]
+
+    def registries(self) -> list[str]:
+        """The members that run the record locator."""
+        return [m["id"] for m in self.body["members"] if REGISTRY in m.get("roles", [])]
+
     def to_json(self) -> dict[str, Any]:
         return {"roster": self.body, "signature": self.signature}
 
@@ -202,6 +231,7 @@ def make_member(
     *,
     level: str | None = None,
     accreditation: list[dict[str, str]] | None = None,
+    roles: list[str] | None = None,
 ) -> dict[str, Any]:
     """A roster member entry from a member's keys (the BLS proof of possession is made here)."""
     from ledger import bls
@@ -218,4 +248,6 @@ def make_member(
         member["level"] = level
     if accreditation is not None:
         member["accreditation"] = accreditation
+    if roles is not None:
+        member["roles"] = roles
     return member

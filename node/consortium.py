@@ -19,7 +19,7 @@ from typing import Any
 from ledger import keys
 from ledger.canonical import parse_json
 from ledger.errors import LedgerError
-from ledger.roster import Roster, make_roster, open_roster
+from ledger.roster import Roster, is_witness, make_roster, open_roster
 from ledger.store import ChainStore
 from node.errors import ConfigError
 
@@ -167,8 +167,9 @@ def next_roster(
     quorum = quorum or (int(previous["quorum"]) if previous else None)
     if quorum is None:
         raise ConfigError("give the checkpoint quorum with --quorum")
-    if quorum > len(members):
-        raise ConfigError(f"--quorum {quorum} is more than the {len(members)} members")
+    witnesses = sum(1 for member in members.values() if is_witness(member))
+    if quorum > witnesses:
+        raise ConfigError(f"--quorum {quorum} is more than the {witnesses} witnesses")
     roster = make_roster(
         consortium,
         sorted(members.values(), key=lambda m: str(m["id"])),
@@ -264,15 +265,15 @@ def install_roster(
 
 
 def quorum_warning(roster: dict[str, Any]) -> str | None:
-    """A warning when two quorums need not share an honest member: with n members of whom
-    f = (n-1)//3 may lie, quorums must exceed (n+f)/2 (2f+1 when n = 3f+1; DESIGN §3)."""
-    members = len(roster["members"])
-    faulty = (members - 1) // 3
-    needed = (members + faulty) // 2 + 1
+    """A warning when two quorums need not share an honest witness: with n witnesses of whom
+    f = (n-1)//3 may lie, quorums must exceed (n+f)/2 (2f+1 when n = 3f+1)."""
+    witnesses = sum(1 for member in roster["members"] if is_witness(member))
+    faulty = (witnesses - 1) // 3
+    needed = (witnesses + faulty) // 2 + 1
     if roster["quorum"] < needed:
         return (
-            f"quorum {roster['quorum']} of {members} members is below {needed}: with up to "
-            f"{faulty} dishonest member(s) two conflicting views could both be certified"
+            f"quorum {roster['quorum']} of {witnesses} witnesses is below {needed}: with up to "
+            f"{faulty} dishonest witness(es) two conflicting views could both be certified"
         )
     return None
 

@@ -89,7 +89,7 @@ def test_roster_and_secret_files(consortium: Path) -> None:
         str(consortium / "low.json"),
         *(str(consortium / n / "enrollment.json") for n in ("hosp-a", "hosp-b", "hosp-c")),
     )
-    assert low.exit_code == 0 and "warning: quorum 1 of 3 members is below 2" in low.output
+    assert low.exit_code == 0 and "warning: quorum 1 of 3 witnesses is below 2" in low.output
 
 
 def test_join_checks_everything(consortium: Path, tmp_path: Path) -> None:

@@ -77,6 +77,11 @@ def test_swapped_proof_of_possession_is_refused(
         (lambda r: r["members"][0].update(bls="AB" * 48), "lowercase hex"),
         (lambda r: r.update(version=0), "version"),
         (lambda r: r.update(members=[]), "non-empty"),
+        (lambda r: r["members"][0].update(roles="witness"), "roles is a list"),
+        (lambda r: r["members"][0].update(roles=["reader"]), "roles is a list"),
+        (lambda r: r["members"][0].update(roles=["witness", "witness"]), "distinct roles"),
+        # a quorum of 2 needs 2 witnesses: an ordinary member does not count
+        (lambda r: r["members"][1].update(roles=["registry"]), "2 must be from 1 to the 1 witn"),
     ],
 )
 def test_malformed_rosters_refused(
@@ -87,3 +92,20 @@ def test_malformed_rosters_refused(
     change(changed)
     with pytest.raises(RosterError, match=problem):
         open_roster(changed, signature, None)
+
+
+def test_members_without_roles_are_witnesses(signed: tuple[dict[str, Any], str, Any]) -> None:
+    roster, signature, _ = signed
+    changed = copy.deepcopy(roster)
+    changed["quorum"] = 1
+    changed["members"][1]["roles"] = ["registry"]
+    opened = open_roster(changed, signature, None, check_possession=False)
+    assert opened.witnesses() == ["hosp-a"] and opened.registries() == ["hosp-b"]
+    changed["members"][0]["roles"] = ["witness", "registry"]
+    changed["members"][1]["roles"] = []  # an ordinary member
+    opened = open_roster(changed, signature, None, check_possession=False)
+    assert opened.witnesses() == ["hosp-a"] and opened.registries() == ["hosp-a"]
+    assert open_roster(roster, signature, None, check_possession=False).witnesses() == [
+        "hosp-a",
+        "hosp-b",
+    ]
