@@ -99,8 +99,12 @@ def sign_checkpoint() -> Response:
     checkpoint = checkpoints.check_checkpoint(_body())
     roster = store.roster()
     _check_epoch(checkpoint["epoch"], services.config.slot_seconds)
-    members = sorted(roster.member_ids())
-    proposer = members[checkpoint["epoch"] % len(members)]
+    witnesses = sorted(roster.witnesses())
+    if services.config.node_id not in witnesses:
+        raise Conflict(
+            f"{services.config.node_id} is no witness in roster version {roster.version}"
+        )
+    proposer = witnesses[checkpoint["epoch"] % len(witnesses)]
     if g.peer != proposer:
         raise Conflict(f"epoch {checkpoint['epoch']} is {proposer}'s to propose, not {g.peer}'s")
     if checkpoint["roster"] != roster.version:

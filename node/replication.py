@@ -255,8 +255,9 @@ class CheckpointProposer:
     """Proposes checkpoints in this node's turn, gathers the members' signatures and, at the
     quorum, stores and sends the certificate to every member.
 
-    Time is cut into slots of ``checkpoints.slot_seconds``; the proposer of slot e is member
-    e mod n of the roster, sorted, and a certificate's epoch is its slot. In its slot a member
+    Time is cut into slots of ``checkpoints.slot_seconds``; the proposer of slot e is witness
+    e mod n of the roster's n witnesses, sorted, and a certificate's epoch is its slot; it asks
+    the other witnesses to sign. In its slot a member
     proposes when the chains have grown since the newest certificate and either
     ``checkpoints.epoch_seconds`` have passed since it or the chains have ``epoch_blocks``
     new blocks: checkpoints come by time and by blocks, and a member that is down only costs
@@ -291,8 +292,8 @@ class CheckpointProposer:
         if slot <= self._tried:
             return None
         roster = self.store.roster()
-        members = sorted(roster.member_ids())
-        if members[slot % len(members)] != self.config.node_id:
+        witnesses = sorted(roster.witnesses())
+        if witnesses[slot % len(witnesses)] != self.config.node_id:
             return None
         self._tried = slot
         frozen = self.store.frozen_chains()
@@ -309,7 +310,7 @@ class CheckpointProposer:
         if self.store.vote(checkpoint):
             secret = bls.read_secret_key(self.config.bls_key)
             signatures[self.config.node_id] = sign_checkpoint(checkpoint, secret)
-        waiting = [m for m in sorted(roster.member_ids()) if m != self.config.node_id]
+        waiting = [m for m in sorted(roster.witnesses()) if m != self.config.node_id]
         for attempt in range(self.RETRIES):
             still = []
             for member in waiting:
