@@ -1,10 +1,13 @@
-"""``hrx adapters dicomweb-sync`` and ``dicom-import``: the PACS over DICOMweb and files.
+"""``hrx adapters dicomweb-sync``, ``dicom-import`` and ``dicom-replay``: the PACS over
+DICOMweb and files.
 
 ``dicomweb-sync`` pulls studies from the PACS's DICOMweb service (once, or every
 ``[dicomweb] interval_seconds`` with ``--watch``, as a process beside the web server);
-``dicom-import`` takes DICOM files and directories. Both store Patients and ImagingStudies
-through :mod:`node.dicom_intake`; what they could not take in is named with the reason, and
-the command exits non-zero.
+``dicom-import`` takes DICOM files and directories; ``dicom-replay`` takes what they kept in
+the quarantine in again, once the cause is corrected. All store Patients and ImagingStudies
+through :mod:`node.dicom_intake`; what they could not take in is named with the reason (never
+with whom it is about: a study refused because it would go to another patient names its
+quarantine row, which names the patients), and the command exits non-zero.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from node.node_commands import DIR_OPTION
 from node.services import Services, open_services
 
 if TYPE_CHECKING:  # pydicom is imported only by the commands that need it
-    from node.dicom_intake import DicomwebClient
+    from node.dicom_intake import DicomwebClient, ImportReport
 
 DATE_FORMATS = ["%Y-%m-%d", "%Y%m%d"]
 
@@ -109,14 +112,15 @@ def dicomweb_sync(
             client.close()
             services.close()
     out.print(escape(report.describe()))
-    for uid, reason in report.failed:
+    for uid, reason in [*report.failed, *report.refused]:
         err.print(f"[red]study {uid}:[/] {escape(reason)}")
     for uid in report.gone:
         out.print(f"study {uid} failed before and is no longer on the PACS: no longer retried")
-    if report.failed:
+    if report.failed or report.refused:
         err.print(
-            f"{len(report.failed)} studies were not taken in; correct them in the PACS as the "
-            "reasons say: the next sync asks for them again"
+            f"{len(report.failed) + len(report.refused)} studies were not taken in; correct "
+            "them in the PACS as the reasons say: the next sync asks for them again (refused "
+            "ones: see hrx adapters quarantine show ID)"
         )
         raise SystemExit(1)
 
@@ -131,7 +135,7 @@ def _watch(services: Services, client: DicomwebClient, seconds: int) -> None:
 
     def on_report(report: SyncReport) -> None:
         out.print(f"{_now()} {escape(report.describe())}")
-        for uid, reason in report.failed:
+        for uid, reason in [*report.failed, *report.refused]:
             err.print(f"{_now()} study {uid}: {escape(reason)}")
 
     def on_error(exc: BaseException) -> None:
@@ -162,9 +166,112 @@ def _now() -> str:
 )
 def dicom_import(directory: Path, charset: str | None, paths: tuple[Path, ...]) -> None:
     """Take DICOM files (and every file under directories) in as ImagingStudies."""
-    from pydicom.charset import python_encoding
-
     from node.dicom_intake import dicom_files, import_files
+
+    _check_charset(charset)
+    with reported():
+        config = load_config(directory)
+        services = open_services(config)
+        found = dicom_files(paths)
+        try:
+            with entry_progress(len(found.files), "files") as advance:
+                report = import_files(services, found, default_charset=charset, advance=advance)
+        finally:
+            services.close()
+    _print_files(report)
+    if report.links:
+        err.print(
+            f"{len(report.links)} symbolic links point out of the directories given (or loop): "
+            "they were not followed and what they point to was not read"
+        )
+    if report.bad:
+        err.print(
+            f"{len(report.bad)} files were not taken in (kept in the quarantine with the "
+            "reason); the others were. Correct those files and import them again, or correct "
+            "the cause and hrx adapters dicom-replay the quarantine rows."
+        )
+    if report.bad or report.links:
+        raise SystemExit(1)
+
+
+def _print_files(report: ImportReport) -> None:
+    out.print(escape(report.describe()))
+    for name, why in report.skipped:
+        out.print(escape(f"skipped {name}: {why}"))
+    for name, reason in [*report.links, *report.bad]:
+        err.print(f"[red]{escape(name)}:[/] {escape(reason)}")
+
+
+@click.command("dicom-replay")
+@DIR_OPTION
+@click.argument("row_ids", nargs=-1, type=click.IntRange(1))
+@click.option(
+    "--all", "every_open", is_flag=True, help="Every open DICOM row (dicom and dicomweb)."
+)
+@click.option(
+    "--url",
+    default=None,
+    help="The PACS's DICOMweb root, for studies a sync refused (default: [dicomweb] url).",
+)
+@click.option(
+    "--charset",
+    default=None,
+    help="The character set of files that name none in (0008,0005), as for dicom-import.",
+)
+def dicom_replay(
+    directory: Path,
+    row_ids: tuple[int, ...],
+    every_open: bool,
+    url: str | None,
+    charset: str | None,
+) -> None:
+    """Take quarantined DICOM in again, once the cause is corrected.
+
+    A file (adapter dicom) is read from the bytes kept, the rows of one study stored
+    together; a study a sync refused (adapter dicomweb) is asked for again from the PACS, as
+    it is now. A row stored is marked replayed; one refused again keeps the new reason. The
+    exit status is 1 when any was not stored."""
+    from node.dicom_intake import FILE_ADAPTER, SYNC_ADAPTER, DicomwebClient, replay
+    from node.hl7_intake import quarantined
+
+    if bool(row_ids) == every_open:
+        fail("name the rows to replay (IDs from hrx adapters quarantine list), or give --all", 2)
+    _check_charset(charset)
+    with reported():
+        config = load_config(directory)
+        url = (url or config.dicomweb_url).rstrip("/")
+        services = open_services(config)
+        client = (
+            DicomwebClient(url, config.dicomweb_timeout_ms, config.dicomweb_page_size)
+            if url
+            else None
+        )
+        try:
+            ids = list(row_ids) or [
+                row.id
+                for adapter in (FILE_ADAPTER, SYNC_ADAPTER)
+                for row in quarantined(services.database.engine, adapter=adapter)
+            ]
+            report = replay(services, sorted(ids), client, default_charset=charset)
+        finally:
+            if client is not None:
+                client.close()
+            services.close()
+    if not ids:
+        out.print("the quarantine holds no open DICOM row")
+        return
+    if report.files.files or report.files.bad:
+        _print_files(report.files)
+    if report.asked:
+        out.print(escape(f"{report.asked} studies asked for again: {report.studies.describe()}"))
+    for row_id, reason in [*report.refused, *report.not_replayed]:
+        err.print(f"[red]#{row_id}:[/] {escape(reason)}")
+    if report.files.bad or report.refused or report.not_replayed:
+        fail("not everything was replayed; see the reasons above")
+
+
+def _check_charset(charset: str | None) -> None:
+    from pydicom.charset import python_encoding
 
     if charset is not None and charset not in python_encoding:
         fail(
@@ -173,26 +280,6 @@ def dicom_import(directory: Path, charset: str | None, paths: tuple[Path, ...]) 
                 "ISO_IR 192 (UTF-8), ISO_IR 100 (Latin-1)"
             )
         )
-    with reported():
-        config = load_config(directory)
-        services = open_services(config)
-        files = dicom_files(paths)
-        try:
-            with entry_progress(len(files), "files") as advance:
-                report = import_files(services, files, default_charset=charset, advance=advance)
-        finally:
-            services.close()
-    out.print(escape(report.describe()))
-    for name, why in report.skipped:
-        out.print(escape(f"skipped {name}: {why}"))
-    for name, reason in report.bad:
-        err.print(f"[red]{escape(name)}:[/] {escape(reason)}")
-    if report.bad:
-        err.print(
-            f"{len(report.bad)} files were not taken in (kept in the quarantine with the "
-            "reason); the others were. Correct those files and import them again."
-        )
-        raise SystemExit(1)
 
 
-COMMANDS: list[click.Command] = [dicomweb_sync, dicom_import]
+COMMANDS: list[click.Command] = [dicomweb_sync, dicom_import, dicom_replay]

@@ -1,10 +1,14 @@
 """Taking the PACS's studies into the node: from DICOMweb (QIDO-RS) or from DICOM files.
 
 :func:`store_study` stores one study in one transaction: it finds the study's Patient by
-identifier (the MRN first, then the consortium's identifier) or creates it, then creates the
-ImagingStudy or — when one with the same Study Instance UID exists — updates it, writing a new
-version only when the content changed; an AuditEvent for what was written commits with it.
-Everything goes through the resource store, so its observers (the pseudonym index) follow.
+identifier (the MRN, the consortium's identifier) or creates it, then creates the ImagingStudy
+or — when one with the same Study Instance UID exists — updates it, writing a new version only
+when the content changed; an AuditEvent for what was written commits with it. Everything goes
+through the resource store, so its observers (the pseudonym index) follow. A study is never
+moved to another patient nor given another patient's instances, and identifiers naming two
+patients are not guessed between: such a study is refused whole (PatientConflict), nothing
+written, and kept in ``adapter_quarantine`` with a reason naming the local Patients — which
+the output and the logs never do.
 
 :func:`sync_round` asks a DICOMweb service for studies by StudyDate (QIDO-RS, paged), then
 for each its series, its instances and one instance's metadata, and stores it. How far it
@@ -13,10 +17,16 @@ credentials) as the cursor ``{"study_date_from": "YYYYMMDD", "retry": [uid...]}`
 round asks for studies from ``overlap_days`` before the day this one started (China Standard
 Time), and again for every study that failed. :func:`watch` repeats rounds until stopped.
 
+A study a round refuses is kept in the quarantine (adapter ``dicomweb``, one open row per
+study) and asked for again like a failed one; once the PACS is corrected it is stored and its
+row marked replayed.
+
 :func:`import_files` reads DICOM files (pydicom), groups them by study and stores each study,
-adding its instances to what is stored. A file that is not DICOM or lacks a UID is reported
-by name with the reason and kept in ``adapter_quarantine`` (adapter ``dicom``); the others go
-on. See docs/adapters-dicom.md.
+adding its instances to what is stored. A file that is not DICOM or lacks a UID, or whose
+study is refused, is reported by name with the reason and kept in the quarantine (adapter
+``dicom``); the others go on. Symbolic links out of the directories given are not followed
+(:func:`dicom_files`). :func:`replay` takes quarantined files and studies in again. See
+docs/adapters-dicom.md.
 """
 
 from __future__ import annotations
@@ -28,8 +38,9 @@ import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
+from io import BytesIO
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, BinaryIO, Literal
 from urllib.parse import urlsplit, urlunsplit
 
 import pydicom
@@ -55,8 +66,10 @@ from fhir_adapters.dicom import (
     patient_resource,
     series_uid,
     study_uid,
+    text,
 )
 from fhir_adapters.errors import FhirError
+from fhir_adapters.hl7v2 import masked
 from fhir_adapters.search import EVERYONE, parse_search
 from fhir_adapters.search_params import LOCAL_ZONE
 from fhir_adapters.store import Stored, Writer, now_micros
@@ -64,6 +77,7 @@ from node.adapter_tables import quarantine_table, sync_state_table
 from node.audit import AuditRecord
 from node.config import NodeConfig
 from node.errors import NodeError
+from node.hl7_intake import ORIGIN_LENGTH, QuarantineRow, keep_in_quarantine, quarantine_row
 from node.services import Services
 
 log = logging.getLogger(__name__)
@@ -75,7 +89,7 @@ DICOMDIR_CLASS = "1.2.840.10008.1.3.10"  # Media Storage Directory: an index, no
 QUARANTINE_MAX_BYTES = 64 * 1024 * 1024  # larger files are recorded without their bytes
 # QIDO-RS attributes asked for beyond each level's defaults (PS3.18 10.6.3.3)
 SERIES_FIELDS = ("0008103E", "00180015", "00080021", "00080031", "00201209")
-INSTANCE_FIELDS = ("00080016", "00200013")
+INSTANCE_FIELDS = ("00080016", "00200013", "00100020", "00100021")  # + whose they are
 STUDY_FIELDS = ("00201206", "00201208")
 
 Outcome = Literal["created", "updated", "unchanged"]
@@ -83,6 +97,17 @@ Outcome = Literal["created", "updated", "unchanged"]
 
 class DicomIntakeError(NodeError):
     """A study cannot be stored as it is (e.g. its identifier matches two Patients)."""
+
+
+class PatientConflict(DicomIntakeError):
+    """Storing a study would put it, or some of it, under another patient than the one it is
+    stored for; or its DICOM names two or more patients here. Refused and never applied. The
+    message says so without naming anyone (it goes to the output and the logs); ``detail``
+    names the local Patients (``Patient/<id>``) and identifiers, for the quarantine only."""
+
+    def __init__(self, message: str, detail: str) -> None:
+        super().__init__(message)
+        self.detail = detail
 
 
 class DicomwebError(NodeError):
@@ -122,20 +147,15 @@ def _escape(value: str) -> str:
     return value
 
 
-def find_by_identifier(
-    writer: Writer, resource_type: str, system: str, values: Iterable[str]
-) -> Stored | None:
-    """The one current resource with ``system|value`` for any of ``values``, inside the
-    writer's transaction; DicomIntakeError when several have it."""
+def _with_identifier(
+    writer: Writer, resource_type: str, system: str, values: Iterable[str], limit: int
+) -> list[Stored]:
+    """Up to ``limit`` current resources with ``system|value`` for any of ``values``, inside
+    the writer's transaction."""
     query = ",".join(f"{_escape(system)}|{_escape(value)}" for value in dict.fromkeys(values))
     request = parse_search(resource_type, [("identifier", query)])
-    found = writer.store.count_matches(request, EVERYONE, 2, conn=writer.conn)
-    if len(found) > 1:
-        raise DicomIntakeError(
-            f"two or more {resource_type} resources have the identifier {system}|"
-            f"{next(iter(values))}; merge or correct them, then send the study again"
-        )
-    return writer.store.by_pk(found[0], conn=writer.conn) if found else None
+    found = writer.store.count_matches(request, EVERYONE, limit, conn=writer.conn)
+    return [writer.store.by_pk(pk, conn=writer.conn) for pk in found]
 
 
 def _variants(system: str, value: str) -> list[str]:
@@ -146,21 +166,88 @@ def _variants(system: str, value: str) -> list[str]:
     return [value]
 
 
-def patient_for(writer: Writer, config: NodeConfig, dataset: Dataset) -> tuple[Stored, bool]:
-    """The Patient a study's patient attributes name — found by its MRN, then by the
-    consortium's identifier — or a new one; True when created. A Patient found is not changed
-    (the hospital's patient index, not the PACS, is the master of demographics)."""
-    systems = consortium_systems(config)
-    identifiers = patient_identifiers(dataset, config.node_id, systems)
+def _shown(identifier: dict[str, Any]) -> str:
+    """An identifier as the quarantine's reasons name it (a resident ID masked)."""
+    system, value = identifier["system"], identifier["value"]
+    if system == RESIDENT_ID_SYSTEM:
+        return f"resident ID {masked(value)}"
+    if system.endswith(":mrn"):
+        return f"MRN {value}"
+    return f"{system}|{value}"
+
+
+def find_patient(writer: Writer, config: NodeConfig, dataset: Dataset) -> Stored | None:
+    """The Patient a study's patient attributes name — the one that has any of its
+    identifiers (the MRN, the consortium's identifier) — or None when no Patient has any.
+    PatientConflict when they name two or more Patients. A Patient found is not changed (the
+    hospital's patient index, not the PACS, is the master of demographics)."""
+    identifiers = patient_identifiers(dataset, config.node_id, consortium_systems(config))
     if not identifiers:
         raise DicomMappingError(NO_PATIENT_ID)
+    found: dict[str, tuple[Stored, list[str]]] = {}
     for identifier in identifiers:
         system, value = identifier["system"], identifier["value"]
         writer.lock(f"Patient identifier {system}|{value}")
-        found = find_by_identifier(writer, "Patient", system, _variants(system, value))
-        if found is not None:
-            return found, False
-    return writer.create(patient_resource(dataset, config.node_id, systems)), True
+        patients = _with_identifier(writer, "Patient", system, _variants(system, value), 3)
+        if len(patients) > 1:
+            raise PatientConflict(
+                "two or more Patients here have the identifier its DICOM names: refused; "
+                "merge or correct them, then replay it",
+                f"{', '.join(f'Patient/{p.id}' for p in patients)} all have the identifier "
+                f"{_shown(identifier)} the DICOM names; merge or correct them, then replay",
+            )
+        for patient in patients:
+            found.setdefault(patient.id, (patient, []))[1].append(_shown(identifier))
+    if len(found) > 1:
+        named = "; ".join(
+            f"Patient/{patient_id} by {', '.join(shown)}"
+            for patient_id, (_, shown) in sorted(found.items())
+        )
+        raise PatientConflict(
+            "the identifiers its DICOM names belong to different patients here: refused; "
+            "merge or correct them, then replay it",
+            f"the DICOM's identifiers name different patients here ({named}); merge or "
+            "correct them, then replay",
+        )
+    return next(iter(found.values()))[0] if found else None
+
+
+def _patient_named(dataset: Dataset) -> tuple[str, str]:
+    """Whom an instance says it is of: Patient ID (0010,0020) and its issuer (0010,0021)."""
+    return text(dataset, "PatientID"), text(dataset, "IssuerOfPatientID")
+
+
+def check_one_patient(writer: Writer, config: NodeConfig, source: StudySource) -> None:
+    """PatientConflict unless every instance of the study (and its study attributes) names
+    the same Patient ID and issuer: one study is one patient's, and two patients' images
+    must never be merged into one. Instances whose Patient ID the PACS did not return are
+    not compared."""
+    named: dict[tuple[str, str], list[Dataset]] = {}
+    for dataset in source.instances:
+        if "PatientID" in dataset:
+            named.setdefault(_patient_named(dataset), []).append(dataset)
+    if "PatientID" in source.study:
+        named.setdefault(_patient_named(source.study), [source.study])
+    if len(named) < 2:
+        return
+    parts = []
+    for datasets in named.values():
+        systems = consortium_systems(config)
+        identifiers = patient_identifiers(datasets[0], config.node_id, systems)
+        if not identifiers:
+            parts.append(f"no one (an empty Patient ID: {len(datasets)} of its instances)")
+            continue
+        patient = find_patient(writer, config, datasets[0])
+        whom = f"Patient/{patient.id}" if patient else "a patient not known here"
+        shown = ", ".join(_shown(i) for i in identifiers)
+        parts.append(f"{whom} ({shown}: {len(datasets)} of its instances)")
+    raise PatientConflict(
+        "its instances do not all name the same patient (Patient ID (0010,0020) or its issuer "
+        "differ): refused, nothing stored; a study is one patient's: correct the PACS (or the "
+        "files), then replay it",
+        f"its instances name different patients: {'; '.join(parts)}; a study is one "
+        "patient's: correct the PACS (or the files), then replay",
+    )
 
 
 def store_study(
@@ -174,14 +261,32 @@ def store_study(
 ) -> StoredStudy:
     """Store one study (see the module docstring). ``merge``: add its series and instances to
     what is stored (files) instead of replacing them (DICOMweb: the PACS holds the whole study).
-    ``origin`` (the DICOMweb URL or the files) and ``agent`` go into the AuditEvent."""
+    ``origin`` (the DICOMweb URL or the files) and ``agent`` go into the AuditEvent.
+
+    A study stored for one Patient is never moved to another, nor given instances of another
+    (PatientConflict, nothing written): what the DICOM says must name the Patient the stored
+    study is for."""
     config = services.config
     uid = source.uid
     with services.store.writing() as writer:
         writer.lock(f"ImagingStudy {DICOM_UID_SYSTEM}|urn:oid:{uid}")
-        patient, patient_created = patient_for(writer, config, source.study)
+        check_one_patient(writer, config, source)
+        patient = find_patient(writer, config, source.study)
+        studies = _with_identifier(writer, "ImagingStudy", DICOM_UID_SYSTEM, [f"urn:oid:{uid}"], 2)
+        if len(studies) > 1:
+            raise DicomIntakeError(
+                f"two or more ImagingStudy resources have its Study Instance UID "
+                f"({', '.join(f'ImagingStudy/{s.id}' for s in studies)}); delete all but "
+                "one, then send the study again"
+            )
+        existing = studies[0] if studies else None
+        if existing is not None:
+            _check_same_patient(existing, patient, source, config)
+        patient_created = patient is None
+        if patient is None:
+            systems = consortium_systems(config)
+            patient = writer.create(patient_resource(source.study, config.node_id, systems))
         new = imaging_study(source, f"Patient/{patient.id}", config.node_id, wado_study_url)
-        existing = find_by_identifier(writer, "ImagingStudy", DICOM_UID_SYSTEM, [f"urn:oid:{uid}"])
         outcome: Outcome
         if existing is None:
             stored = writer.create(new)
@@ -214,6 +319,26 @@ def store_study(
                 ),
             )
     return StoredStudy(uid, outcome, stored, patient.id, patient_created)
+
+
+def _check_same_patient(
+    existing: Stored, patient: Stored | None, source: StudySource, config: NodeConfig
+) -> None:
+    """PatientConflict unless the stored study is about ``patient`` (the one the DICOM
+    names; None: a patient not known here)."""
+    subject = (existing.resource().get("subject") or {}).get("reference")
+    if patient is not None and subject == f"Patient/{patient.id}":
+        return
+    identifiers = patient_identifiers(source.study, config.node_id, consortium_systems(config))
+    named = ", ".join(_shown(i) for i in identifiers)
+    whom = f"Patient/{patient.id}" if patient else "a patient not known here"
+    raise PatientConflict(
+        "is stored here for another patient than the one its DICOM names: refused, nothing "
+        "changed; correct the patient in the PACS or the file (or the stored study here), "
+        "then replay it",
+        f"is already stored for {subject}, not for {whom} whom the DICOM names ({named}); "
+        "correct the patient in the PACS or the file (or the stored study here), then replay",
+    )
 
 
 # -- DICOMweb ------------------------------------------------------------------------------------
@@ -354,9 +479,17 @@ class DicomwebClient:
             if "StudyInstanceUID" not in instance:
                 instance.StudyInstanceUID = uid
         first = instances[0]
-        metadata = self.get(
-            f"/studies/{uid}/series/{series_uid(first)}/instances/{instance_uid(first)}/metadata"
-        )
+        try:
+            metadata = self.get(
+                f"/studies/{uid}/series/{series_uid(first)}/instances/{instance_uid(first)}"
+                "/metadata"
+            )
+        except StudyGone:  # not gone: listed a moment ago (Orthanc: one SOP UID, two patients)
+            raise DicomwebError(
+                f"the PACS lists {len(instances)} instances of it but has no metadata for "
+                f"instance {instance_uid(first)} (HTTP 404): does it hold that instance under "
+                "two patients? Correct the PACS"
+            ) from None
         studies = from_dicom_json(metadata, f"metadata of study {uid}")
         if not studies:
             raise StudyGone("the PACS gave no metadata for its first instance")
@@ -421,6 +554,97 @@ def save_cursor(conn: Connection, source: str, cursor: Cursor) -> None:
         conn.execute(table.insert().values(adapter=SYNC_ADAPTER, source=source, **values))
 
 
+# -- the quarantine ------------------------------------------------------------------------------
+
+
+class StudyRefused(DicomIntakeError):
+    """A PatientConflict, kept in the quarantine: the message names no one but the row."""
+
+    def __init__(self, conflict: PatientConflict, quarantine_id: int) -> None:
+        super().__init__(f"{conflict} (quarantine #{quarantine_id})")
+        self.quarantine_id = quarantine_id
+
+
+def _clipped(origin: str) -> str:
+    """An origin as the quarantine keeps it: 255 characters at most, a longer one its end."""
+    return origin if len(origin) <= ORIGIN_LENGTH else "…" + origin[1 - ORIGIN_LENGTH :]
+
+
+def quarantine(
+    engine: Engine,
+    adapter: str,
+    origin: str,
+    reason: str,
+    payload: bytes,
+    *,
+    row_id: int | None = None,
+    once_per_origin: bool = False,
+) -> int:
+    """Keep a refused file or study (written by the HL7 intake's :func:`keep_in_quarantine`)
+    and return its row's id. A new row, unless an open row of ``origin`` holds this payload
+    and reason already (a file imported again: that row), or — ``once_per_origin``, a study
+    each sync round refuses again — holds anything (that row, given this reason and payload).
+    ``row_id``: the row being replayed, given the new reason."""
+    origin = _clipped(origin)
+    Q = quarantine_table
+    with engine.begin() as conn:
+        if row_id is None:
+            open_rows = conn.execute(
+                sa.select(Q.c.id, Q.c.payload, Q.c.reason)
+                .where(Q.c.adapter == adapter, Q.c.origin == origin, Q.c.replayed_at.is_(None))
+                .order_by(Q.c.id)
+            ).all()
+            for found, kept, why in open_rows:
+                if kept == payload and why == reason:
+                    return int(found)
+            if once_per_origin and open_rows:
+                row_id = int(open_rows[0][0])
+        return keep_in_quarantine(conn, adapter, origin, reason, payload, row_id=row_id)
+
+
+def release(engine: Engine, adapter: str, origins: Iterable[str]) -> None:
+    """What was refused before and is now stored (a corrected file imported, a study the PACS
+    corrected, a replay): the open rows of these origins are marked replayed."""
+    wanted = sorted({_clipped(origin) for origin in origins})
+    Q = quarantine_table
+    with engine.begin() as conn:
+        for start in range(0, len(wanted), 500):
+            conn.execute(
+                Q.update()
+                .where(
+                    Q.c.adapter == adapter,
+                    Q.c.origin.in_(wanted[start : start + 500]),
+                    Q.c.replayed_at.is_(None),
+                )
+                .values(replayed_at=now_micros())
+            )
+
+
+def open_origins(engine: Engine, adapter: str) -> set[str]:
+    """The origins of an adapter's open quarantine rows."""
+    Q = quarantine_table
+    with engine.connect() as conn:
+        return set(
+            conn.execute(
+                sa.select(Q.c.origin).where(Q.c.adapter == adapter, Q.c.replayed_at.is_(None))
+            ).scalars()
+        )
+
+
+def _reason(exc: BaseException) -> str:
+    """Why a study or file was refused, as the output and the logs say it (naming no one)."""
+    if isinstance(exc, FhirError):
+        return "; ".join(issue.diagnostics for issue in exc.issues)
+    if isinstance(exc, DicomMappingError | NodeError):
+        return str(exc)
+    return f"{type(exc).__name__}: {_first_line(exc)}"
+
+
+def _kept_reason(exc: BaseException) -> str:
+    """Why, as the quarantine keeps it (a PatientConflict naming the Patients)."""
+    return exc.detail if isinstance(exc, PatientConflict) else _reason(exc)
+
+
 # -- a sync round --------------------------------------------------------------------------------
 
 
@@ -431,6 +655,7 @@ class Tally:
     created: int = 0
     updated: int = 0
     unchanged: int = 0
+    refused: int = 0  # PatientConflicts: quarantined, nothing written
     patients_created: int = 0
 
     def count(self, stored: StoredStudy) -> None:
@@ -439,8 +664,8 @@ class Tally:
 
     def describe(self) -> str:
         return (
-            f"{self.created} created, {self.updated} updated, {self.unchanged} unchanged "
-            f"({self.patients_created} new patients)"
+            f"{self.created} created, {self.updated} updated, {self.unchanged} unchanged, "
+            f"{self.refused} refused ({self.patients_created} new patients)"
         )
 
 
@@ -453,6 +678,7 @@ class SyncReport:
     seen: int = 0
     tally: Tally = field(default_factory=Tally)
     failed: list[tuple[str, str]] = field(default_factory=list)  # (study UID, reason)
+    refused: list[tuple[str, str]] = field(default_factory=list)  # (study UID, reason)
     gone: list[str] = field(default_factory=list)  # studies to retry the PACS no longer holds
     interrupted: bool = False
 
@@ -471,12 +697,47 @@ class SyncReport:
         return line + (" — interrupted" if self.interrupted else "")
 
 
-def _reason(exc: BaseException) -> str:
-    if isinstance(exc, FhirError):
-        return "; ".join(issue.diagnostics for issue in exc.issues)
-    if isinstance(exc, DicomMappingError | NodeError):
-        return str(exc)
-    return f"{type(exc).__name__}: {_first_line(exc)}"
+def _dicom_json(source: StudySource) -> bytes:
+    """What the PACS said of a study (its first instance's metadata, then its instances), as
+    a DICOM JSON array: what the quarantine keeps of a study a sync refused."""
+    items = []
+    for dataset in [source.study, *source.instances]:
+        try:
+            items.append(dataset.to_json_dict())
+        except Exception as exc:  # keep what can be kept: the reason says the rest
+            items.append({"error": f"{type(exc).__name__}: {_first_line(exc)}"})
+    return json.dumps(items, ensure_ascii=False).encode()
+
+
+def sync_study(
+    services: Services, client: DicomwebClient, uid: str, open_rows: set[str] | None = None
+) -> StoredStudy:
+    """Fetch one study from the PACS and store it. A PatientConflict is kept in the
+    quarantine (adapter ``dicomweb``, origin the study's WADO-RS URL, one open row per study:
+    the reason naming both Patients, and what the PACS said) and raised as StudyRefused. Once
+    stored, the study's open rows (``open_rows``: the origins that have any; None: look) are
+    marked replayed."""
+    source = client.study_source(uid)
+    origin = client.study_url(uid)
+    engine = services.database.write_engine
+    try:
+        stored = store_study(
+            services,
+            source,
+            wado_study_url=origin,
+            merge=False,
+            origin=client.public_url,
+            agent="dicomweb-sync",
+        )
+    except PatientConflict as conflict:
+        reason = f"study {uid} {conflict.detail}"
+        row = quarantine(
+            engine, SYNC_ADAPTER, origin, reason, _dicom_json(source), once_per_origin=True
+        )
+        raise StudyRefused(conflict, row) from None
+    if open_rows is None or _clipped(origin) in open_rows:
+        release(engine, SYNC_ADAPTER, [origin])
+    return stored
 
 
 def sync_round(
@@ -489,9 +750,10 @@ def sync_round(
     advance: Callable[[int], None] | None = None,
 ) -> SyncReport:
     """One round: list the studies from ``since`` (else the saved cursor; ``full``: every
-    study), store each, and save the cursor unless the round was stopped. A study that fails
-    is reported and asked for again next round; the service being unreachable ends the round
-    (DicomwebUnavailable) with the cursor unchanged."""
+    study), store each, and save the cursor unless the round was stopped. A study that fails,
+    or is refused (:func:`sync_study`), is reported and asked for again next round; the
+    service being unreachable ends the round (DicomwebUnavailable) with the cursor
+    unchanged."""
     started = datetime.now(LOCAL_ZONE)
     engine = services.database.engine
     cursor = None if full else load_cursor(engine, client.public_url)
@@ -505,22 +767,18 @@ def sync_round(
     listed = client.study_uids(date_from)
     retry = [uid for uid in (cursor.retry if cursor else ()) if uid not in listed]
     report.seen = len(listed) + len(retry)
+    open_rows = open_origins(engine, SYNC_ADAPTER)
     for uid in [*listed, *retry]:
         if stop is not None and stop.is_set():
             report.interrupted = True
             break
         try:
-            source = client.study_source(uid)
-            stored = store_study(
-                services,
-                source,
-                wado_study_url=client.study_url(uid),
-                merge=False,
-                origin=client.public_url,
-                agent="dicomweb-sync",
-            )
+            stored = sync_study(services, client, uid, open_rows)
         except (DicomwebUnavailable, SQLAlchemyError):
             raise
+        except StudyRefused as exc:
+            report.tally.refused += 1
+            report.refused.append((uid, str(exc)))
         except StudyGone as exc:
             if uid in retry:
                 report.gone.append(uid)
@@ -536,10 +794,9 @@ def sync_round(
             advance(1)
     if not report.interrupted:
         next_from = started.date() - timedelta(days=services.config.dicomweb_overlap_days)
+        again = tuple(uid for uid, _ in [*report.failed, *report.refused])
         with services.database.write_engine.begin() as conn:
-            save_cursor(
-                conn, client.public_url, Cursor(next_from, tuple(uid for uid, _ in report.failed))
-            )
+            save_cursor(conn, client.public_url, Cursor(next_from, again))
     return report
 
 
@@ -566,40 +823,93 @@ def watch(
 
 @dataclass
 class ImportReport:
-    """What ``dicom-import`` did with its files."""
+    """What ``dicom-import`` (or ``dicom-replay``) did with its files."""
 
     files: int = 0
     studies: int = 0
     tally: Tally = field(default_factory=Tally)
     bad: list[tuple[str, str]] = field(default_factory=list)  # (file, reason)
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (file, why): DICOMDIRs
+    links: list[tuple[str, str]] = field(default_factory=list)  # (link, why): not followed
 
     def describe(self) -> str:
-        return (
+        line = (
             f"{self.files} files, {self.studies} studies: {self.tally.describe()}; "
             f"{len(self.bad)} files refused, {len(self.skipped)} skipped"
         )
+        if self.links:
+            line += f", {len(self.links)} links out of the tree not followed"
+        return line
 
 
 class DicomFileError(Exception):
     """A file cannot be taken in; the message is the reason."""
 
 
-def dicom_files(paths: Iterable[Path]) -> list[Path]:
+@dataclass
+class FoundFiles:
+    """The files under the paths given: each as found (what the report names) and the file
+    read (a link's target); and the links not followed."""
+
+    files: list[tuple[Path, Path]] = field(default_factory=list)
+    links: list[tuple[str, str]] = field(default_factory=list)  # (link, why): out of the tree
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (link, why): to a directory
+
+
+def dicom_files(paths: Iterable[Path]) -> FoundFiles:
     """The files named, and every file under the directories named (sorted, recursively;
-    hidden files and directories, whose names start with a dot, left out)."""
-    found: list[Path] = []
+    hidden files and directories, whose names start with a dot, left out).
+
+    A symbolic link met under a directory named is followed only to a file inside that
+    directory (the target is what is read). One pointing out of it, or looping, is not
+    followed and its target never read (``links``); one to a directory inside it is skipped
+    (``skipped``: its files are found under their own names). A path named on the command
+    line is taken as named, link or not."""
+    found = FoundFiles()
     for path in paths:
-        if path.is_dir():
-            for root, directories, names in os.walk(path):
-                directories[:] = sorted(d for d in directories if not d.startswith("."))
-                found.extend(Path(root) / name for name in sorted(names) if name[:1] != ".")
-        else:
-            found.append(path)
+        if not path.is_dir():
+            found.files.append((path, path))
+            continue
+        root = path.resolve()
+        for top, directories, names in os.walk(path):
+            here = Path(top)
+            walked = []
+            for name in sorted(d for d in directories if not d.startswith(".")):
+                if (here / name).is_symlink():
+                    _follow(found, here / name, root)
+                else:
+                    walked.append(name)
+            directories[:] = walked
+            for name in sorted(n for n in names if n[:1] != "."):
+                entry = here / name
+                if entry.is_symlink():
+                    _follow(found, entry, root)
+                else:
+                    found.files.append((entry, entry))
     return found
 
 
-def read_instance(path: Path, default_charset: str | None = None) -> Dataset | None:
+def _follow(found: FoundFiles, link: Path, root: Path) -> None:
+    """Where a link under ``root`` goes: a file inside it, or not followed (see
+    :func:`dicom_files`)."""
+    try:
+        target = link.resolve()
+    except (OSError, RuntimeError):  # a loop
+        found.links.append((str(link), "is a symbolic link that loops: not followed"))
+        return
+    if not target.is_relative_to(root):
+        found.links.append(
+            (str(link), f"is a symbolic link pointing out of {root}: not followed, not read")
+        )
+    elif target.is_dir():
+        found.skipped.append(
+            (str(link), "a symbolic link to a directory (its files are read under their own names)")
+        )
+    else:
+        found.files.append((link, target))
+
+
+def read_instance(path: Path | BinaryIO, default_charset: str | None = None) -> Dataset | None:
     """A DICOM file's attributes (no pixel data); None for a DICOMDIR (an index of a medium,
     not an image). DicomFileError says why a file cannot be taken in. ``default_charset``
     (a DICOM term such as ``GB18030``) decodes the text of a file that names no Specific
@@ -634,110 +944,218 @@ def read_instance(path: Path, default_charset: str | None = None) -> Dataset | N
     return dataset
 
 
-def quarantine_file(engine: Engine, path: Path, reason: str) -> None:
-    """Keep a refused file's bytes and the reason (once while it is not replayed)."""
-    origin = _origin(path)
-    try:
-        size = path.stat().st_size
-        payload = path.read_bytes() if size <= QUARANTINE_MAX_BYTES else b""
-    except OSError:
-        payload, size = b"", 0
-    if size > QUARANTINE_MAX_BYTES:
-        reason += f" (the file, {size} bytes, is too large to keep here; it is still at {path})"
-    table = quarantine_table
-    with engine.begin() as conn:
-        open_rows = conn.execute(
-            sa.select(table.c.payload, table.c.reason).where(
-                table.c.adapter == FILE_ADAPTER,
-                table.c.origin == origin,
-                table.c.replayed_at.is_(None),
-            )
-        ).all()
-        if any(row[0] == payload and row[1] == reason for row in open_rows):
-            return
-        conn.execute(
-            table.insert().values(
-                adapter=FILE_ADAPTER,
-                received_at=now_micros(),
-                origin=origin,
-                reason=reason,
-                payload=payload,
-            )
-        )
+@dataclass(frozen=True)
+class TakenFile:
+    """A DICOM file read: how the report names it, the quarantine's origin for it (its real
+    path), its content (the file, or a quarantine row's bytes), attributes, and the
+    quarantine row it is replayed from."""
 
-
-def _release_quarantined(engine: Engine, paths: Iterable[Path]) -> None:
-    """Files that were refused before and are now stored: their quarantine rows are done."""
-    origins = sorted({_origin(path) for path in paths})
-    table = quarantine_table
-    with engine.begin() as conn:
-        for start in range(0, len(origins), 500):
-            conn.execute(
-                table.update()
-                .where(
-                    table.c.adapter == FILE_ADAPTER,
-                    table.c.origin.in_(origins[start : start + 500]),
-                    table.c.replayed_at.is_(None),
-                )
-                .values(replayed_at=now_micros())
-            )
+    name: str
+    origin: str
+    content: Path | bytes
+    dataset: Dataset
+    row_id: int | None = None
 
 
 def _origin(path: Path) -> str:
-    text = str(path.resolve())
-    return text if len(text) <= 255 else "…" + text[-254:]
+    return str(path.resolve())
+
+
+def quarantine_file(
+    engine: Engine, origin: str, content: Path | bytes, reason: str, row_id: int | None = None
+) -> int:
+    """Keep a refused file's bytes and the reason (see :func:`quarantine`); a file over
+    QUARANTINE_MAX_BYTES is kept without its bytes, the reason saying where it is."""
+    if isinstance(content, bytes):
+        payload = content
+    else:
+        try:
+            size = content.stat().st_size
+            payload = content.read_bytes() if size <= QUARANTINE_MAX_BYTES else b""
+        except OSError:
+            payload, size = b"", 0
+        if size > QUARANTINE_MAX_BYTES:
+            reason += (
+                f" (the file, {size} bytes, is too large to keep here; it is still at {content})"
+            )
+    return quarantine(engine, FILE_ADAPTER, origin, reason, payload, row_id=row_id)
 
 
 def import_files(
     services: Services,
-    paths: Iterable[Path],
+    found: FoundFiles,
     *,
     default_charset: str | None = None,
     advance: Callable[[int], None] | None = None,
 ) -> ImportReport:
     """Read, group by study and store DICOM files (see the module docstring;
     ``default_charset``: see :func:`read_instance`)."""
-    files = dicom_files(paths)
-    report = ImportReport(files=len(files))
+    report = ImportReport(files=len(found.files), skipped=list(found.skipped))
+    report.links = list(found.links)
     engine = services.database.write_engine
-    by_study: dict[str, list[tuple[Path, Dataset]]] = {}
-    for path in files:
+    taken: list[TakenFile] = []
+    for name, path in found.files:
         try:
             dataset = read_instance(path, default_charset)
         except DicomFileError as exc:
-            report.bad.append((str(path), str(exc)))
             if path.is_file():
-                quarantine_file(engine, path, str(exc))
+                row = quarantine_file(engine, _origin(path), path, str(exc))
+                report.bad.append((str(name), f"{exc} (quarantine #{row})"))
+            else:
+                report.bad.append((str(name), str(exc)))
         else:
             if dataset is None:
-                report.skipped.append((str(path), "a DICOMDIR (an index of the medium)"))
+                report.skipped.append((str(name), "a DICOMDIR (an index of the medium)"))
             else:
-                by_study.setdefault(study_uid(dataset), []).append((path, dataset))
+                taken.append(TakenFile(str(name), _origin(path), path, dataset))
         if advance is not None:
             advance(1)
-    report.studies = len(by_study)
+    store_files(services, taken, report, agent="dicom-import")
+    return report
+
+
+def store_files(
+    services: Services, taken: list[TakenFile], report: ImportReport, *, agent: str
+) -> None:
+    """Store files read, one study at a time, into ``report``. The files of a study that
+    cannot be stored are kept in the quarantine (a PatientConflict's with the reason naming
+    the Patients; the report's reason names no one); those of a study stored that were
+    quarantined before are marked replayed."""
+    engine = services.database.write_engine
+    by_study: dict[str, list[TakenFile]] = {}
+    for item in taken:
+        by_study.setdefault(study_uid(item.dataset), []).append(item)
+    report.studies += len(by_study)
     for uid in sorted(by_study):
         members = by_study[uid]
-        datasets = [dataset for _, dataset in members]
+        datasets = [item.dataset for item in members]
         try:
             stored = store_study(
                 services,
                 StudySource(datasets[0], [], datasets),
                 wado_study_url=None,
                 merge=True,
-                origin=f"{len(members)} DICOM files, e.g. {members[0][0]}",
-                agent="dicom-import",
+                origin=f"{len(members)} DICOM files, e.g. {members[0].name}",
+                agent=agent,
             )
         except SQLAlchemyError:
             raise
         except Exception as exc:
             if not isinstance(exc, DicomMappingError | NodeError | FhirError):
                 log.exception("study %s from DICOM files", uid)
-            reason = f"study {uid} {_reason(exc)}"
-            for path, _ in members:
-                report.bad.append((str(path), reason))
-                quarantine_file(engine, path, reason)
+            report.tally.refused += isinstance(exc, PatientConflict)
+            for item in members:
+                kept = f"study {uid} {_kept_reason(exc)}"
+                row = quarantine_file(engine, item.origin, item.content, kept, item.row_id)
+                where = "" if item.row_id else f" (quarantine #{row})"
+                report.bad.append((item.name, f"study {uid} {_reason(exc)}{where}"))
         else:
             report.tally.count(stored)
-            _release_quarantined(engine, [path for path, _ in members])
+            release(engine, FILE_ADAPTER, [item.origin for item in members])
+
+
+# -- replaying the quarantine --------------------------------------------------------------------
+
+
+@dataclass
+class ReplayReport:
+    """What ``dicom-replay`` did: the quarantined files taken in again (as an import of
+    them), the studies asked for again from the PACS, and the rows it could not replay."""
+
+    files: ImportReport = field(default_factory=ImportReport)
+    asked: int = 0  # studies asked for again from the PACS
+    studies: Tally = field(default_factory=Tally)
+    refused: list[tuple[int, str]] = field(default_factory=list)  # (row, why) studies
+    not_replayed: list[tuple[int, str]] = field(default_factory=list)  # (row, why)
+
+
+def replay(
+    services: Services,
+    row_ids: Iterable[int],
+    client: DicomwebClient | None,
+    *,
+    default_charset: str | None = None,
+) -> ReplayReport:
+    """Take quarantined DICOM in again, after the cause was corrected: a file (adapter
+    ``dicom``) from the bytes kept, the rows of one study together; a study a sync refused
+    (adapter ``dicomweb``) from the PACS (``client``), as it is now. A row stored is marked
+    replayed; one refused again keeps the new reason."""
+    report = ReplayReport()
+    engine = services.database.engine
+    taken: list[TakenFile] = []
+    for row_id in row_ids:
+        try:
+            row = quarantine_row(engine, row_id)
+        except NodeError as exc:
+            report.not_replayed.append((row_id, str(exc)))
+            continue
+        if row.replayed_at is not None:
+            report.not_replayed.append((row_id, "was already replayed and stored"))
+        elif row.adapter == FILE_ADAPTER:
+            report.files.files += 1
+            item = _quarantined_file(services, row, default_charset, report)
+            if item is not None:
+                taken.append(item)
+        elif row.adapter == SYNC_ADAPTER:
+            _replay_study(services, row, client, report)
+        else:
+            report.not_replayed.append(
+                (row_id, f"holds a {row.adapter} item: replay it with that adapter's command")
+            )
+    store_files(services, taken, report.files, agent="dicom-replay")
     return report
+
+
+def _quarantined_file(
+    services: Services, row: QuarantineRow, default_charset: str | None, report: ReplayReport
+) -> TakenFile | None:
+    """A quarantined file to store again, or None (said in ``report``)."""
+    assert row.payload is not None
+    if not row.payload:
+        report.not_replayed.append(
+            (row.id, f"holds no bytes (the file was too large to keep): import {row.origin}")
+        )
+        return None
+    name = f"quarantine #{row.id}"
+    try:
+        dataset = read_instance(BytesIO(row.payload), default_charset)
+    except DicomFileError as exc:
+        engine = services.database.write_engine
+        quarantine_file(engine, row.origin, row.payload, str(exc), row.id)
+        report.files.bad.append((name, str(exc)))
+        return None
+    if dataset is None:
+        report.files.skipped.append((name, "a DICOMDIR (an index of the medium)"))
+        return None
+    return TakenFile(name, row.origin, row.payload, dataset, row.id)
+
+
+def _replay_study(
+    services: Services, row: QuarantineRow, client: DicomwebClient | None, report: ReplayReport
+) -> None:
+    uid = row.origin.rpartition("/studies/")[2]
+    if client is None:
+        report.not_replayed.append(
+            (
+                row.id,
+                "is a study from a PACS: give its DICOMweb root with --url (or [dicomweb] url)",
+            )
+        )
+        return
+    if _clipped(client.study_url(uid)) != row.origin:
+        report.not_replayed.append(
+            (row.id, f"came from {row.origin}, not from {client.public_url}: give that --url")
+        )
+        return
+    report.asked += 1
+    try:
+        report.studies.count(sync_study(services, client, uid))
+    except (DicomwebUnavailable, SQLAlchemyError):
+        raise
+    except StudyRefused as exc:
+        report.studies.refused += 1
+        report.refused.append((row.id, f"study {uid} {exc}"))
+    except Exception as exc:
+        if not isinstance(exc, DicomMappingError | NodeError | FhirError):
+            log.exception("replaying study %s", uid)
+        report.not_replayed.append((row.id, f"study {uid} {_reason(exc)}"))

@@ -165,6 +165,36 @@ def quarantine_row(engine: Engine, row_id: int) -> QuarantineRow:
     return QuarantineRow(*row)
 
 
+def keep_in_quarantine(
+    conn: Connection,
+    adapter: str,
+    origin: str,
+    reason: str,
+    payload: bytes,
+    *,
+    row_id: int | None = None,
+) -> int:
+    """Keep what ``adapter`` refused, byte for byte, with the reason: a new quarantine row, or
+    (``row_id``: a row replayed and refused again) that row with the new reason and payload.
+    The row's id (the HL7 and DICOM intakes both keep theirs through here)."""
+    Q = quarantine_table
+    if row_id is None:
+        inserted = conn.execute(
+            Q.insert()
+            .values(
+                adapter=adapter,
+                received_at=now_micros(),
+                origin=origin[:ORIGIN_LENGTH],
+                reason=reason,
+                payload=payload,
+            )
+            .returning(Q.c.id)
+        )
+        return int(inserted.scalar_one())
+    conn.execute(Q.update().where(Q.c.id == row_id).values(reason=reason, payload=payload))
+    return row_id
+
+
 class Hl7Intake:
     """Takes HL7 v2 messages into one node (thread-safe: each message is its own transaction)."""
 
@@ -277,25 +307,9 @@ class Hl7Intake:
         status: Status = "quarantined"
         try:
             with self.services.database.write_engine.begin() as conn:
-                if replaying is None:
-                    quarantine_id = conn.execute(
-                        quarantine_table.insert()
-                        .values(
-                            adapter=ADAPTER,
-                            received_at=now_micros(),
-                            origin=origin[:ORIGIN_LENGTH],
-                            reason=error.reason,
-                            payload=payload,
-                        )
-                        .returning(quarantine_table.c.id)
-                    ).scalar_one()
-                else:
-                    conn.execute(
-                        quarantine_table.update()
-                        .where(quarantine_table.c.id == replaying)
-                        .values(reason=error.reason)
-                    )
-                    quarantine_id = replaying
+                quarantine_id = keep_in_quarantine(
+                    conn, ADAPTER, origin, error.reason, payload, row_id=replaying
+                )
         except Exception:
             log.exception("could not quarantine a message from %s", origin)
             status = "refused"

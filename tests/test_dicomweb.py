@@ -603,7 +603,9 @@ def test_new_study_is_found_through_the_cursor(tmp_path: Path, services_of: Any)
         result = hrx(*args)
     assert result.exit_code == 0, result.output
     assert f"StudyDate from {saved.isoformat()}" in result.output
-    assert "1 studies seen: 1 created, 0 updated, 0 unchanged (0 new patients)" in result.output
+    assert "1 studies seen: 1 created, 0 updated, 0 unchanged, 0 refused (0 new patients)" in (
+        result.output
+    )
     study = studies_by_uid(services)[read(added).StudyInstanceUID]
     assert study["subject"]["reference"] == f"Patient/{patients_before['1CT1']['id']}"
     assert study["started"] == f"{today.isoformat()}T08:00:00-05:00"
