@@ -126,6 +126,7 @@ def _roster(out: Lines, found: dict[str, Any]) -> dict[str, Any]:
             found["hosp-b ed25519"],
             found["hosp-b bls"],
             level="二级甲等",
+            roles=["witness"],
         ),
     ]
     roster = make_roster("示例医联体", members, quorum=2)

@@ -96,7 +96,13 @@ def test_roster_and_pseudonym(figures: dict[str, str]) -> None:
     assert figures["roster signed bytes (hex)"] == signed.hex()
     authority = ed25519_public(figures, "authority")
     authority.verify(b64url(figures["roster signature"]), signed)
-    members = {m["id"]: m for m in json.loads(roster)["members"]}
+    body = json.loads(roster)
+    members = {m["id"]: m for m in body["members"]}
+    assert [m["id"] for m in body["members"]] == sorted(members)
+    # no roles: a witness; ["witness"]: a witness; the quorum counts witnesses
+    witnesses = [m for m in members.values() if "witness" in m.get("roles", ["witness"])]
+    assert "roles" not in members["hosp-a"] and members["hosp-b"]["roles"] == ["witness"]
+    assert 1 <= body["quorum"] <= len(witnesses)
     for who in ("hosp-a", "hosp-b"):
         assert members[who]["ed25519"] == figures[f"{who} Ed25519 public key"]
         ed25519_public(figures, who)
