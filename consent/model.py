@@ -332,7 +332,7 @@ def consent_resource(
 
 def emergency_reason(code: Any, text: Any) -> tuple[str, str]:
     """A break-glass reason as ``(code, text)``: a code of :data:`EMERGENCY_REASONS` and a text
-    of 10-500 characters that is more than one character repeated; ConsentError otherwise."""
+    of 10-500 characters with at least three different characters; ConsentError otherwise."""
     if not isinstance(code, str) or code not in EMERGENCY_REASONS:
         raise ConsentError(
             f"an emergency access needs a reason code, one of {', '.join(EMERGENCY_REASONS)}"

@@ -46,7 +46,10 @@ class DecisionAudit:
         elif isinstance(entry["body"].get("patient"), str):
             self.consents[entry["body"]["patient"]].append(entry)
 
-    def findings(self) -> list[Finding]:
+    def findings(self, held: Mapping[str, int] | None = None) -> list[Finding]:
+        """Every decision the policy would not have made; ``held``: the entries the verified
+        copy holds of each chain, when known — a decision whose view reads more of a chain
+        than the copy holds cannot be replayed from it, and is a finding too."""
         found = []
         for entry in self.decisions:
             body = entry["body"]
@@ -64,6 +67,23 @@ class DecisionAudit:
             chain, seq = entry["chain"], entry["seq"]
             consents = self.consents.get(str(body["patient"]), [])
             view = body["view"]
+            short = sorted(
+                (c, size, held.get(c, 0))
+                for c, size in view.items()
+                if held is not None and c != chain and size > held.get(c, 0)
+            )
+            if short:
+                found.append(
+                    Finding(
+                        chain,
+                        seq,
+                        "cannot be replayed from this copy: its view reads "
+                        + ", ".join(
+                            f"{n} entries of {c} (this copy holds {h})" for c, n, h in short
+                        ),
+                    )
+                )
+                continue
             if view.get(chain, 0) > seq:
                 found.append(
                     Finding(

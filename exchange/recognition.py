@@ -3,7 +3,8 @@
 A result from another member is *recognised* (mark ``HR``) when all of these hold, and each is
 a reason of the verdict either way:
 
-- its status is final (``final``, ``amended`` or ``corrected``);
+- its status is final (``final``, ``amended``, ``corrected``, or ``available`` for an
+  ImagingStudy);
 - the issuing member holds a current accreditation for the result's category in the roster
   (an ``accreditation`` item of that category whose ``until`` date has not passed);
 - the item is on the consortium's list: lab items by code (LOINC where known, local codes

@@ -61,7 +61,7 @@ def check_checkpoint(checkpoint: Any) -> dict[str, Any]:
         raise CheckpointError("a checkpoint must be a JSON object")
     if set(checkpoint) != {"v", "epoch", "time", "roster", "heads"}:
         raise CheckpointError("a checkpoint has exactly v, epoch, time, roster and heads")
-    if checkpoint["v"] != VERSION:
+    if type(checkpoint["v"]) is not int or checkpoint["v"] != VERSION:
         raise CheckpointError(f"checkpoint version {checkpoint['v']!r} is not {VERSION}")
     if not _count(checkpoint["epoch"]) or not _count(checkpoint["roster"]):
         raise CheckpointError("checkpoint epoch and roster must be whole numbers")

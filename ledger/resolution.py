@@ -39,7 +39,9 @@ def make_resolution(chain: str, height: int, keep: str) -> dict[str, Any]:
 
 
 def check_resolution_body(body: Any) -> dict[str, Any]:
-    if not isinstance(body, dict) or set(body) != FIELDS or body["v"] != VERSION:
+    if not isinstance(body, dict) or set(body) != FIELDS or type(body["v"]) is not int:
+        raise VerificationError(f"a resolution is {sorted(FIELDS)} with v {VERSION}")
+    if body["v"] != VERSION:
         raise VerificationError(f"a resolution is {sorted(FIELDS)} with v {VERSION}")
     check_chain_id(body["chain"])
     if type(body["height"]) is not int or body["height"] < 0:

@@ -5,8 +5,8 @@ Checked, in order of reading: each roster's form, its authority signature (when 
 gives the authority key, the trust anchor) and every member's BLS proof of possession; then
 for every block of every chain: the header's form, that its chain is a member of the roster
 version it names, its Ed25519 signature by that member's key, height and ``prev`` links,
-``seq`` continuity, every entry's form, that entry and block times never go backwards, and the
-block's ``tree_root`` against the RFC 9162 tree recomputed from all the chain's entries so far.
+``seq`` continuity, every entry's form, that block times never go backwards and no entry is
+later than its block, and the block's ``tree_root`` against the RFC 9162 tree recomputed from all the chain's entries so far.
 Because each root is recomputed over the same growing sequence of leaves, every pair of
 consecutive heads is consistent by construction; a signed head whose root differs fails here.
 
@@ -605,6 +605,10 @@ def _verify_lines(
             verifier.add_roster(record["roster"], record["signature"])
             continue
         if isinstance(record, dict) and record.keys() in ({"certificate"}, {"evidence"}):
+            try:
+                check_unique_keys(line)
+            except LedgerError as exc:
+                raise VerificationError(f"{path}:{number}: {exc}") from exc
             try:
                 if "certificate" in record:
                     verifier.add_certificate(record["certificate"])

@@ -348,7 +348,7 @@ def audit_verify(
                     summary = verify_export(Path(target), anchor, advance, **watching)
         except VerificationError as exc:
             invalid(str(exc))
-    findings = decisions.findings()
+    findings = decisions.findings({c: s.entries for c, s in summary.chains.items()})
     print_summary(summary, findings)
     out.print(f"{len(decisions.decisions)} access decision(s) replayed against the consent policy")
     if findings:

@@ -49,3 +49,14 @@ def test_witnesses_certify() -> None:
         verify_certificate(certificate("a"), {1: witnessed})
     everyone = roster({}, quorum=2)  # no roles: every member is a witness, as before roles
     assert verify_certificate(certificate("ac"), {1: everyone})["epoch"] == 5
+
+
+def test_a_version_must_be_the_integer_1() -> None:
+    from ledger.checkpoint import check_checkpoint
+    from ledger.resolution import check_resolution_body
+
+    checkpoint = make_checkpoint(5, 1, {})
+    with pytest.raises(CheckpointError, match="version"):
+        check_checkpoint({**checkpoint, "v": True})
+    with pytest.raises(Exception, match="v 1"):
+        check_resolution_body({"v": True, "chain": "hosp-a", "height": 1, "keep": "ab" * 32})

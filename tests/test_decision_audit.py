@@ -9,6 +9,7 @@ from typing import Any
 
 from click.testing import CliRunner
 
+from exchange.audit import DecisionAudit
 from ledger import keys
 from ledger.store import ChainWriter
 from node.cli import main
@@ -97,3 +98,37 @@ def test_forged_decisions_are_flagged(ledger_db: Ledger, tmp_path: Path) -> None
         assert "hosp-a seq 4: recorded permit" in flat and "no consent of this patient" in flat
         assert "hosp-a seq 5: its view claims 99 entries" in flat
         assert "hosp-a seq 6: access.decided lacks" in flat
+
+
+def test_a_decision_is_not_replayed_over_a_copy_that_lacks_its_view() -> None:
+    """A copy cut short on a chain the decision read cannot show the decision was right: it
+    is a finding, not a silent replay over fewer consent entries."""
+    audit = DecisionAudit()
+    decided = {
+        "v": 1,
+        "chain": "hosp-a",
+        "seq": 4,
+        "time": "2026-12-01T00:00:00.000Z",
+        "type": "access.decided",
+        "body": {
+            "request_id": "r-12345678",
+            "requester_org": "hosp-b",
+            "patient": "ab" * 32,
+            "purpose": "TREAT",
+            "categories": ["laboratory"],
+            "decided_at": "2026-12-01T00:00:00.000Z",
+            "reason_stated": False,
+            "decision": "deny",
+            "reason": "no consent of this patient is recorded",
+            "consent": None,
+            "view": {"hosp-a": 4, "hosp-c": 12},
+            "stale": [],
+            "released": [],
+        },
+    }
+    audit.observe(decided)
+    assert audit.findings() == []  # nothing known of the copy: replayed as before
+    (finding,) = audit.findings({"hosp-a": 5, "hosp-c": 9})
+    assert "cannot be replayed from this copy" in str(finding)
+    assert "12 entries of hosp-c (this copy holds 9)" in str(finding)
+    assert audit.findings({"hosp-a": 5, "hosp-c": 12}) == []

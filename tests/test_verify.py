@@ -282,6 +282,18 @@ def test_duplicate_keys_in_an_export_are_refused(ledger_db: Ledger, tmp_path: Pa
         verify_export(path, ledger_db.authority.public_key())
 
 
+def test_duplicate_keys_in_a_certificate_line_are_refused(
+    ledger_db: Ledger, tmp_path: Path
+) -> None:
+    _fill(ledger_db)
+    lines = list(ledger_db.store.export_lines())
+    lines.append(b'{"certificate":{"signers":["hosp-x"],"signers":["hosp-a"]}}')
+    path = tmp_path / "dup.jsonl"
+    path.write_bytes(b"\n".join(lines))
+    with pytest.raises(VerificationError, match="'signers' appears twice"):
+        verify_export(path, ledger_db.authority.public_key())
+
+
 def test_block_rows_outside_the_chain_are_found(ledger_db: Ledger) -> None:
     _fill(ledger_db)
     with _without_triggers(ledger_db.store) as conn:
