@@ -41,7 +41,7 @@ from fhir_adapters.search import (
     whole_number,
 )
 from fhir_adapters.search_params import date_range
-from fhir_adapters.store import Stored, format_instant, http_date, now_micros
+from fhir_adapters.store import Stored, format_instant, http_date, now_micros, readable_only
 from node.audit import AuditRecord
 from node.auth import Principal
 from node.capability import capability_statement
@@ -510,6 +510,23 @@ def _searchset(
     # an include may reach any type its parameter points to: only what the caller may read
     principal = authenticate()
     included = [item for item in included if principal.allows(item.type, "r")]
+    # a resource an older version stored with a number JSON clients cannot read would make
+    # the whole Bundle unreadable: it is left out, and the Bundle says so
+    shown = readable_only(items, "served in a Bundle")
+    shown_included = readable_only(included, "served in a Bundle")
+    left_out = len(items) + len(included) - len(shown) - len(shown_included)
+    items, included = shown, shown_included
+    if left_out:
+        issues = [
+            *(issues or []),
+            Issue(
+                f"{left_out} resource(s) left out: each holds a number JSON clients cannot "
+                "read (stored by an older version of hrx); read it alone, or store a "
+                "corrected version",
+                "processing",
+                severity="warning",
+            ),
+        ]
     links = [{"relation": "self", "url": self_link}]
     links.extend(_page_links(matches))
     bundle_head: dict[str, Any] = {
