@@ -339,9 +339,7 @@ def test_a_correction_replaces_a_stored_number_json_clients_cannot_read(
     order = hl7v2.read_results(hl7v2.parse_message(first), SYSTEMS)[0].orders[0]
     hemoglobin = order.results[2].resource_id
     poison(database, "Observation", hemoglobin)
-    correction = cbc(
-        "POISON-2", "F-POISON", resident, "MRN-POISON", reported="20260310113000+0800"
-    )
+    correction = cbc("POISON-2", "F-POISON", resident, "MRN-POISON", reported="20260310113000+0800")
     correction = set_field(correction, "OBX", 5, "131", occurrence=3)
     correction = set_field(correction, "OBX", 11, "C", occurrence=3)
     ack = listener.send(correction)

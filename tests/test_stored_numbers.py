@@ -125,5 +125,7 @@ def test_searches_and_reads_of_the_patient_go_on(node: Node) -> None:
         headers={"Content-Type": "application/fhir+json"},
     )
     assert fixed.status_code == 200, fixed.text[:500]
-    again = json.loads(session.get(f"{node.fhir}/Observation", params={"patient": patient_id}).content)
+    again = json.loads(
+        session.get(f"{node.fhir}/Observation", params={"patient": patient_id}).content
+    )
     assert sorted(e["resource"]["id"] for e in again["entry"]) == sorted(results)
