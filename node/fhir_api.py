@@ -53,6 +53,7 @@ bp = Blueprint("fhir", __name__, url_prefix="/fhir")
 
 FHIR_JSON = "application/fhir+json; charset=utf-8"
 JSON_TYPES = ("application/fhir+json", "application/json", "application/json+fhir")
+MAX_BODY_BYTES = 8 * 1024 * 1024  # a FHIR request body (413 beyond; the app allows more)
 
 
 def services() -> Services:
@@ -160,6 +161,7 @@ def audited(interaction: str, items: list[Stored], query: str | None = None) -> 
 
 @bp.before_request
 def negotiate() -> None:
+    request.max_content_length = MAX_BODY_BYTES  # read no more of a body than this: 413
     fmt = request.args.get("_format")
     if fmt is not None and fmt not in ("json", *JSON_TYPES):
         raise NotAcceptable(f"_format={fmt!r}: this server speaks FHIR JSON only (_format=json)")
@@ -180,10 +182,22 @@ def body_json(what: str = "the body") -> Any:
             f"Content-Type {request.content_type or '(none)'} is not FHIR JSON; send "
             "application/fhir+json"
         )
+    check_charset()
     data = request.get_data(cache=True)
     if not data:
         raise InvalidRequest(f"{what} is empty")
     return jsonio.parse(data, what)
+
+
+def check_charset() -> None:
+    """415 unless the body's Content-Type names UTF-8 (in any case) or no charset: FHIR JSON
+    is UTF-8, and a body in another character set must not be read as if it were."""
+    charset = request.mimetype_params.get("charset")
+    if charset is not None and charset.lower() != "utf-8":
+        raise UnsupportedMediaType(
+            f"Content-Type charset={charset[:40]!r}: this server reads bodies as UTF-8 only; "
+            "send them in UTF-8 (charset=utf-8, or no charset)"
+        )
 
 
 def respond(
@@ -470,6 +484,7 @@ def search_get(resource_type: str) -> Response:
 def search_post(resource_type: str) -> Response:
     if request.mimetype != "application/x-www-form-urlencoded":
         raise UnsupportedMediaType("POST _search takes application/x-www-form-urlencoded")
+    check_charset()
     query = list(request.args.items(multi=True)) + list(request.form.items(multi=True))
     return _search(resource_type, query)
 
