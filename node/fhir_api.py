@@ -162,6 +162,7 @@ def audited(interaction: str, items: list[Stored], query: str | None = None) -> 
 @bp.before_request
 def negotiate() -> None:
     request.max_content_length = MAX_BODY_BYTES  # read no more of a body than this: 413
+    request.max_form_memory_size = MAX_BODY_BYTES  # a POST _search's form: the same limit
     fmt = request.args.get("_format")
     if fmt is not None and fmt not in ("json", *JSON_TYPES):
         raise NotAcceptable(f"_format={fmt!r}: this server speaks FHIR JSON only (_format=json)")
@@ -267,6 +268,11 @@ def http_error(exc: HTTPException) -> Response | HTTPException:
     message = exc.description or exc.name
     if status == 405:
         message = f"{request.method} is not supported on {request.path}"
+    elif status == 413:
+        message = (
+            f"the request body is larger than this server takes: at most "
+            f"{MAX_BODY_BYTES // (1024 * 1024)} MiB"
+        )
     return respond(status, operation_outcome([Issue(message, codes.get(status, "invalid"))]))
 
 

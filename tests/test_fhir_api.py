@@ -723,7 +723,7 @@ def test_a_body_over_8_mib_is_refused(node: Node) -> None:
     marker = f"big-{uuid.uuid4()}"
     text = json.dumps(patient(identifier=marker, family="x" * (9 * 1024 * 1024)))
     answer = raw_post(node, "Patient", text)
-    body = outcome(answer, 413)
+    body = outcome(answer, 413, "at most 8 MiB")
     assert body["issue"][0]["code"] == "too-costly"
     assert s.get(f"{node.fhir}/Patient", params={"identifier": marker}).json()["total"] == 0
     fits = json.dumps(patient(identifier=marker, family="x" * (7 * 1024 * 1024)))

@@ -2170,6 +2170,7 @@ def test_bodies_around_the_size_limit(world: World, data: st.DataObject) -> None
     reply, parsed, _, _ = world.exchange("POST", target, json_headers(world.token), body)
     if len(body) > MAX_BODY:
         assert reply.status == 413 and parsed["issue"][0]["code"] == "too-costly", str(reply)
+        assert "at most 8 MiB" in parsed["issue"][0]["diagnostics"], str(reply)
     else:
         assert reply.status in (200, 201), str(reply)
 
