@@ -194,7 +194,7 @@ def check_charset() -> None:
     """415 unless the body's Content-Type names UTF-8 (in any case) or no charset: FHIR JSON
     is UTF-8, and a body in another character set must not be read as if it were."""
     charset = request.mimetype_params.get("charset")
-    if charset is not None and charset.lower() != "utf-8":
+    if charset and charset.lower() != "utf-8":  # an empty one names none
         raise UnsupportedMediaType(
             f"Content-Type charset={charset[:40]!r}: this server reads bodies as UTF-8 only; "
             "send them in UTF-8 (charset=utf-8, or no charset)"

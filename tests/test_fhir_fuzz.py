@@ -1208,7 +1208,8 @@ CONTENT_TYPE_PARAMS = (  # (parameters, refused: a charset other than UTF-8)
     ("; charset=gb18030", True),
     ("; charset=UTF-16", True),
     ("; charset=utf8", True),
-    ("; charset=", True),
+    ("; charset=", False),  # an empty charset names none: UTF-8, as without one
+    ('; charset=""', False),
     ("; fhirVersion=4.0", False),
     ("; charset=utf-8; fhirVersion=4.0", False),
     ("; fhirVersion=4.0; charset=windows-1252", True),
