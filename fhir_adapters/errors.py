@@ -63,6 +63,13 @@ class InvalidRequest(FhirError):
     """400: the request or resource cannot be parsed or breaks basic FHIR rules."""
 
 
+class TooCostly(InvalidRequest):
+    """400 (or the status given): beyond one of this server's limits (search parameters,
+    Bundle entries); the message names the limit."""
+
+    code = "too-costly"
+
+
 class InvalidCode(InvalidRequest):
     """400: a code value its required binding refuses."""
 

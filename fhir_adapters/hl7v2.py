@@ -33,6 +33,7 @@ from urllib.parse import quote
 import hl7  # type: ignore[import-untyped]
 
 from consent.pseudonym import RESIDENT_ID_SYSTEM
+from fhir_adapters.jsonio import number_problem
 from fhir_adapters.ucum import UCUM_SYSTEM, to_ucum
 
 SUPPORTED_VERSIONS = ("2.3", "2.3.1", "2.4", "2.5", "2.5.1")
@@ -1299,6 +1300,15 @@ def _plain_decimal(text: str) -> Decimal:
     return parsed[0]
 
 
+def _storable(value: Decimal, segment: Segment, field_number: int) -> Decimal:
+    """A number read from a field, or AE 102 naming the field when it is one JSON clients
+    could not read (:func:`fhir_adapters.jsonio.number_problem`)."""
+    problem = number_problem(value)
+    if problem:
+        raise _error(102, problem, segment.at(field_number))
+    return value
+
+
 @dataclass(frozen=True)
 class Unit:
     text: str  # as the lab wrote it
@@ -1351,9 +1361,10 @@ def _value(obx: Segment, unit: Unit, systems: Systems) -> tuple[str, Any] | None
         parsed = number(_rep_text(rep))
         if parsed is None:
             raise _error(102, f"{_rep_text(rep)[:40]!r} is not a number (OBX-2 NM)", obx.at(5))
-        quantity = unit.quantity(parsed[0])
+        value = _storable(parsed[0], obx, 5)
+        quantity = unit.quantity(value)
         if parsed[1]:
-            quantity = {"value": parsed[0], "comparator": parsed[1], **quantity}
+            quantity = {"value": value, "comparator": parsed[1], **quantity}
         return "valueQuantity", quantity
     if value_type == "SN":
         return _structured_numeric(obx, rep, unit)
@@ -1381,6 +1392,9 @@ def _structured_numeric(obx: Segment, rep: Repetition, unit: Unit) -> tuple[str,
     two = number(second) if second else None
     if (first and (one is None or one[1])) or (second and (two is None or two[1])):
         raise bad
+    for parsed in (one, two):
+        if parsed is not None:
+            _storable(parsed[0], obx, 5)
     if one is not None and not separator and two is None:
         quantity = unit.quantity(one[0])
         if comparator in ("<", "<=", ">", ">="):
@@ -1406,11 +1420,11 @@ def _reference_range(obx: Segment, unit: Unit) -> list[dict[str, Any]] | None:
     both = _RANGE.fullmatch(text)
     bound = _BOUND.fullmatch(text)
     if both:
-        ranged["low"] = unit.quantity(_plain_decimal(both.group(1)))
-        ranged["high"] = unit.quantity(_plain_decimal(both.group(2)))
+        ranged["low"] = unit.quantity(_storable(_plain_decimal(both.group(1)), obx, 7))
+        ranged["high"] = unit.quantity(_storable(_plain_decimal(both.group(2)), obx, 7))
     elif bound:
         side = "high" if bound.group(1) in ("<", "<=", "≤", "＜") else "low"
-        ranged[side] = unit.quantity(_plain_decimal(bound.group(2)))
+        ranged[side] = unit.quantity(_storable(_plain_decimal(bound.group(2)), obx, 7))
     ranged["text"] = text
     return [ranged]
 

@@ -40,6 +40,8 @@ from datetime import datetime, timedelta, timezone
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
+from fhir_adapters.jsonio import number_problem
+
 ZONE = timezone(timedelta(hours=8))  # times without a zone are China Standard Time
 SENDING_APPLICATION = "HRX-CSV"  # MSH-3 of every message made from a CSV file
 COLUMNS = (
@@ -169,7 +171,8 @@ class Report:
 
     def message(self, mapping: Mapping, node_id: str) -> bytes:
         """The report as an ORU^R01 (HL7 v2.5.1, UTF-8); CsvError naming the line and column
-        of a cell that cannot be written (a time or a date in no listed format)."""
+        of a cell that cannot be written (a time or a date in no listed format, a number JSON
+        clients could not read)."""
         first = self.rows[0]
         segments: list[list[str]] = []
         rows_digest = hashlib.sha256(
@@ -229,6 +232,9 @@ class Report:
             sub_ids[code] = sub_ids.get(code, 0) + 1
             value = row.get("value", "")
             value_type = "NM" if _is_number(value) else "ST"
+            problem = number_problem(Decimal(value)) if value_type == "NM" else None
+            if problem:  # the HL7 intake would refuse it too, naming OBX-5, not the cell
+                raise CsvError(f"{self._where(mapping, index, 'value')}: {problem}")
             obx = [
                 "OBX",
                 str(index + 1),

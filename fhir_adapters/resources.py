@@ -22,6 +22,7 @@ import pydantic
 
 from fhir_adapters.codes import code_issues
 from fhir_adapters.errors import InvalidCode, InvalidRequest, Issue
+from fhir_adapters.jsonio import number_problem
 
 RESOURCE_TYPES = (
     "Patient",
@@ -80,7 +81,8 @@ def _expression(resource_type: str, location: tuple[Any, ...]) -> str:
 
 def _json_shape_issues(value: Any, path: str, issues: list[Issue], depth: int = 0) -> None:
     """What FHIR JSON forbids that the models accept: nulls, empty values, control
-    characters; and nesting deeper than :data:`MAX_DEPTH`."""
+    characters; nesting deeper than :data:`MAX_DEPTH`; and numbers JSON clients cannot read
+    (:func:`fhir_adapters.jsonio.number_problem`)."""
     if len(issues) >= MAX_ISSUES:
         return
     if depth > MAX_DEPTH:
@@ -113,6 +115,10 @@ def _json_shape_issues(value: Any, path: str, issues: list[Issue], depth: int = 
             issues.append(Issue("a string must not be empty or only white space", expression=path))
         elif _CONTROL.search(value):
             issues.append(Issue("a string must not hold control characters", expression=path))
+    elif isinstance(value, int | Decimal) and not isinstance(value, bool):
+        problem = number_problem(value)
+        if problem:
+            issues.append(Issue(f"{path}: {problem}", "value", path))
 
 
 def validate(resource: Any, resource_type: str | None = None) -> tuple[dict[str, Any], Any]:

@@ -8,7 +8,11 @@ access filter (a patient's compartment now, consent later) is applied once, befo
 counting, so neither totals, pages nor includes can reveal a hidden resource.
 
 Unknown parameters, modifiers and prefixes are refused (400) unless the caller asks for
-``Prefer: handling=lenient``; then they are ignored and reported.
+``Prefer: handling=lenient``; then they are ignored and reported. A search beyond the limits
+(:data:`MAX_PARAMETERS`, :data:`MAX_VALUES`, :data:`MAX_VALUE_LENGTH`) is refused before
+anything else, lenient or not: each parameter and value becomes part of one SQL statement,
+and the databases' own limits (SQLite's expression depth and LIKE pattern length) must never
+be what stops it.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.sql.elements import ColumnElement
 
 from fhir_adapters import tables
-from fhir_adapters.errors import InvalidRequest, NotFound
+from fhir_adapters.errors import InvalidRequest, NotFound, TooCostly
 from fhir_adapters.resources import RESOURCE_TYPES, check_type
 from fhir_adapters.search_params import (
     SEARCH_PARAMS,
@@ -39,6 +43,13 @@ from fhir_adapters.search_params import (
 
 DEFAULT_COUNT = 20
 MAX_COUNT = 1000
+MAX_PARAMETERS = 50  # name=value pairs in one search (_count, _sort, _include... included)
+MAX_VALUES = 200  # values in all (a,b,c counts three)
+MAX_VALUE_LENGTH = 512  # characters of one value (what an index keeps is 255 at most)
+SEARCH_LIMITS = (
+    f"a search takes at most {MAX_PARAMETERS} parameters and {MAX_VALUES} values in all "
+    f"(a,b,c counts three), each value at most {MAX_VALUE_LENGTH} characters"
+)
 SEARCH_SET_SECONDS = 3600  # how long a next link stays valid
 SEARCH_SETS_PER_OWNER = 50  # the newest kept per caller; older ones' links expire early
 RESULT_PARAMS = {"_count", "_sort", "_total", "_include", "_revinclude", "_summary"}
@@ -163,6 +174,7 @@ def parse_search(
     """A search request from query parameters (``?a=1&a=2`` is two AND-ed criteria)."""
     if resource_type is not None:
         check_type(resource_type)
+    check_limits(query)
     request = SearchRequest(resource_type)
     params = SEARCH_PARAMS.get(resource_type or "", {})
 
@@ -226,6 +238,26 @@ def parse_search(
                 raw_name,
             )
     return request
+
+
+def check_limits(query: Sequence[tuple[str, str]]) -> None:
+    """TooCostly (400) naming the limit when a search is beyond :data:`SEARCH_LIMITS`."""
+    if len(query) > MAX_PARAMETERS:
+        raise TooCostly(f"{len(query)} search parameters: {SEARCH_LIMITS}")
+    values = 0
+    for name, value in query:
+        if len(name) > MAX_VALUE_LENGTH:
+            raise TooCostly(f"a parameter name of {len(name)} characters: {SEARCH_LIMITS}")
+        if len(value) > 2 * (MAX_VALUE_LENGTH + 1) * MAX_VALUES:  # longer than all may be,
+            # escapes (\\,) and commas included: not worth splitting
+            raise TooCostly(f"{name[:40]}: {len(value)} characters: {SEARCH_LIMITS}")
+        split = split_values(value)
+        values += len(split)
+        if values > MAX_VALUES:
+            raise TooCostly(f"more than {MAX_VALUES} search values: {SEARCH_LIMITS}")
+        longest = max(len(item) for item in split)
+        if longest > MAX_VALUE_LENGTH:
+            raise TooCostly(f"{name[:40]}: a value of {longest} characters: {SEARCH_LIMITS}")
 
 
 def _parse_include(text: str) -> Include | None:

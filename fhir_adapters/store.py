@@ -14,6 +14,7 @@ record history, so their references neither need to resolve nor hold anything in
 from __future__ import annotations
 
 import hashlib
+import logging
 import re
 import uuid
 from collections.abc import Callable, Collection, Iterator
@@ -45,6 +46,8 @@ from fhir_adapters.search import (
     paginate,
 )
 from fhir_adapters.search_params import IndexRows, index_values, parse_reference
+
+log = logging.getLogger(__name__)
 
 R = tables.resources
 
@@ -429,7 +432,11 @@ class ResourceStore:
         self, patient_ids: Collection[str], resource_types: Collection[str]
     ) -> list[Stored]:
         """The current versions of every resource of ``resource_types`` in the compartment of
-        any of ``patient_ids`` (what a member releases about them), by type and age."""
+        any of ``patient_ids`` (what a member releases about them), by type and age.
+
+        A version holding a number JSON clients cannot read (stored before such numbers were
+        refused) is left out, with a log line naming its row: sent to another member, it would
+        make the whole answer unreadable there."""
         if not patient_ids:
             return []
         C = tables.compartment
@@ -444,7 +451,7 @@ class ResourceStore:
         )
         with self.engine.connect() as conn:
             pairs = [(row[0], row[1]) for row in conn.execute(query)]
-        return self.versions_of(pairs)
+        return readable_only(self.versions_of(pairs), "released to another member")
 
     def everything(self, patient_id: str, access: Access, owner: str, count: int) -> Matches:
         """``Patient/{id}/$everything``: the patient, every resource in the patient's
@@ -502,6 +509,25 @@ class ResourceStore:
     def delete(self, resource_type: str, resource_id: str) -> Stored | None:
         with self.writing() as writer:
             return writer.delete(resource_type, resource_id)
+
+
+def readable_only(items: list[Stored], left_out: str) -> list[Stored]:
+    """The items whose bodies every JSON client can read (:func:`jsonio.readable`); each
+    other one is logged (by its row and version, nothing of its content) as ``left_out``."""
+    kept = []
+    for item in items:
+        if item.body is None or jsonio.readable(item.body):
+            kept.append(item)
+        else:
+            log.warning(
+                "%s row %s version %s holds a number JSON clients cannot read: not %s; "
+                "store a corrected version",
+                item.type,
+                item.res_pk,
+                item.version,
+                left_out,
+            )
+    return kept
 
 
 def keys_clause(type_column: Any, id_column: Any, keys: Any) -> Any:

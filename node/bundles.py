@@ -8,6 +8,10 @@ order FHIR prescribes (DELETE, POST, PUT), after ``urn:uuid:`` fullUrls of creat
 are given their ids and every reference to them is rewritten. The first failure undoes
 everything and is answered with its status and an OperationOutcome naming the entry. Reads
 (GET entries) run after the writes commit, and see them.
+
+Either takes at most :data:`MAX_ENTRIES` entries (413 beyond, before any is run). An entry's
+``request.url`` is relative to this server's FHIR base, or an absolute URL under that base:
+one naming another server is refused (its entry fails in a batch; a transaction fails whole).
 """
 
 from __future__ import annotations
@@ -19,11 +23,12 @@ from urllib.parse import urlsplit
 from flask import current_app, request
 
 from fhir_adapters import jsonio
-from fhir_adapters.errors import FhirError, InvalidRequest, Issue
+from fhir_adapters.errors import FhirError, InvalidRequest, Issue, TooCostly
 from fhir_adapters.resources import check_id, check_type
 from fhir_adapters.store import Stored, format_instant
 from node import fhir_api
 
+MAX_ENTRIES = 200  # of a batch or transaction: each entry is a request (and an AuditEvent)
 STATUS_TEXT = {200: "200 OK", 201: "201 Created", 204: "204 No Content"}
 ORDER = {"DELETE": 0, "POST": 1, "PUT": 2, "GET": 3}
 
@@ -57,6 +62,13 @@ def _entries(bundle: Any) -> tuple[str, list[dict[str, Any]]]:
     entries = bundle.get("entry", [])
     if not isinstance(entries, list):
         raise InvalidRequest("Bundle.entry must be an array", expression="Bundle.entry")
+    if len(entries) > MAX_ENTRIES:
+        raise TooCostly(
+            f"the Bundle has {len(entries)} entries; a {kind} takes at most {MAX_ENTRIES}: "
+            "split it",
+            expression="Bundle.entry",
+            status=413,
+        )
     for index, entry in enumerate(entries):
         where = f"Bundle.entry[{index}]"
         if not isinstance(entry, dict):
@@ -86,10 +98,20 @@ def process_bundle(bundle: Any) -> dict[str, Any]:
 
 
 def _split(url: str) -> Any:
+    """The parts of an entry's URL; 400 when it is none, or an absolute URL of another server
+    (FHIR: an absolute request.url must be under the server's base)."""
     try:
-        return urlsplit(url)
+        parts = urlsplit(url)
     except ValueError:
         raise InvalidRequest(f"request.url {url[:100]!r} is not a URL") from None
+    if parts.scheme or parts.netloc:
+        base = fhir_api.services().config.fhir_base.rstrip("/")
+        if not url.startswith(base + "/"):
+            raise InvalidRequest(
+                f"request.url {url[:100]!r} names another server: an absolute URL must start "
+                f"with this server's FHIR base {base}/"
+            )
+    return parts
 
 
 def _dispatch(entry: dict[str, Any]) -> dict[str, Any]:

@@ -1,11 +1,14 @@
 """The CapabilityStatement at ``/fhir/metadata``: exactly what this server supports, built
-from the same tables the server runs on (types, search parameters, includes)."""
+from the same tables the server runs on (types, search parameters, includes), and the limits
+it holds requests to, from the same constants that enforce them."""
 
 from __future__ import annotations
 
 from typing import Any
 
+from fhir_adapters.jsonio import NUMBER_RULE
 from fhir_adapters.resources import RESOURCE_TYPES
+from fhir_adapters.search import SEARCH_LIMITS
 from fhir_adapters.search_params import SEARCH_PARAMS
 from node.config import NodeConfig
 
@@ -70,8 +73,23 @@ def _resource(resource_type: str) -> dict[str, Any]:
     return entry
 
 
+def limits() -> str:
+    """The limits this server holds every request to, in words (``rest.documentation``)."""
+    from node.bundles import MAX_ENTRIES
+    from node.fhir_api import MAX_BODY_BYTES
+
+    return (
+        f"Limits: a request body is at most {MAX_BODY_BYTES // (1024 * 1024)} MiB (413 "
+        f"beyond), UTF-8 (415 for another charset); a batch or transaction has at most "
+        f"{MAX_ENTRIES} entries (413 beyond); {SEARCH_LIMITS} (400 beyond); in a resource, "
+        f"{NUMBER_RULE} (400 otherwise)."
+    )
+
+
 def capability_statement(config: NodeConfig) -> dict[str, Any]:
     from importlib.metadata import version
+
+    from node.bundles import MAX_ENTRIES
 
     return {
         "resourceType": "CapabilityStatement",
@@ -101,8 +119,12 @@ def capability_statement(config: NodeConfig) -> dict[str, Any]:
                     "description": "Bearer tokens (EdDSA JWT) with SMART v2 scopes, issued by "
                     "this node: hrx token issue, or POST /auth/token.",
                 },
+                "documentation": limits(),
                 "resource": [_resource(t) for t in RESOURCE_TYPES],
-                "interaction": [{"code": "transaction"}, {"code": "batch"}],
+                "interaction": [
+                    {"code": kind, "documentation": f"at most {MAX_ENTRIES} entries"}
+                    for kind in ("transaction", "batch")
+                ],
             }
         ],
     }

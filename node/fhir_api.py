@@ -41,7 +41,7 @@ from fhir_adapters.search import (
     whole_number,
 )
 from fhir_adapters.search_params import date_range
-from fhir_adapters.store import Stored, format_instant, http_date, now_micros
+from fhir_adapters.store import Stored, format_instant, http_date, now_micros, readable_only
 from node.audit import AuditRecord
 from node.auth import Principal
 from node.capability import capability_statement
@@ -53,6 +53,7 @@ bp = Blueprint("fhir", __name__, url_prefix="/fhir")
 
 FHIR_JSON = "application/fhir+json; charset=utf-8"
 JSON_TYPES = ("application/fhir+json", "application/json", "application/json+fhir")
+MAX_BODY_BYTES = 8 * 1024 * 1024  # a FHIR request body (413 beyond; the app allows more)
 
 
 def services() -> Services:
@@ -160,6 +161,8 @@ def audited(interaction: str, items: list[Stored], query: str | None = None) -> 
 
 @bp.before_request
 def negotiate() -> None:
+    request.max_content_length = MAX_BODY_BYTES  # read no more of a body than this: 413
+    request.max_form_memory_size = MAX_BODY_BYTES  # a POST _search's form: the same limit
     fmt = request.args.get("_format")
     if fmt is not None and fmt not in ("json", *JSON_TYPES):
         raise NotAcceptable(f"_format={fmt!r}: this server speaks FHIR JSON only (_format=json)")
@@ -180,10 +183,22 @@ def body_json(what: str = "the body") -> Any:
             f"Content-Type {request.content_type or '(none)'} is not FHIR JSON; send "
             "application/fhir+json"
         )
+    check_charset()
     data = request.get_data(cache=True)
     if not data:
         raise InvalidRequest(f"{what} is empty")
     return jsonio.parse(data, what)
+
+
+def check_charset() -> None:
+    """415 unless the body's Content-Type names UTF-8 (in any case) or no charset: FHIR JSON
+    is UTF-8, and a body in another character set must not be read as if it were."""
+    charset = request.mimetype_params.get("charset")
+    if charset and charset.lower() != "utf-8":  # an empty one names none
+        raise UnsupportedMediaType(
+            f"Content-Type charset={charset[:40]!r}: this server reads bodies as UTF-8 only; "
+            "send them in UTF-8 (charset=utf-8, or no charset)"
+        )
 
 
 def respond(
@@ -253,6 +268,11 @@ def http_error(exc: HTTPException) -> Response | HTTPException:
     message = exc.description or exc.name
     if status == 405:
         message = f"{request.method} is not supported on {request.path}"
+    elif status == 413:
+        message = (
+            f"the request body is larger than this server takes: at most "
+            f"{MAX_BODY_BYTES // (1024 * 1024)} MiB"
+        )
     return respond(status, operation_outcome([Issue(message, codes.get(status, "invalid"))]))
 
 
@@ -470,6 +490,7 @@ def search_get(resource_type: str) -> Response:
 def search_post(resource_type: str) -> Response:
     if request.mimetype != "application/x-www-form-urlencoded":
         raise UnsupportedMediaType("POST _search takes application/x-www-form-urlencoded")
+    check_charset()
     query = list(request.args.items(multi=True)) + list(request.form.items(multi=True))
     return _search(resource_type, query)
 
@@ -510,6 +531,23 @@ def _searchset(
     # an include may reach any type its parameter points to: only what the caller may read
     principal = authenticate()
     included = [item for item in included if principal.allows(item.type, "r")]
+    # a resource an older version stored with a number JSON clients cannot read would make
+    # the whole Bundle unreadable: it is left out, and the Bundle says so
+    shown = readable_only(items, "served in a Bundle")
+    shown_included = readable_only(included, "served in a Bundle")
+    left_out = len(items) + len(included) - len(shown) - len(shown_included)
+    items, included = shown, shown_included
+    if left_out:
+        issues = [
+            *(issues or []),
+            Issue(
+                f"{left_out} resource(s) left out: each holds a number JSON clients cannot "
+                "read (stored by an older version of hrx); read it alone, or store a "
+                "corrected version",
+                "processing",
+                severity="warning",
+            ),
+        ]
     links = [{"relation": "self", "url": self_link}]
     links.extend(_page_links(matches))
     bundle_head: dict[str, Any] = {

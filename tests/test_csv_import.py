@@ -173,6 +173,35 @@ def test_rows_that_make_no_message_are_quarantined_and_the_rest_stored(
 
 
 @pytest.mark.parametrize(
+    ("value", "problem"),
+    [("9" * 10_000, "has 10000 significant digits"), ("1e999999", "too large")],
+    ids=["10000-digits", "1e999999"],
+)
+def test_a_number_json_clients_cannot_read_is_quarantined(
+    node_dir: Path, tmp_path: Path, value: str, problem: str
+) -> None:
+    """Was stored (10,000 digits), and the patient's results then could not be read."""
+    text = EXPORT.read_bytes().decode("gb18030")
+    broken = text.replace("3094-0,尿素,6.1,", f"3094-0,尿素,{value},")  # report ZY20260312001
+    assert broken != text
+    bad = tmp_path / "export.csv"
+    bad.write_bytes(broken.encode("gb18030"))
+    answer = run("csv-import", "--dir", str(node_dir), "--mapping", str(MAPPING), str(bad))
+    assert answer.exit_code == 1
+    assert "2 stored, 0 duplicate, 1 refused" in answer.output
+    assert "line 3, column '结果'" in answer.output and problem in answer.output
+    assert "9999999999" not in answer.output
+    reports = [r["identifier"][0]["value"] for r in resources(node_dir, "DiagnosticReport")]
+    assert sorted(reports) == ["ZY20260312002", "ZY20260312003"]
+    services = services_of(node_dir)
+    try:
+        (row,) = quarantined(services.database.engine, adapter="csv")
+    finally:
+        services.close()
+    assert row.origin.startswith("export.csv report ZY20260312001 (")
+
+
+@pytest.mark.parametrize(
     ("change", "problem"),
     [
         (lambda m: m.replace('report = "报告单号"\n', ""), "must name the column(s) report"),

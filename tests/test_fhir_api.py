@@ -3,9 +3,13 @@ interaction, its headers and its errors."""
 
 from __future__ import annotations
 
+import json
+import uuid
 from decimal import Decimal
 from typing import Any
+from urllib.parse import urlencode
 
+from node.config import load_config
 from tests.nodes import FHIR_JSON, Node, post
 
 
@@ -564,3 +568,238 @@ def test_transaction_reference_to_a_conditional_create_that_matches(node: Node) 
     entries = result.json()["entry"]
     assert entries[1]["response"]["status"] == "200 OK" and entries[1]["resource"]["id"] == pid
     assert entries[0]["resource"]["subject"]["reference"] == f"Patient/{pid}"
+
+
+# -- hostile input: each was a 500, or stored what should have been refused ----------------------
+
+
+def observation_text(patient_id: str, element: str, literal: str) -> str:
+    """An Observation as JSON text with ``literal`` written as is where ``element`` says."""
+    extra = {
+        "value": f'"valueQuantity":{{"value":{literal},"unit":"g/dL"}}',
+        "range": f'"referenceRange":[{{"low":{{"value":{literal}}}}}]',
+        "extension": f'"extension":[{{"url":"http://example.org/x","valueDecimal":{literal}}}]',
+        "component": '"component":[{"code":{"text":"x"},'
+        f'"valueQuantity":{{"value":{literal}}}}}]',
+    }[element]
+    return (
+        '{"resourceType":"Observation","status":"final","code":{"text":"血红蛋白"},'
+        f'"subject":{{"reference":"Patient/{patient_id}"}},{extra}}}'
+    )
+
+
+NUMBER_EXPRESSIONS = {
+    "value": "Observation.valueQuantity.value",
+    "range": "Observation.referenceRange[0].low.value",
+    "extension": "Observation.extension[0].valueDecimal",
+    "component": "Observation.component[0].valueQuantity.value",
+}
+UNREADABLE_NUMBERS = [
+    ("value", "9" * 10_000, "has 10000 significant digits"),  # was 500
+    ("value", "1e999999", "too large"),  # was stored
+    ("value", "-1E+309", "too large"),
+    ("value", "1e-999999", "too small"),
+    ("value", "1e99999999999999999999999", "out of range"),
+    ("value", "1." + "0" * 32, "has 33 significant digits"),
+    ("range", "9" * 5_000, "has 5000 significant digits"),
+    ("extension", "1e999999", "too large"),
+    ("component", "9" * 10_000, "has 10000 significant digits"),
+]
+
+
+def test_numbers_json_clients_cannot_read_are_refused(node: Node) -> None:
+    s = node.session()
+    pid = new_patient(node, identifier=f"numbers-{uuid.uuid4()}")
+    for element, literal, problem in UNREADABLE_NUMBERS:
+        text = observation_text(pid, element, literal)
+        body = outcome(raw_post(node, "Observation", text), 400, problem)
+        assert "at most 32 significant digits" in body["issue"][0]["diagnostics"]
+        if problem != "out of range":  # refused by the parser, before any element is known
+            assert body["issue"][0]["expression"] == [NUMBER_EXPRESSIONS[element]], body
+        assert len(body["issue"][0]["diagnostics"]) < 1000  # the number is not echoed
+        for kind in ("batch", "transaction"):
+            bundle = (
+                f'{{"resourceType":"Bundle","type":"{kind}","entry":[{{"request":'
+                f'{{"method":"POST","url":"Observation"}},"resource":{text}}}]}}'
+            )
+            answer = raw_post(node, "", bundle)
+            if kind == "transaction" or problem == "out of range":
+                outcome(answer, 400, problem)
+            else:
+                entry = answer.json()["entry"][0]["response"]
+                assert entry["status"].startswith("400") and problem in str(entry["outcome"])
+    patient_with = f'{{"resourceType":"Patient","multipleBirthInteger":{"9" * 5_000}}}'
+    outcome(raw_post(node, "Patient", patient_with), 400, "Patient.multipleBirthInteger")
+    found = s.get(f"{node.fhir}/Observation", params={"subject": f"Patient/{pid}"}).json()
+    assert found["total"] == 0  # nothing of it was stored
+
+
+def test_numbers_at_the_edges_of_the_rule_are_kept(node: Node) -> None:
+    pid = new_patient(node, identifier=f"edges-{uuid.uuid4()}")
+    for literal in ("1.7976931348623157E+308", "5E-324", "1" * 32, "-0." + "0" * 300 + "1"):
+        created = raw_post(node, "Observation", observation_text(pid, "value", literal))
+        assert created.status_code == 201, created.text[:300]
+        stored = json.loads(created.content, parse_float=Decimal)["valueQuantity"]["value"]
+        assert Decimal(stored) == Decimal(literal)
+        assert json.loads(created.content)  # and a JSON client reads it
+
+
+def test_search_limits_are_answered_400_naming_them(node: Node) -> None:
+    """Were 500: 1,100 or more repeated parameters went past SQLite's expression depth; a
+    60 KB value made a LIKE pattern too complex."""
+    s = node.session()
+    for query in (
+        [("family", "x")] * 1_100,
+        [("family", "x")] * 2_000,
+        [("family", "x")] * 51,
+        [("family", "x" * 60_000)],
+        [("family", "x" * 513)],
+        [("_id", ",".join(["a"] * 201))],
+        [("_sort", ",".join(["_id"] * 201))],
+        [("x" * 600, "1")],
+    ):
+        for answer in (
+            s.get(f"{node.fhir}/Patient", params=query),
+            s.post(f"{node.fhir}/Patient/_search", data=query),
+            post(s, f"{node.fhir}/Patient", patient(), **{"If-None-Exist": urlencode(query)}),
+        ):
+            body = outcome(answer, 400, "a search takes at most 50 parameters and 200 values")
+            assert body["issue"][0]["code"] == "too-costly"
+    # at the limits: answered, on both databases
+    many = ",".join(f"张{n}" * 100 for n in range(4))[:2000]
+    for query in (
+        [("family", "x" * 512)] * 50,
+        [("family", ",".join(["x" * 512] * 200))],
+        [("family:contains", "%_\\" * 170)] * 50,
+        [("name:exact", many)] * 50,
+        [("birthdate", "ne2024-01-01,lt1900,gt2100,eq2000")] * 50,
+        [("_sort", ",".join(["-_lastUpdated", "_id"] * 100))],
+        [("identifier", ",".join([f"{'s' * 255}|{'c' * 255}"] * 4))] * 50,
+        [("general-practitioner:Practitioner", ",".join(["x" * 64] * 4))] * 50,
+        [("_id:not", ",".join(["x" * 64] * 4))] * 50,
+    ):
+        answer = s.post(f"{node.fhir}/Patient/_search", data=query)
+        assert answer.status_code == 200, answer.text[:500]
+
+
+def test_capability_statement_states_the_limits(node: Node) -> None:
+    statement = node.session().get(f"{node.fhir}/metadata").json()
+    documentation = statement["rest"][0]["documentation"]
+    for limit in (
+        "at most 8 MiB",
+        "at most 200 entries",
+        "at most 50 parameters and 200 values",
+        "each value at most 512 characters",
+        "at most 32 significant digits",
+        "UTF-8 (415 for another charset)",
+    ):
+        assert limit in documentation, documentation
+    interactions = {i["code"]: i for i in statement["rest"][0]["interaction"]}
+    assert interactions["batch"]["documentation"] == "at most 200 entries"
+
+
+def test_bundles_of_more_entries_than_the_limit_are_refused_whole(node: Node) -> None:
+    """Was run entry by entry: 4,000 GET entries took 97 s and wrote 4,000 AuditEvents."""
+    s = node.session()
+    marker = f"too-many-{uuid.uuid4()}"
+    for kind in ("batch", "transaction"):
+        for count in (201, 4_000):
+            entry = {
+                "request": {"method": "POST", "url": "Patient"},
+                "resource": patient(identifier=marker),
+            }
+            bundle = {"resourceType": "Bundle", "type": kind, "entry": [entry] * count}
+            body = outcome(post(s, node.fhir, bundle), 413, f"a {kind} takes at most 200")
+            assert body["issue"][0]["code"] == "too-costly"
+    assert s.get(f"{node.fhir}/Patient", params={"identifier": marker}).json()["total"] == 0
+    reads = [{"request": {"method": "GET", "url": "metadata"}}] * 200
+    answer = post(s, node.fhir, {"resourceType": "Bundle", "type": "batch", "entry": reads})
+    assert answer.status_code == 200, answer.text[:300]
+    assert len(answer.json()["entry"]) == 200
+
+
+def test_a_body_over_8_mib_is_refused(node: Node) -> None:
+    s = node.session()
+    marker = f"big-{uuid.uuid4()}"
+    text = json.dumps(patient(identifier=marker, family="x" * (9 * 1024 * 1024)))
+    answer = raw_post(node, "Patient", text)
+    body = outcome(answer, 413, "at most 8 MiB")
+    assert body["issue"][0]["code"] == "too-costly"
+    assert s.get(f"{node.fhir}/Patient", params={"identifier": marker}).json()["total"] == 0
+    fits = json.dumps(patient(identifier=marker, family="x" * (7 * 1024 * 1024)))
+    assert raw_post(node, "Patient", fits).status_code == 201
+
+
+def test_bodies_in_another_charset_are_refused(node: Node) -> None:
+    """Was 201: a latin-1 body was read as UTF-8."""
+    s = node.session()
+    marker = f"charset-{uuid.uuid4()}"
+    # "MÃ¼ller" in latin-1 is the bytes of "Müller" in UTF-8: read as UTF-8, another name
+    resource = patient(identifier=marker) | {"name": [{"family": "MÃ¼ller"}]}
+    text = json.dumps(resource, ensure_ascii=False)
+    for charset, codec in (
+        ("latin-1", "latin-1"),
+        ("ISO-8859-1", "latin-1"),
+        ("gb18030", "gb18030"),
+        ("utf-16", "utf-16"),
+        ("utf8", "utf-8"),
+        ("us-ascii", "ascii"),
+    ):
+        data = (text if codec != "ascii" else json.dumps(resource)).encode(codec)
+        answer = s.post(
+            f"{node.fhir}/Patient",
+            data=data,
+            headers={"Content-Type": f"{FHIR_JSON}; charset={charset}"},
+        )
+        outcome(answer, 415, f"charset='{charset}'")
+        search = s.post(
+            f"{node.fhir}/Patient/_search",
+            data=b"identifier=" + marker.encode(),
+            headers={"Content-Type": f"application/x-www-form-urlencoded; charset={charset}"},
+        )
+        outcome(search, 415, "UTF-8")
+    assert s.get(f"{node.fhir}/Patient", params={"identifier": marker}).json()["total"] == 0
+    for charset in ("utf-8", "UTF-8", "Utf-8", '"utf-8"'):
+        answer = s.post(
+            f"{node.fhir}/Patient",
+            data=text.encode("utf-8"),
+            headers={"Content-Type": f"{FHIR_JSON}; charset={charset}"},
+        )
+        assert answer.status_code == 201, (charset, answer.text)
+        assert answer.json()["name"][0]["family"] == "MÃ¼ller"
+
+
+def test_bundle_entries_naming_another_server_are_refused(node: Node) -> None:
+    """Were run against this server."""
+    s = node.session()
+    base = load_config(node.directory).fhir_base
+    marker = f"elsewhere-{uuid.uuid4()}"
+    pid = new_patient(node, identifier=f"{marker}-0")
+    others = (
+        "http://elsewhere.example/fhir/Patient",
+        f"https://elsewhere.example/fhir/Patient/{pid}",
+        f"//elsewhere.example/fhir/Patient/{pid}",
+        f"{base}evil/Patient",
+        base.replace("http://", "https://") + "/Patient",
+    )
+    for url in others:
+        method = "GET" if pid in url else "POST"
+        entry: dict[str, Any] = {"request": {"method": method, "url": url}}
+        if method == "POST":
+            entry["resource"] = patient(identifier=marker)
+        batch = post(s, node.fhir, {"resourceType": "Bundle", "type": "batch", "entry": [entry]})
+        assert batch.status_code == 200, batch.text
+        response = batch.json()["entry"][0]["response"]
+        assert response["status"].startswith("400"), (url, response)
+        assert "names another server" in str(response["outcome"])
+        transaction = {"resourceType": "Bundle", "type": "transaction", "entry": [entry]}
+        outcome(post(s, node.fhir, transaction), 400, "names another server")
+    assert s.get(f"{node.fhir}/Patient", params={"identifier": marker}).json()["total"] == 0
+    own = {"request": {"method": "POST", "url": f"{base}/Patient"}, "resource": patient()}
+    for kind in ("batch", "transaction"):
+        answer = post(s, node.fhir, {"resourceType": "Bundle", "type": kind, "entry": [own]})
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["entry"][0]["response"]["status"].startswith("201")
+    read = {"request": {"method": "GET", "url": f"{base}/Patient/{pid}"}}
+    answer = post(s, node.fhir, {"resourceType": "Bundle", "type": "batch", "entry": [read]})
+    assert answer.json()["entry"][0]["resource"]["id"] == pid

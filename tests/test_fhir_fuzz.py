@@ -18,6 +18,11 @@ comparison first passes a *barrier*: an auditor's read of a nonexistent AuditEve
 the node answers only once every queued record of earlier requests is stored (and which
 writes nothing itself).
 
+Hostile shapes are generated too: numbers JSON clients cannot read (in bodies and search
+values), thousands of repeated search parameters, very long values, non-UTF-8 charsets,
+Bundles of more entries than the node takes and bodies over its size limit; each must be
+refused with the limit named (400, 413 or 415) and nothing written.
+
 The bugs this fuzzing found are kept as minimal single requests at the end of the file, as
 regression tests.
 """
@@ -40,7 +45,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from typing import Any
-from urllib.parse import parse_qs, parse_qsl, quote, unquote, urlsplit
+from urllib.parse import parse_qs, parse_qsl, quote, unquote, urlencode, urlsplit
 
 import jwt
 import pytest
@@ -764,6 +769,40 @@ def mutate_deep_nesting(draw: Any, m: Mutating) -> None:
     m.done(("extension",), outcome, f"extensions nested {depth} deep")
 
 
+# numbers the node refuses (more than 32 significant digits, or no IEEE double holds them),
+# written as JSON text; and numbers at the edges of that rule, which it keeps
+UNREADABLE_NUMBERS = (
+    "9" * 10_000,
+    "9" * 4_301,
+    "1" * 33,
+    "1." + "0" * 32,
+    "1e999999",
+    "-1E+309",
+    "1.7976931348623159e308",
+    "1e-999999",
+    "2e-324",
+    "1e99999999999999999999999",
+)
+READABLE_NUMBERS = (10**31, -(10**31), 1.7976931348623157e308, 5e-324, 0.1, 13.5, 0, -0.0)
+
+
+def mutate_number(draw: Any, m: Mutating) -> None:
+    path: Path = ("valueQuantity", "value") if m.resource_type == "Observation" else ("extension",)
+    if not m.free(path):
+        return
+    value: Any
+    if draw(st.booleans()):
+        literal = draw(st.sampled_from(UNREADABLE_NUMBERS))
+        value, outcome, note = Raw(literal), 400, f"number {literal[:20]}... ({len(literal)})"
+    else:
+        value = draw(st.sampled_from(READABLE_NUMBERS))
+        outcome, note = OK, f"number {value!r}"
+    if path == ("extension",):
+        value = [{"url": "http://example.org/number", "valueDecimal": value}]
+    set_at(m.resource, path, value)
+    m.done(path, outcome, note)
+
+
 def mutate_date(draw: Any, m: Mutating) -> None:
     path = ("birthDate",) if m.resource_type == "Patient" else ("effectiveDateTime",)
     if not m.free(path):
@@ -845,6 +884,7 @@ STRUCTURAL: dict[str, Callable[[Any, Mutating], None]] = {
     "resourceType": mutate_resource_type,
     "huge": mutate_huge_string,
     "deep": mutate_deep_nesting,
+    "number": mutate_number,
     "date": mutate_date,
     "code": mutate_code,
     "reference": mutate_reference,
@@ -1156,14 +1196,23 @@ CONTENT_TYPES: tuple[tuple[str | None, bool], ...] = (
     ("application/fhir+json-patch", False),
     ("", False),
 )
-CONTENT_TYPE_PARAMS = (
-    "",
-    "; charset=utf-8",
-    ";charset=UTF-8",
-    '; charset="utf-8"',
-    "; charset=latin-1",
-    "; fhirVersion=4.0",
-    "; charset=utf-8; fhirVersion=4.0",
+CONTENT_TYPE_PARAMS = (  # (parameters, refused: a charset other than UTF-8)
+    ("", False),
+    ("; charset=utf-8", False),
+    (";charset=UTF-8", False),
+    ('; charset="utf-8"', False),
+    ("; charset=Utf-8", False),
+    ("; charset=latin-1", True),
+    ("; charset=ISO-8859-1", True),
+    ('; charset="latin-1"', True),
+    ("; charset=gb18030", True),
+    ("; charset=UTF-16", True),
+    ("; charset=utf8", True),
+    ("; charset=", False),  # an empty charset names none: UTF-8, as without one
+    ('; charset=""', False),
+    ("; fhirVersion=4.0", False),
+    ("; charset=utf-8; fhirVersion=4.0", False),
+    ("; fhirVersion=4.0; charset=windows-1252", True),
 )
 ACCEPTS = (
     None,
@@ -1218,7 +1267,8 @@ def test_create_with_header_variants(world: World, data: st.DataObject) -> None:
     unique = f"fuzz-{uuid.uuid4()}"
     resource = make_patient("头", unique)
     mime, is_json = data.draw(st.sampled_from(CONTENT_TYPES))
-    content_type = None if mime is None else mime + data.draw(st.sampled_from(CONTENT_TYPE_PARAMS))
+    params, other_charset = data.draw(st.sampled_from(CONTENT_TYPE_PARAMS))
+    content_type = None if mime is None else mime + params
     accept = data.draw(st.sampled_from(ACCEPTS) | HEADER_TEXT)
     prefer = data.draw(st.sampled_from(PREFERS) | HEADER_TEXT)
     conditions = {
@@ -1259,7 +1309,7 @@ def test_create_with_header_variants(world: World, data: st.DataObject) -> None:
     reply, parsed, _, _ = world.exchange("POST", "/fhir/Patient", headers, body)
     if accept_refused(accept):
         expected = {406}
-    elif not is_json:
+    elif not is_json or other_charset:
         expected = {415}
     elif condition is not None and condition not in conditions:
         expected = {200, 201, 400, 412}
@@ -1580,6 +1630,7 @@ def search_values(draw: Any, world: World) -> str:
         return draw(
             st.integers(-10, 10**25).map(str)
             | st.sampled_from(["", "0", "1e3", "0x10", "1.5", "-0", " 5", "٣", "0" * 40])
+            | st.sampled_from(["9" * 512, "9" * 513, "9" * 5_000, "1e999999", "-1E+309"])
         )
     if kind == "token":
         return draw(
@@ -2001,7 +2052,7 @@ def entry_status(entry: Any) -> int:
 @given(data=st.data())
 def test_batch_bundles(world: World, data: st.DataObject) -> None:
     bundle, kinds = data.draw(bundles(world, transaction=False))
-    body = dumps(bundle)
+    body = encode(bundle).encode()
     reply, parsed, _, _ = world.exchange("POST", "/fhir", json_headers(world.token), body)
     if "bad" in kinds:
         assert reply.status == 400, str(reply)
@@ -2026,7 +2077,7 @@ def test_transaction_bundles(world: World, data: st.DataObject) -> None:
     if data.draw(st.integers(0, 9)) == 0:
         bundle["type"] = data.draw(st.sampled_from(["searchset", "collection", "Transaction", 5]))
         kinds.append("bad")
-    body = dumps(bundle)
+    body = encode(bundle).encode()
     reply, parsed, _, _ = world.exchange("POST", "/fhir", json_headers(world.token), body)
     if "bad" in kinds:
         assert reply.status == 400, str(reply)
@@ -2072,7 +2123,7 @@ def check_request(
 
 
 def test_body_too_large(world: World) -> None:
-    """A body over the node's limit (32 MiB) is refused, before it is read, with 413."""
+    """A body declared over the node's limit (8 MiB) is refused, before it is read, with 413."""
     headers = json_headers(world.token)
     world.barrier()
     before = snapshot(world.node)
@@ -2094,6 +2145,173 @@ def test_body_too_large(world: World) -> None:
     parsed = check_reply(reply)
     check_effects(before, snapshot(world.node), reply, parsed)
     assert reply.status == 413, str(reply)
+
+
+MAX_BODY = 8 * 1024 * 1024
+
+
+@fuzz(6)
+@given(data=st.data())
+def test_bodies_around_the_size_limit(world: World, data: st.DataObject) -> None:
+    """Bodies sent whole: up to 8 MiB taken in, beyond refused with 413 and nothing written
+    (the app's own limit, 32 MiB, was the only one)."""
+    size = data.draw(st.sampled_from([MAX_BODY - 4096, MAX_BODY + 1, MAX_BODY + 4096]))
+    size = size + data.draw(st.integers(0, 1024 * 1024)) if size > MAX_BODY else size
+    resource = make_patient("大", f"fuzz-{uuid.uuid4()}")
+    resource["name"][0]["family"] = "x"
+    padding = size - len(dumps(resource)) + 1
+    resource["name"][0]["family"] = "x" * padding
+    body = dumps(resource)
+    assert len(body) == size
+    target = data.draw(st.sampled_from(["/fhir/Patient", "/fhir"]))
+    if target == "/fhir":  # the same bytes as a transaction of one entry
+        entry = {"resource": resource, "request": {"method": "POST", "url": "Patient"}}
+        bundle = {"resourceType": "Bundle", "type": "transaction", "entry": [entry]}
+        body = dumps(bundle)
+    reply, parsed, _, _ = world.exchange("POST", target, json_headers(world.token), body)
+    if len(body) > MAX_BODY:
+        assert reply.status == 413 and parsed["issue"][0]["code"] == "too-costly", str(reply)
+        assert "at most 8 MiB" in parsed["issue"][0]["diagnostics"], str(reply)
+    else:
+        assert reply.status in (200, 201), str(reply)
+
+
+@st.composite
+def hostile_queries(draw: Any) -> list[tuple[str, str]]:
+    """Searches of a shape the node limits: repeated parameters, long values, many values,
+    huge numbers; around the limits and far beyond them."""
+    name = draw(
+        st.sampled_from(
+            ["family", "name:contains", "_id", "identifier", "gender", "_sort", "birthdate"]
+        )
+    )
+    shape = draw(st.sampled_from(["repeated", "long", "values", "number", "mixed"]))
+    if shape == "repeated":
+        count = draw(st.integers(1, 60) | st.integers(1_000, 3_000))
+        return [(name, draw(st.sampled_from(["x", "_id", "male", "2024"])))] * count
+    if shape == "long":
+        length = draw(st.integers(500, 530) | st.integers(1_000, 100_000))
+        return [(name, draw(st.sampled_from(["x", "%", "\\,", "张"])) * length)]
+    if shape == "values":
+        count = draw(st.integers(190, 210) | st.integers(1_000, 5_000))
+        return [(name, ",".join([draw(st.sampled_from(["x", "male", "_id"]))] * count))]
+    if shape == "number":
+        return [(name, draw(st.sampled_from(UNREADABLE_NUMBERS)))]
+    parts = draw(st.integers(40, 60))
+    each = draw(st.integers(1, 6))
+    return [(name, ",".join(["y" * draw(st.integers(1, 520))] * each))] * parts
+
+
+def beyond_the_limits(query: list[tuple[str, str]]) -> bool:
+    values = [re.split(r"(?<!\\),", value) for _, value in query]
+    return (
+        len(query) > 50
+        or sum(len(v) for v in values) > 200
+        or any(len(item.replace("\\,", ",")) > 512 for v in values for item in v)
+        or any(len(name) > 512 for name, _ in query)
+    )
+
+
+@fuzz(60)
+@given(data=st.data())
+def test_hostile_search_shapes(world: World, data: st.DataObject) -> None:
+    """Were 500s on SQLite (expression depth, LIKE pattern too complex): beyond the limits a
+    400 OperationOutcome naming them, in a GET, a POST _search and an If-None-Exist alike."""
+    query = data.draw(hostile_queries())
+    encoded = urlencode(query)
+    how = data.draw(st.sampled_from(["GET", "POST", "If-None-Exist"]))
+    if how == "GET" and len(encoded) > 30_000:
+        how = "POST"  # a request line that long is for the HTTP server to refuse, not FHIR
+    if how == "If-None-Exist" and len(encoded) > 30_000:
+        how = "POST"
+    if how == "GET":
+        reply, parsed, _, _ = world.exchange(
+            "GET", f"/fhir/Patient?{encoded}", [bearer(world.token)]
+        )
+        allowed = {200, 400}
+    elif how == "POST":
+        headers = [bearer(world.token), ("Content-Type", "application/x-www-form-urlencoded")]
+        reply, parsed, _, _ = world.exchange(
+            "POST", "/fhir/Patient/_search", headers, encoded.encode()
+        )
+        allowed = {200, 400}
+    else:
+        headers = [*json_headers(world.token), ("If-None-Exist", encoded)]
+        resource = make_patient("搜", f"fuzz-{uuid.uuid4()}")
+        reply, parsed, _, _ = world.exchange("POST", "/fhir/Patient", headers, dumps(resource))
+        allowed = {200, 201, 400, 412}
+    if beyond_the_limits(query):
+        assert reply.status == 400, str(reply)
+        issue = parsed["issue"][0]
+        assert issue["code"] == "too-costly", str(reply)
+        assert "at most 50 parameters and 200 values" in issue["diagnostics"], str(reply)
+    else:
+        assert reply.status in allowed, str(reply)
+
+
+ENTRY_SHAPES: tuple[dict[str, Any], ...] = (
+    {"request": {"method": "GET", "url": "metadata"}},
+    {"request": {"method": "GET", "url": "Patient?_count=1"}},
+    {"request": {"method": "POST", "url": "Patient"}, "resource": make_patient("批")},
+    {"request": {"method": "DELETE", "url": "Patient/nobody"}},
+)
+
+
+@fuzz(20)
+@given(data=st.data())
+def test_oversized_bundles(world: World, data: st.DataObject) -> None:
+    """Were run entry by entry (4,000 GETs: 97 s, 4,000 AuditEvents): beyond 200 entries a
+    batch or transaction is refused whole with 413, before any entry runs."""
+    kind = data.draw(st.sampled_from(["batch", "transaction"]))
+    count = data.draw(st.integers(201, 230) | st.sampled_from([1_000, 4_000]))
+    entries = [data.draw(st.sampled_from(ENTRY_SHAPES)) for _ in range(5)]
+    bundle = {"resourceType": "Bundle", "type": kind, "entry": (entries * count)[:count]}
+    reply, parsed, _, _ = world.exchange("POST", "/fhir", json_headers(world.token), dumps(bundle))
+    assert reply.status == 413, str(reply)
+    assert parsed["issue"][0]["code"] == "too-costly", str(reply)
+    assert "at most 200" in parsed["issue"][0]["diagnostics"], str(reply)
+
+
+def test_a_batch_at_the_limit_is_answered(world: World) -> None:
+    bundle = {"resourceType": "Bundle", "type": "batch", "entry": [ENTRY_SHAPES[0]] * 200}
+    _, parsed = check_request(world, "POST", "/fhir", body=dumps(bundle), expected=(200,))
+    assert [entry_status(e) for e in parsed["entry"]] == [200] * 200
+
+
+@fuzz(30)
+@given(data=st.data())
+def test_non_utf8_charsets_are_refused(world: World, data: st.DataObject) -> None:
+    """Was read as UTF-8 whatever the charset said: 415 now, for FHIR JSON bodies and form
+    searches alike, and nothing written."""
+    charset = data.draw(
+        st.sampled_from(["latin-1", "ISO-8859-1", "gb18030", "GBK", "UTF-16", "us-ascii", "x"])
+        | st.from_regex(r"[A-Za-z0-9\-_]{1,20}", fullmatch=True).filter(
+            lambda c: c.lower() != "utf-8"
+        )
+    )
+    resource = make_patient("MÃ¼ller", f"fuzz-{uuid.uuid4()}")
+    target, mime, body = data.draw(
+        st.sampled_from(
+            [
+                ("/fhir/Patient", FHIR_JSON, dumps(resource)),
+                (f"/fhir/Patient/{uuid.uuid4()}", FHIR_JSON, None),
+                ("/fhir", "application/json", None),
+                ("/fhir/Patient/_search", "application/x-www-form-urlencoded", b"gender=male"),
+            ]
+        )
+    )
+    method = "PUT" if target.count("/") == 3 and "_search" not in target else "POST"
+    if body is None and method == "PUT":
+        body = dumps({**resource, "id": target.rsplit("/", 1)[1]})
+    elif body is None:
+        entry = {"resource": resource, "request": {"method": "POST", "url": "Patient"}}
+        body = dumps({"resourceType": "Bundle", "type": "batch", "entry": [entry]})
+    with contextlib.suppress(LookupError, UnicodeError):  # else the bytes stay UTF-8
+        body = body.decode().encode(charset)
+    headers = [bearer(world.token), ("Content-Type", f"{mime}; charset={charset}")]
+    reply, parsed, _, _ = world.exchange(method, target, headers, body)
+    assert reply.status == 415, str(reply)
+    assert "UTF-8" in parsed["issue"][0]["diagnostics"], str(reply)
 
 
 def test_refusal_inside_a_transaction_is_answered_and_recorded(world: World) -> None:

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -274,6 +275,78 @@ def test_a_message_too_long_is_refused_and_the_connection_goes_on(
             )
         ).first()
     assert size is not None and size[0] == 1 << 20
+
+
+@pytest.mark.parametrize(
+    ("value_type", "field", "value", "problem"),
+    [
+        ("NM", 5, "9" * 10_000, "has 10000 significant digits"),
+        ("NM", 5, "1" * 33, "has 33 significant digits"),
+        ("NM", 5, "<" + "9" * 400, "has 400 significant digits"),
+        ("NM", 5, "0." + "0" * 400 + "1", "too small"),
+        ("SN", 5, "^" + "9" * 5000, "has 5000 significant digits"),
+        ("SN", 5, "^1^-^" + "9" * 309, "has 309 significant digits"),
+        ("NM", 7, "1-" + "9" * 5000, "has 5000 significant digits"),
+    ],
+    ids=["NM-10000", "NM-33", "NM-comparator", "NM-tiny", "SN-5000", "SN-ratio", "range"],
+)
+def test_a_number_json_clients_cannot_read_is_refused_and_quarantined(
+    listener: Listener, database: Database, value_type: str, field: int, value: str, problem: str
+) -> None:
+    """Was AA: stored, and from then on the patient's results could not be read (500 on
+    /peer/access, AE 207 for every later message of the order)."""
+    control = f"BIG-{uuid.uuid4().hex[:12]}"
+    message = cbc(control, f"F-{control}", None, "MRN-BIG")
+    message = set_field(message, "OBX", 2, value_type, occurrence=3)
+    message = set_field(message, "OBX", field, value, occurrence=3)
+    before = quarantine_count(database)
+    ack = listener.send(message)
+    assert (ack.code, ack.error_code) == ("AE", "102"), ack
+    assert f"OBX[3]-{field}" in ack.text and problem in ack.text, ack.text
+    assert "9999999999" not in ack.text and len(ack.text) < 500
+    assert quarantine_count(database) == before + 1
+    assert not any(key.endswith(f"|{control}") for key in stored_keys(database))
+    fine = listener.send(cbc(f"{control}-ok", f"F-{control}", None, "MRN-BIG"))
+    assert fine.code == "AA", fine
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["1" * 32, "-0." + "0" * 322 + "5", "<0." + "0" * 300 + "1"],
+    ids=["32-digits", "smallest", "comparator"],
+)
+def test_numbers_at_the_edges_of_the_rule_are_taken_in(
+    listener: Listener, database: Database, value: str
+) -> None:
+    control = f"EDGE-{uuid.uuid4().hex[:12]}"
+    message = set_field(cbc(control, f"F-{control}", None, "MRN-EDGE"), "OBX", 5, value)
+    assert listener.send(message).code == "AA"
+    order = hl7v2.read_results(hl7v2.parse_message(message), SYSTEMS)[0].orders[0]
+    _, stored = current(database, "Observation", order.results[0].resource_id)
+    assert stored["valueQuantity"]["value"] == Decimal(value.lstrip("<"))
+
+
+def test_a_correction_replaces_a_stored_number_json_clients_cannot_read(
+    listener: Listener, database: Database
+) -> None:
+    """A result an older version stored with a 10,000-digit value: the next message of the
+    order (a correction) is taken in and replaces it (was AE 207 for every later message)."""
+    from tests.test_stored_numbers import poison
+
+    resident = resident_id("33010619900101126")
+    first = cbc("POISON-1", "F-POISON", resident, "MRN-POISON")
+    assert listener.send(first).code == "AA"
+    order = hl7v2.read_results(hl7v2.parse_message(first), SYSTEMS)[0].orders[0]
+    hemoglobin = order.results[2].resource_id
+    poison(database, "Observation", hemoglobin)
+    correction = cbc("POISON-2", "F-POISON", resident, "MRN-POISON", reported="20260310113000+0800")
+    correction = set_field(correction, "OBX", 5, "131", occurrence=3)
+    correction = set_field(correction, "OBX", 11, "C", occurrence=3)
+    ack = listener.send(correction)
+    assert ack.code == "AA", ack
+    version, corrected = current(database, "Observation", hemoglobin)
+    assert version == 2 and corrected["status"] == "corrected"
+    assert corrected["valueQuantity"]["value"] == Decimal("131")
 
 
 def test_a_message_never_finished_is_not_stored_nor_answered(

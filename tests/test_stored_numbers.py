@@ -1,0 +1,131 @@
+"""Numbers JSON clients cannot read, already stored: a node whose store holds one (written by an
+older version, here straight into its table) still answers ``/peer/access``, searches and
+reads for the patient, on SQLite and PostgreSQL (a real node process, a real signed peer
+request), and never hands the unreadable resource to another member or into a Bundle."""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+
+import sqlalchemy as sa
+
+from consent.pseudonym import RESIDENT_ID_SYSTEM, pseudonym
+from fhir_adapters import jsonio, tables
+from ledger import keys
+from ledger.store import ChainStore
+from node.config import load_config
+from node.consortium import read_secret
+from node.db import Database
+from node.replication import SignedPeers
+from tests.nodes import Node, post
+from tests.test_fhir_api import observation
+
+HUGE = "9" * 10_000  # Python's json refuses integers of more than 4300 digits
+
+
+def poison(database: Database, resource_type: str, resource_id: str) -> None:
+    """Write a 10,000-digit value into the current version's stored body (its
+    ``valueQuantity.value``), as an older version of hrx let the HL7 intake do."""
+    R, V = tables.resources, tables.versions
+    with database.write_engine.begin() as conn:
+        res_pk, version = conn.execute(
+            sa.select(R.c.res_pk, R.c.version).where(
+                R.c.type == resource_type, R.c.id == resource_id
+            )
+        ).one()
+        body = conn.execute(
+            sa.select(V.c.body).where(V.c.res_pk == res_pk, V.c.version == version)
+        ).scalar_one()
+        poisoned, count = re.subn(
+            rb'("valueQuantity":\{"value":)[0-9.]+', rb"\g<1>" + HUGE.encode(), bytes(body)
+        )
+        assert count == 1, body
+        conn.execute(
+            V.update().where(V.c.res_pk == res_pk, V.c.version == version).values(body=poisoned)
+        )
+
+
+def a_patient_with_results(node: Node) -> tuple[str, str, list[str]]:
+    """(patient id, pseudonym, ids of three laboratory Observations)."""
+    session = node.session()
+    resident_id = "3301" + str(uuid.uuid4().int)[:14]
+    created = post(
+        session,
+        f"{node.fhir}/Patient",
+        {
+            "resourceType": "Patient",
+            "identifier": [{"system": RESIDENT_ID_SYSTEM, "value": resident_id}],
+        },
+    )
+    assert created.status_code == 201, created.text
+    patient_id = created.json()["id"]
+    results = []
+    for code in ("718-7", "2823-3", "2160-0"):
+        made = post(session, f"{node.fhir}/Observation", observation(patient_id, code))
+        assert made.status_code == 201, made.text
+        results.append(made.json()["id"])
+    secret = read_secret(load_config(node.directory).consortium_key)
+    return patient_id, pseudonym(secret, RESIDENT_ID_SYSTEM, resident_id), results
+
+
+def ask_for_records(node: Node, patient: str) -> bytes:
+    """The bytes of the answer to a break-glass access request, signed by the node's own
+    member key (it is the one member of its consortium)."""
+    config = load_config(node.directory)
+    peers = SignedPeers(
+        ChainStore(node.database.engine), config.node_id, keys.load_private_key(config.ed25519_key)
+    )
+    body = {
+        "request_id": str(uuid.uuid4()),
+        "patient": patient,
+        "purpose": "ETREAT",
+        "categories": ["laboratory"],
+        "reason": "昏迷，无家属",
+    }
+    return peers.fetch(config.node_id, "POST", "/peer/access", body)  # PeerUnavailable if not 200
+
+
+def test_a_stored_unreadable_number_does_not_take_down_peer_access(node: Node) -> None:
+    _, patient, results = a_patient_with_results(node)
+    poison(node.database, "Observation", results[1])
+    answer = ask_for_records(node, patient)
+    parsed = json.loads(answer)  # a JSON client reads the whole answer
+    assert parsed["decision"] == "permit"
+    released = {resource["id"] for resource in parsed["resources"]}
+    assert released == {results[0], results[2]}  # the unreadable one is left out
+
+
+def test_searches_and_reads_of_the_patient_go_on(node: Node) -> None:
+    patient_id, _, results = a_patient_with_results(node)
+    poison(node.database, "Observation", results[0])
+    session = node.session()
+    found = session.get(f"{node.fhir}/Observation", params={"patient": patient_id})
+    assert found.status_code == 200, found.text[:500]
+    bundle = json.loads(found.content)  # readable by a JSON client
+    assert bundle["total"] == 3
+    matches = [e["resource"]["id"] for e in bundle["entry"] if e["search"]["mode"] == "match"]
+    assert sorted(matches) == sorted(results[1:])
+    [note] = [e["resource"] for e in bundle["entry"] if e["search"]["mode"] == "outcome"]
+    assert "1 resource(s) left out" in note["issue"][0]["diagnostics"]
+    everything = session.get(f"{node.fhir}/Patient/{patient_id}/$everything")
+    assert everything.status_code == 200 and json.loads(everything.content)
+    # the resource itself can still be read, as stored, and indented
+    for params in ({}, {"_pretty": "true"}):
+        read = session.get(f"{node.fhir}/Observation/{results[0]}", params=params)
+        assert read.status_code == 200, read.text[:500]
+        assert HUGE in read.text
+    # and a corrected version replaces it
+    current = jsonio.parse(session.get(f"{node.fhir}/Observation/{results[0]}").content)
+    current["valueQuantity"]["value"] = jsonio.parse("13.6")
+    fixed = session.put(
+        f"{node.fhir}/Observation/{results[0]}",
+        data=jsonio.dump(current),
+        headers={"Content-Type": "application/fhir+json"},
+    )
+    assert fixed.status_code == 200, fixed.text[:500]
+    again = json.loads(
+        session.get(f"{node.fhir}/Observation", params={"patient": patient_id}).content
+    )
+    assert sorted(e["resource"]["id"] for e in again["entry"]) == sorted(results)
