@@ -20,6 +20,7 @@ import requests
 from click.testing import CliRunner
 
 from ledger import keys
+from ledger.store import ChainStore
 from node.auth import TokenAuthority
 from node.cli import main
 from node.config import load_config
@@ -260,21 +261,18 @@ def post(session: requests.Session, url: str, resource: dict[str, Any], **header
 _askers: dict[Path, Any] = {}
 
 
-def ask_access(
-    asker: Path, source: str, body: dict[str, Any], *, username: str = "dr-test"
-) -> dict[str, Any]:
-    """``POST /peer/access`` to member ``source``, signed by the member whose directory is
-    ``asker``, after recording the question on the asker's chain as a referral does (the
-    body's ``request_id``, ``patient``, ``purpose`` and ``categories``; ``asked`` is added)."""
+def asked(asker: Path, body: dict[str, Any], *, username: str = "dr-test") -> dict[str, Any]:
+    """An access request ``body`` with its proof (``asked``), after recording the question on
+    the chain of the member whose directory is ``asker``, as a referral does (the body's
+    ``request_id``, ``patient``, ``purpose`` and ``categories``)."""
     from node.referral_api import record_question
-    from node.replication import SignedPeers
     from node.services import open_services
 
     services = _askers.get(asker)
     if services is None:
         services = _askers[asker] = open_services(load_config(asker))
         atexit.register(services.close)
-    asked = record_question(
+    proof = record_question(
         services,
         body["request_id"],
         body["patient"],
@@ -282,10 +280,19 @@ def ask_access(
         body["purpose"],
         list(body["categories"]),
     )
+    return {**body, "asked": proof}
+
+
+def ask_access(asker: Path, source: str, body: dict[str, Any]) -> dict[str, Any]:
+    """``POST /peer/access`` to member ``source``, signed by the member whose directory is
+    ``asker``, with the question recorded on its chain first (:func:`asked`)."""
+    from node.replication import SignedPeers
+
+    config = load_config(asker)
     peers = SignedPeers(
-        services.chain_store,
-        services.config.node_id,
-        keys.load_private_key(services.config.ed25519_key),
+        _askers[asker].chain_store if asker in _askers else ChainStore(config.database_url),
+        config.node_id,
+        keys.load_private_key(config.ed25519_key),
     )
-    answer: dict[str, Any] = peers.post(source, "/peer/access", {**body, "asked": asked})
+    answer: dict[str, Any] = peers.post(source, "/peer/access", asked(asker, body))
     return answer

@@ -19,7 +19,7 @@ from node.config import load_config
 from node.consortium import read_secret
 from node.db import Database
 from node.replication import SignedPeers
-from tests.nodes import Node, post
+from tests.nodes import Node, asked, post
 from tests.test_fhir_api import observation
 
 HUGE = "9" * 10_000  # Python's json refuses integers of more than 4300 digits
@@ -82,8 +82,10 @@ def ask_for_records(node: Node, patient: str) -> bytes:
         "patient": patient,
         "purpose": "ETREAT",
         "categories": ["laboratory"],
-        "reason": "昏迷，无家属",
+        "reason": "昏迷，无家属，需查既往检验结果",
+        "reason_code": "unconscious",
     }
+    body = asked(node.directory, body)  # the question on the chain first, as a referral does
     return peers.fetch(config.node_id, "POST", "/peer/access", body)  # PeerUnavailable if not 200
 
 
