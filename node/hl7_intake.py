@@ -88,7 +88,7 @@ class Outcome:
         return self.ack_code == "AA"
 
     def summary(self) -> str:
-        """One line for logs and the CLI."""
+        """One line for the CLI's operator (a refusal's reason may name local patients)."""
         if self.status == "stored":
             count = len(self.written)
             text = f"stored: {count} resource version(s) written" if count else "stored: no change"
@@ -99,6 +99,15 @@ class Outcome:
         else:
             text = f"refused (and NOT quarantined): {self.reason}"
         return text + (f" ({self.note})" if self.note else "")
+
+    def log_summary(self) -> str:
+        """One line for the log: a refusal's reason can name patients and their identifiers,
+        so it stays in the quarantine (``hrx adapters quarantine show N``)."""
+        if self.status == "quarantined":
+            return f"quarantined as #{self.quarantine_id} (the reason is kept with it)"
+        if self.status == "refused":
+            return "refused (and NOT quarantined: the quarantine could not be written)"
+        return self.summary()
 
 
 @dataclass(frozen=True)

@@ -224,7 +224,7 @@ class Hl7Listener:
             log.info("%s - AE not stored: %s", peer, error.reason)
         else:
             ack, key = outcome.ack, outcome.key
-            log.info("%s %s %s %s", peer, key or "-", outcome.ack_code, outcome.summary())
+            log.info("%s %s %s %s", peer, key or "-", outcome.ack_code, outcome.log_summary())
         try:
             sock.sendall(frame(ack))
         except OSError as exc:

@@ -232,6 +232,26 @@ def test_an_ack_of_a_gb18030_message_is_in_gb18030(listener: Listener) -> None:
     assert "ERR|MSH^1^12^203&Unsupported version id&HL70357" in ack.segments
 
 
+def test_a_result_of_another_patient_is_refused_and_the_log_names_no_one(
+    listener: Listener,
+) -> None:
+    """The same order sent again for another patient is quarantined (never moved); the
+    listener's log line says so without either patient's identifiers or local ids."""
+    first = listener.send(cbc("LOG-1", "F-LOG-1", mrn="HZ00077701", name="欧阳^娜娜"))
+    assert first.code == "AA"
+    other = listener.send(cbc("LOG-2", "F-LOG-1", mrn="HZ00077702", name="司马^光"))
+    assert other.code == "AE"
+    deadline = time.monotonic() + 10
+    while "LOG-2" not in listener.log.read_text(errors="replace"):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    text = listener.log.read_text(errors="replace")
+    line = next(line for line in text.splitlines() if "LOG-2" in line)
+    assert "quarantined as #" in line
+    for private in ("HZ00077701", "HZ00077702", "欧阳", "娜娜", "司马", "Patient/"):
+        assert private not in text, private
+
+
 def test_many_senders_at_once_are_each_answered_after_storing(
     listener: Listener, database: Database
 ) -> None:
