@@ -401,7 +401,15 @@ def write_config(directory: Path, settings: dict[str, dict[str, Any]]) -> Path:
 
 def _without_password(url: str) -> str:
     parsed = sa.engine.make_url(url)
-    return parsed.set(password=None).render_as_string(hide_password=False)
+    without = sa.engine.URL.create(  # URL.set(password=None) would keep the password
+        parsed.drivername,
+        username=parsed.username,
+        host=parsed.host,
+        port=parsed.port,
+        database=parsed.database,
+        query=parsed.query,
+    )
+    return without.render_as_string(hide_password=False)
 
 
 def _write_private(path: Path, text: str, mode: int) -> None:
