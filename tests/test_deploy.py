@@ -642,7 +642,7 @@ def test_prometheus_scrapes_through_the_proxy_with_the_token(
 def test_a_reload_takes_a_new_token_without_a_restart(
     hospital_node: HospitalNode, proxy: Proxy
 ) -> None:
-    """SIGHUP (systemctl reload, docker compose kill -s HUP web): new workers read the token
+    """SIGHUP (systemctl reload, docker compose kill -s SIGHUP web): new workers read the token
     file again; the master and its listening socket stay."""
     path = hospital_node.directory / "keys" / "metrics.token"
     old = path.read_text().strip()
