@@ -9,7 +9,8 @@ up every worker, and gunicorn's own log lines in the node's log format.
 - gunicorn's control socket (gunicorn 25.1 and later; ``gunicornc`` talks to it) is
   ``DIR/gunicorn.ctl``, not gunicorn's default ``$XDG_RUNTIME_DIR/gunicorn.ctl`` or
   ``~/.gunicorn/gunicorn.ctl``: two nodes served by the same user would share that one, and
-  the first to stop would delete it under the other.
+  the first to stop would delete it under the other. (A socket's path is at most 107 bytes:
+  with a longer one gunicorn logs that it has no control socket and serves all the same.)
 - ``PROMETHEUS_MULTIPROC_DIR`` (default ``DIR/prometheus``, created when absent): each worker
   counts requests and decisions in files there and ``/metrics`` adds them all up. When
   gunicorn starts, the files of processes that no longer run are removed (a counter then

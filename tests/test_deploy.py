@@ -728,9 +728,9 @@ def test_the_units_run_real_commands() -> None:
 def in_namespace(script: str, workdir: Path, **kwargs: Any) -> subprocess.Popen[str]:
     """``script`` run by sh as root in a private mount namespace whose /etc and /opt are
     overlays (changes go to ``workdir``) and whose /srv is ``workdir``/srv: a user it creates,
-    a unit it installs, exist only there. If this Python lives under /root (mode 0700), /root
-    is made passable there so another user can run it."""
-    for name in ("etc.up", "etc.work", "opt.up", "opt.work", "srv", "pyenv"):
+    a unit it installs, exist only there. If this Python or this checkout lives under /root
+    (mode 0700), /root is made passable there so that another user can run them."""
+    for name in ("etc.up", "etc.work", "opt.up", "opt.work", "srv"):
         (workdir / name).mkdir()
     (workdir / "srv").chmod(0o755)
     prelude = f"""set -eu
@@ -739,14 +739,17 @@ mount -t overlay overlay -o lowerdir=/etc,upperdir={workdir}/etc.up,workdir={wor
 mount -t overlay overlay -o lowerdir=/opt,upperdir={workdir}/opt.up,workdir={workdir}/opt.work /opt
 mount --bind {workdir}/srv /srv
 """
-    if sys.prefix.startswith("/root/"):
-        top = "/root/" + sys.prefix.split("/")[2]
-        assert not ROOT.is_relative_to("/root"), "the checkout must not be under /root"
-        prelude += f"""mount --bind {top} {workdir}/pyenv
-mount -t tmpfs -o mode=0755 tmpfs /root
-mkdir {top}
-mount --bind {workdir}/pyenv {top}
-"""
+    # what another user must reach under /root (0700): kept aside, then put back on a /root
+    # that others may pass through
+    hidden = sorted({str(p) for p in (Path(sys.prefix), ROOT) if p.is_relative_to("/root")})
+    if hidden:
+        for number, path in enumerate(hidden):
+            (workdir / f"kept{number}").mkdir()
+            prelude += f"mount --bind {shlex.quote(path)} {workdir}/kept{number}\n"
+        prelude += "mount -t tmpfs -o mode=0755 tmpfs /root\n"
+        for number, path in enumerate(hidden):
+            prelude += f"(umask 022 && mkdir -p {shlex.quote(path)})\n"
+            prelude += f"mount --bind {workdir}/kept{number} {shlex.quote(path)}\n"
     return subprocess.Popen(
         ["unshare", "--mount", "sh", "-c", prelude + script],
         text=True,
