@@ -45,7 +45,7 @@ import yaml
 from node.config import load_config, write_config
 from node.errors import ConfigError
 from tests.conftest import POSTGRES_ADMIN, _postgres_admin
-from tests.nodes import free_port, init_node, wait_healthy
+from tests.nodes import free_port, hrx, init_node, wait_healthy
 from tests.test_compose import docker_compose, hrx_command, mounts, published_ports
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -611,14 +611,20 @@ def test_the_proxy_passes_the_client_address_and_https(
     # the node knows the request came over TLS: its cookies are Secure
     cookie = answer.headers["Set-Cookie"]
     assert "hrx_portal_csrf=" in cookie and "Secure" in cookie
-    # a body up to the node's limit reaches the node (its answer, not nginx's 413 page)
+    # a body beyond nginx's default 1 MB, up to the node's limit, reaches the node and is read
+    # (the node's own answer to what is in it, not nginx's 413 page)
+    directory = str(hospital_node.directory)
+    hrx("user", "add", "--dir", directory, "--username", "proxy-check", "--role", "doctor")
+    token = hrx("token", "issue", "--dir", directory, "--username", "proxy-check").strip()
     big = client.post(
         f"{proxy.base}/fhir/Patient",
-        data=b"{" + b" " * (4 * 1024 * 1024) + b"}",
-        headers={"Content-Type": "application/fhir+json"},
+        data=b'{"resourceType": "Observation"' + b" " * (4 * 1024 * 1024) + b"}",
+        headers={"Content-Type": "application/fhir+json", "Authorization": f"Bearer {token}"},
         verify=str(proxy.ca),
     )
-    assert big.status_code == 401 and big.json()["resourceType"] == "OperationOutcome"
+    assert big.status_code == 400, big.text[:300]
+    outcome = big.json()
+    assert outcome["resourceType"] == "OperationOutcome" and "Observation" in big.text
 
 
 @pytest.mark.postgres
