@@ -1,9 +1,13 @@
 # The hrx node image: the hrx command (node, replication worker, adapters, auditor) and gunicorn.
+# It runs as the user hrx, uid and gid 10001: a node directory bind-mounted from the host
+# (deploy/hospital/docker-compose.yml) must belong to 10001:10001.
 FROM python:3.11-slim-bookworm
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1
-RUN useradd --system --create-home --home-dir /home/hrx hrx \
-    && mkdir -p /srv/hrx/consortium /srv/hrx/hosp-a /srv/hrx/hosp-b /srv/hrx/hosp-c \
-    && chown -R hrx:hrx /srv/hrx
+RUN groupadd --system --gid 10001 hrx \
+    && useradd --system --uid 10001 --gid hrx --create-home --home-dir /home/hrx hrx \
+    && mkdir -p /srv/hrx/node /srv/hrx/consortium /srv/hrx/hosp-a /srv/hrx/hosp-b /srv/hrx/hosp-c \
+    && chown -R hrx:hrx /srv/hrx \
+    && chmod 750 /srv/hrx/node /srv/hrx/consortium /srv/hrx/hosp-a /srv/hrx/hosp-b /srv/hrx/hosp-c
 WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY consent consent
@@ -14,6 +18,5 @@ COPY node node
 COPY deploy deploy
 RUN pip install --no-cache-dir '.[fast-bls]'
 USER hrx
-VOLUME ["/srv/hrx"]
 EXPOSE 8080 2575
 CMD ["hrx", "--help"]

@@ -4,6 +4,13 @@ Every setting can be overridden by ``HRX_<SECTION>_<KEY>`` (``HRX_DATABASE_URL``
 ``HRX_SERVER_PORT``...), which is how containers and gunicorn deployments set them. Unknown
 sections or keys, and values of the wrong type, are refused with the setting named. Relative
 paths are relative to the node's directory.
+
+Secrets are not kept in ``node.toml``: the database password is read from
+``database.password_file`` and the scrape token from ``metrics.token_file`` (files only the
+node's user may read, like its keys), or given in the environment. A ``node.toml`` that every
+user of the machine can read and that holds a password or a token is refused.
+:func:`write_config` writes ``node.toml`` (mode 0640) with a password given in the database
+URL moved to ``keys/database.password`` (mode 0600).
 """
 
 from __future__ import annotations
@@ -11,23 +18,29 @@ from __future__ import annotations
 import json
 import os
 import re
+import stat
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import sqlalchemy as sa
+
 from consent.pseudonym import RESIDENT_ID_SYSTEM
 from node.errors import ConfigError
 
 CONFIG_FILE = "node.toml"
+CONFIG_MODE = 0o640  # the node's user writes it, its group may read it, nobody else
+DATABASE_PASSWORD_FILE = "keys/database.password"  # where write_config puts a URL's password
 
 # section -> key -> (type, default); None: required
 SCHEMA: dict[str, dict[str, tuple[type, Any]]] = {
     "node": {"id": (str, None), "name": (str, None), "url": (str, None)},
     # trusted_proxies: how many proxies in front (TLS ends there) set X-Forwarded-* headers
     "server": {"host": (str, "127.0.0.1"), "port": (int, 8080), "trusted_proxies": (int, 0)},
-    "database": {"url": (str, None)},
+    # password_file: the password of database.url's user, in a file only the node's user reads
+    "database": {"url": (str, None), "password_file": (str, "")},
     "keys": {
         "ed25519": (str, "keys/node.pem"),
         "bls": (str, "keys/node.bls"),
@@ -62,8 +75,9 @@ SCHEMA: dict[str, dict[str, tuple[type, Any]]] = {
         "page_size": (int, 100),
     },
     # GET /metrics for Prometheus (docs/operations.md); token: when set, scrapers must send
-    # "Authorization: Bearer <token>"; when "", only direct loopback clients are answered
-    "metrics": {"enabled": (bool, True), "token": (str, "")},
+    # "Authorization: Bearer <token>"; when "", only direct loopback clients are answered;
+    # token_file: a file holding the token (instead of token)
+    "metrics": {"enabled": (bool, True), "token": (str, ""), "token_file": (str, "")},
     # format: "json" (one object per line on stderr) or "text"; level: DEBUG ... CRITICAL
     "logging": {"format": (str, "json"), "level": (str, "INFO")},
 }
@@ -72,7 +86,7 @@ SCHEMA: dict[str, dict[str, tuple[type, Any]]] = {
 # settings for which 0 means "none" or "off" (every other whole number must be at least 1)
 _MAY_BE_ZERO = {"audit_flush_ms", "dicomweb_interval_seconds", "dicomweb_overlap_days"}
 # text settings that may be given as "" (meaning none)
-_MAY_BE_EMPTY = {"metrics_token"}
+_MAY_BE_EMPTY = {"metrics_token", "metrics_token_file", "database_password_file"}
 _BOOLEANS = {"true": True, "false": False, "1": True, "0": False, "yes": True, "no": False}
 LOG_FORMATS = ("json", "text")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
@@ -88,7 +102,7 @@ class NodeConfig:
     host: str
     port: int
     trusted_proxies: int
-    database_url: str
+    database_url: str  # with the password of database.password_file in it, when one is set
     ed25519_key: Path
     bls_key: Path
     token_key: Path
@@ -117,6 +131,11 @@ class NodeConfig:
     @property
     def fhir_base(self) -> str:
         return self.url.rstrip("/") + "/fhir"
+
+    @property
+    def database_url_redacted(self) -> str:
+        """The database URL to show or log: its password, if any, as ``***``."""
+        return _redacted(self.database_url)
 
 
 def _coerce(name: str, kind: type, value: Any) -> Any:
@@ -151,6 +170,7 @@ def load_config(directory: Path, environ: Mapping[str, str] | None = None) -> No
         ) from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: {exc}") from None
+    _refuse_secrets_readable_by_all(path, raw)
     values: dict[str, Any] = {}
     for section, content in raw.items():
         if section not in SCHEMA or not isinstance(content, dict):
@@ -212,6 +232,29 @@ def load_config(directory: Path, environ: Mapping[str, str] | None = None) -> No
         raise ConfigError(
             f"logging.level is one of {', '.join(LOG_LEVELS)}, not {values['logging_level']!r}"
         )
+
+    def resolve(value: str) -> Path:
+        return (directory / value).resolve()
+
+    database_url = values["database_url"]
+    if values["database_password_file"]:
+        if _password_of(database_url) is not None:
+            raise ConfigError(
+                "database.url holds a password and database.password_file is set: give the "
+                "password one way (the file)"
+            )
+        password = read_secret_file(
+            resolve(values["database_password_file"]), "database.password_file"
+        )
+        database_url = _with_password(database_url, password)
+    if values["metrics_token_file"]:
+        if values["metrics_token"]:
+            raise ConfigError(
+                "metrics.token and metrics.token_file are both set: give the token one way"
+            )
+        values["metrics_token"] = read_secret_file(
+            resolve(values["metrics_token_file"]), "metrics.token_file"
+        )
     token = values["metrics_token"]
     if token and (len(token) < METRICS_TOKEN_MIN_LENGTH or not re.fullmatch(r"[!-~]+", token)):
         raise ConfigError(
@@ -219,9 +262,6 @@ def load_config(directory: Path, environ: Mapping[str, str] | None = None) -> No
             "characters without spaces (make one with: python3 -c 'import secrets; "
             "print(secrets.token_urlsafe(32))'), or empty for none"
         )
-
-    def resolve(value: str) -> Path:
-        return (directory / value).resolve()
 
     return NodeConfig(
         directory=directory,
@@ -231,7 +271,7 @@ def load_config(directory: Path, environ: Mapping[str, str] | None = None) -> No
         host=values["server_host"],
         port=values["server_port"],
         trusted_proxies=values["server_trusted_proxies"],
-        database_url=_database_url(values["database_url"], directory),
+        database_url=_database_url(database_url, directory),
         ed25519_key=resolve(values["keys_ed25519"]),
         bls_key=resolve(values["keys_bls"]),
         token_key=resolve(values["keys_token"]),
@@ -269,13 +309,121 @@ def _database_url(value: str, directory: Path) -> str:
     return value
 
 
+def read_secret_file(path: Path, setting: str) -> str:
+    """The secret in ``path`` (one line; the line break after it is not part of it), refused
+    when the file is missing, empty or readable by anyone but its owner."""
+    try:
+        mode = path.stat().st_mode
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{setting}: {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{setting}: cannot read {path}: {exc}") from None
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise ConfigError(
+            f"{setting}: {path} is accessible to other users (mode {stat.S_IMODE(mode):04o}); "
+            f"run: chmod 600 {path}"
+        )
+    secret = text.rstrip("\r\n")
+    if not secret or "\n" in secret:
+        raise ConfigError(f"{setting}: {path} must hold the secret on one line")
+    return secret
+
+
+def _refuse_secrets_readable_by_all(path: Path, raw: dict[str, Any]) -> None:
+    """Refuse a ``node.toml`` that every user may read when it holds a password or a token."""
+    if not path.stat().st_mode & stat.S_IROTH:
+        return
+    found = []
+    for section, key in (("database", "url"), ("dicomweb", "url")):
+        value = raw.get(section, {}).get(key)
+        if isinstance(value, str) and _password_of(value) is not None:
+            found.append(f"a password in {section}.{key}")
+    if raw.get("metrics", {}).get("token"):
+        found.append("metrics.token")
+    if found:
+        raise ConfigError(
+            f"{path} is readable by every user and holds {' and '.join(found)}: put the "
+            "database password in database.password_file and the token in metrics.token_file "
+            "(files of mode 0600), or give them in the environment, or at least run: "
+            f"chmod 640 {path}"
+        )
+
+
+def _password_of(url: str) -> str | None:
+    if "://" not in url:
+        return None
+    try:
+        return sa.engine.make_url(url).password or None
+    except sa.exc.ArgumentError:
+        return None
+
+
+def _with_password(url: str, password: str) -> str:
+    try:
+        parsed = sa.engine.make_url(url)
+    except sa.exc.ArgumentError:
+        raise ConfigError(f"database.url {url!r} is not a database URL") from None
+    if parsed.get_backend_name() == "sqlite":
+        raise ConfigError("database.password_file is set, but a SQLite database has no password")
+    return parsed.set(password=password).render_as_string(hide_password=False)
+
+
+def _redacted(url: str) -> str:
+    try:
+        return sa.engine.make_url(url).render_as_string(hide_password=True)
+    except sa.exc.ArgumentError:
+        return url
+
+
 def write_config(directory: Path, settings: dict[str, dict[str, Any]]) -> Path:
-    """Write ``node.toml`` (TOML basic strings are JSON strings, so json.dumps quotes them)."""
+    """Write ``node.toml`` (mode 0640, whatever the umask; replaced whole, never half written).
+
+    A password in ``settings["database"]["url"]`` is not written there: it goes to
+    ``keys/database.password`` (mode 0600), which ``database.password_file`` then names.
+    (TOML basic strings are JSON strings, so json.dumps quotes the values.)"""
+    settings = {section: dict(content) for section, content in settings.items()}
+    database = settings.get("database", {})
+    password = _password_of(str(database.get("url", "")))
+    if password is not None:
+        database["url"] = _without_password(str(database["url"]))
+        database["password_file"] = DATABASE_PASSWORD_FILE
+        _write_private(directory / DATABASE_PASSWORD_FILE, password + "\n", 0o600)
     lines = ["# hrx node configuration; every setting can be overridden by HRX_<SECTION>_<KEY>."]
     for section, content in settings.items():
         lines.append(f"\n[{section}]")
         for key, value in content.items():
             lines.append(f"{key} = {json.dumps(value, ensure_ascii=False)}")
     path = directory / CONFIG_FILE
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    _write_private(path, "\n".join(lines) + "\n", CONFIG_MODE)
     return path
+
+
+def _without_password(url: str) -> str:
+    parsed = sa.engine.make_url(url)
+    without = sa.engine.URL.create(  # URL.set(password=None) would keep the password
+        parsed.drivername,
+        username=parsed.username,
+        host=parsed.host,
+        port=parsed.port,
+        database=parsed.database,
+        query=parsed.query,
+    )
+    return without.render_as_string(hide_password=False)
+
+
+def _write_private(path: Path, text: str, mode: int) -> None:
+    """Write ``path`` through a temporary file renamed over it, with exactly ``mode``."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
+            os.fchmod(handle.fileno(), mode)
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise

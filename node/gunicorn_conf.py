@@ -1,9 +1,16 @@
-"""gunicorn's settings for a node: metrics that add up every worker, and gunicorn's own log
-lines in the node's log format.
+"""gunicorn's settings for a node: its address, a control socket of its own, metrics that add
+up every worker, and gunicorn's own log lines in the node's log format.
 
     HRX_NODE_DIR=/srv/hrx/hosp-a gunicorn -c python:node.gunicorn_conf \\
-        -w 4 -k gthread --threads 8 -b 127.0.0.1:8080 node.wsgi:app
+        -w 4 -k gthread --threads 8 node.wsgi:app
 
+- The address is the node's ``server.host`` and ``server.port`` (``-b`` on the command line
+  takes precedence, as for every setting here).
+- gunicorn's control socket (gunicorn 25.1 and later; ``gunicornc`` talks to it) is
+  ``DIR/gunicorn.ctl``, not gunicorn's default ``$XDG_RUNTIME_DIR/gunicorn.ctl`` or
+  ``~/.gunicorn/gunicorn.ctl``: two nodes served by the same user would share that one, and
+  the first to stop would delete it under the other. (A socket's path is at most 107 bytes:
+  with a longer one gunicorn logs that it has no control socket and serves all the same.)
 - ``PROMETHEUS_MULTIPROC_DIR`` (default ``DIR/prometheus``, created when absent): each worker
   counts requests and decisions in files there and ``/metrics`` adds them all up. When
   gunicorn starts, the files of processes that no longer run are removed (a counter then
@@ -22,12 +29,16 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gunicorn import glogging  # type: ignore[import-untyped]
 
+if TYPE_CHECKING:
+    from node.config import NodeConfig
+
 MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
 METRICS_SUBDIRECTORY = "prometheus"
+CONTROL_SOCKET = "gunicorn.ctl"  # in the node's directory
 
 
 def _node_directory() -> Path:
@@ -42,17 +53,16 @@ def _metrics_directory() -> Path:
     return Path(configured) if configured else _node_directory() / METRICS_SUBDIRECTORY
 
 
-def _logging_settings() -> tuple[str, str]:
-    """The node's ``[logging]`` format and level (JSON and INFO when the configuration cannot
-    be read: the workers then fail with the reason, in that format)."""
+def _node_config() -> NodeConfig | None:
+    """The node's configuration; None when it cannot be read (the workers then fail with the
+    reason, logged as JSON at INFO)."""
     from node.config import load_config
     from node.errors import ConfigError
 
     try:
-        config = load_config(_node_directory())
+        return load_config(_node_directory())
     except ConfigError:
-        return "json", "INFO"
-    return config.log_format, config.log_level
+        return None
 
 
 metrics_directory = _metrics_directory()
@@ -60,7 +70,15 @@ metrics_directory.mkdir(parents=True, exist_ok=True)
 # before prometheus_client is imported anywhere: the workers inherit it
 os.environ[MULTIPROCESS_ENV] = str(metrics_directory)
 
-_log_format, _log_level = _logging_settings()
+control_socket = str(_node_directory() / CONTROL_SOCKET)
+
+_config = _node_config()
+_log_format, _log_level = (
+    ("json", "INFO") if _config is None else (_config.log_format, _config.log_level)
+)
+if _config is not None:
+    _host = f"[{_config.host}]" if ":" in _config.host else _config.host
+    bind = [f"{_host}:{_config.port}"]
 
 
 class NodeLogger(glogging.Logger):  # type: ignore[misc]

@@ -1,10 +1,15 @@
 """The node under gunicorn with several worker processes against one database: concurrent
 writers never fork a resource's history, every worker's audit records land (also those still
-queued when the server stops), and reads are served by every worker."""
+queued when the server stops), and reads are served by every worker. Two nodes served by
+gunicorn on one machine, as one user, each keep their own control socket."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +17,7 @@ import pytest
 import sqlalchemy as sa
 
 from tests.conftest import postgres_database
-from tests.nodes import FHIR_JSON, running_node
+from tests.nodes import FHIR_JSON, ROOT, free_port, init_node, running_node, wait_healthy
 from tests.test_fhir_api import observation, patient
 
 
@@ -88,3 +93,78 @@ def test_workers_share_one_consistent_store(tmp_path: Path, engine_url: str | No
     finally:
         database.close()
     assert read_events == 6 * 15  # one GET before each PUT
+
+
+def control(socket_path: Path, command: str, seconds: float = 20) -> dict[str, Any]:
+    """Ask a gunicorn master over its control socket (gunicornc's protocol); the answer.
+    The master closes and reopens its socket around each fork, so a refusal is tried again
+    until ``seconds`` have passed."""
+    from gunicorn.ctl.client import ControlClient, ControlClientError
+
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            with ControlClient(str(socket_path), timeout=10) as client:
+                answer: dict[str, Any] = client.send_command(command)
+                return answer
+        except ControlClientError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
+def test_two_nodes_keep_their_own_control_sockets(tmp_path: Path) -> None:
+    """gunicorn 25.1+ opens a control socket, by default one per user ($XDG_RUNTIME_DIR or
+    ~/.gunicorn/gunicorn.ctl): two nodes would share it, and stopping one deleted the other's.
+    With node.gunicorn_conf each has DIR/gunicorn.ctl, and serves at server.host:server.port
+    without -b."""
+    from gunicorn.config import KNOWN_SETTINGS
+
+    if "control_socket" not in {setting.name for setting in KNOWN_SETTINGS}:
+        pytest.skip("this gunicorn has no control socket (25.1 and later have)")
+    home = tmp_path / "home"  # gunicorn's default socket would be here
+    home.mkdir()
+    masters: dict[str, tuple[Path, int, subprocess.Popen[bytes]]] = {}
+    try:
+        for node_id in ("hosp-a", "hosp-b"):
+            directory, port = tmp_path / node_id, free_port()
+            init_node(directory, node_id, None, port)
+            environment = {
+                **os.environ,
+                "HOME": str(home),
+                "HRX_NODE_DIR": str(directory),
+                "PYTHONUNBUFFERED": "1",
+            }
+            for name in ("XDG_RUNTIME_DIR", "PROMETHEUS_MULTIPROC_DIR"):
+                environment.pop(name, None)
+            command = ["-c", "python:node.gunicorn_conf", "-w", "1", "node.wsgi:app"]
+            with (directory / "server.log").open("ab") as log:
+                process = subprocess.Popen(
+                    [sys.executable, "-m", "gunicorn", *command],
+                    cwd=ROOT,
+                    env=environment,
+                    stdout=log,
+                    stderr=log,
+                )
+            masters[node_id] = directory, port, process
+            wait_healthy(f"http://127.0.0.1:{port}", process)
+        for directory, port, _process in masters.values():
+            listeners = control(directory / "gunicorn.ctl", "show listeners")["listeners"]
+            assert [item["address"] for item in listeners] == [f"http://127.0.0.1:{port}"]
+
+        a_directory, _, a_process = masters["hosp-a"]
+        a_process.terminate()
+        assert a_process.wait(timeout=60) == 0
+        assert not (a_directory / "gunicorn.ctl").exists()  # removed by its own master
+
+        b_directory, b_port, b_process = masters["hosp-b"]
+        assert b_process.poll() is None
+        assert (b_directory / "gunicorn.ctl").is_socket()
+        listeners = control(b_directory / "gunicorn.ctl", "show listeners")["listeners"]
+        assert [item["address"] for item in listeners] == [f"http://127.0.0.1:{b_port}"]
+        assert not (home / ".gunicorn").exists()
+    finally:
+        for _directory, _port, process in masters.values():
+            if process.poll() is None:
+                process.terminate()
+                process.wait(timeout=60)
