@@ -69,7 +69,7 @@ def node_init(
             made.undo()
             raise
     out.print(f"node [bold]{node_id}[/] created in {config.directory}")
-    out.print(f"  database: {config.database_url}")
+    out.print(f"  database: {config.database_url_redacted}")
     out.print(f"  enrollment file for the consortium authority: {directory / ENROLLMENT_FILE}")
     out.print(f"  next: hrx user add --dir {directory} ...; hrx node serve --dir {directory}")
 

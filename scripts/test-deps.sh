@@ -1,14 +1,18 @@
 #!/usr/bin/env sh
 # The system packages the tests need beyond Python's: Debian's chromium (the portal's browser
-# tests drive it with Playwright) and Orthanc with its DICOMweb plugin (the PACS the DICOMweb
-# adapter's tests sync from), and docker-compose (it validates docker-compose.yml; no Docker
-# engine is needed or used). Installs only what is missing; needs root (or sudo).
+# tests drive it with Playwright), Orthanc with its DICOMweb plugin (the PACS the DICOMweb
+# adapter's tests sync from), docker-compose (it validates the compose files under deploy/; no
+# Docker engine is needed or used), nginx (the TLS proxy example is run for real) and systemd's
+# systemd-analyze (it checks the units under deploy/systemd/). Installs only what is missing;
+# needs root (or sudo).
 set -eu
 missing=""
 command -v chromium >/dev/null 2>&1 || missing="$missing chromium"
 [ -x /usr/sbin/Orthanc ] || missing="$missing orthanc"
 [ -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || missing="$missing orthanc-dicomweb"
 command -v docker-compose >/dev/null 2>&1 || missing="$missing docker-compose"
+[ -x /usr/sbin/nginx ] || missing="$missing nginx"
+command -v systemd-analyze >/dev/null 2>&1 || missing="$missing systemd"
 [ -z "$missing" ] && exit 0
 if [ "$(id -u)" -ne 0 ]; then
     SUDO=sudo
