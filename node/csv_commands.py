@@ -24,6 +24,7 @@ from fhir_adapters.lis_csv import Mapping, Report
 from fhir_adapters.store import now_micros
 from node.adapter_tables import quarantine_table
 from node.console import entry_progress, err, fail, out, reported
+from node.logs import configure_logging
 from node.node_commands import DIR_OPTION
 from node.services import Services
 
@@ -60,6 +61,7 @@ def csv_import(directory: Path, mapping_path: Path, files: tuple[Path, ...]) -> 
         except CsvError as exc:
             fail(str(exc))
         config = load_config(directory)
+        configure_logging(config.log_format, config.log_level)  # the node's log lines
         services = open_services(config)
     counts: Counter[str] = Counter()
     unreadable = []

@@ -23,6 +23,7 @@ from rich.markup import escape
 
 from node.config import load_config
 from node.console import entry_progress, err, fail, out, reported
+from node.logs import configure_logging
 from node.node_commands import DIR_OPTION
 from node.services import Services, open_services
 
@@ -91,6 +92,7 @@ def dicomweb_sync(
             fail("--since and --full exclude each other: --full asks for every study")
         if watch and (since is not None or full):
             fail("--watch continues from the saved cursor; run --since or --full once without it")
+        configure_logging(config.log_format, config.log_level)  # the node's log lines
         services = open_services(config)
         client = DicomwebClient(url, config.dicomweb_timeout_ms, config.dicomweb_page_size)
         try:
@@ -171,6 +173,7 @@ def dicom_import(directory: Path, charset: str | None, paths: tuple[Path, ...]) 
     _check_charset(charset)
     with reported():
         config = load_config(directory)
+        configure_logging(config.log_format, config.log_level)  # the node's log lines
         services = open_services(config)
         found = dicom_files(paths)
         try:
@@ -240,6 +243,7 @@ def dicom_replay(
     with reported():
         config = load_config(directory)
         url = (url or config.dicomweb_url).rstrip("/")
+        configure_logging(config.log_format, config.log_level)  # the node's log lines
         services = open_services(config)
         client = (
             DicomwebClient(url, config.dicomweb_timeout_ms, config.dicomweb_page_size)

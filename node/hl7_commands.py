@@ -9,7 +9,6 @@ FHIR, and what is refused: docs/adapters-hl7.md.
 from __future__ import annotations
 
 import json
-import logging
 import sys
 from collections import Counter
 from datetime import UTC, datetime
@@ -18,6 +17,7 @@ from pathlib import Path
 import click
 
 from node.console import entry_progress, err, fail, out, reported
+from node.logs import configure_logging
 from node.node_commands import DIR_OPTION
 
 COMMANDS: list[click.Command] = []
@@ -81,10 +81,8 @@ def hl7_listen(
 
     with reported():
         config = load_config(directory)
+        configure_logging(config.log_format, config.log_level)  # the node's log lines
         services = open_services(config)
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr
-    )
 
     def ready(address: tuple[str, int]) -> None:
         out.print(
@@ -136,6 +134,7 @@ def hl7_import(directory: Path, files: tuple[Path, ...]) -> None:
             for path in files
             for number, payload in enumerate(split_messages(path.read_bytes()), 1)
         ]
+        configure_logging(config.log_format, config.log_level)  # the node's log lines
         services = open_services(config)
     if not messages:
         services.close()
@@ -285,6 +284,7 @@ def quarantine_replay(directory: Path, row_ids: tuple[int, ...], every_open: boo
         fail("name the rows to replay (IDs from hrx adapters quarantine list), or give --all", 2)
     with reported():
         config = load_config(directory)
+        configure_logging(config.log_format, config.log_level)  # the node's log lines
         services = open_services(config)
     refused = replayed = 0
     try:

@@ -247,7 +247,9 @@ def test_a_result_of_another_patient_is_refused_and_the_log_names_no_one(
         time.sleep(0.05)
     text = listener.log.read_text(errors="replace")
     line = next(line for line in text.splitlines() if "LOG-2" in line)
-    assert "quarantined as #" in line
+    record = json.loads(line)  # the node's JSON log lines, as every process of a node writes
+    assert record["logger"] == "hrx.hl7" and "quarantined as #" in record["message"]
+    assert record["time"].endswith("Z")
     for private in ("HZ00077701", "HZ00077702", "欧阳", "娜娜", "司马", "Patient/"):
         assert private not in text, private
 
