@@ -1155,7 +1155,11 @@ def new_patient(data: PatientData) -> dict[str, Any]:
 
 def merged_patient(existing: dict[str, Any], data: PatientData) -> dict[str, Any]:
     """An existing Patient updated as PID says: identifiers added; names, phones and addresses
-    replaced where PID gives one of the same use; gender and birth date set; the rest kept."""
+    replaced where PID gives one of the same use; gender and birth date set; the rest kept.
+    Nothing is made worse than another source stored it: a name that is the same name with
+    less structure (张三 as family alone where 张 / 三 was stored), a birth date that is the
+    same date less precisely (1985 for 1985-03-12), and an unknown gender keep what was
+    stored."""
     patient = {k: v for k, v in existing.items() if k != "meta"}
     have = {(i.get("system"), i.get("value")) for i in patient.get("identifier", [])}
     added = [i for i in data.identifiers if (i["system"], i["value"]) not in have]
@@ -1171,16 +1175,41 @@ def merged_patient(existing: dict[str, Any], data: PatientData) -> dict[str, Any
         ("address", lambda a, b: a.get("use") == b.get("use")),
     ):
         if element in new:
-            kept = [
-                old
-                for old in patient.get(element, [])
-                if not any(same(old, fresh) for fresh in new[element])
+            stored = patient.get(element, [])
+            fresh = [
+                next((old for old in stored if _better_name(old, item)), item)
+                if element == "name"
+                else item
+                for item in new[element]
             ]
-            patient[element] = [*new[element], *kept]
-    for element in ("gender", "birthDate"):
-        if element in new:
-            patient[element] = new[element]
+            kept = [old for old in stored if not any(same(old, item) for item in fresh)]
+            patient[element] = [*fresh, *kept]
+    if "gender" in new and not (new["gender"] == "unknown" and patient.get("gender")):
+        patient["gender"] = new["gender"]
+    if "birthDate" in new:
+        known = str(patient.get("birthDate", ""))
+        if not (len(known) > len(new["birthDate"]) and known.startswith(new["birthDate"])):
+            patient["birthDate"] = new["birthDate"]
     return patient
+
+
+def _name_text(name: dict[str, Any]) -> str:
+    whole = name.get("text") or str(name.get("family", "")) + "".join(name.get("given", []))
+    return "".join(str(whole).split())
+
+
+def _better_name(old: dict[str, Any], new: dict[str, Any]) -> bool:
+    """Whether a stored name is the same name as a new one, of the same use (or of none),
+    with more of its parts told apart (family and given)."""
+    return (
+        old.get("use") in (None, new.get("use"))
+        and _name_text(old) == _name_text(new)
+        and _name_parts(old) > _name_parts(new)
+    )
+
+
+def _name_parts(name: dict[str, Any]) -> int:
+    return int(bool(name.get("family"))) + int(bool(name.get("given")))
 
 
 # -- orders and results -----------------------------------------------------------------------

@@ -66,7 +66,7 @@ def csv_import(directory: Path, mapping_path: Path, files: tuple[Path, ...]) -> 
     counts: Counter[str] = Counter()
     unreadable = []
     try:
-        intake = Hl7Intake(services)
+        intake = Hl7Intake(services, ADAPTER)
         open_rows = bool(quarantined(services.database.engine, adapter=ADAPTER, limit=1))
         for path in files:
             data = path.read_bytes()

@@ -207,8 +207,11 @@ def keep_in_quarantine(
 class Hl7Intake:
     """Takes HL7 v2 messages into one node (thread-safe: each message is its own transaction)."""
 
-    def __init__(self, services: Services) -> None:
+    def __init__(self, services: Services, adapter: str = ADAPTER) -> None:
+        """``adapter``: what the messages came through, as the adapters' tables and metrics
+        count them (``hl7``; ``csv`` for the messages made from an LIS's CSV export)."""
         self.services = services
+        self.adapter = adapter
         self.store = services.store
         self.systems = Systems(services.config.node_id, services.config.identifier_system)
 
@@ -281,7 +284,7 @@ class Hl7Intake:
         """Take a quarantined message in again (after a fix): stored or a duplicate marks the
         row replayed; refused again, the row keeps the message with the new reason."""
         row = quarantine_row(self.services.database.engine, quarantine_id)
-        if row.adapter != ADAPTER:
+        if row.adapter != self.adapter:
             raise NodeError(
                 f"quarantine #{quarantine_id} holds a {row.adapter} item; replay it with the "
                 f"{row.adapter} adapter's own command"
@@ -317,7 +320,7 @@ class Hl7Intake:
         try:
             with self.services.database.write_engine.begin() as conn:
                 quarantine_id = keep_in_quarantine(
-                    conn, ADAPTER, origin, error.reason, payload, row_id=replaying
+                    conn, self.adapter, origin, error.reason, payload, row_id=replaying
                 )
         except Exception:
             log.exception("could not quarantine a message from %s", origin)
@@ -350,7 +353,9 @@ class Hl7Intake:
                 writer.lock(key)
             M = messages_table
             row = writer.conn.execute(
-                sa.select(M.c.sha256).where(M.c.adapter == ADAPTER, M.c.message_key == message.key)
+                sa.select(M.c.sha256).where(
+                    M.c.adapter == self.adapter, M.c.message_key == message.key
+                )
             ).first()
             if row is not None:
                 if row[0] != message.digest:
@@ -385,7 +390,7 @@ class Hl7Intake:
                 written += in_group
             writer.conn.execute(
                 M.insert().values(
-                    adapter=ADAPTER,
+                    adapter=self.adapter,
                     message_key=message.key,
                     received_at=now_micros(),
                     sha256=message.digest,
@@ -401,7 +406,9 @@ class Hl7Intake:
         M = messages_table
         with self.services.database.engine.connect() as conn:
             row = conn.execute(
-                sa.select(M.c.sha256).where(M.c.adapter == ADAPTER, M.c.message_key == message.key)
+                sa.select(M.c.sha256).where(
+                    M.c.adapter == self.adapter, M.c.message_key == message.key
+                )
             ).first()
         return row is not None
 

@@ -9,10 +9,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import sqlalchemy as sa
 from click.testing import CliRunner, Result
 
 from fhir_adapters import tables
 from fhir_adapters.lis_csv import CsvError, Mapping, parse_mapping, read_reports
+from node.adapter_tables import messages_table
 from node.cli import main
 from node.config import load_config
 from node.hl7_intake import quarantined
@@ -105,6 +107,14 @@ def test_the_sample_export_is_stored_once(node_dir: Path) -> None:
     assert again.exit_code == 0, again.output
     assert "3 report(s): 0 stored, 3 duplicate, 0 refused" in again.output
     assert observation(node_dir, "2160-0", "ZY20260312001")["meta"]["versionId"] == "1"
+    # counted as what they came through: the CSV adapter, not HL7 (hrx_adapter_* metrics)
+    services = services_of(node_dir)
+    try:
+        with services.database.engine.connect() as conn:
+            adapters = conn.execute(sa.select(messages_table.c.adapter)).scalars().all()
+    finally:
+        services.close()
+    assert adapters == ["csv"] * 3
 
 
 def test_a_corrected_row_is_a_new_version(node_dir: Path, tmp_path: Path) -> None:
@@ -240,3 +250,63 @@ def test_hl7_delimiters_in_cells_come_through() -> None:
     (group,) = read_results(parse_message(report.message(mapping, "hosp-b")), Systems("hosp-b"))
     values = [r.elements.get("valueString") for r in group.orders[0].results]
     assert odd in values
+
+
+def test_a_name_stored_better_elsewhere_is_not_made_worse(node_dir: Path) -> None:
+    """The sample mapping gives only the whole name (姓名): a Patient stored as family 李,
+    given 秀英 keeps both; its birth date and gender stay as precise as they were."""
+    services = services_of(node_dir)
+    try:
+        with services.store.writing() as writer:
+            writer.create(
+                {
+                    "resourceType": "Patient",
+                    "identifier": [
+                        {"system": "urn:oid:2.16.156.10011.1.3", "value": "33010219720611123X"}
+                    ],
+                    "name": [{"text": "李秀英", "family": "李", "given": ["秀英"]}],
+                    "gender": "female",
+                    "birthDate": "1972-06-11",
+                },
+                "Patient",
+            )
+    finally:
+        services.close()
+    assert run("csv-import", "--dir", str(node_dir), "--mapping", str(MAPPING), str(EXPORT))
+    (patient,) = [
+        p for p in resources(node_dir, "Patient") if "33010219720611123X" in str(p["identifier"])
+    ]
+    assert patient["name"] == [{"text": "李秀英", "family": "李", "given": ["秀英"]}]
+    assert (patient["gender"], patient["birthDate"]) == ("female", "1972-06-11")
+
+
+def test_merging_keeps_the_more_precise_of_the_same_facts() -> None:
+    from types import SimpleNamespace
+
+    from fhir_adapters.hl7v2 import merged_patient
+
+    stored = {
+        "resourceType": "Patient",
+        "name": [{"text": "张三", "family": "张", "given": ["三"]}],
+        "gender": "male",
+        "birthDate": "1985-03-12",
+    }
+    vaguer = SimpleNamespace(
+        identifiers=[],
+        demographics={
+            "name": [{"text": "张三", "family": "张三"}],
+            "gender": "unknown",
+            "birthDate": "1985",
+        },
+    )
+    assert merged_patient(stored, vaguer) == stored  # type: ignore[arg-type]
+    renamed = SimpleNamespace(
+        identifiers=[],
+        demographics={
+            "name": [{"text": "张珊", "family": "张", "given": ["珊"]}],
+            "birthDate": "1985-03-21",
+        },
+    )
+    merged = merged_patient(stored, renamed)  # type: ignore[arg-type]
+    assert merged["name"] == [{"text": "张珊", "family": "张", "given": ["珊"]}]
+    assert merged["birthDate"] == "1985-03-21" and merged["gender"] == "male"
