@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import stat
+import time
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,7 @@ from node.cli import main
 from node.config import load_config
 from node.db import MODEL_METADATA, current_revision, head_revision, open_database
 from node.errors import ConfigError
+from node.users import get_user, sign_in
 
 
 def hrx(*args: str, stdin: str | None = None) -> Result:
@@ -212,8 +214,27 @@ def test_upgrade_applies_pending_migrations(node_dir: Path) -> None:
                 "adapter_quarantine",
                 "adapter_messages",
                 "adapter_sync_state",
+                "node_tokens",
+                "signin_throttle",
+                "node_users",
             ):
                 conn.execute(sa.text(f"DROP TABLE {table}"))
+            # the users' table as the first migration made it, with a user locked out then
+            conn.execute(
+                sa.text(
+                    "CREATE TABLE node_users (username VARCHAR(64) PRIMARY KEY, role VARCHAR(16) "
+                    "NOT NULL, patient_id VARCHAR(64), password_hash VARCHAR(255), active BOOLEAN "
+                    "NOT NULL, created BIGINT NOT NULL, failed_logins INTEGER DEFAULT '0' NOT "
+                    "NULL, locked_until BIGINT DEFAULT '0' NOT NULL)"
+                )
+            )
+            conn.execute(
+                sa.text(
+                    "INSERT INTO node_users VALUES ('wang', 'doctor', NULL, NULL, true, 1, 0, 0), "
+                    "('li', 'doctor', NULL, NULL, true, 1, 0, :until)"
+                ),
+                {"until": int(time.time()) + 600},
+            )
             conn.execute(sa.text("UPDATE alembic_version SET version_num = '0001'"))
             # an entry stored before the patient index existed: the upgrade indexes it
             entry = {
@@ -232,10 +253,16 @@ def test_upgrade_applies_pending_migrations(node_dir: Path) -> None:
     finally:
         database.close()
     result = hrx("node", "upgrade", "--dir", str(node_dir))
-    assert result.exit_code == 0 and "from revision 0001 to 0007" in result.output, result.output
+    assert result.exit_code == 0 and "from revision 0001 to 0008" in result.output, result.output
     database = open_database(config.database_url)
     try:
-        assert current_revision(database.engine) == head_revision() == "0007"
+        assert current_revision(database.engine) == head_revision() == "0008"
+        # the users are kept, and the one locked out then is still held from unknown addresses
+        wang, li = get_user(database.engine, "wang"), get_user(database.engine, "li")
+        assert wang is not None and wang.active and not wang.removed
+        assert li is not None and li.token_generation == 0
+        held = sign_in(database.write_engine, "li", "any password", "192.0.2.1")
+        assert held.user is None and 590 <= held.retry_after <= 600
         assert sa.inspect(database.engine).has_table("peer_nonces")
         assert sa.inspect(database.engine).has_table("ledger_evidence")
         assert sa.inspect(database.engine).has_table("adapter_quarantine")
