@@ -251,12 +251,12 @@ def test_a_reset_at_the_desk_voids_the_old_password_tokens_and_sessions(node: No
     assert node.session(token).get(f"{node.fhir}/Patient/{patient_id}").status_code == 200
     # the desk makes a new code: the old password, token and session stop now
     output = hrx("patient", "enroll", "--dir", str(node.directory), "--patient", patient_id)
-    assert f"has a portal account, {username}" in output
-    code = re.search(r"[A-Z2-9]{4}-[A-Z2-9]{4}-[A-Z2-9]{4}-[A-Z2-9]{4}", output)
-    assert code, output
     assert browser.get(f"{node.base}/portal/consents").url.endswith("/portal/signin")
     assert node.session(token).get(f"{node.fhir}/Patient/{patient_id}").status_code == 401
     assert sign_in(node, requests.Session(), username, PASSWORD).status_code == 401
+    assert f"has a portal account, {username}" in output
+    code = re.search(r"[A-Z2-9]{4}-[A-Z2-9]{4}-[A-Z2-9]{4}-[A-Z2-9]{4}", output)
+    assert code, output
     # a token made meanwhile (by an administrator) stops when the code is used
     between = hrx("token", "issue", "--dir", str(node.directory), "--username", username)
     assert node.session(between.strip()).get(f"{node.fhir}/Patient/{patient_id}").ok
