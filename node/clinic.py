@@ -115,7 +115,7 @@ def signin() -> ResponseReturnValue:
             error = t("sign_in_throttled").format(minutes=-(-result.retry_after // 60))
             page = render_template("clinic/signin.html", error=error)
             return page, 429, {"Retry-After": str(result.retry_after)}
-    return render_template("clinic/signin.html", error=t("sign_in_failed")), 401
+    return render_template("clinic/signin.html", error=t("clinic_sign_in_failed")), 401
 
 
 @bp.post("/signout")

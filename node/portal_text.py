@@ -34,11 +34,12 @@ TEXT: dict[str, dict[str, str]] = {
     },
     "sign_in_throttled": {
         "zh": "登录失败次数过多，为保护您的账户，请 {minutes} 分钟后再试。"
-        "在您以前登录过的网络上登录不受影响；急需登录请联系医院服务台。",
+        "在您以前登录过的网络上登录不受影响；如急需登录，请联系医院。",
         "en": "Too many failed sign-ins: to protect the account, try again in {minutes} "
         "minute(s). Signing in from a network you used before is not held up; if you "
-        "cannot wait, ask the hospital's desk.",
+        "cannot wait, contact the hospital.",
     },
+    "clinic_sign_in_failed": {"zh": "用户名或密码错误。", "en": "Wrong username or password."},
     "form_expired": {
         "zh": "表单已失效或并非来自本站，请刷新页面后重试。",
         "en": "The form has expired or did not come from this site; reload the page and try again.",

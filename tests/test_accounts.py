@@ -259,3 +259,50 @@ def test_one_address_against_many_accounts(workers: Node) -> None:
     assert answers == [401] * FREE_ADDRESS_FAILURES + [429] * 3
     add_user(node, "dr-qian")  # a real user elsewhere signs in as ever
     assert password_grant(node, "dr-qian", PASSWORD, "198.51.100.99").status_code == 200
+
+
+def test_the_clinic_pages_sign_in_the_same_way(workers: Node) -> None:
+    import re
+
+    node = workers
+    add_user(node, "dr-sun")
+    patient_id = node.session().post(
+        f"{node.fhir}/Patient", json={"resourceType": "Patient"},
+        headers={"Content-Type": FHIR_JSON},
+    ).json()["id"]  # fmt: skip
+    hrx(node, "user", "add", "--username", "pt-sun", "--role", "patient", "--patient", patient_id,
+        "--password-stdin", stdin=PASSWORD + "\n")  # fmt: skip
+    browser = requests.Session()
+    browser.headers["X-Forwarded-For"] = "203.0.113.88"
+
+    def sign_in(username: str, password: str) -> requests.Response:
+        form = browser.get(f"{node.base}/clinic/signin")
+        csrf = re.search(r'name="csrf_token" value="([^"]+)"', form.text)
+        assert csrf, form.text[:300]
+        return browser.post(
+            f"{node.base}/clinic/signin",
+            data={"csrf_token": csrf.group(1), "username": username, "password": password},
+        )
+
+    patient = sign_in("pt-sun", PASSWORD)  # right password, but no doctor
+    assert patient.status_code == 401 and "用户名或密码错误" in patient.text
+    for n in range(FREE_FAILURES):
+        assert sign_in("dr-sun", f"guess {n}").status_code == 401
+    throttled = sign_in("dr-sun", PASSWORD)
+    assert throttled.status_code == 429 and "分钟后再试" in throttled.text
+    assert int(throttled.headers["Retry-After"]) > 0
+    assert "lifted" in hrx(node, "user", "unlock", "--username", "dr-sun")
+    signed_in = sign_in("dr-sun", PASSWORD)
+    assert signed_in.status_code == 200 and signed_in.url.endswith("/clinic/"), signed_in.url
+    events = sign_ins(node, "dr-sun", at_least=FREE_FAILURES + 2)
+    assert sorted(e["outcomeDesc"].split(":")[1].strip() for e in events) == [
+        "signed in with a password",
+        "throttled",
+        *["wrong password"] * FREE_FAILURES,
+    ]
+    assert all(e["outcomeDesc"].startswith("clinic sign-in: ") for e in events)
+    (refused,) = sign_ins(node, "pt-sun")
+    assert refused["outcome"] == "4"
+    assert refused["outcomeDesc"] == (
+        "clinic sign-in: the password was right, but a patient cannot sign in here"
+    )
