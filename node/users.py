@@ -292,7 +292,10 @@ def _forget_throttles(conn: Connection, username: str) -> None:
 def record_token(engine: Engine, jti: str, username: str, issued: int, expires: int) -> None:
     """List a token the node issued (so it can be revoked by its id); expired ones go."""
     with engine.begin() as conn:
-        conn.execute(tokens_table.delete().where(tokens_table.c.expires < issued))
+        expired = sa.select(tokens_table.c.jti).where(tokens_table.c.expires < issued).limit(100)
+        if conn.dialect.name == "postgresql":  # not those another issuer is deleting: no wait
+            expired = expired.with_for_update(skip_locked=True)
+        conn.execute(tokens_table.delete().where(tokens_table.c.jti.in_(expired)))
         conn.execute(
             tokens_table.insert().values(
                 jti=jti, username=username, issued=issued, expires=expires, revoked=None
