@@ -12,8 +12,13 @@ role allows:
   create and update their own privacy consents (:mod:`node.consents`).
 
 AuditEvents are written by the node alone. A token stops working when it expires, when its
-user is disabled, or when its signature or claims do not check; the reason goes back as a
-401 OperationOutcome, a scope or role that does not allow the call as a 403.
+signature or claims do not check, when its user is disabled or removed, when it is revoked by
+its id (``jti``), and when every token of its user is (``hrx token revoke --username``, a new
+password, disabling: the user's token generation moves past the token's claim ``gen``). Each
+request reads its token's standing from the database (one query, two primary-key reads,
+:func:`node.users.token_standing`), so a revocation made by any process holds from the next
+request on in every other; only the signature check is cached. The reason for a refusal goes
+back as a 401 OperationOutcome, a scope or role that does not allow the call as a 403.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import secrets
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -122,6 +128,7 @@ class Principal:
     scopes: tuple[Scope, ...]
     patient_id: str | None
     token_id: str
+    generation: int = 0  # the user's token generation when the token was issued
 
     @property
     def owner(self) -> str:
@@ -154,27 +161,34 @@ class Principal:
         return Access()
 
 
+Standing = Callable[[str, str], tuple[User | None, bool]]  # (username, jti): users.token_standing
+Recorder = Callable[[str, str, int, int], None]  # (jti, username, iat, exp): users.record_token
+
+
 class TokenAuthority:
-    """Issues and checks a node's tokens."""
+    """Issues and checks a node's tokens.
+
+    ``standing`` tells a token's user and whether the token was revoked by its id; ``record``,
+    when given, lists each token issued (so that it can be revoked by its id)."""
 
     def __init__(
         self,
         key: Ed25519PrivateKey,
         issuer: str,
-        lookup_user: Any,
-        *,
-        user_cache_seconds: float = 5.0,
+        standing: Standing,
+        record: Recorder | None = None,
     ) -> None:
         self.key = key
         self.public_key = key.public_key()
         self.issuer = issuer
-        self.lookup_user = lookup_user
-        self.user_cache_seconds = user_cache_seconds
+        self.standing = standing
+        self.record = record
         self._tokens: OrderedDict[str, tuple[Principal, int]] = OrderedDict()
-        self._users: dict[str, tuple[User | None, float]] = {}
         self._lock = threading.Lock()
 
     def issue(self, user: User, scope_text: str | None, ttl: int) -> str:
+        if user.removed:
+            raise UserError(f"user {user.username!r} was removed")
         if not user.active:
             raise UserError(f"user {user.username!r} is disabled")
         scopes = parse_scopes(scope_text or DEFAULT_SCOPES[user.role])
@@ -191,24 +205,24 @@ class TokenAuthority:
             "jti": secrets.token_urlsafe(16),
             "scope": " ".join(str(s) for s in scopes),
             "role": user.role,
+            "gen": user.token_generation,
         }
         if user.patient_id:
             claims["patient"] = user.patient_id
             claims["fhirUser"] = f"{self.issuer}/Patient/{user.patient_id}"
-        return jwt.encode(claims, self.key, algorithm="EdDSA", headers={"typ": "JWT"})
+        token = jwt.encode(claims, self.key, algorithm="EdDSA", headers={"typ": "JWT"})
+        if self.record is not None:
+            self.record(claims["jti"], user.username, now, now + ttl)
+        return token
 
     def scope_of(self, token: str) -> str:
         claims = jwt.decode(token, options={"verify_signature": False})
         return str(claims["scope"])
 
-    def _user(self, username: str) -> User | None:
-        now = time.monotonic()
-        cached = self._users.get(username)
-        if cached is not None and now - cached[1] < self.user_cache_seconds:
-            return cached[0]
-        user: User | None = self.lookup_user(username)
-        self._users[username] = (user, now)
-        return user
+    def id_of(self, token: str) -> str:
+        """The token's id (``jti``), for revoking it alone."""
+        claims = jwt.decode(token, options={"verify_signature": False})
+        return str(claims["jti"])
 
     def authenticate(self, authorization: str | None) -> Principal:
         if not authorization:
@@ -233,14 +247,20 @@ class TokenAuthority:
                 self._tokens[token] = (principal, expires)
                 while len(self._tokens) > 4096:
                     self._tokens.popitem(last=False)
-        user = self._user(principal.username)
-        if (
-            user is None
-            or not user.active
-            or user.role != principal.role
-            or user.patient_id != principal.patient_id
-        ):
-            raise Unauthorized(f"the token's user {principal.username!r} is disabled or removed")
+        user, revoked = self.standing(principal.username, principal.token_id)
+        if user is None or user.removed:
+            raise Unauthorized(f"the token's user {principal.username!r} was removed")
+        if not user.active:
+            raise Unauthorized(f"the token's user {principal.username!r} is disabled")
+        if revoked:
+            raise Unauthorized("the token was revoked; get a new one")
+        if user.token_generation != principal.generation:
+            raise Unauthorized(
+                f"every token of {principal.username!r} issued before a revocation, a new "
+                "password or disabling was revoked; get a new one"
+            )
+        if user.role != principal.role or user.patient_id != principal.patient_id:
+            raise Unauthorized(f"the token's user {principal.username!r} changed; get a new one")
         return principal
 
     def _verify(self, token: str) -> tuple[Principal, int]:
@@ -268,10 +288,14 @@ class TokenAuthority:
             role=claims["role"],
             scopes=scopes,
             patient_id=claims.get("patient"),
-            token_id=claims["jti"],
+            token_id=str(claims["jti"]),
+            generation=claims.get("gen", 0),
         )
-        if principal.role not in ROLE_CONTEXTS or (
-            principal.role == "patient" and not principal.patient_id
+        if (
+            principal.role not in ROLE_CONTEXTS
+            or (principal.role == "patient" and not principal.patient_id)
+            or not isinstance(principal.generation, int)
+            or len(principal.token_id) > 64
         ):
             raise Unauthorized("the token's role claims are not valid")
         return principal, int(claims["exp"])

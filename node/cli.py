@@ -494,7 +494,7 @@ def print_summary(summary: Summary, findings: list[str] | None = None) -> None:
 
 
 def _register_commands() -> None:
-    from node import node_commands
+    from node import node_commands, user_commands
     from node.adapter_commands import adapters_group
     from node.demo import demo
     from node.key_commands import rotate_keys
@@ -504,6 +504,7 @@ def _register_commands() -> None:
     main.add_command(demo)
     main.add_command(adapters_group)
     node_commands.register(main)
+    user_commands.register(main)
     node_commands.node_group.add_command(rotate_keys)
     node_commands.node_group.add_command(recover)
     node_commands.node_group.add_command(status)

@@ -4,7 +4,7 @@ exam or ordering it again with a reason, and the savings of the consortium with 
 
 Server-rendered like the portal (no JavaScript), for doctors and admins who sign in with their
 node password (:mod:`node.web_session`: server-side sessions, CSRF on every form, the account
-lock of :mod:`node.users`). Everything goes through the same code as the FHIR operations
+throttles of :mod:`node.users`). Everything goes through the same code as the FHIR operations
 (:mod:`node.referral_api`, :mod:`node.orders`), so it is recorded and audited the same way.
 """
 
@@ -24,12 +24,13 @@ from fhir_adapters.errors import FhirError
 from fhir_adapters.search import Access, parse_search
 from node import fhir_api
 from node.auth import DEFAULT_SCOPES, Principal, parse_scopes
+from node.auth_api import password_sign_in
 from node.orders import accept, order_for, reorder_exam
 from node.portal import language, t
 from node.referral_api import CATEGORIES, fetch_prior_results, rules
 from node.services import Services
 from node.sessions import Session
-from node.users import check_password
+from node.users import User
 from node.web_session import BrowserSessions
 
 bp = Blueprint("clinic", __name__, url_prefix="/clinic", template_folder="templates")
@@ -98,16 +99,23 @@ def signin() -> ResponseReturnValue:
     if request.method == "GET":
         return render_template("clinic/signin.html")
     WEB.check_csrf(t("form_expired"))
-    user = check_password(
-        services().database.write_engine,
-        request.form.get("username", "").strip(),
-        request.form.get("password", ""),
-    )
-    if user is None or user.role not in WEB.roles:
-        return render_template("clinic/signin.html", error=t("sign_in_failed")), 401
+    username = request.form.get("username", "").strip()
+    password = request.form.get("password", "")
     response = redirect(url_for("clinic.patients"), 303)
-    WEB.start(response, user)
-    return response
+
+    def start(user: User) -> str:
+        WEB.start(response, user)
+        return "clinic"
+
+    if username and password:
+        result = password_sign_in(username, password, WEB.roles, "clinic sign-in", start)
+        if result.user is not None:
+            return response
+        if result.retry_after:
+            error = t("sign_in_throttled").format(minutes=-(-result.retry_after // 60))
+            page = render_template("clinic/signin.html", error=error)
+            return page, 429, {"Retry-After": str(result.retry_after)}
+    return render_template("clinic/signin.html", error=t("clinic_sign_in_failed")), 401
 
 
 @bp.post("/signout")

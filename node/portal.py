@@ -7,8 +7,9 @@ default, English by a link (a cookie remembers it). Pages are small and fit a ph
 Security: sessions are server-side (:mod:`node.sessions`), in an ``HttpOnly`` ``SameSite=Lax``
 cookie scoped to ``/portal`` that is also ``Secure`` whenever the request came over TLS (set
 ``server.trusted_proxies`` when TLS ends at a proxy in front). Every form carries a CSRF token:
-the session's, or before sign-in a double-submit cookie. Wrong passwords count towards the
-account lock of :mod:`node.users`. A patient reaches only their own consents, accesses and
+the session's, or before sign-in a double-submit cookie. Sign-ins go through the throttles of
+:mod:`node.users` and are audited (:func:`node.auth_api.password_sign_in`); a throttled one
+is answered 429 with how long to wait. A patient reaches only their own consents, accesses and
 receipts: every page and receipt is looked up from the session's patient, never from a
 parameter. Consents are written through the same store and observer as the FHIR API
 (:mod:`node.consents`), so they go on the ledger the same way, and each is audited.
@@ -53,11 +54,12 @@ from ledger.errors import LedgerError
 from ledger.receipt import make_receipt
 from node.audit import AuditRecord
 from node.auth import Principal
+from node.auth_api import password_sign_in
 from node.errors import UserError
 from node.portal_text import HTML_LANG, LANGUAGES, translate
 from node.services import Services
 from node.sessions import Session, redeem_enrollment
-from node.users import check_password
+from node.users import SignIn, User
 from node.web_session import BrowserSessions
 
 bp = Blueprint(
@@ -173,15 +175,26 @@ def signin() -> ResponseReturnValue:
     check_csrf()
     username = request.form.get("username", "").strip()
     password = request.form.get("password", "")
-    database = services().database
-    user = check_password(database.write_engine, username, password) if username else None
-    if user is None or user.role != "patient":
-        return render_template(
-            "portal/signin.html", error=t("sign_in_failed"), username=username
-        ), 401
     response = redirect(url_for("portal.consents"), 303)
-    WEB.start(response, user)
-    return response
+
+    def start(user: User) -> str:
+        WEB.start(response, user)
+        return "portal"
+
+    result = SignIn(None, 0, "")
+    if username and password:
+        result = password_sign_in(username, password, ("patient",), "portal sign-in", start)
+    if result.user is not None:
+        return response
+    if result.retry_after:
+        minutes = -(-result.retry_after // 60)
+        page = render_template(
+            "portal/signin.html",
+            error=t("sign_in_throttled").format(minutes=minutes),
+            username=username,
+        )
+        return page, 429, {"Retry-After": str(result.retry_after)}
+    return render_template("portal/signin.html", error=t("sign_in_failed"), username=username), 401
 
 
 @bp.post("/signout")

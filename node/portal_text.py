@@ -28,10 +28,18 @@ TEXT: dict[str, dict[str, str]] = {
     "enrolled": {"zh": "账户已开通，请登录。", "en": "Your account is ready. Please sign in."},
     "passwords_differ": {"zh": "两次输入的密码不一致。", "en": "The two passwords differ."},
     "sign_in_failed": {
-        "zh": "用户名或密码错误，或账户已被暂时锁定（连续输错 5 次后锁定 15 分钟）。",
-        "en": "Wrong username or password, or the account is locked for a while (15 minutes "
-        "after 5 wrong passwords).",
+        "zh": "用户名或密码错误。忘记密码请到医院服务台重新领取开通码。",
+        "en": "Wrong username or password. If you forgot your password, ask the hospital's "
+        "desk for a new enrollment code.",
     },
+    "sign_in_throttled": {
+        "zh": "登录失败次数过多，为保护您的账户，请 {minutes} 分钟后再试。"
+        "在您以前登录过的网络上登录不受影响；如急需登录，请联系医院。",
+        "en": "Too many failed sign-ins: to protect the account, try again in {minutes} "
+        "minute(s). Signing in from a network you used before is not held up; if you "
+        "cannot wait, contact the hospital.",
+    },
+    "clinic_sign_in_failed": {"zh": "用户名或密码错误。", "en": "Wrong username or password."},
     "form_expired": {
         "zh": "表单已失效或并非来自本站，请刷新页面后重试。",
         "en": "The form has expired or did not come from this site; reload the page and try again.",

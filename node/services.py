@@ -15,7 +15,7 @@ from node.auth import TokenAuthority
 from node.config import NodeConfig
 from node.consents import ConsentRecorder
 from node.db import Database, open_database, require_current
-from node.users import get_user
+from node.users import record_token, token_standing
 
 
 @dataclass
@@ -43,7 +43,8 @@ def open_services(config: NodeConfig, *, check_schema: bool = True) -> Services:
     tokens = TokenAuthority(
         keys.load_private_key(config.token_key),
         config.fhir_base,
-        partial(get_user, database.engine),
+        partial(token_standing, database.engine),
+        partial(record_token, database.write_engine),
     )
     audit = AuditTrail(store, config.node_id, config.name, config.audit_flush_ms)
     chain_store = ChainStore(database.engine)

@@ -3,13 +3,16 @@
 Hospital staff register a patient and hand over an enrollment code (``hrx patient enroll``):
 16 random characters (80 bits), valid for a week, usable once, kept only as a SHA-256 hash.
 With it the patient chooses a username and password (argon2, :mod:`node.users`); a patient
-who already has an account gets a new password instead, which is how a forgotten password is
-reset — at the hospital's desk, never by e-mail or SMS.
+who already has an account gets a new password instead, which is how a forgotten (or stolen)
+password is reset — at the hospital's desk, never by e-mail or SMS. Such a reset takes effect
+when the code is made: the old password, the patient's tokens and their portal sessions stop
+working then (and the tokens and sessions made in between, when the code is used).
 
 A session is a random cookie value the node keeps only as a hash, with the CSRF token of
-its forms. It ends at sign-out, after 30 minutes idle, after 12 hours in any case, and as
-soon as its user is disabled; ending it server-side ends it for good, unlike a signed
-cookie.
+its forms and its user's token generation. It ends at sign-out, after 30 minutes idle, after
+12 hours in any case, and as soon as its user is disabled or removed or every token of theirs
+is revoked (a new password does that too: the generation moves on); ending it server-side
+ends it for good, unlike a signed cookie.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ sessions_table = sa.Table(
     sa.Column("csrf", sa.String(64), nullable=False),
     sa.Column("created", sa.BigInteger, nullable=False),
     sa.Column("seen", sa.BigInteger, nullable=False),
+    sa.Column("generation", sa.Integer, nullable=False, server_default="0"),
 )
 
 enrollments_table = sa.Table(
@@ -103,11 +107,7 @@ def redeem_enrollment(engine: Engine, code: str, username: str, password: str) -
         if row is None:
             raise UserError("this enrollment code is not valid: it is wrong, used or expired")
         patient_id = row[0]
-        existing = conn.execute(
-            sa.select(users_table.c.username).where(
-                users_table.c.role == "patient", users_table.c.patient_id == patient_id
-            )
-        ).first()
+        existing = conn.execute(_account_of(patient_id)).first()
         if existing is None:
             if not USERNAME.fullmatch(username):
                 raise UserError(
@@ -127,11 +127,31 @@ def redeem_enrollment(engine: Engine, code: str, username: str, password: str) -
             raise UserError("this enrollment code is not valid: it is wrong, used or expired")
     if existing is None:
         return add_user(engine, username, "patient", patient_id=patient_id, password=password)
-    set_password(engine, existing[0], password)
+    set_password(engine, existing[0], password)  # voids every token and session made before
     end_sessions_of(engine, existing[0])
     user = get_user(engine, existing[0])
     assert user is not None
     return user
+
+
+def _account_of(patient_id: str) -> sa.Select[str]:
+    return sa.select(users_table.c.username).where(
+        users_table.c.role == "patient",
+        users_table.c.patient_id == patient_id,
+        users_table.c.removed.is_(None),
+    )
+
+
+def reset_account(engine: Engine, patient_id: str) -> User | None:
+    """The patient's portal account (None when they have none yet), its password cleared and
+    every token and session of theirs void: what a new enrollment code does to an account."""
+    with engine.connect() as conn:
+        existing = conn.execute(_account_of(patient_id)).first()
+    if existing is None:
+        return None
+    set_password(engine, existing[0], None)
+    end_sessions_of(engine, existing[0])
+    return get_user(engine, existing[0])
 
 
 @dataclass(frozen=True)
@@ -157,6 +177,7 @@ def start_session(engine: Engine, user: User) -> str:
                 csrf=secrets.token_urlsafe(32),
                 created=now,
                 seen=now,
+                generation=user.token_generation,
             )
         )
     return token
@@ -175,6 +196,7 @@ def find_session(engine: Engine, write_engine: Engine, token: str | None) -> Ses
                 sessions_table.c.csrf,
                 sessions_table.c.created,
                 sessions_table.c.seen,
+                sessions_table.c.generation,
             ).where(sessions_table.c.token_hash == token_hash)
         ).first()
     if row is None:
@@ -183,6 +205,7 @@ def find_session(engine: Engine, write_engine: Engine, token: str | None) -> Ses
     if (
         user is None
         or not user.active
+        or user.token_generation != row[4]
         or now - row[3] > IDLE_SECONDS
         or now - row[2] > LIFETIME_SECONDS
     ):

@@ -1,5 +1,6 @@
-"""Who may do what on a node: tokens (missing, expired, forged, wrong audience), SMART scopes,
-roles, the patient compartment through every way in, the password token endpoint."""
+"""Who may do what on a node: tokens (missing, expired, forged, wrong audience, of a disabled
+user), SMART scopes, roles, the patient compartment through every way in, the password token
+endpoint, its throttle and its audit trail."""
 
 from __future__ import annotations
 
@@ -87,8 +88,7 @@ def test_disabled_user_loses_access(node: Node) -> None:
     token = node.token("doctor-leaving", "doctor")
     assert node.session(token).get(f"{node.fhir}/Patient").status_code == 200
     set_active(node.database.write_engine, "doctor-leaving", False)
-    time.sleep(5.2)  # the node caches users for 5 s
-    outcome(node.session(token).get(f"{node.fhir}/Patient"), 401, "disabled")
+    outcome(node.session(token).get(f"{node.fhir}/Patient"), 401, "disabled")  # at once
 
 
 def test_scopes_bound_what_a_token_does(node: Node, world: dict[str, Any]) -> None:
@@ -165,31 +165,56 @@ def test_patient_cannot_hold_user_scopes(node: Node, world: dict[str, Any]) -> N
         )
 
 
-def test_token_endpoint_and_lockout(node: Node) -> None:
+def test_token_endpoint_throttle_and_audit(node: Node) -> None:
     import requests
 
-    from node.users import add_user
+    from node.users import FREE_FAILURES, add_user
 
     add_user(node.database.write_engine, "dr-pw", "doctor", password="correct horse 1")
-    ok = requests.post(
-        f"{node.base}/auth/token",
-        data={"grant_type": "password", "username": "dr-pw", "password": "correct horse 1"},
-    )
+
+    def grant(password: str, **extra: str) -> requests.Response:
+        return requests.post(
+            f"{node.base}/auth/token",
+            data={"grant_type": "password", "username": "dr-pw", "password": password, **extra},
+            headers={"User-Agent": "hrx-test-client"},
+        )
+
+    ok = grant("correct horse 1")
     assert ok.status_code == 200, ok.text
     token = ok.json()["access_token"]
     assert ok.json()["scope"] == "user/*.cruds"
     assert node.session(token).get(f"{node.fhir}/Patient?_count=1").status_code == 200
-    for _ in range(5):
-        bad = requests.post(
-            f"{node.base}/auth/token",
-            data={"grant_type": "password", "username": "dr-pw", "password": "wrong"},
-        )
-        assert bad.status_code == 401
-    locked = requests.post(
-        f"{node.base}/auth/token",
-        data={"grant_type": "password", "username": "dr-pw", "password": "correct horse 1"},
+    assert grant("correct horse 1", scope="patient/*.rs").status_code == 400  # invalid_scope
+    for _ in range(FREE_FAILURES):
+        bad = grant("wrong")
+        assert bad.status_code == 401 and bad.json()["error"] == "invalid_grant"
+    throttled = grant("correct horse 1")
+    assert throttled.status_code == 429 and throttled.json()["error"] == "temporarily_unavailable"
+    assert 0 < int(throttled.headers["Retry-After"]) <= 60
+    # every attempt is an AuditEvent the auditor reads: who, from where, with what, why
+    auditor = node.session(node.token("auditor", "auditor"))
+    bundle = auditor.get(f"{node.fhir}/AuditEvent?subtype=login&outcome=4&_count=1000").json()
+    refused = [
+        e["resource"]
+        for e in bundle["entry"]
+        if e["resource"]["agent"][0]["who"]["display"] == "dr-pw"
+    ]
+    reasons = sorted(e["outcomeDesc"] for e in refused)
+    assert reasons[0] == (
+        "POST /auth/token: the password was right, but a doctor cannot hold patient/*.rs: "
+        "doctor scopes are user/..."
     )
-    assert locked.status_code == 401 and "locked" in locked.json()["error_description"]
+    assert reasons[1].startswith("POST /auth/token: throttled: ")
+    assert reasons[2:] == ["POST /auth/token: wrong password"] * FREE_FAILURES
+    assert {e["agent"][0]["network"]["address"] for e in refused} == {"127.0.0.1"}
+    assert {e["agent"][1]["who"]["display"] for e in refused} == {"hrx-test-client"}
+    token_id = jwt.decode(token, options={"verify_signature": False})["jti"]
+    signed_in = auditor.get(f"{node.fhir}/AuditEvent?subtype=login&altid={token_id}").json()
+    (event,) = [e["resource"] for e in signed_in["entry"]]
+    assert event["agent"][0]["who"]["display"] == "dr-pw"
+    assert event["agent"][0]["role"] == [{"text": "doctor"}]
+    assert event["outcomeDesc"] == "POST /auth/token: signed in with a password"
+    assert "correct horse" not in str(bundle) + str(signed_in)
 
 
 def test_system_scopes_for_service_accounts(node: Node, world: dict[str, Any]) -> None:

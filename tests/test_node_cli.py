@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import stat
+import time
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,7 @@ from node.cli import main
 from node.config import load_config
 from node.db import MODEL_METADATA, current_revision, head_revision, open_database
 from node.errors import ConfigError
+from node.users import get_user, sign_in
 
 
 def hrx(*args: str, stdin: str | None = None) -> Result:
@@ -180,6 +182,90 @@ def test_users_and_tokens(node_dir: Path) -> None:
     assert nobody.exit_code == 1 and "no user" in nobody.output
 
 
+def test_user_lifecycle_commands(node_dir: Path) -> None:
+    import jwt
+
+    directory = str(node_dir)
+
+    def user(command: str, username: str, stdin: str | None = None) -> Result:
+        return hrx("user", command, "--dir", directory, "--username", username, stdin=stdin)
+
+    assert user("add", "wang", stdin=None).exit_code == 2  # --role is required
+    added = hrx("user", "add", "--dir", directory, "--username", "wang", "--role", "doctor",
+                "--password-stdin", stdin="a long password\n")  # fmt: skip
+    assert added.exit_code == 0, added.output
+    config = load_config(node_dir, environ={})
+    database = open_database(config.database_url)
+    try:
+        engine = database.write_engine
+        for command in ("disable", "enable", "remove", "unlock"):
+            unknown = user(command, "ghost")
+            assert unknown.exit_code == 1 and "no user 'ghost'" in unknown.output, command
+        unknown = user("reset-password", "ghost", stdin="a long password\n")
+        assert unknown.exit_code == 1 and "no user 'ghost'" in unknown.output
+
+        disabled = user("disable", "wang")
+        assert disabled.exit_code == 0 and "disabled wang" in disabled.output
+        assert "already disabled" in user("disable", "wang").output
+        refused = hrx("token", "issue", "--dir", directory, "--username", "wang")
+        assert refused.exit_code == 1 and "disabled" in refused.output
+        assert sign_in(engine, "wang", "a long password", "192.0.2.1").user is None
+        assert "enabled wang" in user("enable", "wang").output
+        assert "was not disabled" in user("enable", "wang").output
+        assert sign_in(engine, "wang", "a long password", "192.0.2.1").user is not None
+
+        for _ in range(5):
+            assert sign_in(engine, "wang", "wrong password", "192.0.2.2").user is None
+        assert sign_in(engine, "wang", "a long password", "192.0.2.3").retry_after > 0
+        assert "sign-in throttle(s) holding wang" in user("unlock", "wang").output
+        assert "no sign-in throttle was holding wang" in user("unlock", "wang").output
+        assert sign_in(engine, "wang", "a long password", "192.0.2.3").user is not None
+
+        empty = user("reset-password", "wang", stdin="")
+        assert empty.exit_code == 1 and "stdin" in empty.output
+        short = user("reset-password", "wang", stdin="short\n")
+        assert short.exit_code == 1 and "8 characters" in short.output
+        before = hrx("token", "issue", "--dir", directory, "--username", "wang").output.strip()
+        reset = user("reset-password", "wang", stdin="another long one\n")
+        assert reset.exit_code == 0 and "tokens and sessions were revoked" in reset.output
+        assert sign_in(engine, "wang", "a long password", "192.0.2.3").user is None
+        user_now = sign_in(engine, "wang", "another long one", "192.0.2.3").user
+        assert user_now is not None
+        assert jwt.decode(before, options={"verify_signature": False})["gen"] == (
+            user_now.token_generation - 1
+        )
+
+        token = hrx("token", "issue", "--dir", directory, "--username", "wang").output.strip()
+        token_id = jwt.decode(token, options={"verify_signature": False})["jti"]
+        revoke = ("token", "revoke", "--dir", directory)
+        neither = hrx(*revoke)
+        assert neither.exit_code == 2 and "--id" in neither.output
+        both = hrx(*revoke, "--id", token_id, "--username", "wang")
+        assert both.exit_code == 2
+        nowhere = hrx(*revoke, "--id", "no-such-token")
+        assert nowhere.exit_code == 1 and "no token with id 'no-such-token'" in nowhere.output
+        done = hrx(*revoke, "--id", token_id)
+        assert done.exit_code == 0 and f"revoked token {token_id} of wang" in done.output
+        assert "already revoked" in hrx(*revoke, "--id", token_id).output
+        everything = hrx(*revoke, "--username", "wang")
+        assert everything.exit_code == 0 and "every token and session of wang" in everything.output
+        assert hrx(*revoke, "--username", "ghost").exit_code == 1
+
+        removed = user("remove", "wang")
+        assert removed.exit_code == 0 and "removed doctor wang" in removed.output
+        for command in ("disable", "enable", "remove", "unlock"):
+            gone = user(command, "wang")
+            assert gone.exit_code == 1 and "was removed" in gone.output, command
+        reused = hrx("user", "add", "--dir", directory, "--username", "wang", "--role", "auditor")
+        assert reused.exit_code == 1 and "never given to anyone else" in reused.output
+        assert sign_in(engine, "wang", "another long one", "192.0.2.3").user is None
+        no_token = hrx("token", "issue", "--dir", directory, "--username", "wang")
+        assert no_token.exit_code == 1 and "removed" in no_token.output
+        assert get_user(engine, "wang") is not None  # the row stays: the name stays taken
+    finally:
+        database.close()
+
+
 def test_app_refuses_a_database_behind(node_dir: Path) -> None:
     from node.app import create_app
 
@@ -212,8 +298,27 @@ def test_upgrade_applies_pending_migrations(node_dir: Path) -> None:
                 "adapter_quarantine",
                 "adapter_messages",
                 "adapter_sync_state",
+                "node_tokens",
+                "signin_throttle",
+                "node_users",
             ):
                 conn.execute(sa.text(f"DROP TABLE {table}"))
+            # the users' table as the first migration made it, with a user locked out then
+            conn.execute(
+                sa.text(
+                    "CREATE TABLE node_users (username VARCHAR(64) PRIMARY KEY, role VARCHAR(16) "
+                    "NOT NULL, patient_id VARCHAR(64), password_hash VARCHAR(255), active BOOLEAN "
+                    "NOT NULL, created BIGINT NOT NULL, failed_logins INTEGER DEFAULT '0' NOT "
+                    "NULL, locked_until BIGINT DEFAULT '0' NOT NULL)"
+                )
+            )
+            conn.execute(
+                sa.text(
+                    "INSERT INTO node_users VALUES ('wang', 'doctor', NULL, NULL, true, 1, 0, 0), "
+                    "('li', 'doctor', NULL, NULL, true, 1, 0, :until)"
+                ),
+                {"until": int(time.time()) + 600},
+            )
             conn.execute(sa.text("UPDATE alembic_version SET version_num = '0001'"))
             # an entry stored before the patient index existed: the upgrade indexes it
             entry = {
@@ -232,10 +337,16 @@ def test_upgrade_applies_pending_migrations(node_dir: Path) -> None:
     finally:
         database.close()
     result = hrx("node", "upgrade", "--dir", str(node_dir))
-    assert result.exit_code == 0 and "from revision 0001 to 0007" in result.output, result.output
+    assert result.exit_code == 0 and "from revision 0001 to 0008" in result.output, result.output
     database = open_database(config.database_url)
     try:
-        assert current_revision(database.engine) == head_revision() == "0007"
+        assert current_revision(database.engine) == head_revision() == "0008"
+        # the users are kept, and the one locked out then is still held from unknown addresses
+        wang, li = get_user(database.engine, "wang"), get_user(database.engine, "li")
+        assert wang is not None and wang.active and not wang.removed
+        assert li is not None and li.token_generation == 0
+        held = sign_in(database.write_engine, "li", "any password", "192.0.2.1")
+        assert held.user is None and 590 <= held.retry_after <= 600
         assert sa.inspect(database.engine).has_table("peer_nonces")
         assert sa.inspect(database.engine).has_table("ledger_evidence")
         assert sa.inspect(database.engine).has_table("adapter_quarantine")

@@ -1,5 +1,6 @@
 """The patient portal over real HTTP, on both engines: enrollment, sign-in, consents, accesses,
-receipts, and its defences (CSRF, lockout, isolation between patients, cookie flags)."""
+receipts, and its defences (CSRF, sign-in throttle and audit, resets at the desk, isolation
+between patients, cookie flags)."""
 
 from __future__ import annotations
 
@@ -200,16 +201,81 @@ def test_one_patient_cannot_reach_anothers_consents_or_receipts(node: Node) -> N
     assert signed_out.get(f"{node.base}{receipt}").url.endswith("/portal/signin")
 
 
-def test_repeated_wrong_passwords_lock_the_account(node: Node) -> None:
+def test_repeated_wrong_passwords_slow_down_and_are_audited(node: Node) -> None:
+    from node.users import FREE_FAILURES
+
     browser = enroll(node, new_patient(node))
     username = browser.username  # type: ignore[attr-defined]
     stranger = requests.Session()
-    for _ in range(5):
+    stranger.headers["User-Agent"] = "stranger-browser"
+    for _ in range(FREE_FAILURES):
         answer = sign_in(node, stranger, username, "wrong password")
-        assert answer.status_code == 401 and "锁定" in answer.text
-    locked = sign_in(node, stranger, username, PASSWORD)
-    assert locked.status_code == 401
+        assert answer.status_code == 401 and "用户名或密码错误" in answer.text
+    throttled = sign_in(node, stranger, username, PASSWORD)
+    assert throttled.status_code == 429 and "分钟后再试" in throttled.text
+    assert 0 < int(throttled.headers["Retry-After"]) <= 60
     assert "hrx_portal" not in stranger.cookies
+    english = requests.Session()
+    english.cookies.set("hrx_lang", "en", path="/portal")
+    answer = sign_in(node, english, username, PASSWORD)
+    assert answer.status_code == 429 and "try again in 1 minute" in answer.text
+    # the patient, already signed in, is not signed out; and every attempt is on record
+    assert browser.get(f"{node.base}/portal/consents").url.endswith("/portal/consents")
+    auditor = node.session(node.token("auditor", "auditor"))
+    bundle = auditor.get(f"{node.fhir}/AuditEvent?subtype=login&_count=1000").json()
+    events = [
+        e["resource"]
+        for e in bundle["entry"]
+        if e["resource"]["agent"][0]["who"]["display"] == username
+    ]
+    outcomes = sorted((e["outcome"], e["outcomeDesc"].split(":")[1].strip()) for e in events)
+    assert outcomes == [
+        ("0", "signed in with a password"),
+        *[("4", "throttled")] * 2,
+        *[("4", "wrong password")] * FREE_FAILURES,
+    ]
+    assert all(e["outcomeDesc"].startswith("portal sign-in: ") for e in events)
+    assert PASSWORD not in str(bundle)
+
+
+def test_a_reset_at_the_desk_voids_the_old_password_tokens_and_sessions(node: Node) -> None:
+    patient_id = new_patient(node)
+    browser = enroll(node, patient_id)
+    username = browser.username  # type: ignore[attr-defined]
+    granted = requests.post(
+        f"{node.base}/auth/token",
+        data={"grant_type": "password", "username": username, "password": PASSWORD},
+    )
+    assert granted.status_code == 200, granted.text
+    token = granted.json()["access_token"]
+    assert node.session(token).get(f"{node.fhir}/Patient/{patient_id}").status_code == 200
+    # the desk makes a new code: the old password, token and session stop now
+    output = hrx("patient", "enroll", "--dir", str(node.directory), "--patient", patient_id)
+    assert browser.get(f"{node.base}/portal/consents").url.endswith("/portal/signin")
+    assert node.session(token).get(f"{node.fhir}/Patient/{patient_id}").status_code == 401
+    assert sign_in(node, requests.Session(), username, PASSWORD).status_code == 401
+    assert f"has a portal account, {username}" in output
+    code = re.search(r"[A-Z2-9]{4}-[A-Z2-9]{4}-[A-Z2-9]{4}-[A-Z2-9]{4}", output)
+    assert code, output
+    # a token made meanwhile (by an administrator) stops when the code is used
+    between = hrx("token", "issue", "--dir", str(node.directory), "--username", username)
+    assert node.session(between.strip()).get(f"{node.fhir}/Patient/{patient_id}").ok
+    form = browser.get(f"{node.base}/portal/enroll")
+    answer = browser.post(
+        f"{node.base}/portal/enroll",
+        data={
+            "csrf_token": csrf_of(form),
+            "code": code.group(0),
+            "username": "ignored-for-a-reset",
+            "password": "a new password 9",
+            "password_again": "a new password 9",
+        },
+    )
+    assert answer.status_code == 200 and answer.url.endswith("done=enrolled"), answer.text[:300]
+    assert node.session(between.strip()).get(f"{node.fhir}/Patient/{patient_id}").status_code == 401
+    assert sign_in(node, requests.Session(), username, PASSWORD).status_code == 401
+    again = requests.Session()
+    assert sign_in(node, again, username, "a new password 9").url.endswith("/portal/consents")
 
 
 def test_signing_out_ends_the_session_on_the_server(node: Node) -> None:
