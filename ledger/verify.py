@@ -6,7 +6,8 @@ gives the authority key, the trust anchor) and every member's BLS proof of posse
 for every block of every chain: the header's form, that its chain is a member of the roster
 version it names, its Ed25519 signature by that member's key, height and ``prev`` links,
 ``seq`` continuity, every entry's form, that block times never go backwards and no entry is
-later than its block, and the block's ``tree_root`` against the RFC 9162 tree recomputed from all the chain's entries so far.
+later than its block, and the block's ``tree_root`` against the RFC 9162 tree recomputed from
+all the chain's entries so far.
 Because each root is recomputed over the same growing sequence of leaves, every pair of
 consecutive heads is consistent by construction; a signed head whose root differs fails here.
 

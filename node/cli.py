@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -313,7 +314,7 @@ def audit_verify(
         fail("--resolution is checked against the authority's key: give --authority", 2)
     with reported():
         settled = [parse_json(path.read_bytes()) for path in resolutions]
-    watching = {
+    watching: dict[str, Any] = {
         "watch": WATCHED,
         "observe": decisions.observe,
         "given": given,
@@ -421,7 +422,7 @@ def audit_receipt(receipt_file: Path, authority: str | None) -> None:
     out.print(summary.describe(), highlight=False)
 
 
-def print_summary(summary: Summary, findings: list[str] | None = None) -> None:
+def print_summary(summary: Summary, findings: Sequence[object] = ()) -> None:
     """The verdict on its first line, then what it covered (and every fork proven)."""
     counts = (
         f"{len(summary.chains)} chain(s), {summary.blocks} block(s), {summary.entries} "

@@ -4,6 +4,7 @@ node, report from its ledger, and what the consortium authority does."""
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
