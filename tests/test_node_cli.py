@@ -16,6 +16,7 @@ from click.testing import CliRunner, Result
 
 from ledger.canonical import canonical_bytes
 from ledger.store import ChainStore, entries_table, subjects_table
+from node.adapter_tables import messages_table
 from node.cli import main
 from node.config import load_config
 from node.db import MODEL_METADATA, current_revision, head_revision, open_database
@@ -337,10 +338,10 @@ def test_upgrade_applies_pending_migrations(node_dir: Path) -> None:
     finally:
         database.close()
     result = hrx("node", "upgrade", "--dir", str(node_dir))
-    assert result.exit_code == 0 and "from revision 0001 to 0008" in result.output, result.output
+    assert result.exit_code == 0 and "from revision 0001 to 0009" in result.output, result.output
     database = open_database(config.database_url)
     try:
-        assert current_revision(database.engine) == head_revision() == "0008"
+        assert current_revision(database.engine) == head_revision() == "0009"
         # the users are kept, and the one locked out then is still held from unknown addresses
         wang, li = get_user(database.engine, "wang"), get_user(database.engine, "li")
         assert wang is not None and wang.active and not wang.removed
@@ -356,3 +357,37 @@ def test_upgrade_applies_pending_migrations(node_dir: Path) -> None:
             ]
     finally:
         database.close()
+
+
+def test_messages_made_from_csv_exports_are_counted_as_csv(tmp_path: Path) -> None:
+    """Migration 0009: what CSV imports stored before they were counted apart moves to csv."""
+    node_dir = tmp_path / "hosp-a"
+    hrx("node", "init", "--dir", str(node_dir), "--id", "hosp-a", "--name", "甲", "--port", "8080")
+    database = open_database(load_config(node_dir).database_url)
+    try:
+        with database.write_engine.begin() as conn:
+            for key in ("HRX-CSV|HZZY|R1", "LIS|HZSY|M1"):
+                conn.execute(
+                    messages_table.insert().values(
+                        adapter="hl7",
+                        message_key=key,
+                        received_at=1,
+                        sha256="0" * 64,
+                        resources="[]",
+                    )
+                )
+            conn.execute(sa.text("UPDATE alembic_version SET version_num = '0008'"))
+    finally:
+        database.close()
+    assert hrx("node", "upgrade", "--dir", str(node_dir)).exit_code == 0
+    database = open_database(load_config(node_dir).database_url)
+    try:
+        with database.engine.connect() as conn:
+            rows = conn.execute(
+                sa.select(messages_table.c.message_key, messages_table.c.adapter).order_by(
+                    messages_table.c.message_key
+                )
+            ).all()
+    finally:
+        database.close()
+    assert [tuple(r) for r in rows] == [("HRX-CSV|HZZY|R1", "csv"), ("LIS|HZSY|M1", "hl7")]
