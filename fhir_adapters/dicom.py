@@ -3,7 +3,7 @@
 The input is pydicom Datasets — read from files, or parsed from DICOMweb's DICOM JSON with
 ``Dataset.from_json`` — so character sets (GB18030, ISO_IR 192, ISO 2022...) are already
 decoded and person names come with their alphabetic, ideographic and phonetic groups. Nothing
-here touches a database or the network; :mod:`node.dicom_intake` stores what this returns.
+here touches a database or the network; :mod:`node.intake.dicom` stores what this returns.
 
 The mapping (docs/adapters-dicom.md has the whole table):
 

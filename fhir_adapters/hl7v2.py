@@ -1,7 +1,7 @@
 """HL7 v2 laboratory results (ORU^R01, v2.3 to v2.5.1) read and mapped to FHIR R4.
 
 Pure: message bytes in, FHIR resource dicts and ACK bytes out; no database, no network (the
-node stores what this makes: :mod:`node.hl7_intake`). In order:
+node stores what this makes: :mod:`node.intake.hl7`). In order:
 
 * :func:`decode` finds the character set (MSH-18: ``UNICODE UTF-8``, ``GB 18030-2000`` and
   their usual spellings, ASCII, ISO 8859, Big5; empty means UTF-8, and a message that is not

@@ -1,6 +1,6 @@
 """LIS exports as CSV: a mapping file says which column holds what, and each report's rows
 become one HL7 v2.5.1 ORU^R01 message, which the node then takes in exactly as it takes in a
-message from the LIS over MLLP (:mod:`fhir_adapters.hl7v2`, :mod:`node.hl7_intake`). One
+message from the LIS over MLLP (:mod:`fhir_adapters.hl7v2`, :mod:`node.intake.hl7`). One
 mapping path for both: the same identifiers, codes, units, ranges, flags and statuses, the same
 idempotence (a report imported twice is stored once) and the same quarantine.
 

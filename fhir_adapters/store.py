@@ -146,14 +146,15 @@ class ResourceStore:
 
     def read(self, resource_type: str, resource_id: str, conn: Connection | None = None) -> Stored:
         """The current version; NotFound, or Gone when its current version is a delete."""
-        stored = self._current(resource_type, resource_id, conn)
+        stored = self.current(resource_type, resource_id, conn)
         if stored.deleted:
             raise Gone(f"{resource_type}/{resource_id} was deleted")
         return stored
 
-    def _current(
+    def current(
         self, resource_type: str, resource_id: str, conn: Connection | None = None
     ) -> Stored:
+        """The current version, a delete included (its body None); NotFound when unknown."""
         check_type(resource_type)
         check_id(resource_id)
         with _connection(self.engine, conn) as c:
@@ -378,7 +379,7 @@ class ResourceStore:
             conditions.append(V.c.type == resource_type)
         if resource_id is not None:
             assert resource_type is not None
-            current = self._current(resource_type, resource_id)  # NotFound when unknown
+            current = self.current(resource_type, resource_id)  # NotFound when unknown
             del current
             conditions.append(
                 V.c.res_pk
@@ -491,10 +492,11 @@ class ResourceStore:
     # -- writes -------------------------------------------------------------------------
 
     @contextmanager
-    def writing(self) -> Iterator[Writer]:
-        """One write transaction: everything done through the Writer commits or none of it."""
+    def writing(self, actor: Any = None) -> Iterator[Writer]:
+        """One write transaction: everything done through the Writer commits or none of it.
+        ``actor``: who writes (opaque here), for the observers (:meth:`observe`) to read."""
         with self.write_engine.begin() as conn:
-            yield Writer(self, conn)
+            yield Writer(self, conn, actor)
 
     def create(self, resource: Any, resource_type: str | None = None) -> Stored:
         with self.writing() as writer:
@@ -600,9 +602,10 @@ def _connection(engine: Engine, conn: Connection | None) -> Iterator[Connection]
 class Writer:
     """Writes inside one open transaction (see :meth:`ResourceStore.writing`)."""
 
-    def __init__(self, store: ResourceStore, conn: Connection) -> None:
+    def __init__(self, store: ResourceStore, conn: Connection, actor: Any = None) -> None:
         self.store = store
         self.conn = conn
+        self.actor = actor  # who writes: the caller's identity, for the observers
         # Set to a list to check references only at the end (a transaction may refer to what
         # it creates later); ``tag`` names the write each deferred check came from.
         self.deferred: list[tuple[Any, dict[str, Any]]] | None = None

@@ -10,12 +10,12 @@ from functools import partial
 from fhir_adapters.store import ResourceStore
 from ledger import keys
 from ledger.store import ChainStore
-from node.audit import AuditTrail
-from node.auth import TokenAuthority
-from node.config import NodeConfig
-from node.consents import ConsentRecorder
-from node.db import Database, open_database, require_current
-from node.users import record_token, token_standing
+from node.base.config import NodeConfig
+from node.db.engines import Database, open_database, require_current
+from node.identity.tokens import TokenAuthority
+from node.identity.users import record_token, token_standing
+from node.records.audit_trail import AuditTrail
+from node.records.consents import ConsentRecorder
 
 
 @dataclass

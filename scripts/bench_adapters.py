@@ -34,10 +34,10 @@ from rich.progress import Progress  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from fhir_adapters.hl7v2 import Systems, parse_message, read_results  # noqa: E402
-from node.config import load_config  # noqa: E402
-from node.dicom_intake import DicomwebClient, sync_round  # noqa: E402
-from node.hl7_intake import Hl7Intake  # noqa: E402
-from node.mllp import send_many  # noqa: E402
+from node.base.config import load_config  # noqa: E402
+from node.intake.dicom import DicomwebClient, sync_round  # noqa: E402
+from node.intake.hl7 import Hl7Intake  # noqa: E402
+from node.intake.mllp import send_many  # noqa: E402
 from node.services import open_services  # noqa: E402
 from tests.nodes import free_port, init_node, join_alone  # noqa: E402
 from tests.orthanc import running_orthanc, upload  # noqa: E402

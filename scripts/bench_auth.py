@@ -28,10 +28,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from node.auth import TokenAuthority  # noqa: E402
-from node.config import load_config  # noqa: E402
+from node.identity.tokens import TokenAuthority  # noqa: E402
+from node.base.config import load_config  # noqa: E402
 from node.services import open_services  # noqa: E402
-from node.users import add_user, token_standing  # noqa: E402
+from node.identity.users import add_user, token_standing  # noqa: E402
 from tests.nodes import free_port, init_node  # noqa: E402
 
 

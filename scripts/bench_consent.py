@@ -41,9 +41,9 @@ from consent.policy import CONSENT_TYPES, AccessRequest, decide  # noqa: E402
 from consent.pseudonym import RESIDENT_ID_SYSTEM  # noqa: E402
 from exchange.decisions import decide_access  # noqa: E402
 from ledger.model import format_time  # noqa: E402
-from node.config import load_config  # noqa: E402
+from node.base.config import load_config  # noqa: E402
 from node.services import open_services  # noqa: E402
-from node.sessions import issue_enrollment, redeem_enrollment  # noqa: E402
+from node.identity.sessions import issue_enrollment, redeem_enrollment  # noqa: E402
 from scripts.bench_fhir import gunicorn, lua_paths, wrk  # noqa: E402
 from tests.nodes import Node, free_port, init_node, join_alone, wait_healthy  # noqa: E402
 

@@ -32,8 +32,8 @@ from rich.console import Console  # noqa: E402
 
 from ledger import keys  # noqa: E402
 from ledger.store import ChainStore, ChainWriter  # noqa: E402
-from node.config import load_config  # noqa: E402
-from node.harness import Consortium  # noqa: E402
+from node.base.config import load_config  # noqa: E402
+from node.demo.harness import Consortium  # noqa: E402
 
 console = Console()
 
@@ -110,7 +110,8 @@ def append_entries(
 
 
 def catch_up(entries: int) -> None:
-    from node.replication import SignedPeers, replicator_for
+    from node.consortium.peers import SignedPeers
+    from node.consortium.worker import replicator_for
 
     with tempfile.TemporaryDirectory(prefix="hrx-bench-") as scratch:
         group = Consortium(Path(scratch), 2, quorum=2, epoch_seconds=3600)

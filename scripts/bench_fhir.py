@@ -38,8 +38,8 @@ from rich.console import Console  # noqa: E402
 from rich.progress import Progress  # noqa: E402
 
 from fhir_adapters.store import ResourceStore  # noqa: E402
-from node.config import load_config  # noqa: E402
-from node.db import open_database  # noqa: E402
+from node.base.config import load_config  # noqa: E402
+from node.db.engines import open_database  # noqa: E402
 from tests.nodes import free_port, init_node, wait_healthy  # noqa: E402
 
 console = Console()
@@ -212,7 +212,7 @@ def gunicorn(directory: Path, port: int, workers: int, threads: int) -> subproce
             f"127.0.0.1:{port}",
             "--log-level",
             "warning",
-            "node.wsgi:app",
+            "node.web.wsgi:app",
         ],
         cwd=ROOT,
         env={**os.environ, "HRX_NODE_DIR": str(directory)},

@@ -35,7 +35,7 @@ from rich.progress import Progress  # noqa: E402
 from consent.model import consent_resource  # noqa: E402
 from consent.pseudonym import RESIDENT_ID_SYSTEM  # noqa: E402
 from ledger.store import ChainStore  # noqa: E402
-from node.harness import Consortium  # noqa: E402
+from node.demo.harness import Consortium  # noqa: E402
 from tests.nodes import Node, post  # noqa: E402
 
 console = Console()

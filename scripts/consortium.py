@@ -21,7 +21,7 @@ sys.path.insert(0, str(ROOT))
 
 from rich.console import Console  # noqa: E402
 
-from node.harness import Consortium  # noqa: E402
+from node.demo.harness import Consortium  # noqa: E402
 
 console = Console()
 

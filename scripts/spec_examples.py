@@ -51,7 +51,7 @@ from ledger.model import (  # noqa: E402
     parse_time,
 )
 from ledger.roster import make_member, make_roster, roster_digest, sign_roster  # noqa: E402
-from node.peer_auth import COVERED, LABEL, TAG, Message  # noqa: E402
+from node.consortium.signing import COVERED, LABEL, TAG, Message  # noqa: E402
 
 CHAIN = "hosp-a"
 RESIDENT_ID = "11010519491231002x"  # the sample number of GB 11643, check character written "x"
@@ -284,7 +284,7 @@ def _checkpoint(
 
 
 def _signed_request(out: Lines, found: dict[str, Any]) -> None:
-    """hosp-b's push hint to hosp-a, signed as node.peer_auth signs it, at a fixed time and
+    """hosp-b's push hint to hosp-a, signed as node.consortium.signing signs it, at a fixed time and
     with a fixed nonce (a node uses the current time and a random nonce)."""
     body = canonical_bytes({"chain": "hosp-b"})
     created = parse_time("2026-11-22T09:30:01.000Z")

@@ -134,7 +134,7 @@ def _log_in_process_lines(tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     lines are, into a file beside the node processes' logs of the run."""
     import logging
 
-    from node.logs import prepare_handler
+    from node.base.logs import prepare_handler
 
     handler = prepare_handler(
         logging.FileHandler(tmp_path_factory.getbasetemp() / IN_PROCESS_LOG, encoding="utf-8")
@@ -156,3 +156,13 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """The log privacy check reads every log the run wrote: it runs last."""
     last = [item for item in items if item.module.__name__.endswith("test_log_privacy")]
     items[:] = [item for item in items if item not in last] + last
+
+
+@pytest.fixture(autouse=True)
+def _umask_kept() -> Iterator[None]:
+    """``hrx`` sets its process's umask (077) when it runs; a command run in this process by a
+    test must not change the files later tests make."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    yield
+    os.umask(umask)

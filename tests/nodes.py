@@ -21,11 +21,11 @@ from click.testing import CliRunner
 
 from ledger import keys
 from ledger.store import ChainStore
-from node.auth import TokenAuthority
+from node.identity.tokens import TokenAuthority
 from node.cli import main
-from node.config import load_config
-from node.db import Database, open_database
-from node.users import add_user, get_user
+from node.base.config import load_config
+from node.db.engines import Database, open_database
+from node.identity.users import add_user, get_user
 
 ROOT = Path(__file__).resolve().parent.parent
 FHIR_JSON = "application/fhir+json"
@@ -224,7 +224,7 @@ def serving(
             "4",
             "-b",
             f"127.0.0.1:{node.port}",
-            "node.wsgi:app",
+            "node.web.wsgi:app",
         ]
     else:
         command = [
@@ -265,7 +265,7 @@ def asked(asker: Path, body: dict[str, Any], *, username: str = "dr-test") -> di
     """An access request ``body`` with its proof (``asked``), after recording the question on
     the chain of the member whose directory is ``asker``, as a referral does (the body's
     ``request_id``, ``patient``, ``purpose`` and ``categories``)."""
-    from node.referral_api import record_question
+    from node.flows.prior_results import record_question
     from node.services import open_services
 
     services = _askers.get(asker)
@@ -286,7 +286,7 @@ def asked(asker: Path, body: dict[str, Any], *, username: str = "dr-test") -> di
 def ask_access(asker: Path, source: str, body: dict[str, Any]) -> dict[str, Any]:
     """``POST /peer/access`` to member ``source``, signed by the member whose directory is
     ``asker``, with the question recorded on its chain first (:func:`asked`)."""
-    from node.replication import SignedPeers
+    from node.consortium.peers import SignedPeers
 
     config = load_config(asker)
     peers = SignedPeers(

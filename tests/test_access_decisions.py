@@ -22,10 +22,11 @@ from exchange.decisions import replay
 from ledger import keys
 from ledger.store import ChainStore
 from node.cli import main
-from node.config import load_config
-from node.consortium import read_secret
-from node.harness import Consortium
-from node.replication import PeerUnavailable, SignedPeers
+from node.base.config import load_config
+from node.consortium.membership import read_secret
+from node.demo.harness import Consortium
+from ledger.replication import PeerUnavailable
+from node.consortium.peers import SignedPeers
 from tests.nodes import Node, ask_access, post
 from tests.test_portal import csrf_of, enroll
 
@@ -246,7 +247,7 @@ def test_no_member_learns_who_is_treated_without_a_recorded_question(
 
     # a real question about one patient does not open another: 403, identical either way
     b = group.members["hosp-b"].directory
-    from node.referral_api import record_question
+    from node.flows.prior_results import record_question
     from node.services import open_services
 
     services = open_services(load_config(b))

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import requests
 
-from node.users import FREE_ADDRESS_FAILURES, FREE_FAILURES
+from node.identity.users import FREE_ADDRESS_FAILURES, FREE_FAILURES
 from tests.conftest import postgres_database
 from tests.nodes import FHIR_JSON, Node, invoke, running_node
 

@@ -11,7 +11,7 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from node.users import set_active
+from node.identity.users import set_active
 from tests.nodes import FHIR_JSON, Node, post
 from tests.test_fhir_api import ids, new_patient, observation, outcome
 
@@ -157,7 +157,7 @@ def test_patient_sees_only_their_compartment(node: Node, world: dict[str, Any]) 
 
 
 def test_patient_cannot_hold_user_scopes(node: Node, world: dict[str, Any]) -> None:
-    from node.errors import UserError
+    from node.base.errors import UserError
 
     with pytest.raises(UserError, match="cannot hold user"):
         node.token(
@@ -168,7 +168,7 @@ def test_patient_cannot_hold_user_scopes(node: Node, world: dict[str, Any]) -> N
 def test_token_endpoint_throttle_and_audit(node: Node) -> None:
     import requests
 
-    from node.users import FREE_FAILURES, add_user
+    from node.identity.users import FREE_FAILURES, add_user
 
     add_user(node.database.write_engine, "dr-pw", "doctor", password="correct horse 1")
 
@@ -218,7 +218,7 @@ def test_token_endpoint_throttle_and_audit(node: Node) -> None:
 
 
 def test_system_scopes_for_service_accounts(node: Node, world: dict[str, Any]) -> None:
-    from node.errors import UserError
+    from node.base.errors import UserError
 
     service = node.session(node.token("lis-export", "auditor", scope="system/Observation.rs"))
     assert service.get(f"{node.fhir}/Observation?_count=1").status_code == 200

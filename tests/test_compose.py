@@ -30,9 +30,9 @@ import yaml
 from ledger import keys
 from ledger.store import ChainStore
 from node.cli import main as hrx_main
-from node.config import load_config
-from node.consortium import AUTHORITY_SETTING
-from node.db import open_database
+from node.base.config import load_config
+from node.consortium.membership import AUTHORITY_SETTING
+from node.db.engines import open_database
 from tests.conftest import POSTGRES_ADMIN, _postgres_admin
 from tests.nodes import free_port, wait_healthy
 
@@ -104,8 +104,8 @@ def test_every_service_runs_a_real_command(compose: dict[str, Any]) -> None:
         if command[0] == "hrx":
             hrx_command(command[1:])
         elif command[0] == "gunicorn":
-            assert command[-1] == "node.wsgi:app", name
-            assert command[1:3] == ["-c", "python:node.gunicorn_conf"], name  # metrics, logs
+            assert command[-1] == "node.web.wsgi:app", name
+            assert command[1:3] == ["-c", "python:node.ops.gunicorn_conf"], name  # metrics, logs
             assert "HRX_NODE_DIR" in service["environment"], name
         else:  # the image holds the repository's deploy/ under /app (Dockerfile)
             assert command == ["/app/deploy/trial/bootstrap.sh"], name

@@ -13,8 +13,8 @@ import pytest
 from consent.model import WITNESS_URL, consent_resource
 from consent.pseudonym import RESIDENT_ID_SYSTEM, pseudonym
 from ledger.store import ChainStore
-from node.config import load_config
-from node.consortium import read_secret
+from node.base.config import load_config
+from node.consortium.membership import read_secret
 from tests.nodes import Node, post, running_node
 
 pytestmark = pytest.mark.usefixtures("node")

@@ -17,7 +17,7 @@ from ledger import keys, merkle
 from ledger.store import ChainStore, ChainWriter
 from ledger.verify import Verifier
 from node.cli import main
-from node.config import load_config
+from node.base.config import load_config
 from tests.nodes import init_node, serving
 
 
@@ -248,7 +248,7 @@ def _signed(
 
     from http_message_signatures import HTTPMessageSigner, algorithms
 
-    from node import peer_auth
+    from node.consortium import signing as peer_auth
 
     message = peer_auth.Message(method, url, {})
     HTTPMessageSigner(
@@ -269,7 +269,7 @@ def _signed(
 def test_signed_member_requests(consortium: Path, tmp_path: Path) -> None:
     from datetime import UTC, datetime, timedelta
 
-    from node.peer_auth import sign_request
+    from node.consortium.signing import sign_request
 
     node_c = consortium / "hosp-c"
     joined = hrx(

@@ -13,8 +13,8 @@ import pytest
 
 from ledger import keys
 from ledger.store import ChainStore, ChainWriter
-from node.config import load_config
-from node.harness import Consortium
+from node.base.config import load_config
+from node.demo.harness import Consortium
 
 pytestmark = pytest.mark.slow
 

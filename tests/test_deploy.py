@@ -42,8 +42,8 @@ import pytest
 import requests
 import yaml
 
-from node.config import load_config, write_config
-from node.errors import ConfigError
+from node.base.config import load_config, write_config
+from node.base.errors import ConfigError
 from tests.conftest import POSTGRES_ADMIN, _postgres_admin
 from tests.nodes import free_port, hrx, init_node, wait_healthy
 from tests.test_compose import docker_compose, hrx_command, mounts, published_ports
@@ -282,8 +282,8 @@ def test_every_hospital_service_runs_a_real_command(hospital: dict[str, Any]) ->
         elif command[0] == "hrx":
             hrx_command(command[1:])
         else:
-            assert command[:3] == ["gunicorn", "-c", "python:node.gunicorn_conf"], name
-            assert command[-1] == "node.wsgi:app"
+            assert command[:3] == ["gunicorn", "-c", "python:node.ops.gunicorn_conf"], name
+            assert command[-1] == "node.web.wsgi:app"
         assert service["environment"]["HRX_NODE_DIR"] == CONTAINER_NODE, name
         if "--dir" in command:
             assert command[command.index("--dir") + 1] == CONTAINER_NODE, name
@@ -719,8 +719,8 @@ def test_the_units_run_real_commands() -> None:
             assert words[words.index("--dir") + 1] == "/srv/hrx/hosp-a"
             assert "ExecReload" not in settings, unit.name  # no reload: restart
         else:
-            assert words[:3] == ["/opt/hrx/bin/gunicorn", "-c", "python:node.gunicorn_conf"]
-            assert words[-1] == "node.wsgi:app" and "-b" not in words  # node.toml's address
+            assert words[:3] == ["/opt/hrx/bin/gunicorn", "-c", "python:node.ops.gunicorn_conf"]
+            assert words[-1] == "node.web.wsgi:app" and "-b" not in words  # node.toml's address
             assert settings["ExecReload"] == ["/bin/kill -HUP $MAINPID"]
             assert settings["KillMode"] == ["mixed"]
             grace = int(words[words.index("--graceful-timeout") + 1])
@@ -778,7 +778,8 @@ def installed_hrx() -> str:
             f"printf '#!/bin/sh\\nPYTHONPATH={ROOT} exec {sys.executable} {run}\"$@\"\\n' "
             f"> /opt/hrx/bin/{name}"
         )
-    return "mkdir -p /opt/hrx/bin\n" + "\n".join(lines) + "\nchmod 755 /opt/hrx/bin/*\n"
+    # an administrator's root shell (umask 022), whatever this process's umask is
+    return "umask 022\nmkdir -p /opt/hrx/bin\n" + "\n".join(lines) + "\nchmod 755 /opt/hrx/bin/*\n"
 
 
 def test_systemd_analyze_verifies_the_units(tmp_path: Path) -> None:

@@ -22,8 +22,8 @@ import requests
 import sqlalchemy as sa
 
 from fhir_adapters import tables
-from node.adapter_tables import quarantine_table, sync_state_table
-from node.config import load_config
+from node.db.adapter_tables import quarantine_table, sync_state_table
+from node.base.config import load_config
 from node.services import Services, open_services
 from tests import orthanc
 from tests.nodes import ROOT

@@ -33,12 +33,12 @@ from pydicom.fileset import FileSet
 from pydicom.uid import generate_uid
 
 from fhir_adapters import tables
-from node.adapter_tables import quarantine_table, sync_state_table
+from node.db.adapter_tables import quarantine_table, sync_state_table
 from node.cli import main
-from node.config import load_config
-from node.db import open_database
-from node.errors import ConfigError
-from node.pseudonyms import patients_with
+from node.base.config import load_config
+from node.db.engines import open_database
+from node.base.errors import ConfigError
+from node.records.pseudonym_index import patients_with
 from node.services import Services, open_services
 from tests import orthanc
 from tests.conftest import postgres_database

@@ -9,7 +9,7 @@ from decimal import Decimal
 from typing import Any
 from urllib.parse import urlencode
 
-from node.config import load_config
+from node.base.config import load_config
 from tests.nodes import FHIR_JSON, Node, post
 
 

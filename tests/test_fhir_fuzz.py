@@ -56,7 +56,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from ledger import keys
-from node.config import load_config
+from node.base.config import load_config
 from tests.nodes import FHIR_JSON, Node
 
 # This test process builds bodies nested thousands deep with json.dumps, which recurses: it

@@ -15,8 +15,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from ledger import keys
 from ledger.resolution import make_resolution, open_resolution, sign_resolution
 from ledger.store import ChainStore, ChainWriter
-from node.config import load_config
-from node.harness import Consortium
+from node.base.config import load_config
+from node.demo.harness import Consortium
 from tests.conftest import make_ledger
 from tests.nodes import append_requests, invoke
 

@@ -77,8 +77,8 @@ def test_workers_share_one_consistent_store(tmp_path: Path, engine_url: str | No
         assert versions == list(range(1 + len(successes), 0, -1))
         assert len(successes) + len(conflicts) == 6 * 15
     # the server is stopped: every worker flushed its queued audit records on the way out
-    from node.config import load_config
-    from node.db import open_database
+    from node.base.config import load_config
+    from node.db.engines import open_database
 
     database = open_database(load_config(tmp_path / "node").database_url)
     try:
@@ -116,7 +116,7 @@ def control(socket_path: Path, command: str, seconds: float = 20) -> dict[str, A
 def test_two_nodes_keep_their_own_control_sockets(tmp_path: Path) -> None:
     """gunicorn 25.1+ opens a control socket, by default one per user ($XDG_RUNTIME_DIR or
     ~/.gunicorn/gunicorn.ctl): two nodes would share it, and stopping one deleted the other's.
-    With node.gunicorn_conf each has DIR/gunicorn.ctl, and serves at server.host:server.port
+    With node.ops.gunicorn_conf each has DIR/gunicorn.ctl, and serves at server.host:server.port
     without -b."""
     from gunicorn.config import KNOWN_SETTINGS
 
@@ -137,7 +137,7 @@ def test_two_nodes_keep_their_own_control_sockets(tmp_path: Path) -> None:
             }
             for name in ("XDG_RUNTIME_DIR", "PROMETHEUS_MULTIPROC_DIR"):
                 environment.pop(name, None)
-            command = ["-c", "python:node.gunicorn_conf", "-w", "1", "node.wsgi:app"]
+            command = ["-c", "python:node.ops.gunicorn_conf", "-w", "1", "node.web.wsgi:app"]
             with (directory / "server.log").open("ab") as log:
                 process = subprocess.Popen(
                     [sys.executable, "-m", "gunicorn", *command],

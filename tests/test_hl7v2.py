@@ -14,9 +14,9 @@ from fhir_adapters import hl7v2
 from fhir_adapters.hl7v2 import Hl7Error, Systems, build_ack, parse_ack, parse_message
 from fhir_adapters.resources import validate
 from fhir_adapters.ucum import to_ucum
-from node.adapter_tables import messages_table, quarantine_table
-from node.config import load_config
-from node.hl7_intake import Hl7Intake, quarantined
+from node.db.adapter_tables import messages_table, quarantine_table
+from node.base.config import load_config
+from node.intake.hl7 import Hl7Intake, quarantined
 from node.services import Services, open_services
 from tests.hl7_messages import (
     ALL_SAMPLES,
@@ -567,7 +567,7 @@ def read(services: Services, resource_type: str, resource_id: str) -> tuple[int,
 
 
 def patients_with(services: Services, system: str, value: str) -> list[str]:
-    from node.hl7_intake import _patients_with
+    from node.intake.hl7 import _patients_with
 
     with services.database.engine.connect() as conn:
         return _patients_with(conn, system, value)
@@ -721,7 +721,7 @@ def test_identifiers_naming_two_patients_are_an_error_until_fixed_then_replayed(
     [row] = [r for r in rows if r.id == outcome.quarantine_id]
     assert row.replayed_at is not None
     assert outcome.quarantine_id not in [r.id for r in quarantined(node_services.database.engine)]
-    from node.errors import NodeError
+    from node.base.errors import NodeError
 
     with pytest.raises(NodeError, match="already replayed"):
         intake.replay(outcome.quarantine_id)
@@ -794,7 +794,7 @@ def test_unreadable_bytes_are_quarantined_whole(intake: Hl7Intake, node_services
     payload = b"\xff\xfeMSH|garbage\x00"
     outcome = intake.take_in(payload, "lis")
     assert outcome.ack_code == "AR"
-    from node.hl7_intake import quarantine_row
+    from node.intake.hl7 import quarantine_row
 
     row = quarantine_row(node_services.database.engine, outcome.quarantine_id or 0)
     assert row.payload == payload

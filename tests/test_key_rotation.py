@@ -15,7 +15,7 @@ from ledger import keys
 from ledger.errors import SignatureError
 from ledger.model import block_hash
 from ledger.store import ChainStore
-from node.harness import Consortium
+from node.demo.harness import Consortium
 from tests.nodes import append_requests, invoke
 
 LEVELS: dict[str, dict[str, object]] = {
@@ -138,8 +138,8 @@ def test_a_member_rotates_its_keys(group: Consortium) -> None:
 
 
 def test_a_roster_listing_half_of_the_next_keys_is_refused(tmp_path: Path) -> None:
-    from node.consortium import listed_next_keys
-    from node.errors import ConfigError
+    from node.consortium.membership import listed_next_keys
+    from node.base.errors import ConfigError
 
     class Config:
         node_id = "hosp-x"

@@ -1,6 +1,6 @@
 """What a library puts in an error never carries a patient into the node's log: the engines
 hide statement parameters, and every line is scrubbed of query strings, resident IDs, mobile
-numbers and PostgreSQL's DETAIL lines (node.logs.scrub)."""
+numbers and PostgreSQL's DETAIL lines (node.base.logs.scrub)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 import sqlalchemy as sa
 
 from ledger.store import open_engine
-from node.logs import scrub, stream_handler
+from node.base.logs import scrub, stream_handler
 
 RESIDENT_ID = "330106198503120027"
 NAME = "欧阳娜娜"

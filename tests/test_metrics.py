@@ -20,12 +20,12 @@ from click.testing import CliRunner
 from prometheus_client.parser import text_string_to_metric_families
 
 from ledger.store import ChainStore
-from node.adapter_tables import quarantine_table
+from node.db.adapter_tables import quarantine_table
 from node.cli import main
-from node.config import load_config
-from node.errors import ConfigError
-from node.harness import Consortium
-from node.logs import request_scope
+from node.base.config import load_config
+from node.base.errors import ConfigError
+from node.demo.harness import Consortium
+from node.base.logs import request_scope
 from tests.nodes import Node, ask_access, init_node, post, running_node
 from tests.test_access_decisions import a_patient
 
@@ -246,7 +246,7 @@ def test_adapter_messages_and_the_quarantine(tmp_path: Path) -> None:
     here an HL7 import (its own process's work) and quarantine rows."""
     from click.testing import CliRunner
 
-    from node.app import create_app
+    from node.web.app import create_app
     from node.cli import main
 
     directory = tmp_path / "node"
@@ -324,7 +324,7 @@ def test_metrics_and_logging_settings_are_checked(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_gunicorn_workers_counts_add_up(tmp_path: Path) -> None:
-    env = {"GUNICORN_CMD_ARGS": "--config python:node.gunicorn_conf"}
+    env = {"GUNICORN_CMD_ARGS": "--config python:node.ops.gunicorn_conf"}
     with running_node(tmp_path / "node", gunicorn_workers=2, env=env) as served:
         log = served.directory / "server.log"
         sent = 0
@@ -417,7 +417,7 @@ def test_decisions_replication_and_checkpoints(group: Consortium) -> None:
         lambda: [
             line
             for line in log_lines(reader.directory / "processes.log")
-            if line["logger"] == "node.replication"
+            if line["logger"] == "node.consortium.worker"
             and line["message"].startswith("replication round:")
             and "hosp-a +" in line["message"]
         ],

@@ -30,11 +30,11 @@ from hypothesis import strategies as st
 
 from fhir_adapters import hl7v2
 from fhir_adapters.hl7v2 import SUPPORTED_VERSIONS, VALUE_TYPES, parse_ack
-from node.adapter_tables import messages_table, quarantine_table
+from node.db.adapter_tables import messages_table, quarantine_table
 from node.cli import main
-from node.config import load_config
-from node.db import Database, open_database
-from node.mllp import START_BLOCK, FrameReader, MllpClient, frame, send, send_many
+from node.base.config import load_config
+from node.db.engines import Database, open_database
+from node.intake.mllp import START_BLOCK, FrameReader, MllpClient, frame, send, send_many
 from tests.conftest import postgres_database
 from tests.hl7_messages import (
     ALL_SAMPLES,
@@ -176,7 +176,7 @@ def test_a_frame_begun_again_is_dropped_and_a_long_one_is_cut_to_its_head() -> N
 
 
 def test_a_listener_answers_even_when_taking_a_message_in_fails_unexpectedly() -> None:
-    from node.mllp import Hl7Listener
+    from node.intake.mllp import Hl7Listener
 
     class Failing:
         def take_in(self, payload: bytes, origin: str) -> Any:

@@ -16,12 +16,12 @@ from click.testing import CliRunner, Result
 
 from ledger.canonical import canonical_bytes
 from ledger.store import ChainStore, entries_table, subjects_table
-from node.adapter_tables import messages_table
+from node.db.adapter_tables import messages_table
 from node.cli import main
-from node.config import load_config
-from node.db import MODEL_METADATA, current_revision, head_revision, open_database
-from node.errors import ConfigError
-from node.users import get_user, sign_in
+from node.base.config import load_config
+from node.db.engines import MODEL_METADATA, current_revision, head_revision, open_database
+from node.base.errors import ConfigError
+from node.identity.users import get_user, sign_in
 
 
 def hrx(*args: str, stdin: str | None = None) -> Result:
@@ -268,7 +268,7 @@ def test_user_lifecycle_commands(node_dir: Path) -> None:
 
 
 def test_app_refuses_a_database_behind(node_dir: Path) -> None:
-    from node.app import create_app
+    from node.web.app import create_app
 
     config = load_config(node_dir, environ={})
     database = open_database(config.database_url)

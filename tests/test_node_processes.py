@@ -12,7 +12,7 @@ from pathlib import Path
 
 import sqlalchemy as sa
 
-from node.config import load_config
+from node.base.config import load_config
 from tests.nodes import ROOT, init_node, invoke, join_alone
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ledger.store import ChainStore
-from node.config import load_config
+from node.base.config import load_config
 from tests.nodes import init_node, invoke, join_alone
 
 

@@ -202,7 +202,7 @@ def test_one_patient_cannot_reach_anothers_consents_or_receipts(node: Node) -> N
 
 
 def test_repeated_wrong_passwords_slow_down_and_are_audited(node: Node) -> None:
-    from node.users import FREE_FAILURES
+    from node.identity.users import FREE_FAILURES
 
     browser = enroll(node, new_patient(node))
     username = browser.username  # type: ignore[attr-defined]

@@ -18,7 +18,7 @@ from consent.model import consent_resource
 from consent.pseudonym import RESIDENT_ID_SYSTEM
 from exchange.referral import RECOGNITION_URL, resource_hash
 from ledger.store import ChainStore
-from node.harness import Consortium
+from node.demo.harness import Consortium
 from tests.nodes import Node, post
 
 pytestmark = pytest.mark.slow
@@ -518,7 +518,7 @@ def test_the_clinic_pages(group: Consortium, patient: dict[str, Any]) -> None:
 
     import requests
 
-    from node.users import set_password
+    from node.identity.users import set_password
 
     b = node(group, "hosp-b")
     b.user("dr-wu", "doctor")

@@ -21,9 +21,9 @@ from ledger.canonical import canonical_bytes
 from ledger.model import parse_time
 from ledger.store import ChainStore, ChainWriter
 from node.cli import main
-from node.config import load_config
-from node.harness import Consortium
-from node.replication import run
+from node.base.config import load_config
+from node.demo.harness import Consortium
+from node.consortium.worker import run
 from tests.nodes import Node, serving
 
 MEMBERS = ("hosp-a", "hosp-b", "hosp-c")
@@ -181,7 +181,8 @@ def test_checkpoints_are_cosigned(consortium: dict[str, Path]) -> None:
     from ledger import bls
     from ledger.checkpoint import make_checkpoint, verify_certificate
     from ledger.roster import open_roster
-    from node.replication import CheckpointProposer, replicator_for
+    from node.consortium.checkpoints import CheckpointProposer
+    from node.consortium.worker import replicator_for
 
     for directory in consortium.values():
         append(directory, 12)

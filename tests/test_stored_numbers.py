@@ -15,10 +15,10 @@ from consent.pseudonym import RESIDENT_ID_SYSTEM, pseudonym
 from fhir_adapters import jsonio, tables
 from ledger import keys
 from ledger.store import ChainStore
-from node.config import load_config
-from node.consortium import read_secret
-from node.db import Database
-from node.replication import SignedPeers
+from node.base.config import load_config
+from node.consortium.membership import read_secret
+from node.db.engines import Database
+from node.consortium.peers import SignedPeers
 from tests.nodes import Node, asked, post
 from tests.test_fhir_api import observation
 
