@@ -14,10 +14,10 @@ from click.testing import CliRunner, Result
 
 from fhir_adapters import tables
 from fhir_adapters.lis_csv import CsvError, Mapping, parse_mapping, read_reports
-from node.db.adapter_tables import messages_table
-from node.cli import main
 from node.base.config import load_config
-from node.intake.hl7 import quarantined
+from node.cli import main
+from node.db.schema import messages_table
+from node.intake.quarantine import quarantined
 from node.records.pseudonym_index import patients_with
 from node.services import Services, open_services
 from tests.conftest import postgres_database

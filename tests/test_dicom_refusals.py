@@ -22,7 +22,7 @@ import requests
 import sqlalchemy as sa
 
 from fhir_adapters import tables
-from node.db.adapter_tables import quarantine_table, sync_state_table
+from node.db.schema import quarantine_table, sync_state_table
 from node.base.config import load_config
 from node.services import Services, open_services
 from tests import orthanc

@@ -33,7 +33,7 @@ from pydicom.fileset import FileSet
 from pydicom.uid import generate_uid
 
 from fhir_adapters import tables
-from node.db.adapter_tables import quarantine_table, sync_state_table
+from node.db.schema import quarantine_table, sync_state_table
 from node.cli import main
 from node.base.config import load_config
 from node.db.engines import open_database

@@ -14,9 +14,10 @@ from fhir_adapters import hl7v2
 from fhir_adapters.hl7v2 import Hl7Error, Systems, build_ack, parse_ack, parse_message
 from fhir_adapters.resources import validate
 from fhir_adapters.ucum import to_ucum
-from node.db.adapter_tables import messages_table, quarantine_table
 from node.base.config import load_config
-from node.intake.hl7 import Hl7Intake, quarantined
+from node.db.schema import messages_table, quarantine_table
+from node.intake.hl7 import Hl7Intake
+from node.intake.quarantine import quarantined
 from node.services import Services, open_services
 from tests.hl7_messages import (
     ALL_SAMPLES,
@@ -794,7 +795,7 @@ def test_unreadable_bytes_are_quarantined_whole(intake: Hl7Intake, node_services
     payload = b"\xff\xfeMSH|garbage\x00"
     outcome = intake.take_in(payload, "lis")
     assert outcome.ack_code == "AR"
-    from node.intake.hl7 import quarantine_row
+    from node.intake.quarantine import quarantine_row
 
     row = quarantine_row(node_services.database.engine, outcome.quarantine_id or 0)
     assert row.payload == payload

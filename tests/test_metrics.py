@@ -20,7 +20,7 @@ from click.testing import CliRunner
 from prometheus_client.parser import text_string_to_metric_families
 
 from ledger.store import ChainStore
-from node.db.adapter_tables import quarantine_table
+from node.db.schema import quarantine_table
 from node.cli import main
 from node.base.config import load_config
 from node.base.errors import ConfigError

@@ -30,7 +30,7 @@ from hypothesis import strategies as st
 
 from fhir_adapters import hl7v2
 from fhir_adapters.hl7v2 import SUPPORTED_VERSIONS, VALUE_TYPES, parse_ack
-from node.db.adapter_tables import messages_table, quarantine_table
+from node.db.schema import messages_table, quarantine_table
 from node.cli import main
 from node.base.config import load_config
 from node.db.engines import Database, open_database

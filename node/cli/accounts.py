@@ -16,16 +16,15 @@ from pathlib import Path
 
 import click
 
-from ledger import keys
 from node.base.config import NodeConfig, load_config
 from node.cli.console import err, fail, out, reported
 from node.cli.node import DIR_OPTION
 from node.db.engines import Database, open_database
+from node.identity.tokens import issue_token
 from node.identity.users import (
     ROLES,
     add_user,
     get_user,
-    record_token,
     remove_user,
     revoke_token,
     revoke_tokens_of,
@@ -177,24 +176,14 @@ def token_group() -> None:
 @click.option("--ttl", default=None, type=click.IntRange(1), help="Lifetime in seconds.")
 def token_issue(directory: Path, username: str, scope: str | None, ttl: int | None) -> None:
     """Print a bearer token for a user (its id, the claim jti, is what revokes it alone)."""
-    from functools import partial
-
-    from node.identity.tokens import TokenAuthority
-    from node.identity.users import token_standing
-
     with node_database(directory) as (config, database):
         if ttl is not None and ttl > config.token_max_ttl:
             fail(f"--ttl {ttl} is above tokens.max_ttl ({config.token_max_ttl} s)")
-        user = get_user(database.engine, username)
-        if user is None:
+        if get_user(database.engine, username) is None:
             fail(f"no user {username!r}; add one with: hrx user add --dir {directory} ...")
-        authority = TokenAuthority(
-            keys.load_private_key(config.token_key),
-            config.fhir_base,
-            partial(token_standing, database.engine),
-            partial(record_token, database.write_engine),
+        token = issue_token(
+            config.token_key, config.fhir_base, database, username, scope, ttl or config.token_ttl
         )
-        token = authority.issue(user, scope, ttl or config.token_ttl)
     click.echo(token)
 
 
@@ -275,8 +264,3 @@ def patient_enroll(directory: Path, patient_id: str, days: int) -> None:
     out.print(f"enrollment code for Patient/{patient_id} (valid {days} days, once):")
     click.echo(code)
     out.print(f"the patient enrolls at {config.url}/portal/enroll")
-
-
-def register(main: click.Group) -> None:
-    for group in (user_group, token_group, patient_group):
-        main.add_command(group)

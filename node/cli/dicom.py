@@ -235,7 +235,7 @@ def dicom_replay(
     it is now. A row stored is marked replayed; one refused again keeps the new reason. The
     exit status is 1 when any was not stored."""
     from node.intake.dicom import FILE_ADAPTER, SYNC_ADAPTER, DicomwebClient, replay
-    from node.intake.hl7 import quarantined
+    from node.intake.quarantine import quarantined
 
     if bool(row_ids) == every_open:
         fail("name the rows to replay (IDs from hrx adapters quarantine list), or give --all", 2)

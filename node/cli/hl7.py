@@ -186,7 +186,7 @@ def quarantine_list(
     """The quarantine's newest rows, oldest first (by default only those not yet replayed)."""
     from node.base.config import load_config
     from node.db.engines import open_database
-    from node.intake.hl7 import quarantined
+    from node.intake.quarantine import quarantined
 
     with reported():
         config = load_config(directory)
@@ -235,7 +235,7 @@ def quarantine_show(directory: Path, row_id: int, raw: bool) -> None:
     from fhir_adapters.hl7v2 import Hl7Error, decode, message_lines
     from node.base.config import load_config
     from node.db.engines import open_database
-    from node.intake.hl7 import quarantine_row
+    from node.intake.quarantine import quarantine_row
 
     with reported():
         config = load_config(directory)
@@ -277,7 +277,8 @@ def quarantine_replay(directory: Path, row_ids: tuple[int, ...], every_open: boo
     stays, with the new reason. The exit status is 1 when any was refused again."""
     from node.base.config import load_config
     from node.base.errors import NodeError
-    from node.intake.hl7 import ADAPTER, Hl7Intake, quarantined
+    from node.intake.hl7 import ADAPTER, Hl7Intake
+    from node.intake.quarantine import quarantined
     from node.services import open_services
 
     if bool(row_ids) == every_open:

@@ -1,25 +1,34 @@
-"""``hrx node``, ``hrx report`` and ``hrx consortium``: set up, upgrade and serve a hospital
-node, report from its ledger, and what the consortium authority does."""
+"""``hrx node``: set up a hospital node (init, join, upgrade), run it (serve, replicate), and
+look after it (status, recover after a restore, rotate its keys, install the authority's
+resolution of a fork)."""
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
-from typing import Any
 
 import click
+from rich.markup import escape
+from rich.table import Table
 
 from ledger import keys
 from ledger.canonical import canonical_bytes
-from ledger.model import check_chain_id
 from ledger.roster import make_member
 from ledger.store import ChainStore
-from node.base.config import CONFIG_FILE, NodeConfig, load_config, write_config
+from node.base.config import load_config
 from node.cli.console import err, fail, out, reported
-from node.consortium.membership import ENROLLMENT_FILE, NEXT_ENROLLMENT_FILE
-from node.db.engines import Database, open_database, upgrade
+from node.consortium.membership import (
+    ENROLLMENT_FILE,
+    NEXT_ENROLLMENT_FILE,
+    REPLACES,
+    next_key_paths,
+    quorum_warning,
+)
+from node.db.engines import open_database
+from node.ops.setup import init_node, join_node, upgrade_node
+from node.ops.status import node_status
 
+STYLE = {"ok": "green", "note": "cyan", "warning": "yellow", "problem": "bold red"}
 DIR_OPTION = click.option(
     "--dir",
     "directory",
@@ -58,80 +67,11 @@ def node_init(
     keys, and a SQLite database holds patients' records. When any step fails, what this
     command made is removed again, so that it can simply be run again."""
     with reported():
-        check_chain_id(node_id)
-        if (directory / CONFIG_FILE).exists():
-            fail(f"{directory} already holds a node ({CONFIG_FILE}); choose another --dir")
-        made = _Made(directory)
-        try:
-            config = _init_node(directory, node_id, name, db, port, url)
-        except BaseException:
-            made.undo()
-            raise
+        config = init_node(directory, node_id, name, database_url=db, port=port, url=url)
     out.print(f"node [bold]{node_id}[/] created in {config.directory}")
     out.print(f"  database: {config.database_url_redacted}")
     out.print(f"  enrollment file for the consortium authority: {directory / ENROLLMENT_FILE}")
     out.print(f"  next: hrx user add --dir {directory} ...; hrx node serve --dir {directory}")
-
-
-class _Made:
-    """What ``hrx node init`` creates in a directory, so that a failed init can take it back:
-    the directory itself when it was absent, else every entry that was not there before."""
-
-    def __init__(self, directory: Path) -> None:
-        self.directory = directory
-        self.existed = directory.exists()
-        self.before = set(directory.iterdir()) if self.existed else set()
-
-    def undo(self) -> None:
-        import shutil
-
-        if not self.existed:
-            shutil.rmtree(self.directory, ignore_errors=True)
-            return
-        for path in set(self.directory.iterdir()) - self.before:
-            if path.is_dir() and not path.is_symlink():
-                shutil.rmtree(path, ignore_errors=True)
-            else:
-                path.unlink(missing_ok=True)
-
-
-def _init_node(
-    directory: Path, node_id: str, name: str, db: str | None, port: int, url: str | None
-) -> NodeConfig:
-    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-    directory.chmod(0o700)
-    (directory / "keys").mkdir(mode=0o700, exist_ok=True)
-    url = (url or f"http://127.0.0.1:{port}").rstrip("/")
-    write_config(
-        directory,
-        {
-            "node": {"id": node_id, "name": name, "url": url},
-            "server": {"host": "127.0.0.1", "port": port},
-            "database": {"url": db or "sqlite:///hrx.db"},
-            "keys": {
-                "ed25519": "keys/node.pem",
-                "bls": "keys/node.bls",
-                "token": "keys/token.pem",
-            },
-        },
-    )
-    config = load_config(directory, environ={})
-    signing_key = keys.load_or_create_private_key(config.ed25519_key)
-    keys.load_or_create_private_key(config.token_key)
-    from ledger import bls
-
-    bls_secret = bls.load_or_create_secret_key(config.bls_key)
-    database = open_database(config.database_url)
-    try:
-        upgrade(database)
-        store = ChainStore(database.write_engine)
-        store.set_setting("chain", node_id)
-        store.set_setting("key", str(config.ed25519_key))
-    finally:
-        database.close()
-    enrollment = make_member(node_id, name, url, signing_key, bls_secret)
-    (directory / ENROLLMENT_FILE).write_bytes(canonical_bytes(enrollment) + b"\n")
-    return config
 
 
 @node_group.command("upgrade")
@@ -139,27 +79,11 @@ def _init_node(
 def node_upgrade(directory: Path) -> None:
     """Apply the database migrations this version of hrx needs."""
     with reported():
-        config = load_config(directory)
-        database = open_database(config.database_url)
-        try:
-            before, after = upgrade(database)
-            if before != after and config.consortium_key.exists():
-                _index_patients(config, database)
-        finally:
-            database.close()
+        before, after = upgrade_node(load_config(directory))
     if before == after:
         out.print(f"the database is current (revision {after})")
     else:
         out.print(f"upgraded the database from revision {before or 'none'} to {after}")
-
-
-def _index_patients(config: NodeConfig, database: Database) -> int:
-    """Index every Patient by its pseudonym (once the node holds the consortium's key)."""
-    from node.records.consents import ConsentRecorder
-    from node.records.pseudonym_index import rebuild
-
-    recorder = ConsentRecorder(config, ChainStore(database.engine))
-    return rebuild(database.write_engine, recorder.pseudonym_of)
 
 
 @node_group.command("serve")
@@ -187,188 +111,6 @@ def node_serve(directory: Path, host: str | None, port: int | None) -> None:
     run_simple(host, port, app, threaded=True, use_reloader=False)
 
 
-@click.group("report")
-def report_group() -> None:
-    """Reports computed from the ledger this node holds (every member's chain)."""
-
-
-@report_group.command("savings")
-@DIR_OPTION
-@click.option("--from", "start", default=None, type=click.DateTime(["%Y-%m-%d"]))
-@click.option("--to", "end", default=None, type=click.DateTime(["%Y-%m-%d"]))
-@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def report_savings(directory: Path, start: Any, end: Any, as_json: bool) -> None:
-    """Exams avoided by mutual recognition and the cost saved, by member, item and month."""
-    import json
-
-    from exchange.recognition import load_rules
-    from exchange.savings import RESULT_TYPES, savings, yuan
-
-    with reported():
-        config = load_config(directory)
-        rules = load_rules(config.recognition_rules)
-        database = open_database(config.database_url)
-        try:
-            entries = ChainStore(database.engine).entries_about(None, RESULT_TYPES)
-        finally:
-            database.close()
-    report = savings(
-        entries, rules.zone, start.date() if start else None, end.date() if end else None
-    )
-    if as_json:
-        click.echo(json.dumps(report.to_json(), ensure_ascii=False, indent=2))
-        return
-    names = {item.id: item.label() for item in rules.items}
-    span = f"{start:%Y-%m-%d} .. " if start else "… "
-    span += f"{end:%Y-%m-%d}" if end else "now"
-    out.print(
-        f"mutual recognition, {span}: {report.exams_avoided} exam(s) avoided, "
-        f"¥{yuan(report.fen_saved)} saved",
-        highlight=False,
-    )
-    for title, position in (("by member", 0), ("by item", 1), ("by month", 2)):
-        out.print(f"[bold]{title}[/]")
-        for key, count, fen in report.by(position):
-            label = f"{key} {names[key]}" if position == 1 and key in names else key
-            out.print(f"  {label:32} {count:6} exam(s)  ¥{yuan(fen):>12}", highlight=False)
-    if report.reordered:
-        out.print("[bold]ordered again despite a recognised result[/]")
-        for (member, reason), count in sorted(report.reordered.items()):
-            out.print(f"  {member:12} {reason:20} {count}", highlight=False)
-
-
-@click.group("consortium")
-def consortium_group() -> None:
-    """What the consortium authority does: sign rosters, make the pseudonym secret."""
-
-
-@consortium_group.command("roster")
-@click.option(
-    "--authority-key",
-    required=True,
-    type=click.Path(path_type=Path, dir_okay=False),
-    help="The authority's Ed25519 key (PEM); created when absent.",
-)
-@click.option(
-    "--quorum",
-    default=None,
-    type=click.IntRange(1),
-    help="Signers a checkpoint needs (default: that of --previous; else required).",
-)
-@click.option("--out", "out_path", required=True, type=click.Path(path_type=Path, dir_okay=False))
-@click.option(
-    "--consortium",
-    "name",
-    default=None,
-    help="The consortium's name (default: that of --previous, else required).",
-)
-@click.option(
-    "--previous",
-    type=click.Path(path_type=Path, dir_okay=False, exists=True),
-    default=None,
-    help="The roster this one replaces (or every version so far, as a member's /ledger/rosters "
-    "serves them): the new one starts from it and gets the next version.",
-)
-@click.option(
-    "--members-info",
-    type=click.Path(path_type=Path, dir_okay=False, exists=True),
-    default=None,
-    help='JSON {"member id": {"level": ..., "accreditation": [...]}}: what changes.',
-)
-@click.option("--remove", multiple=True, help="A member to take out of the roster (repeatable).")
-@click.argument(
-    "enrollments",
-    nargs=-1,
-    type=click.Path(path_type=Path, dir_okay=False, exists=True),
-)
-def consortium_roster(
-    authority_key: Path,
-    quorum: int | None,
-    out_path: Path,
-    name: str | None,
-    previous: Path | None,
-    members_info: Path | None,
-    remove: tuple[str, ...],
-    enrollments: tuple[Path, ...],
-) -> None:
-    """Sign the next roster: the previous one with what changes — the members whose
-    enrollment files are given (new members, new keys from hrx node rotate-keys, new names
-    or URLs), levels and accreditation from --members-info, members taken out with --remove.
-    A consortium's first roster lists exactly the enrollments given."""
-    from ledger.canonical import parse_json
-    from ledger.roster import open_roster, sign_roster
-    from node.consortium.membership import next_roster, read_roster_history
-
-    with reported():
-        history = read_roster_history(previous) if previous is not None else []
-        if not history and not enrollments:
-            fail("a consortium's first roster needs the members' enrollment files")
-        info: dict[str, Any] = {}
-        if members_info is not None:
-            info = parse_json(members_info.read_bytes())
-            if not isinstance(info, dict):
-                fail(f"{members_info} must hold a JSON object keyed by member id")
-        read = []
-        for path in enrollments:
-            member = parse_json(path.read_bytes())
-            if not isinstance(member, dict) or "id" not in member:
-                fail(f"{path} is not an enrollment file (made by hrx node init)")
-            read.append(member)
-        made = next_roster(history, read, info, name=name, quorum=quorum, remove=remove)
-        roster = made.roster
-        authority = keys.load_or_create_private_key(authority_key)
-        signature = sign_roster(roster, authority)
-        open_roster(roster, signature, authority.public_key())  # every proof of possession
-        out_path.write_bytes(canonical_bytes({"roster": roster, "signature": signature}) + b"\n")
-    out.print(
-        f"roster version {roster['version']} of {roster['consortium']}: "
-        f"{len(roster['members'])} members, quorum {roster['quorum']}"
-    )
-    out.print(f"authority public key: {keys.public_key_text(authority)}")
-    for warning in made.warnings:
-        err.print(f"[bold yellow]warning:[/] {warning}")
-
-
-@consortium_group.command("resolve-fork")
-@click.option(
-    "--authority-key",
-    required=True,
-    type=click.Path(path_type=Path, dir_okay=False, exists=True),
-    help="The authority's Ed25519 key (PEM).",
-)
-@click.option("--chain", required=True, help="The member whose chain forked.")
-@click.option("--height", required=True, type=click.IntRange(0), help="The height of the fork.")
-@click.option(
-    "--keep", required=True, help="The hash of the block kept at that height (hex, 64 digits)."
-)
-@click.option("--out", "out_path", required=True, type=click.Path(path_type=Path, dir_okay=False))
-def consortium_resolve_fork(
-    authority_key: Path, chain: str, height: int, keep: str, out_path: Path
-) -> None:
-    """Sign the resolution of a fork: which block is the chain's at the height it forked
-    (members install it with hrx node resolve-fork; docs/operations.md)."""
-    from ledger.resolution import make_resolution, sign_resolution
-
-    with reported():
-        document = sign_resolution(
-            make_resolution(chain, height, keep.lower()), keys.load_private_key(authority_key)
-        )
-        out_path.write_bytes(canonical_bytes(document) + b"\n")
-    out.print(f"resolution of {chain}'s fork at height {height}: block {keep.lower()} is kept")
-    out.print(f"give {out_path} to every member: hrx node resolve-fork --dir DIR {out_path}")
-
-
-@consortium_group.command("secret")
-@click.option("--out", "out_path", required=True, type=click.Path(path_type=Path, dir_okay=False))
-def consortium_secret(out_path: Path) -> None:
-    """Make the consortium's pseudonym secret (once; give it to every member)."""
-    from node.consortium.membership import write_secret
-
-    with reported():
-        write_secret(out_path)
-    out.print(f"wrote {out_path} (mode 0600): give it to each member over a secure channel")
-
-
 @node_group.command("join")
 @DIR_OPTION
 @click.option(
@@ -393,65 +135,19 @@ def node_join(
     directory: Path, roster_path: Path, secret_path: Path | None, authority: str | None
 ) -> None:
     """Join a consortium, or install a newer roster version of it."""
-    from ledger import bls
-    from node.consortium.membership import (
-        install_roster,
-        listed_next_keys,
-        put_next_keys_in_place,
-        read_roster_file,
-        read_secret,
-    )
-
     with reported():
         config = load_config(directory)
-        roster, signature = read_roster_file(roster_path)
-        upcoming = listed_next_keys(config, roster)  # hrx node rotate-keys made them
-        secret_file = config.consortium_key
-        if secret_path is not None:
-            read_secret(secret_path)
-        elif not secret_file.exists():
+        if secret_path is None and not config.consortium_key.exists():
             fail("first join: give the consortium's pseudonym secret (--secret)")
-        database = open_database(config.database_url)
-        try:
-            store = ChainStore(database.write_engine)
-            if upcoming is not None:
-                signing_key, bls_public = upcoming
-            else:
-                signing_key = keys.load_private_key(config.ed25519_key)
-                bls_public = bls.public_key(bls.read_secret_key(config.bls_key))
-            checked = install_roster(
-                store, config.node_id, signing_key, bls_public, roster, signature, authority
-            )
-        finally:
-            database.close()
-        rotated = None
-        if upcoming is not None:  # only once the roster listing them is installed
-            rotated = put_next_keys_in_place(config, checked.version)
-            (directory / NEXT_ENROLLMENT_FILE).unlink(missing_ok=True)
-        # one enrollment file, with the keys the roster lists now: never a stale one to send
-        listed = checked.member(config.node_id)
-        enrollment = {k: listed[k] for k in ("id", "name", "url", "ed25519", "bls", "bls_pop")}
-        (directory / ENROLLMENT_FILE).write_bytes(canonical_bytes(enrollment) + b"\n")
-        if secret_path is not None and secret_path.resolve() != secret_file.resolve():
-            if secret_file.exists() and read_secret(secret_file) != read_secret(secret_path):
-                fail(f"{secret_file} holds another consortium secret; it is never replaced")
-            descriptor = os.open(secret_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(descriptor, "wb") as handle:  # never readable by others, not once
-                handle.write(secret_path.read_bytes())
-        database = open_database(config.database_url)
-        try:
-            indexed = _index_patients(config, database)
-        finally:
-            database.close()
+        joined = join_node(config, roster_path, secret_path, authority)
+    checked = joined.roster
     out.print(
         f"{config.node_id} is a member of {checked.body['consortium']} (roster version "
         f"{checked.version}, {len(checked.member_ids())} members, quorum {checked.quorum}); "
-        f"{indexed} patient(s) indexed by pseudonym"
+        f"{joined.indexed} patient(s) indexed by pseudonym"
     )
-    if rotated:
-        out.print(rotated)
-    from node.consortium.membership import quorum_warning
-
+    if joined.rotated:
+        out.print(joined.rotated)
     warning = quorum_warning(checked.body)
     if warning:
         err.print(f"[yellow]warning:[/] {warning}")
@@ -522,10 +218,101 @@ def node_replicate(directory: Path, interval: float, once: bool) -> None:
         out.print(describe(report))
 
 
-def register(main: click.Group) -> None:
-    for group in (
-        node_group,
-        report_group,
-        consortium_group,
-    ):
-        main.add_command(group)
+@node_group.command("rotate-keys")
+@DIR_OPTION
+def rotate_keys(directory: Path) -> None:
+    """Make the node's next Ed25519 and BLS keys and enrollment-next.json for the authority."""
+    from ledger import bls
+
+    with reported():
+        config = load_config(directory)
+        next_ed25519, next_bls = next_key_paths(config)
+        signing_key = keys.load_or_create_private_key(next_ed25519)
+        bls_secret = bls.load_or_create_secret_key(next_bls)
+        member = make_member(config.node_id, config.name, config.url, signing_key, bls_secret)
+        current = keys.load_private_key(config.ed25519_key)
+        replaces = {
+            "ed25519": keys.public_key_text(current),
+            "bls": bls.public_key(bls.read_secret_key(config.bls_key)).hex(),
+        }
+        enrollment = directory / NEXT_ENROLLMENT_FILE
+        enrollment.write_bytes(canonical_bytes({**member, REPLACES: replaces}) + b"\n")
+    out.print(f"next keys of {config.node_id}: {next_ed25519}, {next_bls}")
+    out.print(f"  Ed25519 {member['ed25519']}")
+    out.print(f"  send {enrollment} to the consortium authority; once it has signed a roster")
+    out.print(f"  listing them, run hrx node join --dir {directory} --roster <that roster>")
+
+
+@node_group.command("recover")
+@DIR_OPTION
+def recover(directory: Path) -> None:
+    """Take back this node's own newer blocks from the members (after a restore from a
+    backup; stop the node's web server and replication worker first)."""
+    from ledger.store import ChainStore
+    from node.base.config import load_config
+    from node.consortium.worker import replicator_for
+    from node.db.engines import open_database, require_current
+
+    with reported():
+        config = load_config(directory)
+        database = open_database(config.database_url)
+        try:
+            require_current(database.engine, config.directory)
+            reader = ChainStore(database.engine)
+            before = reader.heads().get(config.node_id)
+            replicator = replicator_for(config, reader, writes=ChainStore(database.write_engine))
+            replicator.recovering = True
+            report = replicator.run_round()
+            if not (report.unreachable or report.refused or report.evidence):
+                replicator.writes.release_signing()
+            after = reader.heads().get(config.node_id)
+            height_before = -1 if before is None else before.header["height"]
+            height_after = -1 if after is None else after.header["height"]
+        finally:
+            database.close()
+    members = len(report.unreachable) + len(report.refused)
+    for member, why in sorted({**report.unreachable, **report.refused}.items()):
+        err.print(f"[yellow]{member}:[/] {why}")
+    if report.evidence:
+        fail(f"fork evidence found while recovering: {report.evidence[0]}; see hrx audit verify")
+    out.print(
+        f"{config.node_id}: own chain at height {height_before} before, {height_after} now "
+        f"({report.pulled.get(config.node_id, 0)} entries taken back); other chains: "
+        + (
+            ", ".join(f"{c} +{n}" for c, n in sorted(report.pulled.items()) if c != config.node_id)
+            or "up to date"
+        )
+    )
+    if members:
+        err.print(
+            f"[yellow]{members} member(s) could not be asked[/]: run hrx node recover again "
+            "when they can, before starting the node, unless you are sure they hold nothing newer"
+        )
+        sys.exit(1)
+
+
+@node_group.command("status")
+@DIR_OPTION
+def status(directory: Path) -> None:
+    """Show the node's state and what to do about each problem (running or not)."""
+    with reported():
+        config = load_config(directory)
+        database = open_database(config.database_url)
+        try:
+            found = node_status(config, database)
+        finally:
+            database.close()
+    out.print(f"[bold]{escape(config.name)}[/] ({config.node_id}) — {config.directory}")
+    table = Table(show_header=False, box=None, pad_edge=False, expand=False)
+    table.add_column(no_wrap=True)
+    table.add_column(no_wrap=True)
+    table.add_column(overflow="fold")
+    for finding in found.findings:
+        style = STYLE[finding.level]
+        text = escape(finding.what)
+        if finding.do:
+            text += f"\n[bold]→[/] {escape(finding.do)}"
+        table.add_row(finding.topic, f"[{style}]{finding.level}[/]", text)
+    out.print(table)
+    if found.worst == "problem":
+        sys.exit(1)

@@ -40,6 +40,7 @@ from sqlalchemy.engine import Engine
 from fhir_adapters.errors import Unauthorized
 from ledger.errors import LedgerError
 from ledger.roster import Roster
+from node.db.schema import nonces_table
 
 TAG = "hrx"
 LABEL = "hrx"
@@ -47,15 +48,6 @@ COVERED = ("@method", "@target-uri", "content-digest")
 MAX_AGE_SECONDS = 300
 FUTURE_SKEW_SECONDS = 5
 
-metadata = sa.MetaData()
-nonces_table = sa.Table(
-    "peer_nonces",
-    metadata,
-    sa.Column("nonce", sa.String(64), primary_key=True),
-    sa.Column("member", sa.String(64), nullable=False),
-    sa.Column("seen", sa.BigInteger, nullable=False),  # seconds since the epoch
-    sa.Index("peer_nonces_seen", "seen"),
-)
 
 
 @dataclass

@@ -29,22 +29,11 @@ from fhir_adapters.tables import metadata as fhir_metadata
 from ledger.store import database_url, open_engine
 from ledger.store import metadata as ledger_metadata
 from node.base.errors import ConfigError
-from node.consortium.signing import metadata as peer_metadata
-from node.db.adapter_tables import metadata as adapters_metadata
-from node.identity.sessions import metadata as sessions_metadata
-from node.identity.users import metadata as users_metadata
-from node.records.pseudonym_index import metadata as pseudonyms_metadata
+from node.db.schema import metadata as node_metadata
+from node.db.schema import nonces_table
 
 MIGRATIONS = Path(__file__).with_name("migrations")
-MODEL_METADATA = [
-    ledger_metadata,
-    fhir_metadata,
-    users_metadata,
-    peer_metadata,
-    sessions_metadata,
-    pseudonyms_metadata,
-    adapters_metadata,
-]  # what the migrations build
+MODEL_METADATA = [ledger_metadata, fhir_metadata, node_metadata]  # what the migrations build
 
 
 @dataclass
@@ -68,7 +57,7 @@ def open_database(url: str) -> Database:
         return Database(url, engine, engine, engine)
     write_engine = open_engine(url, immediate=True)
     nonce_engine = open_engine(nonce_file_url(url), immediate=True, durable=False)
-    peer_metadata.create_all(nonce_engine)
+    nonces_table.create(nonce_engine, checkfirst=True)
     return Database(url, engine, write_engine, nonce_engine)
 
 

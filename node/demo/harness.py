@@ -1,7 +1,8 @@
 """A consortium of real nodes on this machine, for tests, benchmarks and the demo.
 
 :class:`Consortium` creates N member nodes in one directory (``hrx node init``, a roster
-signed by a local authority, ``hrx node join``), runs each as separate processes — the web
+signed by a local authority, ``hrx node join``: the same setup code, called directly), runs
+each as separate processes — the web
 server (``hrx node serve``) and the replication worker (``hrx node replicate``) — and stops
 them. Every member's roster URL points at a small TCP relay in front of its web server, so a
 test can cut a member off (its relay drops every connection, and its own replication worker
@@ -10,7 +11,6 @@ is paused, so it neither hears nor is heard) and heal it again.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
@@ -24,10 +24,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import requests
-from click.testing import CliRunner
 
 from ledger import keys
+from ledger.canonical import canonical_bytes, parse_json
+from ledger.roster import sign_roster
 from ledger.store import ChainStore
+from node.base.config import load_config
+from node.consortium.membership import ENROLLMENT_FILE, next_roster, write_secret
+from node.db.engines import open_database
+from node.identity.tokens import issue_token
+from node.identity.users import add_user, get_user
+from node.ops.setup import init_node, join_node
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -127,15 +134,6 @@ class Member:
         return f"http://127.0.0.1:{self.web_port}"
 
 
-def _hrx(*args: str) -> str:
-    from node.cli import main
-
-    result = CliRunner().invoke(main, list(args))
-    if result.exit_code != 0:
-        raise RuntimeError(f"hrx {' '.join(args)}: {result.output}")
-    return result.output
-
-
 class Consortium:
     """N member nodes under ``root``: created, started, stopped, cut off, healed."""
 
@@ -161,54 +159,35 @@ class Consortium:
         for name in names:
             web_port, relay_port = free_port(), free_port()
             directory = root / name
-            _hrx(
-                "node",
-                "init",
-                "--dir",
-                str(directory),
-                "--id",
+            init_node(
+                directory,
                 name,
-                "--name",
                 (display_names or {}).get(name, f"医院 {name}"),
-                "--port",
-                str(web_port),
-                "--url",
-                f"http://127.0.0.1:{relay_port}",
+                port=web_port,
+                url=f"http://127.0.0.1:{relay_port}",
             )
             self.members[name] = Member(name, directory, web_port, Relay(relay_port, web_port))
         self.authority_key = root / "authority.pem"
-        _hrx("consortium", "secret", "--out", str(root / "consortium.key"))
-        info: list[str] = []
-        if members_info:  # levels and accreditations (DESIGN §3 roster, §6)
-            (root / "members-info.json").write_text(json.dumps(members_info), encoding="utf-8")
-            info = ["--members-info", str(root / "members-info.json")]
-        _hrx(
-            "consortium",
-            "roster",
-            "--authority-key",
-            str(self.authority_key),
-            "--quorum",
-            str(quorum or (size * 2 // 3 + 1)),
-            "--consortium",
-            consortium_name,
-            "--out",
-            str(root / "roster.json"),
-            *info,
-            *(str(m.directory / "enrollment.json") for m in self.members.values()),
-        )
-        authority = keys.public_key_text(keys.load_private_key(self.authority_key))
+        write_secret(root / "consortium.key")
+        enrollments = [
+            parse_json((m.directory / ENROLLMENT_FILE).read_bytes()) for m in self.members.values()
+        ]
+        roster = next_roster(
+            [],
+            enrollments,
+            members_info or {},  # levels and accreditations (roster, mutual recognition)
+            name=consortium_name,
+            quorum=quorum or (size * 2 // 3 + 1),
+        ).roster
+        authority = keys.load_or_create_private_key(self.authority_key)
+        signed = {"roster": roster, "signature": sign_roster(roster, authority)}
+        (root / "roster.json").write_bytes(canonical_bytes(signed) + b"\n")
         for member in self.members.values():
-            _hrx(
-                "node",
-                "join",
-                "--dir",
-                str(member.directory),
-                "--roster",
-                str(root / "roster.json"),
-                "--secret",
-                str(root / "consortium.key"),
-                "--authority",
-                authority,
+            join_node(
+                load_config(member.directory),
+                root / "roster.json",
+                root / "consortium.key",
+                keys.public_key_text(authority),
             )
 
     def _environment(self, member: Member) -> dict[str, str]:
@@ -297,9 +276,23 @@ class Consortium:
             store.close()
 
     def database_url(self, name: str) -> str:
-        from node.base.config import load_config
-
         return load_config(self.members[name].directory).database_url
+
+    def token(
+        self, name: str, username: str, role: str, *, password: str | None = None
+    ) -> str:
+        """A user of member ``name`` (made when missing, as ``hrx user add`` makes one) and a
+        bearer token for it (as ``hrx token issue`` gives one)."""
+        config = load_config(self.members[name].directory)
+        database = open_database(config.database_url)
+        try:
+            if get_user(database.engine, username) is None:
+                add_user(database.write_engine, username, role, password=password)
+            return issue_token(
+                config.token_key, config.fhir_base, database, username, None, config.token_ttl
+            )
+        finally:
+            database.close()
 
     def converged(self) -> bool:
         views = [self.heads(name) for name in self.members]

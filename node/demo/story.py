@@ -29,7 +29,6 @@ import re
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -38,13 +37,19 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
-import click
 import requests
-from click.testing import CliRunner
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+
+from fhir_adapters.lis_csv import parse_mapping
+from node.base.config import load_config
+from node.base.errors import NodeError
+from node.intake.csv import import_files as import_csv_files
+from node.intake.dicom import dicom_files
+from node.intake.dicom import import_files as import_dicom_files
+from node.services import Services, open_services
 
 ZONE = timezone(timedelta(hours=8))
 SAMPLES = Path(__file__).resolve().parents[2] / "fhir_adapters" / "samples"
@@ -84,18 +89,18 @@ MEMBERS_INFO: dict[str, dict[str, object]] = {
 HRX = [sys.executable, "-m", "node.cli"]
 
 
-class DemoError(click.ClickException):
+class DemoError(NodeError):
     """A step of the story did not go as it must."""
 
 
-def _hrx(*args: str, stdin: str | None = None) -> str:
-    """One hrx command, run as the CLI runs it; its output, or DemoError naming it."""
-    from node.cli import main
-
-    result = CliRunner().invoke(main, list(args), input=stdin)
-    if result.exit_code != 0:
-        raise DemoError(f"hrx {' '.join(args[:3])}: {result.output.strip()[-600:]}")
-    return result.output
+def _hrx(*args: str) -> str:
+    """One hrx command, run as an operator runs it (its own process); its output, or DemoError
+    naming it."""
+    result = subprocess.run([*HRX, *args], capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        output = (result.stdout + result.stderr).strip()
+        raise DemoError(f"hrx {' '.join(args[:3])}: {output[-600:]}")
+    return result.stdout
 
 
 def _expect(response: requests.Response, status: int, what: str) -> Any:
@@ -136,13 +141,9 @@ class Story:
     def token(self, member: str, username: str, role: str) -> str:
         """A user of a member (``hrx user add``) and a bearer token for it (``hrx token``)."""
         if (member, username) not in self.tokens:
-            directory = str(self.directory(member))
-            _hrx(
-                "user", "add", "--dir", directory, "--username", username, "--role", role,
-                "--password-stdin", stdin=PASSWORD + "\n",
-            )  # fmt: skip
-            issued = _hrx("token", "issue", "--dir", directory, "--username", username)
-            self.tokens[(member, username)] = issued.strip().splitlines()[-1]
+            self.tokens[(member, username)] = self.group.token(
+                member, username, role, password=PASSWORD
+            )
         return self.tokens[(member, username)]
 
     def session(self, member: str, username: str, role: str) -> requests.Session:
@@ -217,19 +218,33 @@ def load_results(story: Story) -> None:
     story.console.print(
         f"   hosp-a LIS → HL7 v2 ORU^R01 over MLLP: blood count, {results} results, ACK AA"
     )
-    # hospital A's PACS: a CT of the chest, four days ago
+    # hospital A's PACS: a CT of the chest, four days ago (the DICOM import adapter)
     ct = _ct_file(story.root / "ct-chest.dcm")
-    output = _hrx("adapters", "dicom-import", "--dir", str(story.directory("hosp-a")), str(ct))
-    story.console.print(
-        f"   hosp-a PACS → DICOM import: CT chest ({output.strip().splitlines()[-1]})"
-    )
-    # hospital C's LIS export: potassium and sodium, this morning
+    with _services(story, "hosp-a") as services:
+        imported = import_dicom_files(services, dicom_files([ct]))
+    story.console.print(f"   hosp-a PACS → DICOM import: CT chest ({imported.describe()})")
+    # hospital C's LIS export: potassium and sodium, this morning (the CSV adapter)
     csv_file = _lis_export(story.root / "hosp-c-export.csv")
-    output = _hrx(
-        "adapters", "csv-import", "--dir", str(story.directory("hosp-c")),
-        "--mapping", str(SAMPLES / "csv" / "lis-mapping.toml"), str(csv_file),
-    )  # fmt: skip
-    story.console.print(f"   hosp-c LIS → CSV export: {output.strip().splitlines()[-1]}")
+    mapping_file = SAMPLES / "csv" / "lis-mapping.toml"
+    mapping = parse_mapping(mapping_file.read_text(encoding="utf-8"), str(mapping_file))
+    with _services(story, "hosp-c") as services:
+        taken = import_csv_files(services, mapping, [csv_file])
+    if taken.refused or taken.unreadable:
+        raise DemoError(f"hosp-c's CSV export was not taken in whole: {dict(taken.counts)}")
+    story.console.print(
+        f"   hosp-c LIS → CSV export: {sum(taken.counts.values())} report(s), "
+        f"{taken.counts['stored']} stored"
+    )
+
+
+@contextmanager
+def _services(story: Story, member: str) -> Iterator[Services]:
+    """A member's services, as an adapter process opens them."""
+    services = open_services(load_config(story.directory(member)))
+    try:
+        yield services
+    finally:
+        services.close()
 
 
 @contextmanager
@@ -580,19 +595,19 @@ def checkpoint(story: Story) -> None:
 
 def audit(story: Story) -> bool:
     """The auditor verifies hosp-b's copy of the whole ledger from its URL."""
-    from node.cli import main
-
     token = story.token("hosp-b", "auditor-li", "auditor")
-    result = CliRunner().invoke(
-        main,
+    result = subprocess.run(
         [
-            "audit", "verify", story.base("hosp-b"), "--token", token,
+            *HRX, "audit", "verify", story.base("hosp-b"), "--token", token,
             "--authority", str(story.group.authority_key),
         ],
+        capture_output=True,
+        text=True,
+        check=False,
     )  # fmt: skip
-    for line in result.output.strip().splitlines():
+    for line in (result.stdout + result.stderr).strip().splitlines():
         story.console.print(f"   {line}", highlight=False)
-    return result.exit_code == 0
+    return result.returncode == 0
 
 
 def savings(story: Story) -> None:
@@ -676,34 +691,3 @@ def _keep_running(story: Story) -> None:
     finally:
         signal.signal(signal.SIGTERM, previous)
     console.print("stopping the consortium")
-
-
-@click.command("demo")
-@click.option(
-    "--dir",
-    "workdir",
-    type=click.Path(path_type=Path, file_okay=False),
-    default=None,
-    help="Keep the consortium's files here (default: a temporary folder, removed afterwards).",
-)
-@click.option("--keep", is_flag=True, help="Leave the nodes running and say where to sign in.")
-def demo(workdir: Path | None, keep: bool) -> None:
-    """Run a three-hospital consortium on this machine and play a referral from start to end:
-    adapters, consent, prior results with mutual recognition, revocation, checkpoints, and the
-    auditor's verdict."""
-    console = Console(highlight=False, soft_wrap=True)
-    if workdir is not None:
-        workdir.mkdir(parents=True, exist_ok=True)
-        if any(workdir.iterdir()):
-            raise click.ClickException(f"{workdir} is not empty; give an empty --dir")
-        valid = run_demo(workdir, console, keep=keep)
-    else:
-        with tempfile.TemporaryDirectory(prefix="hrx-demo-") as tmp:
-            valid = run_demo(Path(tmp), console, keep=keep)
-    if not valid:
-        console.print("[bold red]verdict: the auditor found faults (above)[/]")
-        raise SystemExit(1)
-    console.print(
-        "\n[bold green]verdict: the ledger is valid, and every access decision is the one the "
-        "patient's consent allows[/]"
-    )

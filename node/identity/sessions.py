@@ -27,30 +27,8 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from node.base.errors import UserError
+from node.db.schema import enrollments_table, sessions_table
 from node.identity.users import USERNAME, User, add_user, get_user, set_password, users_table
-
-metadata = sa.MetaData()
-
-sessions_table = sa.Table(
-    "portal_sessions",
-    metadata,
-    sa.Column("token_hash", sa.String(64), primary_key=True),
-    sa.Column("username", sa.String(64), nullable=False, index=True),
-    sa.Column("csrf", sa.String(64), nullable=False),
-    sa.Column("created", sa.BigInteger, nullable=False),
-    sa.Column("seen", sa.BigInteger, nullable=False),
-    sa.Column("generation", sa.Integer, nullable=False, server_default="0"),
-)
-
-enrollments_table = sa.Table(
-    "portal_enrollments",
-    metadata,
-    sa.Column("code_hash", sa.String(64), primary_key=True),
-    sa.Column("patient_id", sa.String(64), nullable=False),
-    sa.Column("created", sa.BigInteger, nullable=False),
-    sa.Column("expires", sa.BigInteger, nullable=False),
-    sa.Column("used", sa.BigInteger, nullable=True),
-)
 
 CODE_ALPHABET = "ABCDEFGHJKMNPQRSTVWXYZ23456789"  # no 0/O, 1/I/L, U: read out loud safely
 CODE_LENGTH = 16

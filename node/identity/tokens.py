@@ -30,6 +30,8 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
 from typing import Any
 
 import jwt
@@ -38,8 +40,10 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from fhir_adapters.errors import Forbidden, Unauthorized
 from fhir_adapters.resources import RESOURCE_TYPES
 from fhir_adapters.search import Access
+from ledger import keys
 from node.base.errors import UserError
-from node.identity.users import User
+from node.db.engines import Database
+from node.identity.users import User, get_user, record_token, token_standing
 
 ACTIONS = "cruds"
 SCOPE = re.compile(r"(patient|user|system)/(\*|[A-Z][A-Za-z]+)\.([a-z*]+)")
@@ -299,3 +303,29 @@ class TokenAuthority:
         ):
             raise Unauthorized("the token's role claims are not valid")
         return principal, int(claims["exp"])
+
+
+def token_authority(key_path: Path, issuer: str, database: Database) -> TokenAuthority:
+    """The node's token authority over its database: tokens' standing read from it, and every
+    token issued listed in it."""
+    return TokenAuthority(
+        keys.load_private_key(key_path),
+        issuer,
+        partial(token_standing, database.engine),
+        partial(record_token, database.write_engine),
+    )
+
+
+def issue_token(
+    key_path: Path,
+    issuer: str,
+    database: Database,
+    username: str,
+    scope: str | None,
+    ttl: int,
+) -> str:
+    """A bearer token for a user of the node (its id listed, so that it can be revoked)."""
+    user = get_user(database.engine, username)
+    if user is None:
+        raise UserError(f"no user {username!r}")
+    return token_authority(key_path, issuer, database).issue(user, scope, ttl)

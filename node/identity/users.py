@@ -56,45 +56,7 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.sql.compiler import Compiled
 
 from node.base.errors import UserError
-
-metadata = sa.MetaData()
-
-users_table = sa.Table(
-    "node_users",
-    metadata,
-    sa.Column("username", sa.String(64), primary_key=True),
-    sa.Column("role", sa.String(16), nullable=False),
-    sa.Column("patient_id", sa.String(64), nullable=True),
-    sa.Column("password_hash", sa.String(255), nullable=True),
-    sa.Column("active", sa.Boolean, nullable=False),
-    sa.Column("created", sa.BigInteger, nullable=False),
-    sa.Column("removed", sa.BigInteger, nullable=True),  # when; the row stays (tombstone)
-    sa.Column("token_generation", sa.Integer, nullable=False, server_default="0"),
-)
-
-tokens_table = sa.Table(
-    "node_tokens",
-    metadata,
-    sa.Column("jti", sa.String(64), primary_key=True),
-    sa.Column("username", sa.String(64), nullable=False, index=True),
-    sa.Column("issued", sa.BigInteger, nullable=False),
-    sa.Column("expires", sa.BigInteger, nullable=False, index=True),
-    sa.Column("revoked", sa.BigInteger, nullable=True),
-)
-
-# one row per bucket: (username, address) the account from one address, (username, "") the
-# account from addresses not known for it, ("", address) one address against every account
-throttle_table = sa.Table(
-    "signin_throttle",
-    metadata,
-    sa.Column("username", sa.String(64), primary_key=True),
-    sa.Column("address", sa.String(64), primary_key=True),
-    sa.Column("failures", sa.Integer, nullable=False),
-    sa.Column("blocked_until", sa.BigInteger, nullable=False),
-    sa.Column("last_attempt", sa.BigInteger, nullable=False),
-    sa.Column("last_success", sa.BigInteger, nullable=True),  # account-and-address buckets
-    sa.Column("expires", sa.BigInteger, nullable=False, index=True),  # forgotten after
-)
+from node.db.schema import throttle_table, tokens_table, users_table
 
 ROLES = ("doctor", "admin", "auditor", "patient")
 USERNAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}")

@@ -75,8 +75,13 @@ from fhir_adapters.search_params import LOCAL_ZONE
 from fhir_adapters.store import Stored, Writer, now_micros
 from node.base.config import NodeConfig
 from node.base.errors import NodeError
-from node.db.adapter_tables import quarantine_table, sync_state_table
-from node.intake.hl7 import ORIGIN_LENGTH, QuarantineRow, keep_in_quarantine, quarantine_row
+from node.db.schema import quarantine_table, sync_state_table
+from node.intake.quarantine import (
+    ORIGIN_LENGTH,
+    QuarantineRow,
+    keep_in_quarantine,
+    quarantine_row,
+)
 from node.records.audit_trail import AuditRecord
 from node.services import Services
 

@@ -32,7 +32,7 @@ from typing import Any, Literal
 
 import orjson
 import sqlalchemy as sa
-from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.engine import Connection
 
 from consent.pseudonym import RESIDENT_ID_SYSTEM
 from fhir_adapters import jsonio, tables
@@ -58,14 +58,14 @@ from fhir_adapters.hl7v2 import (
 )
 from fhir_adapters.store import Stored, Writer, now_micros
 from node.base.errors import NodeError
-from node.db.adapter_tables import messages_table, quarantine_table
+from node.db.schema import messages_table, quarantine_table
+from node.intake.quarantine import keep_in_quarantine, quarantine_row
 from node.records.audit_trail import AuditRecord
 from node.services import Services
 
 log = logging.getLogger("hrx.hl7")
 
 ADAPTER = "hl7"
-ORIGIN_LENGTH = 255  # adapter_quarantine.origin
 
 Status = Literal["stored", "duplicate", "quarantined", "refused"]
 
@@ -108,100 +108,6 @@ class Outcome:
         if self.status == "refused":
             return "refused (and NOT quarantined: the quarantine could not be written)"
         return self.summary()
-
-
-@dataclass(frozen=True)
-class QuarantineRow:
-    id: int
-    adapter: str
-    received_at: int  # µs since the epoch
-    origin: str
-    reason: str
-    size: int
-    replayed_at: int | None
-    payload: bytes | None = None  # only when asked for
-
-
-def quarantined(
-    engine: Engine,
-    *,
-    adapter: str | None = None,
-    include_replayed: bool = False,
-    limit: int | None = None,
-) -> list[QuarantineRow]:
-    """Quarantine rows, oldest first: the open ones (not yet replayed) unless asked for all;
-    with ``limit``, the newest ``limit`` of them."""
-    Q = quarantine_table
-    query = sa.select(
-        Q.c.id,
-        Q.c.adapter,
-        Q.c.received_at,
-        Q.c.origin,
-        Q.c.reason,
-        sa.func.length(Q.c.payload),
-        Q.c.replayed_at,
-    ).order_by(Q.c.id.desc())
-    if adapter is not None:
-        query = query.where(Q.c.adapter == adapter)
-    if not include_replayed:
-        query = query.where(Q.c.replayed_at.is_(None))
-    if limit is not None:
-        query = query.limit(limit)
-    with engine.connect() as conn:
-        return [QuarantineRow(*row) for row in conn.execute(query)][::-1]
-
-
-def quarantine_row(engine: Engine, row_id: int) -> QuarantineRow:
-    """One quarantine row with its payload; NodeError when there is none."""
-    Q = quarantine_table
-    with engine.connect() as conn:
-        row = conn.execute(
-            sa.select(
-                Q.c.id,
-                Q.c.adapter,
-                Q.c.received_at,
-                Q.c.origin,
-                Q.c.reason,
-                sa.func.length(Q.c.payload),
-                Q.c.replayed_at,
-                Q.c.payload,
-            ).where(Q.c.id == row_id)
-        ).first()
-    if row is None:
-        raise NodeError(
-            f"the quarantine holds no #{row_id}; see hrx adapters quarantine list --all"
-        )
-    return QuarantineRow(*row)
-
-
-def keep_in_quarantine(
-    conn: Connection,
-    adapter: str,
-    origin: str,
-    reason: str,
-    payload: bytes,
-    *,
-    row_id: int | None = None,
-) -> int:
-    """Keep what ``adapter`` refused, byte for byte, with the reason: a new quarantine row, or
-    (``row_id``: a row replayed and refused again) that row with the new reason and payload.
-    The row's id (the HL7 and DICOM intakes both keep theirs through here)."""
-    Q = quarantine_table
-    if row_id is None:
-        inserted = conn.execute(
-            Q.insert()
-            .values(
-                adapter=adapter,
-                received_at=now_micros(),
-                origin=origin[:ORIGIN_LENGTH],
-                reason=reason,
-                payload=payload,
-            )
-            .returning(Q.c.id)
-        )
-        return int(inserted.scalar_one())
-    conn.execute(Q.update().where(Q.c.id == row_id).values(reason=reason, payload=payload))
-    return row_id
 
 
 class Hl7Intake:

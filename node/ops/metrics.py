@@ -52,7 +52,7 @@ from prometheus_client.registry import Collector
 from ledger.errors import LedgerError
 from ledger.model import parse_time
 from ledger.store import ChainStore, blocks_table
-from node.db.adapter_tables import messages_table, quarantine_table
+from node.db.schema import messages_table, quarantine_table
 
 log = logging.getLogger(__name__)
 

@@ -23,8 +23,8 @@ from ledger.store import ChainStore
 from node.base.config import NodeConfig
 from node.consortium.membership import NEXT_ENROLLMENT_FILE
 from node.consortium.worker import synced_age
-from node.db.adapter_tables import quarantine_table
 from node.db.engines import Database, current_revision, head_revision
+from node.db.schema import quarantine_table
 
 LEVELS = ("ok", "note", "warning", "problem")
 

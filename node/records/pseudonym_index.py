@@ -17,16 +17,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 from fhir_adapters import tables
-
-metadata = sa.MetaData()
-
-pseudonyms_table = sa.Table(
-    "patient_pseudonyms",
-    metadata,
-    sa.Column("pseudonym", sa.String(64), primary_key=True),
-    sa.Column("patient_id", sa.String(64), primary_key=True),
-    sa.Index("patient_pseudonyms_patient", "patient_id"),
-)
+from node.db.schema import pseudonyms_table
 
 
 def set_pseudonym(conn: Connection, patient_id: str, pseudonym: str | None) -> None:
