@@ -20,13 +20,13 @@ from consent.policy import CONSENT_TYPES
 from consent.pseudonym import RESIDENT_ID_SYSTEM, pseudonym
 from exchange.decisions import replay
 from ledger import keys
-from ledger.store import ChainStore
-from node.cli import main
-from node.base.config import load_config
-from node.consortium.membership import read_secret
-from node.demo.harness import Consortium
 from ledger.replication import PeerUnavailable
+from ledger.store import ChainStore
+from node.base.config import load_config
+from node.cli import main
+from node.consortium.membership import read_secret
 from node.consortium.peers import SignedPeers
+from node.demo.harness import Consortium
 from tests.nodes import Node, ask_access, post
 from tests.test_portal import csrf_of, enroll
 

@@ -17,8 +17,8 @@ from consent.pseudonym import RESIDENT_ID_SYSTEM
 from ledger.errors import SigningHeld
 from ledger.store import ChainStore
 from node.base.config import load_config
-from node.demo.harness import Consortium
 from node.consortium.worker import confirm_own_head
+from node.demo.harness import Consortium
 from tests.nodes import Node, append_requests, invoke, post
 
 

@@ -29,8 +29,8 @@ import yaml
 
 from ledger import keys
 from ledger.store import ChainStore
-from node.cli import main as hrx_main
 from node.base.config import load_config
+from node.cli import main as hrx_main
 from node.consortium.membership import AUTHORITY_SETTING
 from node.db.engines import open_database
 from tests.conftest import POSTGRES_ADMIN, _postgres_admin

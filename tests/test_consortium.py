@@ -16,8 +16,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from ledger import keys, merkle
 from ledger.store import ChainStore, ChainWriter
 from ledger.verify import Verifier
-from node.cli import main
 from node.base.config import load_config
+from node.cli import main
 from tests.nodes import init_node, serving
 
 

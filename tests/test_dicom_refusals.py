@@ -22,10 +22,10 @@ import requests
 import sqlalchemy as sa
 
 from fhir_adapters import tables
-from node.db.schema import quarantine_table, sync_state_table
 from node.base.config import load_config
+from node.db.schema import quarantine_table, sync_state_table
+from node.demo import orthanc
 from node.services import Services, open_services
-from tests import orthanc
 from tests.nodes import ROOT
 from tests.test_dicomweb import (
     TEST_FILES,

@@ -33,14 +33,14 @@ from pydicom.fileset import FileSet
 from pydicom.uid import generate_uid
 
 from fhir_adapters import tables
-from node.db.schema import quarantine_table, sync_state_table
-from node.cli import main
 from node.base.config import load_config
-from node.db.engines import open_database
 from node.base.errors import ConfigError
+from node.cli import main
+from node.db.engines import open_database
+from node.db.schema import quarantine_table, sync_state_table
+from node.demo import orthanc
 from node.records.pseudonym_index import patients_with
 from node.services import Services, open_services
-from tests import orthanc
 from tests.conftest import postgres_database
 from tests.nodes import ROOT, free_port, init_node, join_alone, running_node
 

@@ -138,8 +138,8 @@ def test_a_member_rotates_its_keys(group: Consortium) -> None:
 
 
 def test_a_roster_listing_half_of_the_next_keys_is_refused(tmp_path: Path) -> None:
-    from node.consortium.membership import listed_next_keys
     from node.base.errors import ConfigError
+    from node.consortium.membership import listed_next_keys
 
     class Config:
         node_id = "hosp-x"

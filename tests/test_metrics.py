@@ -20,12 +20,12 @@ from click.testing import CliRunner
 from prometheus_client.parser import text_string_to_metric_families
 
 from ledger.store import ChainStore
-from node.db.schema import quarantine_table
-from node.cli import main
 from node.base.config import load_config
 from node.base.errors import ConfigError
-from node.demo.harness import Consortium
 from node.base.logs import request_scope
+from node.cli import main
+from node.db.schema import quarantine_table
+from node.demo.harness import Consortium
 from tests.nodes import Node, ask_access, init_node, post, running_node
 from tests.test_access_decisions import a_patient
 
@@ -246,8 +246,8 @@ def test_adapter_messages_and_the_quarantine(tmp_path: Path) -> None:
     here an HL7 import (its own process's work) and quarantine rows."""
     from click.testing import CliRunner
 
-    from node.web.app import create_app
     from node.cli import main
+    from node.web.app import create_app
 
     directory = tmp_path / "node"
     init_node(directory, "hosp-a", None, 8080)

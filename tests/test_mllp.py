@@ -30,10 +30,10 @@ from hypothesis import strategies as st
 
 from fhir_adapters import hl7v2
 from fhir_adapters.hl7v2 import SUPPORTED_VERSIONS, VALUE_TYPES, parse_ack
-from node.db.schema import messages_table, quarantine_table
-from node.cli import main
 from node.base.config import load_config
+from node.cli import main
 from node.db.engines import Database, open_database
+from node.db.schema import messages_table, quarantine_table
 from node.intake.mllp import START_BLOCK, FrameReader, MllpClient, frame, send, send_many
 from tests.conftest import postgres_database
 from tests.hl7_messages import (

@@ -1,5 +1,6 @@
-"""The authority's next roster (node.consortium.membership.next_roster): it starts from the previous one
-and changes only what the authority says; keys change only by a rotation, never back."""
+"""The authority's next roster (node.consortium.membership.next_roster): it starts from the
+previous one and changes only what the authority says; keys change only by a rotation, never
+back."""
 
 from __future__ import annotations
 
@@ -10,8 +11,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from ledger import bls
 from ledger.roster import make_member
-from node.consortium.membership import next_roster
 from node.base.errors import ConfigError
+from node.consortium.membership import next_roster
 
 INFO = {
     "hosp-a": {

@@ -16,11 +16,11 @@ from click.testing import CliRunner, Result
 
 from ledger.canonical import canonical_bytes
 from ledger.store import ChainStore, entries_table, subjects_table
-from node.db.schema import messages_table
-from node.cli import main
 from node.base.config import load_config
-from node.db.engines import MODEL_METADATA, current_revision, head_revision, open_database
 from node.base.errors import ConfigError
+from node.cli import main
+from node.db.engines import MODEL_METADATA, current_revision, head_revision, open_database
+from node.db.schema import messages_table
 from node.identity.users import get_user, sign_in
 
 

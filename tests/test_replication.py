@@ -20,10 +20,10 @@ from ledger import keys
 from ledger.canonical import canonical_bytes
 from ledger.model import parse_time
 from ledger.store import ChainStore, ChainWriter
-from node.cli import main
 from node.base.config import load_config
-from node.demo.harness import Consortium
+from node.cli import main
 from node.consortium.worker import run
+from node.demo.harness import Consortium
 from tests.nodes import Node, serving
 
 MEMBERS = ("hosp-a", "hosp-b", "hosp-c")

@@ -17,8 +17,8 @@ from ledger import keys
 from ledger.store import ChainStore
 from node.base.config import load_config
 from node.consortium.membership import read_secret
-from node.db.engines import Database
 from node.consortium.peers import SignedPeers
+from node.db.engines import Database
 from tests.nodes import Node, asked, post
 from tests.test_fhir_api import observation
 

@@ -25,25 +25,15 @@ from pathlib import Path
 
 import requests
 
-from ledger import keys
-from ledger.canonical import canonical_bytes, parse_json
-from ledger.roster import sign_roster
 from ledger.store import ChainStore
 from node.base.config import load_config
-from node.consortium.membership import ENROLLMENT_FILE, next_roster, write_secret
 from node.db.engines import open_database
+from node.demo.nodes import form_consortium, free_port
 from node.identity.tokens import issue_token
 from node.identity.users import add_user, get_user
-from node.ops.setup import init_node, join_node
+from node.ops.setup import init_node
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 class Relay:
@@ -168,27 +158,15 @@ class Consortium:
             )
             self.members[name] = Member(name, directory, web_port, Relay(relay_port, web_port))
         self.authority_key = root / "authority.pem"
-        write_secret(root / "consortium.key")
-        enrollments = [
-            parse_json((m.directory / ENROLLMENT_FILE).read_bytes()) for m in self.members.values()
-        ]
-        roster = next_roster(
-            [],
-            enrollments,
-            members_info or {},  # levels and accreditations (roster, mutual recognition)
+        form_consortium(
+            [m.directory for m in self.members.values()],
+            roster=root / "roster.json",
+            secret=root / "consortium.key",
+            authority_key=self.authority_key,
             name=consortium_name,
             quorum=quorum or (size * 2 // 3 + 1),
-        ).roster
-        authority = keys.load_or_create_private_key(self.authority_key)
-        signed = {"roster": roster, "signature": sign_roster(roster, authority)}
-        (root / "roster.json").write_bytes(canonical_bytes(signed) + b"\n")
-        for member in self.members.values():
-            join_node(
-                load_config(member.directory),
-                root / "roster.json",
-                root / "consortium.key",
-                keys.public_key_text(authority),
-            )
+            members_info=members_info,
+        )
 
     def _environment(self, member: Member) -> dict[str, str]:
         return {
@@ -200,7 +178,12 @@ class Consortium:
 
     def start(self, name: str) -> None:
         member = self.members[name]
-        log = (member.directory / "processes.log").open("ab")
+        log = os.fdopen(  # the node's own log: its user's alone, as the node's files are
+            os.open(
+                member.directory / "processes.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600
+            ),
+            "ab",
+        )
         member.logs.append(log)
         env = self._environment(member)
         member.web = subprocess.Popen(
@@ -278,9 +261,7 @@ class Consortium:
     def database_url(self, name: str) -> str:
         return load_config(self.members[name].directory).database_url
 
-    def token(
-        self, name: str, username: str, role: str, *, password: str | None = None
-    ) -> str:
+    def token(self, name: str, username: str, role: str, *, password: str | None = None) -> str:
         """A user of member ``name`` (made when missing, as ``hrx user add`` makes one) and a
         bearer token for it (as ``hrx token issue`` gives one)."""
         config = load_config(self.members[name].directory)

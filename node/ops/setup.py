@@ -47,11 +47,14 @@ def init_node(
     if (directory / CONFIG_FILE).exists():
         raise ConfigError(f"{directory} already holds a node ({CONFIG_FILE}); choose another")
     made = _Made(directory)
+    umask = os.umask(0o077)  # every file made here (the database too) this user's alone
     try:
         return _init_node(directory, node_id, name, database_url, port, url)
     except BaseException:
         made.undo()
         raise
+    finally:
+        os.umask(umask)
 
 
 class _Made:

@@ -26,7 +26,7 @@ from typing import Any
 
 import requests
 
-from tests.nodes import free_port
+from node.demo.nodes import free_port
 
 ORTHANC = Path("/usr/sbin/Orthanc")
 DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
