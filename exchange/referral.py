@@ -33,8 +33,8 @@ from typing import Any
 
 from consent.model import MEMBER_SYSTEM
 from exchange.recognition import Rules, result_of, verdict
-from fhir_adapters import jsonio
 from fhir_adapters.errors import FhirError
+from fhir_adapters.store import jsonio
 from ledger.errors import LedgerError
 from ledger.replication import PeerTimeout
 

@@ -33,6 +33,7 @@ from pydicom.multival import MultiValue
 from pydicom.valuerep import PersonName
 
 from consent.pseudonym import RESIDENT_ID_SYSTEM, normalized
+from fhir_adapters.errors import AdapterError
 
 DICOM_UID_SYSTEM = "urn:dicom:uid"
 DCM_SYSTEM = "http://dicom.nema.org/resources/ontology/DCM"
@@ -90,7 +91,7 @@ _OFFSET = re.compile(r"([+-])([0-9]{2})([0-9]{2})")
 _CJK = re.compile("[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff]")
 
 
-class DicomMappingError(ValueError):
+class DicomMappingError(AdapterError):
     """A study's DICOM cannot be mapped; the message says why, for the operator."""
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import base64
 from typing import Any
 
-from fhir_adapters.resources import validate
+from fhir_adapters.store.resources import validate
 from tests.nodes import Node, post
 from tests.test_fhir_api import new_patient, observation
 

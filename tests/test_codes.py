@@ -1,4 +1,4 @@
-"""fhir_adapters.codes: the code values of elements with a required binding in FHIR R4 4.0.1."""
+"""fhir_adapters.store.codes: the code values of elements with a required binding (FHIR R4)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from fhir.resources.R4B import get_fhir_model_class
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fhir_adapters import codes
-from fhir_adapters.codes import CodeIssue, code_issues
+from fhir_adapters.store import codes
+from fhir_adapters.store.codes import CodeIssue, code_issues
 
 UCUM = "http://unitsofmeasure.org"
 DIV = '<div xmlns="http://www.w3.org/1999/xhtml">text</div>'

@@ -20,7 +20,7 @@ from consent.model import (
     terms_of,
 )
 from consent.pseudonym import RESIDENT_ID_SYSTEM, is_pseudonym, pseudonym
-from fhir_adapters.resources import validate
+from fhir_adapters.store.resources import validate
 
 MEMBERS = {"hosp-a", "hosp-b", "hosp-c"}
 RECORDED = "2026-11-25T02:00:00.000Z"

@@ -12,8 +12,8 @@ import pytest
 import sqlalchemy as sa
 from click.testing import CliRunner, Result
 
-from fhir_adapters import tables
 from fhir_adapters.lis_csv import CsvError, Mapping, parse_mapping, read_reports
+from fhir_adapters.store import tables
 from node.base.config import load_config
 from node.cli import main
 from node.db.schema import messages_table

@@ -21,7 +21,7 @@ import pytest
 import requests
 import sqlalchemy as sa
 
-from fhir_adapters import tables
+from fhir_adapters.store import tables
 from node.base.config import load_config
 from node.db.schema import quarantine_table, sync_state_table
 from node.demo import orthanc

@@ -32,7 +32,7 @@ from pydicom.dataset import Dataset
 from pydicom.fileset import FileSet
 from pydicom.uid import generate_uid
 
-from fhir_adapters import tables
+from fhir_adapters.store import tables
 from node.base.config import load_config
 from node.base.errors import ConfigError
 from node.cli import main

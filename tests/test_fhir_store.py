@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from fhir_adapters import tables
 from fhir_adapters.errors import NotFound
-from fhir_adapters.search import SEARCH_SETS_PER_OWNER, page, paginate, split_values
-from fhir_adapters.search_params import date_range, index_values
+from fhir_adapters.store import tables
+from fhir_adapters.store.search import SEARCH_SETS_PER_OWNER, page, paginate, split_values
+from fhir_adapters.store.search_params import date_range, index_values
 from ledger.store import open_engine
 
 
@@ -92,7 +92,7 @@ def test_url_elements_are_json_strings() -> None:
     an attachment's url and a contained Endpoint's address validate (they were refused as
     "must be an object"), and an object there is refused."""
     from fhir_adapters.errors import FhirError
-    from fhir_adapters.resources import validate
+    from fhir_adapters.store.resources import validate
 
     report = {
         "resourceType": "DiagnosticReport",

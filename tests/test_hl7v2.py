@@ -12,7 +12,7 @@ import sqlalchemy as sa
 
 from fhir_adapters import hl7v2
 from fhir_adapters.hl7v2 import Hl7Error, Systems, build_ack, parse_ack, parse_message
-from fhir_adapters.resources import validate
+from fhir_adapters.store.resources import validate
 from fhir_adapters.ucum import to_ucum
 from node.base.config import load_config
 from node.db.schema import messages_table, quarantine_table

@@ -12,7 +12,7 @@ import uuid
 import sqlalchemy as sa
 
 from consent.pseudonym import RESIDENT_ID_SYSTEM, pseudonym
-from fhir_adapters import jsonio, tables
+from fhir_adapters.store import jsonio, tables
 from ledger import keys
 from ledger.store import ChainStore
 from node.base.config import load_config

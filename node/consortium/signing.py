@@ -49,7 +49,6 @@ MAX_AGE_SECONDS = 300
 FUTURE_SKEW_SECONDS = 5
 
 
-
 @dataclass
 class Message:
     """The parts of an HTTP request a signature covers (the library's message interface)."""

@@ -25,7 +25,7 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy.engine import Engine
 
-from fhir_adapters.tables import metadata as fhir_metadata
+from fhir_adapters.store.tables import metadata as fhir_metadata
 from ledger.store import database_url, open_engine
 from ledger.store import metadata as ledger_metadata
 from node.base.errors import ConfigError

@@ -1,7 +1,7 @@
 """The node's own tables, in one place (SQLAlchemy Core): users, tokens and sign-in
 throttles; browser sessions and enrollment codes; local Patients by pseudonym; the nonces of
 signed requests; the adapters' quarantine, messages and sync state. The ledger's tables are
-:mod:`ledger.store`'s and the FHIR store's :mod:`fhir_adapters.tables`; the migrations build
+:mod:`ledger.store`'s and the FHIR store's :mod:`fhir_adapters.store.tables`; the migrations build
 all of them (:data:`node.db.engines.MODEL_METADATA`) and copy their shapes rather than import
 these live definitions."""
 

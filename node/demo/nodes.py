@@ -24,7 +24,7 @@ from ledger.roster import sign_roster
 from node.base.config import load_config
 from node.consortium.membership import ENROLLMENT_FILE, next_roster, write_secret
 from node.db.engines import Database, open_database
-from node.identity.tokens import TokenAuthority
+from node.identity.tokens import token_authority
 from node.identity.users import add_user, get_user
 from node.ops.setup import init_node as setup_node
 from node.ops.setup import join_node
@@ -124,9 +124,7 @@ class Node:
             config = load_config(self.directory)
             user = get_user(self.database.engine, username)
             assert user is not None
-            authority = TokenAuthority(
-                keys.load_private_key(config.token_key), config.fhir_base, lambda _: user
-            )
+            authority = token_authority(config.token_key, config.fhir_base, self.database)
             token = authority.issue(user, scope, ttl)
             if ttl != 3600:
                 return token

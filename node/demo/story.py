@@ -46,6 +46,7 @@ from rich.table import Table
 from fhir_adapters.lis_csv import parse_mapping
 from node.base.config import load_config
 from node.base.errors import NodeError
+from node.demo.nodes import free_port
 from node.intake.csv import import_files as import_csv_files
 from node.intake.dicom import dicom_files
 from node.intake.dicom import import_files as import_dicom_files
@@ -249,8 +250,6 @@ def _services(story: Story, member: str) -> Iterator[Services]:
 
 @contextmanager
 def _listener(directory: Path) -> Iterator[int]:
-    from node.demo.harness import free_port
-
     port = free_port()
     process = subprocess.Popen(
         [*HRX, "adapters", "hl7-listen", "--dir", str(directory), "--port", str(port)],

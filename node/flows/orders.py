@@ -21,9 +21,9 @@ from typing import Any
 from exchange.recognition import DICOM_MODALITY, REORDER_REASONS, Item
 from exchange.referral import RECOGNITION_URL
 from fhir_adapters.errors import Conflict, Forbidden, InvalidRequest, Unprocessable
-from fhir_adapters.resources import check_id
-from fhir_adapters.search import Access, parse_search
 from fhir_adapters.store import Stored
+from fhir_adapters.store.resources import check_id
+from fhir_adapters.store.search import Access, parse_search
 from ledger.errors import LedgerError
 from node.flows.permissions import permit, refuse
 from node.flows.prior_results import fetch_prior_results, rules

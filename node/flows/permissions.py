@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 
 from fhir_adapters.errors import FhirError, Unauthorized
-from fhir_adapters.search import Access
+from fhir_adapters.store.search import Access
 from node.records.audit_trail import Caller
 from node.services import Services
 

@@ -27,8 +27,8 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from node.base.errors import UserError
-from node.db.schema import enrollments_table, sessions_table
-from node.identity.users import USERNAME, User, add_user, get_user, set_password, users_table
+from node.db.schema import enrollments_table, sessions_table, users_table
+from node.identity.users import USERNAME, User, add_user, get_user, set_password
 
 CODE_ALPHABET = "ABCDEFGHJKMNPQRSTVWXYZ23456789"  # no 0/O, 1/I/L, U: read out loud safely
 CODE_LENGTH = 16

@@ -38,8 +38,8 @@ import jwt
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from fhir_adapters.errors import Forbidden, Unauthorized
-from fhir_adapters.resources import RESOURCE_TYPES
-from fhir_adapters.search import Access
+from fhir_adapters.store.resources import RESOURCE_TYPES
+from fhir_adapters.store.search import Access
 from ledger import keys
 from node.base.errors import UserError
 from node.db.engines import Database

@@ -70,9 +70,9 @@ from fhir_adapters.dicom import (
 )
 from fhir_adapters.errors import FhirError
 from fhir_adapters.hl7v2 import masked
-from fhir_adapters.search import EVERYONE, parse_search
-from fhir_adapters.search_params import LOCAL_ZONE
 from fhir_adapters.store import Stored, Writer, now_micros
+from fhir_adapters.store.search import EVERYONE, parse_search
+from fhir_adapters.store.search_params import LOCAL_ZONE
 from node.base.config import NodeConfig
 from node.base.errors import NodeError
 from node.db.schema import quarantine_table, sync_state_table

@@ -35,7 +35,6 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from consent.pseudonym import RESIDENT_ID_SYSTEM
-from fhir_adapters import jsonio, tables
 from fhir_adapters.errors import FhirError
 from fhir_adapters.hl7v2 import (
     Decoded,
@@ -56,7 +55,7 @@ from fhir_adapters.hl7v2 import (
     read_header,
     read_results,
 )
-from fhir_adapters.store import Stored, Writer, now_micros
+from fhir_adapters.store import Stored, Writer, jsonio, now_micros, tables
 from node.base.errors import NodeError
 from node.db.schema import messages_table, quarantine_table
 from node.intake.quarantine import keep_in_quarantine, quarantine_row

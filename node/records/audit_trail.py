@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fhir_adapters.errors import FhirError
-from fhir_adapters.search_params import index_values
 from fhir_adapters.store import ResourceStore, Stored, Writer, format_instant, now_micros
+from fhir_adapters.store.search_params import index_values
 from node.identity.tokens import Principal
 
 log = logging.getLogger(__name__)

@@ -16,7 +16,7 @@ from flask import Blueprint, Response, current_app, g, request
 from werkzeug.exceptions import HTTPException
 
 from fhir_adapters.errors import FhirError, Forbidden, InvalidRequest, NotFound, Unauthorized
-from fhir_adapters.search import whole_number
+from fhir_adapters.store.search import whole_number
 from ledger.canonical import canonical_bytes
 from ledger.errors import LedgerError, ProofError, StoreError
 from ledger.model import check_chain_id

@@ -20,11 +20,10 @@ import uuid
 from typing import Any, Protocol
 from urllib.parse import parse_qsl, unquote, urlsplit
 
-from fhir_adapters import jsonio
 from fhir_adapters.errors import FhirError, InvalidRequest, Issue, TooCostly
-from fhir_adapters.resources import check_id, check_type
-from fhir_adapters.search import Access
-from fhir_adapters.store import Stored, Writer, format_instant
+from fhir_adapters.store import Stored, Writer, format_instant, jsonio
+from fhir_adapters.store.resources import check_id, check_type
+from fhir_adapters.store.search import Access
 from node.services import Services
 from node.web.fhir.limits import MAX_ENTRIES
 from node.web.fhir.messages import FhirRequest, FhirResponse

@@ -7,10 +7,10 @@ from __future__ import annotations
 from importlib.metadata import version
 from typing import Any
 
-from fhir_adapters.jsonio import NUMBER_RULE
-from fhir_adapters.resources import RESOURCE_TYPES
-from fhir_adapters.search import SEARCH_LIMITS
-from fhir_adapters.search_params import SEARCH_PARAMS
+from fhir_adapters.store.jsonio import NUMBER_RULE
+from fhir_adapters.store.resources import RESOURCE_TYPES
+from fhir_adapters.store.search import SEARCH_LIMITS
+from fhir_adapters.store.search_params import SEARCH_PARAMS
 from node.base.config import NodeConfig
 from node.web.fhir.limits import MAX_BODY_BYTES, MAX_ENTRIES
 

@@ -18,7 +18,6 @@ from email.utils import parsedate_to_datetime
 from typing import Any
 from urllib.parse import parse_qsl, quote
 
-from fhir_adapters import jsonio
 from fhir_adapters.errors import (
     FhirError,
     Gone,
@@ -29,8 +28,17 @@ from fhir_adapters.errors import (
     PreconditionFailed,
     operation_outcome,
 )
-from fhir_adapters.resources import RESOURCE_TYPES, check_id, check_type, validate
-from fhir_adapters.search import (
+from fhir_adapters.store import (
+    Stored,
+    Writer,
+    format_instant,
+    http_date,
+    jsonio,
+    now_micros,
+    readable_only,
+)
+from fhir_adapters.store.resources import RESOURCE_TYPES, check_id, check_type, validate
+from fhir_adapters.store.search import (
     DEFAULT_COUNT,
     MAX_COUNT,
     Access,
@@ -38,8 +46,7 @@ from fhir_adapters.search import (
     parse_search,
     whole_number,
 )
-from fhir_adapters.search_params import date_range, index_values
-from fhir_adapters.store import Stored, Writer, format_instant, http_date, now_micros, readable_only
+from fhir_adapters.store.search_params import date_range, index_values
 from node.flows import orders
 from node.flows.permissions import permit
 from node.flows.prior_results import CATEGORIES, fetch_prior_results
@@ -76,7 +83,7 @@ class FhirApi:
         """The handler of a request and the parts of its path it takes, or None."""
         n = len(s)
         if n == 0:
-            handler = {"GET": self.system_get, "POST": self.bundle}.get(method)
+            handler: Handler | None = {"GET": self.system_get, "POST": self.bundle}.get(method)
             return (handler, []) if handler else None
         if n == 1 and s[0] == "metadata":
             return (self.metadata, []) if method == "GET" else None

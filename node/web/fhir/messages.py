@@ -8,8 +8,8 @@ from http import HTTPStatus
 from typing import Any
 from urllib.parse import parse_qsl
 
-from fhir_adapters import jsonio
 from fhir_adapters.errors import InvalidRequest, Unauthorized, UnsupportedMediaType
+from fhir_adapters.store import jsonio
 from node.identity.tokens import Principal
 from node.records.audit_trail import Caller
 

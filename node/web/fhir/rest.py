@@ -16,8 +16,8 @@ from typing import Any
 from flask import Blueprint, Response, g, request
 from werkzeug.exceptions import HTTPException
 
-from fhir_adapters import jsonio
 from fhir_adapters.errors import FhirError, Issue, NotAcceptable, operation_outcome
+from fhir_adapters.store import jsonio
 from node.web.context import authenticate, caller, services
 from node.web.fhir.interactions import FhirApi
 from node.web.fhir.limits import MAX_BODY_BYTES

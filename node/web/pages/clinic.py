@@ -22,7 +22,7 @@ from exchange.recognition import REORDER_REASONS
 from exchange.referral import RECOGNITION_URL
 from exchange.savings import RESULT_TYPES, savings, yuan
 from fhir_adapters.errors import FhirError
-from fhir_adapters.search import Access, parse_search
+from fhir_adapters.store.search import Access, parse_search
 from node.flows import orders
 from node.flows.prior_results import CATEGORIES, fetch_prior_results, rules
 from node.identity.sessions import Session

@@ -48,8 +48,8 @@ from consent.model import (
 )
 from consent.policy import CONSENT_TYPES, effective_consents
 from fhir_adapters.errors import FhirError, PreconditionFailed
-from fhir_adapters.search import Access, parse_search
 from fhir_adapters.store import Stored
+from fhir_adapters.store.search import Access, parse_search
 from ledger.canonical import canonical_bytes
 from ledger.errors import LedgerError
 from ledger.receipt import make_receipt

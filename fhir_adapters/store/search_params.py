@@ -20,7 +20,7 @@ from datetime import UTC, datetime, timedelta, timezone
 from typing import Any, Literal
 
 from fhir_adapters.errors import InvalidRequest
-from fhir_adapters.resources import references
+from fhir_adapters.store.resources import references
 
 LOCAL_ZONE = timezone(timedelta(hours=8))
 ParamType = Literal["token", "string", "reference", "date"]

@@ -4,7 +4,7 @@
 structure and types (unknown elements are refused). On top of them this module refuses what
 FHIR JSON forbids and the models let through (``null`` values, empty strings, objects and
 arrays, malformed ids) and every code value its required binding refuses
-(:mod:`fhir_adapters.codes`). A failure lists every problem found, each with its FHIRPath.
+(:mod:`fhir_adapters.store.codes`). A failure lists every problem found, each with its FHIRPath.
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ from typing import Any
 
 import pydantic
 
-from fhir_adapters.codes import code_issues
 from fhir_adapters.errors import InvalidCode, InvalidRequest, Issue
-from fhir_adapters.jsonio import number_problem
+from fhir_adapters.store.codes import code_issues
+from fhir_adapters.store.jsonio import number_problem
 
 RESOURCE_TYPES = (
     "Patient",
@@ -82,7 +82,7 @@ def _expression(resource_type: str, location: tuple[Any, ...]) -> str:
 def _json_shape_issues(value: Any, path: str, issues: list[Issue], depth: int = 0) -> None:
     """What FHIR JSON forbids that the models accept: nulls, empty values, control
     characters; nesting deeper than :data:`MAX_DEPTH`; and numbers JSON clients cannot read
-    (:func:`fhir_adapters.jsonio.number_problem`)."""
+    (:func:`fhir_adapters.store.jsonio.number_problem`)."""
     if len(issues) >= MAX_ISSUES:
         return
     if depth > MAX_DEPTH:

@@ -30,10 +30,10 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.sql.elements import ColumnElement
 
-from fhir_adapters import tables
 from fhir_adapters.errors import InvalidRequest, NotFound, TooCostly
-from fhir_adapters.resources import RESOURCE_TYPES, check_type
-from fhir_adapters.search_params import (
+from fhir_adapters.store import tables
+from fhir_adapters.store.resources import RESOURCE_TYPES, check_type
+from fhir_adapters.store.search_params import (
     SEARCH_PARAMS,
     SearchParam,
     date_range,

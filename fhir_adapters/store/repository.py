@@ -26,7 +26,6 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-from fhir_adapters import jsonio, tables
 from fhir_adapters.errors import (
     Conflict,
     Gone,
@@ -35,8 +34,9 @@ from fhir_adapters.errors import (
     PreconditionFailed,
     Unprocessable,
 )
-from fhir_adapters.resources import RESOURCE_TYPES, check_id, check_type, references, validate
-from fhir_adapters.search import (
+from fhir_adapters.store import jsonio, tables
+from fhir_adapters.store.resources import RESOURCE_TYPES, check_id, check_type, references, validate
+from fhir_adapters.store.search import (
     DEFAULT_COUNT,
     Access,
     Matches,
@@ -45,7 +45,7 @@ from fhir_adapters.search import (
     page,
     paginate,
 )
-from fhir_adapters.search_params import IndexRows, index_values, parse_reference
+from fhir_adapters.store.search_params import IndexRows, index_values, parse_reference
 
 log = logging.getLogger(__name__)
 
@@ -264,7 +264,7 @@ class ResourceStore:
     # -- search, history, $everything -----------------------------------------------------
 
     def search(self, request: SearchRequest, access: Access, owner: str) -> Matches:
-        """The first page of a search (see :mod:`fhir_adapters.search`)."""
+        """The first page of a search (see :mod:`fhir_adapters.store.search`)."""
         with self.engine.connect() as conn:
             pairs = [
                 (row[0], row[1])
