@@ -35,8 +35,7 @@ from consent.model import MEMBER_SYSTEM
 from exchange.recognition import Rules, result_of, verdict
 from fhir_adapters.errors import FhirError
 from fhir_adapters.store import jsonio
-from ledger.errors import LedgerError
-from ledger.replication import PeerTimeout
+from ledger.errors import LedgerError, PeerTimeout
 
 RECOGNITION_URL = "urn:hrx:fhir:StructureDefinition:mutual-recognition"
 LEDGER_POLICY = "urn:hrx:ledger"  # urn:hrx:ledger:<chain>:<seq> names an entry

@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from ledger import keys, merkle
 from ledger.canonical import canonical_bytes, parse_canonical
-from ledger.errors import LedgerError, StoreError, VerificationError
+from ledger.errors import LedgerError, PeerUnavailable, StoreError, VerificationError
 from ledger.model import ZERO_HASH, block_hash, check_header
 from ledger.store import ChainStore, Head
 from ledger.verify import Verifier
@@ -35,14 +35,6 @@ log = logging.getLogger(__name__)
 PAGE_BLOCKS = 200  # blocks asked for at once (a block holds at most 1000 entries)
 MAX_BACKOFF_SECONDS = 4.0  # the longest a silent member is left alone
 MAX_UNANCHORED_ENTRIES = 200_000  # held in memory while waiting for an anchor
-
-
-class PeerUnavailable(LedgerError):
-    """A member could not be reached, or answered with an error."""
-
-
-class PeerTimeout(PeerUnavailable):
-    """A member did not answer in time."""
 
 
 class Peers(Protocol):

@@ -20,7 +20,7 @@ from consent.policy import CONSENT_TYPES
 from consent.pseudonym import RESIDENT_ID_SYSTEM, pseudonym
 from exchange.decisions import replay
 from ledger import keys
-from ledger.replication import PeerUnavailable
+from ledger.errors import PeerUnavailable
 from ledger.store import ChainStore
 from node.base.config import load_config
 from node.cli import main

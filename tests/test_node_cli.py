@@ -15,7 +15,8 @@ from alembic.migration import MigrationContext
 from click.testing import CliRunner, Result
 
 from ledger.canonical import canonical_bytes
-from ledger.store import ChainStore, entries_table, subjects_table
+from ledger.store import ChainStore
+from ledger.store.schema import entries_table, subjects_table
 from node.base.config import load_config
 from node.base.errors import ConfigError
 from node.cli import main

@@ -240,7 +240,7 @@ def test_checkpoints_are_cosigned(consortium: dict[str, Path]) -> None:
             verify_certificate(latest, rosters)
             # a member signs one checkpoint per epoch, and only heads it has verified
             other = make_checkpoint(epoch, 1, {})
-            from ledger.replication import PeerUnavailable
+            from ledger.errors import PeerUnavailable
 
             with pytest.raises(PeerUnavailable, match="already signed another"):
                 peers.post("hosp-a", "/peer/checkpoints/sign", other)  # type: ignore[attr-defined]

@@ -11,7 +11,7 @@ import sqlalchemy as sa
 from ledger import keys, merkle
 from ledger.canonical import canonical_bytes
 from ledger.errors import EntryError, ProofError, StoreError
-from ledger.store import ChainStore, ChainWriter, open_engine
+from ledger.store import ChainStore, ChainWriter, chains, open_engine
 from ledger.verify import verify_database
 from tests.conftest import Ledger, make_ledger
 
@@ -302,12 +302,10 @@ def test_writer_refuses_to_sign_once_the_roster_rotates_its_key(
 def test_pages_of_blocks_are_cut_to_the_entry_budget(
     ledger_db: Ledger, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import ledger.store
-
     with ChainWriter(ledger_db.store, "hosp-a", ledger_db.key, max_block_entries=4) as writer:
         writer.append_many([("access.requested", {"n": n}) for n in range(30)])
     whole = list(ledger_db.store.export_lines())
-    monkeypatch.setattr(ledger.store, "PAGE_ENTRIES", 5)
+    monkeypatch.setattr(chains, "PAGE_ENTRIES", 5)
     assert list(ledger_db.store.export_lines()) == whole
     assert [b.row_height for b in ledger_db.store.block_rows("hosp-a", page=3)] == list(range(8))
     assert verify_database(ledger_db.store, ledger_db.authority.public_key()).entries == 30

@@ -15,7 +15,8 @@ import sqlalchemy as sa
 
 from ledger import keys
 from ledger.errors import StoreError, VerificationError
-from ledger.store import LEDGER_TABLES, ChainStore, ChainWriter, create_schema
+from ledger.store import ChainStore, ChainWriter
+from ledger.store.schema import LEDGER_TABLES, create_schema
 from ledger.verify import verify_database, verify_export
 from tests.conftest import Ledger, make_ledger
 

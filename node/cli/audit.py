@@ -82,10 +82,10 @@ def audit_verify(
     an access decision is not the one the consent policy makes over the view it records, or
     when the ledger lacks blocks that a --checkpoint certifies. The first line is the verdict.
     """
-    from exchange.audit import WATCHED, DecisionAudit
+    from exchange.decision_replay import WATCHED, DecisionReplay
 
     anchor = _anchor(authority)
-    decisions = DecisionAudit()
+    decisions = DecisionReplay()
     given = [_certificate_from(source, token) for source in checkpoints]
     if resolutions and anchor is None:
         fail("--resolution is checked against the authority's key: give --authority", 2)

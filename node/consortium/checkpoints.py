@@ -22,9 +22,8 @@ from ledger.checkpoint import (
     verify_signature,
 )
 from ledger.checkpoint import sign as sign_checkpoint
-from ledger.errors import LedgerError
+from ledger.errors import LedgerError, PeerUnavailable
 from ledger.model import parse_time
-from ledger.replication import PeerUnavailable
 from ledger.store import ChainStore, Head
 from node.base.config import NodeConfig
 from node.base.errors import Refused

@@ -1,6 +1,6 @@
 """Asking other members, every request signed with this node's key (RFC 9421:
 :mod:`node.consortium.signing`) and sent to the URL the roster gives; their JSON answers, or
-:class:`~ledger.replication.PeerUnavailable` saying why."""
+:class:`~ledger.errors.PeerUnavailable` saying why."""
 
 from __future__ import annotations
 
@@ -9,8 +9,7 @@ from typing import Any
 import requests
 
 from ledger.canonical import canonical_bytes, parse_json
-from ledger.errors import LedgerError
-from ledger.replication import PeerTimeout, PeerUnavailable
+from ledger.errors import LedgerError, PeerTimeout, PeerUnavailable
 from ledger.store import ChainStore
 from node.base.logs import REQUEST_ID_HEADER, current_request_id
 from node.consortium.signing import sign_request

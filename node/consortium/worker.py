@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from ledger import keys
-from ledger.errors import SigningHeld, StoreError
-from ledger.replication import PeerUnavailable, Replicator, RoundReport
+from ledger.errors import PeerUnavailable, SigningHeld, StoreError
+from ledger.replication import Replicator, RoundReport
 from ledger.store import ChainStore
 from node.base.config import NodeConfig, load_config
 from node.base.errors import ConfigError

@@ -27,7 +27,7 @@ from sqlalchemy.engine import Engine
 
 from fhir_adapters.store.tables import metadata as fhir_metadata
 from ledger.store import database_url, open_engine
-from ledger.store import metadata as ledger_metadata
+from ledger.store.schema import metadata as ledger_metadata
 from node.base.errors import ConfigError
 from node.db.schema import metadata as node_metadata
 from node.db.schema import nonces_table

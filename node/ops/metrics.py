@@ -51,7 +51,8 @@ from prometheus_client.registry import Collector
 
 from ledger.errors import LedgerError
 from ledger.model import parse_time
-from ledger.store import ChainStore, blocks_table
+from ledger.store import ChainStore
+from ledger.store.schema import blocks_table
 from node.db.schema import messages_table, quarantine_table
 
 log = logging.getLogger(__name__)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-from ledger.store import install_append_only_triggers
+from ledger.store.schema import install_append_only_triggers
 
 revision = "0001"
 down_revision = None

@@ -11,12 +11,35 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-from ledger.store import entries_table, install_append_only_triggers, subject_rows, subjects_table
+from ledger.canonical import parse_canonical
+from ledger.store.schema import install_append_only_triggers
 
 revision = "0005"
 down_revision = "0004"
 branch_labels = None
 depends_on = None
+
+# The tables' shapes as this revision knows them (never the live tables, which later revisions
+# may change).
+entries = sa.table("ledger_entries", sa.column("chain"), sa.column("seq"), sa.column("data"))
+subjects = sa.table(
+    "ledger_subjects", sa.column("patient"), sa.column("chain"), sa.column("seq"), sa.column("type")
+)
+
+
+def subject_rows(chain: str, rows: list[tuple[int, bytes]]) -> list[dict[str, object]]:
+    """The index rows of stored entries: the patient an entry body names, if any (as
+    :func:`ledger.store.chains.subject_rows` did when this revision was written)."""
+    found: list[dict[str, object]] = []
+    for seq, data in rows:
+        if b'"patient":' not in data:
+            continue
+        entry = parse_canonical(data)
+        body = entry.get("body")
+        patient = body.get("patient") if isinstance(body, dict) else None
+        if isinstance(patient, str) and 0 < len(patient) <= 64:
+            found.append({"patient": patient, "chain": chain, "seq": seq, "type": entry["type"]})
+    return found
 
 
 def upgrade() -> None:
@@ -50,21 +73,21 @@ def upgrade() -> None:
     with op.batch_alter_table("portal_sessions", schema=None) as batch_op:
         batch_op.create_index(batch_op.f("ix_portal_sessions_username"), ["username"], unique=False)
     bind = op.get_bind()
-    chains = [row[0] for row in bind.execute(sa.select(entries_table.c.chain).distinct())]
+    chains = [row[0] for row in bind.execute(sa.select(entries.c.chain).distinct())]
     for chain in chains:  # entries stored before the index: index them, a chunk at a time
         last = -1
         while True:
             rows = bind.execute(
-                sa.select(entries_table.c.seq, entries_table.c.data)
-                .where(entries_table.c.chain == chain, entries_table.c.seq > last)
-                .order_by(entries_table.c.seq)
+                sa.select(entries.c.seq, entries.c.data)
+                .where(entries.c.chain == chain, entries.c.seq > last)
+                .order_by(entries.c.seq)
                 .limit(5000)
             ).all()
             if not rows:
                 break
-            found = subject_rows(chain, ((row[0], bytes(row[1])) for row in rows))
+            found = subject_rows(chain, [(row[0], bytes(row[1])) for row in rows])
             if found:
-                bind.execute(subjects_table.insert(), found)
+                bind.execute(subjects.insert(), found)
             last = rows[-1][0]
     install_append_only_triggers(bind, ("ledger_subjects",))
 

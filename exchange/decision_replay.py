@@ -3,7 +3,7 @@ chain, decided again by the consent policy over the consent entries of the view 
 must come out as recorded. A decision that does not — a forged permit, a permit after a
 revocation the source had seen, a deny the consents did not call for — is a finding.
 
-Fed while the ledger is verified (:class:`DecisionAudit` is the verifier's entry observer), it
+Fed while the ledger is verified (:class:`DecisionReplay` is the verifier's entry observer), it
 keeps every consent entry (they are few: one per grant or revocation) and every decision's body
 until the end, then replays. Memory grows with the number of decisions (a few hundred bytes
 each); a ledger of tens of millions of decisions would want them spilled to disk.
@@ -35,7 +35,7 @@ class Finding:
 
 
 @dataclass
-class DecisionAudit:
+class DecisionReplay:
     consents: dict[str, list[Mapping[str, Any]]] = field(default_factory=lambda: defaultdict(list))
     decisions: list[Mapping[str, Any]] = field(default_factory=list)
 

@@ -9,7 +9,7 @@ from typing import Any
 
 from click.testing import CliRunner
 
-from exchange.audit import DecisionAudit
+from exchange.decision_replay import DecisionReplay
 from ledger import keys
 from ledger.store import ChainWriter
 from node.cli import main
@@ -103,7 +103,7 @@ def test_forged_decisions_are_flagged(ledger_db: Ledger, tmp_path: Path) -> None
 def test_a_decision_is_not_replayed_over_a_copy_that_lacks_its_view() -> None:
     """A copy cut short on a chain the decision read cannot show the decision was right: it
     is a finding, not a silent replay over fewer consent entries."""
-    audit = DecisionAudit()
+    audit = DecisionReplay()
     decided = {
         "v": 1,
         "chain": "hosp-a",

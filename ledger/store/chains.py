@@ -1,257 +1,46 @@
-"""The chain store: the ledger's tables on SQLAlchemy 2 (SQLite by default, PostgreSQL by URL),
-the group-committing writer of a node's own chain, and reads, proofs and exports.
-
-Tables (``ledger_roster``, ``ledger_blocks``, ``ledger_entries``) are append-only: triggers in
-the database refuse UPDATE, DELETE (and, on PostgreSQL, TRUNCATE). Each entry row keeps the
-entry's canonical bytes and the hashes of the Merkle subtrees that entry completes (see
-:class:`ledger.merkle.Frontier`), so any inclusion or consistency proof takes O(log n) row
-look-ups and no tree is ever rebuilt. ``ledger_settings`` is ordinary configuration (which
-chain this database writes, where its key is), not part of the ledger.
-
-Writing: :class:`ChainWriter` batches concurrent appenders (threads) into blocks — one
-signature and one transaction per block — and returns from :meth:`ChainWriter.append` only
-once that transaction has committed. Writers in other processes are serialised by the database
-(SQLite ``BEGIN IMMEDIATE``; PostgreSQL ``pg_advisory_xact_lock`` on the chain), and every
-transaction re-reads the chain head under that lock, so the chain never forks itself.
-"""
+"""Every chain a node holds (ChainStore): its rosters, heads and blocks; the blocks other members
+signed, imported; evidence, resolutions and certificates; reads by patient, proofs and the
+export."""
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import threading
-import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
-from functools import partial
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from sqlalchemy.engine import Connection, Engine
 
-from ledger import keys, merkle
-from ledger.canonical import canonical_bytes, canonical_bytes_of_checked, parse_canonical
-from ledger.errors import LedgerError, SigningHeld, StoreError
+from ledger import merkle
+from ledger.canonical import canonical_bytes, parse_canonical
+from ledger.errors import LedgerError, StoreError
 from ledger.model import (
     ZERO_HASH,
     block_bytes,
     block_hash,
-    check_body,
-    check_chain_id,
-    check_entry_type,
     format_time,
-    make_header,
 )
 from ledger.resolution import resolves
 from ledger.roster import Roster, check_roster, open_roster
-
-metadata = sa.MetaData()
-
-roster_table = sa.Table(
-    "ledger_roster",
-    metadata,
-    sa.Column("version", sa.BigInteger, primary_key=True, autoincrement=False),
-    sa.Column("roster", sa.LargeBinary, nullable=False),
-    sa.Column("signature", sa.String(86), nullable=False),
+from ledger.store.schema import (
+    HOLD_SETTING,
+    RESOLUTION_SETTING,
+    blocks_table,
+    checkpoints_table,
+    create_schema,
+    entries_table,
+    evidence_table,
+    node_seq,
+    open_engine,
+    pick_nodes,
+    roster_table,
+    settings_table,
+    subjects_table,
+    votes_table,
+    writer_lock_key,
 )
-
-blocks_table = sa.Table(
-    "ledger_blocks",
-    metadata,
-    sa.Column("chain", sa.String(64), primary_key=True),
-    sa.Column("height", sa.BigInteger, primary_key=True, autoincrement=False),
-    sa.Column("tree_size", sa.BigInteger, nullable=False),
-    sa.Column("header", sa.LargeBinary, nullable=False),
-    sa.Column("signature", sa.String(86), nullable=False),
-    sa.Index("ledger_blocks_tree_size", "chain", "tree_size", unique=True),
-    sqlite_with_rowid=False,
-)
-
-entries_table = sa.Table(
-    "ledger_entries",
-    metadata,
-    sa.Column("chain", sa.String(64), primary_key=True),
-    sa.Column("seq", sa.BigInteger, primary_key=True, autoincrement=False),
-    sa.Column("data", sa.LargeBinary, nullable=False),
-    sa.Column("nodes", sa.LargeBinary, nullable=False),
-    sqlite_with_rowid=False,
-)
-
-evidence_table = sa.Table(
-    "ledger_evidence",
-    metadata,
-    sa.Column("chain", sa.String(64), primary_key=True),
-    sa.Column("height", sa.BigInteger, primary_key=True, autoincrement=False),
-    sa.Column("first_hash", sa.String(64), primary_key=True),  # the lower of the two hashes
-    sa.Column("evidence", sa.LargeBinary, nullable=False),  # canonical JSON, see add_evidence
-    sa.Column("found", sa.String(24), nullable=False),
-)
-
-checkpoints_table = sa.Table(
-    "ledger_checkpoints",
-    metadata,
-    sa.Column("epoch", sa.BigInteger, primary_key=True, autoincrement=False),
-    sa.Column("certificate", sa.LargeBinary, nullable=False),  # canonical JSON
-)
-
-votes_table = sa.Table(
-    "ledger_checkpoint_votes",
-    metadata,
-    sa.Column("epoch", sa.BigInteger, primary_key=True, autoincrement=False),
-    sa.Column("checkpoint", sa.LargeBinary, nullable=False),  # what this node signed
-)
-
-# Which entries name which patient: every entry whose body has a string ``patient`` (a
-# pseudonym, DESIGN §4), indexed as it is stored, so that a patient's consents and accesses
-# are found without reading whole chains. Derived from the entries, not part of the wire
-# format; append-only like them.
-subjects_table = sa.Table(
-    "ledger_subjects",
-    metadata,
-    sa.Column("patient", sa.String(64), primary_key=True),
-    sa.Column("chain", sa.String(64), primary_key=True),
-    sa.Column("seq", sa.BigInteger, primary_key=True, autoincrement=False),
-    sa.Column("type", sa.String(64), nullable=False),
-    sqlite_with_rowid=False,
-)
-
-settings_table = sa.Table(
-    "ledger_settings",
-    metadata,
-    sa.Column("name", sa.String(64), primary_key=True),
-    sa.Column("value", sa.Text, nullable=False),
-)
-
-LEDGER_TABLES = (
-    "ledger_roster",
-    "ledger_blocks",
-    "ledger_entries",
-    "ledger_evidence",
-    "ledger_checkpoints",
-    "ledger_checkpoint_votes",
-    "ledger_subjects",
-)
-DEFAULT_MAX_BLOCK_ENTRIES = 1000
-GATHER_SECONDS = 0.001  # the longest a block waits for appenders still on their way
-
-
-def database_url(target: str) -> str:
-    """A SQLAlchemy URL from what a user typed: a URL, or a path to a SQLite file."""
-    if "://" not in target:
-        return f"sqlite:///{Path(target).expanduser().resolve()}"
-    if target.startswith("postgresql://") or target.startswith("postgres://"):
-        return "postgresql+psycopg://" + target.split("://", 1)[1]
-    return target
-
-
-def open_engine(
-    target: str, *, read_only: bool = False, immediate: bool = False, durable: bool = True
-) -> Engine:
-    """An engine set up for the ledger: SQLite in WAL mode with durable commits (the chain
-    writer takes the write lock up front with ``BEGIN IMMEDIATE``), or PostgreSQL via psycopg.
-
-    ``read_only`` (the auditor's way in) opens an existing SQLite file without changing it, not
-    even its journal mode, and never creates one. ``immediate`` makes every SQLite transaction
-    take the write lock when it begins: for engines that write, so that two transactions never
-    both read and then find they cannot write. ``durable=False`` (SQLite: ``synchronous=NORMAL``)
-    is for writes that must survive a crash of the process but may be lost with the machine's
-    power: a commit then writes the WAL without waiting for the disk.
-
-    Statement parameters never appear in an error's text (``hide_parameters``): they hold
-    patients' names and identifiers, and errors get logged.
-    """
-    url = database_url(target)
-    if url.startswith("sqlite"):
-        if read_only:
-            path = Path(sa.engine.make_url(url).database or "")
-            if not path.is_file():
-                raise StoreError(f"{path} does not exist")
-            url = f"sqlite:///file:{path}?mode=ro&uri=true"
-        engine = sa.create_engine(url, connect_args={"timeout": 60}, hide_parameters=True)
-
-        @sa.event.listens_for(engine, "connect")
-        def _on_connect(dbapi_connection: Any, _record: Any) -> None:
-            dbapi_connection.isolation_level = None  # SQLAlchemy emits BEGIN itself
-            cursor = dbapi_connection.cursor()
-            if not read_only:
-                cursor.execute("PRAGMA journal_mode=WAL")
-                cursor.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
-            cursor.execute("PRAGMA busy_timeout=60000")
-            cursor.close()
-
-        @sa.event.listens_for(engine, "begin")
-        def _on_begin(connection: Connection) -> None:
-            connection.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
-
-        return engine
-    return sa.create_engine(
-        url, pool_pre_ping=True, pool_size=10, max_overflow=20, hide_parameters=True
-    )
-
-
-_SQLITE_TRIGGERS = [
-    "CREATE TRIGGER IF NOT EXISTS {table}_no_update BEFORE UPDATE ON {table} "
-    "BEGIN SELECT RAISE(ABORT, '{table} is append-only: UPDATE refused'); END",
-    "CREATE TRIGGER IF NOT EXISTS {table}_no_delete BEFORE DELETE ON {table} "
-    "BEGIN SELECT RAISE(ABORT, '{table} is append-only: DELETE refused'); END",
-]
-
-# "%%" is "%" once psycopg has read the statement.
-_POSTGRES_FUNCTION = """
-CREATE OR REPLACE FUNCTION hrx_ledger_append_only() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN
-  RAISE EXCEPTION '%% is append-only: %% refused', TG_TABLE_NAME, TG_OP
-    USING ERRCODE = 'insufficient_privilege';
-END $$
-"""
-
-_POSTGRES_TRIGGERS = [
-    "CREATE OR REPLACE TRIGGER {table}_append_only BEFORE UPDATE OR DELETE ON {table} "
-    "FOR EACH ROW EXECUTE FUNCTION hrx_ledger_append_only()",
-    "CREATE OR REPLACE TRIGGER {table}_no_truncate BEFORE TRUNCATE ON {table} "
-    "FOR EACH STATEMENT EXECUTE FUNCTION hrx_ledger_append_only()",
-]
-
-
-def create_schema(bind: Engine | Connection) -> None:
-    """Create the ledger tables and their append-only triggers (idempotent). Given a
-    connection (a migration's), it works inside that connection's transaction."""
-    if isinstance(bind, Engine):
-        with bind.begin() as conn:
-            create_schema(conn)
-        return
-    metadata.create_all(bind)
-    install_append_only_triggers(bind)
-
-
-def install_append_only_triggers(conn: Connection, tables: Sequence[str] = LEDGER_TABLES) -> None:
-    """The triggers by which the database itself refuses UPDATE and DELETE (and on
-    PostgreSQL TRUNCATE) on the ledger tables (idempotent)."""
-    bind = conn
-    postgres = bind.dialect.name == "postgresql"
-    if postgres:
-        bind.exec_driver_sql(_POSTGRES_FUNCTION)
-    for table in tables:
-        for statement in _POSTGRES_TRIGGERS if postgres else _SQLITE_TRIGGERS:
-            bind.exec_driver_sql(statement.format(table=table))
-
-
-# The writer's statements, run for every block straight on the DBAPI cursor: SQLAlchemy's
-# per-statement work would be most of a small block's cost. "?" becomes "%s" for psycopg.
-RESOLUTION_SETTING = "resolution:"  # + chain:height; the authority's signed resolution
-HOLD_SETTING = "signing_hold"  # its value says why no block may be signed (ChainStore.hold)
-_WRITER_SQL = {
-    "head": "SELECT (SELECT header FROM ledger_blocks WHERE chain = ? ORDER BY height DESC "
-    "LIMIT 1), (SELECT max(version) FROM ledger_roster), "
-    "(SELECT value FROM ledger_settings WHERE name = 'signing_hold')",
-    "entries": "INSERT INTO ledger_entries (chain, seq, data, nodes) VALUES (?, ?, ?, ?)",
-    "blocks": "INSERT INTO ledger_blocks (chain, height, tree_size, header, signature) "
-    "VALUES (?, ?, ?, ?, ?)",
-    "subjects": "INSERT INTO ledger_subjects (patient, chain, seq, type) VALUES (?, ?, ?, ?)",
-}
-
 
 # Proof queries, built once.
 _NEWEST_SIZE = sa.select(sa.func.max(blocks_table.c.tree_size)).where(
@@ -267,28 +56,6 @@ _NODES = sa.select(entries_table.c.seq, entries_table.c.nodes).where(
     entries_table.c.chain == sa.bindparam("chain"),
     entries_table.c.seq.in_(sa.bindparam("seqs", expanding=True)),
 )
-
-
-_POSTGRES_WRITER_SQL = {
-    name: statement.replace("?", "%s") for name, statement in _WRITER_SQL.items()
-}
-
-
-def node_seq(node: merkle.NodeId) -> int:
-    """The seq of the entry whose append completed Merkle node ``(level, index)``."""
-    level, index = node
-    return ((index + 1) << level) - 1
-
-
-def _pick_nodes(wanted: list[merkle.NodeId], blobs: dict[int, bytes]) -> dict[merkle.NodeId, bytes]:
-    """The wanted Merkle nodes out of the ``nodes`` column of the entries that completed them."""
-    found: dict[merkle.NodeId, bytes] = {}
-    for node in wanted:
-        blob = blobs.get(node_seq(node))
-        level = node[0]
-        if blob is not None and len(blob) >= 32 * (level + 1):
-            found[node] = bytes(blob[32 * level : 32 * (level + 1)])
-    return found
 
 
 def subject_of(body: Any) -> str | None:
@@ -309,11 +76,6 @@ def subject_rows(chain: str, entries: Iterable[tuple[int, bytes]]) -> list[dict[
         if patient is not None:
             rows.append({"patient": patient, "chain": chain, "seq": seq, "type": entry["type"]})
     return rows
-
-
-def _writer_lock_key(chain: str) -> int:
-    digest = hashlib.sha256(b"hrx/ledger-writer\x00" + chain.encode()).digest()
-    return int.from_bytes(digest[:8], "big", signed=True)
 
 
 @dataclass(frozen=True)
@@ -524,7 +286,7 @@ class ChainStore:
             )
         with self.engine.begin() as conn:
             if self.is_postgres:
-                conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_writer_lock_key(chain)})")
+                conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({writer_lock_key(chain)})")
             head = conn.execute(
                 sa.select(blocks_table.c.header)
                 .where(blocks_table.c.chain == chain)
@@ -856,7 +618,7 @@ class ChainStore:
         if not seqs:
             return {}
         blobs = {row[0]: row[1] for row in conn.execute(_NODES, {"chain": chain, "seqs": seqs})}
-        return _pick_nodes(wanted, blobs)
+        return pick_nodes(wanted, blobs)
 
     def inclusion_proof(self, chain: str, seq: int, tree_size: int | None = None) -> dict[str, Any]:
         """``{"leaf_index", "tree_size", "audit_path"}`` for entry ``seq`` in a signed tree."""
@@ -971,369 +733,3 @@ class StoredBlock:
     def wire_bytes(self) -> bytes:
         """The block as one export line, from the stored canonical bytes."""
         return block_bytes(self.entry_data, self.header_bytes, self.signature)
-
-
-def _held_lock() -> threading.Lock:
-    lock = threading.Lock()
-    lock.acquire()
-    return lock
-
-
-def _checked(
-    items: Sequence[tuple[str, dict[str, Any]]],
-) -> list[tuple[str, dict[str, Any], str]]:
-    """The items, each checked, stamped with one time (EntryError on the first bad one)."""
-    now = format_time()
-    checked = []
-    for entry_type, body in items:
-        check_entry_type(entry_type)
-        check_body(body)
-        checked.append((entry_type, body, now))
-    return checked
-
-
-@dataclass
-class _Pending:
-    items: list[tuple[str, dict[str, Any], str]]
-    # Held until the batch is committed: a bare lock wakes its waiter with far less work than
-    # an Event, and the appenders' wake-ups are much of a small block's round trip.
-    done: threading.Lock = field(default_factory=_held_lock)
-    seqs: list[int] = field(default_factory=list)
-    error: BaseException | None = None
-
-
-class ChainWriter:
-    """Appends to one chain, batching concurrent appenders into blocks (group commit).
-
-    Thread-safe. One background thread per writer commits: it takes everything queued, writes
-    it as one or more blocks (at most ``max_block_entries`` entries each) in one transaction
-    under the chain's writer lock, and wakes the appenders once that transaction is durable.
-    """
-
-    def __init__(
-        self,
-        store: ChainStore,
-        chain: str,
-        key: Ed25519PrivateKey,
-        *,
-        max_block_entries: int = DEFAULT_MAX_BLOCK_ENTRIES,
-    ) -> None:
-        self.store = store
-        self.chain = check_chain_id(chain)
-        self.key = key
-        self.max_block_entries = max_block_entries
-        self._keyed_version = self._check_key()
-        self._waiting: list[_Pending] = []  # appends not yet taken into a block
-        self._arrived = threading.Condition(threading.Lock())
-        # The head this writer last wrote: (stored header bytes, header, frontier after it).
-        self._cached: tuple[bytes, dict[str, Any], merkle.Frontier] | None = None
-        self._closed = False
-        self._connection: Any = None  # the committer thread's own DBAPI connection
-        self._expected = 1  # appenders the next block waits for (see _run)
-        self._thread = threading.Thread(
-            target=self._run, name=f"ledger-writer-{chain}", daemon=True
-        )
-        self._thread.start()
-
-    def _check_key(self, conn: Connection | None = None) -> int:
-        """The newest roster version, once it is checked to list this writer's key for its
-        chain: a block signed with any other key could never verify."""
-        roster = self.store.roster(conn)
-        if roster.member(self.chain)["ed25519"] != keys.public_key_text(self.key):
-            raise StoreError(
-                f"the signing key is not the key roster version {roster.version} lists for "
-                f"{self.chain}; nothing was appended"
-            )
-        return roster.version
-
-    def append(self, entry_type: str, body: dict[str, Any]) -> int:
-        """Append one entry; returns its seq once its block is durable."""
-        return self.append_many([(entry_type, body)])[0]
-
-    def append_many(self, items: Sequence[tuple[str, dict[str, Any]]]) -> list[int]:
-        """Append entries together (one transaction: all or none); returns their seqs.
-
-        Bodies are checked here, before anything is queued; they must not change until this
-        returns."""
-        if self._closed:
-            raise StoreError(f"the writer of chain {self.chain} is closed")
-        checked = _checked(items)
-        if not checked:
-            return []
-        pending = _Pending(checked)
-        with self._arrived:
-            if self._closed:
-                raise StoreError(f"the writer of chain {self.chain} is closed")
-            self._waiting.append(pending)
-            # Wake the committer for the first append, and when all it waits for have come;
-            # not for each one in between (every wake-up costs a thread switch).
-            if len(self._waiting) in (1, self._expected):
-                self._arrived.notify()
-        pending.done.acquire()
-        if pending.error is not None:
-            raise pending.error
-        return pending.seqs
-
-    def append_in(self, conn: Connection, items: Sequence[tuple[str, dict[str, Any]]]) -> list[int]:
-        """Append entries as one block inside the caller's transaction on ``conn`` (a
-        connection of this store's database): they are stored if and only if that transaction
-        commits. This is for data that must change together with its ledger entry, such as a
-        consent; it bypasses group commit, so it suits rare writes.
-
-        The chain's writer lock is taken in the caller's transaction (PostgreSQL: the advisory
-        lock; SQLite: the caller's ``BEGIN IMMEDIATE`` already holds the database's write
-        lock) and held until it ends, so the chain never forks against the group committer.
-        """
-        checked = _checked(items)
-        if not checked:
-            return []
-        if self.store.is_postgres:
-            conn.execute(
-                sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": _writer_lock_key(self.chain)}
-            )
-        sql = _POSTGRES_WRITER_SQL if self.store.is_postgres else _WRITER_SQL
-        head, roster_version, hold = conn.exec_driver_sql(sql["head"], (self.chain,)).one()
-        if roster_version is None:
-            raise StoreError("no roster stored; initialise with: hrx ledger init")
-        if hold is not None:
-            raise SigningHeld(hold)
-        if roster_version != self._keyed_version:
-            self._keyed_version = self._check_key(conn)
-        pending = _Pending(checked)
-        entry_rows, block_rows, subjects, _cached = self._build_blocks(
-            [pending], head, int(roster_version), partial(self.store._nodes, conn, self.chain)
-        )
-        conn.execute(
-            entries_table.insert(),
-            [dict(zip(("chain", "seq", "data", "nodes"), row, strict=True)) for row in entry_rows],
-        )
-        conn.execute(
-            blocks_table.insert(),
-            [
-                dict(zip(("chain", "height", "tree_size", "header", "signature"), row, strict=True))
-                for row in block_rows
-            ],
-        )
-        if subjects:
-            conn.execute(
-                subjects_table.insert(),
-                [
-                    dict(zip(("patient", "chain", "seq", "type"), row, strict=True))
-                    for row in subjects
-                ],
-            )
-        return pending.seqs
-
-    def close(self) -> None:
-        if not self._closed:
-            with self._arrived:
-                self._closed = True
-                self._arrived.notify()
-            self._thread.join()
-            if self._connection is not None:
-                self._connection.close()
-                self._connection = None
-
-    def __enter__(self) -> ChainWriter:
-        return self
-
-    def __exit__(self, *_exc: object) -> None:
-        self.close()
-
-    def _run(self) -> None:
-        while True:
-            with self._arrived:
-                while not self._waiting and not self._closed:
-                    self._arrived.wait()
-                if not self._waiting:
-                    return  # closed, and nothing left to write
-                # Group commit: while fewer appenders have come than are expected, wait a
-                # moment for them (they are typically just waking up from the last commit).
-                # One appender alone never waits.
-                deadline = time.monotonic() + GATHER_SECONDS
-                while len(self._waiting) < self._expected and not self._closed:
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0:
-                        break
-                    self._arrived.wait(remaining)
-                batch, self._waiting = self._waiting, []
-            try:
-                self._commit(batch)
-            except BaseException as exc:  # hand every failure to the appenders
-                self._cached = None
-                error = (
-                    exc
-                    if isinstance(exc, LedgerError)
-                    else StoreError(
-                        f"appending to chain {self.chain} failed, nothing of it was stored: {exc}"
-                    )
-                )
-                if error is not exc:
-                    error.__cause__ = exc
-                for pending in batch:
-                    pending.error = error
-            with self._arrived:
-                # Expect back the appenders of this block, and those that came meanwhile:
-                # waiting for the former only would split a steady group into two
-                # half-full blocks for good.
-                self._expected = len(batch) + len(self._waiting)
-            for pending in batch:
-                pending.done.release()
-
-    def _commit(self, batch: list[_Pending]) -> None:
-        """Write the batch in one transaction on the writer's own DBAPI connection, in as few
-        round trips as the database allows: the pool's and SQLAlchemy's per-transaction work,
-        and on PostgreSQL every round trip, would be most of a small block's cost."""
-        postgres = self.store.is_postgres
-        sql = _POSTGRES_WRITER_SQL if postgres else _WRITER_SQL
-        connection = self._writer_connection()
-        cursor = connection.cursor()
-        try:
-            if postgres:  # autocommit connection: BEGIN and the lock in one round trip
-                key = _writer_lock_key(self.chain)  # an int of ours: safe to write inline
-                cursor.execute(f"BEGIN; SELECT pg_advisory_xact_lock({key})")
-            else:
-                cursor.execute("BEGIN IMMEDIATE")
-            cursor.execute(sql["head"], (self.chain,))
-            head, roster_version, hold = cursor.fetchone()
-            if roster_version is None:
-                raise StoreError("no roster stored; initialise with: hrx ledger init")
-            if hold is not None:
-                raise SigningHeld(hold)
-            if roster_version != self._keyed_version:  # a new roster: is this still our key?
-                self._keyed_version = self._check_key()
-            entry_rows, block_rows, subjects, cached = self._build_blocks(
-                batch, head, int(roster_version), partial(self._read_nodes, cursor)
-            )
-            if postgres:  # inserts and COMMIT in one round trip
-                with connection.pipeline():
-                    cursor.executemany(sql["entries"], entry_rows)
-                    cursor.executemany(sql["blocks"], block_rows)
-                    if subjects:
-                        cursor.executemany(sql["subjects"], subjects)
-                    cursor.execute("COMMIT")
-            else:
-                cursor.executemany(sql["entries"], entry_rows)
-                cursor.executemany(sql["blocks"], block_rows)
-                if subjects:
-                    cursor.executemany(sql["subjects"], subjects)
-                connection.commit()
-        except BaseException as exc:
-            self._discard_connection(connection)
-            dbapi = self.store.engine.dialect.dbapi
-            if dbapi is not None and isinstance(exc, dbapi.OperationalError | dbapi.InterfaceError):
-                raise StoreError(
-                    f"the database failed while writing a block of chain {self.chain}, so whether "
-                    f"it was stored is unknown: look at the chain's head before appending again "
-                    f"({exc})"
-                ) from exc
-            raise
-        finally:
-            with contextlib.suppress(Exception):
-                cursor.close()
-        self._cached = cached
-
-    def _read_nodes(self, cursor: Any, wanted: list[merkle.NodeId]) -> dict[merkle.NodeId, bytes]:
-        """Merkle nodes read on the committer's own connection (inside its transaction: on
-        SQLite a second connection could not begin while this one holds the write lock)."""
-        seqs = sorted({node_seq(node) for node in wanted})
-        if not seqs:
-            return {}
-        mark = "%s" if self.store.is_postgres else "?"
-        cursor.execute(
-            f"SELECT seq, nodes FROM ledger_entries WHERE chain = {mark} "
-            f"AND seq IN ({', '.join([mark] * len(seqs))})",
-            (self.chain, *seqs),
-        )
-        return _pick_nodes(wanted, {row[0]: row[1] for row in cursor.fetchall()})
-
-    def _writer_connection(self) -> Any:
-        """The committer thread's own DBAPI connection, outside the pool (on PostgreSQL in
-        autocommit mode, so that the writer sends BEGIN and COMMIT itself)."""
-        if self._connection is None:
-            pooled = self.store.engine.raw_connection()
-            pooled.detach()
-            self._connection = pooled.dbapi_connection
-            if self.store.is_postgres:
-                self._connection.autocommit = True
-        return self._connection
-
-    def _discard_connection(self, connection: Any) -> None:
-        self._connection = None
-        with contextlib.suppress(Exception):
-            connection.rollback()
-        with contextlib.suppress(Exception):
-            connection.close()
-
-    def _build_blocks(
-        self,
-        batch: list[_Pending],
-        head: bytes | None,
-        roster_version: int,
-        read_nodes: Callable[[list[merkle.NodeId]], dict[merkle.NodeId, bytes]],
-    ) -> tuple[
-        list[tuple[Any, ...]],
-        list[tuple[Any, ...]],
-        list[tuple[Any, ...]],
-        tuple[bytes, dict[str, Any], merkle.Frontier],
-    ]:
-        """The entry, block and subject rows for a batch on top of the stored head, and the
-        new head."""
-        if head is None:
-            frontier = merkle.Frontier()
-            height, prev, prev_time = 0, ZERO_HASH, ""
-        else:
-            stored = bytes(head)
-            if self._cached is not None and self._cached[0] == stored:
-                header, frontier = self._cached[1], self._cached[2].copy()
-            else:  # first block of this writer, or another process wrote since
-                header = parse_canonical(stored)
-                stored_head = Head(header, "")
-                plan = merkle.Frontier.plan(stored_head.tree_size)
-                frontier = self.store._frontier_of(self.chain, stored_head, plan, read_nodes(plan))
-            # The stored bytes are canonical (ours, or parsed as such), so they hash as the block.
-            prev = hashlib.sha256(stored).hexdigest()
-            height, prev_time = header["height"] + 1, header["time"]
-        items = [(item, pending) for pending in batch for item in pending.items]
-        entry_rows: list[tuple[Any, ...]] = []
-        block_rows: list[tuple[Any, ...]] = []
-        subjects: list[tuple[Any, ...]] = []
-        for start in range(0, len(items), self.max_block_entries):
-            chunk = items[start : start + self.max_block_entries]
-            first_seq = frontier.size
-            block_time = max(prev_time, format_time())
-            for (entry_type, body, time_), pending in chunk:
-                seq = frontier.size
-                entry = {
-                    "v": 1,
-                    "chain": self.chain,
-                    "seq": seq,
-                    "time": time_,
-                    "type": entry_type,
-                    "body": body,
-                }
-                data = canonical_bytes_of_checked(entry)
-                completed = frontier.append(merkle.leaf_hash(data))
-                entry_rows.append((self.chain, seq, data, b"".join(completed)))
-                patient = subject_of(body)
-                if patient is not None:
-                    subjects.append((patient, self.chain, seq, entry_type))
-                pending.seqs.append(seq)
-                block_time = max(block_time, time_)
-            header = make_header(
-                chain=self.chain,
-                height=height,
-                prev=prev,
-                time=block_time,
-                first_seq=first_seq,
-                count=len(chunk),
-                tree_size=frontier.size,
-                tree_root=frontier.root(),
-                roster=roster_version,
-            )
-            header_bytes = canonical_bytes(header)
-            digest = hashlib.sha256(header_bytes).digest()
-            signature = keys.sign(self.key, keys.BLOCK_DOMAIN, digest)
-            block_rows.append((self.chain, height, frontier.size, header_bytes, signature))
-            height, prev, prev_time = height + 1, digest.hex(), block_time
-        return entry_rows, block_rows, subjects, (block_rows[-1][3], header, frontier)
