@@ -39,6 +39,7 @@ from ledger.canonical import (
     parse_canonical_many,
     parse_json,
 )
+from ledger.checkpoint import verify_certificate
 from ledger.errors import LedgerError, VerificationError
 from ledger.model import (
     ENTRY_KEYS,
@@ -208,8 +209,6 @@ class Verifier:
         names, and every head it certifies against the chains verified so far. ``given``: a
         certificate obtained elsewhere than from the ledger being verified, which holds the
         copy to everything it certifies (a copy cannot prove its own tail)."""
-        from ledger.checkpoint import verify_certificate
-
         try:
             checkpoint = verify_certificate(certificate, self.rosters)
         except LedgerError as exc:

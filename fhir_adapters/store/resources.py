@@ -20,7 +20,7 @@ from typing import Any
 
 import pydantic
 
-from fhir_adapters.errors import InvalidCode, InvalidRequest, Issue
+from fhir_adapters.errors import InvalidCode, InvalidRequest, Issue, NotFound
 from fhir_adapters.store.codes import code_issues
 from fhir_adapters.store.jsonio import number_problem
 
@@ -50,8 +50,6 @@ def model_class(resource_type: str) -> Any:
 
 
 def check_type(resource_type: str) -> str:
-    from fhir_adapters.errors import NotFound
-
     if resource_type not in RESOURCE_TYPES:
         raise NotFound(
             f"this server does not host {resource_type!r} resources; it hosts "

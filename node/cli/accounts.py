@@ -16,10 +16,12 @@ from pathlib import Path
 
 import click
 
+from fhir_adapters.store import ResourceStore
 from node.base.config import NodeConfig, load_config
 from node.cli.console import err, fail, out, reported
 from node.cli.node import DIR_OPTION
 from node.db.engines import Database, open_database
+from node.identity.sessions import end_sessions_of, issue_enrollment, reset_account
 from node.identity.tokens import issue_token
 from node.identity.users import (
     ROLES,
@@ -74,8 +76,6 @@ def user_add(
     password = read_password() if password_stdin else None
     with node_database(directory) as (_config, database):
         if patient_id is not None:
-            from fhir_adapters.store import ResourceStore
-
             ResourceStore(database.engine, database.write_engine).read("Patient", patient_id)
         add_user(database.write_engine, username, role, patient_id=patient_id, password=password)
     out.print(f"added {role} [bold]{username}[/]")
@@ -139,7 +139,6 @@ def user_reset_password(directory: Path, username: str) -> None:
     password = read_password()
     with node_database(directory) as (_config, database):
         set_password(database.write_engine, username, password)
-        from node.identity.sessions import end_sessions_of
 
         end_sessions_of(database.write_engine, username)
         user = get_user(database.engine, username)
@@ -201,7 +200,6 @@ def token_revoke(directory: Path, token_id: str | None, username: str | None) ->
     with node_database(directory) as (_config, database):
         if username is not None:
             revoke_tokens_of(database.write_engine, username)
-            from node.identity.sessions import end_sessions_of
 
             end_sessions_of(database.write_engine, username)
         else:
@@ -234,9 +232,6 @@ def patient_enroll(directory: Path, patient_id: str, days: int) -> None:
     The patient sets a username and password with it at /portal/enroll. For a patient who
     already has an account it is a reset: their password, tokens and portal sessions stop
     working now, and the code sets a new password (the username stays)."""
-    from fhir_adapters.store import ResourceStore
-    from node.identity.sessions import issue_enrollment, reset_account
-
     with node_database(directory) as (config, database):
         patient = (
             ResourceStore(database.engine, database.write_engine)

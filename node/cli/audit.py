@@ -5,20 +5,25 @@ says it too (0 valid, 1 invalid, 2 a wrong option)."""
 from __future__ import annotations
 
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
 import click
+import requests
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from rich.markup import escape
 
+from exchange.decision_replay import WATCHED, DecisionReplay
 from ledger import keys
 from ledger.canonical import parse_json
 from ledger.errors import LedgerError, VerificationError
+from ledger.receipt import verify_receipt
 from ledger.store import ChainStore
 from ledger.verify import Summary, verify_database, verify_export
 from node.cli.console import entry_progress, fail, out, reported
+from node.consortium.remote_export import download_export
 
 
 @click.group("audit")
@@ -82,8 +87,6 @@ def audit_verify(
     an access decision is not the one the consent policy makes over the view it records, or
     when the ledger lacks blocks that a --checkpoint certifies. The first line is the verdict.
     """
-    from exchange.decision_replay import WATCHED, DecisionReplay
-
     anchor = _anchor(authority)
     decisions = DecisionReplay()
     given = [_certificate_from(source, token) for source in checkpoints]
@@ -102,9 +105,6 @@ def audit_verify(
             if target.startswith(("http://", "https://")):
                 if not token:
                     fail("verifying a node's URL needs an auditor's --token", 2)
-                import tempfile
-
-                from node.consortium.remote_export import download_export
 
                 with tempfile.TemporaryDirectory() as scratch:
                     export = Path(scratch) / "ledger.jsonl"
@@ -150,8 +150,6 @@ def _certificate_from(source: str, token: str | None) -> Any:
     exit 2 naming what is wrong."""
     try:
         if source.startswith(("http://", "https://")):
-            import requests
-
             url = (
                 source
                 if "/ledger/" in source
@@ -181,8 +179,6 @@ def audit_receipt(receipt_file: Path, authority: str | None) -> None:
     """Verify a receipt (from the patient portal) offline and say what it proves.
 
     Exit 0 when it holds, 1 naming what does not."""
-    from ledger.receipt import verify_receipt
-
     anchor = _anchor(authority)
     with reported():
         try:

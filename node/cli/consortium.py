@@ -9,8 +9,11 @@ from typing import Any
 import click
 
 from ledger import keys
-from ledger.canonical import canonical_bytes
+from ledger.canonical import canonical_bytes, parse_json
+from ledger.resolution import make_resolution, sign_resolution
+from ledger.roster import open_roster, sign_roster
 from node.cli.console import err, fail, out, reported
+from node.consortium.membership import next_roster, read_roster_history, write_secret
 
 
 @click.group("consortium")
@@ -71,10 +74,6 @@ def consortium_roster(
     enrollment files are given (new members, new keys from hrx node rotate-keys, new names
     or URLs), levels and accreditation from --members-info, members taken out with --remove.
     A consortium's first roster lists exactly the enrollments given."""
-    from ledger.canonical import parse_json
-    from ledger.roster import open_roster, sign_roster
-    from node.consortium.membership import next_roster, read_roster_history
-
     with reported():
         history = read_roster_history(previous) if previous is not None else []
         if not history and not enrollments:
@@ -123,8 +122,6 @@ def consortium_resolve_fork(
 ) -> None:
     """Sign the resolution of a fork: which block is the chain's at the height it forked
     (members install it with hrx node resolve-fork; docs/operations.md)."""
-    from ledger.resolution import make_resolution, sign_resolution
-
     with reported():
         document = sign_resolution(
             make_resolution(chain, height, keep.lower()), keys.load_private_key(authority_key)
@@ -138,8 +135,6 @@ def consortium_resolve_fork(
 @click.option("--out", "out_path", required=True, type=click.Path(path_type=Path, dir_okay=False))
 def consortium_secret(out_path: Path) -> None:
     """Make the consortium's pseudonym secret (once; give it to every member)."""
-    from node.consortium.membership import write_secret
-
     with reported():
         write_secret(out_path)
     out.print(f"wrote {out_path} (mode 0600): give it to each member over a secure channel")

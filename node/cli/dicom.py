@@ -19,12 +19,26 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import click
+from pydicom.charset import python_encoding
 from rich.markup import escape
 
 from node.base.config import load_config
 from node.base.logs import configure_logging
 from node.cli.console import entry_progress, err, fail, out, reported
 from node.cli.node import DIR_OPTION
+from node.intake.dicom import (
+    FILE_ADAPTER,
+    SYNC_ADAPTER,
+    DicomwebClient,
+    DicomwebError,
+    SyncReport,
+    dicom_files,
+    import_files,
+    replay,
+    sync_round,
+    watch,
+)
+from node.intake.quarantine import quarantined
 from node.services import Services, open_services
 
 if TYPE_CHECKING:  # pydicom is imported only by the commands that need it
@@ -70,8 +84,6 @@ def dicomweb_sync(
     interval: int | None,
 ) -> None:
     """Take the PACS's studies in over DICOMweb (QIDO-RS) as ImagingStudies."""
-    from node.intake.dicom import DicomwebClient, DicomwebError, SyncReport, sync_round
-
     with reported():
         config = load_config(directory)
         url = (url or config.dicomweb_url).rstrip("/")
@@ -128,8 +140,6 @@ def dicomweb_sync(
 
 
 def _watch(services: Services, client: DicomwebClient, seconds: int) -> None:
-    from node.intake.dicom import SyncReport, watch
-
     stop = threading.Event()
     if threading.current_thread() is threading.main_thread():
         for signum in (signal.SIGTERM, signal.SIGINT):
@@ -168,8 +178,6 @@ def _now() -> str:
 )
 def dicom_import(directory: Path, charset: str | None, paths: tuple[Path, ...]) -> None:
     """Take DICOM files (and every file under directories) in as ImagingStudies."""
-    from node.intake.dicom import dicom_files, import_files
-
     _check_charset(charset)
     with reported():
         config = load_config(directory)
@@ -234,9 +242,6 @@ def dicom_replay(
     together; a study a sync refused (adapter dicomweb) is asked for again from the PACS, as
     it is now. A row stored is marked replayed; one refused again keeps the new reason. The
     exit status is 1 when any was not stored."""
-    from node.intake.dicom import FILE_ADAPTER, SYNC_ADAPTER, DicomwebClient, replay
-    from node.intake.quarantine import quarantined
-
     if bool(row_ids) == every_open:
         fail("name the rows to replay (IDs from hrx adapters quarantine list), or give --all", 2)
     _check_charset(charset)
@@ -275,8 +280,6 @@ def dicom_replay(
 
 
 def _check_charset(charset: str | None) -> None:
-    from pydicom.charset import python_encoding
-
     if charset is not None and charset not in python_encoding:
         fail(
             escape(

@@ -16,9 +16,17 @@ from pathlib import Path
 
 import click
 
+from fhir_adapters.hl7v2 import Hl7Error, decode, message_lines, split_messages
+from node.base.config import load_config
+from node.base.errors import NodeError
 from node.base.logs import configure_logging
 from node.cli.console import entry_progress, err, fail, out, reported
 from node.cli.node import DIR_OPTION
+from node.db.engines import open_database
+from node.intake.hl7 import ADAPTER, Hl7Intake
+from node.intake.mllp import serve
+from node.intake.quarantine import quarantine_row, quarantined
+from node.services import open_services
 
 COMMANDS: list[click.Command] = []
 
@@ -74,11 +82,6 @@ def hl7_listen(
     Each message is stored in one transaction and only then answered AA; one that cannot be
     read (AR) or stored (AE) is answered with the reason and kept in the quarantine. One log
     line per message goes to stderr."""
-    from node.base.config import load_config
-    from node.intake.hl7 import Hl7Intake
-    from node.intake.mllp import serve
-    from node.services import open_services
-
     with reported():
         config = load_config(directory)
         configure_logging(config.log_format, config.log_level)  # the node's log lines
@@ -122,11 +125,6 @@ def hl7_import(directory: Path, files: tuple[Path, ...]) -> None:
     A file holds one or more messages, each starting at an MSH segment, segments ending in CR,
     LF or CRLF (or MLLP-framed). Each message is reported stored, duplicate or quarantined;
     the exit status is 1 when any was quarantined."""
-    from fhir_adapters.hl7v2 import split_messages
-    from node.base.config import load_config
-    from node.intake.hl7 import Hl7Intake
-    from node.services import open_services
-
     with reported():
         config = load_config(directory)
         messages = [
@@ -184,10 +182,6 @@ def quarantine_list(
     directory: Path, everything: bool, adapter: str | None, limit: int, as_json: bool
 ) -> None:
     """The quarantine's newest rows, oldest first (by default only those not yet replayed)."""
-    from node.base.config import load_config
-    from node.db.engines import open_database
-    from node.intake.quarantine import quarantined
-
     with reported():
         config = load_config(directory)
         database = open_database(config.database_url)
@@ -232,11 +226,6 @@ def quarantine_list(
 @click.option("--raw", is_flag=True, help="Write the payload's bytes, as received, to stdout.")
 def quarantine_show(directory: Path, row_id: int, raw: bool) -> None:
     """One row: why it was refused and what it held (HL7: segments on lines)."""
-    from fhir_adapters.hl7v2 import Hl7Error, decode, message_lines
-    from node.base.config import load_config
-    from node.db.engines import open_database
-    from node.intake.quarantine import quarantine_row
-
     with reported():
         config = load_config(directory)
         database = open_database(config.database_url)
@@ -275,12 +264,6 @@ def quarantine_replay(directory: Path, row_ids: tuple[int, ...], every_open: boo
 
     A message now stored (or found already stored) marks its row replayed; one refused again
     stays, with the new reason. The exit status is 1 when any was refused again."""
-    from node.base.config import load_config
-    from node.base.errors import NodeError
-    from node.intake.hl7 import ADAPTER, Hl7Intake
-    from node.intake.quarantine import quarantined
-    from node.services import open_services
-
     if bool(row_ids) == every_open:
         fail("name the rows to replay (IDs from hrx adapters quarantine list), or give --all", 2)
     with reported():

@@ -15,6 +15,7 @@ from ledger.errors import LedgerError
 from ledger.model import check_body, check_entry_type
 from ledger.roster import make_member, make_roster, sign_roster
 from ledger.store import ChainStore, ChainWriter
+from node.base.config import load_config
 from node.cli.console import fail, out, reported
 
 DB_OPTION = click.option("--db", default=None, help="Database URL or SQLite file.")
@@ -32,8 +33,6 @@ def open_store(db: str | None, directory: Path | None = None) -> ChainStore:
     if (db is None) == (directory is None):
         fail("give either --db or --dir", 2)
     if directory is not None:
-        from node.base.config import load_config
-
         db = load_config(directory).database_url
     assert db is not None
     store = ChainStore(db)

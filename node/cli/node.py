@@ -12,21 +12,26 @@ from rich.markup import escape
 from rich.table import Table
 
 from ledger import keys
-from ledger.canonical import canonical_bytes
+from ledger.canonical import canonical_bytes, parse_json
+from ledger.resolution import open_resolution
 from ledger.roster import make_member
 from ledger.store import ChainStore
 from node.base.config import load_config
+from node.base.logs import configure_logging
 from node.cli.console import err, fail, out, reported
 from node.consortium.membership import (
+    AUTHORITY_SETTING,
     ENROLLMENT_FILE,
     NEXT_ENROLLMENT_FILE,
     REPLACES,
     next_key_paths,
     quorum_warning,
 )
-from node.db.engines import open_database
+from node.consortium.worker import describe, replicator_for, run
+from node.db.engines import open_database, require_current
 from node.ops.setup import init_node, join_node, upgrade_node
 from node.ops.status import node_status
+from node.web.app import create_app, serve_for_development
 
 STYLE = {"ok": "green", "note": "cyan", "warning": "yellow", "problem": "bold red"}
 DIR_OPTION = click.option(
@@ -96,19 +101,13 @@ def node_serve(directory: Path, host: str | None, port: int | None) -> None:
     Logs go to stderr as the node's [logging] says: JSON lines by default, one access line
     per request (HRX_LOGGING_FORMAT=text for a terminal)."""
     with reported():
-        from node.base.logs import configure_logging
-        from node.web.app import create_app
-
         config = load_config(directory)
         configure_logging(config.log_format, config.log_level)
         app = create_app(directory)
     host = host or config.host
     port = port or config.port
     out.print(f"node {config.node_id} serving FHIR at http://{host}:{port}/fhir", highlight=False)
-    from werkzeug.serving import run_simple
-
-    # not app.run: its banner would be the one line on the console that is not a log line
-    run_simple(host, port, app, threaded=True, use_reloader=False)
+    serve_for_development(app, host, port)
 
 
 @node_group.command("join")
@@ -159,10 +158,6 @@ def node_join(
 def node_resolve_fork(directory: Path, resolution_path: Path) -> None:
     """Install the authority's resolution of a fork (hrx consortium resolve-fork): the chain
     is followed again here when this node holds the block it keeps."""
-    from ledger.canonical import parse_json
-    from ledger.resolution import open_resolution
-    from node.consortium.membership import AUTHORITY_SETTING
-
     with reported():
         config = load_config(directory)
         database = open_database(config.database_url)
@@ -207,9 +202,6 @@ def node_resolve_fork(directory: Path, resolution_path: Path) -> None:
 @click.option("--once", is_flag=True, help="One round, then exit (prints what it did).")
 def node_replicate(directory: Path, interval: float, once: bool) -> None:
     """Pull and verify every member's chain (run beside the web server, as its own process)."""
-    from node.base.logs import configure_logging
-    from node.consortium.worker import describe, run
-
     with reported():
         config = load_config(directory)
         configure_logging(config.log_format, config.log_level)  # as the web server's
@@ -248,11 +240,6 @@ def rotate_keys(directory: Path) -> None:
 def recover(directory: Path) -> None:
     """Take back this node's own newer blocks from the members (after a restore from a
     backup; stop the node's web server and replication worker first)."""
-    from ledger.store import ChainStore
-    from node.base.config import load_config
-    from node.consortium.worker import replicator_for
-    from node.db.engines import open_database, require_current
-
     with reported():
         config = load_config(directory)
         database = open_database(config.database_url)

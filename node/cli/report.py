@@ -3,11 +3,14 @@ avoided, the cost saved, the re-orders), by member, item and month."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 import click
 
+from exchange.recognition import load_rules
+from exchange.savings import RESULT_TYPES, savings, yuan
 from ledger.store import ChainStore
 from node.base.config import load_config
 from node.cli.console import out, reported
@@ -27,10 +30,6 @@ def report_group() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def report_savings(directory: Path, start: Any, end: Any, as_json: bool) -> None:
     """Exams avoided by mutual recognition and the cost saved, by member, item and month."""
-    import json
-
-    from exchange.recognition import load_rules
-    from exchange.savings import RESULT_TYPES, savings, yuan
 
     with reported():
         config = load_config(directory)

@@ -37,19 +37,26 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
+import pydicom
 import requests
+from pydicom.uid import generate_uid
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from consent.pseudonym import RESIDENT_ID_SYSTEM
 from fhir_adapters.lis_csv import parse_mapping
 from node.base.config import load_config
 from node.base.errors import NodeError
+from node.db.engines import open_database
+from node.demo.harness import Consortium
 from node.demo.nodes import free_port
+from node.identity.users import set_password
 from node.intake.csv import import_files as import_csv_files
 from node.intake.dicom import dicom_files
 from node.intake.dicom import import_files as import_dicom_files
+from node.intake.mllp import send
 from node.services import Services, open_services
 
 ZONE = timezone(timedelta(hours=8))
@@ -114,8 +121,6 @@ class Story:
     """The consortium and who acts in it."""
 
     def __init__(self, root: Path, console: Console) -> None:
-        from node.demo.harness import Consortium
-
         self.root = root
         self.console = console
         self.group = Consortium(
@@ -164,8 +169,6 @@ class Story:
     def patient_at(self, member: str) -> str:
         """The patient's id at a member, found by his resident ID."""
         if member not in self.patient_ids:
-            from consent.pseudonym import RESIDENT_ID_SYSTEM
-
             staff = self.session(member, "it-admin", "admin")
             found = staff.get(
                 f"{self.base(member)}/fhir/Patient",
@@ -206,8 +209,6 @@ def start_consortium(story: Story) -> None:
 
 def load_results(story: Story) -> None:
     """The hospitals' own systems feed their nodes, through the adapters."""
-    from node.intake.mllp import send
-
     # hospital A's LIS: a blood count over MLLP, dated two days ago
     sample = (SAMPLES / "hl7" / "hosp-a-cbc-v251-utf8.hl7").read_bytes()
     message = sample.replace(b"20260310", _days_ago(2).strftime("%Y%m%d").encode())
@@ -268,9 +269,6 @@ def _listener(directory: Path) -> Iterator[int]:
 
 def _ct_file(path: Path) -> Path:
     """pydicom's sample CT, as the PACS of hospital A would hold it for 张三."""
-    import pydicom
-    from pydicom.uid import generate_uid
-
     dataset = pydicom.dcmread(Path(pydicom.data.__file__).parent / "test_files" / "CT_small.dcm")
     dataset.SpecificCharacterSet = "ISO_IR 192"
     dataset.PatientName = "张^三"
@@ -362,8 +360,6 @@ def grant_consent(story: Story) -> None:
 
 def refer(story: Story) -> None:
     """At hospital B: the patient is registered and referred."""
-    from consent.pseudonym import RESIDENT_ID_SYSTEM
-
     b = story.base("hosp-b")
     staff = story.session("hosp-b", "it-admin", "admin")
     created = _expect(
@@ -660,9 +656,6 @@ def run_demo(root: Path, console: Console, *, keep: bool = False) -> bool:
 def _keep_running(story: Story) -> None:
     console = story.console
     b, a = story.base("hosp-b"), story.base("hosp-a")
-    from node.base.config import load_config
-    from node.db.engines import open_database
-    from node.identity.users import set_password
 
     story.token("hosp-b", "dr-zhou", "doctor")
     database = open_database(load_config(story.directory("hosp-b")).database_url)

@@ -52,6 +52,7 @@ from typing import Any
 import sqlalchemy as sa
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
+from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.sql.compiler import Compiled
 
@@ -504,8 +505,6 @@ def _locked_bucket(
     if conn.dialect.name != "postgresql":
         row = conn.execute(query).first()
     else:
-        from sqlalchemy.dialects.postgresql import insert
-
         blank = insert(throttle_table).values(
             username=key[0],
             address=key[1],

@@ -53,6 +53,7 @@ from ledger.errors import LedgerError
 from ledger.model import parse_time
 from ledger.store import ChainStore
 from ledger.store.schema import blocks_table
+from node.consortium.worker import synced_age
 from node.db.schema import messages_table, quarantine_table
 
 log = logging.getLogger(__name__)
@@ -279,8 +280,6 @@ class NodeCollector(Collector):
         )
 
     def _replication(self, own: str, members: Sequence[str]) -> Iterable[Metric]:
-        from node.consortium.worker import synced_age
-
         age = GaugeMetricFamily(
             "hrx_replication_synced_age_seconds",
             "Seconds since this node last found each member's chain current with its author "

@@ -16,7 +16,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-from fhir_adapters.store import tables
+from fhir_adapters.store import jsonio, tables
 from node.db.schema import pseudonyms_table
 
 
@@ -41,8 +41,6 @@ def patients_with(engine: Engine, pseudonym: str) -> list[str]:
 
 def rebuild(write_engine: Engine, pseudonym_of: Callable[[dict[str, Any]], str | None]) -> int:
     """Index every current Patient again; returns how many have a pseudonym."""
-    from fhir_adapters.store import jsonio
-
     resources, versions = tables.resources, tables.versions
     query = (
         sa.select(resources.c.id, versions.c.body)

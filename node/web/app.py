@@ -17,9 +17,15 @@ from pathlib import Path
 from types import TracebackType
 
 from flask import Flask, request
+from werkzeug.middleware.proxy_fix import ProxyFix
+from werkzeug.serving import run_simple
 
 from node.base.config import load_config
+from node.ops.metrics import observe_request
 from node.services import open_services
+from node.web import auth_api, health, ledger_api, metrics, peer_api
+from node.web.fhir import rest
+from node.web.pages import clinic, portal
 from node.web.request_log import install_request_hooks, route_of_request
 
 MAX_BODY_BYTES = 32 * 1024 * 1024
@@ -53,17 +59,10 @@ def create_app(directory: str | Path) -> Flask:
     atexit.register(services.close)
 
     if config.trusted_proxies:  # TLS ends at a proxy: believe its X-Forwarded-* headers
-        from werkzeug.middleware.proxy_fix import ProxyFix
-
         hops = config.trusted_proxies
         app.wsgi_app = ProxyFix(  # type: ignore[method-assign]
             app.wsgi_app, x_for=hops, x_proto=hops, x_host=hops, x_port=hops
         )
-
-    from node.ops.metrics import observe_request
-    from node.web import auth_api, health, ledger_api, metrics, peer_api
-    from node.web.fhir import rest
-    from node.web.pages import clinic, portal
 
     install_request_hooks(app, observe_request)  # before any blueprint's hooks
 
@@ -77,3 +76,9 @@ def create_app(directory: str | Path) -> Flask:
     if config.metrics_enabled:
         app.register_blueprint(metrics.bp)
     return app
+
+
+def serve_for_development(app: Flask, host: str, port: int) -> None:
+    """Werkzeug's development server (``hrx node serve``); production runs gunicorn."""
+    # not app.run: its banner would be the one line on the console that is not a log line
+    run_simple(host, port, app, threaded=True, use_reloader=False)
