@@ -1,4 +1,4 @@
-"""The auditor's replay of access decisions (DESIGN §2.5, §5): every ``access.decided`` on any
+"""The auditor's replay of access decisions (docs/spec.md §14.4): every ``access.decided`` on any
 chain, decided again by the consent policy over the consent entries of the view it records,
 must come out as recorded. A decision that does not — a forged permit, a permit after a
 revocation the source had seen, a deny the consents did not call for — is a finding.

@@ -1,4 +1,4 @@
-"""The requester's side of a referral (DESIGN §2.3): ask every member for a patient's prior
+"""The requester's side of a referral (docs/spec.md §15.4): ask every member for a patient's prior
 results in parallel, and make one FHIR searchset of what came back.
 
 Each member is asked for the records (``POST /peer/access``, with the proof that the question

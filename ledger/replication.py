@@ -5,12 +5,12 @@ each chain compares what the chain's author *and every other member* say against
 copy. A head beyond the local one is pulled from whoever showed it, block by block, each
 verified exactly as the auditor verifies (signature by the roster's key, hash link, entries,
 Merkle root) before anything is stored. Two validly signed headers of one chain at one
-height with different hashes are fork evidence (DESIGN §3): stored, and the chain is frozen
+height with different hashes are fork evidence (docs/spec.md §7): stored, and the chain is frozen
 — no more of its blocks are accepted — until people sort it out. A member that is unreachable
 or that serves something that does not verify is backed off from, more each time.
 
 The transport is not this module's business: a :class:`Peers` object fetches JSON from a
-member (the node signs those requests, DESIGN §7).
+member (the node signs those requests, docs/spec.md §10).
 """
 
 from __future__ import annotations

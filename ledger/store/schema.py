@@ -71,7 +71,7 @@ votes_table = sa.Table(
 )
 
 # Which entries name which patient: every entry whose body has a string ``patient`` (a
-# pseudonym, DESIGN §4), indexed as it is stored, so that a patient's consents and accesses
+# pseudonym, docs/spec.md §13.1), indexed as it is stored, so that a patient's consents and accesses
 # are found without reading whole chains. Derived from the entries, not part of the wire
 # format; append-only like them.
 subjects_table = sa.Table(

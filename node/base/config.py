@@ -49,7 +49,7 @@ SCHEMA: dict[str, dict[str, tuple[type, Any]]] = {
     },
     "tokens": {"ttl": (int, 3600), "max_ttl": (int, 86400)},
     "audit": {"flush_ms": (int, 20)},
-    # every member must match patients by the same identifier system (DESIGN §4)
+    # every member must match patients by the same identifier system (docs/spec.md §13.1)
     # staleness_seconds: how old a copy of a patient's consent chain a source may decide on
     # when the chain's author cannot be reached; sync_timeout_ms: how long it tries to reach it
     "consent": {

@@ -1,4 +1,4 @@
-"""Signed requests between member nodes (DESIGN §7): HTTP Message Signatures (RFC 9421).
+"""Signed requests between member nodes (docs/spec.md §10): HTTP Message Signatures (RFC 9421).
 
 A node signs every request to a peer with its ledger Ed25519 key: ``alg="ed25519"``,
 ``keyid`` = its member id, ``tag="hrx"``, covering ``@method``, ``@target-uri`` and

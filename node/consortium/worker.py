@@ -40,7 +40,7 @@ SYNCED_SETTING = "synced:"  # + chain id: when its author's head was last matche
 
 class SyncTimes:
     """Records when each chain was last found current with its author (at most once a second
-    per chain), for the staleness bound of access decisions (DESIGN §5)."""
+    per chain), for the staleness bound of access decisions (docs/spec.md §14.4)."""
 
     def __init__(self, writes: ChainStore) -> None:
         self.writes = writes

@@ -30,6 +30,18 @@ class QuarantineRow:
     payload: bytes | None = None  # only when asked for
 
 
+# a QuarantineRow's columns, in its fields' order (the payload, when wanted, after them)
+_ROW_COLUMNS = (
+    quarantine_table.c.id,
+    quarantine_table.c.adapter,
+    quarantine_table.c.received_at,
+    quarantine_table.c.origin,
+    quarantine_table.c.reason,
+    sa.func.length(quarantine_table.c.payload),
+    quarantine_table.c.replayed_at,
+)
+
+
 def quarantined(
     engine: Engine,
     *,
@@ -40,15 +52,7 @@ def quarantined(
     """Quarantine rows, oldest first: the open ones (not yet replayed) unless asked for all;
     with ``limit``, the newest ``limit`` of them."""
     Q = quarantine_table
-    query = sa.select(
-        Q.c.id,
-        Q.c.adapter,
-        Q.c.received_at,
-        Q.c.origin,
-        Q.c.reason,
-        sa.func.length(Q.c.payload),
-        Q.c.replayed_at,
-    ).order_by(Q.c.id.desc())
+    query = sa.select(*_ROW_COLUMNS).order_by(Q.c.id.desc())
     if adapter is not None:
         query = query.where(Q.c.adapter == adapter)
     if not include_replayed:
@@ -63,18 +67,7 @@ def quarantine_row(engine: Engine, row_id: int) -> QuarantineRow:
     """One quarantine row with its payload; NodeError when there is none."""
     Q = quarantine_table
     with engine.connect() as conn:
-        row = conn.execute(
-            sa.select(
-                Q.c.id,
-                Q.c.adapter,
-                Q.c.received_at,
-                Q.c.origin,
-                Q.c.reason,
-                sa.func.length(Q.c.payload),
-                Q.c.replayed_at,
-                Q.c.payload,
-            ).where(Q.c.id == row_id)
-        ).first()
+        row = conn.execute(sa.select(*_ROW_COLUMNS, Q.c.payload).where(Q.c.id == row_id)).first()
     if row is None:
         raise NodeError(
             f"the quarantine holds no #{row_id}; see hrx adapters quarantine list --all"

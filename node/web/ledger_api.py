@@ -1,11 +1,11 @@
-"""The ledger's HTTP read API (DESIGN §3), for members and auditors.
+"""The ledger's HTTP read API (docs/spec.md §9), for members and auditors.
 
 ``/ledger/roster``, ``/ledger/heads``, ``/ledger/chains/<id>/blocks``,
 ``/ledger/chains/<id>/entries/<seq>``, ``/ledger/chains/<id>/proof/inclusion`` and
 ``/proof/consistency``, ``/ledger/checkpoints/latest`` and ``/ledger/evidence``. Blocks and
 entries go out as the canonical bytes stored, so what a reader hashes is what was signed.
-Readers are member nodes, with requests signed as DESIGN §7 says (:mod:`node.consortium.signing`),
-and people with a bearer token of an auditor or admin.
+Readers are member nodes, with requests signed as docs/spec.md §10 says
+(:mod:`node.consortium.signing`), and people with a bearer token of an auditor or admin.
 """
 
 from __future__ import annotations

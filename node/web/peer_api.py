@@ -1,4 +1,4 @@
-"""``/peer``: what member nodes ask of each other, every request signed (DESIGN §7).
+"""``/peer``: what member nodes ask of each other, every request signed (docs/spec.md §10, §15).
 
 - ``POST /peer/heads``: a push hint — "my chain has new blocks"; the replication worker
   runs its next round at once instead of waiting for its interval.
