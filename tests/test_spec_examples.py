@@ -24,8 +24,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from py_ecc.bls.ciphersuites import G2ProofOfPossession
 
 from scripts.spec_examples import compute, render
+from tests.helpers import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 SPEC = ROOT / "docs" / "spec.md"
 BLOCK = re.compile(
     r"<!-- spec-examples:begin -->\n```text\n(?P<text>.*?)```\n<!-- spec-examples:end -->",

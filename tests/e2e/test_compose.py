@@ -11,12 +11,10 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import stat
 import subprocess
 import sys
 import uuid
-import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,26 +28,19 @@ import yaml
 from ledger import keys
 from ledger.store import ChainStore
 from node.base.config import load_config
-from node.cli import main as hrx_main
 from node.consortium.membership import AUTHORITY_SETTING
 from node.db.engines import open_database
-from tests.conftest import POSTGRES_ADMIN, _postgres_admin
-from tests.nodes import free_port, wait_healthy
+from tests.helpers import ROOT
+from tests.helpers.compose import docker_compose, hrx_command, mounts, published_ports
+from tests.helpers.databases import POSTGRES_ADMIN, postgres_admin
+from tests.helpers.nodes import free_port, wait_healthy
 
-ROOT = Path(__file__).resolve().parent.parent
 TRIAL = ROOT / "deploy" / "trial"
 COMPOSE = TRIAL / "docker-compose.yml"
 BOOTSTRAP = TRIAL / "bootstrap.sh"
 NODES = ("hosp-a", "hosp-b", "hosp-c")
 
 pytestmark = pytest.mark.postgres
-
-
-def docker_compose() -> str:
-    found = shutil.which("docker-compose")
-    if found is None:
-        pytest.fail("docker-compose is missing: run scripts/test-deps.sh (Debian docker-compose)")
-    return found
 
 
 @pytest.fixture(scope="module")
@@ -77,21 +68,6 @@ def test_docker_compose_refuses_what_is_not_compose(tmp_path: Path) -> None:
     assert answer.returncode != 0 and "restarts" in answer.stderr
 
 
-def hrx_command(args: list[str]) -> click.Command:
-    """Resolve and parse ``hrx ARGS`` as the CLI would, without running it; the command."""
-    context = hrx_main.make_context("hrx", list(args))
-    command: click.Command = hrx_main
-    while isinstance(command, click.Group):
-        with warnings.catch_warnings():  # Click 8.2 deprecates protected_args; 9 folds it in args
-            warnings.simplefilter("ignore", DeprecationWarning)
-            words = [*context.protected_args, *context.args]
-        name, sub, rest = command.resolve_command(context, words)
-        assert sub is not None, f"hrx has no command {name!r}"
-        context = sub.make_context(name or "", rest, parent=context)
-        command = sub
-    return command
-
-
 def test_every_service_runs_a_real_command(compose: dict[str, Any]) -> None:
     services = compose["services"]
     assert {*NODES, "db", "orthanc", "bootstrap"} <= set(services)
@@ -113,18 +89,6 @@ def test_every_service_runs_a_real_command(compose: dict[str, Any]) -> None:
             assert "COPY deploy deploy" in (ROOT / "Dockerfile").read_text()
     with pytest.raises(click.UsageError):
         hrx_command(["node", "replicate", "--dri", "/srv/hrx/hosp-a"])  # the check can fail
-
-
-def mounts(service: dict[str, Any]) -> dict[str, str]:
-    """Mount point -> volume or host path, from short ("src:dst[:mode]") or long syntax."""
-    found = {}
-    for volume in service.get("volumes", []):
-        if isinstance(volume, str):
-            source, target = volume.split(":")[:2]
-            found[target] = source
-        else:
-            found[volume["target"]] = volume["source"]
-    return found
 
 
 def node_dir_of(service: dict[str, Any]) -> str:
@@ -150,33 +114,6 @@ def test_services_mount_the_volume_of_the_node_they_run(compose: dict[str, Any])
         assert "HRX_DATABASE_URL" not in service.get("environment", {}), name
     password = compose["services"]["bootstrap"]["environment"]["HRX_DB_PASSWORD"]
     assert password == compose["services"]["db"]["environment"]["POSTGRES_PASSWORD"] == "s3cret"
-
-
-@dataclass(frozen=True)
-class Published:
-    host_ip: str  # "" when the port is published on every interface
-    port: int  # on the host
-    target: int  # in the container
-
-
-def published_ports(service: dict[str, Any]) -> list[Published]:
-    """A service's ``ports``, short ("[IP:]PUBLISHED:TARGET") or long syntax, as compose
-    resolved them."""
-    found = []
-    for mapping in service.get("ports", []):
-        if isinstance(mapping, dict):
-            found.append(
-                Published(
-                    str(mapping.get("host_ip", "")),
-                    int(mapping["published"]),
-                    int(mapping["target"]),
-                )
-            )
-            continue
-        text, _, _protocol = str(mapping).partition("/")
-        *address, port, target = ["", "0", *text.split(":")][-3:]
-        found.append(Published(":".join(address), int(port or 0), int(target)))
-    return found
 
 
 def test_published_ports_are_the_ports_served_on_this_host_only(compose: dict[str, Any]) -> None:
@@ -281,7 +218,7 @@ def bootstrapped(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bootstrap
     (tools / "hrx").chmod(0o755)
     fired = tools / "fired"
     suffix = f"_t{uuid.uuid4().hex[:8]}"
-    admin = _postgres_admin()
+    admin = postgres_admin()
     databases = [f"{node.replace('-', '_')}{suffix}" for node in NODES]
     for database in databases:
         admin.execute(f'CREATE DATABASE "{database}"')

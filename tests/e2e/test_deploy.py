@@ -44,11 +44,11 @@ import yaml
 
 from node.base.config import load_config, write_config
 from node.base.errors import ConfigError
-from tests.conftest import POSTGRES_ADMIN, _postgres_admin
-from tests.nodes import free_port, hrx, init_node, wait_healthy
-from tests.test_compose import docker_compose, hrx_command, mounts, published_ports
+from tests.helpers import ROOT
+from tests.helpers.compose import docker_compose, hrx_command, mounts, published_ports
+from tests.helpers.databases import POSTGRES_ADMIN, postgres_admin
+from tests.helpers.nodes import free_port, hrx, init_node, wait_healthy
 
-ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
 HOSPITAL = DEPLOY / "hospital"
 NGINX_SITE = DEPLOY / "nginx" / "hrx-node.conf"
@@ -369,7 +369,7 @@ def hospital_node(
     env = hrx_tools(root / "bin")
     directory = root / "node"
     name = f"hrx_hospital_{uuid.uuid4().hex[:8]}"
-    admin = _postgres_admin()
+    admin = postgres_admin()
     admin.execute(f'CREATE DATABASE "{name}"')
     base = POSTGRES_ADMIN.rsplit("/", 1)[0]
     url = base.replace("://postgres@", "://postgres:s3cret@") + f"/{name}"

@@ -16,7 +16,7 @@ from consent.pseudonym import RESIDENT_ID_SYSTEM
 from ledger import keys
 from ledger.canonical import parse_json
 from ledger.receipt import verify_receipt
-from tests.nodes import Node, hrx, post, running_node
+from tests.helpers.nodes import Node, hrx, post, running_node
 
 pytestmark = pytest.mark.slow
 

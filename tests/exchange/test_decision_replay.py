@@ -13,7 +13,7 @@ from exchange.decision_replay import DecisionReplay
 from ledger import keys
 from ledger.store import ChainWriter
 from node.cli import main
-from tests.conftest import Ledger
+from tests.helpers.ledgers import Ledger
 
 P, Q = "a" * 64, "b" * 64
 GRANT = {

@@ -17,7 +17,7 @@ from ledger.model import parse_time
 from ledger.receipt import entry_proof
 from ledger.roster import Roster
 from ledger.store import ChainWriter
-from tests.conftest import Ledger, make_ledger
+from tests.helpers.ledgers import Ledger, make_ledger
 
 PATIENT = "ab" * 32
 

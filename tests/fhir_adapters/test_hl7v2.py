@@ -19,7 +19,7 @@ from node.db.schema import messages_table, quarantine_table
 from node.intake.hl7 import Hl7Intake
 from node.intake.quarantine import quarantined
 from node.services import Services, open_services
-from tests.hl7_messages import (
+from tests.helpers.hl7_messages import (
     ALL_SAMPLES,
     CBC,
     CHEM,
@@ -33,7 +33,7 @@ from tests.hl7_messages import (
     sample,
     set_field,
 )
-from tests.nodes import free_port, init_node
+from tests.helpers.nodes import free_port, init_node
 
 SYSTEMS = Systems("hosp-a")
 RESIDENT = "urn:oid:2.16.156.10011.1.3"

@@ -4,9 +4,10 @@ resident IDs with valid check characters."""
 from __future__ import annotations
 
 import random
-from pathlib import Path
 
-SAMPLES = Path(__file__).resolve().parent.parent / "fhir_adapters" / "samples" / "hl7"
+from tests.helpers import ROOT
+
+SAMPLES = ROOT / "fhir_adapters" / "samples" / "hl7"
 CBC = "hosp-a-cbc-v251-utf8.hl7"
 CHEM = "hosp-b-chem-v23-gb18030.hl7"
 CHEM_CORRECTION = "hosp-b-chem-v23-gb18030-correction.hl7"

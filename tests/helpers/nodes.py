@@ -1,22 +1,25 @@
 """Helpers of the tests beyond :mod:`node.demo.nodes` (one real node) and
 :mod:`node.demo.harness` (a consortium): ``hrx`` commands run in this process, appends to a
-node's own chain, and access requests asked as a referral asks them."""
+node's own chain, access requests asked as a referral asks them, and a patient a consortium
+knows by a pseudonym."""
 
 from __future__ import annotations
 
 import atexit
+import uuid
 from pathlib import Path
 from typing import Any
 
 from click.testing import CliRunner
 
+from consent.pseudonym import RESIDENT_ID_SYSTEM, pseudonym
 from ledger import keys
 from ledger.store import ChainStore
 from node.base.config import load_config
 from node.cli import main
+from node.consortium.membership import read_secret
 from node.demo.nodes import (  # noqa: F401  # what the tests use, in one place
     FHIR_JSON,
-    ROOT,
     Node,
     free_port,
     init_node,
@@ -86,3 +89,18 @@ def ask_access(asker: Path, source: str, body: dict[str, Any]) -> dict[str, Any]
     )
     answer: dict[str, Any] = peers.post(source, "/peer/access", asked(asker, body))
     return answer
+
+
+def a_patient(source: Node) -> tuple[str, str]:
+    resident_id = "3301" + str(uuid.uuid4().int)[:14]
+    created = post(
+        source.session(),
+        f"{source.fhir}/Patient",
+        {
+            "resourceType": "Patient",
+            "identifier": [{"system": RESIDENT_ID_SYSTEM, "value": resident_id}],
+        },
+    )
+    assert created.status_code == 201, created.text
+    secret = read_secret(load_config(source.directory).consortium_key)
+    return created.json()["id"], pseudonym(secret, RESIDENT_ID_SYSTEM, resident_id)

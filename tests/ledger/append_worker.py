@@ -1,8 +1,8 @@
 """A separate appending process for the concurrency and crash tests.
 
-``python -m tests.append_worker DB_URL KEY_PATH WORKER COUNT ACK_FILE [THREADS]`` appends COUNT
-entries ``{"worker": WORKER, "n": n}`` to chain hosp-a with THREADS threads, and after each
-append returns (its block is durable) writes ``n seq`` to ACK_FILE and flushes it.
+``python -m tests.ledger.append_worker DB_URL KEY_PATH WORKER COUNT ACK_FILE [THREADS]``
+appends COUNT entries ``{"worker": WORKER, "n": n}`` to chain hosp-a with THREADS threads, and
+after each append returns (its block is durable) writes ``n seq`` to ACK_FILE and flushes it.
 """
 
 from __future__ import annotations

@@ -14,9 +14,8 @@ from pathlib import Path
 import pytest
 
 from ledger.verify import verify_database
-from tests.conftest import Ledger
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import ROOT
+from tests.helpers.ledgers import Ledger
 
 
 def _start(
@@ -26,7 +25,7 @@ def _start(
         [
             sys.executable,
             "-m",
-            "tests.append_worker",
+            "tests.ledger.append_worker",
             ledger.url,
             str(ledger.key_path),
             str(worker),

@@ -1,5 +1,5 @@
-"""The Merkle tree against the RFC 9162 vectors kept in ``tests/data/rfc9162`` (transparency-dev's,
-Apache-2.0) and against its own definition."""
+"""The Merkle tree against the RFC 9162 vectors kept beside it in
+``tests/ledger/data/rfc9162`` (transparency-dev's, Apache-2.0) and against its own definition."""
 
 from __future__ import annotations
 

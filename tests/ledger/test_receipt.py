@@ -14,7 +14,7 @@ from ledger.checkpoint import make_certificate, make_checkpoint, sign
 from ledger.errors import VerificationError
 from ledger.receipt import make_receipt, verify_receipt
 from ledger.store import ChainWriter
-from tests.conftest import _BLS_KEY, Ledger
+from tests.helpers.ledgers import BLS_KEY, Ledger
 
 
 def _fill(ledger: Ledger, count: int) -> None:
@@ -26,7 +26,7 @@ def _fill(ledger: Ledger, count: int) -> None:
 def _certify(ledger: Ledger, epoch: int) -> None:
     checkpoint = make_checkpoint(epoch, 1, ledger.store.heads())
     ledger.store.add_certificate(
-        make_certificate(checkpoint, {"hosp-a": sign(checkpoint, _BLS_KEY)})
+        make_certificate(checkpoint, {"hosp-a": sign(checkpoint, BLS_KEY)})
     )
 
 

@@ -13,7 +13,7 @@ from ledger.canonical import canonical_bytes
 from ledger.errors import EntryError, ProofError, StoreError
 from ledger.store import ChainStore, ChainWriter, chains, open_engine
 from ledger.verify import verify_database
-from tests.conftest import Ledger, make_ledger
+from tests.helpers.ledgers import BLS_KEY, Ledger, make_ledger
 
 
 def _leaf(store: ChainStore, chain: str, seq: int) -> bytes:
@@ -275,13 +275,12 @@ def test_writer_refuses_to_sign_once_the_roster_rotates_its_key(
 ) -> None:
     """A block signed with a key the newest roster no longer lists could never verify."""
     from ledger.roster import make_member, make_roster, sign_roster
-    from tests.conftest import _BLS_KEY
 
     with ChainWriter(ledger_db.store, "hosp-a", ledger_db.key) as writer:
         writer.append("consent.granted", {"n": 0})
         rotated = keys.load_or_create_private_key(tmp_path / "rotated.pem")
         member = make_member(
-            "hosp-a", "Hospital hosp-a", "https://hosp-a.example", rotated, _BLS_KEY
+            "hosp-a", "Hospital hosp-a", "https://hosp-a.example", rotated, BLS_KEY
         )
         roster = make_roster("test", [member], quorum=1, version=2)
         ledger_db.store.add_roster(roster, sign_roster(roster, ledger_db.authority))

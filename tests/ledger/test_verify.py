@@ -18,7 +18,7 @@ from ledger.errors import StoreError, VerificationError
 from ledger.store import ChainStore, ChainWriter
 from ledger.store.schema import LEDGER_TABLES, create_schema
 from ledger.verify import verify_database, verify_export
-from tests.conftest import Ledger, make_ledger
+from tests.helpers.ledgers import Ledger, make_ledger
 
 
 def _fill(ledger: Ledger) -> None:

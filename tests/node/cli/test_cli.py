@@ -15,8 +15,7 @@ from click.testing import CliRunner, Result
 from ledger import keys, merkle
 from ledger.canonical import canonical_bytes
 from node.cli import main
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import ROOT
 
 
 def hrx(*args: str, input: str | None = None) -> Result:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.nodes import free_port, invoke, running_node
+from tests.helpers.nodes import free_port, invoke, running_node
 
 
 def mode(path: Path) -> int:

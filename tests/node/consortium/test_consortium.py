@@ -18,7 +18,7 @@ from ledger.store import ChainStore, ChainWriter
 from ledger.verify import Verifier
 from node.base.config import load_config
 from node.cli import main
-from tests.nodes import init_node, serving
+from tests.helpers.nodes import init_node, serving
 
 
 def hrx(*args: str) -> Result:

@@ -17,8 +17,8 @@ from ledger.resolution import make_resolution, open_resolution, sign_resolution
 from ledger.store import ChainStore, ChainWriter
 from node.base.config import load_config
 from node.demo.harness import Consortium
-from tests.conftest import make_ledger
-from tests.nodes import append_requests, invoke
+from tests.helpers.ledgers import make_ledger
+from tests.helpers.nodes import append_requests, invoke
 
 
 def test_a_resolution_unfreezes_only_a_member_that_holds_the_kept_block(tmp_path: Path) -> None:
@@ -85,7 +85,7 @@ def test_a_member_forked_by_a_restore_is_taken_back(tmp_path: Path) -> None:
             shutil.copy(backup, database)
 
         # restored, and a block signed from the old head by hand (the node itself would hold
-        # its signing: tests/test_backup_restore.py): a fork of its own making
+        # its signing: tests/node/ops/test_backup_restore.py): a fork of its own making
         restore()
         config = load_config(a.directory)
         store = ChainStore(config.database_url)

@@ -16,7 +16,7 @@ from ledger.errors import SignatureError
 from ledger.model import block_hash
 from ledger.store import ChainStore
 from node.demo.harness import Consortium
-from tests.nodes import append_requests, invoke
+from tests.helpers.nodes import append_requests, invoke
 
 LEVELS: dict[str, dict[str, object]] = {
     "hosp-a": {

@@ -24,7 +24,7 @@ from node.base.config import load_config
 from node.cli import main
 from node.consortium.worker import run
 from node.demo.harness import Consortium
-from tests.nodes import Node, serving
+from tests.helpers.nodes import Node, serving
 
 MEMBERS = ("hosp-a", "hosp-b", "hosp-c")
 

@@ -27,8 +27,8 @@ from node.cli import main
 from node.consortium.membership import read_secret
 from node.consortium.peers import SignedPeers
 from node.demo.harness import Consortium
-from tests.nodes import Node, ask_access, post
-from tests.test_portal import csrf_of, enroll
+from tests.helpers.nodes import Node, a_patient, ask_access, post
+from tests.helpers.portal import csrf_of, enroll
 
 pytestmark = pytest.mark.slow
 
@@ -54,21 +54,6 @@ def peers_of(group: Consortium, name: str) -> SignedPeers:
     return SignedPeers(
         ChainStore(config.database_url), name, keys.load_private_key(config.ed25519_key)
     )
-
-
-def a_patient(source: Node) -> tuple[str, str]:
-    resident_id = "3301" + str(uuid.uuid4().int)[:14]
-    created = post(
-        source.session(),
-        f"{source.fhir}/Patient",
-        {
-            "resourceType": "Patient",
-            "identifier": [{"system": RESIDENT_ID_SYSTEM, "value": resident_id}],
-        },
-    )
-    assert created.status_code == 201, created.text
-    secret = read_secret(load_config(source.directory).consortium_key)
-    return created.json()["id"], pseudonym(secret, RESIDENT_ID_SYSTEM, resident_id)
 
 
 def ask(

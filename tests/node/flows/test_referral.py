@@ -19,7 +19,7 @@ from consent.pseudonym import RESIDENT_ID_SYSTEM
 from exchange.referral import RECOGNITION_URL, resource_hash
 from ledger.store import ChainStore
 from node.demo.harness import Consortium
-from tests.nodes import Node, post
+from tests.helpers.nodes import Node, post
 
 pytestmark = pytest.mark.slow
 

@@ -16,8 +16,8 @@ import pytest
 import requests
 
 from node.identity.users import FREE_ADDRESS_FAILURES, FREE_FAILURES
-from tests.conftest import postgres_database
-from tests.nodes import FHIR_JSON, Node, invoke, running_node
+from tests.helpers.databases import postgres_database
+from tests.helpers.nodes import FHIR_JSON, Node, invoke, running_node
 
 WORKERS = 3
 PASSWORD = "correct horse 77"

@@ -12,8 +12,8 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from node.identity.users import set_active
-from tests.nodes import FHIR_JSON, Node, post
-from tests.test_fhir_api import ids, new_patient, observation, outcome
+from tests.helpers.fhir import ids, new_patient, observation, outcome
+from tests.helpers.nodes import FHIR_JSON, Node, post
 
 
 @pytest.fixture(scope="module")

@@ -20,10 +20,11 @@ from node.db.schema import messages_table
 from node.intake.quarantine import quarantined
 from node.records.pseudonym_index import patients_with
 from node.services import Services, open_services
-from tests.conftest import postgres_database
-from tests.nodes import init_node, join_alone
+from tests.helpers import ROOT
+from tests.helpers.databases import postgres_database
+from tests.helpers.nodes import init_node, join_alone
 
-SAMPLES = Path(__file__).resolve().parent.parent / "fhir_adapters" / "samples" / "csv"
+SAMPLES = ROOT / "fhir_adapters" / "samples" / "csv"
 MAPPING = SAMPLES / "lis-mapping.toml"
 EXPORT = SAMPLES / "lis-export.csv"
 

@@ -26,18 +26,18 @@ from node.base.config import load_config
 from node.db.schema import quarantine_table, sync_state_table
 from node.demo import orthanc
 from node.services import Services, open_services
-from tests.nodes import ROOT
-from tests.test_dicomweb import (
+from tests.helpers import ROOT
+from tests.helpers.dicom import (
     TEST_FILES,
-    _uid,
-    _wait_for,
     hrx,
     new_node,
     new_study,
     patient_by_mrn,
     read,
     studies_by_uid,
+    uid_of,
     version_count,
+    wait_for,
 )
 
 pytestmark = pytest.mark.skipif(orthanc.missing() is not None, reason=str(orthanc.missing()))
@@ -131,7 +131,7 @@ def test_import_never_moves_a_study_to_another_patient(tmp_path: Path, services_
 
     later = tmp_path / "later"
     later.mkdir()
-    new_series = {"SeriesInstanceUID": _uid("b-series"), "SOPInstanceUID": _uid("b-instance")}
+    new_series = {"SeriesInstanceUID": uid_of("b-series"), "SOPInstanceUID": uid_of("b-instance")}
     cases = [
         # the same image, now said to be patient B's
         (copy_of(ct, later / "same.dcm", **PATIENT_B), f"not for Patient/{b}"),
@@ -204,7 +204,7 @@ def test_import_never_merges_two_patients_images(tmp_path: Path, services_of: An
     mixed = tmp_path / "mixed"
     mixed.mkdir()
     first = new_study(TEST_FILES / "CT_small.dcm", "1.dcm", directory=mixed, **PATIENT_A)
-    copy_of(first, mixed / "2.dcm", SOPInstanceUID=_uid("second"), **PATIENT_B)
+    copy_of(first, mixed / "2.dcm", SOPInstanceUID=uid_of("second"), **PATIENT_B)
     versions = version_count(services)
     result = hrx("adapters", "dicom-import", "--dir", str(directory), str(mixed))
     assert result.exit_code == 1
@@ -227,7 +227,7 @@ def test_sync_never_moves_a_study_to_another_patient(tmp_path: Path, services_of
     ct = new_study(TEST_FILES / "CT_small.dcm", "ct-a.dcm", directory=files, **PATIENT_A)
     mr = new_study(TEST_FILES / "MR_small.dcm", "mr-b.dcm", directory=files, **PATIENT_B)
     moved = copy_of(ct, files / "ct-b.dcm", **PATIENT_B)  # the same study, patient B's
-    new_series = {"SeriesInstanceUID": _uid("b-series"), "SOPInstanceUID": _uid("b-instance")}
+    new_series = {"SeriesInstanceUID": uid_of("b-series"), "SOPInstanceUID": uid_of("b-instance")}
     series_b = copy_of(ct, files / "series-b.dcm", **PATIENT_B, **new_series)
     uid = read(ct).StudyInstanceUID
     with orthanc.running_orthanc(tmp_path / "orthanc") as server:
@@ -272,7 +272,7 @@ def test_sync_never_moves_a_study_to_another_patient(tmp_path: Path, services_of
                 command, cwd=ROOT, env=environment, stdout=output_file, stderr=output_file
             )
         try:
-            _wait_for(log, f"(quarantine #{row.id})", process)
+            wait_for(log, f"(quarantine #{row.id})", process)
             process.send_signal(signal.SIGTERM)
             assert process.wait(timeout=30) == 0
         finally:

@@ -26,30 +26,40 @@ import pydicom.data
 import pytest
 import requests
 import sqlalchemy as sa
-from click.testing import CliRunner, Result
+from click.testing import Result
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.fileset import FileSet
-from pydicom.uid import generate_uid
 
 from fhir_adapters.store import tables
 from node.base.config import load_config
 from node.base.errors import ConfigError
-from node.cli import main
 from node.db.engines import open_database
 from node.db.schema import quarantine_table, sync_state_table
 from node.demo import orthanc
 from node.records.pseudonym_index import patients_with
 from node.services import Services, open_services
-from tests.conftest import postgres_database
-from tests.nodes import ROOT, free_port, init_node, join_alone, running_node
+from tests.helpers import ROOT
+from tests.helpers.databases import postgres_database
+from tests.helpers.dicom import (
+    CHARSET_FILES,
+    MRN,
+    TEST_FILES,
+    current,
+    hrx,
+    new_node,
+    new_study,
+    patient_by_mrn,
+    read,
+    studies_by_uid,
+    uid_of,
+    version_count,
+    wait_for,
+)
+from tests.helpers.nodes import free_port, running_node
 
 pytestmark = pytest.mark.skipif(orthanc.missing() is not None, reason=str(orthanc.missing()))
 
-SAMPLES = Path(pydicom.data.__file__).parent
-TEST_FILES = SAMPLES / "test_files"
-CHARSET_FILES = SAMPLES / "charset_files"
-MRN = "urn:hrx:member:hosp-a:mrn"
 RESIDENT = "urn:oid:2.16.156.10011.1.3"
 SNOMED = "http://snomed.info/sct"
 DCM = "http://dicom.nema.org/resources/ontology/DCM"
@@ -85,35 +95,6 @@ BODY_SITES = {  # DICOM PS3.16 Annex L
     "ABDOMEN": "818981001",
     "WHOLE BODY": "38266002",
 }
-
-
-def hrx(*args: str, env: dict[str, str] | None = None) -> Result:
-    return CliRunner().invoke(main, list(args), env=env)
-
-
-def read(path: Path) -> Dataset:
-    return pydicom.dcmread(path, stop_before_pixels=True)
-
-
-def _uid(*sources: str) -> str:
-    return str(generate_uid(entropy_srcs=["hrx-test", *sources]))
-
-
-def new_study(source: Path, name: str, *, directory: Path, **attributes: Any) -> Path:
-    """A copy of a sample file as a study of its own (new UIDs), with ``attributes`` set."""
-    dataset = pydicom.dcmread(source)
-    dataset.StudyInstanceUID = _uid(name, "study")
-    dataset.SeriesInstanceUID = _uid(name, "series")
-    dataset.SOPInstanceUID = _uid(name, "instance")
-    dataset.file_meta.MediaStorageSOPInstanceUID = dataset.SOPInstanceUID
-    for keyword, value in attributes.items():
-        if value is None:
-            delattr(dataset, keyword)
-        else:
-            setattr(dataset, keyword, value)
-    path = directory / name
-    dataset.save_as(path, enforce_file_format=True)
-    return path
 
 
 def resident_study(directory: Path) -> Path:
@@ -170,12 +151,6 @@ def pacs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pacs]:
         yield Pacs(server, files)
 
 
-def new_node(directory: Path, db_url: str | None = None) -> Path:
-    init_node(directory, "hosp-a", db_url, free_port())
-    join_alone(directory)
-    return directory
-
-
 @pytest.fixture(scope="module")
 def synced(pacs: Pacs, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Result]:
     """A node that synced everything from the PACS once."""
@@ -196,39 +171,6 @@ def services_of() -> Iterator[Any]:
     yield open_
     for services in opened:
         services.close()
-
-
-def current(services: Services, resource_type: str) -> list[dict[str, Any]]:
-    R = tables.resources
-    with services.database.engine.connect() as conn:
-        ids = conn.execute(
-            sa.select(R.c.id).where(R.c.type == resource_type, R.c.deleted.is_(False))
-        ).scalars()
-        return [services.store.read(resource_type, i).resource() for i in ids]
-
-
-def studies_by_uid(services: Services) -> dict[str, dict[str, Any]]:
-    found = {}
-    for study in current(services, "ImagingStudy"):
-        (uid,) = [i["value"] for i in study["identifier"] if i["system"] == "urn:dicom:uid"]
-        assert uid.startswith("urn:oid:")
-        found[uid[len("urn:oid:") :]] = study
-    return found
-
-
-def patient_by_mrn(services: Services) -> dict[str, dict[str, Any]]:
-    found = {}
-    for patient in current(services, "Patient"):
-        for identifier in patient["identifier"]:
-            if identifier["system"] == MRN:
-                found[identifier["value"]] = patient
-    return found
-
-
-def version_count(services: Services) -> int:
-    with services.database.engine.connect() as conn:
-        count = conn.execute(sa.select(sa.func.count()).select_from(tables.versions)).scalar()
-        return int(count or 0)
 
 
 def test_sync_maps_every_study(pacs: Pacs, synced: tuple[Path, Result], services_of: Any) -> None:
@@ -496,7 +438,7 @@ def test_bad_files_are_named_and_kept(tmp_path: Path, services_of: Any) -> None:
     output = " ".join(result.output.split())
     assert f"{not_dicom}: is not a DICOM file" in output
     assert f"{no_study}: lacks Study Instance UID (0020,000D)" in output
-    assert f"{no_patient}: study {_uid('no-patient.dcm', 'study')} has no Patient ID" in output
+    assert f"{no_patient}: study {uid_of('no-patient.dcm', 'study')} has no Patient ID" in output
     assert f"{missing}: does not exist" in output
     assert "1 created" in output  # the good file went in all the same
     services = services_of(directory)
@@ -664,18 +606,6 @@ def test_on_postgresql(pacs: Pacs, tmp_path: Path) -> None:
         assert studies == count
 
 
-def _wait_for(path: Path, text: str, process: subprocess.Popen[bytes], seconds: float = 60) -> str:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        content = path.read_text(errors="replace") if path.exists() else ""
-        if text in content:
-            return content
-        if process.poll() is not None:
-            raise AssertionError(f"exited with {process.returncode} before {text!r}: {content}")
-        time.sleep(0.1)
-    raise AssertionError(f"{text!r} never appeared in {path}")
-
-
 def test_watch_runs_rounds_until_sigterm(pacs: Pacs, tmp_path: Path) -> None:
     directory = new_node(tmp_path / "hosp-a")
     down = f"http://127.0.0.1:{free_port()}/dicom-web"
@@ -689,7 +619,7 @@ def test_watch_runs_rounds_until_sigterm(pacs: Pacs, tmp_path: Path) -> None:
                 command, cwd=ROOT, env=environment, stdout=output, stderr=output
             )
         try:
-            _wait_for(log, line, process)
+            wait_for(log, line, process)
             if url == down:  # a failed round does not end the watch: the next one comes
                 _wait_for_count(log, line, 2, process)
             process.send_signal(signal.SIGTERM)

@@ -36,8 +36,10 @@ from node.cli import main
 from node.db.engines import Database, open_database
 from node.db.schema import messages_table, quarantine_table
 from node.intake.mllp import START_BLOCK, FrameReader, MllpClient, frame, send, send_many
-from tests.conftest import postgres_database
-from tests.hl7_messages import (
+from tests.helpers import ROOT
+from tests.helpers.databases import postgres_database
+from tests.helpers.fhir import poison
+from tests.helpers.hl7_messages import (
     ALL_SAMPLES,
     CBC,
     CHEM,
@@ -46,7 +48,7 @@ from tests.hl7_messages import (
     sample,
     set_field,
 )
-from tests.nodes import ROOT, Node, free_port, init_node, running_node
+from tests.helpers.nodes import Node, free_port, init_node, running_node
 
 HOST = "127.0.0.1"
 RESIDENT = "urn:oid:2.16.156.10011.1.3"
@@ -354,8 +356,6 @@ def test_a_correction_replaces_a_stored_number_json_clients_cannot_read(
 ) -> None:
     """A result an older version stored with a 10,000-digit value: the next message of the
     order (a correction) is taken in and replaces it (was AE 207 for every later message)."""
-    from tests.test_stored_numbers import poison
-
     resident = resident_id("33010619900101126")
     first = cbc("POISON-1", "F-POISON", resident, "MRN-POISON")
     assert listener.send(first).code == "AA"

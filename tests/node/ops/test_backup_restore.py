@@ -19,7 +19,7 @@ from ledger.store import ChainStore
 from node.base.config import load_config
 from node.consortium.worker import confirm_own_head
 from node.demo.harness import Consortium
-from tests.nodes import Node, append_requests, invoke, post
+from tests.helpers.nodes import Node, append_requests, invoke, post
 
 
 @pytest.fixture(scope="module")

@@ -16,9 +16,10 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from tests.conftest import postgres_database
-from tests.nodes import FHIR_JSON, ROOT, free_port, init_node, running_node, wait_healthy
-from tests.test_fhir_api import observation, patient
+from tests.helpers import ROOT
+from tests.helpers.databases import postgres_database
+from tests.helpers.fhir import observation, patient
+from tests.helpers.nodes import FHIR_JSON, free_port, init_node, running_node, wait_healthy
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])

@@ -26,8 +26,8 @@ from node.base.logs import request_scope
 from node.cli import main
 from node.db.schema import quarantine_table
 from node.demo.harness import Consortium
-from tests.nodes import Node, ask_access, init_node, post, running_node
-from tests.test_access_decisions import a_patient
+from tests.helpers import ROOT
+from tests.helpers.nodes import Node, a_patient, ask_access, init_node, post, running_node
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 TOKEN = "scrape-" + "x" * 24
@@ -257,7 +257,7 @@ def test_adapter_messages_and_the_quarantine(tmp_path: Path) -> None:
         client = app.test_client()
         before = parse(client.get("/metrics").get_data(as_text=True))
         assert value(before, "hrx_adapter_messages_stored_total", adapter="hl7") == 0
-        samples_dir = Path(__file__).resolve().parent.parent / "fhir_adapters" / "samples"
+        samples_dir = ROOT / "fhir_adapters" / "samples"
         sample = samples_dir / "hl7" / "hosp-a-cbc-v251-utf8.hl7"
         imported = CliRunner().invoke(
             main, ["adapters", "hl7-import", "--dir", str(directory), str(sample), str(sample)]

@@ -13,7 +13,8 @@ from pathlib import Path
 import sqlalchemy as sa
 
 from node.base.config import load_config
-from tests.nodes import ROOT, init_node, invoke, join_alone
+from tests.helpers import ROOT
+from tests.helpers.nodes import init_node, invoke, join_alone
 
 
 def test_a_stale_schema_is_refused_by_every_process(tmp_path: Path) -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ledger.store import ChainStore
 from node.base.config import load_config
-from tests.nodes import init_node, invoke, join_alone
+from tests.helpers.nodes import init_node, invoke, join_alone
 
 
 def status(directory: Path) -> tuple[int, str]:

@@ -7,8 +7,8 @@ import base64
 from typing import Any
 
 from fhir_adapters.store.resources import validate
-from tests.nodes import Node, post
-from tests.test_fhir_api import new_patient, observation
+from tests.helpers.fhir import new_patient, observation
+from tests.helpers.nodes import Node, post
 
 
 def events(node: Node, query: str) -> list[dict[str, Any]]:

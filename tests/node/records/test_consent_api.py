@@ -15,7 +15,7 @@ from consent.pseudonym import RESIDENT_ID_SYSTEM, pseudonym
 from ledger.store import ChainStore
 from node.base.config import load_config
 from node.consortium.membership import read_secret
-from tests.nodes import Node, post, running_node
+from tests.helpers.nodes import Node, post, running_node
 
 pytestmark = pytest.mark.usefixtures("node")
 

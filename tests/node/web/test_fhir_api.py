@@ -10,20 +10,8 @@ from typing import Any
 from urllib.parse import urlencode
 
 from node.base.config import load_config
-from tests.nodes import FHIR_JSON, Node, post
-
-
-def patient(
-    family: str = "张", identifier: str = "330102198001020011", **extra: Any
-) -> dict[str, Any]:
-    return {
-        "resourceType": "Patient",
-        "identifier": [{"system": "urn:oid:2.16.156.10011.1.1", "value": identifier}],
-        "name": [{"family": family, "given": ["三"]}],
-        "gender": "male",
-        "birthDate": "1980-01-02",
-        **extra,
-    }
+from tests.helpers.fhir import ids, new_patient, observation, outcome, patient
+from tests.helpers.nodes import FHIR_JSON, Node, post
 
 
 def test_create_read_and_headers(node: Node) -> None:
@@ -41,57 +29,9 @@ def test_create_read_and_headers(node: Node) -> None:
     assert read.headers["ETag"] == 'W/"1"' and "Last-Modified" in read.headers
 
 
-def observation(
-    patient_id: str,
-    code: str = "718-7",
-    when: str = "2024-01-02T10:00:00+08:00",
-    value: str = "13.50",  # a decimal, written digit for digit
-    **extra: Any,
-) -> dict[str, Any]:
-    return {
-        "resourceType": "Observation",
-        "status": "final",
-        "category": [
-            {
-                "coding": [
-                    {
-                        "system": "http://terminology.hl7.org/CodeSystem/observation-category",
-                        "code": "laboratory",
-                    }
-                ]
-            }
-        ],
-        "code": {"coding": [{"system": "http://loinc.org", "code": code}]},
-        "subject": {"reference": f"Patient/{patient_id}"},
-        "effectiveDateTime": when,
-        "valueQuantity": {
-            "value": Decimal(value),
-            "unit": "g/dL",
-            "system": "http://unitsofmeasure.org",
-            "code": "g/dL",
-        },
-        **extra,
-    }
-
-
 def raw_post(node: Node, path: str, text: str, token: str | None = None) -> Any:
     s = node.session(token)
     return s.post(f"{node.fhir}/{path}", data=text.encode(), headers={"Content-Type": FHIR_JSON})
-
-
-def new_patient(node: Node, **extra: Any) -> str:
-    response = post(node.session(), f"{node.fhir}/Patient", patient(**extra))
-    assert response.status_code == 201, response.text
-    return str(response.json()["id"])
-
-
-def outcome(response: Any, status: int, text: str = "") -> dict[str, Any]:
-    assert response.status_code == status, (response.status_code, response.text)
-    assert response.headers["Content-Type"].startswith(FHIR_JSON)
-    body: dict[str, Any] = response.json()
-    assert body["resourceType"] == "OperationOutcome"
-    assert text in response.text, response.text
-    return body
 
 
 def test_decimal_precision_and_unicode_kept(node: Node) -> None:
@@ -284,14 +224,6 @@ def test_capability_statement_lists_what_is_served(node: Node) -> None:
             value = {"token": "x", "string": "x", "date": "2024", "reference": "x"}[param["type"]]
             response = s.get(f"{node.fhir}/{resource_type}", params={param["name"]: value})
             assert response.status_code == 200, (resource_type, param, response.text)
-
-
-def ids(bundle: dict[str, Any], mode: str = "match") -> list[str]:
-    return [
-        e["resource"]["id"]
-        for e in bundle.get("entry", [])
-        if e.get("search", {}).get("mode") == mode
-    ]
 
 
 def test_search_by_token_reference_and_date(node: Node) -> None:

@@ -48,7 +48,7 @@ from fhirpy.base.exceptions import (
     ResourceNotFound,
 )
 
-from tests.nodes import FHIR_JSON, Node, post
+from tests.helpers.nodes import FHIR_JSON, Node, post
 
 RESIDENT_ID = "urn:oid:2.16.156.10011.1.1"  # 居民身份证号
 LOINC = "http://loinc.org"
@@ -376,7 +376,7 @@ def imaging_study_json(patient_id: str, request_id: str, practitioner_id: str) -
 
 def consent_json(patient_id: str, organization_id: str, report_id: str) -> dict[str, Any]:
     """A treatment consent with every kind of provision (a privacy consent for the exchange
-    could not carry action and data: tests/test_consent_api.py)."""
+    could not carry action and data: tests/node/records/test_consent_api.py)."""
     return {
         "resourceType": "Consent",
         "status": "active",

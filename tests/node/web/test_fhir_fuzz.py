@@ -57,7 +57,7 @@ from hypothesis import strategies as st
 
 from ledger import keys
 from node.base.config import load_config
-from tests.nodes import FHIR_JSON, Node
+from tests.helpers.nodes import FHIR_JSON, Node
 
 # This test process builds bodies nested thousands deep with json.dumps, which recurses: it
 # needs a higher recursion limit than the node it sends them to (which keeps Python's 1000).

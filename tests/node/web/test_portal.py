@@ -16,16 +16,10 @@ import requests
 from consent.pseudonym import RESIDENT_ID_SYSTEM
 from ledger import keys
 from ledger.receipt import verify_receipt
-from tests.nodes import Node, hrx, post, running_node
+from tests.helpers.nodes import Node, hrx, post, running_node
+from tests.helpers.portal import PASSWORD, csrf_of, enroll, sign_in
 
 pytestmark = pytest.mark.usefixtures("node")
-PASSWORD = "correct horse 42"
-
-
-def csrf_of(page: requests.Response) -> str:
-    match = re.search(r'name="csrf_token" value="([^"]+)"', page.text)
-    assert match, page.text[:500]
-    return match.group(1)
 
 
 def new_patient(node: Node, *, resident_id: bool = True) -> str:
@@ -39,40 +33,6 @@ def new_patient(node: Node, *, resident_id: bool = True) -> str:
     created = post(node.session(), f"{node.fhir}/Patient", patient)
     assert created.status_code == 201, created.text
     return str(created.json()["id"])
-
-
-def enroll(node: Node, patient_id: str, username: str | None = None) -> requests.Session:
-    """A browser-like session of a patient who enrolled with a code and signed in."""
-    output = hrx("patient", "enroll", "--dir", str(node.directory), "--patient", patient_id)
-    code = re.search(r"[A-Z2-9]{4}-[A-Z2-9]{4}-[A-Z2-9]{4}-[A-Z2-9]{4}", output)
-    assert code, output
-    browser = requests.Session()
-    form = browser.get(f"{node.base}/portal/enroll")
-    username = username or f"p{uuid.uuid4().hex[:10]}"
-    answer = browser.post(
-        f"{node.base}/portal/enroll",
-        data={
-            "csrf_token": csrf_of(form),
-            "code": code.group(0).lower(),  # codes are read out loud: case and dashes do not matter
-            "username": username,
-            "password": PASSWORD,
-            "password_again": PASSWORD,
-        },
-    )
-    assert answer.status_code == 200 and "/portal/signin" in answer.url, answer.text[:500]
-    sign_in(node, browser, username, PASSWORD)
-    browser.username = username  # type: ignore[attr-defined]
-    return browser
-
-
-def sign_in(
-    node: Node, browser: requests.Session, username: str, password: str
-) -> requests.Response:
-    form = browser.get(f"{node.base}/portal/signin")
-    return browser.post(
-        f"{node.base}/portal/signin",
-        data={"csrf_token": csrf_of(form), "username": username, "password": password},
-    )
 
 
 def grant(node: Node, browser: requests.Session, **fields: Any) -> requests.Response:

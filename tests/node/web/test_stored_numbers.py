@@ -6,45 +6,17 @@ request), and never hands the unreadable resource to another member or into a Bu
 from __future__ import annotations
 
 import json
-import re
 import uuid
 
-import sqlalchemy as sa
-
 from consent.pseudonym import RESIDENT_ID_SYSTEM, pseudonym
-from fhir_adapters.store import jsonio, tables
+from fhir_adapters.store import jsonio
 from ledger import keys
 from ledger.store import ChainStore
 from node.base.config import load_config
 from node.consortium.membership import read_secret
 from node.consortium.peers import SignedPeers
-from node.db.engines import Database
-from tests.nodes import Node, asked, post
-from tests.test_fhir_api import observation
-
-HUGE = "9" * 10_000  # Python's json refuses integers of more than 4300 digits
-
-
-def poison(database: Database, resource_type: str, resource_id: str) -> None:
-    """Write a 10,000-digit value into the current version's stored body (its
-    ``valueQuantity.value``), as an older version of hrx let the HL7 intake do."""
-    R, V = tables.resources, tables.versions
-    with database.write_engine.begin() as conn:
-        res_pk, version = conn.execute(
-            sa.select(R.c.res_pk, R.c.version).where(
-                R.c.type == resource_type, R.c.id == resource_id
-            )
-        ).one()
-        body = conn.execute(
-            sa.select(V.c.body).where(V.c.res_pk == res_pk, V.c.version == version)
-        ).scalar_one()
-        poisoned, count = re.subn(
-            rb'("valueQuantity":\{"value":)[0-9.]+', rb"\g<1>" + HUGE.encode(), bytes(body)
-        )
-        assert count == 1, body
-        conn.execute(
-            V.update().where(V.c.res_pk == res_pk, V.c.version == version).values(body=poisoned)
-        )
+from tests.helpers.fhir import HUGE, observation, poison
+from tests.helpers.nodes import Node, asked, post
 
 
 def a_patient_with_results(node: Node) -> tuple[str, str, list[str]]:
