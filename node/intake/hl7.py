@@ -331,7 +331,7 @@ class Hl7Intake:
         resident ID."""
         found: dict[str, list[tuple[str, str]]] = {}
         for system, value in data.match_keys:
-            for patient_id in _patients_with(writer.conn, system, value):
+            for patient_id in patients_with(writer.conn, system, value):
                 found.setdefault(patient_id, []).append((system, value))
         where = data.segment.at(3)
         if len(found) > 1:
@@ -443,7 +443,7 @@ def _key_of(header: Header | None) -> str | None:
     return f"{header.raw(3)}|{header.raw(4)}|{header.raw(10)}"[:255]
 
 
-def _patients_with(conn: Connection, system: str, value: str) -> list[str]:
+def patients_with(conn: Connection, system: str, value: str) -> list[str]:
     """Current Patients with the identifier ``system|value`` (resident IDs: x or X)."""
     T, R = tables.tokens, tables.resources
     values = {value, value.lower()} if system == RESIDENT_ID_SYSTEM else {value}

@@ -16,7 +16,7 @@ from fhir_adapters.store.resources import validate
 from fhir_adapters.ucum import to_ucum
 from node.base.config import load_config
 from node.db.schema import messages_table, quarantine_table
-from node.intake.hl7 import Hl7Intake
+from node.intake.hl7 import Hl7Intake, patients_with
 from node.intake.quarantine import quarantined
 from node.services import Services, open_services
 from tests.helpers.hl7_messages import (
@@ -567,11 +567,9 @@ def read(services: Services, resource_type: str, resource_id: str) -> tuple[int,
     return stored.version, stored.resource()
 
 
-def patients_with(services: Services, system: str, value: str) -> list[str]:
-    from node.intake.hl7 import _patients_with
-
+def patients_of(services: Services, system: str, value: str) -> list[str]:
     with services.database.engine.connect() as conn:
-        return _patients_with(conn, system, value)
+        return patients_with(conn, system, value)
 
 
 def ids_of(message: bytes) -> tuple[str, list[str]]:
@@ -596,7 +594,7 @@ def test_a_message_is_stored_once_and_its_resend_changes_nothing(
     assert (outcome.status, outcome.ack_code) == ("stored", "AA")
     assert parse_ack(outcome.ack).code == "AA"
     assert len(outcome.written) == 1 + 7 + 1 + 1  # Patient, results, report, AuditEvent
-    [patient_id] = patients_with(node_services, RESIDENT, resident)
+    [patient_id] = patients_of(node_services, RESIDENT, resident)
     report_id, result_ids = ids_of(message)
     version, report = read(node_services, "DiagnosticReport", report_id)
     assert version == 1 and report["subject"] == {"reference": f"Patient/{patient_id}"}
@@ -673,7 +671,7 @@ def test_a_patient_is_found_by_any_identifier_and_updated_as_pid_says(
 ) -> None:
     resident = resident_id("33010619850315103")
     assert intake.take_in(cbc("PAT-1", "F-PAT-1", resident, "MRN-PAT"), "test").accepted
-    [patient_id] = patients_with(node_services, RESIDENT, resident)
+    [patient_id] = patients_of(node_services, RESIDENT, resident)
     by_mrn_only = cbc("PAT-2", "F-PAT-2", None, "MRN-PAT", phone="13700137000")
     outcome = intake.take_in(by_mrn_only, "test")
     assert outcome.accepted, outcome.reason
@@ -700,7 +698,7 @@ def test_identifiers_naming_two_patients_are_an_error_until_fixed_then_replayed(
     first, second = resident_id("33010619850315104"), resident_id("33010619850315105")
     assert intake.take_in(cbc("TWO-1", "F-TWO-1", first, "MRN-TWO-A"), "t").accepted
     assert intake.take_in(cbc("TWO-2", "F-TWO-2", second, "MRN-TWO-B"), "t").accepted
-    [patient_b] = patients_with(node_services, RESIDENT, second)
+    [patient_b] = patients_of(node_services, RESIDENT, second)
     mixed = cbc("TWO-3", "F-TWO-3", first, "MRN-TWO-B")
     before = counts(node_services)[0]
     outcome = intake.take_in(mixed, "lis")
@@ -765,7 +763,7 @@ def test_a_message_is_stored_whole_or_not_at_all(
     assert outcome.ack_code == "AE" and "different patients" in (outcome.reason or "")
     assert str(second_group.patient.segment.at(3)) in str(outcome.reason)
     assert counts(node_services)[0] == before
-    assert patients_with(node_services, SYSTEMS.mrn, "MRN-HALF-NEW") == []
+    assert patients_of(node_services, SYSTEMS.mrn, "MRN-HALF-NEW") == []
 
 
 def test_an_audit_event_records_each_message_for_its_patient(
@@ -775,7 +773,7 @@ def test_an_audit_event_records_each_message_for_its_patient(
     [event_location] = [w for w in outcome.written if w.startswith("AuditEvent/")]
     event_id = event_location.split("/")[1]
     _, event = read(node_services, "AuditEvent", event_id)
-    [patient_id] = patients_with(node_services, SYSTEMS.mrn, "MRN-AUD")
+    [patient_id] = patients_of(node_services, SYSTEMS.mrn, "MRN-AUD")
     entities = [e["what"]["reference"] for e in event["entity"]]
     assert f"Patient/{patient_id}" in entities
     assert len(entities) == 1 + 1 + 7 + 1  # the patient, its version, results, report
