@@ -1,5 +1,5 @@
-"""The consent policy (DESIGN §5), table-driven: grantee, category, purpose, period, revoked,
-expired, superseded, break-glass, and the reasons each decision gives."""
+"""The consent policy (docs/spec.md §14.2), table-driven: grantee, category, purpose, period,
+revoked, expired, superseded, break-glass, and the reasons each decision gives."""
 
 from __future__ import annotations
 

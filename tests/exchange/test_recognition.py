@@ -1,4 +1,4 @@
-"""Mutual recognition verdicts (DESIGN §6): every condition gives a reason, met or not."""
+"""Mutual recognition verdicts (docs/spec.md §17): every condition gives a reason, met or not."""
 
 from __future__ import annotations
 

@@ -42,7 +42,7 @@ REFERENCE_ROOTS = [
 ]
 
 
-# DESIGN §3 (normative) and the vectors' README: a verifier rejects hashes that are not 32
+# docs/spec.md §3 and the vectors' README: a verifier rejects hashes that are not 32
 # bytes. This one upstream vector expects equal 12-byte "roots" of equal sizes to be accepted
 # (the Go library compares them without checking their length); hrx follows §3 and rejects it.
 REJECTED_DESPITE_VECTOR = {"consistency/additional/sizes-are-equal-one-and-proof-is-empty.json"}

@@ -1,4 +1,4 @@
-"""Entries and block headers exactly as DESIGN §3 defines them."""
+"""Entries and block headers exactly as docs/spec.md §2 and §4 define them."""
 
 from __future__ import annotations
 
