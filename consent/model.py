@@ -1,4 +1,5 @@
-"""FHIR Consent to and from the consortium's consent terms and ledger entry bodies (DESIGN §4).
+"""FHIR Consent to and from the consortium's consent terms and ledger entry bodies
+(docs/spec.md §13.2, §14.1).
 
 An *exchange consent* is a FHIR R4 Consent whose ``scope`` is ``patient-privacy``: the patient
 lets members of the consortium see records held by this member. It maps to :class:`Terms`:
@@ -263,7 +264,7 @@ def terms_of(resource: dict[str, Any], members: Collection[str], recorded: str) 
 
 
 def granted_body(consent_id: str, patient: str, terms: Terms, resource_hash: str) -> dict[str, Any]:
-    """The body of ``consent.granted`` (DESIGN §4)."""
+    """The body of ``consent.granted`` (docs/spec.md §13.2, §14.1)."""
     return {
         "consent_id": consent_id,
         "patient": patient,
@@ -276,7 +277,7 @@ def granted_body(consent_id: str, patient: str, terms: Terms, resource_hash: str
 
 
 def revoked_body(consent_id: str, patient: str) -> dict[str, Any]:
-    """The body of ``consent.revoked`` (DESIGN §4)."""
+    """The body of ``consent.revoked`` (docs/spec.md §13.2, §14.1)."""
     return {"consent_id": consent_id, "patient": patient}
 
 

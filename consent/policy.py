@@ -1,4 +1,4 @@
-"""The consent policy of DESIGN §5, as a pure function of ledger entries and one request.
+"""The consent policy of docs/spec.md §14.2, as a pure function of ledger entries and one request.
 
 Deny by default. A request is permitted when an *effective* consent of the same patient
 lists the requester (or ``*``), the purpose and every requested category, and the request

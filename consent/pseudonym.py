@@ -1,4 +1,4 @@
-"""The pseudonym that stands for a patient on the ledger (DESIGN §4).
+"""The pseudonym that stands for a patient on the ledger (docs/spec.md §13.1).
 
 ``HMAC-SHA256(consortium pseudonym key, "<identifier system>|<identifier value>")``, in
 lowercase hex. Every member holds the same key (``hrx node join --secret``), so one patient

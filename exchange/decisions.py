@@ -1,12 +1,13 @@
-"""The source's side of an access request (DESIGN §2.3, §5): decide it and say what to record.
+"""The source's side of an access request (docs/spec.md §14, §15.3): decide it and say what
+to record.
 
 The decision reads the consent entries of the patient from every chain this node holds, each
 up to the tree size it had when the decision began — that set of tree sizes is the ``view``
 that ``access.decided`` records, so that an auditor who replays the decision over exactly
 those entries (:func:`replay`) must reach the same result.
 
-``access.decided`` carries, beyond DESIGN §4's fields, what the replay needs and the request
-held: ``patient`` (pseudonym), ``purpose``, ``categories``, ``decided_at`` (the time the
+``access.decided`` carries, beyond the fields of docs/spec.md §13.2, what the replay needs and
+the request held: ``patient`` (pseudonym), ``purpose``, ``categories``, ``decided_at`` (the time the
 policy was evaluated at), ``reason_stated`` (whether an emergency reason was given; the text
 itself stays off the ledger, as it may describe the patient's condition, and is kept in the
 source's local AuditEvent, its SHA-256 and its code on the ledger in ``emergency.access``) and

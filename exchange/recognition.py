@@ -1,4 +1,4 @@
-"""Mutual recognition of results (检查检验结果互认, DESIGN §6): rules as data, and verdicts.
+"""Mutual recognition of results (检查检验结果互认, docs/spec.md §17): rules as data, and verdicts.
 
 A result from another member is *recognised* (mark ``HR``) when all of these hold, and each is
 a reason of the verdict either way:

@@ -1,4 +1,4 @@
-"""The requester's side of a referral (DESIGN §2.3): ask every member for a patient's prior
+"""The requester's side of a referral (docs/spec.md §15.4): ask every member for a patient's prior
 results in parallel, and make one FHIR searchset of what came back.
 
 Each member is asked for the records (``POST /peer/access``, with the proof that the question
@@ -33,10 +33,9 @@ from typing import Any
 
 from consent.model import MEMBER_SYSTEM
 from exchange.recognition import Rules, result_of, verdict
-from fhir_adapters import jsonio
 from fhir_adapters.errors import FhirError
-from ledger.errors import LedgerError
-from ledger.replication import PeerTimeout
+from fhir_adapters.store import jsonio
+from ledger.errors import LedgerError, PeerTimeout
 
 RECOGNITION_URL = "urn:hrx:fhir:StructureDefinition:mutual-recognition"
 LEDGER_POLICY = "urn:hrx:ledger"  # urn:hrx:ledger:<chain>:<seq> names an entry

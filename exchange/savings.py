@@ -1,4 +1,4 @@
-"""What mutual recognition saved, computed from the ledger alone (DESIGN §2.3, §6).
+"""What mutual recognition saved, computed from the ledger alone (docs/spec.md §17).
 
 Every ``result.recognized`` entry is an exam a member did not repeat because it accepted a
 recognised prior result, with the cost avoided in fen; every ``result.reordered`` is one it

@@ -3,7 +3,7 @@
 The input is pydicom Datasets — read from files, or parsed from DICOMweb's DICOM JSON with
 ``Dataset.from_json`` — so character sets (GB18030, ISO_IR 192, ISO 2022...) are already
 decoded and person names come with their alphabetic, ideographic and phonetic groups. Nothing
-here touches a database or the network; :mod:`node.dicom_intake` stores what this returns.
+here touches a database or the network; :mod:`node.intake.dicom` stores what this returns.
 
 The mapping (docs/adapters-dicom.md has the whole table):
 
@@ -33,6 +33,7 @@ from pydicom.multival import MultiValue
 from pydicom.valuerep import PersonName
 
 from consent.pseudonym import RESIDENT_ID_SYSTEM, normalized
+from fhir_adapters.errors import AdapterError
 
 DICOM_UID_SYSTEM = "urn:dicom:uid"
 DCM_SYSTEM = "http://dicom.nema.org/resources/ontology/DCM"
@@ -90,7 +91,7 @@ _OFFSET = re.compile(r"([+-])([0-9]{2})([0-9]{2})")
 _CJK = re.compile("[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff]")
 
 
-class DicomMappingError(ValueError):
+class DicomMappingError(AdapterError):
     """A study's DICOM cannot be mapped; the message says why, for the operator."""
 
 

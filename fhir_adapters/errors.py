@@ -1,6 +1,10 @@
-"""The one error hierarchy of the FHIR package: every failure it reports is a FhirError.
+"""The one error hierarchy of this package: every failure it reports is an AdapterError.
 
-Each error knows the HTTP status FHIR gives it and becomes an OperationOutcome with
+The FHIR store's failures are FhirErrors; the mappers have their own subclasses, next to their
+code (:class:`fhir_adapters.hl7v2.Hl7Error`, :class:`fhir_adapters.lis_csv.CsvError`,
+:class:`fhir_adapters.dicom.DicomMappingError`).
+
+Each FhirError knows the HTTP status FHIR gives it and becomes an OperationOutcome with
 :meth:`FhirError.outcome`; the web layer only serialises it. ``issues`` lets one error carry
 several problems (every invalid element of a resource, say), each with the FHIRPath location
 of what is wrong.
@@ -32,7 +36,11 @@ class Issue:
         return issue
 
 
-class FhirError(Exception):
+class AdapterError(Exception):
+    """Base of every error this package raises."""
+
+
+class FhirError(AdapterError):
     """Base of every error the FHIR package raises: an HTTP status and OperationOutcome issues."""
 
     status = 400

@@ -1,6 +1,6 @@
 """LIS exports as CSV: a mapping file says which column holds what, and each report's rows
 become one HL7 v2.5.1 ORU^R01 message, which the node then takes in exactly as it takes in a
-message from the LIS over MLLP (:mod:`fhir_adapters.hl7v2`, :mod:`node.hl7_intake`). One
+message from the LIS over MLLP (:mod:`fhir_adapters.hl7v2`, :mod:`node.intake.hl7`). One
 mapping path for both: the same identifiers, codes, units, ranges, flags and statuses, the same
 idempotence (a report imported twice is stored once) and the same quarantine.
 
@@ -40,7 +40,8 @@ from datetime import datetime, timedelta, timezone
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
-from fhir_adapters.jsonio import number_problem
+from fhir_adapters.errors import AdapterError
+from fhir_adapters.store.jsonio import number_problem
 
 ZONE = timezone(timedelta(hours=8))  # times without a zone are China Standard Time
 SENDING_APPLICATION = "HRX-CSV"  # MSH-3 of every message made from a CSV file
@@ -72,7 +73,7 @@ REQUIRED = ("report", "panel_code", "code", "value")
 MAPPED_VALUES = ("gender", "flag", "status")
 
 
-class CsvError(Exception):
+class CsvError(AdapterError):
     """A mapping file or CSV content that cannot be read, with where (file, line, column)."""
 
 

@@ -1,4 +1,4 @@
-"""The hrx ledger: the normative wire format of DESIGN §3 and everything that keeps it.
+"""The hrx ledger: the wire format of docs/spec.md §1–9 and everything that keeps it.
 
 Canonical JSON (RFC 8785), RFC 9162 Merkle trees and proofs, Ed25519-signed blocks and
 rosters, BLS12-381 keys for checkpoints, the append-only chain store with its

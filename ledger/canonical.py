@@ -1,5 +1,5 @@
 """Canonical JSON for the ledger: RFC 8785 (JCS) bytes, and the checks that keep payloads in
-the subset DESIGN §3 allows (no floating-point numbers, ASCII object keys, JSON types only).
+the subset docs/spec.md §1.1 allows (no floating-point numbers, ASCII object keys, JSON types only).
 
 Every hash and signature in the ledger is computed over bytes made here, so two
 implementations that follow RFC 8785 agree byte for byte. Within that subset RFC 8785 is plain

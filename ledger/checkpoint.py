@@ -1,4 +1,4 @@
-"""Checkpoints (DESIGN §3): members co-sign the chain heads they have verified, with BLS.
+"""Checkpoints (docs/spec.md §6): members co-sign the chain heads they have verified, with BLS.
 
 A checkpoint is ``{"v": 1, "epoch", "time", "roster", "heads": {chain: {"height", "hash",
 "tree_size", "tree_root"}}}``. Each member signs ``b"hrx/checkpoint/v1\\x00" +

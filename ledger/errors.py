@@ -87,3 +87,11 @@ class VerificationError(LedgerError):
         if self.seq is not None:
             place.append(f"seq {self.seq}")
         return f"{', '.join(place)}: {self.what}" if place else self.what
+
+
+class PeerUnavailable(LedgerError):
+    """A member could not be reached, or answered with an error."""
+
+
+class PeerTimeout(PeerUnavailable):
+    """A member did not answer in time."""

@@ -2,9 +2,9 @@
 domain-separated signing.
 
 Key files are created when absent with mode 0600 and refused when other users may read them.
-Every signature covers ``domain || digest`` where ``domain`` names what is signed (DESIGN §3:
-``b"hrx/block/v1\\x00"``, ``b"hrx/roster/v1\\x00"``), so a signature over one kind of object
-can never be replayed as another.
+Every signature covers ``domain || digest`` where ``domain`` names what is signed
+(docs/spec.md §1.3: ``b"hrx/block/v1\\x00"``, ``b"hrx/roster/v1\\x00"``), so a signature over
+one kind of object can never be replayed as another.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ Proofs are built from *complete subtrees*: the node at ``(level, index)`` covers
 (see :class:`Frontier`, which yields them as leaves are appended) answers any proof with
 O(log n) look-ups: :func:`inclusion_plan` and :func:`consistency_plan` say which nodes a proof
 needs, and :func:`assemble` turns the fetched hashes into the proof. The verifiers are the
-RFC 9162 §2.1.3.2 and §2.1.4.2 algorithms, with the policy of DESIGN §3: hashes must be 32
+RFC 9162 §2.1.3.2 and §2.1.4.2 algorithms, with the policy of docs/spec.md §3: hashes must be 32
 bytes, an inclusion index must be below the tree size, and a consistency proof from size 0 is
 refused.
 """

@@ -1,4 +1,5 @@
-"""Entries, block headers and blocks exactly as DESIGN §3 defines them, and their checks.
+"""Entries, block headers and blocks exactly as docs/spec.md §2 and §4 define them, and their
+checks.
 
 An entry is one ledger event and one Merkle leaf; its leaf data is ``JCS(entry)``. A block
 header commits a batch of consecutive entries of one chain: its height, the hash of the

@@ -5,12 +5,12 @@ each chain compares what the chain's author *and every other member* say against
 copy. A head beyond the local one is pulled from whoever showed it, block by block, each
 verified exactly as the auditor verifies (signature by the roster's key, hash link, entries,
 Merkle root) before anything is stored. Two validly signed headers of one chain at one
-height with different hashes are fork evidence (DESIGN §3): stored, and the chain is frozen
+height with different hashes are fork evidence (docs/spec.md §7): stored, and the chain is frozen
 — no more of its blocks are accepted — until people sort it out. A member that is unreachable
 or that serves something that does not verify is backed off from, more each time.
 
 The transport is not this module's business: a :class:`Peers` object fetches JSON from a
-member (the node signs those requests, DESIGN §7).
+member (the node signs those requests, docs/spec.md §10).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from ledger import keys, merkle
 from ledger.canonical import canonical_bytes, parse_canonical
-from ledger.errors import LedgerError, StoreError, VerificationError
+from ledger.errors import LedgerError, PeerUnavailable, StoreError, VerificationError
 from ledger.model import ZERO_HASH, block_hash, check_header
 from ledger.store import ChainStore, Head
 from ledger.verify import Verifier
@@ -35,14 +35,6 @@ log = logging.getLogger(__name__)
 PAGE_BLOCKS = 200  # blocks asked for at once (a block holds at most 1000 entries)
 MAX_BACKOFF_SECONDS = 4.0  # the longest a silent member is left alone
 MAX_UNANCHORED_ENTRIES = 200_000  # held in memory while waiting for an anchor
-
-
-class PeerUnavailable(LedgerError):
-    """A member could not be reached, or answered with an error."""
-
-
-class PeerTimeout(PeerUnavailable):
-    """A member did not answer in time."""
 
 
 class Peers(Protocol):

@@ -13,7 +13,7 @@ authority, the trust anchor, can. A resolution says, for a chain and a height, w
 A member that holds the kept block at that height follows the chain again (its fork evidence
 there is resolved); one that holds the other block keeps the chain frozen. The evidence stays:
 the fork happened, and the auditor still reports it, as resolved by the authority. A roster
-is not used for this, so that the roster's form stays as DESIGN §3 fixes it.
+is not used for this, so that the roster's form stays as docs/spec.md §5 fixes it.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The consortium roster: who is a member, with which keys, signed by the consortium authority.
 
-DESIGN §3: ``{"v": 1, "consortium", "version", "quorum", "members": [{"id", "name", "url",
+docs/spec.md §5: ``{"v": 1, "consortium", "version", "quorum", "members": [{"id", "name", "url",
 "level", "ed25519", "bls", "bls_pop", "accreditation"}]}``, signed with Ed25519 over
 ``b"hrx/roster/v1\\x00" || SHA-256(JCS(roster))`` by the authority key, the trust anchor that
 auditors are given. A node refuses blocks, requests and checkpoint signatures from keys the

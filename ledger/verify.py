@@ -1,4 +1,4 @@
-"""The offline auditor's ledger verification: everything DESIGN §3 lets a third party check,
+"""The offline auditor's ledger verification: everything docs/spec.md §8 lets a third party check,
 from an export file or straight from a node's database, streamed in bounded memory.
 
 Checked, in order of reading: each roster's form, its authority signature (when the auditor
@@ -39,6 +39,7 @@ from ledger.canonical import (
     parse_canonical_many,
     parse_json,
 )
+from ledger.checkpoint import verify_certificate
 from ledger.errors import LedgerError, VerificationError
 from ledger.model import (
     ENTRY_KEYS,
@@ -115,7 +116,7 @@ class Summary:
     covered: dict[str, tuple[int, int]] = field(default_factory=dict)
     forks: list[str] = field(default_factory=list)  # proven by valid evidence
     resolved: list[str] = field(default_factory=list)  # forks the authority's resolution settles
-    # break-glass accesses (DESIGN §4 emergency.access), always shown to the auditor
+    # break-glass accesses (docs/spec.md §14.3, emergency.access), always shown to the auditor
     emergencies: list[Emergency] = field(default_factory=list)
 
     @property
@@ -208,8 +209,6 @@ class Verifier:
         names, and every head it certifies against the chains verified so far. ``given``: a
         certificate obtained elsewhere than from the ledger being verified, which holds the
         copy to everything it certifies (a copy cannot prove its own tail)."""
-        from ledger.checkpoint import verify_certificate
-
         try:
             checkpoint = verify_certificate(certificate, self.rosters)
         except LedgerError as exc:

@@ -5,17 +5,14 @@ Flask app; the CLI makes one to act on a node's directory without serving it."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import partial
 
 from fhir_adapters.store import ResourceStore
-from ledger import keys
 from ledger.store import ChainStore
-from node.audit import AuditTrail
-from node.auth import TokenAuthority
-from node.config import NodeConfig
-from node.consents import ConsentRecorder
-from node.db import Database, open_database, require_current
-from node.users import record_token, token_standing
+from node.base.config import NodeConfig
+from node.db.engines import Database, open_database, require_current
+from node.identity.tokens import TokenAuthority, token_authority
+from node.records.audit_trail import AuditTrail
+from node.records.consents import ConsentRecorder
 
 
 @dataclass
@@ -40,12 +37,7 @@ def open_services(config: NodeConfig, *, check_schema: bool = True) -> Services:
     if check_schema:
         require_current(database.engine, config.directory)
     store = ResourceStore(database.engine, database.write_engine, config.fhir_base)
-    tokens = TokenAuthority(
-        keys.load_private_key(config.token_key),
-        config.fhir_base,
-        partial(token_standing, database.engine),
-        partial(record_token, database.write_engine),
-    )
+    tokens = token_authority(config.token_key, config.fhir_base, database)
     audit = AuditTrail(store, config.node_id, config.name, config.audit_flush_ms)
     chain_store = ChainStore(database.engine)
     chain_writes = ChainStore(database.write_engine)  # on SQLite: the write lock up front

@@ -24,23 +24,22 @@ import threading
 import time
 from pathlib import Path
 
+import pydicom
+from pydicom.uid import generate_uid
+from rich.console import Console
+from rich.progress import Progress
+from rich.table import Table
+
+from fhir_adapters.hl7v2 import Systems, parse_message, read_results
+from node.base.config import load_config
+from node.demo.nodes import free_port, init_node, join_alone
+from node.demo.orthanc import running_orthanc, upload
+from node.intake.dicom import DicomwebClient, sync_round
+from node.intake.hl7 import Hl7Intake
+from node.intake.mllp import send_many
+from node.services import open_services
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-import pydicom  # noqa: E402
-from pydicom.uid import generate_uid  # noqa: E402
-from rich.console import Console  # noqa: E402
-from rich.progress import Progress  # noqa: E402
-from rich.table import Table  # noqa: E402
-
-from fhir_adapters.hl7v2 import Systems, parse_message, read_results  # noqa: E402
-from node.config import load_config  # noqa: E402
-from node.dicom_intake import DicomwebClient, sync_round  # noqa: E402
-from node.hl7_intake import Hl7Intake  # noqa: E402
-from node.mllp import send_many  # noqa: E402
-from node.services import open_services  # noqa: E402
-from tests.nodes import free_port, init_node, join_alone  # noqa: E402
-from tests.orthanc import running_orthanc, upload  # noqa: E402
 
 console = Console()
 HRX = [sys.executable, "-m", "node.cli"]

@@ -19,20 +19,18 @@ Prints each figure in microseconds per call and calls per second, beside the cei
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from node.base.config import load_config
+from node.demo.nodes import free_port, init_node
+from node.identity.tokens import TokenAuthority
+from node.identity.users import add_user, token_standing
+from node.services import open_services
 
-from node.auth import TokenAuthority  # noqa: E402
-from node.config import load_config  # noqa: E402
-from node.services import open_services  # noqa: E402
-from node.users import add_user, token_standing  # noqa: E402
-from tests.nodes import free_port, init_node  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def rate(function: Callable[[], object], seconds: float) -> float:

@@ -24,28 +24,26 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
 
+import requests
+from rich.console import Console
+from rich.progress import Progress
+
+from consent.model import consent_resource
+from consent.policy import CONSENT_TYPES, AccessRequest, decide
+from consent.pseudonym import RESIDENT_ID_SYSTEM
+from exchange.decisions import decide_access
+from ledger.model import format_time
+from node.base.config import load_config
+from node.demo.nodes import Node, free_port, init_node, join_alone, wait_healthy
+from node.identity.sessions import issue_enrollment, redeem_enrollment
+from node.services import open_services
+from scripts.bench_fhir import gunicorn, lua_paths, wrk
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-import requests  # noqa: E402
-from rich.console import Console  # noqa: E402
-from rich.progress import Progress  # noqa: E402
-
-from consent.model import consent_resource  # noqa: E402
-from consent.policy import CONSENT_TYPES, AccessRequest, decide  # noqa: E402
-from consent.pseudonym import RESIDENT_ID_SYSTEM  # noqa: E402
-from exchange.decisions import decide_access  # noqa: E402
-from ledger.model import format_time  # noqa: E402
-from node.config import load_config  # noqa: E402
-from node.services import open_services  # noqa: E402
-from node.sessions import issue_enrollment, redeem_enrollment  # noqa: E402
-from scripts.bench_fhir import gunicorn, lua_paths, wrk  # noqa: E402
-from tests.nodes import Node, free_port, init_node, join_alone, wait_healthy  # noqa: E402
 
 console = Console()
 

@@ -25,17 +25,15 @@ import threading
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from rich.console import Console
 
-from rich.console import Console  # noqa: E402
-
-from ledger import keys  # noqa: E402
-from ledger.store import ChainStore, ChainWriter  # noqa: E402
-from node.config import load_config  # noqa: E402
-from node.harness import Consortium  # noqa: E402
+from ledger import keys
+from ledger.store import ChainStore, ChainWriter
+from node.base.config import load_config
+from node.demo.harness import Consortium
 
 console = Console()
+ROOT = Path(__file__).resolve().parent.parent
 
 CHECKPOINT_SCRIPT = r"""
 import sys, time, json
@@ -44,6 +42,8 @@ from ledger.checkpoint import make_certificate, sign, verify_certificate
 from ledger.roster import make_member, make_roster, open_roster
 from ledger import keys
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+ROOT = Path(__file__).resolve().parent.parent
 secrets = [bls.generate_secret_key(bytes([n]) * 32) for n in range(5)]
 members = [make_member(f"hosp-{n}", "x", "http://x", Ed25519PrivateKey.generate(), s)
            for n, s in enumerate(secrets)]
@@ -110,7 +110,8 @@ def append_entries(
 
 
 def catch_up(entries: int) -> None:
-    from node.replication import SignedPeers, replicator_for
+    from node.consortium.peers import SignedPeers
+    from node.consortium.worker import replicator_for
 
     with tempfile.TemporaryDirectory(prefix="hrx-bench-") as scratch:
         group = Consortium(Path(scratch), 2, quorum=2, epoch_seconds=3600)

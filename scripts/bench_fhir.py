@@ -31,16 +31,15 @@ import tempfile
 import time
 from pathlib import Path
 
+from rich.console import Console
+from rich.progress import Progress
+
+from fhir_adapters.store import ResourceStore
+from node.base.config import load_config
+from node.db.engines import open_database
+from node.demo.nodes import free_port, init_node, wait_healthy
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from rich.console import Console  # noqa: E402
-from rich.progress import Progress  # noqa: E402
-
-from fhir_adapters.store import ResourceStore  # noqa: E402
-from node.config import load_config  # noqa: E402
-from node.db import open_database  # noqa: E402
-from tests.nodes import free_port, init_node, wait_healthy  # noqa: E402
 
 console = Console()
 LOINC = [
@@ -212,7 +211,7 @@ def gunicorn(directory: Path, port: int, workers: int, threads: int) -> subproce
             f"127.0.0.1:{port}",
             "--log-level",
             "warning",
-            "node.wsgi:app",
+            "node.web.wsgi:app",
         ],
         cwd=ROOT,
         env={**os.environ, "HRX_NODE_DIR": str(directory)},
@@ -235,7 +234,7 @@ def main() -> None:
     port = free_port()
     init_node(directory, "hosp-a", args.db, port)
     patient_ids, observation_ids = load(directory, args.observations)
-    from tests.nodes import Node
+    from node.demo.nodes import Node
 
     node = Node(directory, port)
     token = node.token("bench", "doctor")

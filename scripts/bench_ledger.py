@@ -30,8 +30,6 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 from ledger import bls, keys, merkle
 from ledger.canonical import canonical_bytes
 from ledger.roster import make_member, make_roster, open_roster, sign_roster

@@ -18,7 +18,6 @@ import argparse
 import os
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 import uuid
@@ -26,17 +25,16 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
+from rich.console import Console
+from rich.progress import Progress
+
+from consent.model import consent_resource
+from consent.pseudonym import RESIDENT_ID_SYSTEM
+from ledger.store import ChainStore
+from node.demo.harness import Consortium
+from node.demo.nodes import Node, post
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from rich.console import Console  # noqa: E402
-from rich.progress import Progress  # noqa: E402
-
-from consent.model import consent_resource  # noqa: E402
-from consent.pseudonym import RESIDENT_ID_SYSTEM  # noqa: E402
-from ledger.store import ChainStore  # noqa: E402
-from node.harness import Consortium  # noqa: E402
-from tests.nodes import Node, post  # noqa: E402
 
 console = Console()
 ZONE = timezone(timedelta(hours=8))

@@ -11,17 +11,15 @@ from __future__ import annotations
 
 import argparse
 import signal
-import sys
 import tempfile
 import time
 from pathlib import Path
 
+from rich.console import Console
+
+from node.demo.harness import Consortium
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from rich.console import Console  # noqa: E402
-
-from node.harness import Consortium  # noqa: E402
 
 console = Console()
 

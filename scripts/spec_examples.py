@@ -22,26 +22,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey  # noqa: E402
-from http_message_signatures import (  # noqa: E402
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from http_message_signatures import (
     HTTPMessageSigner,
     HTTPSignatureKeyResolver,
     algorithms,
 )
 
-from consent.model import Terms, granted_body  # noqa: E402
-from consent.policy import AccessRequest, decide  # noqa: E402
-from consent.pseudonym import RESIDENT_ID_SYSTEM, normalized, pseudonym  # noqa: E402
-from exchange.decisions import Decided, decided_body, emergency_body  # noqa: E402
-from ledger import bls, keys, merkle  # noqa: E402
-from ledger.canonical import canonical_bytes  # noqa: E402
-from ledger.checkpoint import check_checkpoint, make_certificate  # noqa: E402
-from ledger.checkpoint import message as checkpoint_message  # noqa: E402
-from ledger.checkpoint import sign as sign_checkpoint  # noqa: E402
-from ledger.model import (  # noqa: E402
+from consent.model import Terms, granted_body
+from consent.policy import AccessRequest, decide
+from consent.pseudonym import RESIDENT_ID_SYSTEM, normalized, pseudonym
+from exchange.decisions import Decided, decided_body, emergency_body
+from ledger import bls, keys, merkle
+from ledger.canonical import canonical_bytes
+from ledger.checkpoint import check_checkpoint, make_certificate
+from ledger.checkpoint import message as checkpoint_message
+from ledger.checkpoint import sign as sign_checkpoint
+from ledger.model import (
     ZERO_HASH,
     block_bytes,
     block_hash,
@@ -50,8 +47,10 @@ from ledger.model import (  # noqa: E402
     make_header,
     parse_time,
 )
-from ledger.roster import make_member, make_roster, roster_digest, sign_roster  # noqa: E402
-from node.peer_auth import COVERED, LABEL, TAG, Message  # noqa: E402
+from ledger.roster import make_member, make_roster, roster_digest, sign_roster
+from node.consortium.signing import COVERED, LABEL, TAG, Message
+
+ROOT = Path(__file__).resolve().parent.parent
 
 CHAIN = "hosp-a"
 RESIDENT_ID = "11010519491231002x"  # the sample number of GB 11643, check character written "x"
@@ -284,7 +283,7 @@ def _checkpoint(
 
 
 def _signed_request(out: Lines, found: dict[str, Any]) -> None:
-    """hosp-b's push hint to hosp-a, signed as node.peer_auth signs it, at a fixed time and
+    """hosp-b's push hint to hosp-a, signed as node.consortium.signing signs it, at a fixed time and
     with a fixed nonce (a node uses the current time and a random nonce)."""
     body = canonical_bytes({"chain": "hosp-b"})
     created = parse_time("2026-11-22T09:30:01.000Z")

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import IN_PROCESS_LOG
+from tests.helpers.logs import IN_PROCESS_LOG
 
 RESIDENT_ID = re.compile(r"(?<![0-9A-Za-z])[1-9][0-9]{16}[0-9Xx](?![0-9A-Za-z])")
 MOBILE = re.compile(r"(?<![0-9A-Za-z])1[3-9][0-9]{9}(?![0-9A-Za-z])")

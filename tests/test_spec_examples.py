@@ -24,8 +24,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from py_ecc.bls.ciphersuites import G2ProofOfPossession
 
 from scripts.spec_examples import compute, render
+from tests.helpers import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 SPEC = ROOT / "docs" / "spec.md"
 BLOCK = re.compile(
     r"<!-- spec-examples:begin -->\n```text\n(?P<text>.*?)```\n<!-- spec-examples:end -->",
@@ -217,7 +217,7 @@ def test_signed_request(figures: dict[str, str]) -> None:
 
 
 def test_example_ledger_verifies(tmp_path: Path) -> None:
-    from exchange.audit import WATCHED, DecisionAudit
+    from exchange.decision_replay import WATCHED, DecisionReplay
     from ledger.canonical import canonical_bytes
     from ledger.verify import verify_export
 
@@ -227,7 +227,7 @@ def test_example_ledger_verifies(tmp_path: Path) -> None:
     lines += made["blocks"]
     lines.append({"certificate": made["certificate"]})
     export.write_bytes(b"".join(canonical_bytes(line) + b"\n" for line in lines))
-    decisions = DecisionAudit()
+    decisions = DecisionReplay()
     summary = verify_export(export, made["authority"], watch=WATCHED, observe=decisions.observe)
     assert summary.anchored and summary.entries == 3 and summary.certificates
     assert summary.covered["hosp-a"][1] == 1

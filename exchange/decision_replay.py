@@ -1,0 +1,134 @@
+"""The auditor's replay of access decisions (docs/spec.md §14.4): every ``access.decided`` on any
+chain, decided again by the consent policy over the consent entries of the view it records,
+must come out as recorded. A decision that does not — a forged permit, a permit after a
+revocation the source had seen, a deny the consents did not call for — is a finding.
+
+Fed while the ledger is verified (:class:`DecisionReplay` is the verifier's entry observer), it
+keeps every consent entry (they are few: one per grant or revocation) and every decision's body
+until the end, then replays. Memory grows with the number of decisions (a few hundred bytes
+each); a ledger of tens of millions of decisions would want them spilled to disk.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from consent.policy import CONSENT_TYPES
+from exchange.decisions import replay
+
+DECIDED = "access.decided"
+WATCHED = frozenset((*CONSENT_TYPES, DECIDED))
+DECIDED_FIELDS = ("patient", "requester_org", "purpose", "categories", "decided_at", "view")
+
+
+@dataclass(frozen=True)
+class Finding:
+    chain: str
+    seq: int
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.chain} seq {self.seq}: {self.message}"
+
+
+@dataclass
+class DecisionReplay:
+    consents: dict[str, list[Mapping[str, Any]]] = field(default_factory=lambda: defaultdict(list))
+    decisions: list[Mapping[str, Any]] = field(default_factory=list)
+
+    def observe(self, entry: Mapping[str, Any]) -> None:
+        """Take one verified entry of a watched type (:data:`WATCHED`)."""
+        if entry["type"] == DECIDED:
+            self.decisions.append(entry)
+        elif isinstance(entry["body"].get("patient"), str):
+            self.consents[entry["body"]["patient"]].append(entry)
+
+    def findings(self, held: Mapping[str, int] | None = None) -> list[Finding]:
+        """Every decision the policy would not have made; ``held``: the entries the verified
+        copy holds of each chain, when known — a decision whose view reads more of a chain
+        than the copy holds cannot be replayed from it, and is a finding too."""
+        found = []
+        for entry in self.decisions:
+            body = entry["body"]
+            missing = [name for name in DECIDED_FIELDS if name not in body]
+            if missing or not isinstance(body.get("view"), dict):
+                found.append(
+                    Finding(
+                        entry["chain"],
+                        entry["seq"],
+                        f"access.decided lacks {', '.join(missing) or 'a view'}: it cannot be "
+                        "replayed",
+                    )
+                )
+                continue
+            chain, seq = entry["chain"], entry["seq"]
+            consents = self.consents.get(str(body["patient"]), [])
+            view = body["view"]
+            short = sorted(
+                (c, size, held.get(c, 0))
+                for c, size in view.items()
+                if held is not None and c != chain and size > held.get(c, 0)
+            )
+            if short:
+                found.append(
+                    Finding(
+                        chain,
+                        seq,
+                        "cannot be replayed from this copy: its view reads "
+                        + ", ".join(
+                            f"{n} entries of {c} (this copy holds {h})" for c, n, h in short
+                        ),
+                    )
+                )
+                continue
+            if view.get(chain, 0) > seq:
+                found.append(
+                    Finding(
+                        chain,
+                        seq,
+                        f"its view claims {view[chain]} entries of {chain}, "
+                        "which did not yet exist",
+                    )
+                )
+                continue
+            try:
+                again = replay(body, consents)
+                # its own chain's entries before it were there to be read: a view that leaves
+                # them out (an old head) must not change the outcome
+                whole = replay({**body, "view": {**view, chain: seq}}, consents)
+            except (TypeError, ValueError, KeyError) as exc:
+                found.append(Finding(chain, seq, f"cannot be replayed: {exc}"))
+                continue
+            if again.decision == body.get("decision") != whole.decision:
+                found.append(
+                    Finding(
+                        chain,
+                        seq,
+                        f"recorded {body.get('decision')} over a view that leaves out {chain}'s "
+                        f"own earlier entries; with them the policy calls for {whole.decision}: "
+                        f"{whole.reason}",
+                    )
+                )
+                continue
+            if again.decision != body.get("decision"):
+                found.append(
+                    Finding(
+                        chain,
+                        seq,
+                        f"recorded {body.get('decision')} for {body['requester_org']}, but the "
+                        f"consents in its view call for {again.decision}: {again.reason}",
+                    )
+                )
+            elif again.permitted and again.consent != body.get("consent"):
+                found.append(
+                    Finding(
+                        chain,
+                        seq,
+                        f"permit rests on consent {body.get('consent')}, but the policy finds "
+                        f"{again.consent}",
+                    )
+                )
+        return found

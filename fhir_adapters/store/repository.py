@@ -1,0 +1,958 @@
+"""The FHIR resource store: versioned writes with their index rows, reads, and history.
+
+Every write runs in one database transaction that also updates the search indexes, so a
+search never sees half a write. Writers of one database never race: on SQLite every write
+transaction takes the write lock up front (``BEGIN IMMEDIATE``), on PostgreSQL the resource
+row is locked (``SELECT ... FOR UPDATE``) and a conditional create takes an advisory lock on
+its condition. Version ids count from 1; a delete is a version with no body.
+
+References are kept whole: a local reference must point to a hosted resource that exists
+(422 otherwise), and a resource that others reference cannot be deleted (409). AuditEvents
+record history, so their references neither need to resolve nor hold anything in place.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+import uuid
+from collections.abc import Callable, Collection, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+
+from fhir_adapters.errors import (
+    Conflict,
+    Gone,
+    InvalidRequest,
+    NotFound,
+    PreconditionFailed,
+    Unprocessable,
+)
+from fhir_adapters.store import jsonio, tables
+from fhir_adapters.store.resources import RESOURCE_TYPES, check_id, check_type, references, validate
+from fhir_adapters.store.search import (
+    DEFAULT_COUNT,
+    Access,
+    Matches,
+    SearchRequest,
+    match_query,
+    page,
+    paginate,
+)
+from fhir_adapters.store.search_params import IndexRows, index_values, parse_reference
+
+log = logging.getLogger(__name__)
+
+R = tables.resources
+
+SERVER_META = ("versionId", "lastUpdated")
+
+
+def now_micros() -> int:
+    """Now, in whole milliseconds (FHIR instants here carry milliseconds), as µs."""
+    moment = datetime.now(UTC)
+    return int(moment.timestamp() * 1000) * 1000
+
+
+def format_instant(micros: int) -> str:
+    moment = datetime.fromtimestamp(micros / 1_000_000, UTC)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+
+
+def http_date(micros: int) -> str:
+    moment = datetime.fromtimestamp(micros // 1_000_000, UTC)
+    return moment.strftime("%a, %d %b %Y %H:%M:%S GMT")
+
+
+@dataclass(frozen=True)
+class Stored:
+    """One stored version of a resource."""
+
+    type: str
+    id: str
+    version: int
+    last_updated: int  # µs since the epoch
+    body: bytes | None  # None for the version that deleted the resource
+    method: str = "PUT"
+    # the patients whose compartments it is in, when the read that found it knew them
+    patients: frozenset[str] | None = field(default=None, compare=False)
+    res_pk: int | None = field(default=None, compare=False)  # its row, when known
+
+    @property
+    def etag(self) -> str:
+        return f'W/"{self.version}"'
+
+    @property
+    def location(self) -> str:
+        return f"{self.type}/{self.id}/_history/{self.version}"
+
+    @property
+    def deleted(self) -> bool:
+        return self.body is None
+
+    def sha256(self) -> str:
+        """The hash that stands for this version on the ledger."""
+        return hashlib.sha256(self.body or b"").hexdigest()
+
+    def resource(self) -> dict[str, Any]:
+        if self.body is None:
+            raise Gone(f"{self.type}/{self.id} was deleted")
+        parsed: dict[str, Any] = jsonio.parse(self.body)
+        return parsed
+
+
+WriteObserver = Callable[["Writer", Stored | None, Stored], None]
+
+
+def parse_etag(value: str) -> int:
+    """The version an ``If-Match`` value names: ``W/"3"`` or ``"3"`` or ``3``."""
+    text = value.strip()
+    if text.startswith("W/"):
+        text = text[2:]
+    text = text.strip('"')
+    if not re.fullmatch(r"[0-9]{1,9}", text):
+        raise InvalidRequest(f'If-Match {value[:40]!r} is not a version ETag such as W/"3"')
+    return int(text)
+
+
+class ResourceStore:
+    """The resources of one database. ``base_url`` is this server's FHIR base (references
+    written with it are local references)."""
+
+    def __init__(self, engine: Engine, write_engine: Engine, base_url: str = "") -> None:
+        self.engine = engine
+        self.write_engine = write_engine
+        self.base_url = base_url.rstrip("/")
+        self.observers: dict[str, list[WriteObserver]] = {}
+
+    def observe(self, resource_type: str, observer: WriteObserver) -> None:
+        """Call ``observer(writer, before, after)`` inside every write transaction that
+        creates, updates or deletes a ``resource_type``, once the new version is written:
+        ``before`` is the version it replaces (None on create), ``after`` the new one (its
+        body None for a delete). Raising undoes the whole transaction."""
+        self.observers.setdefault(resource_type, []).append(observer)
+
+    @property
+    def is_postgres(self) -> bool:
+        return self.engine.dialect.name == "postgresql"
+
+    # -- reads --------------------------------------------------------------------------
+
+    def read(self, resource_type: str, resource_id: str, conn: Connection | None = None) -> Stored:
+        """The current version; NotFound, or Gone when its current version is a delete."""
+        stored = self.current(resource_type, resource_id, conn)
+        if stored.deleted:
+            raise Gone(f"{resource_type}/{resource_id} was deleted")
+        return stored
+
+    def current(
+        self, resource_type: str, resource_id: str, conn: Connection | None = None
+    ) -> Stored:
+        """The current version, a delete included (its body None); NotFound when unknown."""
+        check_type(resource_type)
+        check_id(resource_id)
+        with _connection(self.engine, conn) as c:
+            row = c.execute(_CURRENT, {"type": resource_type, "id": resource_id}).first()
+            if row is None:
+                raise NotFound(f"{resource_type}/{resource_id} is not known")
+            if row[5] > 1:
+                patients = frozenset(
+                    r[0]
+                    for r in c.execute(
+                        sa.select(tables.compartment.c.patient_id).where(
+                            tables.compartment.c.res_pk == row[6]
+                        )
+                    )
+                )
+            else:
+                patients = frozenset(filter(None, [row[4]]))
+        return Stored(resource_type, resource_id, row[0], row[1], row[2], row[3], patients, row[6])
+
+    def vread(self, resource_type: str, resource_id: str, version: int) -> Stored:
+        check_type(resource_type)
+        check_id(resource_id)
+        query = (
+            sa.select(
+                tables.versions.c.last_updated, tables.versions.c.body, tables.versions.c.method
+            )
+            .select_from(
+                tables.resources.join(
+                    tables.versions, tables.versions.c.res_pk == tables.resources.c.res_pk
+                )
+            )
+            .where(
+                tables.resources.c.type == resource_type,
+                tables.resources.c.id == resource_id,
+                tables.versions.c.version == version,
+            )
+        )
+        with self.engine.connect() as conn:
+            row = conn.execute(query).first()
+        if row is None:
+            raise NotFound(f"{resource_type}/{resource_id} has no version {version}")
+        stored = Stored(resource_type, resource_id, version, row[0], row[1], row[2])
+        if stored.deleted:
+            raise Gone(f"version {version} of {resource_type}/{resource_id} is its deletion")
+        return stored
+
+    def versions_of(self, res_pks_versions: list[tuple[int, int]]) -> list[Stored]:
+        """The stored versions named by (res_pk, version) pairs, in the order given."""
+        if not res_pks_versions:
+            return []
+        found: dict[tuple[int, int], Stored] = {}
+        for start in range(0, len(res_pks_versions), 500):
+            chunk = res_pks_versions[start : start + 500]
+            query = (
+                sa.select(
+                    tables.versions.c.res_pk,
+                    tables.versions.c.version,
+                    tables.resources.c.type,
+                    tables.resources.c.id,
+                    tables.versions.c.last_updated,
+                    tables.versions.c.body,
+                    tables.versions.c.method,
+                )
+                .select_from(
+                    tables.versions.join(
+                        tables.resources, tables.resources.c.res_pk == tables.versions.c.res_pk
+                    )
+                )
+                .where(
+                    tables.versions.c.res_pk.in_(sorted({pk for pk, _ in chunk})),
+                    tables.versions.c.version.in_(sorted({v for _, v in chunk})),
+                )
+            )
+            wanted = set(chunk)
+            with self.engine.connect() as conn:
+                for row in conn.execute(query):
+                    if (row[0], row[1]) in wanted:
+                        found[(row[0], row[1])] = Stored(
+                            row[2], row[3], row[1], row[4], row[5], row[6], res_pk=row[0]
+                        )
+        return [found[key] for key in res_pks_versions if key in found]
+
+    def patients_by_item(self, items: list[Stored]) -> dict[tuple[str, str], frozenset[str]]:
+        """The patients in whose compartments each of these resources is (its current
+        version's index), by (type, id)."""
+        found: dict[tuple[str, str], set[str]] = {}
+        unknown = []
+        for item in items:
+            if item.patients is not None:
+                found[(item.type, item.id)] = set(item.patients)
+            else:
+                found[(item.type, item.id)] = set()
+                unknown.append(item)
+        keys = sorted({(item.type, item.id) for item in unknown})
+        C = tables.compartment
+        with self.engine.connect() as conn:
+            for start in range(0, len(keys), 500):
+                rows = conn.execute(
+                    sa.select(R.c.type, R.c.id, C.c.patient_id)
+                    .select_from(C.join(R, R.c.res_pk == C.c.res_pk))
+                    .where(keys_clause(R.c.type, R.c.id, keys[start : start + 500]))
+                )
+                for resource_type, resource_id, patient in rows:
+                    found[(resource_type, resource_id)].add(patient)
+        return {key: frozenset(value) for key, value in found.items()}
+
+    # -- search, history, $everything -----------------------------------------------------
+
+    def search(self, request: SearchRequest, access: Access, owner: str) -> Matches:
+        """The first page of a search (see :mod:`fhir_adapters.store.search`)."""
+        with self.engine.connect() as conn:
+            pairs = [
+                (row[0], row[1])
+                for row in conn.execute(match_query(request, access, self.base_url)).all()
+            ]
+            return paginate(
+                self.write_engine,
+                pairs,
+                request.count,
+                owner,
+                "search",
+                {
+                    "type": request.resource_type,
+                    "query": request.query_string(),
+                    "includes": [str(i) for i in request.includes],
+                    "revincludes": [str(i) for i in request.revincludes],
+                    "total": request.total,
+                },
+            )
+
+    def page(self, set_id: str, offset: int, count: int, owner: str) -> Matches:
+        with self.engine.connect() as conn:
+            return page(conn, set_id, offset, count, owner)
+
+    def count_matches(
+        self, request: SearchRequest, access: Access, limit: int, conn: Connection | None = None
+    ) -> list[int]:
+        """Up to ``limit`` matching res_pks (conditional create)."""
+        with _connection(self.engine, conn) as c:
+            return [
+                row[0]
+                for row in c.execute(match_query(request, access, self.base_url, limit=limit))
+            ]
+
+    def by_pk(self, res_pk: int, conn: Connection | None = None) -> Stored:
+        """The current version of the resource with this row key."""
+        with _connection(self.engine, conn) as c:
+            row = c.execute(sa.select(R.c.type, R.c.id).where(R.c.res_pk == res_pk)).one()
+        return self.read(row[0], row[1], conn)
+
+    def included(
+        self, page_items: list[Stored], request: dict[str, Any], access: Access
+    ) -> list[Stored]:
+        """What ``_include`` and ``_revinclude`` add to a page (current versions, filtered by
+        access, none twice and none already on the page)."""
+        if not page_items or not (request.get("includes") or request.get("revincludes")):
+            return []
+        page_keys = {(item.type, item.id) for item in page_items}
+        wanted: list[Any] = []
+        ref = tables.references
+        with self.engine.connect() as conn:
+            pks = {item.res_pk for item in page_items if item.res_pk is not None}
+            if len(pks) < len(page_keys):  # a page's versions know their rows; else look up
+                pks = {
+                    row[0]
+                    for row in conn.execute(
+                        sa.select(R.c.res_pk).where(keys_clause(R.c.type, R.c.id, page_keys))
+                    )
+                }
+            for text in request.get("includes", []):
+                source, param, *target = text.split(":")
+                query = sa.select(ref.c.target_type, ref.c.target_id).where(
+                    ref.c.res_pk.in_(sorted(pks)), ref.c.type == source, ref.c.param == param
+                )
+                if target:
+                    query = query.where(ref.c.target_type == target[0])
+                targets = sorted({(row[0], row[1]) for row in conn.execute(query)} - page_keys)
+                if targets:
+                    wanted.append(keys_clause(R.c.type, R.c.id, targets))
+            for text in request.get("revincludes", []):
+                source, param, *target = text.split(":")
+                keys = sorted(key for key in page_keys if not target or key[0] == target[0])
+                if keys:
+                    wanted.append(
+                        R.c.res_pk.in_(
+                            sa.select(ref.c.res_pk).where(
+                                ref.c.type == source,
+                                ref.c.param == param,
+                                keys_clause(ref.c.target_type, ref.c.target_id, keys),
+                            )
+                        )
+                    )
+            if not wanted:
+                return []
+            conditions = [sa.or_(*wanted), R.c.deleted.is_(False), R.c.res_pk.not_in(sorted(pks))]
+            restriction = access.clause(R.c.res_pk)
+            if restriction is not None:
+                conditions.append(restriction)
+            pairs = [
+                (row[0], row[1])
+                for row in conn.execute(
+                    sa.select(R.c.res_pk, R.c.version).where(*conditions).order_by(R.c.res_pk)
+                )
+            ]
+        return self.versions_of(pairs)
+
+    def history(
+        self,
+        resource_type: str | None,
+        resource_id: str | None,
+        access: Access,
+        owner: str,
+        *,
+        since: int | None = None,
+        count: int = DEFAULT_COUNT,
+    ) -> Matches:
+        """Versions newest first: of one resource, or of every resource of a type."""
+        V = tables.versions
+        conditions: list[Any] = []
+        if resource_type is not None:
+            check_type(resource_type)
+            conditions.append(V.c.type == resource_type)
+        if resource_id is not None:
+            assert resource_type is not None
+            current = self.current(resource_type, resource_id)  # NotFound when unknown
+            del current
+            conditions.append(
+                V.c.res_pk
+                == sa.select(R.c.res_pk)
+                .where(R.c.type == resource_type, R.c.id == resource_id)
+                .scalar_subquery()
+            )
+        if since is not None:
+            conditions.append(V.c.last_updated >= since)
+        restriction = access.clause(V.c.res_pk)
+        if restriction is not None:
+            conditions.append(restriction)
+        with self.engine.connect() as conn:
+            pairs = [
+                (row[0], row[1])
+                for row in conn.execute(
+                    sa.select(V.c.res_pk, V.c.version)
+                    .where(*conditions)
+                    .order_by(V.c.last_updated.desc(), V.c.res_pk.desc(), V.c.version.desc())
+                )
+            ]
+            if not access.unrestricted:
+                pairs = self._versions_in_compartment(pairs, access)
+            return paginate(
+                self.write_engine,
+                pairs,
+                count,
+                owner,
+                "history",
+                {"type": resource_type, "id": resource_id, "since": since},
+            )
+
+    def _versions_in_compartment(
+        self, pairs: list[tuple[int, int]], access: Access
+    ) -> list[tuple[int, int]]:
+        """Only the versions that were themselves in an allowed compartment (a resource that
+        moved between patients shows neither its old versions to the new patient nor the
+        reverse)."""
+        assert access.patients is not None
+        kept = []
+        for stored, pair in zip(self.versions_of(pairs), pairs, strict=True):
+            if stored.body is None:
+                kept.append(pair)
+                continue
+            resource = stored.resource()
+            if index_values(resource, self.base_url).compartment & access.patients:
+                kept.append(pair)
+        return kept
+
+    def in_compartments(
+        self, patient_ids: Collection[str], resource_types: Collection[str]
+    ) -> list[Stored]:
+        """The current versions of every resource of ``resource_types`` in the compartment of
+        any of ``patient_ids`` (what a member releases about them), by type and age.
+
+        A version holding a number JSON clients cannot read (stored before such numbers were
+        refused) is left out, with a log line naming its row: sent to another member, it would
+        make the whole answer unreadable there."""
+        if not patient_ids:
+            return []
+        C = tables.compartment
+        query = (
+            sa.select(R.c.res_pk, R.c.version)
+            .where(
+                R.c.deleted.is_(False),
+                R.c.type.in_(list(resource_types)),
+                R.c.res_pk.in_(sa.select(C.c.res_pk).where(C.c.patient_id.in_(list(patient_ids)))),
+            )
+            .order_by(R.c.type, R.c.res_pk)
+        )
+        with self.engine.connect() as conn:
+            pairs = [(row[0], row[1]) for row in conn.execute(query)]
+        return readable_only(self.versions_of(pairs), "released to another member")
+
+    def everything(self, patient_id: str, access: Access, owner: str, count: int) -> Matches:
+        """``Patient/{id}/$everything``: the patient, every resource in the patient's
+        compartment, and the practitioners and organizations they reference."""
+        self.read("Patient", patient_id)
+        C = tables.compartment
+        in_compartment = sa.select(C.c.res_pk).where(C.c.patient_id == patient_id)
+        L = tables.links
+        referenced = (
+            sa.select(R.c.res_pk)
+            .select_from(L.join(R, sa.and_(R.c.type == L.c.target_type, R.c.id == L.c.target_id)))
+            .where(
+                L.c.res_pk.in_(in_compartment),
+                L.c.target_type.in_(("Practitioner", "Organization")),
+            )
+        )
+        conditions = [
+            R.c.deleted.is_(False),
+            sa.or_(R.c.res_pk.in_(in_compartment), R.c.res_pk.in_(referenced)),
+            R.c.type != "AuditEvent",
+        ]
+        restriction = access.clause(R.c.res_pk)
+        if restriction is not None:
+            conditions.append(sa.or_(restriction, R.c.res_pk.in_(referenced)))
+        order = [sa.case((R.c.type == "Patient", 0), else_=1), R.c.type, R.c.res_pk]
+        with self.engine.connect() as conn:
+            pairs = [
+                (row[0], row[1])
+                for row in conn.execute(
+                    sa.select(R.c.res_pk, R.c.version).where(*conditions).order_by(*order)
+                )
+            ]
+            return paginate(
+                self.write_engine, pairs, count, owner, "everything", {"patient": patient_id}
+            )
+
+    # -- writes -------------------------------------------------------------------------
+
+    @contextmanager
+    def writing(self, actor: Any = None) -> Iterator[Writer]:
+        """One write transaction: everything done through the Writer commits or none of it.
+        ``actor``: who writes (opaque here), for the observers (:meth:`observe`) to read."""
+        with self.write_engine.begin() as conn:
+            yield Writer(self, conn, actor)
+
+    def create(self, resource: Any, resource_type: str | None = None) -> Stored:
+        with self.writing() as writer:
+            return writer.create(resource, resource_type)
+
+    def update(
+        self, resource_type: str, resource_id: str, resource: Any, if_match: str | None = None
+    ) -> tuple[Stored, bool]:
+        with self.writing() as writer:
+            return writer.update(resource_type, resource_id, resource, if_match)
+
+    def delete(self, resource_type: str, resource_id: str) -> Stored | None:
+        with self.writing() as writer:
+            return writer.delete(resource_type, resource_id)
+
+
+def readable_only(items: list[Stored], left_out: str) -> list[Stored]:
+    """The items whose bodies every JSON client can read (:func:`jsonio.readable`); each
+    other one is logged (by its row and version, nothing of its content) as ``left_out``."""
+    kept = []
+    for item in items:
+        if item.body is None or jsonio.readable(item.body):
+            kept.append(item)
+        else:
+            log.warning(
+                "%s row %s version %s holds a number JSON clients cannot read: not %s; "
+                "store a corrected version",
+                item.type,
+                item.res_pk,
+                item.version,
+                left_out,
+            )
+    return kept
+
+
+def keys_clause(type_column: Any, id_column: Any, keys: Any) -> Any:
+    """``(type, id) IN keys`` written so every database uses its (type, id) index: one
+    ``type = T AND id IN (...)`` per type. (SQLite scans a table for a row-value IN list.)"""
+    by_type: dict[str, list[str]] = {}
+    for resource_type, resource_id in keys:
+        by_type.setdefault(resource_type, []).append(resource_id)
+    if not by_type:
+        return sa.false()
+    return sa.or_(
+        *(
+            sa.and_(type_column == resource_type, id_column.in_(sorted(ids)))
+            for resource_type, ids in sorted(by_type.items())
+        )
+    )
+
+
+_COMPARTMENT_OF = tables.compartment.c.res_pk == tables.resources.c.res_pk
+# The current version of a resource, with the first of its patients and how many there are.
+_CURRENT = (
+    sa.select(
+        tables.versions.c.version,
+        tables.versions.c.last_updated,
+        tables.versions.c.body,
+        tables.versions.c.method,
+        sa.select(sa.func.min(tables.compartment.c.patient_id))
+        .where(_COMPARTMENT_OF)
+        .scalar_subquery(),
+        sa.select(sa.func.count()).where(_COMPARTMENT_OF).scalar_subquery(),
+        tables.resources.c.res_pk,
+    )
+    .select_from(
+        tables.resources.join(
+            tables.versions,
+            sa.and_(
+                tables.versions.c.res_pk == tables.resources.c.res_pk,
+                tables.versions.c.version == tables.resources.c.version,
+            ),
+        )
+    )
+    .where(
+        tables.resources.c.type == sa.bindparam("type"),
+        tables.resources.c.id == sa.bindparam("id"),
+    )
+)
+
+
+@dataclass
+class _IndexBatch:
+    """Index rows waiting to be inserted, one list per table."""
+
+    tokens: list[dict[str, Any]] = field(default_factory=list)
+    strings: list[dict[str, Any]] = field(default_factory=list)
+    references: list[dict[str, Any]] = field(default_factory=list)
+    dates: list[dict[str, Any]] = field(default_factory=list)
+    links: list[dict[str, Any]] = field(default_factory=list)
+    compartment: list[dict[str, Any]] = field(default_factory=list)
+
+
+@contextmanager
+def _connection(engine: Engine, conn: Connection | None) -> Iterator[Connection]:
+    if conn is not None:
+        yield conn
+    else:
+        with engine.connect() as fresh:
+            yield fresh
+
+
+class Writer:
+    """Writes inside one open transaction (see :meth:`ResourceStore.writing`)."""
+
+    def __init__(self, store: ResourceStore, conn: Connection, actor: Any = None) -> None:
+        self.store = store
+        self.conn = conn
+        self.actor = actor  # who writes: the caller's identity, for the observers
+        # Set to a list to check references only at the end (a transaction may refer to what
+        # it creates later); ``tag`` names the write each deferred check came from.
+        self.deferred: list[tuple[Any, dict[str, Any]]] | None = None
+        self.tag: Any = None
+
+    def check_deferred(self) -> None:
+        """Check the references of every deferred write; the error carries its ``tag``."""
+        for tag, resource in self.deferred or []:
+            self.tag = tag
+            self._check_references(resource)
+        self.deferred = None
+
+    def lock(self, key: str) -> None:
+        """Serialise writers on ``key`` until this transaction ends (PostgreSQL; SQLite
+        transactions already hold the database's one write lock)."""
+        if self.store.is_postgres:
+            number = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big", signed=True)
+            self.conn.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": number})
+
+    def create(
+        self,
+        resource: Any,
+        resource_type: str | None = None,
+        *,
+        resource_id: str | None = None,
+        checked: bool = False,
+        validated: bool = False,
+    ) -> Stored:
+        """Store a new resource under a new id (a client's ``id`` is ignored, as FHIR says).
+
+        ``validated``: the caller has validated it (its references are still checked).
+        ``checked`` skips validation and reference checks: for resources this node makes
+        itself (AuditEvents)."""
+        if not (checked or validated):
+            resource, _ = validate(resource, resource_type)
+        resource_type = resource["resourceType"]
+        resource_id = resource_id or str(uuid.uuid4())
+        now = now_micros()
+        body, rows = self._prepare(resource, resource_id, 1, now, checked)
+        res_pk = self.conn.execute(
+            tables.resources.insert()
+            .values(type=resource_type, id=resource_id, version=1, last_updated=now, deleted=False)
+            .returning(tables.resources.c.res_pk)
+        ).scalar_one()
+        self._insert_version(res_pk, resource_type, 1, now, "POST", body)
+        self._insert_index(res_pk, resource_type, rows)
+        stored = Stored(resource_type, resource_id, 1, now, body, "POST", res_pk=res_pk)
+        self._notify(None, stored)
+        return stored
+
+    def create_many_checked(self, resources: list[dict[str, Any]]) -> list[Stored]:
+        """Store resources this node made itself (AuditEvents), unvalidated, with a handful of
+        statements for the whole list instead of a handful per resource."""
+        if not resources:
+            return []
+        now = now_micros()
+        prepared = []
+        for resource in resources:
+            resource_id = str(uuid.uuid4())
+            body, rows = self._prepare(resource, resource_id, 1, now, True)
+            prepared.append((resource["resourceType"], resource_id, body, rows))
+        res_pks = [
+            row[0]
+            for row in self.conn.execute(
+                tables.resources.insert().returning(
+                    tables.resources.c.res_pk, sort_by_parameter_order=True
+                ),
+                [
+                    {"type": t, "id": i, "version": 1, "last_updated": now, "deleted": False}
+                    for t, i, _, _ in prepared
+                ],
+            )
+        ]
+        self.conn.execute(
+            tables.versions.insert(),
+            [
+                {
+                    "res_pk": pk,
+                    "version": 1,
+                    "type": t,
+                    "last_updated": now,
+                    "method": "POST",
+                    "body": body,
+                }
+                for pk, (t, _, body, _) in zip(res_pks, prepared, strict=True)
+            ],
+        )
+        batched = _IndexBatch()
+        for pk, (t, _, _, rows) in zip(res_pks, prepared, strict=True):
+            self._insert_index(pk, t, rows, into=batched)
+        self._flush_index(batched)
+        return [Stored(t, i, 1, now, body, "POST") for (t, i, body, _) in prepared]
+
+    def update(
+        self, resource_type: str, resource_id: str, resource: Any, if_match: str | None = None
+    ) -> tuple[Stored, bool]:
+        """Store a new version (or the first, under the client's id); True when created."""
+        check_type(resource_type)
+        check_id(resource_id)
+        resource, _ = validate(resource, resource_type)
+        if "id" not in resource:
+            raise InvalidRequest("an update must carry the resource's id", expression="id")
+        if resource["id"] != resource_id:
+            raise InvalidRequest(
+                f"the body's id {resource['id']!r} is not the URL's {resource_id!r}",
+                expression=f"{resource_type}.id",
+            )
+        row = self._lock_row(resource_type, resource_id)
+        if row is None:  # serialise creators of this id, then look again
+            self.lock(f"create {resource_type}/{resource_id}")
+            row = self._lock_row(resource_type, resource_id)
+        if row is None:
+            if if_match is not None:
+                raise PreconditionFailed(
+                    f"If-Match given, but {resource_type}/{resource_id} does not exist"
+                )
+            created = self.create(resource, resource_type, resource_id=resource_id, validated=True)
+            return created, True
+        res_pk, version, deleted = row
+        if if_match is not None and parse_etag(if_match) != version:
+            raise PreconditionFailed(
+                f"{resource_type}/{resource_id} is at version {version}, not "
+                f"{parse_etag(if_match)}: read it again and re-apply the change"
+            )
+        now = now_micros()
+        body, rows = self._prepare(resource, resource_id, version + 1, now, False)
+        before = self._observed_version(resource_type, resource_id, res_pk, version)
+        self._advance(res_pk, version, version + 1, now, deleted=False)
+        self._insert_version(res_pk, resource_type, version + 1, now, "PUT", body)
+        self._delete_index(res_pk)
+        self._insert_index(res_pk, resource_type, rows)
+        stored = Stored(resource_type, resource_id, version + 1, now, body, "PUT", res_pk=res_pk)
+        self._notify(before, stored)
+        return stored, deleted
+
+    def delete(
+        self, resource_type: str, resource_id: str, if_match: str | None = None
+    ) -> Stored | None:
+        """Delete (a new, empty version); None when it was already deleted."""
+        check_type(resource_type)
+        check_id(resource_id)
+        row = self._lock_row(resource_type, resource_id)
+        if row is None:
+            raise NotFound(f"{resource_type}/{resource_id} is not known")
+        res_pk, version, deleted = row
+        if if_match is not None and parse_etag(if_match) != version:
+            raise PreconditionFailed(
+                f"{resource_type}/{resource_id} is at version {version}, not {parse_etag(if_match)}"
+            )
+        if deleted:
+            return None
+        referrers = self.conn.execute(
+            sa.select(tables.resources.c.type, tables.resources.c.id)
+            .select_from(
+                tables.links.join(
+                    tables.resources, tables.resources.c.res_pk == tables.links.c.res_pk
+                )
+            )
+            .where(
+                tables.links.c.target_type == resource_type,
+                tables.links.c.target_id == resource_id,
+                tables.links.c.res_pk != res_pk,
+            )
+            .limit(6)
+        ).all()
+        if referrers:
+            names = ", ".join(f"{t}/{i}" for t, i in referrers[:5])
+            more = " and more" if len(referrers) > 5 else ""
+            raise Conflict(
+                f"{resource_type}/{resource_id} is referenced by {names}{more}; delete or "
+                "change those first"
+            )
+        now = now_micros()
+        before = self._observed_version(resource_type, resource_id, res_pk, version)
+        self._advance(res_pk, version, version + 1, now, deleted=True)
+        self._insert_version(res_pk, resource_type, version + 1, now, "DELETE", None)
+        self._delete_index(res_pk)
+        stored = Stored(resource_type, resource_id, version + 1, now, None, "DELETE", res_pk=res_pk)
+        self._notify(before, stored)
+        return stored
+
+    # -- helpers ------------------------------------------------------------------------
+
+    def _observed_version(
+        self, resource_type: str, resource_id: str, res_pk: int, version: int
+    ) -> Stored | None:
+        """The version a write replaces, when someone observes writes of its type."""
+        if resource_type not in self.store.observers:
+            return None
+        row = self.conn.execute(
+            sa.select(
+                tables.versions.c.last_updated, tables.versions.c.body, tables.versions.c.method
+            ).where(tables.versions.c.res_pk == res_pk, tables.versions.c.version == version)
+        ).one()
+        return Stored(resource_type, resource_id, version, row[0], row[1], row[2], res_pk=res_pk)
+
+    def _notify(self, before: Stored | None, after: Stored) -> None:
+        for observer in self.store.observers.get(after.type, ()):
+            observer(self, before, after)
+
+    def _lock_row(self, resource_type: str, resource_id: str) -> tuple[int, int, bool] | None:
+        query = sa.select(
+            tables.resources.c.res_pk, tables.resources.c.version, tables.resources.c.deleted
+        ).where(tables.resources.c.type == resource_type, tables.resources.c.id == resource_id)
+        if self.store.is_postgres:
+            query = query.with_for_update()
+        row = self.conn.execute(query).first()
+        return None if row is None else (row[0], row[1], bool(row[2]))
+
+    def _advance(self, res_pk: int, old: int, new: int, now: int, *, deleted: bool) -> None:
+        result = self.conn.execute(
+            tables.resources.update()
+            .where(tables.resources.c.res_pk == res_pk, tables.resources.c.version == old)
+            .values(version=new, last_updated=now, deleted=deleted)
+        )
+        if result.rowcount != 1:
+            raise Conflict("the resource changed while this write was made; try again")
+
+    def _prepare(
+        self, resource: dict[str, Any], resource_id: str, version: int, now: int, checked: bool
+    ) -> tuple[bytes, IndexRows]:
+        """The stored form (server meta set, ``resourceType``, ``id``, ``meta`` first) and its
+        index rows; references checked unless ``checked``."""
+        meta = {key: value for key, value in resource.get("meta", {}).items()}
+        for key in SERVER_META:
+            meta.pop(key, None)
+        stored: dict[str, Any] = {
+            "resourceType": resource["resourceType"],
+            "id": resource_id,
+            "meta": {"versionId": str(version), "lastUpdated": format_instant(now), **meta},
+        }
+        for key, value in resource.items():
+            if key not in ("resourceType", "id", "meta"):
+                stored[key] = value
+        rows = index_values(stored, self.store.base_url)
+        if checked:
+            pass
+        elif self.deferred is not None:
+            self.deferred.append((self.tag, stored))
+        else:
+            self._check_references(stored)
+        return jsonio.dump(stored), rows
+
+    def _check_references(self, resource: dict[str, Any]) -> None:
+        wanted: dict[tuple[str, str], str] = {}
+        for path, reference in references(resource, resource["resourceType"]):
+            if reference.startswith("#"):
+                continue  # a contained resource
+            if reference.startswith("urn:"):
+                raise Unprocessable(
+                    f"{path}: {reference!r} names no resource here (urn: references resolve "
+                    "only to entries of the same transaction Bundle)",
+                    expression=path,
+                )
+            target = parse_reference(reference, self.store.base_url)
+            if target is None:
+                if "://" in reference:
+                    continue  # absolute: another server's resource
+                raise Unprocessable(
+                    f"{path}: {reference!r} is not a reference this server can resolve",
+                    expression=path,
+                )
+            if target[0] not in RESOURCE_TYPES:
+                raise Unprocessable(
+                    f"{path}: this server does not host {target[0]} resources; use an absolute "
+                    "URL or a contained resource",
+                    expression=path,
+                )
+            wanted.setdefault(target, path)
+        wanted.pop((resource["resourceType"], resource["id"]), None)
+        if not wanted:
+            return
+        keys = list(wanted)
+        found: set[tuple[str, str]] = set()
+        for start in range(0, len(keys), 500):
+            chunk = keys[start : start + 500]
+            found.update(
+                (row[0], row[1])
+                for row in self.conn.execute(
+                    sa.select(tables.resources.c.type, tables.resources.c.id).where(
+                        keys_clause(tables.resources.c.type, tables.resources.c.id, chunk),
+                        tables.resources.c.deleted.is_(False),
+                    )
+                )
+            )
+        for target, path in wanted.items():
+            if target not in found:
+                raise Unprocessable(
+                    f"{path}: {target[0]}/{target[1]} does not exist on this server",
+                    expression=path,
+                )
+
+    def _insert_version(
+        self,
+        res_pk: int,
+        resource_type: str,
+        version: int,
+        now: int,
+        method: str,
+        body: bytes | None,
+    ) -> None:
+        self.conn.execute(
+            tables.versions.insert().values(
+                res_pk=res_pk,
+                version=version,
+                type=resource_type,
+                last_updated=now,
+                method=method,
+                body=body,
+            )
+        )
+
+    def _insert_index(
+        self, res_pk: int, resource_type: str, rows: IndexRows, into: _IndexBatch | None = None
+    ) -> None:
+        """Insert a resource's index rows, or add them to ``into`` to insert later at once."""
+        batch = into if into is not None else _IndexBatch()
+        base = {"res_pk": res_pk, "type": resource_type}
+        batch.tokens.extend(
+            {**base, "param": p, "system": sy[:255], "code": c[:255]} for p, sy, c in rows.tokens
+        )
+        batch.strings.extend({**base, "param": p, "value": v[:255]} for p, v in rows.strings)
+        batch.references.extend(
+            {**base, "param": p, "target_type": t, "target_id": i} for p, t, i in rows.references
+        )
+        batch.dates.extend({**base, "param": p, "low": lo, "high": hi} for p, lo, hi in rows.dates)
+        batch.links.extend(
+            {"res_pk": res_pk, "target_type": t, "target_id": i} for t, i in rows.links
+        )
+        batch.compartment.extend(
+            {"res_pk": res_pk, "patient_id": p} for p in sorted(rows.compartment)
+        )
+        if into is None:
+            self._flush_index(batch)
+
+    def _flush_index(self, batch: _IndexBatch) -> None:
+        for table, rows in (
+            (tables.tokens, batch.tokens),
+            (tables.strings, batch.strings),
+            (tables.references, batch.references),
+            (tables.dates, batch.dates),
+            (tables.links, batch.links),
+            (tables.compartment, batch.compartment),
+        ):
+            if rows:
+                self.conn.execute(table.insert(), rows)
+
+    def _delete_index(self, res_pk: int) -> None:
+        for table in tables.INDEX_TABLES:
+            self.conn.execute(table.delete().where(table.c.res_pk == res_pk))

@@ -1,0 +1,295 @@
+"""The resource types a node hosts, and the validation every stored resource passes.
+
+``fhir.resources`` has no R4 package; its R4B models (4.3.0) are the closest and check
+structure and types (unknown elements are refused). On top of them this module refuses what
+FHIR JSON forbids and the models let through (``null`` values, empty strings, objects and
+arrays, malformed ids) and every code value its required binding refuses
+(:mod:`fhir_adapters.store.codes`). A failure lists every problem found, each with its FHIRPath.
+"""
+
+from __future__ import annotations
+
+import datetime
+import importlib
+import re
+import types
+import typing
+from decimal import Decimal
+from functools import cache
+from typing import Any
+
+import pydantic
+
+from fhir_adapters.errors import InvalidCode, InvalidRequest, Issue, NotFound
+from fhir_adapters.store.codes import code_issues
+from fhir_adapters.store.jsonio import number_problem
+
+RESOURCE_TYPES = (
+    "Patient",
+    "Practitioner",
+    "Organization",
+    "Observation",
+    "DiagnosticReport",
+    "ImagingStudy",
+    "ServiceRequest",
+    "Consent",
+    "AuditEvent",
+    "Provenance",
+)
+ID_PATTERN = re.compile(r"[A-Za-z0-9\-.]{1,64}")
+MAX_ISSUES = 50  # a resource wrong in a thousand places gets the first fifty
+MAX_DEPTH = 64  # JSON nesting a resource may have (the models recurse once per level)
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f]")  # FHIR strings: no control characters
+
+
+@cache
+def model_class(resource_type: str) -> Any:
+    """The R4B model class for a hosted resource type."""
+    module = importlib.import_module(f"fhir.resources.R4B.{resource_type.lower()}")
+    return getattr(module, resource_type)
+
+
+def check_type(resource_type: str) -> str:
+    if resource_type not in RESOURCE_TYPES:
+        raise NotFound(
+            f"this server does not host {resource_type!r} resources; it hosts "
+            + ", ".join(RESOURCE_TYPES),
+            expression=None,
+        )
+    return resource_type
+
+
+def check_id(resource_id: str, what: str = "id") -> str:
+    if not ID_PATTERN.fullmatch(resource_id):
+        raise InvalidRequest(
+            f"{what} {resource_id[:80]!r} is not a FHIR id (1 to 64 of A-Z a-z 0-9 - .)"
+        )
+    return resource_id
+
+
+def _expression(resource_type: str, location: tuple[Any, ...]) -> str:
+    path = resource_type
+    for part in location:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        elif part != "__root__":
+            path += f".{part}"
+    return path
+
+
+def _json_shape_issues(value: Any, path: str, issues: list[Issue], depth: int = 0) -> None:
+    """What FHIR JSON forbids that the models accept: nulls, empty values, control
+    characters; nesting deeper than :data:`MAX_DEPTH`; and numbers JSON clients cannot read
+    (:func:`fhir_adapters.store.jsonio.number_problem`)."""
+    if len(issues) >= MAX_ISSUES:
+        return
+    if depth > MAX_DEPTH:
+        issues.append(Issue(f"nested more than {MAX_DEPTH} levels deep", expression=path))
+        return
+    if isinstance(value, dict):
+        if not value:
+            issues.append(Issue("an object must not be empty", expression=path))
+        for key, item in value.items():
+            if item is None:
+                issues.append(Issue("null is not a FHIR value", expression=f"{path}.{key}"))
+            elif key.startswith("_") and isinstance(item, list):
+                # primitive extensions of a repeating element: nulls keep the alignment
+                for index, element in enumerate(item):
+                    if element is not None:
+                        _json_shape_issues(element, f"{path}.{key}[{index}]", issues, depth + 1)
+            else:
+                _json_shape_issues(item, f"{path}.{key}", issues, depth + 1)
+    elif isinstance(value, list):
+        if not value:
+            issues.append(Issue("an array must not be empty", expression=path))
+        for index, item in enumerate(value):
+            if item is None and not path.rsplit(".", 1)[-1].startswith("_"):
+                # a null in a primitive array is allowed only beside a "_name" array
+                issues.append(Issue("null is not a FHIR value", expression=f"{path}[{index}]"))
+            elif item is not None:
+                _json_shape_issues(item, f"{path}[{index}]", issues, depth + 1)
+    elif isinstance(value, str):
+        if not value.strip():
+            issues.append(Issue("a string must not be empty or only white space", expression=path))
+        elif _CONTROL.search(value):
+            issues.append(Issue("a string must not hold control characters", expression=path))
+    elif isinstance(value, int | Decimal) and not isinstance(value, bool):
+        problem = number_problem(value)
+        if problem:
+            issues.append(Issue(f"{path}: {problem}", "value", path))
+
+
+def validate(resource: Any, resource_type: str | None = None) -> tuple[dict[str, Any], Any]:
+    """Check a parsed resource; returns it and its model instance, or raises with every issue.
+
+    ``resource_type`` is the type the URL names, when there is one.
+    """
+    if not isinstance(resource, dict):
+        raise InvalidRequest("a resource must be a JSON object")
+    declared = resource.get("resourceType")
+    if not isinstance(declared, str):
+        raise InvalidRequest("the resource has no resourceType", expression="resourceType")
+    if resource_type is not None and declared != resource_type:
+        raise InvalidRequest(
+            f"the body is a {declared} but the URL names {resource_type}",
+            expression="resourceType",
+        )
+    check_type(declared)
+    if "id" in resource and isinstance(resource["id"], str):
+        check_id(resource["id"])
+    issues: list[Issue] = []
+    _json_shape_issues(resource, declared, issues)
+    if issues:
+        raise InvalidRequest(issues[0].diagnostics, issues=issues[:MAX_ISSUES])
+    try:
+        model = model_class(declared).model_validate(resource)
+    except pydantic.ValidationError as exc:
+        for error in exc.errors()[:MAX_ISSUES]:
+            location = _expression(declared, error["loc"])
+            message = str(error["msg"]).split("\n")[0]
+            if error["type"] == "extra_forbidden":
+                message = "unknown element"
+            elif error["type"] == "missing":
+                message = "required element missing"
+            issues.append(Issue(f"{location}: {message}", "structure", location))
+        raise InvalidRequest(issues[0].diagnostics, issues=issues) from None
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        # e.g. a contained resource of a type the models do not know
+        raise InvalidRequest(
+            f"{declared}: not a valid resource ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0][:200] if str(exc) else ''})"
+        ) from None
+    except RecursionError:
+        raise InvalidRequest(f"{declared} is nested too deeply") from None
+    _json_type_issues(resource, model, declared, issues)
+    if issues:
+        raise InvalidRequest(issues[0].diagnostics, issues=issues[:MAX_ISSUES])
+    bad_codes = code_issues(model)
+    if bad_codes:
+        for bad in bad_codes[:MAX_ISSUES]:
+            issues.append(
+                Issue(
+                    f"{bad.expression}: {bad.value!r} is not one of " + ", ".join(bad.allowed),
+                    "code-invalid",
+                    bad.expression,
+                )
+            )
+        raise InvalidCode(issues[0].diagnostics, issues=issues)
+    return resource, model
+
+
+# -- JSON types: the models coerce ("true" for a boolean, 7 for a dateTime); FHIR JSON does not --
+
+_PRIMITIVE_KINDS: dict[Any, str] = {
+    bool: "boolean",
+    int: "integer",
+    Decimal: "number",
+    str: "string",
+    datetime.date: "string",
+    datetime.datetime: "string",
+    datetime.time: "string",
+    bytes: "string",
+}
+
+
+def _kind_of(annotation: Any) -> tuple[str, bool]:
+    """(JSON kind, is a list) of a model field's annotation."""
+    is_list = False
+    while True:
+        origin = typing.get_origin(annotation)
+        if origin is typing.Union or origin is types.UnionType:
+            choices = [a for a in typing.get_args(annotation) if a is not type(None)]
+            # a FHIR url (Attachment.url, Endpoint.address) is Union[AnyUrl, str]: a JSON string
+            annotation = str if str in choices else choices[0]
+        elif origin is typing.Annotated:
+            annotation = typing.get_args(annotation)[0]
+        elif origin is list:
+            is_list = True
+            annotation = typing.get_args(annotation)[0]
+        else:
+            break
+    return _PRIMITIVE_KINDS.get(annotation, "object"), is_list
+
+
+@cache
+def _field_kinds(model_type: Any) -> dict[str, tuple[str, str, bool]]:
+    """JSON name -> (python attribute, JSON kind, is a list) for a model class."""
+    kinds = {}
+    for name, info in model_type.model_fields.items():
+        kind, is_list = _kind_of(info.annotation)
+        kinds[info.alias or name] = (name, kind, is_list)
+    return kinds
+
+
+def _json_kind(value: Any) -> str:
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int):
+        return "integer"
+    if isinstance(value, Decimal | float):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list):
+        return "array"
+    return "object" if isinstance(value, dict) else "null"
+
+
+def _json_type_issues(raw: Any, model: Any, path: str, issues: list[Issue]) -> None:
+    """Every element whose JSON type is not the one FHIR JSON gives it."""
+    if not isinstance(raw, dict) or model is None or len(issues) >= MAX_ISSUES:
+        return
+    model_type: Any = type(model)
+    kinds = _field_kinds(model_type)
+    for key, value in raw.items():
+        if key == "resourceType" or key not in kinds:
+            continue
+        attribute, kind, is_list = kinds[key]
+        where = f"{path}.{key}"
+        items = value if isinstance(value, list) else [value]
+        if isinstance(value, list) != is_list:
+            issues.append(
+                Issue(
+                    f"{where}: must be " + ("an array" if is_list else f"a single {kind}"),
+                    "structure",
+                    where,
+                )
+            )
+            continue
+        held = getattr(model, attribute, None)
+        held_items = held if isinstance(held, list) else [held]
+        for index, item in enumerate(items):
+            place = f"{where}[{index}]" if is_list else where
+            found = _json_kind(item)
+            if item is None:
+                continue  # nulls keep primitive extension arrays aligned
+            if kind == "object":
+                if found != "object":
+                    issues.append(Issue(f"{place}: must be an object", "structure", place))
+                elif index < len(held_items):
+                    _json_type_issues(item, held_items[index], place, issues)
+            elif found != kind and not (kind == "number" and found == "integer"):
+                issues.append(
+                    Issue(f"{place}: must be a JSON {kind}, not {found}", "structure", place)
+                )
+
+
+def references(value: Any, path: str = "") -> list[tuple[str, str]]:
+    """Every ``Reference.reference`` in a resource, with the FHIRPath of its Reference
+    (contained resources excluded: their references are checked where they are used)."""
+    found: list[tuple[str, str]] = []
+    _collect_references(value, path, found)
+    return found
+
+
+def _collect_references(value: Any, path: str, found: list[tuple[str, str]]) -> None:
+    if isinstance(value, dict):
+        reference = value.get("reference")
+        if isinstance(reference, str):
+            found.append((path, reference))
+        for key, item in value.items():
+            if key != "contained" and not key.startswith("_"):
+                _collect_references(item, f"{path}.{key}" if path else key, found)
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            _collect_references(item, f"{path}[{index}]", found)

@@ -1,0 +1,586 @@
+"""FHIR search: parse a query, find the matches in the index tables, page them stably.
+
+A search first finds every match, in order, as (res_pk, version) pairs — index-only work,
+no stored JSON read. When the matches fill more than one page they are kept as a search set
+(``fhir_search_sets``) owned by whoever searched, and every page is cut from that set: pages
+never shift when resources change meanwhile, ``Bundle.total`` is exact, and a caller's
+access filter (a patient's compartment now, consent later) is applied once, before
+counting, so neither totals, pages nor includes can reveal a hidden resource.
+
+Unknown parameters, modifiers and prefixes are refused (400) unless the caller asks for
+``Prefer: handling=lenient``; then they are ignored and reported. A search beyond the limits
+(:data:`MAX_PARAMETERS`, :data:`MAX_VALUES`, :data:`MAX_VALUE_LENGTH`) is refused before
+anything else, lenient or not: each parameter and value becomes part of one SQL statement,
+and the databases' own limits (SQLite's expression depth and LIKE pattern length) must never
+be what stops it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import quote
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.sql.elements import ColumnElement
+
+from fhir_adapters.errors import InvalidRequest, NotFound, TooCostly
+from fhir_adapters.store import tables
+from fhir_adapters.store.resources import RESOURCE_TYPES, check_type
+from fhir_adapters.store.search_params import (
+    SEARCH_PARAMS,
+    SearchParam,
+    date_range,
+    normalise_string,
+    parse_reference,
+)
+
+DEFAULT_COUNT = 20
+MAX_COUNT = 1000
+MAX_PARAMETERS = 50  # name=value pairs in one search (_count, _sort, _include... included)
+MAX_VALUES = 200  # values in all (a,b,c counts three)
+MAX_VALUE_LENGTH = 512  # characters of one value (what an index keeps is 255 at most)
+SEARCH_LIMITS = (
+    f"a search takes at most {MAX_PARAMETERS} parameters and {MAX_VALUES} values in all "
+    f"(a,b,c counts three), each value at most {MAX_VALUE_LENGTH} characters"
+)
+SEARCH_SET_SECONDS = 3600  # how long a next link stays valid
+SEARCH_SETS_PER_OWNER = 50  # the newest kept per caller; older ones' links expire early
+RESULT_PARAMS = {"_count", "_sort", "_total", "_include", "_revinclude", "_summary"}
+FORMAT_PARAMS = {"_format", "_pretty"}
+DATE_PREFIXES = ("eq", "ne", "gt", "lt", "ge", "le", "sa", "eb")
+_PAIR = struct.Struct(">qi")
+
+R = tables.resources
+
+
+@dataclass(frozen=True)
+class Criterion:
+    """One search parameter with its OR-ed values."""
+
+    name: str
+    modifier: str | None
+    values: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Include:
+    source_type: str
+    param: str
+    target_type: str | None
+
+    def __str__(self) -> str:
+        return ":".join(filter(None, (self.source_type, self.param, self.target_type)))
+
+
+@dataclass
+class SearchRequest:
+    resource_type: str | None  # None: a compartment search over every type ($everything)
+    criteria: list[Criterion] = field(default_factory=list)
+    sort: list[tuple[str, bool]] = field(default_factory=list)  # (key, descending)
+    count: int = DEFAULT_COUNT
+    total: str = "accurate"  # none | estimate | accurate
+    includes: list[Include] = field(default_factory=list)
+    revincludes: list[Include] = field(default_factory=list)
+    ignored: list[str] = field(default_factory=list)  # lenient handling: what was dropped
+
+    def query_string(self) -> str:
+        """The parameters this search used, for its ``self`` link (what was ignored is not)."""
+        parts: list[str] = []
+        for criterion in self.criteria:
+            name = criterion.name + (f":{criterion.modifier}" if criterion.modifier else "")
+            parts.append(f"{name}={_quote(','.join(criterion.values))}")
+        if self.sort:
+            parts.append("_sort=" + ",".join(("-" if d else "") + k for k, d in self.sort))
+        parts.extend(f"_include={_quote(str(i))}" for i in self.includes)
+        parts.extend(f"_revinclude={_quote(str(i))}" for i in self.revincludes)
+        if self.total != "accurate":
+            parts.append(f"_total={self.total}")
+        parts.append(f"_count={self.count}")
+        return "&".join(parts)
+
+
+def _quote(value: str) -> str:
+    return quote(value, safe="|:/,-._~")
+
+
+@dataclass(frozen=True)
+class Access:
+    """What a caller may see: everything, or only the compartments of some patients."""
+
+    patients: frozenset[str] | None = None
+
+    def clause(self, res_pk: Any) -> ColumnElement[bool] | None:
+        if self.patients is None:
+            return None
+        clause: ColumnElement[bool] = res_pk.in_(
+            sa.select(tables.compartment.c.res_pk).where(
+                tables.compartment.c.patient_id.in_(sorted(self.patients))
+            )
+        )
+        return clause
+
+    @property
+    def unrestricted(self) -> bool:
+        return self.patients is None
+
+
+EVERYONE = Access()
+
+
+def split_values(text: str) -> list[str]:
+    """Split a parameter value at unescaped commas, unescaping ``\\,`` ``\\|`` ``\\$``."""
+    values, current, escaped = [], [], False
+    for char in text:
+        if escaped:
+            current.append(char if char in ",|$\\" else "\\" + char)
+            escaped = False
+        elif char == "\\":
+            escaped = True
+        elif char == ",":
+            values.append("".join(current))
+            current = []
+        else:
+            current.append(char)
+    values.append("".join(current) + ("\\" if escaped else ""))
+    return values
+
+
+_WHOLE = re.compile(r"[0-9]{1,9}")
+
+
+def whole_number(name: str, value: str, maximum: int = 999_999_999) -> int:
+    """A non-negative decimal number a client wrote (ASCII digits only), capped at
+    ``maximum``; 400 otherwise."""
+    if not _WHOLE.fullmatch(value):
+        raise InvalidRequest(f"{name}={value[:40]!r} is not a whole number (0 to 999999999)")
+    return min(int(value), maximum)
+
+
+def parse_search(
+    resource_type: str | None,
+    query: Sequence[tuple[str, str]],
+    *,
+    lenient: bool = False,
+) -> SearchRequest:
+    """A search request from query parameters (``?a=1&a=2`` is two AND-ed criteria)."""
+    if resource_type is not None:
+        check_type(resource_type)
+    check_limits(query)
+    request = SearchRequest(resource_type)
+    params = SEARCH_PARAMS.get(resource_type or "", {})
+
+    def refuse(message: str, name: str) -> None:
+        if not lenient:
+            raise InvalidRequest(message + " (or send Prefer: handling=lenient to ignore it)")
+        request.ignored.append(name)
+
+    for raw_name, raw_value in query:
+        name, _, modifier = raw_name.partition(":")
+        if name in FORMAT_PARAMS:
+            continue
+        if name == "_count":
+            request.count = whole_number("_count", raw_value, MAX_COUNT)
+        elif name == "_total":
+            if raw_value not in ("none", "estimate", "accurate"):
+                raise InvalidRequest("_total must be none, estimate or accurate")
+            request.total = raw_value
+        elif name == "_summary":
+            if raw_value != "count":
+                refuse(f"_summary={raw_value} is not supported (only _summary=count)", raw_name)
+            else:
+                request.count = 0
+        elif name == "_sort":
+            for key in split_values(raw_value):
+                descending = key.startswith("-")
+                key = key.lstrip("-")
+                if key not in ("_id", "_lastUpdated") and (
+                    key not in params or params[key].type == "reference"
+                ):
+                    refuse(f"cannot sort {resource_type} by {key!r}", f"_sort={key}")
+                    continue
+                request.sort.append((key, descending))
+        elif name in ("_include", "_revinclude"):
+            if modifier:
+                refuse(f"{raw_name} is not supported (no :iterate)", raw_name)
+                continue
+            include = _parse_include(raw_value)
+            if include is None:
+                refuse(f"{name}={raw_value!r} is not Type:parameter[:TargetType]", raw_name)
+            elif name == "_include" and include.source_type != resource_type:
+                refuse(
+                    f"_include={raw_value} starts from {include.source_type}, but this search "
+                    f"returns {resource_type}",
+                    raw_name,
+                )
+            else:
+                (request.includes if name == "_include" else request.revincludes).append(include)
+        elif name in ("_id", "_lastUpdated") or name in params:
+            problem = _check_criterion(resource_type or "", name, modifier or None, raw_value)
+            if problem:
+                refuse(problem, raw_name)
+            else:
+                request.criteria.append(
+                    Criterion(name, modifier or None, tuple(split_values(raw_value)))
+                )
+        else:
+            known = ", ".join(["_id", "_lastUpdated", *sorted(params)])
+            refuse(
+                f"unknown search parameter {name!r} for {resource_type}; supported: {known}",
+                raw_name,
+            )
+    return request
+
+
+def check_limits(query: Sequence[tuple[str, str]]) -> None:
+    """TooCostly (400) naming the limit when a search is beyond :data:`SEARCH_LIMITS`."""
+    if len(query) > MAX_PARAMETERS:
+        raise TooCostly(f"{len(query)} search parameters: {SEARCH_LIMITS}")
+    values = 0
+    for name, value in query:
+        if len(name) > MAX_VALUE_LENGTH:
+            raise TooCostly(f"a parameter name of {len(name)} characters: {SEARCH_LIMITS}")
+        if len(value) > 2 * (MAX_VALUE_LENGTH + 1) * MAX_VALUES:  # longer than all may be,
+            # escapes (\\,) and commas included: not worth splitting
+            raise TooCostly(f"{name[:40]}: {len(value)} characters: {SEARCH_LIMITS}")
+        split = split_values(value)
+        values += len(split)
+        if values > MAX_VALUES:
+            raise TooCostly(f"more than {MAX_VALUES} search values: {SEARCH_LIMITS}")
+        longest = max(len(item) for item in split)
+        if longest > MAX_VALUE_LENGTH:
+            raise TooCostly(f"{name[:40]}: a value of {longest} characters: {SEARCH_LIMITS}")
+
+
+def _parse_include(text: str) -> Include | None:
+    parts = text.split(":")
+    if len(parts) not in (2, 3) or parts[0] not in RESOURCE_TYPES:
+        return None
+    param = SEARCH_PARAMS[parts[0]].get(parts[1])
+    if param is None or param.type != "reference":
+        return None
+    target = parts[2] if len(parts) == 3 else None
+    if target is not None and target not in RESOURCE_TYPES:
+        return None
+    return Include(parts[0], parts[1], target)
+
+
+def _check_criterion(
+    resource_type: str, name: str, modifier: str | None, raw_value: str
+) -> str | None:
+    """Why a criterion cannot be searched, or None."""
+    if name == "_id":
+        kind = "token"
+    elif name == "_lastUpdated":
+        kind = "date"
+    else:
+        kind = SEARCH_PARAMS[resource_type][name].type
+    if modifier == "missing":
+        return None if raw_value in ("true", "false") else f"{name}:missing takes true or false"
+    allowed = {
+        "token": (None, "not"),
+        "string": (None, "exact", "contains"),
+        "date": (None,),
+        "reference": (None, *RESOURCE_TYPES),
+    }[kind]
+    if modifier not in allowed:
+        return f"the modifier :{modifier} is not supported on {name} ({kind})"
+    for value in split_values(raw_value):
+        if value == "":
+            return f"{name} has an empty value"
+        if any(ord(char) < 32 for char in value):
+            return f"{name} holds a control character"
+        if kind == "date":
+            prefix = value[:2] if value[:2].isalpha() else "eq"
+            if prefix not in DATE_PREFIXES:
+                return f"{name}: the prefix {prefix!r} is not supported"
+            try:
+                date_range(value[2:] if value[:2].isalpha() else value)
+            except ValueError as exc:
+                return f"{name}: {exc}"
+    return None
+
+
+# -- compiling criteria to SQL -----------------------------------------------------------------
+
+
+def _date_condition(low: ColumnElement[int], high: ColumnElement[int], value: str) -> Any:
+    """A date criterion against index ranges [low, high), by the FHIR prefix semantics."""
+    prefix = value[:2] if value[:2].isalpha() else "eq"
+    pl, ph = date_range(value[2:] if value[:2].isalpha() else value)
+    if prefix == "eq":
+        return sa.and_(low >= pl, high <= ph)
+    if prefix == "ne":
+        return sa.not_(sa.and_(low >= pl, high <= ph))
+    if prefix == "gt":
+        return high > ph
+    if prefix == "lt":
+        return low < pl
+    if prefix == "ge":
+        return high > pl
+    if prefix == "le":
+        return low < ph
+    if prefix == "sa":
+        return low >= ph
+    return high <= pl  # eb
+
+
+def _token_condition(table: sa.Table, value: str) -> ColumnElement[bool]:
+    if "|" in value:
+        system, code = value.split("|", 1)
+        if code == "":
+            return table.c.system == system
+        return sa.and_(table.c.code == code, table.c.system == system)
+    return table.c.code == value
+
+
+def _reference_target(
+    param: SearchParam, modifier: str | None, value: str, base_url: str
+) -> tuple[str | None, str]:
+    target = parse_reference(value, base_url)
+    if target is not None:
+        return target
+    if "/" in value:
+        raise InvalidRequest(f"{param.name}={value!r} is not a reference this server holds")
+    target_type = modifier or (param.targets[0] if len(param.targets) == 1 else None)
+    return target_type, value
+
+
+def selectivity_rank(resource_type: str, criterion: Criterion) -> int:
+    """How narrow a criterion usually is (lower: fewer matches). The narrowest one drives the
+    search from its index; the others are checked per candidate."""
+    if criterion.modifier in ("not", "missing"):
+        return 9
+    if criterion.name == "_id":
+        return 0
+    if criterion.name == "_lastUpdated":
+        return 6
+    param = SEARCH_PARAMS[resource_type][criterion.name]
+    if param.type == "reference":
+        return 1
+    if param.type == "token":
+        return 2 if criterion.name == "identifier" else 4
+    return 3 if param.type == "string" else 5
+
+
+def criterion_clause(
+    resource_type: str, criterion: Criterion, base_url: str = "", *, driver: bool = True
+) -> ColumnElement[bool]:
+    """The SQL condition on ``fhir_resources`` (aliased as ``R``) for one criterion: as the
+    set of matching rows (``driver``), or as a check of one candidate row."""
+    name, modifier, values = criterion.name, criterion.modifier, criterion.values
+    if name == "_id":
+        clause = R.c.id.in_(values)
+        return sa.not_(clause) if modifier == "not" else clause
+    if name == "_lastUpdated":
+        return sa.or_(
+            *(_date_condition(R.c.last_updated, R.c.last_updated + 1000, v) for v in values)
+        )
+    param = SEARCH_PARAMS[resource_type][name]
+    table = {
+        "token": tables.tokens,
+        "string": tables.strings,
+        "reference": tables.references,
+        "date": tables.dates,
+    }[param.type]
+    rows = sa.select(table.c.res_pk).where(table.c.type == resource_type, table.c.param == name)
+    if modifier == "missing":
+        present = R.c.res_pk.in_(rows)
+        return sa.not_(present) if values[0] == "true" else present
+    conditions: list[ColumnElement[bool]] = []
+    for value in values:
+        if param.type == "token":
+            conditions.append(_token_condition(table, value))
+        elif param.type == "string":
+            text = normalise_string(value)
+            if modifier == "exact":
+                conditions.append(table.c.value == text)
+            elif modifier == "contains":
+                conditions.append(table.c.value.contains(text, autoescape=True))
+            else:
+                conditions.append(table.c.value.startswith(text, autoescape=True))
+        elif param.type == "date":
+            conditions.append(_date_condition(table.c.low, table.c.high, value))
+        else:
+            target_type, target_id = _reference_target(param, modifier, value, base_url)
+            condition = table.c.target_id == target_id
+            if target_type:
+                condition = sa.and_(condition, table.c.target_type == target_type)
+            conditions.append(condition)
+    if driver or modifier == "not":
+        matching = R.c.res_pk.in_(rows.where(sa.or_(*conditions)))
+        return sa.not_(matching) if modifier == "not" else matching
+    return sa.exists().where(
+        table.c.res_pk == R.c.res_pk, table.c.param == name, sa.or_(*conditions)
+    )
+
+
+def _sort_key(resource_type: str, key: str, descending: bool) -> ColumnElement[Any]:
+    if key == "_id":
+        return R.c.id
+    if key == "_lastUpdated":
+        return R.c.last_updated
+    param = SEARCH_PARAMS[resource_type][key]
+    if param.type == "date":
+        column = sa.func.max(tables.dates.c.high) if descending else sa.func.min(tables.dates.c.low)
+        table = tables.dates
+    elif param.type == "string":
+        column = (
+            sa.func.max(tables.strings.c.value)
+            if descending
+            else sa.func.min(tables.strings.c.value)
+        )
+        table = tables.strings
+    else:
+        column = (
+            sa.func.max(tables.tokens.c.code) if descending else sa.func.min(tables.tokens.c.code)
+        )
+        table = tables.tokens
+    return (
+        sa.select(column)
+        .where(table.c.res_pk == R.c.res_pk, table.c.param == key)
+        .scalar_subquery()
+    )
+
+
+def match_query(
+    request: SearchRequest, access: Access, base_url: str = "", *, limit: int | None = None
+) -> sa.Select[Any]:
+    """SELECT res_pk, version of every current match, in the request's order."""
+    assert request.resource_type is not None
+    resource_type = request.resource_type
+    criteria = sorted(request.criteria, key=lambda c: selectivity_rank(resource_type, c))
+    conditions: list[ColumnElement[bool]] = [R.c.deleted.is_(False)]
+    if criteria and selectivity_rank(resource_type, criteria[0]) < 9:
+        # the narrowest criterion's index rows (of this type only) find the candidates
+        driver, criteria = criteria[0], criteria[1:]
+        conditions.append(criterion_clause(resource_type, driver, base_url))
+        if driver.name in ("_id", "_lastUpdated"):  # columns of R itself, not index rows
+            conditions.append(R.c.type == resource_type)
+    else:
+        conditions.append(R.c.type == resource_type)
+    conditions.extend(criterion_clause(resource_type, c, base_url, driver=False) for c in criteria)
+    restriction = access.clause(R.c.res_pk)
+    if restriction is not None:
+        conditions.append(restriction)
+    order: list[Any] = []
+    for key, descending in request.sort:
+        expression = _sort_key(request.resource_type, key, descending)
+        order.append(expression.is_(None))  # resources without a value last, either way
+        order.append(expression.desc() if descending else expression.asc())
+    order.append(R.c.res_pk)
+    query = sa.select(R.c.res_pk, R.c.version).where(*conditions).order_by(*order)
+    return query if limit is None else query.limit(limit)
+
+
+# -- search sets and pages ---------------------------------------------------------------------
+
+
+@dataclass
+class Matches:
+    """An ordered result: every match, or a page of a stored search set."""
+
+    total: int
+    pairs: list[tuple[int, int]]  # (res_pk, version) of this page
+    offset: int
+    count: int
+    set_id: str | None  # the stored search set, when there is more than one page
+    request: dict[str, Any]  # what produced it (for links)
+
+
+def pack(pairs: Sequence[tuple[int, int]]) -> bytes:
+    return b"".join(_PAIR.pack(pk, version) for pk, version in pairs)
+
+
+def unpack(data: bytes) -> list[tuple[int, int]]:
+    return [_PAIR.unpack_from(data, offset) for offset in range(0, len(data), _PAIR.size)]
+
+
+def paginate(
+    write_engine: Engine,
+    pairs: list[tuple[int, int]],
+    count: int,
+    owner: str,
+    kind: str,
+    request: dict[str, Any],
+) -> Matches:
+    """The first page of ``pairs``; the whole list kept as a search set when it has more
+    (the only time a search writes). ``request`` is kept with it, ``kind`` included."""
+    request = {**request, "kind": kind}
+    set_id = None
+    if len(pairs) > count > 0:
+        set_id = str(uuid.uuid4())
+        now = time.time_ns() // 1000
+        with write_engine.begin() as conn:
+            conn.execute(
+                tables.search_sets.delete().where(
+                    tables.search_sets.c.created < now - SEARCH_SET_SECONDS * 1_000_000
+                )
+            )
+            stale = (
+                conn.execute(
+                    sa.select(tables.search_sets.c.id)
+                    .where(tables.search_sets.c.owner == owner)
+                    .order_by(tables.search_sets.c.created.desc(), tables.search_sets.c.id)
+                    .offset(SEARCH_SETS_PER_OWNER - 1)
+                )
+                .scalars()
+                .all()
+            )
+            if stale:  # a caller's oldest sets make room: searching cannot fill the disk
+                conn.execute(tables.search_sets.delete().where(tables.search_sets.c.id.in_(stale)))
+            conn.execute(
+                tables.search_sets.insert().values(
+                    id=set_id,
+                    created=now,
+                    owner=owner,
+                    kind=kind,
+                    total=len(pairs),
+                    request=json.dumps(request, sort_keys=True),
+                    matches=pack(pairs),
+                )
+            )
+    return Matches(len(pairs), pairs[:count], 0, count, set_id, request)
+
+
+def page(conn: Connection, set_id: str, offset: int, count: int, owner: str) -> Matches:
+    """A page of a stored search set; only its owner may read it."""
+    gone = NotFound(f"the search {set_id[:36]!r} has expired or is not yours; run it again")
+    try:
+        uuid.UUID(set_id)
+    except ValueError:
+        raise gone from None
+    row = conn.execute(
+        sa.select(
+            tables.search_sets.c.owner,
+            tables.search_sets.c.total,
+            tables.search_sets.c.request,
+            tables.search_sets.c.created,
+        ).where(tables.search_sets.c.id == set_id)
+    ).first()
+    limit = time.time_ns() // 1000 - SEARCH_SET_SECONDS * 1_000_000
+    if row is None or row[0] != owner or row[3] < limit:
+        raise gone
+    total = int(row[1])
+    offset = min(offset, total)
+    count = min(count, total - offset)
+    pairs: list[tuple[int, int]] = []
+    if count > 0:
+        data = conn.execute(
+            sa.select(
+                sa.func.substr(
+                    tables.search_sets.c.matches,
+                    sa.cast(offset * _PAIR.size + 1, sa.Integer),
+                    sa.cast(count * _PAIR.size, sa.Integer),
+                )
+            ).where(tables.search_sets.c.id == set_id)
+        ).scalar_one()
+        pairs = unpack(bytes(data or b""))
+    return Matches(total, pairs, offset, count, set_id, json.loads(row[2]))

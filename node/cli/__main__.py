@@ -1,0 +1,5 @@
+"""``python -m node.cli``: the ``hrx`` command."""
+
+from node.cli import main
+
+main()

@@ -1,0 +1,201 @@
+"""The source's side of an access request (``POST /peer/access``): a member asks for a
+patient's records, and this node decides with the consent policy.
+
+Nothing is looked up before the question is proven to be on the asker's chain
+(:mod:`exchange.question`): no member learns whether this one treats a person without a record
+the patient and the auditor see. When this node holds records, it brings the chains holding
+the patient's consents up to their authors' heads, decides over its ledger, records
+``access.decided`` (and ``emergency.access`` for break-glass) with the hashes of what it
+releases on its own chain, and answers with the released resources as the bytes it stores;
+when it holds none it says only that (``{"holds": false}``). The requester is the member whose
+signature the request carries, never a field of the body.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from datetime import timedelta, timezone
+from typing import Any
+
+from consent.errors import ConsentError
+from consent.model import EMERGENCY, emergency_reason
+from consent.policy import CONSENT_TYPES, AccessRequest, Decision
+from consent.pseudonym import is_pseudonym
+from exchange.decisions import decide_access, decided_body, emergency_body
+from exchange.question import check_question
+from exchange.recognition import result_of
+from fhir_adapters.errors import Conflict, InvalidRequest
+from fhir_adapters.store import Stored
+from ledger.canonical import canonical_bytes
+from ledger.model import format_time, parse_time
+from ledger.replication import Replicator
+from ledger.roster import Roster, open_roster
+from node.consortium.worker import replicator_for, synced_age
+from node.records.audit_trail import Caller
+from node.records.pseudonym_index import patients_with
+from node.services import Services
+
+RESULT_TYPES = ("Observation", "DiagnosticReport", "ImagingStudy")  # what a member releases
+ZONE = timezone(timedelta(hours=8))  # only categories are read here: the zone does not matter
+_replicators: dict[int, Replicator] = {}  # per Services: the consent-sync client
+
+
+@dataclass(frozen=True)
+class Answered:
+    """The answer's bytes, and the decision (None when this node holds no records)."""
+
+    body: bytes
+    decision: Decision | None
+
+
+def decide_access_request(svc: Services, caller: Caller, asker: str, body: Any) -> Answered:
+    """Decide member ``asker``'s access request ``body`` (see the module docstring)."""
+    request_id, patient, purpose, categories, reason, reason_code = _access_request(body)
+    now = format_time()
+    check_question(
+        body["asked"],
+        asker=asker,
+        request_id=request_id,
+        patient=patient,
+        purpose=purpose,
+        categories=categories,
+        roster_of=_roster_of(svc),
+        now=parse_time(now),
+    )
+    access = AccessRequest(
+        patient=patient,
+        requester=asker,
+        purpose=purpose,
+        categories=tuple(categories),
+        time=now,
+        reason=reason,
+        reason_code=reason_code,
+    )
+    patients = patients_with(svc.database.engine, patient)
+    if not patients:  # nothing to decide about; the question is on the asker's chain
+        return Answered(canonical_bytes({"request_id": request_id, "holds": False}), None)
+    decided = decide_access(svc.chain_store, access, _sync_consent_chains(svc, patient))
+    released: list[Stored] = []
+    if decided.decision.permitted:
+        released = [
+            stored
+            for stored in svc.store.in_compartments(patients, RESULT_TYPES)
+            if result_of(stored.resource(), ZONE).category in categories
+        ]
+    entries = [
+        (
+            "access.decided",
+            decided_body(request_id, access, decided, [s.sha256() for s in released]),
+        )
+    ]
+    if decided.decision.emergency:
+        entries.append(("emergency.access", emergency_body(request_id, access)))
+    seqs = svc.consents.chain_writer().append_many(entries)
+    svc.audit.record(
+        caller.record(
+            "operation",
+            outcome="0" if decided.decision.permitted else "4",
+            description=(
+                f"{asker} asked for {', '.join(categories)} ({purpose}); "
+                f"{decided.decision.decision}: {decided.decision.reason}"
+                + (f"; emergency reason stated: {reason}" if decided.decision.emergency else "")
+            ),
+            entities=released,
+            patients=set(patients),
+        )
+    )
+    head = canonical_bytes(
+        {
+            "request_id": request_id,
+            "decision": decided.decision.decision,
+            "reasons": list(decided.decision.reasons),
+            "consent": decided.decision.consent,
+            "emergency": decided.decision.emergency,
+            "decided": {"chain": svc.config.node_id, "seq": seqs[0]},
+            "view": decided.view,
+        }
+    )
+    # the resources go out as the bytes they are stored as (their hashes are on the ledger)
+    answer = head[:-1] + b',"resources":[' + b",".join(s.body or b"" for s in released) + b"]}"
+    return Answered(answer, decided.decision)
+
+
+def _roster_of(svc: Services) -> Any:
+    """The roster of each version this node has installed (trusted as stored)."""
+
+    def roster_of(version: int) -> Roster:
+        for body, signature in reversed(svc.chain_store.rosters()):
+            if body["version"] == version:
+                return open_roster(body, signature, None, check_possession=False)
+        raise Conflict(f"roster version {version} is not installed here")
+
+    return roster_of
+
+
+def _sync_consent_chains(svc: Services, patient: str) -> dict[str, str]:
+    """Bring the chains that hold the patient's consents up to their authors' heads; the
+    chains that could not be and whose copy here is older than the staleness bound, with why.
+    The client is kept per process (its rosters are read again at each sync)."""
+    config = svc.config
+    chains = {
+        entry["chain"]
+        for entry in svc.chain_store.entries_about(patient, CONSENT_TYPES)
+        if entry["chain"] != config.node_id
+    }
+    if not chains:
+        return {}
+    replicator = _replicators.get(id(svc))
+    if replicator is None:
+        replicator = _replicators[id(svc)] = replicator_for(
+            config,
+            svc.chain_store,
+            svc.chain_writes,
+            timeout=config.sync_timeout_ms / 1000,
+        )
+    stale = {}
+    for chain, why in replicator.sync_from_authors(chains).items():
+        age = synced_age(svc.chain_store, chain)
+        if age is None or age > config.staleness_seconds:
+            copy = "never confirmed" if age is None else f"last confirmed {age:.0f} s ago"
+            stale[chain] = f"{why}; the copy here was {copy} (bound {config.staleness_seconds} s)"
+    return stale
+
+
+def _access_request(body: Any) -> tuple[str, str, str, list[str], str | None, str | None]:
+    if not isinstance(body, dict):
+        raise InvalidRequest("an access request is a JSON object")
+    fields = {"request_id", "patient", "purpose", "categories", "reason", "reason_code", "asked"}
+    unknown = set(body) - fields
+    if unknown:
+        raise InvalidRequest(f"an access request has no field(s) {sorted(unknown)}")
+    if "asked" not in body:
+        raise InvalidRequest(
+            "an access request carries the proof that the question is on the asker's chain "
+            "(asked: its access.requested entry, inclusion proof and signed block)"
+        )
+    request_id = body.get("request_id")
+    if not isinstance(request_id, str) or not re.fullmatch(r"[A-Za-z0-9\-]{8,64}", request_id):
+        raise InvalidRequest("request_id must be 8-64 letters, digits or -")
+    patient = body.get("patient")
+    if not is_pseudonym(patient):
+        raise InvalidRequest("patient must be a pseudonym (64 lowercase hex digits)")
+    purpose = body.get("purpose")
+    if not isinstance(purpose, str) or len(purpose) > 16:
+        raise InvalidRequest("purpose must be a purpose of use code such as TREAT")
+    categories = body.get("categories")
+    if (
+        not isinstance(categories, list)
+        or not 0 < len(categories) <= 16
+        or not all(isinstance(c, str) and 0 < len(c) <= 32 for c in categories)
+    ):
+        raise InvalidRequest("categories must be 1-16 data category codes")
+    reason, reason_code = body.get("reason"), body.get("reason_code")
+    if reason is not None or reason_code is not None:
+        if purpose != EMERGENCY:
+            raise InvalidRequest(f"a reason is stated for emergency access ({EMERGENCY}) only")
+        try:
+            reason_code, reason = emergency_reason(reason_code, reason)
+        except ConsentError as exc:
+            raise InvalidRequest(str(exc)) from None
+    return request_id, str(patient), purpose, list(categories), reason, reason_code

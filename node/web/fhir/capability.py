@@ -1,0 +1,125 @@
+"""The CapabilityStatement at ``/fhir/metadata``: exactly what this server supports, built
+from the same tables the server runs on (types, search parameters, includes), and the limits
+it holds requests to, from the same constants that enforce them."""
+
+from __future__ import annotations
+
+from importlib.metadata import version
+from typing import Any
+
+from fhir_adapters.store.jsonio import NUMBER_RULE
+from fhir_adapters.store.resources import RESOURCE_TYPES
+from fhir_adapters.store.search import SEARCH_LIMITS
+from fhir_adapters.store.search_params import SEARCH_PARAMS
+from node.base.config import NodeConfig
+from node.web.fhir.limits import MAX_BODY_BYTES, MAX_ENTRIES
+
+PARAM_DEFINITIONS = "http://hl7.org/fhir/SearchParameter/"
+COMMON_PARAMS = [
+    {"name": "_id", "type": "token", "definition": PARAM_DEFINITIONS + "Resource-id"},
+    {
+        "name": "_lastUpdated",
+        "type": "date",
+        "definition": PARAM_DEFINITIONS + "Resource-lastUpdated",
+    },
+]
+
+
+def _resource(resource_type: str) -> dict[str, Any]:
+    params = SEARCH_PARAMS[resource_type]
+    writable = resource_type != "AuditEvent"
+    interactions = ["read", "vread", "search-type", "history-instance", "history-type"]
+    if writable:
+        interactions += ["create", "update", "delete"]
+    entry: dict[str, Any] = {
+        "type": resource_type,
+        "profile": f"http://hl7.org/fhir/StructureDefinition/{resource_type}",
+        "interaction": [{"code": code} for code in interactions],
+        "versioning": "versioned-update",
+        "readHistory": True,
+        "updateCreate": writable,
+        "conditionalCreate": writable,
+        "conditionalRead": "full-support",
+        "conditionalUpdate": False,
+        "conditionalDelete": "not-supported",
+        "referencePolicy": ["literal", "enforced", "local"],
+        "searchInclude": sorted(
+            f"{resource_type}:{name}" for name, p in params.items() if p.type == "reference"
+        ),
+        "searchRevInclude": sorted(
+            f"{source}:{name}"
+            for source, source_params in SEARCH_PARAMS.items()
+            for name, p in source_params.items()
+            if p.type == "reference" and (not p.targets or resource_type in p.targets)
+        ),
+        "searchParam": COMMON_PARAMS
+        + [
+            {
+                "name": name,
+                "type": p.type,
+                "definition": f"{PARAM_DEFINITIONS}{resource_type}-{name}",
+            }
+            for name, p in sorted(params.items())
+        ],
+    }
+    for key in ("searchInclude", "searchRevInclude"):
+        if not entry[key]:
+            del entry[key]  # FHIR JSON has no empty arrays
+    if resource_type == "Patient":
+        entry["operation"] = [
+            {
+                "name": "everything",
+                "definition": "http://hl7.org/fhir/OperationDefinition/Patient-everything",
+            }
+        ]
+    return entry
+
+
+def limits() -> str:
+    """The limits this server holds every request to, in words (``rest.documentation``)."""
+    return (
+        f"Limits: a request body is at most {MAX_BODY_BYTES // (1024 * 1024)} MiB (413 "
+        f"beyond), UTF-8 (415 for another charset); a batch or transaction has at most "
+        f"{MAX_ENTRIES} entries (413 beyond); {SEARCH_LIMITS} (400 beyond); in a resource, "
+        f"{NUMBER_RULE} (400 otherwise)."
+    )
+
+
+def capability_statement(config: NodeConfig) -> dict[str, Any]:
+    return {
+        "resourceType": "CapabilityStatement",
+        "status": "active",
+        "date": "2026-11-24",
+        "publisher": config.name,
+        "kind": "instance",
+        "software": {"name": "hrx", "version": version("hrx")},
+        "implementation": {"description": f"hrx node {config.node_id}", "url": config.fhir_base},
+        "fhirVersion": "4.0.1",
+        "format": ["application/fhir+json", "json"],
+        "rest": [
+            {
+                "mode": "server",
+                "security": {
+                    "service": [
+                        {
+                            "coding": [
+                                {
+                                    "system": "http://terminology.hl7.org/CodeSystem/"
+                                    "restful-security-service",
+                                    "code": "SMART-on-FHIR",
+                                }
+                            ]
+                        }
+                    ],
+                    "description": "Bearer tokens (EdDSA JWT) with SMART v2 scopes, issued by "
+                    "this node: hrx token issue, or POST /auth/token.",
+                },
+                "documentation": limits(),
+                "resource": [_resource(t) for t in RESOURCE_TYPES],
+                "interaction": [
+                    {"code": kind, "documentation": f"at most {MAX_ENTRIES} entries"}
+                    for kind in ("transaction", "batch")
+                ],
+            }
+        ],
+    }

@@ -1,0 +1,1 @@
+"""Tests of the consent package: the consent model and the access policy."""

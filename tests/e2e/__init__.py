@@ -1,0 +1,1 @@
+"""End-to-end tests: a live consortium, the portal in a browser, the compose and deploy files."""

@@ -1,0 +1,1 @@
+"""Tests of the exchange package: recognition, savings, questions, decision replay."""

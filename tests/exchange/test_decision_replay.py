@@ -1,0 +1,134 @@
+"""The auditor replays every access decision over the consents of its view: honest decisions
+pass; a hand-forged permit, a permit after a revocation the source held, an impossible view are
+flagged by hrx audit verify (exit 1), from the database and from the export."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from click.testing import CliRunner
+
+from exchange.decision_replay import DecisionReplay
+from ledger import keys
+from ledger.store import ChainWriter
+from node.cli import main
+from tests.helpers.ledgers import Ledger
+
+P, Q = "a" * 64, "b" * 64
+GRANT = {
+    "consent_id": "c1",
+    "patient": P,
+    "grantees": ["hosp-b"],
+    "categories": ["laboratory"],
+    "purposes": ["TREAT"],
+    "period": {"start": "2026-01-01T00:00:00.000Z", "end": None},
+    "resource_hash": "0" * 64,
+}
+
+
+def decided(patient: str, decision: str, view: dict[str, int], **extra: Any) -> dict[str, Any]:
+    return {
+        "request_id": "r-" + "0" * 8,
+        "requester_org": "hosp-b",
+        "patient": patient,
+        "purpose": "TREAT",
+        "categories": ["laboratory"],
+        "decided_at": "2026-11-25T08:00:00.000Z",
+        "reason_stated": False,
+        "decision": decision,
+        "reason": "as recorded",
+        "consent": {"chain": "hosp-a", "seq": 0} if decision == "permit" else None,
+        "view": view,
+        "released": [],
+        **extra,
+    }
+
+
+def audit(ledger: Ledger, tmp_path: Path) -> list[tuple[int, str]]:
+    authority = keys.public_key_text(ledger.authority)
+    export = tmp_path / "ledger.jsonl"
+    export.write_bytes(b"".join(line + b"\n" for line in ledger.store.export_lines()))
+    results = []
+    for target in (ledger.url, str(export)):
+        result = CliRunner().invoke(main, ["audit", "verify", target, "--authority", authority])
+        results.append((result.exit_code, result.output))
+    assert results[0][0] == results[1][0]
+    return results
+
+
+def test_honest_decisions_replay(ledger_db: Ledger, tmp_path: Path) -> None:
+    with ChainWriter(ledger_db.store, "hosp-a", ledger_db.key) as writer:
+        writer.append("consent.granted", GRANT)
+        writer.append("access.decided", decided(P, "permit", {"hosp-a": 1}))
+        writer.append("access.decided", decided(Q, "deny", {"hosp-a": 2}))
+        writer.append("consent.revoked", {"consent_id": "c1", "patient": P})
+        writer.append("access.decided", decided(P, "deny", {"hosp-a": 4}))
+    for code, output in audit(ledger_db, tmp_path):
+        assert code == 0, output
+        assert "3 access decision(s) replayed" in output
+
+
+def test_forged_decisions_are_flagged(ledger_db: Ledger, tmp_path: Path) -> None:
+    with ChainWriter(ledger_db.store, "hosp-a", ledger_db.key) as writer:
+        writer.append("consent.granted", GRANT)  # seq 0
+        writer.append("consent.revoked", {"consent_id": "c1", "patient": P})  # seq 1
+        # a permit after the revocation this very chain holds
+        writer.append("access.decided", decided(P, "permit", {"hosp-a": 2}))  # seq 2
+        # the same, hiding the revocation behind an old view of its own chain
+        writer.append("access.decided", decided(P, "permit", {"hosp-a": 1}))  # seq 3
+        # a hand-forged permit for a patient who never consented
+        writer.append("access.decided", decided(Q, "permit", {"hosp-a": 4}))  # seq 4
+        # a view of entries that did not exist yet
+        writer.append("access.decided", decided(P, "deny", {"hosp-a": 99}))  # seq 5
+        # a decision that cannot be replayed at all
+        writer.append("access.decided", {"request_id": "r-1", "decision": "permit"})  # seq 6
+    for code, output in audit(ledger_db, tmp_path):
+        assert code == 1, output
+        flat = " ".join(output.split())
+        assert "5 access decision(s) the policy would not have made" in flat
+        assert (
+            "hosp-a seq 2: recorded permit for hosp-b, but the consents in its view call for deny"
+            in flat
+        )
+        assert (
+            "hosp-a seq 3: recorded permit over a view that leaves out hosp-a's own earlier entries"
+            in flat
+        )
+        assert "hosp-a seq 4: recorded permit" in flat and "no consent of this patient" in flat
+        assert "hosp-a seq 5: its view claims 99 entries" in flat
+        assert "hosp-a seq 6: access.decided lacks" in flat
+
+
+def test_a_decision_is_not_replayed_over_a_copy_that_lacks_its_view() -> None:
+    """A copy cut short on a chain the decision read cannot show the decision was right: it
+    is a finding, not a silent replay over fewer consent entries."""
+    audit = DecisionReplay()
+    decided = {
+        "v": 1,
+        "chain": "hosp-a",
+        "seq": 4,
+        "time": "2026-12-01T00:00:00.000Z",
+        "type": "access.decided",
+        "body": {
+            "request_id": "r-12345678",
+            "requester_org": "hosp-b",
+            "patient": "ab" * 32,
+            "purpose": "TREAT",
+            "categories": ["laboratory"],
+            "decided_at": "2026-12-01T00:00:00.000Z",
+            "reason_stated": False,
+            "decision": "deny",
+            "reason": "no consent of this patient is recorded",
+            "consent": None,
+            "view": {"hosp-a": 4, "hosp-c": 12},
+            "stale": [],
+            "released": [],
+        },
+    }
+    audit.observe(decided)
+    assert audit.findings() == []  # nothing known of the copy: replayed as before
+    (finding,) = audit.findings({"hosp-a": 5, "hosp-c": 9})
+    assert "cannot be replayed from this copy" in str(finding)
+    assert "12 entries of hosp-c (this copy holds 9)" in str(finding)
+    assert audit.findings({"hosp-a": 5, "hosp-c": 12}) == []

@@ -1,0 +1,1 @@
+"""Tests of the ledger package: entries, Merkle tree, signatures, rosters, store, verification."""

@@ -1,0 +1,1 @@
+"""Tests of the node package, one folder per room of node/."""

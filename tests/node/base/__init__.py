@@ -1,0 +1,1 @@
+"""Tests of node.base: log scrubbing."""

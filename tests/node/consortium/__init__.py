@@ -1,0 +1,1 @@
+"""Tests of node.consortium: membership, rosters, replication, key rotation and fork resolution."""

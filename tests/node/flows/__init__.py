@@ -1,0 +1,1 @@
+"""Tests of node.flows: access decisions and referrals between members."""

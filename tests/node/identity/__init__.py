@@ -1,0 +1,1 @@
+"""Tests of node.identity: authentication, tokens, scopes and user accounts."""

@@ -1,0 +1,1 @@
+"""Tests of node.records: the audit trail and the consent API."""

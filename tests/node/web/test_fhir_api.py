@@ -1,0 +1,737 @@
+"""The FHIR REST API of a real node process, over HTTP, on SQLite and PostgreSQL: every
+interaction, its headers and its errors."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from decimal import Decimal
+from typing import Any
+from urllib.parse import urlencode
+
+from node.base.config import load_config
+from tests.helpers.fhir import ids, new_patient, observation, outcome, patient
+from tests.helpers.nodes import FHIR_JSON, Node, post
+
+
+def test_create_read_and_headers(node: Node) -> None:
+    s = node.session()
+    created = post(s, f"{node.fhir}/Patient", patient())
+    assert created.status_code == 201, created.text
+    assert created.headers["Content-Type"].startswith(FHIR_JSON)
+    body = created.json()
+    assert body["meta"]["versionId"] == "1"
+    assert created.headers["ETag"] == 'W/"1"'
+    assert created.headers["Location"] == f"{node.fhir}/Patient/{body['id']}/_history/1"
+    read = s.get(f"{node.fhir}/Patient/{body['id']}")
+    assert read.status_code == 200
+    assert read.content == created.content
+    assert read.headers["ETag"] == 'W/"1"' and "Last-Modified" in read.headers
+
+
+def raw_post(node: Node, path: str, text: str, token: str | None = None) -> Any:
+    s = node.session(token)
+    return s.post(f"{node.fhir}/{path}", data=text.encode(), headers={"Content-Type": FHIR_JSON})
+
+
+def test_decimal_precision_and_unicode_kept(node: Node) -> None:
+    pid = new_patient(node, family="欧阳")
+    text = (
+        '{"resourceType":"Observation","status":"final","code":{"text":"血红蛋白"},'
+        f'"subject":{{"reference":"Patient/{pid}"}},'
+        '"valueQuantity":{"value":13.50,"unit":"g/dL"}}'
+    )
+    created = raw_post(node, "Observation", text)
+    assert created.status_code == 201, created.text
+    assert b'"value":13.50' in created.content and "血红蛋白".encode() in created.content
+
+
+def test_update_versions_if_match_and_history(node: Node) -> None:
+    s = node.session()
+    pid = new_patient(node)
+    body = s.get(f"{node.fhir}/Patient/{pid}").json()
+    body["gender"] = "female"
+    headers = {"Content-Type": FHIR_JSON, "If-Match": 'W/"1"'}
+    updated = s.put(f"{node.fhir}/Patient/{pid}", json=body, headers=headers)
+    assert updated.status_code == 200 and updated.json()["meta"]["versionId"] == "2"
+    stale = s.put(f"{node.fhir}/Patient/{pid}", json=body, headers=headers)
+    outcome(stale, 412, "version 2")
+    assert s.get(f"{node.fhir}/Patient/{pid}/_history/1").json()["gender"] == "male"
+    assert s.get(f"{node.fhir}/Patient/{pid}/_history/2").json()["gender"] == "female"
+    outcome(s.get(f"{node.fhir}/Patient/{pid}/_history/3"), 404)
+    history = s.get(f"{node.fhir}/Patient/{pid}/_history").json()
+    assert history["type"] == "history" and history["total"] == 2
+    assert [e["resource"]["meta"]["versionId"] for e in history["entry"]] == ["2", "1"]
+    assert [e["request"]["method"] for e in history["entry"]] == ["PUT", "POST"]
+    paged = s.get(f"{node.fhir}/Patient/{pid}/_history?_count=1").json()
+    second = s.get(next(x["url"] for x in paged["link"] if x["relation"] == "next")).json()
+    assert second["type"] == "history" and second["entry"][0]["request"]["method"] == "POST"
+    # the id in the body must be the URL's
+    body["id"] = "other"
+    outcome(
+        s.put(f"{node.fhir}/Patient/{pid}", json=body, headers={"Content-Type": FHIR_JSON}),
+        400,
+        "is not the URL's",
+    )
+
+
+def test_update_as_create_with_client_id(node: Node) -> None:
+    s = node.session()
+    body = patient(identifier="client-id-1")
+    body["id"] = "pat-client-1"
+    created = s.put(
+        f"{node.fhir}/Patient/pat-client-1", json=body, headers={"Content-Type": FHIR_JSON}
+    )
+    assert created.status_code == 201, created.text
+    assert s.get(f"{node.fhir}/Patient/pat-client-1").json()["id"] == "pat-client-1"
+
+
+def test_prefer_return(node: Node) -> None:
+    s = node.session()
+    minimal = post(s, f"{node.fhir}/Patient", patient(), Prefer="return=minimal")
+    assert minimal.status_code == 201 and minimal.content == b"" and minimal.headers["Location"]
+    oo = post(s, f"{node.fhir}/Patient", patient(), Prefer="return=OperationOutcome")
+    assert oo.json()["resourceType"] == "OperationOutcome"
+
+
+def test_conditional_create(node: Node) -> None:
+    s = node.session()
+    condition = "identifier=urn:oid:2.16.156.10011.1.1|cond-create-1"
+    first = post(
+        s,
+        f"{node.fhir}/Patient",
+        patient(identifier="cond-create-1"),
+        **{"If-None-Exist": condition},
+    )
+    assert first.status_code == 201
+    again = post(
+        s,
+        f"{node.fhir}/Patient",
+        patient(identifier="cond-create-1"),
+        **{"If-None-Exist": condition},
+    )
+    assert again.status_code == 200 and again.json()["id"] == first.json()["id"]
+    post(s, f"{node.fhir}/Patient", patient(identifier="cond-create-1"))  # a duplicate
+    outcome(
+        post(
+            s,
+            f"{node.fhir}/Patient",
+            patient(identifier="cond-create-1"),
+            **{"If-None-Exist": condition},
+        ),
+        412,
+        "more than one",
+    )
+
+
+def test_delete_gone_and_referential_integrity(node: Node) -> None:
+    s = node.session()
+    pid = new_patient(node)
+    obs = post(s, f"{node.fhir}/Observation", observation(pid)).json()
+    outcome(s.delete(f"{node.fhir}/Patient/{pid}"), 409, f"Observation/{obs['id']}")
+    assert s.delete(f"{node.fhir}/Observation/{obs['id']}").status_code == 204
+    outcome(s.get(f"{node.fhir}/Observation/{obs['id']}"), 410)
+    assert s.delete(f"{node.fhir}/Observation/{obs['id']}").status_code == 204  # idempotent
+    history = s.get(f"{node.fhir}/Observation/{obs['id']}/_history").json()
+    assert [e["request"]["method"] for e in history["entry"]] == ["DELETE", "POST"]
+    assert "resource" not in history["entry"][0]
+    assert s.delete(f"{node.fhir}/Patient/{pid}").status_code == 204
+    outcome(s.delete(f"{node.fhir}/Patient/never-was"), 404)
+    # writing a reference to a deleted or unknown resource
+    outcome(post(s, f"{node.fhir}/Observation", observation(pid)), 422, "does not exist")
+    bad = observation("x")
+    bad["subject"] = {"reference": "Encounter/1"}
+    outcome(post(s, f"{node.fhir}/Observation", bad), 422, "does not host Encounter")
+
+
+def test_validation_errors_are_operation_outcomes(node: Node) -> None:
+    s = node.session()
+    pid = new_patient(node)
+    wrong = observation(pid, status="bogus")
+    wrong["status"] = "bogus"
+    body = outcome(post(s, f"{node.fhir}/Observation", wrong), 400, "'bogus' is not one of")
+    assert body["issue"][0]["expression"] == ["Observation.status"]
+    unknown = observation(pid)
+    unknown["colour"] = "red"
+    outcome(post(s, f"{node.fhir}/Observation", unknown), 400, "Observation.colour: unknown")
+    missing = observation(pid)
+    del missing["code"]
+    outcome(post(s, f"{node.fhir}/Observation", missing), 400, "required element missing")
+    outcome(raw_post(node, "Patient", '{"resourceType":"Patient","gender":null}'), 400, "null")
+    outcome(raw_post(node, "Patient", '{"resourceType":"Patient","a":1,"a":2}'), 400, "twice")
+    outcome(raw_post(node, "Patient", "{not json"), 400, "not JSON")
+    outcome(raw_post(node, "Patient", '{"resourceType":"Observation"}'), 400, "URL names")
+    outcome(
+        s.post(
+            f"{node.fhir}/Patient",
+            data=b"<Patient/>",
+            headers={"Content-Type": "application/fhir+xml"},
+        ),
+        415,
+    )
+    outcome(s.get(f"{node.fhir}/Patient?_format=xml"), 406)
+    outcome(s.get(f"{node.fhir}/Patient", headers={"Accept": "application/fhir+xml"}), 406)
+    outcome(s.get(f"{node.fhir}/Encounter/1"), 404, "does not host")
+    outcome(s.patch(f"{node.fhir}/Patient/{pid}", json={}), 405)
+    outcome(s.get(f"{node.fhir}/nothing-here"), 404)
+    # search parameters on a create would be silently ignored: refused instead
+    outcome(post(s, f"{node.fhir}/Patient?identifier=x", patient()), 400, "If-None-Exist")
+    assert s.get(f"{node.fhir}/Patient?_format=json").status_code == 200
+
+
+def test_if_none_match_gives_304(node: Node) -> None:
+    s = node.session()
+    pid = new_patient(node)
+    assert (
+        s.get(f"{node.fhir}/Patient/{pid}", headers={"If-None-Match": 'W/"1"'}).status_code == 304
+    )
+    assert (
+        s.get(f"{node.fhir}/Patient/{pid}", headers={"If-None-Match": 'W/"9"'}).status_code == 200
+    )
+
+
+def test_capability_statement_lists_what_is_served(node: Node) -> None:
+    statement = node.session().get(f"{node.fhir}/metadata").json()
+    assert (
+        statement["resourceType"] == "CapabilityStatement" and statement["fhirVersion"] == "4.0.1"
+    )
+    resources = {r["type"]: r for r in statement["rest"][0]["resource"]}
+    assert set(resources) == {
+        "Patient",
+        "Practitioner",
+        "Organization",
+        "Observation",
+        "DiagnosticReport",
+        "ImagingStudy",
+        "ServiceRequest",
+        "Consent",
+        "AuditEvent",
+        "Provenance",
+    }
+    observation_params = {p["name"] for p in resources["Observation"]["searchParam"]}
+    assert {"_id", "_lastUpdated", "patient", "code", "date", "category", "status"} <= (
+        observation_params
+    )
+    assert "DiagnosticReport:result" in resources["DiagnosticReport"]["searchInclude"]
+    assert "Provenance:target" in resources["Observation"]["searchRevInclude"]
+    assert "create" not in {i["code"] for i in resources["AuditEvent"]["interaction"]}
+    # every advertised parameter is accepted by the server
+    s = node.session()
+    for resource_type, entry in resources.items():
+        if resource_type == "AuditEvent":
+            continue
+        for param in entry["searchParam"]:
+            value = {"token": "x", "string": "x", "date": "2024", "reference": "x"}[param["type"]]
+            response = s.get(f"{node.fhir}/{resource_type}", params={param["name"]: value})
+            assert response.status_code == 200, (resource_type, param, response.text)
+
+
+def test_search_by_token_reference_and_date(node: Node) -> None:
+    s = node.session()
+    pid = new_patient(node, identifier="search-1")
+    other = new_patient(node, identifier="search-2")
+    made = {}
+    for code, when in [
+        ("718-7", "2024-01-02T10:00:00+08:00"),
+        ("2345-7", "2024-02-10"),
+        ("718-7", "2024-03-05T23:30:00Z"),
+    ]:
+        made[(code, when)] = post(
+            s, f"{node.fhir}/Observation", observation(pid, code, when)
+        ).json()["id"]
+    post(s, f"{node.fhir}/Observation", observation(other, "718-7", "2024-01-02"))
+
+    def found(query: str) -> set[str]:
+        response = s.get(f"{node.fhir}/Observation?patient={pid}&{query}")
+        assert response.status_code == 200, response.text
+        bundle = response.json()
+        assert bundle["total"] == len(ids(bundle))
+        return set(ids(bundle))
+
+    hb = {made[("718-7", "2024-01-02T10:00:00+08:00")], made[("718-7", "2024-03-05T23:30:00Z")]}
+    assert found("code=http://loinc.org|718-7") == hb
+    assert found("code=718-7") == hb
+    assert found("code=http://other|718-7") == set()
+    assert found("code=http://loinc.org|") == set(made.values())
+    assert found("code=718-7,2345-7") == set(made.values())
+    assert found("code:not=718-7") == {made[("2345-7", "2024-02-10")]}
+    assert found("category=laboratory") == set(made.values())
+    assert found("status=final") == set(made.values())
+    # dates: the day 2024-03-05 in UTC+8 runs from 03-04T16:00Z to 03-05T16:00Z
+    assert found("date=2024-01-02") == {made[("718-7", "2024-01-02T10:00:00+08:00")]}
+    assert found("date=2024-03-06") == {made[("718-7", "2024-03-05T23:30:00Z")]}
+    assert found("date=2024-02") == {made[("2345-7", "2024-02-10")]}
+    assert found("date=ge2024-02-10") == {
+        made[("2345-7", "2024-02-10")],
+        made[("718-7", "2024-03-05T23:30:00Z")],
+    }
+    assert found("date=gt2024-02-10") == {made[("718-7", "2024-03-05T23:30:00Z")]}
+    assert found("date=lt2024-02-10") == {made[("718-7", "2024-01-02T10:00:00+08:00")]}
+    assert found("date=le2024-02-10") == {
+        made[("718-7", "2024-01-02T10:00:00+08:00")],
+        made[("2345-7", "2024-02-10")],
+    }
+    assert found("date=ne2024-02-10") == hb
+    assert found("date=ge2024-01-01&date=lt2024-03-01") == {
+        made[("718-7", "2024-01-02T10:00:00+08:00")],
+        made[("2345-7", "2024-02-10")],
+    }
+    assert found("subject=Patient/" + pid + "&code=2345-7") == {made[("2345-7", "2024-02-10")]}
+    assert found(f"_id={made[('2345-7', '2024-02-10')]}") == {made[("2345-7", "2024-02-10")]}
+    outcome(s.get(f"{node.fhir}/Observation?date=ap2024"), 400, "prefix")
+    outcome(s.get(f"{node.fhir}/Observation?date=2024-13"), 400)
+    outcome(s.get(f"{node.fhir}/Observation?code:below=x"), 400, "modifier")
+
+
+def test_search_strings_identifier_and_missing(node: Node) -> None:
+    s = node.session()
+    pid = new_patient(node, family="Müller", identifier="string-1")
+    assert pid in ids(s.get(f"{node.fhir}/Patient?family=muller").json())
+    assert pid in ids(s.get(f"{node.fhir}/Patient?name=MÜL").json())
+    assert pid not in ids(s.get(f"{node.fhir}/Patient?family:exact=mul").json())
+    assert pid in ids(s.get(f"{node.fhir}/Patient?family:contains=ülle").json())
+    assert ids(
+        s.get(f"{node.fhir}/Patient?identifier=urn:oid:2.16.156.10011.1.1|string-1").json()
+    ) == [pid]
+    assert pid not in ids(s.get(f"{node.fhir}/Patient?birthdate:missing=true").json())
+    assert pid in ids(s.get(f"{node.fhir}/Patient?birthdate:missing=false").json())
+    assert pid in ids(s.get(f"{node.fhir}/Patient?birthdate=1980").json())
+
+
+def test_search_unknown_parameter_strict_and_lenient(node: Node) -> None:
+    s = node.session()
+    outcome(s.get(f"{node.fhir}/Patient?colour=red"), 400, "unknown search parameter")
+    lenient = s.get(
+        f"{node.fhir}/Patient?colour=red&_count=1", headers={"Prefer": "handling=lenient"}
+    )
+    assert lenient.status_code == 200
+    bundle = lenient.json()
+    assert "colour" not in bundle["link"][0]["url"]
+    assert bundle["entry"][-1]["search"]["mode"] == "outcome"
+
+
+def test_paging_is_stable_and_total_exact(node: Node) -> None:
+    s = node.session()
+    pid = new_patient(node, identifier="paging-1")
+    made = [
+        post(
+            s, f"{node.fhir}/Observation", observation(pid, "2345-7", f"2023-05-{day:02d}")
+        ).json()["id"]
+        for day in range(1, 26)
+    ]
+    first = s.get(f"{node.fhir}/Observation?patient={pid}&_count=10&_sort=date").json()
+    assert first["total"] == 25
+    seen = ids(first)
+    assert seen == made[:10]
+    # a change meanwhile moves nothing between pages
+    post(s, f"{node.fhir}/Observation", observation(pid, "2345-7", "2023-04-30"))
+    link = {x["relation"]: x["url"] for x in first["link"]}
+    while "next" in link:
+        page = s.get(link["next"]).json()
+        assert page["total"] == 25
+        seen += ids(page)
+        link = {x["relation"]: x["url"] for x in page["link"]}
+    assert seen == made
+    assert "previous" in link
+    # newest first
+    descending = s.get(f"{node.fhir}/Observation?patient={pid}&_sort=-date&_count=3").json()
+    assert ids(descending) == list(reversed(made))[:3]
+    assert "total" not in s.get(f"{node.fhir}/Observation?patient={pid}&_total=none").json()
+    count_only = s.get(f"{node.fhir}/Observation?patient={pid}&_summary=count").json()
+    assert count_only["total"] == 26 and "entry" not in count_only
+    # a page belongs to whoever searched
+    other = node.session(node.token("auditor-paging", "auditor"))
+    outcome(other.get(link["first"]), 404, "not yours")
+
+
+def test_include_and_revinclude(node: Node) -> None:
+    s = node.session()
+    pid = new_patient(node, identifier="include-1")
+    results = [
+        post(s, f"{node.fhir}/Observation", observation(pid, code)).json()["id"]
+        for code in ("718-7", "789-8")
+    ]
+    report = post(
+        s,
+        f"{node.fhir}/DiagnosticReport",
+        {
+            "resourceType": "DiagnosticReport",
+            "status": "final",
+            "code": {"coding": [{"system": "http://loinc.org", "code": "58410-2"}]},
+            "subject": {"reference": f"Patient/{pid}"},
+            "result": [{"reference": f"Observation/{i}"} for i in results],
+        },
+    ).json()
+    provenance = post(
+        s,
+        f"{node.fhir}/Provenance",
+        {
+            "resourceType": "Provenance",
+            "recorded": "2024-01-02T10:00:00+08:00",
+            "target": [{"reference": f"DiagnosticReport/{report['id']}"}],
+            "agent": [{"who": {"reference": f"Patient/{pid}"}}],
+        },
+    ).json()
+    bundle = s.get(
+        f"{node.fhir}/DiagnosticReport?patient={pid}"
+        "&_include=DiagnosticReport:result&_revinclude=Provenance:target"
+    ).json()
+    assert ids(bundle) == [report["id"]]
+    assert set(ids(bundle, "include")) == {*results, provenance["id"]}
+    assert bundle["total"] == 1
+    outcome(s.get(f"{node.fhir}/DiagnosticReport?_include=Observation:patient"), 400)
+
+
+def test_everything(node: Node) -> None:
+    s = node.session()
+    pid = new_patient(node, identifier="everything-1")
+    practitioner = post(
+        s,
+        f"{node.fhir}/Practitioner",
+        {"resourceType": "Practitioner", "name": [{"family": "王", "given": ["医生"]}]},
+    ).json()
+    obs = post(
+        s,
+        f"{node.fhir}/Observation",
+        observation(pid, performer=[{"reference": f"Practitioner/{practitioner['id']}"}]),
+    ).json()
+    other = new_patient(node, identifier="everything-2")
+    post(s, f"{node.fhir}/Observation", observation(other))
+    bundle = s.get(f"{node.fhir}/Patient/{pid}/$everything").json()
+    assert ids(bundle)[0] == pid
+    assert set(ids(bundle)) == {pid, obs["id"], practitioner["id"]}
+    outcome(s.get(f"{node.fhir}/Patient/nobody/$everything"), 404)
+
+
+def test_transaction_all_or_nothing(node: Node) -> None:
+    s = node.session()
+    full_url = "urn:uuid:6f1a7c44-5b0e-4d0a-9c1e-2f1f7f0a0a01"
+    bundle = {
+        "resourceType": "Bundle",
+        "type": "transaction",
+        "entry": [
+            {
+                "request": {"method": "POST", "url": "Observation"},
+                "resource": observation("placeholder") | {"subject": {"reference": full_url}},
+            },
+            {
+                "fullUrl": full_url,
+                "request": {"method": "POST", "url": "Patient"},
+                "resource": patient(identifier="tx-1"),
+            },
+        ],
+    }
+    response = post(s, node.fhir, bundle)
+    assert response.status_code == 200, response.text
+    result = response.json()
+    assert result["type"] == "transaction-response"
+    assert [e["response"]["status"] for e in result["entry"]] == ["201 Created"] * 2
+    patient_id = result["entry"][1]["resource"]["id"]
+    assert result["entry"][0]["resource"]["subject"]["reference"] == f"Patient/{patient_id}"
+    # one bad entry: nothing of the bundle stays
+    bad = {
+        "resourceType": "Bundle",
+        "type": "transaction",
+        "entry": [
+            {
+                "request": {"method": "POST", "url": "Patient"},
+                "resource": patient(identifier="tx-2"),
+            },
+            {
+                "request": {"method": "POST", "url": "Observation"},
+                "resource": observation(patient_id) | {"status": "bogus"},
+            },
+        ],
+    }
+    body = outcome(post(s, node.fhir, bad), 400, "Bundle.entry[1]")
+    assert body["issue"][0]["expression"] == ["Bundle.entry[1].resource.status"]
+    assert s.get(f"{node.fhir}/Patient?identifier=tx-2").json()["total"] == 0
+
+
+def test_batch_entries_stand_alone(node: Node) -> None:
+    s = node.session()
+    pid = new_patient(node, identifier="batch-1")
+    bundle = {
+        "resourceType": "Bundle",
+        "type": "batch",
+        "entry": [
+            {"request": {"method": "POST", "url": "Observation"}, "resource": observation(pid)},
+            {
+                "request": {"method": "POST", "url": "Observation"},
+                "resource": observation(pid) | {"status": "bogus"},
+            },
+            {"request": {"method": "GET", "url": f"Patient/{pid}"}},
+            {"request": {"method": "GET", "url": f"Observation?patient={pid}"}},
+        ],
+    }
+    result = post(s, node.fhir, bundle).json()
+    assert result["type"] == "batch-response"
+    statuses = [e["response"]["status"].split()[0] for e in result["entry"]]
+    assert statuses == ["201", "400", "200", "200"]
+    assert result["entry"][1]["response"]["outcome"]["resourceType"] == "OperationOutcome"
+    assert result["entry"][3]["resource"]["total"] == 1
+
+
+def test_transaction_reference_to_a_conditional_create_that_matches(node: Node) -> None:
+    s = node.session()
+    pid = new_patient(node, identifier="tx-cond-1")
+    full_url = "urn:uuid:0d4a3c1e-1111-4a5b-9c1e-2f1f7f0a0a09"
+    bundle = {
+        "resourceType": "Bundle",
+        "type": "transaction",
+        "entry": [
+            {  # refers to the entry below, which matches an existing patient
+                "request": {"method": "POST", "url": "Observation"},
+                "resource": observation("placeholder") | {"subject": {"reference": full_url}},
+            },
+            {
+                "fullUrl": full_url,
+                "request": {
+                    "method": "POST",
+                    "url": "Patient",
+                    "ifNoneExist": "identifier=urn:oid:2.16.156.10011.1.1|tx-cond-1",
+                },
+                "resource": patient(identifier="tx-cond-1"),
+            },
+        ],
+    }
+    result = post(s, node.fhir, bundle)
+    assert result.status_code == 200, result.text
+    entries = result.json()["entry"]
+    assert entries[1]["response"]["status"] == "200 OK" and entries[1]["resource"]["id"] == pid
+    assert entries[0]["resource"]["subject"]["reference"] == f"Patient/{pid}"
+
+
+# -- hostile input: each was a 500, or stored what should have been refused ----------------------
+
+
+def observation_text(patient_id: str, element: str, literal: str) -> str:
+    """An Observation as JSON text with ``literal`` written as is where ``element`` says."""
+    extra = {
+        "value": f'"valueQuantity":{{"value":{literal},"unit":"g/dL"}}',
+        "range": f'"referenceRange":[{{"low":{{"value":{literal}}}}}]',
+        "extension": f'"extension":[{{"url":"http://example.org/x","valueDecimal":{literal}}}]',
+        "component": '"component":[{"code":{"text":"x"},'
+        f'"valueQuantity":{{"value":{literal}}}}}]',
+    }[element]
+    return (
+        '{"resourceType":"Observation","status":"final","code":{"text":"血红蛋白"},'
+        f'"subject":{{"reference":"Patient/{patient_id}"}},{extra}}}'
+    )
+
+
+NUMBER_EXPRESSIONS = {
+    "value": "Observation.valueQuantity.value",
+    "range": "Observation.referenceRange[0].low.value",
+    "extension": "Observation.extension[0].valueDecimal",
+    "component": "Observation.component[0].valueQuantity.value",
+}
+UNREADABLE_NUMBERS = [
+    ("value", "9" * 10_000, "has 10000 significant digits"),  # was 500
+    ("value", "1e999999", "too large"),  # was stored
+    ("value", "-1E+309", "too large"),
+    ("value", "1e-999999", "too small"),
+    ("value", "1e99999999999999999999999", "out of range"),
+    ("value", "1." + "0" * 32, "has 33 significant digits"),
+    ("range", "9" * 5_000, "has 5000 significant digits"),
+    ("extension", "1e999999", "too large"),
+    ("component", "9" * 10_000, "has 10000 significant digits"),
+]
+
+
+def test_numbers_json_clients_cannot_read_are_refused(node: Node) -> None:
+    s = node.session()
+    pid = new_patient(node, identifier=f"numbers-{uuid.uuid4()}")
+    for element, literal, problem in UNREADABLE_NUMBERS:
+        text = observation_text(pid, element, literal)
+        body = outcome(raw_post(node, "Observation", text), 400, problem)
+        assert "at most 32 significant digits" in body["issue"][0]["diagnostics"]
+        if problem != "out of range":  # refused by the parser, before any element is known
+            assert body["issue"][0]["expression"] == [NUMBER_EXPRESSIONS[element]], body
+        assert len(body["issue"][0]["diagnostics"]) < 1000  # the number is not echoed
+        for kind in ("batch", "transaction"):
+            bundle = (
+                f'{{"resourceType":"Bundle","type":"{kind}","entry":[{{"request":'
+                f'{{"method":"POST","url":"Observation"}},"resource":{text}}}]}}'
+            )
+            answer = raw_post(node, "", bundle)
+            if kind == "transaction" or problem == "out of range":
+                outcome(answer, 400, problem)
+            else:
+                entry = answer.json()["entry"][0]["response"]
+                assert entry["status"].startswith("400") and problem in str(entry["outcome"])
+    patient_with = f'{{"resourceType":"Patient","multipleBirthInteger":{"9" * 5_000}}}'
+    outcome(raw_post(node, "Patient", patient_with), 400, "Patient.multipleBirthInteger")
+    found = s.get(f"{node.fhir}/Observation", params={"subject": f"Patient/{pid}"}).json()
+    assert found["total"] == 0  # nothing of it was stored
+
+
+def test_numbers_at_the_edges_of_the_rule_are_kept(node: Node) -> None:
+    pid = new_patient(node, identifier=f"edges-{uuid.uuid4()}")
+    for literal in ("1.7976931348623157E+308", "5E-324", "1" * 32, "-0." + "0" * 300 + "1"):
+        created = raw_post(node, "Observation", observation_text(pid, "value", literal))
+        assert created.status_code == 201, created.text[:300]
+        stored = json.loads(created.content, parse_float=Decimal)["valueQuantity"]["value"]
+        assert Decimal(stored) == Decimal(literal)
+        assert json.loads(created.content)  # and a JSON client reads it
+
+
+def test_search_limits_are_answered_400_naming_them(node: Node) -> None:
+    """Were 500: 1,100 or more repeated parameters went past SQLite's expression depth; a
+    60 KB value made a LIKE pattern too complex."""
+    s = node.session()
+    for query in (
+        [("family", "x")] * 1_100,
+        [("family", "x")] * 2_000,
+        [("family", "x")] * 51,
+        [("family", "x" * 60_000)],
+        [("family", "x" * 513)],
+        [("_id", ",".join(["a"] * 201))],
+        [("_sort", ",".join(["_id"] * 201))],
+        [("x" * 600, "1")],
+    ):
+        for answer in (
+            s.get(f"{node.fhir}/Patient", params=query),
+            s.post(f"{node.fhir}/Patient/_search", data=query),
+            post(s, f"{node.fhir}/Patient", patient(), **{"If-None-Exist": urlencode(query)}),
+        ):
+            body = outcome(answer, 400, "a search takes at most 50 parameters and 200 values")
+            assert body["issue"][0]["code"] == "too-costly"
+    # at the limits: answered, on both databases
+    many = ",".join(f"张{n}" * 100 for n in range(4))[:2000]
+    for query in (
+        [("family", "x" * 512)] * 50,
+        [("family", ",".join(["x" * 512] * 200))],
+        [("family:contains", "%_\\" * 170)] * 50,
+        [("name:exact", many)] * 50,
+        [("birthdate", "ne2024-01-01,lt1900,gt2100,eq2000")] * 50,
+        [("_sort", ",".join(["-_lastUpdated", "_id"] * 100))],
+        [("identifier", ",".join([f"{'s' * 255}|{'c' * 255}"] * 4))] * 50,
+        [("general-practitioner:Practitioner", ",".join(["x" * 64] * 4))] * 50,
+        [("_id:not", ",".join(["x" * 64] * 4))] * 50,
+    ):
+        answer = s.post(f"{node.fhir}/Patient/_search", data=query)
+        assert answer.status_code == 200, answer.text[:500]
+
+
+def test_capability_statement_states_the_limits(node: Node) -> None:
+    statement = node.session().get(f"{node.fhir}/metadata").json()
+    documentation = statement["rest"][0]["documentation"]
+    for limit in (
+        "at most 8 MiB",
+        "at most 200 entries",
+        "at most 50 parameters and 200 values",
+        "each value at most 512 characters",
+        "at most 32 significant digits",
+        "UTF-8 (415 for another charset)",
+    ):
+        assert limit in documentation, documentation
+    interactions = {i["code"]: i for i in statement["rest"][0]["interaction"]}
+    assert interactions["batch"]["documentation"] == "at most 200 entries"
+
+
+def test_bundles_of_more_entries_than_the_limit_are_refused_whole(node: Node) -> None:
+    """Was run entry by entry: 4,000 GET entries took 97 s and wrote 4,000 AuditEvents."""
+    s = node.session()
+    marker = f"too-many-{uuid.uuid4()}"
+    for kind in ("batch", "transaction"):
+        for count in (201, 4_000):
+            entry = {
+                "request": {"method": "POST", "url": "Patient"},
+                "resource": patient(identifier=marker),
+            }
+            bundle = {"resourceType": "Bundle", "type": kind, "entry": [entry] * count}
+            body = outcome(post(s, node.fhir, bundle), 413, f"a {kind} takes at most 200")
+            assert body["issue"][0]["code"] == "too-costly"
+    assert s.get(f"{node.fhir}/Patient", params={"identifier": marker}).json()["total"] == 0
+    reads = [{"request": {"method": "GET", "url": "metadata"}}] * 200
+    answer = post(s, node.fhir, {"resourceType": "Bundle", "type": "batch", "entry": reads})
+    assert answer.status_code == 200, answer.text[:300]
+    assert len(answer.json()["entry"]) == 200
+
+
+def test_a_body_over_8_mib_is_refused(node: Node) -> None:
+    s = node.session()
+    marker = f"big-{uuid.uuid4()}"
+    text = json.dumps(patient(identifier=marker, family="x" * (9 * 1024 * 1024)))
+    answer = raw_post(node, "Patient", text)
+    body = outcome(answer, 413, "at most 8 MiB")
+    assert body["issue"][0]["code"] == "too-costly"
+    assert s.get(f"{node.fhir}/Patient", params={"identifier": marker}).json()["total"] == 0
+    fits = json.dumps(patient(identifier=marker, family="x" * (7 * 1024 * 1024)))
+    assert raw_post(node, "Patient", fits).status_code == 201
+
+
+def test_bodies_in_another_charset_are_refused(node: Node) -> None:
+    """Was 201: a latin-1 body was read as UTF-8."""
+    s = node.session()
+    marker = f"charset-{uuid.uuid4()}"
+    # "MÃ¼ller" in latin-1 is the bytes of "Müller" in UTF-8: read as UTF-8, another name
+    resource = patient(identifier=marker) | {"name": [{"family": "MÃ¼ller"}]}
+    text = json.dumps(resource, ensure_ascii=False)
+    for charset, codec in (
+        ("latin-1", "latin-1"),
+        ("ISO-8859-1", "latin-1"),
+        ("gb18030", "gb18030"),
+        ("utf-16", "utf-16"),
+        ("utf8", "utf-8"),
+        ("us-ascii", "ascii"),
+    ):
+        data = (text if codec != "ascii" else json.dumps(resource)).encode(codec)
+        answer = s.post(
+            f"{node.fhir}/Patient",
+            data=data,
+            headers={"Content-Type": f"{FHIR_JSON}; charset={charset}"},
+        )
+        outcome(answer, 415, f"charset='{charset}'")
+        search = s.post(
+            f"{node.fhir}/Patient/_search",
+            data=b"identifier=" + marker.encode(),
+            headers={"Content-Type": f"application/x-www-form-urlencoded; charset={charset}"},
+        )
+        outcome(search, 415, "UTF-8")
+    assert s.get(f"{node.fhir}/Patient", params={"identifier": marker}).json()["total"] == 0
+    for charset in ("utf-8", "UTF-8", "Utf-8", '"utf-8"'):
+        answer = s.post(
+            f"{node.fhir}/Patient",
+            data=text.encode("utf-8"),
+            headers={"Content-Type": f"{FHIR_JSON}; charset={charset}"},
+        )
+        assert answer.status_code == 201, (charset, answer.text)
+        assert answer.json()["name"][0]["family"] == "MÃ¼ller"
+
+
+def test_bundle_entries_naming_another_server_are_refused(node: Node) -> None:
+    """Were run against this server."""
+    s = node.session()
+    base = load_config(node.directory).fhir_base
+    marker = f"elsewhere-{uuid.uuid4()}"
+    pid = new_patient(node, identifier=f"{marker}-0")
+    others = (
+        "http://elsewhere.example/fhir/Patient",
+        f"https://elsewhere.example/fhir/Patient/{pid}",
+        f"//elsewhere.example/fhir/Patient/{pid}",
+        f"{base}evil/Patient",
+        base.replace("http://", "https://") + "/Patient",
+    )
+    for url in others:
+        method = "GET" if pid in url else "POST"
+        entry: dict[str, Any] = {"request": {"method": method, "url": url}}
+        if method == "POST":
+            entry["resource"] = patient(identifier=marker)
+        batch = post(s, node.fhir, {"resourceType": "Bundle", "type": "batch", "entry": [entry]})
+        assert batch.status_code == 200, batch.text
+        response = batch.json()["entry"][0]["response"]
+        assert response["status"].startswith("400"), (url, response)
+        assert "names another server" in str(response["outcome"])
+        transaction = {"resourceType": "Bundle", "type": "transaction", "entry": [entry]}
+        outcome(post(s, node.fhir, transaction), 400, "names another server")
+    assert s.get(f"{node.fhir}/Patient", params={"identifier": marker}).json()["total"] == 0
+    own = {"request": {"method": "POST", "url": f"{base}/Patient"}, "resource": patient()}
+    for kind in ("batch", "transaction"):
+        answer = post(s, node.fhir, {"resourceType": "Bundle", "type": kind, "entry": [own]})
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["entry"][0]["response"]["status"].startswith("201")
+    read = {"request": {"method": "GET", "url": f"{base}/Patient/{pid}"}}
+    answer = post(s, node.fhir, {"resourceType": "Bundle", "type": "batch", "entry": [read]})
+    assert answer.json()["entry"][0]["resource"]["id"] == pid
