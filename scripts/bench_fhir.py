@@ -195,7 +195,10 @@ def wrk(
 
 
 def gunicorn(directory: Path, port: int, workers: int, threads: int) -> subprocess.Popen[bytes]:
-    """The node in ``directory`` served by gunicorn (gthread) on 127.0.0.1:``port``."""
+    """The node in ``directory`` served by gunicorn (gthread) on 127.0.0.1:``port``; its log
+    lines (one access line per request) go to ``gunicorn.log`` there, not between the
+    figures."""
+    log = (directory / "gunicorn.log").open("ab")
     return subprocess.Popen(
         [
             sys.executable,
@@ -215,6 +218,8 @@ def gunicorn(directory: Path, port: int, workers: int, threads: int) -> subproce
         ],
         cwd=ROOT,
         env={**os.environ, "HRX_NODE_DIR": str(directory)},
+        stdout=log,
+        stderr=subprocess.STDOUT,
     )
 
 

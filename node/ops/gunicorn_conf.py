@@ -29,12 +29,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from gunicorn import glogging  # type: ignore[import-untyped]
 
-if TYPE_CHECKING:
-    from node.base.config import NodeConfig
+from node.base.config import NodeConfig, load_config
+from node.base.errors import ConfigError
+from node.base.logs import RequestIdFilter, formatter
 
 MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
 METRICS_SUBDIRECTORY = "prometheus"
@@ -56,9 +57,6 @@ def _metrics_directory() -> Path:
 def _node_config() -> NodeConfig | None:
     """The node's configuration; None when it cannot be read (the workers then fail with the
     reason, logged as JSON at INFO)."""
-    from node.base.config import load_config
-    from node.base.errors import ConfigError
-
     try:
         return load_config(_node_directory())
     except ConfigError:
@@ -87,8 +85,6 @@ class NodeLogger(glogging.Logger):  # type: ignore[misc]
     access line per request itself, without the query string gunicorn's would carry."""
 
     def setup(self, cfg: Any) -> None:
-        from node.base.logs import RequestIdFilter, formatter
-
         super().setup(cfg)
         self.error_log.setLevel(_log_level)
         for handler in self.error_log.handlers:
@@ -101,6 +97,8 @@ logger_class = NodeLogger
 
 def on_starting(server: Any) -> None:
     """In the master, before any worker: forget what processes of earlier runs counted."""
+    # imported here, not above: prometheus_client picks its mode when first imported, and the
+    # environment variable above must be set by then
     from node.ops.metrics import clear_dead_process_files
 
     removed = clear_dead_process_files(metrics_directory)
@@ -114,6 +112,6 @@ def on_starting(server: Any) -> None:
 
 def child_exit(server: Any, worker: Any) -> None:
     """In the master, when a worker has exited."""
-    from prometheus_client import multiprocess
+    from prometheus_client import multiprocess  # here, not above: see on_starting
 
     multiprocess.mark_process_dead(worker.pid, str(metrics_directory))  # type: ignore[no-untyped-call]

@@ -19,7 +19,9 @@ from pathlib import Path
 
 from flask import Flask
 
+from node.base.config import load_config
 from node.base.errors import ConfigError
+from node.base.logs import configure_logging
 
 MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"  # as node.ops.metrics, which must not be imported yet
 METRICS_SUBDIRECTORY = "prometheus"  # the default, in the node's directory
@@ -33,9 +35,7 @@ def _application() -> Flask:
     if not prepared:  # before prometheus_client is imported: it chooses its mode then
         os.environ[MULTIPROCESS_ENV] = str(Path(directory).resolve() / METRICS_SUBDIRECTORY)
 
-    from node.base.config import load_config
-    from node.base.logs import configure_logging
-    from node.web.app import create_app
+    from node.web.app import create_app  # only now: it imports prometheus_client
 
     config = load_config(Path(directory))
     configure_logging(config.log_format, config.log_level)
