@@ -82,7 +82,7 @@ def test_eight_processes_append_one_linear_chain(ledger_db: Ledger, tmp_path: Pa
 @pytest.mark.slow
 def test_killed_appenders_lose_no_acknowledged_entry(ledger_db: Ledger, tmp_path: Path) -> None:
     rng = random.Random(20261124)
-    rounds = 12
+    rounds = 8
     for round_ in range(rounds):
         workers = {
             w: _start(
