@@ -24,6 +24,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import tomllib
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import ExitStack, suppress
@@ -530,45 +531,104 @@ def test_gunicorn_commands_name_a_config_and_an_app_that_import(tmp_path: Path) 
 
 
 # -- the runnable blocks, run --------------------------------------------------------------
+#
+# Each engine's sandbox runs the blocks in a thread of its own, both engines at once (the
+# blocks are one process after another, so each keeps one core busy): the test of an engine
+# waits for its run and reports what it found.
+
+ENGINES = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
+IN_PROCESS = threading.Lock()  # what a run does in this process (init_node, a token), one at a time
 
 
-@pytest.fixture(
-    scope="module", params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
-)
-def sandbox(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Sandbox]:
-    with ExitStack() as stack:
-        databases = {}
-        if request.param == "postgres":
-            for name in ("ledger", "hosp-a", "hosp-b"):
-                databases[name] = stack.enter_context(postgres_database())
-        root = tmp_path_factory.mktemp(f"docs-{request.param}")
-        tools = root / "bin"
-        tools.mkdir()
-        for name, module in (("hrx", "node.cli"), ("gunicorn", "gunicorn")):
-            (tools / name).write_text(f'#!/bin/sh\nexec {sys.executable} -m {module} "$@"\n')
-            (tools / name).chmod(0o755)
-        with ExitStack() as processes:  # stopped before the databases are dropped
-            yield Sandbox(request.param, root, databases, processes)
+class EngineRun(threading.Thread):
+    """The runnable blocks, in the documents' order, in one engine's sandbox; every process
+    it started is stopped when it ends, whatever happened."""
 
+    def __init__(self, sandbox: Sandbox) -> None:
+        super().__init__(name=f"docs-{sandbox.engine}", daemon=True)
+        self.sandbox = sandbox
+        self.ran: list[str] = []
+        self.error: BaseException | None = None
 
-def test_the_runnable_blocks_run_in_order(sandbox: Sandbox) -> None:
-    ran = []
-    for block in all_blocks():
-        kind = classification(block)
-        if not isinstance(kind, Run):
-            continue
+    def run(self) -> None:
+        try:
+            with self.sandbox.stack:
+                for block in all_blocks():
+                    kind = classification(block)
+                    if isinstance(kind, Run):
+                        self.run_block(block, kind)
+                        self.ran.append(block.where)
+        except BaseException as exc:  # reported by the engine's test
+            self.error = exc
+
+    def run_block(self, block: Block, kind: Run) -> None:
+        sandbox = self.sandbox
         if kind.prepare is not None:
-            kind.prepare(sandbox)
-        script = sandbox.script(block, kind)
+            with IN_PROCESS:
+                kind.prepare(sandbox)
+        with IN_PROCESS:
+            script = sandbox.script(block, kind)
         name = block.where.replace("/", "-").replace(":", "-")
-        if kind.background:
-            sandbox.background(script, name, sandbox.value("url_a"))
-            output = ""
-        else:
-            output = sandbox.bash(script, name, kind.stdin)
-        if kind.check is not None:
-            kind.check(sandbox, output)
-        ran.append(block.where)
-    assert len(ran) == 6, ran
+        try:
+            if kind.background:
+                sandbox.background(script, name, sandbox.value("url_a"))
+                output = ""
+            else:
+                output = sandbox.bash(script, name, kind.stdin)
+            if kind.check is not None:
+                kind.check(sandbox, output)
+        except BaseException as exc:
+            raise AssertionError(f"{block.where}: {exc}") from exc
+
+
+@pytest.fixture(scope="module")
+def engine_runs(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[dict[str, EngineRun | BaseException]]:
+    """The run of every engine whose test was selected, started at once."""
+    selected = {
+        item.callspec.id  # type: ignore[attr-defined]
+        for item in request.session.items
+        if getattr(item, "originalname", "") == "test_the_runnable_blocks_run_in_order"
+    }
+    runs: dict[str, EngineRun | BaseException] = {}
+    with ExitStack() as stack:
+        for engine in sorted(selected):
+            databases = {}
+            if engine == "postgres":
+                try:
+                    for name in ("ledger", "hosp-a", "hosp-b"):
+                        databases[name] = stack.enter_context(postgres_database())
+                except (pytest.skip.Exception, pytest.fail.Exception) as exc:
+                    runs[engine] = exc  # the engine's test skips or fails with it
+                    continue
+            root = tmp_path_factory.mktemp(f"docs-{engine}")
+            tools = root / "bin"
+            tools.mkdir()
+            for name, module in (("hrx", "node.cli"), ("gunicorn", "gunicorn")):
+                (tools / name).write_text(f'#!/bin/sh\nexec {sys.executable} -m {module} "$@"\n')
+                (tools / name).chmod(0o755)
+            run = EngineRun(Sandbox(engine, root, databases, ExitStack()))
+            runs[engine] = run
+            run.start()
+        try:
+            yield runs
+        finally:  # before the databases are dropped
+            for run in runs.values():
+                if isinstance(run, EngineRun):
+                    run.join(timeout=600)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_the_runnable_blocks_run_in_order(
+    engine: str, engine_runs: dict[str, EngineRun | BaseException]
+) -> None:
+    run = engine_runs[engine]
+    if isinstance(run, BaseException):
+        raise run
+    run.join(timeout=400)
+    assert not run.is_alive(), f"the blocks did not finish in 400 s (done: {run.ran})"
+    if run.error is not None:
+        raise run.error
+    runnable = [b.where for b in all_blocks() if isinstance(classification(b), Run)]
+    assert run.ran == runnable and len(runnable) == 6, run.ran
