@@ -6,8 +6,10 @@ give them, as an operator reading them would type them, with the documented path
 keys and tokens replaced by the sandbox's (each block's substitutions are listed, and each
 must still match the block); **covered** by the named tests; or **not runnable here**, with
 the reason. A block nobody classified, or a classification whose block is gone, fails. Every
-``hrx`` command of every block — run or not — is parsed by the CLI itself, so a renamed
-command or option fails here too, and gunicorn's config and application must import.
+``hrx`` command of every block — run or not, ``docker compose run --rm hrx ARGS`` and what
+``docker compose run --rm init ARGS`` gives ``hrx node init`` included — is parsed by the CLI
+itself, so a renamed command or option fails here too, and gunicorn's config and application
+must import.
 
 Where the README serves the node with the development server, the node is served under
 gunicorn too, as its gunicorn block says, and the README's ``curl`` line asks that server.
@@ -21,6 +23,8 @@ import ast
 import base64
 import json
 import os
+import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -480,6 +484,8 @@ def test_every_hrx_command_parses(monkeypatch: pytest.MonkeyPatch) -> None:
         for line, words in commands(block):
             arguments = hrx_arguments(words)
             if arguments is None:
+                arguments = init_service_arguments(words)
+            if arguments is None:
                 continue
             try:
                 hrx_command(arguments)
@@ -487,9 +493,23 @@ def test_every_hrx_command_parses(monkeypatch: pytest.MonkeyPatch) -> None:
             except (click.ClickException, AssertionError) as exc:
                 problems.append(f"{block.where}: {line}\n    {exc}")
     assert not problems, "\n".join(problems)
-    assert parsed >= 30
+    assert parsed >= 32
     with pytest.raises(click.UsageError):  # the check can fail
         hrx_command(["node", "join", "--dir", "x", "--rooster", "roster.json"])
+
+
+def init_service_arguments(words: list[str]) -> list[str] | None:
+    """``docker compose run --rm init ARGS`` of the hospital's compose file: init-node.sh
+    runs ``hrx node init --dir "$DIR" --db "$INIT_DATABASE_URL" "$@"`` with ARGS as ``$@``."""
+    if words[:5] != ["docker", "compose", "run", "--rm", "init"]:
+        return None
+    script = (ROOT / "deploy" / "hospital" / "init-node.sh").read_text()
+    found = re.search(r"^\s+hrx (node init .*)$", script, re.M)
+    assert found is not None, "init-node.sh runs hrx node init no more"
+    line = found.group(1).replace('"$DIR"', "/srv/hrx/node")
+    line = line.replace('"$INIT_DATABASE_URL"', "postgresql://hrx@db/hrx")
+    assert line.endswith(' "$@"'), line
+    return [*shlex.split(line.removesuffix(' "$@"')), *words[5:]]
 
 
 def test_the_hrx_of_the_sandbox_is_the_console_script() -> None:
