@@ -671,15 +671,19 @@ def _keep_running(story: Story) -> None:
     table.add_row("savings (hosp-b)", f"{b}/clinic/savings", f"dr-zhou / {PASSWORD}")
     for name in HOSPITALS:
         table.add_row(f"FHIR API ({name})", f"{story.base(name)}/fhir/metadata", "bearer token")
-    console.print(table)
-    console.print(f"node directories: {story.root}")
     stop = threading.Event()
-    previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    # Ctrl-C and SIGTERM only set the event, from before the table is shown: one that comes
+    # the moment it is (a reader, a script) stops the consortium as well as a later one
+    previous = {
+        signum: signal.signal(signum, lambda *_: stop.set())
+        for signum in (signal.SIGINT, signal.SIGTERM)
+    }
     try:
+        console.print(table)
+        console.print(f"node directories: {story.root}")
         while not stop.wait(0.5):
             pass
-    except KeyboardInterrupt:
-        pass
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     console.print("stopping the consortium")
