@@ -34,7 +34,7 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import ExitStack, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import click
 import pytest
@@ -162,15 +162,7 @@ class Sandbox:
         self.runs += 1
         log = self.root / f"block-{self.runs}-{log_name}.log"
         with log.open("wb") as output:  # a file, not a pipe: a server left running holds it
-            process = subprocess.Popen(
-                ["bash", "-c", script],
-                cwd=self.root,
-                env=self.env,
-                stdin=subprocess.PIPE,
-                stdout=output,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
+            process = self._start(script, output, subprocess.PIPE)
             try:
                 assert process.stdin is not None
                 process.stdin.write(stdin.encode())
@@ -187,18 +179,22 @@ class Sandbox:
         healthy, and stop the group when the sandbox closes."""
         self.runs += 1
         log = (self.root / f"block-{self.runs}-{log_name}.log").open("wb")
-        process = subprocess.Popen(
-            ["bash", "-c", script],
-            cwd=self.root,
-            env=self.env,
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+        process = self._start(script, log, subprocess.DEVNULL)
         self.stack.callback(log.close)
         self.stack.callback(stop_group, process)
         wait_healthy(base, process, seconds=60)  # type: ignore[arg-type]
+
+    def _start(self, script: str, output: IO[bytes], stdin: int) -> subprocess.Popen[bytes]:
+        """bash running ``script`` in the sandbox, in a process group of its own."""
+        return subprocess.Popen(
+            ["bash", "-c", script],
+            cwd=self.root,
+            env=self.env,
+            stdin=stdin,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
 
 class _Lazy(dict[str, str]):
