@@ -3,6 +3,7 @@ revoked, expired, superseded, break-glass, and the reasons each decision gives."
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import pytest
@@ -311,3 +312,65 @@ def test_policy_is_a_pure_function_of_its_inputs() -> None:
     first = decide(entries, request())
     assert decide(list(reversed(entries)), request()) == first
     assert decide(entries, request()) == first
+
+
+@pytest.mark.parametrize(
+    ("entries", "access", "reasons"),
+    [
+        ([], request(), ("no consent of this patient is recorded",)),
+        ([grant(0)], request(categories=()), ("the request names no data category",)),
+        (
+            [grant(0)],
+            request(purpose="ETREAT"),
+            ("emergency access (ETREAT) needs a stated reason",),
+        ),
+        (
+            [grant(0, grantees=("hosp-c",))],
+            request(purpose="ETREAT", reason="unconscious on arrival"),
+            (
+                "emergency access (break-glass) without consent, with a stated reason",
+                "consent c1 (hosp-a seq 0) does not grant hosp-b",
+            ),
+        ),
+        (
+            [grant(0, categories=("imaging",))],
+            request(categories=("laboratory", "imaging", "genomics")),
+            (
+                "no consent permits this request",
+                "consent c1 (hosp-a seq 0) does not cover laboratory, genomics",
+            ),
+        ),
+    ],
+)
+def test_the_reasons_are_exactly_these(
+    entries: list[dict[str, Any]], access: AccessRequest, reasons: tuple[str, ...]
+) -> None:
+    """The reasons are recorded with the decision and compared in the auditor's replay: their
+    words are part of the decision, not decoration."""
+    result = decide(entries, access)
+    assert result.reasons == reasons
+    assert not result.emergency or access.purpose == "ETREAT"
+
+
+def test_the_state_of_a_consent_does_not_depend_on_the_order_entries_come_in() -> None:
+    """Of a consent's entries the highest seq is its state, and the grants below it are named
+    as superseded (revocations are not), whichever order the view lists them in. (The
+    superseded seqs are named in the order the view lists them.)"""
+    entries = [grant(0), revoke(3), grant(5), grant(9)]
+    for order in itertools.permutations(entries):
+        (reason,) = decide(order, request()).reasons
+        summary, superseded = reason.split(" superseding seq ")
+        assert summary == "permitted by consent c1 (hosp-a seq 9)"
+        assert sorted(map(int, superseded.split(", "))) == [0, 5]
+
+
+def test_entries_of_other_patients_and_types_are_skipped_not_a_stop() -> None:
+    other_type = {**grant(1), "type": "record.registered"}
+    entries = [grant(0, "c9", patient=OTHER), other_type, grant(2)]
+    assert decide(entries, request()).consent == {"chain": "hosp-a", "seq": 2}
+
+
+def test_a_consent_is_valid_from_the_first_millisecond_of_its_period() -> None:
+    start = "2026-11-25T10:00:00.000Z"
+    assert decide([grant(0, start=start)], request(time=start)).permitted
+    assert not decide([grant(0, start=start)], request(time="2026-11-25T09:59:59.999Z")).permitted

@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import pytest
 from click.testing import CliRunner
 
 from exchange.decision_replay import DecisionReplay
@@ -132,3 +133,93 @@ def test_a_decision_is_not_replayed_over_a_copy_that_lacks_its_view() -> None:
     assert "cannot be replayed from this copy" in str(finding)
     assert "12 entries of hosp-c (this copy holds 9)" in str(finding)
     assert audit.findings({"hosp-a": 5, "hosp-c": 12}) == []
+
+
+def _entry(seq: int, kind: str, body: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "v": 1,
+        "chain": "hosp-a",
+        "seq": seq,
+        "time": "2026-11-25T08:00:00.000Z",
+        "type": kind,
+        "body": body,
+    }
+
+
+FORGED = _entry(9, "access.decided", decided(Q, "permit", {"hosp-a": 9}))
+FORGED_FINDING = (
+    "hosp-a seq 9: recorded permit for hosp-b, but the consents in its view call for deny: "
+    "no consent of this patient is recorded"
+)
+BROKEN = decided(P, "deny", {"hosp-a": 3}, categories=5)
+
+
+@pytest.mark.parametrize(
+    ("entries", "held", "findings"),
+    [
+        (
+            [_entry(3, "access.decided", {"request_id": "r-1", "decision": "permit"})],
+            None,
+            [
+                "hosp-a seq 3: access.decided lacks patient, requester_org, purpose, categories, "
+                "decided_at, view: it cannot be replayed"
+            ],
+        ),
+        (
+            [_entry(3, "access.decided", decided(P, "deny", [3]))],
+            None,
+            ["hosp-a seq 3: access.decided lacks a view: it cannot be replayed"],
+        ),
+        (
+            [
+                _entry(
+                    4, "access.decided", decided(P, "deny", {"hosp-a": 4, "hosp-b": 1, "hosp-c": 2})
+                )
+            ],
+            {"hosp-a": 10},
+            [
+                "hosp-a seq 4: cannot be replayed from this copy: its view reads 1 entries of "
+                "hosp-b (this copy holds 0), 2 entries of hosp-c (this copy holds 0)"
+            ],
+        ),
+        (
+            [_entry(5, "access.decided", decided(P, "deny", {"hosp-a": 99}))],
+            None,
+            ["hosp-a seq 5: its view claims 99 entries of hosp-a, which did not yet exist"],
+        ),
+        (
+            [_entry(3, "access.decided", BROKEN)],
+            None,
+            ["hosp-a seq 3: cannot be replayed: 'int' object is not iterable"],
+        ),
+        (
+            [
+                _entry(0, "consent.granted", GRANT),
+                _entry(1, "consent.granted", {**GRANT, "consent_id": "c2"}),
+                _entry(
+                    2,
+                    "access.decided",
+                    decided(P, "permit", {"hosp-a": 2}, consent={"chain": "hosp-a", "seq": 1}),
+                ),
+            ],
+            None,
+            [
+                "hosp-a seq 2: permit rests on consent {'chain': 'hosp-a', 'seq': 1}, but the "
+                "policy finds {'chain': 'hosp-a', 'seq': 0}"
+            ],
+        ),
+        # the first decision of a chain may read none of its own chain (an empty view)
+        ([_entry(0, "access.decided", decided(P, "deny", {}))], None, []),
+    ],
+)
+def test_each_finding_names_the_decision_and_its_fault(
+    entries: list[dict[str, Any]], held: dict[str, int] | None, findings: list[str]
+) -> None:
+    """Each fault, alone and then followed by a forged decision: a finding says which
+    decision and why, and never stops the replay of the decisions after it."""
+    for tail, also in (([], []), ([FORGED], [FORGED_FINDING])):
+        audit = DecisionReplay()
+        for entry in [*entries, *tail]:
+            audit.observe(entry)
+        got = [str(f) for f in audit.findings(held)]
+        assert got == findings + also

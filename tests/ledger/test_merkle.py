@@ -231,3 +231,112 @@ def test_frontier_extend_equals_appends(chunks: list[int]) -> None:
 def test_leaf_hashes_match_leaf_hash() -> None:
     data = [b"", b"\x00", "中".encode(), bytes(range(256))]
     assert merkle.leaf_hashes(data) == [merkle.leaf_hash(d) for d in data]
+
+
+def test_every_consistency_proof_between_small_trees_verifies() -> None:
+    """Every pair of sizes up to 64, not a sample: the verifier's shifts differ by the trailing
+    zero bits of the sizes, and a sample can miss the pairs that need several (9 to 10)."""
+    for second in range(1, 65):
+        for first in range(1, second + 1):
+            proof = _consistency(first, second)
+            merkle.verify_consistency(first, second, ROOTS[first], ROOTS[second], proof)
+
+
+SHORT = bytes(31)
+
+
+def _refusals() -> list[Any]:
+    """(call, the fault it names): each check of the verifiers and plans, reached alone."""
+    inclusion, consistency = _inclusion(5, 13), _consistency(5, 13)
+    return [
+        (lambda: merkle.inclusion_plan(5, 5), "leaf index 5 is not below tree size 5"),
+        (lambda: merkle.consistency_plan(0, 5), "no consistency proof from size 0 to size 5"),
+        (
+            lambda: merkle.verify_inclusion(LEAVES[5], 13, 13, inclusion, ROOTS[13]),
+            "leaf index 13 is not below tree size 13",
+        ),
+        (
+            lambda: merkle.verify_inclusion(SHORT, 5, 13, inclusion, ROOTS[13]),
+            "leaf hash is 31 bytes, not 32",
+        ),
+        (
+            lambda: merkle.verify_inclusion(LEAVES[5], 5, 13, [*inclusion[:1], SHORT], ROOTS[13]),
+            "proof hash 1 is 31 bytes, not 32",
+        ),
+        (
+            lambda: merkle.verify_inclusion(LEAVES[5], 5, 13, inclusion, SHORT),
+            "root is 31 bytes, not 32",
+        ),
+        (
+            lambda: merkle.verify_inclusion(LEAVES[5], 5, 13, [*inclusion, LEAVES[0]], ROOTS[13]),
+            "inclusion proof is longer than the tree is deep",
+        ),
+        (
+            lambda: merkle.verify_inclusion(LEAVES[5], 5, 13, inclusion[:-1], ROOTS[13]),
+            "inclusion proof is shorter than the tree is deep",
+        ),
+        (
+            lambda: merkle.verify_inclusion(LEAVES[6], 5, 13, inclusion, ROOTS[13]),
+            "inclusion proof for leaf 5 does not lead to the root",
+        ),
+        (
+            lambda: merkle.verify_consistency(5, 13, SHORT, ROOTS[13], consistency),
+            "first root is 31 bytes, not 32",
+        ),
+        (
+            lambda: merkle.verify_consistency(5, 13, ROOTS[5], SHORT, consistency),
+            "second root is 31 bytes, not 32",
+        ),
+        (
+            lambda: merkle.verify_consistency(5, 13, ROOTS[5], ROOTS[13], [SHORT]),
+            "proof hash 0 is 31 bytes, not 32",
+        ),
+        (
+            lambda: merkle.verify_consistency(0, 13, ROOTS[5], ROOTS[13], consistency),
+            "a consistency proof from tree size 0 proves nothing",
+        ),
+        (
+            lambda: merkle.verify_consistency(13, 5, ROOTS[13], ROOTS[5], consistency),
+            "tree size 13 is larger than tree size 5",
+        ),
+        (
+            lambda: merkle.verify_consistency(5, 5, ROOTS[5], ROOTS[5], consistency),
+            "a consistency proof between equal sizes must be empty",
+        ),
+        (
+            lambda: merkle.verify_consistency(5, 5, ROOTS[5], ROOTS[6], []),
+            "roots of equal tree sizes differ",
+        ),
+        (
+            lambda: merkle.verify_consistency(5, 13, ROOTS[5], ROOTS[13], []),
+            "consistency proof is empty",
+        ),
+        (
+            lambda: merkle.verify_consistency(
+                5, 13, ROOTS[5], ROOTS[13], [*consistency, LEAVES[0]]
+            ),
+            "consistency proof is longer than the tree is deep",
+        ),
+        (
+            lambda: merkle.verify_consistency(5, 13, ROOTS[5], ROOTS[13], consistency[:-1]),
+            "consistency proof is shorter than the tree is deep",
+        ),
+        (
+            lambda: merkle.verify_consistency(5, 13, ROOTS[6], ROOTS[13], consistency),
+            "consistency proof does not lead to the root of tree size 5",
+        ),
+        (
+            lambda: merkle.verify_consistency(5, 13, ROOTS[5], ROOTS[12], consistency),
+            "consistency proof does not lead to the root of tree size 13",
+        ),
+        (lambda: merkle.Frontier(5, [LEAVES[0]]), "a frontier of size 5 has 2 hashes"),
+        (lambda: merkle.node_for_lookup(NODES)((9, 0)), "Merkle node (9, 0) is not stored"),
+    ]
+
+
+@pytest.mark.parametrize(("call", "fault"), _refusals())
+def test_a_refusal_names_its_fault(call: Any, fault: str) -> None:
+    """An auditor reads why a proof was refused: each fault is named, not only raised."""
+    with pytest.raises(ProofError) as refused:
+        call()
+    assert str(refused.value) == fault
