@@ -64,6 +64,15 @@ class DecisionReplay:
                     )
                 )
                 continue
+            if not _is_view(body["view"]):
+                found.append(
+                    Finding(
+                        entry["chain"],
+                        entry["seq"],
+                        "its view is not a map of chain ids to entry counts: it cannot be replayed",
+                    )
+                )
+                continue
             chain, seq = entry["chain"], entry["seq"]
             consents = self.consents.get(str(body["patient"]), [])
             view = body["view"]
@@ -132,3 +141,10 @@ class DecisionReplay:
                     )
                 )
         return found
+
+
+def _is_view(view: Mapping[str, Any]) -> bool:
+    """A view (docs/spec.md §14.4) maps chain ids to entry counts: integers, not negative."""
+    return all(
+        isinstance(size, int) and not isinstance(size, bool) and size >= 0 for size in view.values()
+    )

@@ -1,5 +1,5 @@
 #!/usr/bin/env sh
-# Mutation testing of the trust core with mutmut 3 (pip install 'mutmut>=3,<4'); the settings
+# Mutation testing of the trust core with mutmut 3 (pip install -e '.[mutation]'); the settings
 # are pyproject.toml's [tool.mutmut], the outcome is recorded in docs/spec.md §18.12.
 #
 #   scripts/mutation.sh                                 # every trust-core module

@@ -187,6 +187,25 @@ BROKEN = decided(P, "deny", {"hosp-a": 3}, categories=5)
             None,
             ["hosp-a seq 5: its view claims 99 entries of hosp-a, which did not yet exist"],
         ),
+        *(
+            (
+                [_entry(5, "access.decided", decided(P, "deny", view))],
+                held,
+                [
+                    "hosp-a seq 5: its view is not a map of chain ids to entry counts: it "
+                    "cannot be replayed"
+                ],
+            )
+            for view in (
+                {"hosp-a": "9"},
+                {"hosp-b": "9"},
+                {"hosp-a": 2, "hosp-c": -1},
+                {"hosp-b": 1.5},
+                {"hosp-b": True},
+                {"hosp-b": None},
+            )
+            for held in (None, {"hosp-a": 10})
+        ),
         (
             [_entry(3, "access.decided", BROKEN)],
             None,
