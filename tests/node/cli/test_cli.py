@@ -189,6 +189,7 @@ def test_installed_command_and_demo_run(tmp_path: Path) -> None:
         stderr=subprocess.STDOUT,
         text=True,
         env={**os.environ, "COLUMNS": "200"},
+        start_new_session=True,  # its nodes with it: on a failure the group is killed
     )
     assert process.stdout is not None
     lines = []
@@ -211,7 +212,7 @@ def test_installed_command_and_demo_run(tmp_path: Path) -> None:
         rest, _ = process.communicate(timeout=60)
     finally:
         if process.poll() is None:
-            process.kill()
+            os.killpg(process.pid, signal.SIGKILL)  # the demo and the nodes it started
             process.wait()
     assert process.returncode == 0, rest
     assert "verdict: the ledger is valid" in rest
