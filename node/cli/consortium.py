@@ -55,6 +55,19 @@ def consortium_group() -> None:
     help='JSON {"member id": {"level": ..., "accreditation": [...]}}: what changes.',
 )
 @click.option("--remove", multiple=True, help="A member to take out of the roster (repeatable).")
+@click.option(
+    "--witnesses",
+    default=None,
+    help="Comma-separated ids of the members that replicate every chain and co-sign "
+    "checkpoints; every other member becomes an ordinary one (default: as --previous; in a "
+    "first roster, every member).",
+)
+@click.option(
+    "--registry",
+    default=None,
+    help="Comma-separated ids of the members that run the record locator (default: as "
+    "--previous; in a first roster, none).",
+)
 @click.argument(
     "enrollments",
     nargs=-1,
@@ -68,12 +81,16 @@ def consortium_roster(
     previous: Path | None,
     members_info: Path | None,
     remove: tuple[str, ...],
+    witnesses: str | None,
+    registry: str | None,
     enrollments: tuple[Path, ...],
 ) -> None:
     """Sign the next roster: the previous one with what changes — the members whose
     enrollment files are given (new members, new keys from hrx node rotate-keys, new names
     or URLs), levels and accreditation from --members-info, members taken out with --remove.
-    A consortium's first roster lists exactly the enrollments given."""
+    A consortium's first roster lists exactly the enrollments given. --witnesses and
+    --registry set the members' roles; a roster with fewer witnesses than its quorum is
+    refused."""
     with reported():
         history = read_roster_history(previous) if previous is not None else []
         if not history and not enrollments:
@@ -89,7 +106,16 @@ def consortium_roster(
             if not isinstance(member, dict) or "id" not in member:
                 fail(f"{path} is not an enrollment file (made by hrx node init)")
             read.append(member)
-        made = next_roster(history, read, info, name=name, quorum=quorum, remove=remove)
+        made = next_roster(
+            history,
+            read,
+            info,
+            name=name,
+            quorum=quorum,
+            remove=remove,
+            witnesses=_ids(witnesses),
+            registries=_ids(registry),
+        )
         roster = made.roster
         authority = keys.load_or_create_private_key(authority_key)
         signature = sign_roster(roster, authority)
@@ -102,6 +128,10 @@ def consortium_roster(
     out.print(f"authority public key: {keys.public_key_text(authority)}")
     for warning in made.warnings:
         err.print(f"[bold yellow]warning:[/] {warning}")
+
+
+def _ids(listed: str | None) -> list[str] | None:
+    return None if listed is None else [i.strip() for i in listed.split(",") if i.strip()]
 
 
 @consortium_group.command("resolve-fork")

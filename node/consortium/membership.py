@@ -19,7 +19,7 @@ from typing import Any
 from ledger import keys
 from ledger.canonical import parse_json
 from ledger.errors import LedgerError
-from ledger.roster import Roster, is_witness, make_roster, open_roster
+from ledger.roster import REGISTRY, WITNESS, Roster, is_witness, make_roster, open_roster
 from ledger.store import ChainStore
 from node.base.errors import ConfigError
 
@@ -94,11 +94,14 @@ def next_roster(
     name: str | None,
     quorum: int | None,
     remove: tuple[str, ...] = (),
+    witnesses: list[str] | None = None,
+    registries: list[str] | None = None,
 ) -> NextRoster:
     """The next roster version: the newest of ``history`` (empty for a consortium's first
     roster) with, for each member, only what the authority says changes — enrollments add
     members or give them new keys, names and URLs; ``info`` sets levels and accreditation;
-    ``remove`` takes members out. Everything else (levels, accreditation, URLs, keys) stays as
+    ``remove`` takes members out; ``witnesses`` and ``registries``, when given, are exactly the
+    members with that role (:func:`_set_roles`). Everything else (levels, accreditation, URLs, keys) stays as
     it was. A member's keys change only by a rotation (an enrollment made by ``hrx node
     rotate-keys``, which names the keys it replaces) and never back to a key that any
     version of ``history`` listed for it: a stale enrollment file cannot put a retired key
@@ -161,6 +164,7 @@ def next_roster(
         members[member_id].update(fields)
     if not members:
         raise ConfigError("a roster lists at least one member")
+    _set_roles(members, witnesses, registries)
     consortium = name or (previous["consortium"] if previous else None)
     if not consortium:
         raise ConfigError("give the consortium's name with --consortium")
@@ -187,6 +191,30 @@ def next_roster(
     if quorum_note:
         warnings.append(quorum_note)
     return NextRoster(roster, warnings)
+
+
+def _set_roles(
+    members: dict[str, dict[str, Any]],
+    witnesses: list[str] | None,
+    registries: list[str] | None,
+) -> None:
+    """Write ``roles`` (docs/spec.md §5): with ``witnesses`` given, exactly those members are
+    witnesses; with ``registries`` given, exactly those run the record locator. A member whose
+    roles neither changes keeps them (none listed: a witness)."""
+    for flag, named in (("--witnesses", witnesses), ("--registry", registries)):
+        strangers = sorted(set(named or ()) - set(members))
+        if strangers:
+            raise ConfigError(f"{flag} names members not in the roster: {strangers}")
+    if witnesses is None and registries is None:
+        return
+    for member_id, member in members.items():
+        witness = member_id in witnesses if witnesses is not None else is_witness(member)
+        registry = (
+            member_id in registries
+            if registries is not None
+            else REGISTRY in member.get("roles", [])
+        )
+        member["roles"] = [WITNESS] * witness + [REGISTRY] * registry
 
 
 def _keys(member: dict[str, Any]) -> tuple[str, str]:

@@ -139,7 +139,11 @@ class Consortium:
         environment: dict[str, str] | None = None,
         display_names: dict[str, str] | None = None,
         consortium_name: str = "hrx-harness",
+        witnesses: list[str] | None = None,
+        registries: list[str] | None = None,
     ) -> None:
+        """``witnesses`` and ``registries``: the members with those roles (default: every
+        member a witness, as in a roster without roles; no registry)."""
         self.root = root
         self.environment = environment or {}  # HRX_* settings for every member's processes
         self.epoch_seconds = epoch_seconds
@@ -164,8 +168,10 @@ class Consortium:
             secret=root / "consortium.key",
             authority_key=self.authority_key,
             name=consortium_name,
-            quorum=quorum or (size * 2 // 3 + 1),
+            quorum=quorum or (len(witnesses or names) * 2 // 3 + 1),
             members_info=members_info,
+            witnesses=witnesses,
+            registries=registries,
         )
 
     def _environment(self, member: Member) -> dict[str, str]:

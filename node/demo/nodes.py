@@ -49,6 +49,8 @@ def form_consortium(
     name: str,
     quorum: int,
     members_info: dict[str, dict[str, object]] | None = None,
+    witnesses: list[str] | None = None,
+    registries: list[str] | None = None,
 ) -> None:
     """What the authority and the members do to form a consortium, as ``hrx consortium secret``,
     ``hrx consortium roster`` and ``hrx node join`` do it: the pseudonym secret, the first
@@ -56,7 +58,15 @@ def form_consortium(
     local authority key, and each member's join."""
     write_secret(secret)
     enrollments = [parse_json((d / ENROLLMENT_FILE).read_bytes()) for d in directories]
-    body = next_roster([], enrollments, members_info or {}, name=name, quorum=quorum).roster
+    body = next_roster(
+        [],
+        enrollments,
+        members_info or {},
+        name=name,
+        quorum=quorum,
+        witnesses=witnesses,
+        registries=registries,
+    ).roster
     authority = keys.load_or_create_private_key(authority_key)
     signed = {"roster": body, "signature": sign_roster(body, authority)}
     roster.write_bytes(canonical_bytes(signed) + b"\n")

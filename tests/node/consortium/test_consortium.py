@@ -92,6 +92,33 @@ def test_roster_and_secret_files(consortium: Path) -> None:
     assert low.exit_code == 0 and "warning: quorum 1 of 3 witnesses is below 2" in low.output
 
 
+def test_roster_roles_from_witnesses_and_registry(consortium: Path) -> None:
+    def roster(*flags: str) -> Any:
+        return hrx(
+            "consortium",
+            "roster",
+            "--authority-key",
+            str(consortium / "authority.pem"),
+            "--previous",
+            str(consortium / "roster.json"),
+            "--out",
+            str(consortium / "roles.json"),
+            *flags,
+        )
+
+    made = roster("--witnesses", "hosp-a,hosp-b", "--registry", "hosp-c")
+    assert made.exit_code == 0, made.output
+    members = json.loads((consortium / "roles.json").read_text())["roster"]["members"]
+    assert [m["roles"] for m in members] == [["witness"], ["witness"], ["registry"]]
+    # a quorum of 2 with one witness: refused, naming the problem; no roster written over
+    (consortium / "roles.json").unlink()
+    few = roster("--witnesses", "hosp-a")
+    assert few.exit_code == 1 and "--quorum 2 is more than the 1 witnesses" in few.output
+    assert not (consortium / "roles.json").exists()
+    unknown = roster("--registry", "hosp-z")
+    assert unknown.exit_code == 1 and "hosp-z" in unknown.output
+
+
 def test_join_checks_everything(consortium: Path, tmp_path: Path) -> None:
     node_a = str(consortium / "hosp-a")
     roster = str(consortium / "roster.json")

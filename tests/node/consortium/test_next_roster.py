@@ -114,3 +114,37 @@ def test_keys_change_by_a_rotation_only_and_never_back(
         [roster, second, third.roster], [enrollment("hosp-c", 77)], {}, name=None, quorum=None
     )
     assert "hosp-c" in {m["id"] for m in again.roster["members"]}
+
+
+def test_witnesses_and_registry_write_roles_and_later_versions_keep_them(
+    first: tuple[dict[str, Any], dict[str, dict[str, Any]]],
+) -> None:
+    roster, members = first
+    made = next_roster(
+        [roster], [], {}, name=None, quorum=2, witnesses=["hosp-a", "hosp-b"],
+        registries=["hosp-c"],
+    )
+    roles = {m["id"]: m["roles"] for m in made.roster["members"]}
+    assert roles == {"hosp-a": ["witness"], "hosp-b": ["witness"], "hosp-c": ["registry"]}
+    # the next version, given neither flag, keeps them; --registry alone keeps the witnesses
+    again = next_roster([roster, made.roster], [], {}, name=None, quorum=None)
+    assert {m["id"]: m["roles"] for m in again.roster["members"]} == roles
+    moved = next_roster([roster, made.roster], [], {}, name=None, quorum=None, registries=["hosp-a"])
+    assert {m["id"]: m["roles"] for m in moved.roster["members"]} == {
+        "hosp-a": ["witness", "registry"], "hosp-b": ["witness"], "hosp-c": [],
+    }
+    # a registry named in a roster without roles stays a witness too
+    first_registry = next_roster([roster], [], {}, name=None, quorum=2, registries=["hosp-b"])
+    assert [m.get("roles") for m in first_registry.roster["members"]] == [
+        ["witness"], ["witness", "registry"], ["witness"],
+    ]
+
+
+def test_fewer_witnesses_than_the_quorum_or_strangers_are_refused(
+    first: tuple[dict[str, Any], dict[str, dict[str, Any]]],
+) -> None:
+    roster, _ = first
+    with pytest.raises(ConfigError, match="quorum 2 is more than the 1 witnesses"):
+        next_roster([roster], [], {}, name=None, quorum=2, witnesses=["hosp-a"])
+    with pytest.raises(ConfigError, match=r"--registry names members not in the roster: \['hosp-x'\]"):
+        next_roster([roster], [], {}, name=None, quorum=1, registries=["hosp-x"])
