@@ -101,10 +101,10 @@ def next_roster(
     roster) with, for each member, only what the authority says changes — enrollments add
     members or give them new keys, names and URLs; ``info`` sets levels and accreditation;
     ``remove`` takes members out; ``witnesses`` and ``registries``, when given, are exactly the
-    members with that role (:func:`_set_roles`). Everything else (levels, accreditation, URLs, keys) stays as
-    it was. A member's keys change only by a rotation (an enrollment made by ``hrx node
-    rotate-keys``, which names the keys it replaces) and never back to a key that any
-    version of ``history`` listed for it: a stale enrollment file cannot put a retired key
+    members with that role (:func:`_set_roles`). Everything else (levels, accreditation, URLs,
+    keys) stays as it was. A member's keys change only by a rotation (an enrollment made by
+    ``hrx node rotate-keys``, which names the keys it replaces) and never back to a key that
+    any version of ``history`` listed for it: a stale enrollment file cannot put a retired key
     back. ConfigError naming what is wrong."""
     previous = history[-1] if history else None
     members: dict[str, dict[str, Any]] = {
