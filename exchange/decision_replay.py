@@ -1,12 +1,15 @@
 """The auditor's replay of access decisions (docs/spec.md §14.4): every ``access.decided`` on any
 chain, decided again by the consent policy over the consent entries of the view it records,
 must come out as recorded. A decision that does not — a forged permit, a permit after a
-revocation the source had seen, a deny the consents did not call for — is a finding.
+revocation the source had seen, a deny the consents did not call for — is a finding. So is a
+record locator lookup (``locator.lookup``, on a registry's chain) that answers no question its
+requester recorded (:meth:`DecisionReplay.lookup_findings`).
 
 Fed while the ledger is verified (:class:`DecisionReplay` is the verifier's entry observer), it
-keeps every consent entry (they are few: one per grant or revocation) and every decision's body
-until the end, then replays. Memory grows with the number of decisions (a few hundred bytes
-each); a ledger of tens of millions of decisions would want them spilled to disk.
+keeps every consent entry (they are few: one per grant or revocation), every decision's,
+question's and lookup's body until the end, then replays. Memory grows with the number of
+requests (a few hundred bytes each); a ledger of tens of millions of them would want them
+spilled to disk.
 """
 
 from __future__ import annotations
@@ -20,7 +23,9 @@ from consent.policy import CONSENT_TYPES
 from exchange.decisions import replay
 
 DECIDED = "access.decided"
-WATCHED = frozenset((*CONSENT_TYPES, DECIDED))
+QUESTION = "access.requested"
+LOOKUP = "locator.lookup"
+WATCHED = frozenset((*CONSENT_TYPES, DECIDED, QUESTION, LOOKUP))
 DECIDED_FIELDS = ("patient", "requester_org", "purpose", "categories", "decided_at", "view")
 
 
@@ -38,19 +43,55 @@ class Finding:
 class DecisionReplay:
     consents: dict[str, list[Mapping[str, Any]]] = field(default_factory=lambda: defaultdict(list))
     decisions: list[Mapping[str, Any]] = field(default_factory=list)
+    questions: dict[tuple[str, Any], Mapping[str, Any]] = field(default_factory=dict)
+    lookups: list[Mapping[str, Any]] = field(default_factory=list)
 
     def observe(self, entry: Mapping[str, Any]) -> None:
         """Take one verified entry of a watched type (:data:`WATCHED`)."""
         if entry["type"] == DECIDED:
             self.decisions.append(entry)
+        elif entry["type"] == QUESTION:
+            self.questions[(entry["chain"], entry["body"].get("request_id"))] = entry["body"]
+        elif entry["type"] == LOOKUP:
+            self.lookups.append(entry)
         elif isinstance(entry["body"].get("patient"), str):
             self.consents[entry["body"]["patient"]].append(entry)
+
+    def lookup_findings(self) -> list[Finding]:
+        """Every record locator lookup that answers no question its requester recorded (the
+        same request id, patient and purpose on the requester's chain), or that does not say
+        how many members it named: a registry may look a patient up only when asked."""
+        found = []
+        for entry in self.lookups:
+            body = entry["body"]
+            requester = body.get("requester_org")
+            question = self.questions.get((str(requester), body.get("request_id")))
+            holders = body.get("holders")
+            if type(holders) is not int or holders < 0:
+                message = "its holders is not a count of members"
+            elif question is None:
+                message = (
+                    f"looks up a patient for {requester}, whose chain in this copy records no "
+                    f"question {body.get('request_id')}"
+                )
+            elif (question.get("patient"), question.get("purpose")) != (
+                body.get("patient"),
+                body.get("purpose"),
+            ):
+                message = (
+                    f"looks up another patient or purpose than {requester}'s question "
+                    f"{body.get('request_id')} names"
+                )
+            else:
+                continue
+            found.append(Finding(entry["chain"], entry["seq"], message))
+        return found
 
     def findings(self, held: Mapping[str, int] | None = None) -> list[Finding]:
         """Every decision the policy would not have made; ``held``: the entries the verified
         copy holds of each chain, when known — a decision whose view reads more of a chain
         than the copy holds cannot be replayed from it, and is a finding too."""
-        found = []
+        found = self.lookup_findings()
         for entry in self.decisions:
             body = entry["body"]
             missing = [name for name in DECIDED_FIELDS if name not in body]

@@ -183,11 +183,25 @@ def prior_results_bundle(
     codes: Sequence[str],
     recorded: str,
     self_link: str,
+    notes: Sequence[str] = (),
 ) -> dict[str, Any]:
-    """The searchset of every member's answer (see the module docstring)."""
+    """The searchset of every member's answer (see the module docstring); ``notes``: what
+    the doctor should know of how the members asked were chosen, as informational
+    OperationOutcomes."""
     entries: list[dict[str, Any]] = []
     includes: list[dict[str, Any]] = []
-    outcomes: list[dict[str, Any]] = []
+    outcomes: list[dict[str, Any]] = [
+        {
+            "resource": {
+                "resourceType": "OperationOutcome",
+                "issue": [
+                    {"severity": "information", "code": "informational", "diagnostics": note}
+                ],
+            },
+            "search": {"mode": "outcome"},
+        }
+        for note in notes
+    ]
     for answer in answers:
         member = members.get(answer.member, {"id": answer.member})
         base = str(member.get("url", "")).rstrip("/") + "/fhir"

@@ -1,13 +1,17 @@
-"""Replication: pull every other member's chain, verify every block, store it, catch forks.
+"""Replication: pull members' chains, verify every block, store it, catch forks.
 
-Each round, a node asks every reachable member for its heads (``GET /ledger/heads``), and for
-each chain compares what the chain's author *and every other member* say against its own
-copy. A head beyond the local one is pulled from whoever showed it, block by block, each
-verified exactly as the auditor verifies (signature by the roster's key, hash link, entries,
-Merkle root) before anything is stored. Two validly signed headers of one chain at one
-height with different hashes are fork evidence (docs/spec.md §7): stored, and the chain is frozen
-— no more of its blocks are accepted — until people sort it out. A member that is unreachable
-or that serves something that does not verify is backed off from, more each time.
+Whom a node asks is its caller's choice (docs/spec.md §6.5): a witness compares heads with the
+other witnesses (:meth:`Replicator.run_round`) and follows the signed heads that authors send it
+when their chains grow (:meth:`Replicator.follow_notice`); an ordinary member fetches a chain
+only when a decision needs it, from its author or else from a witness
+(:meth:`Replicator.sync_chains`). A head beyond the local one is pulled from whoever showed
+it, block by block, each verified exactly as the auditor verifies (signature by the roster's
+key, hash link, entries, Merkle root) before anything is stored, and none is stored that
+conflicts with the latest checkpoint certificate held here (a certified head is final). Two
+validly signed headers of one chain at one height with different hashes are fork evidence
+(docs/spec.md §7): stored, and the chain is frozen — no more of its blocks are accepted —
+until people sort it out. A member that is unreachable or that serves something that does not
+verify is backed off from, more each time.
 
 The transport is not this module's business: a :class:`Peers` object fetches JSON from a
 member (the node signs those requests, docs/spec.md §10).
@@ -97,17 +101,16 @@ class Replicator:
 
     # -- one round ------------------------------------------------------------------------
 
-    def run_round(self, only: Iterable[str] | None = None) -> RoundReport:
-        """Ask every member (or ``only`` these: the members that just said their chains grew)
-        for its heads, and pull, verify and store every chain that is behind."""
+    def run_round(self, sources: Iterable[str]) -> RoundReport:
+        """Ask ``sources`` (members) for their heads, and pull, verify and store every chain
+        that is behind; a head a source shows that differs from the one held here at its
+        height is fork evidence."""
         report = RoundReport()
-        self._rosters = {body["version"]: body for body, _ in self.store.rosters()}
+        self._load_rosters()
         roster = self.store.roster()
-        members = [m for m in roster.member_ids() if m != self.own]
-        if only is not None:
-            members = [m for m in members if m in set(only)]
+        members = set(roster.member_ids())
         heads: dict[str, dict[str, Any]] = {}
-        for member in members:
+        for member in sorted(set(sources) & members - {self.own}):
             if self._backed_off(member):
                 report.unreachable[member] = "backed off"
                 continue
@@ -117,72 +120,115 @@ class Replicator:
                 self._fail(member)
                 report.unreachable[member] = str(exc)
         frozen = self.store.frozen_chains()
-        for chain in [*members, self.own]:
-            if chain in frozen:
-                continue
+        held = {chain: head.hash for chain, head in self.store.heads().items()}
+        for chain in sorted(members - frozen):
             # the author first, then everyone else who reports on the chain
             for source in sorted(heads, key=lambda m: (m != chain, m)):
                 claimed = heads[source].get(chain)
-                if claimed is None:
-                    continue
-                try:
-                    self._follow(chain, source, claimed, report)
-                except _Forked:
+                if claimed is None or _same_head(claimed, held.get(chain)):
+                    continue  # nothing new, nothing to check: no signature verified
+                if not self._follow_guarded(chain, source, claimed, report):
                     break
-                except PeerUnavailable as exc:
-                    self._fail(source)
-                    report.unreachable[source] = str(exc)
-                except (VerificationError, _Refused) as exc:
-                    self._fail(source)
-                    report.refused[source] = f"chain {chain}: {exc}"
-                    log.warning("refused what %s served of chain %s: %s", source, chain, exc)
-                except (LedgerError, KeyError, TypeError, ValueError, AttributeError) as exc:
-                    # whatever a member sends, it must not stop this node's replication
-                    self._fail(source)
-                    report.refused[source] = f"chain {chain}: {type(exc).__name__}: {exc}"
-                    log.warning("refused what %s served of chain %s", source, chain, exc_info=True)
-                else:
-                    self._backoff.pop(source, None)
-                    if source == chain and self.on_synced is not None:
-                        self.on_synced(chain)
         return report
 
-    def sync_from_authors(self, chains: Iterable[str]) -> dict[str, str]:
-        """Bring ``chains`` up to their authors' heads now; for each chain that could not be,
-        why (the others are current with their authors, and ``on_synced`` was told)."""
-        failed: dict[str, str] = {}
+    def follow_notice(self, source: str, chain: str, claimed: Any) -> RoundReport:
+        """A member says (``POST /peer/heads``) that ``chain`` has grown to the signed head
+        ``claimed``: pull it from that member, or find the head in conflict with the copy
+        here (fork evidence)."""
+        report = RoundReport()
+        self._load_rosters()
+        if chain in self.store.frozen_chains() or chain not in self.store.roster().member_ids():
+            return report
+        current = self.store.heads().get(chain)
+        if not _same_head(claimed, None if current is None else current.hash):
+            self._follow_guarded(chain, source, claimed, report)
+        return report
+
+    def _follow_guarded(self, chain: str, source: str, claimed: Any, report: RoundReport) -> bool:
+        """Follow one source's head of one chain; whatever it serves is reported, never raised.
+        False when fork evidence stopped the chain."""
+        try:
+            self._follow(chain, source, claimed, report)
+        except _Forked:
+            return False
+        except PeerUnavailable as exc:
+            self._fail(source)
+            report.unreachable[source] = str(exc)
+        except (VerificationError, _Refused) as exc:
+            self._fail(source)
+            report.refused[source] = f"chain {chain}: {exc}"
+            log.warning("refused what %s served of chain %s: %s", source, chain, exc)
+        except (LedgerError, KeyError, TypeError, ValueError, AttributeError) as exc:
+            # whatever a member sends, it must not stop this node's replication
+            self._fail(source)
+            report.refused[source] = f"chain {chain}: {type(exc).__name__}: {exc}"
+            log.warning("refused what %s served of chain %s", source, chain, exc_info=True)
+        else:
+            self._backoff.pop(source, None)
+            if source == chain and self.on_synced is not None:
+                self.on_synced(chain)
+        return True
+
+    def _load_rosters(self) -> None:
         self._rosters = {body["version"]: body for body, _ in self.store.rosters()}
+
+    def sync_chains(self, chains: Iterable[str], witnesses: Iterable[str] = ()) -> dict[str, str]:
+        """Bring ``chains`` up to their authors' heads now — from the author, or when it cannot
+        be reached or serves what does not verify or conflicts with the certified head, from
+        the ``witnesses`` in turn (up to at least the certified head); for each chain that
+        could not be brought to its author's head, why. ``on_synced`` is told of each chain
+        found current with its author; a copy from a witness is not "current" (the staleness
+        bound counts from the last time the author was matched)."""
+        failed: dict[str, str] = {}
+        self._load_rosters()
         frozen = self.store.frozen_chains()
         for chain in sorted(set(chains) - {self.own}):
             if chain in frozen:
                 failed[chain] = "frozen by fork evidence"
                 continue
             try:
-                self._catch_up(chain)
+                self._catch_up(chain, chain)
             except (LedgerError, _Refused, _Forked, KeyError, TypeError, ValueError) as exc:
                 failed[chain] = str(exc) or type(exc).__name__
             else:
                 if self.on_synced is not None:
                     self.on_synced(chain)
+                continue
+            for witness in [w for w in witnesses if w not in (chain, self.own)]:
+                try:
+                    self._catch_up(chain, witness)
+                except (LedgerError, _Refused, _Forked, KeyError, TypeError, ValueError) as exc:
+                    failed[chain] += f"; {witness}: {exc or type(exc).__name__}"
+                else:
+                    failed[chain] += f"; taken from {witness}"
+                    break
         return failed
 
-    def _catch_up(self, chain: str) -> None:
-        """Ask the chain's author for its blocks after the local head — one round trip when
-        there are none or few — and pull, verify and store them. Only the author's answer
-        counts here: whether it showed another member another history at a height this node
-        already holds is for the replication rounds, which compare every member's heads."""
+    def _catch_up(self, chain: str, source: str) -> None:
+        """Ask ``source`` (the chain's author, or a witness) for its blocks after the local
+        head — one round trip when there are none or few — and pull, verify and store them;
+        _Refused when what it holds then is behind the certified head. Only this source's
+        answer counts here: whether the author showed another member another history at a
+        height this node already holds is for the witnesses, which compare heads."""
         while True:
             local = self.store.heads().get(chain)
             start = local.header["height"] + 1 if local is not None else 0
-            page = self.peers.blocks(chain, chain, start, PAGE_BLOCKS)
+            page = self.peers.blocks(source, chain, start, PAGE_BLOCKS)
             if not isinstance(page, list):
-                raise _Refused("its author served blocks that are not a JSON array")
-            if not page:
-                return  # nothing after the local head: current with its author
-            header, signature = self._checked_head(chain, page[-1])
-            self._pull(chain, chain, local, Head(header, signature), RoundReport(), page)
+                raise _Refused(f"{source} served blocks that are not a JSON array")
+            if page:
+                header, signature = self._checked_head(chain, page[-1])
+                self._pull(chain, source, local, Head(header, signature), RoundReport(), page)
             if len(page) < PAGE_BLOCKS:
-                return
+                break
+        certified = self._certified_head(chain)
+        held = self.store.heads().get(chain)
+        if certified is not None and (held is None or held.header["height"] < certified[0]):
+            raise _Refused(
+                f"{source} holds chain {chain} up to height "
+                f"{-1 if held is None else held.header['height']}, behind its certified head at "
+                f"height {certified[0]}"
+            )
 
     # -- one chain from one source --------------------------------------------------------
 
@@ -294,6 +340,15 @@ class Replicator:
                 datas = verifier.add_block(header, block["signature"], block["entries"])
                 nodes = [b"".join(frontier.append(merkle.leaf_hash(d))) for d in datas]
                 digest = block_hash(header).hex()
+                if (
+                    certified is not None
+                    and certified[0] == header["height"]
+                    and (certified[1] != digest)
+                ):
+                    raise _Refused(
+                        f"its block of chain {chain} at height {header['height']} is not the "
+                        "one the latest checkpoint certificate certifies"
+                    )
                 row = (canonical_bytes(header), block["signature"], datas, nodes)
                 current = self._signer_is_current(header)
                 anchor = current or (
@@ -411,6 +466,17 @@ class Replicator:
     def reset_backoff(self, member: str) -> None:
         """The member spoke up (a push hint): try it again at once."""
         self._backoff.pop(member, None)
+
+
+def _same_head(claimed: Any, held: str | None) -> bool:
+    """Whether a claimed head is the head held here (same block hash); anything malformed is
+    not (it is then checked, and refused)."""
+    if held is None or not isinstance(claimed, dict) or not isinstance(claimed.get("header"), dict):
+        return False
+    try:
+        return block_hash(claimed["header"]).hex() == held
+    except (LedgerError, TypeError, ValueError):
+        return False
 
 
 class _Refused(Exception):

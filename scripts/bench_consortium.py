@@ -138,7 +138,7 @@ def catch_up(entries: int) -> None:
                 height += len(blocks)
             download = time.perf_counter() - started
             started = time.perf_counter()
-            report = replicator.run_round()
+            report = replicator.run_round(["hosp-a"])
             full = time.perf_counter() - started
             assert report.pulled.get("hosp-a") == entries, report
             store.close()

@@ -59,6 +59,8 @@ SCHEMA: dict[str, dict[str, tuple[type, Any]]] = {
     },
     # rules: a mutual-recognition rules file ("" = the shipped default, exchange/rules)
     "exchange": {"timeout_ms": (int, 5000), "rules": (str, "")},
+    # heartbeat_seconds: how often an idle ordinary member sends its head to the witnesses
+    "replication": {"heartbeat_seconds": (int, 30)},
     "checkpoints": {
         "epoch_seconds": (int, 30),
         "epoch_blocks": (int, 1000),
@@ -115,6 +117,7 @@ class NodeConfig:
     sync_timeout_ms: int
     exchange_timeout_ms: int  # how long a referral waits for each member
     recognition_rules: Path | None  # None: the shipped default
+    heartbeat_seconds: int  # an idle ordinary member's head goes to the witnesses this often
     epoch_seconds: int  # certify at least this often while chains grow
     epoch_blocks: int  # or as soon as this many new blocks wait
     slot_seconds: int  # proposers take turns, a slot each
@@ -203,6 +206,7 @@ def load_config(directory: Path, environ: Mapping[str, str] | None = None) -> No
         "tokens_ttl",
         "tokens_max_ttl",
         "audit_flush_ms",
+        "replication_heartbeat_seconds",
         "checkpoints_epoch_seconds",
         "checkpoints_epoch_blocks",
         "checkpoints_slot_seconds",
@@ -284,6 +288,7 @@ def load_config(directory: Path, environ: Mapping[str, str] | None = None) -> No
         sync_timeout_ms=values["consent_sync_timeout_ms"],
         exchange_timeout_ms=values["exchange_timeout_ms"],
         recognition_rules=resolve(values["exchange_rules"]) if values["exchange_rules"] else None,
+        heartbeat_seconds=values["replication_heartbeat_seconds"],
         epoch_seconds=values["checkpoints_epoch_seconds"],
         epoch_blocks=values["checkpoints_epoch_blocks"],
         slot_seconds=values["checkpoints_slot_seconds"],

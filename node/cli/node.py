@@ -197,11 +197,16 @@ def node_resolve_fork(directory: Path, resolution_path: Path) -> None:
     default=1.0,
     show_default=True,
     type=click.FloatRange(0.05),
-    help="Seconds between rounds.",
+    help="Seconds between a witness's comparisons of heads with the other witnesses.",
 )
-@click.option("--once", is_flag=True, help="One round, then exit (prints what it did).")
+@click.option(
+    "--once",
+    is_flag=True,
+    help="Compare heads with every member once, pull what is behind, then exit.",
+)
 def node_replicate(directory: Path, interval: float, once: bool) -> None:
-    """Pull and verify every member's chain (run beside the web server, as its own process)."""
+    """Replicate as this node's roles say: a witness follows every chain, an ordinary member
+    sends its own to the witnesses (run beside the web server, as its own process)."""
     with reported():
         config = load_config(directory)
         configure_logging(config.log_format, config.log_level)  # as the web server's
@@ -249,7 +254,7 @@ def recover(directory: Path) -> None:
             before = reader.heads().get(config.node_id)
             replicator = replicator_for(config, reader, writes=ChainStore(database.write_engine))
             replicator.recovering = True
-            report = replicator.run_round()
+            report = replicator.run_round(reader.roster().member_ids())
             if not (report.unreachable or report.refused or report.evidence):
                 replicator.writes.release_signing()
             after = reader.heads().get(config.node_id)

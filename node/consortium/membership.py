@@ -171,9 +171,9 @@ def next_roster(
     quorum = quorum or (int(previous["quorum"]) if previous else None)
     if quorum is None:
         raise ConfigError("give the checkpoint quorum with --quorum")
-    witnesses = sum(1 for member in members.values() if is_witness(member))
-    if quorum > witnesses:
-        raise ConfigError(f"--quorum {quorum} is more than the {witnesses} witnesses")
+    witness_count = sum(1 for member in members.values() if is_witness(member))
+    if quorum > witness_count:
+        raise ConfigError(f"--quorum {quorum} is more than the {witness_count} witnesses")
     roster = make_roster(
         consortium,
         sorted(members.values(), key=lambda m: str(m["id"])),

@@ -99,7 +99,16 @@ class SignedPeers:
             )
         return content
 
-    def _get(self, member: str, path: str) -> Any:
+    def fetch_json(self, member: str, method: str, path: str, value: Any, timeout: float) -> Any:
+        """A signed request with its own timeout; its JSON answer."""
+        content = self.fetch(member, method, path, value, timeout)
+        try:
+            return parse_json(content)
+        except LedgerError as exc:
+            raise PeerUnavailable(f"{member} sent what is not JSON: {exc}") from None
+
+    def get(self, member: str, path: str) -> Any:
+        """GET from a member; its JSON answer."""
         return self._request(member, "GET", path)
 
     def post(self, member: str, path: str, value: Any) -> Any:
@@ -107,13 +116,13 @@ class SignedPeers:
         return self._request(member, "POST", path, value)
 
     def heads(self, member: str) -> dict[str, Any]:
-        heads = self._get(member, "/ledger/heads")
+        heads = self.get(member, "/ledger/heads")
         if not isinstance(heads, dict):
             raise PeerUnavailable(f"{member}: /ledger/heads is not a JSON object")
         return heads
 
     def blocks(self, member: str, chain: str, start: int, limit: int) -> list[dict[str, Any]]:
-        blocks = self._get(member, f"/ledger/chains/{chain}/blocks?from={start}&limit={limit}")
+        blocks = self.get(member, f"/ledger/chains/{chain}/blocks?from={start}&limit={limit}")
         if not isinstance(blocks, list):
             raise PeerUnavailable(f"{member}: blocks are not a JSON array")
         return blocks

@@ -1,9 +1,29 @@
-"""The node's replication worker: :mod:`ledger.replication` over signed HTTP.
+"""The node's replication worker: :mod:`ledger.replication` over signed HTTP, push not poll
+(docs/spec.md §6.5).
 
 ``hrx node replicate --dir DIR`` runs it as its own process beside the web workers (never
-inside them): a round every ``--interval`` seconds, each pulling from every member what it
-shows beyond this node's copy. Requests to peers are signed (:mod:`node.consortium.signing`)
-and go to the URLs the roster gives; an unreachable or misbehaving member is backed off from.
+inside them). What it does depends on this node's roles in the roster:
+
+- every member, when its own chain grows, sends the new signed head to every witness
+  (``POST /peer/heads``; at most every :data:`HINT_SPACING_SECONDS` while busy), and an
+  ordinary member sends it again every ``replication.heartbeat_seconds`` while idle, so a
+  witness that missed a notice learns of it; the answers name the witnesses' newest
+  certificate, which the member fetches when it lacks it (certificates are also pushed by
+  their proposers);
+- a witness follows every notice at once (the author is asked for what it announced) and
+  every ``--interval`` seconds compares heads with the other witnesses, pulling whatever any
+  of them holds beyond its copy (so a witness cut off catches up from the others, and an
+  author that shows two witnesses two histories is caught); it also proposes and co-signs
+  checkpoints (:mod:`node.consortium.checkpoints`);
+- an ordinary member replicates nothing else: it fetches another chain only when a decision
+  needs it (:mod:`node.flows.access_decision`);
+- every member sends the roster's registries what changed in its holdings
+  (:class:`node.consortium.locator.Publisher`), every :data:`PUBLISH_SECONDS`.
+
+No member polls all members: an ordinary member's traffic is a constant number of requests to
+the witnesses; a witness's grows linearly with the members (their notices and heartbeats).
+Requests to peers are signed (:mod:`node.consortium.signing`) and go to the URLs the roster
+gives; an unreachable or misbehaving member is backed off from.
 
 Each round (and each checkpoint proposal) has a request ID of its own, on its log lines and on
 every request it sends (``X-Request-ID``), as a web request's ID is on the requests it makes
@@ -12,23 +32,28 @@ every request it sends (``X-Request-ID``), as a web request's ID is on the reque
 
 from __future__ import annotations
 
-import contextlib
 import logging
+import os
 import signal
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 from typing import Any
 
+from fhir_adapters.store import ResourceStore
 from ledger import keys
-from ledger.errors import PeerUnavailable, SigningHeld, StoreError
+from ledger.canonical import parse_json
+from ledger.errors import LedgerError, PeerUnavailable, SigningHeld, StoreError
 from ledger.replication import Replicator, RoundReport
 from ledger.store import ChainStore
 from node.base.config import NodeConfig, load_config
-from node.base.errors import ConfigError
+from node.base.errors import ConfigError, Refused
 from node.base.logs import new_request_id, request_scope
+from node.consortium import checkpoints
 from node.consortium.checkpoints import CheckpointProposer
+from node.consortium.locator import Publisher
 from node.consortium.membership import AUTHORITY_SETTING
 from node.consortium.peers import READ_SECONDS, SignedPeers
 from node.db.engines import open_database, require_current
@@ -87,14 +112,18 @@ CONFIRM_SECONDS = 2.0  # how long a process waits for the members before its fir
 
 
 def confirm_own_head(config: NodeConfig, store: ChainStore, writes: ChainStore) -> None:
-    """Before a process signs its first block: ask the other members whether any holds this
-    node's chain beyond its head here. One that does means the database was restored from a
-    backup, and a block signed now would be a second block at a height already signed (a
-    fork of the node's own making, which freezes its chain everywhere): signing is then held
+    """Before a process signs its first block: ask the witnesses (every other member, when
+    this node is the only one) whether any holds this node's chain beyond its head here. One
+    that does means the database was restored from a backup, and a block signed now would be
+    a second block at a height already signed (a fork of the node's own making, which freezes
+    its chain everywhere): signing is then held
     (:meth:`ledger.store.ChainStore.hold_signing`) until ``hrx node recover``. StoreError when
     no member could be asked: nothing is signed until one answers. A member holding no copy
     of the chain answers 404, which is as good as "nothing newer"."""
-    others = [m for m in store.roster().member_ids() if m != config.node_id]
+    roster = store.roster()
+    others = [m for m in roster.witnesses() if m != config.node_id] or [
+        m for m in roster.member_ids() if m != config.node_id
+    ]
     if not others:
         return
     head = store.heads().get(config.node_id)
@@ -136,25 +165,49 @@ def describe(report: RoundReport) -> str:
     return ", ".join(parts) or "up to date"
 
 
-def push_hints(store: ChainStore, peers: SignedPeers, own: str) -> None:
-    """Tell every member this node's chain has new blocks (best effort)."""
-    for member in store.roster().member_ids():
-        if member != own:
-            with contextlib.suppress(PeerUnavailable):  # it pulls on its next round anyway
-                peers.post(member, "/peer/heads", {"chain": own})
+def notify_witnesses(store: ChainStore, peers: SignedPeers, own: str) -> dict[str, int]:
+    """Send this node's signed head to every witness (best effort); the epoch of the newest
+    certificate each witness that answered holds (-1: none)."""
+    head = store.heads().get(own)
+    if head is None:
+        return {}
+    notice = {"chain": own, "head": head.to_json()}
+    epochs = {}
+    for witness in store.roster().witnesses():
+        if witness == own:
+            continue
+        try:
+            answer = peers.post(witness, "/peer/heads", notice)
+        except PeerUnavailable as exc:  # it hears of the chain again at the next heartbeat
+            log.info("%s did not take this node's head: %s", witness, exc)
+            continue
+        epoch = answer.get("certificate") if isinstance(answer, dict) else None
+        epochs[witness] = epoch if type(epoch) is int else -1
+    return epochs
 
 
-# A busy member's chain grows many times a second; hinting and pulling at most this often
-# batches the growth (one push and one pull carry several blocks) at the cost of at most this
-# much replication delay while busy. A quiet member's first block goes out at once.
+def fetch_certificate(
+    config: NodeConfig, store: ChainStore, writes: ChainStore, peers: SignedPeers, witness: str
+) -> bool:
+    """Take ``witness``'s newest certificate (stored once it verifies); whether one was."""
+    try:
+        certificate = peers.get(witness, "/ledger/checkpoints/latest")
+        return checkpoints.receive(config, store, writes, certificate)
+    except (LedgerError, Refused) as exc:
+        log.warning("the newest certificate of %s was not taken: %s", witness, exc)
+        return False
+
+
+# A busy member's chain grows many times a second; notifying and pulling at most this often
+# batches the growth (one notice and one pull carry several blocks) at the cost of at most
+# this much replication delay while busy. A quiet member's first block goes out at once.
 HINT_SPACING_SECONDS = 0.25
+PUBLISH_SECONDS = 2.0  # how often the record locator is sent what changed here
 
 
 def run(directory: Path, interval: float, once: bool = False) -> RoundReport:
-    """Replicate until SIGTERM/SIGINT (or one round with ``once``); the last round's report.
-
-    Between rounds it wakes early for a push hint from a peer (``POST /peer/heads`` touches
-    ``DIR/replicate.hint``) and when this node's own chain grows (then it hints its peers)."""
+    """Replicate until SIGTERM/SIGINT (or, with ``once``, one comparison of heads with every
+    other member); the last report. See the module docstring."""
     config = load_config(directory)
     database = open_database(config.database_url)
     stop = threading.Event()
@@ -169,64 +222,110 @@ def run(directory: Path, interval: float, once: bool = False) -> RoundReport:
         replicator = replicator_for(config, reader, writes=store)
         peers = replicator.peers
         assert isinstance(peers, SignedPeers)
+        if once:  # one comparison with every member; checkpoints belong to the running worker
+            with request_scope(new_request_id()):
+                return replicator.run_round(reader.roster().member_ids())
         # its own store and HTTP session: it runs in a thread of its own
         proposer = CheckpointProposer(
             config,
             ChainStore(database.write_engine),
             SignedPeers(reader, config.node_id, keys.load_private_key(config.ed25519_key)),
         )
-        if once:  # one replication round; checkpoints belong to the running worker
-            with request_scope(new_request_id()):
-                return replicator.run_round()
         # checkpoints in their own thread: gathering signatures must not hold up replication
         proposing = threading.Thread(
             target=_propose_every_epoch, args=(proposer, stop), name="checkpoints", daemon=True
         )
         proposing.start()
         log.info(
-            "replication worker of %s started: every %.2f s, and at once on a member's hint",
+            "replication worker of %s started: heads compared with the witnesses every %.2f s, "
+            "notices followed at once",
             config.node_id,
             interval,
         )
-        pushed_head = _own_head(reader, config.node_id)
-        pushed_at = round_at = 0.0
-        hinted: set[str] | None = None  # None: a full round (every member)
-        deadline = 0.0
-        while True:
-            round_at = time.monotonic()
-            seen = _mtime(hint)  # a hint that comes during the round brings another round
-            with request_scope(new_request_id()):
-                try:
-                    report = replicator.run_round(hinted)
-                except Exception:  # the worker keeps going: the next round may well succeed
-                    log.exception("replication round failed")
-                    report = RoundReport()
-                if report.pulled or report.evidence or report.refused:
-                    log.info("replication round: %s", describe(report))
-            if hinted is None:
-                deadline = time.monotonic() + interval
-            hinted = None
-            while time.monotonic() < deadline and not stop.is_set():
-                now = time.monotonic()
-                if now - pushed_at >= HINT_SPACING_SECONDS:
-                    head = _own_head(reader, config.node_id)
-                    if head != pushed_head:
-                        pushed_head, pushed_at = head, now
-                        with request_scope(new_request_id()):
-                            push_hints(store, peers, config.node_id)
-                if _mtime(hint) != seen and now - round_at >= HINT_SPACING_SECONDS:
-                    # only the members that spoke up (all that did since the last round): the
-                    # interval's full round still comes
-                    hinted = _take_hints(hint)
-                    for member in hinted:
-                        replicator.reset_backoff(member)
-                    break
-                stop.wait(0.05)
-            if stop.is_set():
-                log.info("replication worker of %s stopped", config.node_id)
-                return report
+        publisher = Publisher(
+            config.node_id,
+            reader,
+            store,
+            ResourceStore(database.engine, database.write_engine),
+            database.engine,
+            database.write_engine,
+            peers,
+        )
+        report = RoundReport()
+        notified_head, notified_at, heartbeat_at, compared_at = None, 0.0, 0.0, 0.0
+        published_at = 0.0
+        seen = 0.0
+        while not stop.is_set():
+            now = time.monotonic()
+            roster = reader.roster()
+            witness = config.node_id in roster.witnesses()
+            if witness and now - compared_at >= interval:
+                compared_at = now
+                others = [w for w in roster.witnesses() if w != config.node_id]
+                report = _logged(partial(replicator.run_round, others), "comparing heads")
+            if _mtime(hint) != seen:
+                seen = _mtime(hint)
+                notices = _take_notices(hint)
+                if witness:
+                    for (source, chain), head in notices.items():
+                        replicator.reset_backoff(source)
+                        report = _logged(
+                            lambda s=source, c=chain, h=head: (
+                                replicator.follow_notice(s, c, h)
+                                if h is not None
+                                else replicator.run_round([s])
+                            ),
+                            f"following {source}'s notice",
+                        )
+            if now - notified_at >= HINT_SPACING_SECONDS:
+                head = _own_head(reader, config.node_id)
+                beat = not witness and now - heartbeat_at >= config.heartbeat_seconds
+                if head is not None and (head != notified_head or beat):
+                    notified_head, notified_at, heartbeat_at = head, now, now
+                    with request_scope(new_request_id()):
+                        epochs = notify_witnesses(reader, peers, config.node_id)
+                        _take_newer_certificate(config, reader, store, peers, epochs)
+            if now - published_at >= PUBLISH_SECONDS:
+                published_at = now
+                with request_scope(new_request_id()):
+                    try:
+                        publisher.publish()
+                    except Exception:  # the next look sends it again
+                        log.exception("the record locator could not be updated")
+            stop.wait(0.05)
+        log.info("replication worker of %s stopped", config.node_id)
+        return report
     finally:
         database.close()
+
+
+def _logged(work: Any, what: str) -> RoundReport:
+    """Run one piece of replication under a request ID of its own; log what it did."""
+    with request_scope(new_request_id()):
+        try:
+            report: RoundReport = work()
+        except Exception:  # the worker keeps going: the next notice or round may well succeed
+            log.exception("replication failed while %s", what)
+            return RoundReport()
+        if report.pulled or report.evidence or report.refused:
+            log.info("%s: %s", what, describe(report))
+        return report
+
+
+def _take_newer_certificate(
+    config: NodeConfig,
+    store: ChainStore,
+    writes: ChainStore,
+    peers: SignedPeers,
+    epochs: dict[str, int],
+) -> None:
+    if not epochs:
+        return
+    held = store.certificate()
+    epoch = -1 if held is None else int(held["checkpoint"]["epoch"])
+    witness, newest = max(epochs.items(), key=lambda item: (item[1], item[0]))
+    if newest > epoch:
+        fetch_certificate(config, store, writes, peers, witness)
 
 
 def _propose_every_epoch(proposer: CheckpointProposer, stop: threading.Event) -> None:
@@ -245,16 +344,24 @@ def _own_head(store: ChainStore, own: str) -> str | None:
     return None if head is None else head.hash
 
 
-def _take_hints(path: Path) -> set[str]:
-    """The members that sent push hints since the last look (the file is emptied)."""
+def _take_notices(path: Path) -> dict[tuple[str, str], Any]:
+    """The notices members sent since the last look, the newest of each (member, chain): the
+    signed head it announced, or None for a bare "my chain grew". The file is renamed before
+    it is read, so a notice written meanwhile goes to a new file; one lost in that instant is
+    repeated by the member's next notice or heartbeat."""
+    taken = path.with_name(path.name + ".taken")
     try:
-        with path.open("r+") as hint:
-            members = {line.strip() for line in hint if line.strip()}
-            hint.seek(0)
-            hint.truncate()
-        return members
+        os.replace(path, taken)
     except FileNotFoundError:
-        return set()
+        return {}
+    notices: dict[tuple[str, str], Any] = {}
+    for line in taken.read_bytes().splitlines():
+        try:
+            notice = parse_json(line)
+            notices[(str(notice["source"]), str(notice["chain"]))] = notice.get("head")
+        except (LedgerError, KeyError, TypeError):
+            continue  # a line cut short: the member repeats itself
+    return notices
 
 
 def _mtime(path: Path) -> float:

@@ -139,3 +139,16 @@ sync_state_table = sa.Table(
     sa.Column("last_run_at", sa.BigInteger, nullable=False),
     sa.Column("cursor", sa.Text, nullable=False),  # adapter-defined, e.g. a study date
 )
+
+
+# -- the record locator, at a registry (node.consortium.locator) --
+
+locator_table = sa.Table(
+    "locator_holdings",
+    metadata,
+    sa.Column("patient", sa.String(64), primary_key=True),  # a pseudonym, never more
+    sa.Column("member", sa.String(64), primary_key=True),
+    sa.Column("category", sa.String(32), primary_key=True),
+    sa.Column("newest", sa.String(10), nullable=False),  # YYYY-MM-DD of its newest result
+    sa.Column("updated", sa.BigInteger, nullable=False),  # µs since the epoch
+)

@@ -7,8 +7,11 @@ the patient and the auditor see. When this node holds records, it brings the cha
 the patient's consents up to their authors' heads, decides over its ledger, records
 ``access.decided`` (and ``emergency.access`` for break-glass) with the hashes of what it
 releases on its own chain, and answers with the released resources as the bytes it stores;
-when it holds none it says only that (``{"holds": false}``). The requester is the member whose
-signature the request carries, never a field of the body.
+when it holds none it says only that (``{"holds": false}``). An ordinary member, which holds
+only its own chain and those decisions needed, learns from a witness which chains hold the
+patient's consents (:func:`consent_chains` answers there), and takes each from its author, or
+from a witness, never in a state that conflicts with the latest certified checkpoint. The
+requester is the member whose signature the request carries, never a field of the body.
 """
 
 from __future__ import annotations
@@ -27,10 +30,13 @@ from exchange.question import check_question
 from exchange.recognition import result_of
 from fhir_adapters.errors import Conflict, InvalidRequest
 from fhir_adapters.store import Stored
+from ledger import keys
 from ledger.canonical import canonical_bytes
+from ledger.errors import PeerUnavailable
 from ledger.model import format_time, parse_time
 from ledger.replication import Replicator
 from ledger.roster import Roster, open_roster
+from node.consortium.peers import SignedPeers
 from node.consortium.worker import replicator_for, synced_age
 from node.records.audit_trail import Caller
 from node.records.pseudonym_index import patients_with
@@ -51,7 +57,7 @@ class Answered:
 
 def decide_access_request(svc: Services, caller: Caller, asker: str, body: Any) -> Answered:
     """Decide member ``asker``'s access request ``body`` (see the module docstring)."""
-    request_id, patient, purpose, categories, reason, reason_code = _access_request(body)
+    request_id, patient, purpose, categories, reason, reason_code = parse_access_request(body)
     now = format_time()
     check_question(
         body["asked"],
@@ -60,7 +66,7 @@ def decide_access_request(svc: Services, caller: Caller, asker: str, body: Any) 
         patient=patient,
         purpose=purpose,
         categories=categories,
-        roster_of=_roster_of(svc),
+        roster_of=roster_of(svc),
         now=parse_time(now),
     )
     access = AccessRequest(
@@ -75,7 +81,9 @@ def decide_access_request(svc: Services, caller: Caller, asker: str, body: Any) 
     patients = patients_with(svc.database.engine, patient)
     if not patients:  # nothing to decide about; the question is on the asker's chain
         return Answered(canonical_bytes({"request_id": request_id, "holds": False}), None)
-    decided = decide_access(svc.chain_store, access, _sync_consent_chains(svc, patient))
+    decided = decide_access(
+        svc.chain_store, access, _sync_consent_chains(svc, patient, {**body, "requester": asker})
+    )
     released: list[Stored] = []
     if decided.decision.permitted:
         released = [
@@ -121,7 +129,7 @@ def decide_access_request(svc: Services, caller: Caller, asker: str, body: Any) 
     return Answered(answer, decided.decision)
 
 
-def _roster_of(svc: Services) -> Any:
+def roster_of(svc: Services) -> Any:
     """The roster of each version this node has installed (trusted as stored)."""
 
     def roster_of(version: int) -> Roster:
@@ -133,16 +141,24 @@ def _roster_of(svc: Services) -> Any:
     return roster_of
 
 
-def _sync_consent_chains(svc: Services, patient: str) -> dict[str, str]:
-    """Bring the chains that hold the patient's consents up to their authors' heads; the
-    chains that could not be and whose copy here is older than the staleness bound, with why.
-    The client is kept per process (its rosters are read again at each sync)."""
+def _sync_consent_chains(svc: Services, patient: str, question: dict[str, Any]) -> dict[str, str]:
+    """Bring the chains that hold the patient's consents up to their authors' heads (from a
+    witness when the author cannot give them); the chains that could not be and whose copy
+    here is older than the staleness bound, with why. A witness knows those chains from its
+    own copy of every chain; an ordinary member asks a witness (:func:`consent_chains`),
+    passing on the ``question`` it was asked, and denies when none answers (``"*"``: which
+    chains hold the consents could not be learned). The client is kept per process (its
+    rosters are read again at each sync)."""
     config = svc.config
-    chains = {
-        entry["chain"]
-        for entry in svc.chain_store.entries_about(patient, CONSENT_TYPES)
-        if entry["chain"] != config.node_id
-    }
+    roster = svc.chain_store.roster()
+    witnesses = _in_turn(roster.witnesses(), patient, config.node_id)
+    chains = {entry["chain"] for entry in svc.chain_store.entries_about(patient, CONSENT_TYPES)}
+    if config.node_id not in roster.witnesses():
+        learned = _ask_witnesses(svc, witnesses, question)
+        if isinstance(learned, str):
+            return {"*": learned}
+        chains |= learned
+    chains.discard(config.node_id)
     if not chains:
         return {}
     replicator = _replicators.get(id(svc))
@@ -154,7 +170,7 @@ def _sync_consent_chains(svc: Services, patient: str) -> dict[str, str]:
             timeout=config.sync_timeout_ms / 1000,
         )
     stale = {}
-    for chain, why in replicator.sync_from_authors(chains).items():
+    for chain, why in replicator.sync_chains(chains, witnesses).items():
         age = synced_age(svc.chain_store, chain)
         if age is None or age > config.staleness_seconds:
             copy = "never confirmed" if age is None else f"last confirmed {age:.0f} s ago"
@@ -162,7 +178,66 @@ def _sync_consent_chains(svc: Services, patient: str) -> dict[str, str]:
     return stale
 
 
-def _access_request(body: Any) -> tuple[str, str, str, list[str], str | None, str | None]:
+def _in_turn(witnesses: list[str], patient: str, own: str) -> list[str]:
+    """The witnesses other than this node, starting at one that depends on the patient (so
+    that the questions of a consortium spread over its witnesses)."""
+    others = sorted(w for w in witnesses if w != own)
+    if not others:
+        return []
+    first = int(patient[:8], 16) % len(others)
+    return others[first:] + others[:first]
+
+
+def _ask_witnesses(svc: Services, witnesses: list[str], question: dict[str, Any]) -> Any:
+    """The chains holding the patient's consents, from the first witness that answers; or,
+    when none does, why (a string)."""
+    peers = SignedPeers(
+        svc.chain_store,
+        svc.config.node_id,
+        keys.load_private_key(svc.config.ed25519_key),
+        timeout=svc.config.sync_timeout_ms / 1000,
+    )
+    failures = []
+    for witness in witnesses:
+        try:
+            answer = peers.post(witness, "/peer/consent-chains", question)
+            chains = answer.get("chains") if isinstance(answer, dict) else None
+            if not isinstance(chains, list) or not all(isinstance(c, str) for c in chains):
+                raise PeerUnavailable(f"{witness} answered without a list of chains")
+            return set(chains)
+        except PeerUnavailable as exc:
+            failures.append(str(exc))
+    return "no witness said which chains hold the patient's consents: " + (
+        "; ".join(failures) or "the roster names no other witness"
+    )
+
+
+def consent_chains(svc: Services, asker: str, body: Any) -> dict[str, list[str]]:
+    """A witness's answer to an ordinary member deciding an access request (``POST
+    /peer/consent-chains``): the chains holding consent entries about the patient. Only for a
+    question proven to be on its requester's chain (as the member it was put to checked), so
+    no member learns anything about a patient without a recorded question."""
+    if svc.config.node_id not in svc.chain_store.roster().witnesses():
+        raise Conflict(f"{svc.config.node_id} is no witness: it holds only some chains")
+    if not isinstance(body, dict) or not isinstance(body.get("requester"), str):
+        raise InvalidRequest("the question is the access request, with its requester")
+    question = {k: v for k, v in body.items() if k != "requester"}
+    request_id, patient, purpose, categories, _, _ = parse_access_request(question)
+    check_question(
+        body["asked"],
+        asker=body["requester"],
+        request_id=request_id,
+        patient=patient,
+        purpose=purpose,
+        categories=categories,
+        roster_of=roster_of(svc),
+        now=parse_time(format_time()),
+    )
+    chains = {e["chain"] for e in svc.chain_store.entries_about(patient, CONSENT_TYPES)}
+    return {"chains": sorted(chains)}
+
+
+def parse_access_request(body: Any) -> tuple[str, str, str, list[str], str | None, str | None]:
     if not isinstance(body, dict):
         raise InvalidRequest("an access request is a JSON object")
     fields = {"request_id", "patient", "purpose", "categories", "reason", "reason_code", "asked"}

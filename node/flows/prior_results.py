@@ -1,13 +1,15 @@
 """The requester's side of a referral (``$prior-results``): a doctor sees the patient's prior
-results from every member, each with its mutual-recognition verdict.
+results from the members that hold them, each with its mutual-recognition verdict.
 
 :func:`fetch_prior_results` appends ``access.requested`` to this node's chain (the patient's
 pseudonym, this member, the doctor as a pseudonym, purpose, categories, the referral's hash),
-asks every other member in parallel with signed requests (:mod:`exchange.referral`), each sent
-with the proof that the question is on this node's chain (:mod:`exchange.question`), records
-what it received (each result's source URL and hash) in its AuditEvent, and returns one
-searchset: results with their source and verdict, a Provenance each, and an OperationOutcome
-for every member that timed out, could not be reached or denied.
+asks the members the record locator names (every other member when there is none or it cannot
+be reached: :mod:`node.flows.locator_lookup`) in parallel with signed requests
+(:mod:`exchange.referral`), each sent with the proof that the question is on this node's chain
+(:mod:`exchange.question`), records what it received (each result's source URL and hash) in
+its AuditEvent, and returns one searchset: results with their source and verdict, a
+Provenance each, an OperationOutcome saying how the members asked were found, and one for
+every member that timed out, could not be reached or denied.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from ledger import keys
 from ledger.errors import LedgerError
 from ledger.receipt import entry_proof
 from node.consortium.peers import SignedPeers
+from node.flows.locator_lookup import locate
 from node.flows.permissions import permit, refuse
 from node.records.audit_trail import Caller
 from node.services import Services
@@ -162,10 +165,10 @@ def fetch_prior_results(
     if reason is not None:
         body["reason"], body["reason_code"] = reason, reason_code
     roster = svc.chain_store.roster()
-    others = [m for m in roster.member_ids() if m != svc.config.node_id]
+    located = locate(svc, caller, _peers(svc), body)
     answers = fan_out(
         _post(_peers(svc), caller.request_id),
-        others,
+        located.members,
         body,
         svc.config.exchange_timeout_ms / 1000,
     )
@@ -178,11 +181,13 @@ def fetch_prior_results(
         today=datetime.now(rules(svc).zone).date(),
         codes=codes or [],
         recorded=format_instant(now_micros()),
+        notes=[located.note],
         self_link=self_link or f"{svc.config.fhir_base}/Patient/{patient_id}/$prior-results",
     )
     record = caller.record(
         "operation",
         description=f"$prior-results {request_id} ({purpose}, {', '.join(categories)}): "
+        + f"{located.note}: "
         + "; ".join(
             f"{a.member} {a.outcome} {len(a.resources)} in {a.seconds * 1000:.0f} ms"
             for a in answers

@@ -1,13 +1,20 @@
 """``/peer``: what member nodes ask of each other, every request signed (docs/spec.md §10, §15).
 
-- ``POST /peer/heads``: a push hint — "my chain has new blocks"; the replication worker
-  runs its next round at once instead of waiting for its interval.
+- ``POST /peer/heads``: a notice — ``{"chain", "head"}``, the signed head a chain has grown
+  to (sent by its author when it grows, and by an idle ordinary member as its heartbeat); a
+  witness's replication worker follows it at once. The answer names the newest certificate
+  held here (``{"certificate": epoch or null}``), so a member learns that it lacks one.
 - ``POST /peer/checkpoints/sign``: the epoch's proposer asks for this node's BLS signature of
   a checkpoint. This node signs only heads it holds and has verified, under its newest
   roster, and never two different checkpoints of one epoch.
 - ``POST /peer/checkpoints``: a certificate, stored once it verifies.
 - ``POST /peer/access``: a member asks for a patient's records
   (:mod:`node.flows.access_decision`).
+- ``POST /peer/consent-chains``: an ordinary member deciding such a request asks a witness
+  which chains hold the patient's consents.
+- ``POST /peer/locator/holdings`` and ``POST /peer/locator/lookup``: a member updates the
+  record locator with its holdings, or asks it which members hold a patient's results
+  (registries only: :mod:`node.consortium.locator`, :mod:`node.flows.locator_lookup`).
 """
 
 from __future__ import annotations
@@ -21,8 +28,8 @@ from fhir_adapters.errors import FhirError, InvalidRequest
 from ledger.canonical import canonical_bytes, parse_json
 from ledger.errors import LedgerError
 from node.base.errors import Refused
-from node.consortium import checkpoints
-from node.flows import access_decision
+from node.consortium import checkpoints, locator
+from node.flows import access_decision, locator_lookup
 from node.ops import metrics
 from node.web.context import caller, services
 from node.web.ledger_api import verified_peer
@@ -68,10 +75,21 @@ def hint_path(directory: Path) -> Path:
 
 
 @bp.post("/heads")
-def heads_hint() -> Response:
-    with hint_path(services().config.directory).open("a") as hint:
-        hint.write(g.peer + "\n")  # who spoke up: the worker stops backing off from it
-    return _json({"ok": True})
+def head_notice() -> Response:
+    """A member's notice that a chain has grown (its signed head); the replication worker
+    checks and follows it (nothing here is trusted before it is verified there)."""
+    body = _body()
+    if not isinstance(body, dict) or not isinstance(body.get("chain"), str):
+        raise InvalidRequest('a notice is {"chain": <chain id>, "head": {header, signature}}')
+    head = body.get("head")
+    if head is not None and not isinstance(head, dict):
+        raise InvalidRequest("a notice's head is {header, signature}")
+    svc = services()
+    line = canonical_bytes({"source": g.peer, "chain": body["chain"], "head": head})
+    with hint_path(svc.config.directory).open("ab") as hint:
+        hint.write(line + b"\n")  # one write: appends of several workers do not interleave
+    latest = svc.chain_store.certificate()
+    return _json({"certificate": None if latest is None else latest["checkpoint"]["epoch"]})
 
 
 @bp.post("/checkpoints/sign")
@@ -87,6 +105,31 @@ def receive_certificate() -> Response:
     svc = services()
     stored = checkpoints.receive(svc.config, svc.chain_store, svc.chain_writes, _body())
     return _json({"stored": stored})
+
+
+@bp.post("/consent-chains")
+def consent_chains() -> Response:
+    """An ordinary member deciding an access request asks this witness which chains hold the
+    patient's consents (:func:`access_decision.consent_chains`)."""
+    return _json(access_decision.consent_chains(services(), g.peer, _body()))
+
+
+@bp.post("/locator/holdings")
+def locator_holdings() -> Response:
+    """A member's update of the record locator: which pseudonyms it holds results for, by
+    category, with the newest date (:mod:`node.consortium.locator`); registries only."""
+    svc = services()
+    if svc.config.node_id not in svc.chain_store.roster().registries():
+        raise Refused(f"{svc.config.node_id} runs no record locator (it has no registry role)")
+    body = _body()
+    holdings = locator.check_holdings(body.get("holdings") if isinstance(body, dict) else None)
+    return _json({"stored": locator.record_holdings(svc.database.write_engine, g.peer, holdings)})
+
+
+@bp.post("/locator/lookup")
+def locator_lookup_request() -> Response:
+    """A member asks which members hold a patient's results (:func:`locator_lookup.lookup`)."""
+    return _json(locator_lookup.lookup(services(), caller(), g.peer, _body()))
 
 
 @bp.post("/access")

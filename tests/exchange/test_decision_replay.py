@@ -242,3 +242,54 @@ def test_each_finding_names_the_decision_and_its_fault(
             audit.observe(entry)
         got = [str(f) for f in audit.findings(held)]
         assert got == findings + also
+
+
+def _entry(chain: str, seq: int, kind: str, body: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "v": 1,
+        "chain": chain,
+        "seq": seq,
+        "time": "2026-12-01T00:00:00.000Z",
+        "type": kind,
+        "body": body,
+    }
+
+
+def test_record_locator_lookups_must_answer_a_recorded_question() -> None:
+    """A registry may look a patient up only for a question its requester recorded: the same
+    request id, patient and purpose on the requester's chain; its holders is a count."""
+    audit = DecisionReplay()
+    question = {
+        "request_id": "r-1",
+        "patient": P,
+        "requester": {"org": "hosp-b"},
+        "purpose": "TREAT",
+        "categories": ["laboratory"],
+        "referral": None,
+    }
+    audit.observe(_entry("hosp-b", 3, "access.requested", question))
+    lookup = {
+        "request_id": "r-1",
+        "patient": P,
+        "requester_org": "hosp-b",
+        "purpose": "TREAT",
+        "holders": 2,
+    }
+    audit.observe(_entry("hosp-r", 0, "locator.lookup", lookup))
+    assert audit.findings() == []
+    audit.observe(_entry("hosp-r", 1, "locator.lookup", {**lookup, "request_id": "r-2"}))
+    audit.observe(_entry("hosp-r", 2, "locator.lookup", {**lookup, "patient": Q}))
+    audit.observe(_entry("hosp-r", 3, "locator.lookup", {**lookup, "purpose": "ETREAT"}))
+    audit.observe(_entry("hosp-r", 4, "locator.lookup", {**lookup, "requester_org": "hosp-c"}))
+    audit.observe(_entry("hosp-r", 5, "locator.lookup", {**lookup, "holders": -1}))
+    audit.observe(_entry("hosp-r", 6, "locator.lookup", {**lookup, "holders": True}))
+    assert [str(f) for f in audit.findings()] == [
+        "hosp-r seq 1: looks up a patient for hosp-b, whose chain in this copy records no "
+        "question r-2",
+        "hosp-r seq 2: looks up another patient or purpose than hosp-b's question r-1 names",
+        "hosp-r seq 3: looks up another patient or purpose than hosp-b's question r-1 names",
+        "hosp-r seq 4: looks up a patient for hosp-c, whose chain in this copy records no "
+        "question r-1",
+        "hosp-r seq 5: its holders is not a count of members",
+        "hosp-r seq 6: its holders is not a count of members",
+    ]

@@ -72,7 +72,7 @@ bp = Blueprint(
 
 WEB = BrowserSessions("portal", "/portal", ("patient",))
 LANGUAGE_COOKIE = "hrx_lang"
-ACCESS_TYPES = ("access.requested", "access.decided", "emergency.access")
+ACCESS_TYPES = ("access.requested", "access.decided", "emergency.access", "locator.lookup")
 STYLE = (Path(__file__).with_name("static") / "portal.css").read_bytes()  # read once
 DATE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
 
@@ -473,6 +473,7 @@ class LedgerAccess:
     purpose: str
     categories: list[str]
     decisions: list[dict[str, Any]]  # access.decided entries
+    lookups: list[dict[str, Any]]  # locator.lookup entries (the registry's)
     emergency: bool
     entries: list[dict[str, Any]]  # every entry about it (for receipts)
 
@@ -486,7 +487,7 @@ def ledger_accesses(pseudonym: str) -> list[LedgerAccess]:
         access = by_request.get(request_id)
         if access is None:
             access = by_request[request_id] = LedgerAccess(
-                request_id, entry["time"], "", "", [], [], False, []
+                request_id, entry["time"], "", "", [], [], [], False, []
             )
         access.entries.append(entry)
         access.time = min(access.time, entry["time"])
@@ -497,6 +498,9 @@ def ledger_accesses(pseudonym: str) -> list[LedgerAccess]:
             access.categories = list(body.get("categories") or [])
         elif entry["type"] == "access.decided":
             access.decisions.append(entry)
+            access.requester = access.requester or str(body.get("requester_org", ""))
+        elif entry["type"] == "locator.lookup":
+            access.lookups.append(entry)
             access.requester = access.requester or str(body.get("requester_org", ""))
         else:
             access.emergency = True

@@ -115,6 +115,11 @@ TEXT: dict[str, dict[str, str]] = {
     "deny": {"zh": "拒绝", "en": "denied"},
     "break_glass": {"zh": "急诊紧急调阅", "en": "Emergency (break-glass) access"},
     "requested": {"zh": "已申请", "en": "requested"},
+    "located": {"zh": "记录定位", "en": "Record locator"},
+    "located_holders": {
+        "zh": "查询了哪些机构存有您的记录，找到 {n} 家",
+        "en": "looked up which members hold your records: {n} found",
+    },
     "action_R": {"zh": "查看", "en": "read"},
     "action_C": {"zh": "新建", "en": "created"},
     "action_U": {"zh": "修改", "en": "changed"},

@@ -339,10 +339,10 @@ def test_upgrade_applies_pending_migrations(node_dir: Path) -> None:
     finally:
         database.close()
     result = hrx("node", "upgrade", "--dir", str(node_dir))
-    assert result.exit_code == 0 and "from revision 0001 to 0009" in result.output, result.output
+    assert result.exit_code == 0 and "from revision 0001 to 0010" in result.output, result.output
     database = open_database(config.database_url)
     try:
-        assert current_revision(database.engine) == head_revision() == "0009"
+        assert current_revision(database.engine) == head_revision() == "0010"
         # the users are kept, and the one locked out then is still held from unknown addresses
         wang, li = get_user(database.engine, "wang"), get_user(database.engine, "li")
         assert wang is not None and wang.active and not wang.removed

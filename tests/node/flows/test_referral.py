@@ -134,6 +134,17 @@ def store_all(at: Node, resources: list[dict[str, Any]]) -> list[str]:
     return ids
 
 
+def problems(bundle: dict[str, Any]) -> list[dict[str, Any]]:
+    """The Bundle's outcome entries that report a member's failure or refusal (not the note
+    on how the members asked were found)."""
+    return [
+        e
+        for e in bundle["entry"]
+        if e["search"]["mode"] == "outcome"
+        and e["resource"]["issue"][0]["severity"] != "information"
+    ]
+
+
 def verdict_of(resource: dict[str, Any]) -> dict[str, Any]:
     (extension,) = [e for e in resource["extension"] if e["url"] == RECOGNITION_URL]
     parts = extension["extension"]
@@ -190,9 +201,17 @@ def test_b_fetches_prior_results_from_a_and_c(group: Consortium, patient: dict[s
     bundle = answer.json()
     assert bundle["type"] == "searchset"
     matches = [e for e in bundle["entry"] if e["search"]["mode"] == "match"]
-    outcomes = [e for e in bundle["entry"] if e["search"]["mode"] == "outcome"]
+    outcomes = problems(bundle)
     provenances = [e["resource"] for e in bundle["entry"] if e["search"]["mode"] == "include"]
     assert outcomes == [], outcomes
+    # no record locator in this roster: every member was asked, and the Bundle says so
+    assert [o["resource"]["issue"][0] for o in bundle["entry"][-1:]] == [
+        {
+            "severity": "information",
+            "code": "informational",
+            "diagnostics": "no record locator in the roster: every member was asked",
+        }
+    ]
     assert bundle["total"] == len(matches) == 6
     by_source: dict[str, dict[str, Any]] = {}
     for entry in matches:
@@ -268,7 +287,7 @@ def test_unreachable_and_denying_members_are_outcomes(
         bundle = doctor.get(f"{b.fhir}/Patient/{patient['b']}/$prior-results").json()
     finally:
         group.heal("hosp-c")
-    outcomes = [e["resource"] for e in bundle["entry"] if e["search"]["mode"] == "outcome"]
+    outcomes = [e["resource"] for e in problems(bundle)]
     assert len(outcomes) == 1 and outcomes[0]["issue"][0]["diagnostics"].startswith("hosp-c")
     assert outcomes[0]["issue"][0]["code"] in ("transient", "timeout")
     assert bundle["total"] == 4  # A's results only
@@ -279,7 +298,7 @@ def test_unreachable_and_denying_members_are_outcomes(
     store_all(a, [lab(at_a, "718-7", 1)])
     at_b = register(b, resident_id)
     bundle = doctor.get(f"{b.fhir}/Patient/{at_b}/$prior-results").json()
-    outcomes = [e["resource"] for e in bundle["entry"] if e["search"]["mode"] == "outcome"]
+    outcomes = [e["resource"] for e in problems(bundle)]
     assert [o["issue"][0]["code"] for o in outcomes] == ["forbidden"]
     assert "no consent" in outcomes[0]["issue"][0]["diagnostics"]
     assert bundle["total"] == 0
@@ -315,7 +334,7 @@ def test_requests_are_checked(group: Consortium, patient: dict[str, Any]) -> Non
 
 def outcome_of(bundle: dict[str, Any], member: str) -> str | None:
     for entry in bundle["entry"]:
-        if entry["search"]["mode"] == "outcome":
+        if entry in problems(bundle):
             diagnostics = entry["resource"]["issue"][0]["diagnostics"]
             if diagnostics.startswith(member):
                 return str(diagnostics)

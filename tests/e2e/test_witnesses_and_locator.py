@@ -1,0 +1,231 @@
+"""A live consortium with roles: three witnesses (one of them the registry) and four ordinary
+members, each a real web server and replication worker. Ordinary members hold only the chains
+they needed; a referral asks the record locator and then only the holders, and the lookup is
+on the registry's chain; with the registry cut off the requester asks every member and says
+so; a witness cut off for 60 s catches up and checkpoints resume."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+from consent.model import consent_resource
+from ledger import keys
+from ledger.store import ChainStore, ChainWriter
+from node.base.config import load_config
+from node.db.engines import open_database
+from node.db.schema import locator_table
+from node.demo.harness import Consortium
+from tests.helpers.nodes import Node, post
+from tests.node.flows.test_referral import lab, register, store_all
+
+pytestmark = pytest.mark.slow
+
+WITNESSES = ["hosp-a", "hosp-b", "hosp-c"]
+REGISTRY = "hosp-a"
+LAB_ONLY = {"category": "laboratory"}
+
+
+@pytest.fixture(scope="module")
+def group(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Consortium]:
+    consortium = Consortium(
+        tmp_path_factory.mktemp("roles"),
+        7,
+        epoch_seconds=2,
+        replicate_interval=0.5,
+        witnesses=WITNESSES,
+        registries=[REGISTRY],
+        environment={
+            "HRX_EXCHANGE_TIMEOUT_MS": "4000",
+            "HRX_CONSENT_SYNC_TIMEOUT_MS": "1000",
+            "HRX_REPLICATION_HEARTBEAT_SECONDS": "2",
+        },
+    )
+    try:
+        consortium.start_all()
+        yield consortium
+    finally:
+        consortium.close()
+
+
+def node(group: Consortium, name: str) -> Node:
+    member = group.members[name]
+    return Node(member.directory, member.web_port)
+
+
+def chains_held(group: Consortium, name: str) -> set[str]:
+    store = ChainStore(group.database_url(name))
+    try:
+        return set(store.heads())
+    finally:
+        store.close()
+
+
+def located(group: Consortium, patient: str) -> set[str]:
+    database = open_database(group.database_url(REGISTRY))
+    try:
+        with database.engine.connect() as conn:
+            rows = conn.execute(
+                sa.select(locator_table.c.member).where(locator_table.c.patient == patient)
+            )
+            return {row[0] for row in rows}
+    finally:
+        database.close()
+
+
+def asked_for_access(group: Consortium, name: str) -> int:
+    """How many ``POST /peer/access`` requests member ``name`` has answered (its access log)."""
+    log = (group.members[name].directory / "processes.log").read_text(errors="replace")
+    return log.count('"route": "/peer/access"') + log.count('"route":"/peer/access"')
+
+
+def outcomes(bundle: dict[str, Any]) -> list[dict[str, Any]]:
+    return [e["resource"]["issue"][0] for e in bundle["entry"] if e["search"]["mode"] == "outcome"]
+
+
+@pytest.fixture(scope="module")
+def patient(group: Consortium) -> dict[str, Any]:
+    """Known at D, E, F and G; results at D and E; consent recorded at D for F."""
+    resident_id = "3301" + str(uuid.uuid4().int)[:14]
+    d, e, f, g = (node(group, n) for n in ("hosp-d", "hosp-e", "hosp-f", "hosp-g"))
+    at = {name: register(n, resident_id) for name, n in zip("defg", (d, e, f, g), strict=True)}
+    store_all(d, [lab(at["d"], "718-7", 2), lab(at["d"], "2823-3", 1)])
+    store_all(e, [lab(at["e"], "718-7", 1)])
+    token = d.token(f"pt-{at['d'][:8]}", "patient", patient=at["d"])
+    granted = post(
+        d.session(token),
+        f"{d.fhir}/Consent",
+        consent_resource(at["d"], ["hosp-f"], ["laboratory"], ["TREAT"], None, None),
+    )
+    assert granted.status_code == 201, granted.text
+    pseudonym = ChainStore(group.database_url("hosp-d")).entries_about(None, ["consent.granted"])[
+        -1
+    ]["body"]["patient"]
+    deadline = time.monotonic() + 30
+    while located(group, pseudonym) != {"hosp-d", "hosp-e"}:
+        assert time.monotonic() < deadline, located(group, pseudonym)
+        time.sleep(0.2)
+    return {"f": at["f"], "pseudonym": pseudonym}
+
+
+def test_a_referral_asks_the_locator_then_only_the_holders(
+    group: Consortium, patient: dict[str, Any]
+) -> None:
+    f = node(group, "hosp-f")
+    before = {name: asked_for_access(group, name) for name in group.members}
+    doctor = f.session(f.token("dr-sun", "doctor"))
+    bundle = doctor.get(f"{f.fhir}/Patient/{patient['f']}/$prior-results", params=LAB_ONLY).json()
+    assert bundle["total"] == 3, outcomes(bundle)
+    (note,) = outcomes(bundle)
+    assert note["severity"] == "information"
+    assert "named 2 member(s) holding records; only they were asked" in note["diagnostics"]
+    time.sleep(0.5)  # the access lines are written as the answers go out
+    asked = {n for n in group.members if asked_for_access(group, n) > before[n]}
+    assert asked == {"hosp-d", "hosp-e"}
+    # the lookup is on the registry's chain: who asked, for what, how many — never which
+    registry = ChainStore(group.database_url(REGISTRY))
+    (lookup,) = registry.entries_about(patient["pseudonym"], ["locator.lookup"])
+    assert lookup["chain"] == REGISTRY
+    assert lookup["body"]["requester_org"] == "hosp-f" and lookup["body"]["holders"] == 2
+    assert "hosp-d" not in json.dumps(lookup["body"]) and "hosp-e" not in json.dumps(lookup)
+    # E, an ordinary member, decided over D's chain, which it fetched for the decision
+    decided = ChainStore(group.database_url("hosp-e")).entries_about(
+        patient["pseudonym"], ["access.decided"]
+    )
+    (own,) = [d for d in decided if d["chain"] == "hosp-e"]
+    assert own["body"]["decision"] == "permit" and "hosp-d" in own["body"]["view"]
+
+
+def test_ordinary_members_hold_only_the_chains_they_needed(
+    group: Consortium, patient: dict[str, Any]
+) -> None:
+    f = node(group, "hosp-f")
+    doctor = f.session(f.token("dr-sun", "doctor"))
+    assert (
+        doctor.get(f"{f.fhir}/Patient/{patient['f']}/$prior-results", params=LAB_ONLY).status_code
+        == 200
+    )
+    everything = {n for n in group.members if n in chains_held(group, n)}  # chains begun
+    assert {"hosp-a", "hosp-d", "hosp-e", "hosp-f"} <= everything
+    deadline = time.monotonic() + 20
+    while any(chains_held(group, w) != everything for w in WITNESSES):
+        assert time.monotonic() < deadline, {w: chains_held(group, w) for w in WITNESSES}
+        time.sleep(0.2)
+    assert chains_held(group, "hosp-d") == {"hosp-d"}
+    assert chains_held(group, "hosp-e") == {"hosp-e", "hosp-d"}  # D's holds the consent
+    assert chains_held(group, "hosp-f") == {"hosp-f"}
+    assert chains_held(group, "hosp-g") <= {"hosp-g"}  # nothing of its own yet, even
+
+
+def test_with_the_registry_cut_off_every_member_is_asked(
+    group: Consortium, patient: dict[str, Any]
+) -> None:
+    f = node(group, "hosp-f")
+    doctor = f.session(f.token("dr-sun", "doctor"))
+    before = asked_for_access(group, "hosp-g")
+    group.cut(REGISTRY)
+    try:
+        bundle = doctor.get(
+            f"{f.fhir}/Patient/{patient['f']}/$prior-results", params=LAB_ONLY
+        ).json()
+    finally:
+        group.heal(REGISTRY)
+    assert bundle["total"] == 3, outcomes(bundle)
+    notes = [o for o in outcomes(bundle) if o["severity"] == "information"]
+    assert len(notes) == 1
+    assert "the record locator could not be reached" in notes[0]["diagnostics"]
+    assert notes[0]["diagnostics"].endswith("every member was asked")
+    # hosp-a, a witness, is cut off too: its outcome says so; G was asked and holds nothing
+    assert [o["diagnostics"][:6] for o in outcomes(bundle) if o["severity"] != "information"] == [
+        "hosp-a"
+    ]
+    time.sleep(0.5)
+    assert asked_for_access(group, "hosp-g") > before
+
+
+def test_a_witness_cut_off_for_a_minute_catches_up_and_checkpoints_resume(
+    group: Consortium, patient: dict[str, Any]
+) -> None:
+    config = load_config(group.members["hosp-d"].directory)
+    group.cut("hosp-c")
+    try:
+        store = ChainStore(config.database_url)
+        with ChainWriter(store, "hosp-d", keys.load_private_key(config.ed25519_key)) as writer:
+            for n in range(3):  # D's chain grows while hosp-c hears nothing
+                writer.append("access.requested", {"request_id": f"cut-{n}", "patient": "cd" * 32})
+                time.sleep(1)
+        store.close()
+        time.sleep(57)
+        cut_at = ChainStore(group.database_url("hosp-c")).heads()["hosp-d"].hash
+    finally:
+        group.heal("hosp-c")
+    head_d = ChainStore(group.database_url("hosp-d")).heads()["hosp-d"].hash
+    assert cut_at != head_d
+    deadline = time.monotonic() + 30
+    while ChainStore(group.database_url("hosp-c")).heads()["hosp-d"].hash != head_d:
+        assert time.monotonic() < deadline, "hosp-c did not catch up"
+        time.sleep(0.2)
+    # a certificate of D's new head, co-signed with hosp-c back among the signers
+    deadline = time.monotonic() + 30
+    while True:
+        certificate = ChainStore(group.database_url("hosp-c")).certificate()
+        if certificate is not None and (
+            certificate["checkpoint"]["heads"]["hosp-d"]["hash"] == head_d
+            and "hosp-c" in certificate["signers"]
+        ):
+            break
+        assert time.monotonic() < deadline, certificate
+        time.sleep(0.2)
+    # the ordinary members got it too (pushed by the proposer, or fetched at a heartbeat)
+    deadline = time.monotonic() + 10
+    while (ChainStore(group.database_url("hosp-g")).certificate() or {}).get("checkpoint", {}).get(
+        "epoch", -1
+    ) < certificate["checkpoint"]["epoch"]:
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
