@@ -1,6 +1,6 @@
 """Replication: pull members' chains, verify every block, store it, catch forks.
 
-Whom a node asks is its caller's choice (docs/spec.md §6.5): a witness compares heads with the
+Whom a node asks is its caller's choice (docs/spec.md §11): a witness compares heads with the
 other witnesses (:meth:`Replicator.run_round`) and follows the signed heads that authors send it
 when their chains grow (:meth:`Replicator.follow_notice`); an ordinary member fetches a chain
 only when a decision needs it, from its author or else from a witness

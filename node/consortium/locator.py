@@ -1,4 +1,4 @@
-"""The record locator (docs/spec.md §15.6): which members hold results for a patient, so that a
+"""The record locator (docs/spec.md §15.5): which members hold results for a patient, so that a
 referral asks only those.
 
 A member with the ``registry`` role keeps, in its own database, one row per (pseudonym, member,

@@ -1,5 +1,5 @@
 """The node's replication worker: :mod:`ledger.replication` over signed HTTP, push not poll
-(docs/spec.md §6.5).
+(docs/spec.md §11).
 
 ``hrx node replicate --dir DIR`` runs it as its own process beside the web workers (never
 inside them). What it does depends on this node's roles in the roster:

@@ -1,4 +1,4 @@
-"""Record locator lookups (docs/spec.md §15.6): the registry's answer to "which members hold
+"""Record locator lookups (docs/spec.md §15.5): the registry's answer to "which members hold
 results for this patient?", and the requester's use of it in a referral.
 
 At the registry (:func:`lookup`, ``POST /peer/locator/lookup``): the question must be proven to

@@ -412,3 +412,79 @@ def test_blocks_signed_with_a_rotated_key_are_refused(
     with serving(consortium["hosp-a"], config_a.port):
         report = run(consortium["hosp-c"], 0.1, once=True)
     assert report.pulled == {"hosp-a": 5}, report  # the old blocks, and the new key's
+
+
+def certify(directories: dict[str, Path], signers: list[str], chain: str) -> dict[str, object]:
+    """A certificate of ``chain``'s head as the first signer holds it, signed by ``signers``."""
+    from ledger import bls
+    from ledger.checkpoint import make_certificate, make_checkpoint, sign
+
+    store = ChainStore(load_config(directories[signers[0]]).database_url)
+    try:
+        roster = store.roster()
+        checkpoint = make_checkpoint(
+            int(time.time()), roster.version, {chain: store.heads()[chain]}
+        )
+    finally:
+        store.close()
+    signatures = {
+        signer: sign(checkpoint, bls.read_secret_key(load_config(directories[signer]).bls_key))
+        for signer in signers
+    }
+    return make_certificate(checkpoint, signatures)
+
+
+def test_an_ordinary_member_takes_no_chain_that_conflicts_with_the_certified_head(
+    tmp_path: Path,
+) -> None:
+    """hosp-d and hosp-e, ordinary members, need hosp-a's chain for a decision. hosp-a lies:
+    to hosp-d it serves another history than the certified one, to hosp-e an older state than
+    certified. Each refuses and takes the chain from a witness, up to the certified head."""
+    from node.consortium.worker import replicator_for
+
+    group = Consortium(tmp_path / "group", 5, quorum=2, witnesses=["hosp-a", "hosp-b", "hosp-c"])
+    try:
+        dirs = {name: member.directory for name, member in group.members.items()}
+        append(dirs["hosp-a"], 3)
+        stale = tmp_path / "stale"
+        shutil.copytree(dirs["hosp-a"], stale)  # hosp-a before its next blocks
+        forked = tmp_path / "forked"
+        shutil.copytree(dirs["hosp-a"], forked)
+        append(dirs["hosp-a"], 4, "honest")
+        append(forked, 5, "forked")  # other blocks at the same heights, and one more
+        port_a = load_config(dirs["hosp-a"]).port
+        with serving(dirs["hosp-a"], port_a):
+            run(dirs["hosp-b"], 0.1, once=True)  # the witness holds the honest chain
+        honest = heads(dirs["hosp-a"])["hosp-a"]
+        certificate = certify(dirs, ["hosp-b", "hosp-c"], "hosp-a")
+        port_b = load_config(dirs["hosp-b"]).port
+        for member, liar, words in (
+            (
+                "hosp-d",
+                forked,
+                "its block of chain hosp-a at height 6 is not the one the latest "
+                "checkpoint certificate certifies",
+            ),
+            (
+                "hosp-e",
+                stale,
+                "holds chain hosp-a up to height 2, behind its certified head at height 6",
+            ),
+        ):
+            config = load_config(dirs[member])
+            store = ChainStore(config.database_url)
+            assert store.add_certificate(certificate)
+            replicator = replicator_for(config, store)
+            with serving(liar, port_a):
+                failed = replicator.sync_chains(["hosp-a"])  # no witness to turn to
+            assert words in failed["hosp-a"], failed
+            held = store.heads().get("hosp-a")
+            assert held is None or held.header["height"] < 6  # nothing conflicting is held
+            with serving(liar, port_a), serving(dirs["hosp-b"], port_b):
+                failed = replicator.sync_chains(["hosp-a"], ["hosp-b"])
+            assert words in failed["hosp-a"], failed
+            assert failed["hosp-a"].endswith("; taken from hosp-b"), failed
+            assert store.heads()["hosp-a"].hash == honest  # the certified state, no other
+            store.close()
+    finally:
+        group.close()
