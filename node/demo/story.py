@@ -47,8 +47,10 @@ from rich.table import Table
 
 from consent.pseudonym import RESIDENT_ID_SYSTEM
 from fhir_adapters.lis_csv import parse_mapping
+from ledger.store import ChainStore
 from node.base.config import load_config
 from node.base.errors import NodeError
+from node.consortium.locator import holders
 from node.db.engines import open_database
 from node.demo.harness import Consortium
 from node.demo.nodes import free_port
@@ -69,6 +71,7 @@ LOINC = "http://loinc.org"
 DICOM = "http://dicom.nema.org/resources/ontology/DCM"
 SNOMED = "http://snomed.info/sct"
 RECOGNITION_URL = "urn:hrx:fhir:StructureDefinition:mutual-recognition"
+REGISTRY = "hosp-a"  # runs the record locator: the 医共体's lead hospital
 HOSPITALS = {
     "hosp-a": "示范区人民医院",
     "hosp-b": "示范区第二医院",
@@ -131,6 +134,7 @@ class Story:
             members_info=MEMBERS_INFO,
             display_names=HOSPITALS,
             consortium_name="示范区医共体",
+            registries=[REGISTRY],
         )
         self.tokens: dict[tuple[str, str], str] = {}
         self.portal = requests.Session()  # the patient's browser
@@ -399,6 +403,30 @@ def refer(story: Story) -> None:
     story.console.print(
         f"   张三 referred to hosp-b (every member held every chain {waited:.1f} s later)"
     )
+    located = _wait_located(story, {"hosp-a", "hosp-c"}, 30)
+    story.console.print(
+        f"   the record locator at {REGISTRY} knows that {', '.join(sorted(located))} hold 张三's "
+        "results (pseudonym, category and date only)"
+    )
+
+
+def _wait_located(story: Story, members: set[str], seconds: float) -> set[str]:
+    """The members the registry names for 张三 once it names at least ``members`` (their
+    replication workers send it their holdings every few seconds)."""
+    database = open_database(story.group.database_url(REGISTRY))
+    try:
+        granted = ChainStore(database.engine).entries_about(None, ["consent.granted"])
+        pseudonym = granted[-1]["body"]["patient"]
+        deadline = time.monotonic() + seconds
+        while True:
+            found = set(holders(database.engine, pseudonym, ["laboratory", "imaging"]))
+            if members <= found:
+                return found
+            if time.monotonic() > deadline:
+                raise DemoError(f"the record locator names only {sorted(found)} after {seconds} s")
+            time.sleep(0.1)
+    finally:
+        database.close()
 
 
 def _verdict(resource: dict[str, Any]) -> tuple[bool, list[str]]:
@@ -442,9 +470,14 @@ def fetch_prior_results(story: Story) -> None:
         shown = escape(what)  # "[#/volume]" in a LOINC name is not markup
         table.add_row(member, shown, when, "HR ✓" if recognised else "✗", ", ".join(failed))
     story.console.print(table)
-    outcomes = [e for e in bundle["entry"] if e["search"]["mode"] == "outcome"]
-    if outcomes:
-        raise DemoError(f"a member did not answer: {outcomes[0]['resource']['issue']}")
+    issues = [
+        e["resource"]["issue"][0] for e in bundle["entry"] if e["search"]["mode"] == "outcome"
+    ]
+    for note in (i for i in issues if i["severity"] == "information"):
+        story.console.print(f"   {escape(note['diagnostics'])}")
+    problems = [i for i in issues if i["severity"] != "information"]
+    if problems:
+        raise DemoError(f"a member did not answer: {problems[0]}")
 
 
 def _parameters(*parameters: tuple[str, str, Any]) -> dict[str, Any]:
