@@ -51,6 +51,7 @@ from prometheus_client.registry import Collector
 
 from ledger.errors import LedgerError
 from ledger.model import parse_time
+from ledger.roster import is_witness
 from ledger.store import ChainStore
 from ledger.store.schema import blocks_table
 from node.consortium.worker import synced_age
@@ -201,6 +202,11 @@ class NodeCollector(Collector):
         yield held
 
         if rosters:
+            newest = {m["id"]: m for m in rosters[-1][0]["members"]}
+            if own in newest and not is_witness(newest[own]):
+                # an ordinary member follows only the chains it fetched for decisions
+                members = [m for m in members if m in heads]
+                chains = [c for c in chains if c in heads]
             yield from self._replication(own, members)
             yield from self._checkpoints(chains, heads, frozen, now)
         yield from self._adapters()

@@ -19,6 +19,7 @@ import sqlalchemy as sa
 from ledger import keys
 from ledger.errors import LedgerError
 from ledger.model import parse_time
+from ledger.roster import is_witness
 from ledger.store import ChainStore
 from node.base.config import NodeConfig
 from node.consortium.membership import NEXT_ENROLLMENT_FILE
@@ -162,7 +163,19 @@ def _signing(status: Status, store: ChainStore) -> None:
 def _replication(
     status: Status, config: NodeConfig, store: ChainStore, roster: dict[str, object]
 ) -> None:
-    others = [m["id"] for m in roster["members"] if m["id"] != config.node_id]  # type: ignore[attr-defined]
+    members = {m["id"]: m for m in roster["members"]}  # type: ignore[attr-defined]
+    others = [m for m in members if m != config.node_id]
+    if config.node_id in members and not is_witness(members[config.node_id]):
+        held = set(store.heads())
+        others = [m for m in others if m in held]
+        if not others:
+            status.add(
+                "replication",
+                "ok",
+                "an ordinary member: it holds its own chain and fetches another only when a "
+                "decision needs it (none held now)",
+            )
+            return
     if not others:
         return
     worst: list[tuple[float, str]] = []
