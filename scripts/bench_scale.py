@@ -45,13 +45,22 @@ requester directly, not through its relay. Connecting is not delayed (a real net
 add a round trip per new connection).
 
 What runs per member, kept as small as the nodes allow: ``hrx node serve`` (Werkzeug's
-threaded development server: one process, no worker processes) and ``hrx node replicate``
-(one process, ``--replicate-interval``, default 1 s as the command's own default), both with
-the node's default settings except ``HRX_CHECKPOINTS_EPOCH_SECONDS`` (``--epoch-seconds``,
-default 30, the node's default). No gunicorn: so 2 processes per member, 70 at N=32.
-Descendants of those processes are counted too, should a node ever start any. Members start
+threaded development server: one process, no worker processes; gunicorn is not used) and
+``hrx node replicate`` (one process, ``--replicate-interval``, default 1 s as the command's
+own), both with the node's default settings except ``HRX_CHECKPOINTS_EPOCH_SECONDS``
+(``--epoch-seconds``, default 30, the node's default). So 2 processes per member, 70 at N=32,
+about 200 MiB each member (7 GiB at N=32). Descendants of those processes are counted too,
+should a node ever start any. Each size is a fresh consortium; its members start
 ``--parallel`` at a time. Every process is stopped at the end of each size, on failure, on
 Ctrl-C and on SIGTERM; the script then checks that none is left.
+
+Figures net of idle are only as good as the machine is quiet: when the members' idle work
+and other jobs (``idle_cpu_other_jobs``: the rest of the machine's CPU meanwhile) keep the
+cores busy, background work slows down under load and the net figures understate, even
+below zero (the script warns when more than half of the cores are busy while idle;
+``referral_busy_cores`` and ``referral_cpu_gross_ms`` show how busy the members were). With
+every member replicating every chain, each member's idle work grows with N, so the largest
+sizes need a quiet machine, if not more cores.
 """
 
 from __future__ import annotations
@@ -67,6 +76,7 @@ import tempfile
 import time
 import uuid
 from contextlib import suppress
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -112,6 +122,19 @@ def _stat(pid: int) -> list[str] | None:
         return None
 
 
+@dataclass
+class Reading:
+    when: float  # time.perf_counter()
+    members: dict[str, dict[int, int]]  # per member: process -> user + system CPU, in ticks
+    machine: int  # the whole machine's busy CPU so far, in ticks (/proc/stat)
+
+
+def _machine_ticks() -> int:
+    """user, nice, system, irq, softirq and steal ticks of every CPU (not idle, not iowait)."""
+    fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    return sum(int(fields[n]) for n in (0, 1, 2, 5, 6, 7))
+
+
 class Meter:
     """CPU and memory of every process of every member: the web server, the replication
     worker and their descendants, found anew at each reading (one pass over /proc)."""
@@ -144,18 +167,16 @@ class Meter:
             self.seen.update(found)
         return trees
 
-    def cpu(self) -> tuple[float, dict[str, dict[int, int]]]:
-        """(when, per member: process -> its user + system CPU so far in clock ticks)."""
+    def cpu(self) -> Reading:
         trees = self.processes()
-        when = time.perf_counter()
-        reading: dict[str, dict[int, int]] = {}
+        reading = Reading(time.perf_counter(), {}, _machine_ticks())
         for name, pids in trees.items():
-            reading[name] = {}
+            reading.members[name] = {}
             for pid in pids:
                 stat = _stat(pid)
                 if stat is not None:
-                    reading[name][pid] = int(stat[11]) + int(stat[12])  # utime, stime
-        return when, reading
+                    reading.members[name][pid] = int(stat[11]) + int(stat[12])  # utime, stime
+        return reading
 
     def rss_mb(self) -> dict[str, float]:
         """Resident memory per member, all its processes summed, in MiB."""
@@ -169,30 +190,32 @@ class Meter:
         return sizes
 
 
-Reading = tuple[float, dict[str, dict[int, int]]]
-
-
-def used(before: Reading, after: Reading) -> tuple[float, dict[str, float]]:
-    """(wall seconds, CPU seconds per member) between two readings. A process that started
-    in between counts whole; one that ended in between is lost (none does in this bench)."""
+def used(before: Reading, after: Reading) -> tuple[float, dict[str, float], float]:
+    """(wall seconds, CPU seconds per member, CPU seconds of the rest of the machine) between
+    two readings. A process that started in between counts whole; one that ended in between
+    is lost (none does in this bench)."""
     per_member = {}
-    for name, now in after[1].items():
-        then = before[1].get(name, {})
+    for name, now in after.members.items():
+        then = before.members.get(name, {})
         per_member[name] = sum(t - then.get(pid, 0) for pid, t in now.items()) / TICKS
-    return after[0] - before[0], per_member
+    others = (after.machine - before.machine) / TICKS - sum(per_member.values())
+    return after.when - before.when, per_member, others
 
 
 class Idle:
-    """The idle CPU rate (cores) of each member and of all together."""
+    """The idle CPU rate (cores) of each member, of all together, and of the rest of the
+    machine (other jobs on it: the figures are only as steady as they are)."""
 
-    def __init__(self, wall: float, cpu: dict[str, float]) -> None:
+    def __init__(self, wall: float, cpu: dict[str, float], others: float) -> None:
         self.per_member = {name: seconds / wall for name, seconds in cpu.items()}
         self.total = sum(self.per_member.values())
+        self.others = others / wall
 
-    def net(self, before: Reading, after: Reading) -> float:
-        """CPU seconds of all members between two readings beyond their idle rate."""
-        wall, cpu = used(before, after)
-        return sum(cpu.values()) - self.total * wall
+    def net(self, before: Reading, after: Reading) -> tuple[float, float]:
+        """(CPU seconds of all members between two readings beyond their idle rate, cores
+        the members used then in all)."""
+        wall, cpu, _ = used(before, after)
+        return sum(cpu.values()) - self.total * wall, sum(cpu.values()) / wall
 
 
 # --- one size ------------------------------------------------------------------------------
@@ -255,17 +278,21 @@ def run_size(size: int, args: argparse.Namespace, stray: list[str]) -> dict[str,
     info: dict[str, dict[str, object]] = {
         name: {"level": "三级甲等", "accreditation": ACCREDITED} for name in names
     }
-    group = Consortium(
-        root,
-        total,
-        members_info=info,
-        epoch_seconds=args.epoch_seconds,
-        replicate_interval=args.replicate_interval,
-        witnesses=witnesses,
-        registries=witnesses[:1],
-        relay_delay=args.rtt_ms / 2000,
-        consortium_name="hrx-bench-scale",
-    )
+    try:  # nothing runs yet: only the directories to remove on failure
+        group = Consortium(
+            root,
+            total,
+            members_info=info,
+            epoch_seconds=args.epoch_seconds,
+            replicate_interval=args.replicate_interval,
+            witnesses=witnesses,
+            registries=witnesses[:1],
+            relay_delay=args.rtt_ms / 2000,
+            consortium_name="hrx-bench-scale",
+        )
+    except BaseException:
+        shutil.rmtree(root, ignore_errors=True)
+        raise
     meter = Meter(group)
     nodes: dict[str, Node] = {}
     stores: dict[str, ChainStore] = {}
@@ -332,16 +359,16 @@ def run_size(size: int, args: argparse.Namespace, stray: list[str]) -> dict[str,
         say(size, f"first $prior-results answered in full after {waited:.1f} s")
         stores = {name: ChainStore(group.database_url(name)) for name in witnesses}
         sizes = own_heads(group, names)
-        waited = wait_for(
-            "every witness holding every member's chain",
-            lambda: witnesses_hold(stores, sizes),
-            180,
-        )
-        say(
-            size,
-            f"every witness holds every chain after {waited:.1f} s; settling "
-            f"{args.settle_seconds:.0f} s, then idle for {args.idle_seconds:.0f} s",
-        )
+        try:
+            waited = wait_for(
+                "every witness holding every member's chain",
+                lambda: witnesses_hold(stores, sizes),
+                180,
+            )
+            say(size, f"every witness holds every chain after {waited:.1f} s")
+        except Failed as exc:  # not needed for what follows: measure all the same
+            say(size, f"[yellow]warning:[/] {exc}")
+        say(size, f"settling {args.settle_seconds:g} s, then idle for {args.idle_seconds:g} s")
         time.sleep(args.settle_seconds)
 
         # idle
@@ -354,8 +381,16 @@ def run_size(size: int, args: argparse.Namespace, stray: list[str]) -> dict[str,
         say(
             size,
             f"idle: {idle_member:.3f} cores per member, {idle_witness:.3f} per witness, "
-            f"{idle.total:.2f} all together",
+            f"{idle.total:.2f} all together; other jobs on the machine {idle.others:.2f}",
         )
+        cores = os.cpu_count() or 1
+        if idle.total + idle.others > cores / 2:
+            say(
+                size,
+                f"[yellow]warning:[/] more than half of the {cores} cores busy while idle: the "
+                "figures net of idle understate (background work slows down when the CPU is "
+                "contended)",
+            )
 
         # referrals, then the ceiling
         def referral_check(answer: requests.Response) -> None:
@@ -372,18 +407,23 @@ def run_size(size: int, args: argparse.Namespace, stray: list[str]) -> dict[str,
         before = meter.cpu()
         referrals = timed(doctor, referral, args.referrals, referral_check)
         time.sleep(args.tail_seconds)
-        referral_cpu = idle.net(before, meter.cpu()) / args.referrals
+        after = meter.cpu()
+        referral_cpu, referral_busy = idle.net(before, after)
+        referral_cpu /= args.referrals
+        referral_gross = sum(used(before, after)[1].values()) / args.referrals
         say(
             size,
             f"{args.referrals} referrals: p50 {statistics.median(referrals):.1f} ms, "
             f"p95 {percentile(referrals, 0.95):.1f} ms, CPU {referral_cpu * 1000:.1f} ms each"
-            + (f" ({len(incomplete)} incomplete)" if incomplete else ""),
+            f" (the members used {referral_busy:.2f} cores meanwhile)"
+            + (f"; {len(incomplete)} not answered in full" if incomplete else ""),
         )
         timed(doctor, read, args.warm_up, read_check)
         before = meter.cpu()
         reads = timed(doctor, read, args.reads, read_check)
         time.sleep(args.tail_seconds)
-        read_cpu = idle.net(before, meter.cpu()) / args.reads
+        read_cpu, _ = idle.net(before, meter.cpu())
+        read_cpu /= args.reads
         say(
             size,
             f"{args.reads} reads (ceiling): p50 {statistics.median(reads):.1f} ms, "
@@ -407,13 +447,13 @@ def run_size(size: int, args: argparse.Namespace, stray: list[str]) -> dict[str,
                         f"every witness holding {appender}'s block {head.header['height']}",
                         lambda head=head: witnesses_hold(stores, {appender: head.tree_size}),
                         60,
-                        0.005,
+                        0.02,
                     )
                     held = meter.cpu()
-                    reached.append((held[0] - before[0]) * 1000)
-                    block_cpu.append(idle.net(before, held))
-                    time.sleep(max(0.0, before[0] + args.block_spacing - time.perf_counter()))
-                    window_cpu.append(idle.net(before, meter.cpu()))
+                    reached.append((held.when - before.when) * 1000)
+                    block_cpu.append(idle.net(before, held)[0])
+                    time.sleep(max(0.0, before.when + args.block_spacing - time.perf_counter()))
+                    window_cpu.append(idle.net(before, meter.cpu())[0])
         finally:
             own.close()
         say(
@@ -433,11 +473,14 @@ def run_size(size: int, args: argparse.Namespace, stray: list[str]) -> dict[str,
             "idle_cpu_member": round(idle_member, 4),
             "idle_cpu_witness": round(idle_witness, 4),
             "idle_cpu_all": round(idle.total, 3),
+            "idle_cpu_other_jobs": round(idle.others, 3),
             "referral_p50_ms": round(statistics.median(referrals), 1),
             "referral_p95_ms": round(percentile(referrals, 0.95), 1),
             "referral_max_ms": round(max(referrals), 1),
             "referral_cpu_ms": round(referral_cpu * 1000, 1),
             "referral_incomplete": len(incomplete),
+            "referral_busy_cores": round(referral_busy, 2),
+            "referral_cpu_gross_ms": round(referral_gross * 1000, 1),
             "block_cpu_ms": round(statistics.mean(block_cpu) * 1000, 1),
             "block_cpu_window_ms": round(statistics.mean(window_cpu) * 1000, 1),
             "block_witness_p50_ms": round(statistics.median(reached), 1),
@@ -451,6 +494,7 @@ def run_size(size: int, args: argparse.Namespace, stray: list[str]) -> dict[str,
         }
     finally:
         say(size, "stopping every member")
+        meter.processes()  # every process running now is checked for below
         for at in nodes.values():
             at.close()
         for store in stores.values():
@@ -489,11 +533,14 @@ def ratios(runs: list[dict[str, Any]]) -> dict[str, float | None]:
 ROWS = [  # (field, what, format); the table has a column per size
     ("idle_cpu_member", "idle CPU per ordinary member (cores)", "{:.3f}"),
     ("idle_cpu_witness", "idle CPU per witness (cores)", "{:.3f}"),
+    ("idle_cpu_all", "idle CPU of all members (cores)", "{:.2f}"),
+    ("idle_cpu_other_jobs", "  other jobs on the machine meanwhile (cores)", "{:.2f}"),
     ("referral_p50_ms", "$prior-results p50 (ms)", "{:.1f}"),
     ("referral_p95_ms", "$prior-results p95 (ms)", "{:.1f}"),
     ("ceiling_read_p50_ms", "  ceiling: GET Patient p50 (ms)", "{:.1f}"),
     ("ceiling_read_p95_ms", "  ceiling: GET Patient p95 (ms)", "{:.1f}"),
     ("referral_cpu_ms", "CPU per referral, all members (ms)", "{:.1f}"),
+    ("referral_busy_cores", "  cores the members used during them", "{:.2f}"),
     ("ceiling_read_cpu_ms", "  ceiling: CPU per GET Patient (ms)", "{:.1f}"),
     ("block_cpu_ms", "CPU per block until every witness holds it (ms)", "{:.1f}"),
     ("block_cpu_window_ms", "CPU per block over its whole spacing (ms)", "{:.1f}"),

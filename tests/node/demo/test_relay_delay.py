@@ -89,10 +89,12 @@ def test_a_delayed_relay_still_cuts_and_heals(echo: int) -> None:
             held.sendall(b"during")
             assert held.recv(65536) == b""
         held.close()
-        with socket.create_connection(("127.0.0.1", relay.listen), timeout=10) as conn:
-            with suppress(OSError):  # a new one is closed at once
-                conn.sendall(b"during")
-                assert conn.recv(65536) == b""
+        with (
+            socket.create_connection(("127.0.0.1", relay.listen), timeout=10) as conn,
+            suppress(OSError),  # a new one is closed at once
+        ):
+            conn.sendall(b"during")
+            assert conn.recv(65536) == b""
         relay.set_cut(False)
         received, seconds = round_trip(relay.listen, b"after")
         assert received == b"after"
