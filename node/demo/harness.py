@@ -6,12 +6,15 @@ each as separate processes — the web
 server (``hrx node serve``) and the replication worker (``hrx node replicate``) — and stops
 them. Every member's roster URL points at a small TCP relay in front of its web server, so a
 test can cut a member off (its relay drops every connection, and its own replication worker
-is paused, so it neither hears nor is heard) and heal it again.
+is paused, so it neither hears nor is heard) and heal it again, and a benchmark can put a
+network's round trip between members (``relay_delay``: each relay holds what it forwards for
+that long in each direction). Members are named hosp-a ... hosp-z, then hosp-aa, hosp-ab ...
 """
 
 from __future__ import annotations
 
 import os
+import queue
 import signal
 import socket
 import subprocess
@@ -19,6 +22,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,11 +40,31 @@ from node.ops.setup import init_node
 ROOT = Path(__file__).resolve().parents[2]
 
 
-class Relay:
-    """A TCP relay 127.0.0.1:listen -> 127.0.0.1:target that can drop everything."""
+def member_names(size: int) -> list[str]:
+    """hosp-a ... hosp-z, then hosp-aa ... hosp-az, hosp-ba ... (as spreadsheet columns)."""
+    names = []
+    for number in range(size):
+        letters = ""
+        number += 1
+        while number:
+            number, rest = divmod(number - 1, 26)
+            letters = chr(ord("a") + rest) + letters
+        names.append(f"hosp-{letters}")
+    return names
 
-    def __init__(self, listen: int, target: int) -> None:
+
+class Relay:
+    """A TCP relay 127.0.0.1:listen -> 127.0.0.1:target that can drop everything.
+
+    ``delay`` (seconds, may be changed while it runs): every chunk forwarded, either way, is
+    sent that long after it came in, so a request and its answer take ``2 * delay`` more (a
+    network's round trip); connecting to the relay is not delayed. Each direction of each
+    connection has its own reader and sender threads, so connections never wait for each
+    other, and chunks keep their order within a connection."""
+
+    def __init__(self, listen: int, target: int, delay: float = 0.0) -> None:
         self.listen, self.target = listen, target
+        self.delay = delay
         self.cut = False
         self._server = socket.create_server(("127.0.0.1", listen), reuse_port=False)
         self._server.settimeout(0.2)
@@ -69,7 +93,16 @@ class Relay:
             with self._lock:
                 self._open.update((client, upstream))
             for source, sink in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
+                if self.delay > 0:
+                    chunks: queue.SimpleQueue[tuple[float, bytes]] = queue.SimpleQueue()
+                    threading.Thread(
+                        target=self._read, args=(source, sink, chunks), daemon=True
+                    ).start()
+                    threading.Thread(
+                        target=self._send, args=(source, sink, chunks), daemon=True
+                    ).start()
+                else:
+                    threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
 
     def _pump(self, source: socket.socket, sink: socket.socket) -> None:
         try:
@@ -81,13 +114,55 @@ class Relay:
         except OSError:
             pass
         finally:
-            for sock in (source, sink):
-                with suppress(OSError):
-                    sock.shutdown(socket.SHUT_RDWR)
-                sock.close()
-            with self._lock:
-                self._open.discard(source)
-                self._open.discard(sink)
+            self._close(source, sink)
+
+    def _read(
+        self,
+        source: socket.socket,
+        sink: socket.socket,
+        chunks: queue.SimpleQueue[tuple[float, bytes]],
+    ) -> None:
+        """One direction of a delayed connection: what comes in, stamped with when it is due."""
+        try:
+            while not self.cut:
+                data = source.recv(65536)
+                if not data:
+                    break
+                chunks.put((time.monotonic() + self.delay, data))
+        except OSError:
+            pass
+        finally:
+            chunks.put((time.monotonic() + self.delay, b""))  # the end: close once it is due
+
+    def _send(
+        self,
+        source: socket.socket,
+        sink: socket.socket,
+        chunks: queue.SimpleQueue[tuple[float, bytes]],
+    ) -> None:
+        """Forward each chunk once it is due, in order; at the end (or when cut) close both."""
+        try:
+            while True:
+                due, data = chunks.get()
+                wait = due - time.monotonic()
+                if wait > 0:
+                    time.sleep(wait)
+                if not data or self.cut:
+                    break
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            self._close(source, sink)
+
+    def _close(self, source: socket.socket, sink: socket.socket) -> None:
+        for sock in (source, sink):
+            with suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+        with self._lock:
+            self._open.discard(source)
+            self._open.discard(sink)
 
     def set_cut(self, cut: bool) -> None:
         self.cut = cut
@@ -141,15 +216,17 @@ class Consortium:
         consortium_name: str = "hrx-harness",
         witnesses: list[str] | None = None,
         registries: list[str] | None = None,
+        relay_delay: float = 0.0,
     ) -> None:
         """``witnesses`` and ``registries``: the members with those roles (default: every
-        member a witness, as in a roster without roles; no registry)."""
+        member a witness, as in a roster without roles; no registry). ``relay_delay``: seconds
+        each relay holds what it forwards, each way (see :class:`Relay`)."""
         self.root = root
         self.environment = environment or {}  # HRX_* settings for every member's processes
         self.epoch_seconds = epoch_seconds
         self.replicate_interval = replicate_interval
         self.members: dict[str, Member] = {}
-        names = [f"hosp-{chr(ord('a') + n)}" for n in range(size)]
+        names = member_names(size)
         for name in names:
             web_port, relay_port = free_port(), free_port()
             directory = root / name
@@ -160,7 +237,8 @@ class Consortium:
                 port=web_port,
                 url=f"http://127.0.0.1:{relay_port}",
             )
-            self.members[name] = Member(name, directory, web_port, Relay(relay_port, web_port))
+            relay = Relay(relay_port, web_port, relay_delay)
+            self.members[name] = Member(name, directory, web_port, relay)
         self.authority_key = root / "authority.pem"
         form_consortium(
             [m.directory for m in self.members.values()],
@@ -182,7 +260,9 @@ class Consortium:
             **self.environment,
         }
 
-    def start(self, name: str) -> None:
+    def start(self, name: str, *, timeout: float = 30) -> None:
+        """Start the member's web server, wait (at most ``timeout`` s) until it answers, then
+        start its replication worker."""
         member = self.members[name]
         log = os.fdopen(  # the node's own log: its user's alone, as the node's files are
             os.open(
@@ -199,7 +279,7 @@ class Consortium:
             stdout=log,
             stderr=log,
         )
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             with suppress(requests.ConnectionError):
                 if requests.get(f"{member.local}/healthz", timeout=1).status_code == 200:
@@ -225,9 +305,21 @@ class Consortium:
             stderr=log,
         )
 
-    def start_all(self) -> None:
-        for name in self.members:
-            self.start(name)
+    def start_all(self, *, parallel: int = 1, timeout: float = 30) -> None:
+        """Start every member, ``parallel`` at a time (each as :meth:`start`). When one fails
+        to start, the others already starting finish, those not begun are not, and the first
+        failure is raised: :meth:`close` stops whatever did start."""
+        if parallel <= 1:
+            for name in self.members:
+                self.start(name, timeout=timeout)
+            return
+        pool = ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="start")
+        try:
+            futures = [pool.submit(self.start, name, timeout=timeout) for name in self.members]
+            for future in futures:
+                future.result()
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
 
     def stop(self, name: str, *, kill: bool = False) -> None:
         self._stop([self.members[name]], kill=kill)

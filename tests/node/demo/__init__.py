@@ -1,0 +1,1 @@
+"""Tests of node.demo: the harness's relay."""
