@@ -94,7 +94,9 @@ class Replicator:
         self.on_synced = on_synced
         self.clock = clock
         self._backoff: dict[str, _Backoff] = {}
-        self._rosters: dict[int, dict[str, Any]] = {}  # every stored version, read each round
+        self._rosters: dict[int, dict[str, Any]] = {}  # every stored version
+        self._members: frozenset[str] = frozenset()  # of the newest version
+        self._certified: tuple[int | None, dict[str, tuple[int, str]]] = (None, {})
         # after a restore from a backup: take this node's own newer blocks back from the
         # members that hold them (verified like any other chain's), never while it appends
         self.recovering = False
@@ -107,8 +109,7 @@ class Replicator:
         height is fork evidence."""
         report = RoundReport()
         self._load_rosters()
-        roster = self.store.roster()
-        members = set(roster.member_ids())
+        members = set(self._members)
         heads: dict[str, dict[str, Any]] = {}
         for member in sorted(set(sources) & members - {self.own}):
             if self._backed_off(member):
@@ -137,10 +138,12 @@ class Replicator:
         here (fork evidence)."""
         report = RoundReport()
         self._load_rosters()
-        if chain in self.store.frozen_chains() or chain not in self.store.roster().member_ids():
+        if chain not in self._members:
             return report
-        current = self.store.heads().get(chain)
-        if not _same_head(claimed, None if current is None else current.hash):
+        current = self.store.head(chain)  # one row: a heartbeat costs no more at any size
+        if _same_head(claimed, None if current is None else current.hash):
+            return report
+        if chain not in self.store.frozen_chains():
             self._follow_guarded(chain, source, claimed, report)
         return report
 
@@ -170,7 +173,11 @@ class Replicator:
         return True
 
     def _load_rosters(self) -> None:
-        self._rosters = {body["version"]: body for body, _ in self.store.rosters()}
+        """Read the stored rosters again when a newer version was installed."""
+        newest = self.store.roster_version()
+        if newest is not None and newest not in self._rosters:
+            self._rosters = {body["version"]: body for body, _ in self.store.rosters()}
+            self._members = frozenset(m["id"] for m in self._rosters[newest]["members"])
 
     def sync_chains(self, chains: Iterable[str], witnesses: Iterable[str] = ()) -> dict[str, str]:
         """Bring ``chains`` up to their authors' heads now — from the author, or when it cannot
@@ -211,7 +218,7 @@ class Replicator:
         answer counts here: whether the author showed another member another history at a
         height this node already holds is for the witnesses, which compare heads."""
         while True:
-            local = self.store.heads().get(chain)
+            local = self.store.head(chain)
             start = local.header["height"] + 1 if local is not None else 0
             page = self.peers.blocks(source, chain, start, PAGE_BLOCKS)
             if not isinstance(page, list):
@@ -222,7 +229,7 @@ class Replicator:
             if len(page) < PAGE_BLOCKS:
                 break
         certified = self._certified_head(chain)
-        held = self.store.heads().get(chain)
+        held = self.store.head(chain)
         if certified is not None and (held is None or held.header["height"] < certified[0]):
             raise _Refused(
                 f"{source} holds chain {chain} up to height "
@@ -234,7 +241,7 @@ class Replicator:
 
     def _follow(self, chain: str, source: str, claimed: Any, report: RoundReport) -> None:
         header, signature = self._checked_head(chain, claimed)
-        local = self.store.heads().get(chain)
+        local = self.store.head(chain)
         local_height = local.header["height"] if local is not None else -1
         if header["height"] <= local_height:
             ours = self.store.block_at(chain, header["height"])
@@ -407,11 +414,16 @@ class Replicator:
         return header
 
     def _certified_head(self, chain: str) -> tuple[int, str] | None:
-        certificate = self.store.certificate()
-        if certificate is None:
+        """The height and hash the newest certificate held here gives ``chain`` (the
+        certificate is read again only when a newer one was stored: it names every chain)."""
+        epoch = self.store.certificate_epoch()
+        if epoch is None:
             return None
-        head = certificate["checkpoint"]["heads"].get(chain)
-        return None if head is None else (head["height"], head["hash"])
+        if self._certified[0] != epoch:
+            certificate = self.store.certificate(epoch)
+            heads = {} if certificate is None else certificate["checkpoint"]["heads"]
+            self._certified = (epoch, {c: (h["height"], h["hash"]) for c, h in heads.items()})
+        return self._certified[1].get(chain)
 
     def _check_divergence(self, chain: str, source: str, local: Head, report: RoundReport) -> None:
         """The source's next block does not link to our head: fetch its block at our head's

@@ -249,6 +249,26 @@ class ChainStore:
                 for row in conn.execute(query.order_by(blocks_table.c.chain))
             }
 
+    def head(self, chain: str) -> Head | None:
+        """The newest stored block of one chain, or None (one indexed row: cheap at any
+        number of chains)."""
+        self._require_schema()
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                sa.select(blocks_table.c.header, blocks_table.c.signature)
+                .where(blocks_table.c.chain == chain)
+                .order_by(blocks_table.c.height.desc())
+                .limit(1)
+            ).first()
+        return None if row is None else Head(parse_canonical(row.header), row.signature)
+
+    def roster_version(self) -> int | None:
+        """The newest stored roster version (None: none), without reading the rosters."""
+        self._require_schema()
+        with self.engine.connect() as conn:
+            version = conn.execute(sa.select(sa.func.max(roster_table.c.version))).scalar()
+        return None if version is None else int(version)
+
     def block_at(self, chain: str, height: int) -> Head | None:
         """The stored header and signature of one block, or None."""
         self._require_schema()
@@ -423,6 +443,13 @@ class ChainStore:
         with self.engine.connect() as conn:
             data = conn.execute(query).scalar()
         return None if data is None else dict(parse_canonical(data))
+
+    def certificate_epoch(self) -> int | None:
+        """The epoch of the newest stored certificate (None: none), without reading it."""
+        self._require_schema()
+        with self.engine.connect() as conn:
+            epoch = conn.execute(sa.select(sa.func.max(checkpoints_table.c.epoch))).scalar()
+        return None if epoch is None else int(epoch)
 
     def certificates(self) -> Iterator[dict[str, Any]]:
         """Every stored certificate, by epoch."""

@@ -211,10 +211,11 @@ class Publisher:
         self.records, self.engine, self.write_engine = records, engine, write_engine
         self.peers = peers
 
-    def publish(self) -> int:
-        """Send each registry what changed since it last took an update; holdings sent."""
+    def publish(self, registries: Iterable[str]) -> int:
+        """Send each of ``registries`` what changed since it last took an update; holdings
+        sent."""
         sent = 0
-        for registry in self.chains.roster().registries():
+        for registry in registries:
             setting = self.chains.setting(PUBLISHED + registry)
             since = None if setting is None else int(setting)
             patients, newest = changed_patients(

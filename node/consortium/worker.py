@@ -168,7 +168,7 @@ def describe(report: RoundReport) -> str:
 def notify_witnesses(store: ChainStore, peers: SignedPeers, own: str) -> dict[str, int]:
     """Send this node's signed head to every witness (best effort); the epoch of the newest
     certificate each witness that answered holds (-1: none)."""
-    head = store.heads().get(own)
+    head = store.head(own)
     if head is None:
         return {}
     notice = {"chain": own, "head": head.to_json()}
@@ -255,9 +255,11 @@ def run(directory: Path, interval: float, once: bool = False) -> RoundReport:
         notified_head, notified_at, heartbeat_at, compared_at = None, 0.0, 0.0, 0.0
         published_at = 0.0
         seen = 0.0
+        roster, roster_at = reader.roster(), time.monotonic()
         while not stop.is_set():
             now = time.monotonic()
-            roster = reader.roster()
+            if now - roster_at >= 1.0:  # a new roster's roles count within a second
+                roster, roster_at = reader.roster(), now
             witness = config.node_id in roster.witnesses()
             if witness and now - compared_at >= interval:
                 compared_at = now
@@ -289,7 +291,7 @@ def run(directory: Path, interval: float, once: bool = False) -> RoundReport:
                 published_at = now
                 with request_scope(new_request_id()):
                     try:
-                        publisher.publish()
+                        publisher.publish(roster.registries())
                     except Exception:  # the next look sends it again
                         log.exception("the record locator could not be updated")
             stop.wait(0.05)
@@ -321,8 +323,8 @@ def _take_newer_certificate(
 ) -> None:
     if not epochs:
         return
-    held = store.certificate()
-    epoch = -1 if held is None else int(held["checkpoint"]["epoch"])
+    held = store.certificate_epoch()
+    epoch = -1 if held is None else held
     witness, newest = max(epochs.items(), key=lambda item: (item[1], item[0]))
     if newest > epoch:
         fetch_certificate(config, store, writes, peers, witness)
@@ -340,7 +342,7 @@ def _propose_every_epoch(proposer: CheckpointProposer, stop: threading.Event) ->
 
 
 def _own_head(store: ChainStore, own: str) -> str | None:
-    head = store.heads().get(own)
+    head = store.head(own)
     return None if head is None else head.hash
 
 

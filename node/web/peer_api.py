@@ -88,8 +88,7 @@ def head_notice() -> Response:
     line = canonical_bytes({"source": g.peer, "chain": body["chain"], "head": head})
     with hint_path(svc.config.directory).open("ab") as hint:
         hint.write(line + b"\n")  # one write: appends of several workers do not interleave
-    latest = svc.chain_store.certificate()
-    return _json({"certificate": None if latest is None else latest["checkpoint"]["epoch"]})
+    return _json({"certificate": svc.chain_store.certificate_epoch()})
 
 
 @bp.post("/checkpoints/sign")
