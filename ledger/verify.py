@@ -644,7 +644,8 @@ def verify_database(
     and ``watching`` as :func:`verify_export` takes them."""
     verifier = Verifier(authority, **watching)
     try:
-        rosters = store.rosters()
+        with store.engine.connect() as conn:  # the rows as they are now, never a cached copy
+            rosters = store.rosters(conn)
     except LedgerError as exc:
         raise VerificationError(f"stored roster: {exc}") from exc
     if not rosters:

@@ -105,6 +105,9 @@ class ChainStore:
             target if isinstance(target, Engine) else open_engine(target, read_only=read_only)
         )
         self._initialised = False
+        # the stored rosters, by the newest version they hold: the table is append-only, so a
+        # version seen again means nothing changed (a roster of 1,200 members is ~700 KB)
+        self._rosters_cache: tuple[int, list[tuple[dict[str, Any], str]], Roster] | None = None
 
     @property
     def is_postgres(self) -> bool:
@@ -186,14 +189,36 @@ class ChainStore:
             )
 
     def rosters(self, conn: Connection | None = None) -> list[tuple[dict[str, Any], str]]:
-        """Every stored roster version, oldest first, as ``(roster, signature)``."""
+        """Every stored roster version, oldest first, as ``(roster, signature)``. Without
+        ``conn``, read again only when a newer version was stored (treat what is returned as
+        read-only); with one, read from the rows as they are (what verifying and exporting
+        need: a row changed in place must show)."""
+        if conn is not None:
+            return self._read_rosters(conn)
+        if self.roster_version() is None:
+            return []
+        return list(self._cached_rosters()[1])
+
+    def _cached_rosters(self) -> tuple[int, list[tuple[dict[str, Any], str]], Roster]:
+        version = self.roster_version()
+        cached = self._rosters_cache
+        if version is None:
+            raise StoreError("no roster stored; initialise with: hrx ledger init")
+        if cached is None or cached[0] != version:
+            rosters = self._read_rosters(None)
+            body, signature = rosters[-1]
+            newest = open_roster(body, signature, None, check_possession=False)
+            cached = self._rosters_cache = (version, rosters, newest)
+        return cached
+
+    def _read_rosters(self, conn: Connection | None) -> list[tuple[dict[str, Any], str]]:
         query = sa.select(
             roster_table.c.version, roster_table.c.roster, roster_table.c.signature
         ).order_by(roster_table.c.version)
+        self._require_schema()
         if conn is not None:
             rows = conn.execute(query).all()
         else:
-            self._require_schema()
             with self.engine.connect() as own:
                 rows = own.execute(query).all()
         rosters = []
@@ -209,6 +234,8 @@ class ChainStore:
 
     def roster(self, conn: Connection | None = None) -> Roster:
         """The newest roster, trusted as stored (the local node's own configuration)."""
+        if conn is None:
+            return self._cached_rosters()[2]
         rosters = self.rosters(conn)
         if not rosters:
             raise StoreError("no roster stored; initialise with: hrx ledger init")
@@ -703,7 +730,9 @@ class ChainStore:
         ``{"entries", "header", "signature"}`` in chain order, then every checkpoint
         ``{"certificate"}`` by epoch and every fork ``{"evidence"}`` — canonical JSON, one per
         line."""
-        for roster, signature in self.rosters():
+        with self.engine.connect() as conn:  # the rows as they are now, never a cached copy
+            rosters = self.rosters(conn)
+        for roster, signature in rosters:
             yield canonical_bytes({"roster": roster, "signature": signature})
         for chain in self.chains():
             for block in self.block_rows(chain):
