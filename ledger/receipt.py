@@ -40,7 +40,7 @@ def entry_proof(store: ChainStore, chain: str, seq: int) -> dict[str, Any]:
     chain and that block: ``{"entry", "inclusion", "block"}``, a receipt without rosters or
     certificate, for a reader who holds the rosters already (:func:`check_entry_proof`)."""
     entry = store.entry(chain, seq)
-    block = store.heads().get(chain)
+    block = store.head(chain)
     if block is None or block.header["tree_size"] <= seq:
         raise VerificationError(f"chain {chain} has no signed block holding seq {seq}")
     return {
@@ -113,7 +113,7 @@ def make_receipt(store: ChainStore, chain: str, seq: int) -> dict[str, Any]:
         block = store.block_at(chain, height)
     else:
         certificate = None
-        block = store.heads().get(chain)
+        block = store.head(chain)
     if block is None:
         raise VerificationError(f"chain {chain} has no signed block holding seq {seq}")
     tree_size = block.header["tree_size"]

@@ -126,7 +126,7 @@ def confirm_own_head(config: NodeConfig, store: ChainStore, writes: ChainStore) 
     ]
     if not others:
         return
-    head = store.heads().get(config.node_id)
+    head = store.head(config.node_id)
     start = head.header["height"] + 1 if head is not None else 0
     peers = SignedPeers(
         store, config.node_id, keys.load_private_key(config.ed25519_key), timeout=CONFIRM_SECONDS
@@ -294,7 +294,9 @@ def run(directory: Path, interval: float, once: bool = False) -> RoundReport:
                         publisher.publish(roster.registries())
                     except Exception:  # the next look sends it again
                         log.exception("the record locator could not be updated")
-            stop.wait(0.05)
+            # a witness follows notices within 50 ms; an ordinary member has only its own
+            # chain to watch, and notices its growth within the spacing anyway
+            stop.wait(0.05 if witness else HINT_SPACING_SECONDS)
         log.info("replication worker of %s stopped", config.node_id)
         return report
     finally:

@@ -100,7 +100,7 @@ def _int_arg(name: str, default: int | None = None) -> int:
 
 def _chain(chain: str) -> str:
     check_chain_id(chain)
-    if chain not in store().heads():
+    if store().head(chain) is None:
         raise NotFound(f"this node holds no chain {chain!r}")
     return chain
 
