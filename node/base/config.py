@@ -59,8 +59,9 @@ SCHEMA: dict[str, dict[str, tuple[type, Any]]] = {
     },
     # rules: a mutual-recognition rules file ("" = the shipped default, exchange/rules)
     "exchange": {"timeout_ms": (int, 5000), "rules": (str, "")},
-    # heartbeat_seconds: how often an idle ordinary member sends its head to the witnesses
-    "replication": {"heartbeat_seconds": (int, 30)},
+    # heartbeat_seconds: how often an idle ordinary member sends its head to the witnesses;
+    # certificate_seconds: how often, at most, it takes a newer certificate from them
+    "replication": {"heartbeat_seconds": (int, 30), "certificate_seconds": (int, 600)},
     "checkpoints": {
         "epoch_seconds": (int, 30),
         "epoch_blocks": (int, 1000),
@@ -118,6 +119,7 @@ class NodeConfig:
     exchange_timeout_ms: int  # how long a referral waits for each member
     recognition_rules: Path | None  # None: the shipped default
     heartbeat_seconds: int  # an idle ordinary member's head goes to the witnesses this often
+    certificate_seconds: int  # an ordinary member takes a newer certificate at most this often
     epoch_seconds: int  # certify at least this often while chains grow
     epoch_blocks: int  # or as soon as this many new blocks wait
     slot_seconds: int  # proposers take turns, a slot each
@@ -207,6 +209,7 @@ def load_config(directory: Path, environ: Mapping[str, str] | None = None) -> No
         "tokens_max_ttl",
         "audit_flush_ms",
         "replication_heartbeat_seconds",
+        "replication_certificate_seconds",
         "checkpoints_epoch_seconds",
         "checkpoints_epoch_blocks",
         "checkpoints_slot_seconds",
@@ -289,6 +292,7 @@ def load_config(directory: Path, environ: Mapping[str, str] | None = None) -> No
         exchange_timeout_ms=values["exchange_timeout_ms"],
         recognition_rules=resolve(values["exchange_rules"]) if values["exchange_rules"] else None,
         heartbeat_seconds=values["replication_heartbeat_seconds"],
+        certificate_seconds=values["replication_certificate_seconds"],
         epoch_seconds=values["checkpoints_epoch_seconds"],
         epoch_blocks=values["checkpoints_epoch_blocks"],
         slot_seconds=values["checkpoints_slot_seconds"],

@@ -99,7 +99,8 @@ def check_epoch(epoch: int, slot_seconds: int) -> None:
 
 class CheckpointProposer:
     """Proposes checkpoints in this node's turn, gathers the members' signatures and, at the
-    quorum, stores and sends the certificate to every member.
+    quorum, stores and sends the certificate to every witness (ordinary members fetch it when
+    they need it: :mod:`node.consortium.worker`).
 
     Time is cut into slots of ``checkpoints.slot_seconds``; the proposer of slot e is witness
     e mod n of the roster's n witnesses, sorted, and a certificate's epoch is its slot; it asks
@@ -189,7 +190,7 @@ class CheckpointProposer:
         certificate = make_certificate(checkpoint, signatures)
         verify_certificate(certificate, {roster.version: roster})
         self.store.add_certificate(certificate)
-        for member in sorted(roster.member_ids()):
+        for member in sorted(roster.witnesses()):  # ordinary members fetch it when they need
             if member != self.config.node_id:
                 try:
                     self.peers.post(member, "/peer/checkpoints", certificate)

@@ -8,8 +8,8 @@ inside them). What it does depends on this node's roles in the roster:
   (``POST /peer/heads``; at most every :data:`HINT_SPACING_SECONDS` while busy), and an
   ordinary member sends it again every ``replication.heartbeat_seconds`` while idle, so a
   witness that missed a notice learns of it; the answers name the witnesses' newest
-  certificate, which the member fetches when it lacks it (certificates are also pushed by
-  their proposers);
+  certificate, which an ordinary member fetches when it holds none or its own is older than
+  ``replication.certificate_seconds`` (certificates are pushed only to witnesses);
 - a witness follows every notice at once (the author is asked for what it announced) and
   every ``--interval`` seconds compares heads with the other witnesses, pulling whatever any
   of them holds beyond its copy (so a witness cut off catches up from the others, and an
@@ -323,13 +323,19 @@ def _take_newer_certificate(
     peers: SignedPeers,
     epochs: dict[str, int],
 ) -> None:
+    """Fetch the newest certificate a witness named, when this node holds none, or when its
+    own is older than ``replication.certificate_seconds`` (a certificate names every chain: at
+    1,200 members it is ~240 KB, and every member taking each one would cost the consortium
+    members × certificate bytes per epoch)."""
     if not epochs:
         return
     held = store.certificate_epoch()
-    epoch = -1 if held is None else held
     witness, newest = max(epochs.items(), key=lambda item: (item[1], item[0]))
-    if newest > epoch:
-        fetch_certificate(config, store, writes, peers, witness)
+    if held is not None and newest <= held:
+        return
+    if held is not None and (newest - held) * config.slot_seconds < config.certificate_seconds:
+        return  # epochs are slots of wall time: the one held is recent enough
+    fetch_certificate(config, store, writes, peers, witness)
 
 
 def _propose_every_epoch(proposer: CheckpointProposer, stop: threading.Event) -> None:
