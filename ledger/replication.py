@@ -97,6 +97,7 @@ class Replicator:
         self._rosters: dict[int, dict[str, Any]] = {}  # every stored version
         self._members: frozenset[str] = frozenset()  # of the newest version
         self._certified: tuple[int | None, dict[str, tuple[int, str]]] = (None, {})
+        self._deadline: float | None = None  # of the sync under way (monotonic)
         # after a restore from a backup: take this node's own newer blocks back from the
         # members that hold them (verified like any other chain's), never while it appends
         self.recovering = False
@@ -179,14 +180,19 @@ class Replicator:
             self._rosters = {body["version"]: body for body, _ in self.store.rosters()}
             self._members = frozenset(m["id"] for m in self._rosters[newest]["members"])
 
-    def sync_chains(self, chains: Iterable[str], witnesses: Iterable[str] = ()) -> dict[str, str]:
+    def sync_chains(
+        self, chains: Iterable[str], witnesses: Iterable[str] = (), seconds: float | None = None
+    ) -> dict[str, str]:
         """Bring ``chains`` up to their authors' heads now — from the author, or when it cannot
         be reached or serves what does not verify or conflicts with the certified head, from
         the ``witnesses`` in turn (up to at least the certified head); for each chain that
         could not be brought to its author's head, why. ``on_synced`` is told of each chain
         found current with its author; a copy from a witness is not "current" (the staleness
-        bound counts from the last time the author was matched)."""
+        bound counts from the last time the author was matched). ``seconds``: no new page of
+        blocks is asked for after that long (a chain taken whole for the first time can be
+        long); what was stored stays, and the next sync goes on from there."""
         failed: dict[str, str] = {}
+        self._deadline = None if seconds is None else time.monotonic() + seconds
         self._load_rosters()
         frozen = self.store.frozen_chains()
         for chain in sorted(set(chains) - {self.own}):
@@ -220,6 +226,11 @@ class Replicator:
         while True:
             local = self.store.head(chain)
             start = local.header["height"] + 1 if local is not None else 0
+            if self._deadline is not None and time.monotonic() > self._deadline:
+                raise _Refused(
+                    f"still taking chain {chain} from {source}: held up to height {start - 1} "
+                    "when the time for syncing ran out (the next sync goes on from there)"
+                )
             page = self.peers.blocks(source, chain, start, PAGE_BLOCKS)
             if not isinstance(page, list):
                 raise _Refused(f"{source} served blocks that are not a JSON array")

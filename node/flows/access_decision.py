@@ -170,7 +170,8 @@ def _sync_consent_chains(svc: Services, patient: str, question: dict[str, Any]) 
             timeout=config.sync_timeout_ms / 1000,
         )
     stale = {}
-    for chain, why in replicator.sync_chains(chains, witnesses).items():
+    synced = replicator.sync_chains(chains, witnesses, seconds=config.sync_timeout_ms / 1000)
+    for chain, why in synced.items():
         age = synced_age(svc.chain_store, chain)
         if age is None or age > config.staleness_seconds:
             copy = "never confirmed" if age is None else f"last confirmed {age:.0f} s ago"

@@ -488,3 +488,29 @@ def test_an_ordinary_member_takes_no_chain_that_conflicts_with_the_certified_hea
             store.close()
     finally:
         group.close()
+
+
+def test_a_sync_stops_asking_for_pages_when_its_time_runs_out(tmp_path: Path) -> None:
+    """A chain taken whole for a decision can be long: no new page is asked for after the
+    decision's time for syncing; what was stored stays, and the next sync goes on."""
+    from node.consortium.worker import replicator_for
+
+    group = Consortium(tmp_path / "group", 4, quorum=2, witnesses=["hosp-a", "hosp-b", "hosp-c"])
+    try:
+        dirs = {name: member.directory for name, member in group.members.items()}
+        append(dirs["hosp-a"], 450)  # 450 blocks: three pages of 200
+        config = load_config(dirs["hosp-d"])
+        store = ChainStore(config.database_url)
+        replicator = replicator_for(config, store)
+        with serving(dirs["hosp-a"], load_config(dirs["hosp-a"]).port):
+            failed = replicator.sync_chains(["hosp-a"], seconds=0)
+            assert failed == {
+                "hosp-a": "still taking chain hosp-a from hosp-a: held up to height -1 when the "
+                "time for syncing ran out (the next sync goes on from there)"
+            }
+            assert store.head("hosp-a") is None
+            assert replicator.sync_chains(["hosp-a"], seconds=60) == {}
+        assert store.head("hosp-a").header["height"] == 449  # type: ignore[union-attr]
+        store.close()
+    finally:
+        group.close()
