@@ -57,17 +57,9 @@ class Answered:
 
 def decide_access_request(svc: Services, caller: Caller, asker: str, body: Any) -> Answered:
     """Decide member ``asker``'s access request ``body`` (see the module docstring)."""
-    request_id, patient, purpose, categories, reason, reason_code = parse_access_request(body)
     now = format_time()
-    check_question(
-        body["asked"],
-        asker=asker,
-        request_id=request_id,
-        patient=patient,
-        purpose=purpose,
-        categories=categories,
-        roster_of=roster_of(svc),
-        now=parse_time(now),
+    request_id, patient, purpose, categories, reason, reason_code = proven_request(
+        svc, asker, body, now
     )
     access = AccessRequest(
         patient=patient,
@@ -129,7 +121,7 @@ def decide_access_request(svc: Services, caller: Caller, asker: str, body: Any) 
     return Answered(answer, decided.decision)
 
 
-def roster_of(svc: Services) -> Any:
+def _roster_of(svc: Services) -> Any:
     """The roster of each version this node has installed (trusted as stored)."""
 
     def roster_of(version: int) -> Roster:
@@ -223,22 +215,32 @@ def consent_chains(svc: Services, asker: str, body: Any) -> dict[str, list[str]]
     if not isinstance(body, dict) or not isinstance(body.get("requester"), str):
         raise InvalidRequest("the question is the access request, with its requester")
     question = {k: v for k, v in body.items() if k != "requester"}
-    request_id, patient, purpose, categories, _, _ = parse_access_request(question)
-    check_question(
-        body["asked"],
-        asker=body["requester"],
-        request_id=request_id,
-        patient=patient,
-        purpose=purpose,
-        categories=categories,
-        roster_of=roster_of(svc),
-        now=parse_time(format_time()),
-    )
+    _, patient, _, _, _, _ = proven_request(svc, body["requester"], question, format_time())
     chains = {e["chain"] for e in svc.chain_store.entries_about(patient, CONSENT_TYPES)}
     return {"chains": sorted(chains)}
 
 
-def parse_access_request(body: Any) -> tuple[str, str, str, list[str], str | None, str | None]:
+def proven_request(
+    svc: Services, asker: str, body: Any, now: str
+) -> tuple[str, str, str, list[str], str | None, str | None]:
+    """An access request's fields (:func:`_parse_access_request`), once its ``asked`` proves
+    that ``asker`` recorded the question on its own chain (:func:`check_question`, 403
+    otherwise): nothing about a patient is looked up before."""
+    request_id, patient, purpose, categories, reason, reason_code = _parse_access_request(body)
+    check_question(
+        body["asked"],
+        asker=asker,
+        request_id=request_id,
+        patient=patient,
+        purpose=purpose,
+        categories=categories,
+        roster_of=_roster_of(svc),
+        now=parse_time(now),
+    )
+    return request_id, patient, purpose, categories, reason, reason_code
+
+
+def _parse_access_request(body: Any) -> tuple[str, str, str, list[str], str | None, str | None]:
     if not isinstance(body, dict):
         raise InvalidRequest("an access request is a JSON object")
     fields = {"request_id", "patient", "purpose", "categories", "reason", "reason_code", "asked"}

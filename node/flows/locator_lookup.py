@@ -19,13 +19,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from exchange.question import check_question
 from fhir_adapters.errors import Conflict
 from ledger.errors import LedgerError, PeerUnavailable
-from ledger.model import format_time, parse_time
+from ledger.model import format_time
 from node.consortium.locator import holders
 from node.consortium.peers import SignedPeers
-from node.flows.access_decision import parse_access_request, roster_of
+from node.flows.access_decision import proven_request
 from node.records.audit_trail import Caller
 from node.services import Services
 
@@ -38,17 +37,7 @@ def lookup(svc: Services, caller: Caller, asker: str, body: Any) -> dict[str, An
     roster = svc.chain_store.roster()
     if svc.config.node_id not in roster.registries():
         raise Conflict(f"{svc.config.node_id} runs no record locator (it has no registry role)")
-    request_id, patient, purpose, categories, _, _ = parse_access_request(body)
-    check_question(
-        body["asked"],
-        asker=asker,
-        request_id=request_id,
-        patient=patient,
-        purpose=purpose,
-        categories=categories,
-        roster_of=roster_of(svc),
-        now=parse_time(format_time()),
-    )
+    request_id, patient, purpose, categories, _, _ = proven_request(svc, asker, body, format_time())
     members = set(roster.member_ids()) - {asker}
     found = [m for m in holders(svc.database.engine, patient, categories) if m in members]
     seq = svc.consents.chain_writer().append(
