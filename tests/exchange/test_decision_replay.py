@@ -276,6 +276,7 @@ def test_record_locator_lookups_must_answer_a_recorded_question() -> None:
         "holders": 2,
     }
     audit.observe(_entry("hosp-r", 0, "locator.lookup", lookup))
+    audit.observe(_entry("hosp-r", 7, "locator.lookup", {**lookup, "holders": 0}))  # none found
     assert audit.findings() == []
     audit.observe(_entry("hosp-r", 1, "locator.lookup", {**lookup, "request_id": "r-2"}))
     audit.observe(_entry("hosp-r", 2, "locator.lookup", {**lookup, "patient": Q}))
@@ -293,3 +294,20 @@ def test_record_locator_lookups_must_answer_a_recorded_question() -> None:
         "hosp-r seq 5: its holders is not a count of members",
         "hosp-r seq 6: its holders is not a count of members",
     ]
+
+
+def test_a_view_that_read_nothing_of_a_chain_is_a_view() -> None:
+    """A view may name a chain with 0 entries read (a chain the source held none of yet)."""
+    audit = DecisionReplay()
+    body = decided(P, "deny", {"hosp-a": 0, "hosp-c": 0})
+    audit.observe(
+        {
+            "v": 1,
+            "chain": "hosp-a",
+            "seq": 0,
+            "time": "2026-12-01T00:00:00.000Z",
+            "type": "access.decided",
+            "body": body,
+        }
+    )
+    assert audit.findings() == []
