@@ -127,8 +127,11 @@ class Replicator:
             # the author first, then everyone else who reports on the chain
             for source in sorted(heads, key=lambda m: (m != chain, m)):
                 claimed = heads[source].get(chain)
-                if claimed is None or _same_head(claimed, held.get(chain)):
-                    continue  # nothing new, nothing to check: no signature verified
+                if claimed is None:
+                    continue
+                if _same_head(claimed, held.get(chain)):  # nothing new: no signature checked
+                    self._current(chain, source)
+                    continue
                 if not self._follow_guarded(chain, source, claimed, report):
                     break
         return report
@@ -143,6 +146,7 @@ class Replicator:
             return report
         current = self.store.head(chain)  # one row: a heartbeat costs no more at any size
         if _same_head(claimed, None if current is None else current.hash):
+            self._current(chain, source)
             return report
         if chain not in self.store.frozen_chains():
             self._follow_guarded(chain, source, claimed, report)
@@ -168,10 +172,14 @@ class Replicator:
             report.refused[source] = f"chain {chain}: {type(exc).__name__}: {exc}"
             log.warning("refused what %s served of chain %s", source, chain, exc_info=True)
         else:
-            self._backoff.pop(source, None)
-            if source == chain and self.on_synced is not None:
-                self.on_synced(chain)
+            self._current(chain, source)
         return True
+
+    def _current(self, chain: str, source: str) -> None:
+        """``source`` showed nothing beyond this node's copy of ``chain``."""
+        self._backoff.pop(source, None)
+        if source == chain and self.on_synced is not None:
+            self.on_synced(chain)  # current with its author: the staleness bound counts from now
 
     def _load_rosters(self) -> None:
         """Read the stored rosters again when a newer version was installed."""
@@ -360,8 +368,10 @@ class Replicator:
                 digest = block_hash(header).hex()
                 if (
                     certified is not None
-                    and certified[0] == header["height"]
-                    and (certified[1] != digest)
+                    and (header["height"], digest) != certified
+                    and (
+                        header["height"] == certified[0]  # a certified head is final
+                    )
                 ):
                     raise _Refused(
                         f"its block of chain {chain} at height {header['height']} is not the "

@@ -19,6 +19,7 @@ from consent.model import consent_resource
 from ledger import keys
 from ledger.store import ChainStore, ChainWriter
 from node.base.config import load_config
+from node.consortium.worker import synced_age
 from node.db.engines import open_database
 from node.db.schema import locator_table
 from node.demo.harness import Consortium
@@ -162,6 +163,14 @@ def test_ordinary_members_hold_only_the_chains_they_needed(
     assert chains_held(group, "hosp-e") == {"hosp-e", "hosp-d"}  # D's holds the consent
     assert chains_held(group, "hosp-f") == {"hosp-f"}
     assert chains_held(group, "hosp-g") <= {"hosp-g"}  # nothing of its own yet, even
+    # a quiet author's heartbeats keep its chain confirmed at the witnesses (the staleness
+    # bound and hrx node status count from there), though nothing new is pulled
+    time.sleep(8)  # D appended nothing since the fixture; it sends a heartbeat every 2 s
+    for witness in WITNESSES:
+        store = ChainStore(group.database_url(witness))
+        age = synced_age(store, "hosp-d")
+        store.close()
+        assert age is not None and age < 6, (witness, age)
 
 
 def test_with_the_registry_cut_off_every_member_is_asked(
