@@ -129,9 +129,13 @@ def audit_verify(
     findings = decisions.findings({c: s.entries for c, s in summary.chains.items()})
     print_summary(summary, findings)
     out.print(f"{len(decisions.decisions)} access decision(s) replayed against the consent policy")
+    out.print(
+        f"{len(decisions.lookups)} record locator lookup(s) checked against the questions asked"
+    )
     if findings:
         out.print(
-            f"[bold red]{len(findings)} access decision(s) the policy would not have made:[/]"
+            f"[bold red]{len(findings)} finding(s): access decisions the policy would not have "
+            "made, or lookups no recorded question called for:[/]"
         )
         for finding in findings:
             out.print(f"  {finding}", highlight=False)
@@ -205,8 +209,8 @@ def print_summary(summary: Summary, findings: Sequence[object] = ()) -> None:
         out.print(f"[bold red]INVALID[/]: fork proven: {escape(summary.forks[0])}", highlight=False)
     elif findings:
         out.print(
-            f"[bold red]INVALID[/]: {len(findings)} access decision(s) the consent policy "
-            "would not have made"
+            f"[bold red]INVALID[/]: {len(findings)} finding(s) of the access replay (decisions "
+            "the consent policy would not have made, or lookups no recorded question called for)"
         )
     else:
         settled = f"; {len(summary.resolved)} fork(s) resolved by the authority"

@@ -10,15 +10,18 @@ import json
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from click.testing import CliRunner
 
 from consent.model import consent_resource
 from ledger import keys
 from ledger.store import ChainStore, ChainWriter
 from node.base.config import load_config
+from node.cli import main
 from node.consortium.worker import synced_age
 from node.db.engines import open_database
 from node.db.schema import locator_table
@@ -142,6 +145,41 @@ def test_a_referral_asks_the_locator_then_only_the_holders(
     )
     (own,) = [d for d in decided if d["chain"] == "hosp-e"]
     assert own["body"]["decision"] == "permit" and "hosp-d" in own["body"]["view"]
+
+
+def test_the_auditor_verifies_everything_from_one_witness(
+    group: Consortium, patient: dict[str, Any], tmp_path: Path
+) -> None:
+    """One witness's export holds every chain: the auditor checks it against the authority's
+    key, certificates against the witnesses' keys, replays every decision and checks every
+    locator lookup against its question."""
+    f = node(group, "hosp-f")
+    doctor = f.session(f.token("dr-sun", "doctor"))
+    assert (
+        doctor.get(f"{f.fhir}/Patient/{patient['f']}/$prior-results", params=LAB_ONLY).status_code
+        == 200
+    )
+    deadline = time.monotonic() + 20
+    while chains_held(group, "hosp-b") != chains_held(group, "hosp-c") or not (
+        {"hosp-a", "hosp-d", "hosp-e", "hosp-f"} <= chains_held(group, "hosp-b")
+    ):
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    time.sleep(1)  # the last decisions' blocks reach the witness
+    export = tmp_path / "hosp-b.jsonl"
+    runner = CliRunner()
+    made = runner.invoke(
+        main,
+        ["ledger", "export", "--dir", str(group.members["hosp-b"].directory), "--out", str(export)],
+    )
+    assert made.exit_code == 0, made.output
+    authority = keys.public_key_text(keys.load_private_key(group.authority_key))
+    verdict = runner.invoke(main, ["audit", "verify", str(export), "--authority", authority])
+    assert verdict.exit_code == 0, verdict.output
+    assert "VALID" in verdict.output
+    assert "record locator lookup(s) checked against the questions asked" in verdict.output
+    lookups = int(verdict.output.split(" record locator lookup(s)")[0].split()[-1])
+    assert lookups >= 2  # one per referral of this module (the registry was cut off once)
 
 
 def test_ordinary_members_hold_only_the_chains_they_needed(

@@ -87,7 +87,7 @@ def test_forged_decisions_are_flagged(ledger_db: Ledger, tmp_path: Path) -> None
     for code, output in audit(ledger_db, tmp_path):
         assert code == 1, output
         flat = " ".join(output.split())
-        assert "5 access decision(s) the policy would not have made" in flat
+        assert "5 finding(s): access decisions the policy would not have made" in flat
         assert (
             "hosp-a seq 2: recorded permit for hosp-b, but the consents in its view call for deny"
             in flat
