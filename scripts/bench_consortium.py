@@ -43,7 +43,6 @@ from ledger.roster import make_member, make_roster, open_roster
 from ledger import keys
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-ROOT = Path(__file__).resolve().parent.parent
 secrets = [bls.generate_secret_key(bytes([n]) * 32) for n in range(5)]
 members = [make_member(f"hosp-{n}", "x", "http://x", Ed25519PrivateKey.generate(), s)
            for n, s in enumerate(secrets)]
@@ -193,7 +192,7 @@ def lag_and_healing(rate: int, seconds: int, cut_seconds: int) -> None:
             console.print(
                 f"\n[bold]replication lag[/] hosp-a -> hosp-b, {len(appended_at):,} appends at "
                 f"~{rate}/s for {seconds} s (replication interval "
-                f"{group.replicate_interval} s, push hints on)"
+                f"{group.replicate_interval} s, notices on)"
             )
             console.print(
                 f"  p50 {statistics.median(lags) * 1000:.0f} ms, "
