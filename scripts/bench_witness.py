@@ -12,7 +12,10 @@ the unit costs docs/scale.md projects a province from, each beside its ceiling i
 - **a certificate** of N chain heads, 3 signers (bytes), as a member takes it in: parse and
   verify; ceiling: the BLS aggregate verification alone;
 - **an entry stored**: bytes per entry of a chain of ``--entries`` access.decided entries in
-  blocks of 10, on SQLite (file size) and PostgreSQL (the ledger tables' total size).
+  blocks of 10, on SQLite (file size) and PostgreSQL (the ledger tables' total size);
+- **joining**: a new ordinary member started beside 3 witnesses that hold ``--join-entries``
+  entries (and none): seconds until it holds the newest certificate; ceiling: until its web
+  server answers (the process start).
 """
 
 from __future__ import annotations
@@ -247,11 +250,65 @@ def storage_cost(url: str, directory: Path, entries: int) -> float:
     return size / entries
 
 
+def join_cost(entries: int) -> dict[str, float]:
+    """Seconds from starting an ordinary member until its web server answers, and until it
+    holds the witnesses' newest certificate, with ``entries`` entries in the consortium."""
+    with tempfile.TemporaryDirectory(prefix="hrx-bench-join-") as tmp:
+        group = Consortium(
+            Path(tmp),
+            4,
+            quorum=2,
+            epoch_seconds=1,
+            witnesses=["hosp-a", "hosp-b", "hosp-c"],
+        )
+        try:
+            for name in ("hosp-a", "hosp-b", "hosp-c"):
+                group.start(name)
+            config = load_config(group.members["hosp-a"].directory)
+            store = ChainStore(config.database_url)
+            with ChainWriter(store, "hosp-a", keys.load_private_key(config.ed25519_key)) as w:
+                for start in range(0, max(entries, 1), 1000):
+                    count = min(1000, max(entries, 1) - start)
+                    w.append_many([("access.requested", {"request_id": f"j-{start}"})] * count)
+            head = store.head("hosp-a")
+            store.close()
+            deadline = time.monotonic() + 600
+            while True:  # every witness holds it, and a certificate names it
+                stores = [ChainStore(group.database_url(n)) for n in ("hosp-b", "hosp-c")]
+                done = all(
+                    (c := s.certificate()) is not None
+                    and c["checkpoint"]["heads"].get("hosp-a", {}).get("hash") == head.hash  # type: ignore[union-attr]
+                    for s in stores
+                )
+                for s in stores:
+                    s.close()
+                if done:
+                    break
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the witnesses never certified hosp-a's chain")
+                time.sleep(0.2)
+            started = time.monotonic()
+            group.start("hosp-d")
+            serving = time.monotonic() - started
+            joined = ChainStore(group.database_url("hosp-d"))
+            while joined.certificate_epoch() is None:
+                if time.monotonic() - started > 120:
+                    raise RuntimeError("hosp-d never took a certificate")
+                time.sleep(0.05)
+            held = time.monotonic() - started
+            chains = sorted(joined.heads())
+            joined.close()
+            return {"serving": serving, "certificate": held, "chains": len(chains)}
+        finally:
+            group.close()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", default="30,200,1200")
     parser.add_argument("--notices", type=int, default=500)
     parser.add_argument("--entries", type=int, default=20000)
+    parser.add_argument("--join-entries", type=int, default=100000)
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
     table = Table(title="what a witness pays per member, and a member per checkpoint")
@@ -286,6 +343,14 @@ def main() -> None:
         f"SQLite {sqlite:,.0f}; PostgreSQL {postgres:,.0f}",
         f"its canonical bytes alone: {len(canonical_bytes(ENTRY))}",
     )
+    for entries in (0, args.join_entries):
+        joined = join_cost(entries)
+        table.add_row(
+            f"a new ordinary member beside {entries:,} entries: s until it holds the newest "
+            "certificate (chains it holds)",
+            f"{joined['certificate']:.2f} ({joined['chains']:.0f})",
+            f"its web server answering: {joined['serving']:.2f}",
+        )
     console.print(table)
 
 

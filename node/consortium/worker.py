@@ -287,6 +287,11 @@ def run(directory: Path, interval: float, once: bool = False) -> RoundReport:
                     with request_scope(new_request_id()):
                         epochs = notify_witnesses(reader, peers, config.node_id)
                         _take_newer_certificate(config, reader, store, peers, epochs)
+                elif head is None and beat:  # nothing to announce yet: a certificate still
+                    heartbeat_at = now
+                    if reader.certificate_epoch() is None:
+                        with request_scope(new_request_id()):
+                            _first_certificate(config, reader, store, peers, roster.witnesses())
             if now - published_at >= PUBLISH_SECONDS:
                 published_at = now
                 with request_scope(new_request_id()):
@@ -336,6 +341,20 @@ def _take_newer_certificate(
     if held is not None and (newest - held) * config.slot_seconds < config.certificate_seconds:
         return  # epochs are slots of wall time: the one held is recent enough
     fetch_certificate(config, store, writes, peers, witness)
+
+
+def _first_certificate(
+    config: NodeConfig,
+    store: ChainStore,
+    writes: ChainStore,
+    peers: SignedPeers,
+    witnesses: list[str],
+) -> None:
+    """A member that holds no certificate, and has no chain of its own to announce yet (a new
+    member), takes the newest certificate from the first witness that gives one."""
+    for witness in witnesses:
+        if witness != config.node_id and fetch_certificate(config, store, writes, peers, witness):
+            return
 
 
 def _propose_every_epoch(proposer: CheckpointProposer, stop: threading.Event) -> None:
