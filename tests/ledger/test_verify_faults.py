@@ -403,6 +403,10 @@ def test_a_roster_whose_proof_of_possession_fails_is_refused(
     assert caught.value.what == (
         "roster version 1: roster member hosp-a: BLS proof of possession does not verify"
     )
+    # a node's own replicas were checked when it installed them: it may skip the proofs
+    verifier = Verifier(ledger_db.authority.public_key())
+    verifier.add_roster(body, line["signature"], check_possession=False)
+    assert verifier.summary.rosters == [1]
 
 
 def test_break_glass_accesses_name_their_time_and_an_unknown_requester(
