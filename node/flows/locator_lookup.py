@@ -71,7 +71,6 @@ class Located:
 
     members: list[str]
     note: str
-    located: bool  # False: every member is asked (no registry, or none answered)
 
 
 def locate(svc: Services, caller: Caller, peers: SignedPeers, question: dict[str, Any]) -> Located:
@@ -81,9 +80,7 @@ def locate(svc: Services, caller: Caller, peers: SignedPeers, question: dict[str
     everyone = [m for m in roster.member_ids() if m != own]
     registries = roster.registries()
     if not registries:
-        return Located(
-            everyone, "no record locator in the roster: every member was asked", located=False
-        )
+        return Located(everyone, "no record locator in the roster: every member was asked")
     failures = []
     for registry in registries:
         try:
@@ -105,12 +102,10 @@ def locate(svc: Services, caller: Caller, peers: SignedPeers, question: dict[str
             members,
             f"the record locator ({name}) named {len(members)} member(s) holding records; "
             "only they were asked",
-            located=True,
         )
     return Located(
         everyone,
         "the record locator could not be reached ("
         + "; ".join(failures)
         + "): every member was asked",
-        located=False,
     )
