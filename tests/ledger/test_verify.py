@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +14,8 @@ import sqlalchemy as sa
 from ledger import keys
 from ledger.errors import StoreError, VerificationError
 from ledger.store import ChainStore, ChainWriter
-from ledger.store.schema import LEDGER_TABLES, create_schema
 from ledger.verify import verify_database, verify_export
-from tests.helpers.ledgers import Ledger, make_ledger
+from tests.helpers.ledgers import Ledger, make_ledger, rows_changeable
 
 
 def _fill(ledger: Ledger) -> None:
@@ -31,21 +28,6 @@ def _fill(ledger: Ledger) -> None:
 def _export(ledger: Ledger, path: Path) -> Path:
     path.write_bytes(b"".join(line + b"\n" for line in ledger.store.export_lines()))
     return path
-
-
-@contextmanager
-def _without_triggers(store: ChainStore) -> Iterator[sa.Connection]:
-    """A connection that may change ledger rows: what an attacker with the database can do."""
-    with store.engine.begin() as conn:
-        if store.is_postgres:
-            conn.exec_driver_sql("SET LOCAL session_replication_role = replica")
-        else:
-            for table in LEDGER_TABLES:
-                conn.exec_driver_sql(f"DROP TRIGGER {table}_no_update")
-                conn.exec_driver_sql(f"DROP TRIGGER {table}_no_delete")
-        yield conn
-    if not store.is_postgres:
-        create_schema(store.engine)
 
 
 def _changed(value: Any, position: int) -> Any:
@@ -128,7 +110,7 @@ def test_every_changed_byte_of_every_row_is_found(ledger_db: Ledger) -> None:
                     where = " AND ".join(f"{k} = :k_{k}" for k in key_columns)
                     params = {f"k_{k}": row[k] for k in key_columns}
                     new_value = _changed(value, position)
-                    with _without_triggers(ledger_db.store) as conn:
+                    with rows_changeable(ledger_db.store) as conn:
                         conn.execute(
                             sa.text(f"UPDATE {table} SET {column} = :new WHERE {where}"),
                             {"new": new_value, **params},
@@ -140,7 +122,7 @@ def test_every_changed_byte_of_every_row_is_found(ledger_db: Ledger) -> None:
                         with pytest.raises(VerificationError) as caught:
                             verify_database(ledger_db.store, authority)
                     finally:
-                        with _without_triggers(ledger_db.store) as conn:
+                        with rows_changeable(ledger_db.store) as conn:
                             conn.execute(
                                 sa.text(
                                     f"UPDATE {table} SET {column} = :old WHERE "
@@ -165,7 +147,7 @@ def test_every_changed_byte_of_every_row_is_found(ledger_db: Ledger) -> None:
 
 def test_fault_names_chain_height_and_seq(ledger_db: Ledger, tmp_path: Path) -> None:
     _fill(ledger_db)
-    with _without_triggers(ledger_db.store) as conn:
+    with rows_changeable(ledger_db.store) as conn:
         data = conn.execute(sa.text("SELECT data FROM ledger_entries WHERE seq = 3")).scalar_one()
         changed = bytes(data).replace(b'"n":2', b'"n":7')
         conn.execute(sa.text("UPDATE ledger_entries SET data = :d WHERE seq = 3"), {"d": changed})
@@ -185,12 +167,12 @@ def test_fault_names_chain_height_and_seq(ledger_db: Ledger, tmp_path: Path) -> 
 
 def test_missing_and_extra_entry_rows_are_found(ledger_db: Ledger) -> None:
     _fill(ledger_db)
-    with _without_triggers(ledger_db.store) as conn:
+    with rows_changeable(ledger_db.store) as conn:
         conn.execute(sa.text("DELETE FROM ledger_entries WHERE seq = 7"))
     with pytest.raises(VerificationError, match="entry row is missing") as caught:
         verify_database(ledger_db.store, ledger_db.authority.public_key())
     assert (caught.value.chain, caught.value.height, caught.value.seq) == ("hosp-a", 2, 7)
-    with _without_triggers(ledger_db.store) as conn:
+    with rows_changeable(ledger_db.store) as conn:
         conn.execute(
             sa.text(
                 "INSERT INTO ledger_entries (chain, seq, data, nodes) VALUES ('hosp-a', 7, :d, :n)"
@@ -297,7 +279,7 @@ def test_duplicate_keys_in_a_certificate_line_are_refused(
 
 def test_block_rows_outside_the_chain_are_found(ledger_db: Ledger) -> None:
     _fill(ledger_db)
-    with _without_triggers(ledger_db.store) as conn:
+    with rows_changeable(ledger_db.store) as conn:
         conn.execute(
             sa.text(
                 "INSERT INTO ledger_blocks (chain, height, tree_size, header, signature) "
