@@ -26,8 +26,8 @@ from node.consortium.worker import synced_age
 from node.db.engines import open_database
 from node.db.schema import locator_table
 from node.demo.harness import Consortium
-from tests.helpers.nodes import Node, post
-from tests.node.flows.test_referral import lab, register, store_all
+from tests.helpers.nodes import post
+from tests.node.flows.test_referral import lab, node, register, store_all
 
 pytestmark = pytest.mark.slow
 
@@ -57,11 +57,6 @@ def group(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Consortium]:
         yield consortium
     finally:
         consortium.close()
-
-
-def node(group: Consortium, name: str) -> Node:
-    member = group.members[name]
-    return Node(member.directory, member.web_port)
 
 
 def chains_held(group: Consortium, name: str) -> set[str]:
