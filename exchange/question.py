@@ -12,6 +12,10 @@ learn where a patient is treated without a signed entry on its own chain saying 
 for which purpose: replicated to the witnesses, shown to the patient in the portal beside the
 other accesses, and verified by the auditor. Withdrawing it later would be a fork.
 
+A patient's own question — who accessed my records? — asked in the portal of a member that
+holds only some chains is proven the same way, by a ``history.requested`` entry on that
+member's chain (:func:`check_history_question`).
+
 The check is cheap (one Ed25519 signature and a Merkle path of at most 64 hashes) and holds
 no state: it scales with nothing but the asker's chain length (logarithmically).
 """
@@ -30,6 +34,7 @@ from ledger.receipt import check_entry_proof
 from ledger.roster import Roster
 
 QUESTION_TYPE = "access.requested"
+HISTORY_TYPE = "history.requested"  # a patient's own question, asked in a member's portal
 MAX_AGE = timedelta(minutes=10)  # a question is answered within minutes of being recorded
 CLOCK_SKEW = timedelta(minutes=5)  # how far the asker's clock may run ahead of ours
 
@@ -50,18 +55,8 @@ def check_question(
     purpose, and at least these categories. Forbidden (403) naming what does not hold."""
     if purpose not in PURPOSES:
         raise Forbidden(f"purpose {purpose!r} is not one of {', '.join(PURPOSES)}")
-    try:
-        entry = check_entry_proof(asked, roster_of)
-    except (VerificationError, LedgerError) as exc:
-        raise Forbidden(f"the question is not proven to be on {asker}'s chain: {exc}") from None
+    entry = _recorded(asked, QUESTION_TYPE, asker, request_id, patient, roster_of, now)
     body = entry["body"]
-    if entry["chain"] != asker or entry["type"] != QUESTION_TYPE:
-        raise Forbidden(
-            f"the proof is of an entry of type {entry['type']} on {entry['chain']}'s chain, "
-            f"not of an {QUESTION_TYPE} entry on the chain of {asker}, who asks"
-        )
-    if body.get("request_id") != request_id or body.get("patient") != patient:
-        raise Forbidden("the recorded question is about another request or another patient")
     if body.get("purpose") != purpose:
         raise Forbidden(
             f"the recorded question states purpose {body.get('purpose')!r}, not {purpose!r}"
@@ -69,6 +64,47 @@ def check_question(
     recorded = body.get("categories")
     if not isinstance(recorded, list) or not set(categories) <= set(recorded):
         raise Forbidden("the request asks for categories the recorded question does not name")
+    return entry
+
+
+def check_history_question(
+    asked: Any,
+    *,
+    asker: str,
+    request_id: str,
+    patient: str,
+    roster_of: Callable[[int], Roster],
+    now: datetime,
+) -> dict[str, Any]:
+    """The asker's ``history.requested`` entry (a patient asked, in the asker's portal, who
+    accessed their records), once ``asked`` proves it as :func:`check_question` proves a
+    question; Forbidden (403) naming what does not hold."""
+    return _recorded(asked, HISTORY_TYPE, asker, request_id, patient, roster_of, now)
+
+
+def _recorded(
+    asked: Any,
+    entry_type: str,
+    asker: str,
+    request_id: str,
+    patient: str,
+    roster_of: Callable[[int], Roster],
+    now: datetime,
+) -> dict[str, Any]:
+    """The entry ``asked`` proves: of ``entry_type``, signed on ``asker``'s own chain within
+    the last minutes, with this request id and patient."""
+    try:
+        entry = check_entry_proof(asked, roster_of)
+    except (VerificationError, LedgerError) as exc:
+        raise Forbidden(f"the question is not proven to be on {asker}'s chain: {exc}") from None
+    body = entry["body"]
+    if entry["chain"] != asker or entry["type"] != entry_type:
+        raise Forbidden(
+            f"the proof is of an entry of type {entry['type']} on {entry['chain']}'s chain, "
+            f"not of an entry of type {entry_type} on the chain of {asker}, who asks"
+        )
+    if body.get("request_id") != request_id or body.get("patient") != patient:
+        raise Forbidden("the recorded question is about another request or another patient")
     moment = parse_time(entry["time"], "the question's time")
     if not now - MAX_AGE <= moment <= now + CLOCK_SKEW:
         raise Forbidden(

@@ -136,6 +136,18 @@ def make_receipt(store: ChainStore, chain: str, seq: int) -> dict[str, Any]:
     }
 
 
+def receipt_of_proof(store: ChainStore, proof: dict[str, Any]) -> dict[str, Any]:
+    """The receipt of an :func:`entry_proof` received from another member (a chain this store
+    does not hold), with the roster its block names from this store and no certificate."""
+    version = proof["block"]["header"]["roster"]
+    rosters = [
+        {"roster": body, "signature": signature}
+        for body, signature in store.rosters()
+        if body["version"] == version
+    ]
+    return {"receipt": VERSION, **proof, "rosters": rosters, "certificate": None}
+
+
 @dataclass(frozen=True)
 class ReceiptSummary:
     chain: str

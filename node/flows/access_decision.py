@@ -121,7 +121,7 @@ def decide_access_request(svc: Services, caller: Caller, asker: str, body: Any) 
     return Answered(answer, decided.decision)
 
 
-def _roster_of(svc: Services) -> Any:
+def installed_roster_of(svc: Services) -> Any:
     """The roster of each version this node has installed (trusted as stored)."""
 
     def roster_of(version: int) -> Roster:
@@ -143,7 +143,7 @@ def _sync_consent_chains(svc: Services, patient: str, question: dict[str, Any]) 
     rosters are read again at each sync)."""
     config = svc.config
     roster = svc.chain_store.roster()
-    witnesses = _in_turn(roster.witnesses(), patient, config.node_id)
+    witnesses = witnesses_in_turn(roster.witnesses(), patient, config.node_id)
     chains = {entry["chain"] for entry in svc.chain_store.entries_about(patient, CONSENT_TYPES)}
     if config.node_id not in roster.witnesses():
         learned = _ask_witnesses(svc, witnesses, question)
@@ -171,7 +171,7 @@ def _sync_consent_chains(svc: Services, patient: str, question: dict[str, Any]) 
     return stale
 
 
-def _in_turn(witnesses: list[str], patient: str, own: str) -> list[str]:
+def witnesses_in_turn(witnesses: list[str], patient: str, own: str) -> list[str]:
     """The witnesses other than this node, starting at one that depends on the patient (so
     that the questions of a consortium spread over its witnesses)."""
     others = sorted(w for w in witnesses if w != own)
@@ -234,7 +234,7 @@ def proven_request(
         patient=patient,
         purpose=purpose,
         categories=categories,
-        roster_of=_roster_of(svc),
+        roster_of=installed_roster_of(svc),
         now=parse_time(now),
     )
     return request_id, patient, purpose, categories, reason, reason_code

@@ -12,6 +12,9 @@
   (:mod:`node.flows.access_decision`).
 - ``POST /peer/consent-chains``: an ordinary member deciding such a request asks a witness
   which chains hold the patient's consents.
+- ``POST /peer/patient-history``: an ordinary member whose patient asks in its portal who
+  accessed their records asks a witness for the entries about the patient, with their proofs
+  (:mod:`node.flows.patient_history`).
 - ``POST /peer/locator/holdings`` and ``POST /peer/locator/lookup``: a member updates the
   record locator with its holdings, or asks it which members hold a patient's results
   (registries only: :mod:`node.consortium.locator`, :mod:`node.flows.locator_lookup`).
@@ -29,7 +32,7 @@ from ledger.canonical import canonical_bytes, parse_json
 from ledger.errors import LedgerError
 from node.base.errors import Refused
 from node.consortium import checkpoints, locator
-from node.flows import access_decision, locator_lookup
+from node.flows import access_decision, locator_lookup, patient_history
 from node.ops import metrics
 from node.web.context import caller, services
 from node.web.ledger_api import verified_peer
@@ -104,6 +107,13 @@ def receive_certificate() -> Response:
     svc = services()
     stored = checkpoints.receive(svc.config, svc.chain_store, svc.chain_writes, _body())
     return _json({"stored": stored})
+
+
+@bp.post("/patient-history")
+def patient_history_entries() -> Response:
+    """A witness sends an ordinary member the ledger entries about a patient who asked, in
+    that member's portal, who accessed their records (:func:`patient_history.answer_history`)."""
+    return _json(patient_history.answer_history(services(), caller(), g.peer, _body()))
 
 
 @bp.post("/consent-chains")

@@ -19,14 +19,18 @@ from click.testing import CliRunner
 
 from consent.model import consent_resource
 from ledger import keys
+from ledger.errors import PeerUnavailable
+from ledger.receipt import entry_proof, verify_receipt
 from ledger.store import ChainStore, ChainWriter
 from node.base.config import load_config
 from node.cli import main
+from node.consortium.peers import SignedPeers
 from node.consortium.worker import synced_age
 from node.db.engines import open_database
 from node.db.schema import locator_table
 from node.demo.harness import Consortium
 from tests.helpers.nodes import post
+from tests.helpers.portal import enroll
 from tests.node.flows.test_referral import lab, node, register, store_all
 
 pytestmark = pytest.mark.slow
@@ -111,7 +115,7 @@ def patient(group: Consortium) -> dict[str, Any]:
     while located(group, pseudonym) != {"hosp-d", "hosp-e"}:
         assert time.monotonic() < deadline, located(group, pseudonym)
         time.sleep(0.2)
-    return {"f": at["f"], "pseudonym": pseudonym}
+    return {"e": at["e"], "f": at["f"], "pseudonym": pseudonym}
 
 
 def test_a_referral_asks_the_locator_then_only_the_holders(
@@ -208,6 +212,111 @@ def test_ordinary_members_hold_only_the_chains_they_needed(
         age = synced_age(store, "hosp-d")
         store.close()
         assert age is not None and age < 6, (witness, age)
+
+
+def test_the_portal_of_an_ordinary_member_shows_what_other_chains_recorded(
+    group: Consortium, patient: dict[str, Any]
+) -> None:
+    """E holds results, so its patient sees who asked for them. F's question (on F's chain),
+    the registry's lookup and D's decision are on chains E does not hold: its portal records
+    the patient's question on E's chain, asks a witness, and shows them, each with a receipt
+    that verifies; with every witness cut off it shows what E holds and says the rest is
+    missing."""
+    f, e = node(group, "hosp-f"), node(group, "hosp-e")
+    doctor = f.session(f.token("dr-sun", "doctor"))
+    assert (
+        doctor.get(f"{f.fhir}/Patient/{patient['f']}/$prior-results", params=LAB_ONLY).status_code
+        == 200
+    )
+    pseudonym = patient["pseudonym"]
+    (question,) = [  # the newest of F's questions
+        q
+        for q in ChainStore(group.database_url("hosp-f")).entries_about(
+            pseudonym, ["access.requested"]
+        )
+    ][-1:]
+    request_id = question["body"]["request_id"]
+
+    def at_witnesses() -> bool:
+        types = {
+            (x["chain"], x["type"])
+            for x in ChainStore(group.database_url("hosp-b")).entries_about(pseudonym, None)
+            if x["body"].get("request_id") == request_id
+        }
+        return {("hosp-f", "access.requested"), ("hosp-a", "locator.lookup")} <= types and {
+            ("hosp-d", "access.decided"),
+            ("hosp-e", "access.decided"),
+        } <= types
+
+    deadline = time.monotonic() + 20
+    while not at_witnesses():
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    assert "hosp-f" not in chains_held(group, "hosp-e")
+    browser = enroll(e, patient["e"])
+    page = browser.get(f"{e.base}/portal/access")
+    assert page.status_code == 200
+    section = page.text.split(f'id="access-{request_id}"')[1].split("</section>")[0]
+    names = {m: f"医院 {m}" for m in ("hosp-a", "hosp-d", "hosp-e", "hosp-f")}  # the roster's
+    assert names["hosp-f"] in section  # who asked: F's question, on F's chain
+    assert names["hosp-a"] in section and "找到 2 家" in section  # the registry's lookup
+    assert names["hosp-d"] in section and names["hosp-e"] in section  # both decisions
+    assert "history-from" in page.text and "history-missing" not in page.text
+    # the patient's question is on E's own chain, before the witness was asked
+    own = ChainStore(group.database_url("hosp-e")).entries_about(pseudonym, ["history.requested"])
+    assert own and own[-1]["chain"] == "hosp-e"
+    assert own[-1]["body"]["requester_org"] == "hosp-e"
+    # a receipt of F's question, which E does not hold, verifies against the authority's key
+    link = f"/portal/receipts/hosp-f/{question['seq']}"
+    assert f'href="{link}"' in section
+    download = browser.get(f"{e.base}{link}")
+    assert download.status_code == 200, download.text[:300]
+    authority = keys.load_private_key(group.authority_key).public_key()
+    summary = verify_receipt(download.json(), authority)
+    assert (summary.chain, summary.seq, summary.entry_type) == (
+        "hosp-f",
+        question["seq"],
+        "access.requested",
+    )
+    assert browser.get(f"{e.base}/portal/receipts/hosp-f/99999").status_code == 404
+    # every witness cut off: E's own entries, and the page says the others are missing
+    for witness in WITNESSES:
+        group.cut(witness)
+    try:
+        page = browser.get(f"{e.base}/portal/access")
+    finally:
+        for witness in WITNESSES:
+            group.heal(witness)
+    assert page.status_code == 200
+    assert "history-missing" in page.text and "history-from" not in page.text
+    section = page.text.split(f'id="access-{request_id}"')[1].split("</section>")[0]
+    assert names["hosp-e"] in section and names["hosp-a"] not in section
+
+
+def test_a_witness_answers_a_patients_history_only_to_a_recorded_question(
+    group: Consortium, patient: dict[str, Any]
+) -> None:
+    config = load_config(group.members["hosp-e"].directory)
+    store = ChainStore(config.database_url)
+    peers = SignedPeers(store, "hosp-e", keys.load_private_key(config.ed25519_key))
+    body = {"request_id": str(uuid.uuid4()), "patient": patient["pseudonym"]}
+    try:
+        with pytest.raises(PeerUnavailable, match="400"):
+            peers.post("hosp-b", "/peer/patient-history", body)
+        with pytest.raises(PeerUnavailable, match=r"403.*not proven"):
+            peers.post("hosp-b", "/peer/patient-history", {**body, "asked": {}})
+        # a doctor's question is not a patient's
+        (question,) = store.entries_about(patient["pseudonym"], ["access.decided"])[-1:]
+        with pytest.raises(PeerUnavailable, match="403"):
+            peers.post(
+                "hosp-b",
+                "/peer/patient-history",
+                {**body, "asked": entry_proof(store, question["chain"], question["seq"])},
+            )
+        with pytest.raises(PeerUnavailable, match=r"409.*no witness"):
+            peers.post("hosp-d", "/peer/patient-history", {**body, "asked": {}})
+    finally:
+        store.close()
 
 
 def test_with_the_registry_cut_off_every_member_is_asked(

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from exchange.question import MAX_AGE, check_question
+from exchange.question import MAX_AGE, check_history_question, check_question
 from fhir_adapters.errors import Forbidden
 from ledger.model import parse_time
 from ledger.receipt import entry_proof
@@ -75,7 +75,7 @@ def test_a_recorded_question_is_answered(ledger: Ledger) -> None:
 @pytest.mark.parametrize(
     ("changes", "words"),
     [
-        ({"asker": "hosp-c"}, "not of an access.requested entry on the chain of hosp-c"),
+        ({"asker": "hosp-c"}, "not of an entry of type access.requested on the chain of hosp-c"),
         ({"request_id": "req-0002"}, "another request or another patient"),
         ({"patient": "ef" * 32}, "another request or another patient"),
         ({"purpose": "ETREAT"}, "states purpose 'TREAT'"),
@@ -132,4 +132,33 @@ def test_a_proof_signed_by_another_key_is_refused(ledger: Ledger, tmp_path: Path
     finally:
         other.store.close()
     with pytest.raises(Forbidden, match="not proven to be on hosp-b's chain"):
+        check(ledger, proof)
+
+
+def check_history(ledger: Ledger, proof: Any, **changes: Any) -> dict[str, Any]:
+    roster = ledger.store.roster()
+    arguments: dict[str, Any] = {
+        "asker": "hosp-b",
+        "request_id": "req-0001",
+        "patient": PATIENT,
+        "roster_of": lambda version: roster,
+        "now": parse_time(proof["entry"]["time"]) + timedelta(seconds=1),
+        **changes,
+    }
+    return check_history_question(proof, **arguments)
+
+
+def test_a_patients_own_question_is_proven_by_its_history_entry(ledger: Ledger) -> None:
+    proof = asked(ledger, "history.requested")
+    assert check_history(ledger, proof)["type"] == "history.requested"
+    with pytest.raises(Forbidden, match="another request or another patient"):
+        check_history(ledger, proof, patient="ef" * 32)
+    with pytest.raises(Forbidden, match="on the chain of hosp-c"):
+        check_history(ledger, proof, asker="hosp-c")
+    with pytest.raises(Forbidden, match="record it again"):
+        check_history(ledger, proof, now=parse_time(proof["entry"]["time"]) + MAX_AGE * 2)
+    # a doctor's question is no patient's, nor the other way round
+    with pytest.raises(Forbidden, match="not of an entry of type history.requested"):
+        check_history(ledger, asked(ledger))
+    with pytest.raises(Forbidden, match="not of an entry of type access.requested"):
         check(ledger, proof)

@@ -12,7 +12,7 @@ from ledger import keys
 from ledger.canonical import canonical_bytes
 from ledger.checkpoint import make_certificate, make_checkpoint, sign
 from ledger.errors import VerificationError
-from ledger.receipt import make_receipt, verify_receipt
+from ledger.receipt import entry_proof, make_receipt, receipt_of_proof, verify_receipt
 from ledger.store import ChainWriter
 from tests.helpers.ledgers import BLS_KEY, Ledger
 
@@ -55,6 +55,19 @@ def test_a_certified_receipt_proves_to_the_certified_tree(ledger_db: Ledger) -> 
     later = make_receipt(ledger_db.store, "hosp-a", 5)
     assert later["certificate"] is None and later["inclusion"]["tree_size"] == 7
     verify_receipt(later, ledger_db.authority.public_key())
+
+
+def test_a_receipt_from_another_members_proof(ledger_db: Ledger) -> None:
+    """A member that does not hold the chain builds a receipt from the proof a witness sent
+    (spec §15.6): its own roster, no certificate; it verifies like one made from the chain."""
+    _fill(ledger_db, 5)
+    receipt = receipt_of_proof(ledger_db.store, entry_proof(ledger_db.store, "hosp-a", 1))
+    assert receipt["certificate"] is None and [
+        r["roster"]["version"] for r in receipt["rosters"]
+    ] == [1]
+    summary = verify_receipt(receipt, ledger_db.authority.public_key())
+    assert (summary.chain, summary.seq, summary.tree_size, summary.epoch) == ("hosp-a", 1, 5, None)
+    assert receipt == make_receipt(ledger_db.store, "hosp-a", 1)
 
 
 def _tamper(receipt: dict[str, Any], path: str, value: Any) -> dict[str, Any]:

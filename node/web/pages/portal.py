@@ -22,6 +22,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -52,8 +53,10 @@ from fhir_adapters.store import Stored
 from fhir_adapters.store.search import Access, parse_search
 from ledger.canonical import canonical_bytes
 from ledger.errors import LedgerError
-from ledger.receipt import make_receipt
 from node.base.errors import UserError
+from node.flows import patient_history
+from node.flows.patient_history import ACCESS_TYPES
+from node.flows.prior_results import rules
 from node.identity.sessions import Session, redeem_enrollment
 from node.identity.tokens import Principal
 from node.identity.users import SignIn, User
@@ -72,7 +75,6 @@ bp = Blueprint(
 
 WEB = BrowserSessions("portal", "/portal", ("patient",))
 LANGUAGE_COOKIE = "hrx_lang"
-ACCESS_TYPES = ("access.requested", "access.decided", "emergency.access", "locator.lookup")
 STYLE = (Path(__file__).with_name("static") / "portal.css").read_bytes()  # read once
 DATE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
 
@@ -116,6 +118,19 @@ def security_headers(response: Response) -> Response:
 def portal_error(exc: HTTPException) -> ResponseReturnValue:
     message = t("not_found") if exc.code == 404 else (exc.description or exc.name)
     return render_template("portal/error.html", message=message), exc.code or 500
+
+
+@bp.app_template_filter("local_time")
+def local_time(moment: str) -> str:
+    """A ledger time or FHIR instant as the consortium's local time, to the second
+    (``2026-11-22 16:00:00``); anything else as it is."""
+    try:
+        parsed = datetime.fromisoformat(moment.replace("Z", "+00:00"))
+    except (TypeError, ValueError):
+        return str(moment)
+    if parsed.tzinfo is None:
+        return str(moment)
+    return parsed.astimezone(rules(services()).zone).strftime("%Y-%m-%d %H:%M:%S")
 
 
 @bp.app_context_processor
@@ -478,10 +493,12 @@ class LedgerAccess:
     entries: list[dict[str, Any]]  # every entry about it (for receipts)
 
 
-def ledger_accesses(pseudonym: str) -> list[LedgerAccess]:
-    entries = services().chain_store.entries_about(pseudonym, ACCESS_TYPES)
+def ledger_accesses(entries: list[dict[str, Any]]) -> list[LedgerAccess]:
+    """The entries of a patient's history grouped by request, newest first."""
     by_request: dict[str, LedgerAccess] = {}
     for entry in entries:
+        if entry["type"] not in ACCESS_TYPES:
+            continue
         body = entry["body"]
         request_id = str(body.get("request_id"))
         access = by_request.get(request_id)
@@ -559,9 +576,12 @@ def local_reads(session: Session) -> list[LocalRead]:
 @signed_in
 def access(session: Session) -> ResponseReturnValue:
     pseudonym = my_pseudonym(session)
+    found = patient_history.history(services(), pseudonym) if pseudonym else None
     return render_template(
         "portal/access.html",
-        accesses=ledger_accesses(pseudonym) if pseudonym else [],
+        accesses=ledger_accesses(found.entries) if found else [],
+        witness=found.witness if found else None,
+        missing=found.missing if found else None,
         reads=local_reads(session),
         members=member_names(),
     )
@@ -577,15 +597,9 @@ def receipt(session: Session, chain: str, seq: int) -> ResponseReturnValue:
     pseudonym = my_pseudonym(session)
     if pseudonym is None:
         abort(404)
-    mine = {
-        (e["chain"], e["seq"])
-        for e in services().chain_store.entries_about(pseudonym, (*CONSENT_TYPES, *ACCESS_TYPES))
-    }
-    if (chain, seq) not in mine:
-        abort(404)
     try:
-        document = make_receipt(services().chain_store, chain, seq)
-    except LedgerError:
+        document = patient_history.receipt(services(), pseudonym, chain, seq)
+    except LookupError:
         abort(404)
     response = Response(canonical_bytes(document), mimetype="application/json")
     response.headers["Content-Disposition"] = (

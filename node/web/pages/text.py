@@ -120,6 +120,20 @@ TEXT: dict[str, dict[str, str]] = {
         "zh": "查询了哪些机构存有您的记录，找到 {n} 家",
         "en": "looked up which members hold your records: {n} found",
     },
+    "history_from": {
+        "zh": "其他医院的记录由 {witness} 提供；每次打开本页，本院都会把这次查询记入医联体账本。",
+        "en": "What other hospitals recorded comes from {witness}; each time this page opens, "
+        "this hospital records the question on the consortium ledger.",
+    },
+    "history_missing": {
+        "zh": "暂时无法取得其他医院记录的调阅，下面只列出本院账本上的记录。请稍后再试。",
+        "en": "What other hospitals recorded cannot be fetched now; only this hospital's ledger "
+        "is shown below. Please try again later.",
+    },
+    "history_partial": {
+        "zh": "记录较多，只列出最近的部分。",
+        "en": "There are many entries: only the most recent are shown.",
+    },
     "action_R": {"zh": "查看", "en": "read"},
     "action_C": {"zh": "新建", "en": "created"},
     "action_U": {"zh": "修改", "en": "changed"},
