@@ -17,7 +17,7 @@ import hashlib
 import logging
 import re
 import uuid
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -282,6 +282,8 @@ class ResourceStore:
                     "includes": [str(i) for i in request.includes],
                     "revincludes": [str(i) for i in request.revincludes],
                     "total": request.total,
+                    "summary": request.subsetting.summary,
+                    "elements": request.subsetting.elements,
                 },
             )
 
@@ -370,13 +372,17 @@ class ResourceStore:
         *,
         since: int | None = None,
         count: int = DEFAULT_COUNT,
+        types: Sequence[str] = (),
     ) -> Matches:
-        """Versions newest first: of one resource, or of every resource of a type."""
+        """Versions newest first: of one resource, of every resource of a type, or (no type)
+        of every resource of ``types``."""
         V = tables.versions
         conditions: list[Any] = []
         if resource_type is not None:
             check_type(resource_type)
             conditions.append(V.c.type == resource_type)
+        else:
+            conditions.append(V.c.type.in_([check_type(t) for t in types]))
         if resource_id is not None:
             assert resource_type is not None
             current = self.current(resource_type, resource_id)  # NotFound when unknown

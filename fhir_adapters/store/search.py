@@ -41,6 +41,7 @@ from fhir_adapters.store.search_params import (
     normalise_string,
     parse_reference,
 )
+from fhir_adapters.store.subsetting import Subsetting, parse_subsetting
 
 DEFAULT_COUNT = 20
 MAX_COUNT = 1000
@@ -53,7 +54,7 @@ SEARCH_LIMITS = (
 )
 SEARCH_SET_SECONDS = 3600  # how long a next link stays valid
 SEARCH_SETS_PER_OWNER = 50  # the newest kept per caller; older ones' links expire early
-RESULT_PARAMS = {"_count", "_sort", "_total", "_include", "_revinclude", "_summary"}
+RESULT_PARAMS = {"_count", "_sort", "_total", "_include", "_revinclude", "_summary", "_elements"}
 FORMAT_PARAMS = {"_format", "_pretty"}
 DATE_PREFIXES = ("eq", "ne", "gt", "lt", "ge", "le", "sa", "eb")
 _PAIR = struct.Struct(">qi")
@@ -90,6 +91,7 @@ class SearchRequest:
     includes: list[Include] = field(default_factory=list)
     revincludes: list[Include] = field(default_factory=list)
     ignored: list[str] = field(default_factory=list)  # lenient handling: what was dropped
+    subsetting: Subsetting = field(default_factory=Subsetting)  # _summary, _elements
 
     def query_string(self) -> str:
         """The parameters this search used, for its ``self`` link (what was ignored is not)."""
@@ -103,6 +105,7 @@ class SearchRequest:
         parts.extend(f"_revinclude={_quote(str(i))}" for i in self.revincludes)
         if self.total != "accurate":
             parts.append(f"_total={self.total}")
+        parts.extend(self.subsetting.query())
         parts.append(f"_count={self.count}")
         return "&".join(parts)
 
@@ -182,6 +185,8 @@ def parse_search(
             raise InvalidRequest(message + " (or send Prefer: handling=lenient to ignore it)")
         request.ignored.append(name)
 
+    summaries: list[str] = []
+    elements: list[str] = []
     for raw_name, raw_value in query:
         name, _, modifier = raw_name.partition(":")
         if name in FORMAT_PARAMS:
@@ -192,10 +197,9 @@ def parse_search(
             if raw_value not in ("none", "estimate", "accurate"):
                 raise InvalidRequest("_total must be none, estimate or accurate")
             request.total = raw_value
-        elif name == "_summary":
-            if raw_value != "count":
-                refuse(f"_summary={raw_value} is not supported (only _summary=count)", raw_name)
-            else:
+        elif name in ("_summary", "_elements"):
+            (summaries if name == "_summary" else elements).append(raw_value)
+            if raw_value == "count" and name == "_summary":
                 request.count = 0
         elif name == "_sort":
             for key in split_values(raw_value):
@@ -236,6 +240,12 @@ def parse_search(
                 f"unknown search parameter {name!r} for {resource_type}; supported: {known}",
                 raw_name,
             )
+    try:
+        request.subsetting = parse_subsetting(
+            (resource_type,) if resource_type else RESOURCE_TYPES, summaries, elements
+        )
+    except InvalidRequest as exc:
+        refuse(str(exc), "_elements" if elements else "_summary")
     return request
 
 
@@ -376,6 +386,8 @@ def criterion_clause(
     """The SQL condition on ``fhir_resources`` (aliased as ``R``) for one criterion: as the
     set of matching rows (``driver``), or as a check of one candidate row."""
     name, modifier, values = criterion.name, criterion.modifier, criterion.values
+    if name in ("_id", "_lastUpdated") and modifier == "missing":  # every resource has both
+        return sa.false() if values[0] == "true" else sa.true()
     if name == "_id":
         clause = R.c.id.in_(values)
         return sa.not_(clause) if modifier == "not" else clause

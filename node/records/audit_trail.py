@@ -40,6 +40,7 @@ ACTIONS = {
     "vread": "R",
     "history-instance": "R",
     "history-type": "R",
+    "history-system": "R",
     "search-type": "E",
     "operation": "E",
     "create": "C",

@@ -68,6 +68,7 @@ def create_app(directory: str | Path) -> Flask:
 
     app.register_blueprint(health.bp)
     app.register_blueprint(auth_api.bp)
+    app.register_blueprint(auth_api.discovery)
     app.register_blueprint(rest.bp)
     app.register_blueprint(ledger_api.bp)
     app.register_blueprint(peer_api.bp)

@@ -1,6 +1,8 @@
 """``POST /auth/token``: a token for a username and password (OAuth 2.0 password grant,
-form-encoded), for clients that cannot run ``hrx token issue``; and the password sign-in the
-node's pages share (:func:`password_sign_in`).
+form-encoded), for clients that cannot run ``hrx token issue``; the password sign-in the
+node's pages share (:func:`password_sign_in`); and SMART discovery,
+``.well-known/smart-configuration`` under the FHIR base and at the root, saying what the token
+endpoint does (:func:`node.web.fhir.capability.smart_configuration`).
 
 Every wrong password, unknown or disabled account gets the same answer (401 here); attempts
 beyond the throttles of :mod:`node.identity.users` are refused unchecked, with 429 and
@@ -20,9 +22,19 @@ from flask.typing import ResponseReturnValue
 from node.base.errors import UserError
 from node.identity.users import ROLES, SignIn, User, sign_in
 from node.records.audit_trail import AuditRecord
+from node.web.fhir import capability
 
 log = logging.getLogger(__name__)
 bp = Blueprint("auth", __name__, url_prefix="/auth")
+discovery = Blueprint("smart", __name__)
+
+
+@discovery.get("/.well-known/smart-configuration")
+@discovery.get("/fhir/.well-known/smart-configuration")
+def smart_configuration() -> ResponseReturnValue:
+    response = jsonify(capability.smart_configuration(current_app.extensions["hrx"].config))
+    response.headers["Cache-Control"] = "max-age=3600"
+    return response
 
 
 def password_sign_in(

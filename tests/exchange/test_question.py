@@ -158,7 +158,7 @@ def test_a_patients_own_question_is_proven_by_its_history_entry(ledger: Ledger) 
     with pytest.raises(Forbidden, match="record it again"):
         check_history(ledger, proof, now=parse_time(proof["entry"]["time"]) + MAX_AGE * 2)
     # a doctor's question is no patient's, nor the other way round
-    with pytest.raises(Forbidden, match="not of an entry of type history.requested"):
+    with pytest.raises(Forbidden, match=r"not of an entry of type history\.requested"):
         check_history(ledger, asked(ledger))
-    with pytest.raises(Forbidden, match="not of an entry of type access.requested"):
+    with pytest.raises(Forbidden, match=r"not of an entry of type access\.requested"):
         check(ledger, proof)

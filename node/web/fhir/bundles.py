@@ -44,6 +44,8 @@ class FhirApi(Protocol):
         self, req: FhirRequest, writer: Writer, resource_type: str, condition: str
     ) -> Stored | None: ...
 
+    def written(self, req: FhirRequest, stored: Stored, status: int) -> FhirResponse: ...
+
 
 ORDER = {"DELETE": 0, "POST": 1, "PUT": 2, "GET": 3}
 
@@ -142,7 +144,7 @@ def _dispatch(api: FhirApi, req: FhirRequest, entry: dict[str, Any]) -> dict[str
     base_path = urlsplit(api.svc.config.fhir_base).path
     if path.startswith(base_path + "/"):
         path = path[len(base_path) :]
-    headers = {"prefer": "return=representation"}
+    headers = {"prefer": f"return={req.prefer('return', 'representation')}"}
     for name, header in (
         ("ifMatch", "if-match"),
         ("ifNoneExist", "if-none-exist"),
@@ -182,7 +184,7 @@ def _answered(answer: FhirResponse) -> dict[str, Any]:
     body = answer.body
     if body:
         parsed = body if isinstance(body, dict) else jsonio.parse(body)
-        if answer.status >= 400:
+        if answer.status >= 400 or parsed.get("resourceType") == "OperationOutcome":
             result["response"]["outcome"] = parsed
         else:
             result["resource"] = parsed
@@ -293,11 +295,11 @@ def _transaction(api: FhirApi, req: FhirRequest, entries: list[dict[str, Any]]) 
                 if method == "POST":
                     existing = existing_of.get(index)
                     if existing is not None:
-                        results[index] = _written(api, existing, 200)
+                        results[index] = _written(api, req, existing, 200)
                         written.append(existing)  # shown to the caller: in the audit record
                         continue
                     stored = writer.create(resource, resource_type, resource_id=resource_id)
-                    results[index] = _written(api, stored, 201)
+                    results[index] = _written(api, req, stored, 201)
                 else:
                     assert resource_id is not None
                     stored, created = writer.update(
@@ -305,7 +307,7 @@ def _transaction(api: FhirApi, req: FhirRequest, entries: list[dict[str, Any]]) 
                     )
                     if created:
                         api.permit(req, resource_type, "c", "transaction")
-                    results[index] = _written(api, stored, 201 if created else 200)
+                    results[index] = _written(api, req, stored, 201 if created else 200)
                 written.append(stored)
             except FhirError as exc:
                 raise _fail(index, exc) from None
@@ -325,14 +327,12 @@ def _transaction(api: FhirApi, req: FhirRequest, entries: list[dict[str, Any]]) 
     }
 
 
-def _written(api: FhirApi, stored: Stored, status: int) -> dict[str, Any]:
-    return {
-        "fullUrl": f"{api.svc.config.fhir_base}/{stored.type}/{stored.id}",
-        "resource": jsonio.parse(stored.body or b"{}"),
-        "response": {
-            "status": FhirResponse(status).status_line,
-            "location": stored.location,
-            "etag": stored.etag,
-            "lastModified": format_instant(stored.last_updated),
-        },
-    }
+def _written(api: FhirApi, req: FhirRequest, stored: Stored, status: int) -> dict[str, Any]:
+    """A transaction's response entry for a write, holding what ``Prefer: return=`` asks
+    for as a write sent alone would (:meth:`FhirApi.written`): the resource (the default),
+    nothing, or an OperationOutcome in ``response.outcome``."""
+    answer = _answered(api.written(req, stored, status))
+    answer["response"].update(
+        location=stored.location, lastModified=format_instant(stored.last_updated)
+    )
+    return {"fullUrl": f"{api.svc.config.fhir_base}/{stored.type}/{stored.id}", **answer}

@@ -15,6 +15,8 @@ from node.base.config import NodeConfig
 from node.web.fhir.limits import MAX_BODY_BYTES, MAX_ENTRIES
 
 PARAM_DEFINITIONS = "http://hl7.org/fhir/SearchParameter/"
+OAUTH_URIS = "http://fhir-registry.smarthealthit.org/StructureDefinition/oauth-uris"
+SCOPES_SUPPORTED = ["patient/*.rs", "user/*.cruds", "system/*.cruds", "patient/*.read", "user/*.*"]
 COMMON_PARAMS = [
     {"name": "_id", "type": "token", "definition": PARAM_DEFINITIONS + "Resource-id"},
     {
@@ -85,6 +87,25 @@ def limits() -> str:
     )
 
 
+def token_endpoint(config: NodeConfig) -> str:
+    return config.url.rstrip("/") + "/auth/token"
+
+
+def smart_configuration(config: NodeConfig) -> dict[str, Any]:
+    """``.well-known/smart-configuration`` (SMART App Launch 2.x), saying what the token
+    endpoint really does: the password grant with SMART v2 scopes; no authorization endpoint,
+    so no app launch and no PKCE."""
+    return {
+        "token_endpoint": token_endpoint(config),
+        "grant_types_supported": ["password"],
+        "token_endpoint_auth_methods_supported": ["none"],
+        "scopes_supported": SCOPES_SUPPORTED,
+        "response_types_supported": [],
+        "code_challenge_methods_supported": [],
+        "capabilities": ["permission-v1", "permission-v2", "permission-patient", "permission-user"],
+    }
+
+
 def capability_statement(config: NodeConfig) -> dict[str, Any]:
     return {
         "resourceType": "CapabilityStatement",
@@ -100,19 +121,29 @@ def capability_statement(config: NodeConfig) -> dict[str, Any]:
             {
                 "mode": "server",
                 "security": {
+                    "extension": [
+                        {
+                            "url": OAUTH_URIS,
+                            "extension": [
+                                {"url": "token", "valueUri": token_endpoint(config)},
+                            ],
+                        }
+                    ],
                     "service": [
                         {
                             "coding": [
                                 {
                                     "system": "http://terminology.hl7.org/CodeSystem/"
                                     "restful-security-service",
-                                    "code": "SMART-on-FHIR",
+                                    "code": "OAuth",
                                 }
                             ]
                         }
                     ],
                     "description": "Bearer tokens (EdDSA JWT) with SMART v2 scopes, issued by "
-                    "this node: hrx token issue, or POST /auth/token.",
+                    "this node: hrx token issue, or POST /auth/token (OAuth 2.0 password "
+                    "grant). No SMART app launch: there is no authorization endpoint "
+                    "(.well-known/smart-configuration says the same).",
                 },
                 "documentation": limits(),
                 "resource": [_resource(t) for t in RESOURCE_TYPES],

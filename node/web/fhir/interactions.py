@@ -13,7 +13,7 @@ resources go out as the bytes they were stored as.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from email.utils import parsedate_to_datetime
 from typing import Any
 from urllib.parse import parse_qsl, quote
@@ -47,6 +47,7 @@ from fhir_adapters.store.search import (
     whole_number,
 )
 from fhir_adapters.store.search_params import date_range, index_values
+from fhir_adapters.store.subsetting import Subsetting, parse_subsetting
 from node.flows import orders
 from node.flows.permissions import permit
 from node.flows.prior_results import CATEGORIES, fetch_prior_results
@@ -87,6 +88,10 @@ class FhirApi:
             return (handler, []) if handler else None
         if n == 1 and s[0] == "metadata":
             return (self.metadata, []) if method == "GET" else None
+        if n == 1 and s[0] == "_history":
+            return (self.history_system, []) if method == "GET" else None
+        if n == 2 and s == ["Patient", "$everything"] and method in ("GET", "POST"):
+            return self.everything_of_type, []
         operation = self._operations.get((method, s[0], n, s[-1]))
         if operation is not None:
             return operation, s[1:-1]
@@ -203,9 +208,12 @@ class FhirApi:
         self._visible(stored, access)  # before telling deleted from unknown: that too is private
         if stored.deleted:
             raise Gone(f"{resource_type}/{resource_id} was deleted")
+        subsetting = _subsetting(req, resource_type)
         unchanged = self._not_modified(req, stored)
         self.svc.audit.reads(req.caller, "read", [stored])
-        return unchanged or self._respond(200, stored.body, self.version_headers(stored))
+        return unchanged or self._respond(
+            200, _body(stored, subsetting), self.version_headers(stored)
+        )
 
     def vread(
         self, req: FhirRequest, resource_type: str, resource_id: str, version: str
@@ -228,7 +236,9 @@ class FhirApi:
             # to a patient, every way of not seeing it looks the same
             raise NotFound(f"{resource_type}/{resource_id} is not known") from None
         self.svc.audit.reads(req.caller, "vread", [stored])
-        return self._respond(200, stored.body, self.version_headers(stored))
+        return self._respond(
+            200, _body(stored, _subsetting(req, resource_type)), self.version_headers(stored)
+        )
 
     def update(self, req: FhirRequest, resource_type: str, resource_id: str) -> FhirResponse:
         check_type(resource_type)
@@ -373,6 +383,7 @@ class FhirApi:
         *,
         query: str,
         kind: str = "search",
+        interaction: str | None = None,
     ) -> FhirResponse:
         svc = self.svc
         items = svc.store.versions_of(matches.pairs)
@@ -408,16 +419,22 @@ class FhirApi:
         bundle_head["link"] = links
         entries: list[bytes] = []
         base = svc.config.fhir_base
+        asked = matches.request
+        elements = asked.get("elements")
+        subsetting = Subsetting(asked.get("summary"), tuple(elements) if elements else None)
         for stored in items:
-            entries.append(_entry(base, stored, "match" if kind != "history" else None))
-        for stored in included:
-            entries.append(_entry(base, stored, "include"))
+            entries.append(_entry(base, stored, "match" if kind != "history" else None, subsetting))
+        for stored in included:  # _elements names elements of the matches' type only
+            entries.append(_entry(base, stored, "include", Subsetting(subsetting.summary)))
         if issues:
             outcome = jsonio.dump(operation_outcome(issues))
             entries.append(b'{"resource":' + outcome + b',"search":{"mode":"outcome"}}')
         svc.audit.reads(
             req.caller,
-            {"search": "search-type", "history": "history-type", "everything": "operation"}[kind],
+            interaction
+            or {"search": "search-type", "history": "history-type", "everything": "operation"}[
+                kind
+            ],
             items + included,
             query,
         )
@@ -469,6 +486,14 @@ class FhirApi:
         access = self.permit(req, resource_type, "r", "history-type")
         return self._history(req, resource_type, None, access)
 
+    def history_system(self, req: FhirRequest) -> FhirResponse:
+        """``GET /_history``: the versions of every type the caller may read (a patient: only
+        those in their compartments), newest first."""
+        req.principal  # noqa: B018  # 401 first, without a token
+        types = [t for t in RESOURCE_TYPES if req.principal.allows(t, "r")]
+        access = self.permit(req, types[0] if types else "Patient", "r", "history-system")
+        return self._history(req, None, None, access, types)
+
     def history_instance(
         self, req: FhirRequest, resource_type: str, resource_id: str
     ) -> FhirResponse:
@@ -479,7 +504,12 @@ class FhirApi:
         return self._history(req, resource_type, resource_id, access)
 
     def _history(
-        self, req: FhirRequest, resource_type: str, resource_id: str | None, access: Access
+        self,
+        req: FhirRequest,
+        resource_type: str | None,
+        resource_id: str | None,
+        access: Access,
+        types: Sequence[str] = (),
     ) -> FhirResponse:
         since = None
         count = DEFAULT_COUNT
@@ -494,18 +524,43 @@ class FhirApi:
             elif name not in ("_format", "_pretty"):
                 raise InvalidRequest(f"history takes _since and _count, not {name!r}")
         matches = self.svc.store.history(
-            resource_type, resource_id, access, req.principal.owner, since=since, count=count
+            resource_type,
+            resource_id,
+            access,
+            req.principal.owner,
+            since=since,
+            count=count,
+            types=types,
         )
         if resource_id is not None and not matches.total and access.patients is not None:
             raise NotFound(f"{resource_type}/{resource_id} is not known")
-        path = f"{resource_type}/{resource_id}" if resource_id else resource_type
-        path += "/_history"
+        path = "/".join(p for p in (resource_type, resource_id, "_history") if p)
         self_link = f"{self.svc.config.fhir_base}/{path}"
         if req.raw_query:
             self_link += "?" + req.raw_query
-        return self._searchset(req, matches, access, self_link, query=path, kind="history")
+        return self._searchset(
+            req,
+            matches,
+            access,
+            self_link,
+            query=path,
+            kind="history",
+            interaction=None if resource_type else "history-system",
+        )
 
     # -- operations ----------------------------------------------------------------------------
+
+    def everything_of_type(self, req: FhirRequest) -> FhirResponse:
+        """``Patient/$everything`` without an id: a patient's own record, for a patient's
+        token holding one patient; everyone else names the patient."""
+        access = self.permit(req, "Patient", "r", "operation")
+        if access.patients is not None and len(access.patients) == 1:
+            (patient_id,) = access.patients
+            return self.everything(req, patient_id)
+        raise InvalidRequest(
+            "Patient/$everything needs a patient: ask Patient/{id}/$everything (only a "
+            "patient's own token may leave the id out)"
+        )
 
     def everything(self, req: FhirRequest, patient_id: str) -> FhirResponse:
         access = self.permit(req, "Patient", "r", "operation")
@@ -643,9 +698,11 @@ ROUTES = {  # each interaction's pattern, as the logs and metrics name it
     "create": "/fhir/<resource_type>",
     "search_get": "/fhir/<resource_type>",
     "search_post": "/fhir/<resource_type>/_search",
+    "history_system": "/fhir/_history",
     "history_type": "/fhir/<resource_type>/_history",
     "history_instance": "/fhir/<resource_type>/<resource_id>/_history",
     "everything": "/fhir/Patient/<patient_id>/$everything",
+    "everything_of_type": "/fhir/Patient/$everything",
     "prior_results": "/fhir/Patient/<patient_id>/$prior-results",
     "check_recognition": "/fhir/ServiceRequest/$check-recognition",
     "accept_recognised": "/fhir/ServiceRequest/<order_id>/$accept-recognised",
@@ -665,15 +722,37 @@ def _parameter(body: Any, name: str) -> str | None:
     return None
 
 
-def _entry(base: str, stored: Stored, mode: str | None) -> bytes:
-    """One searchset (``mode``) or history (None) entry, with the stored bytes as they are."""
+def _subsetting(req: FhirRequest, resource_type: str) -> Subsetting:
+    """What ``_summary`` / ``_elements`` of a read ask for (400 for what cannot be)."""
+    return parse_subsetting(
+        (resource_type,),
+        [v for n, v in req.query if n == "_summary"],
+        [v for n, v in req.query if n == "_elements"],
+    )
+
+
+def _body(stored: Stored, subsetting: Subsetting) -> bytes | dict[str, Any] | None:
+    """The stored bytes as they are, or the part of the resource asked for."""
+    if stored.body is None:
+        return None
+    subset = subsetting.apply(stored.resource())
+    return stored.body if subset is None else subset
+
+
+def _entry(
+    base: str, stored: Stored, mode: str | None, subsetting: Subsetting | None = None
+) -> bytes:
+    """One searchset (``mode``) or history (None) entry, with the stored bytes as they are
+    (or the part ``subsetting`` asks for)."""
     url = jsonio.dump(f"{base}/{stored.type}/{stored.id}")
+    body = _body(stored, subsetting or Subsetting())
+    resource = jsonio.dump(body) if isinstance(body, dict) else body
     if mode is not None:
         return (
             b'{"fullUrl":'
             + url
             + b',"resource":'
-            + (stored.body or b"{}")
+            + (resource or b"{}")
             + b',"search":{"mode":"'
             + mode.encode()
             + b'"}}'
@@ -691,8 +770,8 @@ def _entry(base: str, stored: Stored, mode: str | None) -> bytes:
         "lastModified": format_instant(stored.last_updated),
     }
     parts = [b'{"fullUrl":' + url]
-    if stored.body is not None:
-        parts.append(b',"resource":' + stored.body)
+    if resource is not None:
+        parts.append(b',"resource":' + resource)
     parts.append(b',"request":' + jsonio.dump(request_part))
     parts.append(b',"response":' + jsonio.dump(response_part) + b"}")
     return b"".join(parts)

@@ -75,6 +75,8 @@ def respond(
     response = Response(body if body is not None else b"", status=status)
     if body is not None:
         response.headers["Content-Type"] = FHIR_JSON
+    else:  # nothing to describe (Prefer: return=minimal, 204, 304)
+        del response.headers["Content-Type"]
     for name, value in (headers or {}).items():
         response.headers[name] = value
     return response
