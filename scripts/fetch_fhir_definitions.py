@@ -26,6 +26,7 @@ import base64
 import hashlib
 import io
 import json
+import re
 import sys
 import tarfile
 import urllib.request
@@ -169,7 +170,8 @@ and writes the same files again (the output depends only on the tarball's bytes)
 SearchParameter resources (url under `{official}`, version {fhir}), {count} of them, slimmed \
 to url, code, base, type, expression, target, multipleOr, multipleAnd, comparator, modifier, \
 chain, component (definition and expression) and xpathUsage, sorted by url |
-| `compartmentdefinition-patient.json` | `compartmentdefinition-patient.json`, unchanged |
+| `compartmentdefinition-patient.json` | `compartmentdefinition-patient.json`, with R4's own \
+rows for Encounter (by `patient`) and Task (not in the compartment) put back |
 | `resource-types.json` | `profiles-resources.json`: the {types} concrete FHIR {fhir} \
 resource types (StructureDefinitions of kind resource, derivation specialization, not \
 abstract), each with the type it specializes |
@@ -180,15 +182,33 @@ The FHIR definitions themselves are HL7's: the FHIR specification is © HL7 and 
 under Creative Commons "No Rights Reserved" (CC0). HL7®, FHIR® and the FHIR flame are \
 trademarks of Health Level Seven International. These files are a derivative of the FHIR R4 \
 ({fhir}) definitions, not the specification itself: Medplum's package carries its own fixes \
-to some FHIRPath expressions (for example `ofType(X)` where R4 writes `as X`) and two rows \
-of the Patient compartment's params (Encounter by `subject` where R4 says `patient`; Task, by \
-`patient` and `focus`, where R4 leaves it out; the narrative is still R4's), and this project \
-keeps only part of each resource. Left out of the package's files: one SearchParameter of an \
-R5 snapshot (DeviceDefinition-classification) and the R4B resource type SubscriptionStatus.
+to some FHIRPath expressions (for example `ofType(X)` where R4 writes `as X`) and changes \
+two rows of the Patient compartment's params (Encounter by `subject` where R4 says `patient`; \
+Task, by `patient` and `focus`, where R4 leaves it out), which this project puts back as R4 \
+has them; and this project keeps only part of each resource. Left out of the package's \
+files: one SearchParameter of an R5 snapshot (DeviceDefinition-classification) and the R4B \
+resource type SubscriptionStatus.
 
 The package `{package}` is © Medplum, licensed under the Apache License 2.0: its licence is \
 `LICENSE-medplum.txt`.
 """
+
+
+R4_COMPARTMENT_ROWS = {"Encounter": ["patient"], "Task": None}  # None: not in it
+
+
+def r4_compartment(data: bytes) -> bytes:
+    """The package's Patient CompartmentDefinition with the rows it changed put back as R4
+    (4.0.1) has them; every other byte as it is."""
+    text = data.decode("utf-8")
+    for code, params in R4_COMPARTMENT_ROWS.items():
+        changed = re.search(r'\{\s*"code"\s*:\s*"' + code + r'"[^{}]*\}', text)
+        if changed is None:
+            raise SystemExit(f"the compartment definition has no row for {code}")
+        row = {"code": code, **({"param": params} if params else {})}
+        text = text[: changed.start()] + json.dumps(row) + text[changed.end() :]
+    json.loads(text)  # still JSON
+    return text.encode("utf-8")
 
 
 def write(out: Path, files: dict[str, bytes]) -> None:
@@ -207,7 +227,9 @@ def write(out: Path, files: dict[str, bytes]) -> None:
     )
     outputs = {
         "search-parameters.json": lines_json(parameters),
-        "compartmentdefinition-patient.json": files[R4 + "compartmentdefinition-patient.json"],
+        "compartmentdefinition-patient.json": r4_compartment(
+            files[R4 + "compartmentdefinition-patient.json"]
+        ),
         "resource-types.json": mapping_json(types),
         "LICENSE-medplum.txt": files["package/LICENSE.txt"],
         "NOTICE.md": notice.encode(),

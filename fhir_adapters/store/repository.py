@@ -595,6 +595,78 @@ class _IndexBatch:
     links: list[dict[str, Any]] = field(default_factory=list)
     compartment: list[dict[str, Any]] = field(default_factory=list)
 
+    def add(self, res_pk: int, resource_type: str, rows: IndexRows) -> None:
+        """A resource's index rows, as rows of the tables."""
+        base = {"res_pk": res_pk, "type": resource_type}
+        self.tokens.extend(
+            {**base, "param": p, "system": sy[:255], "code": c[:255]} for p, sy, c in rows.tokens
+        )
+        self.strings.extend({**base, "param": p, "value": v[:255]} for p, v in rows.strings)
+        self.references.extend(
+            {**base, "param": p, "target_type": t, "target_id": i} for p, t, i in rows.references
+        )
+        self.dates.extend({**base, "param": p, "low": lo, "high": hi} for p, lo, hi in rows.dates)
+        self.links.extend(
+            {"res_pk": res_pk, "target_type": t, "target_id": i} for t, i in rows.links
+        )
+        self.compartment.extend(
+            {"res_pk": res_pk, "patient_id": p} for p in sorted(rows.compartment)
+        )
+
+    def insert(self, conn: Connection) -> None:
+        for table, rows in (
+            (tables.tokens, self.tokens),
+            (tables.strings, self.strings),
+            (tables.references, self.references),
+            (tables.dates, self.dates),
+            (tables.links, self.links),
+            (tables.compartment, self.compartment),
+        ):
+            if rows:
+                conn.execute(table.insert(), rows)
+
+
+REINDEX_BATCH = 500  # resources indexed again per transaction
+
+
+def rebuild_index(
+    write_engine: Engine, base_url: str, progress: Callable[[int, int], None] | None = None
+) -> int:
+    """Index every current resource again by today's search parameters (after an upgrade
+    that changed them), ``REINDEX_BATCH`` resources per transaction so that a large store
+    neither holds one long transaction nor starts over after an interruption more than one
+    batch back; ``progress(done, total)`` after each batch. Returns how many were indexed."""
+    R, V = tables.resources, tables.versions
+    with write_engine.connect() as conn:
+        total = conn.execute(
+            sa.select(sa.func.count()).select_from(R).where(R.c.deleted.is_(False))
+        ).scalar_one()
+    done, after = 0, -1
+    while True:
+        with write_engine.begin() as conn:
+            batch_rows = conn.execute(
+                sa.select(R.c.res_pk, R.c.type, V.c.body)
+                .select_from(
+                    R.join(V, sa.and_(V.c.res_pk == R.c.res_pk, V.c.version == R.c.version))
+                )
+                .where(R.c.deleted.is_(False), R.c.res_pk > after)
+                .order_by(R.c.res_pk)
+                .limit(REINDEX_BATCH)
+            ).all()
+            if not batch_rows:
+                return done
+            pks = [row[0] for row in batch_rows]
+            for table in tables.INDEX_TABLES:
+                conn.execute(table.delete().where(table.c.res_pk.in_(pks)))
+            batch = _IndexBatch()
+            for res_pk, resource_type, body in batch_rows:
+                batch.add(res_pk, resource_type, index_values(jsonio.parse(bytes(body)), base_url))
+            batch.insert(conn)
+        done += len(batch_rows)
+        after = pks[-1]
+        if progress is not None:
+            progress(done, total)
+
 
 @contextmanager
 def _connection(engine: Engine, conn: Connection | None) -> Iterator[Connection]:
@@ -929,35 +1001,12 @@ class Writer:
     ) -> None:
         """Insert a resource's index rows, or add them to ``into`` to insert later at once."""
         batch = into if into is not None else _IndexBatch()
-        base = {"res_pk": res_pk, "type": resource_type}
-        batch.tokens.extend(
-            {**base, "param": p, "system": sy[:255], "code": c[:255]} for p, sy, c in rows.tokens
-        )
-        batch.strings.extend({**base, "param": p, "value": v[:255]} for p, v in rows.strings)
-        batch.references.extend(
-            {**base, "param": p, "target_type": t, "target_id": i} for p, t, i in rows.references
-        )
-        batch.dates.extend({**base, "param": p, "low": lo, "high": hi} for p, lo, hi in rows.dates)
-        batch.links.extend(
-            {"res_pk": res_pk, "target_type": t, "target_id": i} for t, i in rows.links
-        )
-        batch.compartment.extend(
-            {"res_pk": res_pk, "patient_id": p} for p in sorted(rows.compartment)
-        )
+        batch.add(res_pk, resource_type, rows)
         if into is None:
             self._flush_index(batch)
 
     def _flush_index(self, batch: _IndexBatch) -> None:
-        for table, rows in (
-            (tables.tokens, batch.tokens),
-            (tables.strings, batch.strings),
-            (tables.references, batch.references),
-            (tables.dates, batch.dates),
-            (tables.links, batch.links),
-            (tables.compartment, batch.compartment),
-        ):
-            if rows:
-                self.conn.execute(table.insert(), rows)
+        batch.insert(self.conn)
 
     def _delete_index(self, res_pk: int) -> None:
         for table in tables.INDEX_TABLES:

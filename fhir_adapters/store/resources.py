@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime
 import importlib
+import importlib.util
 import re
 import types
 import typing
@@ -20,22 +21,20 @@ from typing import Any
 
 import pydantic
 
+from fhir_adapters import definitions
 from fhir_adapters.errors import InvalidCode, InvalidRequest, Issue, NotFound
 from fhir_adapters.store.codes import code_issues
 from fhir_adapters.store.jsonio import number_problem
 
-RESOURCE_TYPES = (
-    "Patient",
-    "Practitioner",
-    "Organization",
-    "Observation",
-    "DiagnosticReport",
-    "ImagingStudy",
-    "ServiceRequest",
-    "Consent",
-    "AuditEvent",
-    "Provenance",
-)
+
+def _modelled(resource_type: str) -> bool:
+    return importlib.util.find_spec(f"fhir.resources.R4B.{resource_type.lower()}") is not None
+
+
+# Every FHIR R4 resource type that the R4B models can check (R4B dropped 18 of R4's types, the
+# MedicinalProduct* and Substance* definitions and two evidence syntheses: those stay refused).
+RESOURCE_TYPES = tuple(t for t in definitions.resource_types() if _modelled(t))
+UNMODELLED = tuple(t for t in definitions.resource_types() if not _modelled(t))
 ID_PATTERN = re.compile(r"[A-Za-z0-9\-.]{1,64}")
 MAX_ISSUES = 50  # a resource wrong in a thousand places gets the first fifty
 MAX_DEPTH = 64  # JSON nesting a resource may have (the models recurse once per level)
@@ -50,13 +49,19 @@ def model_class(resource_type: str) -> Any:
 
 
 def check_type(resource_type: str) -> str:
-    if resource_type not in RESOURCE_TYPES:
+    if resource_type in RESOURCE_TYPES:
+        return resource_type
+    if resource_type in UNMODELLED:
         raise NotFound(
-            f"this server does not host {resource_type!r} resources; it hosts "
-            + ", ".join(RESOURCE_TYPES),
+            f"this server does not host {resource_type} resources: it checks resources with "
+            "the FHIR R4B models, and R4B has no such type (see the CapabilityStatement)",
             expression=None,
         )
-    return resource_type
+    raise NotFound(
+        f"this server does not host {resource_type[:64]!r} resources: it is not a FHIR R4 "
+        "resource type (names are case-sensitive, e.g. Patient, Observation)",
+        expression=None,
+    )
 
 
 def check_id(resource_id: str, what: str = "id") -> str:

@@ -40,6 +40,7 @@ from fhir_adapters.store.search_params import (
     date_range,
     normalise_string,
     parse_reference,
+    unsupported,
 )
 from fhir_adapters.store.subsetting import Subsetting, parse_subsetting
 
@@ -234,6 +235,8 @@ def parse_search(
                 request.criteria.append(
                     Criterion(name, modifier or None, tuple(split_values(raw_value)))
                 )
+        elif resource_type and unsupported(resource_type, name):
+            refuse(str(unsupported(resource_type, name)), raw_name)
         else:
             known = ", ".join(["_id", "_lastUpdated", *sorted(params)])
             refuse(
@@ -296,6 +299,7 @@ def _check_criterion(
         return None if raw_value in ("true", "false") else f"{name}:missing takes true or false"
     allowed = {
         "token": (None, "not"),
+        "uri": (None,),
         "string": (None, "exact", "contains"),
         "date": (None,),
         "reference": (None, *RESOURCE_TYPES),
@@ -398,6 +402,7 @@ def criterion_clause(
     param = SEARCH_PARAMS[resource_type][name]
     table = {
         "token": tables.tokens,
+        "uri": tables.tokens,  # the whole URI as the code, with no system
         "string": tables.strings,
         "reference": tables.references,
         "date": tables.dates,
@@ -410,6 +415,8 @@ def criterion_clause(
     for value in values:
         if param.type == "token":
             conditions.append(_token_condition(table, value))
+        elif param.type == "uri":
+            conditions.append(sa.and_(table.c.system == "", table.c.code == value))
         elif param.type == "string":
             text = normalise_string(value)
             if modifier == "exact":

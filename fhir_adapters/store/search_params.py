@@ -1,8 +1,12 @@
 """The search parameters of each hosted resource type, and the index values of a resource.
 
-Each parameter follows its FHIR R4 definition (name, type, the elements it reads); the
-elements are listed as JSON paths with choice types spelled out (``effectiveDateTime``,
-``effectivePeriod``). :func:`index_values` turns a resource into the rows of the index
+Every type's parameters are the official R4 SearchParameters of :mod:`fhir_adapters.definitions`
+of the types the index stores (token, string, reference, date, uri), each reading what its
+FHIRPath expression selects (:mod:`fhir_adapters.store.expressions`). For the types the node
+has always served, a hand-written table of JSON paths stands in front: it is what today's
+searches and the node's own rules (AuditEvent, Consent) were built on, and it is faster.
+Number, quantity, composite and special parameters are not searchable yet; a search naming
+one is refused, saying so. :func:`index_values` turns a resource into the rows of the index
 tables; the search code queries those rows and never parses stored JSON.
 
 Dates without a time zone (``2024-03-01``, ``2024-03-01T08:00:00``) are read in China
@@ -17,23 +21,26 @@ import unicodedata
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta, timezone
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
+from fhir_adapters import definitions
 from fhir_adapters.errors import InvalidRequest
-from fhir_adapters.store.resources import references
+from fhir_adapters.store.expressions import Select, compile_expression
+from fhir_adapters.store.resources import RESOURCE_TYPES, references
 
 LOCAL_ZONE = timezone(timedelta(hours=8))
-ParamType = Literal["token", "string", "reference", "date"]
+ParamType = Literal["token", "string", "reference", "date", "uri"]
+INDEXED_TYPES = ("token", "string", "reference", "date", "uri")
 
 
 @dataclass(frozen=True)
 class SearchParam:
     name: str
     type: ParamType
-    paths: tuple[str, ...]
+    paths: tuple[str, ...]  # JSON paths (hand-written), or none when ``select`` reads it
     targets: tuple[str, ...] = ()  # reference: the types it may point to (all hosted when empty)
-    # token: which part of a ContactPoint/Identifier/Coding is the code
     description: str = ""
+    select: Select | None = None  # the definition's FHIRPath, compiled
 
 
 def _p(name: str, kind: ParamType, *paths: str, targets: tuple[str, ...] = ()) -> SearchParam:
@@ -47,7 +54,7 @@ _COMMON_CLINICAL = {
     "identifier": _p("identifier", "token", "identifier"),
 }
 
-SEARCH_PARAMS: dict[str, dict[str, SearchParam]] = {
+HAND_WRITTEN: dict[str, dict[str, SearchParam]] = {
     "Patient": {
         "identifier": _p("identifier", "token", "identifier"),
         "name": _p("name", "string", "name"),
@@ -176,20 +183,49 @@ SEARCH_PARAMS: dict[str, dict[str, SearchParam]] = {
     },
 }
 
-# The Patient compartment (FHIR R4 CompartmentDefinition "patient"), by the parameters above:
-# a resource belongs to a patient's compartment when one of these points to that Patient.
-COMPARTMENT_PARAMS: dict[str, tuple[str, ...]] = {
-    "Patient": ("link",),
-    "Observation": ("subject", "performer"),
-    "DiagnosticReport": ("subject",),
-    "ImagingStudy": ("subject",),
-    "ServiceRequest": ("subject", "performer"),
-    "Consent": ("patient",),
-    "AuditEvent": ("patient",),
-    "Provenance": ("patient",),
-    "Practitioner": (),
-    "Organization": (),
+
+def _from_definitions(resource_type: str) -> dict[str, SearchParam]:
+    """The official R4 parameters of a type that the index stores (``_id`` and
+    ``_lastUpdated`` are columns of every resource's row, not index rows)."""
+    found = {}
+    for code, definition in definitions.search_parameters(resource_type).items():
+        if (
+            code in ("_id", "_lastUpdated")
+            or definition.type not in INDEXED_TYPES
+            or definition.expression is None
+        ):
+            continue
+        found[code] = SearchParam(
+            code,
+            cast(ParamType, definition.type),
+            (),
+            tuple(t for t in definition.targets if t in RESOURCE_TYPES),
+            select=compile_expression(definition.expression, resource_type),
+        )
+    return found
+
+
+SEARCH_PARAMS: dict[str, dict[str, SearchParam]] = {
+    t: {**_from_definitions(t), **HAND_WRITTEN.get(t, {})} for t in RESOURCE_TYPES
 }
+
+# The Patient compartment (FHIR R4 CompartmentDefinition "patient"): a resource belongs to a
+# patient's compartment when one of these parameters points to that Patient.
+COMPARTMENT_PARAMS: dict[str, tuple[str, ...]] = {
+    t: definitions.patient_compartment(t) for t in RESOURCE_TYPES
+}
+
+
+def unsupported(resource_type: str, name: str) -> str | None:
+    """Why an R4 parameter of the type cannot be searched here (its kind is not indexed
+    yet), or None when it is no R4 parameter of the type."""
+    definition = definitions.search_parameters(resource_type).get(name)
+    if definition is None or name in SEARCH_PARAMS.get(resource_type, {}):
+        return None
+    return (
+        f"{resource_type}'s {name} is a {definition.type} parameter; this server does not "
+        "search those yet"
+    )
 
 
 @dataclass
@@ -375,24 +411,29 @@ def index_values(resource: dict[str, Any], base_url: str = "") -> IndexRows:
     params = SEARCH_PARAMS.get(resource_type, {})
     compartment_params = COMPARTMENT_PARAMS.get(resource_type, ())
     for param in params.values():
-        for path in param.paths:
-            for value in values_at(resource, path):
-                if param.type == "token":
-                    rows.tokens.extend(
-                        (param.name, system, code) for system, code in _tokens(value)
-                    )
-                elif param.type == "string":
-                    rows.strings.extend(
-                        (param.name, normalise_string(text)) for text in _strings(value)
-                    )
-                elif param.type == "date":
-                    rows.dates.extend((param.name, low, high) for low, high in _date_values(value))
-                elif isinstance(value, dict) and isinstance(value.get("reference"), str):
-                    target = parse_reference(value["reference"], base_url)
-                    if target and (not param.targets or target[0] in param.targets):
-                        rows.references.append((param.name, *target))
-                        if param.name in compartment_params and target[0] == "Patient":
-                            rows.compartment.add(target[1])
+        selected = (
+            param.select(resource)
+            if param.select is not None
+            else [v for path in param.paths for v in values_at(resource, path)]
+        )
+        for value in selected:
+            if param.type == "token":
+                rows.tokens.extend((param.name, system, code) for system, code in _tokens(value))
+            elif param.type == "uri":
+                if isinstance(value, str):
+                    rows.tokens.append((param.name, "", value))
+            elif param.type == "string":
+                rows.strings.extend(
+                    (param.name, normalise_string(text)) for text in _strings(value)
+                )
+            elif param.type == "date":
+                rows.dates.extend((param.name, low, high) for low, high in _date_values(value))
+            elif isinstance(value, dict) and isinstance(value.get("reference"), str):
+                target = parse_reference(value["reference"], base_url)
+                if target and (not param.targets or target[0] in param.targets):
+                    rows.references.append((param.name, *target))
+                    if param.name in compartment_params and target[0] == "Patient":
+                        rows.compartment.add(target[1])
     if resource_type == "Patient" and "id" in resource:
         rows.compartment.add(resource["id"])
     if resource_type != "AuditEvent":  # an audit record holds nothing in place

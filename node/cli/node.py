@@ -5,6 +5,7 @@ resolution of a fork)."""
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 
 import click
@@ -83,8 +84,15 @@ def node_init(
 @DIR_OPTION
 def node_upgrade(directory: Path) -> None:
     """Apply the database migrations this version of hrx needs."""
+    shown = [0.0]
+
+    def progress(done: int, total: int) -> None:
+        if done == total or time.monotonic() - shown[0] >= 2:
+            shown[0] = time.monotonic()
+            out.print(f"search index: {done} of {total} resources indexed again")
+
     with reported():
-        before, after = upgrade_node(load_config(directory))
+        before, after = upgrade_node(load_config(directory), progress)
     if before == after:
         out.print(f"the database is current (revision {after})")
     else:

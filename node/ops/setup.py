@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from fhir_adapters.store.repository import rebuild_index
 from ledger import keys
 from ledger.canonical import canonical_bytes
 from ledger.model import check_chain_id
@@ -116,14 +118,25 @@ def _init_node(
     return config
 
 
-def upgrade_node(config: NodeConfig) -> tuple[str | None, str]:
-    """Apply every migration this hrx needs (the patients indexed again after a change);
-    the revisions before and after."""
+# Revisions whose hrx changed what the FHIR search index holds: an upgrade across one builds
+# the index of every stored resource again (the rows it then holds are the ones this hrx
+# writes, so searches find old and new resources alike).
+REINDEXING = ("0011",)
+
+
+def upgrade_node(
+    config: NodeConfig, progress: Callable[[int, int], None] | None = None
+) -> tuple[str | None, str]:
+    """Apply every migration this hrx needs (the patients indexed again after a change, and
+    the search index rebuilt after a revision of :data:`REINDEXING`, with ``progress(done,
+    total)``); the revisions before and after."""
     database = open_database(config.database_url)
     try:
         before, after = upgrade(database)
         if before != after and config.consortium_key.exists():
             index_patients(config, database)
+        if before is not None and any(before < r <= after for r in REINDEXING):
+            rebuild_index(database.write_engine, config.fhir_base, progress)
     finally:
         database.close()
     return before, after

@@ -173,13 +173,12 @@ def test_patient_compartment() -> None:
     assert defs.patient_compartment("Observation") == ("subject", "performer")
     assert defs.patient_compartment("Practitioner") == ()
     assert defs.patient_compartment("Patient") == ("link",)
-    # R4's narrative says Encounter by `patient` and Task never: Medplum's package changed the
-    # params (Encounter by `subject`, Task by `patient` and `focus`) but not the narrative.
-    assert defs.patient_compartment("Encounter") == ("subject",)
-    assert defs.patient_compartment("Task") == ("patient", "focus")
+    # as R4 has them (Medplum's package changed these two rows; the script puts them back)
+    assert defs.patient_compartment("Encounter") == ("patient",)
+    assert defs.patient_compartment("Task") == ()
     assert defs.patient_compartment("Parameters") == ()  # not in the CompartmentDefinition at all
     members = [name for name in defs.resource_types() if defs.patient_compartment(name)]
-    assert len(members) == 67  # with Patient itself (through link) and Task
+    assert len(members) == 66  # with Patient itself (through link), without Task
     for name in members:
         params = defs.search_parameters(name)
         for code in defs.patient_compartment(name):

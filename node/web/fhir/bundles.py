@@ -20,9 +20,9 @@ import uuid
 from typing import Any, Protocol
 from urllib.parse import parse_qsl, unquote, urlsplit
 
-from fhir_adapters.errors import FhirError, InvalidRequest, Issue, TooCostly
+from fhir_adapters.errors import FhirError, InvalidRequest, Issue, TooCostly, Unprocessable
 from fhir_adapters.store import Stored, Writer, format_instant, jsonio
-from fhir_adapters.store.resources import check_id, check_type
+from fhir_adapters.store.resources import check_id, check_type, references
 from fhir_adapters.store.search import Access
 from node.services import Services
 from node.web.fhir.limits import MAX_ENTRIES
@@ -41,7 +41,12 @@ class FhirApi(Protocol):
     ) -> Access: ...
 
     def conditional_match(
-        self, req: FhirRequest, writer: Writer, resource_type: str, condition: str
+        self,
+        req: FhirRequest,
+        writer: Writer,
+        resource_type: str,
+        condition: str,
+        what: str = "If-None-Exist",
     ) -> Stored | None: ...
 
     def written(self, req: FhirRequest, stored: Stored, status: int) -> FhirResponse: ...
@@ -269,6 +274,7 @@ def _transaction(api: FhirApi, req: FhirRequest, entries: list[dict[str, Any]]) 
                 full_url = entries[index].get("fullUrl")
                 if isinstance(full_url, str) and full_url in ids:
                     ids[full_url] = f"{match.type}/{match.id}"
+        _resolve_conditional_references(api, req, writer, entries, ids)
         for index, method, resource_type, resource_id, _query in sorted(
             plan, key=lambda step: (ORDER[step[1]], step[0])
         ):
@@ -325,6 +331,38 @@ def _transaction(api: FhirApi, req: FhirRequest, entries: list[dict[str, Any]]) 
         "type": "transaction-response",
         "entry": [results[index] for index in range(len(entries))],
     }
+
+
+def _resolve_conditional_references(
+    api: FhirApi,
+    req: FhirRequest,
+    writer: Writer,
+    entries: list[dict[str, Any]],
+    ids: dict[str, str],
+) -> None:
+    """Add to ``ids`` what each conditional reference (``Organization?identifier=s|v``) of the
+    entries' resources names: the one resource its search matches, as things stand before the
+    transaction writes (and after its conditional creates matched). None or several: the
+    transaction fails, naming the entry (422, 412), as FHIR R4 asks."""
+    for index, entry in enumerate(entries):
+        if not isinstance(entry.get("resource"), dict):
+            continue
+        for _path, reference in references(entry["resource"]):
+            if "?" not in reference or reference in ids or "://" in reference:
+                continue
+            resource_type, _, condition = reference.partition("?")
+            try:
+                check_type(resource_type)
+                match = api.conditional_match(
+                    req, writer, resource_type, condition, "the conditional reference"
+                )
+                if match is None:
+                    raise Unprocessable(
+                        f"the conditional reference {reference!r} matches no {resource_type}"
+                    )
+            except FhirError as exc:
+                raise _fail(index, exc) from None
+            ids[reference] = f"{match.type}/{match.id}"
 
 
 def _written(api: FhirApi, req: FhirRequest, stored: Stored, status: int) -> dict[str, Any]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 from importlib.metadata import version
 from typing import Any
 
+from fhir_adapters import definitions
 from fhir_adapters.store.jsonio import NUMBER_RULE
 from fhir_adapters.store.resources import RESOURCE_TYPES
 from fhir_adapters.store.search import SEARCH_LIMITS
@@ -25,6 +26,11 @@ COMMON_PARAMS = [
         "definition": PARAM_DEFINITIONS + "Resource-lastUpdated",
     },
 ]
+
+
+def _definition_url(resource_type: str, name: str) -> str:
+    official = definitions.search_parameters(resource_type).get(name)
+    return official.url if official else f"{PARAM_DEFINITIONS}{resource_type}-{name}"
 
 
 def _resource(resource_type: str) -> dict[str, Any]:
@@ -59,7 +65,7 @@ def _resource(resource_type: str) -> dict[str, Any]:
             {
                 "name": name,
                 "type": p.type,
-                "definition": f"{PARAM_DEFINITIONS}{resource_type}-{name}",
+                "definition": _definition_url(resource_type, name),
             }
             for name, p in sorted(params.items())
         ],

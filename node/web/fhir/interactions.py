@@ -320,21 +320,26 @@ class FhirApi:
             ]
 
     def conditional_match(
-        self, req: FhirRequest, writer: Writer, resource_type: str, condition: str
+        self,
+        req: FhirRequest,
+        writer: Writer,
+        resource_type: str,
+        condition: str,
+        what: str = "If-None-Exist",
     ) -> Stored | None:
-        """The one resource ``If-None-Exist`` matches; None when none; 412 when several."""
+        """The one resource a condition (``what``: an ``If-None-Exist``, a conditional
+        reference) matches; None when none; 412 when several."""
         self.permit(req, resource_type, "s", "create")
         text = condition.split("?", 1)[1] if "?" in condition else condition
         query = parse_qsl(text, keep_blank_values=True)
         search = parse_search(resource_type, query)
         if not search.criteria:
-            raise InvalidRequest(f"If-None-Exist {condition!r} has no search criteria")
+            raise InvalidRequest(f"{what} {condition!r} has no search criteria")
         writer.lock(f"if-none-exist {resource_type}?{search.query_string()}")
         pks = self.svc.store.count_matches(search, Access(), 2, conn=writer.conn)
         if len(pks) > 1:
             raise PreconditionFailed(
-                f"If-None-Exist {condition!r} matches more than one {resource_type}; make it "
-                "precise"
+                f"{what} {condition!r} matches more than one {resource_type}; make it precise"
             )
         if not pks:
             return None

@@ -340,10 +340,10 @@ def test_upgrade_applies_pending_migrations(node_dir: Path) -> None:
     finally:
         database.close()
     result = hrx("node", "upgrade", "--dir", str(node_dir))
-    assert result.exit_code == 0 and "from revision 0001 to 0010" in result.output, result.output
+    assert result.exit_code == 0 and "from revision 0001 to 0011" in result.output, result.output
     database = open_database(config.database_url)
     try:
-        assert current_revision(database.engine) == head_revision() == "0010"
+        assert current_revision(database.engine) == head_revision() == "0011"
         # the users are kept, and the one locked out then is still held from unknown addresses
         wang, li = get_user(database.engine, "wang"), get_user(database.engine, "li")
         assert wang is not None and wang.active and not wang.removed
@@ -357,6 +357,52 @@ def test_upgrade_applies_pending_migrations(node_dir: Path) -> None:
             assert conn.execute(sa.select(subjects_table)).all() == [
                 ("f" * 64, "hosp-a", 0, "consent.revoked")
             ]
+    finally:
+        database.close()
+
+
+def test_an_upgrade_across_a_reindexing_revision_indexes_what_was_stored(node_dir: Path) -> None:
+    """Resources stored before hrx searched every R4 parameter are found by the new ones once
+    ``hrx node upgrade`` has crossed revision 0011 (their index is built again)."""
+    from fhir_adapters.store import ResourceStore, tables
+
+    config = load_config(node_dir, environ={})
+    database = open_database(config.database_url)
+    store = ResourceStore(database.engine, write_engine=database.write_engine)
+    try:
+        patient = store.create({"resourceType": "Patient", "gender": "female"})
+        observation = {
+            "resourceType": "Observation",
+            "status": "final",
+            "code": {"coding": [{"system": "http://loinc.org", "code": "718-7"}]},
+            "method": {"coding": [{"system": "http://snomed.info/sct", "code": "702659008"}]},
+            "subject": {"reference": f"Patient/{patient.id}"},
+        }
+        stored = [store.create(observation) for _ in range(3)]
+        tokens = tables.tokens
+        with database.write_engine.begin() as conn:  # as an earlier hrx indexed them
+            conn.execute(tokens.delete().where(tokens.c.param == "method"))
+            conn.execute(sa.text("UPDATE alembic_version SET version_num = '0010'"))
+
+        def methods() -> set[str]:
+            with database.engine.connect() as conn:
+                rows = conn.execute(sa.select(tokens.c.res_pk).where(tokens.c.param == "method"))
+                return {str(row[0]) for row in rows}
+
+        assert methods() == set()
+    finally:
+        database.close()
+    result = hrx("node", "upgrade", "--dir", str(node_dir))
+    assert result.exit_code == 0, result.output
+    assert "search index: 4 of 4 resources indexed again" in result.output
+    database = open_database(config.database_url)
+    try:
+        assert methods() == {str(s.res_pk) for s in stored}
+        with database.engine.connect() as conn:  # and nothing twice
+            count = conn.execute(
+                sa.select(sa.func.count()).select_from(tables.compartment)
+            ).scalar_one()
+        assert count == 4  # the patient and the three observations, in its compartment
     finally:
         database.close()
 

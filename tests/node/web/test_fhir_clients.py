@@ -48,6 +48,7 @@ from fhirpy.base.exceptions import (
     ResourceNotFound,
 )
 
+from fhir_adapters.store.resources import RESOURCE_TYPES
 from tests.helpers.nodes import FHIR_JSON, Node, post
 
 RESIDENT_ID = "urn:oid:2.16.156.10011.1.1"  # 居民身份证号
@@ -1021,7 +1022,8 @@ def test_fhirclient_capability_statement(node: Node) -> None:
     assert statement.format and "application/fhir+json" in statement.format
     (rest,) = statement.rest
     assert rest.mode == "server"
-    assert {resource.type for resource in rest.resource} == set(HOSTED_TYPES)
+    assert {resource.type for resource in rest.resource} == set(RESOURCE_TYPES)
+    assert set(HOSTED_TYPES) < set(RESOURCE_TYPES)
     by_type = {resource.type: resource for resource in rest.resource}
     audit = {i.code for i in by_type["AuditEvent"].interaction}
     assert "read" in audit and "search-type" in audit and "create" not in audit
