@@ -1,0 +1,182 @@
+"""A whole health record (issue 18): a US Core-shaped cohort, as a standard feed sends it,
+loads unchanged into a real node on both engines — every R4 type it uses hosted, conditional
+references resolved, conditional creates not repeated — and is searched by the official R4
+parameters of each type, a patient's token seeing their own compartment and nothing else."""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+import pytest
+
+from tests.helpers.cohort import cohort, shared
+from tests.helpers.nodes import Node, post
+
+PATIENTS = 12
+
+
+def _load(node: Node, bundle: dict[str, Any]) -> dict[str, Any]:
+    answer = post(node.session(), node.fhir, bundle)
+    assert answer.status_code == 200, answer.text[:2000]
+    return dict(answer.json())
+
+
+@pytest.fixture(scope="module")
+def loaded(node: Node) -> dict[str, Any]:
+    first = _load(node, shared(7))
+    again = _load(node, shared(7))  # loading the shared ones twice creates nothing new
+    assert [e["response"]["status"] for e in first["entry"]] == ["201 Created"] * len(
+        first["entry"]
+    )
+    assert [e["response"]["status"] for e in again["entry"]] == ["200 OK"] * len(again["entry"])
+    bundles = cohort(PATIENTS, seed=7)
+    answers = [_load(node, bundle) for bundle in bundles]
+    return {"bundles": bundles, "answers": answers}
+
+
+def test_a_us_core_shaped_cohort_loads_unchanged(node: Node, loaded: dict[str, Any]) -> None:
+    sent = Counter(e["resource"]["resourceType"] for b in loaded["bundles"] for e in b["entry"])
+    assert {
+        "Encounter",
+        "Condition",
+        "MedicationRequest",
+        "AllergyIntolerance",
+        "Procedure",
+    } <= set(sent) and {"Immunization", "DocumentReference", "DiagnosticReport"} <= set(sent)
+    stored = Counter(e["resource"]["resourceType"] for a in loaded["answers"] for e in a["entry"])
+    assert stored == sent
+    s = node.session()
+    for resource_type, count in sent.items():
+        if resource_type == "Patient":
+            continue
+        total = s.get(f"{node.fhir}/{resource_type}", params={"_summary": "count"}).json()
+        assert total["total"] >= count, resource_type
+    # the conditional references name the shared Organization, not a copy
+    organizations = s.get(f"{node.fhir}/Organization", params={"_summary": "count"}).json()
+    assert organizations["total"] == len(
+        [e for e in shared(7)["entry"] if e["resource"]["resourceType"] == "Organization"]
+    )
+    encounter = next(
+        e["resource"]
+        for a in loaded["answers"]
+        for e in a["entry"]
+        if e["resource"]["resourceType"] == "Encounter"
+    )
+    provider = encounter["serviceProvider"]["reference"]
+    assert provider.startswith("Organization/") and "?" not in provider
+    assert s.get(f"{node.fhir}/{provider}").status_code == 200
+
+
+def _ids(bundle: dict[str, Any]) -> set[str]:
+    return {e["resource"]["id"] for e in bundle.get("entry", []) if e["search"]["mode"] == "match"}
+
+
+def _brute(loaded: dict[str, Any], resource_type: str, keep: Any) -> set[str]:
+    return {
+        e["resource"]["id"]
+        for a in loaded["answers"]
+        for e in a["entry"]
+        if e["resource"]["resourceType"] == resource_type and keep(e["resource"])
+    }
+
+
+def test_new_types_are_searched_by_their_r4_parameters(node: Node, loaded: dict[str, Any]) -> None:
+    """Each search against a brute-force filter of what was loaded."""
+    s = node.session()
+    answers = loaded["answers"]
+    patient = next(
+        e["resource"] for e in answers[0]["entry"] if e["resource"]["resourceType"] == "Patient"
+    )
+    pid = patient["id"]
+    every = {"_count": "1000"}
+
+    def found(resource_type: str, **params: str) -> set[str]:
+        answer = s.get(f"{node.fhir}/{resource_type}", params={**params, **every})
+        assert answer.status_code == 200, answer.text
+        return _ids(answer.json())
+
+    def of_patient(r: dict[str, Any]) -> bool:
+        ref = (r.get("subject") or r.get("patient") or {}).get("reference")
+        return ref == f"Patient/{pid}"
+
+    for resource_type in (
+        "Condition",
+        "Encounter",
+        "MedicationRequest",
+        "Immunization",
+        "AllergyIntolerance",
+        "Procedure",
+        "DocumentReference",
+    ):
+        expected = _brute(loaded, resource_type, of_patient)
+        assert found(resource_type, patient=pid) == expected, resource_type
+    # token: a Condition's code (ICD-10), an Encounter's class, a document's type
+    condition = next(
+        e["resource"]
+        for a in answers
+        for e in a["entry"]
+        if e["resource"]["resourceType"] == "Condition"
+    )
+    coding = condition["code"]["coding"][0]
+    assert found("Condition", code=f"{coding['system']}|{coding['code']}") == _brute(
+        loaded,
+        "Condition",
+        lambda r: any(
+            c["code"] == coding["code"] and c["system"] == coding["system"]
+            for c in r["code"]["coding"]
+        ),
+    )
+    assert found("Encounter", **{"class": "AMB"}) == _brute(
+        loaded, "Encounter", lambda r: r["class"]["code"] == "AMB"
+    )
+    # reference through a choice of types: an Observation's encounter
+    observation = next(
+        e["resource"]
+        for a in answers
+        for e in a["entry"]
+        if e["resource"]["resourceType"] == "Observation" and "encounter" in e["resource"]
+    )
+    encounter_ref = observation["encounter"]["reference"]
+    assert found("Observation", encounter=encounter_ref) == _brute(
+        loaded, "Observation", lambda r: r.get("encounter", {}).get("reference") == encounter_ref
+    )
+    # date: Immunizations given on or after a day
+    day = "2020-01-01"
+    assert found("Immunization", date=f"ge{day}") == _brute(
+        loaded, "Immunization", lambda r: r["occurrenceDateTime"][:10] >= day
+    )
+    # a parameter whose kind is not searched yet is refused, saying so
+    refused = s.get(f"{node.fhir}/Observation", params={"value-quantity": "gt7"})
+    assert refused.status_code == 400 and "quantity parameter" in refused.text
+
+
+def test_a_patients_token_sees_their_compartment_across_types(
+    node: Node, loaded: dict[str, Any]
+) -> None:
+    answers = loaded["answers"]
+    mine = next(
+        e["resource"]["id"]
+        for e in answers[0]["entry"]
+        if e["resource"]["resourceType"] == "Patient"
+    )
+    theirs_entries = answers[1]["entry"]
+    patient = node.session(node.token(f"pt-{mine[:8]}", "patient", patient=mine))
+    everything = patient.get(f"{node.fhir}/Patient/{mine}/$everything", params={"_count": "1000"})
+    assert everything.status_code == 200
+    shown = {
+        (e["resource"]["resourceType"], e["resource"]["id"]) for e in everything.json()["entry"]
+    }
+    own = {
+        (e["resource"]["resourceType"], e["resource"]["id"])
+        for e in answers[0]["entry"]
+        if e["resource"]["resourceType"] not in ("Practitioner", "Organization")
+    }
+    assert own <= shown
+    for entry in theirs_entries:  # another patient's records: found by no way of asking
+        resource = entry["resource"]
+        resource_type, rid = resource["resourceType"], resource["id"]
+        assert (resource_type, rid) not in shown
+        assert patient.get(f"{node.fhir}/{resource_type}/{rid}").status_code == 404
+        listed = patient.get(f"{node.fhir}/{resource_type}", params={"_id": rid}).json()
+        assert listed.get("total", 0) == 0, (resource_type, listed)
