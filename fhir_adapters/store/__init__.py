@@ -1,10 +1,12 @@
 """The FHIR repository of one node: versioned resources with their search indexes.
 
-``repository`` (the store: writes, reads, history), ``search`` (a search request parsed, run
-and paged), ``search_params`` (what each search parameter indexes), ``tables`` (the index
-tables), ``resources`` (what a resource must be to be stored), ``codes`` (required code
-bindings), ``jsonio`` (FHIR JSON read and written, numbers kept exact). It imports only
-:mod:`fhir_adapters.errors` of this repository; the mappers beside it may import it.
+``repository`` (the store: writes, reads, history, the index rebuilt), ``search`` (a search
+request parsed, run and paged), ``search_params`` (what each search parameter indexes),
+``expressions`` (a parameter's FHIRPath as a function of a resource), ``subsetting``
+(``_summary`` and ``_elements``), ``tables`` (the index tables), ``resources`` (what a
+resource must be to be stored), ``codes`` (required code bindings), ``jsonio`` (FHIR JSON read
+and written, numbers kept exact). It imports only :mod:`fhir_adapters.errors` and
+:mod:`fhir_adapters.definitions` of this repository; the mappers beside it may import it.
 """
 
 from fhir_adapters.store.repository import (
@@ -14,6 +16,7 @@ from fhir_adapters.store.repository import (
     format_instant,
     http_date,
     now_micros,
+    parse_etag,
     readable_only,
 )
 
@@ -24,5 +27,6 @@ __all__ = [
     "format_instant",
     "http_date",
     "now_micros",
+    "parse_etag",
     "readable_only",
 ]

@@ -233,10 +233,8 @@ def _transaction(api: FhirApi, req: FhirRequest, entries: list[dict[str, Any]]) 
         method = entry["request"]["method"]
         try:
             resource_type, resource_id, query = _target(api, entry["request"]["url"])
-            if method in ("PUT", "DELETE") and resource_id is None:
-                raise InvalidRequest(
-                    f"{method} needs Type/id (conditional {method.lower()} is not supported)"
-                )
+            if method in ("PUT", "DELETE") and resource_id is None and not query:
+                raise InvalidRequest(f"{method} needs Type/id or Type?search (conditional)")
             if method == "POST" and resource_id is not None:
                 raise InvalidRequest("POST takes a type, not Type/id")
             if method in ("POST", "PUT") and entry["resource"].get("resourceType") != resource_type:
@@ -274,6 +272,7 @@ def _transaction(api: FhirApi, req: FhirRequest, entries: list[dict[str, Any]]) 
                 full_url = entries[index].get("fullUrl")
                 if isinstance(full_url, str) and full_url in ids:
                     ids[full_url] = f"{match.type}/{match.id}"
+        plan = _resolve_conditional_targets(api, req, writer, entries, plan, ids)
         _resolve_conditional_references(api, req, writer, entries, ids)
         for index, method, resource_type, resource_id, _query in sorted(
             plan, key=lambda step: (ORDER[step[1]], step[0])
@@ -288,6 +287,9 @@ def _transaction(api: FhirApi, req: FhirRequest, entries: list[dict[str, Any]]) 
                 if method in ("DELETE", "PUT"):
                     assert resource_id is not None
                     before.update(svc.audit.patients_before(writer, resource_type, resource_id))
+                if method == "DELETE" and resource_id is None:  # a conditional one: no match
+                    results[index] = {"response": {"status": FhirResponse(204).status_line}}
+                    continue
                 if method == "DELETE":
                     assert resource_id is not None
                     stored = writer.delete(
@@ -308,6 +310,8 @@ def _transaction(api: FhirApi, req: FhirRequest, entries: list[dict[str, Any]]) 
                     results[index] = _written(api, req, stored, 201)
                 else:
                     assert resource_id is not None
+                    if _query:  # a conditional update: the id its search resolved to
+                        resource = {**resource, "id": resource_id}
                     stored, created = writer.update(
                         resource_type, resource_id, resource, entry["request"].get("ifMatch")
                     )
@@ -331,6 +335,54 @@ def _transaction(api: FhirApi, req: FhirRequest, entries: list[dict[str, Any]]) 
         "type": "transaction-response",
         "entry": [results[index] for index in range(len(entries))],
     }
+
+
+def target_of_update(resource: Any, match: Stored | None) -> str | None:
+    """The id a conditional update writes: the match's (400 when the body names another), the
+    body's when nothing matched, or None to create under a new id."""
+    body_id = resource.get("id") if isinstance(resource, dict) else None
+    if match is not None:
+        if body_id is not None and body_id != match.id:
+            raise InvalidRequest(
+                f"the body's id {str(body_id)[:64]!r} is not that of the resource the search "
+                f"matched ({match.type}/{match.id})",
+                expression="id",
+            )
+        return match.id
+    return check_id(body_id) if isinstance(body_id, str) else None
+
+
+def _resolve_conditional_targets(
+    api: FhirApi,
+    req: FhirRequest,
+    writer: Writer,
+    entries: list[dict[str, Any]],
+    plan: list[tuple[int, str, str, str | None, str]],
+    ids: dict[str, str],
+) -> list[tuple[int, str, str, str | None, str]]:
+    """The plan with the id of each conditional update or delete (``PUT``/``DELETE
+    Type?search``) resolved as it would be alone: the one match; for an update with none, the
+    body's id or a new one (a create); for a delete with none, None (nothing to delete).
+    Several matches: 412, naming the entry. An update's ``urn:uuid`` fullUrl then names it."""
+    resolved = []
+    for index, method, resource_type, resource_id, query in plan:
+        if method in ("PUT", "DELETE") and resource_id is None:
+            what = f"the conditional {'update' if method == 'PUT' else 'delete'}"
+            try:
+                match = api.conditional_match(req, writer, resource_type, query, what)
+                if method == "PUT":
+                    resource_id = target_of_update(entries[index]["resource"], match) or str(
+                        uuid.uuid4()
+                    )
+                    full_url = entries[index].get("fullUrl")
+                    if isinstance(full_url, str) and full_url.startswith("urn:uuid:"):
+                        ids[full_url] = f"{resource_type}/{resource_id}"
+                elif match is not None:
+                    resource_id = match.id
+            except FhirError as exc:
+                raise _fail(index, exc) from None
+        resolved.append((index, method, resource_type, resource_id, query))
+    return resolved
 
 
 def _resolve_conditional_references(

@@ -48,8 +48,8 @@ def _resource(resource_type: str) -> dict[str, Any]:
         "updateCreate": writable,
         "conditionalCreate": writable,
         "conditionalRead": "full-support",
-        "conditionalUpdate": False,
-        "conditionalDelete": "not-supported",
+        "conditionalUpdate": writable,
+        "conditionalDelete": "single" if writable else "not-supported",
         "referencePolicy": ["literal", "enforced", "local"],
         "searchInclude": sorted(
             f"{resource_type}:{name}" for name, p in params.items() if p.type == "reference"

@@ -16,7 +16,10 @@ import re
 from collections.abc import Callable, Sequence
 from email.utils import parsedate_to_datetime
 from typing import Any
-from urllib.parse import parse_qsl, quote
+from urllib.parse import parse_qsl, quote, urlencode
+
+import jsonpatch
+import jsonpointer
 
 from fhir_adapters.errors import (
     FhirError,
@@ -26,6 +29,7 @@ from fhir_adapters.errors import (
     MethodNotAllowed,
     NotFound,
     PreconditionFailed,
+    Unprocessable,
     operation_outcome,
 )
 from fhir_adapters.store import (
@@ -35,6 +39,7 @@ from fhir_adapters.store import (
     http_date,
     jsonio,
     now_micros,
+    parse_etag,
     readable_only,
 )
 from fhir_adapters.store.resources import RESOURCE_TYPES, check_id, check_type, validate
@@ -52,7 +57,7 @@ from node.flows import orders
 from node.flows.permissions import permit
 from node.flows.prior_results import CATEGORIES, fetch_prior_results
 from node.services import Services
-from node.web.fhir.bundles import process_bundle
+from node.web.fhir.bundles import process_bundle, target_of_update
 from node.web.fhir.capability import capability_statement
 from node.web.fhir.messages import FhirRequest, FhirResponse
 
@@ -104,10 +109,20 @@ class FhirApi:
         if n == 4 and s[2] == "_history":
             return (self.vread, [s[0], s[1], s[3]]) if method == "GET" else None
         if n == 2:
-            handler = {"GET": self.read, "PUT": self.update, "DELETE": self.delete}.get(method)
+            handler = {
+                "GET": self.read,
+                "PUT": self.update,
+                "DELETE": self.delete,
+                "PATCH": self.patch,
+            }.get(method)
             return (handler, s) if handler else None
         if n == 1:
-            handler = {"GET": self.search_get, "POST": self.create}.get(method)
+            handler = {
+                "GET": self.search_get,
+                "POST": self.create,
+                "PUT": self.conditional_update,
+                "DELETE": self.conditional_delete,
+            }.get(method)
             return (handler, s) if handler else None
         return None
 
@@ -127,8 +142,6 @@ class FhirApi:
         rest = "/".join(segments)
         first = segments[0] if segments else ""
         if first in RESOURCE_TYPES or first == "metadata" or not segments:
-            if req.method == "PATCH":
-                raise MethodNotAllowed("PATCH is not supported; use PUT with the whole resource")
             raise MethodNotAllowed(f"{req.method} /fhir/{rest} is not a supported interaction")
         if first and first[0].isupper():
             check_type(first)
@@ -264,6 +277,91 @@ class FhirApi:
         with svc.store.writing(req.principal) as writer:
             before = svc.audit.patients_before(writer, resource_type, resource_id)
             stored = writer.delete(resource_type, resource_id, req.header("If-Match"))
+            if stored is not None:
+                svc.audit.writes(writer, req.caller, "delete", [stored], before)
+        return self._respond(204, None, {"ETag": stored.etag} if stored else {})
+
+    def patch(self, req: FhirRequest, resource_type: str, resource_id: str) -> FhirResponse:
+        """``PATCH Type/id`` with a JSON Patch (RFC 6902), applied to the current version and
+        stored as the next one, validated as an update is; ``If-Match`` honoured. A patch that
+        cannot be applied (a path that is not there, a failed ``test``) is 422 and changes
+        nothing."""
+        check_type(resource_type)
+        self.permit(req, resource_type, "u", "patch")
+        check_id(resource_id)
+        operations = req.json_patch()
+        svc = self.svc
+        with svc.store.writing(req.principal) as writer:
+            current = svc.store.current(resource_type, resource_id, conn=writer.conn)
+            if current.deleted:
+                raise Gone(f"{resource_type}/{resource_id} was deleted")
+            if_match = req.header("If-Match")
+            if if_match is not None and parse_etag(if_match) != current.version:
+                raise PreconditionFailed(
+                    f"{resource_type}/{resource_id} is at version {current.version}, not "
+                    f"{parse_etag(if_match)}: read it again and re-apply the patch"
+                )
+            try:
+                patched = jsonpatch.JsonPatch(operations).apply(current.resource())
+            except jsonpatch.InvalidJsonPatch as exc:
+                raise InvalidRequest(f"the patch: {exc}") from None
+            except (jsonpatch.JsonPatchException, jsonpointer.JsonPointerException) as exc:
+                raise Unprocessable(f"the patch cannot be applied: {exc}") from None
+            if not isinstance(patched, dict):
+                raise Unprocessable("the patch does not leave a resource (a JSON object)")
+            before = svc.audit.patients_before(writer, resource_type, resource_id)
+            stored, _ = writer.update(resource_type, resource_id, patched, current.etag)
+            svc.audit.writes(writer, req.caller, "patch", [stored], before)
+        return self.written(req, stored, 200)
+
+    def conditional_update(self, req: FhirRequest, resource_type: str) -> FhirResponse:
+        """``PUT Type?search``: the one match updated (a body naming another id: 400), none:
+        created (under the body's id, if it names one), several: 412."""
+        check_type(resource_type)
+        self.permit(req, resource_type, "u", "update")
+        condition = _condition(req, "a conditional update")
+        resource = req.json()
+        if not isinstance(resource, dict):
+            raise InvalidRequest("the body must be a resource (a JSON object)")
+        svc = self.svc
+        with svc.store.writing(req.principal) as writer:
+            match = self.conditional_match(
+                req, writer, resource_type, condition, "the conditional update"
+            )
+            resource_id = target_of_update(resource, match)
+            if resource_id is None:
+                self.permit(req, resource_type, "c", "update")
+                stored, created, before = writer.create(resource, resource_type), True, {}
+            else:
+                before = svc.audit.patients_before(writer, resource_type, resource_id)
+                stored, created = writer.update(
+                    resource_type,
+                    resource_id,
+                    {**resource, "id": resource_id},
+                    req.header("If-Match"),
+                )
+                if created:
+                    self.permit(req, resource_type, "c", "update")
+            svc.audit.writes(
+                writer, req.caller, "create" if created else "update", [stored], before
+            )
+        return self.written(req, stored, 201 if created else 200)
+
+    def conditional_delete(self, req: FhirRequest, resource_type: str) -> FhirResponse:
+        """``DELETE Type?search``: the one match deleted; none: nothing to do (204); several:
+        412 (this server deletes one resource per request)."""
+        check_type(resource_type)
+        self.permit(req, resource_type, "d", "delete")
+        condition = _condition(req, "a conditional delete")
+        svc = self.svc
+        with svc.store.writing(req.principal) as writer:
+            match = self.conditional_match(
+                req, writer, resource_type, condition, "the conditional delete"
+            )
+            if match is None:
+                return self._respond(204, None)
+            before = svc.audit.patients_before(writer, resource_type, match.id)
+            stored = writer.delete(resource_type, match.id, req.header("If-Match"))
             if stored is not None:
                 svc.audit.writes(writer, req.caller, "delete", [stored], before)
         return self._respond(204, None, {"ETag": stored.etag} if stored else {})
@@ -708,6 +806,9 @@ ROUTES = {  # each interaction's pattern, as the logs and metrics name it
     "history_instance": "/fhir/<resource_type>/<resource_id>/_history",
     "everything": "/fhir/Patient/<patient_id>/$everything",
     "everything_of_type": "/fhir/Patient/$everything",
+    "conditional_update": "/fhir/<resource_type>?<search>",
+    "patch": "/fhir/<resource_type>/<resource_id>",
+    "conditional_delete": "/fhir/<resource_type>?<search>",
     "prior_results": "/fhir/Patient/<patient_id>/$prior-results",
     "check_recognition": "/fhir/ServiceRequest/$check-recognition",
     "accept_recognised": "/fhir/ServiceRequest/<order_id>/$accept-recognised",
@@ -725,6 +826,15 @@ def _parameter(body: Any, name: str) -> str | None:
                 if key.startswith("value") and isinstance(value, str):
                     return value
     return None
+
+
+def _condition(req: FhirRequest, what: str) -> str:
+    """The search a conditional update or delete names (its query, less _format/_pretty);
+    400 when there is none."""
+    pairs = [(n, v) for n, v in req.query if n not in ("_format", "_pretty")]
+    if not pairs:
+        raise InvalidRequest(f"{what} names the resource by a search: Type?parameter=value")
+    return urlencode(pairs)
 
 
 def _subsetting(req: FhirRequest, resource_type: str) -> Subsetting:

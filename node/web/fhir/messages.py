@@ -14,6 +14,7 @@ from node.identity.tokens import Principal
 from node.records.audit_trail import Caller
 
 JSON_TYPES = ("application/fhir+json", "application/json", "application/json+fhir")
+JSON_PATCH = "application/json-patch+json"
 FORM = "application/x-www-form-urlencoded"
 
 
@@ -70,6 +71,20 @@ class FhirRequest:
         if not self.body:
             raise InvalidRequest(f"{what} is empty")
         return jsonio.parse(self.body, what)
+
+    def json_patch(self) -> list[Any]:
+        """The body as a JSON Patch (RFC 6902, ``application/json-patch+json``); 415 for
+        another media type, 400 for what is no list of operations."""
+        if self.content_type != JSON_PATCH:
+            raise UnsupportedMediaType(
+                f"Content-Type {self.header('Content-Type') or '(none)'}: PATCH takes a JSON "
+                f"Patch ({JSON_PATCH}); FHIRPath Patch is not supported"
+            )
+        self._check_charset()
+        operations = jsonio.parse(self.body, "the patch") if self.body else None
+        if not isinstance(operations, list) or not all(isinstance(o, dict) for o in operations):
+            raise InvalidRequest('a JSON Patch is a list of operations ({"op", "path", ...})')
+        return operations
 
     def form(self) -> list[tuple[str, str]]:
         """The body as a form (``POST _search``); 415 for another media type."""

@@ -325,7 +325,7 @@ def test_validation_errors_are_operation_outcomes(node: Node) -> None:
     outcome(s.get(f"{node.fhir}/Patient", headers={"Accept": "application/fhir+xml"}), 406)
     outcome(s.get(f"{node.fhir}/MedicinalProduct/1"), 404, "R4B has no such type")
     outcome(s.get(f"{node.fhir}/Encounters/1"), 404, "not a FHIR R4 resource type")
-    outcome(s.patch(f"{node.fhir}/Patient/{pid}", json={}), 405)
+    outcome(s.patch(f"{node.fhir}/Patient/{pid}", json={}), 415, "JSON Patch")
     outcome(s.get(f"{node.fhir}/nothing-here"), 404)
     # search parameters on a create would be silently ignored: refused instead
     outcome(post(s, f"{node.fhir}/Patient?identifier=x", patient()), 400, "If-None-Exist")
@@ -883,3 +883,112 @@ def test_bundle_entries_naming_another_server_are_refused(node: Node) -> None:
     read = {"request": {"method": "GET", "url": f"{base}/Patient/{pid}"}}
     answer = post(s, node.fhir, {"resourceType": "Bundle", "type": "batch", "entry": [read]})
     assert answer.json()["entry"][0]["resource"]["id"] == pid
+
+
+def test_conditional_update_and_delete(node: Node) -> None:
+    """Upsert by MRN: PUT Type?search updates the one match, creates when none, refuses
+    several (412) and a body naming another id (400); DELETE Type?search deletes the one
+    match, does nothing for none, refuses several."""
+    s = node.session()
+    mrn = f"urn:oid:2.16.156.10011.1.11|mrn-{uuid.uuid4().hex[:8]}"
+    url = f"{node.fhir}/Patient?identifier={mrn}"
+    body = patient(identifier=mrn.split("|")[1])
+    body["identifier"][0]["system"] = mrn.split("|")[0]
+    first = s.put(url, json=body, headers={"Content-Type": FHIR_JSON})
+    assert first.status_code == 201, first.text
+    pid = first.json()["id"]
+    body["gender"] = "female"
+    second = s.put(url, json=body, headers={"Content-Type": FHIR_JSON})
+    assert second.status_code == 200 and second.json()["id"] == pid
+    assert second.json()["meta"]["versionId"] == "2"
+    assert s.get(f"{node.fhir}/Patient/{pid}").json()["gender"] == "female"
+    outcome(
+        s.put(url, json={**body, "id": "someone-else"}, headers={"Content-Type": FHIR_JSON}),
+        400,
+        "not that of the resource the search matched",
+    )
+    stale = s.put(url, json=body, headers={"Content-Type": FHIR_JSON, "If-Match": 'W/"1"'})
+    outcome(stale, 412)
+    outcome(s.put(f"{node.fhir}/Patient", json=body, headers={"Content-Type": FHIR_JSON}), 400)
+    # two patients under one search: neither is touched
+    twin = post(s, f"{node.fhir}/Patient", {**body, "name": [{"family": "Twin"}]})
+    assert twin.status_code == 201
+    outcome(s.put(url, json=body, headers={"Content-Type": FHIR_JSON}), 412, "more than one")
+    outcome(s.delete(url), 412, "more than one")
+    assert s.delete(f"{node.fhir}/Patient/{twin.json()['id']}").status_code == 204
+    gone = s.delete(url)
+    assert gone.status_code == 204
+    outcome(s.get(f"{node.fhir}/Patient/{pid}"), 410)
+    assert s.delete(url).status_code == 204  # nothing matches now: nothing to do
+    # the same inside a transaction: a conditional update creates, then updates
+    entry = {
+        "fullUrl": "urn:uuid:6f1c1c36-0000-4000-8000-000000000001",
+        "resource": body,
+        "request": {"method": "PUT", "url": f"Patient?identifier={mrn}"},
+    }
+    observation_entry = {
+        "resource": observation("x") | {"subject": {"reference": entry["fullUrl"]}},
+        "request": {"method": "POST", "url": "Observation"},
+    }
+    bundle = {"resourceType": "Bundle", "type": "transaction", "entry": [entry, observation_entry]}
+    made = post(s, node.fhir, bundle)
+    assert made.status_code == 200, made.text
+    created = made.json()["entry"]
+    assert created[0]["response"]["status"] == "201 Created"
+    new_id = created[0]["resource"]["id"]
+    assert created[1]["resource"]["subject"]["reference"] == f"Patient/{new_id}"
+    again = post(s, node.fhir, {**bundle, "entry": [entry]}).json()["entry"][0]
+    assert again["response"]["status"] == "200 OK" and again["resource"]["id"] == new_id
+    deleted = post(
+        s,
+        node.fhir,
+        {
+            "resourceType": "Bundle",
+            "type": "transaction",
+            "entry": [
+                {"request": {"method": "DELETE", "url": f"Observation?subject=Patient/{new_id}"}},
+                {"request": {"method": "DELETE", "url": f"Patient?identifier={mrn}"}},
+            ],
+        },
+    )
+    assert deleted.status_code == 200, deleted.text
+    assert [e["response"]["status"] for e in deleted.json()["entry"]] == ["204 No Content"] * 2
+    outcome(s.get(f"{node.fhir}/Patient/{new_id}"), 410)
+
+
+def test_json_patch(node: Node) -> None:
+    s = node.session()
+    pid = new_patient(node)
+    url = f"{node.fhir}/Patient/{pid}"
+    patch_type = {"Content-Type": "application/json-patch+json"}
+    ops = [
+        {"op": "test", "path": "/gender", "value": "male"},
+        {"op": "replace", "path": "/gender", "value": "female"},
+        {"op": "add", "path": "/name/0/given", "value": ["小明"]},
+    ]
+    patched = s.patch(url, json=ops, headers={**patch_type, "If-Match": 'W/"1"'})
+    assert patched.status_code == 200, patched.text
+    body = patched.json()
+    assert body["gender"] == "female" and body["name"][0]["given"] == ["小明"]
+    assert body["meta"]["versionId"] == "2" and patched.headers["ETag"] == 'W/"2"'
+    assert s.get(f"{url}/_history/1").json()["gender"] == "male"
+    # each refusal leaves the resource as it was
+    outcome(s.patch(url, json=ops, headers={**patch_type, "If-Match": 'W/"1"'}), 412)
+    outcome(s.patch(url, json=ops[:1], headers=patch_type), 422, "cannot be applied")
+    outcome(s.patch(url, json=[{"op": "remove", "path": "/nothing"}], headers=patch_type), 422)
+    outcome(s.patch(url, json=[{"op": "jump"}], headers=patch_type), 400)
+    outcome(s.patch(url, json={"op": "add"}, headers=patch_type), 400, "list of operations")
+    outcome(
+        s.patch(
+            url, json=[{"op": "replace", "path": "/gender", "value": "robot"}], headers=patch_type
+        ),
+        400,
+    )
+    outcome(
+        s.patch(url, json=[{"op": "replace", "path": "/id", "value": "other"}], headers=patch_type),
+        400,
+        "is not the URL's",
+    )
+    outcome(s.patch(url, json=ops, headers={"Content-Type": FHIR_JSON}), 415, "JSON Patch")
+    outcome(s.patch(f"{node.fhir}/Patient/nobody", json=ops, headers=patch_type), 404)
+    assert s.get(url).json()["meta"]["versionId"] == "2"
