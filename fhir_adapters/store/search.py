@@ -65,11 +65,25 @@ R = tables.resources
 
 @dataclass(frozen=True)
 class Criterion:
-    """One search parameter with its OR-ed values."""
+    """One search parameter with its OR-ed values; ``via`` when it is about other resources
+    (a chain, ``subject.name=x``, or ``_has``), ``name`` then being the whole parameter."""
 
     name: str
     modifier: str | None
     values: tuple[str, ...]
+    via: Via | None = None
+
+
+@dataclass(frozen=True)
+class Via:
+    """A chain (``kind`` "chain": this type's reference parameter ``param`` points to a
+    resource of one of the ``types`` that ``inner`` matches) or a reverse chain ("has": a
+    resource of ``types[0]`` that ``inner`` matches points here by its parameter ``param``)."""
+
+    kind: str
+    param: str
+    types: tuple[str, ...]
+    inner: Criterion
 
 
 @dataclass(frozen=True)
@@ -227,6 +241,13 @@ def parse_search(
                 )
             else:
                 (request.includes if name == "_include" else request.revincludes).append(include)
+        elif raw_name.startswith("_has:") or "." in raw_name:
+            try:
+                if resource_type is None:
+                    raise InvalidRequest(f"{raw_name}: chains and _has search one type")
+                request.criteria.append(_chained(resource_type, raw_name, raw_value, 1))
+            except InvalidRequest as exc:
+                refuse(str(exc), raw_name)
         elif name in ("_id", "_lastUpdated") or name in params:
             problem = _check_criterion(resource_type or "", name, modifier or None, raw_value)
             if problem:
@@ -250,6 +271,80 @@ def parse_search(
     except InvalidRequest as exc:
         refuse(str(exc), "_elements" if elements else "_summary")
     return request
+
+
+MAX_CHAIN = 3  # links of chains and _has in one parameter
+
+
+def _criterion(types: tuple[str, ...], raw_name: str, raw_value: str, depth: int) -> Criterion:
+    """A criterion on resources of ``types`` (one, or a chain's several targets), chained or
+    plain; InvalidRequest saying why it cannot be searched."""
+    if raw_name.startswith("_has:") or "." in raw_name:
+        if len(types) > 1:
+            raise InvalidRequest(
+                f"{raw_name}: name the type the chain goes through (e.g. subject:Patient.x)"
+            )
+        return _chained(types[0], raw_name, raw_value, depth + 1)
+    name, _, modifier = raw_name.partition(":")
+    for resource_type in types:
+        if name not in ("_id", "_lastUpdated") and name not in SEARCH_PARAMS[resource_type]:
+            raise InvalidRequest(f"{resource_type} has no search parameter {name!r}")
+        problem = _check_criterion(resource_type, name, modifier or None, raw_value)
+        if problem:
+            raise InvalidRequest(problem)
+    if name not in ("_id", "_lastUpdated") and (
+        len({SEARCH_PARAMS[t][name].type for t in types}) > 1
+    ):
+        raise InvalidRequest(f"{raw_name}: {name} is not of one kind in {', '.join(types)}")
+    return Criterion(name, modifier or None, tuple(split_values(raw_value)))
+
+
+def _chained(resource_type: str, raw_name: str, raw_value: str, depth: int) -> Criterion:
+    """``param[:Type].rest`` (a chain) or ``_has:Type:param:rest`` (a reverse chain) on
+    ``resource_type``."""
+    if depth > MAX_CHAIN:
+        raise InvalidRequest(f"{raw_name}: at most {MAX_CHAIN} chained or _has links")
+    if raw_name.startswith("_has:"):
+        parts = raw_name.split(":", 3)
+        if len(parts) != 4 or not parts[3]:
+            raise InvalidRequest("_has is _has:Type:reference-parameter:parameter=value")
+        _, source, param_name, rest = parts
+        if source not in RESOURCE_TYPES:
+            raise InvalidRequest(f"_has: this server does not host {source[:64]!r}")
+        param = SEARCH_PARAMS[source].get(param_name)
+        if (
+            param is None
+            or param.type != "reference"
+            or (param.targets and resource_type not in param.targets)
+        ):
+            raise InvalidRequest(
+                f"_has: {source} has no reference parameter {param_name!r} that may point "
+                f"to a {resource_type}"
+            )
+        inner = _criterion((source,), rest, raw_value, depth)
+        return Criterion(raw_name, None, inner.values, Via("has", param_name, (source,), inner))
+    head, _, rest = raw_name.partition(".")
+    param_name, _, target = head.partition(":")
+    param = SEARCH_PARAMS[resource_type].get(param_name)
+    if param is None or param.type != "reference":
+        raise InvalidRequest(
+            f"{raw_name}: {resource_type} has no reference parameter {param_name!r} to chain"
+        )
+    if target and (target not in RESOURCE_TYPES or (param.targets and target not in param.targets)):
+        raise InvalidRequest(f"{raw_name}: {param_name} does not point to {target[:64]!r}")
+    inner_name = rest.split(":")[0].split(".")[0]
+    candidates = (target,) if target else (param.targets or RESOURCE_TYPES)
+    types = tuple(
+        t
+        for t in candidates
+        if inner_name in ("_id", "_lastUpdated", "_has") or inner_name in SEARCH_PARAMS[t]
+    )
+    if not types:
+        raise InvalidRequest(
+            f"{raw_name}: no type that {param_name} may point to has a parameter {inner_name!r}"
+        )
+    inner = _criterion(types, rest, raw_value, depth)
+    return Criterion(raw_name, None, inner.values, Via("chain", param_name, types, inner))
 
 
 def check_limits(query: Sequence[tuple[str, str]]) -> None:
@@ -372,6 +467,8 @@ def selectivity_rank(resource_type: str, criterion: Criterion) -> int:
     search from its index; the others are checked per candidate."""
     if criterion.modifier in ("not", "missing"):
         return 9
+    if criterion.via is not None:
+        return 3
     if criterion.name == "_id":
         return 0
     if criterion.name == "_lastUpdated":
@@ -385,21 +482,35 @@ def selectivity_rank(resource_type: str, criterion: Criterion) -> int:
 
 
 def criterion_clause(
-    resource_type: str, criterion: Criterion, base_url: str = "", *, driver: bool = True
+    resource_type: str | tuple[str, ...],
+    criterion: Criterion,
+    base_url: str = "",
+    *,
+    driver: bool = True,
+    resources: sa.FromClause = R,
+    access: Access | None = None,
 ) -> ColumnElement[bool]:
-    """The SQL condition on ``fhir_resources`` (aliased as ``R``) for one criterion: as the
-    set of matching rows (``driver``), or as a check of one candidate row."""
+    """The SQL condition on ``fhir_resources`` (as ``resources``: ``R`` unless it is a chain's
+    inner criterion) for one criterion on resources of ``resource_type`` (or of several types,
+    the targets of a chain): as the set of matching rows (``driver``), or as a check of one
+    candidate row. ``access``: what the resources a chain or ``_has`` reaches must be in."""
+    types = (resource_type,) if isinstance(resource_type, str) else resource_type
     name, modifier, values = criterion.name, criterion.modifier, criterion.values
+    if criterion.via is not None:
+        return _via_clause(types[0], criterion.via, base_url, resources, access)
     if name in ("_id", "_lastUpdated") and modifier == "missing":  # every resource has both
         return sa.false() if values[0] == "true" else sa.true()
     if name == "_id":
-        clause = R.c.id.in_(values)
+        clause = resources.c.id.in_(values)
         return sa.not_(clause) if modifier == "not" else clause
     if name == "_lastUpdated":
         return sa.or_(
-            *(_date_condition(R.c.last_updated, R.c.last_updated + 1000, v) for v in values)
+            *(
+                _date_condition(resources.c.last_updated, resources.c.last_updated + 1000, v)
+                for v in values
+            )
         )
-    param = SEARCH_PARAMS[resource_type][name]
+    param = SEARCH_PARAMS[types[0]][name]
     table = {
         "token": tables.tokens,
         "uri": tables.tokens,  # the whole URI as the code, with no system
@@ -407,9 +518,10 @@ def criterion_clause(
         "reference": tables.references,
         "date": tables.dates,
     }[param.type]
-    rows = sa.select(table.c.res_pk).where(table.c.type == resource_type, table.c.param == name)
+    of_type = table.c.type == types[0] if len(types) == 1 else table.c.type.in_(types)
+    rows = sa.select(table.c.res_pk).where(of_type, table.c.param == name)
     if modifier == "missing":
-        present = R.c.res_pk.in_(rows)
+        present = resources.c.res_pk.in_(rows)
         return sa.not_(present) if values[0] == "true" else present
     conditions: list[ColumnElement[bool]] = []
     for value in values:
@@ -434,11 +546,47 @@ def criterion_clause(
                 condition = sa.and_(condition, table.c.target_type == target_type)
             conditions.append(condition)
     if driver or modifier == "not":
-        matching = R.c.res_pk.in_(rows.where(sa.or_(*conditions)))
+        matching = resources.c.res_pk.in_(rows.where(sa.or_(*conditions)))
         return sa.not_(matching) if modifier == "not" else matching
     return sa.exists().where(
-        table.c.res_pk == R.c.res_pk, table.c.param == name, sa.or_(*conditions)
+        table.c.res_pk == resources.c.res_pk, table.c.param == name, sa.or_(*conditions)
     )
+
+
+def _via_clause(
+    resource_type: str, via: Via, base_url: str, resources: sa.FromClause, access: Access | None
+) -> ColumnElement[bool]:
+    """A chain: this resource's reference ``via.param`` names a resource that ``via.inner``
+    matches. ``_has``: a resource that ``via.inner`` matches names this one by ``via.param``.
+    The resources reached must be current and, for a restricted caller, within ``access``
+    (a patient learns nothing of resources outside their compartments this way either)."""
+    other = tables.resources.alias()
+    ref = tables.references.alias()
+    reached: list[ColumnElement[bool]] = [
+        other.c.type == via.types[0] if len(via.types) == 1 else other.c.type.in_(via.types),
+        other.c.deleted.is_(False),
+        criterion_clause(via.types, via.inner, base_url, resources=other, access=access),
+    ]
+    restriction = access.clause(other.c.res_pk) if access is not None else None
+    if restriction is not None:
+        reached.append(restriction)
+    if via.kind == "chain":
+        pointing = sa.select(ref.c.res_pk).where(
+            ref.c.type == resource_type,
+            ref.c.param == via.param,
+            ref.c.target_type.in_(via.types),
+            sa.tuple_(ref.c.target_type, ref.c.target_id).in_(
+                sa.select(other.c.type, other.c.id).where(*reached)
+            ),
+        )
+        return resources.c.res_pk.in_(pointing)
+    pointed = sa.select(ref.c.target_id).where(
+        ref.c.type == via.types[0],
+        ref.c.param == via.param,
+        ref.c.target_type == resource_type,
+        ref.c.res_pk.in_(sa.select(other.c.res_pk).where(*reached)),
+    )
+    return sa.and_(resources.c.type == resource_type, resources.c.id.in_(pointed))
 
 
 def _sort_key(resource_type: str, key: str, descending: bool) -> ColumnElement[Any]:
@@ -480,12 +628,14 @@ def match_query(
     if criteria and selectivity_rank(resource_type, criteria[0]) < 9:
         # the narrowest criterion's index rows (of this type only) find the candidates
         driver, criteria = criteria[0], criteria[1:]
-        conditions.append(criterion_clause(resource_type, driver, base_url))
+        conditions.append(criterion_clause(resource_type, driver, base_url, access=access))
         if driver.name in ("_id", "_lastUpdated"):  # columns of R itself, not index rows
             conditions.append(R.c.type == resource_type)
     else:
         conditions.append(R.c.type == resource_type)
-    conditions.extend(criterion_clause(resource_type, c, base_url, driver=False) for c in criteria)
+    conditions.extend(
+        criterion_clause(resource_type, c, base_url, driver=False, access=access) for c in criteria
+    )
     restriction = access.clause(R.c.res_pk)
     if restriction is not None:
         conditions.append(restriction)

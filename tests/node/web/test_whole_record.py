@@ -180,3 +180,139 @@ def test_a_patients_token_sees_their_compartment_across_types(
         assert patient.get(f"{node.fhir}/{resource_type}/{rid}").status_code == 404
         listed = patient.get(f"{node.fhir}/{resource_type}", params={"_id": rid}).json()
         assert listed.get("total", 0) == 0, (resource_type, listed)
+
+
+def _resources(loaded: dict[str, Any], resource_type: str) -> list[dict[str, Any]]:
+    return [
+        e["resource"]
+        for a in loaded["answers"]
+        for e in a["entry"]
+        if e["resource"]["resourceType"] == resource_type
+    ]
+
+
+def test_chained_searches_and_has(node: Node, loaded: dict[str, Any]) -> None:
+    """Chains (one level and two, typed and untyped) and _has (nested too), each against a
+    brute-force walk of what was loaded."""
+    s = node.session()
+    every = {"_count": "1000"}
+
+    def found(resource_type: str, name: str, value: str) -> set[str]:
+        answer = s.get(f"{node.fhir}/{resource_type}", params={name: value, **every})
+        assert answer.status_code == 200, answer.text
+        return _ids(answer.json())
+
+    patients = {p["id"]: p for p in _resources(loaded, "Patient")}
+    encounters = {e["id"]: e for e in _resources(loaded, "Encounter")}
+    someone = next(iter(patients.values()))
+    card = next(i for i in someone["identifier"] if i["system"].endswith("1.3"))
+    token = f"{card['system']}|{card['value']}"
+
+    def subject_is(r: dict[str, Any]) -> bool:
+        return r["subject"]["reference"] == f"Patient/{someone['id']}"
+
+    expected = {o["id"] for o in _resources(loaded, "Observation") if subject_is(o)}
+    assert expected
+    assert found("Observation", "subject:Patient.identifier", token) == expected
+    assert found("Observation", "patient.identifier", token) == expected
+    assert found("Observation", "subject.identifier", token) == expected  # untyped
+    family = someone["name"][0]["family"]
+    assert found("Condition", "subject:Patient.family", family) == {
+        c["id"]
+        for c in _resources(loaded, "Condition")
+        if patients[c["subject"]["reference"].split("/")[1]]["name"][0]["family"] == family
+    }
+    # two links: Observations made during an Encounter at a given hospital
+    organization = encounters[next(iter(encounters))]["serviceProvider"]["reference"]
+    org_id = organization.split("/")[1]
+    at_org = {e for e, r in encounters.items() if r["serviceProvider"]["reference"] == organization}
+    assert found("Observation", "encounter.service-provider", org_id) == {
+        o["id"]
+        for o in _resources(loaded, "Observation")
+        if o.get("encounter", {}).get("reference", "/").split("/")[1] in at_org
+    }
+    names = {
+        e["resource"]["id"]: e["resource"]["name"]
+        for e in s.get(f"{node.fhir}/Organization", params=every).json()["entry"]
+    }
+    name = names[org_id]
+    assert found("Observation", "encounter.service-provider.name:exact", name) == {
+        o["id"]
+        for o in _resources(loaded, "Observation")
+        if "encounter" in o
+        and names[
+            encounters[o["encounter"]["reference"].split("/")[1]]["serviceProvider"][
+                "reference"
+            ].split("/")[1]
+        ]
+        == name
+    }
+    # _has: Patients with an Immunization of a vaccine code; nested: with a Condition recorded
+    # in an Encounter of class EMER
+    immunization = _resources(loaded, "Immunization")[0]
+    vaccine = immunization["vaccineCode"]["coding"][0]
+    assert found(
+        "Patient",
+        "_has:Immunization:patient:vaccine-code",
+        f"{vaccine['system']}|{vaccine['code']}",
+    ) == {
+        i["patient"]["reference"].split("/")[1]
+        for i in _resources(loaded, "Immunization")
+        if any(c["code"] == vaccine["code"] for c in i["vaccineCode"]["coding"])
+    }
+    emergency = {e for e, r in encounters.items() if r["class"]["code"] == "EMER"}
+    assert found("Patient", "_has:Condition:subject:encounter.class", "EMER") == {
+        c["subject"]["reference"].split("/")[1]
+        for c in _resources(loaded, "Condition")
+        if c.get("encounter", {}).get("reference", "/").split("/")[1] in emergency
+    }
+    # what cannot be searched is refused, saying why
+    for name, value, words in [
+        ("status.x", "1", "no reference parameter 'status'"),
+        ("patient:Device.device-name", "x", "does not point to 'Device'"),
+        ("subject.nothing", "x", "has a parameter 'nothing'"),
+        ("_has:Observation:code:status", "final", "no reference parameter 'code'"),
+        ("_has:Nothing:subject:code", "x", "does not host"),
+        ("_has:Observation", "x", "_has:Type:reference-parameter"),
+        ("a.b.c.d.e", "x", "no reference parameter"),
+        ("encounter.subject.organization.partof.name", "x", "at most 3"),
+    ]:
+        refused = s.get(f"{node.fhir}/Observation", params={name: value})
+        assert refused.status_code == 400 and words in refused.text, (name, refused.text)
+
+
+def test_chains_and_has_stay_inside_a_patients_compartment(
+    node: Node, loaded: dict[str, Any]
+) -> None:
+    """A patient's token reaches through a chain or _has only what it may read: another
+    patient's Conditions do not make that patient's Encounters match, nor the reverse."""
+    answers = loaded["answers"]
+    mine = next(
+        e["resource"] for e in answers[0]["entry"] if e["resource"]["resourceType"] == "Patient"
+    )
+    theirs = next(
+        e["resource"] for e in answers[1]["entry"] if e["resource"]["resourceType"] == "Patient"
+    )
+    me = node.session(node.token(f"pt-{mine['id'][:8]}", "patient", patient=mine["id"]))
+    their_card = next(i for i in theirs["identifier"] if i["system"].endswith("1.3"))
+    answer = me.get(
+        f"{node.fhir}/Observation",
+        params={"subject:Patient.identifier": f"{their_card['system']}|{their_card['value']}"},
+    ).json()
+    assert answer["total"] == 0
+    mine_card = next(i for i in mine["identifier"] if i["system"].endswith("1.3"))
+    own = me.get(
+        f"{node.fhir}/Observation",
+        params={
+            "subject:Patient.identifier": f"{mine_card['system']}|{mine_card['value']}",
+            "_count": "1000",
+        },
+    ).json()
+    assert own["total"] == len(
+        [e for e in answers[0]["entry"] if e["resource"]["resourceType"] == "Observation"]
+    )
+    # _has cannot tell a patient whether anyone else has an Immunization
+    anybody = me.get(
+        f"{node.fhir}/Patient", params={"_has:Immunization:patient:status": "completed"}
+    )
+    assert {e["resource"]["id"] for e in anybody.json().get("entry", [])} <= {mine["id"]}
