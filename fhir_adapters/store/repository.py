@@ -592,6 +592,7 @@ class _IndexBatch:
     strings: list[dict[str, Any]] = field(default_factory=list)
     references: list[dict[str, Any]] = field(default_factory=list)
     dates: list[dict[str, Any]] = field(default_factory=list)
+    quantities: list[dict[str, Any]] = field(default_factory=list)
     links: list[dict[str, Any]] = field(default_factory=list)
     compartment: list[dict[str, Any]] = field(default_factory=list)
 
@@ -606,6 +607,19 @@ class _IndexBatch:
             {**base, "param": p, "target_type": t, "target_id": i} for p, t, i in rows.references
         )
         self.dates.extend({**base, "param": p, "low": lo, "high": hi} for p, lo, hi in rows.dates)
+        self.quantities.extend(
+            {
+                **base,
+                "param": p,
+                "system": q.system[:255],
+                "code": q.code,
+                "value": q.value,
+                "dimension": q.dimension,
+                "base": q.base,
+                "derived": q.derived,
+            }
+            for p, q in rows.quantities
+        )
         self.links.extend(
             {"res_pk": res_pk, "target_type": t, "target_id": i} for t, i in rows.links
         )
@@ -619,6 +633,7 @@ class _IndexBatch:
             (tables.strings, self.strings),
             (tables.references, self.references),
             (tables.dates, self.dates),
+            (tables.quantities, self.quantities),
             (tables.links, self.links),
             (tables.compartment, self.compartment),
         ):

@@ -33,6 +33,7 @@ from sqlalchemy.sql.elements import ColumnElement
 
 from fhir_adapters.errors import InvalidRequest, NotFound, TooCostly
 from fhir_adapters.store import tables
+from fhir_adapters.store.quantities import Wanted, caveat, parse_wanted
 from fhir_adapters.store.resources import RESOURCE_TYPES, check_type
 from fhir_adapters.store.search_params import (
     SEARCH_PARAMS,
@@ -106,6 +107,7 @@ class SearchRequest:
     includes: list[Include] = field(default_factory=list)
     revincludes: list[Include] = field(default_factory=list)
     ignored: list[str] = field(default_factory=list)  # lenient handling: what was dropped
+    notes: list[str] = field(default_factory=list)  # what the caller should know of the answer
     subsetting: Subsetting = field(default_factory=Subsetting)  # _summary, _elements
 
     def query_string(self) -> str:
@@ -221,7 +223,7 @@ def parse_search(
                 descending = key.startswith("-")
                 key = key.lstrip("-")
                 if key not in ("_id", "_lastUpdated") and (
-                    key not in params or params[key].type == "reference"
+                    key not in params or params[key].type in ("reference", "quantity")
                 ):
                     refuse(f"cannot sort {resource_type} by {key!r}", f"_sort={key}")
                     continue
@@ -253,9 +255,11 @@ def parse_search(
             if problem:
                 refuse(problem, raw_name)
             else:
-                request.criteria.append(
-                    Criterion(name, modifier or None, tuple(split_values(raw_value)))
-                )
+                criterion = Criterion(name, modifier or None, tuple(split_values(raw_value)))
+                request.criteria.append(criterion)
+                if name in params and params[name].type == "quantity" and not modifier:
+                    notes = (caveat(parse_wanted(v)) for v in criterion.values)
+                    request.notes.extend(n for n in notes if n and n not in request.notes)
         elif resource_type and unsupported(resource_type, name):
             refuse(str(unsupported(resource_type, name)), raw_name)
         else:
@@ -395,6 +399,7 @@ def _check_criterion(
     allowed = {
         "token": (None, "not"),
         "uri": (None,),
+        "quantity": (None,),
         "string": (None, "exact", "contains"),
         "date": (None,),
         "reference": (None, *RESOURCE_TYPES),
@@ -406,6 +411,11 @@ def _check_criterion(
             return f"{name} has an empty value"
         if any(ord(char) < 32 for char in value):
             return f"{name} holds a control character"
+        if kind == "quantity":
+            try:
+                parse_wanted(value)
+            except ValueError as exc:
+                return f"{name}: {exc}"
         if kind == "date":
             prefix = value[:2] if value[:2].isalpha() else "eq"
             if prefix not in DATE_PREFIXES:
@@ -439,6 +449,40 @@ def _date_condition(low: ColumnElement[int], high: ColumnElement[int], value: st
     if prefix == "sa":
         return low >= ph
     return high <= pl  # eb
+
+
+def _quantity_condition(table: sa.Table, wanted: Wanted) -> ColumnElement[bool]:
+    """A quantity criterion against index rows: by base value in the wanted unit's dimension
+    (rows derived by molar mass included), or by value as written (unit for unit when one is
+    named)."""
+    conditions: list[ColumnElement[bool]] = []
+    if wanted.dimension:
+        column = table.c.base
+        conditions.append(table.c.dimension == wanted.dimension)
+    else:
+        column = table.c.value
+        conditions.append(table.c.derived.is_(False))
+        if wanted.system:
+            conditions.append(table.c.system == wanted.system)
+        if wanted.code:
+            conditions.append(table.c.code == wanted.code)
+    number, low, high = wanted.number, wanted.low, wanted.high
+    within = sa.and_(column >= low, column < high)
+    compare = {
+        "eq": within,
+        "ne": sa.not_(within),
+        "gt": column > number,
+        "sa": column > number,
+        "lt": column < number,
+        "eb": column < number,
+        "ge": column >= number,
+        "le": column <= number,
+        "ap": sa.and_(
+            column >= min(low, number - abs(number) / 10),
+            column <= max(high, number + abs(number) / 10),
+        ),
+    }[wanted.prefix]
+    return sa.and_(*conditions, compare)
 
 
 def _token_condition(table: sa.Table, value: str) -> ColumnElement[bool]:
@@ -476,6 +520,8 @@ def selectivity_rank(resource_type: str, criterion: Criterion) -> int:
     param = SEARCH_PARAMS[resource_type][criterion.name]
     if param.type == "reference":
         return 1
+    if param.type == "quantity":
+        return 5
     if param.type == "token":
         return 2 if criterion.name == "identifier" else 4
     return 3 if param.type == "string" else 5
@@ -517,6 +563,7 @@ def criterion_clause(
         "string": tables.strings,
         "reference": tables.references,
         "date": tables.dates,
+        "quantity": tables.quantities,
     }[param.type]
     of_type = table.c.type == types[0] if len(types) == 1 else table.c.type.in_(types)
     rows = sa.select(table.c.res_pk).where(of_type, table.c.param == name)
@@ -539,6 +586,8 @@ def criterion_clause(
                 conditions.append(table.c.value.startswith(text, autoescape=True))
         elif param.type == "date":
             conditions.append(_date_condition(table.c.low, table.c.high, value))
+        elif param.type == "quantity":
+            conditions.append(_quantity_condition(table, parse_wanted(value)))
         else:
             target_type, target_id = _reference_target(param, modifier, value, base_url)
             condition = table.c.target_id == target_id

@@ -1,11 +1,11 @@
 """The search parameters of each hosted resource type, and the index values of a resource.
 
 Every type's parameters are the official R4 SearchParameters of :mod:`fhir_adapters.definitions`
-of the types the index stores (token, string, reference, date, uri), each reading what its
+of the types the index stores (token, string, reference, date, uri, quantity), each reading what its
 FHIRPath expression selects (:mod:`fhir_adapters.store.expressions`). For the types the node
 has always served, a hand-written table of JSON paths stands in front: it is what today's
 searches and the node's own rules (AuditEvent, Consent) were built on, and it is faster.
-Number, quantity, composite and special parameters are not searchable yet; a search naming
+Number, composite and special parameters are not searchable yet; a search naming
 one is refused, saying so. :func:`index_values` turns a resource into the rows of the index
 tables; the search code queries those rows and never parses stored JSON.
 
@@ -26,11 +26,14 @@ from typing import Any, Literal, cast
 from fhir_adapters import definitions
 from fhir_adapters.errors import InvalidRequest
 from fhir_adapters.store.expressions import Select, compile_expression
+from fhir_adapters.store.quantities import LOINC
+from fhir_adapters.store.quantities import Row as QuantityRow
+from fhir_adapters.store.quantities import rows_of as quantity_rows
 from fhir_adapters.store.resources import RESOURCE_TYPES, references
 
 LOCAL_ZONE = timezone(timedelta(hours=8))
-ParamType = Literal["token", "string", "reference", "date", "uri"]
-INDEXED_TYPES = ("token", "string", "reference", "date", "uri")
+ParamType = Literal["token", "string", "reference", "date", "uri", "quantity"]
+INDEXED_TYPES = ("token", "string", "reference", "date", "uri", "quantity")
 
 
 @dataclass(frozen=True)
@@ -236,6 +239,7 @@ class IndexRows:
     strings: list[tuple[str, str]] = field(default_factory=list)  # param, normalised value
     references: list[tuple[str, str, str]] = field(default_factory=list)  # param, type, id
     dates: list[tuple[str, int, int]] = field(default_factory=list)  # param, low, high (µs)
+    quantities: list[tuple[str, QuantityRow]] = field(default_factory=list)  # param, row
     compartment: set[str] = field(default_factory=set)  # patient ids
     links: list[tuple[str, str]] = field(default_factory=list)  # every local reference
 
@@ -410,6 +414,15 @@ def index_values(resource: dict[str, Any], base_url: str = "") -> IndexRows:
     rows = IndexRows()
     params = SEARCH_PARAMS.get(resource_type, {})
     compartment_params = COMPARTMENT_PARAMS.get(resource_type, ())
+    analytes = (
+        frozenset(
+            c["code"]
+            for c in (resource.get("code") or {}).get("coding", [])
+            if isinstance(c, dict) and c.get("system") == LOINC and isinstance(c.get("code"), str)
+        )
+        if isinstance(resource.get("code"), dict)
+        else frozenset()
+    )
     for param in params.values():
         selected = (
             param.select(resource)
@@ -428,6 +441,8 @@ def index_values(resource: dict[str, Any], base_url: str = "") -> IndexRows:
                 )
             elif param.type == "date":
                 rows.dates.extend((param.name, low, high) for low, high in _date_values(value))
+            elif param.type == "quantity":
+                rows.quantities.extend((param.name, q) for q in quantity_rows(value, analytes))
             elif isinstance(value, dict) and isinstance(value.get("reference"), str):
                 target = parse_reference(value["reference"], base_url)
                 if target and (not param.targets or target[0] in param.targets):
@@ -446,6 +461,7 @@ def index_values(resource: dict[str, Any], base_url: str = "") -> IndexRows:
     rows.strings = list(dict.fromkeys(rows.strings))
     rows.references = list(dict.fromkeys(rows.references))
     rows.dates = list(dict.fromkeys(rows.dates))
+    rows.quantities = list(dict.fromkeys(rows.quantities))
     rows.links = list(dict.fromkeys(rows.links))
     return rows
 

@@ -89,6 +89,23 @@ dates = sa.Table(
     sa.Index("fhir_idx_date_res", "res_pk"),
 )
 
+quantities = sa.Table(
+    "fhir_idx_quantity",
+    metadata,
+    sa.Column("res_pk", sa.BigInteger, nullable=False),
+    sa.Column("type", sa.String(64), nullable=False),
+    sa.Column("param", sa.String(64), nullable=False),
+    sa.Column("system", sa.String(255), nullable=False),  # "" when there is none
+    sa.Column("code", sa.String(64), nullable=False),  # the unit's code, or its text
+    sa.Column("value", sa.Float, nullable=False),  # as written
+    sa.Column("dimension", sa.String(16), nullable=False),  # "" when not converted
+    sa.Column("base", sa.Float, nullable=False),  # in the dimension's base unit
+    sa.Column("derived", sa.Boolean, nullable=False),  # by the analyte's molar mass
+    sa.Index("fhir_idx_quantity_base", "type", "param", "dimension", "base"),
+    sa.Index("fhir_idx_quantity_value", "type", "param", "value"),
+    sa.Index("fhir_idx_quantity_res", "res_pk"),
+)
+
 links = sa.Table(
     "fhir_links",
     metadata,
@@ -121,4 +138,4 @@ search_sets = sa.Table(
     sa.Index("fhir_search_sets_owner", "owner", "created"),
 )
 
-INDEX_TABLES = (tokens, strings, references, dates, links, compartment)
+INDEX_TABLES = (tokens, strings, references, dates, quantities, links, compartment)

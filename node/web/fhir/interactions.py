@@ -466,7 +466,7 @@ class FhirApi:
         issues = [
             Issue(f"ignored: {name}", "not-supported", severity="warning")
             for name in search.ignored
-        ]
+        ] + [Issue(note, "informational", severity="information") for note in search.notes]
         return self._searchset(
             req,
             matches,

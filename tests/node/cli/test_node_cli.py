@@ -304,6 +304,7 @@ def test_upgrade_applies_pending_migrations(node_dir: Path) -> None:
                 "signin_throttle",
                 "node_users",
                 "locator_holdings",
+                "fhir_idx_quantity",
             ):
                 conn.execute(sa.text(f"DROP TABLE {table}"))
             # the users' table as the first migration made it, with a user locked out then
@@ -376,12 +377,14 @@ def test_an_upgrade_across_a_reindexing_revision_indexes_what_was_stored(node_di
             "status": "final",
             "code": {"coding": [{"system": "http://loinc.org", "code": "718-7"}]},
             "method": {"coding": [{"system": "http://snomed.info/sct", "code": "702659008"}]},
+            "valueQuantity": {"value": 13.5, "system": "http://unitsofmeasure.org", "code": "g/dL"},
             "subject": {"reference": f"Patient/{patient.id}"},
         }
         stored = [store.create(observation) for _ in range(3)]
         tokens = tables.tokens
         with database.write_engine.begin() as conn:  # as an earlier hrx indexed them
             conn.execute(tokens.delete().where(tokens.c.param == "method"))
+            conn.execute(sa.text("DROP TABLE fhir_idx_quantity"))  # revision 0011 makes it
             conn.execute(sa.text("UPDATE alembic_version SET version_num = '0010'"))
 
         def methods() -> set[str]:
@@ -398,6 +401,9 @@ def test_an_upgrade_across_a_reindexing_revision_indexes_what_was_stored(node_di
     database = open_database(config.database_url)
     try:
         assert methods() == {str(s.res_pk) for s in stored}
+        with database.engine.connect() as conn:  # the new quantity index filled as well
+            quantities = conn.execute(sa.select(tables.quantities.c.res_pk)).all()
+        assert {str(row[0]) for row in quantities} == {str(s.res_pk) for s in stored}
         with database.engine.connect() as conn:  # and nothing twice
             count = conn.execute(
                 sa.select(sa.func.count()).select_from(tables.compartment)
@@ -424,7 +430,8 @@ def test_messages_made_from_csv_exports_are_counted_as_csv(tmp_path: Path) -> No
                         resources="[]",
                     )
                 )
-            conn.execute(sa.text("DROP TABLE locator_holdings"))  # made by a later migration
+            for later in ("locator_holdings", "fhir_idx_quantity"):  # made by later migrations
+                conn.execute(sa.text(f"DROP TABLE {later}"))
             conn.execute(sa.text("UPDATE alembic_version SET version_num = '0008'"))
     finally:
         database.close()

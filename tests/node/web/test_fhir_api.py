@@ -366,9 +366,14 @@ def test_capability_statement_lists_what_is_served(node: Node) -> None:
             continue
         params = entry["searchParam"] if resource_type in every else entry["searchParam"][-3:]
         for param in params:
-            value = {"token": "x", "string": "x", "date": "2024", "reference": "x", "uri": "x"}[
-                param["type"]
-            ]
+            value = {
+                "token": "x",
+                "string": "x",
+                "date": "2024",
+                "reference": "x",
+                "uri": "x",
+                "quantity": "5",
+            }[param["type"]]
             response = s.get(f"{node.fhir}/{resource_type}", params={param["name"]: value})
             assert response.status_code == 200, (resource_type, param, response.text)
 

@@ -147,8 +147,8 @@ def test_new_types_are_searched_by_their_r4_parameters(node: Node, loaded: dict[
         loaded, "Immunization", lambda r: r["occurrenceDateTime"][:10] >= day
     )
     # a parameter whose kind is not searched yet is refused, saying so
-    refused = s.get(f"{node.fhir}/Observation", params={"value-quantity": "gt7"})
-    assert refused.status_code == 400 and "quantity parameter" in refused.text
+    refused = s.get(f"{node.fhir}/Observation", params={"code-value-quantity": "x$gt7"})
+    assert refused.status_code == 400 and "composite parameter" in refused.text
 
 
 def test_a_patients_token_sees_their_compartment_across_types(
@@ -316,3 +316,93 @@ def test_chains_and_has_stay_inside_a_patients_compartment(
         f"{node.fhir}/Patient", params={"_has:Immunization:patient:status": "completed"}
     )
     assert {e["resource"]["id"] for e in anybody.json().get("entry", [])} <= {mine["id"]}
+
+
+def test_quantity_search_across_units(node: Node, loaded: dict[str, Any]) -> None:
+    """value-quantity with a UCUM unit compares across units of one dimension, and across mass
+    and substance concentration for analytes of known molar mass (135 mg/dL of glucose is
+    7.49 mmol/L); the Bundle says which comparisons it could not make. Each against a
+    brute-force conversion of what was loaded."""
+    from fhir_adapters.store.quantities import MOLAR_MASS
+
+    s = node.session()
+    observations = _resources(loaded, "Observation")
+
+    def found(**params: str) -> tuple[set[str], list[str]]:
+        answer = s.get(f"{node.fhir}/Observation", params={**params, "_count": "1000"})
+        assert answer.status_code == 200, answer.text
+        bundle = answer.json()
+        notes = [
+            e["resource"]["issue"][0]["diagnostics"]
+            for e in bundle.get("entry", [])
+            if e["search"]["mode"] == "outcome"
+        ]
+        return _ids(bundle), notes
+
+    def mmol_per_litre(o: dict[str, Any]) -> float | None:
+        q = o.get("valueQuantity")
+        if q is None:
+            return None
+        loinc = o["code"]["coding"][0]["code"]
+        if q["code"] == "mmol/L":
+            return float(q["value"])
+        if q["code"] == "mg/dL" and loinc in MOLAR_MASS:
+            return float(q["value"]) * 10 / MOLAR_MASS[loinc]  # mg/dL -> g/L -> mol/L * 1000
+        return None
+
+    expected = {o["id"] for o in observations if (mmol_per_litre(o) or 0) > 7}
+    matched, notes = found(**{"value-quantity": "gt7|http://unitsofmeasure.org|mmol/L"})
+    assert matched == expected and expected
+    assert any("only for analytes whose molar mass this server knows" in n for n in notes)
+    # a glucose of 135 mg/dL is 7.49 mmol/L: found by a search in mmol/L, precisely
+    pid = next(p["id"] for p in _resources(loaded, "Patient"))
+    glucose = {
+        "resourceType": "Observation",
+        "status": "final",
+        "code": {"coding": [{"system": "http://loinc.org", "code": "2345-7"}]},
+        "subject": {"reference": f"Patient/{pid}"},
+        "valueQuantity": {
+            "value": 135,
+            "unit": "mg/dL",
+            "system": "http://unitsofmeasure.org",
+            "code": "mg/dL",
+        },
+    }
+    made = post(s, f"{node.fhir}/Observation", glucose).json()["id"]
+    ucum = "http://unitsofmeasure.org"
+    assert made in found(**{"value-quantity": f"gt7|{ucum}|mmol/L"})[0]
+    assert made in found(**{"value-quantity": f"7.5|{ucum}|mmol/L"})[0]  # [7.45, 7.55)
+    assert made not in found(**{"value-quantity": f"7.4|{ucum}|mmol/L"})[0]
+    assert made in found(**{"value-quantity": f"ap7.3|{ucum}|mmol/L"})[0]  # within 10 %
+    assert made in found(**{"value-quantity": f"1.35|{ucum}|g/L"})[0]
+    assert made in found(**{"value-quantity": "135||mg/dL"})[0]  # as written, unit for unit
+    assert made not in found(**{"value-quantity": "7.49||mmol/L"})[0]  # not derived ones
+    assert made in found(**{"value-quantity": "ge135"})[0]  # no unit: as written
+    assert made not in found(**{"value-quantity": "lt8"})[0]
+    # a hemoglobin in g/dL (no molar mass here) is not compared with mmol/L, and is said so
+    hemoglobin = {o["id"] for o in observations if o["code"]["coding"][0]["code"] == "718-7"}
+    assert not hemoglobin & found(**{"value-quantity": f"gt0|{ucum}|mmol/L"})[0]
+
+    # components: blood pressure systolic above 140 mm[Hg], also asked in kPa
+    def systolic(o: dict[str, Any]) -> float:
+        return max(
+            (
+                float(c["valueQuantity"]["value"])
+                for c in o.get("component", [])
+                if c["code"]["coding"][0]["code"] == "8480-6"
+            ),
+            default=0.0,
+        )
+
+    high = {o["id"] for o in observations if systolic(o) > 140}  # whole mm[Hg]: 18.67 kPa is 140.04
+    assert high and high != {o["id"] for o in observations if systolic(o)}
+    assert found(**{"component-value-quantity": f"gt140|{ucum}|mm[Hg]"})[0] == high
+    assert found(**{"component-value-quantity": f"gt18.67|{ucum}|kPa"})[0] == high
+    # units this server does not convert, and malformed values: 400, saying which
+    for value, words in [
+        (f"gt7|{ucum}|furlong", "no UCUM unit this server converts"),
+        ("gtseven", "is not a number"),
+        ("7|mmol/L", "number|system|code"),
+    ]:
+        refused = s.get(f"{node.fhir}/Observation", params={"value-quantity": value})
+        assert refused.status_code == 400 and words in refused.text, refused.text
