@@ -46,6 +46,7 @@ from fhir_adapters.store.search import (
     paginate,
 )
 from fhir_adapters.store.search_params import IndexRows, index_values, parse_reference
+from fhir_adapters.store.subsetting import Subsetting
 
 log = logging.getLogger(__name__)
 
@@ -281,9 +282,14 @@ class ResourceStore:
                     "query": request.query_string(),
                     "includes": [str(i) for i in request.includes],
                     "revincludes": [str(i) for i in request.revincludes],
+                    "iterate": [
+                        f"{kind}:{i}"
+                        for kind, includes in (("i", request.includes), ("r", request.revincludes))
+                        for i in includes
+                        if i.iterate
+                    ],
                     "total": request.total,
-                    "summary": request.subsetting.summary,
-                    "elements": request.subsetting.elements,
+                    **_subsetting_of(request.subsetting),
                 },
             )
 
@@ -311,57 +317,91 @@ class ResourceStore:
         self, page_items: list[Stored], request: dict[str, Any], access: Access
     ) -> list[Stored]:
         """What ``_include`` and ``_revinclude`` add to a page (current versions, filtered by
-        access, none twice and none already on the page)."""
+        access, none twice and none already on the page); those marked ``:iterate`` applied
+        again to what they add, at most :data:`ITERATE_ROUNDS` times and until
+        :data:`MOST_INCLUDED` resources."""
         if not page_items or not (request.get("includes") or request.get("revincludes")):
             return []
-        page_keys = {(item.type, item.id) for item in page_items}
-        wanted: list[Any] = []
-        ref = tables.references
+        keys = {(item.type, item.id) for item in page_items}
         with self.engine.connect() as conn:
             pks = {item.res_pk for item in page_items if item.res_pk is not None}
-            if len(pks) < len(page_keys):  # a page's versions know their rows; else look up
+            if len(pks) < len(keys):  # a page's versions know their rows; else look up
                 pks = {
                     row[0]
                     for row in conn.execute(
-                        sa.select(R.c.res_pk).where(keys_clause(R.c.type, R.c.id, page_keys))
+                        sa.select(R.c.res_pk).where(keys_clause(R.c.type, R.c.id, keys))
                     )
                 }
-            for text in request.get("includes", []):
-                source, param, *target = text.split(":")
-                query = sa.select(ref.c.target_type, ref.c.target_id).where(
-                    ref.c.res_pk.in_(sorted(pks)), ref.c.type == source, ref.c.param == param
+            includes = list(request.get("includes", []))
+            revincludes = list(request.get("revincludes", []))
+            iterating = set(request.get("iterate", []))
+            seen, found = set(pks), list[tuple[int, int]]()
+            frontier_pks, frontier_keys = pks, keys
+            for _ in range(ITERATE_ROUNDS):
+                rows = self._included_once(
+                    conn, frontier_pks, frontier_keys, includes, revincludes, seen, access
                 )
-                if target:
-                    query = query.where(ref.c.target_type == target[0])
-                targets = sorted({(row[0], row[1]) for row in conn.execute(query)} - page_keys)
-                if targets:
-                    wanted.append(keys_clause(R.c.type, R.c.id, targets))
-            for text in request.get("revincludes", []):
-                source, param, *target = text.split(":")
-                keys = sorted(key for key in page_keys if not target or key[0] == target[0])
-                if keys:
-                    wanted.append(
-                        R.c.res_pk.in_(
-                            sa.select(ref.c.res_pk).where(
-                                ref.c.type == source,
-                                ref.c.param == param,
-                                keys_clause(ref.c.target_type, ref.c.target_id, keys),
-                            )
+                rows = rows[: MOST_INCLUDED - len(found)]
+                found.extend((row[0], row[1]) for row in rows)
+                seen.update(row[0] for row in rows)
+                includes = [i for i in includes if f"i:{i}" in iterating]
+                revincludes = [i for i in revincludes if f"r:{i}" in iterating]
+                if not rows or not (includes or revincludes) or len(found) >= MOST_INCLUDED:
+                    break
+                frontier_pks = {row[0] for row in rows}
+                frontier_keys = {(row[2], row[3]) for row in rows}
+        return self.versions_of(sorted(found))
+
+    @staticmethod
+    def _included_once(
+        conn: Connection,
+        pks: set[int],
+        keys: set[tuple[str, str]],
+        includes: list[str],
+        revincludes: list[str],
+        seen: set[int],
+        access: Access,
+    ) -> list[Any]:
+        """(res_pk, version, type, id) of what the includes reach from the resources ``pks``
+        (``keys`` their types and ids), none of ``seen``."""
+        ref = tables.references
+        wanted: list[Any] = []
+        for text in includes:
+            source, param, *target = text.split(":")
+            query = sa.select(ref.c.target_type, ref.c.target_id).where(
+                ref.c.res_pk.in_(sorted(pks)), ref.c.type == source, ref.c.param == param
+            )
+            if target:
+                query = query.where(ref.c.target_type == target[0])
+            targets = sorted({(row[0], row[1]) for row in conn.execute(query)} - keys)
+            if targets:
+                wanted.append(keys_clause(R.c.type, R.c.id, targets))
+        for text in revincludes:
+            source, param, *target = text.split(":")
+            pointed = sorted(key for key in keys if not target or key[0] == target[0])
+            if pointed:
+                wanted.append(
+                    R.c.res_pk.in_(
+                        sa.select(ref.c.res_pk).where(
+                            ref.c.type == source,
+                            ref.c.param == param,
+                            keys_clause(ref.c.target_type, ref.c.target_id, pointed),
                         )
                     )
-            if not wanted:
-                return []
-            conditions = [sa.or_(*wanted), R.c.deleted.is_(False), R.c.res_pk.not_in(sorted(pks))]
-            restriction = access.clause(R.c.res_pk)
-            if restriction is not None:
-                conditions.append(restriction)
-            pairs = [
-                (row[0], row[1])
-                for row in conn.execute(
-                    sa.select(R.c.res_pk, R.c.version).where(*conditions).order_by(R.c.res_pk)
                 )
-            ]
-        return self.versions_of(pairs)
+        if not wanted:
+            return []
+        conditions = [sa.or_(*wanted), R.c.deleted.is_(False), R.c.res_pk.not_in(sorted(seen))]
+        restriction = access.clause(R.c.res_pk)
+        if restriction is not None:
+            conditions.append(restriction)
+        return list(
+            conn.execute(
+                sa.select(R.c.res_pk, R.c.version, R.c.type, R.c.id)
+                .where(*conditions)
+                .order_by(R.c.res_pk)
+            )
+        )
 
     def history(
         self,
@@ -373,6 +413,7 @@ class ResourceStore:
         since: int | None = None,
         count: int = DEFAULT_COUNT,
         types: Sequence[str] = (),
+        subsetting: Subsetting | None = None,
     ) -> Matches:
         """Versions newest first: of one resource, of every resource of a type, or (no type)
         of every resource of ``types``."""
@@ -415,7 +456,12 @@ class ResourceStore:
                 count,
                 owner,
                 "history",
-                {"type": resource_type, "id": resource_id, "since": since},
+                {
+                    "type": resource_type,
+                    "id": resource_id,
+                    "since": since,
+                    **_subsetting_of(subsetting),
+                },
             )
 
     def _versions_in_compartment(
@@ -460,7 +506,14 @@ class ResourceStore:
             pairs = [(row[0], row[1]) for row in conn.execute(query)]
         return readable_only(self.versions_of(pairs), "released to another member")
 
-    def everything(self, patient_id: str, access: Access, owner: str, count: int) -> Matches:
+    def everything(
+        self,
+        patient_id: str,
+        access: Access,
+        owner: str,
+        count: int,
+        subsetting: Subsetting | None = None,
+    ) -> Matches:
         """``Patient/{id}/$everything``: the patient, every resource in the patient's
         compartment, and the practitioners and organizations they reference."""
         self.read("Patient", patient_id)
@@ -492,7 +545,12 @@ class ResourceStore:
                 )
             ]
             return paginate(
-                self.write_engine, pairs, count, owner, "everything", {"patient": patient_id}
+                self.write_engine,
+                pairs,
+                count,
+                owner,
+                "everything",
+                {"patient": patient_id, **_subsetting_of(subsetting)},
             )
 
     # -- writes -------------------------------------------------------------------------
@@ -517,6 +575,13 @@ class ResourceStore:
     def delete(self, resource_type: str, resource_id: str) -> Stored | None:
         with self.writing() as writer:
             return writer.delete(resource_type, resource_id)
+
+
+def _subsetting_of(subsetting: Subsetting | None) -> dict[str, Any]:
+    """What a stored search set keeps of ``_summary``/``_elements``, so later pages keep it."""
+    if subsetting is None:
+        return {}
+    return {"summary": subsetting.summary, "elements": subsetting.elements}
 
 
 def readable_only(items: list[Stored], left_out: str) -> list[Stored]:
@@ -602,7 +667,9 @@ class _IndexBatch:
         self.tokens.extend(
             {**base, "param": p, "system": sy[:255], "code": c[:255]} for p, sy, c in rows.tokens
         )
-        self.strings.extend({**base, "param": p, "value": v[:255]} for p, v in rows.strings)
+        self.strings.extend(
+            {**base, "param": p, "value": v[:255], "exact": e[:255]} for p, v, e in rows.strings
+        )
         self.references.extend(
             {**base, "param": p, "target_type": t, "target_id": i} for p, t, i in rows.references
         )
@@ -641,6 +708,8 @@ class _IndexBatch:
                 conn.execute(table.insert(), rows)
 
 
+ITERATE_ROUNDS = 4  # how often :iterate includes are applied again to what they added
+MOST_INCLUDED = 1000  # resources includes add to one page, at most
 REINDEX_BATCH = 500  # resources indexed again per transaction
 
 

@@ -58,7 +58,7 @@ SEARCH_SET_SECONDS = 3600  # how long a next link stays valid
 SEARCH_SETS_PER_OWNER = 50  # the newest kept per caller; older ones' links expire early
 RESULT_PARAMS = {"_count", "_sort", "_total", "_include", "_revinclude", "_summary", "_elements"}
 FORMAT_PARAMS = {"_format", "_pretty"}
-DATE_PREFIXES = ("eq", "ne", "gt", "lt", "ge", "le", "sa", "eb")
+DATE_PREFIXES = ("eq", "ne", "gt", "lt", "ge", "le", "sa", "eb", "ap")
 _PAIR = struct.Struct(">qi")
 
 R = tables.resources
@@ -92,6 +92,7 @@ class Include:
     source_type: str
     param: str
     target_type: str | None
+    iterate: bool = False  # applied to what is included too, not only to the matches
 
     def __str__(self) -> str:
         return ":".join(filter(None, (self.source_type, self.param, self.target_type)))
@@ -109,6 +110,7 @@ class SearchRequest:
     ignored: list[str] = field(default_factory=list)  # lenient handling: what was dropped
     notes: list[str] = field(default_factory=list)  # what the caller should know of the answer
     subsetting: Subsetting = field(default_factory=Subsetting)  # _summary, _elements
+    compartment: str | None = None  # a patient's id: only resources in their compartment
 
     def query_string(self) -> str:
         """The parameters this search used, for its ``self`` link (what was ignored is not)."""
@@ -118,8 +120,10 @@ class SearchRequest:
             parts.append(f"{name}={_quote(','.join(criterion.values))}")
         if self.sort:
             parts.append("_sort=" + ",".join(("-" if d else "") + k for k, d in self.sort))
-        parts.extend(f"_include={_quote(str(i))}" for i in self.includes)
-        parts.extend(f"_revinclude={_quote(str(i))}" for i in self.revincludes)
+        for name, includes in (("_include", self.includes), ("_revinclude", self.revincludes)):
+            parts.extend(
+                f"{name}{':iterate' if i.iterate else ''}={_quote(str(i))}" for i in includes
+            )
         if self.total != "accurate":
             parts.append(f"_total={self.total}")
         parts.extend(self.subsetting.query())
@@ -229,16 +233,25 @@ def parse_search(
                     continue
                 request.sort.append((key, descending))
         elif name in ("_include", "_revinclude"):
-            if modifier:
-                refuse(f"{raw_name} is not supported (no :iterate)", raw_name)
+            if modifier not in ("", "iterate", "recurse"):
+                refuse(f"{raw_name} is not supported (only :iterate)", raw_name)
                 continue
-            include = _parse_include(raw_value)
+            iterate = bool(modifier)
+            if name == "_include" and raw_value == "*" and resource_type is not None:
+                request.includes.extend(
+                    Include(resource_type, p, None, iterate)
+                    for p, d in sorted(params.items())
+                    if d.type == "reference"
+                )
+                continue
+            include = _parse_include(raw_value, iterate)
             if include is None:
                 refuse(f"{name}={raw_value!r} is not Type:parameter[:TargetType]", raw_name)
-            elif name == "_include" and include.source_type != resource_type:
+            elif name == "_include" and include.source_type != resource_type and not iterate:
                 refuse(
                     f"_include={raw_value} starts from {include.source_type}, but this search "
-                    f"returns {resource_type}",
+                    f"returns {resource_type} (send _include:iterate to include from what is "
+                    "included)",
                     raw_name,
                 )
             else:
@@ -371,7 +384,7 @@ def check_limits(query: Sequence[tuple[str, str]]) -> None:
             raise TooCostly(f"{name[:40]}: a value of {longest} characters: {SEARCH_LIMITS}")
 
 
-def _parse_include(text: str) -> Include | None:
+def _parse_include(text: str, iterate: bool = False) -> Include | None:
     parts = text.split(":")
     if len(parts) not in (2, 3) or parts[0] not in RESOURCE_TYPES:
         return None
@@ -381,7 +394,7 @@ def _parse_include(text: str) -> Include | None:
     target = parts[2] if len(parts) == 3 else None
     if target is not None and target not in RESOURCE_TYPES:
         return None
-    return Include(parts[0], parts[1], target)
+    return Include(parts[0], parts[1], target, iterate)
 
 
 def _check_criterion(
@@ -397,8 +410,8 @@ def _check_criterion(
     if modifier == "missing":
         return None if raw_value in ("true", "false") else f"{name}:missing takes true or false"
     allowed = {
-        "token": (None, "not"),
-        "uri": (None,),
+        "token": (None, "not", "text"),
+        "uri": (None, "below", "above"),
         "quantity": (None,),
         "string": (None, "exact", "contains"),
         "date": (None,),
@@ -434,6 +447,9 @@ def _date_condition(low: ColumnElement[int], high: ColumnElement[int], value: st
     """A date criterion against index ranges [low, high), by the FHIR prefix semantics."""
     prefix = value[:2] if value[:2].isalpha() else "eq"
     pl, ph = date_range(value[2:] if value[:2].isalpha() else value)
+    if prefix == "ap":  # R4: within 10 % of the gap between now and the date, either way
+        slack = abs(time.time_ns() // 1000 - (pl + ph) // 2) // 10
+        return sa.and_(low < ph + slack, high > pl - slack)
     if prefix == "eq":
         return sa.and_(low >= pl, high <= ph)
     if prefix == "ne":
@@ -557,6 +573,19 @@ def criterion_clause(
             )
         )
     param = SEARCH_PARAMS[types[0]][name]
+    if modifier == "text":  # a token's words: a concept's text, its codings' displays
+        words = tables.strings
+        texts = [normalise_string(v) for v in values]
+        return resources.c.res_pk.in_(
+            sa.select(words.c.res_pk).where(
+                words.c.type == types[0] if len(types) == 1 else words.c.type.in_(types),
+                words.c.param == f"{name}:text",
+                sa.or_(
+                    *(words.c.value.startswith(t, autoescape=True) for t in texts),
+                    *(words.c.value.contains(" " + t, autoescape=True) for t in texts),
+                ),
+            )
+        )
     table = {
         "token": tables.tokens,
         "uri": tables.tokens,  # the whole URI as the code, with no system
@@ -575,11 +604,22 @@ def criterion_clause(
         if param.type == "token":
             conditions.append(_token_condition(table, value))
         elif param.type == "uri":
-            conditions.append(sa.and_(table.c.system == "", table.c.code == value))
+            if modifier == "below":  # the URI or one under it, segment by segment
+                condition = sa.or_(
+                    table.c.code == value,
+                    table.c.code.startswith(value.rstrip("/") + "/", autoescape=True),
+                )
+            elif modifier == "above":  # the URI or one it is under
+                condition = sa.or_(
+                    table.c.code == value, sa.literal(value).startswith(table.c.code + "/")
+                )
+            else:
+                condition = table.c.code == value
+            conditions.append(sa.and_(table.c.system == "", condition))
         elif param.type == "string":
             text = normalise_string(value)
-            if modifier == "exact":
-                conditions.append(table.c.value == text)
+            if modifier == "exact":  # as written (the normalised form narrows it first)
+                conditions.append(sa.and_(table.c.value == text, table.c.exact == value.strip()))
             elif modifier == "contains":
                 conditions.append(table.c.value.contains(text, autoescape=True))
             else:
@@ -685,6 +725,14 @@ def match_query(
     conditions.extend(
         criterion_clause(resource_type, c, base_url, driver=False, access=access) for c in criteria
     )
+    if request.compartment is not None:
+        conditions.append(
+            R.c.res_pk.in_(
+                sa.select(tables.compartment.c.res_pk).where(
+                    tables.compartment.c.patient_id == request.compartment
+                )
+            )
+        )
     restriction = access.clause(R.c.res_pk)
     if restriction is not None:
         conditions.append(restriction)

@@ -236,7 +236,7 @@ class IndexRows:
     """A resource's values for every search parameter of its type."""
 
     tokens: list[tuple[str, str, str]] = field(default_factory=list)  # param, system, code
-    strings: list[tuple[str, str]] = field(default_factory=list)  # param, normalised value
+    strings: list[tuple[str, str, str]] = field(default_factory=list)  # param, normalised, as is
     references: list[tuple[str, str, str]] = field(default_factory=list)  # param, type, id
     dates: list[tuple[str, int, int]] = field(default_factory=list)  # param, low, high (µs)
     quantities: list[tuple[str, QuantityRow]] = field(default_factory=list)  # param, row
@@ -281,6 +281,19 @@ def _tokens(value: Any) -> Iterator[tuple[str, str]]:
             yield str(value.get("system", "")), value["code"]
         elif isinstance(value.get("value"), str):  # Identifier, ContactPoint
             yield str(value.get("system", "")), value["value"]
+
+
+def _token_texts(value: Any) -> Iterator[str]:
+    """The words of a coded value (``:text``): a CodeableConcept's text and its codings'
+    displays, a Coding's display, an Identifier's type text."""
+    if not isinstance(value, dict):
+        return
+    for text in (value.get("text"), value.get("display")):
+        if isinstance(text, str):
+            yield text
+    for coding in value.get("coding", []) if isinstance(value.get("coding"), list) else []:
+        if isinstance(coding, dict) and isinstance(coding.get("display"), str):
+            yield coding["display"]
 
 
 def _strings(value: Any) -> Iterator[str]:
@@ -432,12 +445,16 @@ def index_values(resource: dict[str, Any], base_url: str = "") -> IndexRows:
         for value in selected:
             if param.type == "token":
                 rows.tokens.extend((param.name, system, code) for system, code in _tokens(value))
+                rows.strings.extend(  # :text searches a concept's text and displays
+                    (f"{param.name}:text", normalise_string(text), text.strip())
+                    for text in _token_texts(value)
+                )
             elif param.type == "uri":
                 if isinstance(value, str):
                     rows.tokens.append((param.name, "", value))
             elif param.type == "string":
                 rows.strings.extend(
-                    (param.name, normalise_string(text)) for text in _strings(value)
+                    (param.name, normalise_string(text), text.strip()) for text in _strings(value)
                 )
             elif param.type == "date":
                 rows.dates.extend((param.name, low, high) for low, high in _date_values(value))

@@ -60,7 +60,8 @@ strings = sa.Table(
     sa.Column("res_pk", sa.BigInteger, nullable=False),
     sa.Column("type", sa.String(64), nullable=False),
     sa.Column("param", sa.String(64), nullable=False),
-    sa.Column("value", sa.String(255), nullable=False),
+    sa.Column("value", sa.String(255), nullable=False),  # normalised (case, accents, width)
+    sa.Column("exact", sa.String(255), nullable=True),  # as written (None: indexed before 0011)
     sa.Index("fhir_idx_string_value", "type", "param", "value"),
     sa.Index("fhir_idx_string_res", "res_pk"),
 )

@@ -284,12 +284,12 @@ def _transaction(api: FhirApi, req: FhirRequest, entries: list[dict[str, Any]]) 
             try:
                 action = {"POST": "c", "PUT": "u", "DELETE": "d"}[method]
                 api.permit(req, resource_type, action, "transaction")
-                if method in ("DELETE", "PUT"):
-                    assert resource_id is not None
-                    before.update(svc.audit.patients_before(writer, resource_type, resource_id))
                 if method == "DELETE" and resource_id is None:  # a conditional one: no match
                     results[index] = {"response": {"status": FhirResponse(204).status_line}}
                     continue
+                if method in ("DELETE", "PUT"):
+                    assert resource_id is not None
+                    before.update(svc.audit.patients_before(writer, resource_type, resource_id))
                 if method == "DELETE":
                     assert resource_id is not None
                     stored = writer.delete(

@@ -51,7 +51,7 @@ from fhir_adapters.store.search import (
     parse_search,
     whole_number,
 )
-from fhir_adapters.store.search_params import date_range, index_values
+from fhir_adapters.store.search_params import COMPARTMENT_PARAMS, date_range, index_values
 from fhir_adapters.store.subsetting import Subsetting, parse_subsetting
 from node.flows import orders
 from node.flows.permissions import permit
@@ -106,6 +106,8 @@ class FhirApi:
             return (self.search_post, s[:1]) if method == "POST" else None
         if n == 3 and s[2] == "_history":
             return (self.history_instance, s[:2]) if method == "GET" else None
+        if n == 3 and s[0] == "Patient" and s[2] in RESOURCE_TYPES:
+            return (self.compartment_search, s[1:]) if method == "GET" else None
         if n == 4 and s[2] == "_history":
             return (self.vread, [s[0], s[1], s[3]]) if method == "GET" else None
         if n == 2:
@@ -248,10 +250,9 @@ class FhirApi:
                 raise
             # to a patient, every way of not seeing it looks the same
             raise NotFound(f"{resource_type}/{resource_id} is not known") from None
+        subsetting = _subsetting(req, resource_type)  # refused before anything is recorded
         self.svc.audit.reads(req.caller, "vread", [stored])
-        return self._respond(
-            200, _body(stored, _subsetting(req, resource_type)), self.version_headers(stored)
-        )
+        return self._respond(200, _body(stored, subsetting), self.version_headers(stored))
 
     def update(self, req: FhirRequest, resource_type: str, resource_id: str) -> FhirResponse:
         check_type(resource_type)
@@ -449,20 +450,40 @@ class FhirApi:
     def search_post(self, req: FhirRequest, resource_type: str) -> FhirResponse:
         return self._search(req, resource_type, req.query + req.form())
 
+    def compartment_search(
+        self, req: FhirRequest, patient_id: str, resource_type: str
+    ) -> FhirResponse:
+        """``Patient/{id}/Type?...``: a search of the resources of that type in the patient's
+        compartment (R4's CompartmentDefinition)."""
+        check_type(resource_type)
+        check_id(patient_id)
+        access = self.permit(req, resource_type, "s", "search-type")
+        if access.patients is not None and patient_id not in access.patients:
+            raise NotFound(f"Patient/{patient_id} is not known")
+        if resource_type != "Patient" and not COMPARTMENT_PARAMS.get(resource_type):
+            raise InvalidRequest(f"{resource_type} resources are never in a patient's compartment")
+        return self._search(req, resource_type, req.query, compartment=patient_id)
+
     def _search(
-        self, req: FhirRequest, resource_type: str, query: list[tuple[str, str]]
+        self,
+        req: FhirRequest,
+        resource_type: str,
+        query: list[tuple[str, str]],
+        compartment: str | None = None,
     ) -> FhirResponse:
         check_type(resource_type)
         access = self.permit(req, resource_type, "s", "search-type")
         lenient = req.prefer("handling", "strict") == "lenient"
         search = parse_search(resource_type, query, lenient=lenient)
+        search.compartment = compartment
         for include in (*search.includes, *search.revincludes):
             target = include.target_type or include.source_type
             self.permit(req, include.source_type, "r", "search-type")
             if target:
                 self.permit(req, target, "r", "search-type")
         matches = self.svc.store.search(search, access, req.principal.owner)
-        self_link = f"{self.svc.config.fhir_base}/{resource_type}?{search.query_string()}"
+        path = f"Patient/{quote(compartment)}/{resource_type}" if compartment else resource_type
+        self_link = f"{self.svc.config.fhir_base}/{path}?{search.query_string()}"
         issues = [
             Issue(f"ignored: {name}", "not-supported", severity="warning")
             for name in search.ignored
@@ -473,7 +494,7 @@ class FhirApi:
             access,
             self_link,
             issues,
-            query=f"{resource_type}?{search.query_string()}",
+            query=f"{path}?{search.query_string()}",
         )
 
     def _searchset(
@@ -624,8 +645,10 @@ class FhirApi:
                     raise InvalidRequest(f"_since: {exc}") from None
             elif name == "_count":
                 count = whole_number("_count", value, MAX_COUNT)
-            elif name not in ("_format", "_pretty"):
-                raise InvalidRequest(f"history takes _since and _count, not {name!r}")
+            elif name not in ("_format", "_pretty", "_summary", "_elements"):
+                raise InvalidRequest(
+                    f"history takes _since, _count, _summary and _elements, not {name!r}"
+                )
         matches = self.svc.store.history(
             resource_type,
             resource_id,
@@ -634,6 +657,7 @@ class FhirApi:
             since=since,
             count=count,
             types=types,
+            subsetting=_subsetting(req, *([resource_type] if resource_type else types)),
         )
         if resource_id is not None and not matches.total and access.patients is not None:
             raise NotFound(f"{resource_type}/{resource_id} is not known")
@@ -672,14 +696,22 @@ class FhirApi:
         for name, value in req.query:
             if name == "_count":
                 count = whole_number("_count", value, MAX_COUNT)
-            elif name not in ("_format", "_pretty"):
-                raise InvalidRequest(f"$everything takes _count, not {name!r}")
+            elif name not in ("_format", "_pretty", "_summary", "_elements"):
+                raise InvalidRequest(
+                    f"$everything takes _count, _summary and _elements, not {name!r}"
+                )
         if access.patients is not None and patient_id not in access.patients:
             raise NotFound(f"Patient/{patient_id} is not known")
         for resource_type in RESOURCE_TYPES:  # it reads across types: each must be allowed
             if resource_type != "AuditEvent":
                 self.permit(req, resource_type, "r", "operation")
-        matches = self.svc.store.everything(patient_id, access, req.principal.owner, count)
+        matches = self.svc.store.everything(
+            patient_id,
+            access,
+            req.principal.owner,
+            count,
+            _subsetting(req, *[t for t in RESOURCE_TYPES if t != "AuditEvent"]),
+        )
         self_link = f"{self.svc.config.fhir_base}/Patient/{quote(patient_id)}/$everything"
         return self._searchset(
             req,
@@ -806,6 +838,7 @@ ROUTES = {  # each interaction's pattern, as the logs and metrics name it
     "history_instance": "/fhir/<resource_type>/<resource_id>/_history",
     "everything": "/fhir/Patient/<patient_id>/$everything",
     "everything_of_type": "/fhir/Patient/$everything",
+    "compartment_search": "/fhir/Patient/<patient_id>/<resource_type>",
     "conditional_update": "/fhir/<resource_type>?<search>",
     "patch": "/fhir/<resource_type>/<resource_id>",
     "conditional_delete": "/fhir/<resource_type>?<search>",
@@ -837,10 +870,11 @@ def _condition(req: FhirRequest, what: str) -> str:
     return urlencode(pairs)
 
 
-def _subsetting(req: FhirRequest, resource_type: str) -> Subsetting:
-    """What ``_summary`` / ``_elements`` of a read ask for (400 for what cannot be)."""
+def _subsetting(req: FhirRequest, *resource_types: str) -> Subsetting:
+    """What ``_summary`` / ``_elements`` ask for of resources of those types (400 for what
+    cannot be: an element must be one of every type's)."""
     return parse_subsetting(
-        (resource_type,),
+        resource_types,
         [v for n, v in req.query if n == "_summary"],
         [v for n, v in req.query if n == "_elements"],
     )

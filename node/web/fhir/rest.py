@@ -48,6 +48,20 @@ def call() -> Call:
     return found
 
 
+FHIR_VERSIONS = {"4.0", "4.0.1"}  # the fhirVersion parameter values naming R4
+
+
+def _media(part: str) -> tuple[str, str | None]:
+    """A media range of an Accept header, and its ``fhirVersion`` parameter if any."""
+    kind, *parameters = part.split(";")
+    version = None
+    for parameter in parameters:
+        name, _, value = parameter.partition("=")
+        if name.strip().lower() == "fhirversion":
+            version = value.strip().strip('"')
+    return kind.strip().lower(), version
+
+
 def negotiate() -> None:
     """406 unless the caller takes FHIR JSON; the body limit; ``_pretty``."""
     request.max_content_length = MAX_BODY_BYTES  # read no more of a body than this: 413
@@ -56,11 +70,17 @@ def negotiate() -> None:
     if fmt is not None and fmt not in ("json", *JSON_TYPES):
         raise NotAcceptable(f"_format={fmt!r}: this server speaks FHIR JSON only (_format=json)")
     accept = request.headers.get("Accept")
-    if accept and fmt is None:
-        kinds = [part.split(";")[0].strip().lower() for part in accept.split(",")]
-        if not any(k in (*JSON_TYPES, "*/*", "application/*") for k in kinds):
+    if accept:
+        taken = [_media(part) for part in accept.split(",")]
+        if fmt is None and not any(k in (*JSON_TYPES, "*/*", "application/*") for k, _ in taken):
             raise NotAcceptable(
                 f"Accept: {accept[:100]} — this server answers in application/fhir+json only"
+            )
+        versions = {v for _, v in taken if v is not None}
+        if versions and not versions & FHIR_VERSIONS:
+            raise NotAcceptable(
+                f"Accept: fhirVersion={sorted(versions)[0][:20]} — this server serves FHIR "
+                "4.0.1 (R4) only (fhirVersion=4.0)"
             )
     call().pretty = request.args.get("_pretty") == "true"
 

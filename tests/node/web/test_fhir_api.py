@@ -323,6 +323,13 @@ def test_validation_errors_are_operation_outcomes(node: Node) -> None:
     )
     outcome(s.get(f"{node.fhir}/Patient?_format=xml"), 406)
     outcome(s.get(f"{node.fhir}/Patient", headers={"Accept": "application/fhir+xml"}), 406)
+    for accept, status in [
+        ("application/fhir+json; fhirVersion=4.0", 200),
+        ("application/fhir+json;fhirVersion=4.0.1", 200),
+        ("application/fhir+json; fhirVersion=3.0", 406),
+        ("application/fhir+json; fhirVersion=4.3", 406),
+    ]:
+        assert s.get(f"{node.fhir}/Patient/{pid}", headers={"Accept": accept}).status_code == status
     outcome(s.get(f"{node.fhir}/MedicinalProduct/1"), 404, "R4B has no such type")
     outcome(s.get(f"{node.fhir}/Encounters/1"), 404, "not a FHIR R4 resource type")
     outcome(s.patch(f"{node.fhir}/Patient/{pid}", json={}), 415, "JSON Patch")
@@ -997,3 +1004,58 @@ def test_json_patch(node: Node) -> None:
     outcome(s.patch(url, json=ops, headers={"Content-Type": FHIR_JSON}), 415, "JSON Patch")
     outcome(s.patch(f"{node.fhir}/Patient/nobody", json=ops, headers=patch_type), 404)
     assert s.get(url).json()["meta"]["versionId"] == "2"
+
+
+def test_modifiers_exact_text_below_above_and_approximate_dates(node: Node) -> None:
+    s = node.session()
+    pid = new_patient(node, family="Müller")
+    every = "&_count=1000"
+    # :exact compares the string as written (case and accents), as R4 says
+    assert pid in ids(s.get(f"{node.fhir}/Patient?family:exact=Müller{every}").json())
+    assert pid not in ids(s.get(f"{node.fhir}/Patient?family:exact=müller{every}").json())
+    assert pid not in ids(s.get(f"{node.fhir}/Patient?family:exact=Muller{every}").json())
+    assert pid in ids(s.get(f"{node.fhir}/Patient?family=muller{every}").json())
+    # :text searches a code's text and displays (a word's start, Chinese too)
+    condition = {
+        "resourceType": "Condition",
+        "subject": {"reference": f"Patient/{pid}"},
+        "code": {
+            "coding": [
+                {"system": "http://hl7.org/fhir/sid/icd-10", "code": "I10", "display": "高血压"}
+            ],
+            "text": "Essential Hypertension",
+        },
+        "meta": {"profile": ["http://hl7.org/fhir/us/core/StructureDefinition/us-core-condition"]},
+    }
+    cid = post(s, f"{node.fhir}/Condition", condition).json()["id"]
+    for words, found in [("hypert", True), ("essential", True), ("高血", True), ("tension", False)]:
+        matched = ids(
+            s.get(f"{node.fhir}/Condition", params={"code:text": words, "_count": "1000"}).json()
+        )
+        assert (cid in matched) is found, words
+    # :below and :above on a uri (_profile)
+    base = "http://hl7.org/fhir/us/core/StructureDefinition"
+    for name, value, found in [
+        ("_profile", f"{base}/us-core-condition", True),
+        ("_profile", base, False),
+        ("_profile:below", base, True),
+        ("_profile:below", "http://example.org", False),
+        ("_profile:above", f"{base}/us-core-condition/x", True),
+        ("_profile:above", f"{base}/us-core-condition-other", False),
+    ]:
+        matched = ids(
+            s.get(f"{node.fhir}/Condition", params={name: value, "_count": "1000"}).json()
+        )
+        assert (cid in matched) is found, (name, value)
+    # ap: within 10 % of the gap between now and the date
+    observed = post(
+        s, f"{node.fhir}/Observation", observation(pid, when="2016-06-15T10:00:00+08:00")
+    )
+    oid = observed.json()["id"]
+    near = ids(
+        s.get(f"{node.fhir}/Observation?date=ap2016-03-01&subject=Patient/{pid}{every}").json()
+    )
+    far = ids(
+        s.get(f"{node.fhir}/Observation?date=ap2012-01-01&subject=Patient/{pid}{every}").json()
+    )
+    assert oid in near and oid not in far

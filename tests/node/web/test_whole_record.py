@@ -406,3 +406,85 @@ def test_quantity_search_across_units(node: Node, loaded: dict[str, Any]) -> Non
     ]:
         refused = s.get(f"{node.fhir}/Observation", params={"value-quantity": value})
         assert refused.status_code == 400 and words in refused.text, refused.text
+
+
+def test_compartment_search_and_iterating_includes(node: Node, loaded: dict[str, Any]) -> None:
+    s = node.session()
+    answers = loaded["answers"]
+    pid = next(
+        e["resource"]["id"]
+        for e in answers[0]["entry"]
+        if e["resource"]["resourceType"] == "Patient"
+    )
+    own = {
+        e["resource"]["id"]
+        for e in answers[0]["entry"]
+        if e["resource"]["resourceType"] == "Condition"
+    }
+    found = s.get(f"{node.fhir}/Patient/{pid}/Condition", params={"_count": "1000"})
+    assert found.status_code == 200 and _ids(found.json()) == own
+    assert found.json()["link"][0]["url"].startswith(f"{node.fhir}/Patient/{pid}/Condition?")
+    coded = s.get(f"{node.fhir}/Patient/{pid}/Observation", params={"code": "29463-7"}).json()
+    assert _ids(coded) == {
+        e["resource"]["id"]
+        for e in answers[0]["entry"]
+        if e["resource"]["resourceType"] == "Observation"
+        and e["resource"]["code"]["coding"][0]["code"] == "29463-7"
+    }
+    assert s.get(f"{node.fhir}/Patient/{pid}/Organization").status_code == 400
+    # a patient's token reaches only their own compartment this way
+    other = next(
+        e["resource"]["id"]
+        for e in answers[1]["entry"]
+        if e["resource"]["resourceType"] == "Patient"
+    )
+    me = node.session(node.token(f"pt-{pid[:8]}", "patient", patient=pid))
+    assert me.get(f"{node.fhir}/Patient/{pid}/Condition").status_code == 200
+    assert me.get(f"{node.fhir}/Patient/{other}/Condition").status_code == 404
+    # _include:iterate: a DiagnosticReport, its results, and through them their encounters
+    report = next(
+        e["resource"]
+        for e in answers[0]["entry"]
+        if e["resource"]["resourceType"] == "DiagnosticReport"
+    )
+    bundle = s.get(
+        f"{node.fhir}/DiagnosticReport",
+        params={
+            "_id": report["id"],
+            "_include": "DiagnosticReport:result",
+            "_include:iterate": "Observation:encounter",
+        },
+    ).json()
+    included = {
+        (e["resource"]["resourceType"], e["resource"]["id"])
+        for e in bundle["entry"]
+        if e["search"]["mode"] == "include"
+    }
+    results = {r["reference"].split("/")[1] for r in report["result"]}
+    assert {("Observation", r) for r in results} <= included
+    encounters = {
+        e["resource"]["encounter"]["reference"].split("/")[1]
+        for e in answers[0]["entry"]
+        if e["resource"]["id"] in results and "encounter" in e["resource"]
+    }
+    assert encounters and {("Encounter", e) for e in encounters} <= included
+    without = s.get(
+        f"{node.fhir}/DiagnosticReport",
+        params={"_id": report["id"], "_include": "DiagnosticReport:result"},
+    ).json()
+    assert not any(e["resource"]["resourceType"] == "Encounter" for e in without["entry"])
+    refused = s.get(
+        f"{node.fhir}/DiagnosticReport",
+        params={"_id": report["id"], "_include": "Observation:encounter"},
+    )
+    assert refused.status_code == 400 and "_include:iterate" in refused.text
+    # _include=*: every reference parameter of the type
+    everything = s.get(
+        f"{node.fhir}/DiagnosticReport", params={"_id": report["id"], "_include": "*"}
+    ).json()
+    kinds = {
+        e["resource"]["resourceType"]
+        for e in everything["entry"]
+        if e["search"]["mode"] == "include"
+    }
+    assert {"Observation", "Patient", "Encounter"} <= kinds

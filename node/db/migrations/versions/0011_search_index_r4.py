@@ -1,5 +1,6 @@
 """Every FHIR R4 resource type, searched by the official R4 search parameters: the quantity
-index (``fhir_idx_quantity``: values as written and in their dimension's base unit), and the
+index (``fhir_idx_quantity``: values as written and in their dimension's base unit), strings
+as written beside their normalised form (``:exact`` compares those), and the
 search index of every stored resource built again by ``hrx node upgrade``
 (:data:`node.ops.setup.REINDEXING`), since the parameters of the types served before grew too.
 
@@ -21,6 +22,8 @@ depends_on = None
 
 def upgrade() -> None:
     # the index rows are rebuilt after the migrations (they need the node's base URL)
+    with op.batch_alter_table("fhir_idx_string", schema=None) as batch_op:
+        batch_op.add_column(sa.Column("exact", sa.String(length=255), nullable=True))
     op.create_table(
         "fhir_idx_quantity",
         sa.Column("res_pk", sa.BigInteger(), nullable=False),
@@ -43,3 +46,5 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     op.drop_table("fhir_idx_quantity")
+    with op.batch_alter_table("fhir_idx_string", schema=None) as batch_op:
+        batch_op.drop_column("exact")
