@@ -23,8 +23,12 @@ values), thousands of repeated search parameters, very long values, non-UTF-8 ch
 Bundles of more entries than the node takes and bodies over its size limit; each must be
 refused with the limit named (400, 413 or 415) and nothing written.
 
+Every R4 type is fuzzed too: searches by its official parameters, ``_summary``/``_elements``
+on reads and searches, conditional update and delete, JSON Patch, and transactions with
+conditional references, updates and deletes.
+
 The bugs this fuzzing found are kept as minimal single requests at the end of the file, as
-regression tests.
+regression tests; those not fixed yet are strict xfails.
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ from datetime import date, datetime
 from typing import Any
 from urllib.parse import parse_qs, parse_qsl, quote, unquote, urlencode, urlsplit
 
+import jsonpatch
 import jwt
 import pytest
 import sqlalchemy as sa
@@ -55,9 +60,11 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
+from fhir_adapters import definitions
 from fhir_adapters.errors import FhirError
 from fhir_adapters.store import jsonio
-from fhir_adapters.store.resources import RESOURCE_TYPES
+from fhir_adapters.store.resources import RESOURCE_TYPES, model_class
+from fhir_adapters.store.search_params import SEARCH_PARAMS
 from ledger import keys
 from node.base.config import load_config
 from tests.helpers.nodes import FHIR_JSON, Node
@@ -333,14 +340,29 @@ def check_effects(before: Snapshot, after: Snapshot, reply: Reply, parsed: Any) 
     elif reply.status >= 400 or reply.status in REDIRECTS:
         assert after == before, f"a rejected request wrote: {before.diff(after)}\n{reply}"
     else:
-        new = after.triples - before.triples
-        if reply.method == "DELETE":
-            path = unquote(urlsplit(reply.target).path).split("/")
-            deleted = {(t, i, m) for t, i, _, m in after.versions - before.versions}
+        added = after.versions - before.versions
+        new = {(t, i, v) for t, i, v, _ in added}
+        deleted = {(t, i, m) for t, i, _, m in added}
+        path = unquote(urlsplit(reply.target).path).split("/")
+        if reply.method == "DELETE" and len(path) == 3:  # DELETE Type?search: its one match
+            assert len(deleted) <= 1, f"{deleted}\n{reply}"
+            assert all((t, m) == (path[-1], "DELETE") for t, _, m in deleted), reply
+        elif reply.method == "DELETE":
             assert deleted <= {(path[-2], path[-1], "DELETE")}, f"{deleted}\n{reply}"
         else:
             claimed = claimed_writes(reply, parsed) - before.triples
-            assert new == claimed, f"wrote {sorted(new)} but the reply names {claimed}\n{reply}"
+            # a transaction's deletions are named by no location: one per 204 entry at most
+            deletions = {(t, i, v) for t, i, v, m in added if m == "DELETE"}
+            entries = parsed.get("entry", []) if isinstance(parsed, dict) else []
+            answered = sum(
+                str(e.get("response", {}).get("status", "")).startswith("204")
+                for e in entries
+                if isinstance(e, dict) and parsed.get("type") == "transaction-response"
+            )
+            assert len(deletions) <= answered, f"deleted {sorted(deletions)}\n{reply}"
+            assert new - deletions == claimed, (
+                f"wrote {sorted(new)} but the reply names {claimed}\n{reply}"
+            )
         if reply.method in ("GET", "HEAD", "OPTIONS"):
             assert not new, f"a read wrote {new}\n{reply}"
             # one AuditEvent per patient concerned (at most one per resource returned, and
@@ -1593,6 +1615,10 @@ MODIFIERS = (
     ":iterate",
     ":text",
     ":below",
+    ":above",
+    ":identifier",
+    ":of-type",
+    ":Encounter",
     ":",
     "::",
     ":MISSING",
@@ -1737,6 +1763,25 @@ def query_strings(draw: Any, world: World) -> str:
     return "&".join(parts)
 
 
+def check_searchset(
+    reply: Reply, parsed: Any, before: Snapshot, after: Snapshot, resource_type: str
+) -> None:
+    """A search's 200: at least one AuditEvent and at most one per resource returned plus
+    one; a searchset Bundle whose matches are of the type searched."""
+    audits = after.counts["audit_versions"] - before.counts["audit_versions"]
+    assert audits >= 1, f"a search left no AuditEvent\n{reply}"
+    if not isinstance(parsed, dict):  # HEAD
+        return
+    returned = len(parsed.get("entry", []))
+    assert audits <= returned + 1, f"{audits} AuditEvents for a search\n{reply}"
+    assert parsed["resourceType"] == "Bundle" and parsed["type"] == "searchset", str(reply)
+    for entry in parsed.get("entry", []):
+        mode = entry["search"]["mode"]
+        assert mode in ("match", "include", "outcome"), str(reply)
+        if mode == "match":
+            assert entry["resource"]["resourceType"] == resource_type, str(reply)
+
+
 @fuzz(150)
 @given(data=st.data())
 def test_search_query_strings(world: World, data: st.DataObject) -> None:
@@ -1768,20 +1813,7 @@ def test_search_query_strings(world: World, data: st.DataObject) -> None:
     else:
         assert reply.status in (200, 400), str(reply)
     if reply.status == 200 and resource_type != "metadata":
-        audits = after.counts["audit_versions"] - before.counts["audit_versions"]
-        # one AuditEvent per patient concerned, one for what belongs to no patient (a HEAD
-        # reply has no body to count them against)
-        assert audits >= 1, f"a search left no AuditEvent\n{reply}"
-        if isinstance(parsed, dict):
-            returned = len(parsed.get("entry", []))
-            assert audits <= returned + 1, f"{audits} AuditEvents for a search\n{reply}"
-        if method == "GET":
-            assert parsed["resourceType"] == "Bundle" and parsed["type"] == "searchset"
-            for entry in parsed.get("entry", []):
-                mode = entry["search"]["mode"]
-                assert mode in ("match", "include", "outcome"), str(reply)
-                if mode == "match":
-                    assert entry["resource"]["resourceType"] == resource_type, str(reply)
+        check_searchset(reply, parsed, before, after, resource_type)
 
 
 NUMBERS = (
@@ -2115,6 +2147,655 @@ def test_transaction_bundles(world: World, data: st.DataObject) -> None:
             )
             got = entry["resource"]["subject"]["reference"]
             assert got == f"Patient/{target['resource']['id']}", str(reply)
+
+
+# -- the tests: every R4 type, subsetting, conditional writes, JSON Patch ----------------------
+
+NEW_TYPES = (
+    "Encounter",
+    "Condition",
+    "MedicationRequest",
+    "AllergyIntolerance",
+    "Procedure",
+    "Immunization",
+    "DocumentReference",
+    "CarePlan",
+    "Location",
+    "Bundle",
+)
+CODED = {"coding": [{"system": "http://snomed.info/sct", "code": "25064002"}], "text": "头痛"}
+
+
+def sample(resource_type: str, world: World, tag: str) -> dict[str, Any]:
+    """A valid resource of ``resource_type`` (a NEW_TYPES one, Patient or Organization) with
+    the identifier ``RESIDENT_ID|tag``, referring to the anchor Patient where it must."""
+    if resource_type == "Patient":
+        return make_patient("条", tag)
+    identifier = {"system": RESIDENT_ID, "value": tag}
+    subject = {"reference": f"Patient/{world.anchor}"}
+    bodies: dict[str, dict[str, Any]] = {
+        "Organization": {"name": "杭州市第一人民医院"},
+        "Encounter": {
+            "status": "finished",
+            "class": {"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "AMB"},
+            "subject": subject,
+            "period": {"start": "2024-03-01T08:00:00+08:00"},
+        },
+        "Condition": {"subject": subject, "code": CODED, "onsetDateTime": "2024-02-01"},
+        "MedicationRequest": {
+            "status": "active",
+            "intent": "order",
+            "medicationCodeableConcept": {"text": "阿司匹林"},
+            "subject": subject,
+            "authoredOn": "2024-03-01",
+        },
+        "AllergyIntolerance": {"patient": subject, "code": CODED, "criticality": "low"},
+        "Procedure": {"status": "completed", "subject": subject, "code": CODED},
+        "Immunization": {
+            "status": "completed",
+            "vaccineCode": {"text": "乙肝疫苗"},
+            "patient": subject,
+            "occurrenceDateTime": "2024-03-01",
+            "lotNumber": "A123",
+        },
+        "DocumentReference": {
+            "status": "current",
+            "subject": subject,
+            "content": [{"attachment": {"contentType": "text/plain", "url": "urn:x:1"}}],
+        },
+        "CarePlan": {"status": "active", "intent": "plan", "subject": subject},
+        "Location": {"name": "门诊三楼", "status": "active", "address": {"city": "杭州"}},
+        "Bundle": {"type": "collection", "timestamp": "2024-03-01T08:00:00+08:00"},
+    }
+    resource = {"resourceType": resource_type, **copy.deepcopy(bodies[resource_type])}
+    resource["identifier"] = identifier if resource_type == "Bundle" else [identifier]
+    return resource
+
+
+@dataclass(frozen=True)
+class Seeded:
+    """One resource of each NEW_TYPES type (and an Organization), made for the searches and
+    the subsetting to find."""
+
+    tag: str
+    ids: dict[str, str]
+
+
+def create(world: World, resource: dict[str, Any]) -> str:
+    """Store ``resource`` (outside any exchange: the setup of an example) and return its id."""
+    target = f"/fhir/{resource['resourceType']}"
+    reply = send(world.node, "POST", target, json_headers(world.token), dumps(resource))
+    assert reply.status == 201, str(reply)
+    return str(reply.json()["id"])
+
+
+@pytest.fixture(scope="module")
+def seeded(world: World) -> Seeded:
+    tag = f"fz-seed-{uuid.uuid4()}"
+    ids = {t: create(world, sample(t, world, tag)) for t in (*NEW_TYPES, "Organization")}
+    return Seeded(tag, ids)
+
+
+def unsearchable(resource_type: str) -> list[str]:
+    """R4's parameters of the type that this server refuses (quantity, number, composite,
+    special)."""
+    return sorted(
+        name
+        for name, definition in definitions.search_parameters(resource_type).items()
+        if name not in SEARCH_PARAMS[resource_type]
+    )
+
+
+@st.composite
+def typed_values(draw: Any, world: World, seeded: Seeded, kind: str) -> str:
+    """A value for a parameter of ``kind`` (token, string, reference, date, uri), or any of
+    the search values the other tests send."""
+    if draw(st.integers(0, 2)) == 0:
+        return str(draw(search_values(world)))
+    if kind == "date":
+        moment = draw(fhir_dates() | fhir_datetimes() | st.sampled_from(BAD_DATETIMES))
+        return str(draw(st.sampled_from(DATE_PREFIXES))) + str(moment)
+    if kind == "reference":
+        targets = [f"{t}/{i}" for t, i in seeded.ids.items()]
+        return str(draw(st.sampled_from([*targets, f"Patient/{world.anchor}", world.anchor])))
+    if kind in ("token", "uri"):
+        return str(
+            draw(
+                st.sampled_from(
+                    [
+                        f"{RESIDENT_ID}|{seeded.tag}",
+                        seeded.tag,
+                        f"|{seeded.tag}",
+                        "http://snomed.info/sct|25064002",
+                        "http://snomed.info/sct|",
+                        "25064002",
+                        "finished",
+                        "active",
+                        "urn:x:1",
+                        "http://terminology.hl7.org/CodeSystem/v3-ActCode|AMB",
+                        "text/plain",
+                    ]
+                )
+            )
+        )
+    return str(draw(st.sampled_from(["杭州", "门诊", "A12", "a", "头痛", ""]) | TEXT))
+
+
+@fuzz(60)
+@given(data=st.data())
+def test_search_the_r4_types(world: World, seeded: Seeded, data: st.DataObject) -> None:
+    """Every type is searched by R4's parameters: a 200 searchset or a 400, never a 5xx."""
+    resource_type = data.draw(st.sampled_from(NEW_TYPES))
+    params = SEARCH_PARAMS[resource_type]
+    names = ["_id", "_lastUpdated", *sorted(params), *unsearchable(resource_type)]
+    pairs = []
+    for _ in range(data.draw(st.integers(1, 3))):
+        name = data.draw(st.sampled_from(names))
+        kind = params[name].type if name in params else "date" if name == "_lastUpdated" else ""
+        value = data.draw(typed_values(world, seeded, kind))
+        if name == "_id" and data.draw(st.booleans()):
+            value = seeded.ids[resource_type]
+        pairs.append(encode_pair(data.draw, name + data.draw(st.sampled_from(MODIFIERS)), value))
+    references = sorted(n for n, p in params.items() if p.type == "reference")
+    extra = data.draw(
+        st.sampled_from(["", "", f"_sort={data.draw(st.sampled_from(names))}", "_count=2"])
+        | st.sampled_from(references).map(lambda n: f"_include={resource_type}:{n}")
+        | st.sampled_from(references).map(lambda n: f"_include={resource_type}:{n}:Patient")
+    )
+    if extra:
+        pairs.append(extra)
+    query = "&".join(data.draw(st.permutations(pairs)))
+    method = data.draw(st.sampled_from(["GET", "GET", "GET", "HEAD"]))
+    target = f"/fhir/{resource_type}?{query}"
+    reply, parsed, before, after = world.exchange(method, target, [bearer(world.token)])
+    assert reply.status in (200, 400), str(reply)
+    if reply.status == 200:
+        check_searchset(reply, parsed, before, after, resource_type)
+
+
+def element_names(resource_type: str) -> list[str]:
+    """The JSON names of the type's root elements (choices as sent: valueQuantity)."""
+    return sorted(
+        info.alias or name
+        for name, info in model_class(resource_type).model_fields.items()
+        if isinstance(info.json_schema_extra, dict)
+        and info.json_schema_extra.get("element_property")
+    )
+
+
+def root_elements(resource_type: str) -> frozenset[str]:
+    """The names _elements takes: root elements, a choice by its base name (value[x]:
+    value)."""
+    names = set()
+    for name, info in model_class(resource_type).model_fields.items():
+        extra = info.json_schema_extra
+        if isinstance(extra, dict) and extra.get("element_property"):
+            names.add(str(extra.get("one_of_many") or info.alias or name))
+    return frozenset(names)
+
+
+@st.composite
+def elements_values(draw: Any, resource_type: str) -> str:
+    known = element_names(resource_type)
+    item = (
+        st.sampled_from(known)
+        | st.sampled_from(known).map(lambda n: f"{resource_type}.{n}")
+        | st.sampled_from(known).map(lambda n: f"Patient.{n}")
+        | st.sampled_from(known).map(lambda n: f"{n}.id")
+        | st.sampled_from(["", " ", "id", "meta", "text", "resourceType", "*", "extension"])
+        | TEXT
+    )
+    items = draw(st.lists(item, min_size=1, max_size=4))
+    return str(draw(st.sampled_from([",", ", ", ",,"]))).join(items)
+
+
+def subsetted(resource: Any) -> bool:
+    tags = (resource.get("meta") or {}).get("tag") or []
+    return any(tag.get("code") == "SUBSETTED" for tag in tags if isinstance(tag, dict))
+
+
+def expected_subsetting(
+    resource_type: str, summaries: list[str], elements: list[str]
+) -> tuple[int, bool]:
+    """The status a read or search with these parameters must get, and whether its
+    resources are subsetted (R4 search 3.1.1.5.8-9, docs/node.md)."""
+    if len(summaries) > 1 or len(elements) > 1 or (summaries and elements):
+        return 400, False
+    if summaries:
+        if summaries[0] not in ("true", "text", "data", "count", "false"):
+            return 400, False
+        return 200, summaries[0] in ("true", "text", "data")
+    if not elements:
+        return 200, False
+    known = root_elements(resource_type)
+    for item in elements[0].split(","):
+        name = item.strip()
+        if name.startswith(f"{resource_type}."):
+            name = name[len(resource_type) + 1 :]
+        if name not in known:
+            return 400, False
+    return 200, True
+
+
+@fuzz(60)
+@given(data=st.data())
+def test_summary_and_elements(world: World, seeded: Seeded, data: st.DataObject) -> None:
+    """_summary and _elements on read, vread and search: 200 with every match tagged
+    SUBSETTED (when subsetted), or 400 for what cannot be; nothing written."""
+    resource_type = data.draw(st.sampled_from([*NEW_TYPES, "Patient", "Observation"]))
+    resource_id = {"Patient": world.anchor, "Observation": world.observation}.get(
+        resource_type
+    ) or seeded.ids[resource_type]
+    summaries = data.draw(
+        st.lists(
+            st.sampled_from(["true", "text", "data", "count", "false", "TRUE", "", "yes"]),
+            max_size=2,
+        )
+    )
+    elements = data.draw(st.lists(elements_values(resource_type), max_size=2))
+    pairs = [("_summary", s) for s in summaries] + [("_elements", e) for e in elements]
+    shape = data.draw(st.sampled_from(["read", "vread", "search", "search"]))
+    if shape == "search":
+        pairs.append(("_id", resource_id))
+    query = "&".join(
+        encode_pair(data.draw, name, value) for name, value in data.draw(st.permutations(pairs))
+    )
+    # what the server reads may differ from what was meant when a value was garbled
+    sent = parse_qsl(query, keep_blank_values=True, errors="replace")
+    summaries = [v for n, v in sent if n == "_summary"]
+    elements = [v for n, v in sent if n == "_elements"]
+    status, cut = expected_subsetting(resource_type, summaries, elements)
+    if shape != "search" and summaries == ["count"]:
+        cut = False  # a read has nothing to count: the whole resource
+    garbled = sorted(sent) != sorted(pairs)
+    if shape == "vread" and (status == 400 or garbled):
+        shape = "read"  # a refused vread stores an AuditEvent: test_refused_vread_is_not_audited
+    path = {
+        "read": f"/fhir/{resource_type}/{resource_id}",
+        "vread": f"/fhir/{resource_type}/{resource_id}/_history/1",
+        "search": f"/fhir/{resource_type}",
+    }[shape]
+    reply, parsed, _, _ = world.exchange("GET", f"{path}?{query}", [bearer(world.token)])
+    if garbled:
+        assert reply.status in (200, 400), str(reply)
+    else:
+        assert reply.status == status, f"expected {status}\n{reply}"
+    if reply.status != 200:
+        return
+    if shape == "search":
+        matches = [e["resource"] for e in parsed.get("entry", []) if e["search"]["mode"] == "match"]
+        if not garbled:
+            assert len(matches) == (0 if summaries == ["count"] else 1), str(reply)
+            assert parsed["total"] == 1, str(reply)
+    else:
+        matches = [parsed]
+    for resource in matches:
+        assert resource["resourceType"] == resource_type and resource["id"] == resource_id
+        if not garbled:
+            assert subsetted(resource) == cut, f"SUBSETTED: expected {cut}\n{reply}"
+
+
+CONDITIONAL_TYPES = ("Patient", "Organization", "Location", "Encounter", "Condition")
+IF_MATCHES = (
+    st.sampled_from(["", "*", "W/", 'W/"x"', "abc", "-1", 'W/"1", W/"2"', 'W/"²"'])
+    | st.integers(0, 3).flatmap(lambda n: st.sampled_from([f'W/"{n}"', f'"{n}"', str(n)]))
+    | HEADER_TEXT
+)
+PATCH_TYPE = "application/json-patch+json"
+PATCH_CONTENT_TYPES = (
+    PATCH_TYPE,
+    PATCH_TYPE,
+    PATCH_TYPE,
+    "APPLICATION/JSON-PATCH+JSON",
+    f"{PATCH_TYPE}; charset=utf-8",
+    f"{PATCH_TYPE}; charset=latin-1",
+    FHIR_JSON,
+    "application/json",
+    "application/fhir+json-patch",
+    "text/plain",
+    None,
+)
+
+
+def identified(tag: str) -> str:
+    return f"identifier={quote(RESIDENT_ID, safe='')}%7C{tag}"
+
+
+@st.composite
+def conditions(draw: Any, world: World, tag: str, delete: bool) -> tuple[str, bool]:
+    """The query of a conditional update or delete, and whether it matches exactly what has
+    the identifier ``tag``. A delete's always does (else it could delete the data the other
+    tests share); an update's may be any query string."""
+    shape = draw(st.sampled_from(["tag", "tag", "tag+", "none", "no-criteria", "random"]))
+    if shape == "random" and delete:
+        shape = "tag+"
+    if shape == "tag":
+        return identified(tag), True
+    if shape == "tag+":
+        return identified(tag) + "&" + draw(query_strings(world)), False
+    if shape == "none":
+        return draw(st.sampled_from(["", "_format=json", "_pretty=true"])), False
+    if shape == "no-criteria":
+        return draw(st.sampled_from(["_count=1", "_sort=_id", "_summary=true"])), False
+    return draw(query_strings(world)), False
+
+
+PATHS = (
+    "/id",
+    "/resourceType",
+    "/meta",
+    "/identifier",
+    "/identifier/0",
+    "/identifier/0/value",
+    "/identifier/-",
+    "/identifier/9",
+    "/identifier/x",
+    "/name",
+    "/name/0/family",
+    "/status",
+    "/subject",
+    "/subject/reference",
+    "/text",
+    "/active",
+    "/birthDate",
+    "/nosuch",
+    "/nosuch/deeper",
+    "",
+    "/",
+    "x",
+    "/~2",
+    "/~1",
+    "/a~0b",
+)
+PATCH_VALUES: tuple[Any, ...] = (
+    "active",
+    "finished",
+    True,
+    "1980-01-01",
+    "2024-13-01",
+    "",
+    None,
+    [],
+    {},
+    [{"system": RESIDENT_ID, "value": "x"}],
+    {"reference": "Patient/nobody"},
+    {"reference": "Organization?identifier=x"},
+    {"status": "generated", "div": '<div xmlns="http://www.w3.org/1999/xhtml">x</div>'},
+    "Patient",
+    "Observation",
+    10**31,
+)
+
+
+@st.composite
+def patch_operations(draw: Any, resource_id: str) -> Any:
+    """One JSON Patch operation: valid, impossible or malformed."""
+    op = draw(st.sampled_from(["add", "replace", "remove", "test", "move", "copy", "bogus"]))
+    operation: dict[str, Any] = {"op": op, "path": draw(st.sampled_from(PATHS))}
+    if op in ("add", "replace", "test"):
+        operation["value"] = draw(
+            st.sampled_from([*PATCH_VALUES, resource_id, f"fz-{uuid.uuid4()}"]) | JSON
+        )
+    if op in ("move", "copy"):
+        operation["from"] = draw(st.sampled_from(PATHS))
+    for key in draw(st.lists(st.sampled_from(["op", "path", "value", "from"]), max_size=1)):
+        if draw(st.booleans()):
+            operation.pop(key, None)  # a member missing
+        else:
+            operation[key] = draw(st.sampled_from([5, None, ["x"], {"x": 1}]))  # mistyped
+    return operation
+
+
+@st.composite
+def patch_bodies(draw: Any, resource_id: str) -> tuple[bytes, Any]:
+    """A body sent with PATCH, and the patch it holds (None when it holds none)."""
+    shape = draw(st.sampled_from(["list", "list", "list", "object", "json", "bytes"]))
+    if shape == "bytes":
+        return draw(st.sampled_from([b"", b"[", b"not json", b"\xff[]", b"[]" * 2])), None
+    if shape == "json":
+        value = draw(JSON)
+        return dumps(value), value
+    if shape == "object":
+        value = draw(patch_operations(resource_id))
+        return dumps(value), value
+    value = draw(st.lists(patch_operations(resource_id), max_size=4))
+    if draw(st.booleans()):  # a patch a client means: change a family name or a status
+        family = {"op": "replace", "path": "/name/0/family", "value": "补"}
+        status = {"op": "replace", "path": "/status", "value": "cancelled"}
+        value.insert(0, draw(st.sampled_from([family, status])))
+    return dumps(value), value
+
+
+def read_back(world: World, location: str) -> Reply:
+    """The current version of what a Location names."""
+    match = LOCATION.search(location)
+    assert match, location
+    reply = send(world.node, "GET", f"/fhir/{match[1]}/{match[2]}", [bearer(world.token)])
+    check_reply(reply)
+    return reply
+
+
+@fuzz(90)
+@given(data=st.data())
+def test_conditional_writes_and_patch(world: World, data: st.DataObject) -> None:
+    """PUT and DELETE Type?search, and PATCH Type/id with a JSON Patch: no 5xx; a refusal
+    writes nothing; what is written reads back."""
+    kind = data.draw(st.sampled_from(["put", "delete", "patch", "patch"]))
+    resource_type = data.draw(st.sampled_from(CONDITIONAL_TYPES))
+    tag = f"fz-{uuid.uuid4()}"
+    ids = [
+        create(world, sample(resource_type, world, tag))
+        for _ in range(data.draw(st.integers(0, 2)))
+    ]
+    headers = [bearer(world.token), ("Accept", FHIR_JSON)]
+    if_match = data.draw(st.none() | st.none() | IF_MATCHES)
+    if if_match is not None:
+        headers.append(("If-Match", if_match))
+    if kind == "patch":
+        existing = bool(ids) and data.draw(st.integers(0, 5)) > 0
+        resource_id = ids[0] if existing else str(data.draw(FHIR_ID))
+        body, operations = data.draw(patch_bodies(resource_id))
+        content_type = data.draw(st.sampled_from(PATCH_CONTENT_TYPES))
+        if content_type is not None:
+            headers.append(("Content-Type", content_type))
+        target = f"/fhir/{resource_type}/{resource_id}"
+        world.barrier()
+        current = send(world.node, "GET", target, [bearer(world.token)])
+        reply, parsed, _, _ = world.exchange("PATCH", target, headers, body)
+        media = (content_type or "").split(";")[0].lower()
+        if media != PATCH_TYPE or "latin-1" in (content_type or ""):
+            assert reply.status == 415, str(reply)
+        elif not isinstance(operations, list) or not all(isinstance(o, dict) for o in operations):
+            assert reply.status == 400, str(reply)
+        elif current.status == 404:
+            assert reply.status == 404, str(reply)
+        assert reply.status in (200, 400, 404, 412, 415, 422), str(reply)
+        if reply.status == 200:
+            before = current.json()
+            assert parsed["meta"]["versionId"] == str(int(before["meta"]["versionId"]) + 1)
+            expected = jsonpatch.JsonPatch(operations).apply(before)
+            assert strip_server_fields(parsed) == strip_server_fields(expected), str(reply)
+            assert read_back(world, reply.headers["location"]).status == 200
+        return
+    query, exact = data.draw(conditions(world, tag, kind == "delete"))
+    target = f"/fhir/{resource_type}" + (f"?{query}" if query else "")
+    if kind == "delete":
+        reply, _, before, after = world.exchange("DELETE", target, headers)
+        deleted = {(t, i) for t, i, _, m in after.versions - before.versions if m == "DELETE"}
+        if exact and if_match is None:
+            expected = 412 if len(ids) > 1 else 204
+            assert reply.status == expected, f"{len(ids)} match(es)\n{reply}"
+            if expected == 204:
+                assert deleted == {(resource_type, i) for i in ids[:1]}, str(reply)
+        assert reply.status in (204, 400, 409, 412), str(reply)
+        for deleted_type, deleted_id in deleted:
+            gone = send(
+                world.node, "GET", f"/fhir/{deleted_type}/{deleted_id}", [bearer(world.token)]
+            )
+            assert gone.status == 410, str(gone)
+        return
+    resource = sample(resource_type, world, tag)
+    id_shape = data.draw(st.sampled_from(["none", "none", "match", "other", "bad"]))
+    if id_shape == "match" and ids:
+        resource["id"] = ids[0]
+    elif id_shape == "other":
+        resource["id"] = data.draw(FHIR_ID)
+    elif id_shape == "bad":
+        resource["id"] = data.draw(st.sampled_from(["", "a b", "x" * 65, 5, None]))
+    body = data.draw(
+        st.just(dumps(resource))
+        | st.just(dumps({**resource, "resourceType": "Basic"}))
+        | JSON.map(dumps)
+        | st.binary(max_size=32)
+    )
+    content_type = data.draw(
+        st.sampled_from([FHIR_JSON, FHIR_JSON, "application/json", PATCH_TYPE, None])
+    )
+    if content_type is not None:
+        headers.append(("Content-Type", content_type))
+    reply, parsed, _, _ = world.exchange("PUT", target, headers, body)
+    valid = body == dumps(resource) and content_type in (FHIR_JSON, "application/json")
+    if valid and exact and if_match is None and id_shape != "bad":
+        if len(ids) > 1:
+            expected = 412
+        elif ids and "id" in resource and resource["id"] != ids[0]:
+            expected = 400
+        else:
+            expected = 200 if ids else 201
+        assert reply.status == expected, f"{len(ids)} match(es), id {id_shape}\n{reply}"
+        if expected == 200:
+            assert parsed["id"] == ids[0], str(reply)
+    assert reply.status in (200, 201, 400, 404, 409, 412, 415, 422), str(reply)
+    if reply.status in (200, 201):
+        assert parsed["resourceType"] == resource_type, str(reply)
+        assert read_back(world, reply.headers["location"]).status == 200
+
+
+@st.composite
+def conditional_entries(
+    draw: Any, world: World, org_tag: str, orgs: int, loc_tag: str, locs: int
+) -> tuple[dict[str, Any], str]:
+    """A transaction entry using a conditional reference, update or delete, and what it must
+    do: "ok", "fail", or "any" (as the other Bundle entries)."""
+    kind = draw(st.sampled_from(["reference", "reference", "bad-reference", "put", "delete"]))
+    if kind == "reference":  # to the Organizations with org_tag: none, one or several
+        patient = make_patient("引", f"fz-{uuid.uuid4()}")
+        reference = f"Organization?identifier={RESIDENT_ID}|{org_tag}"
+        patient[draw(st.sampled_from(["managingOrganization", "generalPractitioner"]))] = {
+            "reference": reference
+        }
+        if "generalPractitioner" in patient:
+            patient["generalPractitioner"] = [patient["generalPractitioner"]]
+        entry = {"resource": patient, "request": {"method": "POST", "url": "Patient"}}
+        return entry, "ok" if orgs == 1 else "fail"
+    if kind == "bad-reference":
+        reference = draw(
+            st.sampled_from(
+                [
+                    f"Patient?_id={world.anchor}",  # one: fine
+                    f"Patient?identifier={RESIDENT_ID}|330102198001020011",  # two: 412
+                    "Patient?_count=1",  # no criteria: 400
+                    "Patient?nosuch=1",
+                    "Patient?",
+                    "Foo?x=1",
+                    "Patient?_id=",
+                    f"Patient?_id={world.anchor}&_id=x",
+                    "Patient?birthdate=2024-13-01",
+                    "?_id=x",
+                ]
+            )
+        )
+        observation = make_observation(world.anchor)
+        observation["subject"] = {"reference": reference}
+        entry = {"resource": observation, "request": {"method": "POST", "url": "Observation"}}
+        return entry, "ok" if reference == f"Patient?_id={world.anchor}" else "fail"
+    location = sample("Location", world, loc_tag)
+    url = draw(
+        st.sampled_from(
+            [
+                f"Location?identifier={RESIDENT_ID}|{loc_tag}",
+                f"Location?identifier={quote(RESIDENT_ID, safe='')}%7C{loc_tag}",
+                "Location?_count=1",
+                "Location?nosuch=x",
+            ]
+        )
+    )
+    exact = loc_tag in url
+    if kind == "delete" and exact and not locs:
+        kind = "put"  # a 500: test_transaction_conditional_delete_of_nothing
+    if kind == "put":
+        entry = {"resource": location, "request": {"method": "PUT", "url": url}}
+        return entry, "fail" if not exact or locs > 1 else "ok"
+    entry = {"request": {"method": "DELETE", "url": url}}
+    return entry, "fail" if not exact or locs > 1 else "ok"
+
+
+def stored_references(value: Any) -> list[str]:
+    if isinstance(value, dict):
+        found = [v for k, v in value.items() if k == "reference" and isinstance(v, str)]
+        return found + [r for v in value.values() for r in stored_references(v)]
+    if isinstance(value, list):
+        return [r for v in value for r in stored_references(v)]
+    return []
+
+
+@fuzz(70)
+@given(data=st.data())
+def test_conditional_transactions(world: World, data: st.DataObject) -> None:
+    """Transactions with conditional references (matching none, one, several) and
+    conditional PUT/DELETE entries: a failure writes nothing; a success stores no
+    reference with a '?'; each write's entry holds what Prefer: return= asks for."""
+    org_tag, loc_tag = f"fz-{uuid.uuid4()}", f"fz-{uuid.uuid4()}"
+    orgs, locs = data.draw(st.integers(0, 2)), data.draw(st.integers(0, 2))
+    for _ in range(orgs):
+        create(world, sample("Organization", world, org_tag))
+    for _ in range(locs):
+        create(world, sample("Location", world, loc_tag))
+    drawn = data.draw(
+        st.lists(conditional_entries(world, org_tag, orgs, loc_tag, locs), min_size=1, max_size=3)
+    )
+    drawn += data.draw(st.lists(bundle_entries(world, transaction=True), max_size=2))
+    drawn = data.draw(st.permutations(drawn))
+    entries = [copy.deepcopy(entry) for entry, _ in drawn]
+    kinds = [kind for _, kind in drawn]
+    requests = [e.get("request") if isinstance(e, dict) else None for e in entries]
+    urls = [str(r.get("url")) for r in requests if isinstance(r, dict)]
+    if sum(loc_tag in url for url in urls) > 1:
+        kinds.append("any")  # two conditional writes of one Location: not predicted here
+    headers = json_headers(world.token)
+    prefer = data.draw(st.sampled_from([None, "minimal", "representation", "OperationOutcome"]))
+    if prefer is not None:
+        headers.append(("Prefer", f"return={prefer}"))
+    bundle = {"resourceType": "Bundle", "type": "transaction", "entry": entries}
+    reply, parsed, before, after = world.exchange("POST", "/fhir", headers, encode(bundle).encode())
+    if "bad" in kinds:
+        assert reply.status == 400, str(reply)
+    elif "fail" in kinds or "twin" in kinds:
+        assert reply.status >= 400, str(reply)
+    elif "any" not in kinds:
+        assert reply.status == 200, str(reply)
+    if reply.status >= 400:
+        return  # check_effects: nothing at all was written
+    assert parsed["type"] == "transaction-response", str(reply)
+    for entry, sent in zip(parsed["entry"], entries, strict=True):
+        status = entry_status(entry)
+        if sent["request"]["method"] in ("POST", "PUT") and status in (200, 201):
+            if prefer == "minimal":
+                assert "resource" not in entry and "outcome" not in entry["response"], str(reply)
+            elif prefer == "OperationOutcome":
+                assert "resource" not in entry, str(reply)
+                check_outcome(entry["response"]["outcome"], reply)
+            else:
+                assert entry["resource"]["resourceType"] == sent["resource"]["resourceType"]
+    written = after.triples - before.triples
+    for resource_type, resource_id, version in sorted(written):
+        target = f"/fhir/{resource_type}/{resource_id}/_history/{version}"
+        stored = send(world.node, "GET", target, [bearer(world.token)])
+        if stored.status == 410:
+            continue  # a deletion
+        assert stored.status == 200, str(stored)
+        for reference in stored_references(stored.json()):
+            assert "?" not in reference, f"{target} holds {reference!r}\n{reply}"
 
 
 # -- single requests ---------------------------------------------------------------------------
@@ -2516,3 +3197,27 @@ def test_huge_version_number(world: World, version: str) -> None:
     """Was 500: beyond int4 (PostgreSQL) or int8 (SQLite) the number reached SQL."""
     target = f"/fhir/Patient/{world.anchor}/_history/{version}"
     check_request(world, "GET", target, expected=(404,))
+
+
+# -- open bugs: minimal requests this fuzzing found, not fixed yet ----------------------------
+
+
+@pytest.mark.xfail(strict=True, reason="vread audits the read before _summary is checked")
+@pytest.mark.parametrize("query", ["_summary=bogus", "_summary=true&_summary=true", "_elements=x"])
+def test_refused_vread_is_not_audited(world: World, query: str) -> None:
+    """A vread refused with 400 for its _summary or _elements stores an AuditEvent of the
+    read it did not make (FhirApi.vread audits before _subsetting raises)."""
+    target = f"/fhir/Patient/{world.anchor}/_history/1?{query}"
+    check_request(world, "GET", target, [bearer(world.token)], expected=(400,))
+
+
+@pytest.mark.xfail(strict=True, reason="bundles._transaction asserts the id of a DELETE")
+def test_transaction_conditional_delete_of_nothing(world: World) -> None:
+    """A transaction's conditional DELETE that matches nothing is a 500 (AssertionError in
+    bundles._transaction: the id is asserted before the no-match case is answered 204);
+    sent alone, the same DELETE is a 204."""
+    url = f"Location?identifier={RESIDENT_ID}|fz-{uuid.uuid4()}"
+    entry = {"request": {"method": "DELETE", "url": url}}
+    bundle = {"resourceType": "Bundle", "type": "transaction", "entry": [entry]}
+    _, parsed = check_request(world, "POST", "/fhir", body=dumps(bundle), expected=(200,))
+    assert entry_status(parsed["entry"][0]) == 204, parsed
