@@ -28,7 +28,7 @@ on reads and searches, conditional update and delete, JSON Patch, and transactio
 conditional references, updates and deletes.
 
 The bugs this fuzzing found are kept as minimal single requests at the end of the file, as
-regression tests; those not fixed yet are strict xfails.
+regression tests.
 """
 
 from __future__ import annotations
@@ -2408,8 +2408,6 @@ def test_summary_and_elements(world: World, seeded: Seeded, data: st.DataObject)
     if shape != "search" and summaries == ["count"]:
         cut = False  # a read has nothing to count: the whole resource
     garbled = sorted(sent) != sorted(pairs)
-    if shape == "vread" and (status == 400 or garbled):
-        shape = "read"  # a refused vread stores an AuditEvent: test_refused_vread_is_not_audited
     path = {
         "read": f"/fhir/{resource_type}/{resource_id}",
         "vread": f"/fhir/{resource_type}/{resource_id}/_history/1",
@@ -2721,8 +2719,6 @@ def conditional_entries(
         )
     )
     exact = loc_tag in url
-    if kind == "delete" and exact and not locs:
-        kind = "put"  # a 500: test_transaction_conditional_delete_of_nothing
     if kind == "put":
         entry = {"resource": location, "request": {"method": "PUT", "url": url}}
         return entry, "fail" if not exact or locs > 1 else "ok"
@@ -3199,23 +3195,17 @@ def test_huge_version_number(world: World, version: str) -> None:
     check_request(world, "GET", target, expected=(404,))
 
 
-# -- open bugs: minimal requests this fuzzing found, not fixed yet ----------------------------
-
-
-@pytest.mark.xfail(strict=True, reason="vread audits the read before _summary is checked")
 @pytest.mark.parametrize("query", ["_summary=bogus", "_summary=true&_summary=true", "_elements=x"])
 def test_refused_vread_is_not_audited(world: World, query: str) -> None:
-    """A vread refused with 400 for its _summary or _elements stores an AuditEvent of the
-    read it did not make (FhirApi.vread audits before _subsetting raises)."""
+    """Was a write by a rejected request: a vread refused with 400 for its _summary or
+    _elements stored an AuditEvent of the read it did not make."""
     target = f"/fhir/Patient/{world.anchor}/_history/1?{query}"
     check_request(world, "GET", target, [bearer(world.token)], expected=(400,))
 
 
-@pytest.mark.xfail(strict=True, reason="bundles._transaction asserts the id of a DELETE")
 def test_transaction_conditional_delete_of_nothing(world: World) -> None:
-    """A transaction's conditional DELETE that matches nothing is a 500 (AssertionError in
-    bundles._transaction: the id is asserted before the no-match case is answered 204);
-    sent alone, the same DELETE is a 204."""
+    """Was 500: a transaction's conditional DELETE that matches nothing (an assertion in
+    bundles._transaction); it is 204, as sent alone."""
     url = f"Location?identifier={RESIDENT_ID}|fz-{uuid.uuid4()}"
     entry = {"request": {"method": "DELETE", "url": url}}
     bundle = {"resourceType": "Bundle", "type": "transaction", "entry": [entry]}
