@@ -982,6 +982,67 @@ def test_fhirpy_patient_sees_only_their_compartment(node: Node, world: World) ->
         SyncFHIRClient(node.fhir, authorization="Bearer not-a-token").get("Patient", world.patient)
 
 
+def test_fhirpy_whole_record_idioms(node: Node, world: World) -> None:
+    """What an integrator does with fhirpy against every R4 type: a Condition and an
+    Encounter saved and searched, conditional update (upsert by identifier) and conditional
+    delete through a search set, JSON Patch, chained and _has searches, _elements."""
+    client = fhirpy_client(node)
+    encounter = client.resource(
+        "Encounter",
+        status="finished",
+        **{"class": {"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "AMB"}},
+        subject={"reference": f"Patient/{world.patient}"},
+    )
+    encounter.save()
+    condition = client.resource(
+        "Condition",
+        subject={"reference": f"Patient/{world.patient}"},
+        encounter={"reference": f"Encounter/{encounter.id}"},
+        code={"coding": [{"system": "http://hl7.org/fhir/sid/icd-10", "code": "E11.9"}]},
+    )
+    condition.save()
+    found = (
+        client.resources("Condition")
+        .search(patient=world.patient, code="http://hl7.org/fhir/sid/icd-10|E11.9")
+        .fetch_all()
+    )
+    assert [c.id for c in found] == [condition.id]
+    # conditional update: the search set's update creates, then updates the one match
+    mrn = f"mrn-{uuid.uuid4().hex[:10]}"
+    matching = client.resources("Patient").search(identifier=f"{RESIDENT_ID}|{mrn}")
+    person = patient_json("钱", "七", identifier=mrn)
+    created_one, was_created = matching.update(client.resource("Patient", **person))
+    assert was_created
+    person["gender"] = "female"
+    updated, was_created = matching.update(client.resource("Patient", **person))
+    assert not was_created
+    assert updated.id == created_one.id and updated["meta"]["versionId"] == "2"
+    # JSON Patch through the client's own request (fhirpy's patch is a merge patch)
+    patched = node.session().patch(
+        f"{node.fhir}/Patient/{updated.id}",
+        json=[{"op": "replace", "path": "/gender", "value": "male"}],
+        headers={"Content-Type": "application/json-patch+json", "If-Match": 'W/"2"'},
+    )
+    assert patched.status_code == 200 and client.get("Patient", updated.id)["gender"] == "male"
+    # chains and _has, as fhirpy writes them
+    card = next(i for i in person["identifier"] if i["system"] == RESIDENT_ID)
+    chained = (
+        client.resources("Observation")
+        .search(**{"subject:Patient.identifier": f"{RESIDENT_ID}|{card['value']}"})
+        .fetch_all()
+    )
+    assert chained == []
+    has = client.resources("Patient").has("Condition", "subject", code="E11.9").fetch_all()
+    assert world.patient in {p.id for p in has}
+    slim = client.resources("Condition").search(_id=condition.id).elements("code").fetch_all()
+    assert set(slim[0]) >= {"code", "id", "meta"} and "encounter" not in slim[0]
+    assert "SUBSETTED" in {t["code"] for t in slim[0]["meta"]["tag"]}
+    # conditional delete through the search set
+    assert matching.delete()[1] == 204
+    assert node.session().get(f"{node.fhir}/Patient/{updated.id}").status_code == 410
+    assert condition.id and client.get("Condition", condition.id)
+
+
 def test_fhirpy_count_is_refused_unless_lenient(node: Node, world: World) -> None:
     """fhirpy's count() adds ``_totalMethod=count``, a parameter FHIR does not define: a strict
     server refuses it, and with ``Prefer: handling=lenient`` it is ignored."""
