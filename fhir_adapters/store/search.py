@@ -410,12 +410,12 @@ def _check_criterion(
     if modifier == "missing":
         return None if raw_value in ("true", "false") else f"{name}:missing takes true or false"
     allowed = {
-        "token": (None, "not", "text"),
+        "token": (None, "not", "text", "of-type"),
         "uri": (None, "below", "above"),
         "quantity": (None,),
         "string": (None, "exact", "contains"),
         "date": (None,),
-        "reference": (None, *RESOURCE_TYPES),
+        "reference": (None, "identifier", *RESOURCE_TYPES),
     }[kind]
     if modifier not in allowed:
         return f"the modifier :{modifier} is not supported on {name} ({kind})"
@@ -424,6 +424,8 @@ def _check_criterion(
             return f"{name} has an empty value"
         if any(ord(char) < 32 for char in value):
             return f"{name} holds a control character"
+        if modifier == "of-type" and value.count("|") < 2:
+            return f"{name}:of-type takes type-system|type-code|value"
         if kind == "quantity":
             try:
                 parse_wanted(value)
@@ -573,6 +575,22 @@ def criterion_clause(
             )
         )
     param = SEARCH_PARAMS[types[0]][name]
+    if modifier in ("identifier", "of-type"):  # rows of their own in the token index
+        words = tables.tokens
+        matched = []
+        for value in values:
+            if modifier == "of-type":
+                system, _, rest = value.partition("|")
+                matched.append(sa.and_(words.c.system == system, words.c.code == rest))
+            else:
+                matched.append(_token_condition(words, value))
+        return resources.c.res_pk.in_(
+            sa.select(words.c.res_pk).where(
+                words.c.type == types[0] if len(types) == 1 else words.c.type.in_(types),
+                words.c.param == f"{name}:{modifier}",
+                sa.or_(*matched),
+            )
+        )
     if modifier == "text":  # a token's words: a concept's text, its codings' displays
         words = tables.strings
         texts = [normalise_string(v) for v in values]

@@ -283,6 +283,15 @@ def _tokens(value: Any) -> Iterator[tuple[str, str]]:
             yield str(value.get("system", "")), value["value"]
 
 
+def _typed(value: Any) -> Iterator[tuple[str, str]]:
+    """(type system, "type code|value") of an Identifier with a type (``:of-type``)."""
+    if not isinstance(value, dict) or not isinstance(value.get("value"), str):
+        return
+    for coding in (value.get("type") or {}).get("coding", []):
+        if isinstance(coding, dict) and isinstance(coding.get("code"), str):
+            yield str(coding.get("system", "")), f"{coding['code']}|{value['value']}"
+
+
 def _token_texts(value: Any) -> Iterator[str]:
     """The words of a coded value (``:text``): a CodeableConcept's text and its codings'
     displays, a Coding's display, an Identifier's type text."""
@@ -445,6 +454,9 @@ def index_values(resource: dict[str, Any], base_url: str = "") -> IndexRows:
         for value in selected:
             if param.type == "token":
                 rows.tokens.extend((param.name, system, code) for system, code in _tokens(value))
+                rows.tokens.extend(  # :of-type: an Identifier by its type and value
+                    (f"{param.name}:of-type", system, code) for system, code in _typed(value)
+                )
                 rows.strings.extend(  # :text searches a concept's text and displays
                     (f"{param.name}:text", normalise_string(text), text.strip())
                     for text in _token_texts(value)
@@ -460,6 +472,15 @@ def index_values(resource: dict[str, Any], base_url: str = "") -> IndexRows:
                 rows.dates.extend((param.name, low, high) for low, high in _date_values(value))
             elif param.type == "quantity":
                 rows.quantities.extend((param.name, q) for q in quantity_rows(value, analytes))
+            elif (
+                isinstance(value, dict)
+                and isinstance(value.get("identifier"), dict)
+                and ("reference" not in value)
+            ):  # :identifier: a reference by its target's identifier, not its id
+                rows.tokens.extend(
+                    (f"{param.name}:identifier", system, code)
+                    for system, code in _tokens(value["identifier"])
+                )
             elif isinstance(value, dict) and isinstance(value.get("reference"), str):
                 target = parse_reference(value["reference"], base_url)
                 if target and (not param.targets or target[0] in param.targets):

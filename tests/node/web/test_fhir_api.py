@@ -1059,3 +1059,43 @@ def test_modifiers_exact_text_below_above_and_approximate_dates(node: Node) -> N
         s.get(f"{node.fhir}/Observation?date=ap2012-01-01&subject=Patient/{pid}{every}").json()
     )
     assert oid in near and oid not in far
+
+
+def test_identifier_of_type_tag_and_security(node: Node) -> None:
+    s = node.session()
+    v2 = "http://terminology.hl7.org/CodeSystem/v2-0203"
+    mrn = f"mr-{uuid.uuid4().hex[:8]}"
+    person = patient()
+    person["identifier"].append(
+        {
+            "type": {"coding": [{"system": v2, "code": "MR"}]},
+            "system": "urn:hosp-a:mrn",
+            "value": mrn,
+        }
+    )
+    person["meta"] = {
+        "tag": [{"system": "urn:hrx:test", "code": "imported"}],
+        "security": [
+            {"system": "http://terminology.hl7.org/CodeSystem/v3-Confidentiality", "code": "R"}
+        ],
+    }
+    pid = post(s, f"{node.fhir}/Patient", person).json()["id"]
+    every = "&_count=1000"
+    assert ids(s.get(f"{node.fhir}/Patient?identifier:of-type={v2}|MR|{mrn}{every}").json()) == [
+        pid
+    ]
+    assert ids(s.get(f"{node.fhir}/Patient?identifier:of-type={v2}|PI|{mrn}{every}").json()) == []
+    outcome(
+        s.get(f"{node.fhir}/Patient?identifier:of-type=MR|{mrn}"),
+        400,
+        "type-system|type-code|value",
+    )
+    assert pid in ids(s.get(f"{node.fhir}/Patient?_tag=urn:hrx:test|imported{every}").json())
+    assert pid in ids(s.get(f"{node.fhir}/Patient?_security=R{every}").json())
+    # :identifier: a reference that names its target by identifier only
+    observed = observation(pid)
+    observed["performer"] = [{"identifier": {"system": "urn:hosp-a:staff", "value": "dr-7"}}]
+    oid = post(s, f"{node.fhir}/Observation", observed).json()["id"]
+    found = s.get(f"{node.fhir}/Observation?performer:identifier=urn:hosp-a:staff|dr-7{every}")
+    assert ids(found.json()) == [oid]
+    assert ids(s.get(f"{node.fhir}/Observation?performer:identifier=dr-8{every}").json()) == []
