@@ -293,6 +293,34 @@ class ResourceStore:
                 },
             )
 
+    def search_types(self, requests: list[SearchRequest], access: Access, owner: str) -> Matches:
+        """The first page of a search across types (``_type``): each type's matches in its
+        own order, the types in the order given; every request has the same count, total and
+        subsetting."""
+        first = requests[0]
+        with self.engine.connect() as conn:
+            pairs = [
+                (row[0], row[1])
+                for request in requests
+                for row in conn.execute(match_query(request, access, self.base_url)).all()
+            ]
+        return paginate(
+            self.write_engine,
+            pairs,
+            first.count,
+            owner,
+            "search",
+            {
+                "type": None,
+                "types": [r.resource_type for r in requests],
+                "query": first.query_string(),
+                "includes": [],
+                "revincludes": [],
+                "total": first.total,
+                **_subsetting_of(first.subsetting),
+            },
+        )
+
     def page(self, set_id: str, offset: int, count: int, owner: str) -> Matches:
         with self.engine.connect() as conn:
             return page(conn, set_id, offset, count, owner)
@@ -413,6 +441,7 @@ class ResourceStore:
         since: int | None = None,
         count: int = DEFAULT_COUNT,
         types: Sequence[str] = (),
+        at: tuple[int, int] | None = None,
         subsetting: Subsetting | None = None,
     ) -> Matches:
         """Versions newest first: of one resource, of every resource of a type, or (no type)
@@ -436,6 +465,17 @@ class ResourceStore:
             )
         if since is not None:
             conditions.append(V.c.last_updated >= since)
+        if at is not None:  # current at some moment of [low, high): began before its end and
+            # was not replaced before its start
+            later = tables.versions.alias()
+            conditions.append(V.c.last_updated < at[1])
+            conditions.append(
+                ~sa.exists().where(
+                    later.c.res_pk == V.c.res_pk,
+                    later.c.version == V.c.version + 1,
+                    later.c.last_updated <= at[0],
+                )
+            )
         restriction = access.clause(V.c.res_pk)
         if restriction is not None:
             conditions.append(restriction)

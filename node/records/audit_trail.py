@@ -42,6 +42,7 @@ ACTIONS = {
     "history-type": "R",
     "history-system": "R",
     "search-type": "E",
+    "search-system": "E",
     "operation": "E",
     "create": "C",
     "update": "U",

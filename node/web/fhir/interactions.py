@@ -590,7 +590,7 @@ class FhirApi:
     def system_get(self, req: FhirRequest) -> FhirResponse:
         set_id = req.arg("_getpages")
         if not set_id:
-            raise MethodNotAllowed("system-wide search is not supported; search a resource type")
+            return self.search_system(req)
         principal = req.principal
         count = whole_number("_count", req.arg("_count", str(DEFAULT_COUNT)) or "", MAX_COUNT)
         offset = whole_number("_getpagesoffset", req.arg("_getpagesoffset", "0") or "")
@@ -604,6 +604,55 @@ class FhirApi:
             )
         self_link = f"{self.svc.config.fhir_base}?{req.raw_query}"
         return self._searchset(req, matches, access, self_link, query=req.raw_query, kind=kind)
+
+    def search_system(self, req: FhirRequest) -> FhirResponse:
+        """``GET /fhir?_type=A,B&...``: a search of several types (without ``_type``, of every
+        type the caller may search), each by the same parameters (so only parameters every
+        one of them has, such as ``_id``, ``_lastUpdated``, ``_tag``); matches by type, in the
+        order given. No ``_sort`` or includes across types."""
+        req.principal  # noqa: B018  # 401 first, without a token
+        named = [t.strip() for n, v in req.query if n == "_type" for t in v.split(",")]
+        query = [(n, v) for n, v in req.query if n != "_type"]
+        if any(n.split(":")[0] in ("_sort", "_include", "_revinclude") for n, _ in query):
+            raise InvalidRequest("a search across types takes no _sort, _include or _revinclude")
+        if named:
+            types = list(dict.fromkeys(check_type(t) for t in named))
+        else:
+            types = [t for t in RESOURCE_TYPES if req.principal.allows(t, "s")]
+            if not [
+                n
+                for n, _ in query
+                if not n.startswith("_")
+                or n in ("_id", "_lastUpdated", "_tag", "_profile", "_security", "_source")
+            ]:
+                raise InvalidRequest(
+                    "a search of every type needs criteria, or _type=Type,... to name types"
+                )
+        access = Access()
+        for resource_type in types:
+            access = self.permit(req, resource_type, "s", "search-system")
+        lenient = req.prefer("handling", "strict") == "lenient"
+        searches = []
+        for resource_type in types:
+            try:
+                searches.append(parse_search(resource_type, query, lenient=lenient))
+            except InvalidRequest as exc:
+                raise InvalidRequest(f"{resource_type}: {exc}") from None
+        matches = self.svc.store.search_types(searches, access, req.principal.owner)
+        asked = f"_type={','.join(types)}&{searches[0].query_string()}"
+        issues = [
+            Issue(f"ignored: {name}", "not-supported", severity="warning")
+            for name in dict.fromkeys(n for s in searches for n in s.ignored)
+        ]
+        return self._searchset(
+            req,
+            matches,
+            access,
+            f"{self.svc.config.fhir_base}?{asked}",
+            issues,
+            query=asked,
+            interaction="search-system",
+        )
 
     def history_type(self, req: FhirRequest, resource_type: str) -> FhirResponse:
         check_type(resource_type)
@@ -636,9 +685,15 @@ class FhirApi:
         types: Sequence[str] = (),
     ) -> FhirResponse:
         since = None
+        at = None
         count = DEFAULT_COUNT
         for name, value in req.query:
-            if name == "_since":
+            if name == "_at":
+                try:
+                    at = date_range(value)
+                except ValueError as exc:
+                    raise InvalidRequest(f"_at: {exc}") from None
+            elif name == "_since":
                 try:
                     since = date_range(value)[0]
                 except ValueError as exc:
@@ -647,7 +702,7 @@ class FhirApi:
                 count = whole_number("_count", value, MAX_COUNT)
             elif name not in ("_format", "_pretty", "_summary", "_elements"):
                 raise InvalidRequest(
-                    f"history takes _since, _count, _summary and _elements, not {name!r}"
+                    f"history takes _since, _at, _count, _summary and _elements, not {name!r}"
                 )
         matches = self.svc.store.history(
             resource_type,
@@ -658,6 +713,7 @@ class FhirApi:
             count=count,
             types=types,
             subsetting=_subsetting(req, *([resource_type] if resource_type else types)),
+            at=at,
         )
         if resource_id is not None and not matches.total and access.patients is not None:
             raise NotFound(f"{resource_type}/{resource_id} is not known")

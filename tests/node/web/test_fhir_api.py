@@ -1099,3 +1099,49 @@ def test_identifier_of_type_tag_and_security(node: Node) -> None:
     found = s.get(f"{node.fhir}/Observation?performer:identifier=urn:hosp-a:staff|dr-7{every}")
     assert ids(found.json()) == [oid]
     assert ids(s.get(f"{node.fhir}/Observation?performer:identifier=dr-8{every}").json()) == []
+
+
+def test_search_across_types_and_history_at(node: Node) -> None:
+    import time as clock
+
+    s = node.session()
+    tag = f"t{uuid.uuid4().hex[:8]}"
+    meta = {"tag": [{"system": "urn:hrx:test", "code": tag}]}
+    pid = post(s, f"{node.fhir}/Patient", {**patient(), "meta": meta}).json()["id"]
+    oid = post(s, f"{node.fhir}/Observation", {**observation(pid), "meta": meta}).json()["id"]
+    both = s.get(
+        f"{node.fhir}", params={"_type": "Patient,Observation", "_tag": f"urn:hrx:test|{tag}"}
+    )
+    assert both.status_code == 200, both.text
+    assert [(e["resource"]["resourceType"], e["resource"]["id"]) for e in both.json()["entry"]] == [
+        ("Patient", pid),
+        ("Observation", oid),
+    ]
+    assert both.json()["link"][0]["url"].startswith(f"{node.fhir}?_type=Patient,Observation&")
+    only = s.get(f"{node.fhir}", params={"_type": "Observation", "_tag": f"urn:hrx:test|{tag}"})
+    assert [e["resource"]["id"] for e in only.json()["entry"]] == [oid]
+    every = s.get(f"{node.fhir}", params={"_tag": f"urn:hrx:test|{tag}"}).json()
+    assert {e["resource"]["id"] for e in every["entry"]} == {pid, oid}
+    outcome(
+        s.get(f"{node.fhir}", params={"_type": "Patient,Observation", "family": "x"}),
+        400,
+        "Observation",
+    )
+    outcome(s.get(f"{node.fhir}", params={"_type": "Nothing"}), 404)
+    outcome(s.get(f"{node.fhir}", params={"_type": "Patient", "_sort": "_id"}), 400, "across types")
+    outcome(s.get(f"{node.fhir}"), 400, "needs criteria")
+    # _at: the versions that were current at that moment
+    before = clock.time()
+    clock.sleep(0.05)
+    changed = s.get(f"{node.fhir}/Patient/{pid}").json()
+    changed["gender"] = "female"
+    assert s.put(f"{node.fhir}/Patient/{pid}", json=changed, headers={"Content-Type": FHIR_JSON}).ok
+    moment = (
+        clock.strftime("%Y-%m-%dT%H:%M:%S", clock.gmtime(before))
+        + f".{int(before % 1 * 1000):03d}Z"
+    )
+    then = s.get(f"{node.fhir}/Patient/{pid}/_history", params={"_at": moment}).json()
+    assert [e["resource"]["meta"]["versionId"] for e in then["entry"]] == ["1"]
+    now = s.get(f"{node.fhir}/Patient/{pid}/_history", params={"_at": "2999-01-01"}).json()
+    assert [e["resource"]["meta"]["versionId"] for e in now["entry"]] == ["2"]
+    outcome(s.get(f"{node.fhir}/Patient/{pid}/_history", params={"_at": "yesterday"}), 400, "_at")
