@@ -227,7 +227,7 @@ def parse_search(
                 descending = key.startswith("-")
                 key = key.lstrip("-")
                 if key not in ("_id", "_lastUpdated") and (
-                    key not in params or params[key].type in ("reference", "quantity")
+                    key not in params or params[key].type in ("reference", "quantity", "number")
                 ):
                     refuse(f"cannot sort {resource_type} by {key!r}", f"_sort={key}")
                     continue
@@ -413,6 +413,7 @@ def _check_criterion(
         "token": (None, "not", "text", "of-type"),
         "uri": (None, "below", "above"),
         "quantity": (None,),
+        "number": (None,),
         "string": (None, "exact", "contains"),
         "date": (None,),
         "reference": (None, "identifier", *RESOURCE_TYPES),
@@ -426,7 +427,9 @@ def _check_criterion(
             return f"{name} holds a control character"
         if modifier == "of-type" and value.count("|") < 2:
             return f"{name}:of-type takes type-system|type-code|value"
-        if kind == "quantity":
+        if kind in ("quantity", "number"):
+            if kind == "number" and "|" in value:
+                return f"{name} is a number: it takes no unit"
             try:
                 parse_wanted(value)
             except ValueError as exc:
@@ -538,7 +541,7 @@ def selectivity_rank(resource_type: str, criterion: Criterion) -> int:
     param = SEARCH_PARAMS[resource_type][criterion.name]
     if param.type == "reference":
         return 1
-    if param.type == "quantity":
+    if param.type in ("quantity", "number"):
         return 5
     if param.type == "token":
         return 2 if criterion.name == "identifier" else 4
@@ -611,6 +614,7 @@ def criterion_clause(
         "reference": tables.references,
         "date": tables.dates,
         "quantity": tables.quantities,
+        "number": tables.quantities,
     }[param.type]
     of_type = table.c.type == types[0] if len(types) == 1 else table.c.type.in_(types)
     rows = sa.select(table.c.res_pk).where(of_type, table.c.param == name)
@@ -644,7 +648,7 @@ def criterion_clause(
                 conditions.append(table.c.value.startswith(text, autoescape=True))
         elif param.type == "date":
             conditions.append(_date_condition(table.c.low, table.c.high, value))
-        elif param.type == "quantity":
+        elif param.type in ("quantity", "number"):
             conditions.append(_quantity_condition(table, parse_wanted(value)))
         else:
             target_type, target_id = _reference_target(param, modifier, value, base_url)

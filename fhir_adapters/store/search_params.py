@@ -1,11 +1,12 @@
 """The search parameters of each hosted resource type, and the index values of a resource.
 
 Every type's parameters are the official R4 SearchParameters of :mod:`fhir_adapters.definitions`
-of the types the index stores (token, string, reference, date, uri, quantity), each reading what its
+of the types the index stores (token, string, reference, date, uri, quantity, number), each
+reading what its
 FHIRPath expression selects (:mod:`fhir_adapters.store.expressions`). For the types the node
 has always served, a hand-written table of JSON paths stands in front: it is what today's
 searches and the node's own rules (AuditEvent, Consent) were built on, and it is faster.
-Number, composite and special parameters are not searchable yet; a search naming
+Composite and special parameters are not searchable yet; a search naming
 one is refused, saying so. :func:`index_values` turns a resource into the rows of the index
 tables; the search code queries those rows and never parses stored JSON.
 
@@ -32,8 +33,8 @@ from fhir_adapters.store.quantities import rows_of as quantity_rows
 from fhir_adapters.store.resources import RESOURCE_TYPES, references
 
 LOCAL_ZONE = timezone(timedelta(hours=8))
-ParamType = Literal["token", "string", "reference", "date", "uri", "quantity"]
-INDEXED_TYPES = ("token", "string", "reference", "date", "uri", "quantity")
+ParamType = Literal["token", "string", "reference", "date", "uri", "quantity", "number"]
+INDEXED_TYPES = ("token", "string", "reference", "date", "uri", "quantity", "number")
 
 
 @dataclass(frozen=True)
@@ -472,6 +473,8 @@ def index_values(resource: dict[str, Any], base_url: str = "") -> IndexRows:
                 rows.dates.extend((param.name, low, high) for low, high in _date_values(value))
             elif param.type == "quantity":
                 rows.quantities.extend((param.name, q) for q in quantity_rows(value, analytes))
+            elif param.type == "number":  # kept with the quantities, without a unit
+                rows.quantities.extend((param.name, q) for q in quantity_rows({"value": value}))
             elif (
                 isinstance(value, dict)
                 and isinstance(value.get("identifier"), dict)

@@ -588,9 +588,11 @@ class FhirApi:
         return links
 
     def system_get(self, req: FhirRequest) -> FhirResponse:
+        if "_getpages" not in {name for name, _ in req.query}:
+            return self.search_system(req)
         set_id = req.arg("_getpages")
         if not set_id:
-            return self.search_system(req)
+            raise InvalidRequest("_getpages names no search set")
         principal = req.principal
         count = whole_number("_count", req.arg("_count", str(DEFAULT_COUNT)) or "", MAX_COUNT)
         offset = whole_number("_getpagesoffset", req.arg("_getpagesoffset", "0") or "")

@@ -380,6 +380,7 @@ def test_capability_statement_lists_what_is_served(node: Node) -> None:
                 "reference": "x",
                 "uri": "x",
                 "quantity": "5",
+                "number": "5",
             }[param["type"]]
             response = s.get(f"{node.fhir}/{resource_type}", params={param["name"]: value})
             assert response.status_code == 200, (resource_type, param, response.text)
@@ -437,7 +438,7 @@ def test_search_by_token_reference_and_date(node: Node) -> None:
     }
     assert found("subject=Patient/" + pid + "&code=2345-7") == {made[("2345-7", "2024-02-10")]}
     assert found(f"_id={made[('2345-7', '2024-02-10')]}") == {made[("2345-7", "2024-02-10")]}
-    outcome(s.get(f"{node.fhir}/Observation?date=ap2024"), 400, "prefix")
+    outcome(s.get(f"{node.fhir}/Observation?date=xx2024"), 400, "prefix")
     outcome(s.get(f"{node.fhir}/Observation?date=2024-13"), 400)
     outcome(s.get(f"{node.fhir}/Observation?code:below=x"), 400, "modifier")
 
@@ -1145,3 +1146,27 @@ def test_search_across_types_and_history_at(node: Node) -> None:
     now = s.get(f"{node.fhir}/Patient/{pid}/_history", params={"_at": "2999-01-01"}).json()
     assert [e["resource"]["meta"]["versionId"] for e in now["entry"]] == ["2"]
     outcome(s.get(f"{node.fhir}/Patient/{pid}/_history", params={"_at": "yesterday"}), 400, "_at")
+
+
+def test_number_parameters(node: Node) -> None:
+    s = node.session()
+    pid = new_patient(node)
+    assessment = {
+        "resourceType": "RiskAssessment",
+        "status": "final",
+        "subject": {"reference": f"Patient/{pid}"},
+        "prediction": [{"probabilityDecimal": 0.35}],
+    }
+    rid = post(s, f"{node.fhir}/RiskAssessment", assessment).json()["id"]
+    every = f"&subject=Patient/{pid}"
+    for value, found in [
+        ("gt0.3", True),
+        ("lt0.3", False),
+        ("0.35", True),
+        ("0.40", False),  # [0.395, 0.405)
+        ("0.4", True),  # [0.35, 0.45): a value stands for its precision
+        ("ap0.33", True),
+    ]:
+        matched = ids(s.get(f"{node.fhir}/RiskAssessment?probability={value}{every}").json())
+        assert (rid in matched) is found, value
+    outcome(s.get(f"{node.fhir}/RiskAssessment?probability=0.3||%25"), 400, "takes no unit")
