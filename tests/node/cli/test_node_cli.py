@@ -282,6 +282,12 @@ def test_app_refuses_a_database_behind(node_dir: Path) -> None:
         create_app(node_dir)
 
 
+def undo_revision_0011(conn: sa.Connection) -> None:
+    """What revision 0011 adds taken away again, as in a database an earlier hrx made."""
+    conn.execute(sa.text("DROP TABLE fhir_idx_quantity"))
+    conn.execute(sa.text("ALTER TABLE fhir_idx_string DROP COLUMN exact"))
+
+
 def test_upgrade_applies_pending_migrations(node_dir: Path) -> None:
     config = load_config(node_dir, environ={})
     # turn the database back into one an earlier hrx made: only the first migration applied
@@ -304,9 +310,9 @@ def test_upgrade_applies_pending_migrations(node_dir: Path) -> None:
                 "signin_throttle",
                 "node_users",
                 "locator_holdings",
-                "fhir_idx_quantity",
             ):
                 conn.execute(sa.text(f"DROP TABLE {table}"))
+            undo_revision_0011(conn)
             # the users' table as the first migration made it, with a user locked out then
             conn.execute(
                 sa.text(
@@ -384,7 +390,7 @@ def test_an_upgrade_across_a_reindexing_revision_indexes_what_was_stored(node_di
         tokens = tables.tokens
         with database.write_engine.begin() as conn:  # as an earlier hrx indexed them
             conn.execute(tokens.delete().where(tokens.c.param == "method"))
-            conn.execute(sa.text("DROP TABLE fhir_idx_quantity"))  # revision 0011 makes it
+            undo_revision_0011(conn)
             conn.execute(sa.text("UPDATE alembic_version SET version_num = '0010'"))
 
         def methods() -> set[str]:
@@ -430,8 +436,8 @@ def test_messages_made_from_csv_exports_are_counted_as_csv(tmp_path: Path) -> No
                         resources="[]",
                     )
                 )
-            for later in ("locator_holdings", "fhir_idx_quantity"):  # made by later migrations
-                conn.execute(sa.text(f"DROP TABLE {later}"))
+            conn.execute(sa.text("DROP TABLE locator_holdings"))  # made by a later migration
+            undo_revision_0011(conn)
             conn.execute(sa.text("UPDATE alembic_version SET version_num = '0008'"))
     finally:
         database.close()
