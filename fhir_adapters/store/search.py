@@ -664,6 +664,15 @@ def criterion_clause(
     )
 
 
+def _unindexed(column: ColumnElement[str]) -> ColumnElement[str]:
+    """``column`` in a form no index serves. The resources a chain or ``_has`` reaches are
+    found from the inner criterion's own index rows (few, usually); without this, SQLite's
+    planner, which has no statistics, prefers the index on the type and reads every resource
+    (or reference) of the type to check each against them: 169 ms instead of a few at
+    100,000 Observations."""
+    return sa.func.coalesce(column, "")
+
+
 def _via_clause(
     resource_type: str, via: Via, base_url: str, resources: sa.FromClause, access: Access | None
 ) -> ColumnElement[bool]:
@@ -673,8 +682,9 @@ def _via_clause(
     (a patient learns nothing of resources outside their compartments this way either)."""
     other = tables.resources.alias()
     ref = tables.references.alias()
+    of_type = _unindexed(other.c.type)
     reached: list[ColumnElement[bool]] = [
-        other.c.type == via.types[0] if len(via.types) == 1 else other.c.type.in_(via.types),
+        of_type == via.types[0] if len(via.types) == 1 else of_type.in_(via.types),
         other.c.deleted.is_(False),
         criterion_clause(via.types, via.inner, base_url, resources=other, access=access),
     ]
@@ -692,10 +702,10 @@ def _via_clause(
         )
         return resources.c.res_pk.in_(pointing)
     pointed = sa.select(ref.c.target_id).where(
-        ref.c.type == via.types[0],
-        ref.c.param == via.param,
-        ref.c.target_type == resource_type,
         ref.c.res_pk.in_(sa.select(other.c.res_pk).where(*reached)),
+        _unindexed(ref.c.type) == via.types[0],
+        _unindexed(ref.c.param) == via.param,
+        ref.c.target_type == resource_type,
     )
     return sa.and_(resources.c.type == resource_type, resources.c.id.in_(pointed))
 
