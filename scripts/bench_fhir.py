@@ -345,6 +345,15 @@ def main() -> None:
                 f"{name:46} {figures['rate']:9,.0f} {'':10} {figures['p50']:8.2f} "
                 f"{figures['p90']:8.2f} {figures['p99']:8.2f}"
             )
+    except SystemExit:
+        log = directory / "gunicorn.log"
+        failed = [
+            line
+            for line in log.read_text(errors="replace").splitlines()
+            if re.search(r'"status": ?[45]\d\d', line) or "Traceback" in line or "Error" in line
+        ]
+        console.print("what the node logged of the failed requests:", *failed[-20:], sep="\n")
+        raise
     finally:
         server.terminate()
         server.wait()

@@ -209,8 +209,16 @@ def _from_definitions(resource_type: str) -> dict[str, SearchParam]:
     return found
 
 
+# AuditEvent keeps only its hand-written parameters: the node writes one for every read, so
+# each more parameter is index rows on every request (R4's others would double them).
+OWN_PARAMETERS_ONLY = ("AuditEvent",)
+
 SEARCH_PARAMS: dict[str, dict[str, SearchParam]] = {
-    t: {**_from_definitions(t), **HAND_WRITTEN.get(t, {})} for t in RESOURCE_TYPES
+    t: {
+        **({} if t in OWN_PARAMETERS_ONLY else _from_definitions(t)),
+        **HAND_WRITTEN.get(t, {}),
+    }
+    for t in RESOURCE_TYPES
 }
 
 # The Patient compartment (FHIR R4 CompartmentDefinition "patient"): a resource belongs to a
