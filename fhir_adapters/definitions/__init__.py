@@ -118,6 +118,7 @@ def _applies(base: str, resource_type: str) -> bool:
     return base == resource_type
 
 
+@cache
 def union_branches(expression: str) -> tuple[str, ...]:
     """The operands of the top-level ``|`` unions of a FHIRPath expression, stripped, in order
     (one for an expression that is no union). A ``|`` inside parentheses, brackets, braces, a
@@ -210,6 +211,16 @@ def _definition(raw: Mapping[str, Any], resource_type: str | None) -> Definition
 
 
 @cache
+def _by_base() -> Mapping[str, tuple[Mapping[str, Any], ...]]:
+    """The raw parameters by each type they name as a base."""
+    found: dict[str, list[Mapping[str, Any]]] = {}
+    for raw in _raw_parameters().values():
+        for base in raw["base"]:
+            found.setdefault(base, []).append(raw)
+    return MappingProxyType({base: tuple(raws) for base, raws in found.items()})
+
+
+@cache
 def search_parameter(url: str) -> Definition:
     """The search parameter of that canonical url, for all its bases (``expression`` is the
     whole expression). KeyError for a url that is not an official R4 parameter."""
@@ -225,7 +236,12 @@ def search_parameters(resource_type: str) -> Mapping[str, Definition]:
     KeyError for a name that is not an R4 resource type."""
     _check_type(resource_type)
     found: dict[str, Definition] = {}
-    for raw in _raw_parameters().values():
+    by_base = _by_base()
+    for raw in (
+        *by_base.get(RESOURCE, ()),
+        *by_base.get(DOMAIN_RESOURCE, ()),
+        *by_base.get(resource_type, ()),
+    ):
         if any(_applies(base, resource_type) for base in raw["base"]):
             definition = _definition(raw, resource_type)
             if definition.code in found:

@@ -194,22 +194,27 @@ def _walk(steps: list[_Step]) -> Select:
     return select
 
 
-@cache
 def _fhirpath(expression: str) -> Select:
-    from fhirpathpy import compile as compile_fhirpath
-    from fhirpathpy.models import models
-
-    compiled = compile_fhirpath(expression, models["r4"])
+    """fhirpathpy's evaluation of ``expression``, compiled on first use (importing fhirpathpy
+    takes a tenth of a second, which every process would otherwise pay at start)."""
 
     def select(resource: dict[str, Any]) -> list[Any]:
         try:
-            found = compiled(resource, {})
+            found = _compiled(expression)(resource, {})
         except Exception:  # fhirpathpy's own failure must not fail a write: unindexed
-            log.warning("FHIRPath %r could not be evaluated on a %s", expression, "resource")
+            log.warning("FHIRPath %r could not be evaluated on a resource", expression)
             return []
         return [v for v in found if isinstance(v, dict | str | bool | int)]
 
     return select
+
+
+@cache
+def _compiled(expression: str) -> Any:
+    from fhirpathpy import compile as compile_fhirpath
+    from fhirpathpy.models import models
+
+    return compile_fhirpath(expression, models["r4"])
 
 
 def compile_expression(expression: str, resource_type: str) -> Select:

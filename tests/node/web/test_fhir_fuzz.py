@@ -2279,7 +2279,7 @@ def typed_values(draw: Any, world: World, seeded: Seeded, kind: str) -> str:
     return str(draw(st.sampled_from(["杭州", "门诊", "A12", "a", "头痛", ""]) | TEXT))
 
 
-@fuzz(60)
+@fuzz(30)
 @given(data=st.data())
 def test_search_the_r4_types(world: World, seeded: Seeded, data: st.DataObject) -> None:
     """Every type is searched by R4's parameters: a 200 searchset or a 400, never a 5xx."""
@@ -2375,7 +2375,7 @@ def expected_subsetting(
     return 200, True
 
 
-@fuzz(60)
+@fuzz(30)
 @given(data=st.data())
 def test_summary_and_elements(world: World, seeded: Seeded, data: st.DataObject) -> None:
     """_summary and _elements on read, vread and search: 200 with every match tagged
@@ -2571,7 +2571,7 @@ def read_back(world: World, location: str) -> Reply:
     return reply
 
 
-@fuzz(90)
+@fuzz(45)
 @given(data=st.data())
 def test_conditional_writes_and_patch(world: World, data: st.DataObject) -> None:
     """PUT and DELETE Type?search, and PATCH Type/id with a JSON Patch: no 5xx; a refusal
@@ -2733,7 +2733,7 @@ def stored_references(value: Any) -> list[str]:
     return []
 
 
-@fuzz(70)
+@fuzz(35)
 @given(data=st.data())
 def test_conditional_transactions(world: World, data: st.DataObject) -> None:
     """Transactions with conditional references (matching none, one, several) and
