@@ -132,9 +132,9 @@ def parse_subsetting(
         owner, dot, rest = name.partition(".")
         if dot and owner in resource_types:
             name = rest
-        if name in ALWAYS:  # kept anyway (clients such as fhirpy name them)
-            continue
-        if not name or not all(name in _shape(t).names for t in resource_types):
+        if name not in ALWAYS and (  # those are kept anyway (clients such as fhirpy name them)
+            not name or not all(name in _shape(t).names for t in resource_types)
+        ):
             raise InvalidRequest(
                 f"_elements: {item.strip()[:60]!r} is not a root-level element of "
                 + " or ".join(resource_types)
