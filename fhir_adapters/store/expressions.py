@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from functools import cache
 from typing import Any
 
+from fhir_adapters.definitions import union_branches
+
 log = logging.getLogger(__name__)
 Select = Callable[[dict[str, Any]], list[Any]]
 
@@ -130,6 +132,8 @@ def _steps(branch: str, resource_type: str) -> list[_Step] | None:
         if head.group() != resource_type:
             return None
         text = text[head.end() :]
+        if not text:  # the resource itself (a composite parameter's ``Observation``)
+            return []
     else:
         text = "." + text  # a path relative to the resource (R4: InsurancePlan's name | alias)
     steps: list[_Step] = []
@@ -220,8 +224,6 @@ def _compiled(expression: str) -> Any:
 def compile_expression(expression: str, resource_type: str) -> Select:
     """The values ``expression`` (a search parameter's expression for ``resource_type``, a
     union of branches) selects in a resource of that type."""
-    from fhir_adapters.definitions import union_branches
-
     selects: list[Select] = []
     for branch in union_branches(expression):
         steps = _steps(branch, resource_type)
@@ -237,6 +239,4 @@ def compile_expression(expression: str, resource_type: str) -> Select:
 
 def walks(expression: str, resource_type: str) -> bool:
     """Whether every branch of ``expression`` is walked here (not handed to fhirpathpy)."""
-    from fhir_adapters.definitions import union_branches
-
     return all(_steps(b, resource_type) is not None for b in union_branches(expression))

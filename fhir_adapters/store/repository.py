@@ -42,6 +42,7 @@ from fhir_adapters.store.search import (
     Matches,
     SearchRequest,
     match_query,
+    match_query_across,
     page,
     paginate,
 )
@@ -280,30 +281,28 @@ class ResourceStore:
                 {
                     "type": request.resource_type,
                     "query": request.query_string(),
-                    "includes": [str(i) for i in request.includes],
-                    "revincludes": [str(i) for i in request.revincludes],
-                    "iterate": [
-                        f"{kind}:{i}"
-                        for kind, includes in (("i", request.includes), ("r", request.revincludes))
-                        for i in includes
-                        if i.iterate
-                    ],
+                    **_includes_of([request]),
                     "total": request.total,
                     **_subsetting_of(request.subsetting),
                 },
             )
 
     def search_types(self, requests: list[SearchRequest], access: Access, owner: str) -> Matches:
-        """The first page of a search across types (``_type``): each type's matches in its
-        own order, the types in the order given; every request has the same count, total and
-        subsetting."""
+        """The first page of a search across types (``_type``): with a ``_sort``, every match
+        in that order; without, each type's matches, the types in the order given. Every
+        request has the same count, sort, total and subsetting; the includes of each apply to
+        its type's matches."""
         first = requests[0]
         with self.engine.connect() as conn:
-            pairs = [
-                (row[0], row[1])
-                for request in requests
-                for row in conn.execute(match_query(request, access, self.base_url)).all()
-            ]
+            if first.sort:
+                query = match_query_across(requests, access, self.base_url)
+                pairs = [(row[0], row[1]) for row in conn.execute(query).all()]
+            else:
+                pairs = [
+                    (row[0], row[1])
+                    for request in requests
+                    for row in conn.execute(match_query(request, access, self.base_url)).all()
+                ]
         return paginate(
             self.write_engine,
             pairs,
@@ -314,8 +313,7 @@ class ResourceStore:
                 "type": None,
                 "types": [r.resource_type for r in requests],
                 "query": first.query_string(),
-                "includes": [],
-                "revincludes": [],
+                **_includes_of(requests),
                 "total": first.total,
                 **_subsetting_of(first.subsetting),
             },
@@ -615,6 +613,25 @@ class ResourceStore:
     def delete(self, resource_type: str, resource_id: str) -> Stored | None:
         with self.writing() as writer:
             return writer.delete(resource_type, resource_id)
+
+
+def _includes_of(requests: list[SearchRequest]) -> dict[str, list[str]]:
+    """The includes of a search set (of one type's request, or of several types'), as
+    :meth:`ResourceStore.included` reads them."""
+    includes = [i for r in requests for i in r.includes]
+    revincludes = [i for r in requests for i in r.revincludes]
+    return {
+        "includes": list(dict.fromkeys(str(i) for i in includes)),
+        "revincludes": list(dict.fromkeys(str(i) for i in revincludes)),
+        "iterate": list(
+            dict.fromkeys(
+                f"{kind}:{i}"
+                for kind, found in (("i", includes), ("r", revincludes))
+                for i in found
+                if i.iterate
+            )
+        ),
+    }
 
 
 def _subsetting_of(subsetting: Subsetting | None) -> dict[str, Any]:

@@ -18,6 +18,7 @@ be what stops it.
 from __future__ import annotations
 
 import json
+import math
 import re
 import struct
 import time
@@ -36,8 +37,13 @@ from fhir_adapters.store import tables
 from fhir_adapters.store.quantities import Wanted, caveat, parse_wanted
 from fhir_adapters.store.resources import RESOURCE_TYPES, check_type
 from fhir_adapters.store.search_params import (
+    LATITUDE,
+    LONGITUDE,
+    NARRATIVE,
+    NEAR,
     SEARCH_PARAMS,
     SearchParam,
+    composite_param,
     date_range,
     normalise_string,
     parse_reference,
@@ -159,22 +165,55 @@ class Access:
 EVERYONE = Access()
 
 
-def split_values(text: str) -> list[str]:
-    """Split a parameter value at unescaped commas, unescaping ``\\,`` ``\\|`` ``\\$``."""
-    values, current, escaped = [], [], False
+def _split_escaped(text: str, separator: str) -> list[str]:
+    """Split at each ``separator`` that no backslash escapes, keeping the escapes."""
+    parts, current, escaped = [], [], False
     for char in text:
         if escaped:
-            current.append(char if char in ",|$\\" else "\\" + char)
+            current.append(char)
             escaped = False
         elif char == "\\":
+            current.append(char)
             escaped = True
-        elif char == ",":
-            values.append("".join(current))
+        elif char == separator:
+            parts.append("".join(current))
             current = []
         else:
             current.append(char)
-    values.append("".join(current) + ("\\" if escaped else ""))
-    return values
+    parts.append("".join(current))
+    return parts
+
+
+def _unescape(text: str) -> str:
+    """``\\,`` ``\\|`` ``\\$`` ``\\\\`` as the character escaped; any other backslash kept."""
+    out, escaped = [], False
+    for char in text:
+        if escaped:
+            out.append(char if char in ",|$\\" else "\\" + char)
+            escaped = False
+        elif char == "\\":
+            escaped = True
+        else:
+            out.append(char)
+    return "".join(out) + ("\\" if escaped else "")
+
+
+def split_values(text: str) -> list[str]:
+    """Split a parameter value at unescaped commas, unescaping ``\\,`` ``\\|`` ``\\$``."""
+    return [_unescape(value) for value in _split_escaped(text, ",")]
+
+
+def criterion_values(kind: str, text: str) -> tuple[str, ...]:
+    """A criterion's OR-ed values: unescaped, but for a composite, whose parts are split at
+    unescaped ``$`` later (:func:`composite_parts`), escapes kept."""
+    if kind == "composite":
+        return tuple(_split_escaped(text, ","))
+    return tuple(split_values(text))
+
+
+def composite_parts(value: str) -> list[str]:
+    """A composite value's parts (``code$value``), unescaped."""
+    return [_unescape(part) for part in _split_escaped(value, "$")]
 
 
 _WHOLE = re.compile(r"[0-9]{1,9}")
@@ -227,7 +266,9 @@ def parse_search(
                 descending = key.startswith("-")
                 key = key.lstrip("-")
                 if key not in ("_id", "_lastUpdated") and (
-                    key not in params or params[key].type in ("reference", "quantity", "number")
+                    key not in params
+                    or params[key].type
+                    in ("reference", "quantity", "number", "composite", "special")
                 ):
                     refuse(f"cannot sort {resource_type} by {key!r}", f"_sort={key}")
                     continue
@@ -268,10 +309,16 @@ def parse_search(
             if problem:
                 refuse(problem, raw_name)
             else:
-                criterion = Criterion(name, modifier or None, tuple(split_values(raw_value)))
+                kind = params[name].type if name in params else "token"
+                criterion = Criterion(name, modifier or None, criterion_values(kind, raw_value))
                 request.criteria.append(criterion)
                 if name in params and params[name].type == "quantity" and not modifier:
                     notes = (caveat(parse_wanted(v)) for v in criterion.values)
+                    request.notes.extend(n for n in notes if n and n not in request.notes)
+                elif name in params and params[name].type == "composite":
+                    kind = params[name].components[1][0]
+                    quantities = (composite_parts(v)[1] for v in criterion.values)
+                    notes = (caveat(parse_wanted(q)) for q in quantities if kind == "quantity")
                     request.notes.extend(n for n in notes if n and n not in request.notes)
         elif resource_type and unsupported(resource_type, name):
             refuse(str(unsupported(resource_type, name)), raw_name)
@@ -313,7 +360,8 @@ def _criterion(types: tuple[str, ...], raw_name: str, raw_value: str, depth: int
         len({SEARCH_PARAMS[t][name].type for t in types}) > 1
     ):
         raise InvalidRequest(f"{raw_name}: {name} is not of one kind in {', '.join(types)}")
-    return Criterion(name, modifier or None, tuple(split_values(raw_value)))
+    kind = SEARCH_PARAMS[types[0]][name].type if name in SEARCH_PARAMS[types[0]] else "token"
+    return Criterion(name, modifier or None, criterion_values(kind, raw_value))
 
 
 def _chained(resource_type: str, raw_name: str, raw_value: str, depth: int) -> Criterion:
@@ -408,6 +456,8 @@ def _check_criterion(
     else:
         kind = SEARCH_PARAMS[resource_type][name].type
     if modifier == "missing":
+        if kind == "composite":
+            return f"{name} is a composite parameter: :missing is not supported on it"
         return None if raw_value in ("true", "false") else f"{name}:missing takes true or false"
     allowed = {
         "token": (None, "not", "text", "of-type"),
@@ -417,38 +467,69 @@ def _check_criterion(
         "string": (None, "exact", "contains"),
         "date": (None,),
         "reference": (None, "identifier", *RESOURCE_TYPES),
+        "composite": (None,),
+        "special": (None,),
     }[kind]
     if modifier not in allowed:
         return f"the modifier :{modifier} is not supported on {name} ({kind})"
-    for value in split_values(raw_value):
-        if value == "":
-            return f"{name} has an empty value"
-        if any(ord(char) < 32 for char in value):
-            return f"{name} holds a control character"
-        if modifier == "of-type" and value.count("|") < 2:
-            return f"{name}:of-type takes type-system|type-code|value"
-        if kind in ("quantity", "number"):
-            if kind == "number" and "|" in value:
-                return f"{name} is a number: it takes no unit"
+    if kind == "special":
+        for value in split_values(raw_value):
             try:
-                parse_wanted(value)
+                _near(value) if name == NEAR else _words(name, value)
             except ValueError as exc:
-                return f"{name}: {exc}"
-        if kind == "date":
-            prefix = value[:2] if value[:2].isalpha() else "eq"
-            if prefix not in DATE_PREFIXES:
-                return f"{name}: the prefix {prefix!r} is not supported"
-            try:
-                date_range(value[2:] if value[:2].isalpha() else value)
-            except ValueError as exc:
-                return f"{name}: {exc}"
+                return str(exc)
+        return None
+    if kind != "composite":
+        problems = (_value_problem(kind, name, modifier, v) for v in split_values(raw_value))
+        return next(filter(None, problems), None)
+    other_kind = SEARCH_PARAMS[resource_type][name].components[1][0]
+    for value in criterion_values(kind, raw_value):
+        parts = composite_parts(value)
+        if len(parts) != 2:
+            return f"{name} takes two parts joined by $ (e.g. code$value), not {value[:80]!r}"
+        token, other = parts
+        if token == "" or token.endswith("|"):
+            return f"{name}: the first part of {value[:80]!r} must name a code"
+        problem = _value_problem("token", name, None, token) or _value_problem(
+            other_kind, name, None, other
+        )
+        if problem:
+            return problem
+    return None
+
+
+def _value_problem(kind: str, name: str, modifier: str | None, value: str) -> str | None:
+    """Why one value of a criterion cannot be searched, or None."""
+    if value == "":
+        return f"{name} has an empty value"
+    if any(ord(char) < 32 for char in value):
+        return f"{name} holds a control character"
+    if modifier == "of-type" and value.count("|") < 2:
+        return f"{name}:of-type takes type-system|type-code|value"
+    if kind in ("quantity", "number"):
+        if kind == "number" and "|" in value:
+            return f"{name} is a number: it takes no unit"
+        try:
+            parse_wanted(value)
+        except ValueError as exc:
+            return f"{name}: {exc}"
+    if kind == "date":
+        prefix = value[:2] if value[:2].isalpha() else "eq"
+        if prefix not in DATE_PREFIXES:
+            return f"{name}: the prefix {prefix!r} is not supported"
+        try:
+            date_range(value[2:] if value[:2].isalpha() else value)
+        except ValueError as exc:
+            return f"{name}: {exc}"
     return None
 
 
 # -- compiling criteria to SQL -----------------------------------------------------------------
 
 
-def _date_condition(low: ColumnElement[int], high: ColumnElement[int], value: str) -> Any:
+def _date_condition(
+    low: ColumnElement[int], high: ColumnElement[int], value: str
+) -> ColumnElement[bool]:
     """A date criterion against index ranges [low, high), by the FHIR prefix semantics."""
     prefix = value[:2] if value[:2].isalpha() else "eq"
     pl, ph = date_range(value[2:] if value[:2].isalpha() else value)
@@ -543,6 +624,10 @@ def selectivity_rank(resource_type: str, criterion: Criterion) -> int:
         return 1
     if param.type in ("quantity", "number"):
         return 5
+    if param.type == "composite":  # a code and a value: rows of one code, usually few
+        return 2
+    if param.type == "special":  # words are read from every string of the type
+        return 7
     if param.type == "token":
         return 2 if criterion.name == "identifier" else 4
     return 3 if param.type == "string" else 5
@@ -607,60 +692,194 @@ def criterion_clause(
                 ),
             )
         )
-    table = {
-        "token": tables.tokens,
-        "uri": tables.tokens,  # the whole URI as the code, with no system
-        "string": tables.strings,
-        "reference": tables.references,
-        "date": tables.dates,
-        "quantity": tables.quantities,
-        "number": tables.quantities,
-    }[param.type]
+    if param.type == "composite":
+        return _composite_clause(types, param, values, resources, driver=driver)
+    if param.type == "special":
+        return _special_clause(types, name, values, resources)
+    table = TABLE_OF[param.type]
     of_type = table.c.type == types[0] if len(types) == 1 else table.c.type.in_(types)
     rows = sa.select(table.c.res_pk).where(of_type, table.c.param == name)
     if modifier == "missing":
         present = resources.c.res_pk.in_(rows)
         return sa.not_(present) if values[0] == "true" else present
-    conditions: list[ColumnElement[bool]] = []
-    for value in values:
-        if param.type == "token":
-            conditions.append(_token_condition(table, value))
-        elif param.type == "uri":
-            if modifier == "below":  # the URI or one under it, segment by segment
-                condition = sa.or_(
-                    table.c.code == value,
-                    table.c.code.startswith(value.rstrip("/") + "/", autoescape=True),
-                )
-            elif modifier == "above":  # the URI or one it is under
-                condition = sa.or_(
-                    table.c.code == value, sa.literal(value).startswith(table.c.code + "/")
-                )
-            else:
-                condition = table.c.code == value
-            conditions.append(sa.and_(table.c.system == "", condition))
-        elif param.type == "string":
-            text = normalise_string(value)
-            if modifier == "exact":  # as written (the normalised form narrows it first)
-                conditions.append(sa.and_(table.c.value == text, table.c.exact == value.strip()))
-            elif modifier == "contains":
-                conditions.append(table.c.value.contains(text, autoescape=True))
-            else:
-                conditions.append(table.c.value.startswith(text, autoescape=True))
-        elif param.type == "date":
-            conditions.append(_date_condition(table.c.low, table.c.high, value))
-        elif param.type in ("quantity", "number"):
-            conditions.append(_quantity_condition(table, parse_wanted(value)))
-        else:
-            target_type, target_id = _reference_target(param, modifier, value, base_url)
-            condition = table.c.target_id == target_id
-            if target_type:
-                condition = sa.and_(condition, table.c.target_type == target_type)
-            conditions.append(condition)
+    conditions = [
+        _value_condition(param.type, table, modifier, value, param, base_url) for value in values
+    ]
     if driver or modifier == "not":
         matching = resources.c.res_pk.in_(rows.where(sa.or_(*conditions)))
         return sa.not_(matching) if modifier == "not" else matching
     return sa.exists().where(
         table.c.res_pk == resources.c.res_pk, table.c.param == name, sa.or_(*conditions)
+    )
+
+
+TABLE_OF: dict[str, sa.Table] = {
+    "token": tables.tokens,
+    "uri": tables.tokens,  # the whole URI as the code, with no system
+    "string": tables.strings,
+    "reference": tables.references,
+    "date": tables.dates,
+    "quantity": tables.quantities,
+    "number": tables.quantities,
+}
+
+
+def _value_condition(
+    kind: str,
+    table: sa.Table,
+    modifier: str | None,
+    value: str,
+    param: SearchParam,
+    base_url: str,
+) -> ColumnElement[bool]:
+    """The condition an index row of ``table`` meets when it matches one value."""
+    if kind == "token":
+        return _token_condition(table, value)
+    if kind == "uri":
+        if modifier == "below":  # the URI or one under it, segment by segment
+            condition = sa.or_(
+                table.c.code == value,
+                table.c.code.startswith(value.rstrip("/") + "/", autoescape=True),
+            )
+        elif modifier == "above":  # the URI or one it is under
+            condition = sa.or_(
+                table.c.code == value, sa.literal(value).startswith(table.c.code + "/")
+            )
+        else:
+            condition = table.c.code == value
+        return sa.and_(table.c.system == "", condition)
+    if kind == "string":
+        text = normalise_string(value)
+        if modifier == "exact":  # as written (the normalised form narrows it first)
+            return sa.and_(table.c.value == text, table.c.exact == value.strip())
+        if modifier == "contains":
+            return table.c.value.contains(text, autoescape=True)
+        return table.c.value.startswith(text, autoescape=True)
+    if kind == "date":
+        return _date_condition(table.c.low, table.c.high, value)
+    if kind in ("quantity", "number"):
+        return _quantity_condition(table, parse_wanted(value))
+    target_type, target_id = _reference_target(param, modifier, value, base_url)
+    condition = table.c.target_id == target_id
+    if target_type:
+        condition = sa.and_(condition, table.c.target_type == target_type)
+    return condition
+
+
+def _composite_clause(
+    types: tuple[str, ...],
+    param: SearchParam,
+    values: tuple[str, ...],
+    resources: sa.FromClause,
+    *,
+    driver: bool,
+) -> ColumnElement[bool]:
+    """A composite criterion: for ``code$value``, a row of the other part's kind that matches
+    ``value`` under the parameter name that carries ``code`` (of this composite, or of each
+    composite it is the union of)."""
+    kind = param.components[1][0]
+    table = TABLE_OF[kind]
+    names = param.union_of or (param.name,)
+    conditions = []
+    for value in values:
+        token, other = composite_parts(value)
+        conditions.append(
+            sa.and_(
+                table.c.param.in_([composite_param(n, token) for n in names]),
+                _value_condition(kind, table, None, other, param, ""),
+            )
+        )
+    of_type = table.c.type == types[0] if len(types) == 1 else table.c.type.in_(types)
+    if driver:
+        return resources.c.res_pk.in_(sa.select(table.c.res_pk).where(of_type, sa.or_(*conditions)))
+    return sa.exists().where(table.c.res_pk == resources.c.res_pk, sa.or_(*conditions))
+
+
+_CJK = re.compile(r"[\u3400-\u9fff\uf900-\ufaff\U00020000-\U0003134f]")
+NEAR_DEFAULT_KM = 5.0  # R4 leaves "near" without a distance to the server
+_KM_PER_UNIT = {"km": 1.0, "m": 0.001, "[mi_i]": 1.609344, "mi": 1.609344}
+_KM_PER_DEGREE = 111.195  # of latitude (a sphere of the Earth's mean radius)
+
+
+def _words(name: str, value: str) -> list[str]:
+    """The normalised words of a ``_text``/``_content`` value; ValueError when it has none."""
+    words = re.findall(r"\w+", normalise_string(value))
+    if not words:
+        raise ValueError(f"{name}={value[:40]!r} holds no word to search for")
+    return words
+
+
+def _near(value: str) -> tuple[float, float, float]:
+    """(latitude, longitude, distance in km) of ``near=latitude|longitude[|distance[|unit]]``
+    (the unit km, m or [mi_i]; km when none is named); ValueError saying what is wrong."""
+    parts = value.split("|")
+    if not 2 <= len(parts) <= 4:
+        raise ValueError("near takes latitude|longitude|distance|unit")
+    try:
+        latitude, longitude = float(parts[0]), float(parts[1])
+        distance = float(parts[2]) if len(parts) > 2 and parts[2] else NEAR_DEFAULT_KM
+    except ValueError:
+        raise ValueError(
+            f"near={value[:60]!r}: latitude, longitude and distance are numbers"
+        ) from None
+    unit = parts[3] if len(parts) > 3 and parts[3] else "km"
+    if unit not in _KM_PER_UNIT:
+        raise ValueError(f"near: the unit {unit[:20]!r} is not km, m or [mi_i]")
+    if not (-90 <= latitude <= 90 and -180 <= longitude <= 180 and 0 <= distance <= 20_000):
+        raise ValueError("near: latitude, longitude or distance out of range")
+    return latitude, longitude, distance * _KM_PER_UNIT[unit]
+
+
+def _special_clause(
+    types: tuple[str, ...], name: str, values: tuple[str, ...], resources: sa.FromClause
+) -> ColumnElement[bool]:
+    """``_text`` and ``_content``: every word of a value begins a word of one of the
+    resource's passages (``_text``) or strings (``_content``), or, for Chinese, is within
+    one; values OR-ed. ``near``: Location.position within the distance, on a local flat
+    approximation of the sphere (good to well under 1 % within a few hundred km; the 180th
+    meridian is not crossed)."""
+    matching: list[ColumnElement[bool]] = []
+    for value in values:
+        if name == NEAR:
+            matching.append(resources.c.res_pk.in_(_near_rows(types, value)))
+            continue
+        required: list[ColumnElement[bool]] = []
+        for word in _words(name, value):
+            words = tables.strings.alias()
+            condition = (
+                words.c.value.contains(word, autoescape=True)
+                if _CJK.search(word)
+                else sa.or_(
+                    words.c.value.startswith(word, autoescape=True),
+                    words.c.value.contains(" " + word, autoescape=True),
+                )
+            )
+            of_type = words.c.type == types[0] if len(types) == 1 else words.c.type.in_(types)
+            rows = sa.select(words.c.res_pk).where(of_type, condition)
+            if name == NARRATIVE:
+                rows = rows.where(words.c.param == NARRATIVE)
+            required.append(resources.c.res_pk.in_(rows))
+        matching.append(sa.and_(*required))
+    return sa.or_(*matching)
+
+
+def _near_rows(types: tuple[str, ...], value: str) -> sa.Select[Any]:
+    latitude, longitude, km = _near(value)
+    degrees = km / _KM_PER_DEGREE  # of latitude
+    shrink = max(math.cos(math.radians(latitude)), 1e-6)  # a degree of longitude, relative
+    north, east = tables.quantities.alias(), tables.quantities.alias()
+    return (
+        sa.select(north.c.res_pk)
+        .join(east, sa.and_(east.c.res_pk == north.c.res_pk, east.c.param == LONGITUDE))
+        .where(
+            north.c.type.in_(types),
+            north.c.param == LATITUDE,
+            north.c.value.between(latitude - degrees, latitude + degrees),
+            east.c.value.between(longitude - degrees / shrink, longitude + degrees / shrink),
+            (north.c.value - latitude) * (north.c.value - latitude)
+            + (east.c.value - longitude) * (east.c.value - longitude) * (shrink * shrink)
+            <= degrees * degrees,
+        )
     )
 
 
@@ -776,6 +995,32 @@ def match_query(
     order.append(R.c.res_pk)
     query = sa.select(R.c.res_pk, R.c.version).where(*conditions).order_by(*order)
     return query if limit is None else query.limit(limit)
+
+
+def match_query_across(
+    requests: Sequence[SearchRequest], access: Access, base_url: str = ""
+) -> sa.Select[Any]:
+    """SELECT res_pk, version of every current match of several types' requests (one query,
+    one ``_sort`` shared by all), merged in that order: each type's sort key taken as that
+    type defines the parameter (resources without a value last, either way)."""
+    sort = requests[0].sort
+    parts = [
+        match_query(request, access, base_url)
+        .order_by(None)
+        .add_columns(
+            *(
+                _sort_key(str(request.resource_type), key, descending).label(f"k{i}")
+                for i, (key, descending) in enumerate(sort)
+            )
+        )
+        for request in requests
+    ]
+    merged = sa.union_all(*parts).subquery()
+    order: list[Any] = []
+    for i, (_key, descending) in enumerate(sort):
+        column = merged.c[f"k{i}"]
+        order.extend((column.is_(None), column.desc() if descending else column.asc()))
+    return sa.select(merged.c.res_pk, merged.c.version).order_by(*order, merged.c.res_pk)
 
 
 # -- search sets and pages ---------------------------------------------------------------------

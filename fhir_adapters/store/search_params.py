@@ -6,9 +6,16 @@ reading what its
 FHIRPath expression selects (:mod:`fhir_adapters.store.expressions`). For the types the node
 has always served, a hand-written table of JSON paths stands in front: it is what today's
 searches and the node's own rules (AuditEvent, Consent) were built on, and it is faster.
-Composite and special parameters are not searchable yet; a search naming
-one is refused, saying so. :func:`index_values` turns a resource into the rows of the index
-tables; the search code queries those rows and never parses stored JSON.
+A composite parameter of a token and one other value (Observation's ``code-value-quantity``,
+``component-code-value-quantity``...) is indexed as the other value's rows under a parameter
+name that carries the token (:func:`composite_param`), so both parts hold of one element.
+Other composites are refused, saying so. Three parameters R4 leaves to the server are searched
+by rules of this module's own: ``_text`` (the narrative's words, indexed in passages),
+``_content`` (every string the index holds of a resource: those, string parameters, a code's
+text and displays) and Location's ``near`` (its position as two number rows, latitude and
+longitude). ``_query`` (named queries) is refused: there are none. :func:`index_values`
+turns a resource into the rows of the index tables; the search code queries those rows and
+never parses stored JSON.
 
 Dates without a time zone (``2024-03-01``, ``2024-03-01T08:00:00``) are read in China
 Standard Time (UTC+08:00, no daylight saving), both in resources and in search values, so a
@@ -17,12 +24,14 @@ date means the day a clinician in the consortium means.
 
 from __future__ import annotations
 
+import hashlib
+import html
 import re
 import unicodedata
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta, timezone
-from typing import Any, Literal, cast
+from typing import Any
 
 from fhir_adapters import definitions
 from fhir_adapters.errors import InvalidRequest
@@ -33,7 +42,7 @@ from fhir_adapters.store.quantities import rows_of as quantity_rows
 from fhir_adapters.store.resources import RESOURCE_TYPES, references
 
 LOCAL_ZONE = timezone(timedelta(hours=8))
-ParamType = Literal["token", "string", "reference", "date", "uri", "quantity", "number"]
+ParamType = definitions.ParamType
 INDEXED_TYPES = ("token", "string", "reference", "date", "uri", "quantity", "number")
 
 
@@ -45,6 +54,12 @@ class SearchParam:
     targets: tuple[str, ...] = ()  # reference: the types it may point to (all hosted when empty)
     description: str = ""
     select: Select | None = None  # the definition's FHIRPath, compiled
+    # composite: the token part and the other part, each (kind, expression relative to what
+    # ``select`` selects)
+    components: tuple[tuple[ParamType, Select], ...] = ()
+    # composite: the other composites whose rows it searches instead of its own (Observation's
+    # combo-code-value-quantity is code-value-quantity or component-code-value-quantity)
+    union_of: tuple[str, ...] = ()
 
 
 def _p(name: str, kind: ParamType, *paths: str, targets: tuple[str, ...] = ()) -> SearchParam:
@@ -192,21 +207,100 @@ def _from_definitions(resource_type: str) -> dict[str, SearchParam]:
     """The official R4 parameters of a type that the index stores (``_id`` and
     ``_lastUpdated`` are columns of every resource's row, not index rows)."""
     found = {}
-    for code, definition in definitions.search_parameters(resource_type).items():
-        if (
-            code in ("_id", "_lastUpdated")
-            or definition.type not in INDEXED_TYPES
-            or definition.expression is None
-        ):
+    parameters = definitions.search_parameters(resource_type)
+    for code, definition in parameters.items():
+        if code in ("_id", "_lastUpdated") or definition.expression is None:
+            continue
+        if definition.type == "composite" and _composite_kinds(definition) is not None:
+            found[code] = SearchParam(
+                code,
+                "composite",
+                (),
+                select=compile_expression(definition.expression, resource_type),
+                components=tuple(
+                    (c.type, compile_expression(c.expression, resource_type))
+                    for c in definition.components
+                ),
+                union_of=_union_of(definition, parameters),
+            )
+            continue
+        if definition.type not in INDEXED_TYPES:
             continue
         found[code] = SearchParam(
             code,
-            cast(ParamType, definition.type),
+            definition.type,
             (),
             tuple(t for t in definition.targets if t in RESOURCE_TYPES),
             select=compile_expression(definition.expression, resource_type),
         )
     return found
+
+
+# The parameters R4 leaves to the server (no FHIRPath a walk could follow), as searched here.
+NARRATIVE = "_text"
+CONTENT = "_content"
+NEAR = "near"
+LATITUDE, LONGITUDE = "near:latitude", "near:longitude"  # Location.position's rows
+_SPECIAL = {
+    NARRATIVE: "the words of the narrative (text.div)",
+    CONTENT: "the words of every string the index holds of the resource",
+    NEAR: "within a distance of a point (latitude|longitude|distance|unit)",
+}
+
+
+def _special(resource_type: str) -> dict[str, SearchParam]:
+    official = definitions.search_parameters(resource_type)
+    return {
+        code: SearchParam(code, "special", (), description=description)
+        for code, description in _SPECIAL.items()
+        if code in official and (code != NEAR or resource_type == "Location")
+    }
+
+
+def _composite_kinds(definition: definitions.Definition) -> tuple[str, str] | None:
+    """The kinds of a composite's two parts when it is one this index serves: a token, then
+    any indexed kind but a reference, each a path from the composite's element."""
+    kinds = tuple(c.type for c in definition.components)
+    if (
+        len(kinds) != 2
+        or kinds[0] != "token"
+        or kinds[1] not in INDEXED_TYPES
+        or kinds[1] == "reference"
+        or any(c.expression.startswith("%") for c in definition.components)
+    ):
+        return None
+    return kinds[0], kinds[1]
+
+
+def _union_of(
+    composite: definitions.Definition, parameters: Mapping[str, definitions.Definition]
+) -> tuple[str, ...]:
+    """The other composites of the type that ``composite`` is the union of (one for each
+    branch of its expression, with the same parts), or () when it is none."""
+    branches = definitions.union_branches(composite.expression or "")
+    if len(branches) < 2:
+        return ()
+    parts = [c.expression for c in composite.components]
+    found = []
+    for branch in branches:
+        same = [
+            code
+            for code, other in parameters.items()
+            if other.type == "composite"
+            and other.expression == branch
+            and [c.expression for c in other.components] == parts
+        ]
+        if not same:
+            return ()
+        found.append(same[0])
+    return tuple(found)
+
+
+def composite_param(name: str, token: str) -> str:
+    """The index's parameter name for a composite's other part where its token part is
+    ``token`` (``system|code``, ``|code`` or ``code``, as a search writes it). The token is
+    digested so that a long system URL still fits the index's parameter column."""
+    return f"{name}${hashlib.blake2b(token.encode(), digest_size=8).hexdigest()}"
 
 
 # AuditEvent keeps only its hand-written parameters: the node writes one for every read, so
@@ -215,7 +309,7 @@ OWN_PARAMETERS_ONLY = ("AuditEvent",)
 
 SEARCH_PARAMS: dict[str, dict[str, SearchParam]] = {
     t: {
-        **({} if t in OWN_PARAMETERS_ONLY else _from_definitions(t)),
+        **({} if t in OWN_PARAMETERS_ONLY else {**_from_definitions(t), **_special(t)}),
         **HAND_WRITTEN.get(t, {}),
     }
     for t in RESOURCE_TYPES
@@ -234,6 +328,14 @@ def unsupported(resource_type: str, name: str) -> str | None:
     definition = definitions.search_parameters(resource_type).get(name)
     if definition is None or name in SEARCH_PARAMS.get(resource_type, {}):
         return None
+    if name == "_query":
+        return "_query names a query this server defines; it defines none"
+    if definition.type == "composite":
+        kinds = ", ".join(c.type for c in definition.components)
+        return (
+            f"{resource_type}'s {name} is a composite of {kinds}; this server searches "
+            "composites of a token and one other value that is no reference"
+        )
     return (
         f"{resource_type}'s {name} is a {definition.type} parameter; this server does not "
         "search those yet"
@@ -439,6 +541,127 @@ def _date_values(value: Any) -> Iterator[tuple[int, int]]:
         return
 
 
+def _add(
+    rows: IndexRows,
+    kind: ParamType,
+    name: str,
+    value: Any,
+    analytes: frozenset[str],
+    base_url: str,
+    targets: tuple[str, ...] = (),
+    *,
+    extras: bool = True,
+) -> tuple[str, str] | None:
+    """Add the rows of one value selected for parameter ``name`` of ``kind``; the (type, id)
+    a reference points to. ``extras``: a token's ``:of-type`` and ``:text`` rows too."""
+    if kind == "token":
+        rows.tokens.extend((name, system, code) for system, code in _tokens(value))
+        if extras:
+            rows.tokens.extend(  # :of-type: an Identifier by its type and value
+                (f"{name}:of-type", system, code) for system, code in _typed(value)
+            )
+            rows.strings.extend(  # :text searches a concept's text and displays
+                (f"{name}:text", normalise_string(text), text.strip())
+                for text in _token_texts(value)
+            )
+    elif kind == "uri":
+        if isinstance(value, str):
+            rows.tokens.append((name, "", value))
+    elif kind == "string":
+        rows.strings.extend(
+            (name, normalise_string(text), text.strip()) for text in _strings(value)
+        )
+    elif kind == "date":
+        rows.dates.extend((name, low, high) for low, high in _date_values(value))
+    elif kind == "quantity":
+        rows.quantities.extend((name, q) for q in quantity_rows(value, analytes))
+    elif kind == "number":  # kept with the quantities, without a unit
+        rows.quantities.extend((name, q) for q in quantity_rows({"value": value}))
+    elif (
+        isinstance(value, dict)
+        and isinstance(value.get("identifier"), dict)
+        and ("reference" not in value)
+    ):  # :identifier: a reference by its target's identifier, not its id
+        rows.tokens.extend(
+            (f"{name}:identifier", system, code) for system, code in _tokens(value["identifier"])
+        )
+    elif isinstance(value, dict) and isinstance(value.get("reference"), str):
+        target = parse_reference(value["reference"], base_url)
+        if target and (not targets or target[0] in targets):
+            rows.references.append((name, *target))
+            return target
+    return None
+
+
+def _add_composite(rows: IndexRows, param: SearchParam, element: Any) -> None:
+    """The rows of a composite for one element its expression selects: the other part's
+    values under :func:`composite_param` of each way a search may write the token part."""
+    (_, token_part), (kind, other_part) = param.components
+    keys: list[str] = []
+    analytes: set[str] = set()
+    for value in token_part(element):
+        for system, code in _tokens(value):
+            keys.extend((f"{system}|{code}", code))
+            if system == LOINC:
+                analytes.add(code)
+    values = other_part(element) if keys else []
+    for key in dict.fromkeys(keys):
+        for value in values:
+            _add(
+                rows,
+                kind,
+                composite_param(param.name, key),
+                value,
+                frozenset(analytes),
+                "",
+                extras=False,
+            )
+
+
+_TAG = re.compile(r"<[^>]*>")
+_WORD = re.compile(r"\w+")
+PASSAGE = 250  # characters of one ``_text`` row (the index keeps 255)
+_OVERLAP = 20  # a long run without spaces (Chinese) is cut into passages that overlap so
+
+
+def narrative_passages(resource: dict[str, Any]) -> list[str]:
+    """The words of a resource's narrative, tags and punctuation dropped, as passages of at
+    most :data:`PASSAGE` characters (words joined by single spaces). A word longer than that,
+    as a Chinese sentence is, is cut into pieces that overlap by a few characters, so that a
+    term of up to that many characters is whole in one of them."""
+    text = resource.get("text")
+    div = text.get("div") if isinstance(text, dict) else None
+    if not isinstance(div, str):
+        return []
+    words: list[str] = []
+    for word in _WORD.findall(html.unescape(_TAG.sub(" ", div))):
+        step = PASSAGE - _OVERLAP
+        words.extend(word[i : i + PASSAGE] for i in range(0, max(len(word) - _OVERLAP, 1), step))
+    passages: list[str] = []
+    current = ""
+    for word in words:
+        if current and len(current) + 1 + len(word) > PASSAGE:
+            passages.append(current)
+            current = word
+        else:
+            current = f"{current} {word}" if current else word
+    if current:
+        passages.append(current)
+    return list(dict.fromkeys(passages))
+
+
+def _position_rows(position: Any) -> list[tuple[str, QuantityRow]]:
+    """Location.position's latitude and longitude as number rows (``near``)."""
+    if not isinstance(position, dict):
+        return []
+    rows = [
+        (name, q)
+        for name, key in ((LATITUDE, "latitude"), (LONGITUDE, "longitude"))
+        for q in quantity_rows({"value": position.get(key)})
+    ]
+    return rows if len(rows) == 2 else []
+
+
 def index_values(resource: dict[str, Any], base_url: str = "") -> IndexRows:
     """Every search-parameter value of a (validated) resource, as index rows."""
     resource_type = resource["resourceType"]
@@ -460,44 +683,21 @@ def index_values(resource: dict[str, Any], base_url: str = "") -> IndexRows:
             if param.select is not None
             else [v for path in param.paths for v in values_at(resource, path)]
         )
+        if param.union_of:  # searched by the rows of the composites it unites
+            continue
         for value in selected:
-            if param.type == "token":
-                rows.tokens.extend((param.name, system, code) for system, code in _tokens(value))
-                rows.tokens.extend(  # :of-type: an Identifier by its type and value
-                    (f"{param.name}:of-type", system, code) for system, code in _typed(value)
-                )
-                rows.strings.extend(  # :text searches a concept's text and displays
-                    (f"{param.name}:text", normalise_string(text), text.strip())
-                    for text in _token_texts(value)
-                )
-            elif param.type == "uri":
-                if isinstance(value, str):
-                    rows.tokens.append((param.name, "", value))
-            elif param.type == "string":
-                rows.strings.extend(
-                    (param.name, normalise_string(text), text.strip()) for text in _strings(value)
-                )
-            elif param.type == "date":
-                rows.dates.extend((param.name, low, high) for low, high in _date_values(value))
-            elif param.type == "quantity":
-                rows.quantities.extend((param.name, q) for q in quantity_rows(value, analytes))
-            elif param.type == "number":  # kept with the quantities, without a unit
-                rows.quantities.extend((param.name, q) for q in quantity_rows({"value": value}))
-            elif (
-                isinstance(value, dict)
-                and isinstance(value.get("identifier"), dict)
-                and ("reference" not in value)
-            ):  # :identifier: a reference by its target's identifier, not its id
-                rows.tokens.extend(
-                    (f"{param.name}:identifier", system, code)
-                    for system, code in _tokens(value["identifier"])
-                )
-            elif isinstance(value, dict) and isinstance(value.get("reference"), str):
-                target = parse_reference(value["reference"], base_url)
-                if target and (not param.targets or target[0] in param.targets):
-                    rows.references.append((param.name, *target))
-                    if param.name in compartment_params and target[0] == "Patient":
-                        rows.compartment.add(target[1])
+            if param.type == "composite":
+                _add_composite(rows, param, value)
+                continue
+            target = _add(rows, param.type, param.name, value, analytes, base_url, param.targets)
+            if target and param.name in compartment_params and target[0] == "Patient":
+                rows.compartment.add(target[1])
+    if NARRATIVE in params:
+        rows.strings.extend(
+            (NARRATIVE, normalise_string(p), p) for p in narrative_passages(resource)
+        )
+    if NEAR in params:
+        rows.quantities.extend(_position_rows(resource.get("position")))
     if resource_type == "Patient" and "id" in resource:
         rows.compartment.add(resource["id"])
     if resource_type != "AuditEvent":  # an audit record holds nothing in place

@@ -121,7 +121,7 @@ def _init_node(
 # Revisions whose hrx changed what the FHIR search index holds: an upgrade across one builds
 # the index of every stored resource again (the rows it then holds are the ones this hrx
 # writes, so searches find old and new resources alike).
-REINDEXING = ("0011",)
+REINDEXING = ("0011", "0012")
 
 
 def upgrade_node(

@@ -4,14 +4,15 @@ A **batch** runs each entry as if it had been sent alone (same checks, same audi
 answers each with its own status, an OperationOutcome for those that failed.
 
 A **transaction** is all or nothing: every write runs in one database transaction, in the
-order FHIR prescribes (DELETE, POST, PUT), after ``urn:uuid:`` fullUrls of created resources
-are given their ids and every reference to them is rewritten. The first failure undoes
+order FHIR prescribes (DELETE, POST, PUT and PATCH), after ``urn:uuid:`` fullUrls of created
+resources are given their ids and every reference to them is rewritten. The first failure undoes
 everything and is answered with its status and an OperationOutcome naming the entry. Reads
 (GET entries) run after the writes commit, and see them.
 
 Either takes at most :data:`MAX_ENTRIES` entries (413 beyond, before any is run). An entry's
 ``request.url`` is relative to this server's FHIR base, or an absolute URL under that base:
 one naming another server is refused (its entry fails in a batch; a transaction fails whole).
+A ``PATCH`` entry holds its JSON Patch in a Binary (:mod:`node.web.fhir.patching`).
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ from fhir_adapters.store.resources import check_id, check_type, references
 from fhir_adapters.store.search import Access
 from node.services import Services
 from node.web.fhir.limits import MAX_ENTRIES
-from node.web.fhir.messages import FhirRequest, FhirResponse
+from node.web.fhir.messages import JSON_PATCH, FhirRequest, FhirResponse
+from node.web.fhir.patching import operations_in_binary, patched
 
 
 class FhirApi(Protocol):
@@ -52,7 +54,7 @@ class FhirApi(Protocol):
     def written(self, req: FhirRequest, stored: Stored, status: int) -> FhirResponse: ...
 
 
-ORDER = {"DELETE": 0, "POST": 1, "PUT": 2, "GET": 3}
+ORDER = {"DELETE": 0, "POST": 1, "PUT": 2, "PATCH": 2, "GET": 3}
 
 
 def _fail(index: int, exc: FhirError) -> FhirError:
@@ -100,10 +102,12 @@ def _entries(bundle: Any) -> tuple[str, list[dict[str, Any]]]:
             raise InvalidRequest(f"{where}.request.url is required", expression=f"{where}.request")
         if req.get("method") not in ORDER:
             raise InvalidRequest(
-                f"{where}.request.method must be GET, POST, PUT or DELETE",
+                f"{where}.request.method must be GET, POST, PUT, PATCH or DELETE",
                 expression=f"{where}.request.method",
             )
-        if req["method"] in ("POST", "PUT") and not isinstance(entry.get("resource"), dict):
+        if req["method"] in ("POST", "PUT", "PATCH") and not isinstance(
+            entry.get("resource"), dict
+        ):
             raise InvalidRequest(f"{where}: {req['method']} needs a resource", expression=where)
     return kind, entries
 
@@ -158,8 +162,13 @@ def _dispatch(api: FhirApi, req: FhirRequest, entry: dict[str, Any]) -> dict[str
     ):
         if isinstance(entry_request.get(name), str):
             headers[header] = entry_request[name]
-    body = jsonio.dump(entry["resource"]) if "resource" in entry else b""
     try:
+        if entry_request["method"] == "PATCH":
+            body = jsonio.dump(operations_in_binary(entry["resource"]))
+            content_type = JSON_PATCH
+        else:
+            body = jsonio.dump(entry["resource"]) if "resource" in entry else b""
+            content_type = "application/fhir+json"
         answer = api.handle(
             FhirRequest(
                 method=entry_request["method"],
@@ -168,7 +177,7 @@ def _dispatch(api: FhirApi, req: FhirRequest, entry: dict[str, Any]) -> dict[str
                 caller=req.caller,
                 headers=headers,
                 body=body,
-                content_type="application/fhir+json",
+                content_type=content_type,
                 raw_query=url.query,
             )
         )
@@ -189,7 +198,9 @@ def _answered(answer: FhirResponse) -> dict[str, Any]:
     body = answer.body
     if body:
         parsed = body if isinstance(body, dict) else jsonio.parse(body)
-        if answer.status >= 400 or parsed.get("resourceType") == "OperationOutcome":
+        if answer.status >= 400 or (  # an outcome, not a stored OperationOutcome (with an id)
+            parsed.get("resourceType") == "OperationOutcome" and "id" not in parsed
+        ):
             result["response"]["outcome"] = parsed
         else:
             result["resource"] = parsed
@@ -235,6 +246,10 @@ def _transaction(api: FhirApi, req: FhirRequest, entries: list[dict[str, Any]]) 
             resource_type, resource_id, query = _target(api, entry["request"]["url"])
             if method in ("PUT", "DELETE") and resource_id is None and not query:
                 raise InvalidRequest(f"{method} needs Type/id or Type?search (conditional)")
+            if method == "PATCH":
+                if resource_id is None:
+                    raise InvalidRequest("PATCH needs Type/id")
+                operations_in_binary(entry["resource"])  # a malformed one fails before any
             if method == "POST" and resource_id is not None:
                 raise InvalidRequest("POST takes a type, not Type/id")
             if method in ("POST", "PUT") and entry["resource"].get("resourceType") != resource_type:
@@ -282,12 +297,12 @@ def _transaction(api: FhirApi, req: FhirRequest, entries: list[dict[str, Any]]) 
             entry = entries[index]
             writer.tag = index
             try:
-                action = {"POST": "c", "PUT": "u", "DELETE": "d"}[method]
+                action = {"POST": "c", "PUT": "u", "PATCH": "u", "DELETE": "d"}[method]
                 api.permit(req, resource_type, action, "transaction")
                 if method == "DELETE" and resource_id is None:  # a conditional one: no match
                     results[index] = {"response": {"status": FhirResponse(204).status_line}}
                     continue
-                if method in ("DELETE", "PUT"):
+                if method in ("DELETE", "PUT", "PATCH"):
                     assert resource_id is not None
                     before.update(svc.audit.patients_before(writer, resource_type, resource_id))
                 if method == "DELETE":
@@ -298,6 +313,21 @@ def _transaction(api: FhirApi, req: FhirRequest, entries: list[dict[str, Any]]) 
                     results[index] = {"response": {"status": FhirResponse(204).status_line}}
                     if stored is not None:
                         written.append(stored)
+                    continue
+                if method == "PATCH":
+                    assert resource_id is not None
+                    operations = _rewrite(operations_in_binary(entry["resource"]), ids)
+                    resource, etag = patched(
+                        svc.store,
+                        writer.conn,
+                        resource_type,
+                        resource_id,
+                        operations,
+                        entry["request"].get("ifMatch"),
+                    )
+                    stored, _ = writer.update(resource_type, resource_id, resource, etag)
+                    results[index] = _written(api, req, stored, 200)
+                    written.append(stored)
                     continue
                 resource = _rewrite(entry["resource"], ids)
                 if method == "POST":

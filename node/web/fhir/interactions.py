@@ -18,9 +18,6 @@ from email.utils import parsedate_to_datetime
 from typing import Any
 from urllib.parse import parse_qsl, quote, urlencode
 
-import jsonpatch
-import jsonpointer
-
 from fhir_adapters.errors import (
     FhirError,
     Gone,
@@ -29,7 +26,6 @@ from fhir_adapters.errors import (
     MethodNotAllowed,
     NotFound,
     PreconditionFailed,
-    Unprocessable,
     operation_outcome,
 )
 from fhir_adapters.store import (
@@ -39,7 +35,6 @@ from fhir_adapters.store import (
     http_date,
     jsonio,
     now_micros,
-    parse_etag,
     readable_only,
 )
 from fhir_adapters.store.resources import RESOURCE_TYPES, check_id, check_type, validate
@@ -60,6 +55,7 @@ from node.services import Services
 from node.web.fhir.bundles import process_bundle, target_of_update
 from node.web.fhir.capability import capability_statement
 from node.web.fhir.messages import FhirRequest, FhirResponse
+from node.web.fhir.patching import patched
 
 Handler = Callable[..., FhirResponse]
 
@@ -293,25 +289,12 @@ class FhirApi:
         operations = req.json_patch()
         svc = self.svc
         with svc.store.writing(req.principal) as writer:
-            current = svc.store.current(resource_type, resource_id, conn=writer.conn)
-            if current.deleted:
-                raise Gone(f"{resource_type}/{resource_id} was deleted")
             if_match = req.header("If-Match")
-            if if_match is not None and parse_etag(if_match) != current.version:
-                raise PreconditionFailed(
-                    f"{resource_type}/{resource_id} is at version {current.version}, not "
-                    f"{parse_etag(if_match)}: read it again and re-apply the patch"
-                )
-            try:
-                patched = jsonpatch.JsonPatch(operations).apply(current.resource())
-            except jsonpatch.InvalidJsonPatch as exc:
-                raise InvalidRequest(f"the patch: {exc}") from None
-            except (jsonpatch.JsonPatchException, jsonpointer.JsonPointerException) as exc:
-                raise Unprocessable(f"the patch cannot be applied: {exc}") from None
-            if not isinstance(patched, dict):
-                raise Unprocessable("the patch does not leave a resource (a JSON object)")
+            resource, etag = patched(
+                svc.store, writer.conn, resource_type, resource_id, operations, if_match
+            )
             before = svc.audit.patients_before(writer, resource_type, resource_id)
-            stored, _ = writer.update(resource_type, resource_id, patched, current.etag)
+            stored, _ = writer.update(resource_type, resource_id, resource, etag)
             svc.audit.writes(writer, req.caller, "patch", [stored], before)
         return self.written(req, stored, 200)
 
@@ -610,13 +593,13 @@ class FhirApi:
     def search_system(self, req: FhirRequest) -> FhirResponse:
         """``GET /fhir?_type=A,B&...``: a search of several types (without ``_type``, of every
         type the caller may search), each by the same parameters (so only parameters every
-        one of them has, such as ``_id``, ``_lastUpdated``, ``_tag``); matches by type, in the
-        order given. No ``_sort`` or includes across types."""
+        one of them has, such as ``_id``, ``_lastUpdated``, ``_tag``). With ``_sort`` (by a
+        parameter every type has) the matches are merged in that order; without, they come
+        by type, in the order given. ``_include=Type:param`` applies to that type's matches
+        (a type that is not searched: 400); ``_revinclude`` to every type's."""
         req.principal  # noqa: B018  # 401 first, without a token
         named = [t.strip() for n, v in req.query if n == "_type" for t in v.split(",")]
         query = [(n, v) for n, v in req.query if n != "_type"]
-        if any(n.split(":")[0] in ("_sort", "_include", "_revinclude") for n, _ in query):
-            raise InvalidRequest("a search across types takes no _sort, _include or _revinclude")
         if named:
             types = list(dict.fromkeys(check_type(t) for t in named))
         else:
@@ -630,18 +613,38 @@ class FhirApi:
                 raise InvalidRequest(
                     "a search of every type needs criteria, or _type=Type,... to name types"
                 )
+        for name, value in query:
+            source = value.split(":")[0]
+            if name == "_include" and value != "*" and source not in types:
+                raise InvalidRequest(
+                    f"_include={value[:100]} starts from {source[:64]}, which this search "
+                    f"does not return (_type={','.join(types)[:200]})"
+                )
         access = Access()
         for resource_type in types:
             access = self.permit(req, resource_type, "s", "search-system")
         lenient = req.prefer("handling", "strict") == "lenient"
         searches = []
         for resource_type in types:
+            own = [  # each type's own _include (the others' are theirs)
+                (n, v)
+                for n, v in query
+                if n != "_include" or v == "*" or v.split(":")[0] == resource_type
+            ]
             try:
-                searches.append(parse_search(resource_type, query, lenient=lenient))
+                searches.append(parse_search(resource_type, own, lenient=lenient))
             except InvalidRequest as exc:
                 raise InvalidRequest(f"{resource_type}: {exc}") from None
         matches = self.svc.store.search_types(searches, access, req.principal.owner)
-        asked = f"_type={','.join(types)}&{searches[0].query_string()}"
+        others = [  # the other types' own includes, for the self link
+            f"_include{':iterate' if i.iterate else ''}={i}"
+            for search in searches[1:]
+            for i in search.includes
+            if i not in searches[0].includes
+        ]
+        asked = "&".join(
+            [f"_type={','.join(types)}", searches[0].query_string(), *dict.fromkeys(others)]
+        )
         issues = [
             Issue(f"ignored: {name}", "not-supported", severity="warning")
             for name in dict.fromkeys(n for s in searches for n in s.ignored)

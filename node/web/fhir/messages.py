@@ -81,10 +81,7 @@ class FhirRequest:
                 f"Patch ({JSON_PATCH}); FHIRPath Patch is not supported"
             )
         self._check_charset()
-        operations = jsonio.parse(self.body, "the patch") if self.body else None
-        if not isinstance(operations, list) or not all(isinstance(o, dict) for o in operations):
-            raise InvalidRequest('a JSON Patch is a list of operations ({"op", "path", ...})')
-        return operations
+        return patch_operations(jsonio.parse(self.body, "the patch") if self.body else None)
 
     def form(self) -> list[tuple[str, str]]:
         """The body as a form (``POST _search``); 415 for another media type."""
@@ -117,3 +114,10 @@ class FhirResponse:
     def status_line(self) -> str:
         """``201 Created``: the status as a Bundle entry's response gives it."""
         return f"{self.status} {HTTPStatus(self.status).phrase}"
+
+
+def patch_operations(value: Any) -> list[dict[str, Any]]:
+    """``value`` as a list of JSON Patch operations; 400 when it is none."""
+    if not isinstance(value, list) or not all(isinstance(o, dict) for o in value):
+        raise InvalidRequest('a JSON Patch is a list of operations ({"op", "path", ...})')
+    return value

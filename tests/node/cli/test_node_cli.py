@@ -347,10 +347,10 @@ def test_upgrade_applies_pending_migrations(node_dir: Path) -> None:
     finally:
         database.close()
     result = hrx("node", "upgrade", "--dir", str(node_dir))
-    assert result.exit_code == 0 and "from revision 0001 to 0011" in result.output, result.output
+    assert result.exit_code == 0 and "from revision 0001 to 0012" in result.output, result.output
     database = open_database(config.database_url)
     try:
-        assert current_revision(database.engine) == head_revision() == "0011"
+        assert current_revision(database.engine) == head_revision() == "0012"
         # the users are kept, and the one locked out then is still held from unknown addresses
         wang, li = get_user(database.engine, "wang"), get_user(database.engine, "li")
         assert wang is not None and wang.active and not wang.removed
@@ -409,7 +409,13 @@ def test_an_upgrade_across_a_reindexing_revision_indexes_what_was_stored(node_di
         assert methods() == {str(s.res_pk) for s in stored}
         with database.engine.connect() as conn:  # the new quantity index filled as well
             quantities = conn.execute(sa.select(tables.quantities.c.res_pk)).all()
+            composites = conn.execute(  # and the composites' rows (revision 0012)
+                sa.select(tables.quantities.c.res_pk).where(
+                    tables.quantities.c.param.startswith("code-value-quantity$")
+                )
+            ).all()
         assert {str(row[0]) for row in quantities} == {str(s.res_pk) for s in stored}
+        assert {str(row[0]) for row in composites} == {str(s.res_pk) for s in stored}
         with database.engine.connect() as conn:  # and nothing twice
             count = conn.execute(
                 sa.select(sa.func.count()).select_from(tables.compartment)

@@ -365,6 +365,10 @@ def test_capability_statement_lists_what_is_served(node: Node) -> None:
     assert "DiagnosticReport:result" in resources["DiagnosticReport"]["searchInclude"]
     assert "Provenance:target" in resources["Observation"]["searchRevInclude"]
     assert "create" not in {i["code"] for i in resources["AuditEvent"]["interaction"]}
+    assert "patch" in {i["code"] for i in resources["Condition"]["interaction"]}
+    kinds = {p["name"]: p["type"] for p in resources["Observation"]["searchParam"]}
+    assert kinds["component-code-value-quantity"] == "composite" and kinds["_text"] == "string"
+    assert {p["name"]: p["type"] for p in resources["Location"]["searchParam"]}["near"] == "special"
     # every advertised parameter is accepted by the server
     s = node.session()
     every = {"Patient", "Observation", "Encounter", "Condition", "DocumentReference", "Consent"}
@@ -381,6 +385,8 @@ def test_capability_statement_lists_what_is_served(node: Node) -> None:
                 "uri": "x",
                 "quantity": "5",
                 "number": "5",
+                "composite": "x$2024",  # a token, then a date, token, quantity or string
+                "special": "23|113" if param["name"] == "near" else "x",
             }[param["type"]]
             response = s.get(f"{node.fhir}/{resource_type}", params={param["name"]: value})
             assert response.status_code == 200, (resource_type, param, response.text)
@@ -805,7 +811,7 @@ def test_bundles_of_more_entries_than_the_limit_are_refused_whole(node: Node) ->
             body = outcome(post(s, node.fhir, bundle), 413, f"a {kind} takes at most 200")
             assert body["issue"][0]["code"] == "too-costly"
     assert s.get(f"{node.fhir}/Patient", params={"identifier": marker}).json()["total"] == 0
-    reads = [{"request": {"method": "GET", "url": "metadata"}}] * 200
+    reads = [{"request": {"method": "GET", "url": "Patient?_count=1"}}] * 200
     answer = post(s, node.fhir, {"resourceType": "Bundle", "type": "batch", "entry": reads})
     assert answer.status_code == 200, answer.text[:300]
     assert len(answer.json()["entry"]) == 200
@@ -1007,6 +1013,116 @@ def test_json_patch(node: Node) -> None:
     assert s.get(url).json()["meta"]["versionId"] == "2"
 
 
+def _patch_entry(url: str, ops: Any, if_match: str | None = None) -> dict[str, Any]:
+    import base64
+
+    binary = {
+        "resourceType": "Binary",
+        "contentType": "application/json-patch+json",
+        "data": base64.b64encode(json.dumps(ops).encode()).decode(),
+    }
+    request = {"method": "PATCH", "url": url, **({"ifMatch": if_match} if if_match else {})}
+    return {"resource": binary, "request": request}
+
+
+def test_json_patch_in_bundles(node: Node) -> None:
+    """A PATCH entry holds its JSON Patch in a Binary: applied in a batch as alone, in a
+    transaction after the creates (a urn:uuid in the patch names what the transaction made),
+    all or nothing; FHIRPath Patch (Parameters) and other content types are refused."""
+    s = node.session()
+    pid = new_patient(node)
+    url = f"{node.fhir}/Patient/{pid}"
+    replace = [{"op": "replace", "path": "/gender", "value": "female"}]
+    batch = {
+        "resourceType": "Bundle",
+        "type": "batch",
+        "entry": [
+            _patch_entry(f"Patient/{pid}", replace, 'W/"1"'),
+            _patch_entry(f"Patient/{pid}", replace, 'W/"1"'),  # stale by then: 412
+            _patch_entry("Patient/nobody", replace),
+            {
+                "resource": {"resourceType": "Parameters", "parameter": []},
+                "request": {"method": "PATCH", "url": f"Patient/{pid}"},
+            },
+        ],
+    }
+    answer = post(s, node.fhir, batch)
+    assert answer.status_code == 200, answer.text
+    statuses = [e["response"]["status"] for e in answer.json()["entry"]]
+    assert statuses == [
+        "200 OK",
+        "412 Precondition Failed",
+        "404 Not Found",
+        "415 Unsupported Media Type",
+    ]
+    assert answer.json()["entry"][0]["resource"]["gender"] == "female"
+    assert "FHIRPath Patch" in json.dumps(answer.json()["entry"][3])
+    # a transaction: create an Organization and point the Patient at it by a patch
+    org = "urn:uuid:" + str(uuid.uuid4())
+    link = [{"op": "add", "path": "/managingOrganization", "value": {"reference": org}}]
+    transaction = {
+        "resourceType": "Bundle",
+        "type": "transaction",
+        "entry": [
+            _patch_entry(f"Patient/{pid}", link, 'W/"2"'),
+            {
+                "fullUrl": org,
+                "resource": {"resourceType": "Organization", "name": "佛山市第一人民医院"},
+                "request": {"method": "POST", "url": "Organization"},
+            },
+        ],
+    }
+    answer = post(s, node.fhir, transaction)
+    assert answer.status_code == 200, answer.text
+    first = answer.json()["entry"][0]
+    assert first["response"]["status"] == "200 OK"
+    made = answer.json()["entry"][1]["response"]["location"].split("/_history")[0]
+    assert first["resource"]["managingOrganization"]["reference"] == made
+    assert s.get(url).json()["meta"]["versionId"] == "3"
+    # a failing patch undoes the whole transaction
+    failing = {
+        "resourceType": "Bundle",
+        "type": "transaction",
+        "entry": [
+            {
+                "resource": {"resourceType": "Organization", "name": "不应留下"},
+                "request": {"method": "POST", "url": "Organization"},
+            },
+            _patch_entry(f"Patient/{pid}", [{"op": "remove", "path": "/nothing"}]),
+        ],
+    }
+    outcome(post(s, node.fhir, failing), 422, "Bundle.entry[1]")
+    assert s.get(f"{node.fhir}/Organization", params={"name": "不应留下"}).json()["total"] == 0
+    assert s.get(url).json()["meta"]["versionId"] == "3"
+    for entry, status, words in [
+        ({**_patch_entry("Patient", replace)}, 400, "PATCH needs Type/id"),
+        (
+            {
+                "resource": {"resourceType": "Binary", "contentType": "text/plain", "data": "eA=="},
+                "request": {"method": "PATCH", "url": f"Patient/{pid}"},
+            },
+            415,
+            "application/json-patch+json",
+        ),
+        (
+            {
+                "resource": {
+                    "resourceType": "Binary",
+                    "contentType": "application/json-patch+json",
+                    "data": "not base64!",
+                },
+                "request": {"method": "PATCH", "url": f"Patient/{pid}"},
+            },
+            400,
+            "not base64",
+        ),
+        ({"request": {"method": "PATCH", "url": f"Patient/{pid}"}}, 400, "needs a resource"),
+    ]:
+        bundle = {"resourceType": "Bundle", "type": "transaction", "entry": [entry]}
+        outcome(post(s, node.fhir, bundle), status, words)
+    assert s.get(url).json()["meta"]["versionId"] == "3"
+
+
 def test_modifiers_exact_text_below_above_and_approximate_dates(node: Node) -> None:
     s = node.session()
     pid = new_patient(node, family="Müller")
@@ -1129,7 +1245,59 @@ def test_search_across_types_and_history_at(node: Node) -> None:
         "Observation",
     )
     outcome(s.get(f"{node.fhir}", params={"_type": "Nothing"}), 404)
-    outcome(s.get(f"{node.fhir}", params={"_type": "Patient", "_sort": "_id"}), 400, "across types")
+    # _sort across types merges them in that order; each type's _include applies to its own
+    newest = s.get(
+        f"{node.fhir}",
+        params={
+            "_type": "Patient,Observation",
+            "_tag": f"urn:hrx:test|{tag}",
+            "_sort": "-_lastUpdated",
+        },
+    ).json()
+    assert [e["resource"]["id"] for e in newest["entry"]] == [oid, pid]
+    org = post(
+        s, f"{node.fhir}/Organization", {"resourceType": "Organization", "name": "x", "meta": meta}
+    )
+    condition = {
+        "resourceType": "Condition",
+        "subject": {"reference": f"Patient/{pid}"},
+        "code": {"text": "x"},
+        "meta": meta,
+    }
+    cid = post(s, f"{node.fhir}/Condition", condition).json()["id"]
+    linked = s.get(f"{node.fhir}/Patient/{pid}").json()
+    linked["managingOrganization"] = {"reference": f"Organization/{org.json()['id']}"}
+    assert s.put(f"{node.fhir}/Patient/{pid}", json=linked, headers={"Content-Type": FHIR_JSON}).ok
+    mixed = s.get(
+        f"{node.fhir}",
+        params=[
+            ("_type", "Observation,Condition"),
+            ("_tag", f"urn:hrx:test|{tag}"),
+            ("_sort", "_id"),
+            ("_include", "Observation:subject"),
+            ("_include:iterate", "Patient:organization"),
+            ("_revinclude", "Provenance:target"),
+        ],
+    )
+    assert mixed.status_code == 200, mixed.text
+    matched = [e["resource"]["id"] for e in mixed.json()["entry"] if e["search"]["mode"] == "match"]
+    assert matched == sorted([oid, cid])
+    included = {
+        (e["resource"]["resourceType"], e["resource"]["id"])
+        for e in mixed.json()["entry"]
+        if e["search"]["mode"] == "include"
+    }
+    assert included == {("Patient", pid), ("Organization", org.json()["id"])}
+    outcome(
+        s.get(f"{node.fhir}", params={"_type": "Observation", "_include": "Condition:subject"}),
+        400,
+        "does not return",
+    )
+    outcome(
+        s.get(f"{node.fhir}", params={"_type": "Patient,Observation", "_sort": "family"}),
+        400,
+        "cannot sort Observation",
+    )
     outcome(s.get(f"{node.fhir}"), 400, "needs criteria")
     # _at: the versions that were current at that moment
     before = clock.time()
@@ -1142,9 +1310,9 @@ def test_search_across_types_and_history_at(node: Node) -> None:
         + f".{int(before % 1 * 1000):03d}Z"
     )
     then = s.get(f"{node.fhir}/Patient/{pid}/_history", params={"_at": moment}).json()
-    assert [e["resource"]["meta"]["versionId"] for e in then["entry"]] == ["1"]
+    assert [e["resource"]["meta"]["versionId"] for e in then["entry"]] == ["2"]  # linked above
     now = s.get(f"{node.fhir}/Patient/{pid}/_history", params={"_at": "2999-01-01"}).json()
-    assert [e["resource"]["meta"]["versionId"] for e in now["entry"]] == ["2"]
+    assert [e["resource"]["meta"]["versionId"] for e in now["entry"]] == ["3"]
     outcome(s.get(f"{node.fhir}/Patient/{pid}/_history", params={"_at": "yesterday"}), 400, "_at")
 
 

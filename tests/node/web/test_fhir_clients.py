@@ -985,7 +985,8 @@ def test_fhirpy_patient_sees_only_their_compartment(node: Node, world: World) ->
 def test_fhirpy_whole_record_idioms(node: Node, world: World) -> None:
     """What an integrator does with fhirpy against every R4 type: a Condition and an
     Encounter saved and searched, conditional update (upsert by identifier) and conditional
-    delete through a search set, JSON Patch, chained and _has searches, _elements."""
+    delete through a search set, JSON Patch, chained and _has searches, _elements, composite
+    and narrative searches."""
     client = fhirpy_client(node)
     encounter = client.resource(
         "Encounter",
@@ -1037,6 +1038,39 @@ def test_fhirpy_whole_record_idioms(node: Node, world: World) -> None:
     slim = client.resources("Condition").search(_id=condition.id).elements("code").fetch_all()
     assert set(slim[0]) >= {"code", "id", "meta"} and "encounter" not in slim[0]
     assert "SUBSETTED" in {t["code"] for t in slim[0]["meta"]["tag"]}
+    # a composite search and a narrative search, as fhirpy writes them
+    pressure = client.resource(
+        "Observation",
+        status="final",
+        code={"coding": [{"system": "http://loinc.org", "code": "85354-9"}]},
+        subject={"reference": f"Patient/{world.patient}"},
+        text={"status": "generated", "div": "<div>收缩压偏高 systolic high</div>"},
+        component=[
+            {
+                "code": {"coding": [{"system": "http://loinc.org", "code": code}]},
+                "valueQuantity": {
+                    "value": value,
+                    "system": "http://unitsofmeasure.org",
+                    "code": "mm[Hg]",
+                },
+            }
+            for code, value in (("8480-6", 150), ("8462-4", 85))
+        ],
+    )
+    pressure.save()
+    ucum = "http://unitsofmeasure.org"
+    for value, found in (("8480-6$gt140", True), ("8462-4$gt140", False)):
+        hits = (
+            client.resources("Observation")
+            .search(
+                subject=f"Patient/{world.patient}",
+                **{"component-code-value-quantity": f"{value}|{ucum}|mm[Hg]"},
+            )
+            .fetch_all()
+        )
+        assert (pressure.id in {o.id for o in hits}) is found, value
+    narrated = client.resources("Observation").search(_text="偏高").fetch_all()
+    assert pressure.id in {o.id for o in narrated}
     # conditional delete through the search set
     assert matching.delete()[1] == 204
     assert node.session().get(f"{node.fhir}/Patient/{updated.id}").status_code == 410

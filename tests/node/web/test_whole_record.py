@@ -146,9 +146,11 @@ def test_new_types_are_searched_by_their_r4_parameters(node: Node, loaded: dict[
     assert found("Immunization", date=f"ge{day}") == _brute(
         loaded, "Immunization", lambda r: r["occurrenceDateTime"][:10] >= day
     )
-    # a parameter whose kind is not searched yet is refused, saying so
-    refused = s.get(f"{node.fhir}/Observation", params={"code-value-quantity": "x$gt7"})
-    assert refused.status_code == 400 and "composite parameter" in refused.text
+    # a parameter of a kind that is not searched is refused, saying so
+    refused = s.get(
+        f"{node.fhir}/MolecularSequence", params={"chromosome-window-coordinate": "1$gt5$lt9"}
+    )
+    assert refused.status_code == 400 and "composite of token, number, number" in refused.text
 
 
 def test_a_patients_token_sees_their_compartment_across_types(
@@ -180,6 +182,108 @@ def test_a_patients_token_sees_their_compartment_across_types(
         assert patient.get(f"{node.fhir}/{resource_type}/{rid}").status_code == 404
         listed = patient.get(f"{node.fhir}/{resource_type}", params={"_id": rid}).json()
         assert listed.get("total", 0) == 0, (resource_type, listed)
+
+
+NOT_POSTED = ("Patient", "AuditEvent", "Consent")  # written by the node, or the ledger's
+
+
+def _in_compartment(resource: dict[str, Any], patient: str) -> bool:
+    """Whether a compartment parameter of R4's definition names ``Patient/patient``, by
+    fhirpathpy (not the index's own walk); ``resolve() is X`` read from the reference."""
+    import re
+
+    from fhirpathpy import evaluate
+    from fhirpathpy.models import models
+
+    from fhir_adapters import definitions
+
+    resource_type = resource["resourceType"]
+    for param in definitions.patient_compartment(resource_type):
+        expression = definitions.search_parameters(resource_type)[param].expression or ""
+        for branch in definitions.union_branches(expression):
+            wanted = re.search(r"\.where\(resolve\(\) is (\w+)\)", branch)
+            path = re.sub(r"\.where\(resolve\(\) is \w+\)", "", branch)
+            if wanted and wanted.group(1) != "Patient":
+                continue
+            for value in evaluate(resource, path, {}, models["r4"]):
+                if isinstance(value, dict) and value.get("reference") == f"Patient/{patient}":
+                    return True
+    return False
+
+
+def test_a_patients_token_is_held_to_their_compartment_in_every_type(node: Node) -> None:
+    """A minimal valid resource of every hosted type (generated from its model, every
+    reference naming one patient) for each of two patients: the first patient's token finds,
+    by search, read, $everything and history, exactly their own resources of each type that
+    R4's compartment definition puts in their compartment, and nothing of the other's."""
+    import re
+
+    from fhir_adapters import definitions
+    from fhir_adapters.store.resources import RESOURCE_TYPES
+    from tests.helpers.minimal import with_references
+
+    def roots(resource_type: str) -> list[str]:  # the paths of its compartment params
+        found = []
+        for param in definitions.patient_compartment(resource_type):
+            expression = definitions.search_parameters(resource_type)[param].expression or ""
+            for branch in definitions.union_branches(expression):
+                match = re.fullmatch(
+                    rf"{resource_type}\.(\w+(?:\.\w+)?)(\.where\(resolve\(\) is Patient\))?", branch
+                )
+                found += [match.group(1)] if match else []
+        return found
+
+    s = node.session()
+    mine, theirs = (
+        post(s, f"{node.fhir}/Patient", {"resourceType": "Patient"}).json()["id"] for _ in range(2)
+    )
+    posted = [t for t in RESOURCE_TYPES if t not in NOT_POSTED]
+    made: dict[str, dict[str, dict[str, Any]]] = {}
+    for patient in (mine, theirs):
+        bundle = {
+            "resourceType": "Bundle",
+            "type": "transaction",
+            "entry": [
+                {
+                    "resource": with_references(t, f"Patient/{patient}", roots(t)),
+                    "request": {"method": "POST", "url": t},
+                }
+                for t in posted
+            ],
+        }
+        answer = _load(node, bundle)  # every type is written (each entry 201)
+        assert all("resource" in e for e in answer["entry"]), [
+            e for e in answer["entry"] if "resource" not in e
+        ][:3]
+        made[patient] = {e["resource"]["resourceType"]: e["resource"] for e in answer["entry"]}
+    own = {t for t, r in made[mine].items() if _in_compartment(r, mine)}
+    compartment_types = {t for t in posted if definitions.patient_compartment(t)}
+    assert own == compartment_types, sorted(compartment_types - own)
+    patient = node.session(node.token(f"pt-{mine[:8]}", "patient", patient=mine))
+    everything = patient.get(f"{node.fhir}/Patient/{mine}/$everything", params={"_count": "1000"})
+    assert everything.status_code == 200, everything.text
+    shown = {
+        (e["resource"]["resourceType"], e["resource"]["id"]) for e in everything.json()["entry"]
+    }
+    history = patient.get(f"{node.fhir}/_history", params={"_count": "1000"})
+    assert history.status_code == 200, history.text
+    in_history = {
+        (e["resource"]["resourceType"], e["resource"]["id"])
+        for e in history.json().get("entry", [])
+        if "resource" in e
+    }
+    for resource_type in posted:
+        ours, other = made[mine][resource_type]["id"], made[theirs][resource_type]["id"]
+        searched = patient.get(f"{node.fhir}/{resource_type}", params={"_count": "1000"})
+        assert searched.status_code in (200, 403), (resource_type, searched.text)
+        found = _ids(searched.json()) if searched.status_code == 200 else set()
+        expected = {ours} if resource_type in own else set()
+        assert found & {ours, other} == expected, resource_type
+        assert ((resource_type, ours) in shown) is (resource_type in own), resource_type
+        assert (resource_type, other) not in shown and (resource_type, other) not in in_history
+        assert patient.get(f"{node.fhir}/{resource_type}/{other}").status_code in (403, 404)
+        read = patient.get(f"{node.fhir}/{resource_type}/{ours}")
+        assert (read.status_code == 200) is (resource_type in own), (resource_type, read.text)
 
 
 def _resources(loaded: dict[str, Any], resource_type: str) -> list[dict[str, Any]]:
@@ -232,7 +336,7 @@ def test_chained_searches_and_has(node: Node, loaded: dict[str, Any]) -> None:
         if o.get("encounter", {}).get("reference", "/").split("/")[1] in at_org
     }
     names = {
-        e["resource"]["id"]: e["resource"]["name"]
+        e["resource"]["id"]: e["resource"].get("name")  # (an earlier test adds nameless ones)
         for e in s.get(f"{node.fhir}/Organization", params=every).json()["entry"]
     }
     name = names[org_id]
@@ -406,6 +510,163 @@ def test_quantity_search_across_units(node: Node, loaded: dict[str, Any]) -> Non
     ]:
         refused = s.get(f"{node.fhir}/Observation", params={"value-quantity": value})
         assert refused.status_code == 400 and words in refused.text, refused.text
+
+
+def test_composite_searches(node: Node, loaded: dict[str, Any]) -> None:
+    """A composite's two parts hold of one element: diastolic above 90 is not "any pressure
+    above 90"; each against a brute-force filter of what was loaded."""
+    s = node.session()
+    observations = _resources(loaded, "Observation")
+    ucum = "http://unitsofmeasure.org"
+
+    def found(**params: str) -> set[str]:
+        answer = s.get(f"{node.fhir}/Observation", params={**params, "_count": "1000"})
+        assert answer.status_code == 200, answer.text
+        return _ids(answer.json())
+
+    def pressures(o: dict[str, Any], code: str) -> list[float]:
+        return [
+            float(c["valueQuantity"]["value"])
+            for c in o.get("component", [])
+            if c["code"]["coding"][0]["code"] == code
+        ]
+
+    diastolic_high = {o["id"] for o in observations if any(p > 90 for p in pressures(o, "8462-4"))}
+    any_high = {
+        o["id"]
+        for o in observations
+        if any(p > 90 for p in pressures(o, "8462-4") + pressures(o, "8480-6"))
+    }
+    assert diastolic_high and diastolic_high != any_high
+    for token in ("http://loinc.org|8462-4", "8462-4"):
+        value = f"{token}$gt90|{ucum}|mm[Hg]"
+        assert found(**{"component-code-value-quantity": value}) == diastolic_high
+        assert found(**{"combo-code-value-quantity": value}) == diastolic_high
+    assert found(**{"component-code-value-quantity": f"|8462-4$gt90|{ucum}|mm[Hg]"}) == set()
+    # OR-ed values, and units converted as for value-quantity (12 kPa is 90.01 mm[Hg])
+    systolic_low = {o["id"] for o in observations if any(p < 110 for p in pressures(o, "8480-6"))}
+    either = found(
+        **{"component-code-value-quantity": f"8462-4$gt12|{ucum}|kPa,8480-6$lt110|{ucum}|mm[Hg]"}
+    )
+    assert either == diastolic_high | systolic_low
+    # a glucose in mg/dL compared in mmol/L by its code's molar mass, at the Observation's level
+    # (against every glucose held: an earlier test adds one)
+    held = s.get(f"{node.fhir}/Observation", params={"code": "2345-7", "_count": "1000"}).json()
+    glucose = {
+        e["resource"]["id"]
+        for e in held["entry"]
+        if e["resource"]["valueQuantity"]["value"] * 10 / 180.156 > 7
+    }
+    assert glucose
+    assert found(**{"code-value-quantity": f"http://loinc.org|2345-7$gt7|{ucum}|mmol/L"}) == glucose
+    assert found(**{"combo-code-value-quantity": f"2345-7$gt7|{ucum}|mmol/L"}) == glucose
+    # what cannot be searched: 400 saying why
+    for resource_type, params, words in [
+        ("Observation", {"code-value-quantity": "2345-7"}, "two parts joined by $"),
+        ("Observation", {"code-value-quantity": "http://loinc.org|$gt7"}, "must name a code"),
+        ("Observation", {"code-value-quantity:missing": "true"}, ":missing is not supported"),
+        ("Observation", {"code-value-quantity": "2345-7$gtx"}, "is not a number"),
+        ("DocumentReference", {"relationship": "a$b"}, "composite of reference, token"),
+    ]:
+        refused = s.get(f"{node.fhir}/{resource_type}", params=params)
+        assert refused.status_code == 400 and words in refused.text, refused.text
+
+
+def test_narrative_content_and_near(node: Node) -> None:
+    """``_text`` finds words of the narrative (Chinese within a run of characters),
+    ``_content`` any string the index holds, ``near`` Locations within a distance (against
+    the great-circle distance, points near the edge left out)."""
+    s = node.session()
+    pid = post(s, f"{node.fhir}/Patient", {"resourceType": "Patient"}).json()["id"]
+
+    def condition(div: str, text: str) -> str:
+        made = post(
+            s,
+            f"{node.fhir}/Condition",
+            {
+                "resourceType": "Condition",
+                "text": {
+                    "status": "generated",
+                    "div": f'<div xmlns="http://www.w3.org/1999/xhtml">{div}</div>',
+                },
+                "code": {"text": text},
+                "subject": {"reference": f"Patient/{pid}"},
+            },
+        )
+        assert made.status_code == 201, made.text
+        return str(made.json()["id"])
+
+    headache = condition("<p>患者主诉<b>头痛</b>三天，伴恶心。</p>", "Tension headache")
+    diabetes = condition(
+        "<p>Type 2 diabetes &amp; <i>retinopathy</i>, well controlled.</p>", "糖尿病"
+    )
+    long_run = condition("<p>" + "病" * 300 + "视网膜病变" + "病" * 300 + "</p>", "Other")
+
+    def found(**params: str) -> set[str]:
+        answer = s.get(f"{node.fhir}/Condition", params={**params, "subject": f"Patient/{pid}"})
+        assert answer.status_code == 200, answer.text
+        return _ids(answer.json())
+
+    assert found(_text="头痛") == {headache}
+    assert found(_text="恶心 头痛") == {headache}  # every word
+    assert found(_text="retino") == {diabetes}  # a word's beginning
+    assert found(_text="etinopathy") == set()  # not the middle of a Latin word
+    assert found(_text="DIABETES,头痛") == {diabetes, headache}  # OR
+    assert found(_text="视网膜病变") == {long_run}  # whole although the run is cut in passages
+    assert found(_text="headache") == set()  # the code's text is no narrative
+    assert found(_content="headache") == {headache}  # but it is content
+    assert found(_content="糖尿病") == {diabetes}
+    assert found(_content="diabetes well") == {diabetes}
+
+    # near: five Locations around Foshan (23.02 N, 113.12 E) at known distances
+    def location(name: str, latitude: float, longitude: float) -> str:
+        body = {
+            "resourceType": "Location",
+            "name": name,
+            "position": {"latitude": latitude, "longitude": longitude},
+        }
+        return str(post(s, f"{node.fhir}/Location", body).json()["id"])
+
+    import math
+
+    def km(a: tuple[float, float], b: tuple[float, float]) -> float:
+        (la1, lo1), (la2, lo2) = (tuple(map(math.radians, p)) for p in (a, b))
+        h = (
+            math.sin((la2 - la1) / 2) ** 2
+            + math.cos(la1) * math.cos(la2) * math.sin((lo2 - lo1) / 2) ** 2
+        )
+        return 2 * 6371.0088 * math.asin(math.sqrt(h))
+
+    centre = (23.02, 113.12)
+    points = {
+        location(f"site {i}", centre[0] + dy, centre[1] + dx): (centre[0] + dy, centre[1] + dx)
+        for i, (dy, dx) in enumerate(
+            [(0.0, 0.0), (0.05, 0.05), (-0.09, 0.0), (0.0, -0.2), (0.3, 0.3), (0.0, 0.0978)]
+        )
+    }
+    for radius, unit, factor in ((10, "km", 1.0), (10000, "m", 0.001), (6, "[mi_i]", 1.609344)):
+        answer = s.get(
+            f"{node.fhir}/Location",
+            params={"near": f"{centre[0]}|{centre[1]}|{radius}|{unit}", "_count": "1000"},
+        )
+        assert answer.status_code == 200, answer.text
+        within = _ids(answer.json()) & set(points)
+        limit = radius * factor
+        clear = {i for i, p in points.items() if abs(km(centre, p) - limit) > limit / 100}
+        assert within & clear == {i for i in clear if km(centre, points[i]) <= limit}
+        assert within & clear and clear - within
+    for value, words in [
+        ("23.02", "latitude|longitude"),
+        ("north|113|5", "are numbers"),
+        ("23|113|5|furlong", "is not km, m or [mi_i]"),
+        ("95|113|5", "out of range"),
+    ]:
+        refused = s.get(f"{node.fhir}/Location", params={"near": value})
+        assert refused.status_code == 400 and words in refused.text, refused.text
+    refused = s.get(f"{node.fhir}/Condition", params={"_text": "，。"})
+    assert refused.status_code == 400 and "no word" in refused.text
+    refused = s.get(f"{node.fhir}/Condition", params={"_query": "anything"})
+    assert refused.status_code == 400 and "defines none" in refused.text
 
 
 def test_compartment_search_and_iterating_includes(node: Node, loaded: dict[str, Any]) -> None:
