@@ -11,6 +11,8 @@ Writes, from the package's dist/fhir/r4/:
   resource, derivation specialization, not abstract, FHIR 4.0.1; the package's backported R4B
   SubscriptionStatus is left out) mapped to the type it specializes (DomainResource or
   Resource), sorted by name;
+- ``summary-elements.json``: each of those types' root-level elements that R4 marks
+  ``isSummary`` (what ``_summary=true`` keeps), by name (a choice by its base name), sorted;
 - ``LICENSE-medplum.txt`` (the package's Apache-2.0 licence) and ``NOTICE.md``.
 
 The output depends only on the tarball's bytes, so two runs write identical files. Only this
@@ -126,6 +128,26 @@ def resource_types(bundle: dict[str, Any]) -> dict[str, str]:
     return dict(sorted(types.items()))
 
 
+def summary_elements(bundle: dict[str, Any], types: dict[str, str]) -> dict[str, list[str]]:
+    """Each concrete type's root-level elements marked isSummary (``value[x]`` as ``value``)."""
+    found: dict[str, list[str]] = {}
+    for entry in bundle["entry"]:
+        sd = entry["resource"]
+        if sd["resourceType"] != "StructureDefinition" or sd.get("name") not in types:
+            continue
+        if sd.get("fhirVersion") != FHIR_VERSION or sd.get("kind") != "resource":
+            continue
+        names = {
+            element["path"].split(".", 1)[1].removesuffix("[x]")
+            for element in sd["snapshot"]["element"]
+            if element["path"].count(".") == 1 and element.get("isSummary")
+        }
+        found[sd["name"]] = sorted(names)
+    if set(found) != set(types):
+        raise SystemExit(f"no snapshot for {sorted(set(types) - set(found))}")
+    return dict(sorted(found.items()))
+
+
 def check_resource_types(types: dict[str, str], valuesets: dict[str, Any]) -> None:
     """The types agree with the R4 resource-types CodeSystem (less its two abstract types)."""
     for entry in valuesets["entry"]:
@@ -145,7 +167,7 @@ def lines_json(items: list[Any]) -> bytes:
     return f"[\n{body}\n]\n".encode()
 
 
-def mapping_json(mapping: dict[str, str]) -> bytes:
+def mapping_json(mapping: dict[str, Any]) -> bytes:
     body = ",\n".join(f"{json.dumps(k)}: {json.dumps(v)}" for k, v in mapping.items())
     return f"{{\n{body}\n}}\n".encode()
 
@@ -175,6 +197,8 @@ rows for Encounter (by `patient`) and Task (not in the compartment) put back |
 | `resource-types.json` | `profiles-resources.json`: the {types} concrete FHIR {fhir} \
 resource types (StructureDefinitions of kind resource, derivation specialization, not \
 abstract), each with the type it specializes |
+| `summary-elements.json` | `profiles-resources.json`: each of those types' root-level \
+elements marked `isSummary` (a choice by its base name) |
 
 ## Licences
 
@@ -213,7 +237,8 @@ def r4_compartment(data: bytes) -> bytes:
 
 def write(out: Path, files: dict[str, bytes]) -> None:
     parameters = search_parameters(json.loads(files[R4 + "search-parameters.json"]))
-    types = resource_types(json.loads(files[R4 + "profiles-resources.json"]))
+    profiles = json.loads(files[R4 + "profiles-resources.json"])
+    types = resource_types(profiles)
     check_resource_types(types, json.loads(files[R4 + "valuesets.json"]))
     notice = NOTICE.format(
         package=PACKAGE,
@@ -231,6 +256,7 @@ def write(out: Path, files: dict[str, bytes]) -> None:
             files[R4 + "compartmentdefinition-patient.json"]
         ),
         "resource-types.json": mapping_json(types),
+        "summary-elements.json": mapping_json(summary_elements(profiles, types)),
         "LICENSE-medplum.txt": files["package/LICENSE.txt"],
         "NOTICE.md": notice.encode(),
     }

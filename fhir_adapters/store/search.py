@@ -316,9 +316,9 @@ def parse_search(
                     notes = (caveat(parse_wanted(v)) for v in criterion.values)
                     request.notes.extend(n for n in notes if n and n not in request.notes)
                 elif name in params and params[name].type == "composite":
-                    kind = params[name].components[1][0]
-                    quantities = (composite_parts(v)[1] for v in criterion.values)
-                    notes = (caveat(parse_wanted(q)) for q in quantities if kind == "quantity")
+                    other_kind = params[name].components[1][0]
+                    parts = (composite_parts(v)[1] for v in criterion.values)
+                    notes = (caveat(parse_wanted(q)) for q in parts if other_kind == "quantity")
                     request.notes.extend(n for n in notes if n and n not in request.notes)
         elif resource_type and unsupported(resource_type, name):
             refuse(str(unsupported(resource_type, name)), raw_name)

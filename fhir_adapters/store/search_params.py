@@ -621,7 +621,7 @@ def _add_composite(rows: IndexRows, param: SearchParam, element: Any) -> None:
 _TAG = re.compile(r"<[^>]*>")
 _WORD = re.compile(r"\w+")
 PASSAGE = 250  # characters of one ``_text`` row (the index keeps 255)
-_OVERLAP = 20  # a long run without spaces (Chinese) is cut into passages that overlap so
+_OVERLAP = 20  # characters by which the pieces of a long run without spaces (Chinese) overlap
 
 
 def narrative_passages(resource: dict[str, Any]) -> list[str]:
@@ -678,13 +678,13 @@ def index_values(resource: dict[str, Any], base_url: str = "") -> IndexRows:
         else frozenset()
     )
     for param in params.values():
+        if param.union_of:  # searched by the rows of the composites it unites
+            continue
         selected = (
             param.select(resource)
             if param.select is not None
             else [v for path in param.paths for v in values_at(resource, path)]
         )
-        if param.union_of:  # searched by the rows of the composites it unites
-            continue
         for value in selected:
             if param.type == "composite":
                 _add_composite(rows, param, value)

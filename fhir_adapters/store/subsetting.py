@@ -19,8 +19,9 @@ from dataclasses import dataclass
 from functools import cache
 from typing import Any
 
+from fhir_adapters import definitions
 from fhir_adapters.errors import InvalidRequest
-from fhir_adapters.store.resources import model_class
+from fhir_adapters.store.resources import R4_ONLY, model_class, r4_elements
 
 SUBSETTED = {
     "system": "http://terminology.hl7.org/CodeSystem/v3-ObservationValue",
@@ -76,6 +77,8 @@ class _Shape:
 
 @cache
 def _shape(resource_type: str) -> _Shape:
+    if resource_type in R4_ONLY:
+        return _r4_shape(resource_type)
     fields = model_class(resource_type).model_fields
     names: set[str] = set()
     summary: set[str] = set()
@@ -98,6 +101,25 @@ def _shape(resource_type: str) -> _Shape:
             or extra.get("element_required")
             or extra.get("one_of_many_required")
         ):
+            mandatory.add(base)
+    return _Shape(frozenset(names), frozenset(summary), frozenset(mandatory), choice_of)
+
+
+def _r4_shape(resource_type: str) -> _Shape:
+    """The shape of an R4 type R4B dropped: its elements from fhirclient's R4 model, its
+    summary elements from R4's own definition."""
+    summary_bases = definitions.summary_elements(resource_type)
+    names: set[str] = set()
+    summary: set[str] = set()
+    mandatory: set[str] = set()
+    choice_of: dict[str, str] = {}
+    for json_name, base, required in r4_elements(resource_type):
+        names.add(base)
+        if base != json_name:
+            choice_of[json_name] = choice_of["_" + json_name] = base
+        if base in summary_bases:
+            summary.update((json_name, "_" + json_name))
+        if required:
             mandatory.add(base)
     return _Shape(frozenset(names), frozenset(summary), frozenset(mandatory), choice_of)
 

@@ -11,7 +11,7 @@ from typing import Any
 
 from fhir.resources.R4B import get_fhir_model_class
 
-from fhir_adapters.store.resources import model_class
+from fhir_adapters.store.resources import R4_ONLY, model_class, r4_model_class
 
 # values of the complex data types a required element may need (a Reference is the caller's)
 _DATA_TYPES: dict[str, Any] = {
@@ -66,7 +66,45 @@ _PRIMITIVES: dict[str, Any] = {
 
 def minimal(resource_type: str, reference: str) -> dict[str, Any]:
     """A valid ``resource_type`` with only what R4 requires, every Reference ``reference``."""
+    if resource_type in R4_ONLY:
+        return {"resourceType": resource_type, **_fill_r4(r4_model_class(resource_type), reference)}
     return {"resourceType": resource_type, **_fill(model_class(resource_type), reference, 0)}
+
+
+_R4_PRIMITIVES: dict[str, Any] = {
+    "str": "x",
+    "bool": True,
+    "int": 1,
+    "float": 1,
+    "FHIRDate": "2024-03-01",
+    "FHIRDateTime": "2024-03-01",
+    "FHIRInstant": "2024-03-01T08:00:00+08:00",
+    "FHIRTime": "08:00:00",
+}
+
+
+def _fill_r4(cls: Any, reference: str, depth: int = 0) -> dict[str, Any]:
+    """The required elements of a fhirclient R4 model class (one choice of each group)."""
+    out: dict[str, Any] = {}
+    chosen: set[str] = set()
+    for _name, json_name, kind, is_list, of_many, required in cls().elementProperties():
+        if not required or (of_many and of_many in chosen):
+            continue
+        if of_many:
+            chosen.add(of_many)
+        name = kind.__name__
+        if name in _R4_PRIMITIVES:
+            value: Any = _R4_PRIMITIVES[name]
+        elif name == "FHIRReference":
+            value = {"reference": reference}
+        elif name in _DATA_TYPES:
+            value = dict(_DATA_TYPES[name])
+        elif depth < 4:
+            value = _fill_r4(kind, reference, depth + 1)
+        else:
+            continue
+        out[json_name] = [value] if is_list else value
+    return out
 
 
 def with_references(resource_type: str, reference: str, paths: list[str]) -> dict[str, Any]:

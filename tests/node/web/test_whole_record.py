@@ -215,7 +215,8 @@ def test_a_patients_token_is_held_to_their_compartment_in_every_type(node: Node)
     """A minimal valid resource of every hosted type (generated from its model, every
     reference naming one patient) for each of two patients: the first patient's token finds,
     by search, read, $everything and history, exactly their own resources of each type that
-    R4's compartment definition puts in their compartment, and nothing of the other's."""
+    R4's compartment definition puts in their compartment, and nothing of the other's (by
+    ``_content`` either)."""
     import re
 
     from fhir_adapters import definitions
@@ -279,6 +280,10 @@ def test_a_patients_token_is_held_to_their_compartment_in_every_type(node: Node)
         found = _ids(searched.json()) if searched.status_code == 200 else set()
         expected = {ours} if resource_type in own else set()
         assert found & {ours, other} == expected, resource_type
+        # the words of every string ("x" in both patients' resources): only their own
+        worded = patient.get(f"{node.fhir}/{resource_type}", params={"_content": "x"})
+        if worded.status_code == 200:
+            assert other not in _ids(worded.json()), resource_type
         assert ((resource_type, ours) in shown) is (resource_type in own), resource_type
         assert (resource_type, other) not in shown and (resource_type, other) not in in_history
         assert patient.get(f"{node.fhir}/{resource_type}/{other}").status_code in (403, 404)
@@ -560,6 +565,18 @@ def test_composite_searches(node: Node, loaded: dict[str, Any]) -> None:
     assert glucose
     assert found(**{"code-value-quantity": f"http://loinc.org|2345-7$gt7|{ucum}|mmol/L"}) == glucose
     assert found(**{"combo-code-value-quantity": f"2345-7$gt7|{ucum}|mmol/L"}) == glucose
+    # a patient's token: their own blood pressures only
+    mine = next(iter(diastolic_high))
+    owner = next(o for o in observations if o["id"] == mine)["subject"]["reference"].split("/")[1]
+    patient = node.session(node.token(f"pt-{owner[:8]}", "patient", patient=owner))
+    theirs = patient.get(
+        f"{node.fhir}/Observation",
+        params={"component-code-value-quantity": f"8462-4$gt90|{ucum}|mm[Hg]", "_count": "1000"},
+    )
+    assert theirs.status_code == 200 and mine in _ids(theirs.json())
+    assert {e["resource"]["subject"]["reference"] for e in theirs.json()["entry"]} == {
+        f"Patient/{owner}"
+    }
     # what cannot be searched: 400 saying why
     for resource_type, params, words in [
         ("Observation", {"code-value-quantity": "2345-7"}, "two parts joined by $"),
