@@ -82,6 +82,18 @@ def _log_in_process_lines(tmp_path_factory: pytest.TempPathFactory) -> Iterator[
         handler.close()
 
 
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Byte-compile the project's packages once, before any test starts a node or a CLI
+    process: each of those imports about a hundred of the project's modules, and where
+    PYTHONDONTWRITEBYTECODE is set (it is on the machines CI runs on) every process would
+    compile them all from source again, a quarter of a second each time."""
+    import compileall
+
+    root = Path(__file__).resolve().parent.parent
+    for package in ("ledger", "consent", "exchange", "fhir_adapters", "node"):
+        compileall.compile_dir(root / package, quiet=1)
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """The log privacy check reads every log the run wrote: it runs last."""
     last = [item for item in items if item.module.__name__.endswith("test_log_privacy")]

@@ -22,7 +22,6 @@ from functools import cache
 from typing import Any
 
 import pydantic
-from fhirclient.models.fhirabstractbase import FHIRValidationError
 
 from fhir_adapters import definitions
 from fhir_adapters.errors import InvalidCode, InvalidRequest, Issue, NotFound
@@ -210,6 +209,8 @@ def _r4_model(resource: dict[str, Any], declared: str) -> Any:
     """fhirclient's strict R4 model of ``resource`` (an :data:`R4_ONLY` type): it refuses
     unknown elements, values of the wrong JSON type, malformed dates and missing required
     elements. No code value is checked against its binding (the models carry none)."""
+    from fhirclient.models.fhirabstractbase import FHIRValidationError  # (50 ms: on first use)
+
     try:
         return r4_model_class(declared)(resource, strict=True)
     except FHIRValidationError as exc:
@@ -223,6 +224,8 @@ def _r4_model(resource: dict[str, Any], declared: str) -> Any:
 
 
 def _r4_issues(error: BaseException, path: str, issues: list[Issue]) -> None:
+    from fhirclient.models.fhirabstractbase import FHIRValidationError
+
     if isinstance(error, FHIRValidationError):
         if error.path:
             path += "." + re.sub(r"\.(\d+)(?=\.|$)", r"[\1]", str(error.path))
