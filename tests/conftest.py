@@ -1,7 +1,8 @@
 """Shared fixtures: a ledger database on each engine (SQLite file; a fresh PostgreSQL database
 per test on the server at 127.0.0.1:5432) with its keys, and a real node per test module; this
-process's own log lines, kept for tests/test_log_privacy.py, which runs last. The helpers the
-fixtures are made with, and everything else the tests share, are in tests/helpers."""
+process's own log lines, and the check at the end of the run that no log line names a
+patient (with xdist, each worker is a process of its own, and the controller checks). The
+helpers the fixtures are made with, and everything else the tests share, are in tests/helpers."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import pytest
 
 from tests.helpers.databases import postgres_database
 from tests.helpers.ledgers import Ledger, make_ledger
-from tests.helpers.logs import IN_PROCESS_LOG
+from tests.helpers.logs import IN_PROCESS_LOG, leaks_in
 
 
 @pytest.fixture
@@ -55,7 +56,7 @@ def node(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
             yield server
 
 
-# -- every log line of the run, for tests/test_log_privacy.py ----------------------------------
+# -- every log line of the run, for the log privacy check at the end ---------------------------
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -82,22 +83,25 @@ def _log_in_process_lines(tmp_path_factory: pytest.TempPathFactory) -> Iterator[
         handler.close()
 
 
-def pytest_sessionstart(session: pytest.Session) -> None:
-    """Byte-compile the project's packages once, before any test starts a node or a CLI
-    process: each of those imports about a hundred of the project's modules, and where
-    PYTHONDONTWRITEBYTECODE is set (it is on the machines CI runs on) every process would
-    compile them all from source again, a quarter of a second each time."""
-    import compileall
-
-    root = Path(__file__).resolve().parent.parent
-    for package in ("ledger", "consent", "exchange", "fhir_adapters", "node"):
-        compileall.compile_dir(root / package, quiet=1)
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """The log privacy check reads every log the run wrote: it runs last."""
-    last = [item for item in items if item.module.__name__.endswith("test_log_privacy")]
-    items[:] = [item for item in items if item not in last] + last
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """Once every test is done (with xdist: in the controller, after every worker): no log
+    line of the run names a patient (:func:`tests.helpers.logs.leaks_in`). A leak fails the
+    run, listing the lines."""
+    if hasattr(session.config, "workerinput"):  # an xdist worker: the controller checks
+        return
+    factory = getattr(session.config, "_tmp_path_factory", None)
+    if factory is None or session.testscollected == 0:
+        return
+    base = factory.getbasetemp()
+    if not any(base.rglob(IN_PROCESS_LOG)):
+        return  # no test of this run set up the session's logging (none was run)
+    leaks = leaks_in(base)
+    if leaks:
+        session.config.get_terminal_writer().line(
+            f"\n{len(leaks)} log line(s) of the run name a patient:\n" + "\n".join(leaks[:20]),
+            red=True,
+        )
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 @pytest.fixture(autouse=True)

@@ -307,6 +307,7 @@ def composite_param(name: str, token: str) -> str:
 # each more parameter is index rows on every request (R4's others would double them).
 OWN_PARAMETERS_ONLY = ("AuditEvent",)
 
+
 class _ParamsByType(Mapping[str, dict[str, SearchParam]]):
     """Each hosted type's parameters, compiled the first time the type is asked for: every
     process (a node, each CLI command) would otherwise compile 146 types' expressions as it

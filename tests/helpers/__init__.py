@@ -10,7 +10,7 @@
 - :mod:`~tests.helpers.hl7_messages`: HL7 v2 messages for the LIS adapter's tests;
 - :mod:`~tests.helpers.dicom`: DICOM files and a node's imaging studies for the PACS tests;
 - :mod:`~tests.helpers.compose`: compose files as docker-compose resolves them;
-- :mod:`~tests.helpers.logs`: where the run's logs are, for the log privacy check.
+- :mod:`~tests.helpers.logs`: where the run's logs are, and the log privacy check.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
-"""A minimal valid resource of any hosted R4 type, generated from its fhir.resources model:
-every required element (and one choice of each required choice group) filled with a value of
-its type, every reference naming one given resource. Used where a test must hold for every
-type, not for the few a hand-written sample covers."""
+"""A minimal valid resource of any hosted R4 type, generated from its model (fhir.resources'
+R4B, or fhirclient's R4 for the 18 types R4B dropped): every required element (and one choice
+of each required choice group) filled with a value of its type, every reference naming one
+given resource. Used where a test must hold for every type, not for the few a hand-written
+sample covers."""
 
 from __future__ import annotations
 
