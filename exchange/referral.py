@@ -165,6 +165,19 @@ def recognition_extension(found: Any) -> dict[str, Any]:
     return {"url": RECOGNITION_URL, "extension": parts}
 
 
+OUTCOME_SYSTEM = "urn:hrx:prior-results-outcome"  # timeout, unreachable, invalid, denied
+REASON_URL = "urn:hrx:fhir:StructureDefinition:decision-reason"  # each of a denial's reasons
+
+
+def _reasons_of(answer: MemberAnswer) -> dict[str, Any]:
+    """A denial's reasons, each as written by the source's policy, as extensions of its
+    issue (the diagnostics join them; a page shows each in its reader's language)."""
+    reasons = (answer.decision or {}).get("reasons") if answer.outcome == "denied" else None
+    if not isinstance(reasons, list) or not reasons:
+        return {}
+    return {"extension": [{"url": REASON_URL, "valueString": str(r)[:500]} for r in reasons[:20]]}
+
+
 OUTCOME_CODES = {
     "timeout": ("error", "timeout"),
     "unreachable": ("error", "transient"),
@@ -215,8 +228,15 @@ def prior_results_bundle(
                             {
                                 "severity": severity,
                                 "code": code,
+                                "details": {  # for pages: which member, what happened
+                                    "coding": [
+                                        {"system": MEMBER_SYSTEM, "code": answer.member},
+                                        {"system": OUTCOME_SYSTEM, "code": answer.outcome},
+                                    ]
+                                },
                                 "diagnostics": f"{answer.member}: {answer.outcome}: "
                                 f"{answer.message}"[:1000],
+                                **_reasons_of(answer),
                             }
                         ],
                     },

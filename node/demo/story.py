@@ -696,14 +696,16 @@ def _keep_running(story: Story) -> None:
         set_password(database.write_engine, "dr-zhou", PASSWORD)
     finally:
         database.close()
-    table = Table(title="the consortium keeps running (Ctrl-C stops it)")
-    for column in ("what", "where", "sign in as"):
-        table.add_column(column)
-    table.add_row("patient portal (hosp-a)", f"{a}/portal", f"zhangsan / {PASSWORD}")
-    table.add_row("doctors' pages (hosp-b)", f"{b}/clinic", f"dr-zhou / {PASSWORD}")
-    table.add_row("savings (hosp-b)", f"{b}/clinic/savings", f"dr-zhou / {PASSWORD}")
-    for name in HOSPITALS:
-        table.add_row(f"FHIR API ({name})", f"{story.base(name)}/fhir/metadata", "bearer token")
+    # one line each, never wrapped or cut: a URL must stay whole in a narrow terminal or a log
+    places = [
+        ("patient portal (hosp-a)", f"{a}/portal", f"sign in as zhangsan / {PASSWORD}"),
+        ("doctors' pages (hosp-b)", f"{b}/clinic", f"sign in as dr-zhou / {PASSWORD}"),
+        ("savings (hosp-b)", f"{b}/clinic/savings", f"sign in as dr-zhou / {PASSWORD}"),
+        *(
+            (f"FHIR API ({name})", f"{story.base(name)}/fhir/metadata", "a bearer token")
+            for name in HOSPITALS
+        ),
+    ]
     stop = threading.Event()
     # Ctrl-C and SIGTERM only set the event, from before the table is shown: one that comes
     # the moment it is (a reader, a script) stops the consortium as well as a later one
@@ -712,8 +714,10 @@ def _keep_running(story: Story) -> None:
         for signum in (signal.SIGINT, signal.SIGTERM)
     }
     try:
-        console.print(table)
-        console.print(f"node directories: {story.root}")
+        console.print("the consortium keeps running (Ctrl-C stops it):")
+        for what, where, how in places:
+            console.print(f"  {what}: {where}  ({how})", soft_wrap=True, markup=False)
+        console.print(f"node directories: {story.root}", soft_wrap=True, markup=False)
         while not stop.wait(0.5):
             pass
     finally:

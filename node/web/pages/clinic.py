@@ -18,8 +18,9 @@ from flask import Blueprint, redirect, render_template, request, url_for
 from flask.typing import ResponseReturnValue
 from werkzeug.exceptions import HTTPException
 
+from consent.model import MEMBER_SYSTEM
 from exchange.recognition import REORDER_REASONS
-from exchange.referral import RECOGNITION_URL
+from exchange.referral import OUTCOME_SYSTEM, REASON_URL, RECOGNITION_URL
 from exchange.savings import RESULT_TYPES, savings, yuan
 from fhir_adapters.errors import FhirError
 from fhir_adapters.store.search import Access, parse_search
@@ -32,6 +33,7 @@ from node.web.auth_api import password_sign_in
 from node.web.context import caller, services, signed_in_as
 from node.web.pages.browser_sessions import BrowserSessions
 from node.web.pages.portal import language, t
+from node.web.pages.reasons import explain, explain_recognition, in_zone, outcome
 
 bp = Blueprint("clinic", __name__, url_prefix="/clinic", template_folder="templates")
 WEB = BrowserSessions("clinic", "/clinic", ("doctor", "admin"))
@@ -153,11 +155,14 @@ def patients(principal: Principal) -> ResponseReturnValue:
     return render_template("clinic/patients.html", patients=list(found.values()), query=query)
 
 
-def _prior(principal: Principal, patient_id: str) -> tuple[list[dict[str, Any]], list[str]]:
+def _prior(
+    principal: Principal, patient_id: str
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     bundle = fetch_prior_results(services(), caller(), patient_id, list(CATEGORIES))
     members = {
         m["id"]: m.get("name") or m["id"] for m in services().chain_store.roster().body["members"]
     }
+    item_names = {item.id: item.label(language()) for item in rules(services()).items}
     results = []
     for entry in bundle["entry"]:
         if entry["search"]["mode"] != "match":
@@ -174,6 +179,10 @@ def _prior(principal: Principal, patient_id: str) -> tuple[list[dict[str, Any]],
             for p in parts
             if p["url"] == "reason"
         ]
+        for reason in reasons:
+            reason["shown"] = explain_recognition(
+                reason["code"], reason["text"], language(), members, item_names
+            )
         source = entry["fullUrl"]
         member = next((mid for mid, m in _member_urls().items() if source.startswith(m)), "?")
         quantity = resource.get("valueQuantity") or {}
@@ -202,11 +211,28 @@ def _prior(principal: Principal, patient_id: str) -> tuple[list[dict[str, Any]],
             }
         )
     problems = [
-        e["resource"]["issue"][0]["diagnostics"]
+        _problem(e["resource"]["issue"][0], members)
         for e in bundle["entry"]
         if e["search"]["mode"] == "outcome"
     ]
     return results, problems
+
+
+def _problem(issue: dict[str, Any], members: dict[str, str]) -> dict[str, Any]:
+    """A member's answer that released nothing, for the page: the hospital's name, what
+    happened and each reason in the page's language (notes of no member as they are)."""
+    codings = (issue.get("details") or {}).get("coding", [])
+    member = next((c["code"] for c in codings if c.get("system") == MEMBER_SYSTEM), None)
+    kind = next((c["code"] for c in codings if c.get("system") == OUTCOME_SYSTEM), None)
+    if member is None or kind is None:
+        return {"member": "", "outcome": "", "reasons": [str(issue.get("diagnostics", ""))]}
+    local = in_zone(rules(services()).zone)
+    written = [e["valueString"] for e in issue.get("extension", []) if e["url"] == REASON_URL]
+    return {
+        "member": members.get(member, member),
+        "outcome": outcome(kind, language()),
+        "reasons": [explain(r, language(), members, local) for r in written],
+    }
 
 
 def _value(extension: dict[str, Any]) -> Any:
@@ -227,7 +253,7 @@ def prior_results(principal: Principal, patient_id: str) -> ResponseReturnValue:
     (with its CSRF token) asks them: asking is recorded on the ledger, which a link followed
     from another site must never do in a doctor's name."""
     results: list[dict[str, Any]] = []
-    problems: list[str] = []
+    problems: list[dict[str, Any]] = []
     if request.method == "POST":
         try:
             results, problems = _prior(principal, patient_id)

@@ -188,7 +188,7 @@ def test_installed_command_and_demo_run(tmp_path: Path) -> None:
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-        env={**os.environ, "COLUMNS": "200"},
+        env={**os.environ, "COLUMNS": "60"},  # narrow: the sign-in URLs must stay whole
         start_new_session=True,  # its nodes with it: on a failure the group is killed
     )
     assert process.stdout is not None

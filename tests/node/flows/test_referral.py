@@ -302,6 +302,15 @@ def test_unreachable_and_denying_members_are_outcomes(
     assert [o["issue"][0]["code"] for o in outcomes] == ["forbidden"]
     assert "no consent" in outcomes[0]["issue"][0]["diagnostics"]
     assert bundle["total"] == 0
+    # which member, what happened and each reason, for a page to show in its own words
+    issue = outcomes[0]["issue"][0]
+    assert {(c["system"], c["code"]) for c in issue["details"]["coding"]} == {
+        ("urn:hrx:member", "hosp-a"),
+        ("urn:hrx:prior-results-outcome", "denied"),
+    }
+    assert [e["valueString"] for e in issue["extension"]] == [
+        "no consent of this patient is recorded"
+    ]
 
 
 def test_requests_are_checked(group: Consortium, patient: dict[str, Any]) -> None:
@@ -585,7 +594,9 @@ def test_the_clinic_pages(group: Consortium, patient: dict[str, Any]) -> None:
     page = browser.post(f"{b.base}/clinic/patients/{patient['b']}", data={"csrf_token": csrf(page)})
     assert page.status_code == 200 and entries() == before + 1
     assert page.text.count('class="badge hr"') == 2  # the haemoglobin and the CT from A
-    assert "expired on" in page.text and "is not on the recognised list" in page.text
+    # the reasons in the page's language, hospitals by name
+    assert "过期（" in page.text and "不在互认项目目录中" in page.text
+    assert "expired on" not in page.text, page.text[page.text.find("expired on") - 300 :][:600]
     result = re.search(
         r'name="item" value="hgb">\s*<input type="hidden" name="result" value="([^"]+)"', page.text
     )
