@@ -211,8 +211,8 @@ def _r4_model(resource: dict[str, Any], declared: str) -> Any:
     elements. No code value is checked against its binding (the models carry none)."""
     from fhirclient.models.fhirabstractbase import FHIRValidationError  # (50 ms: on first use)
 
-    try:
-        return r4_model_class(declared)(resource, strict=True)
+    try:  # the models take a decimal as a float: checked on a copy, stored as written
+        return r4_model_class(declared)(_floats(resource), strict=True)
     except FHIRValidationError as exc:
         issues: list[Issue] = []
         _r4_issues(exc, declared, issues)
@@ -221,6 +221,15 @@ def _r4_model(resource: dict[str, Any], declared: str) -> Any:
         raise InvalidRequest(f"{declared}: not a valid resource ({type(exc).__name__})") from None
     except RecursionError:
         raise InvalidRequest(f"{declared} is nested too deeply") from None
+
+
+def _floats(value: Any) -> Any:
+    """``value`` with every Decimal (as resources are parsed) a float."""
+    if isinstance(value, dict):
+        return {key: _floats(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_floats(item) for item in value]
+    return float(value) if isinstance(value, Decimal) else value
 
 
 def _r4_issues(error: BaseException, path: str, issues: list[Issue]) -> None:

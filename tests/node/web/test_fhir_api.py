@@ -350,6 +350,15 @@ def test_validation_errors_are_operation_outcomes(node: Node) -> None:
     ]:
         outcome(post(s, f"{node.fhir}/MedicinalProduct", body), 400, words)
     outcome(s.get(f"{node.fhir}/MedicinalProduct/nothing"), 404)
+    # their decimals are checked and kept as written, as every type's are
+    text = (
+        '{"resourceType":"SubstanceSpecification","moiety":[{"amountQuantity":'
+        '{"value":1.50,"unit":"mg"}}]}'
+    )
+    kept = raw_post(node, "SubstanceSpecification", text)
+    assert kept.status_code == 201, kept.text
+    read_back = s.get(f"{node.fhir}/SubstanceSpecification/{kept.json()['id']}")
+    assert '"value":1.50' in read_back.text.replace(" ", "")
     outcome(s.get(f"{node.fhir}/Encounters/1"), 404, "not a FHIR R4 resource type")
     outcome(s.patch(f"{node.fhir}/Patient/{pid}", json={}), 415, "JSON Patch")
     outcome(s.get(f"{node.fhir}/nothing-here"), 404)
