@@ -22,7 +22,6 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +63,7 @@ from node.records.audit_trail import AuditRecord
 from node.services import Services
 from node.web.auth_api import password_sign_in
 from node.web.pages.browser_sessions import BrowserSessions
+from node.web.pages.reasons import in_zone
 from node.web.pages.text import HTML_LANG, LANGUAGES, translate
 
 bp = Blueprint(
@@ -124,13 +124,7 @@ def portal_error(exc: HTTPException) -> ResponseReturnValue:
 def local_time(moment: str) -> str:
     """A ledger time or FHIR instant as the consortium's local time, to the second
     (``2026-11-22 16:00:00``); anything else as it is."""
-    try:
-        parsed = datetime.fromisoformat(moment.replace("Z", "+00:00"))
-    except (TypeError, ValueError):
-        return str(moment)
-    if parsed.tzinfo is None:
-        return str(moment)
-    return parsed.astimezone(rules(services()).zone).strftime("%Y-%m-%d %H:%M:%S")
+    return in_zone(rules(services()).zone, "%Y-%m-%d %H:%M:%S")(moment)
 
 
 @bp.app_context_processor

@@ -308,17 +308,17 @@ def _short(consent_id: str) -> str:
     return consent_id if len(consent_id) <= 8 else consent_id[:8] + "…"
 
 
-def in_zone(zone: tzinfo) -> Callable[[str], str]:
-    """An instant (``2026-12-06T04:26:42.758Z``) as a time in ``zone``, to the minute
-    (``2026-12-06 12:26``); anything else as it is."""
+def in_zone(zone: tzinfo, precision: str = "%Y-%m-%d %H:%M") -> Callable[[str], str]:
+    """An instant (``2026-12-06T04:26:42.758Z``) as a time in ``zone``, by default to the
+    minute (``2026-12-06 12:26``); anything else (a date, a time without a zone) as it is."""
 
     def local(moment: str) -> str:
         try:
-            parsed = datetime.fromisoformat(moment.replace("Z", "+00:00"))
-        except ValueError:
-            return moment
+            parsed = datetime.fromisoformat(str(moment).replace("Z", "+00:00"))
+        except (TypeError, ValueError):
+            return str(moment)
         if parsed.tzinfo is None:
-            return moment
-        return parsed.astimezone(zone).strftime("%Y-%m-%d %H:%M")
+            return str(moment)
+        return parsed.astimezone(zone).strftime(precision)
 
     return local
