@@ -3,7 +3,9 @@ chain, decided again by the consent policy over the consent entries of the view 
 must come out as recorded. A decision that does not — a forged permit, a permit after a
 revocation the source had seen, a deny the consents did not call for — is a finding. So is a
 record locator lookup (``locator.lookup``, on a registry's chain) that answers no question its
-requester recorded (:meth:`DecisionReplay.lookup_findings`).
+requester recorded (:meth:`DecisionReplay.lookup_findings`), and a member's read of a study's
+images (``images.read``) permitted on no grant: the source's permitted ``access.decided`` for
+that member and patient that released the study (:meth:`DecisionReplay.image_read_findings`).
 
 Fed while the ledger is verified (:class:`DecisionReplay` is the verifier's entry observer), it
 keeps every consent entry (they are few: one per grant or revocation), every decision's,
@@ -25,7 +27,8 @@ from exchange.decisions import replay
 DECIDED = "access.decided"
 QUESTION = "access.requested"
 LOOKUP = "locator.lookup"
-WATCHED = frozenset((*CONSENT_TYPES, DECIDED, QUESTION, LOOKUP))
+IMAGES = "images.read"
+WATCHED = frozenset((*CONSENT_TYPES, DECIDED, QUESTION, LOOKUP, IMAGES))
 DECIDED_FIELDS = ("patient", "requester_org", "purpose", "categories", "decided_at", "view")
 
 
@@ -45,6 +48,7 @@ class DecisionReplay:
     decisions: list[Mapping[str, Any]] = field(default_factory=list)
     questions: dict[tuple[str, Any], Mapping[str, Any]] = field(default_factory=dict)
     lookups: list[Mapping[str, Any]] = field(default_factory=list)
+    image_reads: list[Mapping[str, Any]] = field(default_factory=list)
 
     def observe(self, entry: Mapping[str, Any]) -> None:
         """Take one verified entry of a watched type (:data:`WATCHED`)."""
@@ -54,6 +58,8 @@ class DecisionReplay:
             self.questions[(entry["chain"], entry["body"].get("request_id"))] = entry["body"]
         elif entry["type"] == LOOKUP:
             self.lookups.append(entry)
+        elif entry["type"] == IMAGES:
+            self.image_reads.append(entry)
         elif isinstance(entry["body"].get("patient"), str):
             self.consents[entry["body"]["patient"]].append(entry)
 
@@ -87,11 +93,38 @@ class DecisionReplay:
             found.append(Finding(entry["chain"], entry["seq"], message))
         return found
 
+    def image_read_findings(self) -> list[Finding]:
+        """Every permitted read of a study's images that rests on no grant: its basis must
+        name an ``access.decided`` earlier on the same chain that permitted the same member
+        for the same patient and released the study (its ImagingStudy's hash). A refused read
+        needs no grant; a read that is neither permitted nor refused is a finding."""
+        decided = {
+            (entry["chain"], entry["body"].get("request_id")): entry for entry in self.decisions
+        }
+        found = []
+        for entry in self.image_reads:
+            body = entry["body"]
+            basis = body.get("basis")
+            message: str | None
+            if body.get("decision") == "deny":
+                continue
+            if body.get("decision") != "permit":
+                message = "an images.read is neither a permit nor a deny"
+            elif not isinstance(basis, dict) or list(basis) != ["access"]:
+                message = f"a read of images rests on no access decision (basis {basis})"
+            else:
+                grant = decided.get((entry["chain"], basis["access"]))
+                message = _not_granted(entry, grant)
+                if message is None:
+                    continue
+            found.append(Finding(entry["chain"], entry["seq"], message))
+        return found
+
     def findings(self, held: Mapping[str, int] | None = None) -> list[Finding]:
         """Every decision the policy would not have made; ``held``: the entries the verified
         copy holds of each chain, when known — a decision whose view reads more of a chain
         than the copy holds cannot be replayed from it, and is a finding too."""
-        found = self.lookup_findings()
+        found = self.lookup_findings() + self.image_read_findings()
         for entry in self.decisions:
             body = entry["body"]
             missing = [name for name in DECIDED_FIELDS if name not in body]
@@ -182,6 +215,32 @@ class DecisionReplay:
                     )
                 )
         return found
+
+
+def _not_granted(read: Mapping[str, Any], grant: Mapping[str, Any] | None) -> str | None:
+    """Why the access decision ``grant`` (None: not found) does not grant the read of images
+    ``read``; None when it does."""
+    body = read["body"]
+    request_id = body["basis"]["access"]
+    if grant is None or grant["seq"] > read["seq"]:
+        return (
+            f"a read of images rests on access request {request_id}, which {read['chain']} "
+            "did not decide before it"
+        )
+    decision = grant["body"]
+    if decision.get("decision") != "permit":
+        return f"a read of images rests on access request {request_id}, which was denied"
+    if (decision.get("requester_org"), decision.get("patient")) != (
+        body.get("requester_org"),
+        body.get("patient"),
+    ):
+        return (
+            f"a read of images by {body.get('requester_org')} rests on access request "
+            f"{request_id}, made for another member or patient"
+        )
+    if body.get("study") not in decision.get("released", []):
+        return f"a read of images rests on access request {request_id}, which did not release it"
+    return None
 
 
 def _is_view(view: Mapping[str, Any]) -> bool:

@@ -69,13 +69,19 @@ SCHEMA: dict[str, dict[str, tuple[type, Any]]] = {
     },
     # the PACS's DICOMweb root ("" = none) that hrx adapters dicomweb-sync pulls studies from;
     # interval_seconds: how often --watch syncs (0 = no schedule); overlap_days: how many days
-    # before the last round each round's StudyDate range starts (docs/adapters-dicom.md)
+    # before the last round each round's StudyDate range starts (docs/adapters-dicom.md);
+    # grant_seconds: how long after a permitted access request the member may read the
+    # released studies' images through /dicomweb; cors_origins: the web origins (comma
+    # separated, e.g. a viewer's https://ohif.example) whose pages may call /dicomweb
+    # (docs/node.md, Images)
     "dicomweb": {
         "url": (str, ""),
         "interval_seconds": (int, 0),
         "timeout_ms": (int, 10000),
         "overlap_days": (int, 1),
         "page_size": (int, 100),
+        "grant_seconds": (int, 14400),
+        "cors_origins": (str, ""),
     },
     # GET /metrics for Prometheus (docs/operations.md); token: when set, scrapers must send
     # "Authorization: Bearer <token>"; when "", only direct loopback clients are answered;
@@ -89,7 +95,12 @@ SCHEMA: dict[str, dict[str, tuple[type, Any]]] = {
 # settings for which 0 means "none" or "off" (every other whole number must be at least 1)
 _MAY_BE_ZERO = {"audit_flush_ms", "dicomweb_interval_seconds", "dicomweb_overlap_days"}
 # text settings that may be given as "" (meaning none)
-_MAY_BE_EMPTY = {"metrics_token", "metrics_token_file", "database_password_file"}
+_MAY_BE_EMPTY = {
+    "metrics_token",
+    "metrics_token_file",
+    "database_password_file",
+    "dicomweb_cors_origins",
+}
 _BOOLEANS = {"true": True, "false": False, "1": True, "0": False, "yes": True, "no": False}
 LOG_FORMATS = ("json", "text")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
@@ -128,6 +139,8 @@ class NodeConfig:
     dicomweb_timeout_ms: int  # per request to the PACS
     dicomweb_overlap_days: int  # each round re-reads this many days before the last one
     dicomweb_page_size: int  # QIDO-RS results asked for per request
+    dicomweb_grant_seconds: int  # a member reads released studies' images this long after
+    dicomweb_cors_origins: tuple[str, ...]  # web origins whose pages may call /dicomweb
     metrics_enabled: bool  # serve GET /metrics
     metrics_token: str  # the bearer token scrapers must send; "": loopback clients only
     log_format: str  # "json" or "text"
@@ -220,6 +233,7 @@ def load_config(directory: Path, environ: Mapping[str, str] | None = None) -> No
         "dicomweb_timeout_ms",
         "dicomweb_overlap_days",
         "dicomweb_page_size",
+        "dicomweb_grant_seconds",
     ):
         least = 0 if name in _MAY_BE_ZERO else 1
         if values[name] < least:
@@ -301,6 +315,8 @@ def load_config(directory: Path, environ: Mapping[str, str] | None = None) -> No
         dicomweb_timeout_ms=values["dicomweb_timeout_ms"],
         dicomweb_overlap_days=values["dicomweb_overlap_days"],
         dicomweb_page_size=values["dicomweb_page_size"],
+        dicomweb_grant_seconds=values["dicomweb_grant_seconds"],
+        dicomweb_cors_origins=_origins(values["dicomweb_cors_origins"]),
         metrics_enabled=values["metrics_enabled"],
         metrics_token=values["metrics_token"],
         log_format=values["logging_format"],
@@ -383,6 +399,18 @@ def _redacted(url: str) -> str:
         return sa.engine.make_url(url).render_as_string(hide_password=True)
     except sa.exc.ArgumentError:
         return url
+
+
+def _origins(text: str) -> tuple[str, ...]:
+    """Web origins from a comma-separated list, each ``scheme://host[:port]`` (no path)."""
+    origins = tuple(o.strip().rstrip("/") for o in text.split(",") if o.strip())
+    for origin in origins:
+        if not re.fullmatch(r"https?://[A-Za-z0-9.\-]+(:[0-9]{1,5})?", origin):
+            raise ConfigError(
+                f"dicomweb.cors_origins: {origin!r} is not a web origin "
+                "(scheme://host or scheme://host:port, e.g. https://viewer.example)"
+            )
+    return origins
 
 
 def write_config(directory: Path, settings: dict[str, dict[str, Any]]) -> Path:

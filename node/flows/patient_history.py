@@ -41,7 +41,13 @@ from node.flows.access_decision import installed_roster_of, witnesses_in_turn
 from node.records.audit_trail import Caller
 from node.services import Services
 
-ACCESS_TYPES = ("access.requested", "access.decided", "emergency.access", "locator.lookup")
+ACCESS_TYPES = (
+    "access.requested",
+    "access.decided",
+    "emergency.access",
+    "locator.lookup",
+    "images.read",
+)
 HISTORY_TYPES = (*CONSENT_TYPES, *ACCESS_TYPES, HISTORY_TYPE)  # what the history holds
 MOST_ENTRIES = 2000  # a witness sends at most the newest this many (and says so)
 ASK_SECONDS = 5.0  # for each witness asked

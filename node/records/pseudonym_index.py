@@ -39,6 +39,17 @@ def patients_with(engine: Engine, pseudonym: str) -> list[str]:
         )
 
 
+def pseudonym_of_patient(engine: Engine, patient_id: str) -> str | None:
+    """The pseudonym local Patient ``patient_id`` stands for, or None."""
+    with engine.connect() as conn:
+        found: str | None = conn.execute(
+            sa.select(pseudonyms_table.c.pseudonym).where(
+                pseudonyms_table.c.patient_id == patient_id
+            )
+        ).scalar()
+    return found
+
+
 def rebuild(write_engine: Engine, pseudonym_of: Callable[[dict[str, Any]], str | None]) -> int:
     """Index every current Patient again; returns how many have a pseudonym."""
     resources, versions = tables.resources, tables.versions

@@ -311,3 +311,56 @@ def test_a_view_that_read_nothing_of_a_chain_is_a_view() -> None:
         }
     )
     assert audit.findings() == []
+
+
+def test_a_read_of_images_must_rest_on_a_permit_that_released_the_study() -> None:
+    """``images.read``: a permitted read names an earlier permitted ``access.decided`` of the
+    same chain, for the same member and patient, that released the study; a refusal needs
+    nothing; anything else is a finding naming the read."""
+    study = "5" * 64
+    audit = DecisionReplay()
+    audit.observe(_entry("hosp-a", 0, "consent.granted", {**GRANT, "categories": ["imaging"]}))
+    permit = decided(P, "permit", {"hosp-a": 1}, categories=["imaging"], released=[study])
+    audit.observe(_entry("hosp-a", 1, "access.decided", permit))
+    denied = {**permit, "request_id": "r-denied", "decision": "deny", "consent": None}
+    denied["requester_org"] = "hosp-c"  # whom the consent does not name
+    denied["released"] = []
+    audit.observe(_entry("hosp-a", 2, "access.decided", denied))
+    read = {
+        "patient": P,
+        "requester_org": "hosp-b",
+        "study": study,
+        "decision": "permit",
+        "reason": "",
+        "basis": {"access": permit["request_id"]},
+    }
+    audit.observe(_entry("hosp-a", 3, "images.read", read))
+    refused = {**read, "decision": "deny", "reason": "no grant", "basis": None}
+    audit.observe(_entry("hosp-a", 4, "images.read", refused))
+    assert audit.findings() == []
+    faults = [
+        ({**read, "study": "6" * 64}, "which did not release it"),
+        ({**read, "requester_org": "hosp-c"}, "made for another member or patient"),
+        ({**read, "patient": Q}, "made for another member or patient"),
+        ({**read, "basis": {"access": "r-denied"}}, "r-denied, which was denied"),
+        ({**read, "basis": {"access": "r-none"}}, "r-none, which hosp-a did not decide before"),
+        ({**read, "basis": None}, "rests on no access decision (basis None)"),
+        ({**read, "basis": {"access": "x", "y": 1}}, "rests on no access decision"),
+        ({**read, "decision": "maybe"}, "neither a permit nor a deny"),
+    ]
+    for seq, (body, _) in enumerate(faults, start=5):
+        audit.observe(_entry("hosp-a", seq, "images.read", body))
+    # a decision recorded after the read does not grant it
+    late = _entry("hosp-c", 1, "access.decided", {**permit, "request_id": "r-late"})
+    audit.observe(late)
+    audit.observe(_entry("hosp-c", 0, "images.read", {**read, "basis": {"access": "r-late"}}))
+    found = [str(f) for f in audit.image_read_findings()]
+    expected = [f"hosp-a seq {seq}: " for seq in range(5, 5 + len(faults))]
+    assert [f[: len(e)] for f, e in zip(found, expected, strict=False)] == expected
+    for got, (_, message) in zip(found, faults, strict=False):
+        assert message in got, got
+    assert found[-1] == (
+        "hosp-c seq 0: a read of images rests on access request r-late, which hosp-c did not "
+        "decide before it"
+    )
+    assert len(found) == len(faults) + 1

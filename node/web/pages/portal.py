@@ -483,6 +483,7 @@ class LedgerAccess:
     categories: list[str]
     decisions: list[dict[str, Any]]  # access.decided entries
     lookups: list[dict[str, Any]]  # locator.lookup entries (the registry's)
+    image_reads: list[dict[str, Any]]  # images.read entries (the source's)
     emergency: bool
     entries: list[dict[str, Any]]  # every entry about it (for receipts)
 
@@ -495,10 +496,13 @@ def ledger_accesses(entries: list[dict[str, Any]]) -> list[LedgerAccess]:
             continue
         body = entry["body"]
         request_id = str(body.get("request_id"))
+        if entry["type"] == "images.read":  # under the request that granted it, or alone
+            basis = body.get("basis") or {}
+            request_id = str(basis.get("access") or f"{entry['chain']}-{entry['seq']}")
         access = by_request.get(request_id)
         if access is None:
             access = by_request[request_id] = LedgerAccess(
-                request_id, entry["time"], "", "", [], [], [], False, []
+                request_id, entry["time"], "", "", [], [], [], [], False, []
             )
         access.entries.append(entry)
         access.time = min(access.time, entry["time"])
@@ -512,6 +516,9 @@ def ledger_accesses(entries: list[dict[str, Any]]) -> list[LedgerAccess]:
             access.requester = access.requester or str(body.get("requester_org", ""))
         elif entry["type"] == "locator.lookup":
             access.lookups.append(entry)
+            access.requester = access.requester or str(body.get("requester_org", ""))
+        elif entry["type"] == "images.read":
+            access.image_reads.append(entry)
             access.requester = access.requester or str(body.get("requester_org", ""))
         else:
             access.emergency = True

@@ -116,6 +116,15 @@ TEXT: dict[str, dict[str, str]] = {
     "break_glass": {"zh": "急诊紧急调阅", "en": "Emergency (break-glass) access"},
     "requested": {"zh": "已申请", "en": "requested"},
     "located": {"zh": "记录定位", "en": "Record locator"},
+    "images_read": {"zh": "调阅影像", "en": "Images viewed"},
+    "images_read_permit": {
+        "zh": "查看了您在{source}的影像（首次查看时记录）",
+        "en": "viewed your images held at {source} (recorded at the first view)",
+    },
+    "images_read_deny": {
+        "zh": "请求查看您在{source}的影像，被拒绝",
+        "en": "asked to view your images held at {source}, and was refused",
+    },
     "located_holders": {
         "zh": "查询了哪些机构存有您的记录，找到 {n} 家",
         "en": "looked up which members hold your records: {n} found",

@@ -476,10 +476,18 @@ def test_configuration_is_checked(synced: tuple[Path, Result]) -> None:
     config = load_config(directory, environ={"HRX_DICOMWEB_URL": "http://pacs:8042/dicom-web/"})
     assert config.dicomweb_url == "http://pacs:8042/dicom-web"
     assert (config.dicomweb_interval_seconds, config.dicomweb_overlap_days) == (0, 1)
+    assert (config.dicomweb_grant_seconds, config.dicomweb_cors_origins) == (14400, ())
+    origins = "https://ohif.example, http://127.0.0.1:3000/"
+    assert load_config(
+        directory, environ={"HRX_DICOMWEB_CORS_ORIGINS": origins}
+    ).dicomweb_cors_origins == ("https://ohif.example", "http://127.0.0.1:3000")
     for name, value, problem in (
         ("HRX_DICOMWEB_URL", "pacs:8042", "is not an http:// or https:// URL"),
         ("HRX_DICOMWEB_PAGE_SIZE", "0", "dicomweb.page_size must be at least 1"),
         ("HRX_DICOMWEB_INTERVAL_SECONDS", "-1", "must be at least 0"),
+        ("HRX_DICOMWEB_GRANT_SECONDS", "0", "dicomweb.grant_seconds must be at least 1"),
+        ("HRX_DICOMWEB_CORS_ORIGINS", "https://ohif.example/viewer", "is not a web origin"),
+        ("HRX_DICOMWEB_CORS_ORIGINS", "*", "is not a web origin"),
     ):
         with pytest.raises(ConfigError, match=problem):
             load_config(directory, environ={name: value})

@@ -1,0 +1,333 @@
+"""``/dicomweb`` across real member processes and a real Orthanc: a standard DICOMweb client
+(``dicomweb-client``) reads hosp-a's study through hosp-a's node with a local token, and
+through hosp-b's node as a member — refused and recorded without consent, served and
+recorded once under a permitted access request, refused again once the patient revokes; the
+PACS's address never reaches a client; bad paths, bad tokens and a PACS that is down get clear
+answers."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import pytest
+import requests
+from dicomweb_client.api import DICOMwebClient
+from pydicom.dataset import Dataset
+
+from consent.model import consent_resource
+from consent.pseudonym import RESIDENT_ID_SYSTEM
+from ledger.store import ChainStore
+from node.demo import orthanc
+from node.demo.harness import Consortium
+from tests.helpers.dicom import TEST_FILES, hrx, new_study
+from tests.helpers.nodes import Node, post
+from tests.helpers.portal import PASSWORD, enroll, sign_in
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(orthanc.missing() is not None, reason=str(orthanc.missing())),
+]
+
+RESIDENT_ID = "33010619850315" + str(uuid.uuid4().int)[:3] + "X"
+
+
+@pytest.fixture(scope="module")
+def pacs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[orthanc.OrthancServer]:
+    with orthanc.running_orthanc(tmp_path_factory.mktemp("pacs")) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def ct(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A CT of the chest whose patient carries an MRN and, as another ID, a resident ID."""
+    other = Dataset()
+    other.PatientID = RESIDENT_ID
+    other.IssuerOfPatientID = "2.16.156.10011.1.3"
+    return new_study(
+        TEST_FILES / "CT_small.dcm",
+        "ct.dcm",
+        directory=tmp_path_factory.mktemp("ct"),
+        PatientID="MRN-7",
+        PatientName="Zhang^San=张^三",
+        SpecificCharacterSet="ISO_IR 192",
+        OtherPatientIDsSequence=[other],
+        BodyPartExamined="CHEST",
+    )
+
+
+@pytest.fixture(scope="module")
+def group(
+    tmp_path_factory: pytest.TempPathFactory, pacs: orthanc.OrthancServer, ct: Path
+) -> Iterator[Consortium]:
+    consortium = Consortium(
+        tmp_path_factory.mktemp("dicomweb"), 2, epoch_seconds=2, replicate_interval=0.2
+    )
+    try:
+        for name, url in (
+            ("hosp-a", pacs.dicomweb_url),
+            ("hosp-b", f"http://127.0.0.1:{orthanc.free_port()}/dicom-web"),  # a PACS that is down
+        ):
+            config = consortium.members[name].directory / "node.toml"
+            config.write_text(
+                config.read_text()
+                + f'\n[dicomweb]\nurl = "{url}"\ncors_origins = "https://viewer.example"\n'
+            )
+        orthanc.upload(pacs.rest_base, ct)
+        directory = str(consortium.members["hosp-a"].directory)
+        synced = hrx("adapters", "dicomweb-sync", "--dir", directory, "--url", pacs.dicomweb_url)
+        assert synced.exit_code == 0, synced.output
+        consortium.start_all()
+        yield consortium
+    finally:
+        consortium.close()
+
+
+def node(group: Consortium, name: str) -> Node:
+    member = group.members[name]
+    return Node(member.directory, member.web_port)
+
+
+def client(url: str, token: str) -> DICOMwebClient:
+    return DICOMwebClient(url=url, headers={"Authorization": f"Bearer {token}"})
+
+
+def uids(path: Path) -> tuple[str, str, str]:
+    dataset = pydicom.dcmread(path, stop_before_pixels=True)
+    return dataset.StudyInstanceUID, dataset.SeriesInstanceUID, dataset.SOPInstanceUID
+
+
+def images_read(group: Consortium, patient: str | None = None) -> list[dict[str, Any]]:
+    """The ``images.read`` entries on hosp-a's chain."""
+    store = ChainStore(group.database_url("hosp-a"))
+    try:
+        return [e for e in store.entries_about(patient, ["images.read"]) if e["chain"] == "hosp-a"]
+    finally:
+        store.close()
+
+
+def test_a_standard_client_reads_the_pacs_through_the_node(
+    group: Consortium, pacs: orthanc.OrthancServer, ct: Path
+) -> None:
+    a = node(group, "hosp-a")
+    reader = client(f"{a.base}/dicomweb", a.token("dr-li", "doctor"))
+    study, series, instance = uids(ct)
+    found = reader.search_for_studies(search_filters={"StudyInstanceUID": study})
+    assert [s["0020000D"]["Value"][0] for s in found] == [study]
+    # the PACS's address is rewritten to the node's: a client never learns it
+    retrieve_url = found[0]["00081190"]["Value"][0]
+    assert retrieve_url == f"{group.members['hosp-a'].url}/dicomweb/studies/{study}"
+    assert str(pacs.http_port) not in str(found)
+    (listed,) = reader.search_for_series(study_instance_uid=study)
+    assert listed["0020000E"]["Value"][0] == series
+    metadata = reader.retrieve_study_metadata(study)
+    assert metadata[0]["00080018"]["Value"][0] == instance
+    assert str(pacs.http_port) not in str(metadata)
+    (frame,) = reader.retrieve_instance_frames(study, series, instance, frame_numbers=[1])
+    assert frame == pydicom.dcmread(ct).PixelData  # the pixels as the modality wrote them
+    jpeg = reader.retrieve_instance_rendered(study, series, instance, media_types=("image/jpeg",))
+    assert jpeg[:2] == b"\xff\xd8"
+    (dataset,) = reader.retrieve_study(study)
+    assert dataset.SOPInstanceUID == instance and dataset.PixelData
+    thumbnail = requests.get(
+        f"{a.base}/dicomweb/studies/{study}/series/{series}/thumbnail",
+        headers={"Authorization": f"Bearer {a.token('dr-li', 'doctor')}", "Accept": "image/jpeg"},
+        timeout=10,
+    )
+    assert thumbnail.status_code == 200 and thumbnail.content[:2] == b"\xff\xd8"
+    windowed = requests.get(
+        f"{a.base}/dicomweb/studies/{study}/series/{series}/instances/{instance}/rendered",
+        params={"window": "40,400,linear"},
+        headers={"Authorization": f"Bearer {a.token('dr-li', 'doctor')}", "Accept": "image/png"},
+        timeout=10,
+    )
+    assert windowed.status_code == 200 and windowed.content[:4] == b"\x89PNG"
+    # one AuditEvent for the reads of the study, in its patient's compartment
+    auditor = a.session(a.token("aud-a", "auditor"))
+    events = auditor.get(f"{a.fhir}/AuditEvent", params={"outcome": "0", "_count": "100"}).json()
+    reads = [
+        e["resource"]
+        for e in events.get("entry", [])
+        if f"study {study} by dr-li" in e["resource"].get("outcomeDesc", "")
+    ]
+    assert len(reads) == 1, reads
+    assert any(x["what"].get("reference", "").startswith("Patient/") for x in reads[0]["entity"])
+
+
+def test_bad_requests_get_clear_answers(group: Consortium, ct: Path) -> None:
+    a = node(group, "hosp-a")
+    token = a.token("dr-li", "doctor")
+    study, _, _ = uids(ct)
+    cases = [
+        (f"studies/{study}/metadata", None, 401, "bearer token"),
+        ("studies/1.2.x/metadata", token, 400, "not a DICOM UID"),
+        ("tools/find", token, 404, "no DICOMweb resource"),
+        (f"studies/{study}/series/1.2/instances/1.3/frames/0", token, 400, "frame numbers"),
+        ("studies/1.2.3.4/metadata", token, 404, "not held here"),
+    ]
+    for path, bearer, status, said in cases:
+        headers = {"Authorization": f"Bearer {bearer}"} if bearer else {}
+        answer = requests.get(f"{a.base}/dicomweb/{path}", headers=headers, timeout=10)
+        assert answer.status_code == status, (path, answer.text)
+        assert said in answer.json()["error"], (path, answer.text)
+        assert said in answer.headers.get("Warning", "") or status == 401
+    # a patient's token reads its own studies by UID, and may not search across studies
+    patient = a.token("pt-other", "patient", patient="someone-else")
+    assert (
+        requests.get(
+            f"{a.base}/dicomweb/studies/{study}/metadata",
+            headers={"Authorization": f"Bearer {patient}"},
+            timeout=10,
+        ).status_code
+        == 404
+    )
+    assert (
+        requests.get(
+            f"{a.base}/dicomweb/studies", headers={"Authorization": f"Bearer {patient}"}, timeout=10
+        ).status_code
+        == 403
+    )
+    # hosp-b's PACS is down: said, with when to try again
+    b = node(group, "hosp-b")
+    down = requests.get(
+        f"{b.base}/dicomweb/studies",
+        headers={"Authorization": f"Bearer {b.token('dr-qian', 'doctor')}"},
+        timeout=10,
+    )
+    assert down.status_code == 503 and "cannot be reached" in down.json()["error"]
+    assert down.headers["Retry-After"] == "30"
+
+
+def sign_in_as(at: Node, username: str) -> requests.Session:
+    browser = requests.Session()
+    assert sign_in(at, browser, username, PASSWORD).status_code == 200
+    return browser
+
+
+def test_a_viewer_of_a_named_origin_may_call_from_its_pages(group: Consortium, ct: Path) -> None:
+    a = node(group, "hosp-a")
+    study, _, _ = uids(ct)
+    url = f"{a.base}/dicomweb/studies/{study}/metadata"
+    preflight = requests.options(
+        url,
+        headers={
+            "Origin": "https://viewer.example",
+            "Access-Control-Request-Method": "GET",
+            "Access-Control-Request-Headers": "authorization",
+        },
+        timeout=10,
+    )
+    assert preflight.status_code == 200
+    assert preflight.headers["Access-Control-Allow-Origin"] == "https://viewer.example"
+    assert "Authorization" in preflight.headers["Access-Control-Allow-Headers"]
+    token = a.token("dr-li", "doctor")
+    for origin, allowed in (("https://viewer.example", True), ("https://evil.example", False)):
+        answer = requests.get(
+            url, headers={"Origin": origin, "Authorization": f"Bearer {token}"}, timeout=10
+        )
+        assert answer.status_code == 200
+        assert ("Access-Control-Allow-Origin" in answer.headers) is allowed
+        assert "Origin" in answer.headers["Vary"]
+
+
+def register(at: Node) -> str:
+    created = post(
+        at.session(),
+        f"{at.fhir}/Patient",
+        {
+            "resourceType": "Patient",
+            "identifier": [{"system": RESIDENT_ID_SYSTEM, "value": RESIDENT_ID}],
+            "name": [{"family": "张", "given": ["三"]}],
+        },
+    )
+    assert created.status_code == 201, created.text
+    return str(created.json()["id"])
+
+
+def test_a_member_reads_under_consent_only(group: Consortium, ct: Path) -> None:
+    a, b = node(group, "hosp-a"), node(group, "hosp-b")
+    study, series, instance = uids(ct)
+    doctor = b.token("dr-qian", "doctor")
+    remote = client(f"{b.base}/dicomweb/members/hosp-a", doctor)
+    # no consent: refused, and the refusal is on hosp-a's chain where the patient sees it
+    with pytest.raises(requests.HTTPError) as refused:
+        remote.retrieve_study_metadata(study)
+    assert refused.value.response.status_code == 403
+    assert "no grant to read study" in refused.value.response.json()["error"]
+    (denied,) = [e for e in images_read(group) if e["body"]["decision"] == "deny"]
+    assert denied["body"]["requester_org"] == "hosp-b" and denied["body"]["basis"] is None
+    # a member may not search across studies
+    with pytest.raises(requests.HTTPError) as searched:
+        remote.search_for_studies()
+    assert searched.value.response.status_code == 403
+    # the patient grants hosp-b imaging; hosp-b's doctor asks for the prior results
+    a_patient = (
+        a.session()
+        .get(f"{a.fhir}/Patient", params={"identifier": f"{RESIDENT_ID_SYSTEM}|{RESIDENT_ID}"})
+        .json()["entry"][0]["resource"]["id"]
+    )
+    granted = post(
+        a.session(a.token("pt-zhang", "patient", patient=a_patient)),
+        f"{a.fhir}/Consent",
+        consent_resource(a_patient, ["hosp-b"], ["imaging"], ["TREAT"], None, None),
+    )
+    assert granted.status_code == 201, granted.text
+    at_b = register(b)
+    prior = b.session(doctor).get(
+        f"{b.fhir}/Patient/{at_b}/$prior-results", params={"category": "imaging"}
+    )
+    assert prior.status_code == 200, prior.text
+    studies = [
+        e["resource"]
+        for e in prior.json()["entry"]
+        if e["resource"]["resourceType"] == "ImagingStudy"
+    ]
+    assert len(studies) == 1, prior.text
+    # now the images: metadata, frames, a rendering, through hosp-b's node
+    metadata = remote.retrieve_study_metadata(study)
+    assert metadata[0]["00080018"]["Value"][0] == instance
+    assert group.members["hosp-a"].url not in str(metadata)
+    (frame,) = remote.retrieve_instance_frames(study, series, instance, frame_numbers=[1])
+    assert frame == pydicom.dcmread(ct).PixelData
+    (found,) = remote.search_for_series(study_instance_uid=study)
+    assert found["0020000E"]["Value"][0] == series
+    rendered = remote.retrieve_instance_rendered(study, series, instance)
+    assert rendered[:2] == b"\xff\xd8"
+    # recorded once on hosp-a's chain, naming the access request it was granted by
+    permitted = [e for e in images_read(group) if e["body"]["decision"] == "permit"]
+    assert len(permitted) == 1, permitted
+    decided = ChainStore(group.database_url("hosp-a")).entries_about(
+        permitted[0]["body"]["patient"], ["access.decided"]
+    )
+    request_ids = {e["body"]["request_id"] for e in decided if e["body"]["decision"] == "permit"}
+    assert permitted[0]["body"]["basis"]["access"] in request_ids
+    assert permitted[0]["body"]["study"] in decided[-1]["body"]["released"]
+    # the patient revokes: within the decision's lifetime (10 s), reads are refused again
+    revoked = a.session(a.token("pt-zhang", "patient", patient=a_patient)).put(
+        f"{a.fhir}/Consent/{granted.json()['id']}",
+        json={**granted.json(), "status": "inactive"},
+        headers={"Content-Type": "application/fhir+json"},
+    )
+    assert revoked.status_code == 200, revoked.text
+    deadline = time.monotonic() + 20
+    while True:
+        answer = requests.get(
+            f"{b.base}/dicomweb/members/hosp-a/studies/{study}/metadata",
+            headers={"Authorization": f"Bearer {doctor}"},
+            timeout=10,
+        )
+        if answer.status_code == 403 or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert answer.status_code == 403, answer.text
+    assert "no longer permitted" in answer.json()["error"] and "revoked" in answer.json()["error"]
+    # the patient sees in the portal that hosp-b viewed the images, and was refused before
+    enroll(a, a_patient, "pt-zhang")  # her account keeps its name: she signs in with it
+    browser = sign_in_as(a, "pt-zhang")
+    page = browser.get(f"{a.base}/portal/access", params={"lang": "en"}).text
+    assert "医院 hosp-b viewed your images held at 医院 hosp-a" in page, page
+    assert "医院 hosp-b asked to view your images held at 医院 hosp-a, and was refused" in page
