@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from tests.helpers.browser import browser  # noqa: F401  # a fixture every test module may use
 from tests.helpers.databases import postgres_database
 from tests.helpers.ledgers import Ledger, make_ledger
 from tests.helpers.logs import IN_PROCESS_LOG, leaks_in

@@ -31,6 +31,7 @@ requests cost one decision and one record, not hundreds.
 
 from __future__ import annotations
 
+import json
 import re
 import threading
 import time
@@ -51,7 +52,7 @@ from ledger import keys
 from ledger.errors import LedgerError
 from ledger.model import format_time, parse_time
 from node.consortium.signing import sign_request
-from node.flows.dicomweb_paths import Target
+from node.flows.dicomweb_paths import Target, parse_target
 from node.flows.permissions import permit, refuse
 from node.records.audit_trail import Caller
 from node.records.pseudonym_index import pseudonym_of_patient
@@ -536,3 +537,101 @@ def _reason_of(response: requests.Response) -> str | None:
     except ValueError:
         return None
     return reason if isinstance(reason, str) else None
+
+
+# -- a study's outline, for the viewer ------------------------------------------------------
+
+MAX_OUTLINE_BYTES = 32 * 1024 * 1024
+SERIES_UID, SERIES_NUMBER, MODALITY, DESCRIPTION = "0020000E", "00200011", "00080060", "0008103E"
+INSTANCE_UID, INSTANCE_NUMBER, FRAME_COUNT = "00080018", "00200013", "00280008"
+
+
+@dataclass(frozen=True)
+class SeriesOutline:
+    """One series of a study as a viewer scrolls it: its frames in order, each as (SOP
+    Instance UID, frame number)."""
+
+    uid: str
+    number: int | None
+    modality: str
+    description: str
+    frames: list[tuple[str, int]]
+
+
+def outline(svc: Services, caller: Caller, member: str, study: str) -> list[SeriesOutline]:
+    """The series of ``study`` held by ``member`` (this node or another member, read as
+    :func:`read_local` or :func:`relay` read it), by series number, each with its frames by
+    instance number."""
+    found = []
+    for series in _searched(svc, caller, member, f"studies/{study}/series", []):
+        uid = _first(series, SERIES_UID)
+        if not uid:
+            continue
+        instances = _searched(
+            svc,
+            caller,
+            member,
+            f"studies/{study}/series/{uid}/instances",
+            [("includefield", f"{INSTANCE_NUMBER},{FRAME_COUNT}")],
+        )
+        ordered = sorted(
+            instances, key=lambda i: (_number(i, INSTANCE_NUMBER) or 0, _first(i, INSTANCE_UID))
+        )
+        frames = [
+            (str(_first(instance, INSTANCE_UID)), frame)
+            for instance in ordered
+            if _first(instance, INSTANCE_UID)
+            for frame in range(1, (_number(instance, FRAME_COUNT) or 1) + 1)
+        ]
+        found.append(
+            SeriesOutline(
+                uid=str(uid),
+                number=_number(series, SERIES_NUMBER),
+                modality=str(_first(series, MODALITY) or ""),
+                description=str(_first(series, DESCRIPTION) or ""),
+                frames=frames,
+            )
+        )
+    return sorted(found, key=lambda s: (s.number is None, s.number or 0, s.uid))
+
+
+def _searched(
+    svc: Services, caller: Caller, member: str, path: str, params: list[tuple[str, str]]
+) -> list[dict[str, Any]]:
+    """The DICOM JSON of a QIDO-RS search, through this node's own PACS or a member's."""
+    target = parse_target(path, params)
+    root = svc.config.url.rstrip("/") + "/dicomweb"
+    accept = "application/dicom+json"
+    if member == svc.config.node_id:
+        answer = read_local(svc, caller, target, accept, root)
+    else:
+        answer = relay(svc, caller, member, target, accept, f"{root}/members/{member}")
+    try:
+        body, size = [], 0
+        for chunk in answer.chunks:
+            size += len(chunk)
+            if size > MAX_OUTLINE_BYTES:
+                raise PacsUnavailable(f"{member}'s answer to {path} is over 32 MB")
+            body.append(chunk)
+    finally:
+        answer.close()
+    if answer.status == 204 or not body:
+        return []
+    try:
+        found = json.loads(b"".join(body))
+    except ValueError:
+        raise PacsUnavailable(f"{member} answered {path} with what is not DICOM JSON") from None
+    return [item for item in found if isinstance(item, dict)] if isinstance(found, list) else []
+
+
+def _first(item: dict[str, Any], tag: str) -> Any:
+    values = (item.get(tag) or {}).get("Value") or [None]
+    return values[0]
+
+
+def _number(item: dict[str, Any], tag: str) -> int | None:
+    value = _first(item, tag)
+    try:
+        return int(value) if value is not None else None
+    except (TypeError, ValueError):
+        return None

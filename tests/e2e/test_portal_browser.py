@@ -5,7 +5,6 @@ revoke, download a receipt and verify it, switch to English, sign out."""
 from __future__ import annotations
 
 import re
-import shutil
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,7 +19,6 @@ from tests.helpers.nodes import Node, hrx, post, running_node
 
 pytestmark = pytest.mark.slow
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 PHONE = {"width": 390, "height": 844}
 
 
@@ -28,33 +26,6 @@ PHONE = {"width": 390, "height": 844}
 def portal_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
     with running_node(tmp_path_factory.mktemp("browser") / "hosp-a") as node:
         yield node
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[object]:
-    if not Path(CHROMIUM).exists():
-        pytest.fail(
-            "Chromium is not installed: run scripts/test-deps.sh (it installs Debian's chromium)"
-        )
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(
-            executable_path=CHROMIUM,
-            headless=True,
-            args=[
-                "--no-sandbox",
-                "--disable-gpu",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--disable-sync",
-                "--no-first-run",
-            ],
-        )
-        try:
-            yield chromium
-        finally:
-            chromium.close()
 
 
 def test_a_patient_uses_the_portal_in_a_browser(

@@ -1,20 +1,34 @@
 """The doctors' pages at ``/clinic``: referred patients, their prior results from every member
 with the mutual-recognition verdict (HR), accepting a recognised result instead of ordering the
-exam or ordering it again with a reason, and the savings of the consortium with a chart.
+exam or ordering it again with a reason, a study's images in a viewer, and the savings of the
+consortium with a chart.
 
-Server-rendered like the portal (no JavaScript), for doctors and admins who sign in with their
+Server-rendered like the portal, for doctors and admins who sign in with their
 node password (:mod:`node.web.pages.browser_sessions`: server-side sessions, CSRF on every
 form, the sign-in throttles of :mod:`node.identity.users`). Everything goes through the same
 flows as the FHIR operations (:mod:`node.flows.prior_results`, :mod:`node.flows.orders`), so
-it is recorded and audited the same way.
+it is recorded and audited the same way. Only the viewer runs a script (``viewer.js``, served
+from here: the page's policy admits scripts of this origin only): it scrolls the frames with the
+wheel or the arrow keys and switches window presets without reloading; without it, the same
+page works by links.
 """
 
 from __future__ import annotations
 
 from datetime import date, datetime
+from pathlib import Path
 from typing import Any
 
-from flask import Blueprint, redirect, render_template, request, url_for
+from flask import (
+    Blueprint,
+    Response,
+    g,
+    redirect,
+    render_template,
+    request,
+    stream_with_context,
+    url_for,
+)
 from flask.typing import ResponseReturnValue
 from werkzeug.exceptions import HTTPException
 
@@ -22,9 +36,11 @@ from consent.model import MEMBER_SYSTEM
 from exchange.recognition import REORDER_REASONS
 from exchange.referral import OUTCOME_SYSTEM, REASON_URL, RECOGNITION_URL
 from exchange.savings import RESULT_TYPES, savings, yuan
+from fhir_adapters.dicom import DICOM_UID_SYSTEM
 from fhir_adapters.errors import FhirError
 from fhir_adapters.store.search import Access, parse_search
-from node.flows import orders
+from node.flows import dicomweb, orders
+from node.flows.dicomweb_paths import parse_target
 from node.flows.prior_results import CATEGORIES, fetch_prior_results, rules
 from node.identity.sessions import Session
 from node.identity.tokens import DEFAULT_SCOPES, Principal, parse_scopes
@@ -39,9 +55,22 @@ bp = Blueprint("clinic", __name__, url_prefix="/clinic", template_folder="templa
 WEB = BrowserSessions("clinic", "/clinic", ("doctor", "admin"))
 
 
+VIEWER_SCRIPT = (Path(__file__).with_name("static") / "viewer.js").read_bytes()  # read once
+# window presets (centre, width in HU), in the order the viewer offers them
+PRESETS = {
+    "default": None,
+    "lung": (-600, 1500),
+    "mediastinum": (40, 400),
+    "bone": (400, 1800),
+    "brain": (40, 80),
+}
+
+
 @bp.after_request
 def headers(response: Any) -> Any:
     WEB.after_request(response)
+    if g.get("clinic_script"):  # the viewer: scripts of this origin, none inline
+        response.headers["Content-Security-Policy"] += "; script-src 'self'"
     return response
 
 
@@ -190,6 +219,8 @@ def _prior(
             {
                 "url": source,
                 "member": members.get(member, member),
+                "member_id": member,
+                "study": _study_uid(resource),
                 "type": resource["resourceType"],
                 "what": (resource.get("code") or {}).get("text")
                 or ", ".join(
@@ -216,6 +247,17 @@ def _prior(
         if e["search"]["mode"] == "outcome"
     ]
     return results, problems
+
+
+def _study_uid(resource: dict[str, Any]) -> str | None:
+    """An ImagingStudy's Study Instance UID (its ``urn:dicom:uid`` identifier), else None."""
+    for identifier in (
+        resource.get("identifier", []) if resource["resourceType"] == "ImagingStudy" else []
+    ):
+        value = str(identifier.get("value", ""))
+        if identifier.get("system") == DICOM_UID_SYSTEM and value.startswith("urn:oid:"):
+            return value.removeprefix("urn:oid:")
+    return None
 
 
 def _problem(issue: dict[str, Any], members: dict[str, str]) -> dict[str, Any]:
@@ -332,3 +374,95 @@ def savings_page(principal: Principal) -> ResponseReturnValue:
         start=start,
         end=end,
     )
+
+
+# -- the viewer ------------------------------------------------------------------------------
+
+
+def _members() -> dict[str, str]:
+    return {
+        m["id"]: m.get("name") or m["id"] for m in services().chain_store.roster().body["members"]
+    }
+
+
+@bp.get("/viewer/<member>/<study>")
+@signed_in
+def viewer(principal: Principal, member: str, study: str) -> ResponseReturnValue:
+    """A study's series with thumbnails, and one series' frames in order under a window
+    preset (``?series=UID&frame=N&preset=lung``); the images come from :func:`image`."""
+    try:
+        parse_target(f"studies/{study}", [])
+        series_list = dicomweb.outline(services(), caller(), member, study)
+    except FhirError as exc:
+        return render_template("clinic/error.html", message=_viewer_refusal(exc)), exc.status
+    if not series_list:
+        return render_template("clinic/error.html", message=t("viewer_empty")), 404
+    chosen = next((s for s in series_list if s.uid == request.args.get("series")), series_list[0])
+    preset = request.args.get("preset", "default")
+    preset = preset if preset in PRESETS else "default"
+    try:
+        frame = min(max(int(request.args.get("frame", "1")), 1), len(chosen.frames) or 1)
+    except ValueError:
+        frame = 1
+    base = url_for("clinic.image", member=member, path=f"studies/{study}/series/{chosen.uid}")
+    frames = [f"{base}/instances/{uid}/frames/{number}/rendered" for uid, number in chosen.frames]
+    window = PRESETS[preset]
+    g.clinic_script = True
+    return render_template(
+        "clinic/viewer.html",
+        member=member,
+        member_name=_members().get(member, member),
+        study=study,
+        series_list=series_list,
+        chosen=chosen,
+        frames=frames,
+        frame=frame,
+        preset=preset,
+        presets=list(PRESETS),
+        preset_windows={name: f"{w[0]},{w[1]},linear" if w else "" for name, w in PRESETS.items()},
+        window=f"{window[0]},{window[1]},linear" if window else "",
+        thumbnail=lambda s: url_for(
+            "clinic.image", member=member, path=f"studies/{study}/series/{s.uid}/thumbnail"
+        ),
+    )
+
+
+def _viewer_refusal(exc: FhirError) -> str:
+    """Why the study cannot be shown, in the page's language (the member's own words after)."""
+    key = {403: "viewer_refused", 404: "viewer_not_found", 503: "viewer_unavailable"}.get(
+        exc.status, "viewer_failed"
+    )
+    return f"{t(key)} ({exc})"
+
+
+@bp.get("/images/<member>/<path:path>")
+@signed_in
+def image(principal: Principal, member: str, path: str) -> ResponseReturnValue:
+    """A rendered frame or a thumbnail for the viewer, from this node's PACS or a member's
+    (the same flows as ``/dicomweb``, so read and recorded the same way)."""
+    target = parse_target(path, list(request.args.items(multi=True)))
+    if target.kind not in ("rendered", "thumbnail"):
+        return Response(status=404)
+    root = services().config.url.rstrip("/") + "/dicomweb"
+    try:
+        if member == services().config.node_id:
+            answer = dicomweb.read_local(services(), caller(), target, "image/jpeg", root)
+        else:
+            answer = dicomweb.relay(
+                services(), caller(), member, target, "image/jpeg", f"{root}/members/{member}"
+            )
+    except FhirError as exc:
+        return Response(str(exc), status=exc.status, mimetype="text/plain")
+
+    def chunks() -> Any:
+        try:
+            yield from answer.chunks
+        finally:
+            answer.close()
+
+    return Response(stream_with_context(chunks()), answer.status, headers=answer.headers)
+
+
+@bp.get("/static/viewer.js")
+def viewer_script() -> ResponseReturnValue:
+    return Response(VIEWER_SCRIPT, mimetype="text/javascript")

@@ -39,6 +39,36 @@ TEXT: dict[str, dict[str, str]] = {
         "minute(s). Signing in from a network you used before is not held up; if you "
         "cannot wait, contact the hospital.",
     },
+    "viewer": {"zh": "影像浏览", "en": "Images"},
+    "view_images": {"zh": "查看影像", "en": "View images"},
+    "viewer_study": {"zh": "检查 UID", "en": "Study UID"},
+    "viewer_series": {"zh": "序列", "en": "Series"},
+    "viewer_frames": {"zh": "幅", "en": "frames"},
+    "viewer_window": {"zh": "窗宽窗位", "en": "Window"},
+    "preset_default": {"zh": "默认", "en": "Default"},
+    "preset_lung": {"zh": "肺窗", "en": "Lung"},
+    "preset_mediastinum": {"zh": "纵隔窗", "en": "Mediastinum"},
+    "preset_bone": {"zh": "骨窗", "en": "Bone"},
+    "preset_brain": {"zh": "脑窗", "en": "Brain"},
+    "viewer_previous": {"zh": "上一幅", "en": "Previous"},
+    "viewer_next": {"zh": "下一幅", "en": "Next"},
+    "viewer_hint": {
+        "zh": "用鼠标滚轮或方向键逐幅浏览；Home/End 跳到首幅/末幅。",
+        "en": "Scroll with the mouse wheel or the arrow keys; Home and End go to the first "
+        "and last frame.",
+    },
+    "viewer_refused": {
+        "zh": "无权查看这些影像：需患者同意并先调阅既往结果，或有会诊申请",
+        "en": "You may not view these images: it takes the patient's consent and a request "
+        "for prior results first, or a consult",
+    },
+    "viewer_not_found": {"zh": "找不到该检查的影像", "en": "No images of this study were found"},
+    "viewer_unavailable": {
+        "zh": "影像系统暂时无法访问，请稍后再试",
+        "en": "The imaging system cannot be reached now; try again later",
+    },
+    "viewer_failed": {"zh": "无法显示这些影像", "en": "These images cannot be shown"},
+    "viewer_empty": {"zh": "该检查没有可显示的序列", "en": "This study has no series to show"},
     "clinic_sign_in_failed": {"zh": "用户名或密码错误。", "en": "Wrong username or password."},
     "form_expired": {
         "zh": "表单已失效或并非来自本站，请刷新页面后重试。",

@@ -24,7 +24,8 @@ from consent.pseudonym import RESIDENT_ID_SYSTEM
 from ledger.store import ChainStore
 from node.demo import orthanc
 from node.demo.harness import Consortium
-from tests.helpers.dicom import TEST_FILES, hrx, new_study
+from node.identity.users import set_password
+from tests.helpers.dicom import TEST_FILES, hrx, new_study, uid_of
 from tests.helpers.nodes import Node, post
 from tests.helpers.portal import PASSWORD, enroll, sign_in
 
@@ -43,26 +44,45 @@ def pacs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[orthanc.OrthancSe
 
 
 @pytest.fixture(scope="module")
-def ct(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A CT of the chest whose patient carries an MRN and, as another ID, a resident ID."""
+def ct_series(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """A CT of the chest, three slices of one series (files written out of order), whose
+    patient carries an MRN and, as another ID, a resident ID; by instance number."""
     other = Dataset()
     other.PatientID = RESIDENT_ID
     other.IssuerOfPatientID = "2.16.156.10011.1.3"
-    return new_study(
-        TEST_FILES / "CT_small.dcm",
-        "ct.dcm",
-        directory=tmp_path_factory.mktemp("ct"),
-        PatientID="MRN-7",
-        PatientName="Zhang^San=张^三",
-        SpecificCharacterSet="ISO_IR 192",
-        OtherPatientIDsSequence=[other],
-        BodyPartExamined="CHEST",
-    )
+    directory = tmp_path_factory.mktemp("ct")
+    slices = []
+    for number in (3, 1, 2):
+        path = new_study(
+            TEST_FILES / "CT_small.dcm",
+            f"ct-{number}.dcm",
+            directory=directory,
+            PatientID="MRN-7",
+            PatientName="Zhang^San=张^三",
+            SpecificCharacterSet="ISO_IR 192",
+            OtherPatientIDsSequence=[other],
+            BodyPartExamined="CHEST",
+            InstanceNumber=number,
+        )
+        dataset = pydicom.dcmread(path)  # one study and series; an instance of its own
+        dataset.StudyInstanceUID = uid_of("ct", "study")
+        dataset.SeriesInstanceUID = uid_of("ct", "series")
+        dataset.SOPInstanceUID = uid_of("ct", str(number))
+        dataset.file_meta.MediaStorageSOPInstanceUID = dataset.SOPInstanceUID
+        dataset.save_as(path, enforce_file_format=True)
+        slices.append((number, path))
+    return [path for _, path in sorted(slices)]
+
+
+@pytest.fixture(scope="module")
+def ct(ct_series: list[Path]) -> Path:
+    """The first slice."""
+    return ct_series[0]
 
 
 @pytest.fixture(scope="module")
 def group(
-    tmp_path_factory: pytest.TempPathFactory, pacs: orthanc.OrthancServer, ct: Path
+    tmp_path_factory: pytest.TempPathFactory, pacs: orthanc.OrthancServer, ct_series: list[Path]
 ) -> Iterator[Consortium]:
     consortium = Consortium(
         tmp_path_factory.mktemp("dicomweb"), 2, epoch_seconds=2, replicate_interval=0.2
@@ -77,7 +97,8 @@ def group(
                 config.read_text()
                 + f'\n[dicomweb]\nurl = "{url}"\ncors_origins = "https://viewer.example"\n'
             )
-        orthanc.upload(pacs.rest_base, ct)
+        for path in ct_series:
+            orthanc.upload(pacs.rest_base, path)
         directory = str(consortium.members["hosp-a"].directory)
         synced = hrx("adapters", "dicomweb-sync", "--dir", directory, "--url", pacs.dicomweb_url)
         assert synced.exit_code == 0, synced.output
@@ -125,14 +146,15 @@ def test_a_standard_client_reads_the_pacs_through_the_node(
     (listed,) = reader.search_for_series(study_instance_uid=study)
     assert listed["0020000E"]["Value"][0] == series
     metadata = reader.retrieve_study_metadata(study)
-    assert metadata[0]["00080018"]["Value"][0] == instance
+    assert instance in {m["00080018"]["Value"][0] for m in metadata}
     assert str(pacs.http_port) not in str(metadata)
     (frame,) = reader.retrieve_instance_frames(study, series, instance, frame_numbers=[1])
     assert frame == pydicom.dcmread(ct).PixelData  # the pixels as the modality wrote them
     jpeg = reader.retrieve_instance_rendered(study, series, instance, media_types=("image/jpeg",))
     assert jpeg[:2] == b"\xff\xd8"
-    (dataset,) = reader.retrieve_study(study)
-    assert dataset.SOPInstanceUID == instance and dataset.PixelData
+    datasets = reader.retrieve_study(study)  # streamed, three instances
+    assert sorted(d.InstanceNumber for d in datasets) == [1, 2, 3]
+    assert all(d.PixelData for d in datasets)
     thumbnail = requests.get(
         f"{a.base}/dicomweb/studies/{study}/series/{series}/thumbnail",
         headers={"Authorization": f"Bearer {a.token('dr-li', 'doctor')}", "Accept": "image/jpeg"},
@@ -234,7 +256,12 @@ def test_a_viewer_of_a_named_origin_may_call_from_its_pages(group: Consortium, c
         assert "Origin" in answer.headers["Vary"]
 
 
-def register(at: Node) -> str:
+def patient_at(at: Node) -> str:
+    """The patient's id at a member (registered there when new)."""
+    identifier = f"{RESIDENT_ID_SYSTEM}|{RESIDENT_ID}"
+    found = at.session().get(f"{at.fhir}/Patient", params={"identifier": identifier}).json()
+    if found.get("entry"):
+        return str(found["entry"][0]["resource"]["id"])
     created = post(
         at.session(),
         f"{at.fhir}/Patient",
@@ -246,6 +273,19 @@ def register(at: Node) -> str:
     )
     assert created.status_code == 201, created.text
     return str(created.json()["id"])
+
+
+def grant_imaging(a: Node, to: str, *also: str) -> dict[str, Any]:
+    """The patient, signed in at hosp-a, grants member ``to`` her imaging (and the categories
+    ``also``); the Consent."""
+    at_a = patient_at(a)
+    granted = post(
+        a.session(a.token("pt-zhang", "patient", patient=at_a)),
+        f"{a.fhir}/Consent",
+        consent_resource(at_a, [to], ["imaging", *also], ["TREAT"], None, None),
+    )
+    assert granted.status_code == 201, granted.text
+    return dict(granted.json())
 
 
 def test_a_member_reads_under_consent_only(group: Consortium, ct: Path) -> None:
@@ -265,18 +305,9 @@ def test_a_member_reads_under_consent_only(group: Consortium, ct: Path) -> None:
         remote.search_for_studies()
     assert searched.value.response.status_code == 403
     # the patient grants hosp-b imaging; hosp-b's doctor asks for the prior results
-    a_patient = (
-        a.session()
-        .get(f"{a.fhir}/Patient", params={"identifier": f"{RESIDENT_ID_SYSTEM}|{RESIDENT_ID}"})
-        .json()["entry"][0]["resource"]["id"]
-    )
-    granted = post(
-        a.session(a.token("pt-zhang", "patient", patient=a_patient)),
-        f"{a.fhir}/Consent",
-        consent_resource(a_patient, ["hosp-b"], ["imaging"], ["TREAT"], None, None),
-    )
-    assert granted.status_code == 201, granted.text
-    at_b = register(b)
+    granted = grant_imaging(a, "hosp-b")
+    a_patient = patient_at(a)
+    at_b = patient_at(b)
     prior = b.session(doctor).get(
         f"{b.fhir}/Patient/{at_b}/$prior-results", params={"category": "imaging"}
     )
@@ -289,7 +320,7 @@ def test_a_member_reads_under_consent_only(group: Consortium, ct: Path) -> None:
     assert len(studies) == 1, prior.text
     # now the images: metadata, frames, a rendering, through hosp-b's node
     metadata = remote.retrieve_study_metadata(study)
-    assert metadata[0]["00080018"]["Value"][0] == instance
+    assert instance in {m["00080018"]["Value"][0] for m in metadata}
     assert group.members["hosp-a"].url not in str(metadata)
     (frame,) = remote.retrieve_instance_frames(study, series, instance, frame_numbers=[1])
     assert frame == pydicom.dcmread(ct).PixelData
@@ -308,8 +339,8 @@ def test_a_member_reads_under_consent_only(group: Consortium, ct: Path) -> None:
     assert permitted[0]["body"]["study"] in decided[-1]["body"]["released"]
     # the patient revokes: within the decision's lifetime (10 s), reads are refused again
     revoked = a.session(a.token("pt-zhang", "patient", patient=a_patient)).put(
-        f"{a.fhir}/Consent/{granted.json()['id']}",
-        json={**granted.json(), "status": "inactive"},
+        f"{a.fhir}/Consent/{granted['id']}",
+        json={**granted, "status": "inactive"},
         headers={"Content-Type": "application/fhir+json"},
     )
     assert revoked.status_code == 200, revoked.text
@@ -331,3 +362,61 @@ def test_a_member_reads_under_consent_only(group: Consortium, ct: Path) -> None:
     page = browser.get(f"{a.base}/portal/access", params={"lang": "en"}).text
     assert "医院 hosp-b viewed your images held at 医院 hosp-a" in page, page
     assert "医院 hosp-b asked to view your images held at 医院 hosp-a, and was refused" in page
+
+
+def test_a_doctor_views_a_remote_study_in_the_browser(
+    group: Consortium, ct_series: list[Path], browser: object
+) -> None:
+    """From hosp-b's clinic: the prior results, the study's "view images" link, the viewer
+    with its series thumbnail and frames scrolled in order by wheel and keys, the lung
+    preset, every image a real one through both nodes."""
+    from playwright.sync_api import Browser, expect
+
+    assert isinstance(browser, Browser)
+    a, b = node(group, "hosp-a"), node(group, "hosp-b")
+    grant_imaging(a, "hosp-b", "laboratory")  # the clinic asks for both
+    at_b = patient_at(b)
+    b.user("dr-zhou", "doctor")
+    set_password(b.database.write_engine, "dr-zhou", "clinic password 1")
+    instances = [uids(path)[2] for path in ct_series]
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    try:
+        page.goto(f"{b.base}/clinic/signin?lang=zh")
+        page.fill("input[name=username]", "dr-zhou")
+        page.fill("input[name=password]", "clinic password 1")
+        page.click("button[type=submit]")
+        page.goto(f"{b.base}/clinic/patients/{at_b}")
+        page.click("form.fetch button")
+        page.click("a.view-images")
+        expect(page.locator("h1")).to_contain_text("影像浏览 · 医院 hosp-a")
+
+        def loaded(selector: str) -> bool:
+            """Whether the image has loaded, waited for (at most 20 s): polled from here, as
+            the page's policy refuses the scripts Playwright's own waiting would evaluate."""
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline:
+                if page.eval_on_selector(selector, "i => i.complete && i.naturalWidth > 0"):
+                    return True
+                time.sleep(0.1)
+            return False
+
+        assert loaded(".series-list img") and loaded("#frame")
+        expect(page.locator("#frame-number")).to_have_text("1")
+        assert instances[0] in str(page.get_attribute("#frame", "src"))
+        page.keyboard.press("ArrowDown")
+        expect(page.locator("#frame-number")).to_have_text("2")
+        assert instances[1] in str(page.get_attribute("#frame", "src"))
+        page.hover("#frame")
+        page.mouse.wheel(0, 100)
+        expect(page.locator("#frame-number")).to_have_text("3")
+        assert instances[2] in str(page.get_attribute("#frame", "src"))
+        page.click("#preset-lung")
+        expect(page.locator("#preset-lung")).to_have_class("preset chosen")
+        assert "window=-600,1500,linear" in str(page.get_attribute("#frame", "src"))
+        assert loaded("#frame")
+        assert "frame=3" in page.url and "preset=lung" in page.url
+        # the same page without the script: by links
+        page.goto(page.url.replace("frame=3", "frame=2"))
+        expect(page.locator("#frame-number")).to_have_text("2")
+    finally:
+        page.close()
