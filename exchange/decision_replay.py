@@ -5,7 +5,8 @@ revocation the source had seen, a deny the consents did not call for — is a fi
 record locator lookup (``locator.lookup``, on a registry's chain) that answers no question its
 requester recorded (:meth:`DecisionReplay.lookup_findings`), and a member's read of a study's
 images (``images.read``) permitted on no grant: the source's permitted ``access.decided`` for
-that member and patient that released the study (:meth:`DecisionReplay.image_read_findings`).
+that member and patient that released the study, or a consult the source asked that member to
+read of that study, not cancelled before (:meth:`DecisionReplay.image_read_findings`).
 
 Fed while the ledger is verified (:class:`DecisionReplay` is the verifier's entry observer), it
 keeps every consent entry (they are few: one per grant or revocation), every decision's,
@@ -23,12 +24,13 @@ from typing import Any
 
 from consent.policy import CONSENT_TYPES
 from exchange.decisions import replay
+from exchange.reading import CANCELLED, REQUESTED
 
 DECIDED = "access.decided"
 QUESTION = "access.requested"
 LOOKUP = "locator.lookup"
 IMAGES = "images.read"
-WATCHED = frozenset((*CONSENT_TYPES, DECIDED, QUESTION, LOOKUP, IMAGES))
+WATCHED = frozenset((*CONSENT_TYPES, DECIDED, QUESTION, LOOKUP, IMAGES, REQUESTED, CANCELLED))
 DECIDED_FIELDS = ("patient", "requester_org", "purpose", "categories", "decided_at", "view")
 
 
@@ -49,6 +51,7 @@ class DecisionReplay:
     questions: dict[tuple[str, Any], Mapping[str, Any]] = field(default_factory=dict)
     lookups: list[Mapping[str, Any]] = field(default_factory=list)
     image_reads: list[Mapping[str, Any]] = field(default_factory=list)
+    consults: dict[tuple[str, Any], list[Mapping[str, Any]]] = field(default_factory=dict)
 
     def observe(self, entry: Mapping[str, Any]) -> None:
         """Take one verified entry of a watched type (:data:`WATCHED`)."""
@@ -60,6 +63,9 @@ class DecisionReplay:
             self.lookups.append(entry)
         elif entry["type"] == IMAGES:
             self.image_reads.append(entry)
+        elif entry["type"] in (REQUESTED, CANCELLED):
+            key = (entry["chain"], entry["body"].get("consult_id"))
+            self.consults.setdefault(key, []).append(entry)
         elif isinstance(entry["body"].get("patient"), str):
             self.consents[entry["body"]["patient"]].append(entry)
 
@@ -110,6 +116,12 @@ class DecisionReplay:
                 continue
             if body.get("decision") != "permit":
                 message = "an images.read is neither a permit nor a deny"
+            elif isinstance(basis, dict) and list(basis) == ["consult"]:
+                message = _not_consulted(
+                    entry, self.consults.get((entry["chain"], basis["consult"]), [])
+                )
+                if message is None:
+                    continue
             elif not isinstance(basis, dict) or list(basis) != ["access"]:
                 message = f"a read of images rests on no access decision (basis {basis})"
             else:
@@ -240,6 +252,32 @@ def _not_granted(read: Mapping[str, Any], grant: Mapping[str, Any] | None) -> st
         )
     if body.get("study") not in decision.get("released", []):
         return f"a read of images rests on access request {request_id}, which did not release it"
+    return None
+
+
+def _not_consulted(read: Mapping[str, Any], consult: list[Mapping[str, Any]]) -> str | None:
+    """Why the consult entries ``consult`` (its request and cancellation on the read's chain)
+    do not grant the read of images ``read``; None when they do."""
+    body = read["body"]
+    consult_id = body["basis"]["consult"]
+    asked = [e for e in consult if e["type"] == REQUESTED and e["seq"] < read["seq"]]
+    if not asked:
+        return (
+            f"a read of images rests on consult {consult_id}, which {read['chain']} did not "
+            "request before it"
+        )
+    request = asked[0]["body"]
+    if (request.get("reader_org"), request.get("patient"), request.get("study")) != (
+        body.get("requester_org"),
+        body.get("patient"),
+        body.get("study"),
+    ):
+        return (
+            f"a read of images by {body.get('requester_org')} rests on consult {consult_id}, "
+            "asked of another member, for another patient or study"
+        )
+    if any(e["type"] == CANCELLED and e["seq"] < read["seq"] for e in consult):
+        return f"a read of images rests on consult {consult_id}, cancelled before it"
     return None
 
 

@@ -83,6 +83,15 @@ SCHEMA: dict[str, dict[str, tuple[type, Any]]] = {
         "grant_seconds": (int, 14400),
         "cors_origins": (str, ""),
     },
+    # remote reading (docs/referral.md, Remote reading): how long a reader has for a consult of
+    # each priority, and which modalities this member reads (comma separated DICOM modality
+    # codes, e.g. "CT,MR,DX"; "" = it reads none and refuses consults)
+    "consults": {
+        "routine_minutes": (int, 1440),
+        "urgent_minutes": (int, 60),
+        "stat_minutes": (int, 30),
+        "modalities": (str, ""),
+    },
     # GET /metrics for Prometheus (docs/operations.md); token: when set, scrapers must send
     # "Authorization: Bearer <token>"; when "", only direct loopback clients are answered;
     # token_file: a file holding the token (instead of token)
@@ -100,6 +109,7 @@ _MAY_BE_EMPTY = {
     "metrics_token_file",
     "database_password_file",
     "dicomweb_cors_origins",
+    "consults_modalities",
 }
 _BOOLEANS = {"true": True, "false": False, "1": True, "0": False, "yes": True, "no": False}
 LOG_FORMATS = ("json", "text")
@@ -141,6 +151,8 @@ class NodeConfig:
     dicomweb_page_size: int  # QIDO-RS results asked for per request
     dicomweb_grant_seconds: int  # a member reads released studies' images this long after
     dicomweb_cors_origins: tuple[str, ...]  # web origins whose pages may call /dicomweb
+    consult_minutes: tuple[tuple[str, int], ...]  # (priority, minutes a reader has to report)
+    consult_modalities: tuple[str, ...]  # the DICOM modalities this member reads
     metrics_enabled: bool  # serve GET /metrics
     metrics_token: str  # the bearer token scrapers must send; "": loopback clients only
     log_format: str  # "json" or "text"
@@ -234,6 +246,9 @@ def load_config(directory: Path, environ: Mapping[str, str] | None = None) -> No
         "dicomweb_overlap_days",
         "dicomweb_page_size",
         "dicomweb_grant_seconds",
+        "consults_routine_minutes",
+        "consults_urgent_minutes",
+        "consults_stat_minutes",
     ):
         least = 0 if name in _MAY_BE_ZERO else 1
         if values[name] < least:
@@ -317,6 +332,10 @@ def load_config(directory: Path, environ: Mapping[str, str] | None = None) -> No
         dicomweb_page_size=values["dicomweb_page_size"],
         dicomweb_grant_seconds=values["dicomweb_grant_seconds"],
         dicomweb_cors_origins=_origins(values["dicomweb_cors_origins"]),
+        consult_minutes=tuple(
+            (p, values[f"consults_{p}_minutes"]) for p in ("stat", "urgent", "routine")
+        ),
+        consult_modalities=_modalities(values["consults_modalities"]),
         metrics_enabled=values["metrics_enabled"],
         metrics_token=values["metrics_token"],
         log_format=values["logging_format"],
@@ -411,6 +430,17 @@ def _origins(text: str) -> tuple[str, ...]:
                 "(scheme://host or scheme://host:port, e.g. https://viewer.example)"
             )
     return origins
+
+
+def _modalities(text: str) -> tuple[str, ...]:
+    """DICOM modality codes from a comma-separated list (two to sixteen capitals or digits)."""
+    codes = tuple(c.strip().upper() for c in text.split(",") if c.strip())
+    for code in codes:
+        if not re.fullmatch(r"[A-Z0-9]{2,16}", code):
+            raise ConfigError(
+                f"consults.modalities: {code!r} is not a DICOM modality code (CT, MR, DX...)"
+            )
+    return codes
 
 
 def write_config(directory: Path, settings: dict[str, dict[str, Any]]) -> Path:

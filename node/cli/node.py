@@ -4,7 +4,9 @@ resolution of a fork)."""
 
 from __future__ import annotations
 
+import logging
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -30,9 +32,15 @@ from node.consortium.membership import (
 )
 from node.consortium.worker import describe, replicator_for, run
 from node.db.engines import open_database, require_current
+from node.flows import consults
 from node.ops.setup import init_node, join_node, upgrade_node
 from node.ops.status import node_status
+from node.records.audit_trail import Caller
+from node.services import open_services
 from node.web.app import create_app, serve_for_development
+
+log = logging.getLogger(__name__)
+CONSULT_DELIVERY_SECONDS = 5.0  # how often the replication worker sends what consults wait to send
 
 STYLE = {"ok": "green", "note": "cyan", "warning": "yellow", "problem": "bold red"}
 DIR_OPTION = click.option(
@@ -218,9 +226,35 @@ def node_replicate(directory: Path, interval: float, once: bool) -> None:
     with reported():
         config = load_config(directory)
         configure_logging(config.log_format, config.log_level)  # as the web server's
-        report = run(directory, interval, once)
+        stop = threading.Event()
+        if not once:  # consults and reports a member could not be reached for, sent again
+            threading.Thread(
+                target=_deliver_consults, args=(directory, stop), daemon=True, name="consults"
+            ).start()
+        try:
+            report = run(directory, interval, once)
+        finally:
+            stop.set()
     if once:
         out.print(describe(report))
+
+
+def _deliver_consults(directory: Path, stop: threading.Event) -> None:
+    """Every DELIVERY_SECONDS, send what consults wait to send (:func:`deliver_pending`)."""
+    try:
+        services = open_services(load_config(directory))
+    except Exception:
+        log.exception("consults waiting to be sent cannot be sent from this process")
+        return
+    caller = Caller(None, client="consult delivery")
+    try:
+        while not stop.wait(CONSULT_DELIVERY_SECONDS):
+            try:
+                consults.deliver_pending(services, caller)
+            except Exception:
+                log.exception("sending pending consults failed; trying again")
+    finally:
+        services.close()
 
 
 @node_group.command("rotate-keys")

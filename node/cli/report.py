@@ -1,5 +1,6 @@
 """``hrx report``: what the ledger this node holds says of mutual recognition (the exams
-avoided, the cost saved, the re-orders), by member, item and month."""
+avoided, the cost saved, the re-orders), by member, item and month; and of remote reading (the
+turnaround of consults, by reading member and priority)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from typing import Any
 
 import click
 
+from exchange.reading import CONSULT_TYPES, turnaround
 from exchange.recognition import load_rules
 from exchange.savings import RESULT_TYPES, savings, yuan
 from ledger.store import ChainStore
@@ -62,3 +64,49 @@ def report_savings(directory: Path, start: Any, end: Any, as_json: bool) -> None
         out.print("[bold]ordered again despite a recognised result[/]")
         for (member, reason), count in sorted(report.reordered.items()):
             out.print(f"  {member:12} {reason:20} {count}", highlight=False)
+
+
+@report_group.command("consults")
+@DIR_OPTION
+@click.option("--from", "start", default=None, type=click.DateTime(["%Y-%m-%d"]))
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def report_consults(directory: Path, start: Any, as_json: bool) -> None:
+    """Turnaround of remote reading consults requested since --from (a day in the
+    consortium's zone), per reading member and priority: median and 90th percentile, and the
+    share reported within the deadline; computed from the ledger alone."""
+    with reported():
+        config = load_config(directory)
+        rules = load_rules(config.recognition_rules)
+        database = open_database(config.database_url)
+        try:
+            store = ChainStore(database.engine)
+            entries = store.entries_about(None, CONSULT_TYPES)
+            names = {m["id"]: m.get("name") or m["id"] for m in store.roster().body["members"]}
+        finally:
+            database.close()
+    since = start.replace(tzinfo=rules.zone) if start else None
+    rows = turnaround(entries, since)
+    if as_json:
+        click.echo(
+            json.dumps(
+                [{**row.__dict__, "share_within": row.share_within} for row in rows],
+                ensure_ascii=False,
+                indent=2,
+            )
+        )
+        return
+    span = f"since {start:%Y-%m-%d}" if start else "all"
+    out.print(f"remote reading consults ({span}), turnaround from the ledger", highlight=False)
+    if not rows:
+        out.print("  no consults")
+    for row in rows:
+        if row.reported:
+            share = f"{row.within_deadline}/{row.reported} within deadline"
+            figures = f"median {row.median_minutes:.1f} min, p90 {row.p90_minutes:.1f} min, {share}"
+        else:
+            figures = "none reported yet"
+        out.print(
+            f"  {names.get(row.reader, row.reader)} ({row.reader}) {row.priority:8} "
+            f"{figures}; {row.open} open, {row.cancelled} cancelled",
+            highlight=False,
+        )

@@ -37,13 +37,14 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import urlencode
 
 import requests
 
 from consent.policy import CONSENT_TYPES, AccessRequest, decide
+from exchange.reading import CANCELLED, REQUESTED
 from fhir_adapters.dicom import DICOM_UID_SYSTEM
 from fhir_adapters.errors import FhirError, Forbidden, NotFound
 from fhir_adapters.store import Stored
@@ -62,6 +63,7 @@ CHUNK_BYTES = 256 * 1024
 CONNECT_SECONDS = 2.0
 DECISION_SECONDS = 10.0  # a member's grant, or its refusal, is decided again after this long
 RECORD_SECONDS = 60.0  # an AuditEvent (or a refusal entry) per reader and study at most this often
+CONSULT_GRANT = timedelta(days=30)  # a reader reads a consult's study this long after the request
 PASSED_HEADERS = ("Content-Type", "Content-Length", "Content-Location", "Warning")
 JSON_TYPES = ("application/dicom+json", "application/json")
 _local = threading.local()  # one keep-alive session per thread
@@ -232,6 +234,10 @@ def _decide_member(svc: Services, member: str, uid: str, study: Study | None) ->
     if not pseudonyms:
         return no_grant
     hashes = _version_hashes(svc, study.stored)
+    for patient in sorted(p for p in pseudonyms if p is not None):
+        consult = consult_grant(svc, member, patient, hashes)
+        if consult is not None:
+            return Grant({"consult": consult[0]}, patient, consult[1])
     now = format_time()
     window = timedelta(seconds=svc.config.dicomweb_grant_seconds)
     reasons = []
@@ -537,6 +543,31 @@ def _reason_of(response: requests.Response) -> str | None:
     except ValueError:
         return None
     return reason if isinstance(reason, str) else None
+
+
+def consult_grant(
+    svc: Services, member: str, patient: str, hashes: set[str]
+) -> tuple[str, str] | None:
+    """(consult id, study hash) of an open consult this node asked ``member`` to read, of one
+    of these ImagingStudy versions; None when there is none."""
+    entries = svc.chain_store.entries_about(patient, (REQUESTED, CANCELLED))
+    cancelled = {
+        e["body"].get("consult_id")
+        for e in entries
+        if e["type"] == CANCELLED and e["chain"] == svc.config.node_id
+    }
+    for entry in reversed(entries):
+        body = entry["body"]
+        if (
+            entry["type"] == REQUESTED
+            and entry["chain"] == svc.config.node_id
+            and body.get("reader_org") == member
+            and body.get("study") in hashes
+            and body.get("consult_id") not in cancelled
+            and parse_time(entry["time"]) + CONSULT_GRANT > datetime.now(UTC)
+        ):
+            return str(body["consult_id"]), str(body["study"])
+    return None
 
 
 # -- a study's outline, for the viewer ------------------------------------------------------

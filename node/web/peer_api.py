@@ -15,6 +15,9 @@
 - ``POST /peer/patient-history``: an ordinary member whose patient asks in its portal who
   accessed their records asks a witness for the entries about the patient, with their proofs
   (:mod:`node.flows.patient_history`).
+- ``POST /peer/consults``, ``/peer/consults/report``, ``/peer/consults/cancel``: a member asks
+  this one to read a study, sends back the signed report of one it asked, or cancels one
+  (:mod:`node.flows.consults`).
 - ``POST /peer/locator/holdings`` and ``POST /peer/locator/lookup``: a member updates the
   record locator with its holdings, or asks it which members hold a patient's results
   (registries only: :mod:`node.consortium.locator`, :mod:`node.flows.locator_lookup`).
@@ -32,7 +35,7 @@ from ledger.canonical import canonical_bytes, parse_json
 from ledger.errors import LedgerError
 from node.base.errors import Refused
 from node.consortium import checkpoints, locator
-from node.flows import access_decision, locator_lookup, patient_history
+from node.flows import access_decision, consults, locator_lookup, patient_history
 from node.ops import metrics
 from node.web.context import caller, services
 from node.web.ledger_api import verified_peer
@@ -150,3 +153,21 @@ def decide_access_request() -> Response:
             answered.decision.decision, answered.decision.emergency, requester=g.peer
         )
     return Response(answered.body, mimetype="application/json")
+
+
+@bp.post("/consults")
+def receive_consult() -> Response:
+    """A member asks this one to read a study (:func:`consults.receive_consult`)."""
+    return _json(consults.receive_consult(services(), g.peer, _body()))
+
+
+@bp.post("/consults/report")
+def receive_report() -> Response:
+    """The reader's signed report of a consult this node asked (:func:`consults.receive_report`)."""
+    return _json(consults.receive_report(services(), g.peer, _body()))
+
+
+@bp.post("/consults/cancel")
+def receive_cancel() -> Response:
+    """The requester cancelled a consult it asked of this node."""
+    return _json(consults.receive_cancel(services(), g.peer, _body()))

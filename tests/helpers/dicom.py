@@ -105,3 +105,33 @@ def wait_for(path: Path, text: str, process: subprocess.Popen[bytes], seconds: f
             raise AssertionError(f"exited with {process.returncode} before {text!r}: {content}")
         time.sleep(0.1)
     raise AssertionError(f"{text!r} never appeared in {path}")
+
+
+def chest_ct(directory: Path, resident_id: str, name: str = "ct", slices: int = 3) -> list[Path]:
+    """A CT of the chest: ``slices`` slices of one series (written out of order), whose
+    patient carries an MRN and, as another ID, a resident ID; by instance number."""
+    other = Dataset()
+    other.PatientID = resident_id
+    other.IssuerOfPatientID = "2.16.156.10011.1.3"
+    directory.mkdir(parents=True, exist_ok=True)
+    made = []
+    for number in [*range(slices, 0, -1)]:
+        path = new_study(
+            TEST_FILES / "CT_small.dcm",
+            f"{name}-{number}.dcm",
+            directory=directory,
+            PatientID="MRN-7",
+            PatientName="Zhang^San=张^三",
+            SpecificCharacterSet="ISO_IR 192",
+            OtherPatientIDsSequence=[other],
+            BodyPartExamined="CHEST",
+            InstanceNumber=number,
+        )
+        dataset = pydicom.dcmread(path)  # one study and series; an instance of its own
+        dataset.StudyInstanceUID = uid_of(name, resident_id, "study")
+        dataset.SeriesInstanceUID = uid_of(name, resident_id, "series")
+        dataset.SOPInstanceUID = uid_of(name, resident_id, str(number))
+        dataset.file_meta.MediaStorageSOPInstanceUID = dataset.SOPInstanceUID
+        dataset.save_as(path, enforce_file_format=True)
+        made.append((number, path))
+    return [path for _, path in sorted(made)]

@@ -15,7 +15,8 @@ page works by links.
 
 from __future__ import annotations
 
-from datetime import date, datetime
+import base64
+from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
 
@@ -33,13 +34,15 @@ from flask.typing import ResponseReturnValue
 from werkzeug.exceptions import HTTPException
 
 from consent.model import MEMBER_SYSTEM
+from exchange.reading import CONSULT_TYPES, PRIORITIES, turnaround
 from exchange.recognition import REORDER_REASONS
 from exchange.referral import OUTCOME_SYSTEM, REASON_URL, RECOGNITION_URL
 from exchange.savings import RESULT_TYPES, savings, yuan
 from fhir_adapters.dicom import DICOM_UID_SYSTEM
 from fhir_adapters.errors import FhirError
 from fhir_adapters.store.search import Access, parse_search
-from node.flows import dicomweb, orders
+from ledger.model import parse_time
+from node.flows import consults, dicomweb, orders
 from node.flows.dicomweb_paths import parse_target
 from node.flows.prior_results import CATEGORIES, fetch_prior_results, rules
 from node.identity.sessions import Session
@@ -466,3 +469,244 @@ def image(principal: Principal, member: str, path: str) -> ResponseReturnValue:
 @bp.get("/static/viewer.js")
 def viewer_script() -> ResponseReturnValue:
     return Response(VIEWER_SCRIPT, mimetype="text/javascript")
+
+
+# -- remote reading: consults ---------------------------------------------------------------
+
+
+def _local(instant: str) -> str:
+    """An instant as the consortium's local time, to the minute."""
+    return in_zone(rules(services()).zone)(instant)[:16] if instant else ""
+
+
+def _left(deadline: str) -> tuple[int, bool]:
+    """Minutes until a deadline (negative: past it), and whether it is past."""
+    try:
+        minutes = int((parse_time(deadline) - datetime.now(UTC)).total_seconds() // 60)
+    except ValueError:
+        return 0, False
+    return minutes, minutes < 0
+
+
+def _shown(consult: consults.Consult) -> dict[str, Any]:
+    names = _members()
+    left, late = _left(consult.deadline)
+    return {
+        "id": consult.consult_id,
+        "status": consult.status,
+        "priority": consult.priority,
+        "deadline": _local(consult.deadline),
+        "left": left,
+        "late": late and consult.status in consults.OPEN_STATUSES,
+        "requester": names.get(consult.requester, consult.requester),
+        "requester_id": consult.requester,
+        "reader": names.get(consult.reader, consult.reader),
+        "owner": consult.owner,
+        "study": consult.study,
+        "modality": consult.modality,
+        "body_site": consult.body_site,
+        "question": consult.question,
+        "delivery": consult.delivery,
+        "reason": (consult.task.resource().get("statusReason") or {}).get("text", ""),
+    }
+
+
+@bp.route("/patients/<patient_id>/consult", methods=["GET", "POST"])
+@signed_in
+def consult_request(principal: Principal, patient_id: str) -> ResponseReturnValue:
+    """Ask a reading member to read one of the patient's studies held here."""
+    svc = services()
+    if request.method == "POST":
+        try:
+            consults.request_consult(
+                svc,
+                caller(),
+                patient_id,
+                request.form.get("study", ""),
+                request.form.get("reader", ""),
+                request.form.get("priority", ""),
+                request.form.get("question", ""),
+            )
+        except FhirError as exc:
+            return render_template("clinic/error.html", message=str(exc)), exc.status
+        return redirect(url_for("clinic.consult_list", done="requested"), 303)
+    search = parse_search("ImagingStudy", [("patient", patient_id), ("_count", "50")])
+    matches = svc.store.search(search, Access(), f"clinic|{principal.username}")
+    studies = []
+    for stored in svc.store.versions_of(matches.pairs):
+        study = stored.resource()
+        uid = _study_uid(study)
+        if uid:
+            studies.append(
+                {
+                    "uid": uid,
+                    "when": _local(str(study.get("started", ""))),
+                    "what": study.get("description")
+                    or ", ".join(
+                        str((s.get("modality") or {}).get("code")) for s in study.get("series", [])
+                    ),
+                }
+            )
+    readers = [(mid, name) for mid, name in _members().items() if mid != svc.config.node_id]
+    return render_template(
+        "clinic/consult_new.html",
+        patient_id=patient_id,
+        studies=studies,
+        readers=readers,
+        priorities=PRIORITIES,
+        minutes=dict(svc.config.consult_minutes),
+    )
+
+
+@bp.get("/consults")
+@signed_in
+def consult_list(principal: Principal) -> ResponseReturnValue:
+    """The consults this member asked of others, and what became of them."""
+    asked = [_shown(c) for c in consults.requested(services(), caller())]
+    notice = {"requested": t("consult_requested"), "cancelled": t("consult_cancelled")}.get(
+        request.args.get("done", "")
+    )
+    return render_template("clinic/consults.html", consults=asked, notice=notice)
+
+
+@bp.get("/consults/<consult_id>")
+@signed_in
+def consult_page(principal: Principal, consult_id: str) -> ResponseReturnValue:
+    """One consult: its state, and once reported, the report and whether its signature is the
+    reading member's."""
+    svc = services()
+    task = consults.find_task(svc, consult_id)
+    if task is None:
+        return render_template("clinic/error.html", message=t("consult_unknown")), 404
+    consult = consults.Consult.of(task)
+    shown = _shown(consult)
+    found = consults.report_and_signature(svc, consult)
+    report = None
+    if found is not None:
+        stored, provenance = found
+        resource = stored.resource()
+        try:
+            signer = consults.verify_signature(svc, resource, provenance.resource())
+            signature = t("signature_valid").replace("{member}", _members().get(signer, signer))
+            valid = True
+        except FhirError as exc:
+            signature, valid = f"{t('signature_invalid')} ({exc})", False
+        text = ""
+        for form in resource.get("presentedForm", []):
+            text = base64.b64decode(form.get("data", "")).decode("utf-8", "replace")
+        report = {
+            "conclusion": resource.get("conclusion", ""),
+            "text": text,
+            "status": resource.get("status"),
+            "issued": _local(str(resource.get("issued", ""))),
+            "by": ", ".join(str(r.get("display")) for r in resource.get("resultsInterpreter", [])),
+            "version": stored.version,
+            "signature": signature,
+            "valid": valid,
+        }
+    here = consult.requester == svc.config.node_id
+    return render_template(
+        "clinic/consult.html",
+        consult=shown,
+        report=report,
+        here=here,
+        viewer_member=svc.config.node_id if here else consult.requester,
+    )
+
+
+@bp.post("/consults/<consult_id>/cancel")
+@signed_in
+def consult_cancel(principal: Principal, consult_id: str) -> ResponseReturnValue:
+    try:
+        consults.cancel(services(), caller(), consult_id, request.form.get("reason", ""))
+    except FhirError as exc:
+        return render_template("clinic/error.html", message=str(exc)), exc.status
+    return redirect(url_for("clinic.consult_list", done="cancelled"), 303)
+
+
+@bp.get("/reading")
+@signed_in
+def reading(principal: Principal) -> ResponseReturnValue:
+    """The reading worklist: consults asked of this member, the most pressing first, each
+    with the time left to its deadline (the page refreshes itself every 30 s)."""
+    svc = services()
+    shown = [_shown(c) for c in consults.worklist(svc, caller())]
+    done = [_shown(c) for c in consults.worklist(svc, caller(), done=True)][:50]
+    return render_template("clinic/reading.html", consults=shown, done=done, me=principal.username)
+
+
+@bp.route("/reading/<consult_id>", methods=["GET", "POST"])
+@signed_in
+def reading_consult(principal: Principal, consult_id: str) -> ResponseReturnValue:
+    """One consult at the reader: claim, release, view the images, write or amend the report."""
+    svc = services()
+    action = request.form.get("action") if request.method == "POST" else None
+    notice = None
+    try:
+        if action == "claim":
+            consults.claim(svc, caller(), consult_id)
+        elif action == "release":
+            consults.release(svc, caller(), consult_id)
+            return redirect(url_for("clinic.reading"), 303)
+        elif action == "report":
+            _, state = consults.report(
+                svc,
+                caller(),
+                consult_id,
+                request.form.get("findings", ""),
+                request.form.get("impression", ""),
+            )
+            notice = t("report_" + ("sent" if state == consults.DELIVERED else "kept"))
+            if state not in (consults.DELIVERED, consults.UNDELIVERED):
+                notice = f"{t('report_kept')} ({state})"
+        task = consults.reader_task(svc, consult_id)
+    except FhirError as exc:
+        return render_template("clinic/error.html", message=str(exc)), exc.status
+    consult = consults.Consult.of(task)
+    found = consults.report_and_signature(svc, consult)
+    previous = found[0].resource() if found else None
+    findings = ""
+    if previous:
+        for form in previous.get("presentedForm", []):
+            text = base64.b64decode(form.get("data", "")).decode("utf-8", "replace")
+            findings = text.split("\n\n")[0].split("\n", 1)[-1]
+    return render_template(
+        "clinic/reading_consult.html",
+        consult=_shown(consult),
+        me=principal.username,
+        previous=previous,
+        findings=findings,
+        notice=notice,
+    )
+
+
+@bp.get("/consults/turnaround")
+@signed_in
+def consult_turnaround(principal: Principal) -> ResponseReturnValue:
+    """Turnaround per reading member and priority, from the ledger, with a chart."""
+    zone = rules(services()).zone
+    try:
+        since = datetime.strptime(request.args.get("from", ""), "%Y-%m-%d").replace(tzinfo=zone)
+    except ValueError:
+        since = None
+    rows = turnaround(services().chain_store.entries_about(None, CONSULT_TYPES), since)
+    names = _members()
+    peak = max((r.p90_minutes or 0 for r in rows), default=0) or 1
+    shown = [
+        {
+            "reader": names.get(r.reader, r.reader),
+            "priority": r.priority,
+            "reported": r.reported,
+            "median": f"{r.median_minutes:.0f}" if r.median_minutes is not None else "–",
+            "p90": f"{r.p90_minutes:.0f}" if r.p90_minutes is not None else "–",
+            "within": f"{r.share_within * 100:.0f}%" if r.share_within is not None else "–",
+            "open": r.open,
+            "cancelled": r.cancelled,
+            "median_width": int(300 * (r.median_minutes or 0) / peak),
+            "p90_width": int(300 * (r.p90_minutes or 0) / peak),
+        }
+        for r in rows
+    ]
+    return render_template(
+        "clinic/turnaround.html", rows=shown, since=since.date() if since else None
+    )

@@ -17,7 +17,6 @@ import pydicom
 import pytest
 import requests
 from dicomweb_client.api import DICOMwebClient
-from pydicom.dataset import Dataset
 
 from consent.model import consent_resource
 from consent.pseudonym import RESIDENT_ID_SYSTEM
@@ -25,7 +24,7 @@ from ledger.store import ChainStore
 from node.demo import orthanc
 from node.demo.harness import Consortium
 from node.identity.users import set_password
-from tests.helpers.dicom import TEST_FILES, hrx, new_study, uid_of
+from tests.helpers.dicom import chest_ct, hrx
 from tests.helpers.nodes import Node, post
 from tests.helpers.portal import PASSWORD, enroll, sign_in
 
@@ -45,33 +44,7 @@ def pacs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[orthanc.OrthancSe
 
 @pytest.fixture(scope="module")
 def ct_series(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
-    """A CT of the chest, three slices of one series (files written out of order), whose
-    patient carries an MRN and, as another ID, a resident ID; by instance number."""
-    other = Dataset()
-    other.PatientID = RESIDENT_ID
-    other.IssuerOfPatientID = "2.16.156.10011.1.3"
-    directory = tmp_path_factory.mktemp("ct")
-    slices = []
-    for number in (3, 1, 2):
-        path = new_study(
-            TEST_FILES / "CT_small.dcm",
-            f"ct-{number}.dcm",
-            directory=directory,
-            PatientID="MRN-7",
-            PatientName="Zhang^San=张^三",
-            SpecificCharacterSet="ISO_IR 192",
-            OtherPatientIDsSequence=[other],
-            BodyPartExamined="CHEST",
-            InstanceNumber=number,
-        )
-        dataset = pydicom.dcmread(path)  # one study and series; an instance of its own
-        dataset.StudyInstanceUID = uid_of("ct", "study")
-        dataset.SeriesInstanceUID = uid_of("ct", "series")
-        dataset.SOPInstanceUID = uid_of("ct", str(number))
-        dataset.file_meta.MediaStorageSOPInstanceUID = dataset.SOPInstanceUID
-        dataset.save_as(path, enforce_file_format=True)
-        slices.append((number, path))
-    return [path for _, path in sorted(slices)]
+    return chest_ct(tmp_path_factory.mktemp("ct"), RESIDENT_ID)
 
 
 @pytest.fixture(scope="module")
