@@ -3,10 +3,15 @@ turnaround of consults computed from the ledger alone (docs/spec.md §15.8).
 
 A report is a FHIR DiagnosticReport. What is signed, hashed and compared is its **content**:
 the resource without ``id`` and ``meta`` (each member stores its copy under its own id and
-version), in canonical JSON (RFC 8785). ``consult.reported`` carries the content's SHA-256
-(``report_hash``), so a ledger entry proves which report was sent. The reading member signs
-the content with its node key as a detached JWS (RFC 7515 §F: ``<header>..<signature>``,
-``alg`` EdDSA, ``kid`` the member id), which any member verifies against the roster.
+version) and without its reading signature extension, in canonical JSON (RFC 8785).
+``consult.reported`` carries the content's SHA-256 (``report_hash``), so a ledger entry
+proves which report was sent. The reading member signs the content with its node key as a
+detached JWS (RFC 7515 §F: ``<header>..<signature>``, ``alg`` EdDSA, ``kid`` the member id),
+which any member verifies against the roster. The JWS
+travels in the report itself (extension :data:`READING_SIGNATURE`), so that a member that
+receives the report later, released by the requester among its prior results, can tell who
+read it (:func:`read_by`): mutual recognition then judges the report by the reading member's
+level and accreditation, not the requester's.
 
 :func:`turnaround` reads ``consult.requested``, ``.reported`` and ``.cancelled`` entries: a
 consult's turnaround is the time from its request entry to its first report entry; it is
@@ -28,7 +33,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from ledger.canonical import canonical_bytes
 from ledger.errors import LedgerError
-from ledger.keys import b64url_decode, b64url_encode
+from ledger.keys import b64url_decode, b64url_encode, parse_public_key
 from ledger.model import parse_time
 
 PRIORITIES = ("stat", "urgent", "routine")  # most pressing first
@@ -39,6 +44,8 @@ REQUESTED, ACCEPTED, REPORTED, CANCELLED = (
     "consult.cancelled",
 )
 CONSULT_TYPES = (REQUESTED, ACCEPTED, REPORTED, CANCELLED)
+READING_SIGNATURE = "urn:hrx:fhir:StructureDefinition:reading-signature"
+MEMBER_SYSTEM = "urn:hrx:member"
 
 
 class ReportSignatureError(ValueError):
@@ -46,8 +53,49 @@ class ReportSignatureError(ValueError):
 
 
 def report_content(report: Mapping[str, Any]) -> bytes:
-    """The canonical bytes of a report's content: the resource without ``id`` and ``meta``."""
-    return canonical_bytes({k: v for k, v in report.items() if k not in ("id", "meta")})
+    """The canonical bytes of a report's content: the resource without ``id``, ``meta`` and
+    its reading signature."""
+    content = {k: v for k, v in report.items() if k not in ("id", "meta")}
+    kept = [e for e in content.get("extension", []) if e.get("url") != READING_SIGNATURE]
+    if kept:
+        content["extension"] = kept
+    else:
+        content.pop("extension", None)
+    return canonical_bytes(content)
+
+
+def with_signature(report: Mapping[str, Any], jws: str) -> dict[str, Any]:
+    """The report carrying its reading signature (any earlier one replaced)."""
+    kept = [e for e in report.get("extension", []) if e.get("url") != READING_SIGNATURE]
+    return {**report, "extension": [*kept, {"url": READING_SIGNATURE, "valueString": jws}]}
+
+
+def read_by(report: Mapping[str, Any], members: Mapping[str, Mapping[str, Any]]) -> str | None:
+    """The member that read and signed a report: the one its reading signature names, when
+    that member is in ``members`` (roster entries, with their ``ed25519`` key), is the
+    report's performer, and its signature verifies. None when the report carries no reading
+    signature; ReportSignatureError when it carries one that does not hold."""
+    signatures = [e for e in report.get("extension", []) if e.get("url") == READING_SIGNATURE]
+    if not signatures:
+        return None
+    jws = signatures[0].get("valueString")
+    if len(signatures) != 1 or not isinstance(jws, str):
+        raise ReportSignatureError("a report carries one reading signature, as a string")
+    member = signer_of(jws)
+    if member not in members:
+        raise ReportSignatureError(f"the reading signature names {member}, no member")
+    performers = {
+        (p.get("identifier") or {}).get("value")
+        for p in report.get("performer", [])
+        if (p.get("identifier") or {}).get("system") == MEMBER_SYSTEM
+    }
+    if member not in performers:
+        raise ReportSignatureError(f"the report's performer is not {member}, its signer")
+    try:
+        key = parse_public_key(str(members[member]["ed25519"]))
+    except (KeyError, LedgerError) as exc:
+        raise ReportSignatureError(f"{member} has no usable key in the roster: {exc}") from None
+    return verify_report(jws, report, [key])
 
 
 def report_hash(report: Mapping[str, Any]) -> str:

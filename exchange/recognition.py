@@ -36,6 +36,7 @@ FINAL_STATUSES = ("final", "amended", "corrected", "available")
 OBSERVATION_CATEGORY = "http://terminology.hl7.org/CodeSystem/observation-category"
 V2_0074 = "http://terminology.hl7.org/CodeSystem/v2-0074"
 DICOM_MODALITY = "http://dicom.nema.org/resources/ontology/DCM"
+BODY_SITE = "http://hl7.org/fhir/StructureDefinition/bodySite"  # an imaging report's site
 LAB_SECTIONS = {"LAB", "HM", "CH", "SR", "MB", "IMM", "BLB", "SP", "CP", "OSL"}
 IMAGING_SECTIONS = {"RAD", "CT", "CTH", "MR", "NMR", "NMS", "RUS", "VUS", "XRC", "OUS", "RX"}
 
@@ -268,6 +269,27 @@ def result_of(resource: Mapping[str, Any], zone: timezone) -> Result:
                 elif coding.get("system") == V2_0074 and code in IMAGING_SECTIONS:
                     category = "imaging"
         codes = [f"{c.get('system')}|{c.get('code')}" for c in _codings(resource.get("code"))]
+        if kind == "DiagnosticReport" and category == "imaging":  # a read: its study's facts
+            modality = next(
+                (
+                    str(coding.get("code"))
+                    for concept in [*resource.get("category", []), resource.get("code")]
+                    for coding in _codings(concept)
+                    if coding.get("system") == DICOM_MODALITY
+                ),
+                None,
+            )
+            for extension in resource.get("extension", []):
+                if isinstance(extension, dict) and extension.get("url") == BODY_SITE:
+                    concept = extension.get("valueCodeableConcept") or {}
+                    sites += [
+                        str(c.get(k, "")).lower()
+                        for c in _codings(concept)
+                        for k in ("code", "display")
+                        if c.get(k)
+                    ]
+                    if isinstance(concept, dict) and concept.get("text"):
+                        sites += [w.strip().lower() for w in str(concept["text"]).split(",")]
     elif kind == "ImagingStudy":
         category = "imaging"
         modalities = [c.get("code") for c in resource.get("modality", []) if isinstance(c, dict)]
@@ -313,13 +335,28 @@ def verdict(
     issuer: Mapping[str, Any],
     here: Mapping[str, Any],
     today: date,
+    reading: tuple[Mapping[str, Any] | None, str | None] = (None, None),
 ) -> Verdict:
     """Is ``result``, issued by roster member ``issuer``, recognised at member ``here`` on
-    ``today``? Every condition gives a reason, met or not."""
+    ``today``? Every condition gives a reason, met or not. ``reading``: for a report read
+    remotely, the roster entry of the member whose reading signature it carries (its level
+    and accreditation then stand for the issuer's), or why that signature does not hold."""
     reasons: list[Reason] = []
 
     def add(ok: bool, code: str, text: str) -> None:
         reasons.append(Reason(code, text, ok))
+
+    reader, broken = reading
+    if broken is not None:
+        add(False, "reading-signature", f"its reading signature does not hold: {broken}")
+    elif reader is not None:
+        add(
+            True,
+            "read-by",
+            f"read and signed by {reader.get('id')} for {issuer.get('id')}: "
+            f"{reader.get('id')}'s level and accreditation apply",
+        )
+        issuer = reader
 
     add(
         result.status in FINAL_STATUSES,

@@ -32,6 +32,7 @@ from datetime import date
 from typing import Any
 
 from consent.model import MEMBER_SYSTEM
+from exchange.reading import ReportSignatureError, read_by
 from exchange.recognition import Rules, result_of, verdict
 from fhir_adapters.errors import FhirError
 from fhir_adapters.store import jsonio
@@ -252,7 +253,12 @@ def prior_results_bundle(
             full_url = f"{base}/{resource.get('resourceType')}/{resource.get('id')}"
             digest = resource_hash(resource)
             found = verdict(
-                rules, result_of(resource, rules.zone), member, members.get(here, {}), today
+                rules,
+                result_of(resource, rules.zone),
+                member,
+                members.get(here, {}),
+                today,
+                reading_of(resource, members),
             )
             shown = dict(resource)
             shown["meta"] = {**dict(resource.get("meta") or {}), "source": full_url}
@@ -302,3 +308,15 @@ def prior_results_bundle(
         "link": [{"relation": "self", "url": self_link}],
         "entry": entries + includes + outcomes,
     }
+
+
+def reading_of(
+    resource: Mapping[str, Any], members: Mapping[str, Mapping[str, Any]]
+) -> tuple[Mapping[str, Any] | None, str | None]:
+    """For a report read remotely: the reading member's roster entry, or why its reading
+    signature does not hold; (None, None) for any other result."""
+    try:
+        reader = read_by(resource, members)
+    except ReportSignatureError as exc:
+        return None, str(exc)
+    return (members[reader], None) if reader is not None else (None, None)

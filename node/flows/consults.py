@@ -48,6 +48,7 @@ from exchange.reading import (
     sign_report,
     signer_of,
     verify_report,
+    with_signature,
 )
 from fhir_adapters.errors import Conflict, Forbidden, InvalidRequest, NotFound, Unprocessable
 from fhir_adapters.store import Stored
@@ -839,6 +840,7 @@ def report(
     key = keys.load_private_key(svc.config.ed25519_key)
     jws = sign_report(key, svc.config.node_id, diagnostic)
     digest = report_hash(diagnostic)
+    diagnostic = with_signature(diagnostic, jws)  # travels with the report wherever it goes
     with svc.store.writing(caller.principal) as writer:
         if previous is None:
             stored = writer.create(diagnostic)

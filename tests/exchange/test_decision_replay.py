@@ -389,3 +389,63 @@ def test_a_read_of_images_must_rest_on_a_permit_that_released_the_study() -> Non
         "hosp-c seq 0: a read of images rests on access request r-late, which hosp-c did not "
         "decide before it"
     ]
+
+
+def test_a_read_of_images_under_a_consult_must_rest_on_the_consult() -> None:
+    """A read granted by a consult names a consult the same chain requested earlier of the
+    same member, for the same patient and study, not cancelled before the read."""
+    study = "5" * 64
+    requested = {
+        "consult_id": "k-1",
+        "patient": P,
+        "requester_org": "hosp-a",
+        "reader_org": "hosp-b",
+        "priority": "urgent",
+        "deadline": "2026-12-01T01:00:00.000Z",
+        "study": study,
+        "order": "6" * 64,
+    }
+    read = {
+        "patient": P,
+        "requester_org": "hosp-b",
+        "study": study,
+        "decision": "permit",
+        "reason": "",
+        "basis": {"consult": "k-1"},
+    }
+    audit = DecisionReplay()
+    audit.observe(_entry("hosp-a", 0, "consult.requested", requested))
+    audit.observe(_entry("hosp-a", 1, "images.read", read))
+    audit.observe(_entry("hosp-a", 3, "consult.cancelled", {**requested, "reason": "x"}))
+    audit.observe(_entry("hosp-a", 2, "images.read", read))  # before the cancellation: fine
+    assert audit.image_read_findings() == []
+    rests = "a read of images rests on consult"
+    faults = [
+        (read, f"{rests} k-1, cancelled before it"),
+        (
+            {**read, "basis": {"consult": "k-2"}},
+            f"{rests} k-2, which hosp-a did not request before it",
+        ),
+        (
+            {**read, "requester_org": "hosp-c"},
+            "a read of images by hosp-c rests on consult k-1, "
+            "asked of another member, for another patient or study",
+        ),
+        (
+            {**read, "patient": Q},
+            "a read of images by hosp-b rests on consult k-1, asked of "
+            "another member, for another patient or study",
+        ),
+        (
+            {**read, "study": "6" * 64},
+            "a read of images by hosp-b rests on consult k-1, asked "
+            "of another member, for another patient or study",
+        ),
+    ]
+    for seq, (body, _) in enumerate(faults, start=4):
+        audit.observe(_entry("hosp-a", seq, "images.read", body))
+    # the consult is another chain's: this chain asked nothing
+    audit.observe(_entry("hosp-c", 0, "images.read", read))
+    assert [str(f) for f in audit.image_read_findings()] == [
+        f"hosp-a seq {seq}: {message}" for seq, (_, message) in enumerate(faults, start=4)
+    ] + [f"hosp-c seq 0: {rests} k-1, which hosp-c did not request before it"]

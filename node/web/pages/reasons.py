@@ -129,8 +129,9 @@ def explain(
             fields["hospital"] = names.get(fields["chain"], fields["chain"])
         if "consent" in fields:
             fields["consent"] = _short(fields["consent"])
-        if "member" in fields:
-            fields["member"] = names.get(fields["member"], fields["member"])
+        for name in ("member", "source"):
+            if name in fields:
+                fields[name] = names.get(fields[name], fields[name])
         if "time" in fields:
             fields["time"] = local_time(fields["time"])
         if "purpose" in fields and f"purpose_{fields['purpose']}" in TEXT:
@@ -189,6 +190,24 @@ _RECOGNITION: tuple[tuple[str, re.Pattern[str], dict[str, str]], ...] = tuple(
             {
                 "zh": "{member}没有{category}互认资质",
                 "en": "{member} is not accredited for {category}",
+            },
+        ),
+        (
+            "read-by",
+            r"read and signed by (?P<member>\S+) for (?P<source>\S+): \S+'s level and "
+            r"accreditation apply",
+            {
+                "zh": "由{member}为{source}远程阅片并签名：按{member}的等级和资质互认",
+                "en": "read and signed by {member} for {source}: {member}'s level and "
+                "accreditation apply",
+            },
+        ),
+        (
+            "reading-signature",
+            r"its reading signature does not hold: (?P<why>.+)",
+            {
+                "zh": "远程阅片签名无效（{why}）",
+                "en": "its reading signature does not hold ({why})",
             },
         ),
         (
@@ -282,8 +301,9 @@ def explain_recognition(
         if match is None:
             continue
         fields = match.groupdict()
-        if "member" in fields:
-            fields["member"] = names.get(fields["member"], fields["member"])
+        for name in ("member", "source"):
+            if name in fields:
+                fields[name] = names.get(fields[name], fields[name])
         if "category" in fields and f"cat_{fields['category']}" in TEXT:
             fields["category"] = translate(language, f"cat_{fields['category']}")
         if "item" in fields:
