@@ -132,6 +132,10 @@ def audit_verify(
     out.print(
         f"{len(decisions.lookups)} record locator lookup(s) checked against the questions asked"
     )
+    out.print(
+        f"{len(decisions.image_reads)} read(s) of images checked against their grants "
+        "(access decisions, consults)"
+    )
     if findings:
         out.print(
             f"[bold red]{len(findings)} finding(s): access decisions the policy would not have "
@@ -210,7 +214,8 @@ def print_summary(summary: Summary, findings: Sequence[object] = ()) -> None:
     elif findings:
         out.print(
             f"[bold red]INVALID[/]: {len(findings)} finding(s) of the access replay (decisions "
-            "the consent policy would not have made, or lookups no recorded question called for)"
+            "the consent policy would not have made, lookups no recorded question called for, or "
+            "reads of images no grant allowed)"
         )
     else:
         settled = f"; {len(summary.resolved)} fork(s) resolved by the authority"

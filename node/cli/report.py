@@ -102,7 +102,9 @@ def report_consults(directory: Path, start: Any, as_json: bool) -> None:
     for row in rows:
         if row.reported:
             share = f"{row.within_deadline}/{row.reported} within deadline"
-            figures = f"median {row.median_minutes:.1f} min, p90 {row.p90_minutes:.1f} min, {share}"
+            figures = (
+                f"median {_duration(row.median_minutes)}, p90 {_duration(row.p90_minutes)}, {share}"
+            )
         else:
             figures = "none reported yet"
         out.print(
@@ -110,3 +112,10 @@ def report_consults(directory: Path, start: Any, as_json: bool) -> None:
             f"{figures}; {row.open} open, {row.cancelled} cancelled",
             highlight=False,
         )
+
+
+def _duration(minutes: float | None) -> str:
+    """Minutes as a person reads them: seconds under a minute, else minutes."""
+    if minutes is None:
+        return "–"
+    return f"{minutes * 60:.0f} s" if minutes < 1 else f"{minutes:.1f} min"

@@ -13,9 +13,15 @@ the story hrx exists for, with the real commands and the real adapters.
 5. The recognised CT and blood count replace new exams (``$accept-recognised``); a recognised
    platelet count is ordered again with a reason the 2022 measures allow (``$reorder``); C's
    potassium is not recognised (a lower-level hospital's lab result).
-6. The patient revokes consent in the portal; B's next request is denied by A.
-7. The members co-sign a checkpoint of every chain (BLS).
-8. The auditor verifies B's copy of the whole ledger from its URL — every signature, proof and
+6. Remote reading (基层检查、上级诊断): hospital C, the community health centre, acquires a CT
+   (pydicom's sample slices in its PACS, Orthanc, taken in with ``hrx adapters
+   dicomweb-sync``) and asks hospital A's imaging centre to read it; A's radiologist claims
+   it, views the images through DICOMweb under the consult, and sends a signed report, which
+   C verifies; the turnaround is printed from the ledger. (Skipped, saying why, where Orthanc
+   and its DICOMweb plugin are not installed.)
+7. The patient revokes consent in the portal; B's next request is denied by A.
+8. The members co-sign a checkpoint of every chain (BLS).
+9. The auditor verifies B's copy of the whole ledger from its URL — every signature, proof and
    checkpoint, and every access decision replayed against the consent policy — and the
    savings are reported from the ledger.
 
@@ -32,7 +38,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -52,6 +58,7 @@ from node.base.config import load_config
 from node.base.errors import NodeError
 from node.consortium.locator import holders
 from node.db.engines import open_database
+from node.demo import orthanc
 from node.demo.harness import Consortium
 from node.demo.nodes import free_port
 from node.identity.users import set_password
@@ -139,6 +146,8 @@ class Story:
         self.tokens: dict[tuple[str, str], str] = {}
         self.portal = requests.Session()  # the patient's browser
         self.patient_ids: dict[str, str] = {}
+        self.pacs: orthanc.OrthancServer | None = None  # hospital C's, when Orthanc is here
+        self.closing = ExitStack()
 
     # -- who --------------------------------------------------------------------------------
 
@@ -201,6 +210,10 @@ def _csrf(page: requests.Response) -> str:
 
 
 def start_consortium(story: Story) -> None:
+    if orthanc.missing() is None:  # hospital C's PACS, and A reads what C asks it to
+        story.pacs = story.closing.enter_context(orthanc.running_orthanc(story.root / "pacs-c"))
+        _configure(story, "hosp-c", f'[dicomweb]\nurl = "{story.pacs.dicomweb_url}"\n')
+        _configure(story, "hosp-a", '[consults]\nmodalities = "CT,MR,DX,CR"\n')
     story.group.start_all()
     table = Table(title="示范区医共体: three members")
     for column in ("member", "hospital", "level", "URL"):
@@ -209,6 +222,12 @@ def start_consortium(story: Story) -> None:
         level = str(MEMBERS_INFO[name]["level"])
         table.add_row(name, HOSPITALS[name], level, member.local)
     story.console.print(table)
+
+
+def _configure(story: Story, member: str, settings: str) -> None:
+    """Settings added to a member's node.toml (before it starts)."""
+    config = story.directory(member) / "node.toml"
+    config.write_text(config.read_text() + "\n" + settings)
 
 
 def load_results(story: Story) -> None:
@@ -562,6 +581,122 @@ def order_exams(story: Story) -> None:
     )
 
 
+def remote_read(story: Story) -> None:
+    """Hospital C's CT, read by hospital A's imaging centre (see the module docstring)."""
+    console = story.console
+    if story.pacs is None:
+        console.print(f"   skipped: {orthanc.missing()}")
+        return
+    for number in (1, 2, 3):
+        orthanc.upload(story.pacs.rest_base, _ct_slice(story, number))
+    synced = _hrx("adapters", "dicomweb-sync", "--dir", str(story.directory("hosp-c")), "--full")
+    console.print(f"   hosp-c PACS (Orthanc) → DICOMweb sync: {synced.strip().splitlines()[-1]}")
+    c, a = story.base("hosp-c"), story.base("hosp-a")
+    township = _clinic(story, "hosp-c", "dr-sun")
+    patient = story.patient_at("hosp-c")
+    form = township.get(f"{c}/clinic/patients/{patient}/consult", timeout=30)
+    study = re.search(r'name="study" value="([0-9.]+)"', form.text)
+    if study is None:
+        raise DemoError("hosp-c's consult form offers no study of the patient")
+    asked_at = time.monotonic()
+    asked = township.post(
+        f"{c}/clinic/patients/{patient}/consult",
+        data={
+            "csrf_token": _csrf(form),
+            "study": study.group(1),
+            "reader": "hosp-a",
+            "priority": "urgent",
+            "question": "咳嗽两周，低热，请排除肺炎",
+        },
+        timeout=60,
+    )
+    consult = re.search(r'id="consult-([0-9a-f-]{36})"', asked.text)
+    if asked.status_code != 200 or consult is None:
+        raise DemoError(f"hosp-c could not ask for a read: {asked.status_code}")
+    consult_id = consult.group(1)
+    console.print(f"   hosp-c asks hosp-a to read the CT (urgent, consult {consult_id[:8]}…)")
+    radiologist = _clinic(story, "hosp-a", "dr-lin")
+    page = f"{a}/clinic/reading/{consult_id}"
+    listed = radiologist.get(f"{a}/clinic/reading", timeout=30)
+    left = re.search(r"还剩 (\d+) 分钟", listed.text)
+    console.print(
+        f"   hosp-a's worklist: the consult, {left.group(1) if left else '?'} min to its deadline"
+    )
+    radiologist.post(page, data={"csrf_token": _csrf(listed), "action": "claim"}, timeout=30)
+    viewer = radiologist.get(f"{a}/clinic/viewer/hosp-c/{study.group(1)}", timeout=60)
+    frames = set(re.findall(r"instances/([0-9.]+)/frames/(\d+)/rendered", viewer.text))
+    frame = re.search(r'id="frame" src="([^"]+)"', viewer.text)
+    image = radiologist.get(a + frame.group(1).replace("&amp;", "&"), timeout=60) if frame else None
+    if image is None or image.status_code != 200:
+        raise DemoError("hosp-a's radiologist could not view hosp-c's images")
+    console.print(
+        f"   hosp-a's radiologist views the study through DICOMweb: {len(frames)} "
+        f"frame(s), a {len(image.content)} byte JPEG each, recorded on hosp-c's chain"
+    )
+    reported = radiologist.post(
+        page,
+        data={
+            "csrf_token": _csrf(listed),
+            "action": "report",
+            "findings": "双肺纹理增多，右下肺见斑片状高密度影，边缘模糊。",
+            "impression": "右下肺炎，建议抗炎治疗后复查。",
+        },
+        timeout=60,
+    )
+    if "报告已签名并送达" not in reported.text:
+        raise DemoError("hosp-a's signed report did not reach hosp-c")
+    round_trip = time.monotonic() - asked_at
+    shown = township.get(f"{c}/clinic/consults/{consult_id}", timeout=30).text
+    signature = re.search(r'id="signature">([^<]+)<', shown)
+    console.print(
+        f"   the signed report is back at hosp-c: {signature.group(1) if signature else '?'}"
+    )
+    console.print(f"   request to report received: {round_trip:.1f} s (the reading included)")
+    story.group.wait_converged(30)
+    output = _hrx("report", "consults", "--dir", str(story.directory("hosp-b")))
+    for line in output.strip().splitlines():
+        console.print(f"   {line}", highlight=False)
+
+
+def _ct_slice(story: Story, number: int) -> Path:
+    """One of three slices of a CT of the chest at hospital C for 张三 (resident ID in
+    OtherPatientIDsSequence)."""
+    dataset = pydicom.dcmread(Path(pydicom.data.__file__).parent / "test_files" / "CT_small.dcm")
+    dataset.SpecificCharacterSet = "ISO_IR 192"
+    dataset.PatientName = "张^三"
+    dataset.PatientID = "SQ0031415"
+    other = pydicom.Dataset()
+    other.PatientID = RESIDENT_ID
+    other.IssuerOfPatientID = "2.16.156.10011.1.3"
+    dataset.OtherPatientIDsSequence = [other]
+    dataset.BodyPartExamined = "CHEST"
+    dataset.StudyDescription = "胸部CT平扫"
+    dataset.StudyDate = datetime.now(ZONE).strftime("%Y%m%d")
+    dataset.StudyInstanceUID = generate_uid(entropy_srcs=[str(story.root), "study"])
+    dataset.SeriesInstanceUID = generate_uid(entropy_srcs=[str(story.root), "series"])
+    dataset.SOPInstanceUID = generate_uid(entropy_srcs=[str(story.root), str(number)])
+    dataset.InstanceNumber = number
+    dataset.file_meta.MediaStorageSOPInstanceUID = dataset.SOPInstanceUID
+    path = story.root / f"ct-c-{number}.dcm"
+    dataset.save_as(path, enforce_file_format=True)
+    return path
+
+
+def _clinic(story: Story, member: str, username: str) -> requests.Session:
+    """A doctor signed in to a member's clinic pages."""
+    story.token(member, username, "doctor")  # the user, with the demo's password
+    browser = requests.Session()
+    form = browser.get(f"{story.base(member)}/clinic/signin", timeout=30)
+    signed = browser.post(
+        f"{story.base(member)}/clinic/signin",
+        data={"csrf_token": _csrf(form), "username": username, "password": PASSWORD},
+        timeout=30,
+    )
+    if signed.status_code != 200:
+        raise DemoError(f"{username} could not sign in to {member}'s clinic")
+    return browser
+
+
 def revoke_consent(story: Story) -> None:
     a = story.base("hosp-a")
     browser = story.portal
@@ -654,6 +789,7 @@ def run_demo(root: Path, console: Console, *, keep: bool = False) -> bool:
         ("the patient is referred to hosp-b", refer),
         ("hosp-b's doctor fetches the prior results from every member", fetch_prior_results),
         ("recognised results replace new exams; one is ordered again", order_exams),
+        ("hosp-c's CT is read remotely by hosp-a's imaging centre", remote_read),
         ("the patient revokes consent; the next access is denied", revoke_consent),
         ("the members co-sign a checkpoint", checkpoint),
     ]
@@ -683,6 +819,7 @@ def run_demo(root: Path, console: Console, *, keep: bool = False) -> bool:
             _keep_running(story)
     finally:
         story.group.close()
+        story.closing.close()
     return valid
 
 
@@ -701,6 +838,7 @@ def _keep_running(story: Story) -> None:
         ("patient portal (hosp-a)", f"{a}/portal", f"sign in as zhangsan / {PASSWORD}"),
         ("doctors' pages (hosp-b)", f"{b}/clinic", f"sign in as dr-zhou / {PASSWORD}"),
         ("savings (hosp-b)", f"{b}/clinic/savings", f"sign in as dr-zhou / {PASSWORD}"),
+        ("reading worklist (hosp-a)", f"{a}/clinic/reading", f"sign in as dr-lin / {PASSWORD}"),
         *(
             (f"FHIR API ({name})", f"{story.base(name)}/fhir/metadata", "a bearer token")
             for name in HOSPITALS

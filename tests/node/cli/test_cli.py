@@ -203,6 +203,11 @@ def test_installed_command_and_demo_run(tmp_path: Path) -> None:
         assert "1 studies: 1 created" in story and "1 stored" in story, story
         assert "A denied" in story and "co-signed by 3 members" in story, story
         assert "VALID: 3 chain(s)" in story and "2 exam(s) avoided, ¥320.00 saved" in story
+        # remote reading: hosp-c's CT read by hosp-a, the signed report back, the turnaround
+        assert "views the study through DICOMweb: 3 frame(s)" in story, story
+        assert "the signed report is back at hosp-c: 签名有效：由示范区人民医院签发" in story
+        assert "示范区人民医院 (hosp-a) urgent" in story and "1/1 within deadline" in story
+        assert "1 read(s) of images checked against their grants" in story, story
         portal = re.search(r"http://127\.0\.0\.1:\d+/portal", story)
         clinic = re.search(r"http://127\.0\.0\.1:\d+/clinic", story)
         assert portal and clinic, story
