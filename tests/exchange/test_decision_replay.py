@@ -446,6 +446,12 @@ def test_a_read_of_images_under_a_consult_must_rest_on_the_consult() -> None:
         audit.observe(_entry("hosp-a", seq, "images.read", body))
     # the consult is another chain's: this chain asked nothing
     audit.observe(_entry("hosp-c", 0, "images.read", read))
+    # a cancellation alone is no request
+    audit.observe(_entry("hosp-d", 0, "consult.cancelled", {**requested, "consult_id": "k-9"}))
+    audit.observe(_entry("hosp-d", 1, "images.read", {**read, "basis": {"consult": "k-9"}}))
     assert [str(f) for f in audit.image_read_findings()] == [
         f"hosp-a seq {seq}: {message}" for seq, (_, message) in enumerate(faults, start=4)
-    ] + [f"hosp-c seq 0: {rests} k-1, which hosp-c did not request before it"]
+    ] + [
+        f"hosp-c seq 0: {rests} k-1, which hosp-c did not request before it",
+        f"hosp-d seq 1: {rests} k-9, which hosp-d did not request before it",
+    ]
