@@ -15,8 +15,14 @@ process, each figure beside its ceiling:
   node (``/dicomweb/members/hosp-a``) under a permitted access request, against the same
   frames straight from the PACS. Both members run in the test harness (Werkzeug's threaded
   server behind a loopback relay each), not gunicorn.
+- consult round trip: hosp-a asks hosp-b to read the study, hosp-b's radiologist claims it
+  and reports at once (no reading time), through the clinic pages as people use them: from
+  the request sent to the signed report stored at hosp-a (the report's POST returns once the
+  requester has verified and stored it), ``--consults`` times; beside it, the ceiling of one
+  loopback HTTP request to each node (``GET /livez``).
 
     python3 scripts/bench_dicomweb.py [--instances 100] [--seconds 10] [--connections 8]
+        [--consults 20]
 
 Needs Orthanc with its DICOMweb plugin (scripts/test-deps.sh) and wrk (apt-get install wrk).
 """
@@ -50,18 +56,20 @@ from node.cli import main as hrx_main
 from node.demo import orthanc
 from node.demo.harness import Consortium
 from node.demo.nodes import Node, free_port, init_node, join_alone, post, wait_healthy
+from node.identity.users import set_password
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from scripts.bench_fhir import gunicorn, lua_paths
 
 console = Console()
 RESIDENT_ID = "330106198503150016"
+CT_SMALL = Path(pydicom.data.__file__).parent / "test_files" / "CT_small.dcm"
 FRAMES_ACCEPT = 'multipart/related; type="application/octet-stream"; transfer-syntax=*'
 
 
 def ct_series(directory: Path, count: int) -> tuple[str, str, list[str]]:
     """``count`` CT slices of 512×512 in one series of one study; their UIDs."""
-    source = pydicom.dcmread(pydicom.data.get_testdata_file("CT_small.dcm"))
+    source = pydicom.dcmread(CT_SMALL)
     pixels = np.kron(source.pixel_array, np.ones((4, 4), dtype=source.pixel_array.dtype))
     study, series = generate_uid(), generate_uid()
     other = Dataset()
@@ -70,7 +78,7 @@ def ct_series(directory: Path, count: int) -> tuple[str, str, list[str]]:
     instances = []
     directory.mkdir(parents=True, exist_ok=True)
     for number in range(1, count + 1):
-        dataset = pydicom.dcmread(pydicom.data.get_testdata_file("CT_small.dcm"))
+        dataset = pydicom.dcmread(CT_SMALL)
         dataset.StudyInstanceUID, dataset.SeriesInstanceUID = study, series
         dataset.SOPInstanceUID = generate_uid()
         dataset.file_meta.MediaStorageSOPInstanceUID = dataset.SOPInstanceUID
@@ -219,6 +227,8 @@ def relay(args: argparse.Namespace, work: Path, pacs: orthanc.OrthancServer) -> 
     try:
         config = group.members["hosp-a"].directory / "node.toml"
         config.write_text(config.read_text() + f'\n[dicomweb]\nurl = "{pacs.dicomweb_url}"\n')
+        reader = group.members["hosp-b"].directory / "node.toml"
+        reader.write_text(reader.read_text() + '\n[consults]\nmodalities = "CT"\n')
         synced = CliRunner().invoke(
             hrx_main,
             ["adapters", "dicomweb-sync", "--dir", str(group.members["hosp-a"].directory)],
@@ -268,8 +278,81 @@ def relay(args: argparse.Namespace, work: Path, pacs: orthanc.OrthancServer) -> 
             "Werkzeug servers, a loopback relay before each)"
         )
         show("frames", relayed, direct)
+        consult_round_trips(args, a, b, patient_a, study)
     finally:
         group.close()
+
+
+def _clinic(at: Node, username: str) -> requests.Session:
+    at.user(username, "doctor")
+    set_password(at.database.write_engine, username, "bench password 1")
+    browser = requests.Session()
+    form = browser.get(f"{at.base}/clinic/signin", timeout=30)
+    browser.post(
+        f"{at.base}/clinic/signin",
+        data={"username": username, "password": "bench password 1", "csrf_token": _csrf(form)},
+        timeout=30,
+    )
+    return browser
+
+
+def _csrf(page: requests.Response) -> str:
+    found = re.search(r'name="csrf_token" value="([^"]+)"', page.text)
+    assert found, page.text[:300]
+    return found.group(1)
+
+
+def consult_round_trips(
+    args: argparse.Namespace, a: Node, b: Node, patient: str, study: str
+) -> None:
+    township, county = _clinic(a, "dr-bench-a"), _clinic(b, "dr-bench-b")
+    request_page = f"{a.base}/clinic/patients/{patient}/consult"
+    token = _csrf(township.get(request_page, timeout=30))
+    county_token = _csrf(county.get(f"{b.base}/clinic/reading", timeout=30))
+    times = []
+    for _ in range(args.consults):
+        started = time.perf_counter()
+        asked = township.post(
+            request_page,
+            data={
+                "csrf_token": token,
+                "study": study,
+                "reader": "hosp-b",
+                "priority": "urgent",
+                "question": "bench",
+            },
+            timeout=60,
+        )
+        consult = re.search(r'id="consult-([0-9a-f-]{36})"', asked.text)
+        assert consult, asked.text[:500]
+        page = f"{b.base}/clinic/reading/{consult.group(1)}"
+        county.post(page, data={"csrf_token": county_token, "action": "claim"}, timeout=60)
+        sent = county.post(
+            page,
+            data={
+                "csrf_token": county_token,
+                "action": "report",
+                "findings": "未见异常。",
+                "impression": "正常。",
+            },
+            timeout=60,
+        )
+        assert "报告已签名并送达" in sent.text, sent.text[:500]
+        times.append((time.perf_counter() - started) * 1000)
+    ceiling = []
+    for _ in range(50):
+        for at in (a, b):
+            started = time.perf_counter()
+            requests.get(f"{at.base}/livez", timeout=10)
+            ceiling.append((time.perf_counter() - started) * 1000)
+    times.sort()
+    ceiling.sort()
+    console.print(
+        f"consult    request to signed report stored at the requester ({args.consults} "
+        f"consults, no reading time): p50 {times[len(times) // 2]:.0f} ms, p90 "
+        f"{times[int(len(times) * 0.9) - 1]:.0f} ms | ceiling: one loopback GET /livez p50 "
+        f"{ceiling[len(ceiling) // 2]:.1f} ms"
+    )
 
 
 def main() -> None:
@@ -277,6 +360,7 @@ def main() -> None:
     parser.add_argument("--instances", type=int, default=100)
     parser.add_argument("--seconds", type=int, default=10)
     parser.add_argument("--connections", type=int, default=8)
+    parser.add_argument("--consults", type=int, default=20)
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         raise SystemExit("wrk is not installed: apt-get install wrk")

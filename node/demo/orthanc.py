@@ -20,7 +20,7 @@ import subprocess
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +49,13 @@ class OrthancServer:
     username: str
     password: str
     directory: Path
+    process: subprocess.Popen[bytes] | None = field(default=None, compare=False)
+
+    def stop(self) -> None:
+        """Stop the PACS before its block ends (a PACS that goes down)."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(timeout=10)
 
     @property
     def rest_base(self) -> str:
@@ -117,7 +124,7 @@ def running_orthanc(directory: Path, *, timeout: float = 30) -> Iterator[Orthanc
         )
     try:
         _wait_ready(server, process, log_path, timeout)
-        yield server
+        yield replace(server, process=process)
     finally:
         process.terminate()
         try:

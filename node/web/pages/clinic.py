@@ -371,9 +371,12 @@ def savings_page(principal: Principal) -> ResponseReturnValue:
         report=report,
         total=yuan(report.fen_saved),
         bars=bars,
-        by_member=[(k, n, yuan(f)) for k, n, f in report.by(0)],
+        by_member=[(_members().get(k, k), n, yuan(f)) for k, n, f in report.by(0)],
         by_item=[(names.get(k, k), n, yuan(f)) for k, n, f in report.by(1)],
-        reordered=sorted(report.reordered.items()),
+        reordered=[
+            ((_members().get(member, member), reason), n)
+            for (member, reason), n in sorted(report.reordered.items())
+        ],
         start=start,
         end=end,
     )

@@ -320,3 +320,76 @@ def test_a_report_for_a_cancelled_consult_is_kept_not_sent(
     assert consult_id not in [  # and nothing about it went on the reader's chain
         e["body"]["consult_id"] for e in chain(group, "hosp-b", ["consult.reported"])
     ]
+
+
+def test_the_worklist_and_the_report_in_the_browser(
+    group: Consortium, ct: list[Path], browser: object
+) -> None:
+    """The county radiologist in Chromium: the worklist with the consult's priority and
+    countdown, claim, the images, the report signed and sent."""
+    from playwright.sync_api import Browser, expect
+
+    assert isinstance(browser, Browser)
+    a, b = node(group, "hosp-a"), node(group, "hosp-b")
+    study = read(ct[0]).StudyInstanceUID
+    consult_id = consult_ids(ask(group, clinic(a, "dr-ma"), study, "hosp-b", priority="stat").text)[
+        0
+    ]
+    b.user("dr-luo", "doctor")
+    set_password(b.database.write_engine, "dr-luo", PASSWORD)
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    try:
+        page.goto(f"{b.base}/clinic/signin")
+        page.fill("input[name=username]", "dr-luo")
+        page.fill("input[name=password]", PASSWORD)
+        page.click("button[type=submit]")
+        page.click("#nav-reading")
+        row = page.locator(f"#consult-{consult_id}")
+        expect(row.locator(".badge.priority.stat")).to_have_text("危急")
+        expect(row.locator(".countdown")).to_contain_text("还剩")
+        # the most pressing first: stat, then urgent, then routine
+        ranks = {"priority-stat": 0, "priority-urgent": 1, "priority-routine": 2}
+        shown = [
+            ranks[str(c).split()[0]]
+            for c in page.eval_on_selector_all(
+                "table.worklist tbody tr", "rows => rows.map(r => r.className)"
+            )
+        ]
+        assert shown == sorted(shown) and shown[0] == 0, shown
+        row.locator("a.open-consult").click()
+        page.click("#claim")
+        expect(page.locator("#consult-status")).to_have_text("阅片中")
+        page.click("a.view-images")
+        deadline = time.monotonic() + 20
+        while not page.eval_on_selector("#frame", "i => i.complete && i.naturalWidth > 0"):
+            assert time.monotonic() < deadline, "the frame did not load"
+            time.sleep(0.1)
+        page.goto(f"{b.base}/clinic/reading/{consult_id}")
+        page.fill("textarea[name=findings]", "双肺纹理清晰，未见实变。")
+        page.fill("textarea[name=impression]", "胸部CT未见明显异常。")
+        page.click("#send-report")
+        expect(page.locator("p.notice")).to_contain_text("报告已签名并送达申请医院")
+    finally:
+        page.close()
+    shown = clinic(a, "dr-ma").get(f"{a.base}/clinic/consults/{consult_id}").text
+    assert "签名有效" in shown and "胸部CT未见明显异常。" in shown
+
+
+def test_a_pacs_that_is_down_is_said_and_loses_no_consult(
+    group: Consortium, ct: list[Path], pacs: orthanc.OrthancServer
+) -> None:
+    a, b = node(group, "hosp-a"), node(group, "hosp-b")
+    study = read(ct[0]).StudyInstanceUID
+    consult_id = consult_ids(ask(group, clinic(a, "dr-yu"), study, "hosp-b").text)[0]
+    pacs.stop()
+    county = clinic(b, "dr-fang")
+    down = county.get(f"{b.base}/clinic/viewer/hosp-a/{study}")
+    assert down.status_code == 503 and "影像系统暂时无法访问" in down.text, down.text[:800]
+    assert f'id="consult-{consult_id}"' in county.get(f"{b.base}/clinic/reading").text
+    # the report can still be written, signed and delivered: it needs no image
+    page = f"{b.base}/clinic/reading/{consult_id}"
+    submit(county, page, page, {"action": "claim"})
+    sent = submit(
+        county, page, page, {"action": "report", "findings": "见前。", "impression": "同前。"}
+    )
+    assert "报告已签名并送达" in sent.text

@@ -617,6 +617,10 @@ def test_the_clinic_pages(group: Consortium, patient: dict[str, Any]) -> None:
     assert savings_page.status_code == 200
     assert "<svg" in savings_page.text and "血红蛋白" in savings_page.text
     assert "病情变化" in savings_page.text
+    # hospitals by name, not member id (the accepting member: hosp-b is 医院 hosp-b here)
+    assert (
+        "<td>医院 hosp-b</td>" in savings_page.text and "<td>hosp-b</td>" not in savings_page.text
+    )
     # a patient's portal session is no doctor's
     assert requests.get(f"{b.base}/clinic/", cookies={"hrx_portal": "x"}).url.endswith(
         "/clinic/signin"
