@@ -11,6 +11,9 @@ process, each figure beside its ceiling:
 - metadata: the series' metadata (JSON, its URLs rewritten on the way);
 - study: the whole study in one multipart answer, streamed (one client, MB/s), and how much
   the serving worker's memory grew meanwhile;
+- offload: frames and renderings again, the node (gunicorn, ``dicomweb.offload``) behind
+  the deployment's nginx blocks, which send the PACS's bytes once the node has decided
+  (X-Accel-Redirect), against the same requests straight to the PACS;
 - relay: frames of the same series read by another member's doctor through that member's
   node (``/dicomweb/members/hosp-a``) under a permitted access request, against the same
   frames straight from the PACS. Both members run in the test harness (Werkzeug's threaded
@@ -56,6 +59,7 @@ from node.cli import main as hrx_main
 from node.demo import orthanc
 from node.demo.harness import Consortium
 from node.demo.nodes import Node, free_port, init_node, join_alone, post, wait_healthy
+from node.demo.proxy import running_nginx, site_blocks
 from node.identity.users import set_password
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -216,6 +220,59 @@ def local_proxy(args: argparse.Namespace, work: Path, pacs: orthanc.OrthancServe
             f"{direct_mbs:.1f} MB/s | {proxy_mbs / direct_mbs * 100:.1f}% of direct; the "
             f"workers' memory grew {grown / 1024:.1f} MB meanwhile"
         )
+    finally:
+        server.terminate()
+        server.wait()
+    offload(args, work, pacs, directory, token, frames, rendered)
+
+
+def offload(
+    args: argparse.Namespace,
+    work: Path,
+    pacs: orthanc.OrthancServer,
+    directory: Path,
+    token: str,
+    frames: list[str],
+    rendered: list[str],
+) -> None:
+    """Frames and renderings through nginx with the node deciding (X-Accel-Redirect)."""
+    port = free_port()
+    server = gunicorn(directory, port, 2, 4, {"HRX_DICOMWEB_OFFLOAD": "/_hrx_pacs"})
+    basic = base64.b64encode(f"{pacs.username}:{pacs.password}".encode()).decode()
+    blocks = site_blocks("/_hrx_pacs/", "@pacs_refused", "@pacs_not_found", "@pacs_down")
+    blocks = blocks.replace(
+        "http://127.0.0.1:8042/dicom-web/;", f"http://127.0.0.1:{pacs.http_port}/dicom-web/;"
+    ).replace('"Basic aHJ4OmNoYW5nZS1tZQ=="', f'"Basic {basic}"')
+    site = f"""
+        location / {{
+            proxy_pass http://127.0.0.1:{port};
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+        }}
+{blocks}"""
+    try:
+        wait_healthy(f"http://127.0.0.1:{port}", server)
+        with running_nginx(work / "nginx", site) as base:
+            direct_root = f"http://127.0.0.1:{pacs.http_port}/dicom-web"
+            for name, paths, accept in (
+                ("frames", frames, FRAMES_ACCEPT),
+                ("rendered", rendered, "image/jpeg"),
+            ):
+                direct = wrk_run(
+                    direct_root,
+                    [f"/dicom-web{p}" for p in paths],
+                    [f"Authorization: Basic {basic}", f"Accept: {accept}"],
+                    args.seconds,
+                    args.connections,
+                )
+                proxied = wrk_run(
+                    base,
+                    [f"/dicomweb{p}" for p in paths],
+                    [f"Authorization: Bearer {token}", f"Accept: {accept}"],
+                    args.seconds,
+                    args.connections,
+                )
+                show(f"{name}+ngx", proxied, direct)
     finally:
         server.terminate()
         server.wait()

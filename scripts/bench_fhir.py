@@ -204,7 +204,13 @@ def wrk(
     return {"rate": rate, "p50": latency("50"), "p90": latency("90"), "p99": latency("99")}
 
 
-def gunicorn(directory: Path, port: int, workers: int, threads: int) -> subprocess.Popen[bytes]:
+def gunicorn(
+    directory: Path,
+    port: int,
+    workers: int,
+    threads: int,
+    environment: dict[str, str] | None = None,
+) -> subprocess.Popen[bytes]:
     """The node in ``directory`` served by gunicorn (gthread) on 127.0.0.1:``port``; its log
     lines (one access line per request) go to ``gunicorn.log`` there, not between the
     figures."""
@@ -227,7 +233,7 @@ def gunicorn(directory: Path, port: int, workers: int, threads: int) -> subproce
             "node.web.wsgi:app",
         ],
         cwd=ROOT,
-        env={**os.environ, "HRX_NODE_DIR": str(directory)},
+        env={**os.environ, "HRX_NODE_DIR": str(directory), **(environment or {})},
         stdout=log,
         stderr=subprocess.STDOUT,
     )

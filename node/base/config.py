@@ -72,7 +72,9 @@ SCHEMA: dict[str, dict[str, tuple[type, Any]]] = {
     # before the last round each round's StudyDate range starts (docs/adapters-dicom.md);
     # grant_seconds: how long after a permitted access request the member may read the
     # released studies' images through /dicomweb; cors_origins: the web origins (comma
-    # separated, e.g. a viewer's https://ohif.example) whose pages may call /dicomweb
+    # separated, e.g. a viewer's https://ohif.example) whose pages may call /dicomweb;
+    # offload: the internal location of the proxy in front (nginx, X-Accel-Redirect) that
+    # sends the PACS's images once the node has decided ("" = the node streams them itself)
     # (docs/node.md, Images)
     "dicomweb": {
         "url": (str, ""),
@@ -82,6 +84,7 @@ SCHEMA: dict[str, dict[str, tuple[type, Any]]] = {
         "page_size": (int, 100),
         "grant_seconds": (int, 14400),
         "cors_origins": (str, ""),
+        "offload": (str, ""),
     },
     # remote reading (docs/referral.md, Remote reading): how long a reader has for a consult of
     # each priority, and which modalities this member reads (comma separated DICOM modality
@@ -109,6 +112,7 @@ _MAY_BE_EMPTY = {
     "metrics_token_file",
     "database_password_file",
     "dicomweb_cors_origins",
+    "dicomweb_offload",
     "consults_modalities",
 }
 _BOOLEANS = {"true": True, "false": False, "1": True, "0": False, "yes": True, "no": False}
@@ -151,6 +155,7 @@ class NodeConfig:
     dicomweb_page_size: int  # QIDO-RS results asked for per request
     dicomweb_grant_seconds: int  # a member reads released studies' images this long after
     dicomweb_cors_origins: tuple[str, ...]  # web origins whose pages may call /dicomweb
+    dicomweb_offload: str  # the proxy's internal location serving the PACS's images; "": none
     consult_minutes: tuple[tuple[str, int], ...]  # (priority, minutes a reader has to report)
     consult_modalities: tuple[str, ...]  # the DICOM modalities this member reads
     metrics_enabled: bool  # serve GET /metrics
@@ -254,6 +259,9 @@ def load_config(directory: Path, environ: Mapping[str, str] | None = None) -> No
         if values[name] < least:
             raise ConfigError(f"{name.replace('_', '.', 1)} must be at least {least}")
 
+    offload = values["dicomweb_offload"]
+    if offload and not re.fullmatch(r"/[A-Za-z0-9_\-/]+", offload):
+        raise ConfigError(f"dicomweb.offload {offload!r} is not a location path (e.g. /_hrx_pacs)")
     if values["dicomweb_url"] and not values["dicomweb_url"].startswith(("http://", "https://")):
         raise ConfigError(
             f"dicomweb.url {values['dicomweb_url']!r} is not an http:// or https:// URL "
@@ -332,6 +340,7 @@ def load_config(directory: Path, environ: Mapping[str, str] | None = None) -> No
         dicomweb_page_size=values["dicomweb_page_size"],
         dicomweb_grant_seconds=values["dicomweb_grant_seconds"],
         dicomweb_cors_origins=_origins(values["dicomweb_cors_origins"]),
+        dicomweb_offload=values["dicomweb_offload"].rstrip("/"),
         consult_minutes=tuple(
             (p, values[f"consults_{p}_minutes"]) for p in ("stat", "urgent", "routine")
         ),

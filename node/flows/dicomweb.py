@@ -66,6 +66,7 @@ RECORD_SECONDS = 60.0  # an AuditEvent (or a refusal entry) per reader and study
 CONSULT_GRANT = timedelta(days=30)  # a reader reads a consult's study this long after the request
 PASSED_HEADERS = ("Content-Type", "Content-Length", "Content-Location", "Warning")
 JSON_TYPES = ("application/dicom+json", "application/json")
+OFFLOADED = ("retrieve", "frames", "rendered", "thumbnail", "bulkdata")  # no URL to rewrite
 _local = threading.local()  # one keep-alive session per thread
 
 
@@ -389,10 +390,14 @@ def _session() -> requests.Session:
 
 
 def _from_pacs(svc: Services, target: Target, accept: str | None, own_root: str) -> Answer:
-    """The PACS's answer to ``target``, streamed, its URLs rewritten to ``own_root``."""
+    """The PACS's answer to ``target``, streamed, its URLs rewritten to ``own_root``; or,
+    for images when ``dicomweb.offload`` names the proxy's internal location, the proxy's
+    instruction to send them itself (:func:`offloaded`)."""
     root = svc.config.dicomweb_url
     if not root:
         raise NotFound("this node serves no images: no PACS is configured (dicomweb.url)")
+    if svc.config.dicomweb_offload and target.kind in OFFLOADED:
+        return offloaded(svc.config.dicomweb_offload, target, accept)
     public = public_root(root)
     try:
         response = _session().get(
@@ -406,6 +411,22 @@ def _from_pacs(svc: Services, target: Target, accept: str | None, own_root: str)
             f"the PACS at {public} cannot be reached ({type(exc).__name__}); try again later"
         ) from None
     return _streamed(response, public, own_root, f"the PACS at {public}")
+
+
+def offloaded(location: str, target: Target, accept: str | None) -> Answer:
+    """An empty answer telling the proxy in front (nginx's X-Accel-Redirect) to send the
+    PACS's answer to ``target`` from its internal ``location``, with the Accept header the
+    PACS needs (``X-Hrx-Pacs-Accept``, which the location passes on). The proxy then moves
+    the bytes; the node has decided and recorded the read as for any other."""
+    return Answer(
+        200,
+        {
+            "X-Accel-Redirect": _with_query(f"{location}/{target.upstream}", target.params),
+            "X-Accel-Buffering": "no",
+            "X-Hrx-Pacs-Accept": pacs_accept(target.kind, accept),
+        },
+        iter(()),
+    )
 
 
 def pacs_accept(kind: str, accept: str | None) -> str:

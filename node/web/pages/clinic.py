@@ -434,11 +434,18 @@ def viewer(principal: Principal, member: str, study: str) -> ResponseReturnValue
 
 
 def _viewer_refusal(exc: FhirError) -> str:
-    """Why the study cannot be shown, in the page's language (the member's own words after)."""
+    """Why the study cannot be shown, in the page's language, with the member's reason when
+    the page knows it."""
     key = {403: "viewer_refused", 404: "viewer_not_found", 503: "viewer_unavailable"}.get(
         exc.status, "viewer_failed"
     )
-    return f"{t(key)} ({exc})"
+    said = _explained(str(exc))
+    return f"{t(key)}（{said}）" if said != str(exc) else t(key)
+
+
+def _explained(reason: str) -> str:
+    """A member's reason in the page's language (as written when the page does not know it)."""
+    return explain(reason, language(), _members(), in_zone(rules(services()).zone))
 
 
 @bp.get("/images/<member>/<path:path>")
@@ -510,7 +517,11 @@ def _shown(consult: consults.Consult) -> dict[str, Any]:
         "body_site": consult.body_site,
         "question": consult.question,
         "delivery": consult.delivery,
-        "reason": (consult.task.resource().get("statusReason") or {}).get("text", ""),
+        "reason": _explained(
+            str((consult.task.resource().get("statusReason") or {}).get("text", "")).removeprefix(
+                f"{consult.reader}: "
+            )
+        ),
     }
 
 

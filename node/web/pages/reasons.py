@@ -98,6 +98,39 @@ _REASONS: tuple[tuple[re.Pattern[str], dict[str, str]], ...] = tuple(
             },
         ),
         (
+            r"(?P<member>\S+) does not read (?P<what>.+) \(it reads (?P<reads>.+)\)",
+            {
+                "zh": "{member}不开展 {what} 阅片（可阅：{reads}）",
+                "en": "{member} does not read {what} (it reads {reads})",
+            },
+        ),
+        (
+            r"(?P<member>\S+) reads no modality \(consults\.modalities\)",
+            {"zh": "{member}未开展远程阅片", "en": "{member} reads no studies for others"},
+        ),
+        (
+            r"(?P<member>\S+) refuses: \S+ has no grant to read study \S+",
+            {
+                "zh": "{member}拒绝：没有调阅该检查影像的授权",
+                "en": "{member} refuses: there is no grant to read this study",
+            },
+        ),
+        (
+            r"(?P<member>\S+) refuses: request \S+ is no longer permitted: .*revoked.*",
+            {
+                "zh": "{member}拒绝：患者已撤回知情同意，此前的调阅授权已失效",
+                "en": "{member} refuses: the patient revoked the consent the read rested on",
+            },
+        ),
+        (
+            r"(?P<member>\S+) refuses: the access it was granted at \S+ \(request \S+\) is "
+            r"older than \d+ s",
+            {
+                "zh": "{member}拒绝：调阅授权已过期，请重新调阅既往结果",
+                "en": "{member} refuses: the grant has expired; ask for the prior results again",
+            },
+        ),
+        (
             r"purpose '(?P<purpose>[^']*)' is not one of .*",
             {"zh": "调阅用途 {purpose} 不在允许之列", "en": "the purpose {purpose} is not allowed"},
         ),

@@ -244,7 +244,7 @@ def test_bad_requests_and_refusals_lose_nothing(group: Consortium, ct: list[Path
     before = {e["body"]["consult_id"] for e in chain(group, "hosp-a", ["consult.cancelled"])}
     refused = ask(group, township, study, "hosp-c")
     assert "已拒绝" in refused.text, refused.text[:800]
-    assert "hosp-c does not read CT (it reads MR)" in refused.text
+    assert "县中医院不开展 CT 阅片（可阅：MR）" in refused.text, refused.text[:800]
     cancelled = chain(group, "hosp-a", ["consult.cancelled"])
     assert {e["body"]["reason"] for e in cancelled if e["body"]["consult_id"] not in before} == {
         "refused-by-reader"

@@ -7,6 +7,10 @@ answers."""
 
 from __future__ import annotations
 
+import base64
+import os
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -23,9 +27,10 @@ from consent.pseudonym import RESIDENT_ID_SYSTEM
 from ledger.store import ChainStore
 from node.demo import orthanc
 from node.demo.harness import Consortium
+from node.demo.proxy import running_nginx, site_blocks
 from node.identity.users import set_password
 from tests.helpers.dicom import chest_ct, hrx
-from tests.helpers.nodes import Node, post
+from tests.helpers.nodes import Node, free_port, post, wait_healthy
 from tests.helpers.portal import PASSWORD, enroll, sign_in
 
 pytestmark = [
@@ -393,3 +398,62 @@ def test_a_doctor_views_a_remote_study_in_the_browser(
         expect(page.locator("#frame-number")).to_have_text("2")
     finally:
         page.close()
+
+
+def test_behind_nginx_the_images_bypass_python(
+    group: Consortium, pacs: orthanc.OrthancServer, ct_series: list[Path], tmp_path: Path
+) -> None:
+    """With ``dicomweb.offload``, a second web server of hosp-a behind the deployment's own
+    nginx blocks: the node decides, nginx sends the PACS's bytes (X-Accel-Redirect). The
+    frames are the modality's, refusals are still the node's, the internal location cannot be
+    asked for, and a PACS error is said in the node's words."""
+    a = node(group, "hosp-a")
+    port = free_port()
+    member = group.members["hosp-a"]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "node.cli", "node", "serve", "--dir", str(member.directory)],
+        env={
+            **os.environ,
+            "HRX_SERVER_PORT": str(port),
+            "HRX_DICOMWEB_OFFLOAD": "/_hrx_pacs",
+        },
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    blocks = site_blocks("/_hrx_pacs/", "@pacs_refused", "@pacs_not_found", "@pacs_down")
+    basic = base64.b64encode(f"{pacs.username}:{pacs.password}".encode()).decode()
+    for old, new in (
+        ("http://127.0.0.1:8042/dicom-web/;", f"http://127.0.0.1:{pacs.http_port}/dicom-web/;"),
+        ('"Basic aHJ4OmNoYW5nZS1tZQ=="', f'"Basic {basic}"'),
+    ):
+        assert old in blocks, old
+        blocks = blocks.replace(old, new)
+    server = f"""
+        location / {{
+            proxy_pass http://127.0.0.1:{port};
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+        }}
+{blocks}"""
+    try:
+        wait_healthy(f"http://127.0.0.1:{port}", process)
+        with running_nginx(tmp_path / "nginx", server) as base:
+            study, series, instance = uids(ct_series[0])
+            reader = client(f"{base}/dicomweb", a.token("dr-li", "doctor"))
+            (frame,) = reader.retrieve_instance_frames(study, series, instance, frame_numbers=[1])
+            assert frame == pydicom.dcmread(ct_series[0]).PixelData
+            jpeg = reader.retrieve_instance_rendered(study, series, instance)
+            assert jpeg[:2] == b"\xff\xd8"
+            assert len(reader.retrieve_study(study)) == 3
+            bearer = {"Authorization": f"Bearer {a.token('dr-li', 'doctor')}"}
+            prefix = f"{base}/dicomweb/studies/{study}/series/{series}/instances"
+            direct = requests.get(f"{base}/_hrx_pacs/studies/{study}", timeout=10)
+            assert direct.status_code == 404  # internal: only the node's answer leads there
+            anonymous = requests.get(f"{prefix}/{instance}/frames/1", timeout=10)
+            assert anonymous.status_code == 401 and "bearer token" in anonymous.json()["error"]
+            missing = requests.get(f"{prefix}/1.2.3.4/frames/1", headers=bearer, timeout=10)
+            assert missing.status_code == 404
+            assert missing.json() == {"error": "the PACS holds no such resource"}
+    finally:
+        process.terminate()
+        process.wait(timeout=30)

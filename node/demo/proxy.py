@@ -1,0 +1,101 @@
+"""A real nginx for tests and benchmarks, on a free loopback port, with a site of the
+caller's making (the deployment's own blocks, taken from deploy/nginx/hrx-node.conf, where
+it needs them); stopped when the block ends. ``scripts/test-deps.sh`` installs nginx."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import requests
+
+from node.demo.nodes import free_port
+
+SITE = Path(__file__).resolve().parents[2] / "deploy" / "nginx" / "hrx-node.conf"
+
+
+def nginx_binary() -> str | None:
+    return shutil.which("nginx") or (
+        "/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None
+    )
+
+
+def site_blocks(*names: str) -> str:
+    """The ``location`` blocks of the deployment's site whose heads are ``names`` (e.g.
+    ``/_hrx_pacs/``, ``@pacs_down``), as written there."""
+    text = SITE.read_text()
+    blocks = []
+    for name in names:
+        found = re.search(r"\n    location " + re.escape(name) + r" \{\n.*?\n    \}\n", text, re.S)
+        if found is None:
+            raise RuntimeError(f"deploy/nginx/hrx-node.conf has no location {name}")
+        blocks.append(found.group(0))
+    return "".join(blocks)
+
+
+@contextmanager
+def running_nginx(root: Path, server_body: str) -> Iterator[str]:
+    """nginx serving one plain-HTTP server on a free loopback port with ``server_body``; its
+    base URL until the block ends."""
+    binary = nginx_binary()
+    if binary is None:
+        raise RuntimeError("nginx is missing (Debian: apt-get install nginx; scripts/test-deps.sh)")
+    root.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    for temporary in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
+        (root / temporary).mkdir(exist_ok=True)
+    user = "user root;\n" if os.geteuid() == 0 else ""  # workers that may read the temp dirs
+    (root / "nginx.conf").write_text(
+        f"""{user}worker_processes 1;
+pid {root}/nginx.pid;
+error_log {root}/error.log;
+events {{ worker_connections 256; }}
+http {{
+    access_log off;
+    client_body_temp_path {root}/body;
+    proxy_temp_path {root}/proxy;
+    fastcgi_temp_path {root}/fastcgi;
+    uwsgi_temp_path {root}/uwsgi;
+    scgi_temp_path {root}/scgi;
+    server {{
+        listen 127.0.0.1:{port};
+{server_body}
+    }}
+}}
+"""
+    )
+    check = subprocess.run(
+        [binary, "-t", "-p", str(root), "-c", str(root / "nginx.conf")],
+        capture_output=True,
+        text=True,
+    )
+    if check.returncode != 0:
+        raise RuntimeError(f"nginx refuses the configuration: {check.stderr}")
+    process = subprocess.Popen(
+        [binary, "-p", str(root), "-c", str(root / "nginx.conf"), "-g", "daemon off;"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                requests.get(f"{base}/livez", timeout=2)
+                break
+            except requests.ConnectionError:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(
+                        "nginx did not start: " + (root / "error.log").read_text()[-1000:]
+                    ) from None
+                time.sleep(0.1)
+        yield base
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
