@@ -59,7 +59,7 @@ from node.cli import main as hrx_main
 from node.demo import orthanc
 from node.demo.harness import Consortium
 from node.demo.nodes import Node, free_port, init_node, join_alone, post, wait_healthy
-from node.demo.proxy import running_nginx, site_blocks
+from node.demo.proxy import offload_site, running_nginx
 from node.identity.users import set_password
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -239,17 +239,7 @@ def offload(
     port = free_port()
     server = gunicorn(directory, port, 2, 4, {"HRX_DICOMWEB_OFFLOAD": "/_hrx_pacs"})
     basic = base64.b64encode(f"{pacs.username}:{pacs.password}".encode()).decode()
-    blocks = site_blocks("/_hrx_pacs/", "@pacs_refused", "@pacs_not_found", "@pacs_down")
-    blocks = blocks.replace(
-        "http://127.0.0.1:8042/dicom-web/;", f"http://127.0.0.1:{pacs.http_port}/dicom-web/;"
-    ).replace('"Basic aHJ4OmNoYW5nZS1tZQ=="', f'"Basic {basic}"')
-    site = f"""
-        location / {{
-            proxy_pass http://127.0.0.1:{port};
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
-        }}
-{blocks}"""
+    site = offload_site(port, pacs.public_dicomweb_url, pacs.username, pacs.password)
     try:
         wait_healthy(f"http://127.0.0.1:{port}", server)
         with running_nginx(work / "nginx", site) as base:

@@ -4,6 +4,7 @@ it needs them); stopped when the block ends. ``scripts/test-deps.sh`` installs n
 
 from __future__ import annotations
 
+import base64
 import os
 import re
 import shutil
@@ -37,6 +38,28 @@ def site_blocks(*names: str) -> str:
             raise RuntimeError(f"deploy/nginx/hrx-node.conf has no location {name}")
         blocks.append(found.group(0))
     return "".join(blocks)
+
+
+def offload_site(node_port: int, pacs_root: str, username: str, password: str) -> str:
+    """A site in front of the node on ``node_port`` with the deployment's DICOMweb offload
+    blocks, their CHANGE lines set to the PACS at ``pacs_root`` (``http://host:port/dicom-web``)
+    and its credentials."""
+    blocks = site_blocks("/_hrx_pacs/", "@pacs_refused", "@pacs_not_found", "@pacs_down")
+    basic = base64.b64encode(f"{username}:{password}".encode()).decode()
+    for old, new in (
+        ("http://127.0.0.1:8042/dicom-web/;", f"{pacs_root.rstrip('/')}/;"),
+        ('"Basic aHJ4OmNoYW5nZS1tZQ=="', f'"Basic {basic}"'),
+    ):
+        if old not in blocks:
+            raise RuntimeError(f"deploy/nginx/hrx-node.conf's offload block lacks {old}")
+        blocks = blocks.replace(old, new)
+    return f"""
+        location / {{
+            proxy_pass http://127.0.0.1:{node_port};
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+        }}
+{blocks}"""
 
 
 @contextmanager

@@ -7,7 +7,6 @@ answers."""
 
 from __future__ import annotations
 
-import base64
 import os
 import subprocess
 import sys
@@ -27,7 +26,7 @@ from consent.pseudonym import RESIDENT_ID_SYSTEM
 from ledger.store import ChainStore
 from node.demo import orthanc
 from node.demo.harness import Consortium
-from node.demo.proxy import running_nginx, site_blocks
+from node.demo.proxy import offload_site, running_nginx
 from node.identity.users import set_password
 from tests.helpers.dicom import chest_ct, hrx
 from tests.helpers.nodes import Node, free_port, post, wait_healthy
@@ -420,21 +419,7 @@ def test_behind_nginx_the_images_bypass_python(
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    blocks = site_blocks("/_hrx_pacs/", "@pacs_refused", "@pacs_not_found", "@pacs_down")
-    basic = base64.b64encode(f"{pacs.username}:{pacs.password}".encode()).decode()
-    for old, new in (
-        ("http://127.0.0.1:8042/dicom-web/;", f"http://127.0.0.1:{pacs.http_port}/dicom-web/;"),
-        ('"Basic aHJ4OmNoYW5nZS1tZQ=="', f'"Basic {basic}"'),
-    ):
-        assert old in blocks, old
-        blocks = blocks.replace(old, new)
-    server = f"""
-        location / {{
-            proxy_pass http://127.0.0.1:{port};
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
-        }}
-{blocks}"""
+    server = offload_site(port, pacs.public_dicomweb_url, pacs.username, pacs.password)
     try:
         wait_healthy(f"http://127.0.0.1:{port}", process)
         with running_nginx(tmp_path / "nginx", server) as base:
