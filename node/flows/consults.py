@@ -50,7 +50,14 @@ from exchange.reading import (
     verify_report,
     with_signature,
 )
-from fhir_adapters.errors import Conflict, Forbidden, InvalidRequest, NotFound, Unprocessable
+from fhir_adapters.errors import (
+    Conflict,
+    Forbidden,
+    InvalidRequest,
+    NotFound,
+    PreconditionFailed,
+    Unprocessable,
+)
 from fhir_adapters.store import Stored
 from fhir_adapters.store.search import EVERYONE, parse_search
 from ledger import keys
@@ -84,6 +91,7 @@ AUTHOR_SIGNATURE = {
 }
 BODY_SITE_EXTENSION = "http://hl7.org/fhir/StructureDefinition/bodySite"
 UNDELIVERED, DELIVERED = "undelivered", "delivered"
+DELIVERY_EXTENSION = "urn:hrx:fhir:StructureDefinition:consult-delivery"  # the message to send
 OPEN_STATUSES = ("requested", "received", "accepted", "in-progress")
 DELIVERY_SECONDS = 5.0
 CONSULT_ID = re.compile(r"[A-Za-z0-9\-]{8,64}")
@@ -357,9 +365,6 @@ def _keep_delivery(
     return _update(svc, caller, task, resource)
 
 
-DELIVERY_EXTENSION = "urn:hrx:fhir:StructureDefinition:consult-delivery"
-
-
 def _pending(resource: dict[str, Any]) -> tuple[str, dict[str, Any]] | None:
     for extension in resource.get("extension", []):
         if extension["url"] == DELIVERY_EXTENSION:
@@ -403,7 +408,10 @@ def deliver(svc: Services, caller: Caller, consult_id: str) -> Stored:
     elif status != 200:
         why = str(answer.get("error") if isinstance(answer, dict) else answer)[:500]
         resource["businessStatus"] = {"text": f"refused by {other}: {why}"}
-    return _update(svc, caller, task, resource)
+    try:
+        return _update(svc, caller, task, resource)
+    except PreconditionFailed:  # another process delivered it meanwhile (the receiver is
+        return find_task(svc, consult_id) or task  # idempotent): its outcome stands
 
 
 def deliver_pending(svc: Services, caller: Caller) -> int:

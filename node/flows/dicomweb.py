@@ -297,7 +297,11 @@ def _record_read(
 ) -> None:
     """``images.read`` on this node's chain: the first read of a study under each grant,
     and refusals at most once a minute per member and study."""
-    basis = "deny" if grant is None else ",".join(f"{k}:{v}" for k, v in grant.basis.items())
+    basis = (
+        f"deny:{refusal_code(refused or '')}"
+        if grant is None
+        else ",".join(f"{k}:{v}" for k, v in grant.basis.items())
+    )
     if not _first_in(svc, ("images.read", member, uid, basis), RECORD_SECONDS if refused else None):
         return
     if grant is None:
@@ -328,12 +332,22 @@ def _record_read(
                 "requester_org": member,
                 "study": study_hash,
                 "decision": "deny" if grant is None else "permit",
-                "reason": refused or "",
+                "reason": refusal_code(refused) if refused else "",
                 "basis": None if grant is None else grant.basis,
             },
         )
     except LedgerError as exc:
         raise PacsUnavailable(f"the read could not be recorded on the ledger: {exc}") from None
+
+
+def refusal_code(reason: str) -> str:
+    """What a refusal's reason says, as the code ``images.read`` records (the reason's words
+    name the study's UID, which stays off the ledger)."""
+    if "is no longer permitted" in reason:
+        return "no-longer-permitted"
+    if " is older than " in reason:
+        return "grant-expired"
+    return "no-grant"
 
 
 def _first_in(svc: Services, key: tuple[str, ...], seconds: float | None) -> bool:

@@ -277,6 +277,7 @@ def test_a_member_reads_under_consent_only(group: Consortium, ct: Path) -> None:
     assert "no grant to read study" in refused.value.response.json()["error"]
     (denied,) = [e for e in images_read(group) if e["body"]["decision"] == "deny"]
     assert denied["body"]["requester_org"] == "hosp-b" and denied["body"]["basis"] is None
+    assert denied["body"]["reason"] == "no-grant" and study not in str(denied)  # no UID
     # a member may not search across studies
     with pytest.raises(requests.HTTPError) as searched:
         remote.search_for_studies()
@@ -333,6 +334,8 @@ def test_a_member_reads_under_consent_only(group: Consortium, ct: Path) -> None:
         time.sleep(0.5)
     assert answer.status_code == 403, answer.text
     assert "no longer permitted" in answer.json()["error"] and "revoked" in answer.json()["error"]
+    refusals = [e["body"]["reason"] for e in images_read(group) if e["body"]["decision"] == "deny"]
+    assert refusals == ["no-grant", "no-longer-permitted"], refusals
     # the patient sees in the portal that hosp-b viewed the images, and was refused before
     enroll(a, a_patient, "pt-zhang")  # her account keeps its name: she signs in with it
     browser = sign_in_as(a, "pt-zhang")
