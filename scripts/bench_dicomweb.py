@@ -12,8 +12,10 @@ process, each figure beside its ceiling:
 - study: the whole study in one multipart answer, streamed (one client, MB/s), and how much
   the serving worker's memory grew meanwhile;
 - offload: frames and renderings again, the node (gunicorn, ``dicomweb.offload``) behind
-  the deployment's nginx blocks, which send the PACS's bytes once the node has decided
-  (X-Accel-Redirect), against the same requests straight to the PACS;
+  the deployment's nginx blocks (one worker per core, as Debian runs it): renderings are sent
+  by nginx once the node has decided (X-Accel-Redirect); frames are decided by the node once
+  per token and study in 10 s (nginx keeps the decision) and sent by nginx; against the same
+  requests straight to the PACS;
 - relay: frames of the same series read by another member's doctor through that member's
   node (``/dicomweb/members/hosp-a``) under a permitted access request, against the same
   frames straight from the PACS. Both members run in the test harness (Werkzeug's threaded
@@ -239,10 +241,12 @@ def offload(
     port = free_port()
     server = gunicorn(directory, port, 2, 4, {"HRX_DICOMWEB_OFFLOAD": "/_hrx_pacs"})
     basic = base64.b64encode(f"{pacs.username}:{pacs.password}".encode()).decode()
-    site = offload_site(port, pacs.public_dicomweb_url, pacs.username, pacs.password)
+    http, site = offload_site(
+        work / "nginx", port, pacs.public_dicomweb_url, pacs.username, pacs.password
+    )
     try:
         wait_healthy(f"http://127.0.0.1:{port}", server)
-        with running_nginx(work / "nginx", site) as base:
+        with running_nginx(work / "nginx", site, http, workers="auto") as base:
             direct_root = f"http://127.0.0.1:{pacs.http_port}/dicom-web"
             for name, paths, accept in (
                 ("frames", frames, FRAMES_ACCEPT),

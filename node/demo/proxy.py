@@ -40,32 +40,61 @@ def site_blocks(*names: str) -> str:
     return "".join(blocks)
 
 
-def offload_site(node_port: int, pacs_root: str, username: str, password: str) -> str:
-    """A site in front of the node on ``node_port`` with the deployment's DICOMweb offload
-    blocks, their CHANGE lines set to the PACS at ``pacs_root`` (``http://host:port/dicom-web``)
-    and its credentials."""
-    blocks = site_blocks("/_hrx_pacs/", "@pacs_refused", "@pacs_not_found", "@pacs_down")
+FRAMES = (
+    '~ "^/dicomweb/studies/[0-9.]{1,64}/series/[0-9.]{1,64}/instances/[0-9.]{1,64}/frames/'
+    '[0-9,]{1,1600}$"'
+)
+
+
+def offload_site(
+    root: Path, node_port: int, pacs_root: str, username: str, password: str
+) -> tuple[str, str]:
+    """The http-level directives and the server body of a site in front of the node on
+    ``node_port`` with the deployment's DICOMweb blocks (its decision cache under ``root``),
+    their CHANGE lines set to the PACS at ``pacs_root`` (``http://host:port/dicom-web``) and
+    its credentials."""
+    text = SITE.read_text()
+    start = text.index("proxy_cache_path ")
+    http = text[start : text.index("upstream hrx_node {")]
+    http = http.replace("/var/cache/nginx/hrx-decisions", str(root / "decisions"))
+    blocks = site_blocks(
+        "/_hrx_pacs/",
+        FRAMES,
+        "= /_hrx_decide",
+        "@hrx_refused_401",
+        "@hrx_refused_403",
+        "@pacs_refused",
+        "@pacs_not_found",
+        "@pacs_down",
+    )
     basic = base64.b64encode(f"{username}:{password}".encode()).decode()
+    host = pacs_root.split("://", 1)[1].split("/", 1)[0]
     for old, new in (
         ("http://127.0.0.1:8042/dicom-web/;", f"{pacs_root.rstrip('/')}/;"),
+        ("proxy_pass http://127.0.0.1:8042;", f"proxy_pass http://{host};"),
         ('"Basic aHJ4OmNoYW5nZS1tZQ=="', f'"Basic {basic}"'),
+        ("http://hrx_node$request_uri;", f"http://127.0.0.1:{node_port}$request_uri;"),
     ):
         if old not in blocks:
-            raise RuntimeError(f"deploy/nginx/hrx-node.conf's offload block lacks {old}")
+            raise RuntimeError(f"deploy/nginx/hrx-node.conf's DICOMweb blocks lack {old}")
         blocks = blocks.replace(old, new)
-    return f"""
+    server = f"""
         location / {{
             proxy_pass http://127.0.0.1:{node_port};
             proxy_http_version 1.1;
             proxy_set_header Connection "";
         }}
 {blocks}"""
+    return http, server
 
 
 @contextmanager
-def running_nginx(root: Path, server_body: str) -> Iterator[str]:
-    """nginx serving one plain-HTTP server on a free loopback port with ``server_body``; its
-    base URL until the block ends."""
+def running_nginx(
+    root: Path, server_body: str, http_body: str = "", workers: str = "1"
+) -> Iterator[str]:
+    """nginx serving one plain-HTTP server on a free loopback port with ``server_body`` (and
+    ``http_body`` beside it), with ``workers`` worker processes (``auto``: one per core, as
+    Debian's nginx runs); its base URL until the block ends."""
     binary = nginx_binary()
     if binary is None:
         raise RuntimeError("nginx is missing (Debian: apt-get install nginx; scripts/test-deps.sh)")
@@ -75,7 +104,7 @@ def running_nginx(root: Path, server_body: str) -> Iterator[str]:
         (root / temporary).mkdir(exist_ok=True)
     user = "user root;\n" if os.geteuid() == 0 else ""  # workers that may read the temp dirs
     (root / "nginx.conf").write_text(
-        f"""{user}worker_processes 1;
+        f"""{user}worker_processes {workers};
 pid {root}/nginx.pid;
 error_log {root}/error.log;
 events {{ worker_connections 256; }}
@@ -86,6 +115,7 @@ http {{
     fastcgi_temp_path {root}/fastcgi;
     uwsgi_temp_path {root}/uwsgi;
     scgi_temp_path {root}/scgi;
+{http_body}
     server {{
         listen 127.0.0.1:{port};
 {server_body}

@@ -7,7 +7,10 @@ call the flow (:mod:`node.flows.dicomweb`) and stream its answer. Only GET is se
 come into the node from the PACS, never through here. An error is a JSON object
 ``{"error": ...}`` with its status, and the reason also in a ``Warning`` header (PS3.18 §8.7.3).
 A web viewer served from another origin (OHIF) may call it when ``dicomweb.cors_origins`` names
-that origin (CORS; preflights are answered by Flask's automatic OPTIONS).
+that origin (CORS; preflights are answered by Flask's automatic OPTIONS). Behind the
+deployment's nginx, which asks for the decision alone (``X-Hrx-Decide``, nginx's
+``auth_request``), a refusal is answered 401 or 403 only: any other status would be nginx's
+500.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from node.web.context import authenticate, caller, services
 from node.web.ledger_api import verified_peer
 
 bp = Blueprint("dicomweb", __name__, url_prefix="/dicomweb")
+DECIDE_HEADER = "X-Hrx-Decide"  # nginx asking for the decision alone (auth_request)
 
 
 @bp.after_request
@@ -44,6 +48,8 @@ def cross_origin(response: Response) -> Response:
 
 @bp.errorhandler(FhirError)
 def fhir_error(exc: FhirError) -> Response:
+    if request.headers.get(DECIDE_HEADER) and exc.status not in (401, 403):
+        return _error(403, str(exc))  # a proxy asking for the decision takes 2xx, 401 or 403
     return _error(exc.status, str(exc))
 
 

@@ -508,6 +508,7 @@ def proxy(hospital_node: HospitalNode, tmp_path_factory: pytest.TempPathFactory)
         "server 127.0.0.1:8080;": f"server 127.0.0.1:{hospital_node.port};",
         "/etc/ssl/hrx/fullchain.pem": str(cert),
         "/etc/ssl/hrx/privkey.pem": str(key),
+        "/var/cache/nginx/hrx-decisions": str(root / "decisions"),
         "allow 192.0.2.10;": "allow 127.0.0.2;",
         "listen 443 ssl;": f"listen 127.0.0.1:{https} ssl;",
         "listen [::]:443 ssl;": "",

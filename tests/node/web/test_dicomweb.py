@@ -422,11 +422,14 @@ def test_behind_nginx_the_images_bypass_python(
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    server = offload_site(port, pacs.public_dicomweb_url, pacs.username, pacs.password)
+    http, server = offload_site(
+        tmp_path / "nginx", port, pacs.public_dicomweb_url, pacs.username, pacs.password
+    )
     try:
         wait_healthy(f"http://127.0.0.1:{port}", process)
-        with running_nginx(tmp_path / "nginx", server) as base:
+        with running_nginx(tmp_path / "nginx", server, http) as base:
             study, series, instance = uids(ct_series[0])
+            ct_series_uids = [uids(path)[2] for path in ct_series]
             reader = client(f"{base}/dicomweb", a.token("dr-li", "doctor"))
             (frame,) = reader.retrieve_instance_frames(study, series, instance, frame_numbers=[1])
             assert frame == pydicom.dcmread(ct_series[0]).PixelData
@@ -438,10 +441,27 @@ def test_behind_nginx_the_images_bypass_python(
             direct = requests.get(f"{base}/_hrx_pacs/studies/{study}", timeout=10)
             assert direct.status_code == 404  # internal: only the node's answer leads there
             anonymous = requests.get(f"{prefix}/{instance}/frames/1", timeout=10)
-            assert anonymous.status_code == 401 and "bearer token" in anonymous.json()["error"]
+            assert anonymous.status_code == 401 and "bearer token" in anonymous.headers["Warning"]
             missing = requests.get(f"{prefix}/1.2.3.4/frames/1", headers=bearer, timeout=10)
             assert missing.status_code == 404
             assert missing.json() == {"error": "the PACS holds no such resource"}
+            # a study not held here: the node's refusal, its reason in the Warning header
+            elsewhere = f"{base}/dicomweb/studies/1.2.3/series/1.2/instances/1.2.4/frames/1"
+            refused = requests.get(elsewhere, headers=bearer, timeout=10)
+            assert refused.status_code == 403 and "not held here" in refused.headers["Warning"]
+            # the node's decision for this token and study is kept 10 s: frames keep coming
+            # from the PACS while the node is down (and a revocation holds only after them)
+            process.terminate()
+            process.wait(timeout=30)
+            kept = requests.get(
+                f"{prefix}/{ct_series_uids[2]}/frames/1",
+                headers={**bearer, "Accept": 'multipart/related; type="*/*"'},
+                timeout=10,
+            )
+            assert kept.status_code == 200, kept.text[:300]
+            assert pydicom.dcmread(ct_series[2]).PixelData in kept.content
+            down = requests.get(f"{base}/dicomweb/studies/{study}/metadata", headers=bearer)
+            assert down.status_code == 502  # what is not a frame still asks the node
     finally:
         process.terminate()
         process.wait(timeout=30)
