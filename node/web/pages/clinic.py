@@ -95,6 +95,13 @@ def page_context() -> dict[str, Any]:
     }
 
 
+def _members() -> dict[str, str]:
+    """Member id to hospital name, from the newest roster."""
+    return {
+        m["id"]: m.get("name") or m["id"] for m in services().chain_store.roster().body["members"]
+    }
+
+
 def _principal(session: Session) -> Principal:
     """The signed-in doctor as the FHIR layer's caller (a doctor's default rights)."""
     principal = Principal(
@@ -191,9 +198,7 @@ def _prior(
     principal: Principal, patient_id: str
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     bundle = fetch_prior_results(services(), caller(), patient_id, list(CATEGORIES))
-    members = {
-        m["id"]: m.get("name") or m["id"] for m in services().chain_store.roster().body["members"]
-    }
+    members = _members()
     item_names = {item.id: item.label(language()) for item in rules(services()).items}
     results = []
     for entry in bundle["entry"]:
@@ -383,12 +388,6 @@ def savings_page(principal: Principal) -> ResponseReturnValue:
 
 
 # -- the viewer ------------------------------------------------------------------------------
-
-
-def _members() -> dict[str, str]:
-    return {
-        m["id"]: m.get("name") or m["id"] for m in services().chain_store.roster().body["members"]
-    }
 
 
 @bp.get("/viewer/<member>/<study>")
