@@ -114,6 +114,7 @@ class Consult:
     body_site: str
     question: str
     delivery: str | None
+    reason: str  # why it was refused or cancelled ("" when it was not)
 
     @classmethod
     def of(cls, task: Stored) -> Consult:
@@ -135,6 +136,7 @@ class Consult:
             body_site=str(inputs.get("body-site", "")),
             question=str(inputs.get("question", "")),
             delivery=(resource.get("businessStatus") or {}).get("text"),
+            reason=str((resource.get("statusReason") or {}).get("text", "")),
         )
 
 

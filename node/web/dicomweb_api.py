@@ -72,7 +72,9 @@ def _root() -> str:
     return services().config.url.rstrip("/") + "/dicomweb"
 
 
-def _streamed(answer: dicomweb.Answer) -> Response:
+def streamed(answer: dicomweb.Answer) -> Response:
+    """A flow's streamed answer as a response, the PACS's connection closed once sent."""
+
     def chunks() -> Iterator[bytes]:
         try:
             yield from answer.chunks
@@ -97,7 +99,7 @@ def member_resource(member: str, path: str) -> Response:
         request.headers.get("Accept"),
         f"{_root()}/members/{member}",
     )
-    return _streamed(answer)
+    return streamed(answer)
 
 
 @bp.get("/<path:path>")
@@ -111,4 +113,4 @@ def resource(path: str) -> Response:
     else:
         authenticate()
         answer = dicomweb.read_local(services(), caller(), target, accept, _root())
-    return _streamed(answer)
+    return streamed(answer)

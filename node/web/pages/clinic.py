@@ -27,7 +27,6 @@ from flask import (
     redirect,
     render_template,
     request,
-    stream_with_context,
     url_for,
 )
 from flask.typing import ResponseReturnValue
@@ -50,6 +49,7 @@ from node.identity.tokens import DEFAULT_SCOPES, Principal, parse_scopes
 from node.identity.users import User
 from node.web.auth_api import password_sign_in
 from node.web.context import caller, services, signed_in_as
+from node.web.dicomweb_api import streamed
 from node.web.pages.browser_sessions import BrowserSessions
 from node.web.pages.portal import language, t
 from node.web.pages.reasons import explain, explain_recognition, in_zone, outcome
@@ -366,6 +366,7 @@ def savings_page(principal: Principal) -> ResponseReturnValue:
     report = savings(entries, recognition.zone, start, end)
     by_month = report.by(2)
     peak = max((fen for _, _, fen in by_month), default=0) or 1
+    members = _members()
     bars = [
         {"month": month, "count": count, "fen": fen, "yuan": yuan(fen), "height": 120 * fen // peak}
         for month, count, fen in by_month
@@ -376,10 +377,10 @@ def savings_page(principal: Principal) -> ResponseReturnValue:
         report=report,
         total=yuan(report.fen_saved),
         bars=bars,
-        by_member=[(_members().get(k, k), n, yuan(f)) for k, n, f in report.by(0)],
+        by_member=[(members.get(k, k), n, yuan(f)) for k, n, f in report.by(0)],
         by_item=[(names.get(k, k), n, yuan(f)) for k, n, f in report.by(1)],
         reordered=[
-            ((_members().get(member, member), reason), n)
+            ((members.get(member, member), reason), n)
             for (member, reason), n in sorted(report.reordered.items())
         ],
         start=start,
@@ -465,14 +466,7 @@ def image(principal: Principal, member: str, path: str) -> ResponseReturnValue:
             )
     except FhirError as exc:
         return Response(str(exc), status=exc.status, mimetype="text/plain")
-
-    def chunks() -> Any:
-        try:
-            yield from answer.chunks
-        finally:
-            answer.close()
-
-    return Response(stream_with_context(chunks()), answer.status, headers=answer.headers)
+    return streamed(answer)
 
 
 @bp.get("/static/viewer.js")
@@ -497,8 +491,7 @@ def _left(deadline: str) -> tuple[int, bool]:
     return minutes, minutes < 0
 
 
-def _shown(consult: consults.Consult) -> dict[str, Any]:
-    names = _members()
+def _shown(consult: consults.Consult, names: dict[str, str]) -> dict[str, Any]:
     left, late = _left(consult.deadline)
     return {
         "id": consult.consult_id,
@@ -516,11 +509,7 @@ def _shown(consult: consults.Consult) -> dict[str, Any]:
         "body_site": consult.body_site,
         "question": consult.question,
         "delivery": consult.delivery,
-        "reason": _explained(
-            str((consult.task.resource().get("statusReason") or {}).get("text", "")).removeprefix(
-                f"{consult.reader}: "
-            )
-        ),
+        "reason": _explained(consult.reason.removeprefix(f"{consult.reader}: ")),
     }
 
 
@@ -575,7 +564,8 @@ def consult_request(principal: Principal, patient_id: str) -> ResponseReturnValu
 @signed_in
 def consult_list(principal: Principal) -> ResponseReturnValue:
     """The consults this member asked of others, and what became of them."""
-    asked = [_shown(c) for c in consults.requested(services(), caller())]
+    names = _members()
+    asked = [_shown(c, names) for c in consults.requested(services(), caller())]
     notice = {"requested": t("consult_requested"), "cancelled": t("consult_cancelled")}.get(
         request.args.get("done", "")
     )
@@ -592,7 +582,8 @@ def consult_page(principal: Principal, consult_id: str) -> ResponseReturnValue:
     if task is None:
         return render_template("clinic/error.html", message=t("consult_unknown")), 404
     consult = consults.Consult.of(task)
-    shown = _shown(consult)
+    names = _members()
+    shown = _shown(consult, names)
     found = consults.report_and_signature(svc, consult)
     report = None
     if found is not None:
@@ -600,7 +591,7 @@ def consult_page(principal: Principal, consult_id: str) -> ResponseReturnValue:
         resource = stored.resource()
         try:
             signer = consults.verify_signature(svc, resource, provenance.resource())
-            signature = t("signature_valid").replace("{member}", _members().get(signer, signer))
+            signature = t("signature_valid").replace("{member}", names.get(signer, signer))
             valid = True
         except FhirError as exc:
             signature, valid = f"{t('signature_invalid')} ({exc})", False
@@ -643,8 +634,9 @@ def reading(principal: Principal) -> ResponseReturnValue:
     """The reading worklist: consults asked of this member, the most pressing first, each
     with the time left to its deadline (the page refreshes itself every 30 s)."""
     svc = services()
-    shown = [_shown(c) for c in consults.worklist(svc, caller())]
-    done = [_shown(c) for c in consults.worklist(svc, caller(), done=True)][:50]
+    names = _members()
+    shown = [_shown(c, names) for c in consults.worklist(svc, caller())]
+    done = [_shown(c, names) for c in consults.worklist(svc, caller(), done=True)][:50]
     return render_template("clinic/reading.html", consults=shown, done=done, me=principal.username)
 
 
@@ -685,7 +677,7 @@ def reading_consult(principal: Principal, consult_id: str) -> ResponseReturnValu
             findings = text.split("\n\n")[0].split("\n", 1)[-1]
     return render_template(
         "clinic/reading_consult.html",
-        consult=_shown(consult),
+        consult=_shown(consult, _members()),
         me=principal.username,
         previous=previous,
         findings=findings,
