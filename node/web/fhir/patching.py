@@ -77,6 +77,11 @@ def patched(
         raise InvalidRequest(f"the patch: {exc}") from None
     except (jsonpatch.JsonPatchException, jsonpointer.JsonPointerException) as exc:
         raise Unprocessable(f"the patch cannot be applied: {exc}") from None
+    except (TypeError, KeyError, IndexError):
+        # jsonpatch fails so on a "from" that names no value (e.g. the end of a list, "-")
+        raise Unprocessable(
+            "the patch cannot be applied: a path or from names no value of the resource"
+        ) from None
     if not isinstance(result, dict):
         raise Unprocessable("the patch does not leave a resource (a JSON object)")
     return result, current.etag
