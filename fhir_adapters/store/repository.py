@@ -35,6 +35,7 @@ from fhir_adapters.errors import (
     Unprocessable,
 )
 from fhir_adapters.store import jsonio, tables
+from fhir_adapters.store.group_commit import GroupCommit
 from fhir_adapters.store.resources import RESOURCE_TYPES, check_id, check_type, references, validate
 from fhir_adapters.store.search import (
     DEFAULT_COUNT,
@@ -132,6 +133,7 @@ class ResourceStore:
         self.write_engine = write_engine
         self.base_url = base_url.rstrip("/")
         self.observers: dict[str, list[WriteObserver]] = {}
+        self.group_commit = GroupCommit(write_engine)
 
     def observe(self, resource_type: str, observer: WriteObserver) -> None:
         """Call ``observer(writer, before, after)`` inside every write transaction that
@@ -595,9 +597,12 @@ class ResourceStore:
 
     @contextmanager
     def writing(self, actor: Any = None) -> Iterator[Writer]:
-        """One write transaction: everything done through the Writer commits or none of it.
-        ``actor``: who writes (opaque here), for the observers (:meth:`observe`) to read."""
-        with self.write_engine.begin() as conn:
+        """One write: everything done through the Writer commits or none of it, and leaving
+        the block waits until it is committed (durable). Concurrent writes of this process
+        share a transaction and its commit, each in a savepoint of its own, so one that fails
+        fails alone (:mod:`fhir_adapters.store.group_commit`). ``actor``: who writes (opaque
+        here), for the observers (:meth:`observe`) to read."""
+        with self.group_commit.write() as conn:
             yield Writer(self, conn, actor)
 
     def create(self, resource: Any, resource_type: str | None = None) -> Stored:
@@ -706,63 +711,96 @@ _CURRENT = (
 )
 
 
+def _insert_sql(table: sa.Table, mark: str) -> str:
+    columns = [column.name for column in table.columns]
+    return (
+        f"INSERT INTO {table.name} ({', '.join(columns)}) "
+        f"VALUES ({', '.join([mark] * len(columns))})"
+    )
+
+
+class _Sql:
+    """The statements of the common writes as SQL text for the DBAPI cursor of a write's
+    connection, in the database's parameter style: SQLAlchemy's work for each statement
+    (building, caching, its execution context) was most of what a small write cost."""
+
+    def __init__(self, mark: str) -> None:
+        self.mark = mark
+        self.insert_resource = (
+            "INSERT INTO fhir_resources (type, id, version, last_updated, deleted) "
+            f"VALUES ({mark}, {mark}, {mark}, {mark}, {mark}) RETURNING res_pk"
+        )
+        self.insert_version = _insert_sql(tables.versions, mark)
+        self.insert_index = {table.name: _insert_sql(table, mark) for table in tables.INDEX_TABLES}
+
+    def existing(self, resource_type: str, count: int) -> str:
+        """The (type, id) of the resources, not deleted, of one type among ``count`` ids."""
+        marks = ", ".join([self.mark] * count)
+        return (
+            f"SELECT type, id FROM fhir_resources WHERE type = {self.mark} "
+            f"AND id IN ({marks}) AND deleted = {self.mark}"
+        )
+
+
+_SQL = {"sqlite": _Sql("?"), "postgresql": _Sql("%s")}
+
+
+def _sql_of(conn: Connection) -> _Sql:
+    return _SQL[conn.dialect.name]
+
+
 @dataclass
 class _IndexBatch:
-    """Index rows waiting to be inserted, one list per table."""
+    """Index rows waiting to be inserted, one list of row tuples per table (in the order of
+    the table's columns)."""
 
-    tokens: list[dict[str, Any]] = field(default_factory=list)
-    strings: list[dict[str, Any]] = field(default_factory=list)
-    references: list[dict[str, Any]] = field(default_factory=list)
-    dates: list[dict[str, Any]] = field(default_factory=list)
-    quantities: list[dict[str, Any]] = field(default_factory=list)
-    links: list[dict[str, Any]] = field(default_factory=list)
-    compartment: list[dict[str, Any]] = field(default_factory=list)
+    rows: dict[str, list[tuple[Any, ...]]] = field(
+        default_factory=lambda: {table.name: [] for table in tables.INDEX_TABLES}
+    )
 
     def add(self, res_pk: int, resource_type: str, rows: IndexRows) -> None:
         """A resource's index rows, as rows of the tables."""
-        base = {"res_pk": res_pk, "type": resource_type}
-        self.tokens.extend(
-            {**base, "param": p, "system": sy[:255], "code": c[:255]} for p, sy, c in rows.tokens
+        found = self.rows
+        found[tables.tokens.name].extend(
+            (res_pk, resource_type, p, sy[:255], c[:255]) for p, sy, c in rows.tokens
         )
-        self.strings.extend(
-            {**base, "param": p, "value": v[:255], "exact": e[:255]} for p, v, e in rows.strings
+        found[tables.strings.name].extend(
+            (res_pk, resource_type, p, v[:255], e[:255]) for p, v, e in rows.strings
         )
-        self.references.extend(
-            {**base, "param": p, "target_type": t, "target_id": i} for p, t, i in rows.references
+        found[tables.references.name].extend(
+            (res_pk, resource_type, p, t, i) for p, t, i in rows.references
         )
-        self.dates.extend({**base, "param": p, "low": lo, "high": hi} for p, lo, hi in rows.dates)
-        self.quantities.extend(
-            {
-                **base,
-                "param": p,
-                "system": q.system[:255],
-                "code": q.code,
-                "value": q.value,
-                "dimension": q.dimension,
-                "base": q.base,
-                "derived": q.derived,
-            }
+        found[tables.dates.name].extend(
+            (res_pk, resource_type, p, lo, hi) for p, lo, hi in rows.dates
+        )
+        found[tables.quantities.name].extend(
+            (
+                res_pk,
+                resource_type,
+                p,
+                q.system[:255],
+                q.code,
+                q.value,
+                q.dimension,
+                q.base,
+                q.derived,
+            )
             for p, q in rows.quantities
         )
-        self.links.extend(
-            {"res_pk": res_pk, "target_type": t, "target_id": i} for t, i in rows.links
-        )
-        self.compartment.extend(
-            {"res_pk": res_pk, "patient_id": p} for p in sorted(rows.compartment)
+        found[tables.links.name].extend((res_pk, t, i) for t, i in rows.links)
+        found[tables.compartment.name].extend(
+            (p, res_pk) for p in sorted(rows.compartment)
         )
 
     def insert(self, conn: Connection) -> None:
-        for table, rows in (
-            (tables.tokens, self.tokens),
-            (tables.strings, self.strings),
-            (tables.references, self.references),
-            (tables.dates, self.dates),
-            (tables.quantities, self.quantities),
-            (tables.links, self.links),
-            (tables.compartment, self.compartment),
-        ):
-            if rows:
-                conn.execute(table.insert(), rows)
+        statements = _sql_of(conn).insert_index
+        cursor = conn.connection.cursor()
+        try:
+            for name, rows in self.rows.items():
+                if rows:
+                    cursor.executemany(statements[name], rows)
+        finally:
+            cursor.close()
 
 
 ITERATE_ROUNDS = 4  # how often :iterate includes are applied again to what they added
@@ -829,6 +867,15 @@ class Writer:
         # it creates later); ``tag`` names the write each deferred check came from.
         self.deferred: list[tuple[Any, dict[str, Any]]] | None = None
         self.tag: Any = None
+        self.sql = _sql_of(conn)
+        self._dbapi_cursor: Any = None
+
+    def _cursor(self) -> Any:
+        """The DBAPI cursor of the write's connection, for the statements of :class:`_Sql`
+        (they run in the same transaction as everything else on ``conn``)."""
+        if self._dbapi_cursor is None:
+            self._dbapi_cursor = self.conn.connection.cursor()
+        return self._dbapi_cursor
 
     def check_deferred(self) -> None:
         """Check the references of every deferred write; the error carries its ``tag``."""
@@ -864,11 +911,9 @@ class Writer:
         resource_id = resource_id or str(uuid.uuid4())
         now = now_micros()
         body, rows = self._prepare(resource, resource_id, 1, now, checked)
-        res_pk = self.conn.execute(
-            tables.resources.insert()
-            .values(type=resource_type, id=resource_id, version=1, last_updated=now, deleted=False)
-            .returning(tables.resources.c.res_pk)
-        ).scalar_one()
+        cursor = self._cursor()
+        cursor.execute(self.sql.insert_resource, (resource_type, resource_id, 1, now, False))
+        res_pk = cursor.fetchone()[0]
         self._insert_version(res_pk, resource_type, 1, now, "POST", body)
         self._insert_index(res_pk, resource_type, rows)
         stored = Stored(resource_type, resource_id, 1, now, body, "POST", res_pk=res_pk)
@@ -1097,19 +1142,18 @@ class Writer:
         wanted.pop((resource["resourceType"], resource["id"]), None)
         if not wanted:
             return
-        keys = list(wanted)
+        by_type: dict[str, list[str]] = {}
+        for target_type, target_id in wanted:
+            by_type.setdefault(target_type, []).append(target_id)
         found: set[tuple[str, str]] = set()
-        for start in range(0, len(keys), 500):
-            chunk = keys[start : start + 500]
-            found.update(
-                (row[0], row[1])
-                for row in self.conn.execute(
-                    sa.select(tables.resources.c.type, tables.resources.c.id).where(
-                        keys_clause(tables.resources.c.type, tables.resources.c.id, chunk),
-                        tables.resources.c.deleted.is_(False),
-                    )
+        cursor = self._cursor()
+        for target_type, ids in by_type.items():
+            for start in range(0, len(ids), 500):
+                chunk = ids[start : start + 500]
+                cursor.execute(
+                    self.sql.existing(target_type, len(chunk)), (target_type, *chunk, False)
                 )
-            )
+                found.update((row[0], row[1]) for row in cursor.fetchall())
         for target, path in wanted.items():
             if target not in found:
                 raise Unprocessable(
@@ -1126,15 +1170,8 @@ class Writer:
         method: str,
         body: bytes | None,
     ) -> None:
-        self.conn.execute(
-            tables.versions.insert().values(
-                res_pk=res_pk,
-                version=version,
-                type=resource_type,
-                last_updated=now,
-                method=method,
-                body=body,
-            )
+        self._cursor().execute(
+            self.sql.insert_version, (res_pk, version, resource_type, now, method, body)
         )
 
     def _insert_index(
