@@ -38,6 +38,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine, NestedTransaction, RootTransaction
@@ -83,6 +84,11 @@ class GroupCommit:
         self._arriving = 0  # threads waiting for their turn
         self._open: _Transaction | None = None
         self._inside = threading.local()  # whether this thread is writing
+
+    @property
+    def waiting(self) -> int:
+        """How many writes are waiting for their turn in the shared transaction."""
+        return self._arriving
 
     @contextlib.contextmanager
     def write(self) -> Iterator[Connection]:
@@ -195,7 +201,7 @@ def _begin(connection: Connection) -> RootTransaction:
     process that slept through its release would leave the database idle."""
     if connection.dialect.name != "sqlite":
         return connection.begin()
-    driver = connection.connection.driver_connection
+    driver: Any = connection.connection.driver_connection
     timeout_ms = driver.execute("PRAGMA busy_timeout").fetchone()[0]
     driver.execute("PRAGMA busy_timeout = 0")
     try:

@@ -788,9 +788,7 @@ class _IndexBatch:
             for p, q in rows.quantities
         )
         found[tables.links.name].extend((res_pk, t, i) for t, i in rows.links)
-        found[tables.compartment.name].extend(
-            (p, res_pk) for p in sorted(rows.compartment)
-        )
+        found[tables.compartment.name].extend((p, res_pk) for p in sorted(rows.compartment))
 
     def insert(self, conn: Connection) -> None:
         statements = _sql_of(conn).insert_index
@@ -916,7 +914,8 @@ class Writer:
         res_pk = cursor.fetchone()[0]
         self._insert_version(res_pk, resource_type, 1, now, "POST", body)
         self._insert_index(res_pk, resource_type, rows)
-        stored = Stored(resource_type, resource_id, 1, now, body, "POST", res_pk=res_pk)
+        patients = frozenset(rows.compartment)
+        stored = Stored(resource_type, resource_id, 1, now, body, "POST", patients, res_pk)
         self._notify(None, stored)
         return stored
 

@@ -51,6 +51,7 @@ from fhir_adapters.store.subsetting import Subsetting, parse_subsetting
 from node.flows import orders
 from node.flows.permissions import permit
 from node.flows.prior_results import CATEGORIES, fetch_prior_results
+from node.records.audit_trail import per_patient
 from node.services import Services
 from node.web.fhir.bundles import process_bundle, target_of_update
 from node.web.fhir.capability import capability_statement
@@ -364,18 +365,31 @@ class FhirApi:
         resource = req.json()
         condition = req.header("If-None-Exist")
         svc = self.svc
+        if not condition:  # checked before the write: not while holding the write lock
+            resource, _ = validate(resource, resource_type)
         with svc.store.writing(req.principal) as writer:
             if condition:
                 existing = self.conditional_match(req, writer, resource_type, condition)
                 if existing is not None:  # the caller is shown an existing resource: audited
                     svc.audit.writes(writer, req.caller, "create", [existing])
                     return self._respond(200, existing.body, self.version_headers(existing))
-            stored = writer.create(resource, resource_type)
-            svc.audit.writes(writer, req.caller, "create", [stored])
+            stored = writer.create(resource, resource_type, validated=not condition)
+            self._audit_created(writer, req, stored)
         answer = self.written(req, stored, 201)
         if resource_type == "ServiceRequest":
             self._recognition_hint(req, stored, answer)
         return answer
+
+    def _audit_created(self, writer: Writer, req: FhirRequest, stored: Stored) -> None:
+        """A create's AuditEvents, in its transaction, as ``audit.writes`` records them, by
+        the patients the store found when it indexed the resource (not indexed again)."""
+        if stored.patients is None:
+            self.svc.audit.writes(writer, req.caller, "create", [stored])
+            return
+        patients = {(stored.type, stored.id): stored.patients}
+        for group_patients, group in per_patient([stored], patients):
+            record = req.caller.record("create", entities=group, patients=group_patients)
+            self.svc.audit.record_in(writer, record)
 
     def _recognition_hint(self, req: FhirRequest, order: Stored, answer: FhirResponse) -> None:
         """A new order of a recognised-list item for a referred patient is answered with

@@ -1,0 +1,167 @@
+"""Group commit in the resource store, on SQLite and PostgreSQL: concurrent writes share one
+transaction and one commit, each durable when its block returns; one that fails fails alone;
+when the shared transaction is lost, every write in it says so and none is stored."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+from fhir_adapters.errors import FhirError, Unprocessable
+from fhir_adapters.store import ResourceStore, Writer, tables
+from fhir_adapters.store.group_commit import CommitFailed
+from ledger.store import open_engine
+
+
+@pytest.fixture
+def store(db_url: str) -> Iterator[ResourceStore]:
+    write_engine = open_engine(db_url, immediate=True)
+    tables.metadata.create_all(write_engine)
+    read_engine = open_engine(db_url)
+    yield ResourceStore(read_engine, write_engine, "http://hrx.test/fhir")
+    read_engine.dispose()
+    write_engine.dispose()
+
+
+def _patient(number: int) -> dict[str, Any]:
+    return {"resourceType": "Patient", "name": [{"family": f"测试{number}"}]}
+
+
+def _commits(store: ResourceStore) -> list[int]:
+    """A list that grows by one at every commit on the store's write engine."""
+    seen: list[int] = []
+    sa.event.listen(store.write_engine, "commit", lambda _conn: seen.append(1))
+    return seen
+
+
+def _stored_ids(store: ResourceStore) -> set[str]:
+    """The Patients stored, read on a connection of their own (what is committed)."""
+    with store.engine.connect() as conn:
+        return set(
+            conn.scalars(
+                sa.select(tables.resources.c.id).where(tables.resources.c.type == "Patient")
+            )
+        )
+
+
+def _together(store: ResourceStore, writes: list[Callable[[Writer], Any]]) -> list[tuple[str, Any]]:
+    """Run each write in a thread of its own so that all of them share one transaction: the
+    first holds its turn until every other one waits for its own. Each outcome is ("ok",
+    what it returned) or ("error", what it raised), in the order given."""
+    release = threading.Event()
+    outcomes: list[tuple[str, Any]] = [("", None)] * len(writes)
+
+    def run(index: int) -> None:
+        try:
+            with store.writing() as writer:
+                if index == 0:
+                    assert release.wait(30)
+                result = writes[index](writer)
+            outcomes[index] = ("ok", result)
+        except Exception as exc:  # what the write raised, for the test to look at
+            outcomes[index] = ("error", exc)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(writes))]
+    threads[0].start()
+    while store.group_commit.waiting or not _first_in(store):
+        time.sleep(0.001)
+    for thread in threads[1:]:
+        thread.start()
+    deadline = time.monotonic() + 30
+    while store.group_commit.waiting < len(writes) - 1 and time.monotonic() < deadline:
+        time.sleep(0.001)
+    release.set()
+    for thread in threads:
+        thread.join(30)
+    return outcomes
+
+
+def _first_in(store: ResourceStore) -> bool:
+    return store.group_commit._open is not None
+
+
+def test_concurrent_writes_share_one_commit_and_all_are_durable(store: ResourceStore) -> None:
+    commits = _commits(store)
+    writes = [lambda w, n=n: w.create(_patient(n)).id for n in range(12)]
+    outcomes = _together(store, writes)
+    assert [kind for kind, _ in outcomes] == ["ok"] * 12
+    assert len(commits) == 1
+    assert _stored_ids(store) == {created for _, created in outcomes}
+
+
+def test_a_write_that_fails_fails_alone(store: ResourceStore) -> None:
+    commits = _commits(store)
+
+    def invalid(writer: Writer) -> str:
+        writer.create(_patient(99))  # undone with the rest of this write
+        return writer.create({"resourceType": "Patient", "gender": "often"}).id
+
+    def dangling(writer: Writer) -> str:
+        observation = {
+            "resourceType": "Observation",
+            "status": "final",
+            "code": {"text": "Hb"},
+            "subject": {"reference": "Patient/nobody"},
+        }
+        return writer.create(observation).id
+
+    writes: list[Callable[[Writer], Any]] = [
+        lambda w, n=n: w.create(_patient(n)).id for n in range(6)
+    ]
+    writes[2] = invalid
+    writes[4] = dangling
+    outcomes = _together(store, writes)
+    assert [kind for kind, _ in outcomes] == ["ok", "ok", "error", "ok", "error", "ok"]
+    assert isinstance(outcomes[2][1], FhirError) and outcomes[2][1].status == 400
+    assert isinstance(outcomes[4][1], Unprocessable)
+    assert "Patient/nobody does not exist" in str(outcomes[4][1].issues[0].diagnostics)
+    assert len(commits) == 1
+    assert _stored_ids(store) == {outcomes[i][1] for i in (0, 1, 3, 5)}
+
+
+def test_a_lost_transaction_fails_every_write_in_it(store: ResourceStore) -> None:
+    def loses_the_transaction(writer: Writer) -> None:
+        writer.create(_patient(7))
+        writer.conn.connection.driver_connection.rollback()  # as a failing database would
+        raise RuntimeError("the database went away")
+
+    writes: list[Callable[[Writer], Any]] = [
+        lambda w: w.create(_patient(1)).id,
+        lambda w: w.create(_patient(2)).id,
+        loses_the_transaction,
+        lambda w: w.create(_patient(3)).id,
+    ]
+    outcomes = _together(store, writes)
+    # the first was in the lost transaction; those whose turn came after it, in a new one
+    assert isinstance(outcomes[0][1], CommitFailed)
+    assert isinstance(outcomes[2][1], RuntimeError)
+    for kind, outcome in (outcomes[1], outcomes[3]):
+        assert kind == "ok" or isinstance(outcome, CommitFailed)
+    kept = {outcome for kind, outcome in (outcomes[1], outcomes[3]) if kind == "ok"}
+    assert _stored_ids(store) == kept
+    created = store.create(_patient(4))  # and the store goes on writing
+    assert _stored_ids(store) == kept | {created.id}
+
+
+def test_many_threads_writing_at_once_all_commit(store: ResourceStore) -> None:
+    created: list[str] = []
+    lock = threading.Lock()
+
+    def writer_thread(start: int) -> None:
+        for number in range(start, start + 15):
+            stored = store.create(_patient(number))
+            with lock:
+                created.append(stored.id)
+
+    threads = [threading.Thread(target=writer_thread, args=(i * 100,)) for i in range(12)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert len(created) == 180
+    assert _stored_ids(store) == set(created)
