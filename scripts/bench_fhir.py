@@ -15,10 +15,14 @@ gunicorn (2 workers, gthread), and drives it with wrk from a separate process:
 - ceiling: GET /livez under the same gunicorn (a request that does no work).
 
 Every FHIR request carries a bearer token and leaves a durable AuditEvent, as in production.
-Prints each figure beside the ceiling measured in the same run.
+Prints each figure beside the ceiling measured in the same run. Creates are measured with
+``--connections`` at once (their writes share commits: group commit) and with one connection
+(what a lone client waits). ``--only create`` measures the ceiling and the creates alone, over
+a store of ``--observations`` (default then 1,000), each ``--rounds`` times in one run (the
+machine may be shared: every round is printed, and the range).
 
     python3 scripts/bench_fhir.py [--observations 100000] [--db URL] [--workers 2]
-        [--threads 4] [--seconds 10] [--connections 16]
+        [--threads 8] [--seconds 10] [--connections 16] [--only create] [--rounds 3]
 
 Needs wrk (Debian: apt-get install wrk).
 """
@@ -239,17 +243,48 @@ def gunicorn(
     )
 
 
+def creates_beside_ceiling(base: str, token: str, body: str, args: argparse.Namespace) -> None:
+    """``--rounds`` rounds of: the ceiling (GET /livez), creates with ``--connections`` at
+    once, and creates one at a time; each round printed, then the ranges."""
+    create = lua_paths(["/fhir/Observation"], "POST", body)
+    rounds = []
+    console.print(
+        f"{'round':>5} {'livez/s':>9} {'creates/s':>10} {'of ceiling':>10} {'p50 ms':>7} "
+        f"{'p99 ms':>7} {'alone/s':>8} {'alone p50 ms':>12}"
+    )
+    for number in range(1, args.rounds + 1):
+        ceiling = wrk(base, lua_paths(["/livez"]), None, args.seconds, args.connections)
+        many = wrk(base, create, token, args.seconds, args.connections, "application/fhir+json")
+        alone = wrk(base, create, token, args.seconds, 1, "application/fhir+json")
+        rounds.append((ceiling["rate"], many["rate"], alone["rate"]))
+        console.print(
+            f"{number:5} {ceiling['rate']:9,.0f} {many['rate']:10,.0f} "
+            f"{many['rate'] / ceiling['rate']:10.1%} {many['p50']:7.1f} {many['p99']:7.1f} "
+            f"{alone['rate']:8,.0f} {alone['p50']:12.2f}"
+        )
+    ceilings, creates, lone = zip(*rounds, strict=True)
+    console.print(
+        f"\ncreates with {args.connections} connections: {min(creates):,.0f}-{max(creates):,.0f}/s "
+        f"beside a ceiling (GET /livez) of {min(ceilings):,.0f}-{max(ceilings):,.0f}/s; "
+        f"one connection: {min(lone):,.0f}-{max(lone):,.0f}/s"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--observations", type=int, default=100_000)
     parser.add_argument("--db", default=None, help="PostgreSQL URL (default: SQLite)")
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=4)
+    parser.add_argument("--threads", type=int, default=8)
     parser.add_argument("--seconds", type=int, default=10)
     parser.add_argument("--connections", type=int, default=16)
+    parser.add_argument("--only", choices=["create"], default=None)
+    parser.add_argument("--rounds", type=int, default=3, help="with --only create")
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         raise SystemExit("wrk is not installed: apt-get install wrk")
+    if args.only == "create" and args.observations == 100_000:
+        args.observations = 1000
     work = Path(tempfile.mkdtemp(prefix="hrx-bench-"))
     directory = work / "node"
     port = free_port()
@@ -264,7 +299,10 @@ def main() -> None:
         wait_healthy(node.base, server)
         base = node.base
         rng = random.Random(11)
-        reads = [f"/fhir/Observation/{i}" for i in rng.sample(observation_ids, 2000)]
+        reads = [
+            f"/fhir/Observation/{i}"
+            for i in rng.sample(observation_ids, min(2000, len(observation_ids)))
+        ]
         searches = [
             f"/fhir/Observation?patient={rng.choice(patient_ids)}&code=http://loinc.org|"
             f"{rng.choice(LOINC)}&date=ge2021-01-01&_count=20"
@@ -308,6 +346,9 @@ def main() -> None:
             f"threads, {args.connections} connections, {args.seconds} s per figure"
         )
         wrk(base, lua_paths(reads), token, 2, args.connections)  # warm up
+        if args.only == "create":
+            creates_beside_ceiling(base, token, body, args)
+            return
         results = {
             "ceiling (GET /livez)": wrk(
                 base, lua_paths(["/livez"]), None, args.seconds, args.connections
@@ -330,6 +371,14 @@ def main() -> None:
         }
         # latency at one request at a time (no queueing): what a single user sees
         single = {
+            "create": wrk(
+                base,
+                lua_paths(["/fhir/Observation"], "POST", body),
+                token,
+                args.seconds,
+                1,
+                "application/fhir+json",
+            ),
             "read": wrk(base, lua_paths(reads), token, args.seconds, 1),
             "search patient+code+date": wrk(base, lua_paths(searches), token, args.seconds, 1),
             "chained (subject:Patient.identifier)": wrk(

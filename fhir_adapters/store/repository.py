@@ -732,6 +732,19 @@ class _Sql:
         )
         self.insert_version = _insert_sql(tables.versions, mark)
         self.insert_index = {table.name: _insert_sql(table, mark) for table in tables.INDEX_TABLES}
+        self.delete_index = [
+            f"DELETE FROM {table.name} WHERE res_pk = {mark}" for table in tables.INDEX_TABLES
+        ]
+        # the resource's row, locked until the transaction ends (PostgreSQL; on SQLite the
+        # transaction already holds the database's write lock)
+        self.lock_row = (
+            f"SELECT res_pk, version, deleted FROM fhir_resources WHERE type = {mark} "
+            f"AND id = {mark}" + (" FOR UPDATE" if mark == "%s" else "")
+        )
+        self.advance = (
+            f"UPDATE fhir_resources SET version = {mark}, last_updated = {mark}, "
+            f"deleted = {mark} WHERE res_pk = {mark} AND version = {mark}"
+        )
 
     def existing(self, resource_type: str, count: int) -> str:
         """The (type, id) of the resources, not deleted, of one type among ``count`` ids."""
@@ -1070,21 +1083,15 @@ class Writer:
             observer(self, before, after)
 
     def _lock_row(self, resource_type: str, resource_id: str) -> tuple[int, int, bool] | None:
-        query = sa.select(
-            tables.resources.c.res_pk, tables.resources.c.version, tables.resources.c.deleted
-        ).where(tables.resources.c.type == resource_type, tables.resources.c.id == resource_id)
-        if self.store.is_postgres:
-            query = query.with_for_update()
-        row = self.conn.execute(query).first()
+        cursor = self._cursor()
+        cursor.execute(self.sql.lock_row, (resource_type, resource_id))
+        row = cursor.fetchone()
         return None if row is None else (row[0], row[1], bool(row[2]))
 
     def _advance(self, res_pk: int, old: int, new: int, now: int, *, deleted: bool) -> None:
-        result = self.conn.execute(
-            tables.resources.update()
-            .where(tables.resources.c.res_pk == res_pk, tables.resources.c.version == old)
-            .values(version=new, last_updated=now, deleted=deleted)
-        )
-        if result.rowcount != 1:
+        cursor = self._cursor()
+        cursor.execute(self.sql.advance, (new, now, deleted, res_pk, old))
+        if cursor.rowcount != 1:
             raise Conflict("the resource changed while this write was made; try again")
 
     def _prepare(
@@ -1186,5 +1193,6 @@ class Writer:
         batch.insert(self.conn)
 
     def _delete_index(self, res_pk: int) -> None:
-        for table in tables.INDEX_TABLES:
-            self.conn.execute(table.delete().where(table.c.res_pk == res_pk))
+        cursor = self._cursor()
+        for statement in self.sql.delete_index:
+            cursor.execute(statement, (res_pk,))

@@ -1,4 +1,4 @@
-"""Taking HL7 v2 lab results into a node: one message, one transaction, one answer.
+"""Taking HL7 v2 lab results into a node: one message, one write, one answer.
 
 :class:`Hl7Intake` is what the MLLP listener and ``hrx adapters hl7-import`` both call. For
 each message it
@@ -6,12 +6,14 @@ each message it
 * reads and maps it (:mod:`fhir_adapters.hl7v2`); what cannot be read is rejected (AR) and
   what cannot be stored is an application error (AE); either way the message is kept, byte for
   byte, in the quarantine (``adapter_quarantine``) with the reason, and answered with a NAK;
-* stores it in **one** write transaction through the resource store (so the store's observers,
-  e.g. the pseudonym index, see every Patient write): the Patient found by any of its
-  identifiers (resident ID, MRN, an OID-named identifier) or created, its demographics updated,
-  each result an Observation and each order a DiagnosticReport under stable ids made from the
-  filler order number, the message's row in ``adapter_messages``, and an AuditEvent per
-  patient. Only after that commit is the message acknowledged AA;
+* stores it as **one** write through the resource store (so the store's observers, e.g. the
+  pseudonym index, see every Patient write; messages taken in at the same time, from several
+  MLLP connections, share a transaction and its commit, each in a savepoint of its own, so one
+  refused inside it is undone alone: :mod:`fhir_adapters.store.group_commit`): the Patient
+  found by any of its identifiers (resident ID, MRN, an OID-named identifier) or created, its
+  demographics updated, each result an Observation and each order a DiagnosticReport under
+  stable ids made from the filler order number, the message's row in ``adapter_messages``,
+  and an AuditEvent per patient. Only after the commit is the message acknowledged AA;
 * takes a message sent again (same sending application, facility and control ID, same content)
   as already stored: AA, nothing written. The same control ID with other content is rejected.
 
@@ -110,7 +112,8 @@ class Outcome:
 
 
 class Hl7Intake:
-    """Takes HL7 v2 messages into one node (thread-safe: each message is its own transaction)."""
+    """Takes HL7 v2 messages into one node (thread-safe: each message is one write, and
+    concurrent messages share commits)."""
 
     def __init__(self, services: Services, adapter: str = ADAPTER) -> None:
         """``adapter``: what the messages came through, as the adapters' tables and metrics
@@ -249,7 +252,8 @@ class Hl7Intake:
         origin: str,
         replaying: int | None,
     ) -> tuple[list[Stored], bool]:
-        """Everything the message says, in one transaction; (versions written, duplicate)."""
+        """Everything the message says, in one write (all or nothing, returned once committed);
+        (versions written, duplicate)."""
         with self.store.writing() as writer:
             locks = {f"hl7 message {message.key}"}
             for group in groups:

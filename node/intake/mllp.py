@@ -2,9 +2,11 @@
 
 MLLP (HL7's minimal lower layer protocol) frames each message as ``0x0B message 0x1C 0x0D``
 on a TCP stream; the answer comes back framed the same way on the same connection. The
-listener serves many connections at once (a thread each; storing is serialised by the
-database), answers each complete frame with the ACK :class:`node.intake.hl7.Hl7Intake` gives it
-— AA only once the message is committed — and logs one line per message.
+listener serves many connections at once (a thread each; the messages of connections sending
+at the same time share a write transaction and its commit, so N senders cost about one commit
+per N messages: :mod:`fhir_adapters.store.group_commit`), answers each complete frame with the
+ACK :class:`node.intake.hl7.Hl7Intake` gives it — AA only once the message is committed — and
+logs one line per message.
 
 It never dies on what a sender does: a frame longer than ``max_bytes`` is read to its end and
 answered AR (its head quarantined); bytes outside frames are skipped (and logged); a frame left
