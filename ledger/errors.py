@@ -7,6 +7,8 @@ subclasses let them tell a bad payload from a bad proof from a broken store, and
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class LedgerError(Exception):
     """Base of every error the ledger package raises."""
@@ -87,6 +89,16 @@ class VerificationError(LedgerError):
         if self.seq is not None:
             place.append(f"seq {self.seq}")
         return f"{', '.join(place)}: {self.what}" if place else self.what
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickled whole (a parallel verification's worker processes send their faults)."""
+        return (_verification_error, (self.what, self.chain, self.height, self.seq))
+
+
+def _verification_error(
+    what: str, chain: str | None, height: int | None, seq: int | None
+) -> VerificationError:
+    return VerificationError(what, chain=chain, height=height, seq=seq)
 
 
 class PeerUnavailable(LedgerError):

@@ -264,6 +264,30 @@ class Verifier:
         else:
             self.summary.forks.append(fork)
 
+    def for_chains(self, observe: Callable[[dict[str, Any]], None] | None) -> Verifier:
+        """A verifier of further chains under this one's rosters (shared, not copied), giving
+        the entries this one watches to ``observe``: what each process of a parallel
+        verification verifies its chains with (:mod:`ledger.verify_parallel`)."""
+        other = Verifier(self.authority, watch=self._watch, observe=observe)
+        other.rosters = self.rosters
+        other.summary.rosters = self.summary.rosters
+        return other
+
+    def chain_states(self) -> dict[str, _ChainState]:
+        """Every chain verified so far, to be handed to another verifier (:meth:`adopt`)."""
+        return self._chains
+
+    def adopt(
+        self, chains: Iterable[tuple[str, _ChainState]], emergencies: list[Emergency]
+    ) -> None:
+        """Take chains that another verifier under the same rosters verified
+        (:meth:`chain_states`), none of them verified here, and their break-glass entries, as
+        if they had been verified here, in the order given."""
+        for chain, state in chains:
+            self._chains[chain] = state
+            self.summary.chains[chain] = state.summary
+        self.summary.emergencies.extend(emergencies)
+
     def resume(self, header: dict[str, Any], frontier: merkle.Frontier) -> None:
         """Continue a chain from a block already verified and stored (replication checks only
         what comes after the local head): its header, and the tree's right edge after it."""
@@ -589,47 +613,70 @@ def _verify_lines(
     verifier: Verifier, path: Path, handle: Iterable[bytes], progress: Progress | None
 ) -> None:
     for number, line in enumerate(handle, start=1):
-        if not line.strip():
-            continue
-        try:
-            record = parse_json(line)
-            if isinstance(record, dict) and "roster" in record:
-                check_unique_keys(line)
-        except LedgerError as exc:
-            raise VerificationError(f"{path}:{number}: {exc}") from exc
+        verify_line(verifier, path, number, line, progress)
+
+
+class Misrouted(Exception):
+    """A block line whose header names another chain than the one it was routed to by its
+    text (:func:`verify_line`'s ``chain``): only a line spelled unlike hrx writes it can be."""
+
+    def __init__(self, number: int) -> None:
+        super().__init__(f"line {number} holds a block of another chain than its text showed")
+        self.number = number
+
+
+def verify_line(
+    verifier: Verifier,
+    path: Path,
+    number: int,
+    line: bytes,
+    progress: Progress | None,
+    chain: str | None = None,
+) -> None:
+    """Verify line ``number`` of an export. ``chain``: the chain a parallel verification
+    routed the line to (:mod:`ledger.verify_parallel`); a block whose header names another
+    raises :class:`Misrouted` before it is verified."""
+    if not line.strip():
+        return
+    try:
+        record = parse_json(line)
         if isinstance(record, dict) and "roster" in record:
-            if record.keys() != {"roster", "signature"}:
-                raise VerificationError(
-                    f'{path}:{number}: a roster line is {{"roster", "signature"}}'
-                )
-            verifier.add_roster(record["roster"], record["signature"])
-            continue
-        if isinstance(record, dict) and record.keys() in ({"certificate"}, {"evidence"}):
-            try:
-                check_unique_keys(line)
-            except LedgerError as exc:
-                raise VerificationError(f"{path}:{number}: {exc}") from exc
-            try:
-                if "certificate" in record:
-                    verifier.add_certificate(record["certificate"])
-                else:
-                    verifier.add_evidence(record["evidence"])
-            except VerificationError as exc:
-                raise VerificationError(f"{path}:{number}: {exc}") from exc
-            continue
+            check_unique_keys(line)
+    except LedgerError as exc:
+        raise VerificationError(f"{path}:{number}: {exc}") from exc
+    if isinstance(record, dict) and "roster" in record:
+        if record.keys() != {"roster", "signature"}:
+            raise VerificationError(f'{path}:{number}: a roster line is {{"roster", "signature"}}')
+        verifier.add_roster(record["roster"], record["signature"])
+        return
+    if isinstance(record, dict) and record.keys() in ({"certificate"}, {"evidence"}):
         try:
-            check_block_shape(record)
+            check_unique_keys(line)
         except LedgerError as exc:
             raise VerificationError(f"{path}:{number}: {exc}") from exc
-        header = record["header"]
-        datas = verifier.add_block(header, record["signature"], record["entries"])
-        if block_bytes(datas, canonical_bytes(header), record["signature"]) != line.strip():
-            try:  # not as hrx writes it: look for what canonical text cannot hold
-                check_unique_keys(line)
-            except LedgerError as exc:
-                raise VerificationError(f"{path}:{number}: {exc}") from exc
-        if progress:
-            progress(len(datas))
+        try:
+            if "certificate" in record:
+                verifier.add_certificate(record["certificate"])
+            else:
+                verifier.add_evidence(record["evidence"])
+        except VerificationError as exc:
+            raise VerificationError(f"{path}:{number}: {exc}") from exc
+        return
+    try:
+        check_block_shape(record)
+    except LedgerError as exc:
+        raise VerificationError(f"{path}:{number}: {exc}") from exc
+    header = record["header"]
+    if chain is not None and (header.get("chain") if isinstance(header, dict) else None) != chain:
+        raise Misrouted(number)
+    datas = verifier.add_block(header, record["signature"], record["entries"])
+    if block_bytes(datas, canonical_bytes(header), record["signature"]) != line.strip():
+        try:  # not as hrx writes it: look for what canonical text cannot hold
+            check_unique_keys(line)
+        except LedgerError as exc:
+            raise VerificationError(f"{path}:{number}: {exc}") from exc
+    if progress:
+        progress(len(datas))
 
 
 def verify_database(
@@ -642,6 +689,17 @@ def verify_database(
 ) -> Summary:
     """Verify a node's database: the ledger it holds, and the rows that hold it; ``given``
     and ``watching`` as :func:`verify_export` takes them."""
+    verifier = database_verifier(store, authority, **watching)
+    with _collector_paused():
+        for chain in store.chains():
+            verify_chain_rows(verifier, store, chain, progress)
+    return finish_database(verifier, store, given)
+
+
+def database_verifier(
+    store: ChainStore, authority: Ed25519PublicKey | None, **watching: Any
+) -> Verifier:
+    """A verifier holding the database's rosters, each checked, before any block."""
     verifier = Verifier(authority, **watching)
     try:
         with store.engine.connect() as conn:  # the rows as they are now, never a cached copy
@@ -652,8 +710,12 @@ def verify_database(
         raise VerificationError("the database holds no roster")
     for roster, signature in rosters:
         verifier.add_roster(roster, signature)
-    with _collector_paused():
-        _verify_rows(verifier, store, progress)
+    return verifier
+
+
+def finish_database(verifier: Verifier, store: ChainStore, given: Sequence[Any]) -> Summary:
+    """What follows the chains of a database: its certificates and evidence, the certificates
+    ``given``, and the check that no row lies outside the verified chains."""
     for certificate in store.certificates():
         verifier.add_certificate(certificate)
     for evidence in store.evidence():
@@ -689,38 +751,40 @@ def verify_database(
     return verifier.finish()
 
 
-def _verify_rows(verifier: Verifier, store: ChainStore, progress: Progress | None) -> None:
-    for chain in store.chains():
-        try:
-            for block in store.block_rows(chain):
-                where: dict[str, Any] = {"chain": chain, "height": block.row_height}
-                header = block.header
-                if header.get("chain") != chain or header.get("height") != block.row_height:
-                    raise VerificationError(
-                        f"the row's key (chain {chain}, height {block.row_height}) is not the "
-                        f"header's (chain {header.get('chain')}, height {header.get('height')})",
-                        **where,
-                    )
-                if header.get("tree_size") != block.row_tree_size:
-                    raise VerificationError(
-                        f"the row's tree_size {block.row_tree_size} is not the header's", **where
-                    )
-                expected = header.get("first_seq")
-                for seq in block.entry_seqs:
-                    if seq != expected:
-                        break
-                    expected += 1
-                if expected != header.get("tree_size"):
-                    raise VerificationError("entry row is missing", seq=expected, **where)
-                datas = verifier.add_block(
-                    header,
-                    block.signature,
-                    stored=block.entry_data,
-                    stored_nodes=block.entry_nodes,
+def verify_chain_rows(
+    verifier: Verifier, store: ChainStore, chain: str, progress: Progress | None
+) -> None:
+    """Verify one chain's block and entry rows, block by block."""
+    try:
+        for block in store.block_rows(chain):
+            where: dict[str, Any] = {"chain": chain, "height": block.row_height}
+            header = block.header
+            if header.get("chain") != chain or header.get("height") != block.row_height:
+                raise VerificationError(
+                    f"the row's key (chain {chain}, height {block.row_height}) is not the "
+                    f"header's (chain {header.get('chain')}, height {header.get('height')})",
+                    **where,
                 )
-                if progress:
-                    progress(len(datas))
-        except VerificationError:
-            raise
-        except LedgerError as exc:
-            raise VerificationError(str(exc)) from exc
+            if header.get("tree_size") != block.row_tree_size:
+                raise VerificationError(
+                    f"the row's tree_size {block.row_tree_size} is not the header's", **where
+                )
+            expected = header.get("first_seq")
+            for seq in block.entry_seqs:
+                if seq != expected:
+                    break
+                expected += 1
+            if expected != header.get("tree_size"):
+                raise VerificationError("entry row is missing", seq=expected, **where)
+            datas = verifier.add_block(
+                header,
+                block.signature,
+                stored=block.entry_data,
+                stored_nodes=block.entry_nodes,
+            )
+            if progress:
+                progress(len(datas))
+    except VerificationError:
+        raise
+    except LedgerError as exc:
+        raise VerificationError(str(exc)) from exc

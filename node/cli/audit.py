@@ -21,7 +21,12 @@ from ledger.canonical import parse_json
 from ledger.errors import LedgerError, VerificationError
 from ledger.receipt import verify_receipt
 from ledger.store import ChainStore
-from ledger.verify import Summary, verify_database, verify_export
+from ledger.verify import Summary
+from ledger.verify_parallel import (
+    available_cores,
+    verify_database_in_parallel,
+    verify_export_in_parallel,
+)
 from node.cli.console import entry_progress, fail, out, reported
 from node.consortium.remote_export import download_export
 
@@ -74,12 +79,20 @@ def _anchor(authority: str | None) -> Ed25519PublicKey | None:
     help="A checkpoint certificate obtained elsewhere (a file, or a member's URL): the ledger "
     "must hold every block it certifies. Repeatable.",
 )
+@click.option(
+    "--jobs",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Processes that verify chains at once (default: every core this process may use); "
+    "the verdict and the first fault are the same with any number.",
+)
 def audit_verify(
     target: str,
     authority: str | None,
     token: str | None,
     resolutions: tuple[Path, ...],
     checkpoints: tuple[str, ...],
+    jobs: int | None,
 ) -> None:
     """Verify a ledger: an export file, a database, or a node's URL (http(s)://...).
 
@@ -99,6 +112,7 @@ def audit_verify(
         "observe": decisions.observe,
         "given": given,
         "resolutions": settled,
+        "jobs": jobs or available_cores(),
     }
     with reported():
         try:
@@ -111,19 +125,19 @@ def audit_verify(
                     with entry_progress(None, "downloading") as advance:
                         download_export(target, token or "", export, advance)
                     with entry_progress(None, "verifying") as advance:
-                        summary = verify_export(export, anchor, advance, **watching)
+                        summary = verify_export_in_parallel(export, anchor, advance, **watching)
             elif _looks_like_database(target):
                 store = ChainStore(target, read_only=True)
                 if not store.is_initialised():
                     fail(f"{target} holds no ledger")
                 total = sum(rows for rows, _, _ in store.entry_stats().values())
                 with entry_progress(total, "verifying") as advance:
-                    summary = verify_database(store, anchor, advance, **watching)
+                    summary = verify_database_in_parallel(store, anchor, advance, **watching)
             else:
                 if not Path(target).is_file():
                     fail(f"{target} is neither an export file nor a database URL")
                 with entry_progress(None, "verifying") as advance:
-                    summary = verify_export(Path(target), anchor, advance, **watching)
+                    summary = verify_export_in_parallel(Path(target), anchor, advance, **watching)
         except VerificationError as exc:
             invalid(str(exc))
     findings = decisions.findings({c: s.entries for c, s in summary.chains.items()})

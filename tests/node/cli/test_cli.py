@@ -132,6 +132,28 @@ def test_tampered_export_fails_naming_the_place(initialised: tuple[str, Path]) -
     assert "INVALID: chain hosp-a, block height 1: tree_root" in result.output
 
 
+def test_audit_verify_says_the_same_on_any_number_of_processes(
+    initialised: tuple[str, Path],
+) -> None:
+    db, tmp_path = initialised
+    hrx("ledger", "append", "--db", db, "--type", "consent.granted", input='{"a": 1}\n')
+    hrx("ledger", "append", "--db", db, "--type", "consent.granted", input='{"a": 2}\n{"a": 3}\n')
+    export = tmp_path / "ledger.jsonl"
+    hrx("ledger", "export", "--db", db, "--out", str(export))
+    tampered = tmp_path / "tampered.jsonl"
+    tampered.write_text(export.read_text().replace('"a":3', '"a":4'))
+    authority = str(tmp_path / "authority.pem")
+    for target, verdict in ((str(export), "VALID"), (db, "VALID"), (str(tampered), "INVALID")):
+        outputs = {hrx("audit", "verify", target, "--authority", authority).output}
+        for jobs in ("1", "3"):
+            result = hrx("audit", "verify", target, "--authority", authority, "--jobs", jobs)
+            assert result.exit_code == (verdict == "INVALID"), result.output
+            outputs.add(result.output)
+        assert len(outputs) == 1 and outputs.pop().startswith(f"{verdict}: "), target
+    refused = hrx("audit", "verify", str(export), "--jobs", "0")
+    assert refused.exit_code == 2 and "--jobs" in refused.output
+
+
 def test_errors_name_the_problem(tmp_path: Path) -> None:
     missing = hrx("ledger", "heads", "--db", str(tmp_path / "none.db"))
     assert missing.exit_code == 1 and "holds no ledger" in missing.output

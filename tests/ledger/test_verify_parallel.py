@@ -1,0 +1,383 @@
+"""Verification on every core (ledger.verify_parallel) gives what serial verification gives: the
+same summary, or the same first fault in the same words, on every export and database case of
+test_verify.py and test_verify_faults.py (run again here with both compared), and on ledgers
+of several chains: faults in more than one chain, chains interleaved, a line routed to another
+chain than it holds, break-glass and observed entries in reading order."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ledger import keys
+from ledger.errors import LedgerError, VerificationError
+from ledger.roster import make_member, make_roster, sign_roster
+from ledger.store import ChainStore, ChainWriter
+from ledger.verify import Summary, verify_database, verify_export
+from ledger.verify_parallel import (
+    _scan,
+    available_cores,
+    verify_database_in_parallel,
+    verify_export_in_parallel,
+)
+from tests.helpers.ledgers import BLS_KEY, Ledger
+from tests.ledger import test_verify, test_verify_faults
+
+
+def _outcome(run: Callable[..., Summary], *args: Any, **options: Any) -> Any:
+    """What a verification gives: its summary (and the order of its chains), what it observed
+    and how many entries it reported, or its fault in every detail."""
+    observed: list[dict[str, Any]] = []
+    progressed: list[int] = []
+    if "observe" in options:
+        options = {**options, "observe": observed.append}
+    try:
+        summary = run(*args, progressed.append, **options)
+    except VerificationError as exc:
+        return ("fault", str(exc), exc.what, exc.chain, exc.height, exc.seq)
+    return ("valid", summary, list(summary.chains), observed, sum(progressed))
+
+
+def _compared(serial: Callable[..., Summary], parallel: Callable[..., Summary]) -> Any:
+    """``serial`` as the tests call it, after checking that ``parallel`` on two and on three
+    processes gives the same outcome."""
+
+    def verify(*args: Any, **options: Any) -> Summary:
+        progress = args[2] if len(args) > 2 else options.pop("progress", None)
+        expected = _outcome(serial, *args[:2], **options)
+        for jobs in (2, 3):
+            assert _outcome(parallel, *args[:2], jobs=jobs, **options) == expected, jobs
+        return serial(*args[:2], progress, **options)
+
+    return verify
+
+
+def _existing_cases() -> list[Any]:
+    """Every test of test_verify.py and test_verify_faults.py that verifies an export or a
+    database, each parametrized case on its own (but the one whose store appends while it is
+    verified: a second verification finds more entries)."""
+    cases = []
+    for module in (test_verify, test_verify_faults):
+        for name, test in vars(module).items():
+            source = inspect.getsource(test) if name.startswith("test_") else ""
+            if "verify_export(" not in source and "verify_database(" not in source:
+                continue
+            if name == "test_entries_stored_while_verifying_are_said_to_be_uncovered":
+                continue
+            marks = [m for m in getattr(test, "pytestmark", []) if m.name == "parametrize"]
+            params = marks[0].args[1] if marks else [()]
+            cases += [
+                pytest.param(module, test, param, id=f"{name}-{n}")
+                for n, param in enumerate(params)
+            ]
+    return cases
+
+
+@pytest.mark.parametrize(("module", "test", "param"), _existing_cases())
+def test_parallel_verification_agrees_with_serial_on_every_existing_case(
+    module: Any,
+    test: Callable[..., None],
+    param: Any,
+    ledger_db: Ledger,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(
+        module, "verify_export", _compared(verify_export, verify_export_in_parallel)
+    )
+    monkeypatch.setattr(
+        module, "verify_database", _compared(verify_database, verify_database_in_parallel)
+    )
+    fixtures = {"ledger_db": ledger_db, "tmp_path": tmp_path}
+    names = list(inspect.signature(test).parameters)
+    given = [fixtures[name] for name in names if name in fixtures]
+    test(*given, *param)
+
+
+# -- ledgers of several chains -----------------------------------------------------------------
+
+CHAINS = ("hosp-a", "hosp-b", "hosp-c")
+
+
+def _consortium(ledger: Ledger, tmp_path: Path, blocks: dict[str, int]) -> dict[str, Any]:
+    """A second roster version with hosp-b and hosp-c, and ``blocks[chain]`` blocks of two
+    entries on each chain (one of them break-glass on hosp-b and hosp-c); the members' keys."""
+    ((roster, _),) = ledger.store.rosters()
+    signing = {"hosp-a": ledger.key}
+    members = list(roster["members"])
+    for chain in CHAINS[1:]:
+        signing[chain] = keys.load_or_create_private_key(tmp_path / f"{chain}.pem")
+        url = f"https://{chain}.example"
+        members.append(make_member(chain, f"Hospital {chain}", url, signing[chain], BLS_KEY))
+    body = make_roster("test", members, quorum=1, version=2)
+    ledger.store.add_roster(body, sign_roster(body, ledger.authority))
+    for chain, count in blocks.items():
+        with ChainWriter(ledger.store, chain, signing[chain]) as writer:
+            for n in range(count):
+                second = ("emergency.access", {"requester_org": chain}) if n == 1 else None
+                writer.append_many(
+                    [("access.requested", {"n": n}), second or ("access.decided", {"n": n})]
+                )
+    return signing
+
+
+def _export(ledger: Ledger, path: Path) -> list[bytes]:
+    lines = [line + b"\n" for line in ledger.store.export_lines()]
+    path.write_bytes(b"".join(lines))
+    return lines
+
+
+def _same(path: Path, ledger: Ledger, **options: Any) -> Any:
+    """The outcome of verifying ``path``, the same serially and on two and three processes."""
+    anchor = ledger.authority.public_key()
+    expected = _outcome(verify_export, path, anchor, **options)
+    for jobs in (2, 3):
+        assert _outcome(verify_export_in_parallel, path, anchor, jobs=jobs, **options) == expected
+    return expected
+
+
+def _changed(line: bytes, old: bytes, new: bytes) -> bytes:
+    assert old in line
+    return line.replace(old, new, 1)
+
+
+@pytest.fixture
+def three(ledger_db: Ledger, tmp_path: Path) -> tuple[Ledger, Path, list[bytes]]:
+    """hosp-a with 3 blocks, hosp-b with 1, hosp-c with 2, exported as hrx writes them."""
+    _consortium(ledger_db, tmp_path, {"hosp-a": 3, "hosp-b": 1, "hosp-c": 2})
+    path = tmp_path / "three.jsonl"
+    return ledger_db, path, _export(ledger_db, path)
+
+
+def test_several_chains_verify_alike(three: tuple[Ledger, Path, list[bytes]]) -> None:
+    ledger, path, lines = three
+    kind, summary, chains, *_ = _same(path, ledger)
+    assert (kind, chains, summary.entries) == ("valid", list(CHAINS), 12)
+    assert [(e.chain, e.seq) for e in summary.emergencies] == [("hosp-a", 3), ("hosp-c", 3)]
+    # every block line's chain is found by its text, as one run per chain
+    runs = _scan(_mapped_lines(path), 3, len(lines[0]) + len(lines[1]))
+    assert {c: len(r) for c, r in runs.by_chain.items()} == {c: 1 for c in CHAINS}
+    assert runs.end is None
+
+
+def _mapped_lines(path: Path) -> Any:
+    from ledger.verify_parallel import _mapped
+
+    return _mapped(path)
+
+
+def test_the_earlier_of_two_faults_in_two_chains_is_named(
+    three: tuple[Ledger, Path, list[bytes]],
+) -> None:
+    """Whichever worker finds its fault first: the fault of the earlier line is serial's."""
+    ledger, path, lines = three
+    # lines: 2 rosters, hosp-a at 3..5, hosp-b at 6, hosp-c at 7..8
+    tampered = list(lines)
+    tampered[3] = _changed(lines[3], b'"n":1', b'"n":7')  # hosp-a, height 1 (line 4)
+    tampered[7] = _changed(lines[7], b'"n":1', b'"n":7')  # hosp-c, height 1 (line 8)
+    path.write_bytes(b"".join(tampered))
+    assert _same(path, ledger)[3:] == ("hosp-a", 1, None)
+    # hosp-a's worker reaches its fault after two blocks, hosp-c's at once
+    tampered[3] = lines[3]
+    tampered[4] = b"{not json\n"  # line 5: hosp-a's last block
+    tampered[6] = _changed(lines[6], b'"n":0', b'"n":7')  # line 7: hosp-c, height 0
+    path.write_bytes(b"".join(tampered))
+    assert _same(path, ledger)[1].startswith(f"{path}:5: not valid JSON")
+    tampered[2] = _changed(lines[2], b'"n":0', b'"n":7')  # the very first block
+    path.write_bytes(b"".join(tampered))
+    assert _same(path, ledger)[3:] == ("hosp-a", 0, None)
+
+
+def test_every_changed_byte_of_a_ledger_of_several_chains_verifies_alike(
+    three: tuple[Ledger, Path, list[bytes]],
+) -> None:
+    ledger, path, lines = three
+    for number, line in enumerate(lines):
+        for position in range(number, len(line) - 1, 29):
+            changed = bytearray(line)
+            changed[position] ^= 0x01
+            path.write_bytes(b"".join([*lines[:number], bytes(changed), *lines[number + 1 :]]))
+            _same(path, ledger)
+
+
+def test_chains_interleaved_reordered_or_cut_verify_alike(
+    three: tuple[Ledger, Path, list[bytes]],
+) -> None:
+    ledger, path, lines = three
+    rosters, a, b, c = lines[:2], lines[2:5], lines[5:6], lines[6:8]
+    variants = {
+        "interleaved": [*rosters, a[0], c[0], b[0], a[1], b"\n", c[1], a[2]],
+        "a height skipped": [*rosters, a[0], c[0], b[0], a[2], c[1], a[1]],
+        "c repeated": [*rosters, *c, *a, c[1], *b],
+        "a roster after blocks": [*rosters, *a, rosters[1], *b],
+        "no roster": [*a, *b, *c],
+    }
+    outcomes = {}
+    for name, variant in variants.items():
+        path.write_bytes(b"".join(variant))
+        outcomes[name] = _same(path, ledger)
+    assert outcomes["interleaved"][0] == "valid"
+    assert outcomes["interleaved"][2] == ["hosp-a", "hosp-c", "hosp-b"]
+    assert outcomes["a height skipped"][1] == "chain hosp-a, block height 2: expected height 1"
+    assert outcomes["c repeated"][1] == "chain hosp-c, block height 1: expected height 2"
+    assert outcomes["a roster after blocks"][1] == "roster version 2 does not follow version 2"
+    assert outcomes["no roster"][1] == "a block comes before any roster"
+
+
+def test_what_follows_the_blocks_is_verified_after_them(
+    three: tuple[Ledger, Path, list[bytes]],
+) -> None:
+    """Certificates, evidence and blocks after them, and blocks spelled otherwise than hrx
+    writes them, are verified in the parent, in the same order as serially."""
+    ledger, path, lines = three
+    spaced = [json.dumps(json.loads(line)).encode() + b"\n" for line in lines]
+    certificate = b'{"certificate":{"signers":[]}}\n'
+    variants = {
+        "certificate after blocks": [*lines, certificate],
+        "a block after a certificate": [*lines[:7], certificate, lines[7]],
+        "blocks spelled with spaces": spaced,
+        "spaced from hosp-c on": [*lines[:6], *spaced[6:]],
+        "spaced hosp-a first": [*lines[:2], spaced[2], *lines[3:]],
+    }
+    outcomes = {name: None for name in variants}
+    for name, variant in variants.items():
+        path.write_bytes(b"".join(variant))
+        outcomes[name] = _same(path, ledger)
+    assert outcomes["certificate after blocks"][1].startswith(f"{path}:9: certificate: ")
+    assert outcomes["a block after a certificate"][1].startswith(f"{path}:8: certificate: ")
+    for name in ("blocks spelled with spaces", "spaced from hosp-c on", "spaced hosp-a first"):
+        assert outcomes[name][0] == "valid", name
+        assert outcomes[name][1].entries == 12
+
+
+def test_a_block_routed_to_another_chain_by_its_text_is_verified_serially(
+    ledger_db: Ledger, tmp_path: Path
+) -> None:
+    """A valid block of hosp-a, spelled with its signature before its header, whose last
+    ``],"header":{"chain":"`` is in an entry's body and names hosp-b."""
+    signing = _consortium(ledger_db, tmp_path, {"hosp-b": 1})
+    with ChainWriter(ledger_db.store, "hosp-a", signing["hosp-a"]) as writer:
+        writer.append("access.requested", {"a": [1], "header": {"chain": "hosp-b"}})
+    path = tmp_path / "routed.jsonl"
+    lines = _export(ledger_db, path)
+    block = json.loads(lines[2])
+    respelled = {k: block[k] for k in ("entries", "signature", "header")}
+    lines[2] = json.dumps(respelled, separators=(",", ":")).encode() + b"\n"
+    path.write_bytes(b"".join(lines))
+    runs = _scan(_mapped_lines(path), 3, len(lines[0]) + len(lines[1]))
+    assert list(runs.by_chain) == ["hosp-b"]  # both lines of hosp-b, by their text
+    kind, _, chains, *_ = _same(path, ledger_db)
+    assert (kind, chains) == ("valid", ["hosp-a", "hosp-b"])
+    lines[3] = _changed(lines[3], b'"n":0', b'"n":7')  # and a fault after it, in hosp-b
+    path.write_bytes(b"".join(lines))
+    assert _same(path, ledger_db)[3:] == ("hosp-b", 0, None)
+    lines[2], lines[3] = lines[3], lines[2]  # or before it
+    path.write_bytes(b"".join(lines))
+    assert _same(path, ledger_db)[3:] == ("hosp-b", 0, None)
+
+
+def test_observed_and_break_glass_entries_come_in_reading_order(
+    three: tuple[Ledger, Path, list[bytes]],
+) -> None:
+    ledger, path, lines = three
+    watch = frozenset({"access.requested", "emergency.access"})
+    for variant in (lines, [*lines[:2], lines[6], lines[2], lines[5], lines[7], *lines[3:5]]):
+        path.write_bytes(b"".join(variant))
+        kind, _, _, observed, entries = _same(path, ledger, watch=watch, observe=None)
+        assert (kind, entries, len(observed)) == ("valid", 12, 8)
+        blocks = [json.loads(line) for line in variant[2:]]
+        assert observed == [e for b in blocks for e in b["entries"] if e["type"] in watch]
+
+
+def test_a_database_of_several_chains_verifies_alike(ledger_db: Ledger, tmp_path: Path) -> None:
+    from tests.helpers.ledgers import rows_changeable
+
+    _consortium(ledger_db, tmp_path, {"hosp-a": 2, "hosp-b": 3, "hosp-c": 2})
+    anchor = ledger_db.authority.public_key()
+    watching = {"watch": frozenset({"access.decided", "emergency.access"}), "observe": None}
+
+    def same() -> Any:
+        expected = _outcome(verify_database, ledger_db.store, anchor, **watching)
+        for jobs in (2, 3, 8):
+            parallel = _outcome(
+                verify_database_in_parallel, ledger_db.store, anchor, jobs=jobs, **watching
+            )
+            assert parallel == expected, jobs
+        return expected
+
+    kind, summary, chains, observed, entries = same()
+    assert (kind, chains, entries, len(observed)) == ("valid", list(CHAINS), 14, 7)
+    assert [(e.chain, e.seq) for e in summary.emergencies] == [
+        ("hosp-a", 3),
+        ("hosp-b", 3),
+        ("hosp-c", 3),
+    ]
+    with rows_changeable(ledger_db.store) as conn:
+        for chain, seq in (("hosp-c", 1), ("hosp-b", 4)):
+            conn.exec_driver_sql(
+                f"DELETE FROM ledger_entries WHERE chain = '{chain}' AND seq = {seq}"
+            )
+    assert same()[1] == "chain hosp-b, block height 2, seq 4: entry row is missing"
+
+
+def test_one_process_is_serial_verification(
+    three: tuple[Ledger, Path, list[bytes]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With one job, or a file that cannot be mapped, no worker is started."""
+    import ledger.verify_parallel as parallel
+
+    ledger, path, _ = three
+    monkeypatch.setattr(parallel, "_run", None)  # a worker would fail
+    anchor = ledger.authority.public_key()
+    assert verify_export_in_parallel(path, anchor, jobs=1).entries == 12
+    assert verify_database_in_parallel(ledger.store, anchor, jobs=1).entries == 12
+    empty, missing = path.with_name("empty.jsonl"), path.with_name("missing.jsonl")
+    empty.write_bytes(b"")
+    with pytest.raises(VerificationError) as caught:
+        verify_export_in_parallel(empty, anchor, jobs=2)
+    assert caught.value.what == f"{empty} holds no roster"
+    with pytest.raises(VerificationError) as caught:
+        verify_export_in_parallel(missing, anchor, jobs=2)
+    assert caught.value.what == f"cannot read {missing}: No such file or directory"
+    assert 1 <= available_cores() <= (os.cpu_count() or 1)
+
+
+def test_a_worker_that_dies_or_fails_is_an_error(
+    three: tuple[Ledger, Path, list[bytes]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import ledger.verify_parallel as parallel
+
+    ledger, path, _ = three
+    anchor = ledger.authority.public_key()
+
+    def dies(*_: Any) -> Any:
+        os._exit(3)
+
+    def cannot_answer(*_: Any) -> Any:
+        return lambda: None  # cannot be pickled
+
+    monkeypatch.setattr(parallel, "_export_worker", dies)
+    with pytest.raises(LedgerError, match=r"^a verifying process ended without an answer$"):
+        verify_export_in_parallel(path, anchor, jobs=2)
+    monkeypatch.setattr(parallel, "_export_worker", cannot_answer)
+    with pytest.raises(LedgerError, match=r"^a verifying process failed: "):
+        verify_export_in_parallel(path, anchor, jobs=2)
+
+
+def test_a_store_is_verified_by_workers_that_open_their_own_connections(
+    three: tuple[Ledger, Path, list[bytes]],
+) -> None:
+    ledger, _, _ = three
+    store = ChainStore(ledger.url)
+    try:
+        summary = verify_database_in_parallel(store, ledger.authority.public_key(), jobs=2)
+        assert summary.entries == 12
+        assert store.chains() == list(CHAINS)  # the parent's connections still work
+    finally:
+        store.close()
