@@ -6,14 +6,20 @@ measured in the same run (a ratio holds on a noisy machine; an absolute time dri
 - appends/s through ChainWriter with 1, 8 and 32 concurrent writer threads (each waits until its
   entry is durable), on SQLite and PostgreSQL; ceiling: the same rows inserted raw (no
   canonicalising, hashing or signing) in the same number of transactions;
-- verification entries/s on one core over a ledger of ``--entries`` entries, from its export
-  file and from its database; ceiling: SHA-256 leaf hashes over the same canonical bytes;
+- verification entries/s over a ledger of ``--entries`` entries on ``--members`` chains, from
+  its export file and from its database, on one core (``--jobs 1``) and on every core (one
+  worker process per core, ledger.verify_parallel); ceiling: SHA-256 leaf hashes over the same
+  canonical bytes, in one process on one core, and in one process per core at once (what the
+  machine gives several processes at that moment: other work on it shows here);
+- the Merkle floor: the leaf and interior-node hashes every verifier must compute (RFC 9162),
+  with no parsing or checking at all, beside the same ceiling;
 - inclusion and consistency proofs at that size: made from the store, checked by the verifier.
 """
 
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
 import random
 import sys
@@ -34,9 +40,14 @@ from ledger import bls, keys, merkle
 from ledger.canonical import canonical_bytes
 from ledger.roster import make_member, make_roster, open_roster, sign_roster
 from ledger.store import ChainStore, ChainWriter, open_engine
-from ledger.verify import verify_database, verify_export
+from ledger.verify_parallel import (
+    available_cores,
+    verify_database_in_parallel,
+    verify_export_in_parallel,
+)
 
 console = Console(highlight=False)
+LOAD_BEFORE = f"{os.getloadavg()[0]:.2f}"  # other work on the machine shows here
 BODY = {
     "request_id": "0f8e2a6c-1b1f-4a59-b7a2-6a6b4a7e5d11",
     "requester_org": "hosp-b",
@@ -49,16 +60,20 @@ BODY = {
 BLS_KEY = bls.generate_secret_key(b"bench".ljust(32, b"\0"))
 
 
-def new_ledger(url: str, workdir: Path) -> tuple[ChainStore, Any, Any]:
-    key = keys.load_or_create_private_key(workdir / "hosp-a.pem")
+def new_ledger(url: str, workdir: Path, members: int = 1) -> tuple[ChainStore, Any, Any]:
+    """A ledger of ``members`` members (hosp-a, hosp-b, ...); the first one's key is returned
+    (every member's key is ``workdir/<id>.pem``)."""
+    ids = [f"hosp-{chr(ord('a') + n)}" if n < 26 else f"hosp-{n}" for n in range(members)]
+    signing = {i: keys.load_or_create_private_key(workdir / f"{i}.pem") for i in ids}
     authority = keys.load_or_create_private_key(workdir / "authority.pem")
-    member = make_member("hosp-a", "Hospital A", "", key, BLS_KEY)
-    roster = make_roster("bench", [member], quorum=1)
+    roster = make_roster(
+        "bench", [make_member(i, f"Hospital {i}", "", signing[i], BLS_KEY) for i in ids], quorum=1
+    )
     store = ChainStore(url)
     store.initialise(
         roster, sign_roster(roster, authority), chain="hosp-a", key_path=workdir / "hosp-a.pem"
     )
-    return store, key, authority
+    return store, signing["hosp-a"], authority
 
 
 def run_appenders(writer: ChainWriter, threads: int, total: int) -> float:
@@ -149,23 +164,66 @@ def timed(fn: Callable[[], Any], repeat: int) -> float:
     return (time.perf_counter() - started) / repeat
 
 
-def bench_large(entries: int, workdir: Path, rows: list[list[str]]) -> None:
-    url = f"sqlite:///{workdir / 'large.db'}"
-    store, key, authority = new_ledger(url, workdir / "large")
+def hash_rate(datas: list[bytes], processes: int) -> float:
+    """Leaf hashes per second over ``datas`` (each hashed once), in ``processes`` processes at
+    once, each a share, one ``merkle.leaf_hash`` at a time (the ceiling)."""
+
+    def share(part: int) -> None:
+        for data in datas[part::processes]:
+            merkle.leaf_hash(data)
+
+    if processes == 1:
+        started = time.perf_counter()
+        share(0)
+        return len(datas) / (time.perf_counter() - started)
+    context = multiprocessing.get_context("fork")
+    workers = [context.Process(target=share, args=(part,)) for part in range(processes)]
     started = time.perf_counter()
-    with (
-        ChainWriter(store, "hosp-a", key) as writer,
-        Progress(console=console, transient=True) as progress,
-    ):
-        task = progress.add_task("building the ledger", total=entries)
-        for start in range(0, entries, 1000):
-            count = min(1000, entries - start)
-            writer.append_many([("access.decided", BODY)] * count)
-            progress.advance(task, count)
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    return len(datas) / (time.perf_counter() - started)
+
+
+def merkle_floor(blocks: list[list[bytes]]) -> float:
+    """Entries per second of the hashing alone that verifying needs: every leaf hash and every
+    interior node of each chain's tree, block by block as the verifier computes them."""
+    started = time.perf_counter()
+    frontier = merkle.Frontier()
+    for datas in blocks:
+        if datas is None:
+            frontier = merkle.Frontier()  # the next chain
+            continue
+        frontier.extend(merkle.leaf_hashes(datas))
+    return sum(len(b) for b in blocks if b is not None) / (time.perf_counter() - started)
+
+
+def build(store: ChainStore, workdir: Path, entries: int, members: int) -> None:
+    per_member = entries // members
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task("building the ledger", total=per_member * members)
+        for member in store.roster().body["members"]:
+            signing = keys.load_private_key(workdir / f"{member['id']}.pem")
+            with ChainWriter(store, member["id"], signing) as writer:
+                for start in range(0, per_member, 1000):
+                    count = min(1000, per_member - start)
+                    writer.append_many([("access.decided", BODY)] * count)
+                    progress.advance(task, count)
+
+
+def bench_large(
+    entries: int, members: int, jobs: int, workdir: Path, rows: list[list[str]]
+) -> None:
+    url = f"sqlite:///{workdir / 'large.db'}"
+    store, _, authority = new_ledger(url, workdir / "large", members)
+    started = time.perf_counter()
+    build(store, workdir / "large", entries, members)
     built = time.perf_counter() - started
+    entries = entries // members * members
     rows.append(
         [
-            f"bulk append of {entries:,} entries (blocks of 1000), entries/s",
+            f"bulk append of {entries:,} entries on {members} chains (blocks of 1000), entries/s",
             f"{entries / built:,.0f}",
             "",
             "",
@@ -178,23 +236,21 @@ def bench_large(entries: int, workdir: Path, rows: list[list[str]]) -> None:
     with export.open("wb") as handle:
         for line in store.export_lines():
             handle.write(line + b"\n")
-    canonical = [data for block in store.block_rows("hosp-a") for data in block.entry_data]
-
-    started = time.perf_counter()
-    for data in canonical:
-        merkle.leaf_hash(data)
-    ceiling = time.perf_counter() - started
-    del canonical  # an auditor's process holds nothing else: free the 1M entries' bytes
+    blocks: list[Any] = []
+    for chain in store.chains():
+        blocks += [block.entry_data for block in store.block_rows(chain)] + [None]
+    canonical = [data for datas in blocks if datas is not None for data in datas]
 
     # The roster check is once per verification, whatever the size: its BLS proofs of
     # possession run on py_ecc (milagro has no PoP API). Timed on its own, and then cached in
-    # this process, so that the rates below are the per-entry work.
+    # this process (and the workers forked from it), so that the rates below are the per-entry
+    # work.
     started = time.perf_counter()
     open_roster(*store.rosters()[0], authority.public_key())
     roster_check = time.perf_counter() - started
     rows.append(
         [
-            "roster check, once per verification (1 member; BLS PoP on py_ecc)",
+            f"roster check, once per verification ({members} members, one BLS key; PoP on py_ecc)",
             f"{roster_check:.2f} s",
             "",
             "",
@@ -203,24 +259,46 @@ def bench_large(entries: int, workdir: Path, rows: list[list[str]]) -> None:
     )
     console.print(rows[-1])
 
-    started = time.perf_counter()
-    summary = verify_export(export, authority.public_key())
-    from_file = time.perf_counter() - started
-    assert summary.entries == entries
-    started = time.perf_counter()
-    verify_database(store, authority.public_key())
-    from_db = time.perf_counter() - started
-    for label, seconds in (("export file", from_file), ("database", from_db)):
-        rows.append(
-            [
-                f"verify {entries:,} entries from the {label}, entries/s (one core)",
-                f"{entries / seconds:,.0f}",
-                f"{entries / ceiling:,.0f}",
-                f"{ceiling / seconds:.0%}",
-                f"{seconds:.1f} s",
-            ]
-        )
-        console.print(rows[-1])
+    everywhere = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+    for cores in (1, jobs):
+        if everywhere is not None:  # one core: this process and its workers on the first
+            os.sched_setaffinity(0, {min(everywhere)} if cores == 1 else everywhere)
+        ceiling = hash_rate(canonical, cores)
+        if cores == 1:
+            floor = merkle_floor(blocks)
+            rows.append(
+                [
+                    "Merkle hashing alone (leaves and interior nodes), entries/s (one core)",
+                    f"{floor:,.0f}",
+                    f"{ceiling:,.0f}",
+                    f"{floor / ceiling:.0%}",
+                    "no parsing, no checks: what any verifier computes",
+                ]
+            )
+            console.print(rows[-1])
+        where = "one core" if cores == 1 else f"{cores} processes on {len(everywhere or [1])} cores"
+        anchor = authority.public_key()
+        verifiers: list[tuple[str, Any, Callable[..., Any]]] = [
+            ("export file", export, verify_export_in_parallel),
+            ("database", store, verify_database_in_parallel),
+        ]
+        for label, target, verifying in verifiers:
+            started = time.perf_counter()
+            summary = verifying(target, anchor, jobs=cores)
+            seconds = time.perf_counter() - started
+            assert summary.entries == entries
+            rows.append(
+                [
+                    f"verify {entries:,} entries ({members} chains) from the {label}, "
+                    f"entries/s ({where})",
+                    f"{entries / seconds:,.0f}",
+                    f"{ceiling:,.0f}",
+                    f"{entries / seconds / ceiling:.0%}",
+                    f"{seconds:.2f} s",
+                ]
+            )
+            console.print(rows[-1])
+    del canonical, blocks
 
     head = store.heads()["hosp-a"]
     size, root = head.tree_size, bytes.fromhex(head.header["tree_root"])
@@ -277,8 +355,15 @@ def main() -> None:
         "--entries", type=int, default=1_000_000, help="size of the ledger to verify and prove"
     )
     parser.add_argument(
+        "--members", type=int, default=8, help="chains the ledger to verify is spread over"
+    )
+    parser.add_argument(
+        "--jobs", type=int, default=available_cores(), help="worker processes for every core"
+    )
+    parser.add_argument(
         "--appends", type=int, default=24_000, help="appends per 8-writer measurement"
     )
+    parser.add_argument("--skip-appends", action="store_true", help="only the large ledger")
     parser.add_argument(
         "--postgres",
         default="postgresql://postgres@127.0.0.1:5432/postgres",
@@ -288,10 +373,15 @@ def main() -> None:
     rows: list[list[str]] = []
     with tempfile.TemporaryDirectory(prefix="hrx-bench-") as tmp:
         workdir = Path(tmp)
-        bench_appends(
-            "SQLite", f"sqlite:///{workdir / 'appends.db'}", workdir / "sqlite", args.appends, rows
-        )
-        if args.postgres != "none":
+        if not args.skip_appends:
+            bench_appends(
+                "SQLite",
+                f"sqlite:///{workdir / 'appends.db'}",
+                workdir / "sqlite",
+                args.appends,
+                rows,
+            )
+        if args.postgres != "none" and not args.skip_appends:
             admin = psycopg.connect(args.postgres, autocommit=True)
             name = f"hrx_bench_{uuid.uuid4().hex[:8]}"
             admin.execute(f'CREATE DATABASE "{name}"')
@@ -305,9 +395,7 @@ def main() -> None:
                 )
             finally:
                 admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
-        if hasattr(os, "sched_setaffinity"):
-            os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})  # verification: one core
-        bench_large(args.entries, workdir, rows)
+        bench_large(args.entries, args.members, args.jobs, workdir, rows)
     table = Table(
         "figure", "measured", "ceiling", "of ceiling", "notes", title="hrx ledger benchmark"
     )
@@ -316,7 +404,8 @@ def main() -> None:
     console.print(table)
     console.print(
         f"BLS backend: {bls.BACKEND}; Python {sys.version.split()[0]}; {os.cpu_count()} cores; "
-        "verification pinned to one"
+        "one-core figures pinned to one core; load average before the run "
+        f"{LOAD_BEFORE}, after {os.getloadavg()[0]:.2f}"
     )
 
 
