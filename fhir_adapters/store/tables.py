@@ -140,3 +140,30 @@ search_sets = sa.Table(
 )
 
 INDEX_TABLES = (tokens, strings, references, dates, quantities, links, compartment)
+
+# -- bulk import (fhir_adapters.store.bulk_import) --
+
+import_positions = sa.Table(
+    "fhir_import_positions",
+    metadata,
+    sa.Column("job", sa.String(64), primary_key=True),
+    sa.Column("source", sa.Integer, primary_key=True, autoincrement=False),  # file, from 0
+    sa.Column("line", sa.BigInteger, nullable=False),  # lines settled, from the file's start
+    sa.Column("offset", sa.BigInteger, nullable=False),  # bytes settled
+    sa.Column("created", sa.BigInteger, nullable=False),
+    sa.Column("updated", sa.BigInteger, nullable=False),
+    sa.Column("unchanged", sa.BigInteger, nullable=False),
+    sa.Column("refused", sa.BigInteger, nullable=False),
+)
+
+# lines of an import not stored: "held" until what they refer to is stored, or "refused"
+import_lines = sa.Table(
+    "fhir_import_lines",
+    metadata,
+    sa.Column("job", sa.String(64), primary_key=True),
+    sa.Column("source", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("line", sa.BigInteger, primary_key=True, autoincrement=False),  # from 1
+    sa.Column("state", sa.String(8), nullable=False),  # "held" or "refused"
+    sa.Column("reason", sa.Text, nullable=False),
+    sa.Column("text", sa.LargeBinary, nullable=False),  # the line as it was read
+)

@@ -152,3 +152,22 @@ locator_table = sa.Table(
     sa.Column("newest", sa.String(10), nullable=False),  # YYYY-MM-DD of its newest result
     sa.Column("updated", sa.BigInteger, nullable=False),  # µs since the epoch
 )
+
+
+# -- bulk data jobs: $export and $import (node.flows.bulk_jobs) --
+
+bulk_jobs_table = sa.Table(
+    "node_bulk_jobs",
+    metadata,
+    sa.Column("id", sa.String(36), primary_key=True),
+    sa.Column("kind", sa.String(8), nullable=False),  # "export" or "import"
+    sa.Column("owner", sa.String(64), nullable=False),  # the username that asked
+    sa.Column("request", sa.Text, nullable=False),  # what was asked (JSON)
+    sa.Column("state", sa.String(12), nullable=False),  # running, done, failed, cancelled
+    sa.Column("created", sa.BigInteger, nullable=False),  # µs since the epoch
+    sa.Column("heartbeat", sa.BigInteger, nullable=False),  # the worker's last sign of life
+    sa.Column("finished", sa.BigInteger, nullable=True),
+    sa.Column("progress", sa.Text, nullable=False),  # for the status answer (JSON)
+    sa.Column("result", sa.Text, nullable=True),  # the manifest, or the error (JSON)
+    sa.Index("node_bulk_jobs_owner", "owner", "created"),
+)

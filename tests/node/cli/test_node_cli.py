@@ -283,7 +283,10 @@ def test_app_refuses_a_database_behind(node_dir: Path) -> None:
 
 
 def undo_revision_0011(conn: sa.Connection) -> None:
-    """What revision 0011 adds taken away again, as in a database an earlier hrx made."""
+    """What revision 0011 and the later ones add taken away again, as in a database an
+    earlier hrx made."""
+    for table in ("node_bulk_jobs", "fhir_import_positions", "fhir_import_lines"):  # 0013
+        conn.execute(sa.text(f"DROP TABLE {table}"))
     conn.execute(sa.text("DROP TABLE fhir_idx_quantity"))
     conn.execute(sa.text("ALTER TABLE fhir_idx_string DROP COLUMN exact"))
 
@@ -347,10 +350,10 @@ def test_upgrade_applies_pending_migrations(node_dir: Path) -> None:
     finally:
         database.close()
     result = hrx("node", "upgrade", "--dir", str(node_dir))
-    assert result.exit_code == 0 and "from revision 0001 to 0012" in result.output, result.output
+    assert result.exit_code == 0 and "from revision 0001 to 0013" in result.output, result.output
     database = open_database(config.database_url)
     try:
-        assert current_revision(database.engine) == head_revision() == "0012"
+        assert current_revision(database.engine) == head_revision() == "0013"
         # the users are kept, and the one locked out then is still held from unknown addresses
         wang, li = get_user(database.engine, "wang"), get_user(database.engine, "li")
         assert wang is not None and wang.active and not wang.removed
