@@ -168,22 +168,33 @@ def hash_rate(datas: list[bytes], processes: int) -> float:
     """Leaf hashes per second over ``datas`` (each hashed once), in ``processes`` processes at
     once, each a share, one ``merkle.leaf_hash`` at a time (the ceiling)."""
 
-    def share(part: int) -> None:
-        for data in datas[part::processes]:
-            merkle.leaf_hash(data)
-
     if processes == 1:
         started = time.perf_counter()
-        share(0)
+        for data in datas:
+            merkle.leaf_hash(data)
         return len(datas) / (time.perf_counter() - started)
     context = multiprocessing.get_context("fork")
+    ready = context.Barrier(processes + 1)
+    done = context.Queue()
+
+    def share(part: int) -> None:
+        mine = datas[part::processes]  # touched before the clock starts (copy-on-write)
+        ready.wait()
+        for data in mine:
+            merkle.leaf_hash(data)
+        done.put(part)
+
     workers = [context.Process(target=share, args=(part,)) for part in range(processes)]
-    started = time.perf_counter()
     for worker in workers:
         worker.start()
+    ready.wait()
+    started = time.perf_counter()
+    for _ in workers:
+        done.get()
+    elapsed = time.perf_counter() - started
     for worker in workers:
         worker.join()
-    return len(datas) / (time.perf_counter() - started)
+    return len(datas) / elapsed
 
 
 def merkle_floor(blocks: list[list[bytes]]) -> float:
