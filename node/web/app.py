@@ -23,7 +23,7 @@ from werkzeug.serving import run_simple
 from node.base.config import load_config
 from node.ops.metrics import observe_request
 from node.services import open_services
-from node.web import auth_api, dicomweb_api, health, ledger_api, metrics, peer_api
+from node.web import auth_api, bulk_api, dicomweb_api, health, ledger_api, metrics, peer_api
 from node.web.fhir import rest
 from node.web.pages import clinic, portal
 from node.web.request_log import install_request_hooks, route_of_request
@@ -69,6 +69,7 @@ def create_app(directory: str | Path) -> Flask:
     app.register_blueprint(health.bp)
     app.register_blueprint(auth_api.bp)
     app.register_blueprint(auth_api.discovery)
+    app.register_blueprint(bulk_api.bp)  # before /fhir's catch-all
     app.register_blueprint(rest.bp)
     app.register_blueprint(ledger_api.bp)
     app.register_blueprint(peer_api.bp)

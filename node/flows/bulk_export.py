@@ -1,0 +1,395 @@
+"""Bulk export (FHIR Bulk Data Access IG 2.0, ``$export``): every resource of the asked types
+as NDJSON files, written by a job in the background and fetched by the client afterwards.
+
+Three levels: the whole server (``[base]/$export``), every patient's compartment
+(``Patient/$export``: the Patients and the resources in a patient's compartment) and a
+Group's members' compartments (``Group/[id]/$export``). Parameters: ``_outputFormat``
+(``application/fhir+ndjson``, ``application/ndjson`` or ``ndjson``), ``_type`` (types, comma
+separated; default every type the caller may read, at patient level those in the patient
+compartment), ``_since`` (an instant: resources changed after it) and ``_typeFilter``
+(``Type?search``, searches as the API reads them; several for one type are OR-ed). Anything
+else is refused (400) rather than ignored.
+
+What is exported is the store as it was at the manifest's ``transactionTime``, two seconds
+before the job started (so that a write in flight when it starts is either in this export or
+after this ``transactionTime``: a client that asks again with ``_since`` equal to it misses
+nothing and gets nothing twice). A resource changed after that keeps its version of then;
+one created after it is left out; deleted resources are not listed.
+
+Files are written straight from the stored bytes, ``LINES_PER_FILE`` resources a file, read
+``BATCH`` rows at a time in (lastUpdated, row) order through the store's index: memory stays
+flat whatever the size, and each row is read once.
+
+Only tokens with a ``system/`` read scope may export (SMART Backend Services: an admin or an
+auditor account), and only the types their scopes and role may read. Each export is recorded
+as an AuditEvent (who, what was asked, how many resources).
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any, BinaryIO
+from urllib.parse import parse_qsl
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from fhir_adapters.definitions import patient_compartment
+from fhir_adapters.errors import Forbidden, InvalidRequest, NotFound
+from fhir_adapters.store import format_instant, now_micros, tables
+from fhir_adapters.store.resources import RESOURCE_TYPES
+from fhir_adapters.store.search import Access, match_query, parse_search
+from fhir_adapters.store.search_params import parse_reference
+from node.flows import bulk_jobs
+from node.identity.tokens import Principal
+from node.records.audit_trail import Caller
+from node.services import Services
+
+FORMATS = ("application/fhir+ndjson", "application/ndjson", "ndjson")
+LEVELS = ("system", "patient", "group")
+PARAMETERS = ("_outputFormat", "_type", "_since", "_typeFilter")
+BATCH = 1000
+LINES_PER_FILE = 250_000
+SETTLE_SECONDS = 2  # transactionTime lies this far before the job starts (see the module)
+_INSTANT = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,9})?(Z|[+-]\d{2}:\d{2})")
+
+R, V, C = tables.resources, tables.versions, tables.compartment
+
+
+@dataclass(frozen=True)
+class ExportRequest:
+    level: str
+    group: str | None
+    types: tuple[str, ...]
+    since: int | None  # µs: only resources changed after it
+    type_filters: dict[str, list[str]] = field(default_factory=dict)  # type: its searches
+    url: str = ""  # the kick-off request as asked
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "level": self.level,
+            "group": self.group,
+            "types": list(self.types),
+            "since": self.since,
+            "type_filters": self.type_filters,
+            "url": self.url,
+        }
+
+    @classmethod
+    def from_json(cls, value: dict[str, Any]) -> ExportRequest:
+        return cls(
+            value["level"],
+            value["group"],
+            tuple(value["types"]),
+            value["since"],
+            value["type_filters"],
+            value["url"],
+        )
+
+
+def parse_export(
+    principal: Principal,
+    level: str,
+    group: str | None,
+    query: Sequence[tuple[str, str]],
+    url: str,
+) -> ExportRequest:
+    """The export asked for, checked: 400 for what the IG or this server does not allow, 403
+    for what the caller may not read."""
+    if not any(scope.context == "system" for scope in principal.scopes):
+        raise Forbidden(
+            f"{principal.username} may not export: bulk export needs a token with a system/ "
+            "read scope (SMART Backend Services), held by an admin or an auditor account"
+        )
+    values: dict[str, list[str]] = {}
+    for name, value in query:
+        if name not in PARAMETERS:
+            raise InvalidRequest(
+                f"$export does not support the parameter {name!r}; supported: "
+                + ", ".join(PARAMETERS)
+            )
+        values.setdefault(name, []).append(value)
+    for output_format in values.get("_outputFormat", []):
+        if output_format not in FORMATS:
+            raise InvalidRequest(
+                f"_outputFormat {output_format!r} is not supported; use one of "
+                + ", ".join(FORMATS)
+            )
+    in_compartment = {t for t in RESOURCE_TYPES if patient_compartment(t)} | {"Patient"}
+    readable = [t for t in RESOURCE_TYPES if principal.allows(t, "r") and principal.allows(t, "s")]
+    asked = [t.strip() for v in values.get("_type", []) for t in v.split(",") if t.strip()]
+    for resource_type in asked:
+        if resource_type not in RESOURCE_TYPES:
+            raise InvalidRequest(
+                f"_type: {resource_type!r} is not a resource type this server hosts"
+            )
+        if resource_type not in readable:
+            raise Forbidden(f"{principal.username} may not read {resource_type} resources")
+        if level != "system" and resource_type not in in_compartment:
+            raise InvalidRequest(
+                f"_type: {resource_type} resources are in no patient's compartment; a "
+                f"{level}-level export holds only those (export it at [base]/$export)"
+            )
+    types = tuple(dict.fromkeys(asked)) or tuple(
+        t for t in readable if level == "system" or t in in_compartment
+    )
+    since = None
+    for text in values.get("_since", [])[-1:]:
+        if not _INSTANT.fullmatch(text):
+            raise InvalidRequest(
+                f"_since {text!r} is not a FHIR instant (e.g. 2026-01-01T00:00:00+08:00)"
+            )
+        since = int(datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp() * 10**6)
+    filters: dict[str, list[str]] = {}
+    for text in values.get("_typeFilter", []):
+        resource_type, _, search = text.partition("?")
+        if resource_type not in types:
+            raise InvalidRequest(
+                f"_typeFilter {text!r}: {resource_type or 'no type'} is not among the exported "
+                "types"
+            )
+        parse_search(resource_type, parse_qsl(search, keep_blank_values=True))  # 400 if wrong
+        filters.setdefault(resource_type, []).append(search)
+    return ExportRequest(level, group, types, since, filters, url)
+
+
+# -- the job ------------------------------------------------------------------------------
+
+
+def start_export(svc: Services, caller: Caller, request: ExportRequest) -> bulk_jobs.Job:
+    """Record the job and run it in a thread of this process; the job."""
+    principal = caller.principal
+    assert principal is not None
+    if request.level == "group":
+        _group_members(svc, str(request.group))  # 404 now rather than a failed job
+    job = bulk_jobs.new_job(svc, "export", principal.username, request.as_json())
+    _run_in_background(svc, caller, job)
+    return job
+
+
+def _run_in_background(svc: Services, caller: Caller, job: bulk_jobs.Job) -> None:
+    request = ExportRequest.from_json(job.request)
+    bulk_jobs.start(svc, job, lambda: export(svc, caller, job, request))
+
+
+def export_status(svc: Services, caller: Caller, job_id: str) -> bulk_jobs.Job:
+    """The caller's export job; one whose process was lost starts again here."""
+    principal = caller.principal
+    assert principal is not None
+    job = bulk_jobs.get_job(svc, job_id, principal.username, "export")
+    if job.stale and bulk_jobs.take_over(svc, job):
+        _run_in_background(svc, caller, job)
+    return job
+
+
+def cancel_export(svc: Services, caller: Caller, job_id: str) -> None:
+    """Stop the job (if it runs), delete its files and forget it."""
+    job = export_status(svc, caller, job_id)
+    bulk_jobs.cancel(svc, job.id)
+    shutil.rmtree(export_folder(svc, job.id), ignore_errors=True)
+    bulk_jobs.forget(svc, job.id)
+
+
+def export_file(svc: Services, caller: Caller, job_id: str, name: str) -> Path:
+    """A file of the caller's finished export."""
+    job = export_status(svc, caller, job_id)
+    names = [Path(item["url"]).name for item in (job.result or {}).get("output", [])]
+    if job.state != bulk_jobs.DONE or name not in names:
+        raise NotFound(f"export {job_id} has no file {name!r}")
+    return export_folder(svc, job.id) / name
+
+
+def export_folder(svc: Services, job_id: str) -> Path:
+    return svc.config.directory / "bulk" / f"export-{job_id}"
+
+
+def export(
+    svc: Services, caller: Caller, job: bulk_jobs.Job, request: ExportRequest
+) -> dict[str, Any]:
+    """Write the export's files; its manifest (the IG's completion body)."""
+    transaction_time = job.created - SETTLE_SECONDS * 10**6
+    folder = export_folder(svc, job.id)
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    base = svc.config.url.rstrip("/") + "/fhir"
+    output: list[dict[str, Any]] = []
+    state = {"resources": 0, "type": ""}
+    beats = _Beats(svc, job.id, state)
+    members = _group_members(svc, str(request.group)) if request.level == "group" else None
+    for resource_type in request.types:
+        state["type"] = resource_type
+        with svc.database.engine.connect() as conn:
+            rows = _rows(conn, svc, request, resource_type, transaction_time, members)
+            for number, count in _write_files(folder, resource_type, rows, beats):
+                name = f"{resource_type}-{number}.ndjson"
+                output.append(
+                    {
+                        "type": resource_type,
+                        "url": f"{base}/$bulk-file/{job.id}/{name}",
+                        "count": count,
+                    }
+                )
+    manifest = {
+        "transactionTime": format_instant(transaction_time),
+        "request": request.url,
+        "requiresAccessToken": True,
+        "output": output,
+        "error": [],
+    }
+    _audit(svc, caller, request, sum(item["count"] for item in output))
+    return manifest
+
+
+class _Beats:
+    """The job's heartbeat, every few seconds (:class:`~node.flows.bulk_jobs.Cancelled` when
+    the job was cancelled)."""
+
+    def __init__(self, svc: Services, job_id: str, state: dict[str, Any]) -> None:
+        self.svc, self.job_id, self.state = svc, job_id, state
+        self.last = now_micros()
+
+    def __call__(self, written: int) -> None:
+        self.state["resources"] += written
+        now = now_micros()
+        if now - self.last >= bulk_jobs.HEARTBEAT_SECONDS * 10**6:
+            self.last = now
+            bulk_jobs.beat(self.svc, self.job_id, dict(self.state))
+
+
+def _write_files(
+    folder: Path, resource_type: str, rows: Iterator[bytes], advance: Callable[[int], None]
+) -> Iterator[tuple[int, int]]:
+    """Write ``rows`` into ``<type>-<n>.ndjson`` files; (n, lines) of each file written."""
+    number, count = 0, 0
+    handle: BinaryIO | None = None
+    pending = 0
+    try:
+        for body in rows:
+            if handle is None or count == LINES_PER_FILE:
+                if handle is not None:
+                    handle.close()
+                    yield number, count
+                number, count = number + 1, 0
+                handle = (folder / f"{resource_type}-{number}.ndjson").open("wb")
+            handle.write(body)
+            handle.write(b"\n")
+            count += 1
+            pending += 1
+            if pending == BATCH:
+                advance(pending)
+                pending = 0
+    finally:
+        if handle is not None:
+            handle.close()
+    advance(pending)
+    if handle is not None:
+        yield number, count
+
+
+def _rows(
+    conn: Connection,
+    svc: Services,
+    request: ExportRequest,
+    resource_type: str,
+    moment: int,
+    members: list[str] | None,
+) -> Iterator[bytes]:
+    """The stored bodies of one type as of ``moment``, in (lastUpdated, row) order: first
+    what was current then and has not changed since, then the older versions of what
+    changed after ``moment``."""
+    scope = _scope(svc, request, resource_type, members)
+    current = (
+        sa.select(R.c.last_updated, R.c.res_pk, V.c.body)
+        .select_from(R.join(V, sa.and_(V.c.res_pk == R.c.res_pk, V.c.version == R.c.version)))
+        .where(R.c.type == resource_type, R.c.deleted.is_(False), R.c.last_updated <= moment)
+    )
+    if request.since is not None:
+        current = current.where(R.c.last_updated > request.since)
+    if scope is not None:
+        current = current.where(scope)
+    after = (request.since or -(2**62), -1)
+    while True:
+        batch = conn.execute(
+            current.where(sa.tuple_(R.c.last_updated, R.c.res_pk) > after)
+            .order_by(R.c.last_updated, R.c.res_pk)
+            .limit(BATCH)
+        ).all()
+        for _, _, body in batch:
+            yield bytes(body)
+        if len(batch) < BATCH:
+            break
+        after = (batch[-1][0], batch[-1][1])
+    # what changed after the moment: its version of then, if it had one
+    W = V.alias("then")
+    then = (
+        sa.select(sa.func.max(W.c.version))
+        .where(W.c.res_pk == R.c.res_pk, W.c.last_updated <= moment)
+        .scalar_subquery()
+    )
+    changed = (
+        sa.select(R.c.res_pk, V.c.body, V.c.last_updated)
+        .select_from(R.join(V, V.c.res_pk == R.c.res_pk))
+        .where(R.c.type == resource_type, R.c.last_updated > moment, V.c.version == then)
+        .order_by(R.c.res_pk)
+    )
+    if scope is not None:
+        changed = changed.where(scope)
+    for _, body, last_updated in conn.execute(changed):
+        if body is not None and (request.since is None or last_updated > request.since):
+            yield bytes(body)
+
+
+def _scope(
+    svc: Services, request: ExportRequest, resource_type: str, members: list[str] | None
+) -> Any:
+    """The condition on a row's ``res_pk`` that keeps it in the export, or None for all."""
+    conditions = []
+    if request.level != "system":
+        if resource_type == "Patient":
+            if members is not None:
+                conditions.append(R.c.id.in_(members))
+        else:
+            in_compartment = sa.select(C.c.res_pk)
+            if members is not None:
+                in_compartment = in_compartment.where(C.c.patient_id.in_(members))
+            conditions.append(R.c.res_pk.in_(in_compartment))
+    searches = request.type_filters.get(resource_type)
+    if searches:
+        matches = [
+            match_query(
+                parse_search(resource_type, parse_qsl(search, keep_blank_values=True)),
+                Access(),
+                svc.store.base_url,
+            )
+            .with_only_columns(R.c.res_pk)
+            .order_by(None)
+            for search in searches
+        ]
+        conditions.append(R.c.res_pk.in_(sa.union(*matches) if len(matches) > 1 else matches[0]))
+    return sa.and_(*conditions) if conditions else None
+
+
+def _group_members(svc: Services, group_id: str) -> list[str]:
+    """The ids of the Patients a Group names (``member.entity``); 404 without the Group."""
+    group = svc.store.read("Group", group_id).resource()
+    members = []
+    for member in group.get("member", []):
+        reference = (member.get("entity") or {}).get("reference", "")
+        target = parse_reference(reference, svc.store.base_url)
+        if target is not None and target[0] == "Patient":
+            members.append(target[1])
+    return sorted(set(members))
+
+
+def _audit(svc: Services, caller: Caller, request: ExportRequest, count: int) -> None:
+    record = caller.record("operation", description=f"$export: {count} resource(s)")
+    record.query = request.url
+    if request.level == "group":
+        record.entities = [svc.store.read("Group", str(request.group))]
+    with svc.store.writing(caller.principal) as writer:
+        svc.audit.record_in(writer, record)

@@ -1,0 +1,100 @@
+"""FHIR Bulk Data Access (``$export``) under ``/fhir``: the kick-off at every level, the status
+of a job (poll it; ``DELETE`` cancels it) and its files. The views parse and answer; the work
+is :mod:`node.flows.bulk_export`'s. Errors are OperationOutcomes, as everywhere under /fhir.
+
+``GET /fhir/$export``, ``/fhir/Patient/$export``, ``/fhir/Group/<id>/$export`` with
+``Prefer: respond-async``: 202 and ``Content-Location`` (the status URL). ``GET`` the status:
+202 with ``X-Progress`` and ``Retry-After`` while it runs, 200 and the manifest when done.
+``DELETE`` it: 202; the job stops and its files are deleted. Files: ``GET`` with the same
+token (``requiresAccessToken``), ``application/fhir+ndjson``.
+"""
+
+from __future__ import annotations
+
+from flask import Blueprint, Response, request, send_file
+
+from fhir_adapters.errors import FhirError, InvalidRequest
+from fhir_adapters.store import jsonio
+from node.flows import bulk_export, bulk_jobs
+from node.web.context import authenticate, caller, services
+
+bp = Blueprint("bulk", __name__, url_prefix="/fhir")
+FHIR_JSON = "application/fhir+json"
+RETRY_SECONDS = 2
+
+
+@bp.errorhandler(FhirError)
+def fhir_error(exc: FhirError) -> Response:
+    return Response(jsonio.dump(exc.outcome()), exc.status, content_type=FHIR_JSON)
+
+
+@bp.route("/$export", methods=["GET"])
+def export_system() -> Response:
+    return _kick_off("system", None)
+
+
+@bp.route("/Patient/$export", methods=["GET"])
+def export_patients() -> Response:
+    return _kick_off("patient", None)
+
+
+@bp.route("/Group/<group_id>/$export", methods=["GET"])
+def export_group(group_id: str) -> Response:
+    return _kick_off("group", group_id)
+
+
+def _kick_off(level: str, group: str | None) -> Response:
+    principal = authenticate()
+    if "respond-async" not in request.headers.get("Prefer", ""):
+        raise InvalidRequest("$export runs asynchronously: send Prefer: respond-async")
+    accept = request.headers.get("Accept", FHIR_JSON)
+    if not any(kind in accept for kind in (FHIR_JSON, "application/json", "*/*")):
+        raise InvalidRequest(f"$export answers in {FHIR_JSON}, not {accept!r}")
+    url = services().config.url.rstrip("/") + request.full_path.rstrip("?")
+    asked = bulk_export.parse_export(
+        principal, level, group, list(request.args.items(multi=True)), url
+    )
+    job = bulk_export.start_export(services(), caller(), asked)
+    response = Response(status=202)
+    response.headers["Content-Location"] = _status_url(job.id)
+    return response
+
+
+def _status_url(job_id: str) -> str:
+    return f"{services().config.url.rstrip('/')}/fhir/$bulk-status/{job_id}"
+
+
+@bp.route("/$bulk-status/<job_id>", methods=["GET"])
+def status(job_id: str) -> Response:
+    authenticate()
+    job = bulk_export.export_status(services(), caller(), job_id)
+    if job.state == bulk_jobs.RUNNING:
+        response = Response(status=202)
+        progress = job.progress
+        response.headers["X-Progress"] = f"{progress.get('resources', 0)} resources written" + (
+            f", now {progress['type']}" if progress.get("type") else ""
+        )
+        response.headers["Retry-After"] = str(RETRY_SECONDS)
+        return response
+    if job.state == bulk_jobs.DONE:
+        return Response(jsonio.dump(job.result), 200, content_type="application/json")
+    error = (job.result or {}).get("error", job.state)
+    outcome = {
+        "resourceType": "OperationOutcome",
+        "issue": [{"severity": "error", "code": "exception", "diagnostics": f"export {error}"}],
+    }
+    return Response(jsonio.dump(outcome), 500, content_type=FHIR_JSON)
+
+
+@bp.route("/$bulk-status/<job_id>", methods=["DELETE"])
+def cancel(job_id: str) -> Response:
+    authenticate()
+    bulk_export.cancel_export(services(), caller(), job_id)
+    return Response(status=202)
+
+
+@bp.route("/$bulk-file/<job_id>/<name>", methods=["GET"])
+def file(job_id: str, name: str) -> Response:
+    authenticate()
+    path = bulk_export.export_file(services(), caller(), job_id, name)
+    return send_file(path, mimetype="application/fhir+ndjson", conditional=False)

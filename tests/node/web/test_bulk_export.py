@@ -1,0 +1,211 @@
+"""FHIR Bulk Data export (``$export``) from a real node, followed step by step as the Bulk Data
+Access IG 2.0 tells a client to: kick-off with ``Prefer: respond-async``, poll the status URL
+until the manifest, fetch each file with the token, or cancel with DELETE. Resources imported
+in bulk come out the same; compartments, ``_type``, ``_since`` and ``_typeFilter`` hold."""
+
+from __future__ import annotations
+
+import json
+import time
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import requests
+
+from fhir_adapters.store import jsonio
+from node.flows.bulk_export import SETTLE_SECONDS
+from tests.helpers.ndjson import cohort_resources, write_ndjson
+from tests.helpers.nodes import Node, invoke
+
+ASYNC = {"Prefer": "respond-async", "Accept": "application/fhir+json"}
+
+
+def exporter(node: Node) -> requests.Session:
+    session = requests.Session()
+    token = node.token("bulk-admin", "admin", scope="system/*.rs")
+    session.headers["Authorization"] = f"Bearer {token}"
+    return session
+
+
+def kick_off(session: requests.Session, url: str, **params: str) -> str:
+    answer = session.get(url, params=params, headers=ASYNC, timeout=30)
+    assert answer.status_code == 202, answer.text
+    return answer.headers["Content-Location"]
+
+
+def manifest_of(session: requests.Session, status_url: str) -> dict[str, Any]:
+    deadline = time.monotonic() + 120
+    while True:
+        answer = session.get(status_url, timeout=30)
+        if answer.status_code == 200:
+            assert answer.headers["Content-Type"].startswith("application/json")
+            manifest: dict[str, Any] = answer.json()
+            return manifest
+        assert answer.status_code == 202, answer.text
+        assert "X-Progress" in answer.headers and "Retry-After" in answer.headers
+        assert time.monotonic() < deadline, "the export did not finish"
+        time.sleep(0.2)
+
+
+def exported(session: requests.Session, manifest: dict[str, Any]) -> list[dict[str, Any]]:
+    resources = []
+    for item in manifest["output"]:
+        answer = session.get(item["url"], timeout=30)
+        assert answer.status_code == 200
+        assert answer.headers["Content-Type"].startswith("application/fhir+ndjson")
+        lines = answer.content.decode("utf-8").splitlines()
+        assert len(lines) == item["count"]
+        for line in lines:
+            resource = jsonio.parse(line)
+            assert resource["resourceType"] == item["type"]
+            resources.append(resource)
+    return resources
+
+
+def plain(resource: dict[str, Any]) -> dict[str, Any]:
+    meta = {
+        k: v for k, v in resource.get("meta", {}).items() if k not in ("versionId", "lastUpdated")
+    }
+    rest = {k: v for k, v in resource.items() if k != "meta"}
+    return {**rest, "meta": meta} if meta else rest
+
+
+def test_what_was_imported_comes_out_the_same(node: Node, tmp_path: Path) -> None:
+    resources = cohort_resources(6, seed=20)
+    files = write_ndjson(resources, tmp_path / "in")
+    result = invoke(
+        "adapters", "bulk-import", "--dir", str(node.directory), "--workers", "0", *map(str, files)
+    )
+    assert result.exit_code == 0, result.output
+    time.sleep(SETTLE_SECONDS + 0.1)  # an export holds what was written before it, settled
+    session = exporter(node)
+    types = sorted({r["resourceType"] for r in resources})
+    manifest = manifest_of(
+        session, kick_off(session, f"{node.fhir}/$export", _type=",".join(types))
+    )
+    assert manifest["requiresAccessToken"] is True and manifest["error"] == []
+    assert (
+        manifest["request"].endswith("$export?_type=" + "%2C".join(types))
+        or "_type=" in manifest["request"]
+    )
+    out = {(r["resourceType"], r["id"]): r for r in exported(session, manifest)}
+    for resource in resources:
+        mine = plain(jsonio.parse(json.dumps(resource, ensure_ascii=False)))
+        assert plain(out[(resource["resourceType"], resource["id"])]) == mine
+    values = [r["valueQuantity"]["value"] for r in out.values() if "valueQuantity" in r]
+    assert values and all(isinstance(v, Decimal | int) for v in values)
+
+
+def test_levels_type_since_and_filters(node: Node) -> None:
+    session = exporter(node)
+    doctor = node.session()
+
+    def create(resource: dict[str, Any]) -> str:
+        answer = doctor.post(f"{node.fhir}/{resource['resourceType']}", json=resource, timeout=30)
+        assert answer.status_code == 201, answer.text
+        return str(answer.json()["id"])
+
+    inside = create({"resourceType": "Patient", "name": [{"text": "组内"}]})
+    outside = create({"resourceType": "Patient", "name": [{"text": "组外"}]})
+    for patient, code in ((inside, "2345-7"), (outside, "2345-7"), (inside, "718-7")):
+        create(
+            {
+                "resourceType": "Observation",
+                "status": "final",
+                "code": {"coding": [{"system": "http://loinc.org", "code": code}]},
+                "subject": {"reference": f"Patient/{patient}"},
+            }
+        )
+    organization = create({"resourceType": "Organization", "name": "导出医院"})
+    group = create(
+        {
+            "resourceType": "Group",
+            "type": "person",
+            "actual": True,
+            "member": [{"entity": {"reference": f"Patient/{inside}"}}],
+        }
+    )
+    time.sleep(SETTLE_SECONDS + 0.1)
+    grouped = exported(
+        session,
+        manifest_of(
+            session,
+            kick_off(session, f"{node.fhir}/Group/{group}/$export", _type="Patient,Observation"),
+        ),
+    )
+    assert {r["id"] for r in grouped if r["resourceType"] == "Patient"} == {inside}
+    subjects = {r["subject"]["reference"] for r in grouped if r["resourceType"] == "Observation"}
+    assert subjects == {f"Patient/{inside}"}
+    # a patient-level export has no Organizations; a system one has
+    everyone = exported(
+        session, manifest_of(session, kick_off(session, f"{node.fhir}/Patient/$export"))
+    )
+    assert organization not in {r["id"] for r in everyone if r["resourceType"] == "Organization"}
+    assert {inside, outside} <= {r["id"] for r in everyone if r["resourceType"] == "Patient"}
+    # _typeFilter: only glucose
+    filtered = exported(
+        session,
+        manifest_of(
+            session,
+            kick_off(
+                session,
+                f"{node.fhir}/$export",
+                _type="Observation",
+                _typeFilter="Observation?code=http://loinc.org|2345-7",
+            ),
+        ),
+    )
+    assert filtered and {r["code"]["coding"][0]["code"] for r in filtered} == {"2345-7"}
+    # _since: the manifest's transactionTime of one export, given to the next, brings only
+    # what changed after it
+    first = manifest_of(session, kick_off(session, f"{node.fhir}/$export", _type="Patient"))
+    later = create({"resourceType": "Patient", "name": [{"text": "后来"}]})
+    time.sleep(SETTLE_SECONDS + 0.1)
+    since = first["transactionTime"]
+    changed = exported(
+        session,
+        manifest_of(
+            session, kick_off(session, f"{node.fhir}/$export", _type="Patient", _since=since)
+        ),
+    )
+    assert [r["id"] for r in changed] == [later]
+
+
+def test_bad_kick_offs_are_refused_clearly(node: Node) -> None:
+    session = exporter(node)
+    cases = [
+        ({}, {"Accept": "application/fhir+json"}, 400, "respond-async"),
+        ({"_outputFormat": "text/csv"}, ASYNC, 400, "_outputFormat"),
+        ({"_type": "Banana"}, ASYNC, 400, "Banana"),
+        ({"_since": "yesterday"}, ASYNC, 400, "instant"),
+        ({"_elements": "id"}, ASYNC, 400, "_elements"),
+        ({"_typeFilter": "Observation?nonsense=1", "_type": "Observation"}, ASYNC, 400, "nonsense"),
+    ]
+    for params, headers, status, text in cases:
+        answer = session.get(f"{node.fhir}/$export", params=params, headers=headers, timeout=30)
+        assert answer.status_code == status, (params, answer.text)
+        assert answer.json()["resourceType"] == "OperationOutcome" and text in answer.text
+    doctor = node.session()  # a user/ token: no bulk export
+    answer = doctor.get(f"{node.fhir}/$export", headers=ASYNC, timeout=30)
+    assert answer.status_code == 403 and "system/" in answer.text
+    assert requests.get(f"{node.fhir}/$export", headers=ASYNC, timeout=30).status_code == 401
+    missing = session.get(f"{node.fhir}/Group/nope/$export", headers=ASYNC, timeout=30)
+    assert missing.status_code == 404
+
+
+def test_a_job_is_its_owners_and_delete_cancels_it(node: Node) -> None:
+    session = exporter(node)
+    status_url = kick_off(session, f"{node.fhir}/$export", _type="Patient")
+    other = requests.Session()
+    other.headers["Authorization"] = "Bearer " + node.token(
+        "other-admin", "admin", scope="system/*.rs"
+    )
+    assert other.get(status_url, timeout=30).status_code == 404
+    manifest = manifest_of(session, status_url)
+    file_url = manifest["output"][0]["url"]
+    assert other.get(file_url, timeout=30).status_code == 404
+    assert requests.get(file_url, timeout=30).status_code == 401
+    assert session.delete(status_url, timeout=30).status_code == 202
+    assert session.get(status_url, timeout=30).status_code == 404
+    assert session.get(file_url, timeout=30).status_code == 404
