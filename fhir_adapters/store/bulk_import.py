@@ -83,6 +83,17 @@ TYPE_ORDER = (
 KEY_SEPARATOR = "/"
 
 
+SERVER_META = ("versionId", "lastUpdated")
+UNSTAMPED = format_instant(0)  # a prepared body's lastUpdated, until it is stored
+_UNSTAMPED = f'"lastUpdated":"{UNSTAMPED}"'.encode()
+
+
+def stamped(body: bytes, now: int) -> bytes:
+    """A prepared body with the time it is stored as its ``lastUpdated`` (the first one in the
+    body: ``meta`` comes right after ``resourceType`` and ``id``)."""
+    return body.replace(_UNSTAMPED, f'"lastUpdated":"{format_instant(now)}"'.encode(), 1)
+
+
 @dataclass(frozen=True)
 class Prepared:
     """A line that passed validation, in its stored form (as version 1, stored at ``now``)."""
@@ -91,7 +102,6 @@ class Prepared:
     offset: int  # bytes of the file up to the end of this line
     type: str
     id: str
-    now: int  # µs: when it is stored (its lastUpdated)
     body: bytes
     rows: IndexRows
     targets: tuple[tuple[str, str], ...]  # the local resources it refers to
@@ -144,11 +154,10 @@ class Progress:
     counts: Counts
 
 
-def prepare_lines(
-    base_url: str, now: int, lines: Sequence[tuple[int, int, bytes | None]]
-) -> list[Any]:
-    """Parse, validate and index lines ``(number, end offset, bytes)``, as stored at ``now``
-    (µs); a worker's task. A line of None was too long to read."""
+def prepare_lines(base_url: str, lines: Sequence[tuple[int, int, bytes | None]]) -> list[Any]:
+    """Parse, validate and index lines ``(number, end offset, bytes)``; a worker's task. A line
+    of None was too long to read. The body's ``lastUpdated`` is :data:`UNSTAMPED` until the
+    transaction that stores it sets it (:func:`stamped`)."""
     prepared: list[Any] = []
     for number, offset, text in lines:
         if text is None:
@@ -156,13 +165,13 @@ def prepare_lines(
             prepared.append(Refused(number, offset, reason, b""))
             continue
         try:
-            prepared.append(_prepare(base_url, now, number, offset, text))
+            prepared.append(_prepare(base_url, number, offset, text))
         except FhirError as exc:
             prepared.append(Refused(number, offset, str(exc), text))
     return prepared
 
 
-def _prepare(base_url: str, now: int, number: int, offset: int, text: bytes) -> Prepared:
+def _prepare(base_url: str, number: int, offset: int, text: bytes) -> Prepared:
     resource, _ = validate(jsonio.parse(text, "the line"))
     if not isinstance(resource.get("id"), str):
         raise Unprocessable(
@@ -174,7 +183,7 @@ def _prepare(base_url: str, now: int, number: int, offset: int, text: bytes) -> 
         "id": resource["id"],
         "meta": {
             "versionId": "1",
-            "lastUpdated": format_instant(now),
+            "lastUpdated": UNSTAMPED,
             **{k: v for k, v in resource.get("meta", {}).items() if k not in SERVER_META},
         },
     }
@@ -184,12 +193,7 @@ def _prepare(base_url: str, now: int, number: int, offset: int, text: bytes) -> 
     targets = _targets(stored, base_url)
     rows = index_values(stored, base_url)
     body = jsonio.dump(stored)
-    return Prepared(
-        number, offset, stored["resourceType"], stored["id"], now, body, rows, targets, text
-    )
-
-
-SERVER_META = ("versionId", "lastUpdated")
+    return Prepared(number, offset, stored["resourceType"], stored["id"], body, rows, targets, text)
 
 
 def _targets(resource: dict[str, Any], base_url: str) -> tuple[tuple[str, str], ...]:
@@ -343,10 +347,9 @@ class BulkImport:
                         if chunk is None:
                             exhausted = True
                         elif pool is None:
-                            waiting.append(_Done(prepare_lines(base_url, now_micros(), chunk)))
+                            waiting.append(_Done(prepare_lines(base_url, chunk)))
                         else:
-                            task = (base_url, now_micros(), chunk)
-                            waiting.append(pool.apply_async(prepare_lines, task))
+                            waiting.append(pool.apply_async(prepare_lines, (base_url, chunk)))
                     if not waiting:
                         return
                     yield from waiting.popleft().get()
@@ -421,6 +424,8 @@ class BulkImport:
         existing = _existing(conn, [item.key for item in items])
         fresh = [item for item in items if item.key not in existing]
         if fresh:
+            now = now_micros()  # in the transaction, as every write's time is taken
+            bodies = [stamped(item.body, now) for item in fresh]
             res_pks = [
                 row[0]
                 for row in conn.execute(
@@ -430,7 +435,7 @@ class BulkImport:
                             "type": i.type,
                             "id": i.id,
                             "version": 1,
-                            "last_updated": i.now,
+                            "last_updated": now,
                             "deleted": False,
                         }
                         for i in fresh
@@ -444,11 +449,11 @@ class BulkImport:
                         "res_pk": pk,
                         "version": 1,
                         "type": i.type,
-                        "last_updated": i.now,
+                        "last_updated": now,
                         "method": "POST",
-                        "body": i.body,
+                        "body": body,
                     }
-                    for pk, i in zip(res_pks, fresh, strict=True)
+                    for pk, i, body in zip(res_pks, fresh, bodies, strict=True)
                 ],
             )
             batch = _IndexBatch()
@@ -457,8 +462,8 @@ class BulkImport:
             batch.insert(conn)
             counts.created += len(fresh)
             observers = writer.store.observers
-            for pk, item in zip(res_pks, fresh, strict=True):
-                stored = Stored(item.type, item.id, 1, item.now, item.body, "POST", res_pk=pk)
+            for pk, item, body in zip(res_pks, fresh, bodies, strict=True):
+                stored = Stored(item.type, item.id, 1, now, body, "POST", res_pk=pk)
                 for observer in observers.get(item.type, ()):
                     observer(writer, None, stored)
         for item in items:
@@ -547,7 +552,7 @@ class BulkImport:
                         break
                     after = rows[-1][0]
                     lines = [(line, 0, bytes(text)) for line, text in rows]
-                    for group in _groups(iter(prepare_lines(base_url, now_micros(), lines))):
+                    for group in _groups(iter(prepare_lines(base_url, lines))):
                         self.counts.held -= len(group)
                         self._settle(source, group, held=True)
             if self.counts.created + self.counts.updated + self.counts.unchanged == stored_before:

@@ -106,6 +106,8 @@ def test_a_cohort_is_stored_whole_with_its_text_and_decimals(
     for resource in resources:
         versions = found[(resource["resourceType"], resource["id"])]
         assert len(versions) == 1
+        assert versions[0]["meta"]["versionId"] == "1"
+        assert versions[0]["meta"]["lastUpdated"] > "2026"  # the time it was stored
         assert without_server_meta(versions[0]) == without_server_meta(
             jsonio.parse(json.dumps(resource, ensure_ascii=False))
         )
