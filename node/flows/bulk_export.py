@@ -40,7 +40,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from fhir_adapters.definitions import patient_compartment
-from fhir_adapters.errors import Forbidden, InvalidRequest, NotFound
+from fhir_adapters.errors import Forbidden, InvalidRequest
 from fhir_adapters.store import format_instant, now_micros, tables
 from fhir_adapters.store.resources import RESOURCE_TYPES
 from fhir_adapters.store.search import Access, match_query, parse_search
@@ -177,31 +177,22 @@ def _run_in_background(svc: Services, caller: Caller, job: bulk_jobs.Job) -> Non
     bulk_jobs.start(svc, job, lambda: export(svc, caller, job, request))
 
 
-def export_status(svc: Services, caller: Caller, job_id: str) -> bulk_jobs.Job:
-    """The caller's export job; one whose process was lost starts again here."""
-    principal = caller.principal
-    assert principal is not None
-    job = bulk_jobs.get_job(svc, job_id, principal.username, "export")
+def export_status(svc: Services, caller: Caller, job: bulk_jobs.Job) -> bulk_jobs.Job:
+    """The job; one whose process was lost starts again here."""
     if job.stale and bulk_jobs.take_over(svc, job):
         _run_in_background(svc, caller, job)
     return job
 
 
-def cancel_export(svc: Services, caller: Caller, job_id: str) -> None:
-    """Stop the job (if it runs), delete its files and forget it."""
-    job = export_status(svc, caller, job_id)
-    bulk_jobs.cancel(svc, job.id)
-    shutil.rmtree(export_folder(svc, job.id), ignore_errors=True)
-    bulk_jobs.forget(svc, job.id)
-
-
-def export_file(svc: Services, caller: Caller, job_id: str, name: str) -> Path:
-    """A file of the caller's finished export."""
-    job = export_status(svc, caller, job_id)
-    names = [Path(item["url"]).name for item in (job.result or {}).get("output", [])]
-    if job.state != bulk_jobs.DONE or name not in names:
-        raise NotFound(f"export {job_id} has no file {name!r}")
-    return export_folder(svc, job.id) / name
+def export_files(svc: Services, job: bulk_jobs.Job) -> dict[str, Path]:
+    """The files of a finished export, by name."""
+    if job.state != bulk_jobs.DONE:
+        return {}
+    folder = export_folder(svc, job.id)
+    return {
+        Path(item["url"]).name: folder / Path(item["url"]).name
+        for item in (job.result or {}).get("output", [])
+    }
 
 
 def export_folder(svc: Services, job_id: str) -> Path:

@@ -1,6 +1,7 @@
-"""FHIR Bulk Data Access (``$export``) under ``/fhir``: the kick-off at every level, the status
-of a job (poll it; ``DELETE`` cancels it) and its files. The views parse and answer; the work
-is :mod:`node.flows.bulk_export`'s. Errors are OperationOutcomes, as everywhere under /fhir.
+"""FHIR Bulk Data under ``/fhir``: ``$export`` (Bulk Data Access IG) at every level and
+``$import``, the status of a job of either (poll it; ``DELETE`` cancels it) and its files. The
+views parse and answer; the work is :mod:`node.flows.bulk_export`'s and
+:mod:`node.flows.bulk_import`'s. Errors are OperationOutcomes, as everywhere under /fhir.
 
 ``GET /fhir/$export``, ``/fhir/Patient/$export``, ``/fhir/Group/<id>/$export`` with
 ``Prefer: respond-async``: 202 and ``Content-Location`` (the status URL). ``GET`` the status:
@@ -11,11 +12,13 @@ token (``requiresAccessToken``), ``application/fhir+ndjson``.
 
 from __future__ import annotations
 
+import shutil
+
 from flask import Blueprint, Response, request, send_file
 
-from fhir_adapters.errors import FhirError, InvalidRequest
+from fhir_adapters.errors import FhirError, InvalidRequest, NotFound
 from fhir_adapters.store import jsonio
-from node.flows import bulk_export, bulk_jobs
+from node.flows import bulk_export, bulk_import, bulk_jobs
 from node.web.context import authenticate, caller, services
 
 bp = Blueprint("bulk", __name__, url_prefix="/fhir")
@@ -64,16 +67,35 @@ def _status_url(job_id: str) -> str:
     return f"{services().config.url.rstrip('/')}/fhir/$bulk-status/{job_id}"
 
 
+@bp.route("/$import", methods=["POST"])
+def import_kick_off() -> Response:
+    principal = authenticate()
+    if "respond-async" not in request.headers.get("Prefer", ""):
+        raise InvalidRequest("$import runs asynchronously: send Prefer: respond-async")
+    body = jsonio.parse(request.get_data(), "the Parameters")
+    files = bulk_import.parse_import(services(), principal, body)
+    url = services().config.url.rstrip("/") + request.path
+    job = bulk_import.start_import(services(), caller(), files, url)
+    response = Response(status=202)
+    response.headers["Content-Location"] = _status_url(job.id)
+    return response
+
+
+def _job(job_id: str) -> bulk_jobs.Job:
+    """The caller's job, going again if its process was lost."""
+    principal = authenticate()
+    job = bulk_jobs.get_job(services(), job_id, principal.username)
+    if job.kind == "export":
+        return bulk_export.export_status(services(), caller(), job)
+    return bulk_import.import_status(services(), caller(), job)
+
+
 @bp.route("/$bulk-status/<job_id>", methods=["GET"])
 def status(job_id: str) -> Response:
-    authenticate()
-    job = bulk_export.export_status(services(), caller(), job_id)
+    job = _job(job_id)
     if job.state == bulk_jobs.RUNNING:
         response = Response(status=202)
-        progress = job.progress
-        response.headers["X-Progress"] = f"{progress.get('resources', 0)} resources written" + (
-            f", now {progress['type']}" if progress.get("type") else ""
-        )
+        response.headers["X-Progress"] = _progress(job)
         response.headers["Retry-After"] = str(RETRY_SECONDS)
         return response
     if job.state == bulk_jobs.DONE:
@@ -81,20 +103,40 @@ def status(job_id: str) -> Response:
     error = (job.result or {}).get("error", job.state)
     outcome = {
         "resourceType": "OperationOutcome",
-        "issue": [{"severity": "error", "code": "exception", "diagnostics": f"export {error}"}],
+        "issue": [{"severity": "error", "code": "exception", "diagnostics": f"{job.kind} {error}"}],
     }
     return Response(jsonio.dump(outcome), 500, content_type=FHIR_JSON)
 
 
+def _progress(job: bulk_jobs.Job) -> str:
+    progress = job.progress
+    if job.kind == "import":
+        share = progress.get("bytes", 0) / max(progress.get("of", 0), 1)
+        return f"{share:.0%} read, {progress.get('lines', 0)} lines settled"
+    now = f", now {progress['type']}" if progress.get("type") else ""
+    return f"{progress.get('resources', 0)} resources written{now}"
+
+
 @bp.route("/$bulk-status/<job_id>", methods=["DELETE"])
 def cancel(job_id: str) -> Response:
-    authenticate()
-    bulk_export.cancel_export(services(), caller(), job_id)
+    """Stop the job (an import keeps what it stored), delete its files, forget it."""
+    job = _job(job_id)
+    bulk_jobs.cancel(services(), job.id)
+    if job.kind == "export":
+        shutil.rmtree(bulk_export.export_folder(services(), job.id), ignore_errors=True)
+    bulk_jobs.forget(services(), job.id)
     return Response(status=202)
 
 
 @bp.route("/$bulk-file/<job_id>/<name>", methods=["GET"])
 def file(job_id: str, name: str) -> Response:
-    authenticate()
-    path = bulk_export.export_file(services(), caller(), job_id, name)
+    job = _job(job_id)
+    if job.kind == "export":
+        path = bulk_export.export_files(services(), job).get(name)
+    elif job.state == bulk_jobs.DONE and name == "refused-outcomes.ndjson":
+        path = bulk_import.import_outcomes(services(), job)
+    else:
+        path = None
+    if path is None or not path.is_file():
+        raise NotFound(f"bulk data job {job_id} has no file {name!r}")
     return send_file(path, mimetype="application/fhir+ndjson", conditional=False)

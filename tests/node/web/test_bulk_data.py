@@ -209,3 +209,70 @@ def test_a_job_is_its_owners_and_delete_cancels_it(node: Node) -> None:
     assert session.delete(status_url, timeout=30).status_code == 202
     assert session.get(status_url, timeout=30).status_code == 404
     assert session.get(file_url, timeout=30).status_code == 404
+
+
+def import_parameters(*files: Path) -> dict[str, Any]:
+    inputs = [
+        {
+            "name": "input",
+            "part": [
+                {"name": "type", "valueCode": path.stem},
+                {"name": "url", "valueUri": path.as_uri()},
+            ],
+        }
+        for path in files
+    ]
+    return {
+        "resourceType": "Parameters",
+        "parameter": [{"name": "inputFormat", "valueCode": "application/fhir+ndjson"}, *inputs],
+    }
+
+
+def test_import_over_fhir_runs_as_a_job_and_reports_refused_lines(node: Node) -> None:
+    folder = node.directory / "import"
+    resources = cohort_resources(3, seed=31)
+    files = write_ndjson(resources, folder / "cohort")
+    bad = folder / "bad.ndjson"
+    bad.write_text('{"resourceType":"Patient","id":"x1","gender":"sometimes"}\nnot json\n')
+    admin = requests.Session()
+    admin.headers["Authorization"] = "Bearer " + node.token(
+        "bulk-loader", "admin", scope="system/*.cruds"
+    )
+    answer = admin.post(
+        f"{node.fhir}/$import",
+        json=import_parameters(*files, bad),
+        headers={"Prefer": "respond-async"},
+        timeout=30,
+    )
+    assert answer.status_code == 202, answer.text
+    manifest = manifest_of(admin, answer.headers["Content-Location"])
+    assert manifest["output"][0]["created"] == len(resources)
+    [error] = manifest["error"]
+    assert error["count"] == 2
+    outcomes = admin.get(error["url"], timeout=30)
+    assert outcomes.status_code == 200
+    reasons = [jsonio.parse(line)["issue"][0]["diagnostics"] for line in outcomes.text.splitlines()]
+    assert reasons[0].startswith(f"{bad}:1: ") and "gender" in reasons[0]
+    assert reasons[1].startswith(f"{bad}:2: ") and "not JSON" in reasons[1]
+    patient = next(r for r in resources if r["resourceType"] == "Patient")
+    read = node.session().get(f"{node.fhir}/Patient/{patient['id']}", timeout=30)
+    assert read.status_code == 200 and read.json()["name"] == patient["name"]
+    # what a request may not name: a file elsewhere, or a URL the node would fetch
+    for url in ("file:///etc/passwd", "http://127.0.0.1:1/x.ndjson"):
+        refused = admin.post(
+            f"{node.fhir}/$import",
+            json={
+                "resourceType": "Parameters",
+                "parameter": [{"name": "input", "part": [{"name": "url", "valueUri": url}]}],
+            },
+            headers={"Prefer": "respond-async"},
+            timeout=30,
+        )
+        assert refused.status_code == 400 and "import directory" in refused.text, refused.text
+    doctor = node.session().post(
+        f"{node.fhir}/$import",
+        json=import_parameters(bad),
+        headers={"Prefer": "respond-async"},
+        timeout=30,
+    )
+    assert doctor.status_code == 403
