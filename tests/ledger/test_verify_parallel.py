@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import inspect
 import json
+import mmap
+import multiprocessing
 import os
+import pickle
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -16,18 +19,32 @@ from typing import Any
 import pytest
 
 from ledger import keys
+from ledger import verify_parallel as parallel
 from ledger.errors import LedgerError, VerificationError
 from ledger.roster import make_member, make_roster, sign_roster
 from ledger.store import ChainStore, ChainWriter
-from ledger.verify import Summary, verify_database, verify_export
+from ledger.verify import Summary, Verifier, verify_database, verify_export
 from ledger.verify_parallel import (
+    NO_FAULT,
+    _assign,
+    _database_worker,
+    _export_worker,
+    _mapped,
+    _misrouted_first,
     _scan,
+    _serve,
     available_cores,
     verify_database_in_parallel,
     verify_export_in_parallel,
 )
 from tests.helpers.ledgers import BLS_KEY, Ledger
 from tests.ledger import test_verify, test_verify_faults
+
+
+def _mapped_file(path: Path) -> mmap.mmap:
+    mapped = _mapped(path)
+    assert mapped is not None
+    return mapped
 
 
 def _outcome(run: Callable[..., Summary], *args: Any, **options: Any) -> Any:
@@ -161,15 +178,9 @@ def test_several_chains_verify_alike(three: tuple[Ledger, Path, list[bytes]]) ->
     assert (kind, chains, summary.entries) == ("valid", list(CHAINS), 12)
     assert [(e.chain, e.seq) for e in summary.emergencies] == [("hosp-a", 3), ("hosp-c", 3)]
     # every block line's chain is found by its text, as one run per chain
-    runs = _scan(_mapped_lines(path), 3, len(lines[0]) + len(lines[1]))
+    runs = _scan(_mapped_file(path), 3, len(lines[0]) + len(lines[1]))
     assert {c: len(r) for c, r in runs.by_chain.items()} == {c: 1 for c in CHAINS}
     assert runs.end is None
-
-
-def _mapped_lines(path: Path) -> Any:
-    from ledger.verify_parallel import _mapped
-
-    return _mapped(path)
 
 
 def test_the_earlier_of_two_faults_in_two_chains_is_named(
@@ -245,7 +256,7 @@ def test_what_follows_the_blocks_is_verified_after_them(
         "spaced from hosp-c on": [*lines[:6], *spaced[6:]],
         "spaced hosp-a first": [*lines[:2], spaced[2], *lines[3:]],
     }
-    outcomes = {name: None for name in variants}
+    outcomes: dict[str, Any] = {}
     for name, variant in variants.items():
         path.write_bytes(b"".join(variant))
         outcomes[name] = _same(path, ledger)
@@ -270,7 +281,7 @@ def test_a_block_routed_to_another_chain_by_its_text_is_verified_serially(
     respelled = {k: block[k] for k in ("entries", "signature", "header")}
     lines[2] = json.dumps(respelled, separators=(",", ":")).encode() + b"\n"
     path.write_bytes(b"".join(lines))
-    runs = _scan(_mapped_lines(path), 3, len(lines[0]) + len(lines[1]))
+    runs = _scan(_mapped_file(path), 3, len(lines[0]) + len(lines[1]))
     assert list(runs.by_chain) == ["hosp-b"]  # both lines of hosp-b, by their text
     kind, _, chains, *_ = _same(path, ledger_db)
     assert (kind, chains) == ("valid", ["hosp-a", "hosp-b"])
@@ -330,8 +341,6 @@ def test_one_process_is_serial_verification(
     three: tuple[Ledger, Path, list[bytes]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """With one job, or a file that cannot be mapped, no worker is started."""
-    import ledger.verify_parallel as parallel
-
     ledger, path, _ = three
     monkeypatch.setattr(parallel, "_run", None)  # a worker would fail
     anchor = ledger.authority.public_key()
@@ -351,8 +360,6 @@ def test_one_process_is_serial_verification(
 def test_a_worker_that_dies_or_fails_is_an_error(
     three: tuple[Ledger, Path, list[bytes]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import ledger.verify_parallel as parallel
-
     ledger, path, _ = three
     anchor = ledger.authority.public_key()
 
@@ -381,3 +388,126 @@ def test_a_store_is_verified_by_workers_that_open_their_own_connections(
         assert store.chains() == list(CHAINS)  # the parent's connections still work
     finally:
         store.close()
+
+
+# -- the workers, run in this process -------------------------------------------------------
+
+
+class _Sent(list[Any]):
+    """A results queue: what a worker sends."""
+
+    def put(self, message: Any) -> None:
+        self.append(message)
+
+
+def _stop(value: int = NO_FAULT) -> Any:
+    stop = multiprocessing.get_context("fork").Value("q", value)
+    return stop
+
+
+def _rostered(ledger: Ledger, **watching: Any) -> Verifier:
+    verifier = Verifier(ledger.authority.public_key(), **watching)
+    for roster, signature in ledger.store.rosters():
+        verifier.add_roster(roster, signature, check_possession=False)
+    return verifier
+
+
+def test_an_export_worker_verifies_its_runs_and_tags_what_it_collects(
+    three: tuple[Ledger, Path, list[bytes]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ledger, path, lines = three
+    monkeypatch.setattr(parallel, "PROGRESS_EVERY", 4)
+    mapped = _mapped_file(path)
+    runs = _scan(mapped, 3, len(lines[0]) + len(lines[1]))
+    (work,) = _assign(runs, 1)
+    assert [(chain, number) for chain, number, _, _ in work] == [
+        ("hosp-a", 3), ("hosp-b", 6), ("hosp-c", 7)
+    ]  # fmt: skip
+    sent, stop = _Sent(), _stop()
+    watch = frozenset({"emergency.access"})
+    verifier = _rostered(ledger, watch=watch, observe=lambda _: None)
+    outcome = _export_worker(verifier, path, mapped, work, sent, stop)
+    assert sent == [("progress", 4), ("progress", 4), ("progress", 4)]
+    assert (outcome.fault, outcome.misrouted, stop.value) == (None, NO_FAULT, NO_FAULT)
+    assert [(where, chain) for where, chain, _ in outcome.chains] == [
+        (3, "hosp-a"), (6, "hosp-b"), (7, "hosp-c")
+    ]  # fmt: skip
+    assert [(where, e.chain, e.seq) for where, e in outcome.emergencies] == [
+        (4, "hosp-a", 3), (8, "hosp-c", 3)
+    ]  # fmt: skip
+    assert [(where, e["chain"], e["seq"]) for where, e in outcome.observed] == [
+        (4, "hosp-a", 3), (8, "hosp-c", 3)
+    ]  # fmt: skip
+    assert verifier.summary.chains == {} and verifier.summary.emergencies == []
+
+    # a fault stops it at its line, and tells the others; lines after a known fault are skipped
+    tampered = path.with_name("tampered.jsonl")
+    tampered.write_bytes(b"".join([*lines[:3], b"[]\n", *lines[4:]]))
+    sent, stop = _Sent(), _stop()
+    outcome = _export_worker(_rostered(ledger), tampered, _mapped_file(tampered), work, sent, stop)
+    assert outcome.fault is not None and outcome.fault[0] == stop.value == 4
+    assert str(outcome.fault[1]).startswith(f"{tampered}:4: a block is ")
+    assert [(where, chain) for where, chain, _ in outcome.chains] == [(3, "hosp-a")]
+    assert sent == [("progress", 2)]
+    sent, stop = _Sent(), _stop(5)
+    outcome = _export_worker(_rostered(ledger), path, mapped, work, sent, stop)
+    assert (outcome.fault, stop.value) == (None, 5)
+    assert [(where, chain) for where, chain, _ in outcome.chains] == [(3, "hosp-a")]
+    assert outcome.chains[0][2].summary.height == 2  # lines 3..5 verified, none after
+
+    # a line routed to hosp-b whose header names hosp-a
+    sent, stop = _Sent(), _stop()
+    routed = [("hosp-b", number, start, end) for _, number, start, end in work]
+    outcome = _export_worker(_rostered(ledger), path, mapped, routed, sent, stop)
+    assert (outcome.misrouted, stop.value, outcome.fault, outcome.chains) == (3, 3, None, [])
+
+
+def test_a_database_worker_takes_chains_in_turn(
+    three: tuple[Ledger, Path, list[bytes]],
+) -> None:
+    from tests.helpers.ledgers import rows_changeable
+
+    ledger, _, _ = three
+    chains = ledger.store.chains()
+    taken, sent, stop = _stop(1), _Sent(), _stop()
+    verifier = _rostered(ledger, watch=frozenset({"emergency.access"}), observe=lambda _: None)
+    outcome = _database_worker(verifier, ledger.store, chains, taken, sent, stop)
+    assert taken.value == 4 and sent == [("progress", 6)]  # hosp-b and hosp-c, then none left
+    assert [(where, chain) for where, chain, _ in outcome.chains] == [(1, "hosp-b"), (2, "hosp-c")]
+    assert [(where, e.chain) for where, e in outcome.emergencies] == [(2, "hosp-c")]
+    assert [(where, e["chain"]) for where, e in outcome.observed] == [(2, "hosp-c")]
+    taken, stop = _stop(0), _stop(0)
+    outcome = _database_worker(_rostered(ledger), ledger.store, chains, taken, _Sent(), stop)
+    assert (outcome.chains, taken.value) == ([(0, "hosp-a", outcome.chains[0][2])], 2)
+    with rows_changeable(ledger.store) as conn:
+        conn.exec_driver_sql("DELETE FROM ledger_entries WHERE chain = 'hosp-b' AND seq = 1")
+    taken, stop = _stop(1), _stop()
+    outcome = _database_worker(_rostered(ledger), ledger.store, chains, taken, _Sent(), stop)
+    assert outcome.fault is not None and (outcome.fault[0], stop.value) == (1, 1)
+    assert str(outcome.fault[1]) == "chain hosp-b, block height 0, seq 1: entry row is missing"
+    assert outcome.chains == [] and taken.value == 2
+
+
+def test_a_worker_sends_its_outcome_or_why_it_has_none() -> None:
+    sent = _Sent()
+    _serve(lambda results, stop: parallel._Outcome(misrouted=7), (), sent, _stop())
+    ((kind, pickled),) = sent
+    assert kind == "done" and pickle.loads(pickled) == parallel._Outcome(misrouted=7)
+
+    def fails(results: Any, stop: Any) -> Any:
+        raise KeyError("x")
+
+    sent = _Sent()
+    _serve(fails, (), sent, _stop())
+    assert sent == [("crashed", "KeyError: 'x'")]
+
+
+def test_the_first_fault_wins_and_a_misrouted_line_before_it_means_serial() -> None:
+    first, later = VerificationError("first"), VerificationError("later")
+    Outcome = parallel._Outcome
+    assert not _misrouted_first([Outcome(), Outcome()])
+    assert _misrouted_first([Outcome(misrouted=9), Outcome(fault=(12, later))])
+    assert _misrouted_first([Outcome(misrouted=9), Outcome(fault=(9, later))])
+    with pytest.raises(VerificationError) as caught:
+        _misrouted_first([Outcome(fault=(12, later)), Outcome(fault=(8, first), misrouted=10)])
+    assert caught.value is first
