@@ -511,3 +511,39 @@ def test_the_first_fault_wins_and_a_misrouted_line_before_it_means_serial() -> N
     with pytest.raises(VerificationError) as caught:
         _misrouted_first([Outcome(fault=(12, later)), Outcome(fault=(8, first), misrouted=10)])
     assert caught.value is first
+
+
+def test_every_job_gets_a_worker_up_to_one_per_chain(
+    three: tuple[Ledger, Path, list[bytes]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Verification with more than one job does run in workers, as many as jobs or chains."""
+    ledger, path, _ = three
+    anchor = ledger.authority.public_key()
+    started: list[int] = []
+    run = parallel._run
+
+    def counted(context: Any, targets: list[Any], progress: Any) -> Any:
+        started.append(len(targets))
+        return run(context, targets, progress)
+
+    monkeypatch.setattr(parallel, "_run", counted)
+    progressed: list[int] = []
+    for jobs in (2, 3, 8):
+        assert verify_export_in_parallel(path, anchor, progressed.append, jobs=jobs).anchored
+        assert verify_database_in_parallel(ledger.store, anchor, progressed.append, jobs=jobs)
+    assert started == [2, 2, 3, 3, 3, 3]
+    assert sum(progressed) == 6 * 12
+    serial: list[int] = []
+    assert verify_database_in_parallel(ledger.store, anchor, serial.append, jobs=1).anchored
+    assert verify_export_in_parallel(path, anchor, serial.append, jobs=1).anchored
+    assert serial == [2] * 12 and started == [2, 2, 3, 3, 3, 3]
+
+
+def test_the_cores_are_those_this_process_may_use(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _: {3}, raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    assert available_cores() == 1
+    monkeypatch.delattr(os, "sched_getaffinity")
+    assert available_cores() == 64
+    monkeypatch.setattr(os, "cpu_count", lambda: None)
+    assert available_cores() == 1
