@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from fhir_adapters.store import ResourceStore, tables
 from fhir_adapters.store.bulk_import import BulkImport, Prepared, prepare_lines
-from fhir_adapters.store.repository import _IndexBatch
+from fhir_adapters.store.repository import IndexBatch
 from node.base.config import load_config
 from node.db.engines import MODEL_METADATA, open_database
 from node.demo.nodes import free_port, init_node, join_alone, serving
@@ -103,7 +103,7 @@ def insert_ceiling(url: str, prepared: list[Prepared]) -> float:
                     for pk, p in zip(pks, group, strict=True)
                 ],
             )
-            batch = _IndexBatch()
+            batch = IndexBatch()
             for pk, p in zip(pks, group, strict=True):
                 batch.add(pk, p.type, p.rows)
             batch.insert(conn)

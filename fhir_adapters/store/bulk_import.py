@@ -39,16 +39,19 @@ from sqlalchemy.engine import Connection
 from fhir_adapters.errors import FhirError, Unprocessable
 from fhir_adapters.store import jsonio, tables
 from fhir_adapters.store.repository import (
+    SERVER_META,
+    IndexBatch,
     ResourceStore,
     Stored,
     Writer,
-    _IndexBatch,
     format_instant,
     keys_clause,
+    local_targets,
     now_micros,
+    stored_form,
 )
-from fhir_adapters.store.resources import RESOURCE_TYPES, references, validate
-from fhir_adapters.store.search_params import IndexRows, index_values, parse_reference
+from fhir_adapters.store.resources import validate
+from fhir_adapters.store.search_params import IndexRows, index_values
 
 GROUP = 1000  # resources per transaction
 CHUNK = 200  # lines per task sent to a worker
@@ -83,7 +86,6 @@ TYPE_ORDER = (
 KEY_SEPARATOR = "/"
 
 
-SERVER_META = ("versionId", "lastUpdated")
 UNSTAMPED = format_instant(0)  # a prepared body's lastUpdated, until it is stored
 _UNSTAMPED = f'"lastUpdated":"{UNSTAMPED}"'.encode()
 
@@ -178,52 +180,11 @@ def _prepare(base_url: str, number: int, offset: int, text: bytes) -> Prepared:
             "a bulk-imported resource must carry its id (other lines refer to it by it)",
             expression="id",
         )
-    stored: dict[str, Any] = {
-        "resourceType": resource["resourceType"],
-        "id": resource["id"],
-        "meta": {
-            "versionId": "1",
-            "lastUpdated": UNSTAMPED,
-            **{k: v for k, v in resource.get("meta", {}).items() if k not in SERVER_META},
-        },
-    }
-    for key, value in resource.items():
-        if key not in ("resourceType", "id", "meta"):
-            stored[key] = value
-    targets = _targets(stored, base_url)
+    stored = stored_form(resource, resource["id"], "1", UNSTAMPED)
+    targets = tuple(local_targets(stored, base_url))
     rows = index_values(stored, base_url)
     body = jsonio.dump(stored)
     return Prepared(number, offset, stored["resourceType"], stored["id"], body, rows, targets, text)
-
-
-def _targets(resource: dict[str, Any], base_url: str) -> tuple[tuple[str, str], ...]:
-    """The local resources a resource refers to; what no store could resolve is refused, with
-    the API's reasons."""
-    found: dict[tuple[str, str], None] = {}
-    for path, reference in references(resource, resource["resourceType"]):
-        if reference.startswith("#"):
-            continue
-        if reference.startswith("urn:"):
-            raise Unprocessable(
-                f"{path}: {reference!r} names no resource here (urn: references resolve only "
-                "within a transaction Bundle; in NDJSON, refer to Type/id)",
-                expression=path,
-            )
-        target = parse_reference(reference, base_url)
-        if target is None:
-            if "://" in reference:
-                continue
-            raise Unprocessable(
-                f"{path}: {reference!r} is not a reference this server can resolve",
-                expression=path,
-            )
-        if target[0] not in RESOURCE_TYPES:
-            raise Unprocessable(
-                f"{path}: this server does not host {target[0]} resources", expression=path
-            )
-        if target != (resource["resourceType"], resource["id"]):
-            found[target] = None
-    return tuple(found)
 
 
 def _source_rank(path: Path) -> tuple[int, str]:
@@ -456,7 +417,7 @@ class BulkImport:
                     for pk, i, body in zip(res_pks, fresh, bodies, strict=True)
                 ],
             )
-            batch = _IndexBatch()
+            batch = IndexBatch()
             for pk, item in zip(res_pks, fresh, strict=True):
                 batch.add(pk, item.type, item.rows)
             batch.insert(conn)

@@ -762,8 +762,58 @@ def _sql_of(conn: Connection) -> _Sql:
     return _SQL[conn.dialect.name]
 
 
+def stored_form(
+    resource: dict[str, Any], resource_id: str, version_id: str, last_updated: str
+) -> dict[str, Any]:
+    """A resource as stored: ``resourceType``, ``id`` and ``meta`` (the server's
+    ``versionId`` and ``lastUpdated`` first, the client's meta after) first."""
+    meta = {k: v for k, v in resource.get("meta", {}).items() if k not in SERVER_META}
+    stored: dict[str, Any] = {
+        "resourceType": resource["resourceType"],
+        "id": resource_id,
+        "meta": {"versionId": version_id, "lastUpdated": last_updated, **meta},
+    }
+    for key, value in resource.items():
+        if key not in ("resourceType", "id", "meta"):
+            stored[key] = value
+    return stored
+
+
+def local_targets(resource: dict[str, Any], base_url: str) -> dict[tuple[str, str], str]:
+    """The resources of this server a resource refers to (but itself), each with the path of
+    its first reference; 422 for a reference no store could resolve (``urn:``, relative but
+    malformed, a type not hosted). Contained and absolute references are not local."""
+    wanted: dict[tuple[str, str], str] = {}
+    for path, reference in references(resource, resource["resourceType"]):
+        if reference.startswith("#"):
+            continue  # a contained resource
+        if reference.startswith("urn:"):
+            raise Unprocessable(
+                f"{path}: {reference!r} names no resource here (urn: references resolve "
+                "only to entries of the same transaction Bundle)",
+                expression=path,
+            )
+        target = parse_reference(reference, base_url)
+        if target is None:
+            if "://" in reference:
+                continue  # absolute: another server's resource
+            raise Unprocessable(
+                f"{path}: {reference!r} is not a reference this server can resolve",
+                expression=path,
+            )
+        if target[0] not in RESOURCE_TYPES:
+            raise Unprocessable(
+                f"{path}: this server does not host {target[0]} resources; use an absolute "
+                "URL or a contained resource",
+                expression=path,
+            )
+        wanted.setdefault(target, path)
+    wanted.pop((resource["resourceType"], resource["id"]), None)
+    return wanted
+
+
 @dataclass
-class _IndexBatch:
+class IndexBatch:
     """Index rows waiting to be inserted, one list of row tuples per table (in the order of
     the table's columns)."""
 
@@ -848,7 +898,7 @@ def rebuild_index(
             pks = [row[0] for row in batch_rows]
             for table in tables.INDEX_TABLES:
                 conn.execute(table.delete().where(table.c.res_pk.in_(pks)))
-            batch = _IndexBatch()
+            batch = IndexBatch()
             for res_pk, resource_type, body in batch_rows:
                 batch.add(res_pk, resource_type, index_values(jsonio.parse(bytes(body)), base_url))
             batch.insert(conn)
@@ -969,7 +1019,7 @@ class Writer:
                 for pk, (t, _, body, _) in zip(res_pks, prepared, strict=True)
             ],
         )
-        batched = _IndexBatch()
+        batched = IndexBatch()
         for pk, (t, _, _, rows) in zip(res_pks, prepared, strict=True):
             self._insert_index(pk, t, rows, into=batched)
         self._flush_index(batched)
@@ -1099,17 +1149,7 @@ class Writer:
     ) -> tuple[bytes, IndexRows]:
         """The stored form (server meta set, ``resourceType``, ``id``, ``meta`` first) and its
         index rows; references checked unless ``checked``."""
-        meta = {key: value for key, value in resource.get("meta", {}).items()}
-        for key in SERVER_META:
-            meta.pop(key, None)
-        stored: dict[str, Any] = {
-            "resourceType": resource["resourceType"],
-            "id": resource_id,
-            "meta": {"versionId": str(version), "lastUpdated": format_instant(now), **meta},
-        }
-        for key, value in resource.items():
-            if key not in ("resourceType", "id", "meta"):
-                stored[key] = value
+        stored = stored_form(resource, resource_id, str(version), format_instant(now))
         rows = index_values(stored, self.store.base_url)
         if checked:
             pass
@@ -1120,32 +1160,7 @@ class Writer:
         return jsonio.dump(stored), rows
 
     def _check_references(self, resource: dict[str, Any]) -> None:
-        wanted: dict[tuple[str, str], str] = {}
-        for path, reference in references(resource, resource["resourceType"]):
-            if reference.startswith("#"):
-                continue  # a contained resource
-            if reference.startswith("urn:"):
-                raise Unprocessable(
-                    f"{path}: {reference!r} names no resource here (urn: references resolve "
-                    "only to entries of the same transaction Bundle)",
-                    expression=path,
-                )
-            target = parse_reference(reference, self.store.base_url)
-            if target is None:
-                if "://" in reference:
-                    continue  # absolute: another server's resource
-                raise Unprocessable(
-                    f"{path}: {reference!r} is not a reference this server can resolve",
-                    expression=path,
-                )
-            if target[0] not in RESOURCE_TYPES:
-                raise Unprocessable(
-                    f"{path}: this server does not host {target[0]} resources; use an absolute "
-                    "URL or a contained resource",
-                    expression=path,
-                )
-            wanted.setdefault(target, path)
-        wanted.pop((resource["resourceType"], resource["id"]), None)
+        wanted = local_targets(resource, self.store.base_url)
         if not wanted:
             return
         by_type: dict[str, list[str]] = {}
@@ -1181,15 +1196,15 @@ class Writer:
         )
 
     def _insert_index(
-        self, res_pk: int, resource_type: str, rows: IndexRows, into: _IndexBatch | None = None
+        self, res_pk: int, resource_type: str, rows: IndexRows, into: IndexBatch | None = None
     ) -> None:
         """Insert a resource's index rows, or add them to ``into`` to insert later at once."""
-        batch = into if into is not None else _IndexBatch()
+        batch = into if into is not None else IndexBatch()
         batch.add(res_pk, resource_type, rows)
         if into is None:
             self._flush_index(batch)
 
-    def _flush_index(self, batch: _IndexBatch) -> None:
+    def _flush_index(self, batch: IndexBatch) -> None:
         batch.insert(self.conn)
 
     def _delete_index(self, res_pk: int) -> None:
