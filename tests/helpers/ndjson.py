@@ -4,12 +4,14 @@ a Bulk Data export writes it: every resource with its id, references as ``Type/i
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
 from tests.helpers.cohort import cohort
 
 Json = dict[str, Any]
+URN = re.compile(r'"(urn:uuid:[0-9a-f-]+)"')
 
 
 def cohort_resources(patients: int, seed: int = 0) -> list[Json]:
@@ -27,9 +29,7 @@ def cohort_resources(patients: int, seed: int = 0) -> list[Json]:
             names[entry["fullUrl"]] = f"{resource['resourceType']}/{resource_id}"
             found[(resource["resourceType"], resource_id)] = {**resource, "id": resource_id}
     text = json.dumps(list(found.values()), ensure_ascii=False)
-    for full_url, name in names.items():
-        if full_url.startswith("urn:uuid:"):
-            text = text.replace(f'"{full_url}"', f'"{name}"')
+    text = URN.sub(lambda m: json.dumps(names.get(m.group(1), m.group(1))), text)
     resources: list[Json] = json.loads(text)
     return resources
 
