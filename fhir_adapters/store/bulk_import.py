@@ -54,6 +54,7 @@ from fhir_adapters.store.resources import validate
 from fhir_adapters.store.search_params import IndexRows, index_values
 
 GROUP = 1000  # resources per transaction
+NOT_IMPORTED = ("AuditEvent",)
 CHUNK = 200  # lines per task sent to a worker
 IN_FLIGHT = 4  # chunks per worker read ahead
 MAX_LINE = 16 * 1024 * 1024  # bytes of one NDJSON line, at most
@@ -175,6 +176,12 @@ def prepare_lines(base_url: str, lines: Sequence[tuple[int, int, bytes | None]])
 
 def _prepare(base_url: str, number: int, offset: int, text: bytes) -> Prepared:
     resource, _ = validate(jsonio.parse(text, "the line"))
+    if resource["resourceType"] in NOT_IMPORTED:
+        raise Unprocessable(
+            f"{resource['resourceType']} resources are not imported: this server writes its "
+            "own audit trail, and an import must not forge it",
+            expression="resourceType",
+        )
     if not isinstance(resource.get("id"), str):
         raise Unprocessable(
             "a bulk-imported resource must carry its id (other lines refer to it by it)",

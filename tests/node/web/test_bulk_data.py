@@ -14,7 +14,9 @@ from typing import Any
 import requests
 
 from fhir_adapters.store import jsonio
+from fhir_adapters.store.resources import RESOURCE_TYPES
 from node.flows.bulk_export import SETTLE_SECONDS
+from tests.helpers.minimal import minimal
 from tests.helpers.ndjson import cohort_resources, write_ndjson
 from tests.helpers.nodes import Node, invoke
 
@@ -95,6 +97,48 @@ def test_what_was_imported_comes_out_the_same(node: Node, tmp_path: Path) -> Non
         assert plain(out[(resource["resourceType"], resource["id"])]) == mine
     values = [r["valueQuantity"]["value"] for r in out.values() if "valueQuantity" in r]
     assert values and all(isinstance(v, Decimal | int) for v in values)
+
+
+def test_every_type_round_trips_and_references_resolve_in_any_order(
+    node: Node, tmp_path: Path
+) -> None:
+    patient = {
+        "resourceType": "Patient",
+        "id": "rt-p0",
+        "name": [{"family": "王", "given": ["小明"], "text": "王小明"}],
+        "extension": [
+            {"url": "urn:x:weight", "valueDecimal": Decimal("70.250")},
+            {"url": "urn:x:tiny", "valueDecimal": Decimal("1.0E-7")},
+        ],
+    }
+    lines = []
+    for resource_type in RESOURCE_TYPES:
+        if resource_type in ("Patient", "AuditEvent"):
+            continue
+        resource = minimal(resource_type, "Patient/rt-p0")
+        resource["id"] = f"rt-{resource_type}"[:64]
+        lines.append(resource)
+    lines.append(patient)  # last: the others wait for it
+    source = tmp_path / "every-type.ndjson"
+    source.write_bytes(b"".join(jsonio.dump(r) + b"\n" for r in lines))
+    result = invoke("adapters", "bulk-import", "--dir", str(node.directory), str(source))
+    assert result.exit_code == 0, result.output
+    assert f"{len(lines)} created" in result.output, result.output
+    time.sleep(SETTLE_SECONDS + 0.1)
+    session = exporter(node)
+    out = {
+        (r["resourceType"], r["id"]): r
+        for r in exported(session, manifest_of(session, kick_off(session, f"{node.fhir}/$export")))
+    }
+    for resource in lines:
+        assert plain(out[(resource["resourceType"], resource["id"])]) == plain(resource)
+    weight = out[("Patient", "rt-p0")]["extension"][0]["valueDecimal"]
+    assert str(weight) == "70.250"
+    # an AuditEvent cannot be imported: the node writes its own audit trail
+    forged = tmp_path / "forged.ndjson"
+    forged.write_bytes(jsonio.dump(minimal("AuditEvent", "Patient/rt-p0") | {"id": "f1"}) + b"\n")
+    refused = invoke("adapters", "bulk-import", "--dir", str(node.directory), str(forged))
+    assert refused.exit_code == 1 and "not imported" in refused.output, refused.output
 
 
 def test_levels_type_since_and_filters(node: Node) -> None:
