@@ -292,8 +292,9 @@ def _rows(
 ) -> Iterator[bytes]:
     """The stored bodies of one type as of ``moment``, in (lastUpdated, row) order: first
     what was current then and has not changed since, then the older versions of what
-    changed after ``moment``."""
-    scope = _scope(svc, request, resource_type, members)
+    changed after ``moment``. Compartments and ``_typeFilter`` are judged by the search
+    index, i.e. by current versions."""
+    scope = _scope(request, resource_type, members)
     current = (
         sa.select(R.c.last_updated, R.c.res_pk, V.c.body)
         .select_from(R.join(V, sa.and_(V.c.res_pk == R.c.res_pk, V.c.version == R.c.version)))
@@ -310,8 +311,10 @@ def _rows(
             .order_by(R.c.last_updated, R.c.res_pk)
             .limit(BATCH)
         ).all()
-        for _, _, body in batch:
-            yield bytes(body)
+        kept = _filtered(conn, svc, request, resource_type, [row[1] for row in batch])
+        for _, res_pk, body in batch:
+            if kept is None or res_pk in kept:
+                yield bytes(body)
         if len(batch) < BATCH:
             break
         after = (batch[-1][0], batch[-1][1])
@@ -330,28 +333,39 @@ def _rows(
     )
     if scope is not None:
         changed = changed.where(scope)
-    for _, body, last_updated in conn.execute(changed):
-        if body is not None and (request.since is None or last_updated > request.since):
+    rows = [row for row in conn.execute(changed) if row[1] is not None]
+    rows = [row for row in rows if request.since is None or row[2] > request.since]
+    kept = _filtered(conn, svc, request, resource_type, [row[0] for row in rows])
+    for res_pk, body, _ in rows:
+        if kept is None or res_pk in kept:
             yield bytes(body)
 
 
-def _scope(
-    svc: Services, request: ExportRequest, resource_type: str, members: list[str] | None
-) -> Any:
-    """The condition on a row's ``res_pk`` that keeps it in the export, or None for all."""
-    conditions = []
-    if request.level != "system":
-        if resource_type == "Patient":
-            if members is not None:
-                conditions.append(R.c.id.in_(members))
-        else:
-            in_compartment = sa.select(C.c.res_pk)
-            if members is not None:
-                in_compartment = in_compartment.where(C.c.patient_id.in_(members))
-            conditions.append(R.c.res_pk.in_(in_compartment))
+def _scope(request: ExportRequest, resource_type: str, members: list[str] | None) -> Any:
+    """The condition on a row of ``fhir_resources`` that keeps it in a Patient or Group
+    export (None: a system export keeps every row). A correlated EXISTS, so that each batch
+    looks up its own rows in the compartment index and nothing more."""
+    if request.level == "system":
+        return None
+    if resource_type == "Patient":
+        return None if members is None else R.c.id.in_(members)
+    in_compartment = sa.exists().where(C.c.res_pk == R.c.res_pk)
+    if members is not None:
+        in_compartment = in_compartment.where(C.c.patient_id.in_(members))
+    return in_compartment
+
+
+def _filtered(
+    conn: Connection, svc: Services, request: ExportRequest, resource_type: str, pks: list[int]
+) -> set[int] | None:
+    """Which of ``pks`` match one of the type's ``_typeFilter`` searches (None: no filter).
+    Asked for one batch at a time, so a filter costs what its batch costs."""
     searches = request.type_filters.get(resource_type)
-    if searches:
-        matches = [
+    if not searches:
+        return None
+    kept: set[int] = set()
+    for search in searches:
+        matches = (
             match_query(
                 parse_search(resource_type, parse_qsl(search, keep_blank_values=True)),
                 Access(),
@@ -359,10 +373,13 @@ def _scope(
             )
             .with_only_columns(R.c.res_pk)
             .order_by(None)
-            for search in searches
-        ]
-        conditions.append(R.c.res_pk.in_(sa.union(*matches) if len(matches) > 1 else matches[0]))
-    return sa.and_(*conditions) if conditions else None
+            .where(R.c.res_pk.in_(pks))
+        )
+        kept.update(row[0] for row in conn.execute(matches))
+    return kept
+
+
+MOST_MEMBERS = 10_000  # members of a Group exported at once (each is a bound parameter)
 
 
 def _group_members(svc: Services, group_id: str) -> list[str]:
@@ -374,7 +391,13 @@ def _group_members(svc: Services, group_id: str) -> list[str]:
         target = parse_reference(reference, svc.store.base_url)
         if target is not None and target[0] == "Patient":
             members.append(target[1])
-    return sorted(set(members))
+    members = sorted(set(members))
+    if len(members) > MOST_MEMBERS:
+        raise InvalidRequest(
+            f"Group/{group_id} names {len(members):,} patients; a Group export takes at most "
+            f"{MOST_MEMBERS:,} (split the Group)"
+        )
+    return members
 
 
 def _audit(svc: Services, caller: Caller, request: ExportRequest, count: int) -> None:
