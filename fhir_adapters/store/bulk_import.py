@@ -42,7 +42,6 @@ from fhir_adapters.store.repository import (
     SERVER_META,
     IndexBatch,
     ResourceStore,
-    Stored,
     Writer,
     format_instant,
     keys_clause,
@@ -343,9 +342,8 @@ class BulkImport:
                 writer.conn, [i for i in group if isinstance(i, Prepared)]
             )
             for item, target in waiting:
-                reason = f"{target[0]}/{target[1]}, neither stored nor in the import"
-                lines.append(_line_row(self.job, source, item, "held", reason))
-            self._store(writer, source, ready, counts, lines)
+                lines.append(_line_row(self.job, source, item, "held", _lacking(target)))
+            waiting += self._store(writer, source, ready, counts, lines)
             counts.refused = sum(1 for row in lines if row["state"] == "refused")
             counts.held = len(waiting)
             self._write_lines(writer.conn, source, group if held else [], lines)
@@ -385,69 +383,102 @@ class BulkImport:
         items: list[Prepared],
         counts: Counts,
         lines: list[dict[str, Any]],
-    ) -> None:
-        """Create what is new (a few statements for the whole group), update what changed."""
-        conn = writer.conn
+    ) -> list[tuple[Prepared, tuple[str, str]]]:
+        """Store the group's ready items, in waves so that what an item refers to within the
+        group is stored before it; the items held after all (what they refer to was refused
+        here), each with that target.
+
+        In each wave, what is new and nobody observes is created with a few statements for
+        the whole wave; the rest is written one by one in a savepoint, as the API writes it:
+        changed resources (a new version), and the types others observe (Patients,
+        Consents), so that an observer refusing one (a Consent the ledger cannot carry)
+        refuses that line alone."""
+        existing = _existing(writer.conn, [item.key for item in items])
+        keys = {item.key for item in items}
+        done: set[tuple[str, str]] = set()
+        failed: set[tuple[str, str]] = set()
+        held: list[tuple[Prepared, tuple[str, str]]] = []
+        pending = items
+        while pending:
+            wave = [i for i in pending if all(t not in keys or t in done for t in i.targets)]
+            wave = wave or pending  # references in a circle: all at once
+            chosen = {id(item) for item in wave}
+            pending = [item for item in pending if id(item) not in chosen]
+            batched, singles = [], []
+            for item in wave:
+                lost = next((t for t in item.targets if t in failed), None)
+                if lost is not None:
+                    held.append((item, lost))
+                    failed.add(item.key)
+                    lines.append(_line_row(self.job, source, item, "held", _lacking(lost)))
+                elif item.key not in existing and item.type not in writer.store.observers:
+                    batched.append(item)
+                else:
+                    singles.append(item)
+            self._create_many(writer.conn, batched)
+            counts.created += len(batched)
+            done.update(item.key for item in batched)
+            for item in singles:
+                current = existing.get(item.key)
+                if current is not None and _content(current) == _content(item.body):
+                    counts.unchanged += 1
+                    done.add(item.key)
+                    continue
+                try:
+                    with writer.conn.begin_nested():
+                        _, created = writer.update(item.type, item.id, jsonio.parse(item.body))
+                except FhirError as exc:
+                    lines.append(_line_row(self.job, source, item, "refused", str(exc)))
+                    failed.add(item.key)
+                    continue
+                done.add(item.key)
+                if created:
+                    counts.created += 1
+                else:
+                    counts.updated += 1
+        return held
+
+    @staticmethod
+    def _create_many(conn: Connection, items: list[Prepared]) -> None:
+        """Create new resources with a handful of statements for them all."""
+        if not items:
+            return
         R, V = tables.resources, tables.versions
-        existing = _existing(conn, [item.key for item in items])
-        fresh = [item for item in items if item.key not in existing]
-        if fresh:
-            now = now_micros()  # in the transaction, as every write's time is taken
-            bodies = [stamped(item.body, now) for item in fresh]
-            res_pks = [
-                row[0]
-                for row in conn.execute(
-                    R.insert().returning(R.c.res_pk, sort_by_parameter_order=True),
-                    [
-                        {
-                            "type": i.type,
-                            "id": i.id,
-                            "version": 1,
-                            "last_updated": now,
-                            "deleted": False,
-                        }
-                        for i in fresh
-                    ],
-                )
-            ]
-            conn.execute(
-                V.insert(),
+        now = now_micros()  # in the transaction, as every write's time is taken
+        res_pks = [
+            row[0]
+            for row in conn.execute(
+                R.insert().returning(R.c.res_pk, sort_by_parameter_order=True),
                 [
                     {
-                        "res_pk": pk,
-                        "version": 1,
                         "type": i.type,
+                        "id": i.id,
+                        "version": 1,
                         "last_updated": now,
-                        "method": "POST",
-                        "body": body,
+                        "deleted": False,
                     }
-                    for pk, i, body in zip(res_pks, fresh, bodies, strict=True)
+                    for i in items
                 ],
             )
-            batch = IndexBatch()
-            for pk, item in zip(res_pks, fresh, strict=True):
-                batch.add(pk, item.type, item.rows)
-            batch.insert(conn)
-            counts.created += len(fresh)
-            observers = writer.store.observers
-            for pk, item, body in zip(res_pks, fresh, bodies, strict=True):
-                stored = Stored(item.type, item.id, 1, now, body, "POST", res_pk=pk)
-                for observer in observers.get(item.type, ()):
-                    observer(writer, None, stored)
-        for item in items:
-            if item.key not in existing:
-                continue
-            current = existing[item.key]
-            if current is not None and _content(current) == _content(item.body):
-                counts.unchanged += 1
-                continue
-            try:
-                with conn.begin_nested():
-                    writer.update(item.type, item.id, jsonio.parse(item.body))
-            except FhirError as exc:
-                lines.append(_line_row(self.job, source, item, "refused", str(exc)))
-                continue
-            counts.updated += 1
+        ]
+        conn.execute(
+            V.insert(),
+            [
+                {
+                    "res_pk": pk,
+                    "version": 1,
+                    "type": i.type,
+                    "last_updated": now,
+                    "method": "POST",
+                    "body": stamped(i.body, now),
+                }
+                for pk, i in zip(res_pks, items, strict=True)
+            ],
+        )
+        batch = IndexBatch()
+        for pk, item in zip(res_pks, items, strict=True):
+            batch.add(pk, item.type, item.rows)
+        batch.insert(conn)
 
     def _write_lines(
         self, conn: Connection, source: int, settled: list[Any], rows: list[dict[str, Any]]
@@ -617,6 +648,11 @@ def _groups(items: Iterator[Any]) -> Iterator[list[Any]]:
             keys.add(key)
     if group:
         yield group
+
+
+def _lacking(target: tuple[str, str]) -> str:
+    """Why a line is held (and, once refused, why: "refers to " and this)."""
+    return f"{target[0]}/{target[1]}, neither stored nor in the import"
 
 
 def _line_row(job: str, source: int, item: Any, state: str, reason: str) -> dict[str, Any]:

@@ -18,7 +18,10 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
+from consent.model import consent_resource
+from consent.pseudonym import RESIDENT_ID_SYSTEM
 from fhir_adapters.store import jsonio, tables
+from ledger.store import ChainStore
 from node.base.config import load_config
 from node.db.engines import open_database
 from tests.helpers.databases import postgres_database
@@ -225,3 +228,31 @@ def test_a_crash_in_the_middle_then_a_restart_stores_each_resource_once(
     found = stored(node_dir)
     assert len(found) == len(resources)
     assert all(len(versions) == 1 for versions in found.values())
+
+
+def test_consents_are_recorded_on_the_ledger_and_one_it_cannot_carry_is_refused_alone(
+    node_dir: Path, tmp_path: Path
+) -> None:
+    granted = consent_resource("p1", ["*"], ["laboratory"], ["TREAT"], "2026-01-01", None)
+    granted["id"] = "c1"
+    denying = consent_resource("p1", ["*"], ["laboratory"], ["TREAT"], "2026-01-01", None)
+    denying["id"] = "c2"
+    denying["provision"]["type"] = "deny"  # a restriction the ledger entry cannot carry
+    resident = {"system": RESIDENT_ID_SYSTEM, "value": "110101199003074514"}
+    source = lines_file(
+        tmp_path / "consents.ndjson", granted, denying, patient("p1", identifier=[resident])
+    )
+    result = bulk_import(node_dir, source)
+    assert result.exit_code == 1, result.output
+    assert "2 created" in result.output and "1 refused" in result.output, result.output
+    assert f"{source}:2: " in result.output and "deny" in result.output
+    assert set(stored(node_dir)) == {("Patient", "p1"), ("Consent", "c1")}
+    database = open_database(load_config(node_dir).database_url)
+    try:
+        ledger = ChainStore(database.engine)
+        head = ledger.head("hosp-a")
+        assert head is not None
+        types = [ledger.entry("hosp-a", seq)["type"] for seq in range(head.tree_size)]
+    finally:
+        database.close()
+    assert types.count("consent.granted") == 1
