@@ -13,8 +13,10 @@ from typing import Any
 
 import requests
 
-from fhir_adapters.store import jsonio
+from fhir_adapters.store import jsonio, now_micros
 from fhir_adapters.store.resources import RESOURCE_TYPES
+from node.db.schema import bulk_jobs_table
+from node.flows import bulk_jobs
 from node.flows.bulk_export import SETTLE_SECONDS
 from tests.helpers.minimal import minimal
 from tests.helpers.ndjson import cohort_resources, write_ndjson
@@ -320,3 +322,39 @@ def test_import_over_fhir_runs_as_a_job_and_reports_refused_lines(node: Node) ->
         timeout=30,
     )
     assert doctor.status_code == 403
+
+
+def test_a_job_whose_process_was_lost_runs_again_at_the_next_poll(node: Node) -> None:
+    session = exporter(node)
+    request = {
+        "level": "system",
+        "group": None,
+        "types": ["Patient"],
+        "since": None,
+        "type_filters": {},
+        "url": f"{node.fhir}/$export?_type=Patient",
+    }
+    made = node.session().post(
+        f"{node.fhir}/Patient", json={"resourceType": "Patient", "gender": "female"}, timeout=30
+    )
+    assert made.status_code == 201
+    time.sleep(SETTLE_SECONDS + 0.1)
+    stale = now_micros() - (bulk_jobs.STALE_SECONDS + 5) * 10**6
+    with node.database.write_engine.begin() as conn:  # as a process that died left it
+        conn.execute(
+            bulk_jobs_table.insert().values(
+                id="lost-job",
+                kind="export",
+                owner="bulk-admin",
+                request=json.dumps(request),
+                state=bulk_jobs.RUNNING,
+                created=now_micros(),
+                heartbeat=stale,
+                progress="{}",
+            )
+        )
+    manifest = manifest_of(session, f"{node.fhir}/$bulk-status/lost-job")
+    assert {item["type"] for item in manifest["output"]} == {"Patient"}
+    names = [Path(item["url"]).name for item in manifest["output"]]
+    ids = [r["id"] for r in exported(session, manifest)]
+    assert names == ["Patient-1.ndjson"] and made.json()["id"] in ids
