@@ -11,6 +11,7 @@ from typing import Any
 from tests.helpers.cohort import cohort
 
 Json = dict[str, Any]
+SERVER_META = ("versionId", "lastUpdated")
 URN = re.compile(r'"(urn:uuid:[0-9a-f-]+)"')
 
 
@@ -47,3 +48,11 @@ def write_ndjson(resources: list[Json], folder: Path) -> list[Path]:
         path.write_text("\n".join(lines) + "\n", encoding="utf-8")
         paths.append(path)
     return paths
+
+
+def without_server_meta(resource: Json) -> Json:
+    """A resource without what a server sets (``meta.versionId``, ``meta.lastUpdated``), to
+    compare what was sent with what was stored."""
+    meta = {k: v for k, v in resource.get("meta", {}).items() if k not in SERVER_META}
+    plain = {k: v for k, v in resource.items() if k != "meta"}
+    return {**plain, "meta": meta} if meta else plain

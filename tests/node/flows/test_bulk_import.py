@@ -25,7 +25,7 @@ from ledger.store import ChainStore
 from node.base.config import load_config
 from node.db.engines import open_database
 from tests.helpers.databases import postgres_database
-from tests.helpers.ndjson import cohort_resources, write_ndjson
+from tests.helpers.ndjson import cohort_resources, without_server_meta, write_ndjson
 from tests.helpers.nodes import init_node, invoke, join_alone
 
 
@@ -61,14 +61,6 @@ def stored(directory: Path) -> dict[tuple[str, str], list[dict[str, Any]]]:
     finally:
         database.close()
     return found
-
-
-def without_server_meta(resource: dict[str, Any]) -> dict[str, Any]:
-    meta = {
-        k: v for k, v in resource.get("meta", {}).items() if k not in ("versionId", "lastUpdated")
-    }
-    plain = {k: v for k, v in resource.items() if k != "meta"}
-    return {**plain, "meta": meta} if meta else plain
 
 
 def bulk_import(directory: Path, *files: Path, workers: str = "1") -> Any:
