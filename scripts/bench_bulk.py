@@ -71,7 +71,7 @@ def insert_ceiling(url: str, prepared: list[Prepared]) -> float:
     started = time.perf_counter()
     for start in range(0, len(prepared), 1000):
         with database.write_engine.begin() as conn:
-            BulkImport._create_many(conn, prepared[start : start + 1000])
+            BulkImport.create_many(conn, prepared[start : start + 1000])
     seconds = time.perf_counter() - started
     database.close()
     return len(prepared) / seconds

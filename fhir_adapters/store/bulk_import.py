@@ -415,7 +415,7 @@ class BulkImport:
                     batched.append(item)
                 else:
                     singles.append(item)
-            self._create_many(writer.conn, batched)
+            self.create_many(writer.conn, batched)
             counts.created += len(batched)
             done.update(item.key for item in batched)
             for item in singles:
@@ -439,7 +439,7 @@ class BulkImport:
         return held
 
     @staticmethod
-    def _create_many(conn: Connection, items: list[Prepared]) -> None:
+    def create_many(conn: Connection, items: list[Prepared]) -> None:
         """Create new resources with a handful of statements for them all."""
         if not items:
             return
