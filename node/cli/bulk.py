@@ -10,6 +10,7 @@ from pathlib import Path
 
 import click
 
+from fhir_adapters.store.bulk_import import Progress
 from node.base.config import load_config
 from node.base.logs import configure_logging
 from node.cli.console import err, fail, out, reported
@@ -47,13 +48,13 @@ def bulk_import(directory: Path, workers: int | None, files: tuple[Path, ...]) -
     started = time.monotonic()
     last_shown = 0.0
 
-    def progress(state: object) -> None:
+    def progress(state: Progress) -> None:
         nonlocal last_shown
         now = time.monotonic()
         if not err.is_terminal or now - last_shown < 0.5:
             return
         last_shown = now
-        done, total, counts = state.bytes_done, state.bytes_total, state.counts  # type: ignore[attr-defined]
+        done, total, counts = state.bytes_done, state.bytes_total, state.counts
         rate = counts.settled / max(now - started, 1e-6)
         share = done / total if total else 1.0
         err.print(
