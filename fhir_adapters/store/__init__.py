@@ -1,6 +1,8 @@
 """The FHIR repository of one node: versioned resources with their search indexes.
 
-``repository`` (the store: writes, reads, history, the index rebuilt), ``search`` (a search
+``repository`` (the store: writes, reads, history, the index rebuilt), ``group_commit``
+(concurrent writes sharing a transaction and its commit), ``bulk_import`` (NDJSON files
+loaded in groups, resumable), ``search`` (a search
 request parsed, run and paged), ``search_params`` (what each search parameter indexes),
 ``expressions`` (a parameter's FHIRPath as a function of a resource), ``subsetting``
 (``_summary`` and ``_elements``), ``tables`` (the index tables), ``resources`` (what a
