@@ -2,6 +2,7 @@
 
 Canonical JSON (RFC 8785), RFC 9162 Merkle trees and proofs, Ed25519-signed blocks and
 rosters, BLS12-381 keys for checkpoints, the append-only chain store with its
-group-committing writer (SQLite or PostgreSQL), and the offline verifier that auditors run.
+group-committing writer (SQLite or PostgreSQL), and the offline verifier that auditors run
+(:mod:`.verify`; its chains on every core: :mod:`.verify_parallel`).
 It knows nothing of Flask or FHIR, so the auditor and the benchmarks use it on its own.
 """
