@@ -12,6 +12,7 @@ import mmap
 import multiprocessing
 import os
 import pickle
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ from ledger import verify_parallel as parallel
 from ledger.errors import LedgerError, VerificationError
 from ledger.roster import make_member, make_roster, sign_roster
 from ledger.store import ChainStore, ChainWriter
-from ledger.verify import Summary, Verifier, verify_database, verify_export
+from ledger.verify import Misrouted, Summary, Verifier, verify_database, verify_export, verify_line
 from ledger.verify_parallel import (
     NO_FAULT,
     _assign,
@@ -547,3 +548,219 @@ def test_the_cores_are_those_this_process_may_use(monkeypatch: pytest.MonkeyPatc
     assert available_cores() == 64
     monkeypatch.setattr(os, "cpu_count", lambda: None)
     assert available_cores() == 1
+
+
+# -- what mutation testing found unchecked --------------------------------------------------------
+
+
+def test_given_certificates_and_watching_reach_every_path(
+    three: tuple[Ledger, Path, list[bytes]],
+) -> None:
+    """Certificates given from elsewhere, and the entries watched, are held to and observed
+    alike with workers and with one job, from an export and from a database."""
+    ledger, path, lines = three
+    given = [test_verify_faults._certificate(8, json.loads(lines[4]), roster=2)]  # hosp-a's head
+    watching = {"watch": frozenset({"emergency.access"}), "observe": None}
+    anchor = ledger.authority.public_key()
+    expected = _outcome(verify_export, path, anchor, given=given, **watching)
+    assert expected[0] == "valid" and len(expected[3]) == 2
+    assert (expected[1].given, expected[1].covered) == ([8], {"hosp-a": (8, 2)})
+    stored = _outcome(verify_database, ledger.store, anchor, given=given, **watching)
+    assert stored[1].given == [8] and len(stored[3]) == 2
+    for jobs in (1, 2):
+        export = _outcome(
+            verify_export_in_parallel, path, anchor, jobs=jobs, given=given, **watching
+        )
+        assert export == expected, jobs
+        database = _outcome(
+            verify_database_in_parallel, ledger.store, anchor, jobs=jobs, given=given, **watching
+        )
+        assert database == stored, jobs
+
+
+def test_a_worker_is_given_its_arguments_the_results_and_the_stop() -> None:
+    sent, stop = _Sent(), _stop(4)
+
+    def target(first: int, second: int, results: Any, stop: Any) -> Any:
+        assert results is sent
+        return parallel._Outcome(misrouted=first * 10 + second + stop.value)
+
+    _serve(target, (1, 2), sent, stop)
+    ((kind, pickled),) = sent
+    assert kind == "done" and pickle.loads(pickled) == parallel._Outcome(misrouted=16)
+
+
+def test_a_verifier_of_further_chains_shares_the_rosters_and_hands_its_chains_over(
+    three: tuple[Ledger, Path, list[bytes]],
+) -> None:
+    ledger, path, lines = three
+    observed: list[dict[str, Any]] = []
+    verifier = _rostered(ledger, watch=frozenset({"emergency.access"}), observe=lambda _: None)
+    other = verifier.for_chains(observed.append)
+    assert other.authority is verifier.authority and other.rosters is verifier.rosters
+    assert other.summary.rosters is verifier.summary.rosters == [1, 2]
+    assert other.summary.anchored
+    for number, line in enumerate(lines[2:5], start=3):
+        verify_line(other, path, number, line, None, "hosp-a")
+    assert [(e["chain"], e["seq"]) for e in observed] == [("hosp-a", 3)]
+    assert verifier.summary.chains == {} and list(other.chain_states()) == ["hosp-a"]
+    emergencies = list(other.summary.emergencies)
+    verifier.adopt(other.chain_states().items(), emergencies)
+    assert verifier.summary.chains == other.summary.chains
+    assert verifier.summary.emergencies == emergencies != []
+    assert verifier.chain_states() == other.chain_states()
+
+
+def test_a_database_worker_takes_every_chain_and_leaves_the_parents_connections_open(
+    three: tuple[Ledger, Path, list[bytes]],
+) -> None:
+    ledger, _, _ = three
+    with ledger.store.engine.connect() as conn:
+        raw = conn.connection.dbapi_connection  # back in the parent's pool
+    assert raw is not None
+    chains = ledger.store.chains()
+    taken = _stop(0)
+    outcome = _database_worker(_rostered(ledger), ledger.store, chains, taken, _Sent(), _stop())
+    assert outcome.fault is None and taken.value == 4
+    assert [(where, chain) for where, chain, _ in outcome.chains] == list(enumerate(CHAINS))
+    raw.cursor().execute("SELECT 1")  # the worker dropped the pool, closing nothing
+
+
+def test_blank_lines_anywhere_and_no_newline_at_the_end_verify_alike(
+    three: tuple[Ledger, Path, list[bytes]],
+) -> None:
+    ledger, path, lines = three
+    certificate = b'{"certificate":{"signers":[]}}'
+    variants = {
+        "no newline at the end": [*lines[:-1], lines[-1].rstrip(b"\n")],
+        "nor after a certificate": [*lines, certificate],
+        "blank first": [b"\n", *lines],
+        "blanks between chains": [*lines[:5], b"\n", b" \n", *lines[5:], b"\n"],
+        "blank in a chain": [*lines[:3], b"\n", *lines[3:]],
+        "only blanks": [b"\n", b"  \n", b"\n"],
+    }
+    outcomes = {}
+    for name, variant in variants.items():
+        path.write_bytes(b"".join(variant))
+        outcomes[name] = _same(path, ledger)
+    assert outcomes["nor after a certificate"][1].startswith(f"{path}:9: certificate: ")
+    for name in (
+        "no newline at the end",
+        "blank first",
+        "blanks between chains",
+        "blank in a chain",
+    ):
+        assert outcomes[name][0] == "valid" and outcomes[name][1].entries == 12, name
+    assert outcomes["only blanks"][1] == f"{path} holds no roster"
+
+
+def test_chains_are_shared_out_by_size_the_largest_first_to_the_least_loaded(
+    three: tuple[Ledger, Path, list[bytes]],
+) -> None:
+    _, path, lines = three
+    runs = _scan(_mapped_file(path), 3, len(lines[0]) + len(lines[1]))
+    size = {
+        "hosp-a": sum(map(len, lines[2:5])),
+        "hosp-b": len(lines[5]),
+        "hosp-c": sum(map(len, lines[6:8])),
+    }
+    assert runs.size == size and size["hosp-a"] > size["hosp-c"] > size["hosp-b"]
+    start = sum(map(len, lines[:2]))
+    assert runs.by_chain["hosp-a"] == [(3, start, start + size["hosp-a"])]
+    assert [[(chain, number) for chain, number, _, _ in work] for work in _assign(runs, 2)] == [
+        [("hosp-a", 3)],
+        [("hosp-b", 6), ("hosp-c", 7)],
+    ]
+    assert [[chain for chain, *_ in work] for work in _assign(runs, 3)] == [
+        ["hosp-a"], ["hosp-c"], ["hosp-b"]
+    ]  # fmt: skip
+
+
+def _answers_at_once(results: Any, stop: Any) -> Any:
+    return parallel._Outcome(misrouted=1)
+
+
+def _answers_later(results: Any, stop: Any) -> Any:
+    time.sleep(2.5)  # the others have answered and ended by now
+    results.put(("progress", 5))
+    return parallel._Outcome(misrouted=2)
+
+
+def _fails(results: Any, stop: Any) -> Any:
+    raise KeyError("x")
+
+
+def _hangs(results: Any, stop: Any) -> Any:
+    time.sleep(60)
+    return parallel._Outcome()
+
+
+def test_workers_are_waited_for_while_one_works_and_killed_when_one_fails() -> None:
+    context = multiprocessing.get_context("fork")
+    before = set(multiprocessing.active_children())
+    progressed: list[int] = []
+    targets = [(_answers_at_once, ()), (_answers_later, ())]
+    outcomes = parallel._run(context, targets, progressed.append)
+    assert sorted(o.misrouted for o in outcomes) == [1, 2] and progressed == [5]
+    started = time.monotonic()
+    with pytest.raises(LedgerError, match=r"^a verifying process failed: KeyError: 'x'$"):
+        parallel._run(context, [(_hangs, ()), (_fails, ())], None)
+    assert time.monotonic() - started < 30  # waited for a while (5 s), not for its end
+    time.sleep(0.5)
+    assert set(multiprocessing.active_children()) == before  # the one that hangs was killed
+
+
+def test_a_line_is_routed_by_its_last_header_and_only_to_a_chain_id(tmp_path: Path) -> None:
+    """Routing reads the text of a line as hrx writes it (the header after the entries); a
+    line it cannot route ends the part verified by workers."""
+    lines = {
+        b'{"entries":[{"body":{"a":[1],"header":{"chain":"hosp-b"}}}],"header":{"chain":"hosp-a"'
+        b',"height":0},"signature":"AA"}\n': "hosp-a",
+        b'{"entries":[],"header":{"chain":"hosp-c"}}\n': "hosp-c",
+        '{"entries":[],"header":{"chain":"hösp"}}\n'.encode(): None,
+        b'{"entries":[],"header":{"chain":"Hosp"}}\n': None,
+        b'{"entries":[],"header":{"chain":""}}\n': None,
+        b'{"entries":[],"signature":"AA"}\n': None,
+        b'{"header":{"chain":"hosp-a"},"entries":[]}\n': None,
+        b'{"entries":[],"header":{"chain":"hosp-ab': None,  # the last line, cut off
+    }
+    path = tmp_path / "lines.jsonl"
+    path.write_bytes(b"".join(lines))
+    mapped, start = _mapped_file(path), 0
+    for line, chain in lines.items():
+        assert parallel._routed_chain(mapped, start, start + len(line)) == chain, line
+        start += len(line)
+
+
+def test_given_certificates_and_watching_reach_the_serial_verification_of_a_misrouted_file(
+    ledger_db: Ledger, tmp_path: Path
+) -> None:
+    signing = _consortium(ledger_db, tmp_path, {"hosp-b": 2})
+    with ChainWriter(ledger_db.store, "hosp-a", signing["hosp-a"]) as writer:
+        writer.append("access.requested", {"a": [1], "header": {"chain": "hosp-b"}})
+    path = tmp_path / "routed.jsonl"
+    lines = _export(ledger_db, path)
+    block = json.loads(lines[2])
+    respelled = {k: block[k] for k in ("entries", "signature", "header")}
+    lines[2] = json.dumps(respelled, separators=(",", ":")).encode() + b"\n"
+    path.write_bytes(b"".join(lines))
+    assert list(_scan(_mapped_file(path), 3, len(lines[0]) + len(lines[1])).by_chain) == ["hosp-b"]
+    given = [test_verify_faults._certificate(8, block, roster=2)]
+    watching = {"watch": frozenset({"emergency.access"}), "observe": None}
+    kind, summary, chains, observed, _ = _same(path, ledger_db, given=given, **watching)
+    assert (kind, chains, summary.given, len(observed)) == ("valid", ["hosp-a", "hosp-b"], [8], 1)
+
+
+def test_a_line_routed_by_its_text_whose_header_is_no_object_is_misrouted(
+    three: tuple[Ledger, Path, list[bytes]],
+) -> None:
+    ledger, path, lines = three
+    odd = b'{"entries":[{"a":[1],"header":{"chain":"hosp-a"}}],"header":5,"signature":"AA"}\n'
+    verifier = _rostered(ledger)
+    with pytest.raises(Misrouted, match=r"^line 8 holds a block of another chain "):
+        verify_line(verifier, path, 8, odd, None, "hosp-a")
+    path.write_bytes(b"".join([*lines[:7], odd]))
+    assert (
+        _same(path, ledger)[1]
+        == "malformed header: a block header must be a JSON object, not a number"
+    )
