@@ -41,7 +41,7 @@ from sqlalchemy.engine import Connection
 
 from fhir_adapters.definitions import patient_compartment
 from fhir_adapters.errors import Forbidden, InvalidRequest
-from fhir_adapters.store import format_instant, now_micros, tables
+from fhir_adapters.store import Stored, format_instant, now_micros, tables
 from fhir_adapters.store.resources import RESOURCE_TYPES
 from fhir_adapters.store.search import Access, match_query, parse_search
 from fhir_adapters.store.search_params import parse_reference
@@ -166,7 +166,7 @@ def start_export(svc: Services, caller: Caller, request: ExportRequest) -> bulk_
     principal = caller.principal
     assert principal is not None
     if request.level == "group":
-        _group_members(svc, str(request.group))  # 404 now rather than a failed job
+        _group(svc, str(request.group))  # 404 now rather than a failed job
     job = bulk_jobs.new_job(svc, "export", principal.username, request.as_json())
     _run_in_background(svc, caller, job)
     return job
@@ -211,7 +211,7 @@ def export(
     output: list[dict[str, Any]] = []
     state = {"resources": 0, "type": ""}
     beats = _Beats(svc, job.id, state)
-    members = _group_members(svc, str(request.group)) if request.level == "group" else None
+    group, members = _group(svc, str(request.group)) if request.level == "group" else (None, None)
     for resource_type in request.types:
         state["type"] = resource_type
         with svc.database.engine.connect() as conn:
@@ -232,7 +232,7 @@ def export(
         "output": output,
         "error": [],
     }
-    _audit(svc, caller, request, sum(item["count"] for item in output))
+    _audit(svc, caller, request, sum(item["count"] for item in output), group)
     return manifest
 
 
@@ -382,11 +382,11 @@ def _filtered(
 MOST_MEMBERS = 10_000  # members of a Group exported at once (each is a bound parameter)
 
 
-def _group_members(svc: Services, group_id: str) -> list[str]:
-    """The ids of the Patients a Group names (``member.entity``); 404 without the Group."""
-    group = svc.store.read("Group", group_id).resource()
+def _group(svc: Services, group_id: str) -> tuple[Stored, list[str]]:
+    """The Group and the ids of the Patients it names (``member.entity``); 404 without it."""
+    stored = svc.store.read("Group", group_id)
     members = []
-    for member in group.get("member", []):
+    for member in stored.resource().get("member", []):
         reference = (member.get("entity") or {}).get("reference", "")
         target = parse_reference(reference, svc.store.base_url)
         if target is not None and target[0] == "Patient":
@@ -397,13 +397,15 @@ def _group_members(svc: Services, group_id: str) -> list[str]:
             f"Group/{group_id} names {len(members):,} patients; a Group export takes at most "
             f"{MOST_MEMBERS:,} (split the Group)"
         )
-    return members
+    return stored, members
 
 
-def _audit(svc: Services, caller: Caller, request: ExportRequest, count: int) -> None:
+def _audit(
+    svc: Services, caller: Caller, request: ExportRequest, count: int, group: Stored | None
+) -> None:
     record = caller.record("operation", description=f"$export: {count} resource(s)")
     record.query = request.url
-    if request.level == "group":
-        record.entities = [svc.store.read("Group", str(request.group))]
+    if group is not None:
+        record.entities = [group]
     with svc.store.writing(caller.principal) as writer:
         svc.audit.record_in(writer, record)

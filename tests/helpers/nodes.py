@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import atexit
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +31,7 @@ from node.demo.nodes import (  # noqa: F401  # what the tests use, in one place
     serving,
     wait_healthy,
 )
+from tests.helpers.databases import postgres_database
 
 
 def hrx(*args: str) -> str:
@@ -104,3 +107,18 @@ def a_patient(source: Node) -> tuple[str, str]:
     assert created.status_code == 201, created.text
     secret = read_secret(load_config(source.directory).consortium_key)
     return created.json()["id"], pseudonym(secret, RESIDENT_ID_SYSTEM, resident_id)
+
+
+@contextmanager
+def joined_node_dir(directory: Path, node_id: str, engine: str) -> Iterator[Path]:
+    """A node's directory, initialised on ``engine`` ("sqlite", or "postgres": a database of
+    its own, dropped afterwards) and the one member of a consortium of its own; not served."""
+    if engine == "sqlite":
+        init_node(directory, node_id, None, 8080)
+        join_alone(directory)
+        yield directory
+        return
+    with postgres_database() as url:
+        init_node(directory, node_id, url, 8080)
+        join_alone(directory)
+        yield directory

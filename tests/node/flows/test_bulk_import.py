@@ -24,23 +24,14 @@ from fhir_adapters.store import jsonio, tables
 from ledger.store import ChainStore
 from node.base.config import load_config
 from node.db.engines import open_database
-from tests.helpers.databases import postgres_database
 from tests.helpers.ndjson import cohort_resources, without_server_meta, write_ndjson
-from tests.helpers.nodes import init_node, invoke, join_alone
+from tests.helpers.nodes import invoke, joined_node_dir
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
 def node_dir(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Path]:
-    directory = tmp_path / "hosp-a"
-    if request.param == "sqlite":
-        init_node(directory, "hosp-a", None, 8080)
-        join_alone(directory)
+    with joined_node_dir(tmp_path / "hosp-a", "hosp-a", request.param) as directory:
         yield directory
-    else:
-        with postgres_database() as url:
-            init_node(directory, "hosp-a", url, 8080)
-            join_alone(directory)
-            yield directory
 
 
 def stored(directory: Path) -> dict[tuple[str, str], list[dict[str, Any]]]:

@@ -21,8 +21,7 @@ from node.intake.quarantine import quarantined
 from node.records.pseudonym_index import patients_with
 from node.services import Services, open_services
 from tests.helpers import ROOT
-from tests.helpers.databases import postgres_database
-from tests.helpers.nodes import init_node, join_alone
+from tests.helpers.nodes import joined_node_dir
 
 SAMPLES = ROOT / "fhir_adapters" / "samples" / "csv"
 MAPPING = SAMPLES / "lis-mapping.toml"
@@ -35,16 +34,8 @@ def run(*args: str) -> Result:
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
 def node_dir(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Path]:
-    directory = tmp_path / "hosp-b"
-    if request.param == "sqlite":
-        init_node(directory, "hosp-b", None, 8080)
-        join_alone(directory)
+    with joined_node_dir(tmp_path / "hosp-b", "hosp-b", request.param) as directory:
         yield directory
-    else:
-        with postgres_database() as url:
-            init_node(directory, "hosp-b", url, 8080)
-            join_alone(directory)
-            yield directory
 
 
 def services_of(directory: Path) -> Services:
