@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import requests
@@ -98,6 +99,51 @@ class SignedPeers:
                 + content[:300].decode("utf-8", "replace")
             )
         return content
+
+    def lines(
+        self, member: str, path: str, value: Any, timeout: float, max_line: int
+    ) -> Iterator[bytes]:
+        """A signed POST to a member whose answer is NDJSON: its lines as they arrive (without
+        the newline), none over ``max_line`` bytes; PeerUnavailable saying why it failed,
+        whenever it fails (``timeout``: for the connection and between two reads)."""
+        try:
+            base = self.store.roster().member(member)["url"].rstrip("/")
+        except LedgerError as exc:
+            raise PeerUnavailable(str(exc)) from None
+        url = base + path
+        body = canonical_bytes(value)
+        headers = sign_request(
+            self.own, self.key, "POST", url, body, {"Content-Type": "application/json"}
+        )
+        request_id = current_request_id()
+        if request_id is not None:
+            headers[REQUEST_ID_HEADER] = request_id
+        try:
+            with requests.post(
+                url,
+                data=body,
+                headers=headers,
+                timeout=(min(CONNECT_SECONDS, timeout), timeout),
+                stream=True,
+            ) as response:
+                if response.status_code != 200:
+                    raise PeerUnavailable(
+                        f"{member} answered {response.status_code}: "
+                        + _read_capped(response)[:300].decode("utf-8", "replace")
+                    )
+                pending = b""
+                for chunk in response.iter_content(1 << 20):
+                    pending += chunk
+                    *complete, pending = pending.split(b"\n")
+                    if len(pending) > max_line or any(len(c) > max_line for c in complete):
+                        raise PeerUnavailable(f"{member} sent a line over {max_line} bytes")
+                    yield from complete
+                if pending:
+                    raise PeerUnavailable(f"{member}'s answer ended inside a line")
+        except requests.Timeout:
+            raise PeerTimeout(f"{member} at {base} did not answer within {timeout:g} s") from None
+        except requests.RequestException as exc:
+            raise PeerUnavailable(f"{member} at {base}: {type(exc).__name__}") from None
 
     def fetch_json(self, member: str, method: str, path: str, value: Any, timeout: float) -> Any:
         """A signed request with its own timeout; its JSON answer."""

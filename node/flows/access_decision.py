@@ -136,23 +136,41 @@ def installed_roster_of(svc: Services) -> Any:
 def _sync_consent_chains(svc: Services, patient: str, question: dict[str, Any]) -> dict[str, str]:
     """Bring the chains that hold the patient's consents up to their authors' heads (from a
     witness when the author cannot give them); the chains that could not be and whose copy
-    here is older than the staleness bound, with why. A witness knows those chains from its
-    own copy of every chain; an ordinary member asks a witness (:func:`consent_chains`),
-    passing on the ``question`` it was asked, and denies when none answers (``"*"``: which
-    chains hold the consents could not be learned). The client is kept per process (its
-    rosters are read again at each sync)."""
+    here is older than the staleness bound, with why (``"*"``: which chains hold the
+    consents could not be learned). ``question``: the access request this node was asked,
+    passed on to the witness an ordinary member learns the chains from."""
+    learned = consent_chains_of(svc, patient, question)
+    if isinstance(learned, str):
+        return {"*": learned}
+    return sync_chains(svc, learned, patient)
+
+
+def consent_chains_of(svc: Services, patient: str, question: dict[str, Any]) -> set[str] | str:
+    """The other members' chains that hold the patient's consents, or why they could not be
+    learned. A witness knows them from its own copy of every chain; an ordinary member asks a
+    witness (:func:`consent_chains`), passing on the ``question`` it was asked."""
     config = svc.config
     roster = svc.chain_store.roster()
-    witnesses = witnesses_in_turn(roster.witnesses(), patient, config.node_id)
     chains = {entry["chain"] for entry in svc.chain_store.entries_about(patient, CONSENT_TYPES)}
     if config.node_id not in roster.witnesses():
+        witnesses = witnesses_in_turn(roster.witnesses(), patient, config.node_id)
         learned = _ask_witnesses(svc, witnesses, question)
         if isinstance(learned, str):
-            return {"*": learned}
+            return learned
         chains |= learned
     chains.discard(config.node_id)
+    return chains
+
+
+def sync_chains(svc: Services, chains: set[str], patient: str) -> dict[str, str]:
+    """Bring ``chains`` up to their authors' heads (from a witness, starting at the one the
+    ``patient``'s pseudonym picks, when the author cannot give them); those that could not be
+    and whose copy here is older than the staleness bound, with why. The client is kept per
+    process (its rosters are read again at each sync)."""
     if not chains:
         return {}
+    config = svc.config
+    witnesses = witnesses_in_turn(svc.chain_store.roster().witnesses(), patient, config.node_id)
     replicator = _replicators.get(id(svc))
     if replicator is None:
         replicator = _replicators[id(svc)] = replicator_for(

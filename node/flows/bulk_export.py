@@ -30,7 +30,7 @@ from __future__ import annotations
 import re
 import shutil
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -39,13 +39,16 @@ from urllib.parse import parse_qsl
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
+from consent.model import EMERGENCY, PURPOSES
 from fhir_adapters.definitions import patient_compartment
 from fhir_adapters.errors import Forbidden, InvalidRequest
-from fhir_adapters.store import Stored, format_instant, now_micros, tables
+from fhir_adapters.store import Stored, format_instant, jsonio, now_micros, tables
 from fhir_adapters.store.resources import RESOURCE_TYPES
 from fhir_adapters.store.search import Access, match_query, parse_search
 from fhir_adapters.store.search_params import parse_reference
-from node.flows import bulk_jobs
+from node.flows import bulk_jobs, member_export
+from node.flows.access_decision import RESULT_TYPES
+from node.flows.prior_results import CATEGORIES as RELEASED_CATEGORIES
 from node.identity.tokens import Principal
 from node.records.audit_trail import Caller
 from node.services import Services
@@ -53,6 +56,7 @@ from node.services import Services
 FORMATS = ("application/fhir+ndjson", "application/ndjson", "ndjson")
 LEVELS = ("system", "patient", "group")
 PARAMETERS = ("_outputFormat", "_type", "_since", "_typeFilter")
+MEMBER_PARAMETERS = ("source", "purpose", "category")  # a Group's export from other members
 BATCH = 1000
 LINES_PER_FILE = 250_000
 SETTLE_SECONDS = 2  # transactionTime lies this far before the job starts (see the module)
@@ -69,6 +73,9 @@ class ExportRequest:
     since: int | None  # µs: only resources changed after it
     type_filters: dict[str, list[str]] = field(default_factory=dict)  # type: its searches
     url: str = ""  # the kick-off request as asked
+    sources: tuple[str, ...] = ()  # members asked for their results (none: this node's own)
+    purpose: str = "TREAT"  # of an export from members
+    categories: tuple[str, ...] = ()  # the data categories asked of members
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -78,6 +85,9 @@ class ExportRequest:
             "since": self.since,
             "type_filters": self.type_filters,
             "url": self.url,
+            "sources": list(self.sources),
+            "purpose": self.purpose,
+            "categories": list(self.categories),
         }
 
     @classmethod
@@ -89,10 +99,14 @@ class ExportRequest:
             value["since"],
             value["type_filters"],
             value["url"],
+            tuple(value.get("sources", ())),  # absent from jobs recorded before these
+            value.get("purpose", "TREAT"),
+            tuple(value.get("categories", ())),
         )
 
 
 def parse_export(
+    svc: Services,
     principal: Principal,
     level: str,
     group: str | None,
@@ -108,10 +122,10 @@ def parse_export(
         )
     values: dict[str, list[str]] = {}
     for name, value in query:
-        if name not in PARAMETERS:
+        if name not in PARAMETERS + MEMBER_PARAMETERS:
             raise InvalidRequest(
                 f"$export does not support the parameter {name!r}; supported: "
-                + ", ".join(PARAMETERS)
+                + ", ".join(PARAMETERS + MEMBER_PARAMETERS)
             )
         values.setdefault(name, []).append(value)
     for output_format in values.get("_outputFormat", []):
@@ -155,7 +169,76 @@ def parse_export(
             )
         parse_search(resource_type, parse_qsl(search, keep_blank_values=True))  # 400 if wrong
         filters.setdefault(resource_type, []).append(search)
-    return ExportRequest(level, group, types, since, filters, url)
+    request = ExportRequest(level, group, types, since, filters, url)
+    if any(name in values for name in MEMBER_PARAMETERS):
+        return _from_members(svc, principal, request, values, bool(asked))
+    return request
+
+
+def _from_members(
+    svc: Services,
+    principal: Principal,
+    request: ExportRequest,
+    values: dict[str, list[str]],
+    typed: bool,
+) -> ExportRequest:
+    """``request`` as an export of results from the members ``source`` names (see
+    :mod:`node.flows.member_export`), checked."""
+    if request.level != "group":
+        raise InvalidRequest(
+            "source: results are exported from other members for a Group's patients only "
+            "(Group/[id]/$export?source=…)"
+        )
+    if principal.role != "admin":
+        raise Forbidden(
+            f"{principal.username} ({principal.role}) may not export from other members: "
+            "an admin account's system/ token may"
+        )
+    members = {m["id"] for m in svc.chain_store.roster().body["members"]}
+    sources = _listed(values, "source")
+    if not sources:
+        raise InvalidRequest("source: name the members to export from (their ids, comma separated)")
+    for member in sources:
+        if member == svc.config.node_id or member not in members:
+            raise InvalidRequest(
+                f"source: {member!r} is not another member of the consortium "
+                f"(members: {', '.join(sorted(members - {svc.config.node_id}))})"
+            )
+    purposes = values.get("purpose", ["TREAT"])
+    purpose = purposes[-1]
+    if purpose not in PURPOSES or purpose == EMERGENCY:
+        raise InvalidRequest(
+            f"purpose {purpose!r}: an export from members is for "
+            + ", ".join(p for p in PURPOSES if p != EMERGENCY)
+            + f" (emergency access, {EMERGENCY}, is asked for one patient at a time)"
+        )
+    categories = _listed(values, "category") or list(RELEASED_CATEGORIES)
+    for category in categories:
+        if category not in RELEASED_CATEGORIES:
+            raise InvalidRequest(
+                f"category {category!r}: members release " + ", ".join(RELEASED_CATEGORIES)
+            )
+    if request.type_filters:
+        raise InvalidRequest("_typeFilter is not supported for an export from members")
+    types = request.types if typed else tuple(t for t in request.types if t in RESULT_TYPES)
+    for resource_type in types:
+        if resource_type not in RESULT_TYPES:
+            raise InvalidRequest(
+                f"_type: members release {', '.join(RESULT_TYPES)}, not {resource_type}"
+            )
+    return replace(
+        request,
+        types=types,
+        sources=tuple(sources),
+        purpose=purpose,
+        categories=tuple(categories),
+    )
+
+
+def _listed(values: dict[str, list[str]], name: str) -> list[str]:
+    return list(
+        dict.fromkeys(t.strip() for v in values.get(name, []) for t in v.split(",") if t.strip())
+    )
 
 
 # -- the job ------------------------------------------------------------------------------
@@ -191,7 +274,7 @@ def export_files(svc: Services, job: bulk_jobs.Job) -> dict[str, Path]:
     folder = export_folder(svc, job.id)
     return {
         Path(item["url"]).name: folder / Path(item["url"]).name
-        for item in (job.result or {}).get("output", [])
+        for item in [*(job.result or {}).get("output", []), *(job.result or {}).get("error", [])]
     }
 
 
@@ -212,28 +295,81 @@ def export(
     state = {"resources": 0, "type": ""}
     beats = _Beats(svc, job.id, state)
     group, members = _group(svc, str(request.group)) if request.level == "group" else (None, None)
-    for resource_type in request.types:
-        state["type"] = resource_type
-        with svc.database.engine.connect() as conn:
-            rows = _rows(conn, svc, request, resource_type, transaction_time, members)
-            for number, count in _write_files(folder, resource_type, rows, beats):
-                name = f"{resource_type}-{number}.ndjson"
-                output.append(
-                    {
-                        "type": resource_type,
-                        "url": f"{base}/$bulk-file/{job.id}/{name}",
-                        "count": count,
-                    }
-                )
+    errors: list[dict[str, Any]] = []
+    if request.sources:
+        files = _TypeFiles(folder, f"{base}/$bulk-file/{job.id}")
+        try:
+            outcomes = member_export.export_from_members(
+                svc, caller, request, members or [], files.write, beats
+            )
+        finally:
+            files.close()
+        output = files.output
+        if outcomes:
+            errors = _TypeFiles.whole(folder, f"{base}/$bulk-file/{job.id}", outcomes)
+    else:
+        for resource_type in request.types:
+            state["type"] = resource_type
+            with svc.database.engine.connect() as conn:
+                rows = _rows(conn, svc, request, resource_type, transaction_time, members)
+                for number, count in _write_files(folder, resource_type, rows, beats):
+                    name = f"{resource_type}-{number}.ndjson"
+                    output.append(
+                        {
+                            "type": resource_type,
+                            "url": f"{base}/$bulk-file/{job.id}/{name}",
+                            "count": count,
+                        }
+                    )
     manifest = {
         "transactionTime": format_instant(transaction_time),
         "request": request.url,
         "requiresAccessToken": True,
         "output": output,
-        "error": [],
+        "error": errors,
     }
     _audit(svc, caller, request, sum(item["count"] for item in output), group)
     return manifest
+
+
+class _TypeFiles:
+    """NDJSON files ``<type>-<n>.ndjson`` written as lines of any type arrive (an export from
+    members receives its types mixed), :data:`LINES_PER_FILE` a file; ``output``: the
+    manifest's items for them once closed."""
+
+    def __init__(self, folder: Path, url: str) -> None:
+        self.folder, self.url = folder, url
+        self.open: dict[str, tuple[BinaryIO, int, int]] = {}  # type: (file, n, lines)
+        self.output: list[dict[str, Any]] = []
+
+    def write(self, resource_type: str, line: bytes) -> None:
+        handle, number, count = self.open.get(resource_type) or (None, 0, 0)
+        if handle is None or count == LINES_PER_FILE:
+            if handle is not None:
+                self._done(resource_type, handle, number, count)
+            number, count = number + 1, 0
+            handle = (self.folder / f"{resource_type}-{number}.ndjson").open("wb")
+        handle.write(line + b"\n")
+        self.open[resource_type] = (handle, number, count + 1)
+
+    def _done(self, resource_type: str, handle: BinaryIO, number: int, count: int) -> None:
+        handle.close()
+        name = f"{resource_type}-{number}.ndjson"
+        self.output.append({"type": resource_type, "url": f"{self.url}/{name}", "count": count})
+
+    def close(self) -> None:
+        for resource_type, (handle, number, count) in sorted(self.open.items()):
+            self._done(resource_type, handle, number, count)
+        self.open.clear()
+
+    @classmethod
+    def whole(cls, folder: Path, url: str, resources: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Write ``resources`` (of one type) as files; their manifest items."""
+        files = cls(folder, url)
+        for resource in resources:
+            files.write(resource["resourceType"], jsonio.dump(resource))
+        files.close()
+        return files.output
 
 
 class _Beats:

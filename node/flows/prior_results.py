@@ -85,14 +85,30 @@ def record_question(
     """Append ``access.requested`` to this node's chain (the patient's pseudonym, this member,
     the doctor as a pseudonym like a patient's, purpose, categories, the referral's hash) and
     return the proof of it that every member asked checks before it answers."""
+    (proof,) = record_questions(
+        svc, [(request_id, patient)], username, purpose, categories, referral_hash
+    )
+    return proof
+
+
+def record_questions(
+    svc: Services,
+    questions: list[tuple[str, str]],
+    username: str,
+    purpose: str,
+    categories: list[str],
+    referral_hash: str | None = None,
+) -> list[dict[str, Any]]:
+    """:func:`record_question` for several (request id, pseudonym) pairs at once, in one
+    block; their proofs, in the same order."""
     requester = {
         "org": svc.config.node_id,
         "practitioner": pseudonym_of_identifier(
             svc.consents.secret(), f"urn:hrx:user:{svc.config.node_id}", username
         ),
     }
-    try:
-        seq = svc.consents.chain_writer().append(
+    entries = [
+        (
             "access.requested",
             {
                 "request_id": request_id,
@@ -103,7 +119,11 @@ def record_question(
                 "referral": referral_hash,
             },
         )
-        return entry_proof(svc.chain_store, svc.config.node_id, seq)
+        for request_id, patient in questions
+    ]
+    try:
+        seqs = svc.consents.chain_writer().append_many(entries)
+        return [entry_proof(svc.chain_store, svc.config.node_id, seq) for seq in seqs]
     except LedgerError as exc:
         raise Unprocessable(f"the request could not be recorded on the ledger: {exc}") from None
 

@@ -55,7 +55,7 @@ def _kick_off(level: str, group: str | None) -> Response:
         raise InvalidRequest(f"$export answers in {FHIR_JSON}, not {accept!r}")
     url = services().config.url.rstrip("/") + request.full_path.rstrip("?")
     asked = bulk_export.parse_export(
-        principal, level, group, list(request.args.items(multi=True)), url
+        services(), principal, level, group, list(request.args.items(multi=True)), url
     )
     job = bulk_export.start_export(services(), caller(), asked)
     response = Response(status=202)

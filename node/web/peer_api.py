@@ -10,6 +10,9 @@
 - ``POST /peer/checkpoints``: a certificate, stored once it verifies.
 - ``POST /peer/access``: a member asks for a patient's records
   (:mod:`node.flows.access_decision`).
+- ``POST /peer/export``: a member asks for the results of a cohort of patients at once, each
+  decided as an access request; the answer streams as NDJSON
+  (:mod:`node.flows.cohort_release`).
 - ``POST /peer/consent-chains``: an ordinary member deciding such a request asks a witness
   which chains hold the patient's consents.
 - ``POST /peer/patient-history``: an ordinary member whose patient asks in its portal who
@@ -35,7 +38,7 @@ from ledger.canonical import canonical_bytes, parse_json
 from ledger.errors import LedgerError
 from node.base.errors import Refused
 from node.consortium import checkpoints, locator
-from node.flows import access_decision, consults, locator_lookup, patient_history
+from node.flows import access_decision, cohort_release, consults, locator_lookup, patient_history
 from node.ops import metrics
 from node.web.context import caller, services
 from node.web.ledger_api import verified_peer
@@ -153,6 +156,17 @@ def decide_access_request() -> Response:
             answered.decision.decision, answered.decision.emergency, requester=g.peer
         )
     return Response(answered.body, mimetype="application/json")
+
+
+@bp.post("/export")
+def export_cohort() -> Response:
+    """A member asks for a cohort's results (:mod:`node.flows.cohort_release`): every
+    decision is made and recorded before the first byte is sent, then the lines stream."""
+    svc = services()
+    release = cohort_release.release_cohort(svc, caller(), g.peer, _body())
+    for decision in release.decided:
+        metrics.count_access_decision(decision, False, requester=g.peer)
+    return Response(cohort_release.released_lines(svc, release), mimetype="application/x-ndjson")
 
 
 @bp.post("/consults")
