@@ -4,8 +4,19 @@
 # adapter's tests sync from), docker-compose (it validates the compose files under deploy/; no
 # Docker engine is needed or used), nginx (the TLS proxy example is run for real) and systemd's
 # systemd-analyze (it checks the units under deploy/systemd/). Installs only what is missing;
-# needs root (or sudo).
+# needs root (or sudo). Also SMART Fetch, an independent FHIR Bulk Data client the export tests
+# run, into a virtual environment of its own (its dependencies are not hrx's).
 set -eu
+clients="${XDG_CACHE_HOME:-$HOME/.cache}/hrx-test-clients"
+if [ ! -x "$clients/smart-fetch/bin/smart-fetch" ]; then
+    echo "installing smart-fetch into $clients/smart-fetch"
+    python3 -m venv "$clients/smart-fetch"
+    "$clients/smart-fetch/bin/pip" install --quiet --disable-pip-version-check \
+        'smart-fetch>=1.0,<2' 2>"$clients/install.log" || {
+        cat "$clients/install.log"
+        exit 1
+    }
+fi
 missing=""
 command -v chromium >/dev/null 2>&1 || missing="$missing chromium"
 [ -x /usr/sbin/Orthanc ] || missing="$missing orthanc"
