@@ -328,7 +328,7 @@ def export(
         "output": output,
         "error": errors,
     }
-    _audit(svc, caller, request, sum(item["count"] for item in output), group)
+    _audit(svc, caller, request, sum(item["count"] for item in output), group, members or [])
     return manifest
 
 
@@ -537,11 +537,30 @@ def _group(svc: Services, group_id: str) -> tuple[Stored, list[str]]:
 
 
 def _audit(
-    svc: Services, caller: Caller, request: ExportRequest, count: int, group: Stored | None
+    svc: Services,
+    caller: Caller,
+    request: ExportRequest,
+    count: int,
+    group: Stored | None,
+    members: list[str],
 ) -> None:
+    """The export's AuditEvent; for a Group export of this node's own records, one more for
+    each member patient (shown to the patient in the portal: the export was a question about
+    them; an export from members records its own, :mod:`node.flows.member_export`)."""
     record = caller.record("operation", description=f"$export: {count} resource(s)")
     record.query = request.url
     if group is not None:
         record.entities = [group]
     with svc.store.writing(caller.principal) as writer:
         svc.audit.record_in(writer, record)
+    if group is not None and not request.sources:
+        for patient in members:
+            svc.audit.record(
+                caller.record(
+                    "operation",
+                    description=f"$export of Group/{group.id}, which names the patient",
+                    entities=[group],
+                    patients={patient},
+                    query=request.url,
+                )
+            )

@@ -177,6 +177,25 @@ def test_levels_type_since_and_filters(node: Node) -> None:
     assert {r["id"] for r in grouped if r["resourceType"] == "Patient"} == {inside}
     subjects = {r["subject"]["reference"] for r in grouped if r["resourceType"] == "Observation"}
     assert subjects == {f"Patient/{inside}"}
+    # the Group's patient sees, in their audit trail, that the export was about them
+    auditor = node.session(node.token("bulk-auditor", "auditor"))
+
+    def exports_about(patient: str) -> list[dict[str, Any]]:
+        found = auditor.get(f"{node.fhir}/AuditEvent", params={"patient": patient}, timeout=30)
+        assert found.status_code == 200, found.text
+        return [
+            e["resource"]
+            for e in found.json().get("entry", [])
+            if "$export" in e["resource"].get("outcomeDesc", "")
+            and f"Group/{group}/_history/1" in str(e["resource"].get("entity"))
+        ]
+
+    deadline = time.monotonic() + 10
+    while not exports_about(inside) and time.monotonic() < deadline:
+        time.sleep(0.2)  # AuditEvents are written in batches, a moment later
+    (event,) = exports_about(inside)
+    assert event["outcome"] == "0" and event["agent"][0]["who"]["display"] == "bulk-admin"
+    assert exports_about(outside) == []
     # a patient-level export has no Organizations; a system one has
     everyone = exported(
         session, manifest_of(session, kick_off(session, f"{node.fhir}/Patient/$export"))
