@@ -290,3 +290,35 @@ def test_a_source_answers_a_cohort_only_with_every_question_proven(group: Consor
     ]:
         with pytest.raises(PeerUnavailable, match=words):
             list(peers.lines("hosp-a", "/peer/export", bad, 30, 1 << 20))
+
+
+def test_an_unreachable_source_is_an_error_of_the_manifest_not_a_failed_job(
+    group: Consortium,
+) -> None:
+    asker = node(group, "hosp-b")
+    patient_id = resident(asker, "3301" + str(uuid.uuid4().int)[:14])
+    cohort_group = stored(
+        asker,
+        {
+            "resourceType": "Group",
+            "type": "person",
+            "actual": True,
+            "member": [{"entity": {"reference": f"Patient/{patient_id}"}}],
+        },
+    )
+    session = exporter(asker)
+    asked_before = export(session, asker, cohort_group["id"], source="hosp-a")
+    assert asked_before["output"] == asked_before["error"] == []  # hosp-a holds nobody
+    before = tree_size(asker, "hosp-b")
+    group.cut("hosp-a")
+    try:
+        manifest = export(session, asker, cohort_group["id"], source="hosp-a")
+    finally:
+        group.heal("hosp-a")
+    assert manifest["output"] == []
+    (problem,) = errors_of(session, manifest)
+    assert problem["issue"][0]["code"] == "transient"
+    assert problem["issue"][0]["diagnostics"].startswith("hosp-a")
+    # the question was recorded before the source was asked, and stays
+    (question,) = entries(asker, "hosp-b", "access.requested", before)
+    assert question["body"]["purpose"] == "TREAT"
