@@ -2,8 +2,9 @@
 same run:
 
 - HL7 v2: ORU^R01 messages per second over MLLP into a node (``hrx adapters hl7-listen`` as its
-  own process, ``--connections`` senders at once, each waiting for its ACK; every ACK must be
-  AA). Beside it: the same messages taken in without sockets (``Hl7Intake`` in this process:
+  own process, with ``--processes`` listener processes, by default one per core;
+  ``--connections`` senders at once, each waiting for its ACK; every ACK must be AA).
+  Beside it: the same messages taken in without sockets (``Hl7Intake`` in this process:
   parse, map, store), and the ceiling — the same resources (mapped before the clock starts)
   written straight through the resource store, one transaction per message. The MLLP
   senders' messages share commits in the listener (group commit); ``--rounds`` repeats the HL7
@@ -12,13 +13,14 @@ same run:
   metadata, ImagingStudy and Patient stored), and again when nothing changed; the ceiling is
   the same DICOMweb requests for every study without storing anything.
 
-    python3 scripts/bench_adapters.py [--messages 2000] [--connections 4] [--studies 100]
-        [--only hl7|dicomweb] [--rounds 1]
+    python3 scripts/bench_adapters.py [--messages 2000] [--connections 4] [--processes N]
+        [--studies 100] [--only hl7|dicomweb] [--rounds 1]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import subprocess
 import sys
@@ -79,10 +81,11 @@ def messages(count: int) -> list[bytes]:
     return found
 
 
-def listener(directory: Path) -> tuple[subprocess.Popen[bytes], int]:
+def listener(directory: Path, processes: int = 1) -> tuple[subprocess.Popen[bytes], int]:
     port = free_port()
+    command = [*HRX, "adapters", "hl7-listen", "--dir", str(directory), "--port", str(port)]
     process = subprocess.Popen(
-        [*HRX, "adapters", "hl7-listen", "--dir", str(directory), "--port", str(port)],
+        [*command, "--processes", str(processes)],
         cwd=ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
@@ -94,13 +97,15 @@ def listener(directory: Path) -> tuple[subprocess.Popen[bytes], int]:
     return process, port
 
 
-def bench_hl7(root: Path, count: int, connections: int) -> list[tuple[str, float, str]]:
+def bench_hl7(
+    root: Path, count: int, connections: int, processes: int = 1
+) -> list[tuple[str, float, str]]:
     batch = messages(count)
     results_per_message = sum(1 for line in batch[0].split(b"\r") if line.startswith(b"OBX"))
     rows = []
     # over MLLP, into a listener process
     directory = node_dir(root, "mllp")
-    process, port = listener(directory)
+    process, port = listener(directory, processes)
     acks: list[bytes] = []
     try:
         shares = [batch[i::connections] for i in range(connections)]
@@ -126,7 +131,8 @@ def bench_hl7(root: Path, count: int, connections: int) -> list[tuple[str, float
         raise RuntimeError(f"{len(acks)} ACKs, {len(refused)} not AA: {refused[:1]!r}")
     rows.append(
         (
-            f"HL7 over MLLP ({connections} connections), messages/s",
+            f"HL7 over MLLP ({connections} connections, {processes} listener processes), "
+            "messages/s",
             count / mllp,
             f"{count * results_per_message / mllp:,.0f} results/s",
         )
@@ -242,6 +248,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--messages", type=int, default=2000)
     parser.add_argument("--connections", type=int, default=4)
+    parser.add_argument("--processes", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--studies", type=int, default=100)
     parser.add_argument("--only", choices=["hl7", "dicomweb"], default=None)
     parser.add_argument("--rounds", type=int, default=1, help="of the HL7 figures")
@@ -251,7 +258,9 @@ def main() -> None:
     try:
         for number in range(1, args.rounds + 1 if args.only != "dicomweb" else 1):
             with console.status(f"HL7 v2 over MLLP, round {number}"):
-                found = bench_hl7(root / f"hl7-{number}", args.messages, args.connections)
+                found = bench_hl7(
+                    root / f"hl7-{number}", args.messages, args.connections, args.processes
+                )
             if args.rounds > 1:
                 found = [(f"round {number}: {name}", value, note) for name, value, note in found]
             rows += found

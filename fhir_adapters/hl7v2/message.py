@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -110,10 +111,12 @@ def _hd_text(segment: Segment, number: int) -> str:
     return repetition_text(reps[0]).strip() if reps else ""
 
 
-def _normalise(value: Any, message: Any) -> Field:
-    """An ``hl7`` field as repetitions of components of subcomponents, unescaped."""
+def _normaliser(message: Any) -> Callable[[Any], Field]:
+    """What turns an ``hl7`` field of ``message`` into repetitions of components of
+    subcomponents, unescaped (its escape patterns compiled once for all its fields)."""
 
-    escape_char = re.escape(message.esc)
+    esc = message.esc
+    escape_char = re.escape(esc)
     hex_escape = re.compile(f"{escape_char}X([^{escape_char}]*){escape_char}")
     repeated = re.compile(f"{escape_char}\\.[a-z]{{2}}([^{escape_char}]*){escape_char}")
 
@@ -121,27 +124,31 @@ def _normalise(value: Any, message: Any) -> Field:
         raw = str(text)
         if raw == '""':  # HL7's explicit null
             return ""
-        if message.esc not in raw:
+        if esc not in raw:
             return raw
         for digits in hex_escape.findall(raw):  # hl7 would log and drop a bad one
-            if not re.fullmatch(r"(?:[0-9A-Fa-f]{2})+", digits):
+            if not _HEX_DIGITS.fullmatch(digits):
                 raise ValueError(f"\\X{digits[:20]}\\ is not a hexadecimal escape")
         for count in repeated.findall(raw):  # \.sp9999999\ would make a string that long
-            if count and not (re.fullmatch(r"[+-]?\d{1,3}", count)):
+            if count and not (_COUNT.fullmatch(count)):
                 raise ValueError(f"formatting escape with a count of {count[:20]!r}")
         return str(message.unescape(raw, _UNESCAPE_MAP))
-
-    def component(node: Any) -> Component:
-        return tuple(leaf(sub) for sub in node)
 
     def repetition(node: Any) -> Repetition:
         if len(node) == 1 and isinstance(node[0], str):
             return ((leaf(node[0]),),)
-        return tuple(component(c) for c in node)
+        return tuple(tuple(leaf(sub) for sub in c) for c in node)
 
-    if len(value) == 1 and isinstance(value[0], str):
-        return (((leaf(value[0]),),),)
-    return tuple(repetition(r) for r in value)
+    def normalise(value: Any) -> Field:
+        if len(value) == 1 and isinstance(value[0], str):
+            return (((leaf(value[0]),),),)
+        return tuple(repetition(r) for r in value)
+
+    return normalise
+
+
+_HEX_DIGITS = re.compile(r"(?:[0-9A-Fa-f]{2})+")
+_COUNT = re.compile(r"[+-]?\d{1,3}")
 
 
 def message_lines(text: str) -> list[str]:
@@ -220,6 +227,7 @@ def _split(lines: list[str], header: Header, decoded: Decoded) -> Hl7Message:
         raise rejection(100, f"not an HL7 message: {type(exc).__name__}: {exc}") from None
     counts: dict[str, int] = {}
     segments = []
+    normalise = _normaliser(parsed)
     for raw in parsed:
         name = str(raw[0][0]) if raw and raw[0] else ""
         counts[name] = counts.get(name, 0) + 1
@@ -229,7 +237,7 @@ def _split(lines: list[str], header: Header, decoded: Decoded) -> Hl7Message:
                 fields.append((((str(value[0]),),),))
                 continue
             try:
-                fields.append(_normalise(value, parsed))
+                fields.append(normalise(value))
             except Exception as exc:  # a malformed escape sequence
                 raise application_error(
                     102,

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cache
 from typing import Any
 
@@ -95,6 +95,12 @@ class _Step:
     kind: str  # child | key (an exact JSON name) | resolves | where
     name: str
     value: str = ""
+    # a child's JSON names as a choice element (effective -> effectiveDateTime ...)
+    choices: frozenset[str] = field(init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        choices = frozenset(self.name + suffix for suffix in CHOICE_SUFFIXES)
+        object.__setattr__(self, "choices", choices if self.kind == "child" else frozenset())
 
 
 def _ungroup(text: str) -> str | None:
@@ -168,8 +174,9 @@ def _children(value: Any, step: _Step) -> Iterator[Any]:
         elif found is not None:
             yield found
         return
+    choices = step.choices
     for key, found in value.items():  # a choice element: effective -> effectiveDateTime ...
-        if key.startswith(step.name) and key[len(step.name) :] in CHOICE_SUFFIXES:
+        if key in choices:
             yield from found if isinstance(found, list) else (found,)
 
 
@@ -235,6 +242,21 @@ def compile_expression(expression: str, resource_type: str) -> Select:
         return [value for select in selects for value in select(resource)]
 
     return union
+
+
+def expression_roots(expression: str, resource_type: str) -> frozenset[str] | None:
+    """The JSON names at a resource's root that ``expression`` can select anything under
+    (a choice element's every name): a resource holding none of them gives it nothing. None
+    when that cannot be told (a branch handed to fhirpathpy, or one starting at the resource
+    itself)."""
+    roots: set[str] = set()
+    for branch in union_branches(expression):
+        steps = _steps(branch, resource_type)
+        if not steps or steps[0].kind not in ("child", "key"):
+            return None
+        roots.add(steps[0].name)
+        roots |= steps[0].choices
+    return frozenset(roots)
 
 
 def walks(expression: str, resource_type: str) -> bool:

@@ -1026,12 +1026,21 @@ class Writer:
         return [Stored(t, i, 1, now, body, "POST") for (t, i, body, _) in prepared]
 
     def update(
-        self, resource_type: str, resource_id: str, resource: Any, if_match: str | None = None
+        self,
+        resource_type: str,
+        resource_id: str,
+        resource: Any,
+        if_match: str | None = None,
+        *,
+        validated: bool = False,
     ) -> tuple[Stored, bool]:
-        """Store a new version (or the first, under the client's id); True when created."""
+        """Store a new version (or the first, under the client's id); True when created.
+        ``validated``: the caller has validated it as a ``resource_type`` (its references are
+        still checked)."""
         check_type(resource_type)
         check_id(resource_id)
-        resource, _ = validate(resource, resource_type)
+        if not validated:
+            resource, _ = validate(resource, resource_type)
         if "id" not in resource:
             raise InvalidRequest("an update must carry the resource's id", expression="id")
         if resource["id"] != resource_id:

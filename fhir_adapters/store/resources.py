@@ -368,22 +368,51 @@ def _json_type_issues(raw: Any, model: Any, path: str, issues: list[Issue]) -> N
                 )
 
 
+def identical(first: Any, second: Any) -> bool:
+    """Whether two parsed JSON values are the same value of the same Python types, keys in the
+    same order and decimals digit for digit: what :func:`validate` cannot tell apart (``==``
+    would take ``1``, ``1.0`` and ``True`` for one another)."""
+    if type(first) is not type(second):
+        return False
+    if isinstance(first, dict):
+        return list(first) == list(second) and all(
+            identical(value, second[key]) for key, value in first.items()
+        )
+    if isinstance(first, list):
+        return len(first) == len(second) and all(
+            identical(a, b) for a, b in zip(first, second, strict=True)
+        )
+    if isinstance(first, Decimal):
+        return bool(first.as_tuple() == second.as_tuple())
+    return bool(first == second)
+
+
 def references(value: Any, path: str = "") -> list[tuple[str, str]]:
     """Every ``Reference.reference`` in a resource, with the FHIRPath of its Reference
     (contained resources excluded: their references are checked where they are used)."""
     found: list[tuple[str, str]] = []
-    _collect_references(value, path, found)
+    _collect_references(value, [path] if path else [], found)
     return found
 
 
-def _collect_references(value: Any, path: str, found: list[tuple[str, str]]) -> None:
+def _collect_references(value: Any, parts: list[str], found: list[tuple[str, str]]) -> None:
+    """(``parts``: the path's steps so far, joined only for a reference found.)"""
     if isinstance(value, dict):
         reference = value.get("reference")
         if isinstance(reference, str):
-            found.append((path, reference))
+            found.append((_joined(parts), reference))
         for key, item in value.items():
-            if key != "contained" and not key.startswith("_"):
-                _collect_references(item, f"{path}.{key}" if path else key, found)
+            if key != "contained" and not key.startswith("_") and isinstance(item, dict | list):
+                parts.append(f".{key}" if parts else key)
+                _collect_references(item, parts, found)
+                parts.pop()
     elif isinstance(value, list):
         for index, item in enumerate(value):
-            _collect_references(item, f"{path}[{index}]", found)
+            if isinstance(item, dict | list):
+                parts.append(f"[{index}]")
+                _collect_references(item, parts, found)
+                parts.pop()
+
+
+def _joined(parts: list[str]) -> str:
+    return "".join(parts)

@@ -35,7 +35,7 @@ from typing import Any
 
 from fhir_adapters import definitions
 from fhir_adapters.errors import InvalidRequest
-from fhir_adapters.store.expressions import Select, compile_expression
+from fhir_adapters.store.expressions import Select, compile_expression, expression_roots
 from fhir_adapters.store.quantities import LOINC
 from fhir_adapters.store.quantities import Row as QuantityRow
 from fhir_adapters.store.quantities import rows_of as quantity_rows
@@ -60,6 +60,13 @@ class SearchParam:
     # composite: the other composites whose rows it searches instead of its own (Observation's
     # combo-code-value-quantity is code-value-quantity or component-code-value-quantity)
     union_of: tuple[str, ...] = ()
+    # the JSON names at a resource's root it selects under (None: not known), so that the
+    # index skips a parameter whose elements a resource does not have
+    roots: frozenset[str] | None = None
+
+    def __post_init__(self) -> None:
+        if self.select is None and self.paths:
+            object.__setattr__(self, "roots", frozenset(p.split(".")[0] for p in self.paths))
 
 
 def _p(name: str, kind: ParamType, *paths: str, targets: tuple[str, ...] = ()) -> SearchParam:
@@ -216,6 +223,7 @@ def _from_definitions(resource_type: str) -> dict[str, SearchParam]:
                 code,
                 "composite",
                 (),
+                roots=expression_roots(definition.expression, resource_type),
                 select=compile_expression(definition.expression, resource_type),
                 components=tuple(
                     (c.type, compile_expression(c.expression, resource_type))
@@ -231,6 +239,7 @@ def _from_definitions(resource_type: str) -> dict[str, SearchParam]:
             definition.type,
             (),
             tuple(t for t in definition.targets if t in RESOURCE_TYPES),
+            roots=expression_roots(definition.expression, resource_type),
             select=compile_expression(definition.expression, resource_type),
         )
     return found
@@ -397,8 +406,15 @@ def values_at(resource: dict[str, Any], dotted: str) -> Iterator[Any]:
 def normalise_string(text: str) -> str:
     """Case- and accent-insensitive form for string search (FHIR: "ignoring case and
     combining characters"), width-folded so full-width Latin matches half-width."""
+    if text.isascii():  # its own NFKD form, and no combining characters
+        return text.casefold().strip()
     decomposed = unicodedata.normalize("NFKD", text)
-    return "".join(ch for ch in decomposed if not unicodedata.combining(ch)).casefold().strip()
+    # (no character below U+0300 is a combining one)
+    return (
+        "".join(ch for ch in decomposed if ch < "\u0300" or not unicodedata.combining(ch))
+        .casefold()
+        .strip()
+    )
 
 
 def _tokens(value: Any) -> Iterator[tuple[str, str]]:
@@ -703,6 +719,8 @@ def index_values(resource: dict[str, Any], base_url: str = "") -> IndexRows:
     for param in params.values():
         if param.union_of:  # searched by the rows of the composites it unites
             continue
+        if param.roots is not None and param.roots.isdisjoint(resource):
+            continue  # nothing of the resource to select
         selected = (
             param.select(resource)
             if param.select is not None

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import sys
 from collections import Counter
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -24,7 +25,7 @@ from node.cli.console import entry_progress, err, fail, out, reported
 from node.cli.node import DIR_OPTION
 from node.db.engines import open_database
 from node.intake.hl7 import ADAPTER, Hl7Intake
-from node.intake.mllp import serve
+from node.intake.mllp import serve, serve_processes
 from node.intake.quarantine import quarantine_row, quarantined
 from node.services import open_services
 
@@ -69,6 +70,13 @@ def _when(micros: int | None) -> str:
     type=click.FloatRange(min=0.1),
     help="Seconds a message may stall half-sent before the connection is closed.",
 )
+@click.option(
+    "--processes",
+    default=1,
+    show_default=True,
+    type=click.IntRange(1, 64),
+    help="Listener processes behind the port (one core each; e.g. the machine's cores).",
+)
 def hl7_listen(
     directory: Path,
     host: str,
@@ -76,12 +84,15 @@ def hl7_listen(
     max_bytes: int,
     idle_timeout: float,
     read_timeout: float,
+    processes: int,
 ) -> None:
     """Take lab results (HL7 v2 ORU^R01) from the LIS over MLLP until stopped (SIGTERM).
 
     Each message is stored in one transaction and only then answered AA; one that cannot be
     read (AR) or stored (AE) is answered with the reason and kept in the quarantine. One log
-    line per message goes to stderr."""
+    line per message goes to stderr. With ``--processes N`` the connections are shared out
+    among N listener processes (each message is still one transaction, acknowledged once
+    committed)."""
     with reported():
         config = load_config(directory)
         configure_logging(config.log_format, config.log_level)  # the node's log lines
@@ -95,6 +106,26 @@ def hl7_listen(
         )
         sys.stdout.flush()
 
+    if processes > 1:
+        services.close()  # (opened to check the node; each listener process opens its own)
+
+        def open_intake() -> tuple[Hl7Intake, Callable[[], None]]:
+            opened = open_services(config)
+            return Hl7Intake(opened), opened.close
+
+        with reported():
+            serve_processes(
+                open_intake,
+                host,
+                port,
+                processes,
+                max_bytes=max_bytes,
+                idle_timeout=idle_timeout,
+                read_timeout=read_timeout,
+                ready=ready,
+            )
+        out.print("hl7-listen: stopped")
+        return
     try:
         with reported():
             serve(

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import re
+import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -58,6 +59,7 @@ from fhir_adapters.hl7v2 import (
     read_results,
 )
 from fhir_adapters.store import Stored, Writer, jsonio, now_micros, tables
+from fhir_adapters.store.resources import identical, validate
 from node.base.errors import NodeError
 from node.db.schema import messages_table, quarantine_table
 from node.intake.quarantine import keep_in_quarantine, quarantine_row
@@ -144,7 +146,8 @@ class Hl7Intake:
                 written, duplicate = self._store(message, [], origin, replaying)
             else:
                 groups = read_results(message, self.systems)
-                written, duplicate = self._store(message, groups, origin, replaying)
+                checked = self._validated_before(groups)
+                written, duplicate = self._store(message, groups, origin, replaying, checked)
         except Hl7Error as refused:
             failure = refused
         except FhirError as exc:
@@ -251,9 +254,12 @@ class Hl7Intake:
         groups: list[PatientResults],
         origin: str,
         replaying: int | None,
+        checked: Validated | None = None,
     ) -> tuple[list[Stored], bool]:
         """Everything the message says, in one write (all or nothing, returned once committed);
-        (versions written, duplicate)."""
+        (versions written, duplicate). ``checked``: what :meth:`_validated_before` found
+        valid."""
+        checked = checked or Validated()
         with self.store.writing() as writer:
             locks = {f"hl7 message {message.key}"}
             for group in groups:
@@ -262,9 +268,7 @@ class Hl7Intake:
                 writer.lock(key)
             M = messages_table
             row = writer.conn.execute(
-                sa.select(M.c.sha256).where(
-                    M.c.adapter == self.adapter, M.c.message_key == message.key
-                )
+                _STORED, {"adapter": self.adapter, "key": message.key}
             ).first()
             if row is not None:
                 if row[0] != message.digest:
@@ -280,10 +284,10 @@ class Hl7Intake:
                 return [], True
             written: list[Stored] = []
             for group in groups:
-                patient_id, patient_version = self._patient(writer, group.patient)
+                patient_id, patient_version = self._patient(writer, group.patient, checked)
                 in_group = [patient_version] if patient_version else []
                 for order in group.orders:
-                    in_group += self._order(writer, order, patient_id)
+                    in_group += self._order(writer, order, patient_id, checked)
                 if in_group:
                     record = AuditRecord(
                         interaction="transaction",
@@ -309,16 +313,45 @@ class Hl7Intake:
             self._mark_replayed(writer.conn, replaying)
         return written, False
 
+    def _validated_before(self, groups: list[PatientResults]) -> Validated:
+        """The resources the message will most likely write, made and validated before its
+        write begins: validation is most of a message's work, and in the write it would hold
+        the database's write lock (which the other listener processes wait for).
+
+        Each patient is looked for as :meth:`_patient` will look for it (a new one is given
+        its id now); the write still finds it again under its lock, and validates whatever it
+        writes that is not exactly what was validated here. What fails here is left to fail
+        there, with the same error, if the write gets to it at all."""
+        checked = Validated()
+        with self.services.database.engine.connect() as conn:
+            for group in groups:
+                data = group.patient
+                found = {
+                    patient_id
+                    for system, value in data.match_keys
+                    for patient_id in patients_with(conn, system, value)
+                }
+                if len(found) > 1:
+                    continue  # refused in the write
+                if found:
+                    patient_id = next(iter(found))
+                else:
+                    patient_id = str(uuid.uuid4())
+                    checked.new_patients[tuple(data.match_keys)] = patient_id
+                    checked.check(new_patient(data), "Patient", patient_id)
+                for order in group.orders:
+                    for result in order.results:
+                        checked.check(
+                            result.observation(patient_id), "Observation", result.resource_id
+                        )
+                    checked.check(order.report(patient_id), "DiagnosticReport", order.resource_id)
+        return checked
+
     def _already_stored(self, message: Hl7Message) -> bool:
         """Whether a message with this key was stored (its content is compared under the
         transaction's lock, in :meth:`_store`)."""
-        M = messages_table
         with self.services.database.engine.connect() as conn:
-            row = conn.execute(
-                sa.select(M.c.sha256).where(
-                    M.c.adapter == self.adapter, M.c.message_key == message.key
-                )
-            ).first()
+            row = conn.execute(_STORED, {"adapter": self.adapter, "key": message.key}).first()
         return row is not None
 
     def _mark_replayed(self, conn: Connection, replaying: int | None) -> None:
@@ -329,7 +362,9 @@ class Hl7Intake:
                 .values(replayed_at=now_micros())
             )
 
-    def _patient(self, writer: Writer, data: PatientData) -> tuple[str, Stored | None]:
+    def _patient(
+        self, writer: Writer, data: PatientData, checked: Validated
+    ) -> tuple[str, Stored | None]:
         """The Patient PID names: found by any identifier it matches by, updated as PID says,
         or created. AE when its identifiers name two patients, or a patient with another
         resident ID."""
@@ -351,7 +386,14 @@ class Hl7Intake:
                 where,
             )
         if not found:
-            created = writer.create(new_patient(data), "Patient")
+            patient = new_patient(data)
+            patient_id = checked.new_patients.get(tuple(data.match_keys)) or str(uuid.uuid4())
+            created = writer.create(
+                patient,
+                "Patient",
+                resource_id=patient_id,
+                validated=checked.holds(patient, "Patient", patient_id),
+            )
             return created.id, created
         patient_id, keys = next(iter(found.items()))
         existing = self.store.read("Patient", patient_id, writer.conn).resource()
@@ -377,7 +419,9 @@ class Hl7Intake:
         stored, _ = writer.update("Patient", patient_id, merged)
         return patient_id, stored
 
-    def _order(self, writer: Writer, order: OrderData, patient_id: str) -> list[Stored]:
+    def _order(
+        self, writer: Writer, order: OrderData, patient_id: str, checked: Validated
+    ) -> list[Stored]:
         """The order's Observations and DiagnosticReport, each written only when it changes and
         is not older than what is stored."""
         written: list[Stored] = []
@@ -399,7 +443,12 @@ class Hl7Intake:
                     "the result itself",
                     result.segment.at(11),
                 )
-            stored, _ = writer.update("Observation", result.resource_id, new)
+            stored, _ = writer.update(
+                "Observation",
+                result.resource_id,
+                new,
+                validated=checked.holds(new, "Observation", result.resource_id),
+            )
             written.append(stored)
         report = order.report(patient_id)
         old = self._current(writer, "DiagnosticReport", order.resource_id)
@@ -412,7 +461,12 @@ class Hl7Intake:
                 report["result"] = results
             if _same(report, old):
                 return written
-        stored, _ = writer.update("DiagnosticReport", order.resource_id, report)
+        stored, _ = writer.update(
+            "DiagnosticReport",
+            order.resource_id,
+            report,
+            validated=checked.holds(report, "DiagnosticReport", order.resource_id),
+        )
         written.append(stored)
         return written
 
@@ -423,6 +477,37 @@ class Hl7Intake:
             return self.store.read(resource_type, resource_id, writer.conn).resource()
         except FhirError:  # not there, or deleted
             return None
+
+
+class Validated:
+    """Resources validated before a message's write, each under the type and id it will be
+    written as, so that the write skips validating only what is exactly one of them
+    (:func:`fhir_adapters.store.resources.identical`: the same JSON, of the same types)."""
+
+    def __init__(self) -> None:
+        self.resources: dict[tuple[str, str], dict[str, Any]] = {}
+        self.new_patients: dict[tuple[tuple[str, str], ...], str] = {}  # match keys -> id
+
+    def check(self, resource: dict[str, Any], resource_type: str, resource_id: str) -> None:
+        """Validate ``resource`` as the write would; kept when valid (what is not is validated
+        again, and refused, in the write). Nothing else holds ``resource``."""
+        try:
+            validate(resource, resource_type)
+        except FhirError:
+            return
+        self.resources[(resource_type, resource_id)] = resource
+
+    def holds(self, resource: dict[str, Any], resource_type: str, resource_id: str) -> bool:
+        """Whether ``resource`` is exactly what was validated for this type and id."""
+        before = self.resources.get((resource_type, resource_id))
+        return before is not None and identical(resource, before)
+
+
+# a message's digest, by its adapter and key
+_STORED = sa.select(messages_table.c.sha256).where(
+    messages_table.c.adapter == sa.bindparam("adapter"),
+    messages_table.c.message_key == sa.bindparam("key"),
+)
 
 
 def _answerable(payload: bytes) -> tuple[Header | None, str]:
@@ -449,20 +534,24 @@ def _key_of(header: Header | None) -> str | None:
 
 def patients_with(conn: Connection, system: str, value: str) -> list[str]:
     """Current Patients with the identifier ``system|value`` (resident IDs: x or X)."""
-    T, R = tables.tokens, tables.resources
     values = {value, value.lower()} if system == RESIDENT_ID_SYSTEM else {value}
-    rows = conn.execute(
-        sa.select(R.c.id)
-        .select_from(T.join(R, R.c.res_pk == T.c.res_pk))
-        .where(
-            T.c.type == "Patient",
-            T.c.param == "identifier",
-            T.c.system == system,
-            T.c.code.in_(sorted(values)),
-            R.c.deleted.is_(False),
-        )
-    )
+    rows = conn.execute(_PATIENTS_WITH, {"system": system, "codes": sorted(values)})
     return sorted({row[0] for row in rows})
+
+
+_PATIENTS_WITH = (  # built once: building it was a tenth of what a message cost
+    sa.select(tables.resources.c.id)
+    .select_from(
+        tables.tokens.join(tables.resources, tables.resources.c.res_pk == tables.tokens.c.res_pk)
+    )
+    .where(
+        tables.tokens.c.type == "Patient",
+        tables.tokens.c.param == "identifier",
+        tables.tokens.c.system == sa.bindparam("system"),
+        tables.tokens.c.code.in_(sa.bindparam("codes", expanding=True)),
+        tables.resources.c.deleted.is_(False),
+    )
+)
 
 
 def _shown(system: str, value: str) -> str:

@@ -14,21 +14,33 @@ unfinished (the connection closed, the read timed out, or a new frame began insi
 dropped unanswered, never stored, so the sender sends it again whole. A connection idle for
 ``idle_timeout`` seconds, or stalled inside a frame for ``read_timeout``, is closed. SIGTERM and
 SIGINT stop accepting, let the messages being stored finish and answer, and exit.
+
+One process takes one core (Python's GIL), and a message's parsing, mapping and validation are
+most of its cost; :func:`serve_processes` runs several listener processes behind one port: the
+first process accepts every connection and hands it (its file descriptor, over a Unix socket)
+to the listener process serving the fewest connections, which stores its messages as above.
+Their writes then share the database as any two writers do (SQLite's write lock, PostgreSQL's
+row locks); each message is still acknowledged only once committed.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import multiprocessing
+import select
+import selectors
 import signal
 import socket
 import socketserver
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from fhir_adapters.hl7v2 import Hl7Error, build_ack
+from node.base.errors import NodeError
 from node.intake.hl7 import Hl7Intake
 
 log = logging.getLogger("hrx.hl7")
@@ -154,26 +166,32 @@ class Hl7Listener:
         self.stopping = threading.Event()
         self._open: set[socket.socket] = set()
         self._lock = threading.Lock()
-        self.server = _Server((host, port), _Connection)
-        self.server.listener = self
+        self.server: _Server | None = None
+        if port >= 0:  # (a listener process of serve_processes is handed its connections)
+            self.server = _Server((host, port), _Connection)
+            self.server.listener = self
 
     @property
     def address(self) -> tuple[str, int]:
+        assert self.server is not None
         host, port = self.server.server_address[:2]
         return str(host), int(port)
 
     def serve_forever(self) -> None:
+        assert self.server is not None
         self.server.serve_forever(poll_interval=0.2)
 
     def stop(self) -> None:
         """Stop accepting; end every connection once its current message is answered."""
         self.stopping.set()
-        self.server.shutdown()
+        if self.server is not None:
+            self.server.shutdown()
         with self._lock:
             for sock in self._open:
                 with contextlib.suppress(OSError):  # its reader sees the end; it can still write
                     sock.shutdown(socket.SHUT_RD)
-        self.server.server_close()
+        if self.server is not None:
+            self.server.server_close()
 
     def serve_connection(self, sock: socket.socket, address: Any) -> None:
         peer = f"{address[0]}:{address[1]}"
@@ -270,6 +288,213 @@ def serve(
         thread.join()
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+
+
+# -- several listener processes behind one port ------------------------------------------------
+
+READY = b"r"  # a listener process to the first: it serves
+CLOSED = b"c"  # a listener process to the first: one of its connections ended
+START_SECONDS = 120.0  # how long a listener process may take to open the node
+
+
+@dataclass
+class _Process:
+    """A listener process, as the accepting process sees it."""
+
+    number: int
+    process: Any  # multiprocessing's Process
+    channel: socket.socket  # Unix SEQPACKET: connections to it, READY and CLOSED back
+    connections: int = 0
+    ready: bool = False
+
+
+def serve_processes(
+    open_intake: Callable[[], tuple[Hl7Intake, Callable[[], None]]],
+    host: str,
+    port: int,
+    processes: int,
+    *,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
+    read_timeout: float = DEFAULT_READ_TIMEOUT,
+    ready: Callable[[tuple[str, int]], None] | None = None,
+) -> None:
+    """Run ``processes`` listener processes behind one port until SIGTERM or SIGINT (see the
+    module docstring). Call from the main thread of a process that has started no other thread
+    and holds no database connection: the listener processes are forked from it, and each
+    opens the node itself with ``open_intake`` (its intake, and what closes it). A listener
+    process that dies is replaced; its connections end, unanswered messages unstored, and
+    their senders send them again."""
+    listening = socket.create_server((host, port), backlog=128)
+    options = {"max_bytes": max_bytes, "idle_timeout": idle_timeout, "read_timeout": read_timeout}
+    stop = threading.Event()
+    previous = {
+        signum: signal.signal(signum, lambda *_: stop.set())
+        for signum in (signal.SIGTERM, signal.SIGINT)
+    }
+    running: list[_Process] = []
+
+    def start(number: int) -> _Process:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        inherited = [listening, ours, *(p.channel for p in running)]
+        process = multiprocessing.get_context("fork").Process(
+            target=_listener_process,
+            args=(number, theirs, inherited, open_intake, options),
+            name=f"hl7-listen-{number}",
+        )
+        process.start()
+        theirs.close()
+        return _Process(number, process, ours)
+
+    selector = selectors.DefaultSelector()
+    try:
+        for number in range(1, processes + 1):
+            running.append(start(number))
+        _await_ready(running, stop)
+        for worker in running:
+            selector.register(worker.channel, selectors.EVENT_READ, worker)
+        listening.setblocking(False)
+        selector.register(listening, selectors.EVENT_READ, None)
+        if ready is not None:
+            host_name, port_number = listening.getsockname()[:2]
+            ready((str(host_name), int(port_number)))
+        while not stop.is_set():
+            for key, _ in selector.select(0.5):
+                worker = key.data
+                if worker is None:
+                    _hand_over(listening, running)
+                    continue
+                try:
+                    news = worker.channel.recv(16)
+                except OSError:
+                    news = b""
+                if news == CLOSED:
+                    worker.connections -= 1
+                elif not news and not stop.is_set():  # it died: another takes its place
+                    selector.unregister(worker.channel)
+                    worker.channel.close()
+                    worker.process.join()
+                    log.error(
+                        "listener process %d ended (exit code %s); starting another",
+                        worker.number,
+                        worker.process.exitcode,
+                    )
+                    replacement = start(worker.number)
+                    running[running.index(worker)] = replacement
+                    _await_ready([replacement], stop)
+                    selector.register(replacement.channel, selectors.EVENT_READ, replacement)
+        log.info("stopping: letting the messages in hand finish")
+    finally:
+        selector.close()
+        listening.close()
+        for worker in running:
+            if worker.process.is_alive():
+                worker.process.terminate()
+        for worker in running:
+            worker.process.join()
+            worker.channel.close()
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _await_ready(workers: list[_Process], stop: threading.Event) -> None:
+    deadline = time.monotonic() + START_SECONDS
+    for worker in workers:
+        while not worker.ready:
+            if stop.is_set():
+                return
+            if time.monotonic() > deadline:
+                raise NodeError(f"listener process {worker.number} did not start in time")
+            if select.select([worker.channel], [], [], 0.5)[0]:
+                if worker.channel.recv(16) != READY:
+                    worker.process.join()
+                    raise NodeError(
+                        f"listener process {worker.number} could not start (exit code "
+                        f"{worker.process.exitcode}): see its log lines"
+                    )
+                worker.ready = True
+
+
+def _hand_over(listening: socket.socket, running: list[_Process]) -> None:
+    """Accept a connection and hand it to the listener process serving the fewest."""
+    try:
+        sock, address = listening.accept()
+    except (BlockingIOError, InterruptedError):
+        return
+    except OSError as exc:  # e.g. out of file descriptors: the next try may work
+        log.warning("a connection could not be accepted: %s", exc)
+        return
+    try:
+        worker = min(running, key=lambda w: (w.connections, w.number))
+        peer = f"{address[0]} {address[1]}".encode()
+        try:
+            socket.send_fds(worker.channel, [peer], [sock.fileno()])
+        except OSError as exc:
+            log.warning("a connection could not be handed to a listener process: %s", exc)
+            return
+        worker.connections += 1
+    finally:
+        sock.close()  # the listener process holds its own copy
+
+
+def _listener_process(
+    number: int,
+    channel: socket.socket,
+    inherited: list[socket.socket],
+    open_intake: Callable[[], tuple[Hl7Intake, Callable[[], None]]],
+    options: dict[str, Any],
+) -> None:
+    """A listener process: serves the connections handed to it until SIGTERM, SIGINT or the
+    accepting process's end."""
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    for sock in inherited:  # the accepting process's sockets: not this process's to hold
+        sock.close()
+    intake, close = open_intake()
+    listener = Hl7Listener(intake, port=-1, **options)
+    sending = threading.Lock()
+    threads: list[threading.Thread] = []
+
+    def tell(news: bytes) -> None:
+        with sending, contextlib.suppress(OSError):
+            channel.send(news)
+
+    def serve_one(sock: socket.socket, address: tuple[str, int]) -> None:
+        try:
+            with sock:
+                listener.serve_connection(sock, address)
+        finally:
+            tell(CLOSED)
+
+    try:
+        tell(READY)
+        while not stop.is_set():
+            if not select.select([channel], [], [], 0.5)[0]:
+                continue
+            try:
+                data, fds, _flags, _address = socket.recv_fds(channel, 512, 1)
+            except InterruptedError:
+                continue
+            except OSError:
+                break
+            if not data and not fds:
+                break  # the accepting process is gone
+            for fd in fds:
+                host, _, port_text = data.decode().rpartition(" ")
+                sock = socket.socket(fileno=fd)
+                log.info("%s:%s handed to listener process %d", host, port_text, number)
+                thread = threading.Thread(
+                    target=serve_one, args=(sock, (host, int(port_text))), daemon=False
+                )
+                thread.start()
+                threads = [t for t in threads if t.is_alive()] + [thread]
+    finally:
+        listener.stop()
+        for thread in threads:
+            thread.join()
+        close()
+        channel.close()
 
 
 # -- the client side ---------------------------------------------------------------------------
