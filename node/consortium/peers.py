@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import requests
@@ -67,6 +68,40 @@ class SignedPeers:
         saying why. ``session``: another than this object's (one per thread). ``request_id``:
         sent as ``X-Request-ID`` (default: the ID of the request or round this thread is
         handling; a thread of a pool handles none, so work handed to one must pass it)."""
+        with self._answer(member, method, path, value, timeout, session, request_id) as answer:
+            return _read_capped(answer)
+
+    def lines(
+        self, member: str, path: str, value: Any, timeout: float, max_line: int
+    ) -> Iterator[bytes]:
+        """A signed POST to a member whose answer is NDJSON: its lines as they arrive (without
+        the newline), none over ``max_line`` bytes; PeerUnavailable saying why it failed,
+        whenever it fails (``timeout``: for the connection and between two reads)."""
+        with self._answer(member, "POST", path, value, timeout) as answer:
+            pending = b""
+            for chunk in answer.iter_content(1 << 20):
+                pending += chunk
+                *complete, pending = pending.split(b"\n")
+                if len(pending) > max_line or any(len(line) > max_line for line in complete):
+                    raise PeerUnavailable(f"{member} sent a line over {max_line} bytes")
+                yield from complete
+            if pending:
+                raise PeerUnavailable(f"{member}'s answer ended inside a line")
+
+    @contextmanager
+    def _answer(
+        self,
+        member: str,
+        method: str,
+        path: str,
+        value: Any,
+        timeout: float,
+        session: requests.Session | None = None,
+        request_id: str | None = None,
+    ) -> Iterator[requests.Response]:
+        """A signed request to a member, its 200 answer streaming inside the block: reading
+        it fails as PeerTimeout or PeerUnavailable too; another status is PeerUnavailable
+        with the member's own message."""
         try:
             base = self.store.roster().member(member)["url"].rstrip("/")
         except LedgerError as exc:
@@ -80,48 +115,10 @@ class SignedPeers:
         if request_id is not None:  # not signed (nor need it be): it only links the logs
             headers[REQUEST_ID_HEADER] = request_id
         try:
-            response = (session or self.session).request(
+            with (session or self.session).request(
                 method,
                 url,
                 data=body or None,
-                headers=headers,
-                timeout=(min(CONNECT_SECONDS, timeout), timeout),
-                stream=True,
-            )
-            content = _read_capped(response)
-        except requests.Timeout:
-            raise PeerTimeout(f"{member} at {base} did not answer within {timeout:g} s") from None
-        except requests.RequestException as exc:
-            raise PeerUnavailable(f"{member} at {base}: {type(exc).__name__}") from None
-        if response.status_code != 200:
-            raise PeerUnavailable(
-                f"{member} answered {response.status_code}: "
-                + content[:300].decode("utf-8", "replace")
-            )
-        return content
-
-    def lines(
-        self, member: str, path: str, value: Any, timeout: float, max_line: int
-    ) -> Iterator[bytes]:
-        """A signed POST to a member whose answer is NDJSON: its lines as they arrive (without
-        the newline), none over ``max_line`` bytes; PeerUnavailable saying why it failed,
-        whenever it fails (``timeout``: for the connection and between two reads)."""
-        try:
-            base = self.store.roster().member(member)["url"].rstrip("/")
-        except LedgerError as exc:
-            raise PeerUnavailable(str(exc)) from None
-        url = base + path
-        body = canonical_bytes(value)
-        headers = sign_request(
-            self.own, self.key, "POST", url, body, {"Content-Type": "application/json"}
-        )
-        request_id = current_request_id()
-        if request_id is not None:
-            headers[REQUEST_ID_HEADER] = request_id
-        try:
-            with requests.post(
-                url,
-                data=body,
                 headers=headers,
                 timeout=(min(CONNECT_SECONDS, timeout), timeout),
                 stream=True,
@@ -131,15 +128,7 @@ class SignedPeers:
                         f"{member} answered {response.status_code}: "
                         + _read_capped(response)[:300].decode("utf-8", "replace")
                     )
-                pending = b""
-                for chunk in response.iter_content(1 << 20):
-                    pending += chunk
-                    *complete, pending = pending.split(b"\n")
-                    if len(pending) > max_line or any(len(c) > max_line for c in complete):
-                        raise PeerUnavailable(f"{member} sent a line over {max_line} bytes")
-                    yield from complete
-                if pending:
-                    raise PeerUnavailable(f"{member}'s answer ended inside a line")
+                yield response
         except requests.Timeout:
             raise PeerTimeout(f"{member} at {base} did not answer within {timeout:g} s") from None
         except requests.RequestException as exc:
