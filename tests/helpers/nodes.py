@@ -94,6 +94,12 @@ def ask_access(asker: Path, source: str, body: dict[str, Any]) -> dict[str, Any]
     return answer
 
 
+def member_node(group: Any, name: str) -> Node:
+    """Member ``name`` of a running consortium (:class:`node.demo.harness.Consortium`)."""
+    member = group.members[name]
+    return Node(member.directory, member.web_port)
+
+
 def a_patient(source: Node) -> tuple[str, str]:
     resident_id = "3301" + str(uuid.uuid4().int)[:14]
     created = post(

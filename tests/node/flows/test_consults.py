@@ -24,7 +24,7 @@ from node.demo import orthanc
 from node.demo.harness import Consortium
 from node.identity.users import set_password
 from tests.helpers.dicom import chest_ct, hrx, read
-from tests.helpers.nodes import Node
+from tests.helpers.nodes import Node, member_node
 from tests.helpers.nodes import hrx as hrx_out
 from tests.helpers.portal import csrf_of
 
@@ -85,11 +85,6 @@ def group(
         consortium.close()
 
 
-def node(group: Consortium, name: str) -> Node:
-    member = group.members[name]
-    return Node(member.directory, member.web_port)
-
-
 def clinic(at: Node, username: str) -> requests.Session:
     """A doctor's browser session in a member's clinic."""
     at.user(username, "doctor")
@@ -111,7 +106,7 @@ def submit(browser: requests.Session, page: str, action: str, data: dict[str, st
 
 
 def patient_a(group: Consortium) -> str:
-    a = node(group, "hosp-a")
+    a = member_node(group, "hosp-a")
     found = a.session().get(
         f"{a.fhir}/Patient", params={"identifier": f"{RESIDENT_ID_SYSTEM}|{RESIDENT_ID}"}
     )
@@ -119,7 +114,7 @@ def patient_a(group: Consortium) -> str:
 
 
 def ask(group: Consortium, browser: requests.Session, study: str, reader: str, **more: str) -> Any:
-    a = node(group, "hosp-a")
+    a = member_node(group, "hosp-a")
     page = f"{a.base}/clinic/patients/{patient_a(group)}/consult"
     data = {
         "study": study,
@@ -143,7 +138,7 @@ def consult_ids(page: str) -> list[str]:
 
 
 def test_a_consult_from_request_to_signed_report(group: Consortium, ct: list[Path]) -> None:
-    a, b = node(group, "hosp-a"), node(group, "hosp-b")
+    a, b = member_node(group, "hosp-a"), member_node(group, "hosp-b")
     study = read(ct[0]).StudyInstanceUID
     township = clinic(a, "dr-li")
     asked = ask(group, township, study, "hosp-b")
@@ -230,7 +225,7 @@ def test_a_consult_from_request_to_signed_report(group: Consortium, ct: list[Pat
 
 
 def test_bad_requests_and_refusals_lose_nothing(group: Consortium, ct: list[Path]) -> None:
-    a = node(group, "hosp-a")
+    a = member_node(group, "hosp-a")
     study = read(ct[0]).StudyInstanceUID
     township = clinic(a, "dr-zhao")
     for reader, wanted_study, status, said in (
@@ -254,7 +249,7 @@ def test_bad_requests_and_refusals_lose_nothing(group: Consortium, ct: list[Path
 def test_a_reader_cut_off_gets_the_consult_when_it_returns(
     group: Consortium, ct: list[Path]
 ) -> None:
-    a, b = node(group, "hosp-a"), node(group, "hosp-b")
+    a, b = member_node(group, "hosp-a"), member_node(group, "hosp-b")
     study = read(ct[0]).StudyInstanceUID
     township = clinic(a, "dr-sun")
     group.cut("hosp-b")
@@ -287,7 +282,7 @@ def test_a_reader_cut_off_gets_the_consult_when_it_returns(
 def test_a_report_for_a_cancelled_consult_is_kept_not_sent(
     group: Consortium, ct: list[Path]
 ) -> None:
-    a, b = node(group, "hosp-a"), node(group, "hosp-b")
+    a, b = member_node(group, "hosp-a"), member_node(group, "hosp-b")
     study = read(ct[0]).StudyInstanceUID
     township = clinic(a, "dr-zhou")
     consult_id = consult_ids(ask(group, township, study, "hosp-b", priority="routine").text)[0]
@@ -330,7 +325,7 @@ def test_the_worklist_and_the_report_in_the_browser(
     from playwright.sync_api import Browser, expect
 
     assert isinstance(browser, Browser)
-    a, b = node(group, "hosp-a"), node(group, "hosp-b")
+    a, b = member_node(group, "hosp-a"), member_node(group, "hosp-b")
     study = read(ct[0]).StudyInstanceUID
     consult_id = consult_ids(ask(group, clinic(a, "dr-ma"), study, "hosp-b", priority="stat").text)[
         0
@@ -378,7 +373,7 @@ def test_the_worklist_and_the_report_in_the_browser(
 def test_a_pacs_that_is_down_is_said_and_loses_no_consult(
     group: Consortium, ct: list[Path], pacs: orthanc.OrthancServer
 ) -> None:
-    a, b = node(group, "hosp-a"), node(group, "hosp-b")
+    a, b = member_node(group, "hosp-a"), member_node(group, "hosp-b")
     study = read(ct[0]).StudyInstanceUID
     consult_id = consult_ids(ask(group, clinic(a, "dr-yu"), study, "hosp-b").text)[0]
     pacs.stop()

@@ -24,7 +24,7 @@ from node.base.config import load_config
 from node.cli import main
 from node.demo.harness import Consortium
 from tests.helpers.fhir import observation
-from tests.helpers.nodes import Node, asked, post
+from tests.helpers.nodes import Node, asked, member_node, post
 from tests.node.flows.test_access_decisions import peers_of
 from tests.node.web.test_bulk_data import ASYNC, exported, manifest_of
 
@@ -39,11 +39,6 @@ def group(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Consortium]:
         yield consortium
     finally:
         consortium.close()
-
-
-def node(group: Consortium, name: str) -> Node:
-    member = group.members[name]
-    return Node(member.directory, member.web_port)
 
 
 def resident(node: Node, resident_id: str | None) -> str:
@@ -125,7 +120,7 @@ def entries(node: Node, chain: str, entry_type: str, after: int) -> list[dict[st
 
 
 def test_a_cohort_is_released_as_each_patient_consented(group: Consortium) -> None:
-    source, asker = node(group, "hosp-a"), node(group, "hosp-b")
+    source, asker = member_node(group, "hosp-a"), member_node(group, "hosp-b")
     ids = {name: "3301" + str(uuid.uuid4().int)[:14] for name in ("granted", "silent", "elsewhere")}
     granted, silent = resident(source, ids["granted"]), resident(source, ids["silent"])
     released = [
@@ -203,7 +198,7 @@ def test_a_cohort_is_released_as_each_patient_consented(group: Consortium) -> No
 
 
 def test_only_what_members_release_may_be_asked(group: Consortium) -> None:
-    asker = node(group, "hosp-b")
+    asker = member_node(group, "hosp-b")
     session = exporter(asker)
     cohort_group = stored(asker, {"resourceType": "Group", "type": "person", "actual": True})
     url = f"{asker.fhir}/Group/{cohort_group['id']}/$export"
@@ -228,7 +223,7 @@ def test_only_what_members_release_may_be_asked(group: Consortium) -> None:
 
 
 def test_a_source_answers_a_cohort_only_with_every_question_proven(group: Consortium) -> None:
-    source, b = node(group, "hosp-a"), group.members["hosp-b"].directory
+    source, b = member_node(group, "hosp-a"), group.members["hosp-b"].directory
     patient_id = resident(source, "3301" + str(uuid.uuid4().int)[:14])
     stored(source, observation(patient_id))
     consented(source, patient_id)
@@ -295,7 +290,7 @@ def test_a_source_answers_a_cohort_only_with_every_question_proven(group: Consor
 def test_an_unreachable_source_is_an_error_of_the_manifest_not_a_failed_job(
     group: Consortium,
 ) -> None:
-    asker = node(group, "hosp-b")
+    asker = member_node(group, "hosp-b")
     patient_id = resident(asker, "3301" + str(uuid.uuid4().int)[:14])
     cohort_group = stored(
         asker,

@@ -19,7 +19,7 @@ from consent.pseudonym import RESIDENT_ID_SYSTEM
 from exchange.referral import RECOGNITION_URL, resource_hash
 from ledger.store import ChainStore
 from node.demo.harness import Consortium
-from tests.helpers.nodes import Node, post
+from tests.helpers.nodes import Node, member_node, post
 
 pytestmark = pytest.mark.slow
 
@@ -69,11 +69,6 @@ def group(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Consortium]:
         yield consortium
     finally:
         consortium.close()
-
-
-def node(group: Consortium, name: str) -> Node:
-    member = group.members[name]
-    return Node(member.directory, member.web_port)
 
 
 def days_ago(days: int) -> str:
@@ -164,7 +159,7 @@ def verdict_of(resource: dict[str, Any]) -> dict[str, Any]:
 def patient(group: Consortium) -> dict[str, Any]:
     """One patient known at A, B and C, with results at A and C and consent recorded at A."""
     resident_id = "3301" + str(uuid.uuid4().int)[:14]
-    a, b, c = (node(group, n) for n in ("hosp-a", "hosp-b", "hosp-c"))
+    a, b, c = (member_node(group, n) for n in ("hosp-a", "hosp-b", "hosp-c"))
     at_a, at_b, at_c = (register(n, resident_id) for n in (a, b, c))
     results_a = store_all(
         a,
@@ -194,7 +189,7 @@ def patient(group: Consortium) -> dict[str, Any]:
 
 
 def test_b_fetches_prior_results_from_a_and_c(group: Consortium, patient: dict[str, Any]) -> None:
-    b = node(group, "hosp-b")
+    b = member_node(group, "hosp-b")
     doctor = b.session(b.token("dr-qian", "doctor"))
     answer = doctor.get(f"{b.fhir}/Patient/{patient['b']}/$prior-results")
     assert answer.status_code == 200, answer.text
@@ -238,7 +233,7 @@ def test_b_fetches_prior_results_from_a_and_c(group: Consortium, patient: dict[s
         digest = provenance["entity"][0]["what"]["identifier"]["value"].removeprefix("urn:sha256:")
         assert digest in entry["body"]["released"]
     # the decimals and every element came through as stored at the source
-    a = node(group, "hosp-a")
+    a = member_node(group, "hosp-a")
     stored = a.session().get(f"{a.fhir}/Observation/{ra[0]}").json()
     shown = next(e["resource"] for e in matches if e["resource"]["id"] == ra[0])
     assert shown["valueQuantity"] == stored["valueQuantity"]
@@ -280,7 +275,7 @@ def test_b_fetches_prior_results_from_a_and_c(group: Consortium, patient: dict[s
 def test_unreachable_and_denying_members_are_outcomes(
     group: Consortium, patient: dict[str, Any]
 ) -> None:
-    b = node(group, "hosp-b")
+    b = member_node(group, "hosp-b")
     doctor = b.session(b.token("dr-qian", "doctor"))
     group.cut("hosp-c")
     try:
@@ -293,7 +288,7 @@ def test_unreachable_and_denying_members_are_outcomes(
     assert bundle["total"] == 4  # A's results only
     # a patient who consented to nothing: A denies, with its reasons
     resident_id = "3301" + str(uuid.uuid4().int)[:14]
-    a = node(group, "hosp-a")
+    a = member_node(group, "hosp-a")
     at_a = register(a, resident_id)
     store_all(a, [lab(at_a, "718-7", 1)])
     at_b = register(b, resident_id)
@@ -314,7 +309,7 @@ def test_unreachable_and_denying_members_are_outcomes(
 
 
 def test_requests_are_checked(group: Consortium, patient: dict[str, Any]) -> None:
-    b = node(group, "hosp-b")
+    b = member_node(group, "hosp-b")
     doctor = b.session(b.token("dr-qian", "doctor"))
     url = f"{b.fhir}/Patient/{patient['b']}/$prior-results"
     for params, status in [
@@ -357,7 +352,7 @@ def test_a_source_syncs_the_consent_chain_and_respects_the_staleness_bound(
     learns of C's revocation only by syncing C's chain when it decides; once C is cut off
     and A's copy is older than the bound (3 s here), A denies."""
     resident_id = "3301" + str(uuid.uuid4().int)[:14]
-    a, b, c = (node(group, n) for n in ("hosp-a", "hosp-b", "hosp-c"))
+    a, b, c = (member_node(group, n) for n in ("hosp-a", "hosp-b", "hosp-c"))
     at_a, at_b, at_c = (register(n, resident_id) for n in (a, b, c))
     store_all(a, [lab(at_a, "718-7", 1)])
     token = c.token(f"pt-{at_c[:8]}", "patient", patient=at_c)
@@ -427,7 +422,7 @@ def test_recognised_exams_are_accepted_one_is_reordered_and_savings_counted(
     from node.cli import main
 
     resident_id = "3301" + str(uuid.uuid4().int)[:14]
-    a, b, c = (node(group, n) for n in ("hosp-a", "hosp-b", "hosp-c"))
+    a, b, c = (member_node(group, n) for n in ("hosp-a", "hosp-b", "hosp-c"))
     at_a, at_b, at_c = (register(n, resident_id) for n in (a, b, c))
     cbc = {
         "resourceType": "DiagnosticReport",
@@ -548,7 +543,7 @@ def test_the_clinic_pages(group: Consortium, patient: dict[str, Any]) -> None:
 
     from node.identity.users import set_password
 
-    b = node(group, "hosp-b")
+    b = member_node(group, "hosp-b")
     b.user("dr-wu", "doctor")
     set_password(b.database.write_engine, "dr-wu", "clinic password 1")
     referral = {
@@ -632,7 +627,7 @@ def test_one_request_id_follows_a_referral_across_members(
 ) -> None:
     """The doctor's request ID reaches every member asked, so one search finds a referral in
     every member's log."""
-    b = node(group, "hosp-b")
+    b = member_node(group, "hosp-b")
     doctor = b.session(b.token("dr-qian", "doctor"))
     request_id = f"referral-{uuid.uuid4().hex[:12]}"
     answer = doctor.get(

@@ -19,7 +19,6 @@ from tests.helpers.fhir import observation
 from tests.helpers.ndjson import cohort_resources, without_server_meta, write_ndjson
 from tests.helpers.nodes import Node, invoke, post
 
-
 # the types SMART Fetch exports (it was made for research cohorts: patient data only)
 CLIENT_TYPES = {
     "Patient",

@@ -29,7 +29,7 @@ from node.demo.harness import Consortium
 from node.demo.proxy import offload_site, running_nginx
 from node.identity.users import set_password
 from tests.helpers.dicom import chest_ct, hrx
-from tests.helpers.nodes import Node, free_port, post, wait_healthy
+from tests.helpers.nodes import Node, free_port, member_node, post, wait_healthy
 from tests.helpers.portal import PASSWORD, enroll, sign_in
 
 pytestmark = [
@@ -85,11 +85,6 @@ def group(
         consortium.close()
 
 
-def node(group: Consortium, name: str) -> Node:
-    member = group.members[name]
-    return Node(member.directory, member.web_port)
-
-
 def client(url: str, token: str) -> DICOMwebClient:
     return DICOMwebClient(url=url, headers={"Authorization": f"Bearer {token}"})
 
@@ -111,7 +106,7 @@ def images_read(group: Consortium, patient: str | None = None) -> list[dict[str,
 def test_a_standard_client_reads_the_pacs_through_the_node(
     group: Consortium, pacs: orthanc.OrthancServer, ct: Path
 ) -> None:
-    a = node(group, "hosp-a")
+    a = member_node(group, "hosp-a")
     reader = client(f"{a.base}/dicomweb", a.token("dr-li", "doctor"))
     study, series, instance = uids(ct)
     found = reader.search_for_studies(search_filters={"StudyInstanceUID": study})
@@ -158,7 +153,7 @@ def test_a_standard_client_reads_the_pacs_through_the_node(
 
 
 def test_bad_requests_get_clear_answers(group: Consortium, ct: Path) -> None:
-    a = node(group, "hosp-a")
+    a = member_node(group, "hosp-a")
     token = a.token("dr-li", "doctor")
     study, _, _ = uids(ct)
     cases = [
@@ -191,7 +186,7 @@ def test_bad_requests_get_clear_answers(group: Consortium, ct: Path) -> None:
         == 403
     )
     # hosp-b's PACS is down: said, with when to try again
-    b = node(group, "hosp-b")
+    b = member_node(group, "hosp-b")
     down = requests.get(
         f"{b.base}/dicomweb/studies",
         headers={"Authorization": f"Bearer {b.token('dr-qian', 'doctor')}"},
@@ -208,7 +203,7 @@ def sign_in_as(at: Node, username: str) -> requests.Session:
 
 
 def test_a_viewer_of_a_named_origin_may_call_from_its_pages(group: Consortium, ct: Path) -> None:
-    a = node(group, "hosp-a")
+    a = member_node(group, "hosp-a")
     study, _, _ = uids(ct)
     url = f"{a.base}/dicomweb/studies/{study}/metadata"
     preflight = requests.options(
@@ -266,7 +261,7 @@ def grant_imaging(a: Node, to: str, *also: str) -> dict[str, Any]:
 
 
 def test_a_member_reads_under_consent_only(group: Consortium, ct: Path) -> None:
-    a, b = node(group, "hosp-a"), node(group, "hosp-b")
+    a, b = member_node(group, "hosp-a"), member_node(group, "hosp-b")
     study, series, instance = uids(ct)
     doctor = b.token("dr-qian", "doctor")
     remote = client(f"{b.base}/dicomweb/members/hosp-a", doctor)
@@ -353,7 +348,7 @@ def test_a_doctor_views_a_remote_study_in_the_browser(
     from playwright.sync_api import Browser, expect
 
     assert isinstance(browser, Browser)
-    a, b = node(group, "hosp-a"), node(group, "hosp-b")
+    a, b = member_node(group, "hosp-a"), member_node(group, "hosp-b")
     grant_imaging(a, "hosp-b", "laboratory")  # the clinic asks for both
     at_b = patient_at(b)
     b.user("dr-zhou", "doctor")
@@ -409,7 +404,7 @@ def test_behind_nginx_the_images_bypass_python(
     nginx blocks: the node decides, nginx sends the PACS's bytes (X-Accel-Redirect). The
     frames are the modality's, refusals are still the node's, the internal location cannot be
     asked for, and a PACS error is said in the node's words."""
-    a = node(group, "hosp-a")
+    a = member_node(group, "hosp-a")
     port = free_port()
     member = group.members["hosp-a"]
     process = subprocess.Popen(
