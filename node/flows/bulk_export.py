@@ -14,7 +14,8 @@ What is exported is the store as it was at the manifest's ``transactionTime``, t
 before the job started (so that a write in flight when it starts is either in this export or
 after this ``transactionTime``: a client that asks again with ``_since`` equal to it misses
 nothing and gets nothing twice). A resource changed after that keeps its version of then;
-one created after it is left out; deleted resources are not listed.
+one created after it is left out. With ``_since``, the manifest's ``deleted`` lists what was
+deleted since (transaction Bundles of DELETE entries, as the IG asks).
 
 Files are written straight from the stored bytes, ``LINES_PER_FILE`` resources a file, read
 ``BATCH`` rows at a time in (lastUpdated, row) order through the store's index: memory stays
@@ -45,7 +46,7 @@ from fhir_adapters.errors import Forbidden, InvalidRequest
 from fhir_adapters.store import Stored, format_instant, jsonio, now_micros, tables
 from fhir_adapters.store.resources import RESOURCE_TYPES
 from fhir_adapters.store.search import Access, match_query, parse_search
-from fhir_adapters.store.search_params import parse_reference
+from fhir_adapters.store.search_params import index_values, parse_reference
 from node.flows import bulk_jobs, member_export
 from node.flows.access_decision import RESULT_TYPES
 from node.flows.prior_results import CATEGORIES as RELEASED_CATEGORIES
@@ -274,7 +275,8 @@ def export_files(svc: Services, job: bulk_jobs.Job) -> dict[str, Path]:
     folder = export_folder(svc, job.id)
     return {
         Path(item["url"]).name: folder / Path(item["url"]).name
-        for item in [*(job.result or {}).get("output", []), *(job.result or {}).get("error", [])]
+        for part in ("output", "error", "deleted")
+        for item in (job.result or {}).get(part, [])
     }
 
 
@@ -328,8 +330,100 @@ def export(
         "output": output,
         "error": errors,
     }
+    if request.since is not None and not request.sources:
+        manifest["deleted"] = _write_deletions(
+            svc, request, transaction_time, members, folder, base, job.id
+        )
     _audit(svc, caller, request, sum(item["count"] for item in output), group, members or [])
     return manifest
+
+
+def _write_deletions(
+    svc: Services,
+    request: ExportRequest,
+    moment: int,
+    members: list[str] | None,
+    folder: Path,
+    base: str,
+    job_id: str,
+) -> list[dict[str, Any]]:
+    """The manifest's ``deleted`` items (the IG: with ``_since``, the resources deleted since,
+    as transaction Bundles of DELETE entries, a thousand a Bundle) and their files."""
+
+    def bundles() -> Iterator[bytes]:
+        with svc.database.engine.connect() as conn:
+            for resource_type in request.types:
+                batch: list[dict[str, Any]] = []
+                for reference in _deletions(conn, svc, request, resource_type, moment, members):
+                    batch.append({"request": {"method": "DELETE", "url": reference}})
+                    if len(batch) == BATCH:
+                        yield jsonio.dump(
+                            {"resourceType": "Bundle", "type": "transaction", "entry": batch}
+                        )
+                        batch = []
+                if batch:
+                    yield jsonio.dump(
+                        {"resourceType": "Bundle", "type": "transaction", "entry": batch}
+                    )
+
+    return [
+        {
+            "type": "Bundle",
+            "url": f"{base}/$bulk-file/{job_id}/deleted-{number}.ndjson",
+            "count": count,
+        }
+        for number, count in _write_files(folder, "deleted", bundles(), lambda written: None)
+    ]
+
+
+def _deletions(
+    conn: Connection,
+    svc: Services,
+    request: ExportRequest,
+    resource_type: str,
+    moment: int,
+    members: list[str] | None,
+) -> Iterator[str]:
+    """``Type/id`` of each resource of one type deleted after ``_since`` and by ``moment``; at
+    Patient or Group level, only those whose version before the deletion was in one of the
+    export's compartments (a deleted resource has no index left to ask)."""
+    after = -1
+    while True:
+        batch = conn.execute(
+            sa.select(R.c.res_pk, R.c.id, R.c.version)
+            .where(
+                R.c.type == resource_type,
+                R.c.deleted.is_(True),
+                R.c.last_updated > request.since,
+                R.c.last_updated <= moment,
+                R.c.res_pk > after,
+            )
+            .order_by(R.c.res_pk)
+            .limit(BATCH)
+        ).all()
+        kept = None
+        if request.level != "system":
+            before = svc.store.versions_of([(pk, version - 1) for pk, _, version in batch])
+            kept = {
+                stored.res_pk
+                for stored in before
+                if stored.body is not None
+                and _in_scope(
+                    index_values(stored.resource(), svc.store.base_url).compartment, members
+                )
+            }
+        for res_pk, resource_id, _ in batch:
+            if kept is None or res_pk in kept:
+                yield f"{resource_type}/{resource_id}"
+        if len(batch) < BATCH:
+            return
+        after = batch[-1][0]
+
+
+def _in_scope(compartment: set[str], members: list[str] | None) -> bool:
+    """Whether a resource in these patients' compartments is in a Patient export (any
+    patient) or a Group export (one of the ``members``)."""
+    return bool(compartment if members is None else compartment & set(members))
 
 
 class _TypeFiles:

@@ -218,17 +218,48 @@ def test_levels_type_since_and_filters(node: Node) -> None:
     assert filtered and {r["code"]["coding"][0]["code"] for r in filtered} == {"2345-7"}
     # _since: the manifest's transactionTime of one export, given to the next, brings only
     # what changed after it
+    doomed = {
+        patient: create(
+            {
+                "resourceType": "Observation",
+                "status": "final",
+                "code": {"coding": [{"system": "http://loinc.org", "code": "718-7"}]},
+                "subject": {"reference": f"Patient/{patient}"},
+            }
+        )
+        for patient in (inside, outside)
+    }
+    time.sleep(SETTLE_SECONDS + 0.1)
     first = manifest_of(session, kick_off(session, f"{node.fhir}/$export", _type="Patient"))
+    assert "deleted" not in first  # without _since there is nothing to say
     later = create({"resourceType": "Patient", "name": [{"text": "后来"}]})
+    for observation in doomed.values():
+        assert doctor.delete(f"{node.fhir}/Observation/{observation}").status_code in (200, 204)
     time.sleep(SETTLE_SECONDS + 0.1)
     since = first["transactionTime"]
-    changed = exported(
-        session,
-        manifest_of(
-            session, kick_off(session, f"{node.fhir}/$export", _type="Patient", _since=since)
-        ),
+    changed = manifest_of(
+        session, kick_off(session, f"{node.fhir}/$export", _type="Patient", _since=since)
     )
-    assert [r["id"] for r in changed] == [later]
+    assert [r["id"] for r in exported(session, changed)] == [later]
+    assert changed["deleted"] == []
+    # with _since, what was deleted since is listed as transaction Bundles of DELETEs; a Group
+    # export lists only what was in its patients' compartments
+    for url, gone in [
+        (f"{node.fhir}/$export", set(doomed.values())),
+        (f"{node.fhir}/Patient/$export", set(doomed.values())),
+        (f"{node.fhir}/Group/{group}/$export", {doomed[inside]}),
+    ]:
+        manifest = manifest_of(session, kick_off(session, url, _type="Observation", _since=since))
+        deleted = set()
+        for item in manifest["deleted"]:
+            assert item["type"] == "Bundle"
+            for line in session.get(item["url"], timeout=30).text.splitlines():
+                bundle = json.loads(line)
+                assert bundle["resourceType"] == "Bundle" and bundle["type"] == "transaction"
+                for entry in bundle["entry"]:
+                    assert entry["request"]["method"] == "DELETE"
+                    deleted.add(entry["request"]["url"].removeprefix("Observation/"))
+        assert deleted == gone, url
 
 
 def test_bad_kick_offs_are_refused_clearly(node: Node) -> None:
