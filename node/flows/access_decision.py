@@ -17,6 +17,7 @@ requester is the member whose signature the request carries, never a field of th
 from __future__ import annotations
 
 import re
+import threading
 from dataclasses import dataclass
 from datetime import timedelta, timezone
 from typing import Any
@@ -44,7 +45,7 @@ from node.services import Services
 
 RESULT_TYPES = ("Observation", "DiagnosticReport", "ImagingStudy")  # what a member releases
 ZONE = timezone(timedelta(hours=8))  # only categories are read here: the zone does not matter
-_replicators: dict[int, Replicator] = {}  # per Services: the consent-sync client
+_local = threading.local()  # per thread and Services: the consent-sync client (not shareable)
 
 
 @dataclass(frozen=True)
@@ -166,14 +167,16 @@ def sync_chains(svc: Services, chains: set[str], patient: str) -> dict[str, str]
     """Bring ``chains`` up to their authors' heads (from a witness, starting at the one the
     ``patient``'s pseudonym picks, when the author cannot give them); those that could not be
     and whose copy here is older than the staleness bound, with why. The client is kept per
-    process (its rosters are read again at each sync)."""
+    thread (its rosters are read again at each sync; its HTTP session and deadline are not
+    for sharing)."""
     if not chains:
         return {}
     config = svc.config
     witnesses = witnesses_in_turn(svc.chain_store.roster().witnesses(), patient, config.node_id)
-    replicator = _replicators.get(id(svc))
+    replicators: dict[int, Replicator] = _local.__dict__.setdefault("replicators", {})
+    replicator = replicators.get(id(svc))
     if replicator is None:
-        replicator = _replicators[id(svc)] = replicator_for(
+        replicator = replicators[id(svc)] = replicator_for(
             config,
             svc.chain_store,
             svc.chain_writes,
