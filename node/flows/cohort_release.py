@@ -2,8 +2,9 @@
 for the results of a cohort of patients at once, and this node decides each patient with the
 consent policy exactly as it decides one access request (:mod:`node.flows.access_decision`).
 
-The request names a purpose, categories, optionally a time (only results changed after it)
-and the types wanted, and up to :data:`MOST_REQUESTS` patients, each as an access request of
+The request names a purpose, categories, optionally a time (only results changed after it,
+except for a patient whose permitting consent was granted after it: all of theirs) and the
+types wanted, and up to :data:`MOST_REQUESTS` patients, each as an access request of
 its own: a request id, the pseudonym and the proof that the asker recorded
 ``access.requested`` for it on its own chain. Every proof is checked before anything about any
 patient is looked up; one that fails refuses the whole call (403) and nothing is recorded.
@@ -39,7 +40,7 @@ from exchange.recognition import result_of
 from fhir_adapters.errors import InvalidRequest
 from fhir_adapters.store import Stored
 from ledger.canonical import canonical_bytes
-from ledger.model import format_time
+from ledger.model import format_time, parse_time
 from node.flows.access_decision import (
     RESULT_TYPES,
     ZONE,
@@ -122,9 +123,10 @@ def release_cohort(svc: Services, caller: Caller, asker: str, body: Any) -> Rele
             {"*": chains} if isinstance(chains, str) else {c: stale[c] for c in chains & set(stale)}
         )
         decided = decide_access(svc.chain_store, access, why)
-        released = (
-            _released(svc, local, categories, types, since) if decided.decision.permitted else []
-        )
+        released = []
+        if decided.decision.permitted:
+            newer = _granted_after(svc, decided.decision.consent, since)
+            released = _released(svc, local, categories, types, None if newer else since)
         hashes = sorted(stored.sha256() for stored in released)
         entries.append(("access.decided", decided_body(request_id, access, decided, hashes)))
         decisions[request_id] = {
@@ -172,6 +174,15 @@ def _released(
         if (since is None or stored.last_updated > since)
         and result_of(stored.resource(), ZONE).category in categories
     ]
+
+
+def _granted_after(svc: Services, consent: dict[str, Any] | None, since: int | None) -> bool:
+    """Whether the grant a permit relies on was recorded after ``since``: the patient's
+    results were not the asker's to have before, so all of them go, changed or not."""
+    if since is None or consent is None:
+        return False
+    entry = svc.chain_store.entry(consent["chain"], consent["seq"])
+    return parse_time(entry["time"]).timestamp() * 10**6 > since
 
 
 def released_lines(svc: Services, release: Release) -> Iterator[bytes]:

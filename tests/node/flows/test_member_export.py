@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -23,6 +24,7 @@ from ledger.store import ChainStore
 from node.base.config import load_config
 from node.cli import main
 from node.demo.harness import Consortium
+from node.flows.bulk_export import SETTLE_SECONDS
 from tests.helpers.fhir import observation
 from tests.helpers.nodes import Node, asked, member_node, post
 from tests.node.flows.test_access_decisions import peers_of
@@ -317,3 +319,41 @@ def test_an_unreachable_source_is_an_error_of_the_manifest_not_a_failed_job(
     # the question was recorded before the source was asked, and stays
     (question,) = entries(asker, "hosp-b", "access.requested", before)
     assert question["body"]["purpose"] == "TREAT"
+
+
+def test_since_brings_everything_of_a_patient_who_consented_since(group: Consortium) -> None:
+    source, asker = member_node(group, "hosp-a"), member_node(group, "hosp-b")
+    resident_id = "3301" + str(uuid.uuid4().int)[:14]
+    patient_id = resident(source, resident_id)
+    old_result = stored(source, observation(patient_id, value="6.10"))
+    cohort_group = stored(
+        asker,
+        {
+            "resourceType": "Group",
+            "type": "person",
+            "actual": True,
+            "member": [{"entity": {"reference": f"Patient/{resident(asker, resident_id)}"}}],
+        },
+    )
+    session = exporter(asker)
+    time.sleep(SETTLE_SECONDS + 0.1)  # the result is older than the next transactionTime
+    before_consent = export(
+        session, asker, cohort_group["id"], source="hosp-a", category="laboratory"
+    )
+    assert before_consent["output"] == [] and len(before_consent["error"]) == 1  # denied
+    since = before_consent["transactionTime"]
+    consented(source, patient_id)
+    time.sleep(SETTLE_SECONDS + 0.1)  # the consent is older than the next transactionTime
+    again = export(
+        session, asker, cohort_group["id"], source="hosp-a", category="laboratory", _since=since
+    )
+    assert [r["id"] for r in exported(session, again)] == [old_result["id"]]
+    later = export(
+        session,
+        asker,
+        cohort_group["id"],
+        source="hosp-a",
+        category="laboratory",
+        _since=again["transactionTime"],
+    )
+    assert later["output"] == [] and later["error"] == []  # permitted, nothing changed since
