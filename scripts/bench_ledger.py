@@ -2,6 +2,7 @@
 measured in the same run (a ratio holds on a noisy machine; an absolute time drifts).
 
     python scripts/bench_ledger.py [--entries 1000000] [--appends 20000] [--postgres URL]
+        [--writers 1,8,32] [--skip-appends | --skip-verify]
 
 - appends/s through ChainWriter with 1, 8 and 32 concurrent writer threads (each waits until its
   entry is durable), on SQLite and PostgreSQL; ceiling: the same rows inserted raw (no
@@ -134,11 +135,18 @@ def raw_ceiling(store: ChainStore, from_height: int) -> float:
     return elapsed
 
 
-def bench_appends(label: str, url: str, workdir: Path, appends: int, rows: list[list[str]]) -> None:
+def bench_appends(
+    label: str,
+    url: str,
+    workdir: Path,
+    appends: int,
+    rows: list[list[str]],
+    writers: tuple[int, ...] = (1, 8, 32),
+) -> None:
     store, key, _ = new_ledger(url, workdir)
     with ChainWriter(store, "hosp-a", key) as writer:
         writer.append("access.decided", BODY)  # warm up: first block, statement caches
-        for threads in (1, 8, 32):
+        for threads in writers:
             total = appends // (4 if threads == 1 else 1)
             first_height = store.heads()["hosp-a"].header["height"] + 1
             seconds = run_appenders(writer, threads, total)
@@ -376,11 +384,22 @@ def main() -> None:
     )
     parser.add_argument("--skip-appends", action="store_true", help="only the large ledger")
     parser.add_argument(
+        "--skip-verify",
+        action="store_true",
+        help="only the appends (no large ledger: no verification or proofs)",
+    )
+    parser.add_argument(
+        "--writers",
+        default="1,8,32",
+        help="comma-separated counts of concurrent writer threads to measure appends with",
+    )
+    parser.add_argument(
         "--postgres",
         default="postgresql://postgres@127.0.0.1:5432/postgres",
         help="admin URL; 'none' to skip",
     )
     args = parser.parse_args()
+    writers = tuple(int(count) for count in args.writers.split(","))
     rows: list[list[str]] = []
     with tempfile.TemporaryDirectory(prefix="hrx-bench-") as tmp:
         workdir = Path(tmp)
@@ -391,6 +410,7 @@ def main() -> None:
                 workdir / "sqlite",
                 args.appends,
                 rows,
+                writers,
             )
         if args.postgres != "none" and not args.skip_appends:
             admin = psycopg.connect(args.postgres, autocommit=True)
@@ -403,10 +423,12 @@ def main() -> None:
                     workdir / "pg",
                     args.appends,
                     rows,
+                    writers,
                 )
             finally:
                 admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
-        bench_large(args.entries, args.members, args.jobs, workdir, rows)
+        if not args.skip_verify:
+            bench_large(args.entries, args.members, args.jobs, workdir, rows)
     table = Table(
         "figure", "measured", "ceiling", "of ceiling", "notes", title="hrx ledger benchmark"
     )

@@ -8,7 +8,7 @@ import contextlib
 import hashlib
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -56,6 +56,24 @@ _WRITER_SQL = {
 _POSTGRES_WRITER_SQL = {
     name: statement.replace("?", "%s") for name, statement in _WRITER_SQL.items()
 }
+# On PostgreSQL a table's rows go in multi-row INSERTs of at most this many rows (a statement
+# takes at most 65,535 parameters): psycopg's work for one statement is about what one row of an
+# executemany costs, and that work is much of a small block's.
+POSTGRES_ROWS_PER_INSERT = 1000
+
+
+def _postgres_inserts(
+    name: str, rows: Sequence[tuple[Any, ...]]
+) -> Iterator[tuple[str, list[Any]]]:
+    """The rows of one of the writer's tables as multi-row INSERTs with their parameters, in
+    order (none for no rows)."""
+    insert, _, group = _POSTGRES_WRITER_SQL[name].partition(" VALUES ")
+    for start in range(0, len(rows), POSTGRES_ROWS_PER_INSERT):
+        chunk = rows[start : start + POSTGRES_ROWS_PER_INSERT]
+        yield (
+            f"{insert} VALUES {', '.join([group] * len(chunk))}",
+            [value for row in chunk for value in row],
+        )
 
 
 def _held_lock() -> threading.Lock:
@@ -75,6 +93,19 @@ def _checked(
         check_body(body)
         checked.append((entry_type, body, now))
     return checked
+
+
+@dataclass
+class _Blocks:
+    """A batch built into blocks on top of a head, not yet signed."""
+
+    on: bytes | None  # the stored header bytes of the head built on; None: an empty chain
+    roster_version: int
+    entry_rows: list[tuple[Any, ...]]
+    unsigned: list[tuple[int, int, bytes, bytes]]  # (height, tree_size, header, its SHA-256)
+    subjects: list[tuple[Any, ...]]
+    seqs: list[list[int]]  # the seqs of each append of the batch, in its order
+    head: tuple[bytes, dict[str, Any], merkle.Frontier]  # the new head (ChainWriter._cached)
 
 
 @dataclass
@@ -184,13 +215,19 @@ class ChainWriter:
             raise SigningHeld(hold)
         if roster_version != self._keyed_version:
             self._keyed_version = self._check_key(conn)
-        pending = _Pending(checked)
-        entry_rows, block_rows, subjects, _cached = self._build_blocks(
-            [pending], head, int(roster_version), partial(self.store._nodes, conn, self.chain)
+        blocks = self._build_blocks(
+            [_Pending(checked)],
+            head,
+            int(roster_version),
+            partial(self.store._nodes, conn, self.chain),
         )
+        block_rows = self._signed(blocks)
         conn.execute(
             entries_table.insert(),
-            [dict(zip(("chain", "seq", "data", "nodes"), row, strict=True)) for row in entry_rows],
+            [
+                dict(zip(("chain", "seq", "data", "nodes"), row, strict=True))
+                for row in blocks.entry_rows
+            ],
         )
         conn.execute(
             blocks_table.insert(),
@@ -199,15 +236,15 @@ class ChainWriter:
                 for row in block_rows
             ],
         )
-        if subjects:
+        if blocks.subjects:
             conn.execute(
                 subjects_table.insert(),
                 [
                     dict(zip(("patient", "chain", "seq", "type"), row, strict=True))
-                    for row in subjects
+                    for row in blocks.subjects
                 ],
             )
-        return pending.seqs
+        return blocks.seqs[0]
 
     def close(self) -> None:
         if not self._closed:
@@ -270,16 +307,30 @@ class ChainWriter:
         round trips as the database allows: the pool's and SQLAlchemy's per-transaction work,
         and on PostgreSQL every round trip, would be most of a small block's cost."""
         postgres = self.store.is_postgres
-        sql = _POSTGRES_WRITER_SQL if postgres else _WRITER_SQL
         connection = self._writer_connection()
         cursor = connection.cursor()
+        read_nodes = partial(self._read_nodes, cursor)
+        guess = None  # the batch built on the head this writer last wrote, before reading it
         try:
-            if postgres:  # autocommit connection: BEGIN and the lock in one round trip
-                key = writer_lock_key(self.chain)  # an int of ours: safe to write inline
-                cursor.execute(f"BEGIN; SELECT pg_advisory_xact_lock({key})")
+            if postgres:
+                # An autocommit connection: BEGIN, the lock and the head in one round trip. The
+                # head is read by a statement after the lock's, so that its snapshot (READ
+                # COMMITTED: one per statement) is taken with the lock held. While the server
+                # runs them, the batch is built on the head this writer last wrote: that build
+                # is kept only if it is the head read, and signed only after the checks below.
+                with connection.pipeline():
+                    cursor.execute("BEGIN")
+                    cursor.execute(
+                        "SELECT pg_advisory_xact_lock(%s)", (writer_lock_key(self.chain),)
+                    )
+                    cursor.execute(_POSTGRES_WRITER_SQL["head"], (self.chain,))
+                    if self._cached is not None:
+                        guess = self._build_blocks(
+                            batch, self._cached[0], self._keyed_version, read_nodes
+                        )
             else:
                 cursor.execute("BEGIN IMMEDIATE")
-            cursor.execute(sql["head"], (self.chain,))
+                cursor.execute(_WRITER_SQL["head"], (self.chain,))
             head, roster_version, hold = cursor.fetchone()
             if roster_version is None:
                 raise StoreError("no roster stored; initialise with: hrx ledger init")
@@ -287,21 +338,31 @@ class ChainWriter:
                 raise SigningHeld(hold)
             if roster_version != self._keyed_version:  # a new roster: is this still our key?
                 self._keyed_version = self._check_key()
-            entry_rows, block_rows, subjects, cached = self._build_blocks(
-                batch, head, int(roster_version), partial(self._read_nodes, cursor)
+            if (
+                guess is not None
+                and head is not None
+                and bytes(head) == guess.on
+                and roster_version == guess.roster_version
+            ):
+                blocks = guess
+            else:
+                blocks = self._build_blocks(batch, head, int(roster_version), read_nodes)
+            block_rows = self._signed(blocks)
+            tables = (
+                ("entries", blocks.entry_rows),
+                ("blocks", block_rows),
+                ("subjects", blocks.subjects),
             )
-            if postgres:  # inserts and COMMIT in one round trip
+            if postgres:  # the inserts and COMMIT in one round trip
                 with connection.pipeline():
-                    cursor.executemany(sql["entries"], entry_rows)
-                    cursor.executemany(sql["blocks"], block_rows)
-                    if subjects:
-                        cursor.executemany(sql["subjects"], subjects)
+                    for name, rows in tables:
+                        for statement, parameters in _postgres_inserts(name, rows):
+                            cursor.execute(statement, parameters)
                     cursor.execute("COMMIT")
             else:
-                cursor.executemany(sql["entries"], entry_rows)
-                cursor.executemany(sql["blocks"], block_rows)
-                if subjects:
-                    cursor.executemany(sql["subjects"], subjects)
+                for name, rows in tables:
+                    if rows:
+                        cursor.executemany(_WRITER_SQL[name], rows)
                 connection.commit()
         except BaseException as exc:
             self._discard_connection(connection)
@@ -316,7 +377,9 @@ class ChainWriter:
         finally:
             with contextlib.suppress(Exception):
                 cursor.close()
-        self._cached = cached
+        self._cached = blocks.head
+        for pending, seqs in zip(batch, blocks.seqs, strict=True):
+            pending.seqs = seqs
 
     def _read_nodes(self, cursor: Any, wanted: list[merkle.NodeId]) -> dict[merkle.NodeId, bytes]:
         """Merkle nodes read on the committer's own connection (inside its transaction: on
@@ -356,38 +419,38 @@ class ChainWriter:
         head: bytes | None,
         roster_version: int,
         read_nodes: Callable[[list[merkle.NodeId]], dict[merkle.NodeId, bytes]],
-    ) -> tuple[
-        list[tuple[Any, ...]],
-        list[tuple[Any, ...]],
-        list[tuple[Any, ...]],
-        tuple[bytes, dict[str, Any], merkle.Frontier],
-    ]:
-        """The entry, block and subject rows for a batch on top of the stored head, and the
-        new head."""
-        if head is None:
+    ) -> _Blocks:
+        """The batch's entry and subject rows and its blocks' headers, on top of the stored
+        head ``head``; nothing signed yet (see _signed)."""
+        on = None if head is None else bytes(head)
+        if on is None:
             frontier = merkle.Frontier()
             height, prev, prev_time = 0, ZERO_HASH, ""
         else:
-            stored = bytes(head)
-            if self._cached is not None and self._cached[0] == stored:
+            if self._cached is not None and self._cached[0] == on:
                 header, frontier = self._cached[1], self._cached[2].copy()
             else:  # first block of this writer, or another process wrote since
-                header = parse_canonical(stored)
+                header = parse_canonical(on)
                 stored_head = Head(header, "")
                 plan = merkle.Frontier.plan(stored_head.tree_size)
                 frontier = self.store._frontier_of(self.chain, stored_head, plan, read_nodes(plan))
             # The stored bytes are canonical (ours, or parsed as such), so they hash as the block.
-            prev = hashlib.sha256(stored).hexdigest()
+            prev = hashlib.sha256(on).hexdigest()
             height, prev_time = header["height"] + 1, header["time"]
-        items = [(item, pending) for pending in batch for item in pending.items]
+        seqs_of: list[list[int]] = [[] for _ in batch]
+        items = [
+            (item, seqs_of[position])
+            for position, pending in enumerate(batch)
+            for item in pending.items
+        ]
         entry_rows: list[tuple[Any, ...]] = []
-        block_rows: list[tuple[Any, ...]] = []
+        unsigned: list[tuple[int, int, bytes, bytes]] = []
         subjects: list[tuple[Any, ...]] = []
         for start in range(0, len(items), self.max_block_entries):
             chunk = items[start : start + self.max_block_entries]
             first_seq = frontier.size
             block_time = max(prev_time, format_time())
-            for (entry_type, body, time_), pending in chunk:
+            for (entry_type, body, time_), seqs in chunk:
                 seq = frontier.size
                 entry = {
                     "v": 1,
@@ -403,7 +466,7 @@ class ChainWriter:
                 patient = subject_of(body)
                 if patient is not None:
                     subjects.append((patient, self.chain, seq, entry_type))
-                pending.seqs.append(seq)
+                seqs.append(seq)
                 block_time = max(block_time, time_)
             header = make_header(
                 chain=self.chain,
@@ -418,7 +481,21 @@ class ChainWriter:
             )
             header_bytes = canonical_bytes(header)
             digest = hashlib.sha256(header_bytes).digest()
-            signature = keys.sign(self.key, keys.BLOCK_DOMAIN, digest)
-            block_rows.append((self.chain, height, frontier.size, header_bytes, signature))
+            unsigned.append((height, frontier.size, header_bytes, digest))
             height, prev, prev_time = height + 1, digest.hex(), block_time
-        return entry_rows, block_rows, subjects, (block_rows[-1][3], header, frontier)
+        return _Blocks(
+            on=on,
+            roster_version=roster_version,
+            entry_rows=entry_rows,
+            unsigned=unsigned,
+            subjects=subjects,
+            seqs=seqs_of,
+            head=(unsigned[-1][2], header, frontier),
+        )
+
+    def _signed(self, blocks: _Blocks) -> list[tuple[Any, ...]]:
+        """The block rows, each header signed with this writer's key."""
+        return [
+            (self.chain, height, tree_size, header, keys.sign(self.key, keys.BLOCK_DOMAIN, digest))
+            for height, tree_size, header, digest in blocks.unsigned
+        ]

@@ -7,11 +7,13 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from ledger import keys, merkle
 from ledger.canonical import canonical_bytes
-from ledger.errors import EntryError, ProofError, StoreError
+from ledger.errors import EntryError, ProofError, SigningHeld, StoreError
 from ledger.store import ChainStore, ChainWriter, chains, open_engine
+from ledger.store import writer as writer_module
 from ledger.verify import verify_database
 from tests.helpers.ledgers import BLS_KEY, Ledger, make_ledger
 
@@ -308,3 +310,84 @@ def test_pages_of_blocks_are_cut_to_the_entry_budget(
     assert list(ledger_db.store.export_lines()) == whole
     assert [b.row_height for b in ledger_db.store.block_rows("hosp-a", page=3)] == list(range(8))
     assert verify_database(ledger_db.store, ledger_db.authority.public_key()).entries == 30
+
+
+def test_a_signing_hold_stops_the_writer_before_it_signs_anything(
+    ledger_db: Ledger, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The committer may build a block before it has read the hold (on PostgreSQL, while the
+    database takes the lock), but it signs none while a hold is set."""
+    signed: list[bytes] = []
+    sign = keys.sign
+
+    def counted(key: Ed25519PrivateKey, domain: bytes, digest: bytes) -> str:
+        signed.append(digest)
+        return sign(key, domain, digest)
+
+    monkeypatch.setattr(keys, "sign", counted)
+    with ChainWriter(ledger_db.store, "hosp-a", ledger_db.key) as writer:
+        assert writer.append("access.requested", {"n": 0}) == 0  # the writer knows the head
+        ledger_db.store.hold_signing("restored from a backup")
+        for _ in range(2):
+            with pytest.raises(SigningHeld, match="restored from a backup"):
+                writer.append("access.requested", {"n": 1})
+        assert len(signed) == 1
+        ledger_db.store.release_signing()
+        assert writer.append_many([("access.requested", {"n": n}) for n in (1, 2)]) == [1, 2]
+    assert len(signed) == 2
+    assert verify_database(ledger_db.store, ledger_db.authority.public_key()).entries == 3
+
+
+def test_a_new_roster_keeping_the_key_is_named_by_the_next_block(
+    ledger_db: Ledger, tmp_path: Path
+) -> None:
+    """A block built before the newest roster version was read is built again under it."""
+    from ledger.roster import make_member, make_roster, sign_roster
+
+    with ChainWriter(ledger_db.store, "hosp-a", ledger_db.key) as writer:
+        writer.append("consent.granted", {"n": 0})
+        member = make_member(
+            "hosp-a", "Hospital hosp-a", "https://hosp-a.example", ledger_db.key, BLS_KEY
+        )
+        roster = make_roster("test", [member], quorum=1, version=2)
+        ledger_db.store.add_roster(roster, sign_roster(roster, ledger_db.authority))
+        assert writer.append("consent.granted", {"n": 1}) == 1
+        assert ledger_db.store.heads()["hosp-a"].header["roster"] == 2
+        assert writer.append("consent.granted", {"n": 2}) == 2
+    assert ledger_db.store.heads()["hosp-a"].header["roster"] == 2
+    summary = verify_database(ledger_db.store, ledger_db.authority.public_key())
+    assert summary.entries == 3 and summary.warnings == []
+
+
+def test_a_batch_is_written_whatever_the_rows_per_statement(
+    ledger_db: Ledger, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On PostgreSQL a table's rows go in INSERTs of at most POSTGRES_ROWS_PER_INSERT rows:
+    every row lands once, whether a table's rows fill a statement, more, or fewer."""
+    monkeypatch.setattr(writer_module, "POSTGRES_ROWS_PER_INSERT", 3)
+    alice = "a" * 64
+    with ChainWriter(ledger_db.store, "hosp-a", ledger_db.key, max_block_entries=4) as writer:
+        for count in (1, 3, 7, 9):
+            first = ledger_db.store.heads().get("hosp-a")
+            start = 0 if first is None else first.tree_size
+            items = [("consent.granted", {"n": n, "patient": alice}) for n in range(count)]
+            assert writer.append_many(items) == list(range(start, start + count))
+    about = [e["body"]["n"] for e in ledger_db.store.entries_about(alice)]
+    assert about == [0, *range(3), *range(7), *range(9)]
+    assert [b.row_height for b in ledger_db.store.block_rows("hosp-a")] == list(range(7))
+    summary = verify_database(ledger_db.store, ledger_db.authority.public_key())
+    assert summary.entries == 20 and summary.blocks == 7
+
+
+def test_postgres_inserts_cut_rows_into_statements(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(writer_module, "POSTGRES_ROWS_PER_INSERT", 2)
+    rows = [("hosp-a", seq, b"d", b"n") for seq in range(5)]
+    statements = list(writer_module._postgres_inserts("entries", rows))
+    group = "(%s, %s, %s, %s)"
+    insert = "INSERT INTO ledger_entries (chain, seq, data, nodes) VALUES "
+    assert statements == [
+        (f"{insert}{group}, {group}", ["hosp-a", 0, b"d", b"n", "hosp-a", 1, b"d", b"n"]),
+        (f"{insert}{group}, {group}", ["hosp-a", 2, b"d", b"n", "hosp-a", 3, b"d", b"n"]),
+        (f"{insert}{group}", ["hosp-a", 4, b"d", b"n"]),
+    ]
+    assert list(writer_module._postgres_inserts("subjects", [])) == []
