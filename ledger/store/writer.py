@@ -347,22 +347,20 @@ class ChainWriter:
                 blocks = guess
             else:
                 blocks = self._build_blocks(batch, head, int(roster_version), read_nodes)
-            block_rows = self._signed(blocks)
-            tables = (
-                ("entries", blocks.entry_rows),
-                ("blocks", block_rows),
-                ("subjects", blocks.subjects),
-            )
             if postgres:  # the inserts and COMMIT in one round trip
                 with connection.pipeline():
-                    for name, rows in tables:
+                    for statement, parameters in _postgres_inserts("entries", blocks.entry_rows):
+                        cursor.execute(statement, parameters)
+                    block_rows = self._signed(blocks)  # while the server inserts the entries
+                    for name, rows in (("blocks", block_rows), ("subjects", blocks.subjects)):
                         for statement, parameters in _postgres_inserts(name, rows):
                             cursor.execute(statement, parameters)
                     cursor.execute("COMMIT")
             else:
-                for name, rows in tables:
-                    if rows:
-                        cursor.executemany(_WRITER_SQL[name], rows)
+                cursor.executemany(_WRITER_SQL["entries"], blocks.entry_rows)
+                cursor.executemany(_WRITER_SQL["blocks"], self._signed(blocks))
+                if blocks.subjects:
+                    cursor.executemany(_WRITER_SQL["subjects"], blocks.subjects)
                 connection.commit()
         except BaseException as exc:
             self._discard_connection(connection)
