@@ -90,7 +90,13 @@ def test_killed_appenders_lose_no_acknowledged_entry(ledger_db: Ledger, tmp_path
             )
             for w in range(3)
         }
-        time.sleep(rng.uniform(0.6, 1.5))  # imports take ~0.4 s; then appends are under way
+        # killed once each has appended (its imports can take seconds on a busy machine)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not all(
+            _acknowledged(tmp_path / f"acks-{round_}-{w}") for w in workers
+        ):
+            time.sleep(0.02)
+        time.sleep(rng.uniform(0, 0.5))
         for process in workers.values():
             time.sleep(rng.uniform(0, 0.05))
             os.kill(process.pid, signal.SIGKILL)
