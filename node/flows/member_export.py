@@ -9,8 +9,8 @@ one ``access.requested`` a patient on its own chain (in one block), then sends t
 proofs, in one signed ``POST /peer/export``. The source decides each patient as it decides a
 referral's request and records every decision before it sends anything
 (:mod:`node.flows.cohort_release`); what it streams back is checked line by line: a resource
-whose hash is not among those the source recorded releasing, or not of an asked type, stops
-that source with an error; a released resource never sent is reported. A patient the source
+whose hash is not among those the source recorded releasing, or not of an asked type, ends
+that batch from that source with an error, as does a released resource never sent. A patient the source
 denied is an OperationOutcome in the error file, saying why; one it does not hold is nothing.
 
 So an export to another organization leaves the same trail as a referral: the question on the
@@ -138,7 +138,7 @@ def _ask(
     try:
         lines = peers.lines(source, "/peer/export", body, READ_SECONDS, MAX_LINE)
         decisions = _decisions(source, next(lines, b""), set(batch))
-        _receive(svc, source, request, decisions, lines, write, advance, received, outcomes)
+        _receive(svc, source, request, decisions, lines, write, advance, received)
     finally:  # what was asked and received is audited, whatever became of the rest
         for request_id, (patient, _) in batch.items():
             _audit(
@@ -162,7 +162,6 @@ def _receive(
     write: Callable[[str, bytes], None],
     advance: Callable[[int], None],
     received: dict[str, list[tuple[str, str]]],
-    outcomes: Outcomes,
 ) -> None:
     """Check and write the released resources as they arrive (see the module docstring)."""
     owner = {
