@@ -337,7 +337,8 @@ class Hl7Intake:
                     patient_id = next(iter(found))
                 else:
                     patient_id = str(uuid.uuid4())
-                    checked.new_patients[tuple(data.match_keys)] = patient_id
+                    if data.match_keys:  # without any, two PIDs of a message are two patients
+                        checked.new_patients[tuple(data.match_keys)] = patient_id
                     checked.check(new_patient(data), "Patient", patient_id)
                 for order in group.orders:
                     for result in order.results:
@@ -387,7 +388,9 @@ class Hl7Intake:
             )
         if not found:
             patient = new_patient(data)
-            patient_id = checked.new_patients.get(tuple(data.match_keys)) or str(uuid.uuid4())
+            patient_id = (
+                checked.new_patients.get(tuple(data.match_keys)) if data.match_keys else None
+            ) or str(uuid.uuid4())
             created = writer.create(
                 patient,
                 "Patient",

@@ -126,3 +126,21 @@ def test_concurrent_messages_are_acknowledged_after_commit_and_a_bad_one_alone(
 def _patient_of(key: str) -> int:
     connection, number = (int(part) for part in key.rsplit("|", 1)[1].split("-")[1:])
     return connection * 100 + number // 3
+
+
+def test_two_new_patients_without_matching_identifiers_in_one_message_are_two(
+    services: Services,
+) -> None:
+    """PIDs whose identifiers are none a patient is matched by (here only PI numbers) name two
+    new patients, each created with an id of its own, in one message."""
+    message = cbc("GC-PI", "F-GC-PI", None, "")
+    message = set_field(message, "PID", 3, "P7^^^^PI")
+    head, _, group = message.partition(b"\rPID|")
+    second = set_field(b"MSH|^~\\&|\rPID|" + group, "PID", 3, "P8^^^^PI")
+    for segment in ("ORC", "OBR"):
+        second = set_field(second, segment, 3, "F-GC-PI-2^XYLIS")
+    message = head + b"\rPID|" + group.rstrip(b"\r") + b"\r" + second.partition(b"\r")[2]
+    outcome = Hl7Intake(services).take_in(message, "test")
+    assert outcome.ack_code == "AA", outcome.reason
+    created = {w.split("/")[1] for w in outcome.written if w.startswith("Patient/")}
+    assert len(created) == 2
