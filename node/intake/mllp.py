@@ -390,9 +390,11 @@ def serve_processes(
         for worker in running:
             if worker.process.is_alive():
                 worker.process.terminate()
+            # its channel's end stops it too: one signalled before it set its own handler
+            # (forked with this process's) missed the signal, and waits for that
+            worker.channel.close()
         for worker in running:
             worker.process.join()
-            worker.channel.close()
         for signum, handler in previous.items():
             signal.signal(signum, handler)
 
