@@ -10,8 +10,9 @@ proofs, in one signed ``POST /peer/export``. The source decides each patient as 
 referral's request and records every decision before it sends anything
 (:mod:`node.flows.cohort_release`); what it streams back is checked line by line: a resource
 whose hash is not among those the source recorded releasing, or not of an asked type, ends
-that batch from that source with an error, as does a released resource never sent. A patient the source
-denied is an OperationOutcome in the error file, saying why; one it does not hold is nothing.
+that batch from that source with an error, as does a released resource never sent. A patient
+the source denied is an OperationOutcome in the error file, saying why; one it does not hold
+is nothing.
 
 So an export to another organization leaves the same trail as a referral: the question on the
 asker's chain, the decision on the source's, both shown to the patient in the portal and

@@ -29,9 +29,9 @@ from node.consortium.worker import synced_age
 from node.db.engines import open_database
 from node.db.schema import locator_table
 from node.demo.harness import Consortium
-from tests.helpers.nodes import post
+from tests.helpers.nodes import member_node, post
 from tests.helpers.portal import enroll
-from tests.node.flows.test_referral import lab, node, register, store_all
+from tests.node.flows.test_referral import lab, register, store_all
 
 pytestmark = pytest.mark.slow
 
@@ -97,7 +97,7 @@ def outcomes(bundle: dict[str, Any]) -> list[dict[str, Any]]:
 def patient(group: Consortium) -> dict[str, Any]:
     """Known at D, E, F and G; results at D and E; consent recorded at D for F."""
     resident_id = "3301" + str(uuid.uuid4().int)[:14]
-    d, e, f, g = (node(group, n) for n in ("hosp-d", "hosp-e", "hosp-f", "hosp-g"))
+    d, e, f, g = (member_node(group, n) for n in ("hosp-d", "hosp-e", "hosp-f", "hosp-g"))
     at = {name: register(n, resident_id) for name, n in zip("defg", (d, e, f, g), strict=True)}
     store_all(d, [lab(at["d"], "718-7", 2), lab(at["d"], "2823-3", 1)])
     store_all(e, [lab(at["e"], "718-7", 1)])
@@ -121,7 +121,7 @@ def patient(group: Consortium) -> dict[str, Any]:
 def test_a_referral_asks_the_locator_then_only_the_holders(
     group: Consortium, patient: dict[str, Any]
 ) -> None:
-    f = node(group, "hosp-f")
+    f = member_node(group, "hosp-f")
     before = {name: asked_for_access(group, name) for name in group.members}
     doctor = f.session(f.token("dr-sun", "doctor"))
     bundle = doctor.get(f"{f.fhir}/Patient/{patient['f']}/$prior-results", params=LAB_ONLY).json()
@@ -156,7 +156,7 @@ def test_the_auditor_verifies_everything_from_one_witness(
     """One witness's export holds every chain: the auditor checks it against the authority's
     key, certificates against the witnesses' keys, replays every decision and checks every
     locator lookup against its question."""
-    f = node(group, "hosp-f")
+    f = member_node(group, "hosp-f")
     doctor = f.session(f.token("dr-sun", "doctor"))
     assert (
         doctor.get(f"{f.fhir}/Patient/{patient['f']}/$prior-results", params=LAB_ONLY).status_code
@@ -199,7 +199,7 @@ def test_the_auditor_verifies_everything_from_one_witness(
 def test_ordinary_members_hold_only_the_chains_they_needed(
     group: Consortium, patient: dict[str, Any]
 ) -> None:
-    f = node(group, "hosp-f")
+    f = member_node(group, "hosp-f")
     doctor = f.session(f.token("dr-sun", "doctor"))
     assert (
         doctor.get(f"{f.fhir}/Patient/{patient['f']}/$prior-results", params=LAB_ONLY).status_code
@@ -246,7 +246,7 @@ def test_the_portal_of_an_ordinary_member_shows_what_other_chains_recorded(
     the patient's question on E's chain, asks a witness, and shows them, each with a receipt
     that verifies; with every witness cut off it shows what E holds and says the rest is
     missing."""
-    f, e = node(group, "hosp-f"), node(group, "hosp-e")
+    f, e = member_node(group, "hosp-f"), member_node(group, "hosp-e")
     doctor = f.session(f.token("dr-sun", "doctor"))
     assert (
         doctor.get(f"{f.fhir}/Patient/{patient['f']}/$prior-results", params=LAB_ONLY).status_code
@@ -346,7 +346,7 @@ def test_a_witness_answers_a_patients_history_only_to_a_recorded_question(
 def test_with_the_registry_cut_off_every_member_is_asked(
     group: Consortium, patient: dict[str, Any]
 ) -> None:
-    f = node(group, "hosp-f")
+    f = member_node(group, "hosp-f")
     doctor = f.session(f.token("dr-sun", "doctor"))
     before = asked_for_access(group, "hosp-g")
     group.cut(REGISTRY)
@@ -375,7 +375,7 @@ def test_with_every_witness_cut_off_an_ordinary_source_denies(
     """The ordinary sources cannot learn which chains hold the patient's consents (only
     witnesses can say; another member's chain might hold a revocation), so each denies, saying
     why — D too, though the consent is on its own chain."""
-    f = node(group, "hosp-f")
+    f = member_node(group, "hosp-f")
     doctor = f.session(f.token("dr-sun", "doctor"))
     for witness in WITNESSES:
         group.cut(witness)
