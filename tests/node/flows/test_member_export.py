@@ -56,6 +56,14 @@ def resident(node: Node, resident_id: str | None) -> str:
     return str(created.json()["id"])
 
 
+def group_of(node: Node, patients: list[str]) -> str:
+    """The id of a new Group at ``node`` naming these Patients."""
+    group: dict[str, Any] = {"resourceType": "Group", "type": "person", "actual": True}
+    if patients:
+        group["member"] = [{"entity": {"reference": f"Patient/{p}"}} for p in patients]
+    return str(stored(node, group)["id"])
+
+
 def stored(node: Node, resource: dict[str, Any]) -> dict[str, Any]:
     created = post(node.session(), f"{node.fhir}/{resource['resourceType']}", resource)
     assert created.status_code == 201, created.text
@@ -136,19 +144,11 @@ def test_a_cohort_is_released_as_each_patient_consented(group: Consortium) -> No
     patient_session, consent = consented(source, granted)
     cohort = {name: resident(asker, resident_id) for name, resident_id in ids.items()}
     cohort["unmatched"] = resident(asker, None)
-    cohort_group = stored(
-        asker,
-        {
-            "resourceType": "Group",
-            "type": "person",
-            "actual": True,
-            "member": [{"entity": {"reference": f"Patient/{p}"}} for p in cohort.values()],
-        },
-    )
+    group_id = group_of(asker, list(cohort.values()))
     session = exporter(asker)
     a_before, b_before = tree_size(source, "hosp-a"), tree_size(asker, "hosp-b")
 
-    manifest = export(session, asker, cohort_group["id"], source="hosp-a", category="laboratory")
+    manifest = export(session, asker, group_id, source="hosp-a", category="laboratory")
     received = exported(session, manifest)
     assert sorted(r["id"] for r in received) == sorted(r["id"] for r in released)
     by_id = {r["id"]: r for r in received}
@@ -183,7 +183,7 @@ def test_a_cohort_is_released_as_each_patient_consented(group: Consortium) -> No
         headers={"Content-Type": "application/fhir+json"},
     )
     assert answer.status_code == 200, answer.text
-    again = export(session, asker, cohort_group["id"], source="hosp-a", category="laboratory")
+    again = export(session, asker, group_id, source="hosp-a", category="laboratory")
     assert again["output"] == []
     said = {
         o["issue"][0]["expression"][0]: o["issue"][0]["diagnostics"]
@@ -202,8 +202,8 @@ def test_a_cohort_is_released_as_each_patient_consented(group: Consortium) -> No
 def test_only_what_members_release_may_be_asked(group: Consortium) -> None:
     asker = member_node(group, "hosp-b")
     session = exporter(asker)
-    cohort_group = stored(asker, {"resourceType": "Group", "type": "person", "actual": True})
-    url = f"{asker.fhir}/Group/{cohort_group['id']}/$export"
+    group_id = group_of(asker, [])
+    url = f"{asker.fhir}/Group/{group_id}/$export"
     for params, words in [
         ({"source": "hosp-z"}, "not another member"),
         ({"source": "hosp-b"}, "not another member"),
@@ -294,22 +294,14 @@ def test_an_unreachable_source_is_an_error_of_the_manifest_not_a_failed_job(
 ) -> None:
     asker = member_node(group, "hosp-b")
     patient_id = resident(asker, "3301" + str(uuid.uuid4().int)[:14])
-    cohort_group = stored(
-        asker,
-        {
-            "resourceType": "Group",
-            "type": "person",
-            "actual": True,
-            "member": [{"entity": {"reference": f"Patient/{patient_id}"}}],
-        },
-    )
+    group_id = group_of(asker, [patient_id])
     session = exporter(asker)
-    asked_before = export(session, asker, cohort_group["id"], source="hosp-a")
+    asked_before = export(session, asker, group_id, source="hosp-a")
     assert asked_before["output"] == asked_before["error"] == []  # hosp-a holds nobody
     before = tree_size(asker, "hosp-b")
     group.cut("hosp-a")
     try:
-        manifest = export(session, asker, cohort_group["id"], source="hosp-a")
+        manifest = export(session, asker, group_id, source="hosp-a")
     finally:
         group.heal("hosp-a")
     assert manifest["output"] == []
@@ -326,32 +318,20 @@ def test_since_brings_everything_of_a_patient_who_consented_since(group: Consort
     resident_id = "3301" + str(uuid.uuid4().int)[:14]
     patient_id = resident(source, resident_id)
     old_result = stored(source, observation(patient_id, value="6.10"))
-    cohort_group = stored(
-        asker,
-        {
-            "resourceType": "Group",
-            "type": "person",
-            "actual": True,
-            "member": [{"entity": {"reference": f"Patient/{resident(asker, resident_id)}"}}],
-        },
-    )
+    group_id = group_of(asker, [resident(asker, resident_id)])
     session = exporter(asker)
     time.sleep(SETTLE_SECONDS + 0.1)  # the result is older than the next transactionTime
-    before_consent = export(
-        session, asker, cohort_group["id"], source="hosp-a", category="laboratory"
-    )
+    before_consent = export(session, asker, group_id, source="hosp-a", category="laboratory")
     assert before_consent["output"] == [] and len(before_consent["error"]) == 1  # denied
     since = before_consent["transactionTime"]
     consented(source, patient_id)
     time.sleep(SETTLE_SECONDS + 0.1)  # the consent is older than the next transactionTime
-    again = export(
-        session, asker, cohort_group["id"], source="hosp-a", category="laboratory", _since=since
-    )
+    again = export(session, asker, group_id, source="hosp-a", category="laboratory", _since=since)
     assert [r["id"] for r in exported(session, again)] == [old_result["id"]]
     later = export(
         session,
         asker,
-        cohort_group["id"],
+        group_id,
         source="hosp-a",
         category="laboratory",
         _since=again["transactionTime"],
