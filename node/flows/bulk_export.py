@@ -294,7 +294,7 @@ def export(
     folder.mkdir(parents=True)
     base = svc.config.url.rstrip("/") + "/fhir"
     output: list[dict[str, Any]] = []
-    state = {"resources": 0, "type": ""}
+    state = {"resources": 0, "now": ""}  # the job's progress: written, and what it is at
     beats = _Beats(svc, job.id, state)
     group, members = _group(svc, str(request.group)) if request.level == "group" else (None, None)
     errors: list[dict[str, Any]] = []
@@ -302,7 +302,7 @@ def export(
         files = _TypeFiles(folder, f"{base}/$bulk-file/{job.id}")
         try:
             outcomes = member_export.export_from_members(
-                svc, caller, request, members or [], files.write, beats
+                svc, caller, request, members or [], files.write, beats, state
             )
         finally:
             files.close()
@@ -311,7 +311,7 @@ def export(
             errors = _TypeFiles.whole(folder, f"{base}/$bulk-file/{job.id}", outcomes)
     else:
         for resource_type in request.types:
-            state["type"] = resource_type
+            state["now"] = resource_type
             with svc.database.engine.connect() as conn:
                 rows = _rows(conn, svc, request, resource_type, transaction_time, members)
                 for number, count in _write_files(folder, resource_type, rows, beats):

@@ -70,10 +70,12 @@ def export_from_members(
     patients: list[str],
     write: Callable[[str, bytes], None],
     advance: Callable[[int], None],
+    progress: dict[str, Any],
 ) -> list[dict[str, Any]]:
     """Ask ``request.sources`` for the results of ``patients`` (this node's ids); ``write``
-    each received resource (its type, its bytes) and call ``advance`` as lines arrive; the
-    OperationOutcomes of what went wrong."""
+    each received resource (its type, its bytes), call ``advance`` as lines arrive and say in
+    ``progress["now"]`` which source and patients are being asked; the OperationOutcomes of
+    what went wrong."""
     principal = caller.principal
     assert principal is not None
     outcomes = Outcomes()
@@ -94,8 +96,10 @@ def export_from_members(
     )
     for source in request.sources:
         for start in range(0, len(asked), MOST_REQUESTS):
-            advance(0)  # the job's heartbeat (and a cancelled job stops here)
             batch = {str(uuid.uuid4()): pair for pair in asked[start : start + MOST_REQUESTS]}
+            end = start + len(batch)
+            progress["now"] = f"{source}, patients {start + 1}-{end} of {len(asked)}"
+            advance(0)  # the job's heartbeat (and a cancelled job stops here)
             try:
                 _ask(svc, caller, peers, source, request, batch, write, advance, outcomes)
             except (PeerUnavailable, LedgerError) as exc:

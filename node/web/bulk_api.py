@@ -113,7 +113,7 @@ def _progress(job: bulk_jobs.Job) -> str:
     if job.kind == "import":
         share = progress.get("bytes", 0) / max(progress.get("of", 0), 1)
         return f"{share:.0%} read, {progress.get('lines', 0)} lines settled"
-    now = f", now {progress['type']}" if progress.get("type") else ""
+    now = f", now {progress['now']}" if progress.get("now") else ""
     return f"{progress.get('resources', 0)} resources written{now}"
 
 
