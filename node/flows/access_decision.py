@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import re
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta, timezone
-from typing import Any
+from typing import Any, TypeVar
 
 from consent.errors import ConsentError
 from consent.model import EMERGENCY, emergency_reason
@@ -45,6 +46,7 @@ from node.services import Services
 
 RESULT_TYPES = ("Observation", "DiagnosticReport", "ImagingStudy")  # what a member releases
 ZONE = timezone(timedelta(hours=8))  # only categories are read here: the zone does not matter
+T = TypeVar("T")
 _local = threading.local()  # per thread and Services: the consent-sync client (not shareable)
 
 
@@ -205,6 +207,26 @@ def witnesses_in_turn(witnesses: list[str], patient: str, own: str) -> list[str]
 def _ask_witnesses(svc: Services, witnesses: list[str], question: dict[str, Any]) -> Any:
     """The chains holding the patient's consents, from the first witness that answers; or,
     when none does, why (a string)."""
+
+    def chains_of(witness: str, answer: Any) -> set[str]:
+        chains = answer.get("chains") if isinstance(answer, dict) else None
+        if not isinstance(chains, list) or not all(isinstance(c, str) for c in chains):
+            raise PeerUnavailable(f"{witness} answered without a list of chains")
+        return set(chains)
+
+    return ask_witnesses(svc, witnesses, "/peer/consent-chains", question, chains_of)
+
+
+def ask_witnesses(
+    svc: Services,
+    witnesses: list[str],
+    path: str,
+    question: dict[str, Any],
+    read: Callable[[str, Any], T],
+) -> T | str:
+    """``read(witness, answer)`` of the first of ``witnesses`` whose answer to ``question``
+    at ``path`` it takes (it raises PeerUnavailable for one it does not); or, when none
+    answers so, why (a string)."""
     peers = SignedPeers(
         svc.chain_store,
         svc.config.node_id,
@@ -214,11 +236,7 @@ def _ask_witnesses(svc: Services, witnesses: list[str], question: dict[str, Any]
     failures = []
     for witness in witnesses:
         try:
-            answer = peers.post(witness, "/peer/consent-chains", question)
-            chains = answer.get("chains") if isinstance(answer, dict) else None
-            if not isinstance(chains, list) or not all(isinstance(c, str) for c in chains):
-                raise PeerUnavailable(f"{witness} answered without a list of chains")
-            return set(chains)
+            return read(witness, peers.post(witness, path, question))
         except PeerUnavailable as exc:
             failures.append(str(exc))
     return "no witness said which chains hold the patient's consents: " + (

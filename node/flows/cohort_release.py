@@ -22,9 +22,9 @@ Each patient's decision is also an AuditEvent of its own (what was released for 
 only), so a patient reading the trail in the portal learns nothing of the rest of the cohort.
 
 Cost: per call, one signature check and one Merkle path per patient, one consent sync per
-consent chain involved (an ordinary member asks a witness once per patient which chains those
-are), one block appended, and the released rows read twice (once to decide and hash, once to
-send). Nothing grows with the number of members.
+consent chain involved (an ordinary member asks a witness which chains those are, once for
+the call), one block appended, and the released rows read twice (once to decide and hash,
+once to send). Nothing grows with the number of members.
 """
 
 from __future__ import annotations
@@ -34,19 +34,21 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from consent.model import EMERGENCY
-from consent.policy import AccessRequest
+from consent.policy import CONSENT_TYPES, AccessRequest
 from exchange.decisions import decide_access, decided_body
 from exchange.recognition import result_of
-from fhir_adapters.errors import InvalidRequest
+from fhir_adapters.errors import Conflict, InvalidRequest
 from fhir_adapters.store import Stored
 from ledger.canonical import canonical_bytes
+from ledger.errors import PeerUnavailable
 from ledger.model import format_time, parse_time
 from node.flows.access_decision import (
     RESULT_TYPES,
     ZONE,
-    consent_chains_of,
+    ask_witnesses,
     proven_request,
     sync_chains,
+    witnesses_in_turn,
 )
 from node.records.audit_trail import Caller
 from node.records.pseudonym_index import patients_with
@@ -106,14 +108,15 @@ def release_cohort(svc: Services, caller: Caller, asker: str, body: Any) -> Rele
     now = format_time()
     proven = [proven_request(svc, asker, item, now) for item in items]  # 403 before any lookup
     categories = proven[0][3]
-    held = []  # (request, pseudonym, local patient ids, the chains of their consents)
+    found = []  # (request, pseudonym, local patient ids)
     decisions: dict[str, dict[str, Any]] = {}
-    for item, (request_id, patient, *_) in zip(items, proven, strict=True):
+    for request_id, patient, *_ in proven:
         decisions[request_id] = {"request_id": request_id, "holds": False}
         local = patients_with(svc.database.engine, patient)
         if local:
-            question = {**item, "requester": asker}
-            held.append((request_id, patient, local, consent_chains_of(svc, patient, question)))
+            found.append((request_id, patient, local))
+    learned = _consent_chains(svc, asker, body, found)
+    held = [(r, patient, local, learned[r]) for r, patient, local in found]
     involved = set().union(*(c for *_, c in held if not isinstance(c, str)))
     stale = sync_chains(svc, involved, held[0][1]) if held else {}
     entries, audits, versions = [], [], []
@@ -161,6 +164,76 @@ def release_cohort(svc: Services, caller: Caller, asker: str, body: Any) -> Rele
         list(dict.fromkeys(versions)),  # a resource in two patients' compartments goes once
         [decision.decision for _, _, decision, _ in audits],
     )
+
+
+def _consent_chains(
+    svc: Services, asker: str, body: dict[str, Any], found: list[tuple[str, str, list[str]]]
+) -> dict[str, set[str] | str]:
+    """For each request of a patient held here, the other members' chains holding the
+    patient's consents, or why they could not be learned. A witness knows them from its own
+    copy of every chain; an ordinary member asks a witness once for the whole batch
+    (``POST /peer/consent-chains/cohort``, the request as asked, cut to the patients held
+    here), in turn as for one patient."""
+    own = svc.config.node_id
+    chains: dict[str, set[str] | str] = {
+        request_id: {e["chain"] for e in svc.chain_store.entries_about(patient, CONSENT_TYPES)}
+        - {own}
+        for request_id, patient, _ in found
+    }
+    roster = svc.chain_store.roster()
+    if not found or own in roster.witnesses():
+        return chains
+    asked = {request_id for request_id, _, _ in found}
+    question = {
+        **body,
+        "requests": [r for r in body["requests"] if r["request_id"] in asked],
+        "requester": asker,
+    }
+
+    def chains_by_request(witness: str, answer: Any) -> dict[str, set[str]]:
+        named = answer.get("chains") if isinstance(answer, dict) else None
+        if (
+            not isinstance(named, dict)
+            or set(named) != asked
+            or not all(
+                isinstance(c, list) and all(isinstance(x, str) for x in c) for c in named.values()
+            )
+        ):
+            raise PeerUnavailable(f"{witness} did not name the chains of each patient asked")
+        return {request_id: set(c) for request_id, c in named.items()}
+
+    witnesses = witnesses_in_turn(roster.witnesses(), found[0][1], own)
+    learned = ask_witnesses(
+        svc, witnesses, "/peer/consent-chains/cohort", question, chains_by_request
+    )
+    for request_id, known in chains.items():
+        assert isinstance(known, set)
+        chains[request_id] = (
+            learned if isinstance(learned, str) else known | learned[request_id] - {own}
+        )
+    return chains
+
+
+def cohort_consent_chains(svc: Services, asker: str, body: Any) -> dict[str, Any]:
+    """A witness's answer to an ordinary member deciding a cohort export request (``POST
+    /peer/consent-chains/cohort``): for each request, the chains holding consent entries about
+    its patient. Only when every question is proven to be on the requester's chain, as the
+    member asked checked (:func:`~node.flows.access_decision.consent_chains` for one)."""
+    if svc.config.node_id not in svc.chain_store.roster().witnesses():
+        raise Conflict(f"{svc.config.node_id} is no witness: it holds only some chains")
+    if not isinstance(body, dict) or not isinstance(body.get("requester"), str):
+        raise InvalidRequest("the question is the cohort export request, with its requester")
+    _, _, _, _, items = parse_cohort({k: v for k, v in body.items() if k != "requester"})
+    now = format_time()
+    proven = [proven_request(svc, body["requester"], item, now) for item in items]
+    return {
+        "chains": {
+            request_id: sorted(
+                {e["chain"] for e in svc.chain_store.entries_about(patient, CONSENT_TYPES)}
+            )
+            for request_id, patient, *_ in proven
+        }
+    }
 
 
 def _released(

@@ -13,8 +13,9 @@
 - ``POST /peer/export``: a member asks for the results of a cohort of patients at once, each
   decided as an access request; the answer streams as NDJSON
   (:mod:`node.flows.cohort_release`).
-- ``POST /peer/consent-chains``: an ordinary member deciding such a request asks a witness
-  which chains hold the patient's consents.
+- ``POST /peer/consent-chains`` (and ``/peer/consent-chains/cohort``): an ordinary member
+  deciding such a request (or a cohort's) asks a witness which chains hold the patients'
+  consents.
 - ``POST /peer/patient-history``: an ordinary member whose patient asks in its portal who
   accessed their records asks a witness for the entries about the patient, with their proofs
   (:mod:`node.flows.patient_history`).
@@ -127,6 +128,13 @@ def consent_chains() -> Response:
     """An ordinary member deciding an access request asks this witness which chains hold the
     patient's consents (:func:`access_decision.consent_chains`)."""
     return _json(access_decision.consent_chains(services(), g.peer, _body()))
+
+
+@bp.post("/consent-chains/cohort")
+def cohort_consent_chains() -> Response:
+    """The same for a cohort export request, every patient at once
+    (:func:`cohort_release.cohort_consent_chains`)."""
+    return _json(cohort_release.cohort_consent_chains(services(), g.peer, _body()))
 
 
 @bp.post("/locator/holdings")

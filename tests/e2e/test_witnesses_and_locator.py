@@ -31,7 +31,9 @@ from node.db.schema import locator_table
 from node.demo.harness import Consortium
 from tests.helpers.nodes import member_node, post
 from tests.helpers.portal import enroll
+from tests.node.flows.test_member_export import export, exporter, group_of
 from tests.node.flows.test_referral import lab, register, store_all
+from tests.node.web.test_bulk_data import exported
 
 pytestmark = pytest.mark.slow
 
@@ -442,3 +444,30 @@ def test_a_witness_cut_off_for_a_minute_catches_up_and_checkpoints_resume(
     ) < certificate["checkpoint"]["epoch"]:
         assert time.monotonic() < deadline
         time.sleep(0.2)
+
+
+def test_an_ordinary_source_asks_a_witness_once_for_a_cohorts_consent_chains(
+    group: Consortium, patient: dict[str, Any]
+) -> None:
+    """E holds results and no consent; the consent is on D's chain. Exporting a cohort from
+    E, E learns that from a witness in one request for the whole batch, syncs D's chain and
+    releases as the consent says."""
+
+    def asked(route: str) -> int:
+        logs = [
+            (group.members[w].directory / "processes.log").read_text(errors="replace")
+            for w in WITNESSES
+        ]
+        return sum(
+            log.count(f'"route": "{route}"') + log.count(f'"route":"{route}"') for log in logs
+        )
+
+    f = member_node(group, "hosp-f")
+    cohort = group_of(f, [patient["f"], register(f, "3301" + str(uuid.uuid4().int)[:14])])
+    session = exporter(f)
+    before = asked("/peer/consent-chains/cohort"), asked("/peer/consent-chains")
+    manifest = export(session, f, cohort, source="hosp-e", category="laboratory")
+    assert [r["code"]["coding"][0]["code"] for r in exported(session, manifest)] == ["718-7"]
+    assert manifest["error"] == []  # the other patient is not held at E: nothing to say
+    assert asked("/peer/consent-chains/cohort") == before[0] + 1
+    assert asked("/peer/consent-chains") == before[1]

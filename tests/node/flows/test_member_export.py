@@ -259,6 +259,9 @@ def test_a_source_answers_a_cohort_only_with_every_question_proven(group: Consor
     with pytest.raises(PeerUnavailable, match=r"403.*another request or another patient"):
         list(peers.lines("hosp-a", "/peer/export", forged, 30, 1 << 20))
     assert tree_size(source, "hosp-a") == before  # nothing decided, nothing released
+    # nor does a witness say which chains hold the consents of a patient not proven asked
+    with pytest.raises(PeerUnavailable, match=r"403.*another request or another patient"):
+        peers.post("hosp-a", "/peer/consent-chains/cohort", {**forged, "requester": "hosp-b"})
 
     good = asked(
         b,
