@@ -268,20 +268,30 @@ def test_what_follows_the_blocks_is_verified_after_them(
         assert outcomes[name][1].entries == 12
 
 
+def _misrouted(
+    ledger: Ledger, tmp_path: Path, hosp_b_blocks: int
+) -> tuple[Path, list[bytes], dict[str, Any]]:
+    """An export whose third line is a valid block of hosp-a spelled with its signature
+    before its header, so that its last ``],"header":{"chain":"`` is in an entry's body and
+    names hosp-b; the file, its lines and that block."""
+    signing = _consortium(ledger, tmp_path, {"hosp-b": hosp_b_blocks})
+    with ChainWriter(ledger.store, "hosp-a", signing["hosp-a"]) as writer:
+        writer.append("access.requested", {"a": [1], "header": {"chain": "hosp-b"}})
+    path = tmp_path / "routed.jsonl"
+    lines = _export(ledger, path)
+    block = json.loads(lines[2])
+    respelled = {k: block[k] for k in ("entries", "signature", "header")}
+    lines[2] = json.dumps(respelled, separators=(",", ":")).encode() + b"\n"
+    path.write_bytes(b"".join(lines))
+    return path, lines, block
+
+
 def test_a_block_routed_to_another_chain_by_its_text_is_verified_serially(
     ledger_db: Ledger, tmp_path: Path
 ) -> None:
     """A valid block of hosp-a, spelled with its signature before its header, whose last
     ``],"header":{"chain":"`` is in an entry's body and names hosp-b."""
-    signing = _consortium(ledger_db, tmp_path, {"hosp-b": 1})
-    with ChainWriter(ledger_db.store, "hosp-a", signing["hosp-a"]) as writer:
-        writer.append("access.requested", {"a": [1], "header": {"chain": "hosp-b"}})
-    path = tmp_path / "routed.jsonl"
-    lines = _export(ledger_db, path)
-    block = json.loads(lines[2])
-    respelled = {k: block[k] for k in ("entries", "signature", "header")}
-    lines[2] = json.dumps(respelled, separators=(",", ":")).encode() + b"\n"
-    path.write_bytes(b"".join(lines))
+    path, lines, _ = _misrouted(ledger_db, tmp_path, 1)
     runs = _scan(_mapped_file(path), 3, len(lines[0]) + len(lines[1]))
     assert list(runs.by_chain) == ["hosp-b"]  # both lines of hosp-b, by their text
     kind, _, chains, *_ = _same(path, ledger_db)
@@ -735,15 +745,7 @@ def test_a_line_is_routed_by_its_last_header_and_only_to_a_chain_id(tmp_path: Pa
 def test_given_certificates_and_watching_reach_the_serial_verification_of_a_misrouted_file(
     ledger_db: Ledger, tmp_path: Path
 ) -> None:
-    signing = _consortium(ledger_db, tmp_path, {"hosp-b": 2})
-    with ChainWriter(ledger_db.store, "hosp-a", signing["hosp-a"]) as writer:
-        writer.append("access.requested", {"a": [1], "header": {"chain": "hosp-b"}})
-    path = tmp_path / "routed.jsonl"
-    lines = _export(ledger_db, path)
-    block = json.loads(lines[2])
-    respelled = {k: block[k] for k in ("entries", "signature", "header")}
-    lines[2] = json.dumps(respelled, separators=(",", ":")).encode() + b"\n"
-    path.write_bytes(b"".join(lines))
+    path, lines, block = _misrouted(ledger_db, tmp_path, 2)
     assert list(_scan(_mapped_file(path), 3, len(lines[0]) + len(lines[1])).by_chain) == ["hosp-b"]
     given = [test_verify_faults._certificate(8, block, roster=2)]
     watching = {"watch": frozenset({"emergency.access"}), "observe": None}
