@@ -6,7 +6,10 @@ lets members of the consortium see records held by this member. It maps to :clas
 
 - ``provision.actor[].reference.identifier`` with system :data:`MEMBER_SYSTEM` names the
   members granted access (``grantees``); no actor grants every member (``["*"]``);
-- ``provision.purpose`` (v3 ActReason): ``TREAT``, ``ETREAT`` (emergency); none: both;
+- ``provision.purpose`` (v3 ActReason): ``TREAT``, ``ETREAT`` (emergency), ``HRESCH``
+  (health research), ``PUBHLTH`` (public health, the regional platform's statistics); none:
+  the two of care (:data:`CARE_PURPOSES`), never research or public health, which a patient
+  must name;
 - ``provision.class`` (observation-category codes): the data categories; none: all of them;
 - ``provision.period`` (else ``Consent.dateTime``, else the time it is recorded) bounds it,
   with partial dates read in the consortium's time zone (UTC+08:00) as their whole span.
@@ -35,7 +38,9 @@ from ledger.model import format_time
 CONSENT_SCOPE_SYSTEM = "http://terminology.hl7.org/CodeSystem/consentscope"
 PRIVACY_SCOPE = "patient-privacy"
 ACT_REASON_SYSTEM = "http://terminology.hl7.org/CodeSystem/v3-ActReason"
-PURPOSES = ("TREAT", "ETREAT")
+CARE_PURPOSES = ("TREAT", "ETREAT")  # what a consent naming no purpose covers
+RESEARCH = "HRESCH"
+PURPOSES = (*CARE_PURPOSES, RESEARCH, "PUBHLTH")  # v3 ActReason (GeneralPurposeOfUse)
 EMERGENCY = "ETREAT"
 # Why a doctor breaks the glass (ETREAT without consent): one of these codes, with a text of
 # EMERGENCY_REASON_CHARS characters that says it for this patient (kept off the ledger)
@@ -236,7 +241,7 @@ def terms_of(resource: dict[str, Any], members: Collection[str], recorded: str) 
         grantees.add(str(member))
     purposes = _codes(
         provision.get("purpose"), ACT_REASON_SYSTEM, PURPOSES, "Consent.provision.purpose"
-    ) or set(PURPOSES)
+    ) or set(CARE_PURPOSES)
     categories = _codes(
         provision.get("class"), CATEGORY_SYSTEM, CATEGORIES, "Consent.provision.class"
     ) or set(CATEGORIES)

@@ -24,7 +24,7 @@ from datetime import timedelta, timezone
 from typing import Any, TypeVar
 
 from consent.errors import ConsentError
-from consent.model import EMERGENCY, emergency_reason
+from consent.model import CARE_PURPOSES, EMERGENCY, PURPOSES, emergency_reason
 from consent.policy import CONSENT_TYPES, AccessRequest, Decision
 from consent.pseudonym import is_pseudonym
 from exchange.decisions import decide_access, decided_body, emergency_body
@@ -61,6 +61,12 @@ class Answered:
 def decide_access_request(svc: Services, caller: Caller, asker: str, body: Any) -> Answered:
     """Decide member ``asker``'s access request ``body`` (see the module docstring)."""
     now = format_time()
+    purpose = body.get("purpose") if isinstance(body, dict) else None
+    if purpose in PURPOSES and purpose not in CARE_PURPOSES:
+        raise InvalidRequest(
+            f"purpose {purpose}: a referral's request is for care ({', '.join(CARE_PURPOSES)}); "
+            "research and public health are asked for a cohort (POST /peer/export)"
+        )
     request_id, patient, purpose, categories, reason, reason_code = proven_request(
         svc, asker, body, now
     )

@@ -40,9 +40,9 @@ from urllib.parse import parse_qsl
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from consent.model import EMERGENCY, PURPOSES
+from consent.model import EMERGENCY, PURPOSES, RESEARCH
 from fhir_adapters.definitions import patient_compartment
-from fhir_adapters.errors import Forbidden, InvalidRequest
+from fhir_adapters.errors import Forbidden, InvalidRequest, NotFound
 from fhir_adapters.store import Stored, format_instant, jsonio, now_micros, tables
 from fhir_adapters.store.resources import RESOURCE_TYPES
 from fhir_adapters.store.search import Access, match_query, parse_search
@@ -57,7 +57,8 @@ from node.services import Services
 FORMATS = ("application/fhir+ndjson", "application/ndjson", "ndjson")
 LEVELS = ("system", "patient", "group")
 PARAMETERS = ("_outputFormat", "_type", "_since", "_typeFilter")
-MEMBER_PARAMETERS = ("source", "purpose", "category")  # a Group's export from other members
+MEMBER_PARAMETERS = ("source", "purpose", "category", "study")  # a Group's export from members
+STUDY_STATUSES = ("approved", "active")  # a ResearchStudy a research export may be for
 BATCH = 1000
 LINES_PER_FILE = 250_000
 SETTLE_SECONDS = 2  # transactionTime lies this far before the job starts (see the module)
@@ -77,6 +78,8 @@ class ExportRequest:
     sources: tuple[str, ...] = ()  # members asked for their results (none: this node's own)
     purpose: str = "TREAT"  # of an export from members
     categories: tuple[str, ...] = ()  # the data categories asked of members
+    study: str | None = None  # ResearchStudy/{id}: what a research export (HRESCH) is for
+    study_hash: str | None = None  # the hash of its version when the export was asked
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -89,6 +92,8 @@ class ExportRequest:
             "sources": list(self.sources),
             "purpose": self.purpose,
             "categories": list(self.categories),
+            "study": self.study,
+            "study_hash": self.study_hash,
         }
 
     @classmethod
@@ -103,6 +108,8 @@ class ExportRequest:
             tuple(value.get("sources", ())),  # absent from jobs recorded before these
             value.get("purpose", "TREAT"),
             tuple(value.get("categories", ())),
+            value.get("study"),
+            value.get("study_hash"),
         )
 
 
@@ -213,6 +220,7 @@ def _from_members(
             + ", ".join(p for p in PURPOSES if p != EMERGENCY)
             + f" (emergency access, {EMERGENCY}, is asked for one patient at a time)"
         )
+    study, study_hash = _study(svc, purpose, values.get("study", []))
     categories = _listed(values, "category") or list(RELEASED_CATEGORIES)
     for category in categories:
         if category not in RELEASED_CATEGORIES:
@@ -233,7 +241,38 @@ def _from_members(
         sources=tuple(sources),
         purpose=purpose,
         categories=tuple(categories),
+        study=study,
+        study_hash=study_hash,
     )
+
+
+def _study(svc: Services, purpose: str, asked: list[str]) -> tuple[str | None, str | None]:
+    """The ResearchStudy a research export is for and its version's hash (none for another
+    purpose): held here, approved or active. Its hash goes on the ledger with each question."""
+    study = asked[-1].strip() if asked else ""
+    if purpose != RESEARCH:
+        if study:
+            raise InvalidRequest(
+                f"study: only an export for research (purpose={RESEARCH}) names a study"
+            )
+        return None, None
+    kind, _, study_id = study.partition("/")
+    if kind != "ResearchStudy" or not study_id:
+        raise InvalidRequest(
+            f"study: an export for research ({RESEARCH}) names the approved study it is for, "
+            "study=ResearchStudy/{id}"
+        )
+    try:
+        stored = svc.store.read("ResearchStudy", study_id)
+    except NotFound:
+        raise InvalidRequest(f"study: {study} is not held here") from None
+    status = stored.resource().get("status")
+    if status not in STUDY_STATUSES:
+        raise InvalidRequest(
+            f"study: {study} has status {status!r}; a research export needs a study that is "
+            + " or ".join(STUDY_STATUSES)
+        )
+    return study, stored.sha256()
 
 
 def _listed(values: dict[str, list[str]], name: str) -> list[str]:

@@ -20,6 +20,11 @@ replayed by the auditor; a consent revoked before the next export makes the sour
 Each patient's export is also an AuditEvent here naming what was received (source URL and
 hash), that patient only.
 
+The purpose is the consent's: ``TREAT``, ``PUBHLTH`` (the regional platform's statistics) or
+``HRESCH`` (research), released only for patients whose consent names it; a consent naming no
+purpose covers care only. A research export names the ResearchStudy it is for (held here,
+approved or active), and each question carries that study's hash as its ``referral``.
+
 Cost: per patient and source, one entry on each chain and one line of decision; per source,
 one request per :data:`~node.flows.cohort_release.MOST_REQUESTS` patients. Only the sources
 named are asked: nothing fans out to the whole consortium.
@@ -127,6 +132,7 @@ def _ask(
         principal.username,
         request.purpose,
         list(request.categories),
+        request.study_hash,
     )
     body = {
         "purpose": request.purpose,

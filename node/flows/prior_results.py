@@ -22,7 +22,7 @@ from typing import Any
 import requests
 
 from consent.errors import ConsentError
-from consent.model import EMERGENCY, PURPOSES, emergency_reason
+from consent.model import CARE_PURPOSES, EMERGENCY, emergency_reason
 from consent.pseudonym import pseudonym as pseudonym_of_identifier
 from exchange.recognition import Rules, load_rules
 from exchange.referral import Post, fan_out, prior_results_bundle
@@ -156,8 +156,12 @@ def fetch_prior_results(
     wrong = [c for c in categories if c not in CATEGORIES]
     if wrong:
         raise InvalidRequest(f"category {wrong[0]!r} is not one of {', '.join(CATEGORIES)}")
-    if purpose not in PURPOSES:
-        raise InvalidRequest(f"purpose {purpose!r} is not one of {', '.join(PURPOSES)}")
+    if purpose not in CARE_PURPOSES:
+        raise InvalidRequest(
+            f"purpose {purpose!r}: prior results are fetched for care, "
+            f"{' or '.join(CARE_PURPOSES)} (research and public health ask members for a "
+            "cohort: Group/[id]/$export?source=…&purpose=…)"
+        )
     if purpose == EMERGENCY:
         try:
             reason_code, reason = emergency_reason(reason_code, reason)

@@ -9,7 +9,9 @@ import pytest
 
 from consent.errors import ConsentError
 from consent.model import (
+    CARE_PURPOSES,
     CATEGORIES,
+    PURPOSES,
     consent_resource,
     fhir_time,
     granted_body,
@@ -50,16 +52,30 @@ def test_a_built_consent_is_valid_fhir_and_maps_back_to_its_terms() -> None:
     assert terms_from_body(body) == terms
 
 
-def test_absent_elements_grant_everything_they_could_name() -> None:
+def test_absent_elements_grant_everything_they_could_name_but_research() -> None:
     resource = consent_resource("p1", [], [], [], None, None)
     resource["provision"] = {"type": "permit"}
     terms = terms_of(resource, MEMBERS, RECORDED)
     assert terms.grantees == ("*",)
-    assert terms.purposes == ("ETREAT", "TREAT")
+    assert terms.purposes == CARE_PURPOSES[::-1] == ("ETREAT", "TREAT")  # never HRESCH, PUBHLTH
     assert terms.categories == tuple(sorted(CATEGORIES))
     assert terms.start == RECORDED and terms.end is None
     resource["dateTime"] = "2026-11-20T08:30:00+08:00"
     assert terms_of(resource, MEMBERS, RECORDED).start == "2026-11-20T00:30:00.000Z"
+
+
+def test_research_and_public_health_are_granted_when_named() -> None:
+    resource = consent_resource("p1", ["hosp-b"], ["laboratory"], PURPOSES, None, None)
+    validate(resource, "Consent")
+    assert terms_of(resource, MEMBERS, RECORDED).purposes == (
+        "ETREAT",
+        "HRESCH",
+        "PUBHLTH",
+        "TREAT",
+    )
+    resource["provision"]["purpose"][0]["code"] = "HMARKT"  # marketing: no consent names it
+    with pytest.raises(ConsentError, match="HMARKT"):
+        terms_of(resource, MEMBERS, RECORDED)
 
 
 @pytest.mark.parametrize(

@@ -40,6 +40,7 @@ from werkzeug.exceptions import HTTPException
 
 from consent.model import (
     ALL_MEMBERS,
+    CARE_PURPOSES,
     CATEGORIES,
     MEMBER_SYSTEM,
     PURPOSES,
@@ -295,7 +296,7 @@ def consent_view(stored: Stored, entries: list[dict[str, Any]]) -> ConsentView:
         status=str(resource.get("status")),
         grantees=grantees or [ALL_MEMBERS],
         categories=[c["code"] for c in provision.get("class", [])] or list(CATEGORIES),
-        purposes=[p["code"] for p in provision.get("purpose", [])] or list(PURPOSES),
+        purposes=[p["code"] for p in provision.get("purpose", [])] or list(CARE_PURPOSES),
         start=period.get("start"),
         end=period.get("end"),
         entries=[e for e in entries if e["body"].get("consent_id") == stored.id],
@@ -585,6 +586,7 @@ def access(session: Session) -> ResponseReturnValue:
         missing=found.missing if found else None,
         reads=local_reads(session),
         members=member_names(),
+        purposes=PURPOSES,
     )
 
 

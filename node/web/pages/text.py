@@ -275,6 +275,14 @@ TEXT: dict[str, dict[str, str]] = {
     "cat_activity": {"zh": "日常活动", "en": "Activity"},
     "purpose_TREAT": {"zh": "诊疗", "en": "Treatment"},
     "purpose_ETREAT": {"zh": "急诊抢救", "en": "Emergency treatment"},
+    "purpose_HRESCH": {"zh": "医学研究", "en": "Health research"},
+    "purpose_PUBHLTH": {"zh": "公共卫生与统计", "en": "Public health and statistics"},
+    "purposes_hint": {
+        "zh": "医学研究、公共卫生与统计只在您勾选时才可使用您的记录；"
+        "用于研究时，医院须经伦理审批后向各医院申请。",
+        "en": "Research, public health and statistics may use your records only if you tick "
+        "them; for research, a hospital asks the others only with its ethics approval.",
+    },
     "clinic": {"zh": "医生工作台", "en": "Clinic"},
     "referred_patients": {"zh": "转诊患者", "en": "Referred patients"},
     "find_patient": {"zh": "按身份证号查找患者", "en": "Find a patient by identifier"},

@@ -200,6 +200,10 @@ def test_requests_must_be_signed_and_well_formed(source: Node, group: Consortium
             },
             "no field",
         ),
+        (
+            {"request_id": "r" * 10, "patient": patient, "purpose": "HRESCH", "categories": ["x"]},
+            "for care",  # research and public health are asked for a cohort
+        ),
     ]:
         with pytest.raises(PeerUnavailable, match=words):  # checked before the proof
             peers.post("hosp-a", "/peer/access", {**bad, "asked": {}})

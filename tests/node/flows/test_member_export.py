@@ -79,11 +79,13 @@ def sha256_of(node: Node, resource: dict[str, Any]) -> str:
     return store.read(resource["resourceType"], resource["id"]).sha256()
 
 
-def consented(node: Node, patient_id: str) -> tuple[requests.Session, dict[str, Any]]:
+def consented(
+    node: Node, patient_id: str, purposes: tuple[str, ...] = ("TREAT",)
+) -> tuple[requests.Session, dict[str, Any]]:
     """The patient's own session at ``node`` and the consent they recorded there: laboratory
-    results, to hosp-b, for treatment."""
+    results, to hosp-b, for ``purposes``."""
     session = node.session(node.token(f"pt-{patient_id[:8]}", "patient", patient=patient_id))
-    consent = consent_resource(patient_id, ["hosp-b"], ["laboratory"], ["TREAT"], None, None)
+    consent = consent_resource(patient_id, ["hosp-b"], ["laboratory"], purposes, None, None)
     created = post(session, f"{node.fhir}/Consent", consent)
     assert created.status_code == 201, created.text
     return session, created.json()
@@ -197,6 +199,94 @@ def test_a_cohort_is_released_as_each_patient_consented(group: Consortium) -> No
             main, ["audit", "verify", load_config(member.directory).database_url]
         )
         assert verdict.exit_code == 0, verdict.output
+
+
+def test_research_and_public_health_are_released_only_where_the_consent_names_them(
+    group: Consortium,
+) -> None:
+    source, asker = member_node(group, "hosp-a"), member_node(group, "hosp-b")
+    purposes = {"care": ("TREAT",), "research": ("HRESCH", "TREAT"), "platform": ("PUBHLTH",)}
+    ids = {name: "3302" + str(uuid.uuid4().int)[:14] for name in purposes}
+    at_source = {name: resident(source, ids[name]) for name in purposes}
+    results = {name: stored(source, observation(at_source[name])) for name in purposes}
+    for name, granted in purposes.items():
+        consented(source, at_source[name], granted)
+    cohort = {name: resident(asker, ids[name]) for name in purposes}
+    group_id = group_of(asker, list(cohort.values()))
+    study = stored(asker, {"resourceType": "ResearchStudy", "status": "approved", "title": "慢病"})
+    session = exporter(asker)
+    b_before = tree_size(asker, "hosp-b")
+
+    for purpose, study_asked, released in [
+        ("HRESCH", f"ResearchStudy/{study['id']}", "research"),
+        ("PUBHLTH", None, "platform"),
+    ]:
+        params = {"source": "hosp-a", "category": "laboratory", "purpose": purpose}
+        if study_asked:
+            params["study"] = study_asked
+        manifest = export(session, asker, group_id, **params)
+        assert [r["id"] for r in exported(session, manifest)] == [results[released]["id"]], (
+            errors_of(session, manifest)
+        )
+        said = {
+            o["issue"][0]["expression"][0]: o["issue"][0]["diagnostics"]
+            for o in errors_of(session, manifest)
+        }
+        assert set(said) == {f"Patient/{cohort[n]}" for n in purposes if n != released}
+        assert all(f"does not cover purpose {purpose}" in words for words in said.values())
+
+    # each question says its purpose; a research question names the study's version
+    questions = entries(asker, "hosp-b", "access.requested", b_before)
+    assert [q["body"]["purpose"] for q in questions] == ["HRESCH"] * 3 + ["PUBHLTH"] * 3
+    assert {q["body"]["referral"] for q in questions[:3]} == {sha256_of(asker, study)}
+    assert {q["body"]["referral"] for q in questions[3:]} == {None}
+    verdict = CliRunner().invoke(
+        main, ["audit", "verify", load_config(source.directory).database_url]
+    )
+    assert verdict.exit_code == 0, verdict.output
+
+    # a consent naming no purpose is for care only
+    unnamed = consent_resource(at_source["care"], ["hosp-b"], ["laboratory"], [], None, None)
+    del unnamed["provision"]["purpose"]
+    patient = source.session(source.token("pt-care", "patient", patient=at_source["care"]))
+    assert post(patient, f"{source.fhir}/Consent", unnamed).status_code == 201
+    manifest = export(
+        session, asker, group_id, source="hosp-a", category="laboratory", purpose="PUBHLTH"
+    )
+    assert [r["id"] for r in exported(session, manifest)] == [results["platform"]["id"]]
+
+    # a referral is care: research and public health are not asked for one patient
+    doctor = asker.session(asker.token("dr-qian", "doctor"))
+    for purpose in ("HRESCH", "PUBHLTH"):
+        answer = doctor.get(
+            f"{asker.fhir}/Patient/{cohort['research']}/$prior-results", params={"purpose": purpose}
+        )
+        assert answer.status_code == 400 and "for care" in answer.text, answer.text
+
+
+def test_a_research_export_names_an_approved_study(group: Consortium) -> None:
+    asker = member_node(group, "hosp-b")
+    session = exporter(asker)
+    group_id = group_of(asker, [])
+    withdrawn = stored(asker, {"resourceType": "ResearchStudy", "status": "withdrawn"})
+    approved = stored(asker, {"resourceType": "ResearchStudy", "status": "active"})
+    url = f"{asker.fhir}/Group/{group_id}/$export"
+    base = {"source": "hosp-a", "purpose": "HRESCH"}
+    for params, words in [
+        (base, "names the approved study"),
+        ({**base, "study": "Group/x"}, "names the approved study"),
+        ({**base, "study": "ResearchStudy/nowhere"}, "is not held here"),
+        ({**base, "study": f"ResearchStudy/{withdrawn['id']}"}, "status 'withdrawn'"),
+        ({"source": "hosp-a", "study": f"ResearchStudy/{approved['id']}"}, "only an export for"),
+        ({**base, "purpose": "HMARKT"}, "an export from members is for"),
+    ]:
+        answer = session.get(url, params=params, headers=ASYNC, timeout=30)
+        assert answer.status_code == 400 and words in answer.text, (params, answer.text)
+    answer = session.get(
+        url, params={**base, "study": f"ResearchStudy/{approved['id']}"}, headers=ASYNC, timeout=30
+    )
+    assert answer.status_code == 202, answer.text
+    manifest_of(session, answer.headers["Content-Location"])
 
 
 def test_only_what_members_release_may_be_asked(group: Consortium) -> None:

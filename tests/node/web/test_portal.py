@@ -103,6 +103,21 @@ def test_enroll_sign_in_grant_narrow_and_revoke(node: Node) -> None:
     assert stale.status_code == 409
 
 
+def test_research_and_public_health_are_granted_only_when_ticked(node: Node) -> None:
+    browser = enroll(node, new_patient(node))
+    form = browser.get(f"{node.base}/portal/consents").text
+    for code, words in [("HRESCH", "医学研究"), ("PUBHLTH", "公共卫生与统计")]:
+        (box,) = re.findall(rf'<input type="checkbox" name="purpose" value="{code}"[^>]*>', form)
+        assert "checked" not in box and words in form
+    assert "只在您勾选时" in form
+    answer = grant(node, browser, purpose=["TREAT", "HRESCH"])
+    assert answer.status_code == 200, answer.text[:500]
+    (consent_id,) = consent_ids(answer)
+    assert "医学研究" in answer.text.split(f'id="consent-{consent_id}"')[1]
+    consent = node.session().get(f"{node.fhir}/Consent/{consent_id}").json()
+    assert [p["code"] for p in consent["provision"]["purpose"]] == ["HRESCH", "TREAT"]
+
+
 def test_a_receipt_downloads_and_verifies(node: Node, tmp_path: Path) -> None:
     browser = enroll(node, new_patient(node))
     answer = grant(node, browser)
