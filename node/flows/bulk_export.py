@@ -49,6 +49,7 @@ from fhir_adapters.store.search import Access, match_query, parse_search
 from fhir_adapters.store.search_params import index_values, parse_reference
 from node.flows import bulk_jobs, member_export
 from node.flows.access_decision import RESULT_TYPES
+from node.flows.export_files import LINES_PER_FILE
 from node.flows.prior_results import CATEGORIES as RELEASED_CATEGORIES
 from node.identity.tokens import Principal
 from node.records.audit_trail import Caller
@@ -60,7 +61,6 @@ PARAMETERS = ("_outputFormat", "_type", "_since", "_typeFilter")
 MEMBER_PARAMETERS = ("source", "purpose", "category", "study")  # a Group's export from members
 STUDY_STATUSES = ("approved", "active")  # a ResearchStudy a research export may be for
 BATCH = 1000
-LINES_PER_FILE = 250_000
 SETTLE_SECONDS = 2  # transactionTime lies this far before the job starts (see the module)
 _INSTANT = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,9})?(Z|[+-]\d{2}:\d{2})")
 
@@ -329,8 +329,9 @@ def export(
     """Write the export's files; its manifest (the IG's completion body)."""
     transaction_time = job.created - SETTLE_SECONDS * 10**6
     folder = export_folder(svc, job.id)
-    shutil.rmtree(folder, ignore_errors=True)
-    folder.mkdir(parents=True)
+    if not (request.sources and member_export.has_checkpoint(folder)):
+        shutil.rmtree(folder, ignore_errors=True)  # an earlier attempt's files: start again
+    folder.mkdir(parents=True, exist_ok=True)
     base = svc.config.url.rstrip("/") + "/fhir"
     output: list[dict[str, Any]] = []
     state = {"resources": 0, "now": ""}  # the job's progress: written, and what it is at
@@ -338,16 +339,9 @@ def export(
     group, members = _group(svc, str(request.group)) if request.level == "group" else (None, None)
     errors: list[dict[str, Any]] = []
     if request.sources:
-        files = _TypeFiles(folder, f"{base}/$bulk-file/{job.id}")
-        try:
-            outcomes = member_export.export_from_members(
-                svc, caller, request, members or [], files.write, beats, state
-            )
-        finally:
-            files.close()
-        output = files.output
-        if outcomes:
-            errors = _TypeFiles.whole(folder, f"{base}/$bulk-file/{job.id}", outcomes)
+        output, errors = member_export.export_from_members(
+            svc, caller, request, members or [], folder, f"{base}/$bulk-file/{job.id}", beats, state
+        )
     else:
         for resource_type in request.types:
             state["now"] = resource_type
@@ -463,46 +457,6 @@ def _in_scope(compartment: set[str], members: list[str] | None) -> bool:
     """Whether a resource in these patients' compartments is in a Patient export (any
     patient) or a Group export (one of the ``members``)."""
     return bool(compartment if members is None else compartment & set(members))
-
-
-class _TypeFiles:
-    """NDJSON files ``<type>-<n>.ndjson`` written as lines of any type arrive (an export from
-    members receives its types mixed), :data:`LINES_PER_FILE` a file; ``output``: the
-    manifest's items for them once closed."""
-
-    def __init__(self, folder: Path, url: str) -> None:
-        self.folder, self.url = folder, url
-        self.open: dict[str, tuple[BinaryIO, int, int]] = {}  # type: (file, n, lines)
-        self.output: list[dict[str, Any]] = []
-
-    def write(self, resource_type: str, line: bytes) -> None:
-        handle, number, count = self.open.get(resource_type) or (None, 0, 0)
-        if handle is None or count == LINES_PER_FILE:
-            if handle is not None:
-                self._done(resource_type, handle, number, count)
-            number, count = number + 1, 0
-            handle = (self.folder / f"{resource_type}-{number}.ndjson").open("wb")
-        handle.write(line + b"\n")
-        self.open[resource_type] = (handle, number, count + 1)
-
-    def _done(self, resource_type: str, handle: BinaryIO, number: int, count: int) -> None:
-        handle.close()
-        name = f"{resource_type}-{number}.ndjson"
-        self.output.append({"type": resource_type, "url": f"{self.url}/{name}", "count": count})
-
-    def close(self) -> None:
-        for resource_type, (handle, number, count) in sorted(self.open.items()):
-            self._done(resource_type, handle, number, count)
-        self.open.clear()
-
-    @classmethod
-    def whole(cls, folder: Path, url: str, resources: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """Write ``resources`` (of one type) as files; their manifest items."""
-        files = cls(folder, url)
-        for resource in resources:
-            files.write(resource["resourceType"], jsonio.dump(resource))
-        files.close()
-        return files.output
 
 
 class _Beats:

@@ -4,8 +4,9 @@ accepted it.
 
 A running job's thread writes a heartbeat every few seconds. A job whose heartbeat is older
 than :data:`STALE_SECONDS` lost its process (a restart, a crash): the next status request for
-it, in whichever process, runs it again (an export from the start, an import from where it
-stopped). Only the user who asked sees a job; to anyone else it does not exist (404).
+it, in whichever process, runs it again (an export of this node's own data from the start;
+an export from other members and an import from where they stopped). Only the user who asked
+sees a job; to anyone else it does not exist (404).
 """
 
 from __future__ import annotations

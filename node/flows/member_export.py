@@ -25,6 +25,11 @@ The purpose is the consent's: ``TREAT``, ``PUBHLTH`` (the regional platform's st
 purpose covers care only. A research export names the ResearchStudy it is for (held here,
 approved or active), and each question carries that study's hash as its ``referral``.
 
+An export whose process is lost goes on, when its job is run again, from the last batch it
+finished: the files are synced and a checkpoint written after each batch, and whatever came
+after it is cut off. Only the batch that was under way is asked again (its questions and the
+source's decisions are then on the ledger twice, as they were made twice).
+
 Cost: per patient and source, one entry on each chain and one line of decision; per source,
 one request per :data:`~node.flows.cohort_release.MOST_REQUESTS` patients. Only the sources
 named are asked: nothing fans out to the whole consortium.
@@ -33,30 +38,36 @@ named are asked: nothing fans out to the whole consortium.
 from __future__ import annotations
 
 import hashlib
+import json
+import os
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+from fhir_adapters.store import jsonio
 from ledger import keys
 from ledger.canonical import parse_json
 from ledger.errors import LedgerError, PeerUnavailable
 from node.consortium.peers import SignedPeers
 from node.flows.cohort_release import MOST_REQUESTS
+from node.flows.export_files import TypeFiles
 from node.flows.prior_results import record_questions
 from node.records.audit_trail import Caller
 from node.records.pseudonym_index import pseudonym_of_patient
 from node.services import Services
 
+CHECKPOINT = "checkpoint.json"  # in the export's folder; never a file of the manifest
 MAX_LINE = 32 * 1024 * 1024  # the longest resource a source may send
 READ_SECONDS = 300.0  # a source decides a whole batch before its first byte
 
 
 @dataclass
 class Outcomes:
-    """What went wrong, as OperationOutcomes for the manifest's error file."""
+    """What went wrong, as OperationOutcomes written to the manifest's error files."""
 
-    items: list[dict[str, Any]] = field(default_factory=list)
+    files: TypeFiles
 
     def add(self, code: str, text: str, patient: str | None = None) -> None:
         outcome: dict[str, Any] = {
@@ -65,7 +76,7 @@ class Outcomes:
         }
         if patient is not None:
             outcome["issue"][0]["expression"] = [f"Patient/{patient}"]
-        self.items.append(outcome)
+        self.files.write("OperationOutcome", jsonio.dump(outcome))
 
 
 def export_from_members(
@@ -73,18 +84,64 @@ def export_from_members(
     caller: Caller,
     request: Any,  # node.flows.bulk_export.ExportRequest
     patients: list[str],
-    write: Callable[[str, bytes], None],
+    folder: Path,
+    url: str,
     advance: Callable[[int], None],
     progress: dict[str, Any],
-) -> list[dict[str, Any]]:
-    """Ask ``request.sources`` for the results of ``patients`` (this node's ids); ``write``
-    each received resource (its type, its bytes), call ``advance`` as lines arrive and say in
-    ``progress["now"]`` which source and patients are being asked; the OperationOutcomes of
-    what went wrong."""
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Ask ``request.sources`` for the results of ``patients`` (this node's ids), writing what
+    is received and what went wrong as NDJSON files in ``folder`` (served under ``url``); call
+    ``advance`` as lines arrive and say in ``progress`` which source and patients are being
+    asked. The manifest's ``output`` and ``error`` items.
+
+    After each batch the files are synced and :data:`CHECKPOINT` records how far the export
+    is; an export started again in ``folder`` (its process was lost) goes on from there, so
+    the patients of the batches done are not asked again."""
     principal = caller.principal
     assert principal is not None
-    outcomes = Outcomes()
-    asked = []  # (local patient, pseudonym)
+    checkpoint = _checkpoint(folder)
+    if checkpoint is None:
+        files, errors = TypeFiles(folder, url), TypeFiles(folder, url)
+        outcomes = Outcomes(errors)
+        asked = _matched(svc, patients, outcomes)
+        done: dict[str, int] = {}
+        _save(folder, asked, done, files, errors, progress)
+    else:
+        files = TypeFiles(folder, url, checkpoint["files"])
+        errors = TypeFiles(folder, url, checkpoint["errors"])
+        outcomes = Outcomes(errors)
+        asked = [(patient, pseudonym) for patient, pseudonym in checkpoint["asked"]]
+        done = checkpoint["done"]
+        progress["resources"] = checkpoint["resources"]
+    peers = SignedPeers(
+        svc.chain_store, svc.config.node_id, keys.load_private_key(svc.config.ed25519_key)
+    )
+    try:
+        for source in request.sources:
+            for number, start in enumerate(range(0, len(asked), MOST_REQUESTS)):
+                if number < done.get(source, 0):
+                    continue
+                batch = {str(uuid.uuid4()): pair for pair in asked[start : start + MOST_REQUESTS]}
+                end = start + len(batch)
+                progress["now"] = f"{source}, patients {start + 1}-{end} of {len(asked)}"
+                advance(0)  # the job's heartbeat (and a cancelled job stops here)
+                try:
+                    _ask(svc, caller, peers, source, request, batch, files.write, advance, outcomes)
+                except (PeerUnavailable, LedgerError) as exc:
+                    outcomes.add("transient", f"{source}: {exc}")
+                done[source] = number + 1
+                _save(folder, asked, done, files, errors, progress)
+    finally:
+        files.close()
+        errors.close()
+    (folder / CHECKPOINT).unlink()
+    return files.output, errors.output
+
+
+def _matched(svc: Services, patients: list[str], outcomes: Outcomes) -> list[tuple[str, str]]:
+    """(patient, pseudonym) of each of ``patients`` that members can be asked about; each
+    other is an outcome."""
+    asked = []
     for patient in patients:
         pseudonym = pseudonym_of_patient(svc.database.engine, patient)
         if pseudonym is None:
@@ -96,20 +153,45 @@ def export_from_members(
             )
         else:
             asked.append((patient, pseudonym))
-    peers = SignedPeers(
-        svc.chain_store, svc.config.node_id, keys.load_private_key(svc.config.ed25519_key)
-    )
-    for source in request.sources:
-        for start in range(0, len(asked), MOST_REQUESTS):
-            batch = {str(uuid.uuid4()): pair for pair in asked[start : start + MOST_REQUESTS]}
-            end = start + len(batch)
-            progress["now"] = f"{source}, patients {start + 1}-{end} of {len(asked)}"
-            advance(0)  # the job's heartbeat (and a cancelled job stops here)
-            try:
-                _ask(svc, caller, peers, source, request, batch, write, advance, outcomes)
-            except (PeerUnavailable, LedgerError) as exc:
-                outcomes.add("transient", f"{source}: {exc}")
-    return outcomes.items
+    return asked
+
+
+def _checkpoint(folder: Path) -> dict[str, Any] | None:
+    """The last checkpoint of an export in ``folder``, or None when it has none."""
+    try:
+        checkpoint: dict[str, Any] = json.loads((folder / CHECKPOINT).read_bytes())
+    except FileNotFoundError:
+        return None
+    return checkpoint
+
+
+def _save(
+    folder: Path,
+    asked: list[tuple[str, str]],
+    done: dict[str, int],
+    files: TypeFiles,
+    errors: TypeFiles,
+    progress: dict[str, Any],
+) -> None:
+    """Record how far the export is, once what it wrote is on disk (replaced atomically)."""
+    checkpoint = {
+        "asked": asked,
+        "done": done,
+        "files": files.standing(),
+        "errors": errors.standing(),
+        "resources": progress.get("resources", 0),
+    }
+    partial = folder / (CHECKPOINT + ".partial")
+    with partial.open("wb") as handle:
+        handle.write(json.dumps(checkpoint).encode())
+        handle.flush()
+        os.fsync(handle.fileno())
+    partial.replace(folder / CHECKPOINT)
+
+
+def has_checkpoint(folder: Path) -> bool:
+    """Whether an export from members in ``folder`` stopped after a checkpoint."""
+    return (folder / CHECKPOINT).exists()
 
 
 def _ask(

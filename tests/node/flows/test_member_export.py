@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import multiprocessing
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -24,7 +26,11 @@ from ledger.store import ChainStore
 from node.base.config import load_config
 from node.cli import main
 from node.demo.harness import Consortium
-from node.flows.bulk_export import SETTLE_SECONDS
+from node.flows import bulk_export, bulk_jobs, member_export
+from node.flows.bulk_export import SETTLE_SECONDS, ExportRequest
+from node.identity.tokens import Principal
+from node.records.audit_trail import Caller
+from node.services import open_services
 from tests.helpers.fhir import observation
 from tests.helpers.nodes import Node, asked, member_node, post
 from tests.node.flows.test_access_decisions import peers_of
@@ -35,9 +41,9 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def group(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Consortium]:
-    consortium = Consortium(tmp_path_factory.mktemp("member-export"), 2, epoch_seconds=2)
+    consortium = Consortium(tmp_path_factory.mktemp("member-export"), 3, epoch_seconds=2)
     try:
-        consortium.start_all()
+        consortium.start_all(parallel=3)
         yield consortium
     finally:
         consortium.close()
@@ -430,3 +436,88 @@ def test_since_brings_everything_of_a_patient_who_consented_since(group: Consort
         _since=again["transactionTime"],
     )
     assert later["output"] == [] and later["error"] == []  # permitted, nothing changed since
+
+
+KILLED_OWNER = Principal("platform-admin", "admin", (), None, "token-of-the-test")
+
+
+def _export_in_this_process(directory: str, job_id: str) -> dict[str, Any]:
+    """Run export job ``job_id`` of the node in ``directory`` here, to its manifest."""
+    svc = open_services(load_config(Path(directory)))
+    try:
+        job = bulk_jobs.get_job(svc, job_id, KILLED_OWNER.username)
+        request = ExportRequest.from_json(job.request)
+        return bulk_export.export(svc, Caller(KILLED_OWNER), job, request)
+    finally:
+        svc.close()
+
+
+def test_an_export_whose_process_was_killed_goes_on_from_its_last_batch(
+    group: Consortium,
+) -> None:
+    asker = member_node(group, "hosp-b")
+    ids = ["3303" + str(uuid.uuid4().int)[:14] for _ in range(3)]
+    results = []
+    for name in ("hosp-a", "hosp-c"):
+        source = member_node(group, name)
+        for resident_id in ids:
+            patient_id = resident(source, resident_id)
+            results.append(stored(source, observation(patient_id, value="7.25")))
+            consented(source, patient_id)
+    group_id = group_of(asker, [resident(asker, resident_id) for resident_id in ids])
+    request = ExportRequest(
+        "group",
+        group_id,
+        ("Observation",),
+        None,
+        url=f"{asker.fhir}/Group/{group_id}/$export?source=hosp-a,hosp-c",
+        sources=("hosp-a", "hosp-c"),
+        categories=("laboratory",),
+    )
+    svc = open_services(load_config(asker.directory))
+    try:
+        job = bulk_jobs.new_job(svc, "export", KILLED_OWNER.username, request.as_json())
+        folder = bulk_export.export_folder(svc, job.id)
+    finally:
+        svc.close()
+    checkpoint = folder / member_export.CHECKPOINT
+    before = tree_size(asker, "hosp-b")
+
+    # hosp-c answers nothing: the export finishes hosp-a's batch, asks hosp-c and waits, and
+    # its process is killed there
+    relay = group.members["hosp-c"].relay
+    relay.delay = 600
+    process = multiprocessing.get_context("spawn").Process(
+        target=_export_in_this_process, args=(str(asker.directory), job.id)
+    )
+    try:
+        process.start()
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            questions = tree_size(asker, "hosp-b") and len(
+                entries(asker, "hosp-b", "access.requested", before)
+            )
+            if questions == 6 and json.loads(checkpoint.read_bytes())["done"] == {"hosp-a": 1}:
+                break
+            time.sleep(0.1)
+        else:
+            raise AssertionError("the export did not get to asking hosp-c")
+    finally:
+        process.kill()
+        process.join()
+        relay.delay = 0
+        relay.set_cut(True)  # the killed process's connection, held open, is closed
+        relay.set_cut(False)
+
+    manifest = _export_in_this_process(str(asker.directory), job.id)
+    assert manifest["error"] == []
+    lines = [
+        json.loads(line)
+        for item in manifest["output"]
+        for line in (folder / Path(item["url"]).name).read_text().splitlines()
+    ]
+    assert sorted(r["id"] for r in lines) == sorted(r["id"] for r in results)  # once each
+    assert sum(item["count"] for item in manifest["output"]) == 6
+    # hosp-a's patients were asked once; hosp-c's twice (the batch under way when killed)
+    assert len(entries(asker, "hosp-b", "access.requested", before)) == 9
+    assert not checkpoint.exists()
