@@ -295,6 +295,7 @@ def serve(
 READY = b"r"  # a listener process to the first: it serves
 CLOSED = b"c"  # a listener process to the first: one of its connections ended
 START_SECONDS = 120.0  # how long a listener process may take to open the node
+RESTART_SECONDS = 5  # between tries to start again a listener process that could not start
 
 
 @dataclass
@@ -324,7 +325,9 @@ def serve_processes(
     and holds no database connection: the listener processes are forked from it, and each
     opens the node itself with ``open_intake`` (its intake, and what closes it). A listener
     process that dies is replaced; its connections end, unanswered messages unstored, and
-    their senders send them again."""
+    their senders send them again. A replacement that cannot start (the node cannot be opened:
+    a key file moved, the database down) is tried again every :data:`RESTART_SECONDS` while the
+    others serve; while none is running, connections wait in the port's backlog."""
     listening = socket.create_server((host, port), backlog=128)
     options = {"max_bytes": max_bytes, "idle_timeout": idle_timeout, "read_timeout": read_timeout}
     stop = threading.Event()
@@ -346,7 +349,26 @@ def serve_processes(
         theirs.close()
         return _Process(number, process, ours)
 
+    def restart(number: int) -> bool:
+        """Start listener process ``number`` again; whether it is serving."""
+        replacement = start(number)
+        try:
+            _await_ready([replacement], stop)
+        except NodeError as exc:
+            if replacement.process.is_alive():
+                replacement.process.terminate()
+            replacement.process.join()
+            replacement.channel.close()
+            log.error("%s; trying again in %d s", exc, RESTART_SECONDS)
+            return False
+        running.append(replacement)
+        running.sort(key=lambda worker: worker.number)
+        selector.register(replacement.channel, selectors.EVENT_READ, replacement)
+        return True
+
     selector = selectors.DefaultSelector()
+    restarts: dict[int, float] = {}  # listener processes to start again: when
+    accepting = False
     try:
         for number in range(1, processes + 1):
             running.append(start(number))
@@ -354,11 +376,22 @@ def serve_processes(
         for worker in running:
             selector.register(worker.channel, selectors.EVENT_READ, worker)
         listening.setblocking(False)
-        selector.register(listening, selectors.EVENT_READ, None)
         if ready is not None:
             host_name, port_number = listening.getsockname()[:2]
             ready((str(host_name), int(port_number)))
         while not stop.is_set():
+            for number, when in sorted(restarts.items()):
+                if time.monotonic() >= when and not stop.is_set():
+                    if restart(number):
+                        del restarts[number]
+                    else:
+                        restarts[number] = time.monotonic() + RESTART_SECONDS
+            if bool(running) != accepting:  # no listener process: connections wait
+                if running:
+                    selector.register(listening, selectors.EVENT_READ, None)
+                else:
+                    selector.unregister(listening)
+                accepting = bool(running)
             for key, _ in selector.select(0.5):
                 worker = key.data
                 if worker is None:
@@ -379,10 +412,8 @@ def serve_processes(
                         worker.number,
                         worker.process.exitcode,
                     )
-                    replacement = start(worker.number)
-                    running[running.index(worker)] = replacement
-                    _await_ready([replacement], stop)
-                    selector.register(replacement.channel, selectors.EVENT_READ, replacement)
+                    running.remove(worker)
+                    restarts[worker.number] = time.monotonic()
         log.info("stopping: letting the messages in hand finish")
     finally:
         selector.close()
@@ -419,6 +450,8 @@ def _await_ready(workers: list[_Process], stop: threading.Event) -> None:
 
 def _hand_over(listening: socket.socket, running: list[_Process]) -> None:
     """Accept a connection and hand it to the listener process serving the fewest."""
+    if not running:
+        return  # it waits in the backlog for one
     try:
         sock, address = listening.accept()
     except (BlockingIOError, InterruptedError):

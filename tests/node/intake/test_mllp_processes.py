@@ -118,6 +118,39 @@ def test_a_listener_process_that_dies_is_replaced_and_sigterm_stops_them_all(
     assert sum(_stored(node_dir).values()) == 5
 
 
+def test_a_listener_process_that_cannot_start_again_is_retried_while_the_other_serves(
+    node_dir: Path,
+) -> None:
+    key = load_config(node_dir).token_key
+    aside = key.with_name(key.name + ".moved")
+    with listening(node_dir, "--processes", "2") as running:
+        children = _children(running.process.pid)
+        assert len(children) == 2
+        key.rename(aside)  # an operator's mistake: the node cannot be opened again
+        try:
+            os.kill(children[0], signal.SIGKILL)
+            deadline = time.monotonic() + 60
+            while "trying again in" not in running.log.read_text(errors="replace"):
+                assert time.monotonic() < deadline, running.log.read_text()
+                time.sleep(0.2)
+            assert running.alive()  # the listener did not end with it
+            for number in range(3):  # the other process serves every connection meanwhile
+                with MllpClient(HOST, running.port) as client:
+                    assert parse_ack(client.send(_message(1, number))).code == "AA"
+        finally:
+            aside.rename(key)
+        deadline = time.monotonic() + 60
+        while len(_children(running.process.pid)) != 2:  # the next try starts it
+            assert time.monotonic() < deadline, running.log.read_text()
+            time.sleep(0.2)
+        with MllpClient(HOST, running.port) as client:
+            assert parse_ack(client.send(_message(1, 3))).code == "AA"
+        running.process.send_signal(signal.SIGTERM)
+        assert running.process.wait(timeout=60) == 0
+    assert "could not start" in running.log.read_text()
+    assert sum(_stored(node_dir).values()) == 4
+
+
 def _children(pid: int) -> list[int]:
     """The live child processes of ``pid`` (from /proc)."""
     found = []
