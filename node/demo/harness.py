@@ -287,6 +287,8 @@ class Consortium:
             if member.web.poll() is not None:
                 raise RuntimeError(f"{name}'s web server exited; see {log.name}")
             time.sleep(0.05)
+        else:
+            raise RuntimeError(f"{name}'s web server did not answer within {timeout} s")
         member.replicator = subprocess.Popen(
             [
                 sys.executable,

@@ -43,7 +43,7 @@ pytestmark = pytest.mark.slow
 def group(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Consortium]:
     consortium = Consortium(tmp_path_factory.mktemp("member-export"), 3, epoch_seconds=2)
     try:
-        consortium.start_all(parallel=3)
+        consortium.start_all()
         yield consortium
     finally:
         consortium.close()
