@@ -294,7 +294,8 @@ def _audit(
     outcomes: Outcomes,
 ) -> None:
     """One patient's AuditEvent (and, for a deny, its OperationOutcome)."""
-    asked = f"$export from {source} ({request.purpose}, {', '.join(request.categories)})"
+    purpose = f"{request.purpose} for {request.study}" if request.study else request.purpose
+    asked = f"$export from {source} ({purpose}, {', '.join(request.categories)})"
     if decision is None:
         text, permitted = f"{asked}: no decision received", False
     elif not decision["holds"]:

@@ -246,6 +246,17 @@ def test_research_and_public_health_are_released_only_where_the_consent_names_th
     assert [q["body"]["purpose"] for q in questions] == ["HRESCH"] * 3 + ["PUBHLTH"] * 3
     assert {q["body"]["referral"] for q in questions[:3]} == {sha256_of(asker, study)}
     assert {q["body"]["referral"] for q in questions[3:]} == {None}
+    # the asker's audit trail names the study each research question was asked for
+    auditor = asker.session(asker.token("export-auditor", "auditor"))
+    wanted = f"HRESCH for ResearchStudy/{study['id']}"
+    deadline = time.monotonic() + 10
+    while True:  # AuditEvents are written in batches, a moment later
+        found = auditor.get(f"{asker.fhir}/AuditEvent", params={"patient": cohort["research"]})
+        said = [e["resource"].get("outcomeDesc", "") for e in found.json().get("entry", [])]
+        if any(wanted in text for text in said) or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert any(wanted in text and "permit" in text for text in said), said
     verdict = CliRunner().invoke(
         main, ["audit", "verify", load_config(source.directory).database_url]
     )
