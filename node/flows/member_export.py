@@ -59,6 +59,7 @@ from node.records.pseudonym_index import pseudonym_of_patient
 from node.services import Services
 
 CHECKPOINT = "checkpoint.json"  # in the export's folder; never a file of the manifest
+COHORT = "cohort.json"  # beside it: (patient, pseudonym) of each patient asked about, in order
 MAX_LINE = 32 * 1024 * 1024  # the longest resource a source may send
 READ_SECONDS = 300.0  # a source decides a whole batch before its first byte
 
@@ -105,12 +106,14 @@ def export_from_members(
         outcomes = Outcomes(errors)
         asked = _matched(svc, patients, outcomes)
         done: dict[str, int] = {}
-        _save(folder, asked, done, files, errors, progress)
+        _write_durably(folder / COHORT, asked)  # once: a checkpoint names only batches
+        _save(folder, done, files, errors, progress)
     else:
         files = TypeFiles(folder, url, checkpoint["files"])
         errors = TypeFiles(folder, url, checkpoint["errors"])
         outcomes = Outcomes(errors)
-        asked = [(patient, pseudonym) for patient, pseudonym in checkpoint["asked"]]
+        cohort = json.loads((folder / COHORT).read_bytes())
+        asked = [(patient, pseudonym) for patient, pseudonym in cohort]
         done = checkpoint["done"]
         progress["resources"] = checkpoint["resources"]
     peers = SignedPeers(
@@ -130,11 +133,12 @@ def export_from_members(
                 except (PeerUnavailable, LedgerError) as exc:
                     outcomes.add("transient", f"{source}: {exc}")
                 done[source] = number + 1
-                _save(folder, asked, done, files, errors, progress)
+                _save(folder, done, files, errors, progress)
     finally:
         files.close()
         errors.close()
     (folder / CHECKPOINT).unlink()
+    (folder / COHORT).unlink()
     return files.output, errors.output
 
 
@@ -167,7 +171,6 @@ def _checkpoint(folder: Path) -> dict[str, Any] | None:
 
 def _save(
     folder: Path,
-    asked: list[tuple[str, str]],
     done: dict[str, int],
     files: TypeFiles,
     errors: TypeFiles,
@@ -175,18 +178,22 @@ def _save(
 ) -> None:
     """Record how far the export is, once what it wrote is on disk (replaced atomically)."""
     checkpoint = {
-        "asked": asked,
         "done": done,
         "files": files.standing(),
         "errors": errors.standing(),
         "resources": progress.get("resources", 0),
     }
-    partial = folder / (CHECKPOINT + ".partial")
+    _write_durably(folder / CHECKPOINT, checkpoint)
+
+
+def _write_durably(path: Path, value: Any) -> None:
+    """``value`` as JSON at ``path``, synced, replacing what was there at once."""
+    partial = path.with_name(path.name + ".partial")
     with partial.open("wb") as handle:
-        handle.write(json.dumps(checkpoint).encode())
+        handle.write(json.dumps(value).encode())
         handle.flush()
         os.fsync(handle.fileno())
-    partial.replace(folder / CHECKPOINT)
+    partial.replace(path)
 
 
 def has_checkpoint(folder: Path) -> bool:
