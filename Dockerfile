@@ -9,14 +9,20 @@ RUN groupadd --system --gid 10001 hrx \
     && chown -R hrx:hrx /srv/hrx \
     && chmod 750 /srv/hrx/node /srv/hrx/consortium /srv/hrx/hosp-a /srv/hrx/hosp-b /srv/hrx/hosp-c
 WORKDIR /app
-COPY pyproject.toml README.md ./
+COPY pyproject.toml setup.py README.md ./
 COPY consent consent
 COPY exchange exchange
 COPY fhir_adapters fhir_adapters
 COPY ledger ledger
 COPY node node
 COPY deploy deploy
-RUN pip install --no-cache-dir '.[fast-bls]'
+# gcc and OpenSSL's headers build the verifier's compiled part (ledger/_speedups.c), then go.
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends gcc libc6-dev libssl-dev \
+    && pip install --no-cache-dir '.[fast-bls]' \
+    && python -c 'import ledger._speedups' \
+    && apt-get purge -y --auto-remove gcc libc6-dev libssl-dev \
+    && rm -rf /var/lib/apt/lists/*
 USER hrx
 EXPOSE 8080 2575
 CMD ["hrx", "--help"]

@@ -22,6 +22,11 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 
 from ledger.errors import ProofError
 
+try:  # the same hashes, compiled where the build could (setup.py)
+    from ledger import _speedups
+except ImportError:  # pragma: no cover - a build without a C compiler
+    _speedups = None  # type: ignore[assignment]
+
 HASH_SIZE = 32
 EMPTY_ROOT = hashlib.sha256(b"").digest()
 
@@ -49,7 +54,19 @@ _NODE = b"\x01"
 
 def leaf_hashes(datas: Iterable[bytes]) -> list[bytes]:
     """:func:`leaf_hash` of each, with no Python code run per leaf."""
+    if _speedups is not None:
+        return _speedups.leaf_hashes(list(datas))
     return list(map(_DIGEST, map(hashlib.sha256, map(b"\x00".__add__, datas))))
+
+
+def pair_hashes(nodes: list[bytes]) -> list[bytes]:
+    """:func:`node_hash` of each pair of ``nodes`` (of even length): ``nodes[0]`` with
+    ``nodes[1]``, ``nodes[2]`` with ``nodes[3]``, ..., with no Python code run per node."""
+    if _speedups is not None:
+        return _speedups.node_hashes(nodes)
+    return list(
+        map(_DIGEST, map(_SHA256, map(bytes.__add__, map(_NODE.__add__, nodes[0::2]), nodes[1::2])))
+    )
 
 
 def _split(n: int) -> int:
@@ -275,7 +292,7 @@ class Frontier:
 
     def extend(self, leaves: list[bytes]) -> dict[int, tuple[int, list[bytes]]]:
         """:meth:`append` every leaf, a level of the tree at a time: each level's pairs are
-        hashed in one ``map`` over ``hashlib``, with no Python code run per node.
+        hashed at once (:func:`pair_hashes`), with no Python code run per node.
 
         Returns the complete subtrees above the leaves that these leaves completed:
         ``{level: (index of the first, their hashes)}``, levels from 1.
@@ -293,12 +310,7 @@ class Frontier:
             if len(nodes) & 1:  # the last node has no right sibling yet
                 edge[level] = nodes[-1]
                 nodes = nodes[:-1]
-            nodes = list(
-                map(
-                    _DIGEST,
-                    map(_SHA256, map(bytes.__add__, map(_NODE.__add__, nodes[0::2]), nodes[1::2])),
-                )
-            )
+            nodes = pair_hashes(nodes)
             first >>= 1
             level += 1
             if nodes:

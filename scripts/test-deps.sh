@@ -3,7 +3,9 @@
 # tests drive it with Playwright), Orthanc with its DICOMweb plugin (the PACS the DICOMweb
 # adapter's tests sync from), docker-compose (it validates the compose files under deploy/; no
 # Docker engine is needed or used), nginx (the TLS proxy example is run for real) and systemd's
-# systemd-analyze (it checks the units under deploy/systemd/). Installs only what is missing;
+# systemd-analyze (it checks the units under deploy/systemd/), and a C compiler with OpenSSL's
+# headers (the verifier's compiled part, ledger/_speedups.c, which its tests hold to the Python
+# path, is built by `pip install`). Installs only what is missing;
 # needs root (or sudo). Also SMART Fetch, an independent FHIR Bulk Data client the export tests
 # run, into a virtual environment of its own (its dependencies are not hrx's).
 set -eu
@@ -24,6 +26,8 @@ command -v chromium >/dev/null 2>&1 || missing="$missing chromium"
 command -v docker-compose >/dev/null 2>&1 || missing="$missing docker-compose"
 [ -x /usr/sbin/nginx ] || missing="$missing nginx"
 command -v systemd-analyze >/dev/null 2>&1 || missing="$missing systemd"
+command -v gcc >/dev/null 2>&1 || missing="$missing gcc"
+[ -e /usr/include/openssl/sha.h ] || missing="$missing libssl-dev"
 [ -z "$missing" ] && exit 0
 if [ "$(id -u)" -ne 0 ]; then
     SUDO=sudo
