@@ -514,25 +514,26 @@ class Verifier:
         :meth:`_check_entry` but the shape of the entries themselves; False means "check each",
         not "invalid"."""
         try:
+            block_types, block_times = set(types), set(times)  # (only a str equals a str)
             if (
                 tuple(seqs) != tuple(range(first_seq, first_seq + len(seqs)))
                 or set(map(type, seqs)) != {int}
                 or set(chains) != {chain}
                 or set(map(type, versions)) != {int}
                 or set(versions) != {VERSION}
-                or set(map(type, types)) != {str}
-                or set(map(type, times)) != {str}
-                or max(times) > block_time
+                or set(map(type, block_types)) != {str}
+                or set(map(type, block_times)) != {str}
+                or max(block_times) > block_time
             ):
                 return False
-            self._block_types = set(types)
-            for entry_type in self._block_types - self._entry_types:
+            self._block_types = block_types
+            for entry_type in block_types - self._entry_types:
                 if not ENTRY_TYPE.fullmatch(entry_type):
                     return False
                 self._entry_types.add(entry_type)
-            for time in set(times) - self._valid_times:
+            for time in block_times - self._valid_times:
                 parse_time(time)
-            self._valid_times = set(times)
+            self._valid_times = block_times
         except (TypeError, ValueError, LedgerError):
             return False
         return True

@@ -80,6 +80,7 @@ PROGRESS_EVERY = 20_000  # entries a worker verifies between two reports of prog
 # A block line as hrx writes it: canonical JSON, whose members come sorted.
 _BLOCK_START = b'{"entries":['
 _HEADER_CHAIN = b'],"header":{"chain":"'
+_NEWLINE = ord("\n")
 
 
 def available_cores() -> int:
@@ -241,7 +242,9 @@ def _export_worker(
                 break
             firsts.setdefault(chain, number)
             collecting.at = number
-            verify_line(collecting.verifier, path, number, mapped[start:end], reporter, chain)
+            # (without its newline: the line is not copied again to strip it)
+            stop_at = end - 1 if mapped[end - 1] == _NEWLINE else end
+            verify_line(collecting.verifier, path, number, mapped[start:stop_at], reporter, chain)
             collecting.tag_emergencies()
     except Misrouted as exc:
         collecting.outcome.misrouted = exc.number

@@ -472,6 +472,22 @@ def test_an_export_worker_verifies_its_runs_and_tags_what_it_collects(
     outcome = _export_worker(_rostered(ledger), path, mapped, routed, sent, stop)
     assert (outcome.misrouted, stop.value, outcome.fault, outcome.chains) == (3, 3, None, [])
 
+    # the same with lines spelled otherwise than hrx writes them (white space in the entries),
+    # which the Python path reads: routed to their own chains, or to another
+    spaced_lines = [line.replace(b'"n":', b'"n": ') for line in lines]
+    spaced = path.with_name("spaced.jsonl")
+    spaced.write_bytes(b"".join(spaced_lines))
+    spaced_map = _mapped_file(spaced)
+    (spaced_work,) = _assign(_scan(spaced_map, 3, len(spaced_lines[0]) + len(spaced_lines[1])), 1)
+    outcome = _export_worker(_rostered(ledger), spaced, spaced_map, spaced_work, _Sent(), _stop())
+    assert (outcome.fault, outcome.misrouted) == (None, NO_FAULT)
+    assert [(where, chain) for where, chain, _ in outcome.chains] == [
+        (3, "hosp-a"), (6, "hosp-b"), (7, "hosp-c")
+    ]  # fmt: skip
+    routed = [("hosp-b", number, start, end) for _, number, start, end in spaced_work]
+    outcome = _export_worker(_rostered(ledger), spaced, spaced_map, routed, _Sent(), _stop())
+    assert (outcome.misrouted, outcome.fault, outcome.chains) == (3, None, [])
+
 
 def test_a_database_worker_takes_chains_in_turn(
     three: tuple[Ledger, Path, list[bytes]],
