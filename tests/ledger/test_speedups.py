@@ -8,13 +8,18 @@ the same bytes; keys ASCII; no float; integers within I-JSON) and what it hands 
 reference reads. On what hrx writes it must accept, or the fast path would never run. Its
 hashes are merkle's. And every export and database case of the verifier's tests, and every
 changed byte of a ledger, gets the same verdict, or the same first fault in the same words,
-with and without it.
+with and without it. Each rule of the reader is also taken to its edges one by one (escapes,
+UTF-8, key order, numbers, nesting, each part of an entry and of a line, failed allocations):
+the mutants of ledger/_speedups.c that scripts/mutate_speedups.py makes are killed by them,
+or are on its list of equivalent mutants.
 """
 
 from __future__ import annotations
 
 import inspect
 import random
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -378,11 +383,346 @@ def test_wrong_arguments_are_type_errors() -> None:
     with pytest.raises(TypeError):
         _speedups.entry_columns(["{}"])
     with pytest.raises(TypeError):
+        _speedups.entry_columns([_dump(_entry(0, {})), "{}"])
+    with pytest.raises(TypeError):
         _speedups.split_block("{}")
     with pytest.raises(TypeError):
+        _speedups.split_block(bytearray(_line([])))
+    with pytest.raises(TypeError):
         _speedups.leaf_hashes([b"a", "b"])
+    with pytest.raises(TypeError):
+        _speedups.leaf_hashes((b"a", b"b"))
+    with pytest.raises(TypeError):
+        _speedups.node_hashes((b"a", b"b"))
+    with pytest.raises(TypeError):
+        _speedups.node_hashes([b"a", b"b", b"c", "d"])
     with pytest.raises(ValueError):
         _speedups.node_hashes([b"a" * 32])
+    with pytest.raises(ValueError):
+        _speedups.node_hashes([b"a"] * 3)
+
+
+# -- each rule of canonical text, to its edges (the mutants of scripts/mutate_speedups.py) ------
+
+
+def _body_entry(body: bytes) -> bytes:
+    """An entry whose body's one member ``k`` is written as ``body``, byte for byte."""
+    return b'{"body":{"k":' + body + b'},"chain":"hosp-a","seq":0,"time":"t","type":"t","v":1}'
+
+
+def _plain(value: Any) -> bool:
+    """A string the reader hands back as it stands: ASCII, nothing escaped."""
+    return isinstance(value, str) and all(" " <= ch <= "\x7f" and ch not in '"\\' for ch in value)
+
+
+def _readable(entry: Any) -> bool:
+    """Whether the reader decides ``entry`` (parsed) itself, as an entry; the text is canonical."""
+    fields = _entry_fields(entry)
+    return (
+        fields is not None
+        and all(type(fields[n]) is int for n in (0, 2))
+        and all(_plain(fields[n]) for n in (1, 3, 4))
+    )
+
+
+def _decided_as_the_reference(entry: bytes) -> None:
+    """The reader accepts ``entry`` exactly when it is canonical (and its fields ones the reader
+    hands back as they stand), and reads it alike (for texts the reader decides itself: no key it
+    leaves to the Python path, no deep nesting)."""
+    value = _canonical(entry)
+    readable = value is not _NOT and _readable(value)
+    assert (_speedups.entry_columns([entry]) is not None) == readable, entry
+    _check_entries([entry])
+    line = b'{"entries":[' + entry + b'],"header":{},"signature":"s"}'
+    assert (_speedups.split_block(line) is not None) == readable, line
+    _check_line(line)
+
+
+def _line_decided_as_the_reference(line: bytes) -> None:
+    record = _canonical(line)
+    readable = (
+        isinstance(record, dict)
+        and sorted(record) == BLOCK_KEYS
+        and isinstance(record["entries"], list)
+        and all(map(_readable, record["entries"]))
+        and isinstance(record["header"], dict)
+        and isinstance(record["signature"], str)
+    )
+    assert (_speedups.split_block(line) is not None) == readable, line
+    _check_line(line)
+
+
+def test_every_escape_is_decided_as_the_reference_decides_it() -> None:
+    """Each character after a backslash, and each \\u00XY of printable X and Y: only those
+    RFC 8785 writes (lower-case hex, controls without a short escape) are canonical."""
+    printable = [chr(code) for code in range(0x20, 0x7F)]
+    for after in printable:
+        _decided_as_the_reference(_body_entry(f'"a\\{after}z"'.encode()))
+    accepted = 0
+    for high in printable:
+        for low in printable:
+            entry = _body_entry(f'"\\u00{high}{low}"'.encode())
+            _decided_as_the_reference(entry)
+            accepted += _speedups.entry_columns([entry]) is not None
+    assert accepted == 32 - 5  # the controls, but for \\b \\t \\n \\f \\r
+
+
+def test_every_control_character_is_accepted_as_canonical_text_writes_it() -> None:
+    entry = _entry(0, {"k": "".join(map(chr, range(0x20))) + "\x7f"})
+    assert _speedups.entry_columns([_dump(entry)]) is not None
+    _check_line(_line([entry]))
+
+
+def test_every_utf8_lead_and_continuation_byte_is_decided_as_the_reference_decides_it() -> None:
+    """Every byte from 0x80 as a sequence's first, with the second and later bytes at the
+    edges of the ranges well-formed UTF-8 allows there (RFC 3629's table); in an entry's body,
+    and cut short by the end of a block line's string (the signature, last in the line)."""
+    edges = [0x00, 0x7F, 0x80, 0x8F, 0x90, 0x9F, 0xA0, 0xBF, 0xC0, 0xFF]
+    tails = [b""] + [bytes([a]) for a in (0x7F, 0x80, 0xBF, 0xC0)]
+    tails += [a + b for a in tails[1:] for b in tails[1:]]
+    rests = [b""] + [bytes([second]) + tail for second in edges for tail in tails]
+    accepted = 0
+    for lead in range(0x80, 0x100):
+        for rest in rests:
+            entry = _body_entry(b'"a' + bytes([lead]) + rest + b'z"')
+            _decided_as_the_reference(entry)
+            accepted += _speedups.entry_columns([entry]) is not None
+            for end in (b"", b"z"):
+                signature = b'"a' + bytes([lead]) + rest + end + b'"'
+                _line_decided_as_the_reference(_line([]).replace(b'"c2lnbmF0dXJl"', signature))
+    assert accepted > 0
+
+
+def test_key_order_is_decided_as_the_reference_decides_it() -> None:
+    """Two keys in each order: strictly increasing bytes, a key before the keys it begins."""
+    keys = ["", " ", "!", "#", "A", "a", "a ", "a!", "a#", "aa", "ab", "b", "b ", "~"]
+    for first in keys:
+        for second in keys:
+            body = f'{{"{first}":1,"{second}":2}}'.encode()
+            _decided_as_the_reference(_body_entry(body))
+            _decided_as_the_reference(_body_entry(b'{"x":' + body + b',"y":1}'))
+            expected = first < second
+            assert (_speedups.entry_columns([_body_entry(body)]) is not None) == expected
+
+
+@pytest.mark.parametrize(
+    "number",
+    [
+        "1000000000000000",  # 16 digits, within 2**53 - 1
+        "-1000000000000000",
+        "9007199254740990",
+        "10000000000000000",  # 17 digits
+        "18446744073709551616",  # 2**64: read into 64 bits, it would be 0
+        "18446744073709551617",
+        "-18446744073709551615",
+        "36893488147419103233",  # 2**65 + 1
+        "100000000000000000000",
+        "9223372036854775808",  # 2**63
+        "0",
+        "7",
+        "-7",
+        "10",
+        "-10",
+        "00",
+        "0-",
+        "-",
+        "--1",
+        "1-",
+        "1a",
+    ],
+)
+def test_numbers_are_decided_as_the_reference_decides_them(number: str) -> None:
+    _decided_as_the_reference(_body_entry(number.encode()))
+    for name in ("seq", "v"):
+        entry = _dump(_entry(1, {}, **{name: 12345}))
+        entry = entry.replace(b":12345", b":" + number.encode())
+        _decided_as_the_reference(entry)
+
+
+def test_structure_is_decided_as_the_reference_decides_it() -> None:
+    """Near misses of each part of an entry and of a block line."""
+    for text in [
+        "[]", "[1]", "[1,2]", "[1,[2,[]]]", "[1 2]", "[1;2]", "[1,]", "[,1]", "[", "[1", "]",
+        "{}", '{"a":1}', '{"a":[]}', '{"a":{}}', '{"a":1,"b":{"c":[true,false,null]}}',
+        '{"a"}', '{"a":}', '{"a":1;"b":2}', '{"a":1 "b":2}', '{"a":1', '{"a"', '{"a":1,',
+        '{"a":1,"b"}', "{1:2}", "{'a':1}", '{"a"=1}',
+        "true", "false", "null", "tru", "fals", "nulL", "trUe", "t", "f", "n",
+        '""', '"a"', '"', '"a', "x",
+        "1/", "1/2", "/", "-/", ":", "1:", "9:", "-1/",
+        '"\\x', '"a\\/', '"\\ ', '"\\', '"\\u', '"\\"', '{"a\\:1}', '{"a\\":1}',
+    ]:  # fmt: skip
+        _decided_as_the_reference(_body_entry(text.encode()))
+    entry = _dump(_entry(300, {"a": [1]}))
+    for near in [
+        entry,
+        entry[:-1],
+        entry + b"}",
+        entry + b" ",
+        entry.replace(b'"body":{', b'"body":[').replace(b"]},", b"]],"),
+        entry.replace(b'"chain":"hosp-a"', b'"chain":1'),
+        entry.replace(b'"chain":"hosp-a"', b'"chain":"hosp-a'),
+        entry.replace(b'"seq":300', b'"seq":"300"'),
+        entry.replace(b'"time":"', b'"time":'),
+        entry.replace(b'"type":"', b'"type":'),
+        entry.replace(b'"v":1', b'"v":"1"'),
+        entry.replace(b'"v":1}', b'"v":1,"w":1}'),
+    ]:
+        _decided_as_the_reference(near)
+        pair = [_dump(_entry(0, {})), near]
+        readable = _speedups.entry_columns([near]) is not None
+        assert (_speedups.entry_columns(pair) is not None) == readable
+        _check_entries(pair)
+    line = _line([_entry(300, {"a": [1]}), _entry(301, {})])
+    lines = [
+        line,
+        line[:-1],
+        line + b"}",
+        line.replace(b'"signature":"c2lnbmF0dXJl"', b'"signature":'),
+        line.replace(b'"signature":"c2lnbmF0dXJl"', b'"signature":1'),
+        line.replace(b'"signature":"c2lnbmF0dXJl"', b'"signature":null'),
+        line.replace(b'"signature":"c2lnbmF0dXJl"', b'"signature":"a'),
+        line.replace(b'"signature":"c2lnbmF0dXJl"}', b'"signature":"s"]'),
+        line.replace(b'"signature":"c2lnbmF0dXJl"}', b'"signature":"s"}}'),
+        line.replace(b'"header":{', b'"header":[').replace(b'"count":2}', b'"count":2]'),
+        line.replace(b'"header":{', b'"header":'),
+        line.replace(b'},{"body"', b'}{"body"'),
+        line.replace(b'},{"body"', b'};{"body"'),
+        line.replace(b'}],"header"', b'}},"header"'),
+        line.replace(b'}],"header"', b'}]"header"'),
+        line.replace(b'"entries":[', b'"entries":['),
+        _line([]),
+        _line([]).replace(b"[]", b"[}"),
+        _line([]).replace(b"[]", b"[1]"),
+        _line([]).replace(b"[]", b"[{}]"),
+    ]
+    for near in lines:
+        _line_decided_as_the_reference(near)
+
+
+@pytest.mark.parametrize(
+    "opening", [b'{"body":{', b',"chain":', b',"seq":', b',"time":', b',"type":', b',"v":', b"}"]
+)
+def test_an_entry_without_any_one_of_its_keys_is_never_accepted(opening: bytes) -> None:
+    """The text an entry reads in the order of its keys, each part left out in turn."""
+    entry = _dump(_entry(300, {"a": [1]}))
+    position = entry.rindex(opening)
+    near = entry[:position] + entry[position + len(opening) :]
+    assert _speedups.entry_columns([near]) is None
+    assert _speedups.entry_columns([_dump(_entry(0, {})), near]) is None
+    line = _line([_entry(300, {"a": [1]})])
+    assert _speedups.split_block(line.replace(entry, near)) is None
+
+
+@pytest.mark.parametrize(
+    "part", [b'{"entries":[', b"],", b',"header":{', b"}", b',"signature":', b'"', b"}"]
+)
+@pytest.mark.parametrize("count", [0, 1, 2])
+def test_a_block_line_without_any_one_of_its_parts_is_never_accepted(
+    part: bytes, count: int
+) -> None:
+    """The text a block line reads in the order of its keys, each part left out in turn."""
+    line = _line([_entry(300 + n, {"a": [n]}) for n in range(count)], header={"k": 1})
+    for position in {line.find(part), line.rfind(part)}:
+        near = line[:position] + line[position + len(part) :]
+        assert _speedups.split_block(near) is None, near
+    header, signature = b',"header":{"k":1}', b',"signature":"c2lnbmF0dXJl"'
+    for member in (header, signature):  # a whole member left out
+        assert _speedups.split_block(line.replace(member, b"")) is None
+
+
+@pytest.mark.parametrize("field", ["chain", "time", "type"])
+@pytest.mark.parametrize("value", ['a"b', "a\\b", "a\nb", "\x1f", "\x00", "é", "\u2028", "\x7f"])
+def test_entry_fields_are_handed_back_only_as_they_stand(field: str, value: str) -> None:
+    """A string field the reader would have to unescape is left to the Python path."""
+    entry = _entry(0, {}, **{field: value})
+    _check_entries([_dump(entry)])
+    _check_line(_line([entry]))
+    if "\\" in _dump(value).decode():
+        assert _speedups.entry_columns([_dump(entry)]) is None
+        assert _speedups.split_block(_line([entry])) is None
+
+
+def test_seq_and_v_are_handed_back_with_their_sign_and_size() -> None:
+    entries = [_entry(n, {}, v=v) for n, v in ((-1, -2), (SAFE, 2**31), (-SAFE, 0), (300, 7))]
+    datas = [_dump(entry) for entry in entries]
+    seqs, _, versions, _, _ = _speedups.entry_columns(datas)
+    assert seqs == [-1, SAFE, -SAFE, 300]
+    assert versions == [-2, 2**31, 0, 7]
+    _check_line(_line(entries))
+
+
+def test_nesting_is_decided_here_up_to_the_readers_depth() -> None:
+    """An entry's body holds 126 nested arrays or objects here, not 127; a header, 127."""
+
+    def nested(depth: int, kind: str) -> bytes:
+        opening, closing = (b"[", b"]") if kind == "array" else (b'{"k":', b"}")
+        return opening * depth + b"1" + closing * depth
+
+    for kind in ("array", "object"):
+        for depth, decided in ((125, True), (126, True), (127, False), (128, False)):
+            entry = _body_entry(nested(depth, kind))
+            assert (_speedups.entry_columns([entry]) is not None) is decided
+            _check_entries([entry])
+        for depth, decided in ((127, True), (128, False)):
+            line = b'{"entries":[],"header":{"k":' + nested(depth, kind) + b'},"signature":"s"}'
+            assert (_speedups.split_block(line) is not None) is decided
+            _check_line(line)
+
+
+_UNDER_FAILING_ALLOCATIONS = """
+import sys, _testcapi
+from ledger import _speedups
+entry = b'{"body":{"k":[300,"x"]},"chain":"hosp-a","seq":%d,"time":"t","type":"t","v":%d}'
+entries = [entry % (1000 + n, 2000 + n) for n in range(3)]
+line = b'{"entries":[' + b",".join(entries) + b'],"header":{"k":"h"},"signature":"s"}'
+calls = [
+    ("split_block", line),
+    ("entry_columns", entries),
+    ("leaf_hashes", entries),
+    ("node_hashes", entries + [b"y"]),
+]
+for name, argument in calls:
+    function = getattr(_speedups, name)
+    expected = function(argument)
+    failed = 0
+    for start in range(150):
+        # empty CPython's free lists of lists and of the tuples made here (of 4 and 5): a new
+        # one is then an allocation too
+        got = held = None  # (no list is freed from here to the call)
+        held = [[] for _ in range(100)], [tuple(range(n)) for n in (4, 5) for _ in range(2100)]
+        _testcapi.set_nomemory(start, start + 1)
+        try:
+            got = function(argument)
+        except MemoryError:
+            got = None
+        finally:
+            _testcapi.remove_mem_hooks()
+        if got is None:
+            failed += 1
+        elif got != expected:
+            sys.exit(f"{name}: {got!r} when allocation {start} failed")
+    print(name, failed)
+"""
+
+
+def test_a_failed_allocation_is_a_memory_error_never_a_wrong_answer_or_a_crash() -> None:
+    """Under CPython's allocator hooks (_testcapi), each allocation in turn fails: the call
+    raises MemoryError (not None, not a SystemError) or gives the answer it gives otherwise.
+    In a process of its own: a crash fails the test instead of ending the run."""
+    pytest.importorskip("_testcapi")
+    root = Path(_speedups.__file__).resolve().parent.parent
+    done = subprocess.run(
+        [sys.executable, "-c", _UNDER_FAILING_ALLOCATIONS],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, (done.returncode, done.stdout, done.stderr)
+    failed = dict(line.split() for line in done.stdout.splitlines())
+    assert set(failed) == {"split_block", "entry_columns", "leaf_hashes", "node_hashes"}
+    assert all(int(count) > 0 for count in failed.values()), failed
 
 
 @settings(max_examples=100, deadline=None)
