@@ -829,3 +829,20 @@ def test_every_changed_byte_of_an_export_verifies_alike(
                 expected = _outcome(verify_export, path, authority)
             assert _outcome(verify_export, path, authority) == expected, (number, position)
     assert fast  # the compiled reader was asked
+
+
+def test_a_canonical_lines_entries_are_read_once(
+    ledger_db: Ledger, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The fields the reader cut from a block line go with its entries: they are not read
+    again from the entries' bytes."""
+    with ChainWriter(ledger_db.store, "hosp-a", ledger_db.key) as writer:
+        writer.append_many([("access.requested", {"n": n}) for n in range(3)])
+    path = tmp_path / "export.jsonl"
+    path.write_bytes(b"".join(line + b"\n" for line in ledger_db.store.export_lines()))
+
+    def read_again(datas: list[bytes]) -> None:
+        raise AssertionError(f"{len(datas)} entries read again")
+
+    monkeypatch.setattr(_speedups, "entry_columns", read_again)
+    assert verify_export(path, ledger_db.authority.public_key()).entries == 3
