@@ -32,12 +32,11 @@ from hypothesis import strategies as st
 
 from ledger import _speedups, merkle
 from ledger import verify as verify_module
-from ledger.errors import VerificationError
 from ledger.model import ENTRY_KEYS
 from ledger.store import ChainWriter
 from ledger.verify import Summary, verify_database, verify_export
 from tests.helpers.ledgers import Ledger
-from tests.ledger import test_verify, test_verify_faults
+from tests.ledger.verify_cases import existing_cases, outcome
 
 SAFE = 2**53 - 1
 BLOCK_KEYS = ["entries", "header", "signature"]
@@ -748,49 +747,19 @@ def _pure_python() -> Iterator[None]:
         verify_module._speedups, merkle._speedups = saved
 
 
-def _outcome(run: Callable[..., Summary], *args: Any, **options: Any) -> Any:
-    observed: list[dict[str, Any]] = []
-    progressed: list[int] = []
-    if "observe" in options:
-        options = {**options, "observe": observed.append}
-    try:
-        summary = run(*args, progressed.append, **options)
-    except VerificationError as exc:
-        return ("fault", str(exc), exc.what, exc.chain, exc.height, exc.seq)
-    return ("valid", summary, list(summary.chains), observed, sum(progressed))
-
-
 def _both(run: Callable[..., Summary], used: list[int]) -> Callable[..., Summary]:
     def verify(*args: Any, **options: Any) -> Summary:
         progress = args[2] if len(args) > 2 else options.pop("progress", None)
         with _pure_python():
-            expected = _outcome(run, *args[:2], **options)
-        assert _outcome(run, *args[:2], **options) == expected
+            expected = outcome(run, *args[:2], **options)
+        assert outcome(run, *args[:2], **options) == expected
         used.append(1)
         return run(*args[:2], progress, **options)
 
     return verify
 
 
-def _existing_cases() -> list[Any]:
-    cases = []
-    for module in (test_verify, test_verify_faults):
-        for name, test in vars(module).items():
-            source = inspect.getsource(test) if name.startswith("test_") else ""
-            if "verify_export(" not in source and "verify_database(" not in source:
-                continue
-            if name == "test_entries_stored_while_verifying_are_said_to_be_uncovered":
-                continue
-            marks = [m for m in getattr(test, "pytestmark", []) if m.name == "parametrize"]
-            params = marks[0].args[1] if marks else [()]
-            cases += [
-                pytest.param(module, test, param, id=f"{name}-{n}")
-                for n, param in enumerate(params)
-            ]
-    return cases
-
-
-@pytest.mark.parametrize(("module", "test", "param"), _existing_cases())
+@pytest.mark.parametrize(("module", "test", "param"), existing_cases())
 def test_the_verifier_gives_the_same_verdicts_with_and_without_them(
     module: Any,
     test: Callable[..., None],
@@ -826,8 +795,8 @@ def test_every_changed_byte_of_an_export_verifies_alike(
             changed[position] ^= 0x01
             path.write_bytes(b"".join([*lines[:number], bytes(changed), *lines[number + 1 :]]))
             with _pure_python():
-                expected = _outcome(verify_export, path, authority)
-            assert _outcome(verify_export, path, authority) == expected, (number, position)
+                expected = outcome(verify_export, path, authority)
+            assert outcome(verify_export, path, authority) == expected, (number, position)
     assert fast  # the compiled reader was asked
 
 

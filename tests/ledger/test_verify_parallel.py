@@ -39,7 +39,8 @@ from ledger.verify_parallel import (
     verify_export_in_parallel,
 )
 from tests.helpers.ledgers import BLS_KEY, Ledger
-from tests.ledger import test_verify, test_verify_faults
+from tests.ledger import test_verify_faults
+from tests.ledger.verify_cases import existing_cases, outcome
 
 
 def _mapped_file(path: Path) -> mmap.mmap:
@@ -48,56 +49,21 @@ def _mapped_file(path: Path) -> mmap.mmap:
     return mapped
 
 
-def _outcome(run: Callable[..., Summary], *args: Any, **options: Any) -> Any:
-    """What a verification gives: its summary (and the order of its chains), what it observed
-    and how many entries it reported, or its fault in every detail."""
-    observed: list[dict[str, Any]] = []
-    progressed: list[int] = []
-    if "observe" in options:
-        options = {**options, "observe": observed.append}
-    try:
-        summary = run(*args, progressed.append, **options)
-    except VerificationError as exc:
-        return ("fault", str(exc), exc.what, exc.chain, exc.height, exc.seq)
-    return ("valid", summary, list(summary.chains), observed, sum(progressed))
-
-
 def _compared(serial: Callable[..., Summary], parallel: Callable[..., Summary]) -> Any:
     """``serial`` as the tests call it, after checking that ``parallel`` on two and on three
     processes gives the same outcome."""
 
     def verify(*args: Any, **options: Any) -> Summary:
         progress = args[2] if len(args) > 2 else options.pop("progress", None)
-        expected = _outcome(serial, *args[:2], **options)
+        expected = outcome(serial, *args[:2], **options)
         for jobs in (2, 3):
-            assert _outcome(parallel, *args[:2], jobs=jobs, **options) == expected, jobs
+            assert outcome(parallel, *args[:2], jobs=jobs, **options) == expected, jobs
         return serial(*args[:2], progress, **options)
 
     return verify
 
 
-def _existing_cases() -> list[Any]:
-    """Every test of test_verify.py and test_verify_faults.py that verifies an export or a
-    database, each parametrized case on its own (but the one whose store appends while it is
-    verified: a second verification finds more entries)."""
-    cases = []
-    for module in (test_verify, test_verify_faults):
-        for name, test in vars(module).items():
-            source = inspect.getsource(test) if name.startswith("test_") else ""
-            if "verify_export(" not in source and "verify_database(" not in source:
-                continue
-            if name == "test_entries_stored_while_verifying_are_said_to_be_uncovered":
-                continue
-            marks = [m for m in getattr(test, "pytestmark", []) if m.name == "parametrize"]
-            params = marks[0].args[1] if marks else [()]
-            cases += [
-                pytest.param(module, test, param, id=f"{name}-{n}")
-                for n, param in enumerate(params)
-            ]
-    return cases
-
-
-@pytest.mark.parametrize(("module", "test", "param"), _existing_cases())
+@pytest.mark.parametrize(("module", "test", "param"), existing_cases())
 def test_parallel_verification_agrees_with_serial_on_every_existing_case(
     module: Any,
     test: Callable[..., None],
@@ -154,9 +120,9 @@ def _export(ledger: Ledger, path: Path) -> list[bytes]:
 def _same(path: Path, ledger: Ledger, **options: Any) -> Any:
     """The outcome of verifying ``path``, the same serially and on two and three processes."""
     anchor = ledger.authority.public_key()
-    expected = _outcome(verify_export, path, anchor, **options)
+    expected = outcome(verify_export, path, anchor, **options)
     for jobs in (2, 3):
-        assert _outcome(verify_export_in_parallel, path, anchor, jobs=jobs, **options) == expected
+        assert outcome(verify_export_in_parallel, path, anchor, jobs=jobs, **options) == expected
     return expected
 
 
@@ -325,9 +291,9 @@ def test_a_database_of_several_chains_verifies_alike(ledger_db: Ledger, tmp_path
     watching = {"watch": frozenset({"access.decided", "emergency.access"}), "observe": None}
 
     def same() -> Any:
-        expected = _outcome(verify_database, ledger_db.store, anchor, **watching)
+        expected = outcome(verify_database, ledger_db.store, anchor, **watching)
         for jobs in (2, 3, 8):
-            parallel = _outcome(
+            parallel = outcome(
                 verify_database_in_parallel, ledger_db.store, anchor, jobs=jobs, **watching
             )
             assert parallel == expected, jobs
@@ -588,17 +554,17 @@ def test_given_certificates_and_watching_reach_every_path(
     given = [test_verify_faults._certificate(8, json.loads(lines[4]), roster=2)]  # hosp-a's head
     watching = {"watch": frozenset({"emergency.access"}), "observe": None}
     anchor = ledger.authority.public_key()
-    expected = _outcome(verify_export, path, anchor, given=given, **watching)
+    expected = outcome(verify_export, path, anchor, given=given, **watching)
     assert expected[0] == "valid" and len(expected[3]) == 2
     assert (expected[1].given, expected[1].covered) == ([8], {"hosp-a": (8, 2)})
-    stored = _outcome(verify_database, ledger.store, anchor, given=given, **watching)
+    stored = outcome(verify_database, ledger.store, anchor, given=given, **watching)
     assert stored[1].given == [8] and len(stored[3]) == 2
     for jobs in (1, 2):
-        export = _outcome(
+        export = outcome(
             verify_export_in_parallel, path, anchor, jobs=jobs, given=given, **watching
         )
         assert export == expected, jobs
-        database = _outcome(
+        database = outcome(
             verify_database_in_parallel, ledger.store, anchor, jobs=jobs, given=given, **watching
         )
         assert database == stored, jobs
