@@ -358,7 +358,10 @@ CLASSIFICATION: dict[tuple[str, str], Run | Covered | NotRunnable] = {
             "test_a_cohort_is_stored_whole_with_its_text_and_decimals",
         )
     ),
-    ("docs/operations.md", "apt-get install python3 python3-venv postgresql nginx"): Covered(
+    (
+        "docs/operations.md",
+        "apt-get install python3 python3-venv python3-dev gcc libssl-dev postgresql nginx",
+    ): Covered(
         # apt-get and createuser are not run; install-node.sh is, as root in a namespace
         ("tests/e2e/test_deploy.py::test_install_node_sets_up_a_node_its_user_runs",)
     ),
