@@ -370,7 +370,8 @@ def test_a_source_syncs_the_consent_chain_and_respects_the_staleness_bound(
     assert worker is not None
     worker.send_signal(signal.SIGSTOP)
     try:
-        assert doctor.get(url, params=params).json()["total"] == 1  # permitted by C's consent
+        bundle = doctor.get(url, params=params).json()
+        assert bundle["total"] == 1, outcome_of(bundle, "hosp-a")  # permitted by C's consent
         revoked = {**granted.json(), "status": "inactive"}
         answer = c.session(token).put(
             f"{c.fhir}/Consent/{revoked['id']}",
