@@ -174,7 +174,7 @@ def prepare_lines(base_url: str, lines: Sequence[tuple[int, int, bytes | None]])
 
 
 def _prepare(base_url: str, number: int, offset: int, text: bytes) -> Prepared:
-    resource, _ = validate(jsonio.parse(text, "the line"))
+    resource = validate(jsonio.parse(text, "the line"))
     if resource["resourceType"] in NOT_IMPORTED:
         raise Unprocessable(
             f"{resource['resourceType']} resources are not imported: this server writes its "

@@ -46,7 +46,7 @@ from typing import Final
 
 from fhir_core.fhirabstractmodel import FHIRAbstractModel
 
-__all__ = ["CodeIssue", "code_issues"]
+__all__ = ["CodeIssue", "annotation_models", "code_issues", "required_binding"]
 
 _R4B: Final = "fhir.resources.R4B."
 
@@ -298,6 +298,13 @@ def _issue(
     return CodeIssue("".join(parts), str(value), step.allowed)
 
 
+def required_binding(cls: type, name: str) -> tuple[str, ...] | None:
+    """The codes the required binding of element ``name`` (its JSON name) of the R4B model
+    class ``cls`` allows, in spec order; None when it has none that is checked."""
+    base = _r4b_base(cls)
+    return None if base is None else _BINDINGS.get((base.__name__, name))
+
+
 def _r4b_base(cls: type) -> type | None:
     """The first fhir.resources R4B model class in ``cls``'s MRO (``cls`` itself, usually)."""
     for base in cls.__mro__:
@@ -370,7 +377,7 @@ def _field_models(annotation: object) -> tuple[list[_ModelClass], bool]:
     abstract one (Resource), whose instances are only known at run time."""
     targets: list[_ModelClass] = []
     abstract = False
-    for model in _annotation_models(annotation):
+    for model in annotation_models(annotation):
         if model.__name__ in _ABSTRACT:
             abstract = True
         else:
@@ -378,7 +385,7 @@ def _field_models(annotation: object) -> tuple[list[_ModelClass], bool]:
     return targets, abstract
 
 
-def _annotation_models(annotation: object) -> Iterator[_ModelClass]:
+def annotation_models(annotation: object) -> Iterator[_ModelClass]:
     if isinstance(annotation, type):
         if issubclass(annotation, FHIRAbstractModel):
             yield annotation
@@ -394,4 +401,4 @@ def _annotation_models(annotation: object) -> Iterator[_ModelClass]:
             return
     if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is not None:
         for argument in typing.get_args(annotation):
-            yield from _annotation_models(argument)
+            yield from annotation_models(argument)

@@ -967,7 +967,7 @@ class Writer:
         ``checked`` skips validation and reference checks: for resources this node makes
         itself (AuditEvents)."""
         if not (checked or validated):
-            resource, _ = validate(resource, resource_type)
+            resource = validate(resource, resource_type)
         resource_type = resource["resourceType"]
         resource_id = resource_id or str(uuid.uuid4())
         now = now_micros()
@@ -1040,7 +1040,7 @@ class Writer:
         check_type(resource_type)
         check_id(resource_id)
         if not validated:
-            resource, _ = validate(resource, resource_type)
+            resource = validate(resource, resource_type)
         if "id" not in resource:
             raise InvalidRequest("an update must carry the resource's id", expression="id")
         if resource["id"] != resource_id:

@@ -11,12 +11,9 @@ arrays, malformed ids) and every code value its required binding refuses
 
 from __future__ import annotations
 
-import datetime
 import importlib
 import importlib.util
 import re
-import types
-import typing
 from decimal import Decimal
 from functools import cache
 from typing import Any
@@ -27,6 +24,7 @@ from fhir_adapters import definitions
 from fhir_adapters.errors import InvalidCode, InvalidRequest, Issue, NotFound
 from fhir_adapters.store.codes import code_issues
 from fhir_adapters.store.jsonio import number_problem
+from fhir_adapters.store.shapes import CONTROL, MAX_DEPTH, certainly_valid, field_kinds
 
 
 def _modelled(resource_type: str) -> bool:
@@ -39,8 +37,6 @@ RESOURCE_TYPES = definitions.resource_types()
 R4_ONLY = tuple(t for t in RESOURCE_TYPES if not _modelled(t))
 ID_PATTERN = re.compile(r"[A-Za-z0-9\-.]{1,64}")
 MAX_ISSUES = 50  # a resource wrong in a thousand places gets the first fifty
-MAX_DEPTH = 64  # JSON nesting a resource may have (the models recurse once per level)
-_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f]")  # FHIR strings: no control characters
 
 
 @cache
@@ -131,7 +127,7 @@ def _json_shape_issues(value: Any, path: str, issues: list[Issue], depth: int = 
     elif isinstance(value, str):
         if not value.strip():
             issues.append(Issue("a string must not be empty or only white space", expression=path))
-        elif _CONTROL.search(value):
+        elif CONTROL.search(value):
             issues.append(Issue("a string must not hold control characters", expression=path))
     elif isinstance(value, int | Decimal) and not isinstance(value, bool):
         problem = number_problem(value)
@@ -139,10 +135,12 @@ def _json_shape_issues(value: Any, path: str, issues: list[Issue], depth: int = 
             issues.append(Issue(f"{path}: {problem}", "value", path))
 
 
-def validate(resource: Any, resource_type: str | None = None) -> tuple[dict[str, Any], Any]:
-    """Check a parsed resource; returns it and its model instance, or raises with every issue.
+def validate(resource: Any, resource_type: str | None = None) -> dict[str, Any]:
+    """Check a parsed resource; returns it, or raises with every issue.
 
-    ``resource_type`` is the type the URL names, when there is one.
+    ``resource_type`` is the type the URL names, when there is one. A resource
+    :func:`fhir_adapters.store.shapes.certainly_valid` vouches for is not validated into its
+    model again: that walk accepts only what every check below accepts.
     """
     if not isinstance(resource, dict):
         raise InvalidRequest("a resource must be a JSON object")
@@ -157,14 +155,18 @@ def validate(resource: Any, resource_type: str | None = None) -> tuple[dict[str,
     check_type(declared)
     if "id" in resource and isinstance(resource["id"], str):
         check_id(resource["id"])
+    if declared not in R4_ONLY and certainly_valid(resource, model_class(declared)):
+        return resource
     issues: list[Issue] = []
     _json_shape_issues(resource, declared, issues)
     if issues:
         raise InvalidRequest(issues[0].diagnostics, issues=issues[:MAX_ISSUES])
     if declared in R4_ONLY:
-        return resource, _r4_model(resource, declared)
+        _r4_model(resource, declared)
+        return resource
+    model_type = model_class(declared)
     try:
-        model = model_class(declared).model_validate(resource)
+        model = model_type.model_validate(resource)
     except pydantic.ValidationError as exc:
         for error in exc.errors()[:MAX_ISSUES]:
             location = _expression(declared, error["loc"])
@@ -197,7 +199,7 @@ def validate(resource: Any, resource_type: str | None = None) -> tuple[dict[str,
                 )
             )
         raise InvalidCode(issues[0].diagnostics, issues=issues)
-    return resource, model
+    return resource
 
 
 # -- the R4 types R4B dropped: fhirclient's R4 models ----------------------------------------
@@ -274,46 +276,6 @@ _JSON_NAMES = {
 
 # -- JSON types: the models coerce ("true" for a boolean, 7 for a dateTime); FHIR JSON does not --
 
-_PRIMITIVE_KINDS: dict[Any, str] = {
-    bool: "boolean",
-    int: "integer",
-    Decimal: "number",
-    str: "string",
-    datetime.date: "string",
-    datetime.datetime: "string",
-    datetime.time: "string",
-    bytes: "string",
-}
-
-
-def _kind_of(annotation: Any) -> tuple[str, bool]:
-    """(JSON kind, is a list) of a model field's annotation."""
-    is_list = False
-    while True:
-        origin = typing.get_origin(annotation)
-        if origin is typing.Union or origin is types.UnionType:
-            choices = [a for a in typing.get_args(annotation) if a is not type(None)]
-            # a FHIR url (Attachment.url, Endpoint.address) is Union[AnyUrl, str]: a JSON string
-            annotation = str if str in choices else choices[0]
-        elif origin is typing.Annotated:
-            annotation = typing.get_args(annotation)[0]
-        elif origin is list:
-            is_list = True
-            annotation = typing.get_args(annotation)[0]
-        else:
-            break
-    return _PRIMITIVE_KINDS.get(annotation, "object"), is_list
-
-
-@cache
-def _field_kinds(model_type: Any) -> dict[str, tuple[str, str, bool]]:
-    """JSON name -> (python attribute, JSON kind, is a list) for a model class."""
-    kinds = {}
-    for name, info in model_type.model_fields.items():
-        kind, is_list = _kind_of(info.annotation)
-        kinds[info.alias or name] = (name, kind, is_list)
-    return kinds
-
 
 def _json_kind(value: Any) -> str:
     if isinstance(value, bool):
@@ -334,7 +296,7 @@ def _json_type_issues(raw: Any, model: Any, path: str, issues: list[Issue]) -> N
     if not isinstance(raw, dict) or model is None or len(issues) >= MAX_ISSUES:
         return
     model_type: Any = type(model)
-    kinds = _field_kinds(model_type)
+    kinds = field_kinds(model_type)
     for key, value in raw.items():
         if key == "resourceType" or key not in kinds:
             continue
@@ -387,6 +349,9 @@ def identical(first: Any, second: Any) -> bool:
     return bool(first == second)
 
 
+_CONTAINERS = (dict, list)
+
+
 def references(value: Any, path: str = "") -> list[tuple[str, str]]:
     """Every ``Reference.reference`` in a resource, with the FHIRPath of its Reference
     (contained resources excluded: their references are checked where they are used)."""
@@ -395,24 +360,27 @@ def references(value: Any, path: str = "") -> list[tuple[str, str]]:
     return found
 
 
-def _collect_references(value: Any, parts: list[str], found: list[tuple[str, str]]) -> None:
-    """(``parts``: the path's steps so far, joined only for a reference found.)"""
+def _collect_references(value: Any, parts: list[str | int], found: list[tuple[str, str]]) -> None:
+    """(``parts``: the path's keys and indexes so far, joined only for a reference found.)"""
     if isinstance(value, dict):
         reference = value.get("reference")
         if isinstance(reference, str):
             found.append((_joined(parts), reference))
         for key, item in value.items():
-            if key != "contained" and not key.startswith("_") and isinstance(item, dict | list):
-                parts.append(f".{key}" if parts else key)
+            if isinstance(item, _CONTAINERS) and key != "contained" and key[:1] != "_":
+                parts.append(key)
                 _collect_references(item, parts, found)
                 parts.pop()
     elif isinstance(value, list):
         for index, item in enumerate(value):
-            if isinstance(item, dict | list):
-                parts.append(f"[{index}]")
+            if isinstance(item, _CONTAINERS):
+                parts.append(index)
                 _collect_references(item, parts, found)
                 parts.pop()
 
 
-def _joined(parts: list[str]) -> str:
-    return "".join(parts)
+def _joined(parts: list[str | int]) -> str:
+    return "".join(
+        f"[{part}]" if isinstance(part, int) else part if at == 0 else f".{part}"
+        for at, part in enumerate(parts)
+    )

@@ -100,7 +100,7 @@ def test_url_elements_are_json_strings() -> None:
         "code": {"text": "CT chest"},
         "presentedForm": [{"contentType": "application/pdf", "url": "https://pacs/r/1.pdf"}],
     }
-    assert validate(report)[0]["presentedForm"][0]["url"] == "https://pacs/r/1.pdf"
+    assert validate(report)["presentedForm"][0]["url"] == "https://pacs/r/1.pdf"
     study = {
         "resourceType": "ImagingStudy",
         "status": "available",
@@ -117,7 +117,7 @@ def test_url_elements_are_json_strings() -> None:
         ],
         "endpoint": [{"reference": "#wado"}],
     }
-    assert validate(study)[0]["contained"][0]["address"].endswith("/studies/1.2.3")
+    assert validate(study)["contained"][0]["address"].endswith("/studies/1.2.3")
     report["presentedForm"][0]["url"] = {"value": "https://pacs/r/1.pdf"}
     with pytest.raises(FhirError):
         validate(report)

@@ -366,7 +366,7 @@ class FhirApi:
         condition = req.header("If-None-Exist")
         svc = self.svc
         if not condition:  # checked before the write: not while holding the write lock
-            resource, _ = validate(resource, resource_type)
+            resource = validate(resource, resource_type)
         with svc.store.writing(req.principal) as writer:
             if condition:
                 existing = self.conditional_match(req, writer, resource_type, condition)
@@ -839,7 +839,7 @@ class FhirApi:
         """``ServiceRequest/$check-recognition`` (body: the order, stored or not)."""
         req.principal  # noqa: B018
         orders.ordering(self.svc, req.caller)
-        order, _ = validate(req.json("the ServiceRequest"), "ServiceRequest")
+        order = validate(req.json("the ServiceRequest"), "ServiceRequest")
         return self._respond(
             200, orders.check_recognition(self.svc, req.caller, order).parameters()
         )
