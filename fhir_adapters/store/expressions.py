@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cache
 from typing import Any
@@ -164,22 +164,6 @@ def _steps(branch: str, resource_type: str) -> list[_Step] | None:
     return steps
 
 
-def _children(value: Any, step: _Step) -> Iterator[Any]:
-    if not isinstance(value, dict):
-        return
-    if step.kind == "key" or step.name in value:
-        found = value.get(step.name)
-        if isinstance(found, list):
-            yield from found
-        elif found is not None:
-            yield found
-        return
-    choices = step.choices
-    for key, found in value.items():  # a choice element: effective -> effectiveDateTime ...
-        if key in choices:
-            yield from found if isinstance(found, list) else (found,)
-
-
 def _refers_to(value: Any, resource_type: str) -> bool:
     reference = value.get("reference") if isinstance(value, dict) else None
     if not isinstance(reference, str):
@@ -188,12 +172,38 @@ def _refers_to(value: Any, resource_type: str) -> bool:
     return len(parts) >= 2 and parts[-2] == resource_type
 
 
+def _children_of(values: list[Any], step: _Step) -> list[Any]:
+    """What one step selects under each of ``values``, in order: the element itself (its items
+    if it repeats), or for a choice element (``effective``) every form present."""
+    found: list[Any] = []
+    name = step.name
+    exact = step.kind == "key"
+    for value in values:
+        if not isinstance(value, dict):
+            continue
+        if exact or name in value:
+            child = value.get(name)
+            if isinstance(child, list):
+                found.extend(child)
+            elif child is not None:
+                found.append(child)
+        else:
+            choices = step.choices
+            for key, child in value.items():
+                if key in choices:
+                    if isinstance(child, list):
+                        found.extend(child)
+                    else:
+                        found.append(child)
+    return found
+
+
 def _walk(steps: list[_Step]) -> Select:
     def select(resource: dict[str, Any]) -> list[Any]:
         values: list[Any] = [resource]
         for step in steps:
             if step.kind in ("child", "key"):
-                values = [child for value in values for child in _children(value, step)]
+                values = _children_of(values, step)
             elif step.kind == "resolves":
                 values = [value for value in values if _refers_to(value, step.name)]
             else:
