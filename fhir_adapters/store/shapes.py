@@ -273,8 +273,12 @@ def _is_model_field(annotation: Any) -> bool:
 
 def certainly_valid(resource: dict[str, Any], model_type: type[FHIRAbstractModel]) -> bool:
     """Whether ``resource`` (parsed, its ``resourceType`` the model's) certainly passes every
-    check of ``validate``. False means "not sure": the full validation decides."""
-    return _fits(resource, shape_of(model_type), 0, root=True)
+    check of ``validate``. False means "not sure": the full validation decides (so does a
+    failure of the walk itself, which must cost time, never a refusal)."""
+    try:
+        return _fits(resource, shape_of(model_type), 0, root=True)
+    except Exception:
+        return False
 
 
 def _contained_fits(resource: dict[str, Any], prefix: str, depth: int) -> bool:
