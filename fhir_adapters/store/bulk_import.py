@@ -40,13 +40,14 @@ from fhir_adapters.errors import FhirError, Unprocessable
 from fhir_adapters.store import jsonio, tables
 from fhir_adapters.store.repository import (
     SERVER_META,
+    UNSTAMPED,
     IndexBatch,
     ResourceStore,
     Writer,
-    format_instant,
     keys_clause,
     local_targets,
     now_micros,
+    stamped,
     stored_form,
 )
 from fhir_adapters.store.resources import validate
@@ -84,16 +85,6 @@ TYPE_ORDER = (
     "DiagnosticReport",
 )
 KEY_SEPARATOR = "/"
-
-
-UNSTAMPED = format_instant(0)  # a prepared body's lastUpdated, until it is stored
-_UNSTAMPED = f'"lastUpdated":"{UNSTAMPED}"'.encode()
-
-
-def stamped(body: bytes, now: int) -> bytes:
-    """A prepared body with the time it is stored as its ``lastUpdated`` (the first one in the
-    body: ``meta`` comes right after ``resourceType`` and ``id``)."""
-    return body.replace(_UNSTAMPED, f'"lastUpdated":"{format_instant(now)}"'.encode(), 1)
 
 
 @dataclass(frozen=True)

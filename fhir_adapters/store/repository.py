@@ -609,6 +609,15 @@ class ResourceStore:
         with self.writing() as writer:
             return writer.create(resource, resource_type)
 
+    def new_resource(self, resource: dict[str, Any]) -> NewResource:
+        """A validated resource made ready to be created (its id chosen, its stored body and
+        index rows made) before the write begins: work not done while holding the write's
+        turn (:meth:`Writer.create` takes it as ``prepared``)."""
+        resource_id = str(uuid.uuid4())
+        stored = stored_form(resource, resource_id, "1", UNSTAMPED)
+        rows = index_values(stored, self.base_url)
+        return NewResource(stored["resourceType"], resource_id, stored, jsonio.dump(stored), rows)
+
     def update(
         self, resource_type: str, resource_id: str, resource: Any, if_match: str | None = None
     ) -> tuple[Stored, bool]:
@@ -812,6 +821,28 @@ def local_targets(resource: dict[str, Any], base_url: str) -> dict[tuple[str, st
     return wanted
 
 
+UNSTAMPED = format_instant(0)  # a prepared body's lastUpdated, until it is stored
+_UNSTAMPED = f'"lastUpdated":"{UNSTAMPED}"'.encode()
+
+
+def stamped(body: bytes, now: int) -> bytes:
+    """A prepared body with the time it is stored as its ``lastUpdated`` (the first one in the
+    body: ``meta`` comes right after ``resourceType`` and ``id``). The index rows of a resource
+    do not depend on its ``meta.lastUpdated``, so they are made before it is known."""
+    return body.replace(_UNSTAMPED, f'"lastUpdated":"{format_instant(now)}"'.encode(), 1)
+
+
+@dataclass(frozen=True)
+class NewResource:
+    """A validated resource ready to be created: :meth:`ResourceStore.new_resource`."""
+
+    type: str
+    id: str
+    stored: dict[str, Any]  # its stored form, lastUpdated UNSTAMPED
+    body: bytes  # that form's bytes
+    rows: IndexRows
+
+
 @dataclass
 class IndexBatch:
     """Index rows waiting to be inserted, one list of row tuples per table (in the order of
@@ -965,13 +996,19 @@ class Writer:
 
         ``validated``: the caller has validated it (its references are still checked).
         ``checked`` skips validation and reference checks: for resources this node makes
-        itself (AuditEvents)."""
-        if not (checked or validated):
-            resource = validate(resource, resource_type)
-        resource_type = resource["resourceType"]
-        resource_id = resource_id or str(uuid.uuid4())
+        itself (AuditEvents). ``resource`` may also be a :class:`NewResource` (validated and
+        prepared before the write)."""
         now = now_micros()
-        body, rows = self._prepare(resource, resource_id, 1, now, checked)
+        if isinstance(resource, NewResource):
+            resource_type, resource_id = resource.type, resource.id
+            body, rows = stamped(resource.body, now), resource.rows
+            self._check_or_defer(resource.stored)
+        else:
+            if not (checked or validated):
+                resource = validate(resource, resource_type)
+            resource_type = resource["resourceType"]
+            resource_id = resource_id or str(uuid.uuid4())
+            body, rows = self._prepare(resource, resource_id, 1, now, checked)
         cursor = self._cursor()
         cursor.execute(self.sql.insert_resource, (resource_type, resource_id, 1, now, False))
         res_pk = cursor.fetchone()[0]
@@ -1160,13 +1197,17 @@ class Writer:
         index rows; references checked unless ``checked``."""
         stored = stored_form(resource, resource_id, str(version), format_instant(now))
         rows = index_values(stored, self.store.base_url)
-        if checked:
-            pass
-        elif self.deferred is not None:
+        if not checked:
+            self._check_or_defer(stored)
+        return jsonio.dump(stored), rows
+
+    def _check_or_defer(self, stored: dict[str, Any]) -> None:
+        """Check a stored form's references now, or with the others at the end of a
+        transaction Bundle."""
+        if self.deferred is not None:
             self.deferred.append((self.tag, stored))
         else:
             self._check_references(stored)
-        return jsonio.dump(stored), rows
 
     def _check_references(self, resource: dict[str, Any]) -> None:
         wanted = local_targets(resource, self.store.base_url)

@@ -7,14 +7,17 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterator
+from decimal import Decimal
 from typing import Any
 
 import pytest
 import sqlalchemy as sa
 
 from fhir_adapters.errors import FhirError, Unprocessable
-from fhir_adapters.store import ResourceStore, Writer, tables
+from fhir_adapters.store import ResourceStore, Writer, jsonio, tables
 from fhir_adapters.store.group_commit import CommitFailed
+from fhir_adapters.store.repository import format_instant
+from fhir_adapters.store.resources import validate
 from ledger.store import open_engine
 
 
@@ -165,3 +168,58 @@ def test_many_threads_writing_at_once_all_commit(store: ResourceStore) -> None:
         thread.join(60)
     assert len(created) == 180
     assert _stored_ids(store) == set(created)
+
+
+def test_a_create_prepared_before_its_turn_stores_what_a_create_in_it_stores(
+    store: ResourceStore,
+) -> None:
+    R = tables.references
+    observation = {
+        "resourceType": "Observation",
+        "meta": {"lastUpdated": "2020-01-01T00:00:00Z", "tag": [{"code": "t"}]},
+        "status": "final",
+        "code": {"text": "血红蛋白"},
+        "subject": {"reference": "Patient/p1"},
+        "valueQuantity": {"value": Decimal("13.50"), "unit": "g/dL"},
+    }
+    with store.writing() as writer:
+        writer.update("Patient", "p1", {**_patient(1), "id": "p1"})
+    prepared = store.new_resource(validate(observation, "Observation"))
+    with store.writing() as writer:
+        stored = writer.create(prepared)
+    with store.writing() as writer:
+        same = writer.create(observation, "Observation", resource_id="o-2")
+    read = store.read("Observation", stored.id)
+    assert read.body == stored.body
+    body = jsonio.parse(read.body)
+    assert body["meta"] == {
+        "versionId": "1",
+        "lastUpdated": format_instant(stored.last_updated),
+        "tag": [{"code": "t"}],
+    }
+    # byte for byte what the create in its turn writes, but for the id and the time
+    assert (
+        read.body.replace(stored.id.encode(), b"o-2").replace(
+            format_instant(stored.last_updated).encode(), format_instant(same.last_updated).encode()
+        )
+        == same.body
+    )
+    assert stored.patients == frozenset({"p1"})
+    with store.engine.connect() as conn:  # indexed as the create in its turn indexes
+        rows = {
+            pk: sorted(
+                conn.execute(
+                    sa.select(R.c.param, R.c.target_type, R.c.target_id).where(R.c.res_pk == pk)
+                ).all()
+            )
+            for pk in (stored.res_pk, same.res_pk)
+        }
+    assert rows[stored.res_pk] == rows[same.res_pk]
+    assert ("patient", "Patient", "p1") in rows[stored.res_pk]
+    # its references are still checked in the turn
+    missing = store.new_resource({**observation, "subject": {"reference": "Patient/nobody"}})
+    with (
+        pytest.raises(Unprocessable, match="Patient/nobody does not exist"),
+        store.writing() as writer,
+    ):
+        writer.create(missing)

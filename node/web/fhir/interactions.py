@@ -365,15 +365,16 @@ class FhirApi:
         resource = req.json()
         condition = req.header("If-None-Exist")
         svc = self.svc
-        if not condition:  # checked before the write: not while holding the write lock
-            resource = validate(resource, resource_type)
+        prepared = None
+        if not condition:  # validated and prepared before the write: not in its turn
+            prepared = svc.store.new_resource(validate(resource, resource_type))
         with svc.store.writing(req.principal) as writer:
             if condition:
                 existing = self.conditional_match(req, writer, resource_type, condition)
                 if existing is not None:  # the caller is shown an existing resource: audited
                     svc.audit.writes(writer, req.caller, "create", [existing])
                     return self._respond(200, existing.body, self.version_headers(existing))
-            stored = writer.create(resource, resource_type, validated=not condition)
+            stored = writer.create(prepared or resource, resource_type)
             self._audit_created(writer, req, stored)
         answer = self.written(req, stored, 201)
         if resource_type == "ServiceRequest":
