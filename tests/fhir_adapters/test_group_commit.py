@@ -1,6 +1,7 @@
 """Group commit in the resource store, on SQLite and PostgreSQL: concurrent writes share one
 transaction and one commit, each durable when its block returns; one that fails fails alone;
-when the shared transaction is lost, every write in it says so and none is stored."""
+when the shared transaction is lost, every write in it says so and none is stored; a create
+prepared before its turn stores what a create made in its turn stores."""
 
 from __future__ import annotations
 
