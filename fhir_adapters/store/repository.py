@@ -612,7 +612,7 @@ class ResourceStore:
     def new_resource(self, resource: dict[str, Any]) -> NewResource:
         """A validated resource made ready to be created (its id chosen, its stored body and
         index rows made) before the write begins: work not done while holding the write's
-        turn (:meth:`Writer.create` takes it as ``prepared``)."""
+        turn (:meth:`Writer.create` takes it in place of the resource)."""
         resource_id = str(uuid.uuid4())
         stored = stored_form(resource, resource_id, "1", UNSTAMPED)
         rows = index_values(stored, self.base_url)
