@@ -843,6 +843,9 @@ class NewResource:
     rows: IndexRows
 
 
+COPY_FROM = 200  # rows of one index table a batch sends by COPY on PostgreSQL, at least
+
+
 @dataclass
 class IndexBatch:
     """Index rows waiting to be inserted, one list of row tuples per table (in the order of
@@ -885,12 +888,21 @@ class IndexBatch:
         found[tables.compartment.name].extend((p, res_pk) for p in sorted(rows.compartment))
 
     def insert(self, conn: Connection) -> None:
+        """Insert the rows: on PostgreSQL many rows of a table go by ``COPY``, a few (one
+        write's) and every table on SQLite by ``INSERT``."""
         statements = _sql_of(conn).insert_index
+        copying = conn.dialect.name == "postgresql"
         cursor = conn.connection.cursor()
         try:
-            for name, rows in self.rows.items():
-                if rows:
-                    cursor.executemany(statements[name], rows)
+            for table in tables.INDEX_TABLES:
+                rows = self.rows[table.name]
+                if copying and len(rows) >= COPY_FROM:
+                    columns = ", ".join(column.name for column in table.columns)
+                    with cursor.copy(f"COPY {table.name} ({columns}) FROM STDIN") as copy:
+                        for row in rows:
+                            copy.write_row(row)
+                elif rows:
+                    cursor.executemany(statements[table.name], rows)
         finally:
             cursor.close()
 

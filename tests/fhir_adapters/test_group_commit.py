@@ -17,7 +17,7 @@ import sqlalchemy as sa
 from fhir_adapters.errors import FhirError, Unprocessable
 from fhir_adapters.store import ResourceStore, Writer, jsonio, tables
 from fhir_adapters.store.group_commit import CommitFailed
-from fhir_adapters.store.repository import format_instant
+from fhir_adapters.store.repository import COPY_FROM, format_instant
 from fhir_adapters.store.resources import validate
 from ledger.store import open_engine
 
@@ -224,3 +224,57 @@ def test_a_create_prepared_before_its_turn_stores_what_a_create_in_it_stores(
         store.writing() as writer,
     ):
         writer.create(missing)
+
+
+def test_many_index_rows_go_by_copy_on_postgres_and_are_the_rows_insert_writes(
+    store: ResourceStore,
+) -> None:
+    """Enough resources at once that each index table gets at least COPY_FROM rows (COPY on
+    PostgreSQL), beside the same resources written one at a time (INSERT)."""
+    made: list[dict[str, Any]] = []
+    for n in range(COPY_FROM + 10):
+        made.append({**_patient(n), "gender": "female", "birthDate": f"1980-01-{n % 28 + 1:02d}"})
+        made.append(
+            {
+                "resourceType": "Observation",
+                "status": "final",
+                "code": {"coding": [{"system": "http://loinc.org", "code": "2345-7"}]},
+                "subject": {"reference": "Patient/p1"},
+                "effectiveDateTime": "2024-03-01T08:00:00+08:00",
+                "valueQuantity": {
+                    "value": Decimal(f"{n}.50"),
+                    "unit": "mg/dL",
+                    "system": "http://unitsofmeasure.org",
+                    "code": "mg/dL",
+                },
+            }
+        )
+    with store.writing() as writer:
+        many = writer.create_many_checked(made)
+    alone = []
+    for resource in made:
+        with store.writing() as writer:
+            alone.append(writer.create(resource, resource["resourceType"], checked=True))
+    with store.engine.connect() as conn:
+        pks = dict(conn.execute(sa.select(tables.resources.c.id, tables.resources.c.res_pk)).all())
+
+        def index_of(resource_id: str) -> dict[str, list[str]]:
+            found = {}
+            for table in tables.INDEX_TABLES:
+                rows = conn.execute(sa.select(table).where(table.c.res_pk == pks[resource_id]))
+                found[table.name] = sorted(  # a Patient is in its own compartment
+                    repr({k: v for k, v in row._mapping.items() if k != "res_pk"}).replace(
+                        resource_id, "itself"
+                    )
+                    for row in rows
+                )
+            return found
+
+        for first, second in zip(many, alone, strict=True):
+            assert index_of(first.id) == index_of(second.id)
+        counts = {
+            table.name: conn.execute(sa.select(sa.func.count()).select_from(table)).scalar_one()
+            for table in tables.INDEX_TABLES
+        }
+    for name in ("fhir_idx_token", "fhir_idx_string", "fhir_idx_date", "fhir_idx_quantity"):
+        assert counts[name] >= 2 * COPY_FROM, counts  # each way wrote COPY_FROM or more
