@@ -198,6 +198,9 @@ _ADDED_KEYS: list[tuple[str, Any]] = [
 ]
 
 
+_VALUE_FORMS = ("valueString", "valueQuantity", "valueBoolean")
+
+
 def _places(value: Any, path: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
     """Every place in a parsed JSON value, as a path of keys and indexes."""
     found = [path]
@@ -239,9 +242,8 @@ def changed(resource: dict[str, Any], chance: random.Random) -> dict[str, Any]:
             target[chance.choice((f"_{name}", f"{name}__ext", f"{name}_fhir", other + "X"))] = (
                 copy.deepcopy(target[other])
             )
-        elif how == 3 and isinstance(target, dict):
-            shape_names = [n for n in ("valueString", "valueQuantity", "valueBoolean") if n]
-            target[chance.choice(shape_names)] = chance.choice(("x", {"value": 1}, True))
+        elif how == 3 and isinstance(target, dict):  # a form of value[x], maybe a second one
+            target[chance.choice(_VALUE_FORMS)] = chance.choice(("x", {"value": 1}, True))
         elif how == 4 and key is not None:
             parent[key] = target[0] if isinstance(target, list) and target else [target]
         elif key is not None:
