@@ -12,9 +12,11 @@ blank, too deeply nested or a number JSON clients cannot read.
 
 **It may refuse, never accept more.** It answers True only for a resource every check of
 ``validate`` accepts; whatever it is not sure of (a primitive's extension ``_name``, a contained
-resource, an element name given in the models' Python spelling, a field the tables do not
-describe) makes it answer False, and ``validate`` then runs the models and its own checks as
-before, which decide and name every fault. So no verdict and no message depends on this
+resource's own ``contained``, an element name given in the models' Python spelling, a class
+with validators of its own, a field the tables do not describe) makes it answer False, and
+``validate`` then runs the models and its own checks as before, which decide and name every
+fault. Contained resources are walked as the type their ``resourceType`` names, looked up as
+the models look it up. So no verdict and no message depends on this
 module; only the time does. ``tests/fhir_adapters/test_shapes.py`` holds it to that,
 differentially, on the sample resources and on generated changes of them.
 
