@@ -24,7 +24,7 @@ from fhir_adapters import definitions
 from fhir_adapters.errors import InvalidCode, InvalidRequest, Issue, NotFound
 from fhir_adapters.store.codes import code_issues
 from fhir_adapters.store.jsonio import number_problem
-from fhir_adapters.store.shapes import CONTROL, MAX_DEPTH, certainly_valid, field_kinds
+from fhir_adapters.store.shapes import CONTROL, certainly_valid, field_kinds
 
 
 def _modelled(resource_type: str) -> bool:
@@ -37,6 +37,7 @@ RESOURCE_TYPES = definitions.resource_types()
 R4_ONLY = tuple(t for t in RESOURCE_TYPES if not _modelled(t))
 ID_PATTERN = re.compile(r"[A-Za-z0-9\-.]{1,64}")
 MAX_ISSUES = 50  # a resource wrong in a thousand places gets the first fifty
+MAX_DEPTH = 64  # JSON nesting a resource may have (the models recurse once per level)
 
 
 @cache

@@ -45,7 +45,6 @@ from pydantic._internal._validators import import_string
 from fhir_adapters.store.codes import annotation_models, required_binding
 from fhir_adapters.store.jsonio import number_problem
 
-MAX_DEPTH = 64  # JSON nesting a resource may have (the models recurse once per level)
 _WALKED_DEPTH = 32  # objects nested deeper than this are left to the models
 CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f]")  # FHIR strings: no control characters
 _SEEN_LIMIT = 4096  # strings remembered per primitive field before the memory is cleared
