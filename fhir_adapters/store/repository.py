@@ -609,11 +609,11 @@ class ResourceStore:
         with self.writing() as writer:
             return writer.create(resource, resource_type)
 
-    def new_resource(self, resource: dict[str, Any]) -> NewResource:
+    def new_resource(self, resource: dict[str, Any], resource_id: str | None = None) -> NewResource:
         """A validated resource made ready to be created (its id chosen, its stored body and
-        index rows made) before the write begins: work not done while holding the write's
-        turn (:meth:`Writer.create` takes it in place of the resource)."""
-        resource_id = str(uuid.uuid4())
+        index rows made), best before the write begins: work not done while holding the
+        write's turn (:meth:`Writer.create` takes it in place of the resource)."""
+        resource_id = resource_id or str(uuid.uuid4())
         stored = stored_form(resource, resource_id, "1", UNSTAMPED)
         rows = index_values(stored, self.base_url)
         return NewResource(stored["resourceType"], resource_id, stored, jsonio.dump(stored), rows)
@@ -1010,17 +1010,15 @@ class Writer:
         ``checked`` skips validation and reference checks: for resources this node makes
         itself (AuditEvents). ``resource`` may also be a :class:`NewResource` (validated and
         prepared before the write)."""
-        now = now_micros()
-        if isinstance(resource, NewResource):
-            resource_type, resource_id = resource.type, resource.id
-            body, rows = stamped(resource.body, now), resource.rows
-            self._check_or_defer(resource.stored)
-        else:
+        if not isinstance(resource, NewResource):
             if not (checked or validated):
                 resource = validate(resource, resource_type)
-            resource_type = resource["resourceType"]
-            resource_id = resource_id or str(uuid.uuid4())
-            body, rows = self._prepare(resource, resource_id, 1, now, checked)
+            resource = self.store.new_resource(resource, resource_id)
+        if not checked:
+            self._check_or_defer(resource.stored)
+        now = now_micros()
+        resource_type, resource_id = resource.type, resource.id
+        body, rows = stamped(resource.body, now), resource.rows
         cursor = self._cursor()
         cursor.execute(self.sql.insert_resource, (resource_type, resource_id, 1, now, False))
         res_pk = cursor.fetchone()[0]
