@@ -21,6 +21,7 @@ from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import lru_cache
 from typing import Any
 
 import sqlalchemy as sa
@@ -63,6 +64,7 @@ def now_micros() -> int:
     return int(moment.timestamp() * 1000) * 1000
 
 
+@lru_cache(maxsize=64)  # a batch stamps many bodies with one time
 def format_instant(micros: int) -> str:
     moment = datetime.fromtimestamp(micros / 1_000_000, UTC)
     return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
@@ -843,6 +845,49 @@ class NewResource:
     rows: IndexRows
 
 
+def insert_first_versions(
+    conn: Connection, entries: Sequence[tuple[str, str, bytes]], now: int
+) -> list[int]:
+    """Insert new resources ``(type, id, body)`` as their version 1, stored at ``now``, with a
+    few statements for them all; their ``res_pk``, in order. SQLite runs the resource rows'
+    ``INSERT ... RETURNING`` once per row in compiled code (its multi-row ``RETURNING`` does
+    not promise the rows' order); PostgreSQL sends them in a few multi-row statements."""
+    if not entries:
+        return []
+    sql = _sql_of(conn)
+    cursor: Any = conn.connection.cursor()  # the DBAPI cursor, in the same transaction
+    try:
+        if conn.dialect.name == "postgresql":
+            res_pks = [
+                row[0]
+                for row in conn.execute(
+                    tables.resources.insert().returning(
+                        tables.resources.c.res_pk, sort_by_parameter_order=True
+                    ),
+                    [
+                        {"type": t, "id": i, "version": 1, "last_updated": now, "deleted": False}
+                        for t, i, _ in entries
+                    ],
+                )
+            ]
+        else:
+            res_pks = []
+            for resource_type, resource_id, _ in entries:
+                cursor.execute(sql.insert_resource, (resource_type, resource_id, 1, now, False))
+                res_pks.append(cursor.fetchone()[0])
+        rows = [
+            (res_pk, 1, resource_type, now, "POST", body)
+            for res_pk, (resource_type, _, body) in zip(res_pks, entries, strict=True)
+        ]
+        if conn.dialect.name == "postgresql" and len(rows) >= COPY_FROM:
+            _copy(cursor, tables.versions, rows)
+        else:
+            cursor.executemany(sql.insert_version, rows)
+    finally:
+        cursor.close()
+    return res_pks
+
+
 COPY_FROM = 200  # rows of one index table a batch sends by COPY on PostgreSQL, at least
 
 
@@ -897,14 +942,19 @@ class IndexBatch:
             for table in tables.INDEX_TABLES:
                 rows = self.rows[table.name]
                 if copying and len(rows) >= COPY_FROM:
-                    columns = ", ".join(column.name for column in table.columns)
-                    with cursor.copy(f"COPY {table.name} ({columns}) FROM STDIN") as copy:
-                        for row in rows:
-                            copy.write_row(row)
+                    _copy(cursor, table, rows)
                 elif rows:
                     cursor.executemany(statements[table.name], rows)
         finally:
             cursor.close()
+
+
+def _copy(cursor: Any, table: sa.Table, rows: list[tuple[Any, ...]]) -> None:
+    """Rows of ``table`` (in its columns' order) sent by PostgreSQL's ``COPY``."""
+    columns = ", ".join(column.name for column in table.columns)
+    with cursor.copy(f"COPY {table.name} ({columns}) FROM STDIN") as copy:
+        for row in rows:
+            copy.write_row(row)
 
 
 ITERATE_ROUNDS = 4  # how often :iterate includes are applied again to what they added
@@ -1040,31 +1090,8 @@ class Writer:
             resource_id = str(uuid.uuid4())
             body, rows = self._prepare(resource, resource_id, 1, now, True)
             prepared.append((resource["resourceType"], resource_id, body, rows))
-        res_pks = [
-            row[0]
-            for row in self.conn.execute(
-                tables.resources.insert().returning(
-                    tables.resources.c.res_pk, sort_by_parameter_order=True
-                ),
-                [
-                    {"type": t, "id": i, "version": 1, "last_updated": now, "deleted": False}
-                    for t, i, _, _ in prepared
-                ],
-            )
-        ]
-        self.conn.execute(
-            tables.versions.insert(),
-            [
-                {
-                    "res_pk": pk,
-                    "version": 1,
-                    "type": t,
-                    "last_updated": now,
-                    "method": "POST",
-                    "body": body,
-                }
-                for pk, (t, _, body, _) in zip(res_pks, prepared, strict=True)
-            ],
+        res_pks = insert_first_versions(
+            self.conn, [(t, i, body) for t, i, body, _ in prepared], now
         )
         batched = IndexBatch()
         for pk, (t, _, _, rows) in zip(res_pks, prepared, strict=True):

@@ -229,8 +229,8 @@ def test_a_create_prepared_before_its_turn_stores_what_a_create_in_it_stores(
 def test_many_index_rows_go_by_copy_on_postgres_and_are_the_rows_insert_writes(
     store: ResourceStore,
 ) -> None:
-    """Enough resources at once that each index table gets at least COPY_FROM rows (COPY on
-    PostgreSQL), beside the same resources written one at a time (INSERT)."""
+    """Enough resources at once that each index table and the versions get at least COPY_FROM
+    rows (COPY on PostgreSQL), beside the same resources written one at a time (INSERT)."""
     made: list[dict[str, Any]] = []
     for n in range(COPY_FROM + 10):
         made.append({**_patient(n), "gender": "female", "birthDate": f"1980-01-{n % 28 + 1:02d}"})
@@ -270,8 +270,21 @@ def test_many_index_rows_go_by_copy_on_postgres_and_are_the_rows_insert_writes(
                 )
             return found
 
+        def version_of(stored: Any) -> tuple[Any, ...]:
+            V = tables.versions
+            row = conn.execute(
+                sa.select(V.c.version, V.c.type, V.c.last_updated, V.c.method, V.c.body).where(
+                    V.c.res_pk == pks[stored.id]
+                )
+            ).one()
+            return (*row[:4], jsonio.parse(bytes(row[4])))
+
         for first, second in zip(many, alone, strict=True):
             assert index_of(first.id) == index_of(second.id)
+            # the version rows (COPY'd on PostgreSQL too) hold what each write returned
+            for stored in (first, second):
+                expected = (1, stored.type, stored.last_updated, "POST", jsonio.parse(stored.body))
+                assert version_of(stored) == expected
         counts = {
             table.name: conn.execute(sa.select(sa.func.count()).select_from(table)).scalar_one()
             for table in tables.INDEX_TABLES
