@@ -7,8 +7,14 @@ Group's members' compartments (``Group/[id]/$export``). Parameters: ``_outputFor
 (``application/fhir+ndjson``, ``application/ndjson`` or ``ndjson``), ``_type`` (types, comma
 separated; default every type the caller may read, at patient level those in the patient
 compartment), ``_since`` (an instant: resources changed after it) and ``_typeFilter``
-(``Type?search``, searches as the API reads them; several for one type are OR-ed). Anything
-else is refused (400) rather than ignored.
+(``Type?search``, searches as the API reads them; a value may list several, comma separated,
+and several for one type are OR-ed; result parameters such as ``_sort`` or ``_count`` in one
+are refused). Anything else is refused (400) rather than ignored.
+
+A Group export takes the Group's current members: ``member.entity`` Patients that are not
+``inactive`` and whose ``period`` (if any) holds now. At Patient and Group level, the
+Provenance resources whose ``target`` is a resource of an exported type in one of the export's
+compartments come too (the IG's rule when ``includeAssociatedData`` is not offered).
 
 What is exported is the store as it was at the manifest's ``transactionTime``, two seconds
 before the job started (so that a write in flight when it starts is either in this export or
@@ -22,8 +28,14 @@ Files are written straight from the stored bytes, ``LINES_PER_FILE`` resources a
 flat whatever the size, and each row is read once.
 
 Only tokens with a ``system/`` read scope may export (SMART Backend Services: an admin or an
-auditor account), and only the types their scopes and role may read. Each export is recorded
-as an AuditEvent (who, what was asked, how many resources).
+auditor account), and only the types their ``system/`` scopes and role may read; the job's
+status and files ask the same of the token that fetches them (:func:`authorize`). Each export
+is recorded as an AuditEvent (who, what was asked, how many resources).
+
+At most :data:`MOST_RUNNING` exports run at once on a node (more: 429). A cancelled job stops
+at its next check (before each file, and at each heartbeat while it writes) and deletes its
+own folder. A finished job's files are kept :data:`RETENTION_SECONDS` (the manifest's
+``Expires``) and deleted at the first bulk request after that (:func:`forget_expired`).
 """
 
 from __future__ import annotations
@@ -42,11 +54,11 @@ from sqlalchemy.engine import Connection
 
 from consent.model import EMERGENCY, PURPOSES, RESEARCH
 from fhir_adapters.definitions import patient_compartment
-from fhir_adapters.errors import Forbidden, InvalidRequest, NotFound
+from fhir_adapters.errors import FhirError, Forbidden, InvalidRequest, NotFound
 from fhir_adapters.store import Stored, format_instant, jsonio, now_micros, tables
 from fhir_adapters.store.resources import RESOURCE_TYPES
 from fhir_adapters.store.search import Access, match_query, parse_search
-from fhir_adapters.store.search_params import index_values, parse_reference
+from fhir_adapters.store.search_params import date_range, index_values, parse_reference
 from node.flows import bulk_jobs, member_export
 from node.flows.access_decision import RESULT_TYPES
 from node.flows.export_files import LINES_PER_FILE
@@ -62,9 +74,56 @@ MEMBER_PARAMETERS = ("source", "purpose", "category", "study")  # a Group's expo
 STUDY_STATUSES = ("approved", "active")  # a ResearchStudy a research export may be for
 BATCH = 1000
 SETTLE_SECONDS = 2  # transactionTime lies this far before the job starts (see the module)
+MOST_RUNNING = 4  # exports running at once on a node; one more is refused (429)
+RETRY_SECONDS = 30  # Retry-After of that 429
+RETENTION_SECONDS = 24 * 3600  # a finished export's files are kept this long (Expires)
+RESULT_PARAMETERS = (  # search result parameters the IG forbids in a _typeFilter
+    "_sort",
+    "_include",
+    "_revinclude",
+    "_count",
+    "_summary",
+    "_elements",
+    "_total",
+    "_contained",
+    "_containedType",
+)
+# where a _typeFilter value's next query starts: a comma before "Type?" (a comma in a search
+# value is escaped, \,)
+_NEXT_QUERY = re.compile(r"(?<!\\),(?=[A-Z][A-Za-z]+\?)")
 _INSTANT = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,9})?(Z|[+-]\d{2}:\d{2})")
 
 R, V, C = tables.resources, tables.versions, tables.compartment
+REF = tables.references
+
+
+class Busy(FhirError):
+    """429: the node runs as many exports as it takes; ask again after ``RETRY_SECONDS``."""
+
+    status = 429
+    code = "throttled"
+
+
+def bulk_readable(principal: Principal) -> tuple[str, ...]:
+    """The types ``principal`` may export: readable and searchable through its ``system/``
+    scopes (a ``user/`` or ``patient/`` scope does not widen a bulk export) and its role."""
+    system = replace(principal, scopes=tuple(s for s in principal.scopes if s.context == "system"))
+    return tuple(t for t in RESOURCE_TYPES if system.allows(t, "r") and system.allows(t, "s"))
+
+
+def authorize(principal: Principal, job: bulk_jobs.Job) -> None:
+    """403 unless ``principal`` may export every type of the export ``job`` (its status and
+    files ask what its kick-off asked); the job is the principal's (404 otherwise) already."""
+    readable = set(bulk_readable(principal))
+    missing = [t for t in job.request.get("types", []) if t not in readable]
+    if missing:
+        raise Forbidden(
+            f"{principal.username}'s token may not read "
+            + ", ".join(missing[:5])
+            + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+            + " through a system/ scope: this export's status and files need a token whose "
+            "system/ scopes cover every type it exports"
+        )
 
 
 @dataclass(frozen=True)
@@ -80,6 +139,7 @@ class ExportRequest:
     categories: tuple[str, ...] = ()  # the data categories asked of members
     study: str | None = None  # ResearchStudy/{id}: what a research export (HRESCH) is for
     study_hash: str | None = None  # the hash of its version when the export was asked
+    patients: tuple[str, ...] = ()  # a POST kick-off's ``patient``: only these (none: all)
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -94,6 +154,7 @@ class ExportRequest:
             "categories": list(self.categories),
             "study": self.study,
             "study_hash": self.study_hash,
+            "patients": list(self.patients),
         }
 
     @classmethod
@@ -110,6 +171,7 @@ class ExportRequest:
             tuple(value.get("categories", ())),
             value.get("study"),
             value.get("study_hash"),
+            tuple(value.get("patients", ())),
         )
 
 
@@ -120,20 +182,26 @@ def parse_export(
     group: str | None,
     query: Sequence[tuple[str, str]],
     url: str,
+    *,
+    posted: bool = False,
 ) -> ExportRequest:
-    """The export asked for, checked: 400 for what the IG or this server does not allow, 403
-    for what the caller may not read."""
+    """The export asked for (``query``: a GET's query, or a POST's Parameters as
+    :func:`posted_query` reads them), checked: 400 for what the IG or this server does not
+    allow, 403 for what the caller may not read."""
     if not any(scope.context == "system" for scope in principal.scopes):
         raise Forbidden(
             f"{principal.username} may not export: bulk export needs a token with a system/ "
             "read scope (SMART Backend Services), held by an admin or an auditor account"
         )
     values: dict[str, list[str]] = {}
+    supported = PARAMETERS + MEMBER_PARAMETERS + (("patient",) if posted else ())
     for name, value in query:
-        if name not in PARAMETERS + MEMBER_PARAMETERS:
+        if name not in supported:
             raise InvalidRequest(
-                f"$export does not support the parameter {name!r}; supported: "
-                + ", ".join(PARAMETERS + MEMBER_PARAMETERS)
+                f"$export does not support the parameter {name!r}"
+                + (" in a GET kick-off (POST it in a Parameters body)" if name == "patient" else "")
+                + "; supported: "
+                + ", ".join(supported)
             )
         values.setdefault(name, []).append(value)
     for output_format in values.get("_outputFormat", []):
@@ -143,7 +211,7 @@ def parse_export(
                 + ", ".join(FORMATS)
             )
     in_compartment = {t for t in RESOURCE_TYPES if patient_compartment(t)} | {"Patient"}
-    readable = [t for t in RESOURCE_TYPES if principal.allows(t, "r") and principal.allows(t, "s")]
+    readable = bulk_readable(principal)
     asked = [t.strip() for v in values.get("_type", []) for t in v.split(",") if t.strip()]
     for resource_type in asked:
         if resource_type not in RESOURCE_TYPES:
@@ -168,19 +236,67 @@ def parse_export(
             )
         since = int(datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp() * 10**6)
     filters: dict[str, list[str]] = {}
-    for text in values.get("_typeFilter", []):
+    for text in (q for v in values.get("_typeFilter", []) for q in _NEXT_QUERY.split(v)):
         resource_type, _, search = text.partition("?")
         if resource_type not in types:
             raise InvalidRequest(
                 f"_typeFilter {text!r}: {resource_type or 'no type'} is not among the exported "
                 "types"
             )
-        parse_search(resource_type, parse_qsl(search, keep_blank_values=True))  # 400 if wrong
+        query = parse_qsl(search, keep_blank_values=True)
+        for name, _ in query:
+            if name.partition(":")[0] in RESULT_PARAMETERS:
+                raise InvalidRequest(
+                    f"_typeFilter {text!r}: {name} is a search result parameter, which a "
+                    "_typeFilter may not hold (" + ", ".join(RESULT_PARAMETERS) + ")"
+                )
+        parse_search(resource_type, query)  # 400 if wrong
         filters.setdefault(resource_type, []).append(search)
     request = ExportRequest(level, group, types, since, filters, url)
+    if "patient" in values:
+        request = replace(request, patients=_patients(level, values["patient"]))
     if any(name in values for name in MEMBER_PARAMETERS):
         return _from_members(svc, principal, request, values, bool(asked))
     return request
+
+
+def _patients(level: str, references: list[str]) -> tuple[str, ...]:
+    """The ids of a POST kick-off's ``patient`` references (Patient and Group level only)."""
+    if level == "system":
+        raise InvalidRequest(
+            "patient: a system-level export takes no patient (use Patient/$export or "
+            "Group/[id]/$export)"
+        )
+    patients = []
+    for reference in references:
+        target = parse_reference(reference)
+        if target is None or target[0] != "Patient":
+            raise InvalidRequest(f"patient: {reference!r} is not a reference Patient/[id]")
+        patients.append(target[1])
+    if len(set(patients)) > MOST_MEMBERS:
+        raise InvalidRequest(f"patient: at most {MOST_MEMBERS:,} patients in one export")
+    return tuple(sorted(set(patients)))
+
+
+def posted_query(body: Any) -> list[tuple[str, str]]:
+    """A POST kick-off's Parameters as (name, value) pairs, as a GET's query would give them:
+    each parameter's one primitive ``value[x]``; ``patient`` a ``valueReference``."""
+    if not isinstance(body, dict) or body.get("resourceType") != "Parameters":
+        raise InvalidRequest("a POST $export takes a Parameters resource")
+    query = []
+    for parameter in body.get("parameter", []):
+        name = parameter.get("name", "")
+        if name == "patient":
+            reference = (parameter.get("valueReference") or {}).get("reference")
+            if not isinstance(reference, str):
+                raise InvalidRequest("patient: give a valueReference with a reference")
+            query.append((name, reference))
+            continue
+        values = [v for k, v in parameter.items() if k.startswith("value")]
+        if len(values) != 1 or not isinstance(values[0], str) or "part" in parameter:
+            raise InvalidRequest(f"parameter {name!r}: give it one value[x] of a string type")
+        query.append((name, values[0]))
+    return query
 
 
 def _from_members(
@@ -290,6 +406,10 @@ def start_export(svc: Services, caller: Caller, request: ExportRequest) -> bulk_
     assert principal is not None
     if request.level == "group":
         _group(svc, str(request.group))  # 404 now rather than a failed job
+    if bulk_jobs.running(svc, "export") >= MOST_RUNNING:
+        raise Busy(
+            f"this node runs {MOST_RUNNING} exports at once already; ask again in {RETRY_SECONDS} s"
+        )
     job = bulk_jobs.new_job(svc, "export", principal.username, request.as_json())
     _run_in_background(svc, caller, job)
     return job
@@ -297,7 +417,12 @@ def start_export(svc: Services, caller: Caller, request: ExportRequest) -> bulk_
 
 def _run_in_background(svc: Services, caller: Caller, job: bulk_jobs.Job) -> None:
     request = ExportRequest.from_json(job.request)
-    bulk_jobs.start(svc, job, lambda: export(svc, caller, job, request))
+    bulk_jobs.start(
+        svc,
+        job,
+        lambda: export(svc, caller, job, request),
+        lambda: shutil.rmtree(export_folder(svc, job.id), ignore_errors=True),
+    )
 
 
 def export_status(svc: Services, caller: Caller, job: bulk_jobs.Job) -> bulk_jobs.Job:
@@ -305,6 +430,30 @@ def export_status(svc: Services, caller: Caller, job: bulk_jobs.Job) -> bulk_job
     if job.stale and bulk_jobs.take_over(svc, job):
         _run_in_background(svc, caller, job)
     return job
+
+
+def cancel_export(svc: Services, job: bulk_jobs.Job) -> None:
+    """Cancel the export: a running one's thread stops at its next check and deletes its
+    files and record itself; an ended one's are deleted here."""
+    if not bulk_jobs.cancel(svc, job.id):
+        _forget(svc, job.id)
+
+
+def expires(job: bulk_jobs.Job) -> int:
+    """When a finished export's files are deleted (µs)."""
+    return (job.finished or job.created) + RETENTION_SECONDS * 10**6
+
+
+def forget_expired(svc: Services) -> None:
+    """Delete the files and records of exports kept past :data:`RETENTION_SECONDS`, and of
+    cancelled ones that lost their thread (asked at each bulk request: no thread polls)."""
+    for job_id in bulk_jobs.expired(svc, "export", now_micros() - RETENTION_SECONDS * 10**6):
+        _forget(svc, job_id)
+
+
+def _forget(svc: Services, job_id: str) -> None:
+    shutil.rmtree(export_folder(svc, job_id), ignore_errors=True)
+    bulk_jobs.forget(svc, job_id)
 
 
 def export_files(svc: Services, job: bulk_jobs.Job) -> dict[str, Path]:
@@ -336,7 +485,12 @@ def export(
     output: list[dict[str, Any]] = []
     state = {"resources": 0, "now": ""}  # the job's progress: written, and what it is at
     beats = _Beats(svc, job.id, state)
+    beats.check()  # cancelled before it began: stop before writing anything
     group, members = _group(svc, str(request.group)) if request.level == "group" else (None, None)
+    if request.patients:  # a POST kick-off's patient: only these of the Group, or of all
+        members = sorted(
+            set(request.patients).intersection(request.patients if members is None else members)
+        )
     errors: list[dict[str, Any]] = []
     if request.sources:
         output, errors = member_export.export_from_members(
@@ -347,7 +501,7 @@ def export(
             state["now"] = resource_type
             with svc.database.engine.connect() as conn:
                 rows = _rows(conn, svc, request, resource_type, transaction_time, members)
-                for number, count in _write_files(folder, resource_type, rows, beats):
+                for number, count in _write_files(folder, resource_type, rows, beats, beats.check):
                     name = f"{resource_type}-{number}.ndjson"
                     output.append(
                         {
@@ -365,8 +519,9 @@ def export(
     }
     if request.since is not None and not request.sources:
         manifest["deleted"] = _write_deletions(
-            svc, request, transaction_time, members, folder, base, job.id
+            svc, request, transaction_time, members, folder, base, job.id, beats.check
         )
+    beats.check()  # cancelled while it wrote: no audit of an export nobody gets
     _audit(svc, caller, request, sum(item["count"] for item in output), group, members or [])
     return manifest
 
@@ -379,6 +534,7 @@ def _write_deletions(
     folder: Path,
     base: str,
     job_id: str,
+    check: Callable[[], None],
 ) -> list[dict[str, Any]]:
     """The manifest's ``deleted`` items (the IG: with ``_since``, the resources deleted since,
     as transaction Bundles of DELETE entries, a thousand a Bundle) and their files."""
@@ -405,7 +561,7 @@ def _write_deletions(
             "url": f"{base}/$bulk-file/{job_id}/deleted-{number}.ndjson",
             "count": count,
         }
-        for number, count in _write_files(folder, "deleted", bundles(), lambda written: None)
+        for number, count in _write_files(folder, "deleted", bundles(), lambda written: None, check)
     ]
 
 
@@ -471,14 +627,23 @@ class _Beats:
         self.state["resources"] += written
         now = now_micros()
         if now - self.last >= bulk_jobs.HEARTBEAT_SECONDS * 10**6:
-            self.last = now
-            bulk_jobs.beat(self.svc, self.job_id, dict(self.state))
+            self.check()
+
+    def check(self) -> None:
+        """Beat now: :class:`~node.flows.bulk_jobs.Cancelled` if the job was cancelled."""
+        self.last = now_micros()
+        bulk_jobs.beat(self.svc, self.job_id, dict(self.state))
 
 
 def _write_files(
-    folder: Path, resource_type: str, rows: Iterator[bytes], advance: Callable[[int], None]
+    folder: Path,
+    resource_type: str,
+    rows: Iterator[bytes],
+    advance: Callable[[int], None],
+    check: Callable[[], None],
 ) -> Iterator[tuple[int, int]]:
-    """Write ``rows`` into ``<type>-<n>.ndjson`` files; (n, lines) of each file written."""
+    """Write ``rows`` into ``<type>-<n>.ndjson`` files; (n, lines) of each file written.
+    ``check`` is called before each file is begun (it raises to stop)."""
     number, count = 0, 0
     handle: BinaryIO | None = None
     pending = 0
@@ -488,6 +653,7 @@ def _write_files(
                 if handle is not None:
                     handle.close()
                     yield number, count
+                check()
                 number, count = number + 1, 0
                 handle = (folder / f"{resource_type}-{number}.ndjson").open("wb")
             handle.write(body)
@@ -575,7 +741,34 @@ def _scope(request: ExportRequest, resource_type: str, members: list[str] | None
     in_compartment = sa.exists().where(C.c.res_pk == R.c.res_pk)
     if members is not None:
         in_compartment = in_compartment.where(C.c.patient_id.in_(members))
+    if resource_type == "Provenance":
+        return sa.or_(in_compartment, _provenance_of_exported(request, members))
     return in_compartment
+
+
+def _provenance_of_exported(request: ExportRequest, members: list[str] | None) -> Any:
+    """The condition on a Provenance row that one of its ``target`` references is a resource
+    of an exported type in one of the export's compartments (a Patient's: the compartment
+    itself)."""
+    T, K = R.alias("target"), C.alias("target_compartment")
+    exported = [t for t in request.types if t not in ("Patient", "Provenance")]
+    in_compartment = sa.exists().where(K.c.res_pk == T.c.res_pk)
+    if members is not None:
+        in_compartment = in_compartment.where(K.c.patient_id.in_(members))
+    return (
+        sa.exists()
+        .where(
+            REF.c.res_pk == R.c.res_pk,
+            REF.c.type == "Provenance",
+            REF.c.param == "target",
+            REF.c.target_type.in_(exported),
+            T.c.type == REF.c.target_type,
+            T.c.id == REF.c.target_id,
+            T.c.deleted.is_(False),
+            in_compartment,
+        )
+        .correlate(R)
+    )
 
 
 def _filtered(
@@ -606,10 +799,14 @@ MOST_MEMBERS = 10_000  # members of a Group exported at once (each is a bound pa
 
 
 def _group(svc: Services, group_id: str) -> tuple[Stored, list[str]]:
-    """The Group and the ids of the Patients it names (``member.entity``); 404 without it."""
+    """The Group and the ids of the Patients it names as its members now (``member.entity``,
+    neither ``inactive`` nor outside its ``period``); 404 without it."""
     stored = svc.store.read("Group", group_id)
     members = []
+    now = now_micros()
     for member in stored.resource().get("member", []):
+        if not _member_now(member, now):
+            continue
         reference = (member.get("entity") or {}).get("reference", "")
         target = parse_reference(reference, svc.store.base_url)
         if target is not None and target[0] == "Patient":
@@ -621,6 +818,22 @@ def _group(svc: Services, group_id: str) -> tuple[Stored, list[str]]:
             f"{MOST_MEMBERS:,} (split the Group)"
         )
     return stored, members
+
+
+def _member_now(member: dict[str, Any], now: int) -> bool:
+    """Whether a ``Group.member`` is a member at ``now`` (µs): not ``inactive`` ("no longer in
+    the group"), its ``period`` begun and not ended (a partial date covers its whole span)."""
+    if member.get("inactive") is True:
+        return False
+    period = member.get("period") or {}
+    try:
+        if period.get("start") and date_range(period["start"])[0] > now:
+            return False
+        if period.get("end") and date_range(period["end"])[1] <= now:
+            return False
+    except ValueError:  # a Group the store took has valid dates; be safe all the same
+        return False
+    return True
 
 
 def _audit(

@@ -7,6 +7,11 @@ than :data:`STALE_SECONDS` lost its process (a restart, a crash): the next statu
 it, in whichever process, runs it again (an export of this node's own data from the start;
 an export from other members and an import from where they stopped). Only the user who asked
 sees a job; to anyone else it does not exist (404).
+
+A job is cancelled by marking it so (:func:`cancel`); its thread notices at its next heartbeat
+or check (:class:`Cancelled`), discards what it wrote and forgets the job itself, so that
+nothing is deleted under a thread still writing. A finished job's record and files go when
+they are deleted or expire (:func:`expired`).
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from fhir_adapters.errors import NotFound
+from fhir_adapters.errors import FhirError, NotFound
 from fhir_adapters.store import now_micros
 from node.db.schema import bulk_jobs_table as J
 from node.services import Services
@@ -106,22 +111,57 @@ def beat(svc: Services, job_id: str, progress: dict[str, Any]) -> None:
         raise Cancelled
 
 
-def finish(svc: Services, job_id: str, state: str, result: dict[str, Any]) -> None:
+def finish(svc: Services, job_id: str, state: str, result: dict[str, Any]) -> bool:
+    """Record how a running job ended; False when it was no longer running (cancelled)."""
     with svc.database.write_engine.begin() as conn:
-        conn.execute(
+        updated = conn.execute(
             J.update()
             .where(J.c.id == job_id, J.c.state == RUNNING)
             .values(state=state, finished=now_micros(), result=json.dumps(result))
-        )
+        ).rowcount
+    return bool(updated)
 
 
-def cancel(svc: Services, job_id: str) -> None:
+def cancel(svc: Services, job_id: str) -> bool:
+    """Mark a running job cancelled; True when it was running (its thread, if it still has
+    one, then discards its work), False when it had ended already."""
     with svc.database.write_engine.begin() as conn:
-        conn.execute(
+        updated = conn.execute(
             J.update()
             .where(J.c.id == job_id, J.c.state == RUNNING)
             .values(state=CANCELLED, finished=now_micros())
-        )
+        ).rowcount
+    return bool(updated)
+
+
+def running(svc: Services, kind: str) -> int:
+    """How many jobs of ``kind`` are running now (a job whose process was lost is not)."""
+    alive = now_micros() - STALE_SECONDS * 10**6
+    with svc.database.engine.connect() as conn:
+        count = conn.execute(
+            sa.select(sa.func.count())
+            .select_from(J)
+            .where(J.c.kind == kind, J.c.state == RUNNING, J.c.heartbeat >= alive)
+        ).scalar_one()
+    return int(count)
+
+
+def expired(svc: Services, kind: str, ended_before: int) -> list[str]:
+    """The jobs of ``kind`` to forget: ended (done or failed) before ``ended_before`` (µs), or
+    cancelled with no thread left to discard their work (no heartbeat for
+    :data:`STALE_SECONDS`)."""
+    lost = now_micros() - STALE_SECONDS * 10**6
+    with svc.database.engine.connect() as conn:
+        rows = conn.execute(
+            sa.select(J.c.id).where(
+                J.c.kind == kind,
+                sa.or_(
+                    sa.and_(J.c.state.in_((DONE, FAILED)), J.c.finished < ended_before),
+                    sa.and_(J.c.state == CANCELLED, J.c.heartbeat < lost),
+                ),
+            )
+        ).all()
+    return [row.id for row in rows]
 
 
 def forget(svc: Services, job_id: str) -> None:
@@ -129,21 +169,48 @@ def forget(svc: Services, job_id: str) -> None:
         conn.execute(J.delete().where(J.c.id == job_id))
 
 
-def start(svc: Services, job: Job, work: Callable[[], dict[str, Any]]) -> None:
-    """Run ``work`` (which returns the job's result) in a thread of this process."""
+def start(
+    svc: Services,
+    job: Job,
+    work: Callable[[], dict[str, Any]],
+    discard: Callable[[], None] | None = None,
+) -> threading.Thread:
+    """Run ``work`` (which returns the job's result) in a thread of this process; the thread.
+    When the job is cancelled (:class:`Cancelled` from a heartbeat, or found cancelled when it
+    ends), ``discard`` removes what it wrote and the job is forgotten: no error is logged."""
+
+    def stopped() -> None:
+        log.info("bulk %s job %s stopped: it was cancelled", job.kind, job.id)
+        if discard is not None:
+            discard()
+        forget(svc, job.id)
 
     def run() -> None:
         try:
             result = work()
         except Cancelled:
+            stopped()
             return
         except Exception as exc:  # the job fails; the node goes on
+            if not finish(svc, job.id, FAILED, {"error": failure(exc)}):
+                stopped()  # cancelled while it ran: whatever broke, nobody waits for it
+                return
             log.exception("bulk %s job %s failed", job.kind, job.id)
-            finish(svc, job.id, FAILED, {"error": f"{type(exc).__name__}: {exc}"[:500]})
             return
-        finish(svc, job.id, DONE, result)
+        if not finish(svc, job.id, DONE, result):
+            stopped()
 
-    threading.Thread(target=run, name=f"bulk-{job.kind}-{job.id[:8]}", daemon=True).start()
+    thread = threading.Thread(target=run, name=f"bulk-{job.kind}-{job.id[:8]}", daemon=True)
+    thread.start()
+    return thread
+
+
+def failure(exc: Exception) -> str:
+    """What the client is told of a failed job: a client's error as it was said, anything else
+    by its kind only (its message may name the node's paths; the log has it whole)."""
+    if isinstance(exc, FhirError):
+        return str(exc)[:500]
+    return f"{type(exc).__name__} (the node's log has the details)"
 
 
 def take_over(svc: Services, job: Job) -> bool:

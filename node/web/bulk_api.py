@@ -4,15 +4,20 @@ views parse and answer; the work is :mod:`node.flows.bulk_export`'s and
 :mod:`node.flows.bulk_import`'s. Errors are OperationOutcomes, as everywhere under /fhir.
 
 ``GET /fhir/$export``, ``/fhir/Patient/$export``, ``/fhir/Group/<id>/$export`` with
-``Prefer: respond-async``: 202 and ``Content-Location`` (the status URL). ``GET`` the status:
+``Prefer: respond-async`` (or ``POST`` them a Parameters body, which may also name ``patient``
+references): 202 and ``Content-Location`` (the status URL). ``GET`` the status:
 202 with ``X-Progress`` and ``Retry-After`` while it runs, 200 and the manifest when done.
 ``DELETE`` it: 202; the job stops and its files are deleted. Files: ``GET`` with the same
-token (``requiresAccessToken``), ``application/fhir+ndjson``.
+token (``requiresAccessToken``), ``application/fhir+ndjson``. The status, files and DELETE of
+an export ask what its kick-off asked: the user who asked, with a token whose ``system/``
+scopes cover every type it exports. A 202 has no body, and no Content-Type. Each bulk request
+first deletes the exports kept past their ``Expires``.
 """
 
 from __future__ import annotations
 
-import shutil
+from datetime import UTC, datetime
+from email.utils import format_datetime
 
 from flask import Blueprint, Response, request, send_file
 
@@ -28,20 +33,36 @@ RETRY_SECONDS = 2
 
 @bp.errorhandler(FhirError)
 def fhir_error(exc: FhirError) -> Response:
-    return Response(jsonio.dump(exc.outcome()), exc.status, content_type=FHIR_JSON)
+    response = Response(jsonio.dump(exc.outcome()), exc.status, content_type=FHIR_JSON)
+    if isinstance(exc, bulk_export.Busy):
+        response.headers["Retry-After"] = str(bulk_export.RETRY_SECONDS)
+    return response
 
 
-@bp.route("/$export", methods=["GET"])
+@bp.before_request
+def forget_expired() -> None:
+    """Exports past their ``Expires`` go now (no thread polls for them)."""
+    bulk_export.forget_expired(services())
+
+
+def _accepted() -> Response:
+    """202 with an empty body and no Content-Type (Flask would say text/html)."""
+    response = Response(status=202)
+    del response.headers["Content-Type"]
+    return response
+
+
+@bp.route("/$export", methods=["GET", "POST"])
 def export_system() -> Response:
     return _kick_off("system", None)
 
 
-@bp.route("/Patient/$export", methods=["GET"])
+@bp.route("/Patient/$export", methods=["GET", "POST"])
 def export_patients() -> Response:
     return _kick_off("patient", None)
 
 
-@bp.route("/Group/<group_id>/$export", methods=["GET"])
+@bp.route("/Group/<group_id>/$export", methods=["GET", "POST"])
 def export_group(group_id: str) -> Response:
     return _kick_off("group", group_id)
 
@@ -54,11 +75,17 @@ def _kick_off(level: str, group: str | None) -> Response:
     if not any(kind in accept for kind in (FHIR_JSON, "application/json", "*/*")):
         raise InvalidRequest(f"$export answers in {FHIR_JSON}, not {accept!r}")
     url = services().config.url.rstrip("/") + request.full_path.rstrip("?")
+    if request.method == "POST":
+        if request.args:
+            raise InvalidRequest("a POST $export takes its parameters in the body, not the URL")
+        query = bulk_export.posted_query(jsonio.parse(request.get_data(), "the Parameters"))
+    else:
+        query = list(request.args.items(multi=True))
     asked = bulk_export.parse_export(
-        services(), principal, level, group, list(request.args.items(multi=True)), url
+        services(), principal, level, group, query, url, posted=request.method == "POST"
     )
     job = bulk_export.start_export(services(), caller(), asked)
-    response = Response(status=202)
+    response = _accepted()
     response.headers["Content-Location"] = _status_url(job.id)
     return response
 
@@ -76,16 +103,20 @@ def import_kick_off() -> Response:
     files = bulk_import.parse_import(services(), principal, body)
     url = services().config.url.rstrip("/") + request.path
     job = bulk_import.start_import(services(), caller(), files, url)
-    response = Response(status=202)
+    response = _accepted()
     response.headers["Content-Location"] = _status_url(job.id)
     return response
 
 
 def _job(job_id: str) -> bulk_jobs.Job:
-    """The caller's job, going again if its process was lost."""
+    """The caller's job, going again if its process was lost: 404 if it is not theirs or was
+    cancelled, 403 if the token may not export what an export job exports."""
     principal = authenticate()
     job = bulk_jobs.get_job(services(), job_id, principal.username)
+    if job.state == bulk_jobs.CANCELLED:
+        raise NotFound(f"no bulk data job {job_id} of yours is known here")
     if job.kind == "export":
+        bulk_export.authorize(principal, job)
         return bulk_export.export_status(services(), caller(), job)
     return bulk_import.import_status(services(), caller(), job)
 
@@ -94,16 +125,26 @@ def _job(job_id: str) -> bulk_jobs.Job:
 def status(job_id: str) -> Response:
     job = _job(job_id)
     if job.state == bulk_jobs.RUNNING:
-        response = Response(status=202)
+        response = _accepted()
         response.headers["X-Progress"] = _progress(job)
         response.headers["Retry-After"] = str(RETRY_SECONDS)
         return response
     if job.state == bulk_jobs.DONE:
-        return Response(jsonio.dump(job.result), 200, content_type="application/json")
+        response = Response(jsonio.dump(job.result), 200, content_type="application/json")
+        if job.kind == "export":
+            expires = datetime.fromtimestamp(bulk_export.expires(job) / 10**6, UTC)
+            response.headers["Expires"] = format_datetime(expires, usegmt=True)
+        return response
     error = (job.result or {}).get("error", job.state)
     outcome = {
         "resourceType": "OperationOutcome",
-        "issue": [{"severity": "error", "code": "exception", "diagnostics": f"{job.kind} {error}"}],
+        "issue": [
+            {
+                "severity": "error",
+                "code": "exception",
+                "diagnostics": f"the {job.kind} job failed: {error}",
+            }
+        ],
     }
     return Response(jsonio.dump(outcome), 500, content_type=FHIR_JSON)
 
@@ -119,13 +160,15 @@ def _progress(job: bulk_jobs.Job) -> str:
 
 @bp.route("/$bulk-status/<job_id>", methods=["DELETE"])
 def cancel(job_id: str) -> Response:
-    """Stop the job (an import keeps what it stored), delete its files, forget it."""
+    """Stop the job (an import keeps what it stored), delete its files, forget it (a running
+    export's thread does, at its next check; to the client it is gone at once)."""
     job = _job(job_id)
-    bulk_jobs.cancel(services(), job.id)
     if job.kind == "export":
-        shutil.rmtree(bulk_export.export_folder(services(), job.id), ignore_errors=True)
-    bulk_jobs.forget(services(), job.id)
-    return Response(status=202)
+        bulk_export.cancel_export(services(), job)
+    else:
+        bulk_jobs.cancel(services(), job.id)
+        bulk_jobs.forget(services(), job.id)
+    return _accepted()
 
 
 @bp.route("/$bulk-file/<job_id>/<name>", methods=["GET"])
