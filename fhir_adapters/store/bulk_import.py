@@ -13,6 +13,11 @@ Files are read in the order their first lines' types usually refer to each other
 (Organizations and Patients before Encounters before Observations...), so that with one
 type per file, as Bulk Data exports are written, hardly anything is held.
 
+Two rules of the caller's may refuse more lines: a file declared to hold one type refuses a
+line of another (``source_types``), and ``forbidden`` (the caller's write rights) refuses a
+line whose type the caller may not create, or update when it is stored already. Such a line
+is refused as any other is: reported, kept aside, never stored.
+
 Restartable: every group's transaction also records, per file, how many lines and bytes are
 settled (stored, held or refused) and the counts; a job run again with the same id resumes
 after the last settled line, and since ids are kept a line read twice is never stored twice.
@@ -90,6 +95,16 @@ TYPE_ORDER = (
     "DiagnosticReport",
 )
 KEY_SEPARATOR = "/"
+
+WriteRights = Callable[[str, bool], str | None]
+"""The caller's write rights, as ``forbidden(resource type, creating)``: None when a line of
+that type may be stored (created when ``creating``, else a new version of a stored resource),
+else why not. A resource stored but deleted is created again, as ``PUT`` would."""
+
+
+def nothing_forbidden(resource_type: str, creating: bool) -> str | None:
+    """Every hosted type may be written (the node's operator importing on the command line)."""
+    return None
 
 
 @dataclass(frozen=True)
@@ -245,10 +260,18 @@ class BulkImport:
         actor: Any = None,
         progress: Callable[[Progress], None] | None = None,
         cancelled: Callable[[], bool] | None = None,
+        source_types: Sequence[str | None] | None = None,
+        forbidden: WriteRights = nothing_forbidden,
     ) -> None:
+        """``source_types``: per source, the one type its lines must have (None: any);
+        ``forbidden``: the caller's write rights (:data:`WriteRights`)."""
         self.store = store
         self.job = job
         self.sources = list(sources)
+        self.source_types = list(source_types or [None] * len(self.sources))
+        if len(self.source_types) != len(self.sources):
+            raise ValueError("one declared type (or None) per source")
+        self.forbidden = forbidden
         self.workers = (os.cpu_count() or 1) if workers is None else workers
         self.actor = actor
         self.progress = progress
@@ -298,6 +321,26 @@ class BulkImport:
             for source, line, reason, text in rows:
                 yield Refusal(str(self.sources[source]), line, reason, bytes(text))
 
+    def source_counts(self) -> list[Counts]:
+        """What became of each source's lines, in the order of :attr:`sources` (earlier runs
+        of the job included)."""
+        P, L = tables.import_positions, tables.import_lines
+        counts = [Counts() for _ in self.sources]
+        with self.store.engine.connect() as conn:
+            for source, created, updated, unchanged, refused in conn.execute(
+                sa.select(P.c.source, P.c.created, P.c.updated, P.c.unchanged, P.c.refused).where(
+                    P.c.job == self.job
+                )
+            ):
+                counts[source] = Counts(int(created), int(updated), int(unchanged), int(refused))
+            for source, held in conn.execute(
+                sa.select(L.c.source, sa.func.count())
+                .where(L.c.job == self.job, L.c.state == "held")
+                .group_by(L.c.source)
+            ):
+                counts[source].held = int(held)
+        return counts
+
     # -- reading -------------------------------------------------------------------------
 
     def _read(self, pool: Any, source: int, line: int, offset: int) -> bool:
@@ -336,13 +379,18 @@ class BulkImport:
         lines held before (the file's position stays where it is)."""
         counts = Counts()
         lines: list[dict[str, Any]] = []
+        prepared: list[Prepared] = []
+        declared = self.source_types[source]
         for item in group:
             if isinstance(item, Refused):
                 lines.append(_line_row(self.job, source, item, "refused", item.reason))
+            elif declared is not None and item.type != declared:
+                reason = f"the input is declared to hold {declared} resources, not {item.type}"
+                lines.append(_line_row(self.job, source, item, "refused", reason))
+            else:
+                prepared.append(item)
         with self.store.writing(self.actor) as writer:
-            ready, waiting = self._resolvable(
-                writer.conn, [i for i in group if isinstance(i, Prepared)]
-            )
+            ready, waiting = self._resolvable(writer.conn, prepared)
             for item, target in waiting:
                 lines.append(_line_row(self.job, source, item, "held", _lacking(target)))
             waiting += self._store(writer, source, ready, counts, lines)
@@ -395,13 +443,22 @@ class BulkImport:
         the whole wave; the rest is written one by one in a savepoint, as the API writes it:
         changed resources (a new version), and the types others observe (Patients,
         Consents), so that an observer refusing one (a Consent the ledger cannot carry)
-        refuses that line alone."""
+        refuses that line alone. A line the caller may not write (:attr:`forbidden`) is
+        refused first."""
         existing = _existing(writer.conn, [item.key for item in items])
-        keys = {item.key for item in items}
-        done: set[tuple[str, str]] = set()
         failed: set[tuple[str, str]] = set()
+        allowed: list[Prepared] = []
+        for item in items:
+            reason = self.forbidden(item.type, existing.get(item.key) is None)
+            if reason is None:
+                allowed.append(item)
+            else:
+                lines.append(_line_row(self.job, source, item, "refused", reason))
+                failed.add(item.key)
+        keys = {item.key for item in allowed}
+        done: set[tuple[str, str]] = set()
         held: list[tuple[Prepared, tuple[str, str]]] = []
-        pending = items
+        pending = allowed
         while pending:
             wave = [i for i in pending if all(t not in keys or t in done for t in i.targets)]
             wave = wave or pending  # references in a circle: all at once
