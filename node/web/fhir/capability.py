@@ -1,6 +1,9 @@
 """The CapabilityStatement at ``/fhir/metadata``: exactly what this server supports, built
 from the same tables the server runs on (types, search parameters, includes), and the limits
-it holds requests to, from the same constants that enforce them."""
+it holds requests to, from the same constants that enforce them. The Bulk Data export is
+declared as the Bulk Data Access IG asks (its operations by their canonical definitions, and
+``instantiates`` its CapabilityStatement); ``$import`` is not, since the import proposal
+publishes no OperationDefinition to name."""
 
 from __future__ import annotations
 
@@ -19,6 +22,12 @@ from node.web.fhir.limits import MAX_BODY_BYTES, MAX_ENTRIES
 PARAM_DEFINITIONS = "http://hl7.org/fhir/SearchParameter/"
 OAUTH_URIS = "http://fhir-registry.smarthealthit.org/StructureDefinition/oauth-uris"
 SCOPES_SUPPORTED = ["patient/*.rs", "user/*.cruds", "system/*.cruds", "patient/*.read", "user/*.*"]
+BULK_DATA = "http://hl7.org/fhir/uv/bulkdata/"  # the Bulk Data Access IG's canonical URLs
+BULK_EXPORTS = {  # where $export runs: the server (None), every Patient, one Group
+    None: BULK_DATA + "OperationDefinition/export",
+    "Patient": BULK_DATA + "OperationDefinition/patient-export",
+    "Group": BULK_DATA + "OperationDefinition/group-export",
+}
 COMMON_PARAMS = [
     {"name": "_id", "type": "token", "definition": PARAM_DEFINITIONS + "Resource-id"},
     {
@@ -81,13 +90,18 @@ def _resource(resource_type: str) -> dict[str, Any]:
     for key in ("searchInclude", "searchRevInclude"):
         if not entry[key]:
             del entry[key]  # FHIR JSON has no empty arrays
+    operations = []
     if resource_type == "Patient":
-        entry["operation"] = [
+        operations.append(
             {
                 "name": "everything",
                 "definition": "http://hl7.org/fhir/OperationDefinition/Patient-everything",
             }
-        ]
+        )
+    if resource_type in BULK_EXPORTS:
+        operations.append({"name": "export", "definition": BULK_EXPORTS[resource_type]})
+    if operations:
+        entry["operation"] = operations
     return entry
 
 
@@ -134,6 +148,7 @@ def capability_statement(config: NodeConfig) -> dict[str, Any]:
         "date": "2026-11-24",
         "publisher": config.name,
         "kind": "instance",
+        "instantiates": [BULK_DATA + "CapabilityStatement/bulk-data"],
         "software": {"name": "hrx", "version": version("hrx")},
         "implementation": {"description": f"hrx node {config.node_id}", "url": config.fhir_base},
         "fhirVersion": "4.0.1",
@@ -172,6 +187,7 @@ def capability_statement(config: NodeConfig) -> dict[str, Any]:
                     {"code": kind, "documentation": f"at most {MAX_ENTRIES} entries"}
                     for kind in ("transaction", "batch")
                 ],
+                "operation": [{"name": "export", "definition": BULK_EXPORTS[None]}],
             }
         ],
     }

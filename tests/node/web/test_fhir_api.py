@@ -397,6 +397,34 @@ def test_capability_statement_lists_what_is_served(node: Node) -> None:
     kinds = {p["name"]: p["type"] for p in resources["Observation"]["searchParam"]}
     assert kinds["component-code-value-quantity"] == "composite" and kinds["_text"] == "string"
     assert {p["name"]: p["type"] for p in resources["Location"]["searchParam"]}["near"] == "special"
+    # the Bulk Data export, as the Bulk Data Access IG names it, at the three levels it runs at
+    bulk = "http://hl7.org/fhir/uv/bulkdata/"
+    assert statement["instantiates"] == [bulk + "CapabilityStatement/bulk-data"]
+    exports = {
+        "system": statement["rest"][0]["operation"],
+        "Patient": [op for op in resources["Patient"]["operation"] if op["name"] == "export"],
+        "Group": resources["Group"]["operation"],
+    }
+    assert exports == {
+        "system": [{"name": "export", "definition": bulk + "OperationDefinition/export"}],
+        "Patient": [{"name": "export", "definition": bulk + "OperationDefinition/patient-export"}],
+        "Group": [{"name": "export", "definition": bulk + "OperationDefinition/group-export"}],
+    }
+    assert [t for t, r in resources.items() if "operation" in r] == ["Group", "Patient"]
+    exporter = node.session(node.token("capability-exporter", "admin", scope="system/*.rs"))
+    group = post(
+        node.session(),
+        f"{node.fhir}/Group",
+        {"resourceType": "Group", "type": "person", "actual": True},
+    ).json()["id"]
+    for url in (
+        f"{node.fhir}/$export",
+        f"{node.fhir}/Patient/$export",
+        f"{node.fhir}/Group/{group}/$export",
+    ):
+        kicked = exporter.get(url, params={"_type": "Patient"}, headers={"Prefer": "respond-async"})
+        assert kicked.status_code == 202, kicked.text  # each declared operation is served
+        assert exporter.delete(kicked.headers["Content-Location"]).status_code == 202
     # every advertised parameter is accepted by the server
     s = node.session()
     every = {"Patient", "Observation", "Encounter", "Condition", "DocumentReference", "Consent"}
