@@ -176,3 +176,23 @@ def test_a_failed_import_leaves_its_audit_event_with_the_counts_reached(
     assert event["outcome"] == "8"
     assert "2 created" in event["outcomeDesc"] and "failed: OSError" in event["outcomeDesc"]
     assert "disk" not in event["outcomeDesc"]  # the kind only: a message may name anything
+
+
+def test_a_resumed_import_job_runs_with_the_rights_of_the_token_that_asked(
+    node_dir: Path, services: Services, tmp_path: Path
+) -> None:
+    source = lines_file(
+        tmp_path / "mixed.ndjson", patient("s1"), glucose("s-g1", "Patient/s1", "5.6")
+    )
+    request = {
+        "files": [str(source)],
+        "types": [None],
+        "urls": [source.as_uri()],
+        "scopes": ["system/Patient.c"],  # what the kick-off's token held
+        "url": "http://127.0.0.1/fhir/$import",
+    }
+    job = bulk_jobs.new_job(services, "import", "loader", request)
+    poller = loader("system/*.cruds")  # the same user polls with a broader token
+    manifest = run_import_job(services, Caller(poller), job)
+    assert manifest["output"][0]["extension"]["urn:hrx:import-counts"]["refused"] == 1
+    assert set(stored(node_dir)) == {("Patient", "s1")}
