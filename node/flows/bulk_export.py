@@ -27,10 +27,11 @@ Files are written straight from the stored bytes, ``LINES_PER_FILE`` resources a
 ``BATCH`` rows at a time in (lastUpdated, row) order through the store's index: memory stays
 flat whatever the size, and each row is read once.
 
-Only tokens with a ``system/`` read scope may export (SMART Backend Services: an admin or an
-auditor account), and only the types their ``system/`` scopes and role may read; the job's
-status and files ask the same of the token that fetches them (:func:`authorize`). Each export
-is recorded as an AuditEvent (who, what was asked, how many resources).
+Only tokens with a ``system/`` read scope may export (issued by ``hrx token issue`` or the
+token endpoint's password grant to an admin or an auditor account), and only the types their
+``system/`` scopes and role may read; the job's status and files ask the same of the token
+that fetches them (:func:`authorize`). Each export is recorded as an AuditEvent (who, what was
+asked, how many resources).
 
 At most :data:`MOST_RUNNING` exports run at once on a node (more: 429). A cancelled job stops
 at its next check (before each file, and at each heartbeat while it writes) and deletes its
@@ -191,7 +192,8 @@ def parse_export(
     if not any(scope.context == "system" for scope in principal.scopes):
         raise Forbidden(
             f"{principal.username} may not export: bulk export needs a token with a system/ "
-            "read scope (SMART Backend Services), held by an admin or an auditor account"
+            "read scope (e.g. from hrx token issue --scope system/*.rs), held by an admin or an "
+            "auditor account"
         )
     values: dict[str, list[str]] = {}
     supported = PARAMETERS + MEMBER_PARAMETERS + (("patient",) if posted else ())

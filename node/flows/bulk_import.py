@@ -409,8 +409,10 @@ def _manifest(
             outcome.refused_reasons.open(encoding="utf-8") as reasons,
             path.open("wb") as outcomes,
         ):
-            for reason in reasons:
-                issue = {"severity": "error", "code": "invalid", "diagnostics": reason.strip()}
+            folder = f"{import_directory(svc).resolve()}/"
+            for reason in reasons:  # the file named as in the import directory, not by path
+                text = reason.strip().removeprefix(folder)
+                issue = {"severity": "error", "code": "invalid", "diagnostics": text}
                 outcomes.write(
                     jsonio.dump({"resourceType": "OperationOutcome", "issue": [issue]}) + b"\n"
                 )

@@ -18,6 +18,7 @@ from fhir_adapters.store.resources import RESOURCE_TYPES
 from node.db.schema import bulk_jobs_table
 from node.flows import bulk_jobs
 from node.flows.bulk_export import SETTLE_SECONDS
+from node.flows.bulk_import import COUNTS_EXTENSION
 from tests.helpers.minimal import minimal
 from tests.helpers.ndjson import cohort_resources, without_server_meta, write_ndjson
 from tests.helpers.nodes import Node, invoke
@@ -302,11 +303,16 @@ def test_a_job_is_its_owners_and_delete_cancels_it(node: Node) -> None:
 
 
 def import_parameters(*files: Path) -> dict[str, Any]:
+    """Each file's input; declared of the type it is named after, if any (``Patient.ndjson``)."""
     inputs = [
         {
             "name": "input",
             "part": [
-                {"name": "type", "valueCode": path.stem},
+                *(
+                    [{"name": "type", "valueCode": path.stem}]
+                    if path.stem in RESOURCE_TYPES
+                    else []
+                ),
                 {"name": "url", "valueUri": path.as_uri()},
             ],
         }
@@ -336,14 +342,20 @@ def test_import_over_fhir_runs_as_a_job_and_reports_refused_lines(node: Node) ->
     )
     assert answer.status_code == 202, answer.text
     manifest = manifest_of(admin, answer.headers["Content-Location"])
-    assert manifest["output"][0]["created"] == len(resources)
+    created = [item["extension"][COUNTS_EXTENSION]["created"] for item in manifest["output"]]
+    assert sum(created) == len(resources)
+    assert [item["inputUrl"] for item in manifest["output"]] == [
+        path.as_uri() for path in (*files, bad)
+    ]
     [error] = manifest["error"]
     assert error["count"] == 2
     outcomes = admin.get(error["url"], timeout=30)
     assert outcomes.status_code == 200
     reasons = [jsonio.parse(line)["issue"][0]["diagnostics"] for line in outcomes.text.splitlines()]
-    assert reasons[0].startswith(f"{bad}:1: ") and "gender" in reasons[0]
-    assert reasons[1].startswith(f"{bad}:2: ") and "not JSON" in reasons[1]
+    # named by the file's name in the import directory, not by the server's path
+    assert reasons[0].startswith("bad.ndjson:1: ") and "gender" in reasons[0]
+    assert reasons[1].startswith("bad.ndjson:2: ") and "not JSON" in reasons[1]
+    assert str(node.directory) not in outcomes.text
     patient = next(r for r in resources if r["resourceType"] == "Patient")
     read = node.session().get(f"{node.fhir}/Patient/{patient['id']}", timeout=30)
     assert read.status_code == 200 and read.json()["name"] == patient["name"]

@@ -101,7 +101,8 @@ def test_only_the_types_the_token_may_write_are_stored_and_the_manifest_says_so(
     assert outcomes.status_code == 200
     [line] = outcomes.text.splitlines()
     diagnostics = jsonio.parse(line)["issue"][0]["diagnostics"]
-    assert diagnostics.startswith(f"{mixed}:2: importer (admin) may not create Observation")
+    named = mixed.relative_to(node.directory / "import")  # not the server's path
+    assert diagnostics.startswith(f"{named}:2: importer (admin) may not create Observation")
     reader = node.session()
     assert reader.get(f"{node.fhir}/Observation/{tag}-g1", timeout=30).status_code == 404
     assert reader.get(f"{node.fhir}/Patient/{tag}-p2", timeout=30).status_code == 200
@@ -122,7 +123,8 @@ def test_a_declared_type_is_held_to(node: Node) -> None:
     [error] = manifest["error"]
     outcomes = session.get(error["url"], timeout=30).text.splitlines()
     assert [jsonio.parse(line)["issue"][0]["diagnostics"] for line in outcomes] == [
-        f"{source}:2: the input is declared to hold Patient resources, not Observation"
+        f"{source.relative_to(node.directory / 'import')}:2: the input is declared to hold "
+        "Patient resources, not Observation"
     ]
     assert node.session().get(f"{node.fhir}/Observation/{tag}-g1").status_code == 404
 
