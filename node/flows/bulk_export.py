@@ -17,9 +17,9 @@ Provenance resources whose ``target`` is a resource of an exported type in one o
 compartments come too (the IG's rule when ``includeAssociatedData`` is not offered).
 
 What is exported is the store as it was at the manifest's ``transactionTime``, two seconds
-before the job started (so that a write in flight when it starts is either in this export or
-after this ``transactionTime``: a client that asks again with ``_since`` equal to it misses
-nothing and gets nothing twice). A resource changed after that keeps its version of then;
+before the job started; before reading, the export waits for every write begun by then to end
+(:func:`_wait_for_older_writes`), so that a client that asks again with ``_since`` equal to it
+misses nothing and gets nothing twice. A resource changed after that keeps its version of then;
 one created after it is left out. With ``_since``, the manifest's ``deleted`` lists what was
 deleted since (transaction Bundles of DELETE entries, as the IG asks).
 
@@ -43,9 +43,10 @@ from __future__ import annotations
 
 import re
 import shutil
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, BinaryIO
 from urllib.parse import parse_qsl
@@ -75,6 +76,14 @@ MEMBER_PARAMETERS = ("source", "purpose", "category", "study")  # a Group's expo
 STUDY_STATUSES = ("approved", "active")  # a ResearchStudy a research export may be for
 BATCH = 1000
 SETTLE_SECONDS = 2  # transactionTime lies this far before the job starts (see the module)
+WRITES_WAIT_SECONDS = 600  # PostgreSQL: how long an export waits for older writes to end
+# a write transaction of the node's database, begun at or before a time, that is still open
+# (it has written: PostgreSQL gave it a transaction id; readers, such as other exports, have
+# none)
+_OLDER_WRITE = sa.text(
+    "SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
+    "AND pid <> pg_backend_pid() AND backend_xid IS NOT NULL AND xact_start <= :before LIMIT 1"
+)
 MOST_RUNNING = 4  # exports running at once on a node; one more is refused (429)
 RETRY_SECONDS = 30  # Retry-After of that 429
 RETENTION_SECONDS = 24 * 3600  # a finished export's files are kept this long (Expires)
@@ -470,6 +479,29 @@ def export_files(svc: Services, job: bulk_jobs.Job) -> dict[str, Path]:
     }
 
 
+def _wait_for_older_writes(svc: Services, before: int, beats: Callable[[int], None]) -> None:
+    """Wait until every write transaction begun at or before ``before`` (µs) has ended, so
+    that what it stamped up to then is committed before the export reads (PostgreSQL: writers
+    run side by side, and one may commit long after it stamped its rows). On SQLite the
+    kick-off's own write already waited for them: one writer at a time, each stamping its
+    rows once it holds the lock. More than :data:`WRITES_WAIT_SECONDS`: the job fails, naming
+    the backend that holds it up."""
+    deadline = time.monotonic() + WRITES_WAIT_SECONDS
+    moment = datetime.fromtimestamp(before / 10**6, UTC)
+    while True:
+        with svc.database.engine.connect() as conn:
+            row = conn.execute(_OLDER_WRITE, {"before": moment}).first()
+        if row is None:
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(
+                f"a write transaction begun before the export's transactionTime (PostgreSQL "
+                f"backend {row[0]}) is still open after {WRITES_WAIT_SECONDS} s"
+            )
+        beats(0)  # the job's heartbeat goes on (and stops it if it was cancelled)
+        time.sleep(0.2)
+
+
 def export_folder(svc: Services, job_id: str) -> Path:
     return svc.config.directory / "bulk" / f"export-{job_id}"
 
@@ -494,6 +526,8 @@ def export(
             set(request.patients).intersection(request.patients if members is None else members)
         )
     errors: list[dict[str, Any]] = []
+    if svc.database.engine.dialect.name == "postgresql" and not request.sources:
+        _wait_for_older_writes(svc, transaction_time, beats)
     if request.sources:
         output, errors = member_export.export_from_members(
             svc, caller, request, members or [], folder, f"{base}/$bulk-file/{job.id}", beats, state

@@ -4,20 +4,23 @@ every exported type); a DELETE of a running export stops its thread cleanly and 
 file; ``_typeFilter`` lists and result parameters; a Group's inactive or past members; the
 Provenance of exported resources; ``Expires`` and the deletion of expired jobs; ``POST``
 kick-off with ``patient``; the cap on running exports (429); 202s without a Content-Type;
-no server path in a failed job's OperationOutcome."""
+no server path in a failed job's OperationOutcome; on PostgreSQL, an export waits for the
+writes begun before its ``transactionTime``."""
 
 from __future__ import annotations
 
 import json
+import threading
 import time
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import Any
 
+import pytest
 import requests
 import sqlalchemy as sa
 
-from fhir_adapters.store import now_micros
+from fhir_adapters.store import ResourceStore, now_micros
 from node.db.schema import bulk_jobs_table
 from node.flows import bulk_export, bulk_jobs
 from node.flows.bulk_export import MOST_RUNNING, RETENTION_SECONDS, SETTLE_SECONDS
@@ -407,3 +410,35 @@ def test_a_failed_export_names_no_server_path(node: Node) -> None:
     assert answer.status_code == 500 and is_outcome(answer)
     assert "FileExistsError" in answer.text
     assert str(node.directory) not in answer.text and "/bulk/" not in answer.text
+
+
+def test_an_export_waits_for_a_write_begun_before_its_transaction_time(node: Node) -> None:
+    """PostgreSQL: a write that stamped its rows before ``transactionTime`` but commits after
+    the export started is in the export (it waits for the write to end), not lost to this
+    export and to the next one given ``_since`` (SQLite: the kick-off's own write waits for
+    it, one writer at a time, so there the kick-off could not be answered meanwhile)."""
+    if node.database.engine.dialect.name != "postgresql":
+        pytest.skip("SQLite has one writer at a time: the kick-off itself waits for the write")
+    store = ResourceStore(node.database.engine, node.database.write_engine, node.fhir)
+    written, release = threading.Event(), threading.Event()
+    created: list[str] = []
+
+    def slow_write() -> None:
+        with store.writing() as writer:
+            created.append(writer.create({"resourceType": "Patient", "gender": "other"}).id)
+            written.set()
+            release.wait(60)
+
+    thread = threading.Thread(target=slow_write)
+    thread.start()
+    try:
+        assert written.wait(30)
+        time.sleep(SETTLE_SECONDS + 0.5)  # the patient was stamped before transactionTime
+        owner = session_of(node, "waiting-admin", "system/*.rs")
+        status_url = kick_off(owner, f"{node.fhir}/$export", _type="Patient")
+        time.sleep(1.0)  # the export has begun (and, but for the wait, would have read)
+    finally:
+        release.set()
+        thread.join(30)
+    manifest = manifest_of(owner, status_url)
+    assert created[0] in {r["id"] for r in exported(owner, manifest)}
