@@ -16,7 +16,6 @@ the same run.
 from __future__ import annotations
 
 import argparse
-import multiprocessing
 import os
 import shutil
 import sys
@@ -33,7 +32,13 @@ from rich.table import Table
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from fhir_adapters.store import ResourceStore
-from fhir_adapters.store.bulk_import import BulkImport, Prepared, prepare_lines
+from fhir_adapters.store.bulk_import import (
+    BulkImport,
+    Prepared,
+    collecting_rarely,
+    prepare_in_worker,
+    preparing_pool,
+)
 from node.base.config import load_config
 from node.db.engines import MODEL_METADATA, open_database
 from node.demo.nodes import free_port, init_node, join_alone, serving
@@ -54,10 +59,11 @@ def prepare_ceiling(
     lines: list[tuple[int, int, bytes | None]], workers: int
 ) -> tuple[float, list[Prepared]]:
     chunks = [lines[i : i + 200] for i in range(0, len(lines), 200)]
-    with multiprocessing.get_context("spawn").Pool(workers) as pool:
-        pool.starmap(prepare_lines, [("", chunks[0][:1])] * workers)  # started, imported
+    # the import's pool, and its garbage collection in this process too
+    with preparing_pool(workers) as pool, collecting_rarely(len(chunks) + 1):
+        pool.starmap(prepare_in_worker, [("", chunks[0][:1])] * workers)  # started, imported
         started = time.perf_counter()
-        prepared = pool.starmap(prepare_lines, [("http://bench/fhir", c) for c in chunks])
+        prepared = pool.starmap(prepare_in_worker, [("http://bench/fhir", c) for c in chunks])
         seconds = time.perf_counter() - started
     return len(lines) / seconds, [p for chunk in prepared for p in chunk]
 

@@ -290,11 +290,7 @@ class BulkImport:
         self._offsets = {source: offset for source, (_, offset) in positions.items()}
         self.counts = self._counts_so_far()
         self._report()
-        pool = (
-            multiprocessing.get_context("spawn").Pool(self.workers, initializer=_worker_started)
-            if self.workers
-            else None
-        )
+        pool = preparing_pool(self.workers) if self.workers else None
         try:
             with collecting_rarely(COLLECT_GROUPS) as self._settled:
                 for source in reading_order(self.sources):
@@ -361,7 +357,7 @@ class BulkImport:
                         elif pool is None:
                             waiting.append(_Done(prepare_lines(base_url, chunk)))
                         else:
-                            waiting.append(pool.apply_async(_prepare_in_worker, (base_url, chunk)))
+                            waiting.append(pool.apply_async(prepare_in_worker, (base_url, chunk)))
                     if not waiting:
                         return
                     yield from waiting.popleft().get()
@@ -681,7 +677,14 @@ def _worker_started() -> None:
     _worker_tick = collecting_rarely(COLLECT_CHUNKS).__enter__()
 
 
-def _prepare_in_worker(base_url: str, lines: Sequence[Line]) -> list[Any]:
+def preparing_pool(workers: int) -> Any:
+    """A pool of ``workers`` processes that prepare lines (:func:`prepare_in_worker`), each
+    collecting garbage every :data:`COLLECT_CHUNKS` chunks."""
+    return multiprocessing.get_context("spawn").Pool(workers, initializer=_worker_started)
+
+
+def prepare_in_worker(base_url: str, lines: Sequence[Line]) -> list[Any]:
+    """:func:`prepare_lines` as a task of a :func:`preparing_pool`."""
     prepared = prepare_lines(base_url, lines)
     if _worker_tick is not None:
         _worker_tick()
