@@ -1,17 +1,17 @@
 """The rules of ``$export`` beyond its happy path, on a real node: the status, files and DELETE
 of a job ask the kick-off's authorization again (its owner, and ``system/`` scopes covering
 every exported type); a DELETE of a running export stops its thread cleanly and leaves no
-file; ``_typeFilter`` lists and result parameters; a Group's inactive or past members; the
-Provenance of exported resources; ``Expires`` and the deletion of expired jobs; ``POST``
-kick-off with ``patient``; the cap on running exports (429); 202s without a Content-Type;
-no server path in a failed job's OperationOutcome; on PostgreSQL, an export waits for the
-writes begun before its ``transactionTime``."""
+file; ``_typeFilter`` lists and result parameters; a Group's inactive or past members;
+``Expires`` and the deletion of expired jobs; ``POST`` kick-off with ``patient``; the cap on
+running exports (429); 202s without a Content-Type; no server path in a failed job's
+OperationOutcome. These are the views' and the flow's, the same on either engine: they run on
+SQLite; what the export adds to its queries runs on both (test_bulk_export_queries.py)."""
 
 from __future__ import annotations
 
 import json
-import threading
 import time
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import Any
@@ -20,12 +20,19 @@ import pytest
 import requests
 import sqlalchemy as sa
 
-from fhir_adapters.store import ResourceStore, now_micros
+from fhir_adapters.store import now_micros
 from node.db.schema import bulk_jobs_table
 from node.flows import bulk_export, bulk_jobs
 from node.flows.bulk_export import MOST_RUNNING, RETENTION_SECONDS, SETTLE_SECONDS
-from tests.helpers.nodes import Node
+from tests.helpers.nodes import Node, running_node
 from tests.node.web.test_bulk_data import ASYNC, exported, kick_off, manifest_of
+
+
+@pytest.fixture(scope="module")
+def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
+    """One node, on SQLite."""
+    with running_node(tmp_path_factory.mktemp("node") / "hosp-a") as server:
+        yield server
 
 
 def session_of(node: Node, username: str, scope: str, role: str = "admin") -> requests.Session:
@@ -224,52 +231,6 @@ def test_a_groups_inactive_and_out_of_period_members_are_left_out(node: Node) ->
     assert subjects == {f"Patient/{current}", f"Patient/{begun}"}
 
 
-def test_the_provenance_of_exported_resources_comes_along(node: Node) -> None:
-    member, other = (create(node, {"resourceType": "Patient", "gender": "male"}) for _ in "ab")
-    mine, theirs = create(node, observation(member, "718-7")), create(node, observation(other, "x"))
-    organization = create(node, {"resourceType": "Organization", "name": "来源医院"})
-
-    def provenance(*targets: str) -> str:
-        return create(
-            node,
-            {
-                "resourceType": "Provenance",
-                "target": [{"reference": t} for t in targets],
-                "recorded": "2024-01-01T00:00:00Z",
-                "agent": [{"who": {"reference": f"Organization/{organization}"}}],
-            },
-        )
-
-    of_mine = provenance(f"Organization/{organization}", f"Observation/{mine}")
-    of_theirs = provenance(f"Observation/{theirs}")
-    of_the_organization = provenance(f"Organization/{organization}")
-    of_the_member = provenance(f"Patient/{member}")  # in the compartment already
-    group = create(
-        node,
-        {
-            "resourceType": "Group",
-            "type": "person",
-            "actual": True,
-            "member": [{"entity": {"reference": f"Patient/{member}"}}],
-        },
-    )
-    time.sleep(SETTLE_SECONDS + 0.1)
-    session = session_of(node, "provenance-admin", "system/*.rs")
-
-    def provenances(url: str, **params: str) -> set[str]:
-        out = exported(session, manifest_of(session, kick_off(session, url, **params)))
-        return {r["id"] for r in out if r["resourceType"] == "Provenance"}
-
-    everyone = provenances(f"{node.fhir}/Patient/$export")
-    assert {of_mine, of_theirs, of_the_member} <= everyone
-    assert of_the_organization not in everyone
-    grouped = provenances(f"{node.fhir}/Group/{group}/$export", _type="Observation,Provenance")
-    assert grouped == {of_mine, of_the_member}
-    # the Observations are not exported: neither is their Provenance
-    alone = provenances(f"{node.fhir}/Group/{group}/$export", _type="Patient,Provenance")
-    assert alone == {of_the_member}
-
-
 def test_a_finished_export_expires_and_its_files_go(node: Node) -> None:
     create(node, {"resourceType": "Patient", "gender": "female"})
     time.sleep(SETTLE_SECONDS + 0.1)
@@ -410,35 +371,3 @@ def test_a_failed_export_names_no_server_path(node: Node) -> None:
     assert answer.status_code == 500 and is_outcome(answer)
     assert "FileExistsError" in answer.text
     assert str(node.directory) not in answer.text and "/bulk/" not in answer.text
-
-
-def test_an_export_waits_for_a_write_begun_before_its_transaction_time(node: Node) -> None:
-    """PostgreSQL: a write that stamped its rows before ``transactionTime`` but commits after
-    the export started is in the export (it waits for the write to end), not lost to this
-    export and to the next one given ``_since`` (SQLite: the kick-off's own write waits for
-    it, one writer at a time, so there the kick-off could not be answered meanwhile)."""
-    if node.database.engine.dialect.name != "postgresql":
-        pytest.skip("SQLite has one writer at a time: the kick-off itself waits for the write")
-    store = ResourceStore(node.database.engine, node.database.write_engine, node.fhir)
-    written, release = threading.Event(), threading.Event()
-    created: list[str] = []
-
-    def slow_write() -> None:
-        with store.writing() as writer:
-            created.append(writer.create({"resourceType": "Patient", "gender": "other"}).id)
-            written.set()
-            release.wait(60)
-
-    thread = threading.Thread(target=slow_write)
-    thread.start()
-    try:
-        assert written.wait(30)
-        time.sleep(SETTLE_SECONDS + 0.5)  # the patient was stamped before transactionTime
-        owner = session_of(node, "waiting-admin", "system/*.rs")
-        status_url = kick_off(owner, f"{node.fhir}/$export", _type="Patient")
-        time.sleep(1.0)  # the export has begun (and, but for the wait, would have read)
-    finally:
-        release.set()
-        thread.join(30)
-    manifest = manifest_of(owner, status_url)
-    assert created[0] in {r["id"] for r in exported(owner, manifest)}
