@@ -50,14 +50,14 @@ def _mapped_file(path: Path) -> mmap.mmap:
 
 
 def _compared(serial: Callable[..., Summary], parallel: Callable[..., Summary]) -> Any:
-    """``serial`` as the tests call it, after checking that ``parallel`` on two and on three
-    processes gives the same outcome."""
+    """``serial`` as the tests call it, after checking that ``parallel`` on two processes
+    gives the same outcome (the ledgers of several chains below are also split among three
+    and eight)."""
 
     def verify(*args: Any, **options: Any) -> Summary:
         progress = args[2] if len(args) > 2 else options.pop("progress", None)
         expected = outcome(serial, *args[:2], **options)
-        for jobs in (2, 3):
-            assert outcome(parallel, *args[:2], jobs=jobs, **options) == expected, jobs
+        assert outcome(parallel, *args[:2], jobs=2, **options) == expected
         return serial(*args[:2], progress, **options)
 
     return verify
