@@ -380,8 +380,9 @@ def test_import_over_fhir_runs_as_a_job_and_reports_refused_lines(node: Node) ->
     assert doctor.status_code == 403
 
 
-def test_a_job_whose_process_was_lost_runs_again_at_the_next_poll(node: Node) -> None:
-    session = exporter(node)
+def lost_export_job(node: Node, job_id: str, owner: str) -> None:
+    """A running system export of Patients whose process was lost (its heartbeat stale), as a
+    process that died leaves it."""
     request = {
         "level": "system",
         "group": None,
@@ -390,25 +391,29 @@ def test_a_job_whose_process_was_lost_runs_again_at_the_next_poll(node: Node) ->
         "type_filters": {},
         "url": f"{node.fhir}/$export?_type=Patient",
     }
+    with node.database.write_engine.begin() as conn:
+        conn.execute(
+            bulk_jobs_table.insert().values(
+                id=job_id,
+                kind="export",
+                owner=owner,
+                request=json.dumps(request),
+                state=bulk_jobs.RUNNING,
+                created=now_micros(),
+                heartbeat=now_micros() - (bulk_jobs.STALE_SECONDS + 5) * 10**6,
+                progress="{}",
+            )
+        )
+
+
+def test_a_job_whose_process_was_lost_runs_again_at_the_next_poll(node: Node) -> None:
+    session = exporter(node)
     made = node.session().post(
         f"{node.fhir}/Patient", json={"resourceType": "Patient", "gender": "female"}, timeout=30
     )
     assert made.status_code == 201
     time.sleep(SETTLE_SECONDS + 0.1)
-    stale = now_micros() - (bulk_jobs.STALE_SECONDS + 5) * 10**6
-    with node.database.write_engine.begin() as conn:  # as a process that died left it
-        conn.execute(
-            bulk_jobs_table.insert().values(
-                id="lost-job",
-                kind="export",
-                owner="bulk-admin",
-                request=json.dumps(request),
-                state=bulk_jobs.RUNNING,
-                created=now_micros(),
-                heartbeat=stale,
-                progress="{}",
-            )
-        )
+    lost_export_job(node, "lost-job", "bulk-admin")
     manifest = manifest_of(session, f"{node.fhir}/$bulk-status/lost-job")
     assert {item["type"] for item in manifest["output"]} == {"Patient"}
     names = [Path(item["url"]).name for item in manifest["output"]]

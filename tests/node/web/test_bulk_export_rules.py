@@ -25,7 +25,13 @@ from node.db.schema import bulk_jobs_table
 from node.flows import bulk_export, bulk_jobs
 from node.flows.bulk_export import MOST_RUNNING, RETENTION_SECONDS, SETTLE_SECONDS
 from tests.helpers.nodes import Node, running_node
-from tests.node.web.test_bulk_data import ASYNC, exported, kick_off, manifest_of
+from tests.node.web.test_bulk_data import (
+    ASYNC,
+    exported,
+    kick_off,
+    lost_export_job,
+    manifest_of,
+)
 
 
 @pytest.fixture(scope="module")
@@ -338,29 +344,9 @@ def test_running_exports_are_capped(node: Node) -> None:
 
 
 def test_a_failed_export_names_no_server_path(node: Node) -> None:
-    request = {
-        "level": "system",
-        "group": None,
-        "types": ["Patient"],
-        "since": None,
-        "type_filters": {},
-        "url": f"{node.fhir}/$export?_type=Patient",
-    }
     (node.directory / "bulk").mkdir(exist_ok=True)
     (node.directory / "bulk" / "export-broken-job").write_text("not a folder")  # mkdir fails
-    with node.database.write_engine.begin() as conn:  # a job whose process was lost
-        conn.execute(
-            bulk_jobs_table.insert().values(
-                id="broken-job",
-                kind="export",
-                owner="failing-admin",
-                request=json.dumps(request),
-                state=bulk_jobs.RUNNING,
-                created=now_micros(),
-                heartbeat=now_micros() - (bulk_jobs.STALE_SECONDS + 5) * 10**6,
-                progress="{}",
-            )
-        )
+    lost_export_job(node, "broken-job", "failing-admin")
     session = session_of(node, "failing-admin", "system/*.rs")
     deadline = time.monotonic() + 60
     while (

@@ -6,7 +6,6 @@ does not name)."""
 
 from __future__ import annotations
 
-import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -14,26 +13,13 @@ from typing import Any
 import requests
 
 from fhir_adapters.store import jsonio
+from node.flows.bulk_import import COUNTS_EXTENSION
 from tests.helpers.nodes import Node
 from tests.node.flows.test_bulk_import import glucose, lines_file, patient
+from tests.node.web.test_bulk_data import manifest_of
 
 MANIFEST_KEYS = {"transactionTime", "request", "requiresAccessToken", "output", "error"}
 ITEM_KEYS = {"type", "url", "count", "inputUrl", "extension"}  # of output and error items
-COUNTS = "urn:hrx:import-counts"
-
-
-def manifest_of(session: requests.Session, status_url: str) -> dict[str, Any]:
-    """Poll the status URL until the job is done; its manifest."""
-    deadline = time.monotonic() + 120
-    while True:
-        answer = session.get(status_url, timeout=30)
-        if answer.status_code == 200:
-            assert answer.headers["Content-Type"].startswith("application/json")
-            manifest: dict[str, Any] = answer.json()
-            return manifest
-        assert answer.status_code == 202, answer.text
-        assert time.monotonic() < deadline, "the import did not finish"
-        time.sleep(0.2)
 
 
 def importer(node: Node, scope: str) -> requests.Session:
@@ -94,7 +80,12 @@ def test_only_the_types_the_token_may_write_are_stored_and_the_manifest_says_so(
     first, second = manifest["output"]
     assert first["inputUrl"] == mixed.as_uri() and second["inputUrl"] == patients.as_uri()
     assert first["count"] == 2 and second["count"] == 1
-    assert first["extension"][COUNTS] == {"created": 2, "updated": 0, "unchanged": 0, "refused": 1}
+    assert first["extension"][COUNTS_EXTENSION] == {
+        "created": 2,
+        "updated": 0,
+        "unchanged": 0,
+        "refused": 1,
+    }
     [error] = manifest["error"]
     assert error["count"] == 1
     outcomes = session.get(error["url"], timeout=30)
