@@ -484,8 +484,8 @@ def _wait_for_older_writes(svc: Services, before: int, beats: Callable[[int], No
     that what it stamped up to then is committed before the export reads (PostgreSQL: writers
     run side by side, and one may commit long after it stamped its rows). On SQLite the
     kick-off's own write already waited for them: one writer at a time, each stamping its
-    rows once it holds the lock. More than :data:`WRITES_WAIT_SECONDS`: the job fails, naming
-    the backend that holds it up."""
+    rows once it holds the lock. More than :data:`WRITES_WAIT_SECONDS`: the job fails (its error,
+    in the node's log, names the backend that held it up)."""
     deadline = time.monotonic() + WRITES_WAIT_SECONDS
     moment = datetime.fromtimestamp(before / 10**6, UTC)
     while True:
