@@ -140,11 +140,15 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
+UMASK_AT_START = os.umask(0o022)
+os.umask(UMASK_AT_START)
+
+
 @pytest.fixture(autouse=True)
 def _umask_kept() -> Iterator[None]:
-    """``hrx`` sets its process's umask (077) when it runs; a command run in this process by a
-    test must not change the files later tests make."""
-    umask = os.umask(0o022)
-    os.umask(umask)
+    """``hrx`` and an app made in this process set the process's umask (077); what a test or a
+    module's fixture ran must not change the files later tests make. Each test starts and ends
+    with the umask the run started with."""
+    os.umask(UMASK_AT_START)
     yield
-    os.umask(umask)
+    os.umask(UMASK_AT_START)

@@ -638,6 +638,16 @@ class BulkImport:
             self.progress(Progress(done, self._bytes_total, self.counts))
 
 
+def forget_job(store: ResourceStore, job: str) -> None:
+    """Delete the record of import ``job``: its positions and its held and refused lines (the
+    lines' text is what the files held). What it stored stays stored; run again, the job
+    would start from the first line, and lines stored before would come out unchanged."""
+    P, L = tables.import_positions, tables.import_lines
+    with store.write_engine.begin() as conn:
+        conn.execute(L.delete().where(L.c.job == job))
+        conn.execute(P.delete().where(P.c.job == job))
+
+
 @contextmanager
 def collecting_rarely(every: int) -> Iterator[Callable[[], None]]:
     """Garbage collection for the length of an import: automatic collection off, and a full

@@ -35,8 +35,9 @@ asked, how many resources).
 
 At most :data:`MOST_RUNNING` exports run at once on a node (more: 429). A cancelled job stops
 at its next check (before each file, and at each heartbeat while it writes) and deletes its
-own folder. A finished job's files are kept :data:`RETENTION_SECONDS` (the manifest's
-``Expires``) and deleted at the first bulk request after that (:func:`forget_expired`).
+own folder. A finished job's files are kept :data:`bulk_jobs.RETENTION_SECONDS` (the
+manifest's ``Expires``) and deleted at the first bulk request after that
+(:func:`forget_expired`).
 """
 
 from __future__ import annotations
@@ -86,7 +87,6 @@ _OLDER_WRITE = sa.text(
 )
 MOST_RUNNING = 4  # exports running at once on a node; one more is refused (429)
 RETRY_SECONDS = 30  # Retry-After of that 429
-RETENTION_SECONDS = 24 * 3600  # a finished export's files are kept this long (Expires)
 RESULT_PARAMETERS = (  # search result parameters the IG forbids in a _typeFilter
     "_sort",
     "_include",
@@ -450,15 +450,10 @@ def cancel_export(svc: Services, job: bulk_jobs.Job) -> None:
         _forget(svc, job.id)
 
 
-def expires(job: bulk_jobs.Job) -> int:
-    """When a finished export's files are deleted (µs)."""
-    return (job.finished or job.created) + RETENTION_SECONDS * 10**6
-
-
 def forget_expired(svc: Services) -> None:
-    """Delete the files and records of exports kept past :data:`RETENTION_SECONDS`, and of
-    cancelled ones that lost their thread (asked at each bulk request: no thread polls)."""
-    for job_id in bulk_jobs.expired(svc, "export", now_micros() - RETENTION_SECONDS * 10**6):
+    """Delete the files and records of exports kept past their ``Expires``, and of cancelled
+    ones that lost their thread (asked at each bulk request: no thread polls)."""
+    for job_id in bulk_jobs.expired(svc, "export"):
         _forget(svc, job_id)
 
 

@@ -10,7 +10,8 @@ accepted and not used; ``mode`` is refused whatever its value (this node imports
 see :func:`parse_import`). The files must lie in the node's ``import/`` directory and are
 named by ``file://`` URLs: the node fetches nothing from the network on a request's word.
 
-Who may import: an admin whose token has a ``system/`` create scope may ask; each line is then
+Who may import: an admin whose token has a ``system/`` create scope may ask, and follow the job
+(its status, its file of refusals, ``DELETE``) with such a token; each line is then
 stored only if the token may write its type, judged as ``POST``/``PUT`` judge it (create;
 update as well when the resource is stored already). A line the token may not write is
 refused as a line. The node's operator, on the command line, has no token and imports every
@@ -26,7 +27,10 @@ The command line names a job by its files (each one's full path, size and modifi
 running the same import again resumes it where it stopped, a crash included, and nothing is
 stored twice; changed files make a new job, in which lines stored before come out unchanged.
 A ``$import`` request is a job of its own; one whose process was lost resumes at the next
-status request, where it stopped, with the rights of the token that asked.
+status request, where it stopped, with the rights of the token that asked. Its record (the
+job's positions, its held and refused lines, its folder) is deleted by ``DELETE`` (a running
+job stops first; what it stored stays stored) or when it expires, like an export's, 24 hours
+after it ended.
 
 Refused lines are kept aside under the node's directory, ``bulk/<job>/``: ``refused.ndjson``
 holds them as they were read (fix them, and import that file), ``refused.txt`` says, for each
@@ -41,6 +45,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -56,6 +61,7 @@ from fhir_adapters.store.bulk_import import (
     Counts,
     Progress,
     WriteRights,
+    forget_job,
     nothing_forbidden,
 )
 from fhir_adapters.store.resources import RESOURCE_TYPES
@@ -233,9 +239,9 @@ def import_directory(svc: Services) -> Path:
     return svc.config.directory / "import"
 
 
-def parse_import(svc: Services, principal: Principal, body: Any) -> list[ImportInput]:
-    """The inputs a ``$import`` Parameters body names, checked (400; 403 for a caller who may
-    not import, or may not create a declared type)."""
+def authorize(principal: Principal) -> None:
+    """403 unless ``principal`` may import: an admin's token with a ``system/`` create scope
+    (to start an import, and to follow one: its status, its files, ``DELETE``)."""
     if principal.role != "admin" or not any(
         scope.context == "system" and "c" in scope.actions for scope in principal.scopes
     ):
@@ -243,6 +249,12 @@ def parse_import(svc: Services, principal: Principal, body: Any) -> list[ImportI
             f"{principal.username} may not import: $import needs an admin's token with a "
             "system/ create scope (e.g. system/*.cruds)"
         )
+
+
+def parse_import(svc: Services, principal: Principal, body: Any) -> list[ImportInput]:
+    """The inputs a ``$import`` Parameters body names, checked (400; 403 for a caller who may
+    not import, or may not create a declared type)."""
+    authorize(principal)
     if not isinstance(body, dict) or body.get("resourceType") != "Parameters":
         raise InvalidRequest("$import takes a Parameters resource")
     folder = import_directory(svc).resolve()
@@ -322,16 +334,43 @@ def import_status(svc: Services, caller: Caller, job: bulk_jobs.Job) -> bulk_job
 
 def import_outcomes(svc: Services, job: bulk_jobs.Job) -> Path:
     """The job's file of refusals: one OperationOutcome per refused line."""
-    return job_directory(svc, engine_job(job)) / "refused-outcomes.ndjson"
+    return job_directory(svc, engine_job(job.id)) / "refused-outcomes.ndjson"
 
 
-def engine_job(job: bulk_jobs.Job) -> str:
+def engine_job(job_id: str) -> str:
     """The import job (its positions, held and refused lines, its folder) of a ``$import``."""
-    return f"import-{job.id}"
+    return f"import-{job_id}"
+
+
+def cancel_import(svc: Services, job: bulk_jobs.Job) -> None:
+    """Stop the job and delete its record and files: a running one's thread does so at its
+    next heartbeat; an ended one's are deleted here. What it stored stays stored."""
+    if not bulk_jobs.cancel(svc, job.id):
+        _forget(svc, job.id)
+
+
+def forget_expired(svc: Services) -> None:
+    """Delete the records and files of imports kept past their ``Expires``, and of cancelled
+    ones that lost their thread (asked at each bulk request: no thread polls)."""
+    for job_id in bulk_jobs.expired(svc, "import"):
+        _forget(svc, job_id)
+
+
+def _forget(svc: Services, job_id: str) -> None:
+    _discard(svc, job_id)
+    bulk_jobs.forget(svc, job_id)
+
+
+def _discard(svc: Services, job_id: str) -> None:
+    """The engine's record of the job and its folder (not what it stored)."""
+    forget_job(svc.store, engine_job(job_id))
+    shutil.rmtree(job_directory(svc, engine_job(job_id)), ignore_errors=True)
 
 
 def _run_in_background(svc: Services, caller: Caller, job: bulk_jobs.Job) -> None:
-    bulk_jobs.start(svc, job, lambda: run_import_job(svc, caller, job))
+    bulk_jobs.start(
+        svc, job, lambda: run_import_job(svc, caller, job), lambda: _discard(svc, job.id)
+    )
 
 
 def run_import_job(svc: Services, caller: Caller, job: bulk_jobs.Job) -> dict[str, Any]:
@@ -362,7 +401,7 @@ def run_import_job(svc: Services, caller: Caller, job: bulk_jobs.Job) -> dict[st
         svc,
         replace(caller, principal=principal),
         files,
-        job=engine_job(job),
+        job=engine_job(job.id),
         workers=None,
         progress=progress,
         types=types,

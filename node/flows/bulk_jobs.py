@@ -11,7 +11,8 @@ sees a job; to anyone else it does not exist (404).
 A job is cancelled by marking it so (:func:`cancel`); its thread notices at its next heartbeat
 or check (:class:`Cancelled`), discards what it wrote and forgets the job itself, so that
 nothing is deleted under a thread still writing. A finished job's record and files go when
-they are deleted or expire (:func:`expired`).
+they are deleted or expire: :data:`RETENTION_SECONDS` after it ended (the manifest's
+``Expires``), found at the next bulk request (:func:`expired`; no thread polls for them).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ log = logging.getLogger(__name__)
 HEARTBEAT_SECONDS = 5
 STALE_SECONDS = 60
 RUNNING, DONE, FAILED, CANCELLED = "running", "done", "failed", "cancelled"
+RETENTION_SECONDS = 24 * 3600  # an ended job's record and files are kept this long (Expires)
 
 
 @dataclass(frozen=True)
@@ -146,11 +148,17 @@ def running(svc: Services, kind: str) -> int:
     return int(count)
 
 
-def expired(svc: Services, kind: str, ended_before: int) -> list[str]:
-    """The jobs of ``kind`` to forget: ended (done or failed) before ``ended_before`` (µs), or
-    cancelled with no thread left to discard their work (no heartbeat for
-    :data:`STALE_SECONDS`)."""
-    lost = now_micros() - STALE_SECONDS * 10**6
+def expires(job: Job) -> int:
+    """When an ended job's record and files are deleted (µs)."""
+    return (job.finished or job.created) + RETENTION_SECONDS * 10**6
+
+
+def expired(svc: Services, kind: str) -> list[str]:
+    """The jobs of ``kind`` to forget: ended (done or failed) more than
+    :data:`RETENTION_SECONDS` ago, or cancelled with no thread left to discard their work (no
+    heartbeat for :data:`STALE_SECONDS`)."""
+    now = now_micros()
+    ended_before, lost = now - RETENTION_SECONDS * 10**6, now - STALE_SECONDS * 10**6
     with svc.database.engine.connect() as conn:
         rows = conn.execute(
             sa.select(J.c.id).where(

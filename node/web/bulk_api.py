@@ -10,8 +10,9 @@ references): 202 and ``Content-Location`` (the status URL). ``GET`` the status:
 ``DELETE`` it: 202; the job stops and its files are deleted. Files: ``GET`` with the same
 token (``requiresAccessToken``), ``application/fhir+ndjson``. The status, files and DELETE of
 an export ask what its kick-off asked: the user who asked, with a token whose ``system/``
-scopes cover every type it exports. A 202 has no body, and no Content-Type. Each bulk request
-first deletes the exports kept past their ``Expires``.
+scopes cover every type it exports; those of an import, an admin's token with a ``system/``
+create scope, as its kick-off did. A 202 has no body, and no Content-Type. Each bulk request
+first deletes the jobs kept past their ``Expires``.
 """
 
 from __future__ import annotations
@@ -41,8 +42,9 @@ def fhir_error(exc: FhirError) -> Response:
 
 @bp.before_request
 def forget_expired() -> None:
-    """Exports past their ``Expires`` go now (no thread polls for them)."""
+    """Jobs past their ``Expires`` go now (no thread polls for them)."""
     bulk_export.forget_expired(services())
+    bulk_import.forget_expired(services())
 
 
 def _accepted() -> Response:
@@ -110,7 +112,7 @@ def import_kick_off() -> Response:
 
 def _job(job_id: str) -> bulk_jobs.Job:
     """The caller's job, going again if its process was lost: 404 if it is not theirs or was
-    cancelled, 403 if the token may not export what an export job exports."""
+    cancelled, 403 if the token may not do what the job's kick-off asked."""
     principal = authenticate()
     job = bulk_jobs.get_job(services(), job_id, principal.username)
     if job.state == bulk_jobs.CANCELLED:
@@ -118,6 +120,7 @@ def _job(job_id: str) -> bulk_jobs.Job:
     if job.kind == "export":
         bulk_export.authorize(principal, job)
         return bulk_export.export_status(services(), caller(), job)
+    bulk_import.authorize(principal)
     return bulk_import.import_status(services(), caller(), job)
 
 
@@ -131,9 +134,8 @@ def status(job_id: str) -> Response:
         return response
     if job.state == bulk_jobs.DONE:
         response = Response(jsonio.dump(job.result), 200, content_type="application/json")
-        if job.kind == "export":
-            expires = datetime.fromtimestamp(bulk_export.expires(job) / 10**6, UTC)
-            response.headers["Expires"] = format_datetime(expires, usegmt=True)
+        expires = datetime.fromtimestamp(bulk_jobs.expires(job) / 10**6, UTC)
+        response.headers["Expires"] = format_datetime(expires, usegmt=True)
         return response
     error = (job.result or {}).get("error", job.state)
     outcome = {
@@ -161,13 +163,12 @@ def _progress(job: bulk_jobs.Job) -> str:
 @bp.route("/$bulk-status/<job_id>", methods=["DELETE"])
 def cancel(job_id: str) -> Response:
     """Stop the job (an import keeps what it stored), delete its files, forget it (a running
-    export's thread does, at its next check; to the client it is gone at once)."""
+    job's thread does, at its next check; to the client it is gone at once)."""
     job = _job(job_id)
     if job.kind == "export":
         bulk_export.cancel_export(services(), job)
     else:
-        bulk_jobs.cancel(services(), job.id)
-        bulk_jobs.forget(services(), job.id)
+        bulk_import.cancel_import(services(), job)
     return _accepted()
 
 

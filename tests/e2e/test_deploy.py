@@ -739,6 +739,10 @@ def in_namespace(script: str, workdir: Path, **kwargs: Any) -> subprocess.Popen[
     (mode 0700), /root is made passable there so that another user can run them."""
     for name in ("etc.up", "etc.work", "opt.up", "opt.work", "srv"):
         (workdir / name).mkdir()
+    # a merged directory has its upper directory's mode: /etc and /opt keep theirs whatever
+    # this process's umask was when these were made
+    for name in ("etc", "opt"):
+        (workdir / f"{name}.up").chmod(stat.S_IMODE(os.stat(f"/{name}").st_mode))
     (workdir / "srv").chmod(0o755)
     prelude = f"""set -eu
 mount --make-rprivate /

@@ -23,7 +23,8 @@ import sqlalchemy as sa
 from fhir_adapters.store import now_micros
 from node.db.schema import bulk_jobs_table
 from node.flows import bulk_export, bulk_jobs
-from node.flows.bulk_export import MOST_RUNNING, RETENTION_SECONDS, SETTLE_SECONDS
+from node.flows.bulk_export import MOST_RUNNING, SETTLE_SECONDS
+from node.flows.bulk_jobs import RETENTION_SECONDS
 from tests.helpers.nodes import Node, running_node
 from tests.node.web.test_bulk_data import (
     ASYNC,

@@ -1,19 +1,26 @@
 """``POST [base]/$import`` on a real node: the request as the SMART/HL7 ``$import`` proposal
 words it (``inputFormat``, ``input`` with ``type`` and ``url``), each line stored only when the
 token may write its type, a declared ``type`` held to, ``mode`` refused rather than ignored,
-and the completion manifest shaped as the proposal says (nothing outside ``extension`` that it
-does not name)."""
+the completion manifest shaped as the proposal says (nothing outside ``extension`` that it
+does not name), and a job followed with the kick-off's authorization and deleted whole (its
+record, held and refused lines, folder; not what it stored) by ``DELETE`` or at ``Expires``."""
 
 from __future__ import annotations
 
+import time
 import uuid
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Any
 
 import requests
+import sqlalchemy as sa
 
-from fhir_adapters.store import jsonio
+from fhir_adapters.store import jsonio, tables
+from node.db.schema import bulk_jobs_table
 from node.flows.bulk_import import COUNTS_EXTENSION
+from node.flows.bulk_jobs import RETENTION_SECONDS
 from tests.helpers.nodes import Node
 from tests.node.flows.test_bulk_import import glucose, lines_file, patient
 from tests.node.web.test_bulk_data import manifest_of
@@ -138,3 +145,76 @@ def test_what_cannot_be_honoured_is_refused_before_anything_is_read(node: Node) 
         assert outcome["resourceType"] == "OperationOutcome"
         assert words in outcome["issue"][0]["diagnostics"], outcome
     assert node.session().get(f"{node.fhir}/Patient/{tag}-p1").status_code == 404
+
+
+def job_record(node: Node, status_url: str) -> tuple[Any, int, bool]:
+    """A $import job's row (None once forgotten), how many lines its engine keeps, and whether
+    its folder is there."""
+    job_id = status_url.rsplit("/", 1)[1]
+    engine_job = f"import-{job_id}"
+    with node.database.engine.connect() as conn:
+        row = conn.execute(sa.select(bulk_jobs_table).where(bulk_jobs_table.c.id == job_id)).first()
+        lines = conn.execute(
+            sa.select(sa.func.count()).where(tables.import_lines.c.job == engine_job)
+        ).scalar_one()
+    return row, int(lines), (node.directory / "bulk" / engine_job).exists()
+
+
+def test_a_job_is_followed_with_the_kick_offs_rights_and_deleted_whole(node: Node) -> None:
+    folder, tag = folder_of(node)
+    source = lines_file(folder / "p.ndjson", patient(f"{tag}-p1"), "{not json")
+    session = importer(node, "system/*.cruds")
+    status_url = kick_off(session, node, parameters((source, None))).headers["Content-Location"]
+    manifest = manifest_of(session, status_url)
+    file_url = manifest["error"][0]["url"]
+    done = session.get(status_url, timeout=30)
+    row, lines, kept = job_record(node, status_url)
+    expires = parsedate_to_datetime(done.headers["Expires"])
+    assert expires == datetime.fromtimestamp(row.finished // 10**6 + RETENTION_SECONDS, UTC)
+    assert lines == 1 and kept
+    # the same user, with a token that may not import: neither status, nor file, nor DELETE
+    reader = importer(node, "system/*.rs")
+    for answer in (
+        reader.get(status_url, timeout=30),
+        reader.get(file_url, timeout=30),
+        reader.delete(status_url, timeout=30),
+    ):
+        assert answer.status_code == 403, answer.text
+        assert "may not import" in answer.json()["issue"][0]["diagnostics"]
+    assert job_record(node, status_url) == (row, 1, True)
+    assert session.delete(status_url, timeout=30).status_code == 202
+    assert session.get(status_url, timeout=30).status_code == 404
+    assert session.get(file_url, timeout=30).status_code == 404
+    assert job_record(node, status_url) == (None, 0, False)
+    assert node.session().get(f"{node.fhir}/Patient/{tag}-p1").status_code == 200  # stays
+    # another job, a day after it ended: the next bulk request of anyone deletes it
+    again = lines_file(folder / "again.ndjson", patient(f"{tag}-p2"), "[]")
+    status_url = kick_off(session, node, parameters((again, None))).headers["Content-Location"]
+    manifest_of(session, status_url)
+    row, lines, kept = job_record(node, status_url)
+    assert lines == 1 and kept
+    with node.database.write_engine.begin() as conn:
+        conn.execute(
+            bulk_jobs_table.update()
+            .where(bulk_jobs_table.c.id == row.id)
+            .values(finished=row.finished - RETENTION_SECONDS * 10**6 - 1)
+        )
+    other = importer(node, "system/*.rs")
+    assert other.get(f"{node.fhir}/$bulk-status/nothing", timeout=30).status_code == 404
+    assert job_record(node, status_url) == (None, 0, False)
+    assert node.session().get(f"{node.fhir}/Patient/{tag}-p2").status_code == 200
+
+
+def test_a_running_job_deleted_stops_and_leaves_no_record(node: Node) -> None:
+    folder, tag = folder_of(node)
+    many = [patient(f"{tag}-p{number}") for number in range(3000)]
+    source = lines_file(folder / "many.ndjson", "{not json", *many)
+    session = importer(node, "system/*.cruds")
+    status_url = kick_off(session, node, parameters((source, None))).headers["Content-Location"]
+    assert session.delete(status_url, timeout=30).status_code == 202
+    assert session.get(status_url, timeout=30).status_code == 404  # gone for the client at once
+    deadline = time.monotonic() + 60
+    while job_record(node, status_url)[0] is not None:  # its thread forgets it
+        assert time.monotonic() < deadline, "the cancelled job's thread did not end"
+        time.sleep(0.1)
+    assert job_record(node, status_url) == (None, 0, False)
