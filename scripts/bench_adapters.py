@@ -8,7 +8,9 @@ same run:
   parse, map, store), and the ceiling — the same resources (mapped before the clock starts)
   written straight through the resource store, one transaction per message. The MLLP
   senders' messages share commits in the listener (group commit); ``--rounds`` repeats the HL7
-  figures (the machine may be shared: each round is printed).
+  figures (the machine may be shared: each round is printed). Last, what one message's
+  write costs SQLite: the database pages it changes (the WAL frames its commit appends, with
+  checkpoints held off), and which of the database's b-trees they belong to.
 - DICOMweb: studies per second synced from a real Orthanc (``sync_round``: QIDO-RS, WADO-RS
   metadata, ImagingStudy and Patient stored), and again when nothing changed; the ceiling is
   the same DICOMweb requests for every study without storing anything.
@@ -20,20 +22,24 @@ same run:
 from __future__ import annotations
 
 import argparse
+import collections
 import os
 import shutil
+import sqlite3
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pydicom
 from pydicom.uid import generate_uid
 from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
+from sqlalchemy import event
 
 from fhir_adapters.hl7v2 import Systems, parse_message, read_results
 from node.base.config import load_config
@@ -183,7 +189,54 @@ def bench_hl7(
     rows.append(
         ("ceiling: the same resources written through the store, messages/s", count / ceiling, "")
     )
+    rows.append(pages_per_message(root, batch[: min(count, 200)]))
     return rows
+
+
+def pages_per_message(root: Path, batch: list[bytes]) -> tuple[str, float, str]:
+    """The pages one message's write changes, as the WAL frames its commit appends (the second
+    half of ``batch``, taken one at a time with checkpoints held off), and the b-trees they
+    belong to (each page's owner, from SQLite's ``dbstat``)."""
+    directory = node_dir(root, "pages")
+    services = open_services(load_config(directory))
+    try:
+        engine = services.store.write_engine
+
+        @event.listens_for(engine, "connect")
+        def no_checkpoints(dbapi: Any, _record: Any) -> None:
+            dbapi.execute("PRAGMA wal_autocheckpoint=0")
+
+        engine.dispose()
+        intake = Hl7Intake(services)
+        half = len(batch) // 2
+        for payload in batch[:half]:
+            assert intake.take_in(payload, "bench").accepted
+        database = Path(str(engine.url.database))
+        wal = database.with_name(database.name + "-wal")
+        with sqlite3.connect(database) as conn:
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        frames: collections.Counter[str] = collections.Counter()
+        for payload in batch[half:]:
+            assert intake.take_in(payload, "bench").accepted
+        size = wal.stat().st_size
+        with sqlite3.connect(database) as conn:  # the pages' owners, new pages included
+            owners = dict(conn.execute("SELECT pageno, name FROM dbstat"))
+        with wal.open("rb") as handle:
+            page = int.from_bytes(handle.read(32)[8:12], "big")  # the WAL's header: page size
+            while header := handle.read(24):  # each frame: a 24-byte header and a page
+                number = int.from_bytes(header[:4], "big")
+                frames[owners.get(number, "free pages")] += 1
+                handle.seek(page, os.SEEK_CUR)
+    finally:
+        services.close()
+    messages = len(batch) - half
+    per_message = sum(frames.values()) / messages
+    top = ", ".join(f"{name} {n / messages:.0f}" for name, n in frames.most_common(4))
+    return (
+        "pages changed per message (WAL frames, no checkpoints)",
+        per_message,
+        f"{size / messages / 2**20:.1f} MiB of WAL each; most: {top}",
+    )
 
 
 def study_files(count: int) -> list[bytes]:
