@@ -432,7 +432,7 @@ def _run_in_background(svc: Services, caller: Caller, job: bulk_jobs.Job) -> Non
         svc,
         job,
         lambda: export(svc, caller, job, request),
-        lambda: shutil.rmtree(export_folder(svc, job.id), ignore_errors=True),
+        lambda: _discard(svc, job.id),
     )
 
 
@@ -446,20 +446,17 @@ def export_status(svc: Services, caller: Caller, job: bulk_jobs.Job) -> bulk_job
 def cancel_export(svc: Services, job: bulk_jobs.Job) -> None:
     """Cancel the export: a running one's thread stops at its next check and deletes its
     files and record itself; an ended one's are deleted here."""
-    if not bulk_jobs.cancel(svc, job.id):
-        _forget(svc, job.id)
+    bulk_jobs.delete(svc, job.id, lambda job_id: _discard(svc, job_id))
 
 
 def forget_expired(svc: Services) -> None:
     """Delete the files and records of exports kept past their ``Expires``, and of cancelled
-    ones that lost their thread (asked at each bulk request: no thread polls)."""
-    for job_id in bulk_jobs.expired(svc, "export"):
-        _forget(svc, job_id)
+    ones that lost their thread."""
+    bulk_jobs.forget_expired(svc, "export", lambda job_id: _discard(svc, job_id))
 
 
-def _forget(svc: Services, job_id: str) -> None:
+def _discard(svc: Services, job_id: str) -> None:
     shutil.rmtree(export_folder(svc, job_id), ignore_errors=True)
-    bulk_jobs.forget(svc, job_id)
 
 
 def export_files(svc: Services, job: bulk_jobs.Job) -> dict[str, Path]:

@@ -345,20 +345,13 @@ def engine_job(job_id: str) -> str:
 def cancel_import(svc: Services, job: bulk_jobs.Job) -> None:
     """Stop the job and delete its record and files: a running one's thread does so at its
     next heartbeat; an ended one's are deleted here. What it stored stays stored."""
-    if not bulk_jobs.cancel(svc, job.id):
-        _forget(svc, job.id)
+    bulk_jobs.delete(svc, job.id, lambda job_id: _discard(svc, job_id))
 
 
 def forget_expired(svc: Services) -> None:
     """Delete the records and files of imports kept past their ``Expires``, and of cancelled
-    ones that lost their thread (asked at each bulk request: no thread polls)."""
-    for job_id in bulk_jobs.expired(svc, "import"):
-        _forget(svc, job_id)
-
-
-def _forget(svc: Services, job_id: str) -> None:
-    _discard(svc, job_id)
-    bulk_jobs.forget(svc, job_id)
+    ones that lost their thread."""
+    bulk_jobs.forget_expired(svc, "import", lambda job_id: _discard(svc, job_id))
 
 
 def _discard(svc: Services, job_id: str) -> None:

@@ -177,6 +177,23 @@ def forget(svc: Services, job_id: str) -> None:
         conn.execute(J.delete().where(J.c.id == job_id))
 
 
+def delete(svc: Services, job_id: str, discard: Callable[[str], None]) -> None:
+    """A client's ``DELETE``: a running job is cancelled (its thread discards its work and
+    forgets it at its next check); an ended one's work (``discard(job_id)``: its files) and
+    record are deleted now."""
+    if not cancel(svc, job_id):
+        discard(job_id)
+        forget(svc, job_id)
+
+
+def forget_expired(svc: Services, kind: str, discard: Callable[[str], None]) -> None:
+    """Delete the work and records of the jobs of ``kind`` that :func:`expired` finds (asked
+    at each bulk request: no thread polls for them)."""
+    for job_id in expired(svc, kind):
+        discard(job_id)
+        forget(svc, job_id)
+
+
 def start(
     svc: Services,
     job: Job,
