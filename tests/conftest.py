@@ -84,41 +84,6 @@ def _log_in_process_lines(tmp_path_factory: pytest.TempPathFactory) -> Iterator[
         handler.close()
 
 
-# The files that take longest, longest first (measured: pytest --durations). Each file runs on
-# one worker (--dist loadfile), in the order collected: a long file that starts last decides
-# when the suite ends, so these start first.
-LONGEST_FILES = (
-    "tests/e2e/test_witnesses_and_locator.py",
-    "tests/ledger/test_verify_parallel.py",
-    "tests/e2e/test_consortium_live.py",
-    "tests/node/consortium/test_replication.py",
-    "tests/e2e/test_docs_commands.py",
-    "tests/e2e/test_compose.py",
-    "tests/node/web/test_bulk_data.py",
-    "tests/ledger/test_concurrency.py",
-    "tests/node/web/test_bulk_client.py",
-    "tests/node/cli/test_cli.py",
-    "tests/node/ops/test_gunicorn.py",
-    "tests/node/web/test_fhir_fuzz.py",
-    "tests/node/web/test_dicomweb.py",
-    "tests/e2e/test_deploy.py",
-    "tests/node/ops/test_backup_restore.py",
-)
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """The :data:`LONGEST_FILES` first, in that order; every other file after them, in the
-    order collected (each file's tests keep theirs)."""
-    rank = {name: number for number, name in enumerate(LONGEST_FILES)}
-    root = Path(str(config.rootpath))
-
-    def place(item: pytest.Item) -> int:
-        name = Path(str(item.path)).relative_to(root).as_posix()
-        return rank.get(name, len(LONGEST_FILES))
-
-    items.sort(key=place)
-
-
 def pytest_sessionfinish(session: pytest.Session) -> None:
     """Once every test is done (with xdist: in the controller, after every worker): no log
     line of the run names a patient (:func:`tests.helpers.logs.leaks_in`). A leak fails the
