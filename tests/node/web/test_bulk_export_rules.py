@@ -74,6 +74,16 @@ def job_row(node: Node, job: str) -> Any:
         return conn.execute(sa.select(bulk_jobs_table).where(bulk_jobs_table.c.id == job)).first()
 
 
+def ended_a_day_ago(node: Node, job: Any) -> None:
+    """Move a finished job's end back past its retention, as if a day had passed."""
+    with node.database.write_engine.begin() as conn:
+        conn.execute(
+            bulk_jobs_table.update()
+            .where(bulk_jobs_table.c.id == job.id)
+            .values(finished=job.finished - RETENTION_SECONDS * 10**6 - 1)
+        )
+
+
 def is_outcome(answer: requests.Response) -> bool:
     return bool(
         answer.headers.get("Content-Type", "").startswith("application/fhir+json")
@@ -250,12 +260,7 @@ def test_a_finished_export_expires_and_its_files_go(node: Node) -> None:
     assert expires == datetime.fromtimestamp(job.finished // 10**6 + RETENTION_SECONDS, UTC)
     folder = node.directory / "bulk" / f"export-{job.id}"
     assert any(folder.iterdir())
-    with node.database.write_engine.begin() as conn:  # as if a day had passed
-        conn.execute(
-            bulk_jobs_table.update()
-            .where(bulk_jobs_table.c.id == job.id)
-            .values(finished=job.finished - RETENTION_SECONDS * 10**6 - 1)
-        )
+    ended_a_day_ago(node, job)
     other = session_of(node, "another-expiring-admin", "system/*.rs")
     assert other.get(f"{node.fhir}/$bulk-status/nothing", timeout=30).status_code == 404
     assert not folder.exists() and job_row(node, job.id) is None

@@ -18,12 +18,12 @@ import requests
 import sqlalchemy as sa
 
 from fhir_adapters.store import jsonio, tables
-from node.db.schema import bulk_jobs_table
 from node.flows.bulk_import import COUNTS_EXTENSION
 from node.flows.bulk_jobs import RETENTION_SECONDS
 from tests.helpers.nodes import Node
 from tests.node.flows.test_bulk_import import glucose, lines_file, patient
 from tests.node.web.test_bulk_data import manifest_of
+from tests.node.web.test_bulk_export_rules import ended_a_day_ago, job_id, job_row
 
 MANIFEST_KEYS = {"transactionTime", "request", "requiresAccessToken", "output", "error"}
 ITEM_KEYS = {"type", "url", "count", "inputUrl", "extension"}  # of output and error items
@@ -150,13 +150,12 @@ def test_what_cannot_be_honoured_is_refused_before_anything_is_read(node: Node) 
 def job_record(node: Node, status_url: str) -> tuple[Any, int, bool]:
     """A $import job's row (None once forgotten), how many lines its engine keeps, and whether
     its folder is there."""
-    job_id = status_url.rsplit("/", 1)[1]
-    engine_job = f"import-{job_id}"
+    engine_job = f"import-{job_id(status_url)}"
     with node.database.engine.connect() as conn:
-        row = conn.execute(sa.select(bulk_jobs_table).where(bulk_jobs_table.c.id == job_id)).first()
         lines = conn.execute(
             sa.select(sa.func.count()).where(tables.import_lines.c.job == engine_job)
         ).scalar_one()
+    row = job_row(node, job_id(status_url))
     return row, int(lines), (node.directory / "bulk" / engine_job).exists()
 
 
@@ -193,12 +192,7 @@ def test_a_job_is_followed_with_the_kick_offs_rights_and_deleted_whole(node: Nod
     manifest_of(session, status_url)
     row, lines, kept = job_record(node, status_url)
     assert lines == 1 and kept
-    with node.database.write_engine.begin() as conn:
-        conn.execute(
-            bulk_jobs_table.update()
-            .where(bulk_jobs_table.c.id == row.id)
-            .values(finished=row.finished - RETENTION_SECONDS * 10**6 - 1)
-        )
+    ended_a_day_ago(node, row)
     other = importer(node, "system/*.rs")
     assert other.get(f"{node.fhir}/$bulk-status/nothing", timeout=30).status_code == 404
     assert job_record(node, status_url) == (None, 0, False)
