@@ -663,6 +663,7 @@ def criterion_clause(
             )
         )
     param = SEARCH_PARAMS[types[0]][name]
+    names = param.union_of or (name,)  # whose rows hold the values
     if modifier in ("identifier", "of-type"):  # rows of their own in the token index
         words = tables.tokens
         matched = []
@@ -675,7 +676,7 @@ def criterion_clause(
         return resources.c.res_pk.in_(
             sa.select(words.c.res_pk).where(
                 words.c.type == types[0] if len(types) == 1 else words.c.type.in_(types),
-                words.c.param == f"{name}:{modifier}",
+                _param_in(words, [f"{n}:{modifier}" for n in names]),
                 sa.or_(*matched),
             )
         )
@@ -685,7 +686,7 @@ def criterion_clause(
         return resources.c.res_pk.in_(
             sa.select(words.c.res_pk).where(
                 words.c.type == types[0] if len(types) == 1 else words.c.type.in_(types),
-                words.c.param == f"{name}:text",
+                _param_in(words, [f"{n}:text" for n in names]),
                 sa.or_(
                     *(words.c.value.startswith(t, autoescape=True) for t in texts),
                     *(words.c.value.contains(" " + t, autoescape=True) for t in texts),
@@ -698,7 +699,7 @@ def criterion_clause(
         return _special_clause(types, name, values, resources)
     table = TABLE_OF[param.type]
     of_type = table.c.type == types[0] if len(types) == 1 else table.c.type.in_(types)
-    rows = sa.select(table.c.res_pk).where(of_type, table.c.param == name)
+    rows = sa.select(table.c.res_pk).where(of_type, _param_in(table, names))
     if modifier == "missing":
         present = resources.c.res_pk.in_(rows)
         return sa.not_(present) if values[0] == "true" else present
@@ -709,8 +710,13 @@ def criterion_clause(
         matching = resources.c.res_pk.in_(rows.where(sa.or_(*conditions)))
         return sa.not_(matching) if modifier == "not" else matching
     return sa.exists().where(
-        table.c.res_pk == resources.c.res_pk, table.c.param == name, sa.or_(*conditions)
+        table.c.res_pk == resources.c.res_pk, _param_in(table, names), sa.or_(*conditions)
     )
+
+
+def _param_in(table: sa.FromClause, names: Sequence[str]) -> ColumnElement[bool]:
+    """The rows of ``table`` under one of ``names`` (a parameter, or those it unites)."""
+    return table.c.param == names[0] if len(names) == 1 else table.c.param.in_(names)
 
 
 TABLE_OF: dict[str, sa.Table] = {
@@ -776,23 +782,77 @@ def _composite_clause(
 ) -> ColumnElement[bool]:
     """A composite criterion: for ``code$value``, a row of the other part's kind that matches
     ``value`` under the parameter name that carries ``code`` (of this composite, or of each
-    composite it is the union of)."""
+    composite it is the union of). A composite over the resource itself has no rows of its
+    own: the resource has a row of its token part's parameter matching ``code`` and one of its
+    other part's matching ``value`` (:attr:`SearchParam.parts_of`)."""
     kind = param.components[1][0]
     table = TABLE_OF[kind]
-    names = param.union_of or (param.name,)
-    conditions = []
-    for value in values:
-        token, other = composite_parts(value)
-        conditions.append(
-            sa.and_(
-                table.c.param.in_([composite_param(n, token) for n in names]),
-                _value_condition(kind, table, None, other, param, ""),
+    of_type = table.c.type == types[0] if len(types) == 1 else table.c.type.in_(types)
+    own: list[str] = []  # the composites searched by rows of their own
+    matched: list[ColumnElement[bool]] = []
+    for name in param.union_of or (param.name,):
+        parts_of = SEARCH_PARAMS[types[0]][name].parts_of
+        if not parts_of:
+            own.append(name)
+            continue
+        for value in values:
+            token, other = composite_parts(value)
+            matched.append(
+                sa.and_(
+                    _rows_clause(
+                        types,
+                        parts_of[0],
+                        _token_condition(tables.tokens, token),
+                        resources,
+                        driver=driver,
+                    ),
+                    _rows_clause(
+                        types,
+                        parts_of[1],
+                        _value_condition(kind, table, None, other, param, ""),
+                        resources,
+                        driver=driver,
+                    ),
+                )
             )
-        )
+    if own:
+        conditions = []
+        for value in values:
+            token, other = composite_parts(value)
+            conditions.append(
+                sa.and_(
+                    table.c.param.in_([composite_param(n, token) for n in own]),
+                    _value_condition(kind, table, None, other, param, ""),
+                )
+            )
+        if driver:
+            rows = sa.select(table.c.res_pk).where(of_type, sa.or_(*conditions))
+            matched.append(resources.c.res_pk.in_(rows))
+        else:
+            matched.append(
+                sa.exists().where(table.c.res_pk == resources.c.res_pk, sa.or_(*conditions))
+            )
+    return sa.or_(*matched)
+
+
+def _rows_clause(
+    types: tuple[str, ...],
+    name: str,
+    condition: ColumnElement[bool],
+    resources: sa.FromClause,
+    *,
+    driver: bool,
+) -> ColumnElement[bool]:
+    """The resource has a row of parameter ``name`` meeting ``condition`` (on the parameter's
+    index table): as a set of rows (``driver``) or as a check of one candidate."""
+    table = TABLE_OF[SEARCH_PARAMS[types[0]][name].type]
     of_type = table.c.type == types[0] if len(types) == 1 else table.c.type.in_(types)
     if driver:
-        return resources.c.res_pk.in_(sa.select(table.c.res_pk).where(of_type, sa.or_(*conditions)))
-    return sa.exists().where(table.c.res_pk == resources.c.res_pk, sa.or_(*conditions))
+        rows = sa.select(table.c.res_pk).where(of_type, table.c.param == name, condition)
+        return resources.c.res_pk.in_(rows)
+    return sa.exists().where(
+        table.c.res_pk == resources.c.res_pk, of_type, table.c.param == name, condition
+    )
 
 
 _CJK = re.compile(r"[\u3400-\u9fff\uf900-\ufaff\U00020000-\U0003134f]")
@@ -952,7 +1012,7 @@ def _sort_key(resource_type: str, key: str, descending: bool) -> ColumnElement[A
         table = tables.tokens
     return (
         sa.select(column)
-        .where(table.c.res_pk == R.c.res_pk, table.c.param == key)
+        .where(table.c.res_pk == R.c.res_pk, _param_in(table, param.union_of or (key,)))
         .scalar_subquery()
     )
 

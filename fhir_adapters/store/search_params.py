@@ -57,9 +57,15 @@ class SearchParam:
     # composite: the token part and the other part, each (kind, expression relative to what
     # ``select`` selects)
     components: tuple[tuple[ParamType, Select], ...] = ()
-    # composite: the other composites whose rows it searches instead of its own (Observation's
-    # combo-code-value-quantity is code-value-quantity or component-code-value-quantity)
+    # the other parameters whose rows it searches instead of its own, its values being exactly
+    # theirs together: Observation's combo-code is code or component-code; for a composite,
+    # other composites (combo-code-value-quantity is code-value-quantity or
+    # component-code-value-quantity)
     union_of: tuple[str, ...] = ()
+    # a composite over the resource itself: the parameters its token part and its other part
+    # are, whose rows of one resource it searches instead of its own (Observation's
+    # code-value-quantity is code and value-quantity of the same Observation)
+    parts_of: tuple[str, ...] = ()
     # the JSON names at a resource's root it selects under (None: not known), so that the
     # index skips a parameter whose elements a resource does not have
     roots: frozenset[str] | None = None
@@ -230,6 +236,7 @@ def _from_definitions(resource_type: str) -> dict[str, SearchParam]:
                     for c in definition.components
                 ),
                 union_of=_union_of(definition, parameters),
+                parts_of=_parts_of(definition, parameters, resource_type),
             )
             continue
         if definition.type not in INDEXED_TYPES:
@@ -241,6 +248,7 @@ def _from_definitions(resource_type: str) -> dict[str, SearchParam]:
             tuple(t for t in definition.targets if t in RESOURCE_TYPES),
             roots=expression_roots(definition.expression, resource_type),
             select=compile_expression(definition.expression, resource_type),
+            union_of=_parameter_union(definition, parameters),
         )
     return found
 
@@ -303,6 +311,86 @@ def _union_of(
             return ()
         found.append(same[0])
     return tuple(found)
+
+
+def _branches(expression: str) -> frozenset[str]:
+    """An expression's union branches, compared as written but for enclosing parentheses and
+    the case of an ``ofType`` type name (R4 writes ``ofType(DateTime)`` and
+    ``ofType(dateTime)`` alike)."""
+    found = set()
+    for branch in definitions.union_branches(expression):
+        while branch.startswith("(") and _closing(branch) == len(branch) - 1:
+            branch = branch[1:-1].strip()
+        found.add(_OF_TYPE.sub(lambda m: f"ofType({m.group(1).lower()})", branch))
+    return frozenset(found)
+
+
+_OF_TYPE = re.compile(r"ofType\((\w+)\)")
+
+
+def _closing(text: str) -> int:
+    """Where the parenthesis that opens ``text`` closes (-1: nowhere)."""
+    depth = 0
+    for i, char in enumerate(text):
+        depth += {"(": 1, ")": -1}.get(char, 0)
+        if depth == 0:
+            return i
+    return -1
+
+
+def _parameter_union(
+    definition: definitions.Definition, parameters: Mapping[str, definitions.Definition]
+) -> tuple[str, ...]:
+    """The other parameters of the type, of the same kind, whose expressions' branches are
+    together exactly this one's (each branch in one of them), or () when there are none.
+    References are left alone: chains, ``_include`` and the compartment read their rows by
+    name."""
+    if definition.type == "reference" or definition.expression is None:
+        return ()
+    branches = _branches(definition.expression)
+    found: list[str] = []
+    covered: set[str] = set()
+    for code, other in parameters.items():
+        if code == definition.code or other.type != definition.type or other.expression is None:
+            continue
+        theirs = _branches(other.expression)
+        if theirs < branches and not theirs & covered:
+            found.append(code)
+            covered |= theirs
+    return tuple(found) if len(found) > 1 and covered == branches else ()
+
+
+def _parts_of(
+    composite: definitions.Definition,
+    parameters: Mapping[str, definitions.Definition],
+    resource_type: str,
+) -> tuple[str, ...]:
+    """For a composite whose element is the resource itself, the parameters of the type that
+    its parts are (each part's definition, selecting exactly what the part selects), or ()
+    when it is no such composite. A SampledData branch of a quantity parameter selects
+    nothing the quantity index holds (a SampledData has no value), so it is left out of the
+    comparison."""
+    if composite.expression != resource_type:
+        return ()
+    by_url = {other.url: code for code, other in parameters.items()}
+    parts: list[str] = []
+    for component in composite.components:
+        code = by_url.get(component.definition)
+        other = parameters.get(code) if code is not None else None
+        if code is None or other is None or other.type != component.type or not other.expression:
+            return ()
+        selects = " | ".join(
+            f"{resource_type}.{b}" for b in definitions.union_branches(component.expression)
+        )
+        theirs = {
+            b
+            for b in _branches(other.expression)
+            if other.type != "quantity" or not b.endswith(".ofType(sampleddata)")
+        }
+        if _branches(selects) != theirs:
+            return ()
+        parts.append(code)
+    return tuple(parts)
 
 
 def composite_param(name: str, token: str) -> str:
@@ -717,7 +805,7 @@ def index_values(resource: dict[str, Any], base_url: str = "") -> IndexRows:
         else frozenset()
     )
     for param in params.values():
-        if param.union_of:  # searched by the rows of the composites it unites
+        if param.union_of or param.parts_of:  # searched by other parameters' rows
             continue
         if param.roots is not None and param.roots.isdisjoint(resource):
             continue  # nothing of the resource to select

@@ -1,17 +1,27 @@
 """The FHIR store below the web layer: search sets are bounded per caller, date ranges follow
-FHIR precision, parameter values split at unescaped commas, index rows of a resource."""
+FHIR precision, parameter values split at unescaped commas, index rows of a resource, and
+the parameters searched by other parameters' rows."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
 
 from fhir_adapters.errors import NotFound
-from fhir_adapters.store import tables
-from fhir_adapters.store.search import SEARCH_SETS_PER_OWNER, page, paginate, split_values
-from fhir_adapters.store.search_params import date_range, index_values
+from fhir_adapters.store import ResourceStore, tables
+from fhir_adapters.store.search import (
+    EVERYONE,
+    SEARCH_SETS_PER_OWNER,
+    match_query,
+    page,
+    paginate,
+    parse_search,
+    split_values,
+)
+from fhir_adapters.store.search_params import SEARCH_PARAMS, date_range, index_values
 from ledger.store import open_engine
 
 
@@ -121,3 +131,101 @@ def test_url_elements_are_json_strings() -> None:
     report["presentedForm"][0]["url"] = {"value": "https://pacs/r/1.pdf"}
     with pytest.raises(FhirError):
         validate(report)
+
+
+UCUM = "http://unitsofmeasure.org"
+
+
+def _observation(code: str, value: float | None, components: list[tuple[str, float]]) -> dict:
+    observation: dict[str, Any] = {
+        "resourceType": "Observation",
+        "status": "final",
+        "code": {"coding": [{"system": "http://loinc.org", "code": code}], "text": f"t{code}"},
+        "component": [
+            {
+                "code": {"coding": [{"system": "http://loinc.org", "code": c}]},
+                "valueQuantity": {"value": v, "system": UCUM, "code": "mm[Hg]"},
+            }
+            for c, v in components
+        ],
+    }
+    if value is not None:
+        observation["valueQuantity"] = {"value": value, "system": UCUM, "code": "mm[Hg]"}
+    if not components:
+        del observation["component"]
+    return observation
+
+
+def test_parameters_searched_by_other_parameters_rows(tmp_path: Path) -> None:
+    """Observation's unions (combo-*) and its composites over the Observation itself write no
+    rows of their own, and find exactly what a brute-force reading of their definitions finds:
+    a code on the Observation with a value of the Observation, never a component's value under
+    the Observation's code, nor the reverse."""
+    params = SEARCH_PARAMS["Observation"]
+    assert params["combo-code"].union_of == ("code", "component-code")
+    assert params["code-value-quantity"].parts_of == ("code", "value-quantity")
+    assert not params["code-value-string"].parts_of  # its part selects less than value-string
+    assert not params["component-code-value-quantity"].parts_of  # a component is no resource
+    engine = open_engine(str(tmp_path / "store.db"), immediate=True)
+    tables.metadata.create_all(engine)
+    store = ResourceStore(engine, engine, "http://hrx.test/fhir")
+    made = [
+        _observation("8480-6", 150, []),  # systolic, high, on the Observation
+        _observation("8480-6", 100, [("8462-4", 150)]),  # systolic low; a component's 150
+        _observation("85354-9", None, [("8480-6", 150), ("8462-4", 80)]),  # panel: components
+        _observation("8462-4", 95, [("8480-6", 100)]),
+    ]
+    by_pk = {store.create(o).res_pk: o for o in made}
+    for observation in made:
+        rows = index_values(observation)
+        names = {row[0] for row in [*rows.tokens, *rows.strings, *rows.quantities]}
+        assert not any(n.startswith(("combo-", "code-value-")) for n in names), names
+
+    def found(name: str, value: str) -> set[int]:
+        with engine.connect() as conn:
+            query = match_query(parse_search("Observation", [(name, value)]), EVERYONE)
+            return {row[0] for row in conn.execute(query)}
+
+    for code in ("8480-6", "8462-4", "85354-9"):
+        anywhere = {pk for pk, o in by_pk.items() if code in _codes(o, True) | _codes(o, False)}
+        assert found("combo-code", code) == found("combo-code", f"http://loinc.org|{code}")
+        assert found("combo-code", code) == anywhere
+        on_root = {pk for pk, o in by_pk.items() if code in _codes(o, True)}
+        assert found("combo-code:text", f"t{code}") == on_root
+        high = {
+            root: {pk for pk, o in by_pk.items() if code in _high(o, root)}
+            for root in (True, False)
+        }
+        for token in (code, f"http://loinc.org|{code}"):
+            value = f"{token}$gt120|{UCUM}|mm[Hg]"
+            assert found("code-value-quantity", value) == high[True], value
+            assert found("component-code-value-quantity", value) == high[False], value
+            assert found("combo-code-value-quantity", value) == high[True] | high[False]
+        assert found("code-value-quantity", f"|{code}$gt1|{UCUM}|mm[Hg]") == set()  # no system
+    high_anywhere = {pk for pk, o in by_pk.items() if _high(o, True) | _high(o, False)}
+    assert found("combo-value-quantity", f"gt120|{UCUM}|mm[Hg]") == high_anywhere
+    # sorted by a union: by the least code of those it unites
+    with engine.connect() as conn:
+        query = match_query(parse_search("Observation", [("_sort", "combo-code")]), EVERYONE)
+        order = [row[0] for row in conn.execute(query)]
+    assert order == sorted(
+        by_pk, key=lambda pk: min(_codes(by_pk[pk], True) | _codes(by_pk[pk], False))
+    )
+    engine.dispose()
+
+
+def _codes(observation: dict[str, Any], root: bool) -> set[str]:
+    """The codes of the Observation itself (``root``), or of its components."""
+    parts = [observation] if root else observation.get("component", [])
+    return {part["code"]["coding"][0]["code"] for part in parts}
+
+
+def _high(observation: dict[str, Any], root: bool) -> set[str]:
+    """The codes of the Observation itself (``root``), or of its components, whose value in
+    the same element is above 120."""
+    parts = [observation] if root else observation.get("component", [])
+    return {
+        part["code"]["coding"][0]["code"]
+        for part in parts
+        if "valueQuantity" in part and part["valueQuantity"]["value"] > 120
+    }

@@ -7,6 +7,7 @@ import json
 import stat
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -350,10 +351,10 @@ def test_upgrade_applies_pending_migrations(node_dir: Path) -> None:
     finally:
         database.close()
     result = hrx("node", "upgrade", "--dir", str(node_dir))
-    assert result.exit_code == 0 and "from revision 0001 to 0013" in result.output, result.output
+    assert result.exit_code == 0 and "from revision 0001 to 0014" in result.output, result.output
     database = open_database(config.database_url)
     try:
-        assert current_revision(database.engine) == head_revision() == "0013"
+        assert current_revision(database.engine) == head_revision() == "0014"
         # the users are kept, and the one locked out then is still held from unknown addresses
         wang, li = get_user(database.engine, "wang"), get_user(database.engine, "li")
         assert wang is not None and wang.active and not wang.removed
@@ -412,13 +413,12 @@ def test_an_upgrade_across_a_reindexing_revision_indexes_what_was_stored(node_di
         assert methods() == {str(s.res_pk) for s in stored}
         with database.engine.connect() as conn:  # the new quantity index filled as well
             quantities = conn.execute(sa.select(tables.quantities.c.res_pk)).all()
-            composites = conn.execute(  # and the composites' rows (revision 0012)
-                sa.select(tables.quantities.c.res_pk).where(
-                    tables.quantities.c.param.startswith("code-value-quantity$")
-                )
+            composites = conn.execute(  # the composites' rows (revision 0012), but not of
+                # a composite over the Observation itself (revision 0014)
+                sa.select(tables.quantities.c.param).where(tables.quantities.c.param.contains("$"))
             ).all()
         assert {str(row[0]) for row in quantities} == {str(s.res_pk) for s in stored}
-        assert {str(row[0]) for row in composites} == {str(s.res_pk) for s in stored}
+        assert composites == []
         with database.engine.connect() as conn:  # and nothing twice
             count = conn.execute(
                 sa.select(sa.func.count()).select_from(tables.compartment)
@@ -426,6 +426,118 @@ def test_an_upgrade_across_a_reindexing_revision_indexes_what_was_stored(node_di
         assert count == 4  # the patient and the three observations, in its compartment
     finally:
         database.close()
+
+
+def test_upgrade_deletes_the_rows_of_parameters_searched_by_others(node_dir: Path) -> None:
+    """Revision 0014: the rows an earlier hrx wrote for Observation's union parameters and its
+    composites over the Observation itself are deleted; every other row stays, and searches
+    find the same Observations after as before."""
+    from fhir_adapters.store import ResourceStore, tables
+    from fhir_adapters.store.search import EVERYONE, match_query, parse_search
+    from fhir_adapters.store.search_params import composite_param
+
+    config = load_config(node_dir, environ={})
+    database = open_database(config.database_url)
+    store = ResourceStore(database.engine, write_engine=database.write_engine)
+    ucum = "http://unitsofmeasure.org"
+    try:
+        glucose = store.create(
+            {
+                "resourceType": "Observation",
+                "status": "final",
+                "code": {"coding": [{"system": "http://loinc.org", "code": "2345-7"}]},
+                "valueQuantity": {"value": 8.1, "system": ucum, "code": "mmol/L"},
+                "effectiveDateTime": "2026-12-01",
+            }
+        )
+        kept = {table.name: _index_rows(database.engine, table) for table in tables.INDEX_TABLES}
+        earlier = [  # as an earlier hrx wrote them beside those
+            (
+                tables.tokens,
+                {"param": "combo-code", "system": "http://loinc.org", "code": "2345-7"},
+            ),
+            (tables.tokens, {"param": "combo-value-concept:of-type", "system": "", "code": "x"}),
+            (
+                tables.tokens,
+                {"param": composite_param("code-value-concept", "x"), "system": "", "code": "y"},
+            ),
+            (tables.strings, {"param": "combo-code:text", "value": "glucose", "exact": "Glucose"}),
+            (
+                tables.dates,
+                {"param": composite_param("code-value-date", "2345-7"), "low": 0, "high": 1},
+            ),
+            *(
+                (
+                    tables.quantities,
+                    {
+                        "param": name,
+                        "system": ucum,
+                        "code": "mmol/L",
+                        "value": 8.1,
+                        "dimension": "mol/L",
+                        "base": 0.0081,
+                        "derived": False,
+                    },
+                )
+                for name in (
+                    "combo-value-quantity",
+                    composite_param("code-value-quantity", "2345-7"),
+                )
+            ),
+        ]
+        with database.write_engine.begin() as conn:
+            for table, row in earlier:
+                conn.execute(
+                    table.insert().values(res_pk=glucose.res_pk, type="Observation", **row)
+                )
+            # a composite over components keeps its rows (its parts are not one element)
+            component = composite_param("component-code-value-quantity", "8462-4")
+            conn.execute(
+                tables.quantities.insert().values(
+                    res_pk=glucose.res_pk,
+                    type="Observation",
+                    param=component,
+                    system=ucum,
+                    code="mm[Hg]",
+                    value=95,
+                    dimension="",
+                    base=95,
+                    derived=False,
+                )
+            )
+            conn.execute(sa.text("UPDATE alembic_version SET version_num = '0013'"))
+        kept["fhir_idx_quantity"].add((glucose.res_pk, "Observation", component))
+    finally:
+        database.close()
+    result = hrx("node", "upgrade", "--dir", str(node_dir))
+    assert result.exit_code == 0 and "from revision 0013 to 0014" in result.output, result.output
+    database = open_database(config.database_url)
+    try:
+        after = {table.name: _index_rows(database.engine, table) for table in tables.INDEX_TABLES}
+        assert after == kept
+        for query in (
+            ("combo-code", "2345-7"),
+            ("combo-value-quantity", f"gt8|{ucum}|mmol/L"),
+            ("code-value-quantity", f"http://loinc.org|2345-7$gt8|{ucum}|mmol/L"),
+        ):
+            with database.engine.connect() as conn:
+                found = conn.execute(match_query(parse_search("Observation", [query]), EVERYONE))
+                assert [row[0] for row in found] == [glucose.res_pk], query
+    finally:
+        database.close()
+
+
+def _index_rows(engine: sa.Engine, table: sa.Table) -> set[tuple[Any, ...]]:
+    """Each row of an index table, by resource and parameter (the compartment's and links',
+    by resource and target)."""
+    if table.name == "fhir_compartment":
+        columns = [table.c.res_pk, table.c.patient_id]
+    elif "param" not in table.c:
+        columns = [table.c.res_pk, table.c.target_id]
+    else:
+        columns = [table.c.res_pk, table.c.type, table.c.param]
+    with engine.connect() as conn:
+        return {tuple(row) for row in conn.execute(sa.select(*columns))}
 
 
 def test_messages_made_from_csv_exports_are_counted_as_csv(tmp_path: Path) -> None:
