@@ -14,6 +14,7 @@ mappers beside it may import it.
 """
 
 from fhir_adapters.store.repository import (
+    NewResource,
     ResourceStore,
     Stored,
     Writer,
@@ -25,6 +26,7 @@ from fhir_adapters.store.repository import (
 )
 
 __all__ = [
+    "NewResource",
     "ResourceStore",
     "Stored",
     "Writer",

@@ -1107,13 +1107,18 @@ class Writer:
         if_match: str | None = None,
         *,
         validated: bool = False,
+        prepared: NewResource | None = None,
     ) -> tuple[Stored, bool]:
         """Store a new version (or the first, under the client's id); True when created.
         ``validated``: the caller has validated it as a ``resource_type`` (its references are
-        still checked)."""
+        still checked). ``prepared``: the same resource made ready under this type and id by
+        :meth:`ResourceStore.new_resource` before the write, taken when it is created (nothing
+        of it is made again while the write holds its turn)."""
         check_type(resource_type)
         check_id(resource_id)
-        if not validated:
+        if prepared is not None and (prepared.type, prepared.id) != (resource_type, resource_id):
+            raise ValueError(f"{prepared.type}/{prepared.id} was prepared, not this resource")
+        if not validated and prepared is None:
             resource = validate(resource, resource_type)
         if "id" not in resource:
             raise InvalidRequest("an update must carry the resource's id", expression="id")
@@ -1131,7 +1136,9 @@ class Writer:
                 raise PreconditionFailed(
                     f"If-Match given, but {resource_type}/{resource_id} does not exist"
                 )
-            created = self.create(resource, resource_type, resource_id=resource_id, validated=True)
+            created = self.create(
+                prepared or resource, resource_type, resource_id=resource_id, validated=True
+            )
             return created, True
         res_pk, version, deleted = row
         if if_match is not None and parse_etag(if_match) != version:

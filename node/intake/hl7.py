@@ -58,7 +58,15 @@ from fhir_adapters.hl7v2 import (
     read_header,
     read_results,
 )
-from fhir_adapters.store import Stored, Writer, jsonio, now_micros, tables
+from fhir_adapters.store import (
+    NewResource,
+    ResourceStore,
+    Stored,
+    Writer,
+    jsonio,
+    now_micros,
+    tables,
+)
 from fhir_adapters.store.resources import identical, validate
 from node.base.errors import NodeError
 from node.db.schema import messages_table, quarantine_table
@@ -259,7 +267,7 @@ class Hl7Intake:
         """Everything the message says, in one write (all or nothing, returned once committed);
         (versions written, duplicate). ``checked``: what :meth:`_validated_before` found
         valid."""
-        checked = checked or Validated()
+        checked = checked or Validated(self.store)
         with self.store.writing() as writer:
             locks = {f"hl7 message {message.key}"}
             for group in groups:
@@ -322,7 +330,7 @@ class Hl7Intake:
         its id now); the write still finds it again under its lock, and validates whatever it
         writes that is not exactly what was validated here. What fails here is left to fail
         there, with the same error, if the write gets to it at all."""
-        checked = Validated()
+        checked = Validated(self.store)
         with self.services.database.engine.connect() as conn:
             for group in groups:
                 data = group.patient
@@ -391,11 +399,9 @@ class Hl7Intake:
             patient_id = (
                 checked.new_patients.get(tuple(data.match_keys)) if data.match_keys else None
             ) or str(uuid.uuid4())
+            prepared = checked.prepared(patient, "Patient", patient_id)
             created = writer.create(
-                patient,
-                "Patient",
-                resource_id=patient_id,
-                validated=checked.holds(patient, "Patient", patient_id),
+                prepared or patient, "Patient", resource_id=patient_id, validated=bool(prepared)
             )
             return created.id, created
         patient_id, keys = next(iter(found.items()))
@@ -446,11 +452,13 @@ class Hl7Intake:
                     "the result itself",
                     result.segment.at(11),
                 )
+            prepared = checked.prepared(new, "Observation", result.resource_id)
             stored, _ = writer.update(
                 "Observation",
                 result.resource_id,
                 new,
-                validated=checked.holds(new, "Observation", result.resource_id),
+                validated=bool(prepared),
+                prepared=prepared,
             )
             written.append(stored)
         report = order.report(patient_id)
@@ -464,11 +472,13 @@ class Hl7Intake:
                 report["result"] = results
             if _same(report, old):
                 return written
+        prepared = checked.prepared(report, "DiagnosticReport", order.resource_id)
         stored, _ = writer.update(
             "DiagnosticReport",
             order.resource_id,
             report,
-            validated=checked.holds(report, "DiagnosticReport", order.resource_id),
+            validated=bool(prepared),
+            prepared=prepared,
         )
         written.append(stored)
         return written
@@ -483,27 +493,36 @@ class Hl7Intake:
 
 
 class Validated:
-    """Resources validated before a message's write, each under the type and id it will be
-    written as, so that the write skips validating only what is exactly one of them
+    """Resources validated and made ready to be created (their stored bytes and index rows)
+    before a message's write, each under the type and id it will be written as, so that the
+    write skips that work only for what is exactly one of them
     (:func:`fhir_adapters.store.resources.identical`: the same JSON, of the same types)."""
 
-    def __init__(self) -> None:
-        self.resources: dict[tuple[str, str], dict[str, Any]] = {}
+    def __init__(self, store: ResourceStore) -> None:
+        self.store = store
+        self.resources: dict[tuple[str, str], tuple[dict[str, Any], NewResource]] = {}
         self.new_patients: dict[tuple[tuple[str, str], ...], str] = {}  # match keys -> id
 
     def check(self, resource: dict[str, Any], resource_type: str, resource_id: str) -> None:
-        """Validate ``resource`` as the write would; kept when valid (what is not is validated
-        again, and refused, in the write). Nothing else holds ``resource``."""
+        """Validate ``resource`` as the write would, and make it ready; kept when valid (what
+        is not is validated again, and refused, in the write). Nothing else holds
+        ``resource``."""
         try:
             validate(resource, resource_type)
         except FhirError:
             return
-        self.resources[(resource_type, resource_id)] = resource
+        ready = self.store.new_resource(resource, resource_id)
+        self.resources[(resource_type, resource_id)] = (resource, ready)
 
-    def holds(self, resource: dict[str, Any], resource_type: str, resource_id: str) -> bool:
-        """Whether ``resource`` is exactly what was validated for this type and id."""
+    def prepared(
+        self, resource: dict[str, Any], resource_type: str, resource_id: str
+    ) -> NewResource | None:
+        """What was made ready for this type and id, when ``resource`` is exactly what was
+        validated; None otherwise."""
         before = self.resources.get((resource_type, resource_id))
-        return before is not None and identical(resource, before)
+        if before is None or not identical(resource, before[0]):
+            return None
+        return before[1]
 
 
 # a message's digest, by its adapter and key

@@ -4,6 +4,7 @@ the parameters searched by other parameters' rows."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -229,3 +230,61 @@ def _high(observation: dict[str, Any], root: bool) -> set[str]:
         for part in parts
         if "valueQuantity" in part and part["valueQuantity"]["value"] > 120
     }
+
+
+def test_an_update_that_creates_takes_what_was_prepared(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``Writer.update(prepared=...)``: a resource made ready before the write is stored as
+    made (its bytes and index rows), with no indexing in the write, exactly as the same update
+    without it stores it; one made ready under another type or id is refused, not stored
+    under the wrong name."""
+    from fhir_adapters.store import repository
+
+    engine = open_engine(str(tmp_path / "store.db"), immediate=True)
+    tables.metadata.create_all(engine)
+    store = ResourceStore(engine, engine, "http://hrx.test/fhir")
+    stored = {}
+    indexed: list[str] = []
+    index_values = repository.index_values
+
+    def counted(resource: dict[str, Any], *rest: Any) -> Any:
+        indexed.append(resource["id"])
+        return index_values(resource, *rest)
+
+    monkeypatch.setattr(repository, "index_values", counted)
+    for resource_id in ("made-before", "made-in-write"):
+        resource = _observation("2345-7", 5.4, []) | {"id": resource_id}
+        prepared = (
+            store.new_resource(resource, resource_id) if resource_id == "made-before" else None
+        )
+        indexed.clear()
+        with store.writing() as writer:
+            stored[resource_id], created = writer.update(
+                "Observation", resource_id, resource, validated=True, prepared=prepared
+            )
+        assert created
+        assert indexed == ([] if prepared else [resource_id])  # indexed in the write, or not
+    before, during = stored["made-before"], stored["made-in-write"]
+    assert _without_meta(before) == _without_meta(during) | {"id": "made-before"}
+    assert _index_rows_of(engine, before.res_pk) == _index_rows_of(engine, during.res_pk)
+    elsewhere = store.new_resource(_observation("2345-7", 1, []) | {"id": "a"}, "a")
+    with pytest.raises(ValueError, match="was prepared"), store.writing() as writer:
+        writer.update("Observation", "b", {"resourceType": "Observation"}, prepared=elsewhere)
+    engine.dispose()
+
+
+def _without_meta(stored: Any) -> dict[str, Any]:
+    """A stored resource's JSON without its meta (its lastUpdated is the moment it was written)."""
+    return {key: value for key, value in json.loads(stored.body).items() if key != "meta"}
+
+
+def _index_rows_of(engine: sa.Engine, res_pk: int) -> list[tuple[Any, ...]]:
+    """Every index row of one resource, without its res_pk, in a stable order."""
+    found = []
+    with engine.connect() as conn:
+        for table in tables.INDEX_TABLES:
+            columns = [c for c in table.c if c.name != "res_pk"]
+            rows = conn.execute(sa.select(*columns).where(table.c.res_pk == res_pk))
+            found += sorted((table.name, *row) for row in rows)
+    return found
