@@ -23,7 +23,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fhir_adapters.errors import FhirError
-from fhir_adapters.store import ResourceStore, Stored, Writer, format_instant, now_micros
+from fhir_adapters.store import (
+    NewResource,
+    ResourceStore,
+    Stored,
+    Writer,
+    format_instant,
+    now_micros,
+)
 from fhir_adapters.store.search_params import index_values
 from node.identity.tokens import Principal
 
@@ -237,6 +244,19 @@ class AuditTrail:
         if entities:
             event["entity"] = entities
         return event
+
+    def created(self, caller: Caller, new: NewResource) -> list[NewResource]:
+        """The AuditEvents of creating ``new`` (one per patient, as :meth:`writes` records a
+        create), made ready before its write, so that the write only inserts them."""
+        # the version the create will store: its location is all an event names of it
+        first = Stored(new.type, new.id, 1, 0, new.body, "POST", frozenset(new.rows.compartment))
+        patients = {(new.type, new.id): first.patients or frozenset()}
+        return [
+            self.store.new_resource(
+                self.event(caller.record("create", entities=group, patients=group_patients))
+            )
+            for group_patients, group in per_patient([first], patients)
+        ]
 
     def record_in(self, writer: Writer, record: AuditRecord) -> None:
         """Store the event inside a write's own transaction."""

@@ -366,8 +366,10 @@ class FhirApi:
         condition = req.header("If-None-Exist")
         svc = self.svc
         prepared = None
-        if not condition:  # validated and prepared before the write: not in its turn
+        events = []
+        if not condition:  # validated and prepared, with its record, before the write's turn
             prepared = svc.store.new_resource(validate(resource, resource_type))
+            events = svc.audit.created(req.caller, prepared)
         with svc.store.writing(req.principal) as writer:
             if condition:
                 existing = self.conditional_match(req, writer, resource_type, condition)
@@ -375,7 +377,10 @@ class FhirApi:
                     svc.audit.writes(writer, req.caller, "create", [existing])
                     return self._respond(200, existing.body, self.version_headers(existing))
             stored = writer.create(prepared or resource, resource_type)
-            self._audit_created(writer, req, stored)
+            if prepared is None:
+                self._audit_created(writer, req, stored)
+            for event in events:
+                writer.create(event, checked=True)
         answer = self.written(req, stored, 201)
         if resource_type == "ServiceRequest":
             self._recognition_hint(req, stored, answer)
