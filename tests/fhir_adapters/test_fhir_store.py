@@ -212,6 +212,22 @@ def test_parameters_searched_by_other_parameters_rows(tmp_path: Path) -> None:
     assert order == sorted(
         by_pk, key=lambda pk: min(_codes(by_pk[pk], True) | _codes(by_pk[pk], False))
     )
+    # a concept and a date as the other part: the same rule, by their own parameters' rows
+    snomed = "http://snomed.info/sct"
+    typed = {
+        "concept": _observation("11130-6", None, [])
+        | {"valueCodeableConcept": {"coding": [{"system": snomed, "code": "260385009"}]}},
+        "date": _observation("11130-6", None, []) | {"valueDateTime": "2026-03-01"},
+        "elsewhere": _observation("8480-6", None, [])  # the concept under another code
+        | {"valueCodeableConcept": {"coding": [{"system": snomed, "code": "260385009"}]}},
+    }
+    pks = {name: store.create(o).res_pk for name, o in typed.items()}
+    concept = f"http://loinc.org|11130-6${snomed}|260385009"
+    assert found("code-value-concept", concept) == {pks["concept"]}
+    assert found("combo-code-value-concept", concept) == {pks["concept"]}
+    assert found("code-value-concept", "11130-6$260385009") == {pks["concept"]}
+    assert found("code-value-date", "11130-6$ge2026-02-01") == {pks["date"]}
+    assert found("code-value-date", "11130-6$lt2026-02-01") == set()
     engine.dispose()
 
 
