@@ -57,7 +57,7 @@ from sqlalchemy.engine import Connection
 
 from consent.model import EMERGENCY, PURPOSES, RESEARCH
 from fhir_adapters.definitions import patient_compartment
-from fhir_adapters.errors import FhirError, Forbidden, InvalidRequest, NotFound
+from fhir_adapters.errors import Forbidden, InvalidRequest, NotFound
 from fhir_adapters.store import Stored, format_instant, jsonio, now_micros, tables
 from fhir_adapters.store.resources import RESOURCE_TYPES
 from fhir_adapters.store.search import Access, match_query, parse_search
@@ -86,7 +86,6 @@ _OLDER_WRITE = sa.text(
     "AND pid <> pg_backend_pid() AND backend_xid IS NOT NULL AND xact_start <= :before LIMIT 1"
 )
 MOST_RUNNING = 4  # exports running at once on a node; one more is refused (429)
-RETRY_SECONDS = 30  # Retry-After of that 429
 RESULT_PARAMETERS = (  # search result parameters the IG forbids in a _typeFilter
     "_sort",
     "_include",
@@ -105,13 +104,6 @@ _INSTANT = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,9})?(Z|[+-]\d
 
 R, V, C = tables.resources, tables.versions, tables.compartment
 REF = tables.references
-
-
-class Busy(FhirError):
-    """429: the node runs as many exports as it takes; ask again after ``RETRY_SECONDS``."""
-
-    status = 429
-    code = "throttled"
 
 
 def bulk_readable(principal: Principal) -> tuple[str, ...]:
@@ -417,11 +409,9 @@ def start_export(svc: Services, caller: Caller, request: ExportRequest) -> bulk_
     assert principal is not None
     if request.level == "group":
         _group(svc, str(request.group))  # 404 now rather than a failed job
-    if bulk_jobs.running(svc, "export") >= MOST_RUNNING:
-        raise Busy(
-            f"this node runs {MOST_RUNNING} exports at once already; ask again in {RETRY_SECONDS} s"
-        )
-    job = bulk_jobs.new_job(svc, "export", principal.username, request.as_json())
+    job = bulk_jobs.new_job(
+        svc, "export", principal.username, request.as_json(), most_running=MOST_RUNNING
+    )
     _run_in_background(svc, caller, job)
     return job
 

@@ -17,6 +17,7 @@ they are deleted or expire: :data:`RETENTION_SECONDS` after it ended (the manife
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import threading
@@ -38,6 +39,9 @@ HEARTBEAT_SECONDS = 5
 STALE_SECONDS = 60
 RUNNING, DONE, FAILED, CANCELLED = "running", "done", "failed", "cancelled"
 RETENTION_SECONDS = 24 * 3600  # an ended job's record and files are kept this long (Expires)
+BUSY_RETRY_SECONDS = (
+    30  # Retry-After of a kick-off refused while the node runs as many jobs as it takes
+)
 
 
 @dataclass(frozen=True)
@@ -62,10 +66,39 @@ class Cancelled(Exception):
     """Raised in a job's thread when the job was cancelled: it stops there."""
 
 
-def new_job(svc: Services, kind: str, owner: str, request: dict[str, Any]) -> Job:
+class Busy(FhirError):
+    """429: as many jobs of a kind run as the node takes; ask again after
+    :data:`BUSY_RETRY_SECONDS` (the answer's ``Retry-After``)."""
+
+    status = 429
+    code = "throttled"
+
+
+def new_job(
+    svc: Services,
+    kind: str,
+    owner: str,
+    request: dict[str, Any],
+    *,
+    most_running: int | None = None,
+) -> Job:
+    """Record a new running job; :class:`Busy` when ``most_running`` jobs of ``kind`` run
+    already. The count and the new row are one transaction that kick-offs of the kind take in
+    turns (SQLite's write lock, taken as it begins; on PostgreSQL an advisory lock), so two at
+    the same instant cannot both pass the last free place."""
     now = now_micros()
     job = Job(str(uuid.uuid4()), kind, owner, request, RUNNING, now, now, None, {}, None)
     with svc.database.write_engine.begin() as conn:
+        if most_running is not None:
+            if conn.dialect.name == "postgresql":
+                conn.execute(
+                    sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": _lock_key(kind)}
+                )
+            if _running(conn, kind) >= most_running:
+                raise Busy(
+                    f"this node runs {most_running} bulk {kind}s at once already; ask again in "
+                    f"{BUSY_RETRY_SECONDS} s"
+                )
         conn.execute(
             J.insert().values(
                 id=job.id,
@@ -136,16 +169,21 @@ def cancel(svc: Services, job_id: str) -> bool:
     return bool(updated)
 
 
-def running(svc: Services, kind: str) -> int:
+def _running(conn: sa.Connection, kind: str) -> int:
     """How many jobs of ``kind`` are running now (a job whose process was lost is not)."""
     alive = now_micros() - STALE_SECONDS * 10**6
-    with svc.database.engine.connect() as conn:
-        count = conn.execute(
-            sa.select(sa.func.count())
-            .select_from(J)
-            .where(J.c.kind == kind, J.c.state == RUNNING, J.c.heartbeat >= alive)
-        ).scalar_one()
+    count = conn.execute(
+        sa.select(sa.func.count())
+        .select_from(J)
+        .where(J.c.kind == kind, J.c.state == RUNNING, J.c.heartbeat >= alive)
+    ).scalar_one()
     return int(count)
+
+
+def _lock_key(kind: str) -> int:
+    """The PostgreSQL advisory lock that kick-offs of ``kind`` take in turns."""
+    digest = hashlib.sha256(f"hrx bulk {kind} kick-off".encode()).digest()
+    return int.from_bytes(digest[:8], "big", signed=True)
 
 
 def expires(job: Job) -> int:

@@ -35,8 +35,8 @@ RETRY_SECONDS = 2
 @bp.errorhandler(FhirError)
 def fhir_error(exc: FhirError) -> Response:
     response = Response(jsonio.dump(exc.outcome()), exc.status, content_type=FHIR_JSON)
-    if isinstance(exc, bulk_export.Busy):
-        response.headers["Retry-After"] = str(bulk_export.RETRY_SECONDS)
+    if isinstance(exc, bulk_jobs.Busy):
+        response.headers["Retry-After"] = str(bulk_jobs.BUSY_RETRY_SECONDS)
     return response
 
 

@@ -1,11 +1,13 @@
 """A bulk job's thread when its job is cancelled under it (:mod:`node.flows.bulk_jobs`), on a
 real node's services: whether the cancellation is seen at a heartbeat, only when the work
 ends, or after the work broke, the thread discards what it wrote, forgets the job and logs no
-error; a job that ends normally is recorded as done."""
+error; a job that ends normally is recorded as done. Kick-offs at the same instant never run
+more jobs of a kind than the node takes."""
 
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -87,3 +89,38 @@ def test_a_job_that_ends_is_done_and_one_that_breaks_failed(
     assert job.state == bulk_jobs.FAILED and discarded == []
     assert job.result == {"error": "FileNotFoundError (the node's log has the details)"}
     assert [r.levelname for r in caplog.records] == ["ERROR"]
+
+
+@pytest.mark.parametrize("engine", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def test_kick_offs_at_the_same_instant_take_the_free_places_only(
+    tmp_path: Path, engine: str
+) -> None:
+    """Eight kick-offs released together while one job runs and three may: two get a job,
+    six are refused (429, nothing recorded), whatever the interleaving."""
+    with joined_node_dir(tmp_path / "hosp-a", "hosp-a", engine) as directory:
+        services = open_services(load_config(directory))
+        try:
+            bulk_jobs.new_job(services, "export", "first", {}, most_running=3)
+            together = threading.Barrier(8)
+            outcomes: list[str] = []
+
+            def kick_off() -> None:
+                together.wait()
+                try:
+                    bulk_jobs.new_job(services, "export", "racer", {}, most_running=3)
+                    outcomes.append("started")
+                except bulk_jobs.Busy:
+                    outcomes.append("busy")
+
+            threads = [threading.Thread(target=kick_off) for _ in range(8)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(60)
+            assert sorted(outcomes) == ["busy"] * 6 + ["started"] * 2
+            with services.database.engine.connect() as conn:
+                assert bulk_jobs._running(conn, "export") == 3
+            # an import is not an export: its own kind, its own count
+            bulk_jobs.new_job(services, "import", "racer", {}, most_running=1)
+        finally:
+            services.close()

@@ -22,7 +22,7 @@ import sqlalchemy as sa
 
 from fhir_adapters.store import now_micros
 from node.db.schema import bulk_jobs_table
-from node.flows import bulk_export, bulk_jobs
+from node.flows import bulk_jobs
 from node.flows.bulk_export import MOST_RUNNING, SETTLE_SECONDS
 from node.flows.bulk_jobs import RETENTION_SECONDS
 from tests.helpers.nodes import Node, running_node
@@ -342,7 +342,7 @@ def test_running_exports_are_capped(node: Node) -> None:
     try:
         answer = session.get(f"{node.fhir}/$export", headers=ASYNC, timeout=30)
         assert answer.status_code == 429 and is_outcome(answer)
-        assert answer.headers["Retry-After"] == str(bulk_export.RETRY_SECONDS)
+        assert answer.headers["Retry-After"] == str(bulk_jobs.BUSY_RETRY_SECONDS)
     finally:
         with node.database.write_engine.begin() as conn:
             conn.execute(bulk_jobs_table.delete().where(bulk_jobs_table.c.id.in_(ids)))
