@@ -39,9 +39,7 @@ HEARTBEAT_SECONDS = 5
 STALE_SECONDS = 60
 RUNNING, DONE, FAILED, CANCELLED = "running", "done", "failed", "cancelled"
 RETENTION_SECONDS = 24 * 3600  # an ended job's record and files are kept this long (Expires)
-BUSY_RETRY_SECONDS = (
-    30  # Retry-After of a kick-off refused while the node runs as many jobs as it takes
-)
+BUSY_RETRY_SECONDS = 30  # Retry-After of a kick-off refused: as many jobs run as it takes
 
 
 @dataclass(frozen=True)
