@@ -786,8 +786,7 @@ def _composite_clause(
     own: the resource has a row of its token part's parameter matching ``code`` and one of its
     other part's matching ``value`` (:attr:`SearchParam.parts_of`)."""
     kind = param.components[1][0]
-    table = TABLE_OF[kind]
-    of_type = table.c.type == types[0] if len(types) == 1 else table.c.type.in_(types)
+    table, tokens = TABLE_OF[kind], tables.tokens
     own: list[str] = []  # the composites searched by rows of their own
     matched: list[ColumnElement[bool]] = []
     for name in param.union_of or (param.name,):
@@ -797,22 +796,15 @@ def _composite_clause(
             continue
         for value in values:
             token, other = composite_parts(value)
+            code = sa.and_(tokens.c.param == parts_of[0], _token_condition(tokens, token))
+            value_of = sa.and_(
+                table.c.param == parts_of[1],
+                _value_condition(kind, table, None, other, param, ""),
+            )
             matched.append(
                 sa.and_(
-                    _rows_clause(
-                        types,
-                        parts_of[0],
-                        _token_condition(tables.tokens, token),
-                        resources,
-                        driver=driver,
-                    ),
-                    _rows_clause(
-                        types,
-                        parts_of[1],
-                        _value_condition(kind, table, None, other, param, ""),
-                        resources,
-                        driver=driver,
-                    ),
+                    _rows_clause(types, tokens, code, resources, driver=driver),
+                    _rows_clause(types, table, value_of, resources, driver=driver),
                 )
             )
     if own:
@@ -825,34 +817,24 @@ def _composite_clause(
                     _value_condition(kind, table, None, other, param, ""),
                 )
             )
-        if driver:
-            rows = sa.select(table.c.res_pk).where(of_type, sa.or_(*conditions))
-            matched.append(resources.c.res_pk.in_(rows))
-        else:
-            matched.append(
-                sa.exists().where(table.c.res_pk == resources.c.res_pk, sa.or_(*conditions))
-            )
+        matched.append(_rows_clause(types, table, sa.or_(*conditions), resources, driver=driver))
     return sa.or_(*matched)
 
 
 def _rows_clause(
     types: tuple[str, ...],
-    name: str,
+    table: sa.Table,
     condition: ColumnElement[bool],
     resources: sa.FromClause,
     *,
     driver: bool,
 ) -> ColumnElement[bool]:
-    """The resource has a row of parameter ``name`` meeting ``condition`` (on the parameter's
-    index table): as a set of rows (``driver``) or as a check of one candidate."""
-    table = TABLE_OF[SEARCH_PARAMS[types[0]][name].type]
+    """The resource has a row of ``table`` meeting ``condition``: as a set of rows
+    (``driver``) or as a check of one candidate."""
     of_type = table.c.type == types[0] if len(types) == 1 else table.c.type.in_(types)
     if driver:
-        rows = sa.select(table.c.res_pk).where(of_type, table.c.param == name, condition)
-        return resources.c.res_pk.in_(rows)
-    return sa.exists().where(
-        table.c.res_pk == resources.c.res_pk, of_type, table.c.param == name, condition
-    )
+        return resources.c.res_pk.in_(sa.select(table.c.res_pk).where(of_type, condition))
+    return sa.exists().where(table.c.res_pk == resources.c.res_pk, of_type, condition)
 
 
 _CJK = re.compile(r"[\u3400-\u9fff\uf900-\ufaff\U00020000-\U0003134f]")
