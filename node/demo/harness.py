@@ -281,7 +281,7 @@ class Consortium:
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            with suppress(requests.ConnectionError):
+            with suppress(requests.ConnectionError, requests.Timeout):  # not up, or busy starting
                 if requests.get(f"{member.local}/healthz", timeout=1).status_code == 200:
                     break
             if member.web.poll() is not None:

@@ -146,7 +146,7 @@ def _wait_ready(
         try:
             if requests.get(url, auth=server.auth, timeout=1).status_code == 200:
                 return
-        except requests.ConnectionError:
+        except (requests.ConnectionError, requests.Timeout):  # not up, or busy starting
             pass
         time.sleep(0.05)
     raise RuntimeError(f"Orthanc did not answer on {url} within {timeout} s")
