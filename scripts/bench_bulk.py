@@ -23,6 +23,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import requests
 import sqlalchemy as sa
@@ -31,7 +32,7 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from fhir_adapters.store import ResourceStore
+from fhir_adapters.store import ResourceStore, jsonio
 from fhir_adapters.store.bulk_import import (
     BulkImport,
     Prepared,
@@ -39,6 +40,9 @@ from fhir_adapters.store.bulk_import import (
     prepare_in_worker,
     preparing_pool,
 )
+from fhir_adapters.store.repository import UNSTAMPED, local_targets, stored_form
+from fhir_adapters.store.resources import validate
+from fhir_adapters.store.search_params import index_values
 from node.base.config import load_config
 from node.db.engines import MODEL_METADATA, open_database
 from node.demo.nodes import free_port, init_node, join_alone, serving
@@ -66,6 +70,29 @@ def prepare_ceiling(
         prepared = pool.starmap(prepare_in_worker, [("http://bench/fhir", c) for c in chunks])
         seconds = time.perf_counter() - started
     return len(lines) / seconds, [p for chunk in prepared for p in chunk]
+
+
+def preparation_stages(lines: list[tuple[int, int, bytes | None]]) -> dict[str, float]:
+    """µs per line of each step of a line's preparation (as ``_prepare`` takes them), in this
+    one process, every line through one step before the next."""
+    texts = [text for _, _, text in lines if text is not None]
+    prepare_in_worker("http://bench/fhir", lines[:200])  # the models built, imports done
+    steps: dict[str, float] = {}
+
+    def timed(name: str, step: Any, values: list[Any]) -> list[Any]:
+        started = time.perf_counter()
+        results = [step(value) for value in values]
+        steps[name] = (time.perf_counter() - started) / len(values) * 1e6
+        return results
+
+    with collecting_rarely(10**9):
+        parsed = timed("parse", lambda text: jsonio.parse(text, "the line"), texts)
+        valid = timed("validate", validate, parsed)
+        stored = timed("stored form", lambda r: stored_form(r, r["id"], "1", UNSTAMPED), valid)
+        timed("local references", lambda r: local_targets(r, "http://bench/fhir"), stored)
+        timed("index rows", lambda r: index_values(r, "http://bench/fhir"), stored)
+        timed("bytes", jsonio.dump, stored)
+    return steps
 
 
 def insert_ceiling(url: str, prepared: list[Prepared]) -> float:
@@ -218,14 +245,27 @@ def main() -> None:
         lines = lines_of(files)
         count = len(resources)
         console.print(f"{count:,} resources, {sum(p.stat().st_size for p in files) / 1e6:.1f} MB")
-        prepare, prepared = prepare_ceiling(lines, args.workers)
+        steps = preparation_stages(lines)
         rows.append(
+            [
+                "— one line's preparation in one process, step by step: "
+                + ", ".join(f"{name} {us:,.0f}" for name, us in steps.items()),
+                f"{sum(steps.values()):,.0f} µs",
+                "",
+                "",
+            ]
+        )
+        alone, _ = prepare_ceiling(lines, 1)
+        rows.append(["— the same in one worker process", f"{alone:,.0f}/s", "", ""])
+        prepare, prepared = prepare_ceiling(lines, args.workers)
+        rows.insert(
+            0,
             [
                 f"parse, validate, index {count:,} lines, {args.workers} processes (no database)",
                 f"{prepare:,.0f}/s",
                 "",
                 "",
-            ]
+            ],
         )
 
         def sqlite_url(name: str) -> str:

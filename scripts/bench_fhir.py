@@ -243,7 +243,24 @@ def gunicorn(
     )
 
 
-def creates_beside_ceiling(base: str, token: str, body: str, args: argparse.Namespace) -> None:
+def create_cpu_ms(directory: Path, token: str, body: str, count: int = 300) -> float:
+    """The CPU one create costs, in ms: the node's app in this process (Flask's test client,
+    no HTTP, no other writer), ``count`` creates one after another, after a warm-up."""
+    from node.web.app import create_app
+
+    client = create_app(directory).test_client()
+    headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/fhir+json"}
+    for number in range(count // 5 + count):
+        if number == count // 5:
+            started = time.process_time()
+        answer = client.post("/fhir/Observation", data=body, headers=headers)
+        assert answer.status_code == 201, answer.get_data(as_text=True)
+    return (time.process_time() - started) / count * 1000
+
+
+def creates_beside_ceiling(
+    directory: Path, base: str, token: str, body: str, args: argparse.Namespace
+) -> None:
     """``--rounds`` rounds of: the ceiling (GET /livez), creates with ``--connections`` at
     once, and creates one at a time; each round printed, then the ranges."""
     create = lua_paths(["/fhir/Observation"], "POST", body)
@@ -267,6 +284,12 @@ def creates_beside_ceiling(base: str, token: str, body: str, args: argparse.Name
         f"\ncreates with {args.connections} connections: {min(creates):,.0f}-{max(creates):,.0f}/s "
         f"beside a ceiling (GET /livez) of {min(ceilings):,.0f}-{max(ceilings):,.0f}/s; "
         f"one connection: {min(lone):,.0f}-{max(lone):,.0f}/s"
+    )
+    cpu = create_cpu_ms(directory, token, body)
+    cores = os.cpu_count() or 1
+    console.print(
+        f"one create's CPU in one process (no HTTP): {cpu:.2f} ms, so at most "
+        f"{cores * 1000 / cpu:,.0f}/s on {cores} cores with nothing else running"
     )
 
 
@@ -347,7 +370,7 @@ def main() -> None:
         )
         wrk(base, lua_paths(reads), token, 2, args.connections)  # warm up
         if args.only == "create":
-            creates_beside_ceiling(base, token, body, args)
+            creates_beside_ceiling(directory, base, token, body, args)
             return
         results = {
             "ceiling (GET /livez)": wrk(
