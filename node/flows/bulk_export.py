@@ -186,10 +186,13 @@ def parse_export(
     url: str,
     *,
     posted: bool = False,
-) -> ExportRequest:
+    lenient: bool = False,
+) -> tuple[ExportRequest, list[str]]:
     """The export asked for (``query``: a GET's query, or a POST's Parameters as
     :func:`posted_query` reads them), checked: 400 for what the IG or this server does not
-    allow, 403 for what the caller may not read."""
+    allow, 403 for what the caller may not read; and the parameters left out. A parameter
+    this server does not support is a 400, or, ``lenient`` (``Prefer: handling=lenient``),
+    left out and named in that list (its values are not looked at)."""
     if not any(scope.context == "system" for scope in principal.scopes):
         raise Forbidden(
             f"{principal.username} may not export: bulk export needs a token with a system/ "
@@ -197,16 +200,22 @@ def parse_export(
             "auditor account"
         )
     values: dict[str, list[str]] = {}
+    ignored: list[str] = []
     supported = PARAMETERS + MEMBER_PARAMETERS + (("patient",) if posted else ())
     for name, value in query:
-        if name not in supported:
+        if name in supported:
+            values.setdefault(name, []).append(value)
+        elif lenient:
+            ignored.append(name)
+        else:
             raise InvalidRequest(
                 f"$export does not support the parameter {name!r}"
                 + (" in a GET kick-off (POST it in a Parameters body)" if name == "patient" else "")
                 + "; supported: "
                 + ", ".join(supported)
+                + " (or send Prefer: handling=lenient to have it left out)"
             )
-        values.setdefault(name, []).append(value)
+    ignored = list(dict.fromkeys(ignored))
     for output_format in values.get("_outputFormat", []):
         if output_format not in FORMATS:
             raise InvalidRequest(
@@ -259,8 +268,8 @@ def parse_export(
     if "patient" in values:
         request = replace(request, patients=_patients(level, values["patient"]))
     if any(name in values for name in MEMBER_PARAMETERS):
-        return _from_members(svc, principal, request, values, bool(asked))
-    return request
+        return _from_members(svc, principal, request, values, bool(asked)), ignored
+    return request, ignored
 
 
 def _patients(level: str, references: list[str]) -> tuple[str, ...]:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 from email.utils import format_datetime
+from typing import Any
 
 from flask import Blueprint, Response, request, send_file
 
@@ -83,13 +84,42 @@ def _kick_off(level: str, group: str | None) -> Response:
         query = bulk_export.posted_query(jsonio.parse(request.get_data(), "the Parameters"))
     else:
         query = list(request.args.items(multi=True))
-    asked = bulk_export.parse_export(
-        services(), principal, level, group, query, url, posted=request.method == "POST"
+    lenient = any(
+        "".join(part.split()) == "handling=lenient"
+        for part in request.headers.get("Prefer", "").split(",")
+    )
+    asked, ignored = bulk_export.parse_export(
+        services(),
+        principal,
+        level,
+        group,
+        query,
+        url,
+        posted=request.method == "POST",
+        lenient=lenient,
     )
     job = bulk_export.start_export(services(), caller(), asked)
     response = _accepted()
+    if ignored:  # the IG lets a kick-off's 202 carry an OperationOutcome
+        response = Response(jsonio.dump(_left_out(ignored)), 202, content_type=FHIR_JSON)
     response.headers["Content-Location"] = _status_url(job.id)
     return response
+
+
+def _left_out(names: list[str]) -> dict[str, Any]:
+    """The OperationOutcome of a lenient kick-off: a warning for each parameter left out."""
+    return {
+        "resourceType": "OperationOutcome",
+        "issue": [
+            {
+                "severity": "warning",
+                "code": "not-supported",
+                "diagnostics": f"$export does not support the parameter {name!r}: it was left "
+                "out (Prefer: handling=lenient)",
+            }
+            for name in names
+        ],
+    }
 
 
 def _status_url(job_id: str) -> str:

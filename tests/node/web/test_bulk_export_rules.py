@@ -322,6 +322,49 @@ def test_a_kick_off_may_be_posted_with_patients(node: Node) -> None:
     assert by_get.status_code == 400 and "POST" in by_get.text
 
 
+def test_a_lenient_kick_off_leaves_out_what_is_not_supported_and_says_so(node: Node) -> None:
+    patient = create(node, {"resourceType": "Patient", "gender": "unknown"})
+    session = session_of(node, "lenient-admin", "system/*.rs")
+    time.sleep(SETTLE_SECONDS + 0.1)
+    unsupported = {"_elements": "id", "includeAssociatedData": "LatestProvenanceResources"}
+    strict = session.get(
+        f"{node.fhir}/$export",
+        params={"_type": "Patient", **unsupported},
+        headers=ASYNC,
+        timeout=30,
+    )
+    assert strict.status_code == 400 and "handling=lenient" in strict.text
+    lenient = {**ASYNC, "Prefer": "respond-async, handling=lenient"}
+    kicked = session.get(
+        f"{node.fhir}/$export",
+        params={"_type": "Patient", **unsupported},
+        headers=lenient,
+        timeout=30,
+    )
+    assert kicked.status_code == 202, kicked.text
+    assert kicked.headers["Content-Type"] == "application/fhir+json"
+    issues = kicked.json()["issue"]
+    assert [issue["severity"] for issue in issues] == ["warning", "warning"]
+    assert "'_elements'" in issues[0]["diagnostics"]
+    assert "'includeAssociatedData'" in issues[1]["diagnostics"]
+    out = exported(session, manifest_of(session, kicked.headers["Content-Location"]))
+    assert patient in {r["id"] for r in out}
+    assert all("gender" in r for r in out)  # _elements was left out, not applied
+    # lenient leaves out unknown parameters only: a supported one's bad value is still a 400
+    bad = session.get(
+        f"{node.fhir}/$export",
+        params={"_type": "Patient", "_since": "soon"},
+        headers=lenient,
+        timeout=30,
+    )
+    assert bad.status_code == 400 and is_outcome(bad) and "_since" in bad.text
+    plain = session.get(
+        f"{node.fhir}/$export", params={"_type": "Patient"}, headers=lenient, timeout=30
+    )
+    assert plain.status_code == 202 and not plain.content  # nothing left out: no body
+    assert exported(session, manifest_of(session, plain.headers["Content-Location"]))
+
+
 def test_running_exports_are_capped(node: Node) -> None:
     ids = [f"busy-{n}" for n in range(MOST_RUNNING)]
     with node.database.write_engine.begin() as conn:  # as many running as the node takes
