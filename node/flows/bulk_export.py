@@ -304,6 +304,9 @@ def posted_query(body: Any) -> list[tuple[str, str]]:
                 raise InvalidRequest("patient: give a valueReference with a reference")
             query.append((name, reference))
             continue
+        if name not in PARAMETERS + MEMBER_PARAMETERS:  # not offered, whatever its value
+            query.append((name, ""))  # parse_export refuses it, or leaves it out (lenient)
+            continue
         values = [v for k, v in parameter.items() if k.startswith("value")]
         if len(values) != 1 or not isinstance(values[0], str) or "part" in parameter:
             raise InvalidRequest(f"parameter {name!r}: give it one value[x] of a string type")

@@ -358,6 +358,21 @@ def test_a_lenient_kick_off_leaves_out_what_is_not_supported_and_says_so(node: N
         timeout=30,
     )
     assert bad.status_code == 400 and is_outcome(bad) and "_since" in bad.text
+    posted = session.post(
+        f"{node.fhir}/Patient/$export",
+        json={
+            "resourceType": "Parameters",
+            "parameter": [
+                {"name": "_type", "valueString": "Patient"},
+                {"name": "allowPartialManifests", "valueBoolean": True},  # not a string
+            ],
+        },
+        headers=lenient,
+        timeout=30,
+    )
+    assert posted.status_code == 202, posted.text
+    assert "'allowPartialManifests'" in posted.json()["issue"][0]["diagnostics"]
+    assert exported(session, manifest_of(session, posted.headers["Content-Location"]))
     plain = session.get(
         f"{node.fhir}/$export", params={"_type": "Patient"}, headers=lenient, timeout=30
     )
