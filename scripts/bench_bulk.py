@@ -3,7 +3,9 @@ the same run.
 
 - **import** (``hrx adapters bulk-import``'s engine) of a synthetic cohort as NDJSON, one file
   per type, on SQLite and PostgreSQL; ceilings: the same lines parsed, validated and indexed
-  alone on every core (no database), and that preparation's rows inserted raw.
+  alone on every core (no database), and that preparation's rows inserted raw; beside them the
+  preparation in one worker process, and one line's step by step (µs per step, in this
+  process).
 - **export** (``$export`` of a real node over HTTP, from kick-off to the manifest) of
   ``--export`` resources (the imported ones copied in SQL until there are that many);
   ceiling: the same stored bytes read raw and written to a file; the node's memory (RSS)

@@ -19,7 +19,9 @@ Prints each figure beside the ceiling measured in the same run. Creates are meas
 ``--connections`` at once (their writes share commits: group commit) and with one connection
 (what a lone client waits). ``--only create`` measures the ceiling and the creates alone, over
 a store of ``--observations`` (default then 1,000), each ``--rounds`` times in one run (the
-machine may be shared: every round is printed, and the range).
+machine may be shared: every round is printed, and the range), and then the CPU one create
+costs in this process (the node's app without HTTP), which bounds the creates all the cores
+could make.
 
     python3 scripts/bench_fhir.py [--observations 100000] [--db URL] [--workers 2]
         [--threads 8] [--seconds 10] [--connections 16] [--only create] [--rounds 3]
