@@ -27,6 +27,7 @@ from fhir_adapters.errors import FhirError, InvalidRequest, NotFound
 from fhir_adapters.store import jsonio
 from node.flows import bulk_export, bulk_import, bulk_jobs
 from node.web.context import authenticate, caller, services
+from node.web.fhir.messages import preference
 
 bp = Blueprint("bulk", __name__, url_prefix="/fhir")
 FHIR_JSON = "application/fhir+json"
@@ -84,10 +85,7 @@ def _kick_off(level: str, group: str | None) -> Response:
         query = bulk_export.posted_query(jsonio.parse(request.get_data(), "the Parameters"))
     else:
         query = list(request.args.items(multi=True))
-    lenient = any(
-        "".join(part.split()) == "handling=lenient"
-        for part in request.headers.get("Prefer", "").split(",")
-    )
+    lenient = preference(request.headers.get("Prefer"), "handling", "strict") == "lenient"
     asked, ignored = bulk_export.parse_export(
         services(),
         principal,

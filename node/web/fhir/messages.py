@@ -18,6 +18,16 @@ JSON_PATCH = "application/json-patch+json"
 FORM = "application/x-www-form-urlencoded"
 
 
+def preference(prefer: str | None, name: str, default: str) -> str:
+    """The value a ``Prefer`` header gives preference ``name`` (``handling``, ``return``...),
+    or ``default``."""
+    for part in (prefer or "").split(","):
+        key, _, value = part.strip().partition("=")
+        if key.strip() == name:
+            return value.strip().strip('"')
+    return default
+
+
 @dataclass
 class FhirRequest:
     """One FHIR request: ``path`` below the FHIR base (``Patient/1/_history/2``, ``""`` for the
@@ -54,11 +64,7 @@ class FhirRequest:
         return [part for key, value in self.query if key == name for part in value.split(",")]
 
     def prefer(self, name: str, default: str) -> str:
-        for part in (self.header("Prefer") or "").split(","):
-            key, _, value = part.strip().partition("=")
-            if key.strip() == name:
-                return value.strip().strip('"')
-        return default
+        return preference(self.header("Prefer"), name, default)
 
     def json(self, what: str = "the body") -> Any:
         """The body as FHIR JSON; 415 for another media type or character set, 400 empty."""
