@@ -23,7 +23,7 @@ from typing import Any
 
 from flask import Blueprint, Response, request, send_file
 
-from fhir_adapters.errors import FhirError, InvalidRequest, NotFound
+from fhir_adapters.errors import FhirError, InvalidRequest, Issue, NotFound, operation_outcome
 from fhir_adapters.store import jsonio
 from node.flows import bulk_export, bulk_import, bulk_jobs
 from node.web.context import authenticate, caller, services
@@ -106,18 +106,17 @@ def _kick_off(level: str, group: str | None) -> Response:
 
 def _left_out(names: list[str]) -> dict[str, Any]:
     """The OperationOutcome of a lenient kick-off: a warning for each parameter left out."""
-    return {
-        "resourceType": "OperationOutcome",
-        "issue": [
-            {
-                "severity": "warning",
-                "code": "not-supported",
-                "diagnostics": f"$export does not support the parameter {name!r}: it was left "
-                "out (Prefer: handling=lenient)",
-            }
+    return operation_outcome(
+        [
+            Issue(
+                f"$export does not support the parameter {name!r}: it was left out "
+                "(Prefer: handling=lenient)",
+                code="not-supported",
+                severity="warning",
+            )
             for name in names
-        ],
-    }
+        ]
+    )
 
 
 def _status_url(job_id: str) -> str:
