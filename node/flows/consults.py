@@ -540,6 +540,9 @@ def receive_report(svc: Services, asker: str, message: Any) -> dict[str, Any]:
         }
         stored_provenance = writer.create(proof)
         svc.audit.writes(writer, caller, "create", [stored, stored_provenance])
+    # the Task as it is now: the reader's status notices may have changed it meanwhile
+    task = find_task(svc, consult_id) or task
+    resource = task.resource()
     resource["status"] = "completed"
     resource["output"] = _outputs(stored, stored_provenance)
     _update(svc, caller, task, resource)
